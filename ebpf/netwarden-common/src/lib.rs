@@ -1,0 +1,247 @@
+//! The types shared by netwarden's eBPF programs and its userspace agent.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding, so the kernel, the eBPF objects and
+//! userspace agree on the layout byte for byte. Multi-byte fields that take part in LPM prefix
+//! matching are stored as big-endian byte arrays: an LPM trie compares keys bit by bit from the
+//! first byte, so the most significant bits must come first.
+//!
+//! Addresses are always 16 bytes: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so one LPM trie
+//! serves both families and an IPv4 `/n` is an IPv6 `/(96 + n)`.
+#![no_std]
+
+/// Numeric identity of a peer: a pod label set, the node, the world, or a CIDR class.
+pub type PeerId = u32;
+
+/// The node's own addresses. Ingress from the node is always allowed (kubelet probes).
+pub const IDENTITY_HOST: PeerId = 1;
+/// Any address the agent knows nothing about: not a pod, not the node.
+pub const IDENTITY_WORLD: PeerId = 2;
+/// The first identity the compiler hands out to a pod label set.
+pub const FIRST_POD_IDENTITY: PeerId = 256;
+/// Peer ids with this bit set name a CIDR class of one policy, found through [`CidrKey`]; they
+/// never collide with label-set identities.
+pub const CIDR_CLASS_FLAG: PeerId = 1 << 31;
+
+/// The prefix length of an IPv4 address's IPv4-mapped form.
+pub const IPV4_MAPPED_PREFIX_BITS: u32 = 96;
+
+/// A policy id of zero means the endpoint is not isolated in that direction.
+pub const POLICY_NOT_ISOLATED: u32 = 0;
+
+/// Where a pod endpoint stands in its lifecycle; anything but `READY` denies all but node traffic.
+pub mod endpoint_state {
+    /// A pod veth the agent has found before it knows the pod (fail closed until it does).
+    pub const UNKNOWN: u32 = 0;
+    /// The endpoint's policy is computed and installed.
+    pub const READY: u32 = 1;
+    /// The endpoint's policy did not fit in the maps: locked down until it does.
+    pub const LOCKED: u32 = 2;
+}
+
+/// Direction of a flow from the pod's point of view.
+pub mod direction {
+    /// Traffic towards the pod (checked on the host-side veth's TC egress).
+    pub const INGRESS: u32 = 0;
+    /// Traffic leaving the pod (checked on the host-side veth's TC ingress).
+    pub const EGRESS: u32 = 1;
+}
+
+/// A local endpoint, keyed by the ifindex of its host-side veth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Policy id checked for traffic towards the pod, or [`POLICY_NOT_ISOLATED`].
+    pub ingress_policy: u32,
+    /// Policy id checked for traffic leaving the pod, or [`POLICY_NOT_ISOLATED`].
+    pub egress_policy: u32,
+    /// One of [`endpoint_state`]. A `u32`, not an enum, so the type has no invalid bit patterns.
+    pub state: u32,
+    /// Reserved; keeps the size a multiple of 8 for future fields.
+    pub reserved: u32,
+}
+
+/// LPM data of the IP-to-identity map: a 16-byte address (IPv4-mapped for IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpKey {
+    /// The address, network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Value of the IP-to-identity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpIdentity {
+    /// The identity of every address under the prefix.
+    pub identity: PeerId,
+}
+
+/// Bits of [`PolicyKey`] covered by a fully specified key.
+pub const POLICY_KEY_FULL_BITS: u32 = 32 + 32 + 8 + 16;
+/// Prefix length of a key that matches every protocol and port for a peer.
+pub const POLICY_KEY_ANY_PROTOCOL_BITS: u32 = 32 + 32;
+/// Prefix length of a key that matches every port of one protocol for a peer.
+pub const POLICY_KEY_ANY_PORT_BITS: u32 = 32 + 32 + 8;
+
+/// LPM data of the policy map: `(policy, peer, protocol, port)`, all big-endian.
+///
+/// A key may stop after the peer (all protocols and ports), after the protocol (all ports), or
+/// anywhere inside the port (a power-of-two aligned port range).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// Policy id, big-endian.
+    pub policy: [u8; 4],
+    /// Peer identity or CIDR class, big-endian.
+    pub peer: [u8; 4],
+    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP, ...).
+    pub protocol: u8,
+    /// Destination port of the flow's first packet, big-endian.
+    pub port: [u8; 2],
+    /// Never covered by a prefix; zero.
+    pub padding: u8,
+}
+
+impl PolicyKey {
+    /// The key for one policy, peer, protocol and port.
+    #[must_use]
+    pub const fn new(policy: u32, peer: PeerId, protocol: u8, port: u16) -> Self {
+        Self {
+            policy: policy.to_be_bytes(),
+            peer: peer.to_be_bytes(),
+            protocol,
+            port: port.to_be_bytes(),
+            padding: 0,
+        }
+    }
+}
+
+/// Value of the policy map: what allowed the traffic, for attribution.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyEntry {
+    /// The compiler's id of the rule that allowed this entry (see the agent's rule table).
+    pub rule: u32,
+}
+
+/// LPM data of the per-policy CIDR map: `(policy, address)`.
+///
+/// Its value is the CIDR class of the longest matching prefix: the set of `ipBlock` rules whose
+/// `cidr` contains the address and whose `except` does not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CidrKey {
+    /// Policy id, big-endian.
+    pub policy: [u8; 4],
+    /// The address, network byte order, IPv4-mapped for IPv4.
+    pub addr: [u8; 16],
+}
+
+/// Value of the CIDR map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrClass {
+    /// A peer id with [`CIDR_CLASS_FLAG`] set, looked up in the policy map like an identity.
+    pub peer: PeerId,
+}
+
+/// A flow as the endpoint sees it: the pod's side first, whatever direction the packet goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The endpoint's host-side veth.
+    pub ifindex: u32,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Zero.
+    pub padding: [u8; 3],
+    /// The pod's port (host order), or zero for protocols without ports.
+    pub pod_port: u16,
+    /// The peer's port (host order), or zero for protocols without ports.
+    pub peer_port: u16,
+    /// The pod's address, IPv4-mapped for IPv4.
+    pub pod_addr: [u8; 16],
+    /// The peer's address, IPv4-mapped for IPv4.
+    pub peer_addr: [u8; 16],
+}
+
+/// Value of the connection-tracking map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// The [`direction`] of the packet that opened the flow.
+    pub origin: u32,
+    /// The policy epoch under which the flow was last found allowed; a flow from an older epoch
+    /// is checked again against the current policy before its packet passes.
+    pub epoch: u32,
+}
+
+/// Indexes of the per-CPU verdict counters.
+pub mod counter {
+    /// Passed: a tracked flow of the current epoch.
+    pub const ALLOWED_TRACKED: u32 = 0;
+    /// Passed: the direction is not isolated.
+    pub const ALLOWED_NOT_ISOLATED: u32 = 1;
+    /// Passed: a policy rule allows it.
+    pub const ALLOWED_BY_POLICY: u32 = 2;
+    /// Passed: traffic from the node.
+    pub const ALLOWED_NODE: u32 = 3;
+    /// Passed: ARP, neighbour discovery, non-IP.
+    pub const ALLOWED_NETWORK_CONTROL: u32 = 4;
+    /// Dropped: isolated and no rule allows it.
+    pub const DENIED_BY_POLICY: u32 = 5;
+    /// Dropped: the endpoint is not known or not ready.
+    pub const DENIED_ENDPOINT_NOT_READY: u32 = 6;
+    /// Dropped: a tracked flow that the current policy no longer allows.
+    pub const DENIED_REVOKED: u32 = 7;
+    /// Dropped: the packet could not be parsed.
+    pub const DENIED_MALFORMED: u32 = 8;
+    /// Number of counters.
+    pub const COUNT: u32 = 9;
+}
+
+/// Index of the policy epoch in the one-element epoch array.
+pub const EPOCH_INDEX: u32 = 0;
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::{
+        CidrClass, CidrKey, Endpoint, FlowKey, FlowState, IpIdentity, IpKey, PolicyEntry, PolicyKey,
+    };
+
+    // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
+    // and has no implicit padding, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for Endpoint {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for IpKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for IpIdentity {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for PolicyKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for PolicyEntry {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for CidrKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for CidrClass {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FlowState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::{CidrKey, Endpoint, FlowKey, FlowState, PolicyKey};
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Endpoint>(), 16);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<CidrKey>(), 20);
+        assert_eq!(size_of::<FlowKey>(), 44);
+        assert_eq!(size_of::<FlowState>(), 8);
+    }
+}

@@ -1,0 +1,185 @@
+//! The policy lookup.
+//!
+//! Maps (all pinned by name, so a restarted agent adopts them and enforcement never stops):
+//!
+//! - `ENDPOINTS`: ifindex of a pod's host-side veth -> its ingress and egress policy ids and its
+//!   lifecycle state. A policy id of 0 means "not isolated in this direction".
+//! - `IPCACHE`: LPM of 16-byte addresses -> peer identity. Every pod IP in the cluster maps to the
+//!   identity of its (namespace, labels, named ports); the node's own addresses map to HOST.
+//!   Addresses under no entry are WORLD.
+//! - `POLICY`: LPM keyed by `(policy id, peer, protocol, port)`, big-endian. An entry may stop
+//!   after the peer (all protocols, all ports), after the protocol (all ports) or inside the port
+//!   (an aligned port range, which is how `endPort` ranges are stored). Any match allows:
+//!   NetworkPolicy has no deny rules, so no precedence between matches is needed.
+//! - `CIDRS`: LPM keyed by `(policy id, address)` -> a CIDR class: the exact set of `ipBlock`
+//!   rules of that policy whose `cidr` holds the address and whose `except` does not. The class
+//!   is looked up in `POLICY` like an identity. This path applies to pod IPs too, so `ipBlock`
+//!   semantics stay exact whatever identity the address has.
+//! - `CONNTRACK`: LRU of flows as the endpoint sees them -> the direction that opened the flow
+//!   and the policy epoch under which it was last allowed.
+//! - `EPOCH`: bumped by the agent after every policy change.
+//!
+//! Decision for a packet of flow F on endpoint E in direction D (from the pod's point of view):
+//!
+//! 1. Not IP, or IPv6 neighbour discovery: pass (link plumbing, never policy).
+//! 2. E unknown to `ENDPOINTS`: drop (an attached veth the agent forgot about fails closed).
+//! 3. F tracked, epoch current: pass (replies of allowed flows, and the fast path).
+//! 4. F tracked, epoch stale: decide again for the direction that opened F; drop and forget F
+//!    when that decision now denies (a revoked permission does not live on in conntrack).
+//! 5. F new: decide for D; track F when allowed.
+//!
+//! decide(E, D, peer address, protocol, destination port):
+//!   a. D is ingress and the peer is the node: allow (kubelet probes keep working).
+//!   b. E not READY (pod object unknown, or locked down): deny.
+//!   c. D not isolated (policy id 0): allow.
+//!   d. `POLICY[(policy, identity(peer), protocol, port)]` matches: allow.
+//!   e. `POLICY[(policy, CIDRS[(policy, peer)], protocol, port)]` matches: allow.
+//!   f. deny.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, TC_ACT_SHOT},
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::TcContext,
+};
+use netwarden_common::{
+    CidrClass, CidrKey, EPOCH_INDEX, Endpoint, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD,
+    IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, counter,
+    direction, endpoint_state,
+};
+
+use crate::packet::{self, Parsed};
+
+/// `TC_ACT_UNSPEC`, which TCX reads as "next": allow, and let later programs have their say.
+const ALLOW: i32 = -1;
+const DENY: i32 = TC_ACT_SHOT as i32;
+
+#[map]
+static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(4096, 0);
+
+#[map]
+static IPCACHE: LpmTrie<IpKey, IpIdentity> = LpmTrie::pinned(65536, 0);
+
+#[map]
+static POLICY: LpmTrie<PolicyKey, PolicyEntry> = LpmTrie::pinned(262_144, 0);
+
+#[map]
+static CIDRS: LpmTrie<CidrKey, CidrClass> = LpmTrie::pinned(65536, 0);
+
+#[map]
+static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(262_144, 0);
+
+#[map]
+static EPOCH: Array<u32> = Array::pinned(1, 0);
+
+#[map]
+static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+
+#[inline(always)]
+pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
+    let flow = match packet::parse(ctx, dir) {
+        Ok(Parsed::Flow(flow)) => flow,
+        Ok(Parsed::NotIp | Parsed::NeighbourDiscovery) => {
+            return count(counter::ALLOWED_NETWORK_CONTROL, ALLOW);
+        }
+        Err(packet::Malformed) => return count(counter::DENIED_MALFORMED, DENY),
+    };
+    // SAFETY: the value is copied out at once; a concurrent update can at worst make this
+    // packet see the endpoint's previous state, which was valid too.
+    let Some(endpoint) = (unsafe { ENDPOINTS.get(&flow.ifindex) }).copied() else {
+        return count(counter::DENIED_ENDPOINT_NOT_READY, DENY);
+    };
+    let epoch = current_epoch();
+
+    if let Some(tracked) = CONNTRACK.get_ptr_mut(&flow) {
+        // SAFETY: the pointer comes from a successful lookup and is valid for this program run.
+        let tracked = unsafe { &mut *tracked };
+        if tracked.epoch == epoch {
+            return count(counter::ALLOWED_TRACKED, ALLOW);
+        }
+        let origin = tracked.origin;
+        let reason = decide(&endpoint, origin, &flow, opening_port(&flow, origin));
+        if is_allowed(reason) {
+            tracked.epoch = epoch;
+            return count(counter::ALLOWED_TRACKED, ALLOW);
+        }
+        let _ = CONNTRACK.remove(&flow);
+        return count(counter::DENIED_REVOKED, DENY);
+    }
+
+    let reason = decide(&endpoint, dir, &flow, opening_port(&flow, dir));
+    if is_allowed(reason) {
+        // A full table evicts its least recently used flow; that flow is decided again on its
+        // next packet, so an eviction never opens anything.
+        let _ = CONNTRACK.insert(&flow, &FlowState { origin: dir, epoch }, u64::from(BPF_ANY));
+        return count(reason, ALLOW);
+    }
+    count(reason, DENY)
+}
+
+/// The destination port of the packet that opened `flow` in direction `origin`.
+#[inline(always)]
+fn opening_port(flow: &FlowKey, origin: u32) -> u16 {
+    if origin == direction::EGRESS { flow.peer_port } else { flow.pod_port }
+}
+
+#[inline(always)]
+fn is_allowed(reason: u32) -> bool {
+    matches!(
+        reason,
+        counter::ALLOWED_BY_POLICY | counter::ALLOWED_NODE | counter::ALLOWED_NOT_ISOLATED
+    )
+}
+
+/// Steps a. to f. of the module comment; returns the counter that names the reason.
+#[inline(always)]
+fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> u32 {
+    let peer = peer_identity(&flow.peer_addr);
+    if dir == direction::INGRESS && peer == IDENTITY_HOST {
+        return counter::ALLOWED_NODE;
+    }
+    if endpoint.state != endpoint_state::READY {
+        return counter::DENIED_ENDPOINT_NOT_READY;
+    }
+    let policy = if dir == direction::INGRESS { endpoint.ingress_policy } else { endpoint.egress_policy };
+    if policy == POLICY_NOT_ISOLATED {
+        return counter::ALLOWED_NOT_ISOLATED;
+    }
+    if policy_allows(policy, peer, flow.protocol, port) {
+        return counter::ALLOWED_BY_POLICY;
+    }
+    let cidr_key = Key::new(32 + 128, CidrKey { policy: policy.to_be_bytes(), addr: flow.peer_addr });
+    if let Some(class) = CIDRS.get(&cidr_key) {
+        if policy_allows(policy, class.peer, flow.protocol, port) {
+            return counter::ALLOWED_BY_POLICY;
+        }
+    }
+    counter::DENIED_BY_POLICY
+}
+
+#[inline(always)]
+fn peer_identity(addr: &[u8; 16]) -> u32 {
+    IPCACHE
+        .get(&Key::new(128, IpKey { addr: *addr }))
+        .map_or(IDENTITY_WORLD, |found| found.identity)
+}
+
+#[inline(always)]
+fn policy_allows(policy: u32, peer: u32, protocol: u8, port: u16) -> bool {
+    let key = Key::new(POLICY_KEY_FULL_BITS, PolicyKey::new(policy, peer, protocol, port));
+    POLICY.get(&key).is_some()
+}
+
+#[inline(always)]
+fn current_epoch() -> u32 {
+    EPOCH.get(EPOCH_INDEX).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+fn count(reason: u32, verdict: i32) -> i32 {
+    if let Some(counter) = VERDICTS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot of a successful lookup; only this CPU writes it.
+        unsafe { *counter += 1 };
+    }
+    verdict
+}

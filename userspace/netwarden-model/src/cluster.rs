@@ -1,0 +1,216 @@
+//! The validated cluster snapshot.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use ipnet::IpNet;
+
+use crate::selector::{LabelSelector, Labels};
+
+/// Namespace and name of a pod.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodRef {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+}
+
+/// Namespace and name of a NetworkPolicy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyRef {
+    /// The policy's namespace.
+    pub namespace: String,
+    /// The policy's name.
+    pub name: String,
+}
+
+impl fmt::Display for PodRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Display for PolicyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A namespace and its labels (always including `kubernetes.io/metadata.name`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    /// The namespace's name.
+    pub name: String,
+    /// Its labels.
+    pub labels: Labels,
+}
+
+/// L4 protocols a NetworkPolicy port can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP (6).
+    Tcp,
+    /// UDP (17).
+    Udp,
+    /// SCTP (132).
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    #[must_use]
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+            Self::Sctp => 132,
+        }
+    }
+
+    /// Parses the API's spelling (`TCP`, `UDP`, `SCTP`).
+    #[must_use]
+    pub fn from_api(name: &str) -> Option<Self> {
+        match name {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        })
+    }
+}
+
+/// A container port of a pod.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContainerPort {
+    /// Its name, the target of named ports in policies.
+    pub name: Option<String>,
+    /// The port number.
+    pub port: u16,
+    /// Its protocol.
+    pub protocol: Protocol,
+}
+
+/// A pod as the policy engine needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    /// Namespace and name.
+    pub id: PodRef,
+    /// Its labels.
+    pub labels: Labels,
+    /// The node it runs on, once scheduled.
+    pub node_name: Option<String>,
+    /// Every IP of the pod (`status.podIPs`, or `status.podIP`). Empty until it has one.
+    pub ips: Vec<IpAddr>,
+    /// Container ports of all its containers.
+    pub ports: Vec<ContainerPort>,
+    /// Host-network pods share the node's addresses: policy neither selects them nor can tell
+    /// them apart from the node.
+    pub host_network: bool,
+    /// `spec.serviceAccountName`, `default` when unset.
+    pub service_account: String,
+}
+
+/// Which directions a policy isolates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyTypes {
+    /// The policy isolates selected pods for ingress.
+    pub ingress: bool,
+    /// The policy isolates selected pods for egress.
+    pub egress: bool,
+}
+
+/// A validated NetworkPolicy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkPolicy {
+    /// Namespace and name.
+    pub id: PolicyRef,
+    /// `spec.podSelector`, within the policy's namespace.
+    pub pod_selector: LabelSelector,
+    /// `spec.policyTypes`, with the API server's defaulting applied.
+    pub policy_types: PolicyTypes,
+    /// `spec.ingress` (empty when absent).
+    pub ingress: Vec<Rule>,
+    /// `spec.egress` (empty when absent).
+    pub egress: Vec<Rule>,
+}
+
+/// One ingress or egress rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Rule {
+    /// `from`/`to`; empty means every peer.
+    pub peers: Vec<Peer>,
+    /// `ports`; empty means every port of every protocol.
+    pub ports: Vec<PortSpec>,
+}
+
+/// One peer of a rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// `podSelector` and/or `namespaceSelector`.
+    Pods {
+        /// Pods matching it; `None` means every pod of the selected namespaces.
+        pod_selector: Option<LabelSelector>,
+        /// Namespaces matching it; `None` means the policy's own namespace.
+        namespace_selector: Option<LabelSelector>,
+    },
+    /// `ipBlock`.
+    IpBlock {
+        /// The block, canonical (host bits cleared).
+        cidr: IpNet,
+        /// Sub-blocks excluded from it, canonical.
+        except: Vec<IpNet>,
+    },
+}
+
+/// One entry of a rule's `ports`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PortSpec {
+    /// The protocol (TCP when unset).
+    pub protocol: Protocol,
+    /// The port; `None` means every port of the protocol.
+    pub port: Option<PortRef>,
+    /// The last port of a range starting at a numeric `port`.
+    pub end_port: Option<u16>,
+}
+
+/// A port by number or by container port name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PortRef {
+    /// A port number.
+    Number(u16),
+    /// A container port's name, resolved against the destination pod.
+    Name(String),
+}
+
+/// Everything the compiler and the evaluator read: one consistent snapshot of the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cluster {
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods by namespace and name.
+    pub pods: BTreeMap<PodRef, Pod>,
+    /// NetworkPolicies by namespace and name.
+    pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
+}
+
+impl Cluster {
+    /// The labels of `namespace`; a namespace with no object has only its name label, as the
+    /// API server would give it.
+    #[must_use]
+    pub fn namespace_labels(&self, namespace: &str) -> Labels {
+        self.namespaces.get(namespace).map_or_else(
+            || Labels::from([(crate::convert::NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned())]),
+            |ns| ns.labels.clone(),
+        )
+    }
+}

@@ -1,0 +1,374 @@
+//! From API objects (k8s-openapi types, as the API server serves them) to the validated model.
+//!
+//! Validation follows the API server's: an object it would reject is rejected here with the
+//! object and the field named, so the caller can keep enforcing the last good version.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use ipnet::IpNet;
+use k8s_openapi::{
+    api::{
+        core::v1 as core,
+        networking::v1::{self as networking, NetworkPolicyPeer, NetworkPolicyPort},
+    },
+    apimachinery::pkg::{apis::meta::v1 as meta, util::intstr::IntOrString},
+};
+
+use crate::{
+    cluster::{
+        ContainerPort, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PolicyTypes, PortRef,
+        PortSpec, Protocol, Rule,
+    },
+    selector::{LabelSelector, Requirement},
+};
+
+/// The label the API server puts on every namespace.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// An object the API server would reject.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{kind} {object}: {field}: {problem}")]
+pub struct ModelError {
+    /// `Pod`, `Namespace` or `NetworkPolicy`.
+    pub kind: &'static str,
+    /// `namespace/name`, or the name of a namespace.
+    pub object: String,
+    /// The field path, as `kubectl explain` spells it.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+struct Ctx<'a> {
+    kind: &'static str,
+    object: &'a str,
+}
+
+impl Ctx<'_> {
+    fn error(&self, field: impl Into<String>, problem: impl Into<String>) -> ModelError {
+        ModelError {
+            kind: self.kind,
+            object: self.object.to_owned(),
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+fn name_of(kind: &'static str, metadata: &meta::ObjectMeta) -> Result<String, ModelError> {
+    metadata.name.clone().filter(|name| !name.is_empty()).ok_or_else(|| ModelError {
+        kind,
+        object: "<unnamed>".into(),
+        field: "metadata.name".into(),
+        problem: "is required".into(),
+    })
+}
+
+fn namespace_of(kind: &'static str, metadata: &meta::ObjectMeta) -> Result<(String, String), ModelError> {
+    let name = name_of(kind, metadata)?;
+    let namespace = metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
+    Ok((namespace, name))
+}
+
+/// Validates a Namespace.
+pub fn namespace(object: &core::Namespace) -> Result<Namespace, ModelError> {
+    let name = name_of("Namespace", &object.metadata)?;
+    let mut labels = object.metadata.labels.clone().unwrap_or_default();
+    // The API server sets this label on every namespace and does not let it be changed.
+    labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.clone());
+    Ok(Namespace { name, labels })
+}
+
+/// Validates a Pod.
+pub fn pod(object: &core::Pod) -> Result<Pod, ModelError> {
+    let (namespace, name) = namespace_of("Pod", &object.metadata)?;
+    let display = format!("{namespace}/{name}");
+    let ctx = Ctx { kind: "Pod", object: &display };
+    let spec = object.spec.as_ref();
+    let status = object.status.as_ref();
+
+    let mut ips = Vec::new();
+    if let Some(pod_ips) = status.and_then(|status| status.pod_ips.as_ref()) {
+        for (index, pod_ip) in pod_ips.iter().enumerate() {
+            ips.push(parse_ip(&ctx, &format!("status.podIPs[{index}].ip"), &pod_ip.ip)?);
+        }
+    }
+    if let Some(pod_ip) = status.and_then(|status| status.pod_ip.as_ref()) {
+        let ip = parse_ip(&ctx, "status.podIP", pod_ip)?;
+        if !ips.contains(&ip) {
+            ips.insert(0, ip);
+        }
+    }
+    // Terminated pods give their IPs back to the node's allocator.
+    let terminated = status
+        .and_then(|status| status.phase.as_deref())
+        .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
+    if terminated {
+        ips.clear();
+    }
+
+    let mut ports = Vec::new();
+    for (c, container) in spec.map(|spec| spec.containers.as_slice()).unwrap_or_default().iter().enumerate() {
+        for (p, port) in container.ports.iter().flatten().enumerate() {
+            let field = format!("spec.containers[{c}].ports[{p}]");
+            let number = port_number(&ctx, &format!("{field}.containerPort"), port.container_port)?;
+            let protocol = match port.protocol.as_deref() {
+                None => Protocol::Tcp,
+                Some(name) => Protocol::from_api(name)
+                    .ok_or_else(|| ctx.error(format!("{field}.protocol"), format!("unsupported protocol {name:?}")))?,
+            };
+            ports.push(ContainerPort { name: port.name.clone(), port: number, protocol });
+        }
+    }
+
+    Ok(Pod {
+        id: PodRef { namespace, name },
+        labels: object.metadata.labels.clone().unwrap_or_default(),
+        node_name: spec.and_then(|spec| spec.node_name.clone()),
+        ips,
+        ports,
+        host_network: spec.and_then(|spec| spec.host_network).unwrap_or(false),
+        service_account: spec
+            .and_then(|spec| spec.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned()),
+    })
+}
+
+/// Validates a NetworkPolicy and applies the API server's defaulting of `policyTypes`.
+pub fn network_policy(object: &networking::NetworkPolicy) -> Result<NetworkPolicy, ModelError> {
+    let (namespace, name) = namespace_of("NetworkPolicy", &object.metadata)?;
+    let display = format!("{namespace}/{name}");
+    let ctx = Ctx { kind: "NetworkPolicy", object: &display };
+    let spec = object.spec.clone().unwrap_or_default();
+
+    let pod_selector = selector(&ctx, "spec.podSelector", spec.pod_selector.as_ref())?;
+    let ingress = rules(&ctx, "spec.ingress", "from", spec.ingress.unwrap_or_default(), |rule| (rule.from, rule.ports))?;
+    let egress = rules(&ctx, "spec.egress", "to", spec.egress.unwrap_or_default(), |rule| (rule.to, rule.ports))?;
+
+    let policy_types = match spec.policy_types.as_deref() {
+        // Defaulting, as pkg/apis/networking/v1/defaults.go does it: Ingress always, Egress only
+        // when there are egress rules (an empty `egress: []` does not count).
+        None | Some([]) => PolicyTypes { ingress: true, egress: !egress.is_empty() },
+        Some(types) => {
+            let mut policy_types = PolicyTypes { ingress: false, egress: false };
+            for (index, policy_type) in types.iter().enumerate() {
+                match policy_type.as_str() {
+                    "Ingress" => policy_types.ingress = true,
+                    "Egress" => policy_types.egress = true,
+                    other => {
+                        return Err(ctx.error(
+                            format!("spec.policyTypes[{index}]"),
+                            format!("{other:?} is neither Ingress nor Egress"),
+                        ));
+                    }
+                }
+            }
+            policy_types
+        }
+    };
+
+    Ok(NetworkPolicy { id: PolicyRef { namespace, name }, pod_selector, policy_types, ingress, egress })
+}
+
+fn rules<R>(
+    ctx: &Ctx<'_>,
+    field: &str,
+    peers_field: &str,
+    rules: Vec<R>,
+    split: impl Fn(R) -> (Option<Vec<NetworkPolicyPeer>>, Option<Vec<NetworkPolicyPort>>),
+) -> Result<Vec<Rule>, ModelError> {
+    rules
+        .into_iter()
+        .enumerate()
+        .map(|(index, rule)| {
+            let (peers, ports) = split(rule);
+            let rule_field = format!("{field}[{index}]");
+            let peers = peers
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(p, peer)| self::peer(ctx, &format!("{rule_field}.{peers_field}[{p}]"), peer))
+                .collect::<Result<_, _>>()?;
+            let ports = ports
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(p, port)| port_spec(ctx, &format!("{rule_field}.ports[{p}]"), port))
+                .collect::<Result<_, _>>()?;
+            Ok(Rule { peers, ports })
+        })
+        .collect()
+}
+
+fn peer(ctx: &Ctx<'_>, field: &str, peer: &NetworkPolicyPeer) -> Result<Peer, ModelError> {
+    match (&peer.ip_block, &peer.pod_selector, &peer.namespace_selector) {
+        (Some(block), None, None) => {
+            let cidr = parse_cidr(ctx, &format!("{field}.ipBlock.cidr"), &block.cidr)?;
+            let mut except = Vec::new();
+            for (index, text) in block.except.iter().flatten().enumerate() {
+                let except_field = format!("{field}.ipBlock.except[{index}]");
+                let net = parse_cidr(ctx, &except_field, text)?;
+                // The API server requires each except to lie strictly inside the cidr.
+                if !cidr.contains(&net) || net.prefix_len() <= cidr.prefix_len() {
+                    return Err(ctx.error(except_field, format!("{net} is not strictly within {cidr}")));
+                }
+                except.push(net);
+            }
+            Ok(Peer::IpBlock { cidr, except })
+        }
+        (Some(_), _, _) => Err(ctx.error(field, "ipBlock cannot be combined with podSelector or namespaceSelector")),
+        (None, None, None) => Err(ctx.error(field, "must specify podSelector, namespaceSelector or ipBlock")),
+        (None, pods, namespaces) => Ok(Peer::Pods {
+            pod_selector: pods
+                .as_ref()
+                .map(|selector_| selector(ctx, &format!("{field}.podSelector"), Some(selector_)))
+                .transpose()?,
+            namespace_selector: namespaces
+                .as_ref()
+                .map(|selector_| selector(ctx, &format!("{field}.namespaceSelector"), Some(selector_)))
+                .transpose()?,
+        }),
+    }
+}
+
+fn port_spec(ctx: &Ctx<'_>, field: &str, port: &NetworkPolicyPort) -> Result<PortSpec, ModelError> {
+    let protocol = match port.protocol.as_deref() {
+        None => Protocol::Tcp,
+        Some(name) => Protocol::from_api(name)
+            .ok_or_else(|| ctx.error(format!("{field}.protocol"), format!("unsupported protocol {name:?}")))?,
+    };
+    let number_or_name = match &port.port {
+        None => None,
+        Some(IntOrString::Int(number)) => Some(PortRef::Number(port_number(ctx, &format!("{field}.port"), *number)?)),
+        Some(IntOrString::String(text)) => match text.parse::<i32>() {
+            // The API server stores "80" as a name; it is not a valid IANA_SVC_NAME, so reject it.
+            Ok(_) => return Err(ctx.error(format!("{field}.port"), format!("{text:?} is a number written as a string"))),
+            Err(_) if valid_port_name(text) => Some(PortRef::Name(text.clone())),
+            Err(_) => return Err(ctx.error(format!("{field}.port"), format!("{text:?} is not a valid port name"))),
+        },
+    };
+    let end_port = match (port.end_port, &number_or_name) {
+        (None, _) => None,
+        (Some(end), Some(PortRef::Number(start))) => {
+            let end = port_number(ctx, &format!("{field}.endPort"), end)?;
+            if end < *start {
+                return Err(ctx.error(format!("{field}.endPort"), format!("{end} is below port {start}")));
+            }
+            Some(end)
+        }
+        (Some(_), _) => return Err(ctx.error(format!("{field}.endPort"), "requires a numeric port")),
+    };
+    Ok(PortSpec { protocol, port: number_or_name, end_port })
+}
+
+fn valid_port_name(name: &str) -> bool {
+    // IANA_SVC_NAME: at most 15 lowercase alphanumerics or '-', with a letter, no leading,
+    // trailing or doubled '-'.
+    !name.is_empty()
+        && name.len() <= 15
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
+fn selector(ctx: &Ctx<'_>, field: &str, selector: Option<&meta::LabelSelector>) -> Result<LabelSelector, ModelError> {
+    let Some(selector) = selector else {
+        return Ok(LabelSelector::everything());
+    };
+    let mut requirements: Vec<Requirement> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(key, value)| Requirement::In(key.clone(), vec![value.clone()]))
+        .collect();
+    for (index, expression) in selector.match_expressions.iter().flatten().enumerate() {
+        let field = format!("{field}.matchExpressions[{index}]");
+        let values = expression.values.clone().unwrap_or_default();
+        let key = expression.key.clone();
+        let requirement = match expression.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                return Err(ctx.error(format!("{field}.values"), format!("must be non-empty for {}", expression.operator)));
+            }
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                return Err(ctx.error(format!("{field}.values"), format!("must be empty for {}", expression.operator)));
+            }
+            "In" => Requirement::In(key, values),
+            "NotIn" => Requirement::NotIn(key, values),
+            "Exists" => Requirement::Exists(key),
+            "DoesNotExist" => Requirement::DoesNotExist(key),
+            other => return Err(ctx.error(format!("{field}.operator"), format!("unknown operator {other:?}"))),
+        };
+        requirements.push(requirement);
+    }
+    Ok(LabelSelector { requirements })
+}
+
+fn port_number(ctx: &Ctx<'_>, field: &str, number: i32) -> Result<u16, ModelError> {
+    u16::try_from(number)
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or_else(|| ctx.error(field, format!("{number} is not a port (1-65535)")))
+}
+
+fn parse_ip(ctx: &Ctx<'_>, field: &str, text: &str) -> Result<IpAddr, ModelError> {
+    text.parse().map_err(|_| ctx.error(field, format!("{text:?} is not an IP address")))
+}
+
+fn parse_cidr(ctx: &Ctx<'_>, field: &str, text: &str) -> Result<IpNet, ModelError> {
+    let net: IpNet = text.parse().map_err(|_| ctx.error(field, format!("{text:?} is not a CIDR")))?;
+    Ok(net.trunc())
+}
+
+/// Labels keyed as the API serves them.
+pub type ApiLabels = BTreeMap<String, String>;
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::networking::v1::NetworkPolicy as ApiPolicy;
+
+    use super::network_policy;
+    use crate::cluster::{Peer, PortRef};
+
+    fn policy(yaml: &str) -> ApiPolicy {
+        serde_yaml::from_str(yaml).expect("test manifest parses")
+    }
+
+    #[test]
+    fn policy_types_default_like_the_api_server() {
+        let only_ingress = network_policy(&policy("metadata: {name: p, namespace: x}\nspec: {podSelector: {}, egress: []}")).unwrap();
+        assert!(only_ingress.policy_types.ingress && !only_ingress.policy_types.egress);
+        let both = network_policy(&policy("metadata: {name: p, namespace: x}\nspec: {podSelector: {}, egress: [{}]}")).unwrap();
+        assert!(both.policy_types.ingress && both.policy_types.egress);
+    }
+
+    #[test]
+    fn errors_name_the_object_and_field() {
+        let error = network_policy(&policy(
+            "metadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]",
+        ))
+        .unwrap_err();
+        assert_eq!(error.to_string(), "NetworkPolicy x/p: spec.ingress[0].from[0].ipBlock.cidr: \"10.0.0.0/33\" is not a CIDR");
+        let error = network_policy(&policy(
+            "metadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  egress: [{ports: [{port: 80, endPort: 79}]}]",
+        ))
+        .unwrap_err();
+        assert_eq!(error.field, "spec.egress[0].ports[0].endPort");
+    }
+
+    #[test]
+    fn except_outside_cidr_is_rejected_and_names_are_kept() {
+        let error = network_policy(&policy(
+            "metadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]",
+        ))
+        .unwrap_err();
+        assert_eq!(error.field, "spec.ingress[0].from[0].ipBlock.except[0]");
+        let parsed = network_policy(&policy(
+            "metadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.7/16}}], ports: [{port: http}]}]",
+        ))
+        .unwrap();
+        assert_eq!(parsed.ingress[0].peers[0], Peer::IpBlock { cidr: "10.0.0.0/16".parse().unwrap(), except: vec![] });
+        assert_eq!(parsed.ingress[0].ports[0].port, Some(PortRef::Name("http".into())));
+    }
+}

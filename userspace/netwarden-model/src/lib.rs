@@ -1,0 +1,18 @@
+//! The cluster as netwarden sees it.
+//!
+//! Sources (a directory of manifests, or the Kubernetes API) hand this crate the objects exactly
+//! as the API server serves them; it validates them once into [`Cluster`], the snapshot that the
+//! policy compiler and the reference evaluator both read. Nothing here touches the kernel.
+
+pub mod cluster;
+pub mod convert;
+pub mod manifests;
+pub mod selector;
+
+pub use cluster::{
+    Cluster, ContainerPort, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PolicyTypes,
+    PortRef, PortSpec, Protocol, Rule,
+};
+pub use convert::ModelError;
+pub use manifests::{ManifestDir, ManifestError};
+pub use selector::{LabelSelector, Requirement};

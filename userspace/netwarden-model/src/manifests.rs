@@ -1,0 +1,425 @@
+//! The manifest-directory source: Namespace, Pod and NetworkPolicy objects in YAML or JSON files.
+//!
+//! Files may hold several documents (`---`) and `kind: List` objects. A file that does not parse
+//! keeps contributing its last good objects, and an object that does not validate keeps its last
+//! good version, the way the API server keeps an object when it rejects an update: enforcement
+//! never loosens because of a typo. A NetworkPolicy that never validated isolates its namespace
+//! in both directions until it is fixed (fail closed).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    fs, io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{core::v1 as core, networking::v1 as networking};
+use serde::Deserialize as _;
+use sha2::{Digest as _, Sha256};
+
+use crate::{
+    cluster::{Cluster, NetworkPolicy, PodRef, PolicyRef, PolicyTypes},
+    convert,
+    selector::LabelSelector,
+};
+
+/// A file or object of the directory that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The directory could not be listed.
+    #[error("cannot list {}: {source}", path.display())]
+    List {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A document is not valid YAML, or not a valid object of its kind.
+    #[error("{file}: document {document}: {problem}")]
+    Parse {
+        /// The file, relative to the directory.
+        file: String,
+        /// The document's index in the file, from 0.
+        document: usize,
+        /// What is wrong, with the field path.
+        problem: String,
+    },
+    /// An object failed validation.
+    #[error("{file}: {source}")]
+    Invalid {
+        /// The file, relative to the directory.
+        file: String,
+        /// The validation error, naming object and field.
+        source: convert::ModelError,
+    },
+    /// The same object appears in two files.
+    #[error("{kind} {object} appears in both {first} and {second}; using {first}")]
+    Duplicate {
+        /// Its kind.
+        kind: &'static str,
+        /// Its namespace/name.
+        object: String,
+        /// The file whose copy is used.
+        first: String,
+        /// The file whose copy is ignored.
+        second: String,
+    },
+}
+
+/// An API object the source understands.
+#[derive(Clone, Debug)]
+enum ApiObject {
+    Namespace(core::Namespace),
+    Pod(Box<core::Pod>),
+    NetworkPolicy(Box<networking::NetworkPolicy>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    modified_ns: i128,
+    len: u64,
+    inode: u64,
+}
+
+#[derive(Debug)]
+struct ManifestFile {
+    stamp: Stamp,
+    content_sha: [u8; 32],
+    objects: Vec<ApiObject>,
+    errors: Vec<ManifestError>,
+}
+
+/// A watched directory of manifests and what was last read from it.
+#[derive(Debug)]
+pub struct ManifestDir {
+    root: PathBuf,
+    files: BTreeMap<String, ManifestFile>,
+    last_good_policies: HashMap<PolicyRef, NetworkPolicy>,
+}
+
+impl ManifestDir {
+    /// A source for `root`; nothing is read until [`ManifestDir::refresh`].
+    #[must_use]
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into(), files: BTreeMap::new(), last_good_policies: HashMap::new() }
+    }
+
+    /// The directory.
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Re-reads every file whose size, inode or modification time changed and forgets deleted
+    /// ones. Returns whether anything changed.
+    pub fn refresh(&mut self) -> Result<bool, ManifestError> {
+        let listed = list(&self.root)?;
+        let mut changed = false;
+        let before = self.files.len();
+        self.files.retain(|name, _| listed.contains_key(name));
+        changed |= self.files.len() != before;
+        for (name, stamp) in listed {
+            if self.files.get(&name).is_some_and(|file| file.stamp == stamp) {
+                continue;
+            }
+            let Ok(bytes) = fs::read(self.root.join(&name)) else {
+                // Deleted or renamed between listing and reading: the next event catches up.
+                continue;
+            };
+            let content_sha: [u8; 32] = Sha256::digest(&bytes).into();
+            if self.files.get(&name).is_some_and(|file| file.content_sha == content_sha) {
+                if let Some(file) = self.files.get_mut(&name) {
+                    file.stamp = stamp;
+                }
+                continue;
+            }
+            let (objects, errors) = parse_file(&name, &bytes);
+            let objects = if objects.is_empty() && !errors.is_empty() {
+                // Keep what the file held when it last parsed.
+                self.files.get(&name).map(|file| file.objects.clone()).unwrap_or_default()
+            } else {
+                objects
+            };
+            self.files.insert(name, ManifestFile { stamp, content_sha, objects, errors });
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Digest of the directory content as last read: two reads of the same files give the same
+    /// digest. The agent reports it with every applied state; see [`ManifestDir::digest_of`].
+    #[must_use]
+    pub fn digest(&self) -> String {
+        digest_entries(self.files.iter().map(|(name, file)| (name.as_str(), file.content_sha)))
+    }
+
+    /// The digest that [`ManifestDir::digest`] gives once the agent has read `root` as it is
+    /// now, so a test can wait for exactly the state it wrote.
+    pub fn digest_of(root: &Path) -> Result<String, ManifestError> {
+        let mut entries = Vec::new();
+        for name in list(root)?.into_keys() {
+            let Ok(bytes) = fs::read(root.join(&name)) else { continue };
+            entries.push((name, Sha256::digest(&bytes).into()));
+        }
+        Ok(digest_entries(entries.iter().map(|(name, sha)| (name.as_str(), *sha))))
+    }
+
+    /// The cluster the directory describes, and every problem found on the way.
+    pub fn cluster(&mut self) -> (Cluster, Vec<ManifestError>) {
+        let mut cluster = Cluster::default();
+        let mut errors = Vec::new();
+        let mut origin: HashMap<(&'static str, String), String> = HashMap::new();
+        let mut seen_policies = Vec::new();
+        for (name, file) in &self.files {
+            errors.extend(file.errors.iter().map(clone_error));
+            for object in &file.objects {
+                let (kind, key) = match object {
+                    ApiObject::Namespace(ns) => ("Namespace", ns.metadata.name.clone().unwrap_or_default()),
+                    ApiObject::Pod(pod) => ("Pod", object_key(&pod.metadata)),
+                    ApiObject::NetworkPolicy(policy) => ("NetworkPolicy", object_key(&policy.metadata)),
+                };
+                if let Some(first) = origin.get(&(kind, key.clone())) {
+                    errors.push(ManifestError::Duplicate { kind, object: key, first: first.clone(), second: name.clone() });
+                    continue;
+                }
+                origin.insert((kind, key), name.clone());
+                match object {
+                    ApiObject::Namespace(ns) => match convert::namespace(ns) {
+                        Ok(ns) => {
+                            cluster.namespaces.insert(ns.name.clone(), ns);
+                        }
+                        Err(source) => errors.push(ManifestError::Invalid { file: name.clone(), source }),
+                    },
+                    ApiObject::Pod(pod) => match convert::pod(pod) {
+                        Ok(pod) => {
+                            cluster.pods.insert(pod.id.clone(), pod);
+                        }
+                        Err(source) => errors.push(ManifestError::Invalid { file: name.clone(), source }),
+                    },
+                    ApiObject::NetworkPolicy(policy) => {
+                        let (namespace, policy_name) = split_key(&object_key(&policy.metadata));
+                        let id = PolicyRef { namespace, name: policy_name };
+                        seen_policies.push(id.clone());
+                        match convert::network_policy(policy) {
+                            Ok(valid) => {
+                                self.last_good_policies.insert(id, valid.clone());
+                                cluster.policies.insert(valid.id.clone(), valid);
+                            }
+                            Err(source) => {
+                                let fallback = self
+                                    .last_good_policies
+                                    .get(&id)
+                                    .cloned()
+                                    .unwrap_or_else(|| lockdown(id.clone()));
+                                cluster.policies.insert(id, fallback);
+                                errors.push(ManifestError::Invalid { file: name.clone(), source });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.last_good_policies.retain(|id, _| seen_policies.contains(id));
+        (cluster, errors)
+    }
+}
+
+/// What a NetworkPolicy that never validated enforces: its namespace isolated both ways.
+fn lockdown(id: PolicyRef) -> NetworkPolicy {
+    NetworkPolicy {
+        id,
+        pod_selector: LabelSelector::everything(),
+        policy_types: PolicyTypes { ingress: true, egress: true },
+        ingress: Vec::new(),
+        egress: Vec::new(),
+    }
+}
+
+fn object_key(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        metadata.namespace.as_deref().unwrap_or("default"),
+        metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+fn split_key(key: &str) -> (String, String) {
+    let (namespace, name) = key.split_once('/').unwrap_or(("default", key));
+    (namespace.to_owned(), name.to_owned())
+}
+
+/// The `PodRef` of a `namespace/name` string.
+#[must_use]
+pub fn pod_ref(key: &str) -> PodRef {
+    let (namespace, name) = split_key(key);
+    PodRef { namespace, name }
+}
+
+fn clone_error(error: &ManifestError) -> ManifestError {
+    match error {
+        ManifestError::Parse { file, document, problem } => {
+            ManifestError::Parse { file: file.clone(), document: *document, problem: problem.clone() }
+        }
+        other => ManifestError::Parse { file: String::new(), document: 0, problem: other.to_string() },
+    }
+}
+
+fn list(root: &Path) -> Result<BTreeMap<String, Stamp>, ManifestError> {
+    let list_error = |source| ManifestError::List { path: root.to_owned(), source };
+    let mut listed = BTreeMap::new();
+    for entry in fs::read_dir(root).map_err(list_error)? {
+        let entry = entry.map_err(list_error)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_manifest = [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext));
+        // Dot files are editors' and writers' temporaries: they are renamed into place when done.
+        if name.starts_with('.') || !is_manifest {
+            continue;
+        }
+        let Ok(metadata) = entry.metadata() else { continue };
+        if !metadata.is_file() {
+            continue;
+        }
+        let stamp = Stamp {
+            modified_ns: i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec()),
+            len: metadata.len(),
+            inode: metadata.ino(),
+        };
+        listed.insert(name, stamp);
+    }
+    Ok(listed)
+}
+
+fn digest_entries<'a>(entries: impl Iterator<Item = (&'a str, [u8; 32])>) -> String {
+    let mut hasher = Sha256::new();
+    for (name, sha) in entries {
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(sha);
+    }
+    let mut hex = String::with_capacity(64);
+    for byte in hasher.finalize() {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+fn parse_file(name: &str, bytes: &[u8]) -> (Vec<ApiObject>, Vec<ManifestError>) {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(error) => {
+            errors.push(ManifestError::Parse { file: name.to_owned(), document: 0, problem: error.to_string() });
+            return (objects, errors);
+        }
+    };
+    for (document, deserializer) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match serde_yaml::Value::deserialize(deserializer) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(value) => value,
+            Err(error) => {
+                errors.push(ManifestError::Parse { file: name.to_owned(), document, problem: error.to_string() });
+                // A YAML syntax error ends the stream.
+                break;
+            }
+        };
+        if let Err(problem) = push_objects(value, &mut objects) {
+            errors.push(ManifestError::Parse { file: name.to_owned(), document, problem });
+        }
+    }
+    (objects, errors)
+}
+
+fn push_objects(value: serde_yaml::Value, objects: &mut Vec<ApiObject>) -> Result<(), String> {
+    let kind = value.get("kind").and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+    let name = value
+        .get("metadata")
+        .and_then(|metadata| metadata.get("name"))
+        .and_then(serde_yaml::Value::as_str)
+        .unwrap_or("<unnamed>")
+        .to_owned();
+    let describe = |error: serde_path_to_error::Error<serde_yaml::Error>| {
+        format!("{kind} {name}: {}: {}", error.path(), error.inner())
+    };
+    match kind.as_str() {
+        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
+            let items = value.get("items").and_then(serde_yaml::Value::as_sequence).cloned().unwrap_or_default();
+            for item in items {
+                push_objects(item, objects)?;
+            }
+        }
+        "Namespace" => objects.push(ApiObject::Namespace(serde_path_to_error::deserialize(value).map_err(describe)?)),
+        "Pod" => objects.push(ApiObject::Pod(Box::new(serde_path_to_error::deserialize(value).map_err(describe)?))),
+        "NetworkPolicy" => {
+            objects.push(ApiObject::NetworkPolicy(Box::new(serde_path_to_error::deserialize(value).map_err(describe)?)));
+        }
+        // Other kinds (Deployments, Services...) may share the directory; they do not affect policy.
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::ManifestDir;
+
+    #[test]
+    fn reads_multi_document_files_and_follows_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("app.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {team: a}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: a}}\nspec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}\nstatus: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]}\n",
+        )
+        .unwrap();
+        let mut source = ManifestDir::new(dir.path());
+        assert!(source.refresh().unwrap());
+        let (cluster, errors) = source.cluster();
+        assert!(errors.is_empty(), "{errors:?}");
+        let pod = cluster.pods.values().next().unwrap();
+        assert_eq!(pod.ips.len(), 2);
+        assert_eq!(cluster.namespaces["x"].labels["kubernetes.io/metadata.name"], "x");
+        assert_eq!(source.digest(), ManifestDir::digest_of(dir.path()).unwrap());
+        assert!(!source.refresh().unwrap(), "nothing changed");
+
+        fs::remove_file(dir.path().join("app.yaml")).unwrap();
+        assert!(source.refresh().unwrap());
+        assert!(source.cluster().0.pods.is_empty());
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_objects_and_reports_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("np.yaml");
+        fs::write(&path, "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n").unwrap();
+        let mut source = ManifestDir::new(dir.path());
+        source.refresh().unwrap();
+        assert_eq!(source.cluster().0.policies.len(), 1);
+
+        fs::write(&path, "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {matchLabels: 7}}\n").unwrap();
+        source.refresh().unwrap();
+        let (cluster, errors) = source.cluster();
+        assert_eq!(cluster.policies.len(), 1, "the last good policy stays enforced");
+        let message = errors[0].to_string();
+        assert!(message.contains("np.yaml") && message.contains("NetworkPolicy deny") && message.contains("spec.podSelector.matchLabels"), "{message}");
+    }
+
+    #[test]
+    fn an_invalid_policy_without_a_good_version_locks_its_namespace_down() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("np.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: x}\nspec: {podSelector: {matchLabels: {app: a}}, ingress: [{ports: [{port: 70000}]}]}\n",
+        )
+        .unwrap();
+        let mut source = ManifestDir::new(dir.path());
+        source.refresh().unwrap();
+        let (cluster, errors) = source.cluster();
+        let policy = cluster.policies.values().next().unwrap();
+        assert!(policy.pod_selector.is_everything() && policy.policy_types.ingress && policy.policy_types.egress);
+        assert!(policy.ingress.is_empty() && policy.egress.is_empty());
+        assert!(errors[0].to_string().contains("spec.ingress[0].ports[0].port"), "{}", errors[0]);
+    }
+}
