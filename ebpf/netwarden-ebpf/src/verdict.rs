@@ -72,6 +72,12 @@ static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(262_144, 0
 #[map]
 static EPOCH: Array<u32> = Array::pinned(1, 0);
 
+/// The agent's record of which label set got which identity (SHA-256 of the set -> identity).
+/// The programs never read it; it is pinned with the other maps so a restarted agent hands out
+/// the same identities and its first update is not a renumbering of the whole cluster.
+#[map]
+static IDENTITIES: HashMap<[u8; 32], u32> = HashMap::pinned(65536, 0);
+
 #[map]
 static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 

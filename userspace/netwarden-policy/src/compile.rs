@@ -165,6 +165,14 @@ impl Compiler {
         Self::default()
     }
 
+    /// Continues where a previous agent left off: `identities` are the numbers it gave (by
+    /// [`IdentityInfo::digest`]), and `highest_policy_id` the highest policy id in its maps, so
+    /// new policies never overwrite ones that endpoints still use.
+    pub fn resume(&mut self, identities: HashMap<[u8; 32], PeerId>, highest_policy_id: PolicyId) {
+        self.identities.prefer(identities);
+        self.last_policy_id = self.last_policy_id.max(highest_policy_id);
+    }
+
     /// Compiles `cluster` for the node called `node`, whose own addresses are `node_addresses`.
     pub fn compile(&mut self, cluster: &Cluster, node: &str, node_addresses: &[IpAddr]) -> DatapathState {
         let mut state = DatapathState::default();

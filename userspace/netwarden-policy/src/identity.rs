@@ -30,6 +30,30 @@ impl IdentityInfo {
         Self { namespace: pod.id.namespace.clone(), labels: pod.labels.clone(), named_ports }
     }
 
+    /// A stable digest of the identity, under which the datapath remembers its number across
+    /// agent restarts.
+    #[must_use]
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::{Digest as _, Sha256};
+        let mut hasher = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(bytes);
+        };
+        field(self.namespace.as_bytes());
+        for (key, value) in &self.labels {
+            field(key.as_bytes());
+            field(value.as_bytes());
+        }
+        field(b"ports");
+        for port in &self.named_ports {
+            field(port.name.as_deref().unwrap_or_default().as_bytes());
+            field(&port.port.to_be_bytes());
+            field(&[port.protocol.number()]);
+        }
+        hasher.finalize().into()
+    }
+
     /// The number of the container port called `name` with `protocol`, if the pods have one.
     #[must_use]
     pub fn named_port(&self, name: &str, protocol: netwarden_model::Protocol) -> Option<u16> {
@@ -53,9 +77,18 @@ pub struct IdentityAllocator {
     by_info: HashMap<IdentityInfo, PeerId>,
     next: PeerId,
     free: Vec<PeerId>,
+    preferred: HashMap<[u8; 32], PeerId>,
 }
 
 impl IdentityAllocator {
+    /// Numbers a previous agent gave to identities (by [`IdentityInfo::digest`]): a new
+    /// identity with one of these digests gets the same number back.
+    pub fn prefer(&mut self, preferred: HashMap<[u8; 32], PeerId>) {
+        let highest = preferred.values().copied().max().unwrap_or(0);
+        self.next = self.next.max(highest.saturating_add(1)).max(FIRST_POD_IDENTITY);
+        self.preferred = preferred;
+    }
+
     /// Assigns identities for exactly `infos`, reusing the ids of those seen last time and
     /// releasing the rest.
     pub fn assign<'a>(&mut self, infos: impl Iterator<Item = &'a IdentityInfo>) -> BTreeMap<PeerId, IdentityInfo> {
@@ -78,7 +111,13 @@ impl IdentityAllocator {
         // Whatever is left in `by_info` is no longer used.
         self.free.extend(self.by_info.drain().map(|(_, id)| id));
         self.free.sort_unstable_by(|a, b| b.cmp(a));
+        let taken: std::collections::HashSet<PeerId> = live.values().copied().collect();
         for info in fresh {
+            if let Some(id) = self.preferred.remove(&info.digest()).filter(|id| !taken.contains(id)) {
+                self.free.retain(|free| *free != id);
+                live.insert(info, id);
+                continue;
+            }
             let id = self.free.pop().unwrap_or_else(|| {
                 let id = self.next;
                 self.next += 1;

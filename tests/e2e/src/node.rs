@@ -1,0 +1,195 @@
+//! The simulated node: a node namespace and one namespace per pod or external host, wired the
+//! way point-to-point CNIs (kindnet, Calico) wire pods: a veth pair per pod, a /32 (/128) pod
+//! address, a link-local gateway on the host side, and a host route to the pod through its veth.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use crate::{
+    netns::{Netns, NetnsError},
+    scenario::IpFamily,
+};
+
+/// The node name in Pod objects and on the agent's command line.
+pub const NODE_NAME: &str = "nwe2e-node";
+/// The gateway every pod routes through; it sits on the host side of every veth.
+const GATEWAY_V4: &str = "169.254.1.1";
+const GATEWAY_V6: &str = "fe80::1";
+/// Hosts get `BASE + counter` as the last address byte.
+const ADDRESS_BASE: u32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("address space exhausted: more than {0} pods and hosts in one scenario")]
+    Exhausted(u32),
+}
+
+/// Whether this kernel has IPv6 at all.
+#[must_use]
+pub fn ipv6_supported() -> bool {
+    Path::new("/proc/sys/net/ipv6").exists()
+}
+
+/// The addresses of a pod or external host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Addresses {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl Addresses {
+    #[must_use]
+    pub fn get(&self, family: IpFamily) -> Option<IpAddr> {
+        match family {
+            IpFamily::IPv4 => self.v4.map(IpAddr::V4),
+            IpFamily::IPv6 => self.v6.map(IpAddr::V6),
+        }
+    }
+
+    /// Every address, IPv4 first.
+    #[must_use]
+    pub fn all(&self) -> Vec<IpAddr> {
+        self.v4.map(IpAddr::V4).into_iter().chain(self.v6.map(IpAddr::V6)).collect()
+    }
+
+    fn pick(families: &[IpFamily], v4: Ipv4Addr, v6: Ipv6Addr) -> Self {
+        Self {
+            v4: families.contains(&IpFamily::IPv4).then_some(v4),
+            v6: families.contains(&IpFamily::IPv6).then_some(v6),
+        }
+    }
+}
+
+impl fmt::Display for Addresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let all: Vec<String> = self.all().iter().map(ToString::to_string).collect();
+        f.write_str(&all.join(", "))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointKind {
+    Pod,
+    External,
+}
+
+/// A pod or external host: its namespace and how it hangs off the node.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub netns: Netns,
+    /// The host side of the veth pair, in the node namespace.
+    pub host_interface: String,
+    pub addresses: Addresses,
+}
+
+/// The node namespace and the counter that names veths and picks addresses.
+#[derive(Debug)]
+pub struct Node {
+    prefix: String,
+    families: Vec<IpFamily>,
+    netns: Netns,
+    counter: u32,
+}
+
+impl Node {
+    /// Creates the node namespace: forwarding on, `lo` up and the node's own addresses on a
+    /// dummy interface. Namespaces are named `<prefix>node`, `<prefix>p<N>`, `<prefix>x<N>`.
+    pub async fn create(prefix: &str, families: &[IpFamily]) -> Result<Self, NodeError> {
+        let netns = Netns::create(&format!("{prefix}node")).await?;
+        let ipv6 = ipv6_supported();
+        let mut sysctls = vec!["net.ipv4.ip_forward=1"];
+        if ipv6 {
+            // Without DAD the link-local gateway of a new veth is usable at once.
+            sysctls.extend(["net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.accept_dad=0"]);
+        }
+        netns.sysctl(&sysctls).await?;
+        let mut commands = vec![
+            "link set lo up".to_owned(),
+            "link add node0 type dummy".to_owned(),
+            "link set node0 up".to_owned(),
+            "address add 172.18.0.2/32 dev node0".to_owned(),
+        ];
+        if ipv6 {
+            commands.push("address add fd00:172:18::2/128 dev node0 nodad".to_owned());
+        }
+        netns.ip_batch(&commands).await?;
+        Ok(Self { prefix: prefix.to_owned(), families: families.to_vec(), netns, counter: 0 })
+    }
+
+    #[must_use]
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// Creates and wires a pod or external host. `reuse` gives it the addresses of a pod that
+    /// was deleted earlier instead of fresh ones.
+    pub async fn wire(&mut self, kind: EndpointKind, reuse: Option<Addresses>) -> Result<Endpoint, NodeError> {
+        self.counter += 1;
+        let n = self.counter;
+        let host = u8::try_from(n + ADDRESS_BASE).map_err(|_| NodeError::Exhausted(255 - ADDRESS_BASE))?;
+        let (role, host_interface, fresh) = match kind {
+            EndpointKind::Pod => (
+                "p",
+                format!("vp{n}"),
+                Addresses::pick(
+                    &self.families,
+                    Ipv4Addr::new(10, 244, 0, host),
+                    Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, u16::from(host)),
+                ),
+            ),
+            EndpointKind::External => (
+                "x",
+                format!("vx{n}"),
+                Addresses::pick(
+                    &self.families,
+                    Ipv4Addr::new(198, 18, 0, host),
+                    Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, u16::from(host)),
+                ),
+            ),
+        };
+        let addresses = reuse.unwrap_or(fresh);
+        let netns = Netns::create(&format!("{}{role}{n}", self.prefix)).await?;
+        if addresses.v6.is_some() {
+            // Set before eth0 appears so that its link-local address skips DAD too.
+            netns.sysctl(&["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]).await?;
+        }
+
+        let mut host_side = vec![
+            format!("link add {host_interface} type veth peer name eth0 netns {}", netns.name()),
+            format!("link set {host_interface} up"),
+            format!("address add {GATEWAY_V4}/32 dev {host_interface}"),
+        ];
+        let mut pod_side = vec!["link set lo up".to_owned(), "link set eth0 up".to_owned()];
+        if let Some(v4) = addresses.v4 {
+            host_side.push(format!("route add {v4}/32 dev {host_interface}"));
+            pod_side.extend([
+                format!("address add {v4}/32 dev eth0"),
+                format!("route add {GATEWAY_V4} dev eth0 scope link"),
+                format!("route add default via {GATEWAY_V4} dev eth0"),
+            ]);
+        }
+        if let Some(v6) = addresses.v6 {
+            host_side.extend([
+                format!("address add {GATEWAY_V6}/64 dev {host_interface} nodad"),
+                format!("route add {v6}/128 dev {host_interface}"),
+            ]);
+            pod_side.extend([
+                format!("address add {v6}/128 dev eth0 nodad"),
+                format!("route add default via {GATEWAY_V6} dev eth0"),
+            ]);
+        }
+        self.netns.ip_batch(&host_side).await?;
+        netns.ip_batch(&pod_side).await?;
+        Ok(Endpoint { netns, host_interface, addresses })
+    }
+
+    /// Deletes the node namespace; pods and hosts must have been deleted first.
+    pub async fn delete(self) -> Result<(), NodeError> {
+        Ok(self.netns.delete().await?)
+    }
+}

@@ -1,0 +1,982 @@
+//! The `netwarden-scenario/v1` format: serde types, defaults and validation.
+//!
+//! Validation replays the steps against the evolving model (pods added and deleted, policies
+//! created and deleted) so that every mistake a scenario author can make statically is reported
+//! before any namespace is created, naming the file and the step.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt, fs,
+    path::{Path, PathBuf},
+};
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+use crate::placeholder::{self, Placeholder};
+
+/// The only format this harness understands.
+pub const FORMAT: &str = "netwarden-scenario/v1";
+
+/// A label set.
+pub type Labels = BTreeMap<String, String>;
+
+/// What is wrong with a scenario file.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    Yaml { path: PathBuf, source: serde_yaml::Error },
+    #[error("{}: {problem}", path.display())]
+    Invalid { path: PathBuf, problem: String },
+    #[error("{}: step {step} ({op}): {problem}", path.display())]
+    Step { path: PathBuf, step: usize, op: String, problem: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+pub enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::IPv4 => "IPv4",
+            Self::IPv6 => "IPv6",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        })
+    }
+}
+
+/// A container port, spelled as in a Pod spec.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(rename = "containerPort")]
+    pub container_port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// A pod of the model, or one added by a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ports: Vec<ContainerPort>,
+}
+
+/// The simulated cluster a scenario starts from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Model {
+    pub ip_families: Vec<IpFamily>,
+    /// Namespace name to its complete label set (`kubernetes.io/metadata.name` included).
+    pub namespaces: IndexMap<String, Labels>,
+    /// Ports of pods that do not list their own; external hosts serve these too.
+    pub default_ports: Vec<ContainerPort>,
+    /// `ns/name` to the pod, in grid order.
+    pub pods: IndexMap<String, PodSpec>,
+    /// External host keys, in grid order after the pods.
+    pub external_hosts: Vec<String>,
+}
+
+impl Model {
+    #[must_use]
+    pub fn has(&self, family: IpFamily) -> bool {
+        self.ip_families.contains(&family)
+    }
+
+    /// The family `{{ip ..}}` and `{{cidr ..}}` refer to: IPv6 only in an IPv6-only model.
+    #[must_use]
+    pub fn primary_family(&self) -> IpFamily {
+        if self.has(IpFamily::IPv4) { IpFamily::IPv4 } else { IpFamily::IPv6 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartMode {
+    Graceful,
+    Kill,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionExpectation {
+    Alive,
+    Closed,
+}
+
+/// The expected connectivity of one probe, rows and columns in the grid order of its step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectedGrid {
+    pub endpoints: Vec<String>,
+    /// `allowed[row][column]`; the diagonal is not scored.
+    pub allowed: Vec<Vec<bool>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    CreatePolicy { policy: String },
+    UpdatePolicy { policy: String },
+    DeletePolicy { policy: String },
+    DeleteAllPolicies { namespaces: Vec<String> },
+    Relabel { pod_labels: IndexMap<String, Labels>, namespace_labels: IndexMap<String, Labels> },
+    AddPod { pod: String, labels: Labels, ports: Option<Vec<ContainerPort>>, reuse_ip_of: Option<String>, publish: bool },
+    PublishPod { pod: String },
+    DeletePod { pod: String },
+    RestartAgent { mode: RestartMode },
+    OpenConnection { name: String, from: String, to: String, port: u16, protocol: Protocol },
+    CheckConnection { name: String, expect: ConnectionExpectation },
+    Probe { port: u16, protocol: Protocol, expect: ExpectedGrid },
+}
+
+impl Step {
+    #[must_use]
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::CreatePolicy { .. } => "create_policy",
+            Self::UpdatePolicy { .. } => "update_policy",
+            Self::DeletePolicy { .. } => "delete_policy",
+            Self::DeleteAllPolicies { .. } => "delete_all_policies",
+            Self::Relabel { .. } => "relabel",
+            Self::AddPod { .. } => "add_pod",
+            Self::PublishPod { .. } => "publish_pod",
+            Self::DeletePod { .. } => "delete_pod",
+            Self::RestartAgent { .. } => "restart_agent",
+            Self::OpenConnection { .. } => "open_connection",
+            Self::CheckConnection { .. } => "check_connection",
+            Self::Probe { .. } => "probe",
+        }
+    }
+
+    /// Whether the step changes what the agent must enforce, so the harness waits for it.
+    #[must_use]
+    pub fn is_change(&self) -> bool {
+        !matches!(self, Self::OpenConnection { .. } | Self::CheckConnection { .. } | Self::Probe { .. })
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::CreatePolicy { policy } | Self::UpdatePolicy { policy } | Self::DeletePolicy { policy } => {
+                write!(f, "{} {policy}", self.op())
+            }
+            Self::DeleteAllPolicies { namespaces } => write!(f, "delete_all_policies in {}", namespaces.join(", ")),
+            Self::Relabel { pod_labels, namespace_labels } => {
+                let targets: Vec<&str> = pod_labels.keys().chain(namespace_labels.keys()).map(String::as_str).collect();
+                write!(f, "relabel {}", targets.join(", "))
+            }
+            Self::AddPod { pod, publish, .. } => {
+                write!(f, "add_pod {pod}{}", if *publish { "" } else { " (unpublished)" })
+            }
+            Self::PublishPod { pod } | Self::DeletePod { pod } => write!(f, "{} {pod}", self.op()),
+            Self::RestartAgent { mode } => write!(f, "restart_agent ({mode:?})"),
+            Self::OpenConnection { name, from, to, port, protocol } => {
+                write!(f, "open_connection {name}: {from} -> {to} {protocol}/{port}")
+            }
+            Self::CheckConnection { name, expect } => write!(f, "check_connection {name} (expect {expect:?})"),
+            Self::Probe { port, protocol, .. } => write!(f, "probe {protocol}/{port}"),
+        }
+    }
+}
+
+/// A validated scenario.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub path: PathBuf,
+    pub name: String,
+    pub model: Model,
+    /// Policy key to the NetworkPolicy object, placeholders not yet substituted.
+    pub policies: IndexMap<String, serde_yaml::Value>,
+    pub steps: Vec<Step>,
+}
+
+impl Scenario {
+    /// Every pod that ever exists in the scenario, model pods first.
+    pub fn all_pods(&self) -> impl Iterator<Item = &str> {
+        self.model.pods.keys().map(String::as_str).chain(self.steps.iter().filter_map(|step| match step {
+            Step::AddPod { pod, .. } => Some(pod.as_str()),
+            _ => None,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    format: String,
+    name: String,
+    #[serde(default)]
+    model: Option<RawModel>,
+    #[serde(default)]
+    policies: IndexMap<String, serde_yaml::Value>,
+    #[serde(default)]
+    policy_files: Vec<PathBuf>,
+    steps: Vec<serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    ip_families: Option<Vec<IpFamily>>,
+    namespaces: Option<IndexMap<String, Option<RawNamespace>>>,
+    container_ports: Option<Vec<ContainerPort>>,
+    pods: Option<IndexMap<String, Option<RawPod>>>,
+    external_hosts: Option<IndexMap<String, Option<RawExternalHost>>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    #[serde(default)]
+    labels: Labels,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPod {
+    #[serde(default)]
+    labels: Labels,
+    ports: Option<Vec<ContainerPort>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExternalHost {}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum RawStep {
+    CreatePolicy {
+        policy: String,
+    },
+    UpdatePolicy {
+        policy: String,
+    },
+    DeletePolicy {
+        policy: String,
+    },
+    DeleteAllPolicies {
+        namespaces: Vec<String>,
+    },
+    Relabel {
+        #[serde(default)]
+        pod_labels: IndexMap<String, Labels>,
+        #[serde(default)]
+        namespace_labels: IndexMap<String, Labels>,
+    },
+    AddPod {
+        pod: String,
+        #[serde(default)]
+        labels: Labels,
+        ports: Option<Vec<ContainerPort>>,
+        reuse_ip_of: Option<String>,
+        #[serde(default = "yes")]
+        publish: bool,
+    },
+    PublishPod {
+        pod: String,
+    },
+    DeletePod {
+        pod: String,
+    },
+    RestartAgent {
+        mode: RestartMode,
+    },
+    OpenConnection {
+        name: String,
+        from: String,
+        to: String,
+        port: u16,
+        #[serde(default)]
+        protocol: Protocol,
+    },
+    CheckConnection {
+        name: String,
+        expect: ConnectionExpectation,
+    },
+    Probe {
+        port: u16,
+        #[serde(default)]
+        protocol: Protocol,
+        expect: RawProbeExpectation,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbeExpectation {
+    grid: IndexMap<String, String>,
+}
+
+const NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// The upstream NetworkPolicy e2e model: x/y/z × a/b/c, ports 80 and 81 over every protocol.
+#[must_use]
+pub fn upstream_model(ip_families: Vec<IpFamily>, ports: Option<Vec<ContainerPort>>) -> Model {
+    let default_ports = ports.unwrap_or_else(|| {
+        let mut ports = Vec::new();
+        for port in [80, 81] {
+            for (protocol, suffix) in [(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp"), (Protocol::Sctp, "sctp")] {
+                ports.push(ContainerPort { name: Some(format!("serve-{port}-{suffix}")), container_port: port, protocol });
+            }
+        }
+        ports
+    });
+    let mut namespaces = IndexMap::new();
+    let mut pods = IndexMap::new();
+    for ns in ["x", "y", "z"] {
+        namespaces.insert(ns.to_owned(), Labels::from([(NAME_LABEL.to_owned(), ns.to_owned()), ("ns".to_owned(), ns.to_owned())]));
+        for pod in ["a", "b", "c"] {
+            pods.insert(
+                format!("{ns}/{pod}"),
+                PodSpec {
+                    namespace: ns.to_owned(),
+                    name: pod.to_owned(),
+                    labels: Labels::from([("pod".to_owned(), pod.to_owned())]),
+                    ports: default_ports.clone(),
+                },
+            );
+        }
+    }
+    Model { ip_families, namespaces, default_ports, pods, external_hosts: Vec::new() }
+}
+
+/// A namespace's complete label set: `labels` plus the name label the API server adds.
+#[must_use]
+pub fn namespace_labels(name: &str, labels: &Labels) -> Labels {
+    let mut labels = labels.clone();
+    labels.insert(NAME_LABEL.to_owned(), name.to_owned());
+    labels
+}
+
+/// Whether a YAML file found by walking a directory is meant as a scenario: it has a top-level
+/// `format` key. Files named on the command line are always scenarios.
+#[must_use]
+pub fn looks_like_scenario(text: &str) -> bool {
+    serde_yaml::from_str::<serde_yaml::Value>(text)
+        .ok()
+        .and_then(|value| value.as_mapping().map(|map| map.contains_key("format")))
+        .unwrap_or(false)
+}
+
+/// Reads and validates a scenario file.
+pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+    let text = fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: path.to_owned(), source })?;
+    parse(path, &text)
+}
+
+/// Parses and validates scenario text; `path` names it in errors and anchors `policy_files`.
+pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
+    let invalid = |problem: String| ScenarioError::Invalid { path: path.to_owned(), problem };
+    let raw: RawScenario =
+        serde_yaml::from_str(text).map_err(|source| ScenarioError::Yaml { path: path.to_owned(), source })?;
+    if raw.format != FORMAT {
+        return Err(invalid(format!("format is {:?}, expected {FORMAT:?}", raw.format)));
+    }
+    let model = build_model(raw.model).map_err(invalid)?;
+    let mut policies = IndexMap::new();
+    for (key, object) in raw.policies {
+        let object = check_policy(&key, object).map_err(invalid)?;
+        policies.insert(key, object);
+    }
+    for file in &raw.policy_files {
+        let file_path = path.parent().unwrap_or(Path::new(".")).join(file);
+        for (key, object) in load_policy_file(&file_path).map_err(invalid)? {
+            if policies.contains_key(&key) {
+                return Err(invalid(format!("policy {key} from {} is defined twice", file_path.display())));
+            }
+            policies.insert(key, object);
+        }
+    }
+    let mut steps = Vec::with_capacity(raw.steps.len());
+    for (index, value) in raw.steps.into_iter().enumerate() {
+        let op = value.get("op").and_then(serde_yaml::Value::as_str).unwrap_or("?").to_owned();
+        let step = serde_yaml::from_value::<RawStep>(value).map_err(|error| ScenarioError::Step {
+            path: path.to_owned(),
+            step: index + 1,
+            op: op.clone(),
+            problem: error.to_string(),
+        })?;
+        steps.push(step);
+    }
+    let scenario = Validator::new(&model, &policies).validate(steps).map_err(|(step, op, problem)| {
+        ScenarioError::Step { path: path.to_owned(), step, op: op.to_owned(), problem }
+    })?;
+    let scenario = Scenario { path: path.to_owned(), name: raw.name, model, policies, steps: scenario };
+    check_placeholders(&scenario).map_err(invalid)?;
+    Ok(scenario)
+}
+
+fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
+    let Some(raw) = raw else {
+        return Ok(upstream_model(vec![IpFamily::IPv4], None));
+    };
+    let mut ip_families = raw.ip_families.unwrap_or_else(|| vec![IpFamily::IPv4]);
+    let distinct: BTreeSet<IpFamily> = ip_families.iter().copied().collect();
+    if ip_families.is_empty() || distinct.len() != ip_families.len() {
+        return Err("model.ip_families must list IPv4 and/or IPv6, each once".to_owned());
+    }
+    ip_families.sort();
+    if raw.namespaces.is_none() && raw.pods.is_none() {
+        // Only families or ports given: the upstream model with those.
+        let mut model = upstream_model(ip_families, raw.container_ports);
+        model.external_hosts = external_hosts(raw.external_hosts)?;
+        return Ok(model);
+    }
+    let default_ports = raw.container_ports.unwrap_or_else(|| upstream_model(Vec::new(), None).default_ports);
+    let mut namespaces = IndexMap::new();
+    for (name, namespace) in raw.namespaces.unwrap_or_default() {
+        check_name("namespace", &name)?;
+        namespaces.insert(name.clone(), namespace_labels(&name, &namespace.unwrap_or_default().labels));
+    }
+    let mut pods = IndexMap::new();
+    for (key, pod) in raw.pods.unwrap_or_default() {
+        let (namespace, name) = split_pod_key(&key)?;
+        if !namespaces.contains_key(namespace) {
+            return Err(format!("pod {key}: namespace {namespace} is not in model.namespaces"));
+        }
+        let pod = pod.unwrap_or_default();
+        let ports = pod.ports.unwrap_or_else(|| default_ports.clone());
+        check_ports(&key, &ports)?;
+        pods.insert(
+            key.clone(),
+            PodSpec { namespace: namespace.to_owned(), name: name.to_owned(), labels: pod.labels, ports },
+        );
+    }
+    let external_hosts = external_hosts(raw.external_hosts)?;
+    if let Some(clash) = external_hosts.iter().find(|host| pods.contains_key(*host)) {
+        return Err(format!("external host {clash} has the key of a pod"));
+    }
+    Ok(Model { ip_families, namespaces, default_ports, pods, external_hosts })
+}
+
+fn external_hosts(raw: Option<IndexMap<String, Option<RawExternalHost>>>) -> Result<Vec<String>, String> {
+    let hosts: Vec<String> = raw.unwrap_or_default().into_keys().collect();
+    for host in &hosts {
+        if host.contains('/') {
+            return Err(format!("external host key {host:?} must not contain '/' (that is how pods are named)"));
+        }
+        check_name("external host", host)?;
+    }
+    Ok(hosts)
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid { Ok(()) } else { Err(format!("{what} name {name:?} is not a valid DNS label")) }
+}
+
+fn check_ports(pod: &str, ports: &[ContainerPort]) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for port in ports {
+        if port.container_port == 0 {
+            return Err(format!("pod {pod}: containerPort 0 is not a port"));
+        }
+        if !seen.insert((port.container_port, port.protocol as u8)) {
+            return Err(format!("pod {pod}: port {}/{} listed twice", port.protocol, port.container_port));
+        }
+    }
+    Ok(())
+}
+
+/// Splits `ns/name`.
+pub fn split_pod_key(key: &str) -> Result<(&str, &str), String> {
+    let (namespace, name) = key.split_once('/').ok_or_else(|| format!("pod key {key:?} is not NAMESPACE/NAME"))?;
+    check_name("namespace", namespace)?;
+    check_name("pod", name)?;
+    Ok((namespace, name))
+}
+
+/// The `namespace/name` a policy key stands for (the key without its `@variant`).
+#[must_use]
+pub fn policy_identity(key: &str) -> &str {
+    key.split_once('@').map_or(key, |(identity, _)| identity)
+}
+
+/// Checks that a policy object is a NetworkPolicy whose namespace/name match its key, filling in
+/// the namespace from the key when the object omits it (as `kubectl apply -n` would).
+fn check_policy(key: &str, mut object: serde_yaml::Value) -> Result<serde_yaml::Value, String> {
+    let identity = policy_identity(key);
+    let (namespace, name) =
+        identity.split_once('/').ok_or_else(|| format!("policy key {key:?} is not NAMESPACE/NAME[@VARIANT]"))?;
+    let kind = object.get("kind").and_then(serde_yaml::Value::as_str);
+    if kind != Some("NetworkPolicy") {
+        return Err(format!("policy {key}: kind is {kind:?}, expected NetworkPolicy"));
+    }
+    let metadata = object
+        .get_mut("metadata")
+        .and_then(serde_yaml::Value::as_mapping_mut)
+        .ok_or_else(|| format!("policy {key}: no metadata"))?;
+    let object_name = metadata.get("name").and_then(serde_yaml::Value::as_str);
+    if object_name != Some(name) {
+        return Err(format!("policy {key}: metadata.name is {object_name:?}, the key says {name:?}"));
+    }
+    match metadata.get("namespace").and_then(serde_yaml::Value::as_str) {
+        None => {
+            metadata.insert("namespace".into(), namespace.into());
+        }
+        Some(object_namespace) if object_namespace != namespace => {
+            return Err(format!("policy {key}: metadata.namespace is {object_namespace:?}, the key says {namespace:?}"));
+        }
+        Some(_) => {}
+    }
+    Ok(object)
+}
+
+/// The NetworkPolicy objects of a (multi-document) manifest file, keyed `namespace/name`.
+fn load_policy_file(path: &Path) -> Result<Vec<(String, serde_yaml::Value)>, String> {
+    let text = fs::read_to_string(path).map_err(|error| format!("policy file {}: {error}", path.display()))?;
+    let mut objects = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let value = serde_yaml::Value::deserialize(document)
+            .map_err(|error| format!("policy file {} document {index}: {error}", path.display()))?;
+        collect_policies(value, &mut objects);
+    }
+    let mut keyed = Vec::new();
+    for object in objects {
+        let name = object.get("metadata").and_then(|m| m.get("name")).and_then(serde_yaml::Value::as_str);
+        let namespace = object
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or("default");
+        let Some(name) = name else {
+            return Err(format!("policy file {}: a NetworkPolicy has no metadata.name", path.display()));
+        };
+        let key = format!("{namespace}/{name}");
+        let object = check_policy(&key, object).map_err(|error| format!("policy file {}: {error}", path.display()))?;
+        keyed.push((key, object));
+    }
+    Ok(keyed)
+}
+
+fn collect_policies(value: serde_yaml::Value, into: &mut Vec<serde_yaml::Value>) {
+    match value.get("kind").and_then(serde_yaml::Value::as_str) {
+        Some("NetworkPolicy") => into.push(value),
+        Some("List" | "NetworkPolicyList") => {
+            if let Some(items) = value.get("items").and_then(serde_yaml::Value::as_sequence) {
+                for item in items {
+                    collect_policies(item.clone(), into);
+                }
+            }
+        }
+        // Other objects (namespaces, comments-only documents) may sit beside the policies.
+        _ => {}
+    }
+}
+
+/// Every placeholder names a pod or external host of the scenario and a family the model has.
+fn check_placeholders(scenario: &Scenario) -> Result<(), String> {
+    let pods: BTreeSet<&str> = scenario.all_pods().collect();
+    let model = &scenario.model;
+    for (key, object) in &scenario.policies {
+        let mut problem = None;
+        placeholder::visit_strings(object, &mut |text| {
+            if problem.is_some() {
+                return;
+            }
+            match placeholder::parse_all(text) {
+                Err(error) => problem = Some(error.to_string()),
+                Ok(found) => {
+                    for found in found {
+                        let target = found.target();
+                        if !pods.contains(target) && !model.external_hosts.iter().any(|host| host == target) {
+                            problem = Some(format!("{found} names no pod or external host of the scenario"));
+                        } else if found.family(model.primary_family()) == IpFamily::IPv6 && !model.has(IpFamily::IPv6)
+                            || found.family(model.primary_family()) == IpFamily::IPv4 && !model.has(IpFamily::IPv4)
+                        {
+                            problem = Some(format!("{found} needs a family the model does not have"));
+                        }
+                    }
+                }
+            }
+        });
+        if let Some(problem) = problem {
+            return Err(format!("policy {key}: {problem}"));
+        }
+    }
+    Ok(())
+}
+
+/// The placeholder type is re-exported for the runner.
+pub type PolicyPlaceholder = Placeholder;
+
+/// Replays the steps on the model's shape, checking references and grids.
+struct Validator<'a> {
+    model: &'a Model,
+    policies: &'a IndexMap<String, serde_yaml::Value>,
+    order: Vec<String>,
+    namespaces: BTreeSet<String>,
+    unpublished: BTreeSet<String>,
+    deleted: BTreeSet<String>,
+    ever: BTreeSet<String>,
+    existing_policies: BTreeSet<String>,
+    connections: BTreeSet<String>,
+}
+
+impl<'a> Validator<'a> {
+    fn new(model: &'a Model, policies: &'a IndexMap<String, serde_yaml::Value>) -> Self {
+        let order: Vec<String> = model.pods.keys().chain(&model.external_hosts).cloned().collect();
+        Self {
+            model,
+            policies,
+            ever: order.iter().cloned().collect(),
+            order,
+            namespaces: model.namespaces.keys().cloned().collect(),
+            unpublished: BTreeSet::new(),
+            deleted: BTreeSet::new(),
+            existing_policies: BTreeSet::new(),
+            connections: BTreeSet::new(),
+        }
+    }
+
+    fn validate(mut self, raw: Vec<RawStep>) -> Result<Vec<Step>, (usize, &'static str, String)> {
+        let mut steps = Vec::with_capacity(raw.len());
+        for (index, raw) in raw.into_iter().enumerate() {
+            let step = self.step(raw).map_err(|(op, problem)| (index + 1, op, problem))?;
+            steps.push(step);
+        }
+        Ok(steps)
+    }
+
+    fn pod(&self, key: &str) -> Result<(), String> {
+        if self.order.iter().any(|existing| existing == key) && !self.model.external_hosts.iter().any(|h| h == key) {
+            Ok(())
+        } else {
+            Err(format!("no pod {key} exists at this step"))
+        }
+    }
+
+    fn endpoint(&self, key: &str) -> Result<(), String> {
+        if self.order.iter().any(|existing| existing == key) {
+            Ok(())
+        } else {
+            Err(format!("no pod or external host {key} exists at this step"))
+        }
+    }
+
+    fn policy(&self, key: &str) -> Result<(), String> {
+        if self.policies.contains_key(key) { Ok(()) } else { Err(format!("policy {key} is not defined in policies")) }
+    }
+
+    #[expect(clippy::too_many_lines, reason = "one arm per op reads better than a function per op")]
+    fn step(&mut self, raw: RawStep) -> Result<Step, (&'static str, String)> {
+        Ok(match raw {
+            RawStep::CreatePolicy { policy } => {
+                let op = "create_policy";
+                self.policy(&policy).map_err(|e| (op, e))?;
+                if !self.existing_policies.insert(policy_identity(&policy).to_owned()) {
+                    return Err((op, format!("{} already exists (use update_policy)", policy_identity(&policy))));
+                }
+                Step::CreatePolicy { policy }
+            }
+            RawStep::UpdatePolicy { policy } => {
+                let op = "update_policy";
+                self.policy(&policy).map_err(|e| (op, e))?;
+                if !self.existing_policies.contains(policy_identity(&policy)) {
+                    return Err((op, format!("{} does not exist at this step", policy_identity(&policy))));
+                }
+                Step::UpdatePolicy { policy }
+            }
+            RawStep::DeletePolicy { policy } => {
+                let op = "delete_policy";
+                self.policy(&policy).map_err(|e| (op, e))?;
+                if !self.existing_policies.remove(policy_identity(&policy)) {
+                    return Err((op, format!("{} does not exist at this step", policy_identity(&policy))));
+                }
+                Step::DeletePolicy { policy }
+            }
+            RawStep::DeleteAllPolicies { namespaces } => {
+                let op = "delete_all_policies";
+                if let Some(unknown) = namespaces.iter().find(|ns| !self.namespaces.contains(*ns)) {
+                    return Err((op, format!("namespace {unknown} is not in the model")));
+                }
+                self.existing_policies
+                    .retain(|identity| !namespaces.iter().any(|ns| identity.split_once('/').is_some_and(|(n, _)| n == ns)));
+                Step::DeleteAllPolicies { namespaces }
+            }
+            RawStep::Relabel { pod_labels, namespace_labels } => {
+                let op = "relabel";
+                if pod_labels.is_empty() && namespace_labels.is_empty() {
+                    return Err((op, "relabel changes nothing: give pod_labels and/or namespace_labels".to_owned()));
+                }
+                for pod in pod_labels.keys() {
+                    self.pod(pod).map_err(|e| (op, e))?;
+                }
+                if let Some(unknown) = namespace_labels.keys().find(|ns| !self.namespaces.contains(*ns)) {
+                    return Err((op, format!("namespace {unknown} is not in the model")));
+                }
+                Step::Relabel { pod_labels, namespace_labels }
+            }
+            RawStep::AddPod { pod, labels, ports, reuse_ip_of, publish } => {
+                let op = "add_pod";
+                let (namespace, _) = split_pod_key(&pod).map_err(|e| (op, e))?;
+                if !self.namespaces.contains(namespace) {
+                    return Err((op, format!("namespace {namespace} is not in the model")));
+                }
+                if !self.ever.insert(pod.clone()) && !self.deleted.contains(&pod) {
+                    return Err((op, format!("{pod} already exists")));
+                }
+                if let Some(ports) = &ports {
+                    check_ports(&pod, ports).map_err(|e| (op, e))?;
+                }
+                if let Some(old) = &reuse_ip_of {
+                    if !self.deleted.remove(old) {
+                        return Err((op, format!("reuse_ip_of: {old} was not deleted earlier (or its IP is reused already)")));
+                    }
+                }
+                self.deleted.remove(&pod);
+                if !publish {
+                    self.unpublished.insert(pod.clone());
+                }
+                self.order.push(pod.clone());
+                Step::AddPod { pod, labels, ports, reuse_ip_of, publish }
+            }
+            RawStep::PublishPod { pod } => {
+                if !self.unpublished.remove(&pod) {
+                    return Err(("publish_pod", format!("{pod} was not added with publish: false, or is published already")));
+                }
+                Step::PublishPod { pod }
+            }
+            RawStep::DeletePod { pod } => {
+                self.pod(&pod).map_err(|e| ("delete_pod", e))?;
+                self.order.retain(|existing| *existing != pod);
+                self.unpublished.remove(&pod);
+                self.deleted.insert(pod.clone());
+                Step::DeletePod { pod }
+            }
+            RawStep::RestartAgent { mode } => Step::RestartAgent { mode },
+            RawStep::OpenConnection { name, from, to, port, protocol } => {
+                let op = "open_connection";
+                self.endpoint(&from).map_err(|e| (op, e))?;
+                self.endpoint(&to).map_err(|e| (op, e))?;
+                if protocol == Protocol::Sctp {
+                    return Err((op, "long-lived SCTP flows are not supported (no SCTP in this kernel)".to_owned()));
+                }
+                if !self.connections.insert(name.clone()) {
+                    return Err((op, format!("a connection named {name} is open already")));
+                }
+                Step::OpenConnection { name, from, to, port, protocol }
+            }
+            RawStep::CheckConnection { name, expect } => {
+                if !self.connections.contains(&name) {
+                    return Err(("check_connection", format!("no connection named {name} was opened")));
+                }
+                Step::CheckConnection { name, expect }
+            }
+            RawStep::Probe { port, protocol, expect } => {
+                let grid = self.grid(expect.grid).map_err(|e| ("probe", e))?;
+                Step::Probe { port, protocol, expect: grid }
+            }
+        })
+    }
+
+    fn grid(&self, rows: IndexMap<String, String>) -> Result<ExpectedGrid, String> {
+        if let Some(unknown) = rows.keys().find(|row| !self.order.contains(row)) {
+            return Err(format!("grid row {unknown} is not a pod or external host at this step (expected rows: {})", self.order.join(" ")));
+        }
+        let mut allowed = Vec::with_capacity(self.order.len());
+        for endpoint in &self.order {
+            let row = rows.get(endpoint).ok_or_else(|| format!("grid has no row for {endpoint}"))?;
+            let cells: Vec<char> = row.chars().collect();
+            if cells.len() != self.order.len() {
+                return Err(format!(
+                    "grid row {endpoint} has {} columns, the model has {} ({})",
+                    cells.len(),
+                    self.order.len(),
+                    self.order.join(" ")
+                ));
+            }
+            let row = cells
+                .into_iter()
+                .map(|cell| match cell {
+                    '.' => Ok(true),
+                    'X' => Ok(false),
+                    other => Err(format!("grid row {endpoint}: {other:?} is neither '.' nor 'X'")),
+                })
+                .collect::<Result<Vec<bool>, String>>()?;
+            allowed.push(row);
+        }
+        Ok(ExpectedGrid { endpoints: self.order.clone(), allowed })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Scenario, ScenarioError> {
+        parse(Path::new("test.yaml"), text)
+    }
+
+    const SMALL: &str = r#"
+format: netwarden-scenario/v1
+name: small
+model:
+  namespaces: { x: {} }
+  container_ports: [ { name: http, containerPort: 80, protocol: TCP } ]
+  pods:
+    x/a: { labels: { app: a } }
+    x/b: {}
+policies:
+  x/deny:
+    apiVersion: networking.k8s.io/v1
+    kind: NetworkPolicy
+    metadata: { name: deny }
+    spec: { podSelector: {}, ingress: [ { from: [ { ipBlock: { cidr: "{{cidr x/a 16}}" } } ] } ] }
+steps:
+"#;
+
+    fn with_steps(steps: &str) -> Result<Scenario, ScenarioError> {
+        parse_str(&format!("{SMALL}{steps}"))
+    }
+
+    #[test]
+    fn default_model_is_upstream() {
+        let scenario =
+            parse_str("format: netwarden-scenario/v1\nname: n\nsteps:\n- op: probe\n  port: 80\n  protocol: SCTP\n  expect:\n    grid:\n      x/a: ..X......\n      x/b: .........\n      x/c: .........\n      y/a: .........\n      y/b: .........\n      y/c: .........\n      z/a: .........\n      z/b: .........\n      z/c: .........\n").unwrap();
+        let model = &scenario.model;
+        assert_eq!(model.pods.keys().collect::<Vec<_>>(), ["x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c"]);
+        assert_eq!(model.namespaces["y"]["ns"], "y");
+        assert_eq!(model.namespaces["y"][NAME_LABEL], "y");
+        assert_eq!(model.default_ports.len(), 6);
+        assert!(model.default_ports.iter().any(|p| p.name.as_deref() == Some("serve-81-sctp") && p.protocol == Protocol::Sctp));
+        assert_eq!(model.ip_families, [IpFamily::IPv4]);
+        let Step::Probe { expect, .. } = &scenario.steps[0] else { panic!() };
+        assert!(!expect.allowed[0][2]);
+        assert!(expect.allowed[0][1]);
+    }
+
+    #[test]
+    fn families_only_model_is_upstream_dual_stack() {
+        let scenario = parse_str("format: netwarden-scenario/v1\nname: n\nmodel: { ip_families: [IPv6, IPv4] }\nsteps: []\n").unwrap();
+        assert_eq!(scenario.model.ip_families, [IpFamily::IPv4, IpFamily::IPv6]);
+        assert_eq!(scenario.model.pods.len(), 9);
+    }
+
+    #[test]
+    fn explicit_model_adds_name_label() {
+        let scenario = with_steps("[]").unwrap();
+        assert_eq!(scenario.model.namespaces["x"], Labels::from([(NAME_LABEL.to_owned(), "x".to_owned())]));
+        assert_eq!(scenario.policies["x/deny"]["metadata"]["namespace"], "x");
+    }
+
+    #[test]
+    fn grid_rows_and_columns_must_match_model() {
+        let ok = with_steps("- { op: probe, port: 80, protocol: TCP, expect: { grid: { x/a: '.X', x/b: '..' } } }\n");
+        assert!(ok.is_ok(), "{ok:?}");
+        let short = with_steps("- { op: probe, port: 80, protocol: TCP, expect: { grid: { x/a: '.', x/b: '..' } } }\n");
+        let error = short.unwrap_err().to_string();
+        assert!(error.contains("step 1 (probe)") && error.contains("1 columns"), "{error}");
+        let missing = with_steps("- { op: probe, port: 80, expect: { grid: { x/a: '..' } } }\n");
+        assert!(missing.unwrap_err().to_string().contains("no row for x/b"));
+        let unknown = with_steps("- { op: probe, port: 80, expect: { grid: { x/a: '..', x/b: '..', x/c: '..' } } }\n");
+        assert!(unknown.unwrap_err().to_string().contains("x/c is not a pod"));
+        let bad_char = with_steps("- { op: probe, port: 80, expect: { grid: { x/a: '.x', x/b: '..' } } }\n");
+        assert!(bad_char.unwrap_err().to_string().contains("neither"));
+    }
+
+    #[test]
+    fn grid_follows_added_and_deleted_pods() {
+        let steps = "
+- { op: delete_pod, pod: x/a }
+- { op: add_pod, pod: x/c, reuse_ip_of: x/a, publish: false }
+- { op: probe, port: 80, expect: { grid: { x/b: '.X', x/c: '..' } } }
+- { op: publish_pod, pod: x/c }
+";
+        let scenario = with_steps(steps).unwrap();
+        let Step::Probe { expect, .. } = &scenario.steps[2] else { panic!() };
+        assert_eq!(expect.endpoints, ["x/b", "x/c"]);
+        assert!(with_steps("- { op: add_pod, pod: x/c, reuse_ip_of: x/a }\n").unwrap_err().to_string().contains("reuse_ip_of"));
+        assert!(with_steps("- { op: publish_pod, pod: x/a }\n").is_err());
+        assert!(with_steps("- { op: add_pod, pod: q/c }\n").unwrap_err().to_string().contains("namespace q"));
+    }
+
+    #[test]
+    fn unknown_keys_and_references_are_errors() {
+        let error = with_steps("- { op: create_policy, polcy: x/deny }\n").unwrap_err().to_string();
+        assert!(error.contains("test.yaml: step 1 (create_policy)") && error.contains("polcy"), "{error}");
+        assert!(with_steps("- { op: create_policy, policy: x/nope }\n").unwrap_err().to_string().contains("not defined"));
+        assert!(with_steps("- { op: frobnicate }\n").unwrap_err().to_string().contains("frobnicate"));
+        assert!(with_steps("- { op: delete_policy, policy: x/deny }\n").unwrap_err().to_string().contains("does not exist"));
+        assert!(with_steps("- { op: check_connection, name: c, expect: alive }\n").is_err());
+        assert!(with_steps("- { op: relabel, pod_labels: { x/z: {} } }\n").unwrap_err().to_string().contains("x/z"));
+        let top = parse_str("format: netwarden-scenario/v1\nname: n\nsurprise: 1\nsteps: []\n").unwrap_err().to_string();
+        assert!(top.contains("surprise"), "{top}");
+        let model = parse_str("format: netwarden-scenario/v1\nname: n\nmodel: { pods: { x/a: {} } }\nsteps: []\n");
+        assert!(model.unwrap_err().to_string().contains("namespace x"));
+        let format = parse_str("format: netwarden-scenario/v2\nname: n\nsteps: []\n").unwrap_err().to_string();
+        assert!(format.contains("v2"));
+    }
+
+    #[test]
+    fn policy_lifecycle_is_checked() {
+        let ok = with_steps("- { op: create_policy, policy: x/deny }\n- { op: delete_all_policies, namespaces: [x] }\n- { op: create_policy, policy: x/deny }\n");
+        assert!(ok.is_ok(), "{ok:?}");
+        let twice = with_steps("- { op: create_policy, policy: x/deny }\n- { op: create_policy, policy: x/deny }\n");
+        assert!(twice.unwrap_err().to_string().contains("already exists"));
+    }
+
+    #[test]
+    fn placeholders_must_name_known_endpoints() {
+        let text = SMALL.replace("{{cidr x/a 16}}", "{{ip x/q}}");
+        assert!(parse_str(&format!("{text}[]")).unwrap_err().to_string().contains("x/q"));
+        let text = SMALL.replace("{{cidr x/a 16}}", "{{ip6 x/a}}");
+        assert!(parse_str(&format!("{text}[]")).unwrap_err().to_string().contains("family"));
+    }
+
+    #[test]
+    fn policy_key_must_match_object() {
+        let text = SMALL.replace("x/deny:", "x/other:");
+        assert!(parse_str(&format!("{text}[]")).unwrap_err().to_string().contains("metadata.name"));
+        let text = SMALL.replace("x/deny:", "x/deny@v2:");
+        assert!(parse_str(&format!("{text}[]")).is_ok());
+    }
+
+    #[test]
+    fn policy_files_join_policies() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("policies.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: { name: x }\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: extra, namespace: x }\nspec: { podSelector: {} }\n",
+        )
+        .unwrap();
+        let text = format!("{}policy_files: [policies.yaml]\nsteps:\n- {{ op: create_policy, policy: x/extra }}\n", SMALL.trim_end().trim_end_matches("steps:"));
+        let scenario = parse(&dir.path().join("s.yaml"), &text).unwrap();
+        assert!(scenario.policies.contains_key("x/extra"));
+    }
+}

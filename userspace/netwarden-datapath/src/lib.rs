@@ -1,0 +1,592 @@
+//! netwarden's datapath in the kernel, seen from userspace.
+//!
+//! [`Datapath::open`] loads the TC programs, adopting the maps and links a previous agent
+//! pinned; [`Datapath::apply`] makes the maps and attachments match a compiled
+//! [`DatapathState`], in an order that never lets a packet see a half-written policy:
+//!
+//! 1. new policies are written under ids no endpoint uses yet;
+//! 2. each endpoint is switched to its new policies in one map write;
+//! 3. programs are attached to new endpoints (their map entry exists first, so they enforce
+//!    from the first packet);
+//! 4. policies no endpoint uses any more are deleted;
+//! 5. the policy epoch is bumped, so tracked flows are checked once against the new policy.
+
+pub mod bpffs;
+pub mod netlink;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink},
+    },
+};
+use netwarden_common::{
+    CidrClass, CidrKey, EPOCH_INDEX, Endpoint, IpIdentity, IpKey, PeerId, PolicyEntry, PolicyKey, counter, endpoint_state,
+};
+use netwarden_policy::{
+    CompiledPolicy, DatapathState, PolicyId,
+    lookup::{mapped, mapped_prefix},
+};
+use tracing::{error, info, warn};
+
+use crate::{bpffs::PinLayout, netlink::NodeNetwork};
+
+/// The compiled eBPF object, built by `build.rs`.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwarden-tc"));
+
+/// The two hooks of a pod's host-side veth, named by the program that runs there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Hook {
+    /// veth TC ingress: packets leaving the pod, checked against its egress policy.
+    FromContainer,
+    /// veth TC egress: packets towards the pod, checked against its ingress policy.
+    ToContainer,
+}
+
+impl Hook {
+    const ALL: [Self; 2] = [Self::FromContainer, Self::ToContainer];
+
+    fn program(self) -> &'static str {
+        match self {
+            Self::FromContainer => "from_container",
+            Self::ToContainer => "to_container",
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Self::FromContainer => TcAttachType::Ingress,
+            Self::ToContainer => TcAttachType::Egress,
+        }
+    }
+
+    fn from_pin_name(name: &str) -> Option<(u32, Self)> {
+        let (ifindex, program) = name.split_once('-')?;
+        let hook = Self::ALL.into_iter().find(|hook| hook.program() == program)?;
+        Some((ifindex.parse().ok()?, hook))
+    }
+}
+
+/// Errors of the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The bpf filesystem could not be prepared.
+    #[error("cannot prepare the bpf filesystem at {}: {source}", path.display())]
+    Bpffs {
+        /// The mount point.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The eBPF object could not be loaded.
+    #[error("cannot load the eBPF programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program could not be loaded into the kernel.
+    #[error("cannot load program {name}: {source}")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// Why.
+        source: ProgramError,
+    },
+    /// A map the programs declare is missing or has another type.
+    #[error("map {name}: {source}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// Why.
+        source: MapError,
+    },
+}
+
+/// Map sizes (entries). Defaults fit a node with ~250 pods in a cluster of ~60,000 pods.
+#[derive(Clone, Debug)]
+pub struct Capacity {
+    /// Local endpoints.
+    pub endpoints: u32,
+    /// Pod and node addresses in the IP cache.
+    pub ipcache: u32,
+    /// Policy entries over all endpoints.
+    pub policy: u32,
+    /// CIDR prefixes over all policies.
+    pub cidrs: u32,
+    /// Tracked flows.
+    pub conntrack: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self { endpoints: 4096, ipcache: 65536, policy: 262_144, cidrs: 65536, conntrack: 262_144 }
+    }
+}
+
+/// How one local endpoint stands after an apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointReport {
+    /// `namespace/name` of the pod, or `None` for a pod veth the agent knows no pod for yet.
+    pub pod: Option<String>,
+    /// The host-side veth.
+    pub interface: String,
+    /// Its index.
+    pub ifindex: u32,
+    /// `ready`, `unknown` (no pod object yet: only node traffic passes) or `locked` (its policy
+    /// did not fit the maps: only node traffic passes).
+    pub state: &'static str,
+    /// Whether both programs are attached.
+    pub attached: bool,
+}
+
+/// What an apply did.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyReport {
+    /// Every endpoint the datapath enforces on.
+    pub endpoints: Vec<EndpointReport>,
+    /// Local pods whose interface was not found (no route to their IP through a veth yet).
+    pub pending: Vec<String>,
+    /// Problems, each naming what it concerns.
+    pub errors: Vec<String>,
+    /// Whether any map changed.
+    pub changed: bool,
+}
+
+/// Keys of one installed policy, so it can be deleted without scanning the maps.
+#[derive(Default)]
+struct InstalledPolicy {
+    entries: Vec<Key<PolicyKey>>,
+    cidrs: Vec<Key<CidrKey>>,
+}
+
+/// The loaded programs, their maps, and what the maps hold.
+pub struct Datapath {
+    ebpf: Ebpf,
+    layout: PinLayout,
+    endpoints: BpfHashMap<MapData, u32, Endpoint>,
+    ipcache: LpmTrie<MapData, IpKey, IpIdentity>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
+    cidrs: LpmTrie<MapData, CidrKey, CidrClass>,
+    epoch: Array<MapData, u32>,
+    verdicts: PerCpuArray<MapData, u64>,
+    identities: BpfHashMap<MapData, [u8; 32], u32>,
+    installed_ipcache: BTreeMap<IpAddr, PeerId>,
+    installed_policies: BTreeMap<PolicyId, InstalledPolicy>,
+    installed_endpoints: BTreeMap<u32, Endpoint>,
+    installed_identities: BTreeMap<[u8; 32], PeerId>,
+    attached: BTreeSet<(u32, Hook)>,
+}
+
+/// What a previous agent left in the pinned maps, for the compiler to continue from.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// Identity numbers by [`netwarden_policy::IdentityInfo::digest`].
+    pub identities: HashMap<[u8; 32], PeerId>,
+    /// The highest policy id in the maps.
+    pub highest_policy_id: PolicyId,
+}
+
+impl Datapath {
+    /// Loads the programs with maps pinned under `bpffs` (adopting existing pins) and reads
+    /// back what the maps hold.
+    pub fn open(bpffs: &Path, capacity: &Capacity) -> Result<(Self, Inherited), DatapathError> {
+        let layout = PinLayout::new(bpffs);
+        bpffs::prepare(bpffs, &layout).map_err(|source| DatapathError::Bpffs { path: bpffs.to_owned(), source })?;
+        let maps_dir = layout.maps();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries("ENDPOINTS", capacity.endpoints)
+            .map_max_entries("IPCACHE", capacity.ipcache)
+            .map_max_entries("POLICY", capacity.policy)
+            .map_max_entries("CIDRS", capacity.cidrs)
+            .map_max_entries("CONNTRACK", capacity.conntrack)
+            .load(PROGRAMS)?;
+        for hook in Hook::ALL {
+            let name = hook.program();
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            program.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
+
+        let mut datapath = Self {
+            endpoints: take_map(&mut ebpf, "ENDPOINTS")?,
+            ipcache: take_map(&mut ebpf, "IPCACHE")?,
+            policy: take_map(&mut ebpf, "POLICY")?,
+            cidrs: take_map(&mut ebpf, "CIDRS")?,
+            epoch: take_map(&mut ebpf, "EPOCH")?,
+            verdicts: take_map(&mut ebpf, "VERDICTS")?,
+            identities: take_map(&mut ebpf, "IDENTITIES")?,
+            ebpf,
+            layout,
+            installed_ipcache: BTreeMap::new(),
+            installed_policies: BTreeMap::new(),
+            installed_endpoints: BTreeMap::new(),
+            installed_identities: BTreeMap::new(),
+            attached: BTreeSet::new(),
+        };
+        let inherited = datapath.read_back();
+        Ok((datapath, inherited))
+    }
+
+    /// Reads what a previous agent left in the pinned maps.
+    fn read_back(&mut self) -> Inherited {
+        for key in self.ipcache.keys().flatten() {
+            if let Ok(value) = self.ipcache.get(&key, 0) {
+                self.installed_ipcache.insert(unmapped(key.data().addr), value.identity);
+            }
+        }
+        for key in self.policy.keys().flatten() {
+            let id = u32::from_be_bytes(key.data().policy);
+            self.installed_policies.entry(id).or_default().entries.push(key);
+        }
+        for key in self.cidrs.keys().flatten() {
+            let id = u32::from_be_bytes(key.data().policy);
+            self.installed_policies.entry(id).or_default().cidrs.push(key);
+        }
+        for (ifindex, endpoint) in self.endpoints.iter().flatten() {
+            self.installed_endpoints.insert(ifindex, endpoint);
+        }
+        for (digest, identity) in self.identities.iter().flatten() {
+            self.installed_identities.insert(digest, identity);
+        }
+        let highest_policy_id = self
+            .installed_policies
+            .keys()
+            .copied()
+            .chain(self.installed_endpoints.values().flat_map(|endpoint| [endpoint.ingress_policy, endpoint.egress_policy]))
+            .max()
+            .unwrap_or(0);
+        if !self.installed_endpoints.is_empty() {
+            info!(endpoints = self.installed_endpoints.len(), policies = self.installed_policies.len(), "adopting pinned datapath state");
+        }
+        Inherited {
+            identities: self.installed_identities.iter().map(|(digest, id)| (*digest, *id)).collect(),
+            highest_policy_id,
+        }
+    }
+
+    /// Makes the maps and attachments enforce `state` on the interfaces found in `network`.
+    pub fn apply(&mut self, state: &DatapathState, network: &NodeNetwork) -> ApplyReport {
+        let mut report = ApplyReport::default();
+
+        // Which interface enforces for which endpoint.
+        let mut desired: BTreeMap<u32, (Option<String>, Endpoint, String)> = BTreeMap::new();
+        let mut known_ips = BTreeSet::new();
+        for endpoint in state.endpoints.values() {
+            known_ips.extend(endpoint.ips.iter().copied());
+            let Some(interface) = endpoint.ips.iter().find_map(|ip| network.veth_for(*ip)) else {
+                report.pending.push(endpoint.pod.to_string());
+                continue;
+            };
+            let value = Endpoint {
+                ingress_policy: endpoint.ingress.unwrap_or(0),
+                egress_policy: endpoint.egress.unwrap_or(0),
+                state: endpoint_state::READY,
+                reserved: 0,
+            };
+            if let Some((Some(other), _, _)) = desired.get(&interface.index) {
+                report.errors.push(format!("Pod {}: interface {} already enforces for Pod {other}", endpoint.pod, interface.name));
+                continue;
+            }
+            desired.insert(interface.index, (Some(endpoint.pod.to_string()), value, interface.name.clone()));
+        }
+        // A veth routed to an address no local pod has yet: a pod the agent has not heard of.
+        for (ip, interface) in network.veth_host_routes() {
+            if !known_ips.contains(&ip) && !desired.contains_key(&interface.index) {
+                let value = Endpoint { state: endpoint_state::UNKNOWN, ..Endpoint::default() };
+                desired.insert(interface.index, (None, value, interface.name.clone()));
+            }
+        }
+
+        report.changed |= self.sync_ipcache(&state.ipcache, &mut report.errors);
+        let mut failed_policies = BTreeSet::new();
+        for (id, compiled) in &state.policies {
+            if self.installed_policies.contains_key(id) {
+                continue;
+            }
+            match self.install_policy(*id, compiled) {
+                Ok(()) => report.changed = true,
+                Err(message) => {
+                    failed_policies.insert(*id);
+                    report.errors.push(message);
+                }
+            }
+        }
+
+        for (ifindex, (pod, mut value, interface)) in desired.clone() {
+            if failed_policies.contains(&value.ingress_policy) || failed_policies.contains(&value.egress_policy) {
+                error!(pod = pod.as_deref().unwrap_or("?"), %interface, "policy does not fit the maps; endpoint locked down");
+                value = Endpoint { state: endpoint_state::LOCKED, ..Endpoint::default() };
+            }
+            if self.installed_endpoints.get(&ifindex) != Some(&value) {
+                if let Err(error) = self.endpoints.insert(ifindex, value, 0) {
+                    report.errors.push(format!("endpoint {interface}: cannot write its map entry: {error}"));
+                    continue;
+                }
+                self.installed_endpoints.insert(ifindex, value);
+                report.changed = true;
+            }
+            let mut attached = true;
+            for hook in Hook::ALL {
+                if !self.attached.contains(&(ifindex, hook)) {
+                    match self.attach(ifindex, &interface, hook) {
+                        Ok(()) => {
+                            self.attached.insert((ifindex, hook));
+                        }
+                        Err(message) => {
+                            attached = false;
+                            report.errors.push(message);
+                        }
+                    }
+                }
+            }
+            let state_name = match value.state {
+                endpoint_state::READY => "ready",
+                endpoint_state::LOCKED => "locked",
+                _ => "unknown",
+            };
+            report.endpoints.push(EndpointReport { pod, interface, ifindex, state: state_name, attached });
+        }
+
+        // Endpoints that went away: detach first, then forget the map entry.
+        let gone: Vec<u32> = self.installed_endpoints.keys().copied().filter(|ifindex| !desired.contains_key(ifindex)).collect();
+        for ifindex in gone {
+            self.detach(ifindex);
+            if let Err(error) = self.endpoints.remove(&ifindex) {
+                warn!(ifindex, %error, "cannot remove endpoint entry");
+            }
+            self.installed_endpoints.remove(&ifindex);
+            report.changed = true;
+        }
+        // Links pinned by a previous agent for interfaces that no longer enforce anything.
+        let stale: Vec<(u32, Hook)> = self.attached.iter().copied().filter(|(ifindex, _)| !desired.contains_key(ifindex)).collect();
+        for (ifindex, _) in stale {
+            self.detach(ifindex);
+        }
+
+        let unused: Vec<PolicyId> = self
+            .installed_policies
+            .keys()
+            .copied()
+            .filter(|id| !state.policies.contains_key(id) || failed_policies.contains(id))
+            .collect();
+        for id in unused {
+            self.remove_policy(id);
+            report.changed = true;
+        }
+
+        self.sync_identities(state);
+        if report.changed {
+            self.bump_epoch(&mut report.errors);
+        }
+        report
+    }
+
+    fn sync_ipcache(&mut self, desired: &BTreeMap<IpAddr, PeerId>, errors: &mut Vec<String>) -> bool {
+        let mut changed = false;
+        for (ip, identity) in desired {
+            if self.installed_ipcache.get(ip) == Some(identity) {
+                continue;
+            }
+            let key = Key::new(128, IpKey { addr: mapped(*ip) });
+            match self.ipcache.insert(&key, IpIdentity { identity: *identity }, 0) {
+                Ok(()) => {
+                    self.installed_ipcache.insert(*ip, *identity);
+                    changed = true;
+                }
+                // The address stays WORLD: selector rules no longer match it, ipBlock rules still do.
+                Err(error) => errors.push(format!("IP cache: cannot add {ip}: {error}")),
+            }
+        }
+        let gone: Vec<IpAddr> = self.installed_ipcache.keys().copied().filter(|ip| !desired.contains_key(ip)).collect();
+        for ip in gone {
+            let _ = self.ipcache.remove(&Key::new(128, IpKey { addr: mapped(ip) }));
+            self.installed_ipcache.remove(&ip);
+            changed = true;
+        }
+        changed
+    }
+
+    fn install_policy(&mut self, id: PolicyId, compiled: &CompiledPolicy) -> Result<(), String> {
+        let mut installed = InstalledPolicy::default();
+        let mut failure = None;
+        for (prefix, class) in &compiled.cidrs {
+            let (addr, prefix_len) = mapped_prefix(prefix);
+            let key = Key::new(32 + prefix_len, CidrKey { policy: id.to_be_bytes(), addr });
+            if let Err(error) = self.cidrs.insert(&key, CidrClass { peer: *class }, 0) {
+                failure = Some(format!("policy {id}: CIDR map is full or failing ({error}); {} prefixes needed", compiled.cidrs.len()));
+                break;
+            }
+            installed.cidrs.push(key);
+        }
+        if failure.is_none() {
+            for (entry, rule) in &compiled.entries {
+                let (prefix_len, data) = entry.key(id);
+                let key = Key::new(prefix_len, data);
+                if let Err(error) = self.policy.insert(&key, PolicyEntry { rule: *rule }, 0) {
+                    failure = Some(format!("policy {id}: policy map is full or failing ({error}); {} entries needed", compiled.entries.len()));
+                    break;
+                }
+                installed.entries.push(key);
+            }
+        }
+        self.installed_policies.insert(id, installed);
+        match failure {
+            None => Ok(()),
+            Some(message) => {
+                self.remove_policy(id);
+                Err(message)
+            }
+        }
+    }
+
+    fn remove_policy(&mut self, id: PolicyId) {
+        if let Some(installed) = self.installed_policies.remove(&id) {
+            for key in installed.entries {
+                let _ = self.policy.remove(&key);
+            }
+            for key in installed.cidrs {
+                let _ = self.cidrs.remove(&key);
+            }
+        }
+    }
+
+    fn sync_identities(&mut self, state: &DatapathState) {
+        let desired: BTreeMap<[u8; 32], PeerId> = state.identities.iter().map(|(id, info)| (info.digest(), *id)).collect();
+        for (digest, id) in &desired {
+            if self.installed_identities.get(digest) != Some(id) && self.identities.insert(digest, id, 0).is_ok() {
+                self.installed_identities.insert(*digest, *id);
+            }
+        }
+        let gone: Vec<[u8; 32]> = self.installed_identities.keys().copied().filter(|digest| !desired.contains_key(digest)).collect();
+        for digest in gone {
+            let _ = self.identities.remove(&digest);
+            self.installed_identities.remove(&digest);
+        }
+    }
+
+    fn bump_epoch(&mut self, errors: &mut Vec<String>) {
+        let epoch = self.epoch.get(&EPOCH_INDEX, 0).unwrap_or(0).wrapping_add(1);
+        if let Err(error) = self.epoch.set(EPOCH_INDEX, epoch, 0) {
+            errors.push(format!("cannot bump the policy epoch: {error}"));
+        }
+    }
+
+    /// Attaches one program to one interface with TCX, pinning the link so it outlives the
+    /// agent; an existing pin (from a previous agent) is taken over by swapping in this agent's
+    /// program atomically. Falls back to a clsact qdisc on kernels without TCX.
+    fn attach(&mut self, ifindex: u32, interface: &str, hook: Hook) -> Result<(), String> {
+        let pin = self.layout.link(ifindex, hook.program());
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(hook.program())
+            .and_then(|program| program.try_into().ok())
+            .ok_or_else(|| format!("program {} is missing", hook.program()))?;
+        let describe = |error: &dyn std::fmt::Display| format!("endpoint {interface}: cannot attach {}: {error}", hook.program());
+
+        if let Ok(pinned) = PinnedLink::from_pin(&pin) {
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|error| describe(&error))?;
+            match program.attach_to_link(link) {
+                Ok(link_id) => {
+                    // The pin keeps the link; dropping our handle only closes a descriptor.
+                    let _link = program.take_link(link_id).map_err(|error| describe(&error))?;
+                    return Ok(());
+                }
+                Err(error) => {
+                    warn!(%interface, %error, "pinned link is stale; attaching afresh");
+                    let _ = fs::remove_file(&pin);
+                }
+            }
+        }
+
+        if !has_tcx() {
+            // Without TCX, a clsact filter persists on the interface by itself.
+            if let Err(error) = tc::qdisc_add_clsact(interface) {
+                if !matches!(&error, tc::TcError::NetlinkError(inner) if inner.raw_os_error() == Some(libc::EEXIST)) {
+                    return Err(describe(&error));
+                }
+            }
+        }
+        let link_id = program.attach(interface, hook.attach_type()).map_err(|error| describe(&error))?;
+        let link = program.take_link(link_id).map_err(|error| describe(&error))?;
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                fd_link.pin(&pin).map_err(|error| describe(&error))?;
+            }
+            Err(_) => {
+                // A netlink (clsact) filter: dropping the handle would detach it, and it
+                // belongs to the interface, not to this process.
+                info!(%interface, "attached with clsact (no TCX on this kernel)");
+            }
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self, ifindex: u32) {
+        for hook in Hook::ALL {
+            // Unpinning drops the last reference to the TCX link, which detaches it.
+            let _ = fs::remove_file(self.layout.link(ifindex, hook.program()));
+            self.attached.remove(&(ifindex, hook));
+        }
+    }
+
+    /// Takes over links a previous agent pinned for interfaces that still exist, swapping in
+    /// this agent's programs; removes pins of interfaces that are gone.
+    pub fn adopt_links(&mut self, network: &NodeNetwork) {
+        let Ok(entries) = fs::read_dir(self.layout.links()) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((ifindex, hook)) = Hook::from_pin_name(&name) else { continue };
+            match network.interfaces.get(&ifindex) {
+                Some(interface) if interface.is_veth => {
+                    let interface = interface.name.clone();
+                    match self.attach(ifindex, &interface, hook) {
+                        Ok(()) => {
+                            self.attached.insert((ifindex, hook));
+                        }
+                        Err(message) => warn!(%message, "cannot adopt pinned link"),
+                    }
+                }
+                _ => {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+
+    /// Verdict counters summed over CPUs, indexed by [`netwarden_common::counter`].
+    #[must_use]
+    pub fn verdicts(&self) -> Vec<u64> {
+        (0..counter::COUNT)
+            .map(|index| self.verdicts.get(&index, 0).map(|values| values.iter().sum()).unwrap_or(0))
+            .collect()
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::Map { name, source: MapError::InvalidName { name: name.to_owned() } })?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+/// TCX arrived in Linux 6.6.
+fn has_tcx() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|version| version >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
+fn unmapped(addr: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(addr);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}

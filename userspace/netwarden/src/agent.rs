@@ -1,0 +1,177 @@
+//! The node agent: source -> compiler -> datapath, again whenever the input or the node's
+//! network changes.
+//!
+//! The loop never sleeps: it waits for a file-system event, a netlink notification or a signal,
+//! takes whatever else is already queued, and applies once for all of it.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use netwarden_datapath::{Capacity, Datapath, netlink::Netlink};
+use netwarden_model::ManifestDir;
+use netwarden_policy::Compiler;
+use notify::Watcher as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+use crate::status::{self, EndpointStatus, Status, Verdicts};
+
+/// `netwarden agent`.
+#[derive(clap::Args)]
+pub struct AgentOptions {
+    /// Read Namespaces, Pods and NetworkPolicies from YAML/JSON files in this directory (and
+    /// follow its changes) instead of the Kubernetes API.
+    #[arg(long)]
+    pub manifests: PathBuf,
+    /// This node's name: pods with this `spec.nodeName` are the local endpoints.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// A bpf filesystem (mounted there if it is not one) under which maps and links are pinned.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+    /// Where to write the applied state.
+    #[arg(long, default_value = status::DEFAULT_STATUS_FILE)]
+    pub status_file: PathBuf,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+    /// Capacity of the policy map (entries over all endpoints).
+    #[arg(long, default_value_t = Capacity::default().policy)]
+    pub policy_map_entries: u32,
+    /// Capacity of the CIDR map (prefixes over all policies).
+    #[arg(long, default_value_t = Capacity::default().cidrs)]
+    pub cidr_map_entries: u32,
+    /// Capacity of the IP-to-identity map.
+    #[arg(long, default_value_t = Capacity::default().ipcache)]
+    pub ipcache_entries: u32,
+    /// Capacity of the connection-tracking table.
+    #[arg(long, default_value_t = Capacity::default().conntrack)]
+    pub conntrack_entries: u32,
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
+/// links are pinned, and the next agent adopts them.
+pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
+    let capacity = Capacity {
+        policy: options.policy_map_entries,
+        cidrs: options.cidr_map_entries,
+        ipcache: options.ipcache_entries,
+        conntrack: options.conntrack_entries,
+        ..Capacity::default()
+    };
+    let (mut datapath, inherited) =
+        Datapath::open(&options.bpffs, &capacity).context("opening the datapath")?;
+    let mut compiler = Compiler::new();
+    compiler.resume(inherited.identities, inherited.highest_policy_id);
+
+    let mut netlink = Netlink::open().context("opening netlink")?;
+    let (file_events, mut file_changes) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Our own reads show up as access events; only changes matter.
+        if event.is_ok_and(|event| !event.kind.is_access() && !event.kind.is_other()) {
+            let _ = file_events.send(());
+        }
+    })
+    .context("creating the file watcher")?;
+    watcher
+        .watch(&options.manifests, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", options.manifests.display()))?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+
+    let mut source = ManifestDir::new(&options.manifests);
+    let network = netlink.read().await.context("reading the node's network")?;
+    datapath.adopt_links(&network);
+
+    info!(node = %options.node, manifests = %options.manifests.display(), "agent started");
+    let mut generation = 0_u64;
+    let mut last_network = None;
+    let mut files_changed = true;
+    loop {
+        let network = match netlink.read().await {
+            Ok(network) => network,
+            Err(error) => {
+                // Keep enforcing what is in the maps; the next notification retries.
+                error!(%error, "cannot read the node's network");
+                last_network.clone().unwrap_or_default()
+            }
+        };
+        if let Err(error) = source.refresh() {
+            error!(%error, "cannot read the manifests; keeping the last applied state");
+        } else if files_changed {
+            files_changed = false;
+            last_network = None;
+        }
+        if last_network.as_ref() != Some(&network) {
+            if let Some(previous) = &last_network {
+                tracing::debug!(?previous, ?network, "network changed");
+            }
+            let started = std::time::Instant::now();
+            let (cluster, input_errors) = source.cluster();
+            let state = compiler.compile(&cluster, &options.node, &network.addresses);
+            let report = datapath.apply(&state, &network);
+            generation += 1;
+            let mut errors: Vec<String> = input_errors.iter().map(ToString::to_string).collect();
+            errors.extend(state.warnings.iter().cloned());
+            errors.extend(report.errors.iter().cloned());
+            for message in &errors {
+                warn!(%message, "not enforced as written");
+            }
+            let status = Status {
+                pid: std::process::id(),
+                generation,
+                source_digest: source.digest(),
+                applied_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis(),
+                endpoints: report
+                    .endpoints
+                    .iter()
+                    .map(|endpoint| EndpointStatus {
+                        pod: endpoint.pod.clone(),
+                        interface: endpoint.interface.clone(),
+                        ifindex: endpoint.ifindex,
+                        state: endpoint.state.to_owned(),
+                        attached: endpoint.attached,
+                    })
+                    .collect(),
+                pending: report.pending.clone(),
+                errors,
+                verdicts: Verdicts::from_counters(&datapath.verdicts()),
+            };
+            if let Err(error) = status::write(&options.status_file, &status) {
+                error!(%error, path = %options.status_file.display(), "cannot write the status file");
+            }
+            info!(
+                generation,
+                endpoints = report.endpoints.len(),
+                policies = state.policies.len(),
+                identities = state.identities.len(),
+                changed = report.changed,
+                elapsed_us = started.elapsed().as_micros(),
+                "applied"
+            );
+            last_network = Some(network);
+        }
+
+        tokio::select! {
+            Some(()) = file_changes.recv() => files_changed = true,
+            Some(()) = netlink.changes.next() => {}
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+        // Coalesce whatever else is already queued into this one apply.
+        while file_changes.try_recv().is_ok() {
+            files_changed = true;
+        }
+        while netlink.changes.try_recv().is_ok() {}
+    }
+    info!("stopping; enforcement stays in place (pinned maps and links)");
+    drop(watcher);
+    Ok(())
+}
