@@ -1,0 +1,645 @@
+//! Runs scenarios: builds each one's node, writes its manifests, drives the agent through the
+//! steps and compares what the network does with what the scenario expects.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs,
+    io::{IsTerminal as _, Write as _},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::future::join_all;
+use indexmap::IndexMap;
+use nix::{
+    mount::{MsFlags, mount},
+    sys::signal::Signal,
+};
+use tokio::{sync::Semaphore, task::JoinSet};
+
+use crate::{
+    agent::{Agent, AgentConfig, AgentError, StatusWatcher, Wanted, log_tail},
+    cleanup::{self, NETNS_PREFIX, RUN_ROOT, Registration, Resource},
+    manifests::{ManifestError, ManifestWriter},
+    netns::NetnsError,
+    node::{Addresses, Endpoint, EndpointKind, Node, NodeError, ipv6_supported},
+    placeholder::{self, PlaceholderError},
+    probe::{self, Client, DialError, Flow, Server},
+    report::{self, ObservedGrid, Outcome, Verdict},
+    scenario::{self, ConnectionExpectation, ExpectedGrid, IpFamily, Labels, PodSpec, Protocol, RestartMode, Scenario, Step},
+    servers::{self, ServerError, Servers},
+};
+
+/// Pause before the one retry of a probe that disagreed, as upstream does.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
+/// Lines of the agent log shown with a failure.
+const LOG_TAIL_LINES: usize = 30;
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The agent binary; `None` runs without an agent (everything is then open).
+    pub agent: Option<PathBuf>,
+    pub jobs: usize,
+    pub verbose: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{}: {source}", path.display())]
+    Discover { path: PathBuf, source: std::io::Error },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("cannot compute the manifest digest: {0}")]
+    Digest(#[from] netwarden_model::ManifestError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("policy placeholder: {0}")]
+    Placeholder(#[from] PlaceholderError),
+    #[error("cannot open connection {name}: {source}")]
+    Open { name: String, source: DialError },
+    #[error("cannot prepare {}: {source}", path.display())]
+    Workspace { path: PathBuf, source: std::io::Error },
+    #[error("cannot mount bpffs on {}: {source}", path.display())]
+    Mount { path: PathBuf, source: nix::Error },
+    #[error("step {number} ({step}): {source}")]
+    InStep { number: usize, step: String, source: Box<StepError> },
+}
+
+/// Finds the scenario files: named files as they are, directories searched for `*.yaml`
+/// files that declare a `format` (so policy files may sit beside scenarios).
+pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, RunError> {
+    let mut found = Vec::new();
+    for path in paths {
+        let metadata = fs::metadata(path).map_err(|source| RunError::Discover { path: path.clone(), source })?;
+        if metadata.is_dir() {
+            let mut files = Vec::new();
+            walk(path, &mut files)?;
+            files.sort();
+            found.extend(files.into_iter().filter(|file| fs::read_to_string(file).is_ok_and(|text| scenario::looks_like_scenario(&text))));
+        } else {
+            found.push(path.clone());
+        }
+    }
+    Ok(found)
+}
+
+fn walk(dir: &Path, into: &mut Vec<PathBuf>) -> Result<(), RunError> {
+    let entries = fs::read_dir(dir).map_err(|source| RunError::Discover { path: dir.to_owned(), source })?;
+    for entry in entries {
+        let path = entry.map_err(|source| RunError::Discover { path: dir.to_owned(), source })?.path();
+        if path.is_dir() {
+            walk(&path, into)?;
+        } else if path.extension().is_some_and(|extension| extension == "yaml") {
+            into.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Runs every scenario, `options.jobs` at a time, printing each verdict as it comes and the
+/// latency and summary lines at the end. Returns whether everything passed or was skipped.
+pub async fn run(options: Options, files: Vec<PathBuf>) -> bool {
+    let options = Arc::new(options);
+    let permits = Arc::new(Semaphore::new(options.jobs.max(1)));
+    let mut running = JoinSet::new();
+    let mut names = HashMap::new();
+    for (index, file) in files.into_iter().enumerate() {
+        let options = Arc::clone(&options);
+        let permits = Arc::clone(&permits);
+        let name = file.display().to_string();
+        let handle = running.spawn(async move {
+            let _permit = permits.acquire_owned().await.expect("the semaphore is never closed");
+            run_file(index + 1, &file, &options).await
+        });
+        names.insert(handle.id(), name);
+    }
+    let mut outcomes = Vec::new();
+    while let Some(joined) = running.join_next_with_id().await {
+        let outcome = joined.unwrap_or_else(|error| {
+            let name = names.get(&error.id()).cloned().unwrap_or_default();
+            Outcome::failed(name, format!("the harness panicked: {error}"))
+        });
+        print!("{}", outcome.render(options.verbose));
+        let _ = std::io::stdout().flush();
+        outcomes.push(outcome);
+    }
+    let latencies: Vec<Duration> = outcomes.iter().flat_map(|outcome| outcome.latencies.iter().copied()).collect();
+    println!("{}", report::latency_line(&latencies));
+    println!("{}", report::summary_line(&outcomes));
+    outcomes.iter().all(|outcome| outcome.verdict != Verdict::Fail)
+}
+
+async fn run_file(index: usize, path: &Path, options: &Options) -> Outcome {
+    let scenario = match scenario::load(path) {
+        Ok(scenario) => scenario,
+        Err(error) => return Outcome::failed(path.display().to_string(), error.to_string()),
+    };
+    if scenario.model.has(IpFamily::IPv6) && !ipv6_supported() {
+        return Outcome {
+            verdict: Verdict::Skip("the model needs IPv6, which this kernel lacks".to_owned()),
+            ..Outcome::failed(scenario.name, String::new())
+        };
+    }
+    run_scenario(index, &scenario, options).await
+}
+
+/// Prints progress of one scenario in verbose mode, tagged with its index.
+#[derive(Clone, Debug)]
+struct Progress {
+    tag: String,
+    verbose: bool,
+    color: bool,
+}
+
+impl Progress {
+    fn line(&self, text: &str) {
+        if self.verbose {
+            self.block(text);
+        }
+    }
+
+    /// Several lines printed together, so that concurrent scenarios do not interleave them.
+    fn block(&self, text: &str) {
+        let mut out = std::io::stdout().lock();
+        for line in text.lines() {
+            let _ = writeln!(out, "{} {line}", self.tag);
+        }
+        let _ = out.flush();
+    }
+}
+
+/// The scenario's directory: manifests, status file, agent log and a private bpffs.
+#[derive(Debug)]
+struct Workspace {
+    manifests: PathBuf,
+    bpffs: PathBuf,
+    status_file: PathBuf,
+    log: PathBuf,
+    // Declared in removal order: the mount before the directory it sits in.
+    _mount: Registration,
+    _dir: Registration,
+}
+
+impl Workspace {
+    fn create(index: usize) -> Result<Self, StepError> {
+        let root = Path::new(RUN_ROOT).join(format!("{}-{index}", std::process::id()));
+        let io_error = |source| StepError::Workspace { path: root.clone(), source };
+        if root.exists() {
+            fs::remove_dir_all(&root).map_err(io_error)?;
+        }
+        let manifests = root.join("manifests");
+        let bpffs = root.join("bpffs");
+        fs::create_dir_all(&manifests).map_err(io_error)?;
+        let dir = cleanup::register(Resource::Dir(root.clone()));
+        fs::create_dir(&bpffs).map_err(io_error)?;
+        mount(Some("bpf"), &bpffs, Some("bpf"), MsFlags::empty(), None::<&str>)
+            .map_err(|source| StepError::Mount { path: bpffs.clone(), source })?;
+        let mount = cleanup::register(Resource::Mount(bpffs.clone()));
+        Ok(Self { manifests, bpffs, status_file: root.join("status.json"), log: root.join("agent.log"), _mount: mount, _dir: dir })
+    }
+}
+
+/// A pod or external host that exists now.
+#[derive(Debug)]
+struct Live {
+    endpoint: Endpoint,
+    servers: Servers,
+    /// `None` for external hosts.
+    pod: Option<PodSpec>,
+    published: bool,
+}
+
+struct ScenarioRun<'a> {
+    scenario: &'a Scenario,
+    progress: Progress,
+    writer: ManifestWriter,
+    node: Node,
+    /// In grid order.
+    live: IndexMap<String, Live>,
+    /// Addresses of every endpoint that ever existed, for placeholders and `reuse_ip_of`.
+    addresses: HashMap<String, Addresses>,
+    namespaces: IndexMap<String, Labels>,
+    /// `namespace/name` of the policies on disk.
+    policies: BTreeSet<String>,
+    agent_config: Option<AgentConfig>,
+    agent: Option<Agent>,
+    watcher: Option<StatusWatcher>,
+    flows: HashMap<String, Flow>,
+    latencies: Vec<Duration>,
+    failures: Vec<String>,
+}
+
+async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> Outcome {
+    let started = Instant::now();
+    let progress = Progress {
+        tag: format!("[{index}]"),
+        verbose: options.verbose,
+        color: std::io::stdout().is_terminal(),
+    };
+    progress.line(&format!("scenario {} ({})", scenario.name, scenario.path.display()));
+    let fail = |detail: String| Outcome { elapsed: started.elapsed(), ..Outcome::failed(scenario.name.clone(), detail) };
+    let workspace = match Workspace::create(index) {
+        Ok(workspace) => workspace,
+        Err(error) => return fail(error.to_string()),
+    };
+    let prefix = format!("{NETNS_PREFIX}{}-{index}-", std::process::id());
+    let node = match Node::create(&prefix, &scenario.model.ip_families).await {
+        Ok(node) => node,
+        Err(error) => return fail(format!("cannot create the node: {error}")),
+    };
+    let agent_config = options.agent.as_ref().map(|binary| AgentConfig {
+        binary: binary.clone(),
+        manifests: workspace.manifests.clone(),
+        bpffs: workspace.bpffs.clone(),
+        status_file: workspace.status_file.clone(),
+        log: workspace.log.clone(),
+    });
+    let mut run = ScenarioRun {
+        scenario,
+        progress,
+        writer: ManifestWriter::new(&workspace.manifests),
+        node,
+        live: IndexMap::new(),
+        addresses: HashMap::new(),
+        namespaces: scenario.model.namespaces.clone(),
+        policies: BTreeSet::new(),
+        agent_config,
+        agent: None,
+        watcher: None,
+        flows: HashMap::new(),
+        latencies: Vec::new(),
+        failures: Vec::new(),
+    };
+    if let Err(error) = run.execute().await {
+        run.failures.push(format!("error: {error}"));
+    }
+    let verdict = if run.failures.is_empty() { Verdict::Pass } else { Verdict::Fail };
+    let agent_log_tail = (verdict == Verdict::Fail && options.agent.is_some()).then(|| log_tail(&workspace.log, LOG_TAIL_LINES));
+    let (latencies, failures) = run.teardown().await;
+    drop(workspace);
+    Outcome { name: scenario.name.clone(), verdict, details: failures, agent_log_tail, latencies, elapsed: started.elapsed() }
+}
+
+impl ScenarioRun<'_> {
+    async fn execute(&mut self) -> Result<(), StepError> {
+        self.set_up().await?;
+        for (index, step) in self.scenario.steps.iter().enumerate() {
+            self.step(index + 1, step).await.map_err(|source| StepError::InStep {
+                number: index + 1,
+                step: step.to_string(),
+                source: Box::new(source),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Wires the model, writes its objects, then starts the agent and waits for it.
+    async fn set_up(&mut self) -> Result<(), StepError> {
+        let model = &self.scenario.model;
+        for (key, pod) in &model.pods {
+            self.add_endpoint(key, Some(pod.clone()), None).await?;
+        }
+        for host in &model.external_hosts {
+            self.add_endpoint(host, None, None).await?;
+        }
+        for (name, labels) in &model.namespaces {
+            self.writer.namespace(name, labels)?;
+        }
+        for live in self.live.values_mut() {
+            if let Some(pod) = &live.pod {
+                self.writer.pod(pod, &live.endpoint.addresses)?;
+                live.published = true;
+            }
+        }
+        if let Some(config) = &self.agent_config {
+            self.watcher = Some(StatusWatcher::new(&config.status_file)?);
+            let agent = Agent::start(config, self.node.netns())?;
+            self.progress.line(&format!("agent started, pid {}", agent.pid()));
+            self.agent = Some(agent);
+            self.converge(None).await?;
+        }
+        Ok(())
+    }
+
+    async fn add_endpoint(&mut self, key: &str, pod: Option<PodSpec>, reuse: Option<Addresses>) -> Result<(), StepError> {
+        let kind = if pod.is_some() { EndpointKind::Pod } else { EndpointKind::External };
+        let endpoint = self.node.wire(kind, reuse).await?;
+        let ports = pod.as_ref().map_or(&self.scenario.model.default_ports, |pod| &pod.ports);
+        let servers = servers::start(&endpoint.netns, key, &endpoint.addresses, ports)?;
+        self.progress.line(&format!("  {key}: {} via {}", endpoint.addresses, endpoint.host_interface));
+        self.addresses.insert(key.to_owned(), endpoint.addresses);
+        self.live.insert(key.to_owned(), Live { endpoint, servers, pod, published: false });
+        Ok(())
+    }
+
+    async fn step(&mut self, number: usize, step: &Step) -> Result<(), StepError> {
+        self.progress.line(&format!("step {number}: {step}"));
+        let changed_at = match step {
+            Step::CreatePolicy { policy } | Step::UpdatePolicy { policy } => {
+                self.write_policy(policy)?;
+                Instant::now()
+            }
+            Step::DeletePolicy { policy } => {
+                self.delete_policy(scenario::policy_identity(policy))?;
+                Instant::now()
+            }
+            Step::DeleteAllPolicies { namespaces } => {
+                let doomed: Vec<String> = self
+                    .policies
+                    .iter()
+                    .filter(|identity| identity.split_once('/').is_some_and(|(namespace, _)| namespaces.iter().any(|n| n == namespace)))
+                    .cloned()
+                    .collect();
+                for identity in doomed {
+                    self.delete_policy(&identity)?;
+                }
+                Instant::now()
+            }
+            Step::Relabel { pod_labels, namespace_labels } => {
+                self.relabel(pod_labels, namespace_labels)?;
+                Instant::now()
+            }
+            Step::AddPod { pod, labels, ports, reuse_ip_of, publish } => {
+                let (namespace, name) = scenario::split_pod_key(pod).expect("validated");
+                let spec = PodSpec {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    labels: labels.clone(),
+                    ports: ports.clone().unwrap_or_else(|| self.scenario.model.default_ports.clone()),
+                };
+                let reuse = reuse_ip_of.as_ref().and_then(|old| self.addresses.get(old).copied());
+                self.add_endpoint(pod, Some(spec), reuse).await?;
+                if *publish {
+                    self.publish(pod)?;
+                }
+                Instant::now()
+            }
+            Step::PublishPod { pod } => {
+                self.publish(pod)?;
+                Instant::now()
+            }
+            Step::DeletePod { pod } => {
+                let live = self.live.shift_remove(pod).expect("validated: the pod exists");
+                if live.published {
+                    let spec = live.pod.as_ref().expect("validated: a pod, not a host");
+                    self.writer.delete_pod(&spec.namespace, &spec.name)?;
+                }
+                drop(live.servers);
+                live.endpoint.netns.delete().await?;
+                Instant::now()
+            }
+            Step::RestartAgent { mode } => {
+                if !self.restart_agent(*mode).await? {
+                    return Ok(());
+                }
+                Instant::now()
+            }
+            Step::OpenConnection { name, from, to, port, protocol } => {
+                let flow = self.open_flow(from, to, *port, *protocol).await.map_err(|source| StepError::Open { name: name.clone(), source })?;
+                self.flows.insert(name.clone(), flow);
+                return Ok(());
+            }
+            Step::CheckConnection { name, expect } => {
+                let alive = self.flows[name].check().await;
+                self.progress.line(&format!("  {name} is {}", if alive { "alive" } else { "closed" }));
+                if alive != (*expect == ConnectionExpectation::Alive) {
+                    self.failures.push(format!("step {number} {step}: the connection is {}", if alive { "alive" } else { "closed" }));
+                }
+                return Ok(());
+            }
+            Step::Probe { port, protocol, expect } => {
+                self.probe(number, step, *port, *protocol, expect).await;
+                return Ok(());
+            }
+        };
+        self.converge(Some(changed_at)).await
+    }
+
+    fn write_policy(&mut self, key: &str) -> Result<(), StepError> {
+        let object = &self.scenario.policies[key];
+        let primary = self.scenario.model.primary_family();
+        let addresses = &self.addresses;
+        let rendered = placeholder::substitute_value(object, &mut |found| {
+            let target = addresses.get(found.target()).ok_or_else(|| PlaceholderError::Unknown(found.to_string()))?;
+            found.render(primary, target.v4, target.v6)
+        })?;
+        let identity = scenario::policy_identity(key);
+        let (namespace, name) = identity.split_once('/').expect("validated");
+        self.writer.policy(namespace, name, &rendered)?;
+        self.policies.insert(identity.to_owned());
+        Ok(())
+    }
+
+    fn delete_policy(&mut self, identity: &str) -> Result<(), StepError> {
+        let (namespace, name) = identity.split_once('/').expect("validated");
+        self.writer.delete_policy(namespace, name)?;
+        self.policies.remove(identity);
+        Ok(())
+    }
+
+    fn relabel(&mut self, pod_labels: &IndexMap<String, Labels>, namespace_labels: &IndexMap<String, Labels>) -> Result<(), StepError> {
+        for (namespace, labels) in namespace_labels {
+            let labels = scenario::namespace_labels(namespace, labels);
+            self.writer.namespace(namespace, &labels)?;
+            self.namespaces.insert(namespace.clone(), labels);
+        }
+        for (key, labels) in pod_labels {
+            let live = self.live.get_mut(key).expect("validated: the pod exists");
+            let pod = live.pod.as_mut().expect("validated: a pod, not a host");
+            pod.labels.clone_from(labels);
+            if live.published {
+                self.writer.pod(pod, &live.endpoint.addresses)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self, key: &str) -> Result<(), StepError> {
+        let live = self.live.get_mut(key).expect("validated: the pod exists");
+        self.writer.pod(live.pod.as_ref().expect("validated: a pod"), &live.endpoint.addresses)?;
+        live.published = true;
+        Ok(())
+    }
+
+    /// Stops the agent and starts a new one; false when running without an agent.
+    async fn restart_agent(&mut self, mode: RestartMode) -> Result<bool, StepError> {
+        let (Some(config), Some(agent)) = (&self.agent_config, self.agent.take()) else { return Ok(false) };
+        let signal = match mode {
+            RestartMode::Graceful => Signal::SIGTERM,
+            RestartMode::Kill => Signal::SIGKILL,
+        };
+        let old_pid = agent.pid();
+        let exit = agent.stop(signal).await?;
+        let agent = Agent::start(config, self.node.netns())?;
+        self.progress.line(&format!("  agent {old_pid} stopped ({exit}); agent {} started", agent.pid()));
+        self.agent = Some(agent);
+        Ok(true)
+    }
+
+    /// Waits until the agent reports the current manifests applied and every pod attached.
+    async fn converge(&mut self, changed_at: Option<Instant>) -> Result<(), StepError> {
+        let (Some(agent), Some(watcher)) = (self.agent.as_mut(), self.watcher.as_mut()) else { return Ok(()) };
+        let pods = || self.live.values().filter(|live| live.pod.is_some());
+        let wanted = Wanted {
+            pid: agent.pid(),
+            digest: netwarden_model::ManifestDir::digest_of(self.writer_dir())?,
+            ready: pods().filter(|live| live.published).map(|live| live.endpoint.host_interface.clone()).collect(),
+            attached: pods().filter(|live| !live.published).map(|live| live.endpoint.host_interface.clone()).collect(),
+        };
+        let status = watcher.wait_for(agent, &wanted).await?;
+        let waited = changed_at.map(|at| at.elapsed());
+        if let Some(latency) = waited {
+            self.latencies.push(latency);
+        }
+        let mut line = format!("  applied: generation {}", status.generation);
+        if let Some(latency) = waited {
+            line.push_str(&format!(" after {:.1}ms", latency.as_secs_f64() * 1000.0));
+        }
+        if !status.errors.is_empty() {
+            line.push_str(&format!("; agent reports: {}", status.errors.join(" | ")));
+        }
+        self.progress.line(&line);
+        Ok(())
+    }
+
+    fn writer_dir(&self) -> &Path {
+        self.agent_config.as_ref().map_or(Path::new("."), |config| config.manifests.as_path())
+    }
+
+    async fn open_flow(&self, from: &str, to: &str, port: u16, protocol: Protocol) -> Result<Flow, DialError> {
+        let family = self.scenario.model.primary_family();
+        let client = &self.live[from].endpoint;
+        let server = &self.live[to].endpoint;
+        let (Some(source), Some(destination)) = (client.addresses.get(family), server.addresses.get(family)) else {
+            unreachable!("every endpoint has an address in the primary family")
+        };
+        Flow::open(
+            Client { netns: &client.netns, address: source },
+            Server { address: SocketAddr::new(destination, port), identity: to },
+            protocol,
+        )
+        .await
+    }
+
+    /// Dials every cell of every family at once.
+    async fn observe(&self, port: u16, protocol: Protocol) -> Vec<ObservedGrid> {
+        let families = &self.scenario.model.ip_families;
+        let endpoints: Vec<(&String, &Live)> = self.live.iter().collect();
+        let size = endpoints.len();
+        let mut dials = Vec::new();
+        for (family_index, family) in families.iter().enumerate() {
+            for (row, (_, client)) in endpoints.iter().enumerate() {
+                for (column, (identity, server)) in endpoints.iter().enumerate() {
+                    let (Some(source), Some(destination)) = (client.endpoint.addresses.get(*family), server.endpoint.addresses.get(*family))
+                    else {
+                        continue;
+                    };
+                    if row == column {
+                        continue;
+                    }
+                    dials.push(async move {
+                        let reached = probe::dial(
+                            Client { netns: &client.endpoint.netns, address: source },
+                            Server { address: SocketAddr::new(destination, port), identity },
+                            protocol,
+                        )
+                        .await
+                        .is_ok();
+                        (family_index, row, column, reached)
+                    });
+                }
+            }
+        }
+        let mut grids: Vec<ObservedGrid> = families
+            .iter()
+            .map(|family| ObservedGrid { family: *family, reached: vec![vec![Some(false); size]; size] })
+            .collect();
+        for grid in &mut grids {
+            for (index, row) in grid.reached.iter_mut().enumerate() {
+                row[index] = None;
+            }
+        }
+        for (family_index, row, column, reached) in join_all(dials).await {
+            grids[family_index].reached[row][column] = Some(reached);
+        }
+        grids
+    }
+
+    async fn probe(&mut self, number: usize, step: &Step, port: u16, protocol: Protocol, expected: &ExpectedGrid) {
+        let order: Vec<&String> = self.live.keys().collect();
+        assert!(order.iter().copied().eq(&expected.endpoints), "validation keeps the grid order in step with the pods");
+        let started = Instant::now();
+        let mut observed = self.observe(port, protocol).await;
+        let mut differing = report::mismatches(expected, &observed);
+        let retried = !differing.is_empty();
+        if retried {
+            tokio::time::sleep(RETRY_PAUSE).await;
+            observed = self.observe(port, protocol).await;
+            differing = report::mismatches(expected, &observed);
+        }
+        if self.progress.verbose {
+            let mut text = String::new();
+            for grid in &observed {
+                let title = format!(
+                    "  {protocol}/{port} over {}: {:.2}s{}{}",
+                    grid.family,
+                    started.elapsed().as_secs_f64(),
+                    if retried { ", retried" } else { "" },
+                    if differing.iter().any(|cell| cell.family == grid.family) { ", DIFFERS (! marks cells)" } else { ", as expected" },
+                );
+                text.push_str(&report::render_grid(&title, expected, grid, self.progress.color));
+            }
+            self.progress.block(&text);
+        }
+        if differing.is_empty() {
+            return;
+        }
+        let retry_note = if retried { " (retried once)" } else { "" };
+        self.failures.push(format!("step {number} {step}{retry_note}: {} cell(s) differ", differing.len()));
+        for cell in differing {
+            self.failures.push(format!(
+                "  {} -> {}: expected {}, got {} ({})",
+                cell.row,
+                cell.column,
+                report::cell(cell.expected),
+                report::cell(cell.got),
+                cell.family
+            ));
+        }
+    }
+
+    /// Stops the agent, then removes every namespace; returns the latencies and failures.
+    async fn teardown(mut self) -> (Vec<Duration>, Vec<String>) {
+        self.flows.clear();
+        if let Some(agent) = self.agent.take() {
+            match agent.stop(Signal::SIGTERM).await {
+                Ok(exit) => self.progress.line(&format!("agent stopped ({exit})")),
+                Err(error) => self.failures.push(format!("cannot stop the agent: {error}")),
+            }
+        }
+        self.watcher = None;
+        for (key, live) in self.live.drain(..) {
+            drop(live.servers);
+            if let Err(error) = live.endpoint.netns.delete().await {
+                self.progress.line(&format!("cannot delete the namespace of {key}: {error}"));
+            }
+        }
+        if let Err(error) = self.node.delete().await {
+            self.progress.line(&format!("cannot delete the node namespace: {error}"));
+        }
+        (self.latencies, self.failures)
+    }
+}

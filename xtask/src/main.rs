@@ -1,0 +1,142 @@
+//! `cargo xtask`: everything a developer or CI runs, from a fresh machine.
+//!
+//! `setup` installs what is missing and is a quick no-op otherwise; every other task runs it
+//! first, so the README's two commands are all a newcomer needs.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (apt packages, rust-src, bpf-linker) if missing.
+    Setup,
+    /// Build the agent, the eBPF programs and the e2e harness (release).
+    Build,
+    /// Unit tests, clippy on userspace and on the eBPF crate, and every e2e scenario.
+    Test {
+        /// Run proptest cases by the thousand more (slow).
+        #[arg(long)]
+        thorough: bool,
+    },
+    /// Run scenario files (or directories of them) on the real kernel.
+    E2e {
+        /// Scenario files or directories.
+        paths: Vec<PathBuf>,
+        /// Print every probe's grid.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Bring up a simulated node with a three-tier app, show connectivity before and after the
+    /// example policies in deploy/examples/, and clean up.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Setup => setup::ensure(),
+        Task::Build => {
+            setup::ensure()?;
+            build_release()
+        }
+        Task::Test { thorough } => test(&root, thorough),
+        Task::E2e { paths, verbose } => {
+            setup::ensure()?;
+            build_release()?;
+            e2e(&paths, verbose)
+        }
+        Task::Demo => {
+            setup::ensure()?;
+            build_release()?;
+            e2e(&[PathBuf::from("tests/scenarios/demo/three-tier.yaml")], true)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace root").to_owned()
+}
+
+/// Runs `program args...`, failing with the command line when it fails.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    run_command(Command::new(program).args(args))
+}
+
+/// Runs a prepared command, failing with its command line when it fails.
+pub fn run_command(command: &mut Command) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build_release() -> anyhow::Result<()> {
+    run("cargo", &["build", "--release", "--package", "netwarden", "--package", "netwarden-e2e"])
+}
+
+fn e2e(paths: &[PathBuf], verbose: bool) -> anyhow::Result<()> {
+    let mut command = Command::new("target/release/netwarden-e2e");
+    command.arg("run").arg("--agent").arg("target/release/netwarden");
+    if verbose {
+        command.arg("--verbose");
+    }
+    command.args(paths);
+    run_command(&mut command)
+}
+
+fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    setup::ensure()?;
+    let step = |name: &str, command: &mut Command| -> anyhow::Result<()> {
+        println!("==> {name}");
+        let step_started = Instant::now();
+        run_command(command)?;
+        println!("<== {name}: {:.1}s", step_started.elapsed().as_secs_f64());
+        Ok(())
+    };
+    step("rustfmt", Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "clippy (userspace)",
+        Command::new("cargo").args(["clippy", "--workspace", "--exclude", "netwarden-ebpf", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    step(
+        "clippy (eBPF)",
+        Command::new("cargo")
+            .current_dir(root.join("ebpf/netwarden-ebpf"))
+            .args(["+nightly", "clippy", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings"]),
+    )?;
+    let mut unit = Command::new("cargo");
+    unit.args(["test", "--workspace", "--exclude", "netwarden-ebpf"]);
+    if thorough {
+        unit.env("PROPTEST_CASES", "50000");
+    }
+    step("unit and integration tests", &mut unit)?;
+    step("release build", Command::new("cargo").args(["build", "--release", "--package", "netwarden", "--package", "netwarden-e2e"]))?;
+
+    let mut scenarios = vec![PathBuf::from("tests/scenarios")];
+    let shared = root.join("../shared/scenarios");
+    if shared.is_dir() {
+        scenarios.push(shared);
+    }
+    let e2e_result = e2e(&scenarios, false);
+    println!("cargo xtask test: {:.0}s in all", started.elapsed().as_secs_f64());
+    e2e_result
+}
