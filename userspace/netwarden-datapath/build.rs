@@ -19,5 +19,8 @@ fn cargo_metadata() -> anyhow::Result<String> {
         .parent()
         .and_then(std::path::Path::parent)
         .ok_or_else(|| anyhow!("{manifest_dir} has no workspace root two levels up"))?;
-    Ok(root.join("ebpf/netwarden-ebpf").to_string_lossy().into_owned())
+    Ok(root
+        .join("ebpf/netwarden-ebpf")
+        .to_string_lossy()
+        .into_owned())
 }

@@ -65,13 +65,19 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             setup::ensure()?;
             build_release()?;
-            e2e(&[PathBuf::from("tests/scenarios/demo/three-tier.yaml")], true)
+            e2e(
+                &[PathBuf::from("tests/scenarios/demo/three-tier.yaml")],
+                true,
+            )
         }
     }
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_owned()
 }
 
 /// Runs `program args...`, failing with the command line when it fails.
@@ -81,7 +87,9 @@ pub fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
 
 /// Runs a prepared command, failing with its command line when it fails.
 pub fn run_command(command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("starting {command:?}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
     }
@@ -89,12 +97,25 @@ pub fn run_command(command: &mut Command) -> anyhow::Result<()> {
 }
 
 fn build_release() -> anyhow::Result<()> {
-    run("cargo", &["build", "--release", "--package", "netwarden", "--package", "netwarden-e2e"])
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--package",
+            "netwarden",
+            "--package",
+            "netwarden-e2e",
+        ],
+    )
 }
 
 fn e2e(paths: &[PathBuf], verbose: bool) -> anyhow::Result<()> {
     let mut command = Command::new("target/release/netwarden-e2e");
-    command.arg("run").arg("--agent").arg("target/release/netwarden");
+    command
+        .arg("run")
+        .arg("--agent")
+        .arg("target/release/netwarden");
     if verbose {
         command.arg("--verbose");
     }
@@ -112,16 +133,38 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
         println!("<== {name}: {:.1}s", step_started.elapsed().as_secs_f64());
         Ok(())
     };
-    step("rustfmt", Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "rustfmt",
+        Command::new("cargo").args(["fmt", "--all", "--", "--check"]),
+    )?;
     step(
         "clippy (userspace)",
-        Command::new("cargo").args(["clippy", "--workspace", "--exclude", "netwarden-ebpf", "--all-targets", "--", "-D", "warnings"]),
+        Command::new("cargo").args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "netwarden-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )?;
     step(
         "clippy (eBPF)",
         Command::new("cargo")
             .current_dir(root.join("ebpf/netwarden-ebpf"))
-            .args(["+nightly", "clippy", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings"]),
+            .args([
+                "+nightly",
+                "clippy",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]),
     )?;
     let mut unit = Command::new("cargo");
     unit.args(["test", "--workspace", "--exclude", "netwarden-ebpf"]);
@@ -129,7 +172,17 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
         unit.env("PROPTEST_CASES", "50000");
     }
     step("unit and integration tests", &mut unit)?;
-    step("release build", Command::new("cargo").args(["build", "--release", "--package", "netwarden", "--package", "netwarden-e2e"]))?;
+    step(
+        "release build",
+        Command::new("cargo").args([
+            "build",
+            "--release",
+            "--package",
+            "netwarden",
+            "--package",
+            "netwarden-e2e",
+        ]),
+    )?;
 
     let mut scenarios = vec![PathBuf::from("tests/scenarios")];
     let shared = root.join("../shared/scenarios");
@@ -137,6 +190,9 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
         scenarios.push(shared);
     }
     let e2e_result = e2e(&scenarios, false);
-    println!("cargo xtask test: {:.0}s in all", started.elapsed().as_secs_f64());
+    println!(
+        "cargo xtask test: {:.0}s in all",
+        started.elapsed().as_secs_f64()
+    );
     e2e_result
 }

@@ -9,35 +9,63 @@ use anyhow::{Context as _, bail};
 use crate::{run, run_command};
 
 /// Debian packages: LLVM 22 for bpf-linker, iproute2 for the simulated node.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "libxml2-dev", "iproute2"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "libxml2-dev",
+    "iproute2",
+];
 
 /// The bpf-linker release that links with LLVM 22 (what the nightly toolchain emits).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Installs whatever is missing.
 pub fn ensure() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|package| !dpkg_installed(package)).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| !dpkg_installed(package))
+        .collect();
     if !missing.is_empty() {
         println!("setup: installing {}", missing.join(" "));
         run("apt-get", &["update", "-qq"])?;
         let mut install = Command::new("apt-get");
-        install.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing);
+        install
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing);
         run_command(&mut install)?;
     }
 
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         println!("setup: installing the nightly toolchain");
-        run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+        run(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
     if !components.lines().any(|line| line.starts_with("rust-src")) {
         println!("setup: adding rust-src to nightly");
-        run("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+        run(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
     }
 
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
-        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about two minutes)");
+        println!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about two minutes)"
+        );
         let mut install = Command::new("cargo");
         install.env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
             "install",
@@ -63,10 +91,17 @@ fn dpkg_installed(package: &str) -> bool {
 }
 
 fn succeeds(command: &mut Command) -> bool {
-    command.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|status| status.success())
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
 }
 
 fn output(command: &mut Command) -> anyhow::Result<String> {
-    let output = command.stderr(Stdio::null()).output().with_context(|| format!("running {command:?}"))?;
+    let output = command
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

@@ -41,13 +41,17 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
             return Ok(Parsed::NeighbourDiscovery);
         }
     }
-    let (src_port, dst_port) = if has_ports && matches!(protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
-        // TCP, UDP and SCTP all start with source port then destination port.
-        let ports: [u8; 4] = ctx.load(l4_offset).map_err(|_| Malformed)?;
-        (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]))
-    } else {
-        (0, 0)
-    };
+    let (src_port, dst_port) =
+        if has_ports && matches!(protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+            // TCP, UDP and SCTP all start with source port then destination port.
+            let ports: [u8; 4] = ctx.load(l4_offset).map_err(|_| Malformed)?;
+            (
+                u16::from_be_bytes([ports[0], ports[1]]),
+                u16::from_be_bytes([ports[2], ports[3]]),
+            )
+        } else {
+            (0, 0)
+        };
     let ifindex = ifindex(ctx);
     let flow = if dir == direction::EGRESS {
         FlowKey {
@@ -96,7 +100,13 @@ fn parse_ipv4(ctx: &TcContext) -> Result<(u8, [u8; 16], [u8; 16], usize, bool), 
     let src = ipv4_mapped([header[12], header[13], header[14], header[15]]);
     let dst = ipv4_mapped([header[16], header[17], header[18], header[19]]);
     // Later fragments carry no L4 header: only rules that allow every port can match them.
-    Ok((protocol, src, dst, ETH_HEADER_LEN + header_len, fragment_offset == 0))
+    Ok((
+        protocol,
+        src,
+        dst,
+        ETH_HEADER_LEN + header_len,
+        fragment_offset == 0,
+    ))
 }
 
 #[inline(always)]
@@ -111,5 +121,7 @@ fn parse_ipv6(ctx: &TcContext) -> Result<(u8, [u8; 16], [u8; 16], usize, bool), 
 
 #[inline(always)]
 fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
 }

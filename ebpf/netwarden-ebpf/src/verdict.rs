@@ -126,7 +126,11 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
 /// The destination port of the packet that opened `flow` in direction `origin`.
 #[inline(always)]
 fn opening_port(flow: &FlowKey, origin: u32) -> u16 {
-    if origin == direction::EGRESS { flow.peer_port } else { flow.pod_port }
+    if origin == direction::EGRESS {
+        flow.peer_port
+    } else {
+        flow.pod_port
+    }
 }
 
 #[inline(always)]
@@ -147,14 +151,24 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> u32 {
     if endpoint.state != endpoint_state::READY {
         return counter::DENIED_ENDPOINT_NOT_READY;
     }
-    let policy = if dir == direction::INGRESS { endpoint.ingress_policy } else { endpoint.egress_policy };
+    let policy = if dir == direction::INGRESS {
+        endpoint.ingress_policy
+    } else {
+        endpoint.egress_policy
+    };
     if policy == POLICY_NOT_ISOLATED {
         return counter::ALLOWED_NOT_ISOLATED;
     }
     if policy_allows(policy, peer, flow.protocol, port) {
         return counter::ALLOWED_BY_POLICY;
     }
-    let cidr_key = Key::new(32 + 128, CidrKey { policy: policy.to_be_bytes(), addr: flow.peer_addr });
+    let cidr_key = Key::new(
+        32 + 128,
+        CidrKey {
+            policy: policy.to_be_bytes(),
+            addr: flow.peer_addr,
+        },
+    );
     if let Some(class) = CIDRS.get(&cidr_key) {
         if policy_allows(policy, class.peer, flow.protocol, port) {
             return counter::ALLOWED_BY_POLICY;
@@ -172,7 +186,10 @@ fn peer_identity(addr: &[u8; 16]) -> u32 {
 
 #[inline(always)]
 fn policy_allows(policy: u32, peer: u32, protocol: u8, port: u16) -> bool {
-    let key = Key::new(POLICY_KEY_FULL_BITS, PolicyKey::new(policy, peer, protocol, port));
+    let key = Key::new(
+        POLICY_KEY_FULL_BITS,
+        PolicyKey::new(policy, peer, protocol, port),
+    );
     POLICY.get(&key).is_some()
 }
 

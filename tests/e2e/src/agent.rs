@@ -38,13 +38,19 @@ pub enum AgentError {
     #[error("cannot start {}: {source}", binary.display())]
     Spawn { binary: PathBuf, source: io::Error },
     #[error("cannot watch {}: {source}", path.display())]
-    Watch { path: PathBuf, source: notify::Error },
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
     #[error("waiting for the agent: {0}")]
     Wait(io::Error),
     #[error("the agent exited ({0}) before reporting the wanted state")]
     Exited(ExitDescription),
     #[error("the agent did not report the wanted state within {}s; wanted {wanted}; last status: {}", CONVERGENCE_TIMEOUT.as_secs(), last.as_ref().map_or_else(|| "none".to_owned(), ToString::to_string))]
-    Timeout { wanted: Wanted, last: Option<Box<Status>> },
+    Timeout {
+        wanted: Wanted,
+        last: Option<Box<Status>>,
+    },
 }
 
 /// An exit status, with the signal spelled out.
@@ -56,7 +62,8 @@ impl fmt::Display for ExitDescription {
         match (self.0.code(), self.0.signal()) {
             (Some(code), _) => write!(f, "exit code {code}"),
             (None, Some(signal)) => {
-                let name = Signal::try_from(signal).map_or_else(|_| signal.to_string(), |signal| signal.as_str().to_owned());
+                let name = Signal::try_from(signal)
+                    .map_or_else(|_| signal.to_string(), |signal| signal.as_str().to_owned());
                 write!(f, "killed by {name}")
             }
             (None, None) => write!(f, "{}", self.0),
@@ -86,8 +93,15 @@ impl Agent {
     /// Starts the agent in the node's network namespace (but the harness's mount namespace, so
     /// that it sees the scenario's bpffs), its output appended to the log file.
     pub fn start(config: &AgentConfig, node: &Netns) -> Result<Self, AgentError> {
-        let spawn_error = |source| AgentError::Spawn { binary: config.binary.clone(), source };
-        let log = OpenOptions::new().create(true).append(true).open(&config.log).map_err(spawn_error)?;
+        let spawn_error = |source| AgentError::Spawn {
+            binary: config.binary.clone(),
+            source,
+        };
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&config.log)
+            .map_err(spawn_error)?;
         let mut command = Command::new(&config.binary);
         command
             .arg("agent")
@@ -107,13 +121,21 @@ impl Agent {
         // the spawn returns, so the child's copy is valid.
         unsafe {
             command.pre_exec(move || {
-                if libc::setns(node_fd, libc::CLONE_NEWNET) == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+                if libc::setns(node_fd, libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
             });
         }
         let child = command.spawn().map_err(spawn_error)?;
         let pid = child.id().expect("a child that was just spawned has a pid");
         let registration = cleanup::register(Resource::Agent(Pid::from_raw(pid.cast_signed())));
-        Ok(Self { child, pid, registration: Some(registration) })
+        Ok(Self {
+            child,
+            pid,
+            registration: Some(registration),
+        })
     }
 
     #[must_use]
@@ -162,7 +184,13 @@ pub struct EndpointStatus {
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "pid {} generation {} digest {}", self.pid, self.generation, short(&self.source_digest))?;
+        write!(
+            f,
+            "pid {} generation {} digest {}",
+            self.pid,
+            self.generation,
+            short(&self.source_digest)
+        )?;
         for endpoint in &self.endpoints {
             write!(
                 f,
@@ -170,7 +198,11 @@ impl fmt::Display for Status {
                 endpoint.interface,
                 endpoint.pod.as_deref().unwrap_or("no pod"),
                 endpoint.state,
-                if endpoint.attached { ", attached" } else { ", not attached" }
+                if endpoint.attached {
+                    ", attached"
+                } else {
+                    ", not attached"
+                }
             )?;
         }
         if !self.errors.is_empty() {
@@ -199,15 +231,19 @@ impl Wanted {
     #[must_use]
     pub fn is_met_by(&self, status: &Status) -> bool {
         let listed = |interface: &String, ready: bool| {
-            status
-                .endpoints
-                .iter()
-                .any(|endpoint| endpoint.interface == *interface && endpoint.attached && (!ready || endpoint.state == "ready"))
+            status.endpoints.iter().any(|endpoint| {
+                endpoint.interface == *interface
+                    && endpoint.attached
+                    && (!ready || endpoint.state == "ready")
+            })
         };
         status.pid == self.pid
             && status.source_digest == self.digest
             && self.ready.iter().all(|interface| listed(interface, true))
-            && self.attached.iter().all(|interface| listed(interface, false))
+            && self
+                .attached
+                .iter()
+                .all(|interface| listed(interface, false))
     }
 }
 
@@ -233,26 +269,38 @@ pub struct StatusWatcher {
 
 impl fmt::Debug for StatusWatcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StatusWatcher").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("StatusWatcher")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
 impl StatusWatcher {
     /// Watches the directory, not the file: the agent replaces the file by rename.
     pub fn new(path: &Path) -> Result<Self, AgentError> {
-        let watch_error = |source| AgentError::Watch { path: path.to_owned(), source };
+        let watch_error = |source| AgentError::Watch {
+            path: path.to_owned(),
+            source,
+        };
         let (sender, events) = mpsc::unbounded_channel();
         let target = path.to_owned();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            // The agent's log lives in the same directory; only the status file matters.
-            if event.is_ok_and(|event| event.paths.iter().any(|changed| *changed == target)) {
-                let _ = sender.send(());
-            }
-        })
-        .map_err(watch_error)?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // The agent's log lives in the same directory; only the status file matters.
+                if event.is_ok_and(|event| event.paths.iter().any(|changed| *changed == target)) {
+                    let _ = sender.send(());
+                }
+            })
+            .map_err(watch_error)?;
         let directory = path.parent().unwrap_or(Path::new("/"));
-        watcher.watch(directory, RecursiveMode::NonRecursive).map_err(watch_error)?;
-        Ok(Self { path: path.to_owned(), events, _watcher: watcher })
+        watcher
+            .watch(directory, RecursiveMode::NonRecursive)
+            .map_err(watch_error)?;
+        Ok(Self {
+            path: path.to_owned(),
+            events,
+            _watcher: watcher,
+        })
     }
 
     /// The status as it is now; `None` while the file is missing or half-written.
@@ -262,7 +310,11 @@ impl StatusWatcher {
     }
 
     /// Waits until the status meets `wanted`, the agent exits, or the timeout passes.
-    pub async fn wait_for(&mut self, agent: &mut Agent, wanted: &Wanted) -> Result<Status, AgentError> {
+    pub async fn wait_for(
+        &mut self,
+        agent: &mut Agent,
+        wanted: &Wanted,
+    ) -> Result<Status, AgentError> {
         let deadline = Instant::now() + CONVERGENCE_TIMEOUT;
         while self.events.try_recv().is_ok() {}
         let mut last = None;
@@ -308,7 +360,12 @@ mod tests {
                 "errors": []}"#,
         )
         .unwrap();
-        let mut wanted = Wanted { pid: 7, digest: "abc".to_owned(), ready: vec!["vp1".to_owned()], attached: vec!["vp2".to_owned()] };
+        let mut wanted = Wanted {
+            pid: 7,
+            digest: "abc".to_owned(),
+            ready: vec!["vp1".to_owned()],
+            attached: vec!["vp2".to_owned()],
+        };
         assert!(wanted.is_met_by(&status));
         wanted.ready.push("vp2".to_owned());
         assert!(!wanted.is_met_by(&status), "vp2 is not ready");

@@ -64,7 +64,9 @@ pub fn register(resource: Resource) -> Registration {
 
 fn registry() -> std::sync::MutexGuard<'static, BTreeMap<u64, Resource>> {
     // A panic while holding the lock cannot leave the map inconsistent: keep cleaning up.
-    REGISTRY.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    REGISTRY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Registration {
@@ -89,8 +91,16 @@ impl Drop for Registration {
 pub fn cleanup_all() {
     let mut resources: Vec<Resource> = std::mem::take(&mut *registry()).into_values().collect();
     resources.sort_by_key(Resource::rank);
-    let agents: Vec<Pid> =
-        resources.iter().filter_map(|resource| if let Resource::Agent(pid) = resource { Some(*pid) } else { None }).collect();
+    let agents: Vec<Pid> = resources
+        .iter()
+        .filter_map(|resource| {
+            if let Resource::Agent(pid) = resource {
+                Some(*pid)
+            } else {
+                None
+            }
+        })
+        .collect();
     for pid in &agents {
         let _ = kill(*pid, Signal::SIGTERM);
     }
@@ -107,7 +117,10 @@ fn remove(resource: &Resource) {
             let _ = kill(*pid, Signal::SIGKILL);
         }
         Resource::Netns(name) => {
-            let _ = Command::new("ip").args(["netns", "del", name]).stderr(std::process::Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", name])
+                .stderr(std::process::Stdio::null())
+                .status();
         }
         Resource::Mount(path) => {
             let _ = umount2(path, MntFlags::MNT_DETACH);
@@ -120,8 +133,10 @@ fn remove(resource: &Resource) {
 
 fn is_running(pid: Pid) -> bool {
     // A zombie has exited already; its parent reaps it later.
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 fn wait_gone(pids: &[Pid], timeout: Duration) {
@@ -150,7 +165,9 @@ pub fn remove_stale() -> Vec<String> {
     if let Ok(entries) = fs::read_dir("/run/netns") {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.strip_prefix(NETNS_PREFIX).and_then(|rest| rest.split('-').next()?.parse::<u32>().ok())
+            let Some(pid) = name
+                .strip_prefix(NETNS_PREFIX)
+                .and_then(|rest| rest.split('-').next()?.parse::<u32>().ok())
             else {
                 continue;
             };
@@ -160,10 +177,18 @@ pub fn remove_stale() -> Vec<String> {
             }
         }
     }
-    let Ok(entries) = fs::read_dir(RUN_ROOT) else { return removed };
+    let Ok(entries) = fs::read_dir(RUN_ROOT) else {
+        return removed;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.split('-').next().and_then(|pid| pid.parse::<u32>().ok()) else { continue };
+        let Some(pid) = name
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
         if owner_is_alive(pid) {
             continue;
         }
@@ -184,13 +209,18 @@ pub fn remove_stale() -> Vec<String> {
 /// Processes whose command line names `dir`: only agents started by the harness do.
 fn agents_using(dir: &Path) -> Vec<Pid> {
     let needle = format!("{}/", dir.display());
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmdline| cmdline.split(|byte| *byte == 0).any(|arg| arg.starts_with(needle.as_bytes())))
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                cmdline
+                    .split(|byte| *byte == 0)
+                    .any(|arg| arg.starts_with(needle.as_bytes()))
+            })
         })
         .map(Pid::from_raw)
         .collect()

@@ -1,1 +1,130 @@
-fn main() {}
+//! `netwarden-e2e`: runs `netwarden-scenario/v1` files against the real agent on a simulated
+//! node made of network namespaces.
+
+mod agent;
+mod cleanup;
+mod manifests;
+mod netns;
+mod node;
+mod placeholder;
+mod probe;
+mod report;
+mod runner;
+mod scenario;
+mod sctp;
+mod servers;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "netwarden-e2e",
+    version,
+    about = "End-to-end tests of the netwarden agent on a simulated node"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run scenario files, or every scenario found in directories (recursively `*.yaml`).
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent command-line flags"
+)]
+struct RunArgs {
+    /// The agent binary [default: `netwarden` beside this executable].
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
+    /// How many scenarios run at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    jobs: u16,
+    /// Print every step and every probe's connectivity matrix.
+    #[arg(long)]
+    verbose: bool,
+    /// Run without an agent, to test the harness itself: everything is then open.
+    #[arg(long, conflicts_with = "agent")]
+    no_agent: bool,
+    /// Scenario files or directories.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    let Command::Run(args) = Cli::parse().command;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("netwarden-e2e creates network namespaces and mounts bpffs: run it as root");
+    }
+    let agent = if args.no_agent {
+        None
+    } else {
+        let agent = match args.agent {
+            Some(agent) => agent,
+            None => std::env::current_exe()
+                .context("cannot find this executable")?
+                .with_file_name("netwarden"),
+        };
+        if !agent.is_file() {
+            bail!(
+                "agent binary {} not found: build it, pass --agent PATH, or test the harness alone with --no-agent",
+                agent.display()
+            );
+        }
+        Some(agent)
+    };
+    for removed in cleanup::remove_stale() {
+        eprintln!("removed leftover {removed} of an earlier run");
+    }
+    let files = runner::discover(&args.paths)?;
+    if files.is_empty() {
+        bail!(
+            "no scenario files found in {}",
+            args.paths
+                .iter()
+                .map(|path| path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    spawn_signal_handler()?;
+    let options = runner::Options {
+        agent,
+        jobs: usize::from(args.jobs),
+        verbose: args.verbose,
+    };
+    let all_passed = runner::run(options, files).await;
+    Ok(if all_passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// On SIGINT or SIGTERM: stop the agents and remove every namespace, mount and directory of
+/// this run, then exit with the conventional status.
+fn spawn_signal_handler() -> anyhow::Result<()> {
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    tokio::spawn(async move {
+        let code = tokio::select! {
+            _ = interrupt.recv() => 130,
+            _ = terminate.recv() => 143,
+        };
+        eprintln!("interrupted: stopping agents and removing namespaces");
+        // Blocking is fine here: the run is over.
+        cleanup::cleanup_all();
+        std::process::exit(code);
+    });
+    Ok(())
+}

@@ -19,7 +19,10 @@ pub enum ManifestError {
     #[error("cannot delete {}: {source}", path.display())]
     Delete { path: PathBuf, source: io::Error },
     #[error("cannot serialize {name}: {source}")]
-    Serialize { name: String, source: serde_yaml::Error },
+    Serialize {
+        name: String,
+        source: serde_yaml::Error,
+    },
 }
 
 /// Writes API objects into the directory the agent reads.
@@ -31,7 +34,9 @@ pub struct ManifestWriter {
 impl ManifestWriter {
     #[must_use]
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_owned() }
+        Self {
+            dir: dir.to_owned(),
+        }
     }
 
     pub fn namespace(&self, name: &str, labels: &Labels) -> Result<(), ManifestError> {
@@ -79,7 +84,12 @@ impl ManifestWriter {
     }
 
     /// Writes a NetworkPolicy (placeholders already substituted) under its namespace/name.
-    pub fn policy(&self, namespace: &str, name: &str, object: &serde_yaml::Value) -> Result<(), ManifestError> {
+    pub fn policy(
+        &self,
+        namespace: &str,
+        name: &str,
+        object: &serde_yaml::Value,
+    ) -> Result<(), ManifestError> {
         self.write(&policy_file(namespace, name), object)
     }
 
@@ -88,7 +98,10 @@ impl ManifestWriter {
     }
 
     fn write(&self, file: &str, object: &impl serde::Serialize) -> Result<(), ManifestError> {
-        let text = serde_yaml::to_string(object).map_err(|source| ManifestError::Serialize { name: file.to_owned(), source })?;
+        let text = serde_yaml::to_string(object).map_err(|source| ManifestError::Serialize {
+            name: file.to_owned(),
+            source,
+        })?;
         let path = self.dir.join(file);
         // The agent ignores dot files, and a rename replaces the file in one step, so it never
         // reads a half-written object.
@@ -127,16 +140,32 @@ mod tests {
             namespace: "x".to_owned(),
             name: "a".to_owned(),
             labels: Labels::from([("pod".to_owned(), "a".to_owned())]),
-            ports: vec![ContainerPort { name: Some("http".to_owned()), container_port: 80, protocol: Protocol::Tcp }],
+            ports: vec![ContainerPort {
+                name: Some("http".to_owned()),
+                container_port: 80,
+                protocol: Protocol::Tcp,
+            }],
         };
-        writer.pod(&pod, &Addresses { v4: Some(Ipv4Addr::new(10, 244, 0, 11)), v6: None }).unwrap();
+        writer
+            .pod(
+                &pod,
+                &Addresses {
+                    v4: Some(Ipv4Addr::new(10, 244, 0, 11)),
+                    v6: None,
+                },
+            )
+            .unwrap();
         let text = fs::read_to_string(dir.path().join("pod-x-a.yaml")).unwrap();
         let value: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
         assert_eq!(value["spec"]["nodeName"], NODE_NAME);
         assert_eq!(value["spec"]["containers"][0]["ports"][0]["name"], "http");
         assert_eq!(value["status"]["podIP"], "10.244.0.11");
         assert_eq!(value["status"]["podIPs"][0]["ip"], "10.244.0.11");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file is left");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file is left"
+        );
         writer.delete_pod("x", "a").unwrap();
         assert!(writer.delete_pod("x", "a").is_err());
     }

@@ -35,14 +35,24 @@ impl Netns {
     pub async fn create(name: &str) -> Result<Self, NetnsError> {
         ip(&["netns", "add", name]).await?;
         let registration = cleanup::register(Resource::Netns(name.to_owned()));
-        let file = File::open(format!("/run/netns/{name}"))
-            .map_err(|source| NetnsError::Open { name: name.to_owned(), source })?;
-        Ok(Self { name: name.to_owned(), file, registration })
+        let file = File::open(format!("/run/netns/{name}")).map_err(|source| NetnsError::Open {
+            name: name.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            name: name.to_owned(),
+            file,
+            registration,
+        })
     }
 
     /// Deletes the namespace now; dropping it does the same, but blocks the thread.
     pub async fn delete(self) -> Result<(), NetnsError> {
-        let Self { name, file, registration } = self;
+        let Self {
+            name,
+            file,
+            registration,
+        } = self;
         drop(file);
         let result = ip(&["netns", "del", &name]).await;
         registration.disarm();
@@ -70,7 +80,12 @@ impl Netns {
     }
 
     /// A non-blocking socket in this namespace.
-    pub fn socket(&self, domain: Domain, kind: Type, protocol: Option<Protocol>) -> io::Result<Socket> {
+    pub fn socket(
+        &self,
+        domain: Domain,
+        kind: Type,
+        protocol: Option<Protocol>,
+    ) -> io::Result<Socket> {
         let socket = self.enter(|| Socket::new(domain, kind, protocol))?;
         socket.set_nonblocking(true)?;
         Ok(socket)
@@ -97,7 +112,8 @@ impl Drop for Restore {
     fn drop(&mut self) {
         // A thread left in a pod's namespace would silently create later sockets there; that
         // must never happen, and restoring an fd we just opened cannot fail in practice.
-        setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET).expect("cannot return the thread to its network namespace");
+        setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET)
+            .expect("cannot return the thread to its network namespace");
     }
 }
 
@@ -116,20 +132,43 @@ async fn run_with_input(args: &[&str], input: &str) -> Result<(), NetnsError> {
     let command = format!("ip {}", args.join(" "));
     let mut child = Command::new("ip")
         .args(args)
-        .stdin(if input.is_empty() { Stdio::null() } else { Stdio::piped() })
+        .stdin(if input.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| NetnsError::Spawn { command: command.clone(), source })?;
+        .map_err(|source| NetnsError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(input.as_bytes()).await.map_err(|source| NetnsError::Spawn { command: command.clone(), source })?;
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .map_err(|source| NetnsError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
     }
-    let output = child.wait_with_output().await.map_err(|source| NetnsError::Spawn { command: command.clone(), source })?;
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(|source| NetnsError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
     if output.status.success() {
         Ok(())
     } else {
-        let detail = if input.is_empty() { String::new() } else { format!(" (input: {})", input.replace('\n', "; ")) };
+        let detail = if input.is_empty() {
+            String::new()
+        } else {
+            format!(" (input: {})", input.replace('\n', "; "))
+        };
         Err(NetnsError::Failed {
             command: format!("{command}{detail}"),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),

@@ -54,7 +54,11 @@ impl Addresses {
     /// Every address, IPv4 first.
     #[must_use]
     pub fn all(&self) -> Vec<IpAddr> {
-        self.v4.map(IpAddr::V4).into_iter().chain(self.v6.map(IpAddr::V6)).collect()
+        self.v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.v6.map(IpAddr::V6))
+            .collect()
     }
 
     fn pick(families: &[IpFamily], v4: Ipv4Addr, v6: Ipv6Addr) -> Self {
@@ -105,7 +109,10 @@ impl Node {
         let mut sysctls = vec!["net.ipv4.ip_forward=1"];
         if ipv6 {
             // Without DAD the link-local gateway of a new veth is usable at once.
-            sysctls.extend(["net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.accept_dad=0"]);
+            sysctls.extend([
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.default.accept_dad=0",
+            ]);
         }
         netns.sysctl(&sysctls).await?;
         let mut commands = vec![
@@ -118,7 +125,12 @@ impl Node {
             commands.push("address add fd00:172:18::2/128 dev node0 nodad".to_owned());
         }
         netns.ip_batch(&commands).await?;
-        Ok(Self { prefix: prefix.to_owned(), families: families.to_vec(), netns, counter: 0 })
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            families: families.to_vec(),
+            netns,
+            counter: 0,
+        })
     }
 
     #[must_use]
@@ -128,10 +140,15 @@ impl Node {
 
     /// Creates and wires a pod or external host. `reuse` gives it the addresses of a pod that
     /// was deleted earlier instead of fresh ones.
-    pub async fn wire(&mut self, kind: EndpointKind, reuse: Option<Addresses>) -> Result<Endpoint, NodeError> {
+    pub async fn wire(
+        &mut self,
+        kind: EndpointKind,
+        reuse: Option<Addresses>,
+    ) -> Result<Endpoint, NodeError> {
         self.counter += 1;
         let n = self.counter;
-        let host = u8::try_from(n + ADDRESS_BASE).map_err(|_| NodeError::Exhausted(255 - ADDRESS_BASE))?;
+        let host =
+            u8::try_from(n + ADDRESS_BASE).map_err(|_| NodeError::Exhausted(255 - ADDRESS_BASE))?;
         let (role, host_interface, fresh) = match kind {
             EndpointKind::Pod => (
                 "p",
@@ -156,11 +173,19 @@ impl Node {
         let netns = Netns::create(&format!("{}{role}{n}", self.prefix)).await?;
         if addresses.v6.is_some() {
             // Set before eth0 appears so that its link-local address skips DAD too.
-            netns.sysctl(&["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]).await?;
+            netns
+                .sysctl(&[
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ])
+                .await?;
         }
 
         let mut host_side = vec![
-            format!("link add {host_interface} type veth peer name eth0 netns {}", netns.name()),
+            format!(
+                "link add {host_interface} type veth peer name eth0 netns {}",
+                netns.name()
+            ),
             format!("link set {host_interface} up"),
             format!("address add {GATEWAY_V4}/32 dev {host_interface}"),
         ];
@@ -185,7 +210,11 @@ impl Node {
         }
         self.netns.ip_batch(&host_side).await?;
         netns.ip_batch(&pod_side).await?;
-        Ok(Endpoint { netns, host_interface, addresses })
+        Ok(Endpoint {
+            netns,
+            host_interface,
+            addresses,
+        })
     }
 
     /// Deletes the node namespace; pods and hosts must have been deleted first.

@@ -39,7 +39,10 @@ impl Placeholder {
     #[must_use]
     pub fn target(&self) -> &str {
         match self {
-            Self::Ip(target) | Self::Ip6(target) | Self::Cidr(target, _) | Self::Cidr6(target, _) => target,
+            Self::Ip(target)
+            | Self::Ip6(target)
+            | Self::Cidr(target, _)
+            | Self::Cidr6(target, _) => target,
         }
     }
 
@@ -52,7 +55,12 @@ impl Placeholder {
     }
 
     /// The text that replaces the placeholder, given the target's addresses.
-    pub fn render(&self, primary: IpFamily, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> Result<String, PlaceholderError> {
+    pub fn render(
+        &self,
+        primary: IpFamily,
+        v4: Option<Ipv4Addr>,
+        v6: Option<Ipv6Addr>,
+    ) -> Result<String, PlaceholderError> {
         let family = self.family(primary);
         let address: IpAddr = match family {
             IpFamily::IPv4 => v4.map(IpAddr::V4),
@@ -62,7 +70,8 @@ impl Placeholder {
         match self {
             Self::Ip(_) | Self::Ip6(_) => Ok(address.to_string()),
             Self::Cidr(_, prefix) | Self::Cidr6(_, prefix) => {
-                let net = IpNet::new(address, *prefix).map_err(|_| PlaceholderError::Prefix(self.to_string(), *prefix))?;
+                let net = IpNet::new(address, *prefix)
+                    .map_err(|_| PlaceholderError::Prefix(self.to_string(), *prefix))?;
                 Ok(net.trunc().to_string())
             }
         }
@@ -103,7 +112,9 @@ pub fn substitute(
     while let Some(start) = rest.find("{{") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or_else(|| PlaceholderError::Unterminated(text.to_owned()))?;
+        let end = after
+            .find("}}")
+            .ok_or_else(|| PlaceholderError::Unterminated(text.to_owned()))?;
         out.push_str(&resolve(&parse_one(&after[..end])?)?);
         rest = &after[end + 2..];
     }
@@ -125,7 +136,9 @@ pub fn parse_all(text: &str) -> Result<Vec<Placeholder>, PlaceholderError> {
 pub fn visit_strings(value: &serde_yaml::Value, visit: &mut impl FnMut(&str)) {
     match value {
         serde_yaml::Value::String(text) => visit(text),
-        serde_yaml::Value::Sequence(items) => items.iter().for_each(|item| visit_strings(item, visit)),
+        serde_yaml::Value::Sequence(items) => {
+            items.iter().for_each(|item| visit_strings(item, visit))
+        }
         serde_yaml::Value::Mapping(map) => map.values().for_each(|item| visit_strings(item, visit)),
         serde_yaml::Value::Tagged(tagged) => visit_strings(&tagged.value, visit),
         serde_yaml::Value::Null | serde_yaml::Value::Bool(_) | serde_yaml::Value::Number(_) => {}
@@ -138,10 +151,15 @@ pub fn substitute_value(
     resolve: &mut impl FnMut(&Placeholder) -> Result<String, PlaceholderError>,
 ) -> Result<serde_yaml::Value, PlaceholderError> {
     Ok(match value {
-        serde_yaml::Value::String(text) => serde_yaml::Value::String(substitute(text, &mut *resolve)?),
-        serde_yaml::Value::Sequence(items) => {
-            serde_yaml::Value::Sequence(items.iter().map(|item| substitute_value(item, resolve)).collect::<Result<_, _>>()?)
+        serde_yaml::Value::String(text) => {
+            serde_yaml::Value::String(substitute(text, &mut *resolve)?)
         }
+        serde_yaml::Value::Sequence(items) => serde_yaml::Value::Sequence(
+            items
+                .iter()
+                .map(|item| substitute_value(item, resolve))
+                .collect::<Result<_, _>>()?,
+        ),
         serde_yaml::Value::Mapping(map) => {
             let mut out = serde_yaml::Mapping::with_capacity(map.len());
             for (key, item) in map {
@@ -170,24 +188,66 @@ mod tests {
 
     #[test]
     fn substitutes_addresses_and_canonical_cidrs() {
-        assert_eq!(render_all("{{ip x/a}}/32", IpFamily::IPv4).unwrap(), "10.244.0.13/32");
-        assert_eq!(render_all("{{ cidr x/a 16 }}", IpFamily::IPv4).unwrap(), "10.244.0.0/16");
-        assert_eq!(render_all("{{cidr x/a 24}} and {{ip ext1}}", IpFamily::IPv4).unwrap(), "10.244.0.0/24 and 198.18.0.12");
-        assert_eq!(render_all("{{ip6 x/a}}", IpFamily::IPv4).unwrap(), "fd00:10:244::d");
-        assert_eq!(render_all("{{ip x/a}}", IpFamily::IPv6).unwrap(), "fd00:10:244::d");
-        assert_eq!(render_all("{{cidr x/a 64}}", IpFamily::IPv6).unwrap(), "fd00:10:244::/64");
-        assert_eq!(render_all("{{cidr6 x/a 128}}", IpFamily::IPv4).unwrap(), "fd00:10:244::d/128");
-        assert_eq!(render_all("no placeholder", IpFamily::IPv4).unwrap(), "no placeholder");
+        assert_eq!(
+            render_all("{{ip x/a}}/32", IpFamily::IPv4).unwrap(),
+            "10.244.0.13/32"
+        );
+        assert_eq!(
+            render_all("{{ cidr x/a 16 }}", IpFamily::IPv4).unwrap(),
+            "10.244.0.0/16"
+        );
+        assert_eq!(
+            render_all("{{cidr x/a 24}} and {{ip ext1}}", IpFamily::IPv4).unwrap(),
+            "10.244.0.0/24 and 198.18.0.12"
+        );
+        assert_eq!(
+            render_all("{{ip6 x/a}}", IpFamily::IPv4).unwrap(),
+            "fd00:10:244::d"
+        );
+        assert_eq!(
+            render_all("{{ip x/a}}", IpFamily::IPv6).unwrap(),
+            "fd00:10:244::d"
+        );
+        assert_eq!(
+            render_all("{{cidr x/a 64}}", IpFamily::IPv6).unwrap(),
+            "fd00:10:244::/64"
+        );
+        assert_eq!(
+            render_all("{{cidr6 x/a 128}}", IpFamily::IPv4).unwrap(),
+            "fd00:10:244::d/128"
+        );
+        assert_eq!(
+            render_all("no placeholder", IpFamily::IPv4).unwrap(),
+            "no placeholder"
+        );
     }
 
     #[test]
     fn reports_bad_placeholders() {
-        assert!(matches!(render_all("{{ip x/a", IpFamily::IPv4), Err(PlaceholderError::Unterminated(_))));
-        assert!(matches!(render_all("{{host x/a}}", IpFamily::IPv4), Err(PlaceholderError::Malformed(_))));
-        assert!(matches!(render_all("{{cidr x/a}}", IpFamily::IPv4), Err(PlaceholderError::Malformed(_))));
-        assert!(matches!(render_all("{{cidr x/a 33}}", IpFamily::IPv4), Err(PlaceholderError::Prefix(..))));
-        assert!(matches!(render_all("{{ip6 ext1}}", IpFamily::IPv4), Err(PlaceholderError::NoAddress(..))));
-        assert_eq!(render_all("{{ip y/q}}", IpFamily::IPv4), Err(PlaceholderError::Unknown("y/q".to_owned())));
+        assert!(matches!(
+            render_all("{{ip x/a", IpFamily::IPv4),
+            Err(PlaceholderError::Unterminated(_))
+        ));
+        assert!(matches!(
+            render_all("{{host x/a}}", IpFamily::IPv4),
+            Err(PlaceholderError::Malformed(_))
+        ));
+        assert!(matches!(
+            render_all("{{cidr x/a}}", IpFamily::IPv4),
+            Err(PlaceholderError::Malformed(_))
+        ));
+        assert!(matches!(
+            render_all("{{cidr x/a 33}}", IpFamily::IPv4),
+            Err(PlaceholderError::Prefix(..))
+        ));
+        assert!(matches!(
+            render_all("{{ip6 ext1}}", IpFamily::IPv4),
+            Err(PlaceholderError::NoAddress(..))
+        ));
+        assert_eq!(
+            render_all("{{ip y/q}}", IpFamily::IPv4),
+            Err(PlaceholderError::Unknown("y/q".to_owned()))
+        );
     }
 
     #[test]

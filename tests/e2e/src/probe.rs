@@ -56,7 +56,11 @@ pub struct Server<'a> {
 }
 
 /// One attempt to reach `server` from `client`.
-pub async fn dial(client: Client<'_>, server: Server<'_>, protocol: Protocol) -> Result<(), DialError> {
+pub async fn dial(
+    client: Client<'_>,
+    server: Server<'_>,
+    protocol: Protocol,
+) -> Result<(), DialError> {
     let attempt = async {
         match protocol {
             Protocol::Tcp => dial_tcp(client, server).await,
@@ -64,7 +68,9 @@ pub async fn dial(client: Client<'_>, server: Server<'_>, protocol: Protocol) ->
             Protocol::Sctp => dial_sctp(client, server).await,
         }
     };
-    timeout(ATTEMPT_TIMEOUT, attempt).await.unwrap_or(Err(DialError::Timeout))
+    timeout(ATTEMPT_TIMEOUT, attempt)
+        .await
+        .unwrap_or(Err(DialError::Timeout))
 }
 
 fn nonce() -> String {
@@ -72,12 +78,23 @@ fn nonce() -> String {
 }
 
 fn expected_answer(server: Server<'_>, protocol: Protocol, line: &str) -> String {
-    format!("{} {protocol} {} {line}", server.identity, server.address.port())
+    format!(
+        "{} {protocol} {} {line}",
+        server.identity,
+        server.address.port()
+    )
 }
 
-async fn connect_tcp(client: Client<'_>, server: Server<'_>) -> Result<(Lines<BufReader<OwnedReadHalf>>, OwnedWriteHalf), DialError> {
-    let socket = client.netns.socket(Domain::for_address(server.address), Type::STREAM, None)?;
-    let stream = TcpSocket::from_std_stream(socket.into()).connect(server.address).await?;
+async fn connect_tcp(
+    client: Client<'_>,
+    server: Server<'_>,
+) -> Result<(Lines<BufReader<OwnedReadHalf>>, OwnedWriteHalf), DialError> {
+    let socket = client
+        .netns
+        .socket(Domain::for_address(server.address), Type::STREAM, None)?;
+    let stream = TcpSocket::from_std_stream(socket.into())
+        .connect(server.address)
+        .await?;
     let (reader, writer) = stream.into_split();
     Ok((BufReader::new(reader).lines(), writer))
 }
@@ -87,11 +104,18 @@ async fn dial_tcp(client: Client<'_>, server: Server<'_>) -> Result<(), DialErro
     let line = format!("probe {}", nonce());
     writer.write_all(format!("{line}\n").as_bytes()).await?;
     let answer = lines.next_line().await?.ok_or(DialError::Closed)?;
-    if answer == expected_answer(server, Protocol::Tcp, &line) { Ok(()) } else { Err(DialError::WrongAnswer(answer)) }
+    if answer == expected_answer(server, Protocol::Tcp, &line) {
+        Ok(())
+    } else {
+        Err(DialError::WrongAnswer(answer))
+    }
 }
 
 async fn connect_udp(client: Client<'_>, server: Server<'_>) -> Result<UdpSocket, DialError> {
-    let socket: Socket = client.netns.socket(Domain::for_address(server.address), Type::DGRAM, None)?;
+    let socket: Socket =
+        client
+            .netns
+            .socket(Domain::for_address(server.address), Type::DGRAM, None)?;
     let socket = UdpSocket::from_std(socket.into())?;
     socket.connect(server.address).await?;
     Ok(socket)
@@ -123,7 +147,12 @@ async fn dial_sctp(client: Client<'_>, server: Server<'_>) -> Result<(), DialErr
     let socket = RawSctpSocket::open(client.netns, client.address)?;
     let source_port = fastrand::u16(32_768..61_000);
     let tag = fastrand::u32(1..);
-    socket.send(server.address.ip(), &Packet::init(source_port, server.address.port(), tag)).await?;
+    socket
+        .send(
+            server.address.ip(),
+            &Packet::init(source_port, server.address.port(), tag),
+        )
+        .await?;
     loop {
         let (from, packet) = socket.recv().await?;
         let ours = from == server.address.ip()
@@ -150,14 +179,22 @@ impl Drop for Flow {
 }
 
 enum FlowSocket {
-    Tcp { lines: Lines<BufReader<OwnedReadHalf>>, writer: OwnedWriteHalf },
+    Tcp {
+        lines: Lines<BufReader<OwnedReadHalf>>,
+        writer: OwnedWriteHalf,
+    },
     Udp(UdpSocket),
 }
 
 impl FlowSocket {
     /// One request/answer within the attempt timeout. Timeouts leave the flow usable (the
     /// traffic may just be dropped for now); other errors end it.
-    async fn exchange(&mut self, identity: &str, port: u16, sequence: u64) -> Result<(), DialError> {
+    async fn exchange(
+        &mut self,
+        identity: &str,
+        port: u16,
+        sequence: u64,
+    ) -> Result<(), DialError> {
         let line = format!("flow {sequence}");
         let attempt = async {
             match self {
@@ -178,20 +215,30 @@ impl FlowSocket {
                 }
             }
         };
-        timeout(ATTEMPT_TIMEOUT, attempt).await.unwrap_or(Err(DialError::Timeout))
+        timeout(ATTEMPT_TIMEOUT, attempt)
+            .await
+            .unwrap_or(Err(DialError::Timeout))
     }
 }
 
 impl Flow {
     /// Opens the flow; the first exchange must succeed.
-    pub async fn open(client: Client<'_>, server: Server<'_>, protocol: Protocol) -> Result<Self, DialError> {
+    pub async fn open(
+        client: Client<'_>,
+        server: Server<'_>,
+        protocol: Protocol,
+    ) -> Result<Self, DialError> {
         let mut socket = match protocol {
             Protocol::Tcp => {
-                let (lines, writer) = timeout(ATTEMPT_TIMEOUT, connect_tcp(client, server)).await.unwrap_or(Err(DialError::Timeout))?;
+                let (lines, writer) = timeout(ATTEMPT_TIMEOUT, connect_tcp(client, server))
+                    .await
+                    .unwrap_or(Err(DialError::Timeout))?;
                 FlowSocket::Tcp { lines, writer }
             }
             Protocol::Udp => FlowSocket::Udp(connect_udp(client, server).await?),
-            Protocol::Sctp => return Err(DialError::Io(io::Error::from(io::ErrorKind::Unsupported))),
+            Protocol::Sctp => {
+                return Err(DialError::Io(io::Error::from(io::ErrorKind::Unsupported)));
+            }
         };
         let identity = server.identity.to_owned();
         let port = server.address.port();

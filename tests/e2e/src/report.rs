@@ -54,9 +54,19 @@ pub fn mismatches(expected: &ExpectedGrid, observed: &[ObservedGrid]) -> Vec<Mis
 /// A matrix with client rows and server columns: `.` reached, `X` blocked, `-` the pod itself,
 /// and cells that differ from the expectation marked with `!` (and red on a terminal).
 #[must_use]
-pub fn render_grid(title: &str, expected: &ExpectedGrid, observed: &ObservedGrid, color: bool) -> String {
+pub fn render_grid(
+    title: &str,
+    expected: &ExpectedGrid,
+    observed: &ObservedGrid,
+    color: bool,
+) -> String {
     let labels = &expected.endpoints;
-    let row_width = labels.iter().map(String::len).max().unwrap_or(0).max("from \\ to".len());
+    let row_width = labels
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .max("from \\ to".len());
     let widths: Vec<usize> = labels.iter().map(|label| label.len().max(3)).collect();
     let mut out = String::new();
     let _ = writeln!(out, "{title}");
@@ -72,7 +82,10 @@ pub fn render_grid(title: &str, expected: &ExpectedGrid, observed: &ObservedGrid
                 None => ("-".to_owned(), false),
                 Some(got) => {
                     let wrong = got != expected.allowed[row][column];
-                    (format!("{}{}", cell(got), if wrong { "!" } else { "" }), wrong)
+                    (
+                        format!("{}{}", cell(got), if wrong { "!" } else { "" }),
+                        wrong,
+                    )
                 }
             };
             let padded = format!("{text:^width$}");
@@ -136,7 +149,11 @@ impl Outcome {
             for detail in &self.details {
                 let _ = writeln!(out, "  {detail}");
             }
-            if let Some(tail) = self.agent_log_tail.as_deref().filter(|tail| !tail.is_empty()) {
+            if let Some(tail) = self
+                .agent_log_tail
+                .as_deref()
+                .filter(|tail| !tail.is_empty())
+            {
                 out.push_str("  agent log (last lines):\n");
                 for line in tail.lines() {
                     let _ = writeln!(out, "    | {line}");
@@ -174,7 +191,12 @@ fn percentile(sorted: &[Duration], percent: usize) -> Duration {
 /// `N passed, M failed[, K skipped]`.
 #[must_use]
 pub fn summary_line(outcomes: &[Outcome]) -> String {
-    let count = |wanted: fn(&Verdict) -> bool| outcomes.iter().filter(|outcome| wanted(&outcome.verdict)).count();
+    let count = |wanted: fn(&Verdict) -> bool| {
+        outcomes
+            .iter()
+            .filter(|outcome| wanted(&outcome.verdict))
+            .count()
+    };
     let passed = count(|verdict| *verdict == Verdict::Pass);
     let failed = count(|verdict| *verdict == Verdict::Fail);
     let skipped = count(|verdict| matches!(verdict, Verdict::Skip(_)));
@@ -190,16 +212,28 @@ mod tests {
     use super::*;
 
     fn grid() -> ExpectedGrid {
-        ExpectedGrid { endpoints: vec!["x/a".to_owned(), "x/b".to_owned()], allowed: vec![vec![true, false], vec![true, true]] }
+        ExpectedGrid {
+            endpoints: vec!["x/a".to_owned(), "x/b".to_owned()],
+            allowed: vec![vec![true, false], vec![true, true]],
+        }
     }
 
     #[test]
     fn mismatches_name_cells_and_families() {
-        let observed = ObservedGrid { family: IpFamily::IPv6, reached: vec![vec![None, Some(true)], vec![Some(true), None]] };
+        let observed = ObservedGrid {
+            family: IpFamily::IPv6,
+            reached: vec![vec![None, Some(true)], vec![Some(true), None]],
+        };
         let found = mismatches(&grid(), &[observed.clone()]);
         assert_eq!(
             found,
-            [Mismatch { row: "x/a".to_owned(), column: "x/b".to_owned(), expected: false, got: true, family: IpFamily::IPv6 }]
+            [Mismatch {
+                row: "x/a".to_owned(),
+                column: "x/b".to_owned(),
+                expected: false,
+                got: true,
+                family: IpFamily::IPv6
+            }]
         );
         let rendered = render_grid("t", &grid(), &observed, false);
         assert!(rendered.contains(".!"), "{rendered}");
@@ -209,15 +243,27 @@ mod tests {
     #[test]
     fn latency_percentiles_use_nearest_rank() {
         let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(latency_line(&samples), "apply-to-enforced latency: steps=100 p50=50.0ms p99=99.0ms max=100.0ms");
-        assert_eq!(latency_line(&[]), "apply-to-enforced latency: steps=0 p50=0.0ms p99=0.0ms max=0.0ms");
-        assert_eq!(latency_line(&[Duration::from_micros(1500)]), "apply-to-enforced latency: steps=1 p50=1.5ms p99=1.5ms max=1.5ms");
+        assert_eq!(
+            latency_line(&samples),
+            "apply-to-enforced latency: steps=100 p50=50.0ms p99=99.0ms max=100.0ms"
+        );
+        assert_eq!(
+            latency_line(&[]),
+            "apply-to-enforced latency: steps=0 p50=0.0ms p99=0.0ms max=0.0ms"
+        );
+        assert_eq!(
+            latency_line(&[Duration::from_micros(1500)]),
+            "apply-to-enforced latency: steps=1 p50=1.5ms p99=1.5ms max=1.5ms"
+        );
     }
 
     #[test]
     fn summary_counts_skips_only_when_present() {
         let mut outcome = Outcome::failed("a".to_owned(), "boom".to_owned());
-        assert_eq!(summary_line(std::slice::from_ref(&outcome)), "0 passed, 1 failed");
+        assert_eq!(
+            summary_line(std::slice::from_ref(&outcome)),
+            "0 passed, 1 failed"
+        );
         outcome.verdict = Verdict::Skip("no IPv6".to_owned());
         assert_eq!(summary_line(&[outcome]), "0 passed, 0 failed, 1 skipped");
     }

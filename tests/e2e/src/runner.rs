@@ -28,7 +28,10 @@ use crate::{
     placeholder::{self, PlaceholderError},
     probe::{self, Client, DialError, Flow, Server},
     report::{self, ObservedGrid, Outcome, Verdict},
-    scenario::{self, ConnectionExpectation, ExpectedGrid, IpFamily, Labels, PodSpec, Protocol, RestartMode, Scenario, Step},
+    scenario::{
+        self, ConnectionExpectation, ExpectedGrid, IpFamily, Labels, PodSpec, Protocol,
+        RestartMode, Scenario, Step,
+    },
     servers::{self, ServerError, Servers},
 };
 
@@ -49,7 +52,10 @@ pub struct Options {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("{}: {source}", path.display())]
-    Discover { path: PathBuf, source: std::io::Error },
+    Discover {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,11 +77,18 @@ enum StepError {
     #[error("cannot open connection {name}: {source}")]
     Open { name: String, source: DialError },
     #[error("cannot prepare {}: {source}", path.display())]
-    Workspace { path: PathBuf, source: std::io::Error },
+    Workspace {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot mount bpffs on {}: {source}", path.display())]
     Mount { path: PathBuf, source: nix::Error },
     #[error("step {number} ({step}): {source}")]
-    InStep { number: usize, step: String, source: Box<StepError> },
+    InStep {
+        number: usize,
+        step: String,
+        source: Box<StepError>,
+    },
 }
 
 /// Finds the scenario files: named files as they are, directories searched for `*.yaml`
@@ -83,12 +96,17 @@ enum StepError {
 pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, RunError> {
     let mut found = Vec::new();
     for path in paths {
-        let metadata = fs::metadata(path).map_err(|source| RunError::Discover { path: path.clone(), source })?;
+        let metadata = fs::metadata(path).map_err(|source| RunError::Discover {
+            path: path.clone(),
+            source,
+        })?;
         if metadata.is_dir() {
             let mut files = Vec::new();
             walk(path, &mut files)?;
             files.sort();
-            found.extend(files.into_iter().filter(|file| fs::read_to_string(file).is_ok_and(|text| scenario::looks_like_scenario(&text))));
+            found.extend(files.into_iter().filter(|file| {
+                fs::read_to_string(file).is_ok_and(|text| scenario::looks_like_scenario(&text))
+            }));
         } else {
             found.push(path.clone());
         }
@@ -97,12 +115,23 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, RunError> {
 }
 
 fn walk(dir: &Path, into: &mut Vec<PathBuf>) -> Result<(), RunError> {
-    let entries = fs::read_dir(dir).map_err(|source| RunError::Discover { path: dir.to_owned(), source })?;
+    let entries = fs::read_dir(dir).map_err(|source| RunError::Discover {
+        path: dir.to_owned(),
+        source,
+    })?;
     for entry in entries {
-        let path = entry.map_err(|source| RunError::Discover { path: dir.to_owned(), source })?.path();
+        let path = entry
+            .map_err(|source| RunError::Discover {
+                path: dir.to_owned(),
+                source,
+            })?
+            .path();
         if path.is_dir() {
             walk(&path, into)?;
-        } else if path.extension().is_some_and(|extension| extension == "yaml") {
+        } else if path
+            .extension()
+            .is_some_and(|extension| extension == "yaml")
+        {
             into.push(path);
         }
     }
@@ -121,14 +150,17 @@ pub async fn run(options: Options, files: Vec<PathBuf>) -> bool {
         let permits = Arc::clone(&permits);
         let name = file.display().to_string();
         let handle = running.spawn(async move {
-            let _permit = permits.acquire_owned().await.expect("the semaphore is never closed");
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
             run_file(index + 1, &file, &options).await
         });
         names.insert(handle.id(), name);
     }
     let mut outcomes = Vec::new();
     while let Some(joined) = running.join_next_with_id().await {
-        let outcome = joined.unwrap_or_else(|error| {
+        let outcome = joined.map(|(_, outcome)| outcome).unwrap_or_else(|error| {
             let name = names.get(&error.id()).cloned().unwrap_or_default();
             Outcome::failed(name, format!("the harness panicked: {error}"))
         });
@@ -136,10 +168,15 @@ pub async fn run(options: Options, files: Vec<PathBuf>) -> bool {
         let _ = std::io::stdout().flush();
         outcomes.push(outcome);
     }
-    let latencies: Vec<Duration> = outcomes.iter().flat_map(|outcome| outcome.latencies.iter().copied()).collect();
+    let latencies: Vec<Duration> = outcomes
+        .iter()
+        .flat_map(|outcome| outcome.latencies.iter().copied())
+        .collect();
     println!("{}", report::latency_line(&latencies));
     println!("{}", report::summary_line(&outcomes));
-    outcomes.iter().all(|outcome| outcome.verdict != Verdict::Fail)
+    outcomes
+        .iter()
+        .all(|outcome| outcome.verdict != Verdict::Fail)
 }
 
 async fn run_file(index: usize, path: &Path, options: &Options) -> Outcome {
@@ -196,7 +233,10 @@ struct Workspace {
 impl Workspace {
     fn create(index: usize) -> Result<Self, StepError> {
         let root = Path::new(RUN_ROOT).join(format!("{}-{index}", std::process::id()));
-        let io_error = |source| StepError::Workspace { path: root.clone(), source };
+        let io_error = |source| StepError::Workspace {
+            path: root.clone(),
+            source,
+        };
         if root.exists() {
             fs::remove_dir_all(&root).map_err(io_error)?;
         }
@@ -205,10 +245,26 @@ impl Workspace {
         fs::create_dir_all(&manifests).map_err(io_error)?;
         let dir = cleanup::register(Resource::Dir(root.clone()));
         fs::create_dir(&bpffs).map_err(io_error)?;
-        mount(Some("bpf"), &bpffs, Some("bpf"), MsFlags::empty(), None::<&str>)
-            .map_err(|source| StepError::Mount { path: bpffs.clone(), source })?;
+        mount(
+            Some("bpf"),
+            &bpffs,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|source| StepError::Mount {
+            path: bpffs.clone(),
+            source,
+        })?;
         let mount = cleanup::register(Resource::Mount(bpffs.clone()));
-        Ok(Self { manifests, bpffs, status_file: root.join("status.json"), log: root.join("agent.log"), _mount: mount, _dir: dir })
+        Ok(Self {
+            manifests,
+            bpffs,
+            status_file: root.join("status.json"),
+            log: root.join("agent.log"),
+            _mount: mount,
+            _dir: dir,
+        })
     }
 }
 
@@ -249,8 +305,15 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         verbose: options.verbose,
         color: std::io::stdout().is_terminal(),
     };
-    progress.line(&format!("scenario {} ({})", scenario.name, scenario.path.display()));
-    let fail = |detail: String| Outcome { elapsed: started.elapsed(), ..Outcome::failed(scenario.name.clone(), detail) };
+    progress.line(&format!(
+        "scenario {} ({})",
+        scenario.name,
+        scenario.path.display()
+    ));
+    let fail = |detail: String| Outcome {
+        elapsed: started.elapsed(),
+        ..Outcome::failed(scenario.name.clone(), detail)
+    };
     let workspace = match Workspace::create(index) {
         Ok(workspace) => workspace,
         Err(error) => return fail(error.to_string()),
@@ -286,22 +349,36 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
     if let Err(error) = run.execute().await {
         run.failures.push(format!("error: {error}"));
     }
-    let verdict = if run.failures.is_empty() { Verdict::Pass } else { Verdict::Fail };
-    let agent_log_tail = (verdict == Verdict::Fail && options.agent.is_some()).then(|| log_tail(&workspace.log, LOG_TAIL_LINES));
+    let verdict = if run.failures.is_empty() {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    };
+    let agent_log_tail = (verdict == Verdict::Fail && options.agent.is_some())
+        .then(|| log_tail(&workspace.log, LOG_TAIL_LINES));
     let (latencies, failures) = run.teardown().await;
     drop(workspace);
-    Outcome { name: scenario.name.clone(), verdict, details: failures, agent_log_tail, latencies, elapsed: started.elapsed() }
+    Outcome {
+        name: scenario.name.clone(),
+        verdict,
+        details: failures,
+        agent_log_tail,
+        latencies,
+        elapsed: started.elapsed(),
+    }
 }
 
 impl ScenarioRun<'_> {
     async fn execute(&mut self) -> Result<(), StepError> {
         self.set_up().await?;
         for (index, step) in self.scenario.steps.iter().enumerate() {
-            self.step(index + 1, step).await.map_err(|source| StepError::InStep {
-                number: index + 1,
-                step: step.to_string(),
-                source: Box::new(source),
-            })?;
+            self.step(index + 1, step)
+                .await
+                .map_err(|source| StepError::InStep {
+                    number: index + 1,
+                    step: step.to_string(),
+                    source: Box::new(source),
+                })?;
         }
         Ok(())
     }
@@ -327,21 +404,44 @@ impl ScenarioRun<'_> {
         if let Some(config) = &self.agent_config {
             self.watcher = Some(StatusWatcher::new(&config.status_file)?);
             let agent = Agent::start(config, self.node.netns())?;
-            self.progress.line(&format!("agent started, pid {}", agent.pid()));
+            self.progress
+                .line(&format!("agent started, pid {}", agent.pid()));
             self.agent = Some(agent);
             self.converge(None).await?;
         }
         Ok(())
     }
 
-    async fn add_endpoint(&mut self, key: &str, pod: Option<PodSpec>, reuse: Option<Addresses>) -> Result<(), StepError> {
-        let kind = if pod.is_some() { EndpointKind::Pod } else { EndpointKind::External };
+    async fn add_endpoint(
+        &mut self,
+        key: &str,
+        pod: Option<PodSpec>,
+        reuse: Option<Addresses>,
+    ) -> Result<(), StepError> {
+        let kind = if pod.is_some() {
+            EndpointKind::Pod
+        } else {
+            EndpointKind::External
+        };
         let endpoint = self.node.wire(kind, reuse).await?;
-        let ports = pod.as_ref().map_or(&self.scenario.model.default_ports, |pod| &pod.ports);
+        let ports = pod
+            .as_ref()
+            .map_or(&self.scenario.model.default_ports, |pod| &pod.ports);
         let servers = servers::start(&endpoint.netns, key, &endpoint.addresses, ports)?;
-        self.progress.line(&format!("  {key}: {} via {}", endpoint.addresses, endpoint.host_interface));
+        self.progress.line(&format!(
+            "  {key}: {} via {}",
+            endpoint.addresses, endpoint.host_interface
+        ));
         self.addresses.insert(key.to_owned(), endpoint.addresses);
-        self.live.insert(key.to_owned(), Live { endpoint, servers, pod, published: false });
+        self.live.insert(
+            key.to_owned(),
+            Live {
+                endpoint,
+                servers,
+                pod,
+                published: false,
+            },
+        );
         Ok(())
     }
 
@@ -360,7 +460,11 @@ impl ScenarioRun<'_> {
                 let doomed: Vec<String> = self
                     .policies
                     .iter()
-                    .filter(|identity| identity.split_once('/').is_some_and(|(namespace, _)| namespaces.iter().any(|n| n == namespace)))
+                    .filter(|identity| {
+                        identity
+                            .split_once('/')
+                            .is_some_and(|(namespace, _)| namespaces.iter().any(|n| n == namespace))
+                    })
                     .cloned()
                     .collect();
                 for identity in doomed {
@@ -368,19 +472,32 @@ impl ScenarioRun<'_> {
                 }
                 Instant::now()
             }
-            Step::Relabel { pod_labels, namespace_labels } => {
+            Step::Relabel {
+                pod_labels,
+                namespace_labels,
+            } => {
                 self.relabel(pod_labels, namespace_labels)?;
                 Instant::now()
             }
-            Step::AddPod { pod, labels, ports, reuse_ip_of, publish } => {
+            Step::AddPod {
+                pod,
+                labels,
+                ports,
+                reuse_ip_of,
+                publish,
+            } => {
                 let (namespace, name) = scenario::split_pod_key(pod).expect("validated");
                 let spec = PodSpec {
                     namespace: namespace.to_owned(),
                     name: name.to_owned(),
                     labels: labels.clone(),
-                    ports: ports.clone().unwrap_or_else(|| self.scenario.model.default_ports.clone()),
+                    ports: ports
+                        .clone()
+                        .unwrap_or_else(|| self.scenario.model.default_ports.clone()),
                 };
-                let reuse = reuse_ip_of.as_ref().and_then(|old| self.addresses.get(old).copied());
+                let reuse = reuse_ip_of
+                    .as_ref()
+                    .and_then(|old| self.addresses.get(old).copied());
                 self.add_endpoint(pod, Some(spec), reuse).await?;
                 if *publish {
                     self.publish(pod)?;
@@ -392,7 +509,10 @@ impl ScenarioRun<'_> {
                 Instant::now()
             }
             Step::DeletePod { pod } => {
-                let live = self.live.shift_remove(pod).expect("validated: the pod exists");
+                let live = self
+                    .live
+                    .shift_remove(pod)
+                    .expect("validated: the pod exists");
                 if live.published {
                     let spec = live.pod.as_ref().expect("validated: a pod, not a host");
                     self.writer.delete_pod(&spec.namespace, &spec.name)?;
@@ -407,20 +527,42 @@ impl ScenarioRun<'_> {
                 }
                 Instant::now()
             }
-            Step::OpenConnection { name, from, to, port, protocol } => {
-                let flow = self.open_flow(from, to, *port, *protocol).await.map_err(|source| StepError::Open { name: name.clone(), source })?;
+            Step::OpenConnection {
+                name,
+                from,
+                to,
+                port,
+                protocol,
+            } => {
+                let flow = self
+                    .open_flow(from, to, *port, *protocol)
+                    .await
+                    .map_err(|source| StepError::Open {
+                        name: name.clone(),
+                        source,
+                    })?;
                 self.flows.insert(name.clone(), flow);
                 return Ok(());
             }
             Step::CheckConnection { name, expect } => {
                 let alive = self.flows[name].check().await;
-                self.progress.line(&format!("  {name} is {}", if alive { "alive" } else { "closed" }));
+                self.progress.line(&format!(
+                    "  {name} is {}",
+                    if alive { "alive" } else { "closed" }
+                ));
                 if alive != (*expect == ConnectionExpectation::Alive) {
-                    self.failures.push(format!("step {number} {step}: the connection is {}", if alive { "alive" } else { "closed" }));
+                    self.failures.push(format!(
+                        "step {number} {step}: the connection is {}",
+                        if alive { "alive" } else { "closed" }
+                    ));
                 }
                 return Ok(());
             }
-            Step::Probe { port, protocol, expect } => {
+            Step::Probe {
+                port,
+                protocol,
+                expect,
+            } => {
                 self.probe(number, step, *port, *protocol, expect).await;
                 return Ok(());
             }
@@ -433,7 +575,9 @@ impl ScenarioRun<'_> {
         let primary = self.scenario.model.primary_family();
         let addresses = &self.addresses;
         let rendered = placeholder::substitute_value(object, &mut |found| {
-            let target = addresses.get(found.target()).ok_or_else(|| PlaceholderError::Unknown(found.to_string()))?;
+            let target = addresses
+                .get(found.target())
+                .ok_or_else(|| PlaceholderError::Unknown(found.to_string()))?;
             found.render(primary, target.v4, target.v6)
         })?;
         let identity = scenario::policy_identity(key);
@@ -450,7 +594,11 @@ impl ScenarioRun<'_> {
         Ok(())
     }
 
-    fn relabel(&mut self, pod_labels: &IndexMap<String, Labels>, namespace_labels: &IndexMap<String, Labels>) -> Result<(), StepError> {
+    fn relabel(
+        &mut self,
+        pod_labels: &IndexMap<String, Labels>,
+        namespace_labels: &IndexMap<String, Labels>,
+    ) -> Result<(), StepError> {
         for (namespace, labels) in namespace_labels {
             let labels = scenario::namespace_labels(namespace, labels);
             self.writer.namespace(namespace, &labels)?;
@@ -469,14 +617,19 @@ impl ScenarioRun<'_> {
 
     fn publish(&mut self, key: &str) -> Result<(), StepError> {
         let live = self.live.get_mut(key).expect("validated: the pod exists");
-        self.writer.pod(live.pod.as_ref().expect("validated: a pod"), &live.endpoint.addresses)?;
+        self.writer.pod(
+            live.pod.as_ref().expect("validated: a pod"),
+            &live.endpoint.addresses,
+        )?;
         live.published = true;
         Ok(())
     }
 
     /// Stops the agent and starts a new one; false when running without an agent.
     async fn restart_agent(&mut self, mode: RestartMode) -> Result<bool, StepError> {
-        let (Some(config), Some(agent)) = (&self.agent_config, self.agent.take()) else { return Ok(false) };
+        let (Some(config), Some(agent)) = (&self.agent_config, self.agent.take()) else {
+            return Ok(false);
+        };
         let signal = match mode {
             RestartMode::Graceful => Signal::SIGTERM,
             RestartMode::Kill => Signal::SIGKILL,
@@ -484,20 +637,35 @@ impl ScenarioRun<'_> {
         let old_pid = agent.pid();
         let exit = agent.stop(signal).await?;
         let agent = Agent::start(config, self.node.netns())?;
-        self.progress.line(&format!("  agent {old_pid} stopped ({exit}); agent {} started", agent.pid()));
+        self.progress.line(&format!(
+            "  agent {old_pid} stopped ({exit}); agent {} started",
+            agent.pid()
+        ));
         self.agent = Some(agent);
         Ok(true)
     }
 
     /// Waits until the agent reports the current manifests applied and every pod attached.
     async fn converge(&mut self, changed_at: Option<Instant>) -> Result<(), StepError> {
-        let (Some(agent), Some(watcher)) = (self.agent.as_mut(), self.watcher.as_mut()) else { return Ok(()) };
+        let (Some(config), Some(agent), Some(watcher)) = (
+            &self.agent_config,
+            self.agent.as_mut(),
+            self.watcher.as_mut(),
+        ) else {
+            return Ok(());
+        };
         let pods = || self.live.values().filter(|live| live.pod.is_some());
         let wanted = Wanted {
             pid: agent.pid(),
-            digest: netwarden_model::ManifestDir::digest_of(self.writer_dir())?,
-            ready: pods().filter(|live| live.published).map(|live| live.endpoint.host_interface.clone()).collect(),
-            attached: pods().filter(|live| !live.published).map(|live| live.endpoint.host_interface.clone()).collect(),
+            digest: netwarden_model::ManifestDir::digest_of(&config.manifests)?,
+            ready: pods()
+                .filter(|live| live.published)
+                .map(|live| live.endpoint.host_interface.clone())
+                .collect(),
+            attached: pods()
+                .filter(|live| !live.published)
+                .map(|live| live.endpoint.host_interface.clone())
+                .collect(),
         };
         let status = watcher.wait_for(agent, &wanted).await?;
         let waited = changed_at.map(|at| at.elapsed());
@@ -515,20 +683,30 @@ impl ScenarioRun<'_> {
         Ok(())
     }
 
-    fn writer_dir(&self) -> &Path {
-        self.agent_config.as_ref().map_or(Path::new("."), |config| config.manifests.as_path())
-    }
-
-    async fn open_flow(&self, from: &str, to: &str, port: u16, protocol: Protocol) -> Result<Flow, DialError> {
+    async fn open_flow(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<Flow, DialError> {
         let family = self.scenario.model.primary_family();
         let client = &self.live[from].endpoint;
         let server = &self.live[to].endpoint;
-        let (Some(source), Some(destination)) = (client.addresses.get(family), server.addresses.get(family)) else {
+        let (Some(source), Some(destination)) =
+            (client.addresses.get(family), server.addresses.get(family))
+        else {
             unreachable!("every endpoint has an address in the primary family")
         };
         Flow::open(
-            Client { netns: &client.netns, address: source },
-            Server { address: SocketAddr::new(destination, port), identity: to },
+            Client {
+                netns: &client.netns,
+                address: source,
+            },
+            Server {
+                address: SocketAddr::new(destination, port),
+                identity: to,
+            },
             protocol,
         )
         .await
@@ -543,8 +721,10 @@ impl ScenarioRun<'_> {
         for (family_index, family) in families.iter().enumerate() {
             for (row, (_, client)) in endpoints.iter().enumerate() {
                 for (column, (identity, server)) in endpoints.iter().enumerate() {
-                    let (Some(source), Some(destination)) = (client.endpoint.addresses.get(*family), server.endpoint.addresses.get(*family))
-                    else {
+                    let (Some(source), Some(destination)) = (
+                        client.endpoint.addresses.get(*family),
+                        server.endpoint.addresses.get(*family),
+                    ) else {
                         continue;
                     };
                     if row == column {
@@ -552,8 +732,14 @@ impl ScenarioRun<'_> {
                     }
                     dials.push(async move {
                         let reached = probe::dial(
-                            Client { netns: &client.endpoint.netns, address: source },
-                            Server { address: SocketAddr::new(destination, port), identity },
+                            Client {
+                                netns: &client.endpoint.netns,
+                                address: source,
+                            },
+                            Server {
+                                address: SocketAddr::new(destination, port),
+                                identity,
+                            },
                             protocol,
                         )
                         .await
@@ -565,7 +751,10 @@ impl ScenarioRun<'_> {
         }
         let mut grids: Vec<ObservedGrid> = families
             .iter()
-            .map(|family| ObservedGrid { family: *family, reached: vec![vec![Some(false); size]; size] })
+            .map(|family| ObservedGrid {
+                family: *family,
+                reached: vec![vec![Some(false); size]; size],
+            })
             .collect();
         for grid in &mut grids {
             for (index, row) in grid.reached.iter_mut().enumerate() {
@@ -578,9 +767,19 @@ impl ScenarioRun<'_> {
         grids
     }
 
-    async fn probe(&mut self, number: usize, step: &Step, port: u16, protocol: Protocol, expected: &ExpectedGrid) {
+    async fn probe(
+        &mut self,
+        number: usize,
+        step: &Step,
+        port: u16,
+        protocol: Protocol,
+        expected: &ExpectedGrid,
+    ) {
         let order: Vec<&String> = self.live.keys().collect();
-        assert!(order.iter().copied().eq(&expected.endpoints), "validation keeps the grid order in step with the pods");
+        assert!(
+            order.iter().copied().eq(&expected.endpoints),
+            "validation keeps the grid order in step with the pods"
+        );
         let started = Instant::now();
         let mut observed = self.observe(port, protocol).await;
         let mut differing = report::mismatches(expected, &observed);
@@ -598,9 +797,18 @@ impl ScenarioRun<'_> {
                     grid.family,
                     started.elapsed().as_secs_f64(),
                     if retried { ", retried" } else { "" },
-                    if differing.iter().any(|cell| cell.family == grid.family) { ", DIFFERS (! marks cells)" } else { ", as expected" },
+                    if differing.iter().any(|cell| cell.family == grid.family) {
+                        ", DIFFERS (! marks cells)"
+                    } else {
+                        ", as expected"
+                    },
                 );
-                text.push_str(&report::render_grid(&title, expected, grid, self.progress.color));
+                text.push_str(&report::render_grid(
+                    &title,
+                    expected,
+                    grid,
+                    self.progress.color,
+                ));
             }
             self.progress.block(&text);
         }
@@ -608,7 +816,10 @@ impl ScenarioRun<'_> {
             return;
         }
         let retry_note = if retried { " (retried once)" } else { "" };
-        self.failures.push(format!("step {number} {step}{retry_note}: {} cell(s) differ", differing.len()));
+        self.failures.push(format!(
+            "step {number} {step}{retry_note}: {} cell(s) differ",
+            differing.len()
+        ));
         for cell in differing {
             self.failures.push(format!(
                 "  {} -> {}: expected {}, got {} ({})",
@@ -627,18 +838,22 @@ impl ScenarioRun<'_> {
         if let Some(agent) = self.agent.take() {
             match agent.stop(Signal::SIGTERM).await {
                 Ok(exit) => self.progress.line(&format!("agent stopped ({exit})")),
-                Err(error) => self.failures.push(format!("cannot stop the agent: {error}")),
+                Err(error) => self
+                    .failures
+                    .push(format!("cannot stop the agent: {error}")),
             }
         }
         self.watcher = None;
         for (key, live) in self.live.drain(..) {
             drop(live.servers);
             if let Err(error) = live.endpoint.netns.delete().await {
-                self.progress.line(&format!("cannot delete the namespace of {key}: {error}"));
+                self.progress
+                    .line(&format!("cannot delete the namespace of {key}: {error}"));
             }
         }
         if let Err(error) = self.node.delete().await {
-            self.progress.line(&format!("cannot delete the node namespace: {error}"));
+            self.progress
+                .line(&format!("cannot delete the node namespace: {error}"));
         }
         (self.latencies, self.failures)
     }

@@ -13,7 +13,7 @@ use std::{
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-use crate::placeholder::{self, Placeholder};
+use crate::placeholder;
 
 /// The only format this harness understands.
 pub const FORMAT: &str = "netwarden-scenario/v1";
@@ -25,13 +25,24 @@ pub type Labels = BTreeMap<String, String>;
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
     #[error("{}: cannot read: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: {source}", path.display())]
-    Yaml { path: PathBuf, source: serde_yaml::Error },
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
     #[error("{}: {problem}", path.display())]
     Invalid { path: PathBuf, problem: String },
     #[error("{}: step {step} ({op}): {problem}", path.display())]
-    Step { path: PathBuf, step: usize, op: String, problem: String },
+    Step {
+        path: PathBuf,
+        step: usize,
+        op: String,
+        problem: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
@@ -112,7 +123,11 @@ impl Model {
     /// The family `{{ip ..}}` and `{{cidr ..}}` refer to: IPv6 only in an IPv6-only model.
     #[must_use]
     pub fn primary_family(&self) -> IpFamily {
-        if self.has(IpFamily::IPv4) { IpFamily::IPv4 } else { IpFamily::IPv6 }
+        if self.has(IpFamily::IPv4) {
+            IpFamily::IPv4
+        } else {
+            IpFamily::IPv6
+        }
     }
 }
 
@@ -140,18 +155,54 @@ pub struct ExpectedGrid {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    CreatePolicy { policy: String },
-    UpdatePolicy { policy: String },
-    DeletePolicy { policy: String },
-    DeleteAllPolicies { namespaces: Vec<String> },
-    Relabel { pod_labels: IndexMap<String, Labels>, namespace_labels: IndexMap<String, Labels> },
-    AddPod { pod: String, labels: Labels, ports: Option<Vec<ContainerPort>>, reuse_ip_of: Option<String>, publish: bool },
-    PublishPod { pod: String },
-    DeletePod { pod: String },
-    RestartAgent { mode: RestartMode },
-    OpenConnection { name: String, from: String, to: String, port: u16, protocol: Protocol },
-    CheckConnection { name: String, expect: ConnectionExpectation },
-    Probe { port: u16, protocol: Protocol, expect: ExpectedGrid },
+    CreatePolicy {
+        policy: String,
+    },
+    UpdatePolicy {
+        policy: String,
+    },
+    DeletePolicy {
+        policy: String,
+    },
+    DeleteAllPolicies {
+        namespaces: Vec<String>,
+    },
+    Relabel {
+        pod_labels: IndexMap<String, Labels>,
+        namespace_labels: IndexMap<String, Labels>,
+    },
+    AddPod {
+        pod: String,
+        labels: Labels,
+        ports: Option<Vec<ContainerPort>>,
+        reuse_ip_of: Option<String>,
+        publish: bool,
+    },
+    PublishPod {
+        pod: String,
+    },
+    DeletePod {
+        pod: String,
+    },
+    RestartAgent {
+        mode: RestartMode,
+    },
+    OpenConnection {
+        name: String,
+        from: String,
+        to: String,
+        port: u16,
+        protocol: Protocol,
+    },
+    CheckConnection {
+        name: String,
+        expect: ConnectionExpectation,
+    },
+    Probe {
+        port: u16,
+        protocol: Protocol,
+        expect: ExpectedGrid,
+    },
 }
 
 impl Step {
@@ -172,34 +223,54 @@ impl Step {
             Self::Probe { .. } => "probe",
         }
     }
-
-    /// Whether the step changes what the agent must enforce, so the harness waits for it.
-    #[must_use]
-    pub fn is_change(&self) -> bool {
-        !matches!(self, Self::OpenConnection { .. } | Self::CheckConnection { .. } | Self::Probe { .. })
-    }
 }
 
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::CreatePolicy { policy } | Self::UpdatePolicy { policy } | Self::DeletePolicy { policy } => {
+            Self::CreatePolicy { policy }
+            | Self::UpdatePolicy { policy }
+            | Self::DeletePolicy { policy } => {
                 write!(f, "{} {policy}", self.op())
             }
-            Self::DeleteAllPolicies { namespaces } => write!(f, "delete_all_policies in {}", namespaces.join(", ")),
-            Self::Relabel { pod_labels, namespace_labels } => {
-                let targets: Vec<&str> = pod_labels.keys().chain(namespace_labels.keys()).map(String::as_str).collect();
+            Self::DeleteAllPolicies { namespaces } => {
+                write!(f, "delete_all_policies in {}", namespaces.join(", "))
+            }
+            Self::Relabel {
+                pod_labels,
+                namespace_labels,
+            } => {
+                let targets: Vec<&str> = pod_labels
+                    .keys()
+                    .chain(namespace_labels.keys())
+                    .map(String::as_str)
+                    .collect();
                 write!(f, "relabel {}", targets.join(", "))
             }
             Self::AddPod { pod, publish, .. } => {
-                write!(f, "add_pod {pod}{}", if *publish { "" } else { " (unpublished)" })
+                write!(
+                    f,
+                    "add_pod {pod}{}",
+                    if *publish { "" } else { " (unpublished)" }
+                )
             }
             Self::PublishPod { pod } | Self::DeletePod { pod } => write!(f, "{} {pod}", self.op()),
             Self::RestartAgent { mode } => write!(f, "restart_agent ({mode:?})"),
-            Self::OpenConnection { name, from, to, port, protocol } => {
-                write!(f, "open_connection {name}: {from} -> {to} {protocol}/{port}")
+            Self::OpenConnection {
+                name,
+                from,
+                to,
+                port,
+                protocol,
+            } => {
+                write!(
+                    f,
+                    "open_connection {name}: {from} -> {to} {protocol}/{port}"
+                )
             }
-            Self::CheckConnection { name, expect } => write!(f, "check_connection {name} (expect {expect:?})"),
+            Self::CheckConnection { name, expect } => {
+                write!(f, "check_connection {name} (expect {expect:?})")
+            }
             Self::Probe { port, protocol, .. } => write!(f, "probe {protocol}/{port}"),
         }
     }
@@ -219,10 +290,14 @@ pub struct Scenario {
 impl Scenario {
     /// Every pod that ever exists in the scenario, model pods first.
     pub fn all_pods(&self) -> impl Iterator<Item = &str> {
-        self.model.pods.keys().map(String::as_str).chain(self.steps.iter().filter_map(|step| match step {
-            Step::AddPod { pod, .. } => Some(pod.as_str()),
-            _ => None,
-        }))
+        self.model
+            .pods
+            .keys()
+            .map(String::as_str)
+            .chain(self.steps.iter().filter_map(|step| match step {
+                Step::AddPod { pod, .. } => Some(pod.as_str()),
+                _ => None,
+            }))
     }
 }
 
@@ -346,8 +421,16 @@ pub fn upstream_model(ip_families: Vec<IpFamily>, ports: Option<Vec<ContainerPor
     let default_ports = ports.unwrap_or_else(|| {
         let mut ports = Vec::new();
         for port in [80, 81] {
-            for (protocol, suffix) in [(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp"), (Protocol::Sctp, "sctp")] {
-                ports.push(ContainerPort { name: Some(format!("serve-{port}-{suffix}")), container_port: port, protocol });
+            for (protocol, suffix) in [
+                (Protocol::Tcp, "tcp"),
+                (Protocol::Udp, "udp"),
+                (Protocol::Sctp, "sctp"),
+            ] {
+                ports.push(ContainerPort {
+                    name: Some(format!("serve-{port}-{suffix}")),
+                    container_port: port,
+                    protocol,
+                });
             }
         }
         ports
@@ -355,7 +438,13 @@ pub fn upstream_model(ip_families: Vec<IpFamily>, ports: Option<Vec<ContainerPor
     let mut namespaces = IndexMap::new();
     let mut pods = IndexMap::new();
     for ns in ["x", "y", "z"] {
-        namespaces.insert(ns.to_owned(), Labels::from([(NAME_LABEL.to_owned(), ns.to_owned()), ("ns".to_owned(), ns.to_owned())]));
+        namespaces.insert(
+            ns.to_owned(),
+            Labels::from([
+                (NAME_LABEL.to_owned(), ns.to_owned()),
+                ("ns".to_owned(), ns.to_owned()),
+            ]),
+        );
         for pod in ["a", "b", "c"] {
             pods.insert(
                 format!("{ns}/{pod}"),
@@ -368,7 +457,13 @@ pub fn upstream_model(ip_families: Vec<IpFamily>, ports: Option<Vec<ContainerPor
             );
         }
     }
-    Model { ip_families, namespaces, default_ports, pods, external_hosts: Vec::new() }
+    Model {
+        ip_families,
+        namespaces,
+        default_ports,
+        pods,
+        external_hosts: Vec::new(),
+    }
 }
 
 /// A namespace's complete label set: `labels` plus the name label the API server adds.
@@ -391,17 +486,28 @@ pub fn looks_like_scenario(text: &str) -> bool {
 
 /// Reads and validates a scenario file.
 pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
-    let text = fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: path.to_owned(), source })?;
+    let text = fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     parse(path, &text)
 }
 
 /// Parses and validates scenario text; `path` names it in errors and anchors `policy_files`.
 pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
-    let invalid = |problem: String| ScenarioError::Invalid { path: path.to_owned(), problem };
-    let raw: RawScenario =
-        serde_yaml::from_str(text).map_err(|source| ScenarioError::Yaml { path: path.to_owned(), source })?;
+    let invalid = |problem: String| ScenarioError::Invalid {
+        path: path.to_owned(),
+        problem,
+    };
+    let raw: RawScenario = serde_yaml::from_str(text).map_err(|source| ScenarioError::Yaml {
+        path: path.to_owned(),
+        source,
+    })?;
     if raw.format != FORMAT {
-        return Err(invalid(format!("format is {:?}, expected {FORMAT:?}", raw.format)));
+        return Err(invalid(format!(
+            "format is {:?}, expected {FORMAT:?}",
+            raw.format
+        )));
     }
     let model = build_model(raw.model).map_err(invalid)?;
     let mut policies = IndexMap::new();
@@ -413,26 +519,46 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         let file_path = path.parent().unwrap_or(Path::new(".")).join(file);
         for (key, object) in load_policy_file(&file_path).map_err(invalid)? {
             if policies.contains_key(&key) {
-                return Err(invalid(format!("policy {key} from {} is defined twice", file_path.display())));
+                return Err(invalid(format!(
+                    "policy {key} from {} is defined twice",
+                    file_path.display()
+                )));
             }
             policies.insert(key, object);
         }
     }
     let mut steps = Vec::with_capacity(raw.steps.len());
     for (index, value) in raw.steps.into_iter().enumerate() {
-        let op = value.get("op").and_then(serde_yaml::Value::as_str).unwrap_or("?").to_owned();
-        let step = serde_yaml::from_value::<RawStep>(value).map_err(|error| ScenarioError::Step {
-            path: path.to_owned(),
-            step: index + 1,
-            op: op.clone(),
-            problem: error.to_string(),
-        })?;
+        let op = value
+            .get("op")
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or("?")
+            .to_owned();
+        let step =
+            serde_yaml::from_value::<RawStep>(value).map_err(|error| ScenarioError::Step {
+                path: path.to_owned(),
+                step: index + 1,
+                op: op.clone(),
+                problem: error.to_string(),
+            })?;
         steps.push(step);
     }
-    let scenario = Validator::new(&model, &policies).validate(steps).map_err(|(step, op, problem)| {
-        ScenarioError::Step { path: path.to_owned(), step, op: op.to_owned(), problem }
-    })?;
-    let scenario = Scenario { path: path.to_owned(), name: raw.name, model, policies, steps: scenario };
+    let scenario =
+        Validator::new(&model, &policies)
+            .validate(steps)
+            .map_err(|(step, op, problem)| ScenarioError::Step {
+                path: path.to_owned(),
+                step,
+                op: op.to_owned(),
+                problem,
+            })?;
+    let scenario = Scenario {
+        path: path.to_owned(),
+        name: raw.name,
+        model,
+        policies,
+        steps: scenario,
+    };
     check_placeholders(&scenario).map_err(invalid)?;
     Ok(scenario)
 }
@@ -453,38 +579,60 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
         model.external_hosts = external_hosts(raw.external_hosts)?;
         return Ok(model);
     }
-    let default_ports = raw.container_ports.unwrap_or_else(|| upstream_model(Vec::new(), None).default_ports);
+    let default_ports = raw
+        .container_ports
+        .unwrap_or_else(|| upstream_model(Vec::new(), None).default_ports);
     let mut namespaces = IndexMap::new();
     for (name, namespace) in raw.namespaces.unwrap_or_default() {
         check_name("namespace", &name)?;
-        namespaces.insert(name.clone(), namespace_labels(&name, &namespace.unwrap_or_default().labels));
+        namespaces.insert(
+            name.clone(),
+            namespace_labels(&name, &namespace.unwrap_or_default().labels),
+        );
     }
     let mut pods = IndexMap::new();
     for (key, pod) in raw.pods.unwrap_or_default() {
         let (namespace, name) = split_pod_key(&key)?;
         if !namespaces.contains_key(namespace) {
-            return Err(format!("pod {key}: namespace {namespace} is not in model.namespaces"));
+            return Err(format!(
+                "pod {key}: namespace {namespace} is not in model.namespaces"
+            ));
         }
         let pod = pod.unwrap_or_default();
         let ports = pod.ports.unwrap_or_else(|| default_ports.clone());
         check_ports(&key, &ports)?;
         pods.insert(
             key.clone(),
-            PodSpec { namespace: namespace.to_owned(), name: name.to_owned(), labels: pod.labels, ports },
+            PodSpec {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                labels: pod.labels,
+                ports,
+            },
         );
     }
     let external_hosts = external_hosts(raw.external_hosts)?;
     if let Some(clash) = external_hosts.iter().find(|host| pods.contains_key(*host)) {
         return Err(format!("external host {clash} has the key of a pod"));
     }
-    Ok(Model { ip_families, namespaces, default_ports, pods, external_hosts })
+    Ok(Model {
+        ip_families,
+        namespaces,
+        default_ports,
+        pods,
+        external_hosts,
+    })
 }
 
-fn external_hosts(raw: Option<IndexMap<String, Option<RawExternalHost>>>) -> Result<Vec<String>, String> {
+fn external_hosts(
+    raw: Option<IndexMap<String, Option<RawExternalHost>>>,
+) -> Result<Vec<String>, String> {
     let hosts: Vec<String> = raw.unwrap_or_default().into_keys().collect();
     for host in &hosts {
         if host.contains('/') {
-            return Err(format!("external host key {host:?} must not contain '/' (that is how pods are named)"));
+            return Err(format!(
+                "external host key {host:?} must not contain '/' (that is how pods are named)"
+            ));
         }
         check_name("external host", host)?;
     }
@@ -494,10 +642,16 @@ fn external_hosts(raw: Option<IndexMap<String, Option<RawExternalHost>>>) -> Res
 fn check_name(what: &str, name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
-    if valid { Ok(()) } else { Err(format!("{what} name {name:?} is not a valid DNS label")) }
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{what} name {name:?} is not a valid DNS label"))
+    }
 }
 
 fn check_ports(pod: &str, ports: &[ContainerPort]) -> Result<(), String> {
@@ -507,7 +661,10 @@ fn check_ports(pod: &str, ports: &[ContainerPort]) -> Result<(), String> {
             return Err(format!("pod {pod}: containerPort 0 is not a port"));
         }
         if !seen.insert((port.container_port, port.protocol as u8)) {
-            return Err(format!("pod {pod}: port {}/{} listed twice", port.protocol, port.container_port));
+            return Err(format!(
+                "pod {pod}: port {}/{} listed twice",
+                port.protocol, port.container_port
+            ));
         }
     }
     Ok(())
@@ -515,7 +672,9 @@ fn check_ports(pod: &str, ports: &[ContainerPort]) -> Result<(), String> {
 
 /// Splits `ns/name`.
 pub fn split_pod_key(key: &str) -> Result<(&str, &str), String> {
-    let (namespace, name) = key.split_once('/').ok_or_else(|| format!("pod key {key:?} is not NAMESPACE/NAME"))?;
+    let (namespace, name) = key
+        .split_once('/')
+        .ok_or_else(|| format!("pod key {key:?} is not NAMESPACE/NAME"))?;
     check_name("namespace", namespace)?;
     check_name("pod", name)?;
     Ok((namespace, name))
@@ -531,11 +690,14 @@ pub fn policy_identity(key: &str) -> &str {
 /// the namespace from the key when the object omits it (as `kubectl apply -n` would).
 fn check_policy(key: &str, mut object: serde_yaml::Value) -> Result<serde_yaml::Value, String> {
     let identity = policy_identity(key);
-    let (namespace, name) =
-        identity.split_once('/').ok_or_else(|| format!("policy key {key:?} is not NAMESPACE/NAME[@VARIANT]"))?;
+    let (namespace, name) = identity
+        .split_once('/')
+        .ok_or_else(|| format!("policy key {key:?} is not NAMESPACE/NAME[@VARIANT]"))?;
     let kind = object.get("kind").and_then(serde_yaml::Value::as_str);
     if kind != Some("NetworkPolicy") {
-        return Err(format!("policy {key}: kind is {kind:?}, expected NetworkPolicy"));
+        return Err(format!(
+            "policy {key}: kind is {kind:?}, expected NetworkPolicy"
+        ));
     }
     let metadata = object
         .get_mut("metadata")
@@ -543,14 +705,21 @@ fn check_policy(key: &str, mut object: serde_yaml::Value) -> Result<serde_yaml::
         .ok_or_else(|| format!("policy {key}: no metadata"))?;
     let object_name = metadata.get("name").and_then(serde_yaml::Value::as_str);
     if object_name != Some(name) {
-        return Err(format!("policy {key}: metadata.name is {object_name:?}, the key says {name:?}"));
+        return Err(format!(
+            "policy {key}: metadata.name is {object_name:?}, the key says {name:?}"
+        ));
     }
-    match metadata.get("namespace").and_then(serde_yaml::Value::as_str) {
+    match metadata
+        .get("namespace")
+        .and_then(serde_yaml::Value::as_str)
+    {
         None => {
             metadata.insert("namespace".into(), namespace.into());
         }
         Some(object_namespace) if object_namespace != namespace => {
-            return Err(format!("policy {key}: metadata.namespace is {object_namespace:?}, the key says {namespace:?}"));
+            return Err(format!(
+                "policy {key}: metadata.namespace is {object_namespace:?}, the key says {namespace:?}"
+            ));
         }
         Some(_) => {}
     }
@@ -559,7 +728,8 @@ fn check_policy(key: &str, mut object: serde_yaml::Value) -> Result<serde_yaml::
 
 /// The NetworkPolicy objects of a (multi-document) manifest file, keyed `namespace/name`.
 fn load_policy_file(path: &Path) -> Result<Vec<(String, serde_yaml::Value)>, String> {
-    let text = fs::read_to_string(path).map_err(|error| format!("policy file {}: {error}", path.display()))?;
+    let text = fs::read_to_string(path)
+        .map_err(|error| format!("policy file {}: {error}", path.display()))?;
     let mut objects = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         let value = serde_yaml::Value::deserialize(document)
@@ -568,17 +738,24 @@ fn load_policy_file(path: &Path) -> Result<Vec<(String, serde_yaml::Value)>, Str
     }
     let mut keyed = Vec::new();
     for object in objects {
-        let name = object.get("metadata").and_then(|m| m.get("name")).and_then(serde_yaml::Value::as_str);
+        let name = object
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(serde_yaml::Value::as_str);
         let namespace = object
             .get("metadata")
             .and_then(|m| m.get("namespace"))
             .and_then(serde_yaml::Value::as_str)
             .unwrap_or("default");
         let Some(name) = name else {
-            return Err(format!("policy file {}: a NetworkPolicy has no metadata.name", path.display()));
+            return Err(format!(
+                "policy file {}: a NetworkPolicy has no metadata.name",
+                path.display()
+            ));
         };
         let key = format!("{namespace}/{name}");
-        let object = check_policy(&key, object).map_err(|error| format!("policy file {}: {error}", path.display()))?;
+        let object = check_policy(&key, object)
+            .map_err(|error| format!("policy file {}: {error}", path.display()))?;
         keyed.push((key, object));
     }
     Ok(keyed)
@@ -614,12 +791,19 @@ fn check_placeholders(scenario: &Scenario) -> Result<(), String> {
                 Ok(found) => {
                     for found in found {
                         let target = found.target();
-                        if !pods.contains(target) && !model.external_hosts.iter().any(|host| host == target) {
-                            problem = Some(format!("{found} names no pod or external host of the scenario"));
-                        } else if found.family(model.primary_family()) == IpFamily::IPv6 && !model.has(IpFamily::IPv6)
-                            || found.family(model.primary_family()) == IpFamily::IPv4 && !model.has(IpFamily::IPv4)
+                        if !pods.contains(target)
+                            && !model.external_hosts.iter().any(|host| host == target)
                         {
-                            problem = Some(format!("{found} needs a family the model does not have"));
+                            problem = Some(format!(
+                                "{found} names no pod or external host of the scenario"
+                            ));
+                        } else if found.family(model.primary_family()) == IpFamily::IPv6
+                            && !model.has(IpFamily::IPv6)
+                            || found.family(model.primary_family()) == IpFamily::IPv4
+                                && !model.has(IpFamily::IPv4)
+                        {
+                            problem =
+                                Some(format!("{found} needs a family the model does not have"));
                         }
                     }
                 }
@@ -631,9 +815,6 @@ fn check_placeholders(scenario: &Scenario) -> Result<(), String> {
     }
     Ok(())
 }
-
-/// The placeholder type is re-exported for the runner.
-pub type PolicyPlaceholder = Placeholder;
 
 /// Replays the steps on the model's shape, checking references and grids.
 struct Validator<'a> {
@@ -650,7 +831,12 @@ struct Validator<'a> {
 
 impl<'a> Validator<'a> {
     fn new(model: &'a Model, policies: &'a IndexMap<String, serde_yaml::Value>) -> Self {
-        let order: Vec<String> = model.pods.keys().chain(&model.external_hosts).cloned().collect();
+        let order: Vec<String> = model
+            .pods
+            .keys()
+            .chain(&model.external_hosts)
+            .cloned()
+            .collect();
         Self {
             model,
             policies,
@@ -667,14 +853,18 @@ impl<'a> Validator<'a> {
     fn validate(mut self, raw: Vec<RawStep>) -> Result<Vec<Step>, (usize, &'static str, String)> {
         let mut steps = Vec::with_capacity(raw.len());
         for (index, raw) in raw.into_iter().enumerate() {
-            let step = self.step(raw).map_err(|(op, problem)| (index + 1, op, problem))?;
+            let step = self
+                .step(raw)
+                .map_err(|(op, problem)| (index + 1, op, problem))?;
             steps.push(step);
         }
         Ok(steps)
     }
 
     fn pod(&self, key: &str) -> Result<(), String> {
-        if self.order.iter().any(|existing| existing == key) && !self.model.external_hosts.iter().any(|h| h == key) {
+        if self.order.iter().any(|existing| existing == key)
+            && !self.model.external_hosts.iter().any(|h| h == key)
+        {
             Ok(())
         } else {
             Err(format!("no pod {key} exists at this step"))
@@ -690,17 +880,33 @@ impl<'a> Validator<'a> {
     }
 
     fn policy(&self, key: &str) -> Result<(), String> {
-        if self.policies.contains_key(key) { Ok(()) } else { Err(format!("policy {key} is not defined in policies")) }
+        if self.policies.contains_key(key) {
+            Ok(())
+        } else {
+            Err(format!("policy {key} is not defined in policies"))
+        }
     }
 
-    #[expect(clippy::too_many_lines, reason = "one arm per op reads better than a function per op")]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one arm per op reads better than a function per op"
+    )]
     fn step(&mut self, raw: RawStep) -> Result<Step, (&'static str, String)> {
         Ok(match raw {
             RawStep::CreatePolicy { policy } => {
                 let op = "create_policy";
                 self.policy(&policy).map_err(|e| (op, e))?;
-                if !self.existing_policies.insert(policy_identity(&policy).to_owned()) {
-                    return Err((op, format!("{} already exists (use update_policy)", policy_identity(&policy))));
+                if !self
+                    .existing_policies
+                    .insert(policy_identity(&policy).to_owned())
+                {
+                    return Err((
+                        op,
+                        format!(
+                            "{} already exists (use update_policy)",
+                            policy_identity(&policy)
+                        ),
+                    ));
                 }
                 Step::CreatePolicy { policy }
             }
@@ -708,7 +914,10 @@ impl<'a> Validator<'a> {
                 let op = "update_policy";
                 self.policy(&policy).map_err(|e| (op, e))?;
                 if !self.existing_policies.contains(policy_identity(&policy)) {
-                    return Err((op, format!("{} does not exist at this step", policy_identity(&policy))));
+                    return Err((
+                        op,
+                        format!("{} does not exist at this step", policy_identity(&policy)),
+                    ));
                 }
                 Step::UpdatePolicy { policy }
             }
@@ -716,7 +925,10 @@ impl<'a> Validator<'a> {
                 let op = "delete_policy";
                 self.policy(&policy).map_err(|e| (op, e))?;
                 if !self.existing_policies.remove(policy_identity(&policy)) {
-                    return Err((op, format!("{} does not exist at this step", policy_identity(&policy))));
+                    return Err((
+                        op,
+                        format!("{} does not exist at this step", policy_identity(&policy)),
+                    ));
                 }
                 Step::DeletePolicy { policy }
             }
@@ -725,24 +937,46 @@ impl<'a> Validator<'a> {
                 if let Some(unknown) = namespaces.iter().find(|ns| !self.namespaces.contains(*ns)) {
                     return Err((op, format!("namespace {unknown} is not in the model")));
                 }
-                self.existing_policies
-                    .retain(|identity| !namespaces.iter().any(|ns| identity.split_once('/').is_some_and(|(n, _)| n == ns)));
+                self.existing_policies.retain(|identity| {
+                    !namespaces
+                        .iter()
+                        .any(|ns| identity.split_once('/').is_some_and(|(n, _)| n == ns))
+                });
                 Step::DeleteAllPolicies { namespaces }
             }
-            RawStep::Relabel { pod_labels, namespace_labels } => {
+            RawStep::Relabel {
+                pod_labels,
+                namespace_labels,
+            } => {
                 let op = "relabel";
                 if pod_labels.is_empty() && namespace_labels.is_empty() {
-                    return Err((op, "relabel changes nothing: give pod_labels and/or namespace_labels".to_owned()));
+                    return Err((
+                        op,
+                        "relabel changes nothing: give pod_labels and/or namespace_labels"
+                            .to_owned(),
+                    ));
                 }
                 for pod in pod_labels.keys() {
                     self.pod(pod).map_err(|e| (op, e))?;
                 }
-                if let Some(unknown) = namespace_labels.keys().find(|ns| !self.namespaces.contains(*ns)) {
+                if let Some(unknown) = namespace_labels
+                    .keys()
+                    .find(|ns| !self.namespaces.contains(*ns))
+                {
                     return Err((op, format!("namespace {unknown} is not in the model")));
                 }
-                Step::Relabel { pod_labels, namespace_labels }
+                Step::Relabel {
+                    pod_labels,
+                    namespace_labels,
+                }
             }
-            RawStep::AddPod { pod, labels, ports, reuse_ip_of, publish } => {
+            RawStep::AddPod {
+                pod,
+                labels,
+                ports,
+                reuse_ip_of,
+                publish,
+            } => {
                 let op = "add_pod";
                 let (namespace, _) = split_pod_key(&pod).map_err(|e| (op, e))?;
                 if !self.namespaces.contains(namespace) {
@@ -756,7 +990,12 @@ impl<'a> Validator<'a> {
                 }
                 if let Some(old) = &reuse_ip_of {
                     if !self.deleted.remove(old) {
-                        return Err((op, format!("reuse_ip_of: {old} was not deleted earlier (or its IP is reused already)")));
+                        return Err((
+                            op,
+                            format!(
+                                "reuse_ip_of: {old} was not deleted earlier (or its IP is reused already)"
+                            ),
+                        ));
                     }
                 }
                 self.deleted.remove(&pod);
@@ -764,11 +1003,20 @@ impl<'a> Validator<'a> {
                     self.unpublished.insert(pod.clone());
                 }
                 self.order.push(pod.clone());
-                Step::AddPod { pod, labels, ports, reuse_ip_of, publish }
+                Step::AddPod {
+                    pod,
+                    labels,
+                    ports,
+                    reuse_ip_of,
+                    publish,
+                }
             }
             RawStep::PublishPod { pod } => {
                 if !self.unpublished.remove(&pod) {
-                    return Err(("publish_pod", format!("{pod} was not added with publish: false, or is published already")));
+                    return Err((
+                        "publish_pod",
+                        format!("{pod} was not added with publish: false, or is published already"),
+                    ));
                 }
                 Step::PublishPod { pod }
             }
@@ -780,38 +1028,70 @@ impl<'a> Validator<'a> {
                 Step::DeletePod { pod }
             }
             RawStep::RestartAgent { mode } => Step::RestartAgent { mode },
-            RawStep::OpenConnection { name, from, to, port, protocol } => {
+            RawStep::OpenConnection {
+                name,
+                from,
+                to,
+                port,
+                protocol,
+            } => {
                 let op = "open_connection";
                 self.endpoint(&from).map_err(|e| (op, e))?;
                 self.endpoint(&to).map_err(|e| (op, e))?;
                 if protocol == Protocol::Sctp {
-                    return Err((op, "long-lived SCTP flows are not supported (no SCTP in this kernel)".to_owned()));
+                    return Err((
+                        op,
+                        "long-lived SCTP flows are not supported (no SCTP in this kernel)"
+                            .to_owned(),
+                    ));
                 }
                 if !self.connections.insert(name.clone()) {
                     return Err((op, format!("a connection named {name} is open already")));
                 }
-                Step::OpenConnection { name, from, to, port, protocol }
+                Step::OpenConnection {
+                    name,
+                    from,
+                    to,
+                    port,
+                    protocol,
+                }
             }
             RawStep::CheckConnection { name, expect } => {
                 if !self.connections.contains(&name) {
-                    return Err(("check_connection", format!("no connection named {name} was opened")));
+                    return Err((
+                        "check_connection",
+                        format!("no connection named {name} was opened"),
+                    ));
                 }
                 Step::CheckConnection { name, expect }
             }
-            RawStep::Probe { port, protocol, expect } => {
+            RawStep::Probe {
+                port,
+                protocol,
+                expect,
+            } => {
                 let grid = self.grid(expect.grid).map_err(|e| ("probe", e))?;
-                Step::Probe { port, protocol, expect: grid }
+                Step::Probe {
+                    port,
+                    protocol,
+                    expect: grid,
+                }
             }
         })
     }
 
     fn grid(&self, rows: IndexMap<String, String>) -> Result<ExpectedGrid, String> {
         if let Some(unknown) = rows.keys().find(|row| !self.order.contains(row)) {
-            return Err(format!("grid row {unknown} is not a pod or external host at this step (expected rows: {})", self.order.join(" ")));
+            return Err(format!(
+                "grid row {unknown} is not a pod or external host at this step (expected rows: {})",
+                self.order.join(" ")
+            ));
         }
         let mut allowed = Vec::with_capacity(self.order.len());
         for endpoint in &self.order {
-            let row = rows.get(endpoint).ok_or_else(|| format!("grid has no row for {endpoint}"))?;
+            let row = rows
+                .get(endpoint)
+                .ok_or_else(|| format!("grid has no row for {endpoint}"))?;
             let cells: Vec<char> = row.chars().collect();
             if cells.len() != self.order.len() {
                 return Err(format!(
@@ -826,12 +1106,17 @@ impl<'a> Validator<'a> {
                 .map(|cell| match cell {
                     '.' => Ok(true),
                     'X' => Ok(false),
-                    other => Err(format!("grid row {endpoint}: {other:?} is neither '.' nor 'X'")),
+                    other => Err(format!(
+                        "grid row {endpoint}: {other:?} is neither '.' nor 'X'"
+                    )),
                 })
                 .collect::<Result<Vec<bool>, String>>()?;
             allowed.push(row);
         }
-        Ok(ExpectedGrid { endpoints: self.order.clone(), allowed })
+        Ok(ExpectedGrid {
+            endpoints: self.order.clone(),
+            allowed,
+        })
     }
 }
 
@@ -870,13 +1155,20 @@ steps:
         let scenario =
             parse_str("format: netwarden-scenario/v1\nname: n\nsteps:\n- op: probe\n  port: 80\n  protocol: SCTP\n  expect:\n    grid:\n      x/a: ..X......\n      x/b: .........\n      x/c: .........\n      y/a: .........\n      y/b: .........\n      y/c: .........\n      z/a: .........\n      z/b: .........\n      z/c: .........\n").unwrap();
         let model = &scenario.model;
-        assert_eq!(model.pods.keys().collect::<Vec<_>>(), ["x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c"]);
+        assert_eq!(
+            model.pods.keys().collect::<Vec<_>>(),
+            [
+                "x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c"
+            ]
+        );
         assert_eq!(model.namespaces["y"]["ns"], "y");
         assert_eq!(model.namespaces["y"][NAME_LABEL], "y");
         assert_eq!(model.default_ports.len(), 6);
         assert!(model.default_ports.iter().any(|p| p.name.as_deref() == Some("serve-81-sctp") && p.protocol == Protocol::Sctp));
         assert_eq!(model.ip_families, [IpFamily::IPv4]);
-        let Step::Probe { expect, .. } = &scenario.steps[0] else { panic!() };
+        let Step::Probe { expect, .. } = &scenario.steps[0] else {
+            panic!()
+        };
         assert!(!expect.allowed[0][2]);
         assert!(expect.allowed[0][1]);
     }
@@ -890,23 +1182,41 @@ steps:
 
     #[test]
     fn explicit_model_adds_name_label() {
-        let scenario = with_steps("[]").unwrap();
-        assert_eq!(scenario.model.namespaces["x"], Labels::from([(NAME_LABEL.to_owned(), "x".to_owned())]));
+        let scenario = with_steps("  []").unwrap();
+        assert_eq!(
+            scenario.model.namespaces["x"],
+            Labels::from([(NAME_LABEL.to_owned(), "x".to_owned())])
+        );
         assert_eq!(scenario.policies["x/deny"]["metadata"]["namespace"], "x");
     }
 
     #[test]
     fn grid_rows_and_columns_must_match_model() {
-        let ok = with_steps("- { op: probe, port: 80, protocol: TCP, expect: { grid: { x/a: '.X', x/b: '..' } } }\n");
+        let ok = with_steps(
+            "- { op: probe, port: 80, protocol: TCP, expect: { grid: { x/a: '.X', x/b: '..' } } }\n",
+        );
         assert!(ok.is_ok(), "{ok:?}");
-        let short = with_steps("- { op: probe, port: 80, protocol: TCP, expect: { grid: { x/a: '.', x/b: '..' } } }\n");
+        let short = with_steps(
+            "- { op: probe, port: 80, protocol: TCP, expect: { grid: { x/a: '.', x/b: '..' } } }\n",
+        );
         let error = short.unwrap_err().to_string();
-        assert!(error.contains("step 1 (probe)") && error.contains("1 columns"), "{error}");
+        assert!(
+            error.contains("step 1 (probe)") && error.contains("1 columns"),
+            "{error}"
+        );
         let missing = with_steps("- { op: probe, port: 80, expect: { grid: { x/a: '..' } } }\n");
         assert!(missing.unwrap_err().to_string().contains("no row for x/b"));
-        let unknown = with_steps("- { op: probe, port: 80, expect: { grid: { x/a: '..', x/b: '..', x/c: '..' } } }\n");
-        assert!(unknown.unwrap_err().to_string().contains("x/c is not a pod"));
-        let bad_char = with_steps("- { op: probe, port: 80, expect: { grid: { x/a: '.x', x/b: '..' } } }\n");
+        let unknown = with_steps(
+            "- { op: probe, port: 80, expect: { grid: { x/a: '..', x/b: '..', x/c: '..' } } }\n",
+        );
+        assert!(
+            unknown
+                .unwrap_err()
+                .to_string()
+                .contains("x/c is not a pod")
+        );
+        let bad_char =
+            with_steps("- { op: probe, port: 80, expect: { grid: { x/a: '.x', x/b: '..' } } }\n");
         assert!(bad_char.unwrap_err().to_string().contains("neither"));
     }
 
@@ -919,52 +1229,114 @@ steps:
 - { op: publish_pod, pod: x/c }
 ";
         let scenario = with_steps(steps).unwrap();
-        let Step::Probe { expect, .. } = &scenario.steps[2] else { panic!() };
+        let Step::Probe { expect, .. } = &scenario.steps[2] else {
+            panic!()
+        };
         assert_eq!(expect.endpoints, ["x/b", "x/c"]);
-        assert!(with_steps("- { op: add_pod, pod: x/c, reuse_ip_of: x/a }\n").unwrap_err().to_string().contains("reuse_ip_of"));
+        assert!(
+            with_steps("- { op: add_pod, pod: x/c, reuse_ip_of: x/a }\n")
+                .unwrap_err()
+                .to_string()
+                .contains("reuse_ip_of")
+        );
         assert!(with_steps("- { op: publish_pod, pod: x/a }\n").is_err());
-        assert!(with_steps("- { op: add_pod, pod: q/c }\n").unwrap_err().to_string().contains("namespace q"));
+        assert!(
+            with_steps("- { op: add_pod, pod: q/c }\n")
+                .unwrap_err()
+                .to_string()
+                .contains("namespace q")
+        );
     }
 
     #[test]
     fn unknown_keys_and_references_are_errors() {
-        let error = with_steps("- { op: create_policy, polcy: x/deny }\n").unwrap_err().to_string();
-        assert!(error.contains("test.yaml: step 1 (create_policy)") && error.contains("polcy"), "{error}");
-        assert!(with_steps("- { op: create_policy, policy: x/nope }\n").unwrap_err().to_string().contains("not defined"));
-        assert!(with_steps("- { op: frobnicate }\n").unwrap_err().to_string().contains("frobnicate"));
-        assert!(with_steps("- { op: delete_policy, policy: x/deny }\n").unwrap_err().to_string().contains("does not exist"));
+        let error = with_steps("- { op: create_policy, polcy: x/deny }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("test.yaml: step 1 (create_policy)") && error.contains("polcy"),
+            "{error}"
+        );
+        assert!(
+            with_steps("- { op: create_policy, policy: x/nope }\n")
+                .unwrap_err()
+                .to_string()
+                .contains("not defined")
+        );
+        assert!(
+            with_steps("- { op: frobnicate }\n")
+                .unwrap_err()
+                .to_string()
+                .contains("frobnicate")
+        );
+        assert!(
+            with_steps("- { op: delete_policy, policy: x/deny }\n")
+                .unwrap_err()
+                .to_string()
+                .contains("does not exist")
+        );
         assert!(with_steps("- { op: check_connection, name: c, expect: alive }\n").is_err());
-        assert!(with_steps("- { op: relabel, pod_labels: { x/z: {} } }\n").unwrap_err().to_string().contains("x/z"));
-        let top = parse_str("format: netwarden-scenario/v1\nname: n\nsurprise: 1\nsteps: []\n").unwrap_err().to_string();
+        assert!(
+            with_steps("- { op: relabel, pod_labels: { x/z: {} } }\n")
+                .unwrap_err()
+                .to_string()
+                .contains("x/z")
+        );
+        let top = parse_str("format: netwarden-scenario/v1\nname: n\nsurprise: 1\nsteps: []\n")
+            .unwrap_err()
+            .to_string();
         assert!(top.contains("surprise"), "{top}");
-        let model = parse_str("format: netwarden-scenario/v1\nname: n\nmodel: { pods: { x/a: {} } }\nsteps: []\n");
+        let model = parse_str(
+            "format: netwarden-scenario/v1\nname: n\nmodel: { pods: { x/a: {} } }\nsteps: []\n",
+        );
         assert!(model.unwrap_err().to_string().contains("namespace x"));
-        let format = parse_str("format: netwarden-scenario/v2\nname: n\nsteps: []\n").unwrap_err().to_string();
+        let format = parse_str("format: netwarden-scenario/v2\nname: n\nsteps: []\n")
+            .unwrap_err()
+            .to_string();
         assert!(format.contains("v2"));
     }
 
     #[test]
     fn policy_lifecycle_is_checked() {
-        let ok = with_steps("- { op: create_policy, policy: x/deny }\n- { op: delete_all_policies, namespaces: [x] }\n- { op: create_policy, policy: x/deny }\n");
+        let ok = with_steps(
+            "- { op: create_policy, policy: x/deny }\n- { op: delete_all_policies, namespaces: [x] }\n- { op: create_policy, policy: x/deny }\n",
+        );
         assert!(ok.is_ok(), "{ok:?}");
-        let twice = with_steps("- { op: create_policy, policy: x/deny }\n- { op: create_policy, policy: x/deny }\n");
+        let twice = with_steps(
+            "- { op: create_policy, policy: x/deny }\n- { op: create_policy, policy: x/deny }\n",
+        );
         assert!(twice.unwrap_err().to_string().contains("already exists"));
     }
 
     #[test]
     fn placeholders_must_name_known_endpoints() {
         let text = SMALL.replace("{{cidr x/a 16}}", "{{ip x/q}}");
-        assert!(parse_str(&format!("{text}[]")).unwrap_err().to_string().contains("x/q"));
+        assert!(
+            parse_str(&format!("{text}  []"))
+                .unwrap_err()
+                .to_string()
+                .contains("x/q")
+        );
         let text = SMALL.replace("{{cidr x/a 16}}", "{{ip6 x/a}}");
-        assert!(parse_str(&format!("{text}[]")).unwrap_err().to_string().contains("family"));
+        assert!(
+            parse_str(&format!("{text}  []"))
+                .unwrap_err()
+                .to_string()
+                .contains("family")
+        );
     }
 
     #[test]
     fn policy_key_must_match_object() {
         let text = SMALL.replace("x/deny:", "x/other:");
-        assert!(parse_str(&format!("{text}[]")).unwrap_err().to_string().contains("metadata.name"));
+        assert!(
+            parse_str(&format!("{text}  []"))
+                .unwrap_err()
+                .to_string()
+                .contains("metadata.name")
+        );
         let text = SMALL.replace("x/deny:", "x/deny@v2:");
-        assert!(parse_str(&format!("{text}[]")).is_ok());
+        assert!(parse_str(&format!("{text}  []")).is_ok());
     }
 
     #[test]
@@ -975,7 +1347,10 @@ steps:
             "apiVersion: v1\nkind: Namespace\nmetadata: { name: x }\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: extra, namespace: x }\nspec: { podSelector: {} }\n",
         )
         .unwrap();
-        let text = format!("{}policy_files: [policies.yaml]\nsteps:\n- {{ op: create_policy, policy: x/extra }}\n", SMALL.trim_end().trim_end_matches("steps:"));
+        let text = format!(
+            "{}policy_files: [policies.yaml]\nsteps:\n- {{ op: create_policy, policy: x/extra }}\n",
+            SMALL.trim_end().trim_end_matches("steps:")
+        );
         let scenario = parse(&dir.path().join("s.yaml"), &text).unwrap();
         assert!(scenario.policies.contains_key("x/extra"));
     }

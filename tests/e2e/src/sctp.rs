@@ -10,7 +10,7 @@ use std::{
     os::fd::AsRawFd as _,
 };
 
-use nix::sys::socket::{SockaddrLike as _, SockaddrStorage, recvfrom};
+use nix::sys::socket::{SockaddrStorage, recvfrom};
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
@@ -52,15 +52,26 @@ impl InitFields {
     /// Fields for a new association with the given tag.
     #[must_use]
     pub fn new(initiate_tag: u32) -> Self {
-        Self { initiate_tag, a_rwnd: 65_535, outbound_streams: 10, inbound_streams: 10, initial_tsn: initiate_tag ^ 0x5a5a_5a5a }
+        Self {
+            initiate_tag,
+            a_rwnd: 65_535,
+            outbound_streams: 10,
+            inbound_streams: 10,
+            initial_tsn: initiate_tag ^ 0x5a5a_5a5a,
+        }
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Chunk {
     Init(InitFields),
-    InitAck { fields: InitFields, state_cookie: Vec<u8> },
-    Other { kind: u8 },
+    InitAck {
+        fields: InitFields,
+        state_cookie: Vec<u8>,
+    },
+    Other {
+        kind: u8,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,18 +86,28 @@ impl Packet {
     /// An INIT from `source_port` to `destination_port` (verification tag 0, as RFC 9260 requires).
     #[must_use]
     pub fn init(source_port: u16, destination_port: u16, initiate_tag: u32) -> Self {
-        Self { source_port, destination_port, verification_tag: 0, chunks: vec![Chunk::Init(InitFields::new(initiate_tag))] }
+        Self {
+            source_port,
+            destination_port,
+            verification_tag: 0,
+            chunks: vec![Chunk::Init(InitFields::new(initiate_tag))],
+        }
     }
 
     /// The INIT-ACK answering this packet's INIT, if it is one.
     #[must_use]
     pub fn init_ack_for(&self, initiate_tag: u32, state_cookie: Vec<u8>) -> Option<Self> {
-        let Some(Chunk::Init(init)) = self.chunks.first() else { return None };
+        let Some(Chunk::Init(init)) = self.chunks.first() else {
+            return None;
+        };
         Some(Self {
             source_port: self.destination_port,
             destination_port: self.source_port,
             verification_tag: init.initiate_tag,
-            chunks: vec![Chunk::InitAck { fields: InitFields::new(initiate_tag), state_cookie }],
+            chunks: vec![Chunk::InitAck {
+                fields: InitFields::new(initiate_tag),
+                state_cookie,
+            }],
         })
     }
 
@@ -143,7 +164,10 @@ fn encode_chunk(chunk: &Chunk, out: &mut Vec<u8>) {
     let start = out.len();
     let (kind, fields, cookie) = match chunk {
         Chunk::Init(fields) => (CHUNK_INIT, fields, None),
-        Chunk::InitAck { fields, state_cookie } => (CHUNK_INIT_ACK, fields, Some(state_cookie)),
+        Chunk::InitAck {
+            fields,
+            state_cookie,
+        } => (CHUNK_INIT_ACK, fields, Some(state_cookie)),
         Chunk::Other { kind } => {
             out.extend_from_slice(&[*kind, 0, 0, 4]);
             return;
@@ -199,7 +223,10 @@ fn decode_chunk(kind: u8, body: &[u8]) -> Result<Chunk, SctpError> {
         }
         offset += length.next_multiple_of(4);
     }
-    Ok(Chunk::InitAck { fields, state_cookie })
+    Ok(Chunk::InitAck {
+        fields,
+        state_cookie,
+    })
 }
 
 fn be16(bytes: &[u8], at: usize) -> u16 {
@@ -236,14 +263,16 @@ pub struct RawSctpSocket {
 impl RawSctpSocket {
     pub fn open(netns: &Netns, local: IpAddr) -> io::Result<Self> {
         let domain = Domain::for_address(SocketAddr::new(local, 0));
-        let socket = netns.socket(domain, Type::RAW, Some(socket2::Protocol::from(IPPROTO_SCTP)))?;
+        let socket = netns.socket(
+            domain,
+            Type::RAW,
+            Some(socket2::Protocol::from(IPPROTO_SCTP)),
+        )?;
         socket.bind(&SocketAddr::new(local, 0).into())?;
-        Ok(Self { socket: AsyncFd::new(socket)?, local })
-    }
-
-    #[must_use]
-    pub fn local(&self) -> IpAddr {
-        self.local
+        // SAFETY: a `Socket` owns its descriptor and always returns that same descriptor from
+        // `as_raw_fd`, for as long as it lives; the `AsyncFd` owns the `Socket`.
+        let socket = unsafe { AsyncFd::register(socket) }.map_err(|error| error.into_parts().1)?;
+        Ok(Self { socket, local })
     }
 
     /// The next valid SCTP packet for the local address, with its source address. Packets that
@@ -253,7 +282,8 @@ impl RawSctpSocket {
         loop {
             let mut guard = self.socket.readable().await?;
             let received = guard.try_io(|socket| {
-                recvfrom::<SockaddrStorage>(socket.as_raw_fd(), &mut buffer).map_err(io::Error::from)
+                recvfrom::<SockaddrStorage>(socket.as_raw_fd(), &mut buffer)
+                    .map_err(io::Error::from)
             });
             let Ok(result) = received else { continue };
             let (length, from) = result?;
@@ -266,7 +296,11 @@ impl RawSctpSocket {
                     _ => continue,
                 },
                 IpAddr::V6(_) => {
-                    let Some(source) = from.as_ref().and_then(|from| from.as_sockaddr_in6()).map(|from| from.ip()) else {
+                    let Some(source) = from
+                        .as_ref()
+                        .and_then(|from| from.as_sockaddr_in6())
+                        .map(|from| from.ip())
+                    else {
                         continue;
                     };
                     Packet::decode(bytes).map(|packet| (IpAddr::V6(source), packet))
@@ -305,7 +339,11 @@ mod tests {
         let bytes = init.encode();
         assert_eq!(bytes.len(), 12 + 20);
         assert_eq!(&bytes[..4], &[0x9c, 0x40, 0x00, 0x50]);
-        assert_eq!(&bytes[4..8], &[0, 0, 0, 0], "INIT carries verification tag 0");
+        assert_eq!(
+            &bytes[4..8],
+            &[0, 0, 0, 0],
+            "INIT carries verification tag 0"
+        );
         assert_eq!(&bytes[12..16], &[1, 0, 0, 20]);
         assert_eq!(Packet::decode(&bytes).unwrap(), init);
     }
@@ -314,24 +352,39 @@ mod tests {
     fn init_ack_answers_with_the_peer_tag_and_a_cookie() {
         let init = Packet::init(40_000, 81, 0x0102_0304);
         let ack = init.init_ack_for(0x0a0b_0c0d, b"cookie!".to_vec()).unwrap();
-        assert_eq!((ack.source_port, ack.destination_port, ack.verification_tag), (81, 40_000, 0x0102_0304));
+        assert_eq!(
+            (ack.source_port, ack.destination_port, ack.verification_tag),
+            (81, 40_000, 0x0102_0304)
+        );
         let bytes = ack.encode();
         assert_eq!(bytes.len() % 4, 0);
         // Chunk length: 4 header + 16 fixed + 4 parameter header + 7 cookie bytes, padding excluded.
         assert_eq!(u16::from_be_bytes([bytes[14], bytes[15]]), 31);
         let decoded = Packet::decode(&bytes).unwrap();
         assert_eq!(decoded, ack);
-        let Chunk::InitAck { fields, state_cookie } = &decoded.chunks[0] else { panic!("{decoded:?}") };
+        let Chunk::InitAck {
+            fields,
+            state_cookie,
+        } = &decoded.chunks[0]
+        else {
+            panic!("{decoded:?}")
+        };
         assert_eq!(fields.initiate_tag, 0x0a0b_0c0d);
         assert_eq!(state_cookie, b"cookie!");
-        assert!(ack.init_ack_for(1, Vec::new()).is_none(), "only an INIT is answered");
+        assert!(
+            ack.init_ack_for(1, Vec::new()).is_none(),
+            "only an INIT is answered"
+        );
     }
 
     #[test]
     fn corrupted_packets_are_rejected() {
         let mut bytes = Packet::init(1, 2, 3).encode();
         bytes[20] ^= 1;
-        assert!(matches!(Packet::decode(&bytes), Err(SctpError::Checksum { .. })));
+        assert!(matches!(
+            Packet::decode(&bytes),
+            Err(SctpError::Checksum { .. })
+        ));
         assert_eq!(Packet::decode(&bytes[..8]), Err(SctpError::Short(8)));
         let mut bad_length = Packet::init(1, 2, 3).encode();
         bad_length[14..16].copy_from_slice(&200u16.to_be_bytes());
@@ -355,10 +408,15 @@ mod tests {
     #[test]
     fn ipv4_header_is_stripped() {
         let payload = Packet::init(1, 2, 3).encode();
-        let mut packet = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 132, 0, 0, 10, 244, 0, 11, 10, 244, 0, 12];
+        let mut packet = vec![
+            0x45, 0, 0, 0, 0, 0, 0, 0, 64, 132, 0, 0, 10, 244, 0, 11, 10, 244, 0, 12,
+        ];
         packet.extend_from_slice(&payload);
         let (source, destination, rest) = strip_ipv4_header(&packet).unwrap();
-        assert_eq!((source, destination), (Ipv4Addr::new(10, 244, 0, 11), Ipv4Addr::new(10, 244, 0, 12)));
+        assert_eq!(
+            (source, destination),
+            (Ipv4Addr::new(10, 244, 0, 11), Ipv4Addr::new(10, 244, 0, 12))
+        );
         assert_eq!(rest, payload.as_slice());
         packet[9] = 6;
         assert_eq!(strip_ipv4_header(&packet), Err(SctpError::NotIpv4Sctp));

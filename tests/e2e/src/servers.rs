@@ -48,7 +48,12 @@ impl Drop for Servers {
 }
 
 /// Starts a server for every port on every address of the endpoint named `identity`.
-pub fn start(netns: &Netns, identity: &str, addresses: &Addresses, ports: &[ContainerPort]) -> Result<Servers, ServerError> {
+pub fn start(
+    netns: &Netns,
+    identity: &str,
+    addresses: &Addresses,
+    ports: &[ContainerPort],
+) -> Result<Servers, ServerError> {
     let mut servers = Servers::default();
     for address in addresses.all() {
         for port in ports {
@@ -61,15 +66,24 @@ pub fn start(netns: &Netns, identity: &str, addresses: &Addresses, ports: &[Cont
             };
             let local = SocketAddr::new(address, port.container_port);
             let task = match port.protocol {
-                Protocol::Tcp => tokio::spawn(serve_tcp(listen_tcp(netns, local).map_err(error)?, identity.to_owned())),
-                Protocol::Udp => tokio::spawn(serve_udp(bind_udp(netns, local).map_err(error)?, identity.to_owned())),
+                Protocol::Tcp => tokio::spawn(serve_tcp(
+                    listen_tcp(netns, local).map_err(error)?,
+                    identity.to_owned(),
+                )),
+                Protocol::Udp => tokio::spawn(serve_udp(
+                    bind_udp(netns, local).map_err(error)?,
+                    identity.to_owned(),
+                )),
                 // One raw socket per address answers every SCTP port, below.
                 Protocol::Sctp => continue,
             };
             servers.tasks.push(task);
         }
-        let sctp_ports: Vec<u16> =
-            ports.iter().filter(|port| port.protocol == Protocol::Sctp).map(|port| port.container_port).collect();
+        let sctp_ports: Vec<u16> = ports
+            .iter()
+            .filter(|port| port.protocol == Protocol::Sctp)
+            .map(|port| port.container_port)
+            .collect();
         if let Some(&first) = sctp_ports.first() {
             let socket = RawSctpSocket::open(netns, address).map_err(|source| ServerError {
                 identity: identity.to_owned(),
@@ -78,7 +92,9 @@ pub fn start(netns: &Netns, identity: &str, addresses: &Addresses, ports: &[Cont
                 address,
                 source,
             })?;
-            servers.tasks.push(tokio::spawn(serve_sctp(socket, sctp_ports)));
+            servers
+                .tasks
+                .push(tokio::spawn(serve_sctp(socket, sctp_ports)));
         }
     }
     Ok(servers)
@@ -108,7 +124,9 @@ fn bind_udp(netns: &Netns, local: SocketAddr) -> io::Result<UdpSocket> {
 async fn serve_tcp(listener: TcpListener, identity: String) {
     let port = listener.local_addr().map_or(0, |local| local.port());
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         tokio::spawn(answer_lines(stream, format!("{identity} TCP {port}")));
     }
 }
@@ -117,7 +135,11 @@ async fn answer_lines(stream: TcpStream, prefix: String) {
     let (reader, mut writer) = stream.into_split();
     let mut lines = BufReader::new(reader).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        if writer.write_all(format!("{prefix} {line}\n").as_bytes()).await.is_err() {
+        if writer
+            .write_all(format!("{prefix} {line}\n").as_bytes())
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -127,16 +149,25 @@ async fn serve_udp(socket: UdpSocket, identity: String) {
     let port = socket.local_addr().map_or(0, |local| local.port());
     let mut buffer = vec![0u8; 65_536];
     loop {
-        let Ok((length, peer)) = socket.recv_from(&mut buffer).await else { continue };
-        let answer = format!("{identity} UDP {port} {}", String::from_utf8_lossy(&buffer[..length]));
+        let Ok((length, peer)) = socket.recv_from(&mut buffer).await else {
+            continue;
+        };
+        let answer = format!(
+            "{identity} UDP {port} {}",
+            String::from_utf8_lossy(&buffer[..length])
+        );
         let _ = socket.send_to(answer.as_bytes(), peer).await;
     }
 }
 
 async fn serve_sctp(socket: RawSctpSocket, ports: Vec<u16>) {
     loop {
-        let Ok((peer, packet)) = socket.recv().await else { continue };
-        if !ports.contains(&packet.destination_port) || !matches!(packet.chunks.first(), Some(Chunk::Init(_))) {
+        let Ok((peer, packet)) = socket.recv().await else {
+            continue;
+        };
+        if !ports.contains(&packet.destination_port)
+            || !matches!(packet.chunks.first(), Some(Chunk::Init(_)))
+        {
             continue;
         }
         let cookie = format!("netwarden-e2e {peer} {}", packet.source_port).into_bytes();

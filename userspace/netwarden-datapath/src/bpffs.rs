@@ -24,7 +24,9 @@ impl PinLayout {
     /// The layout under `bpffs` (usually `/sys/fs/bpf`).
     #[must_use]
     pub fn new(bpffs: &Path) -> Self {
-        Self { root: bpffs.join("netwarden").join("v1") }
+        Self {
+            root: bpffs.join("netwarden").join("v1"),
+        }
     }
 
     /// Directory of the pinned maps.
@@ -51,7 +53,14 @@ impl PinLayout {
 pub fn prepare(bpffs: &Path, layout: &PinLayout) -> io::Result<()> {
     fs::create_dir_all(bpffs)?;
     if !is_bpffs(bpffs)? {
-        nix::mount::mount(Some("bpf"), bpffs, Some("bpf"), MsFlags::empty(), None::<&str>).map_err(io::Error::from)?;
+        nix::mount::mount(
+            Some("bpf"),
+            bpffs,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(io::Error::from)?;
     }
     fs::create_dir_all(layout.maps())?;
     fs::create_dir_all(layout.links())?;
@@ -60,7 +69,10 @@ pub fn prepare(bpffs: &Path, layout: &PinLayout) -> io::Result<()> {
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {
     let stat = statfs::statfs(path).map_err(io::Error::from)?;
-    #[expect(clippy::useless_conversion, reason = "the field's integer type differs between targets")]
+    #[expect(
+        clippy::useless_conversion,
+        reason = "the field's integer type differs between targets"
+    )]
     let magic = i64::from(stat.filesystem_type().0);
     Ok(magic == BPF_FS_MAGIC)
 }

@@ -31,7 +31,8 @@ use aya::{
     },
 };
 use netwarden_common::{
-    CidrClass, CidrKey, EPOCH_INDEX, Endpoint, IpIdentity, IpKey, PeerId, PolicyEntry, PolicyKey, counter, endpoint_state,
+    CidrClass, CidrKey, EPOCH_INDEX, Endpoint, IpIdentity, IpKey, PeerId, PolicyEntry, PolicyKey,
+    counter, endpoint_state,
 };
 use netwarden_policy::{
     CompiledPolicy, DatapathState, PolicyId,
@@ -72,7 +73,9 @@ impl Hook {
 
     fn from_pin_name(name: &str) -> Option<(u32, Self)> {
         let (ifindex, program) = name.split_once('-')?;
-        let hook = Self::ALL.into_iter().find(|hook| hook.program() == program)?;
+        let hook = Self::ALL
+            .into_iter()
+            .find(|hook| hook.program() == program)?;
         Some((ifindex.parse().ok()?, hook))
     }
 }
@@ -126,7 +129,13 @@ pub struct Capacity {
 
 impl Default for Capacity {
     fn default() -> Self {
-        Self { endpoints: 4096, ipcache: 65536, policy: 262_144, cidrs: 65536, conntrack: 262_144 }
+        Self {
+            endpoints: 4096,
+            ipcache: 65536,
+            policy: 262_144,
+            cidrs: 65536,
+            conntrack: 262_144,
+        }
     }
 }
 
@@ -198,7 +207,10 @@ impl Datapath {
     /// back what the maps hold.
     pub fn open(bpffs: &Path, capacity: &Capacity) -> Result<(Self, Inherited), DatapathError> {
         let layout = PinLayout::new(bpffs);
-        bpffs::prepare(bpffs, &layout).map_err(|source| DatapathError::Bpffs { path: bpffs.to_owned(), source })?;
+        bpffs::prepare(bpffs, &layout).map_err(|source| DatapathError::Bpffs {
+            path: bpffs.to_owned(),
+            source,
+        })?;
         let maps_dir = layout.maps();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
@@ -212,10 +224,15 @@ impl Datapath {
             let name = hook.program();
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?
+                .ok_or(DatapathError::Program {
+                    name,
+                    source: ProgramError::NotLoaded,
+                })?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            program.load().map_err(|source| DatapathError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
 
         let mut datapath = Self {
@@ -242,16 +259,25 @@ impl Datapath {
     fn read_back(&mut self) -> Inherited {
         for key in self.ipcache.keys().flatten() {
             if let Ok(value) = self.ipcache.get(&key, 0) {
-                self.installed_ipcache.insert(unmapped(key.data().addr), value.identity);
+                self.installed_ipcache
+                    .insert(unmapped(key.data().addr), value.identity);
             }
         }
         for key in self.policy.keys().flatten() {
             let id = u32::from_be_bytes(key.data().policy);
-            self.installed_policies.entry(id).or_default().entries.push(key);
+            self.installed_policies
+                .entry(id)
+                .or_default()
+                .entries
+                .push(key);
         }
         for key in self.cidrs.keys().flatten() {
             let id = u32::from_be_bytes(key.data().policy);
-            self.installed_policies.entry(id).or_default().cidrs.push(key);
+            self.installed_policies
+                .entry(id)
+                .or_default()
+                .cidrs
+                .push(key);
         }
         for (ifindex, endpoint) in self.endpoints.iter().flatten() {
             self.installed_endpoints.insert(ifindex, endpoint);
@@ -263,14 +289,26 @@ impl Datapath {
             .installed_policies
             .keys()
             .copied()
-            .chain(self.installed_endpoints.values().flat_map(|endpoint| [endpoint.ingress_policy, endpoint.egress_policy]))
+            .chain(
+                self.installed_endpoints
+                    .values()
+                    .flat_map(|endpoint| [endpoint.ingress_policy, endpoint.egress_policy]),
+            )
             .max()
             .unwrap_or(0);
         if !self.installed_endpoints.is_empty() {
-            info!(endpoints = self.installed_endpoints.len(), policies = self.installed_policies.len(), "adopting pinned datapath state");
+            info!(
+                endpoints = self.installed_endpoints.len(),
+                policies = self.installed_policies.len(),
+                "adopting pinned datapath state"
+            );
         }
         Inherited {
-            identities: self.installed_identities.iter().map(|(digest, id)| (*digest, *id)).collect(),
+            identities: self
+                .installed_identities
+                .iter()
+                .map(|(digest, id)| (*digest, *id))
+                .collect(),
             highest_policy_id,
         }
     }
@@ -295,15 +333,28 @@ impl Datapath {
                 reserved: 0,
             };
             if let Some((Some(other), _, _)) = desired.get(&interface.index) {
-                report.errors.push(format!("Pod {}: interface {} already enforces for Pod {other}", endpoint.pod, interface.name));
+                report.errors.push(format!(
+                    "Pod {}: interface {} already enforces for Pod {other}",
+                    endpoint.pod, interface.name
+                ));
                 continue;
             }
-            desired.insert(interface.index, (Some(endpoint.pod.to_string()), value, interface.name.clone()));
+            desired.insert(
+                interface.index,
+                (
+                    Some(endpoint.pod.to_string()),
+                    value,
+                    interface.name.clone(),
+                ),
+            );
         }
         // A veth routed to an address no local pod has yet: a pod the agent has not heard of.
         for (ip, interface) in network.veth_host_routes() {
             if !known_ips.contains(&ip) && !desired.contains_key(&interface.index) {
-                let value = Endpoint { state: endpoint_state::UNKNOWN, ..Endpoint::default() };
+                let value = Endpoint {
+                    state: endpoint_state::UNKNOWN,
+                    ..Endpoint::default()
+                };
                 desired.insert(interface.index, (None, value, interface.name.clone()));
             }
         }
@@ -324,13 +375,20 @@ impl Datapath {
         }
 
         for (ifindex, (pod, mut value, interface)) in desired.clone() {
-            if failed_policies.contains(&value.ingress_policy) || failed_policies.contains(&value.egress_policy) {
+            if failed_policies.contains(&value.ingress_policy)
+                || failed_policies.contains(&value.egress_policy)
+            {
                 error!(pod = pod.as_deref().unwrap_or("?"), %interface, "policy does not fit the maps; endpoint locked down");
-                value = Endpoint { state: endpoint_state::LOCKED, ..Endpoint::default() };
+                value = Endpoint {
+                    state: endpoint_state::LOCKED,
+                    ..Endpoint::default()
+                };
             }
             if self.installed_endpoints.get(&ifindex) != Some(&value) {
                 if let Err(error) = self.endpoints.insert(ifindex, value, 0) {
-                    report.errors.push(format!("endpoint {interface}: cannot write its map entry: {error}"));
+                    report.errors.push(format!(
+                        "endpoint {interface}: cannot write its map entry: {error}"
+                    ));
                     continue;
                 }
                 self.installed_endpoints.insert(ifindex, value);
@@ -355,11 +413,22 @@ impl Datapath {
                 endpoint_state::LOCKED => "locked",
                 _ => "unknown",
             };
-            report.endpoints.push(EndpointReport { pod, interface, ifindex, state: state_name, attached });
+            report.endpoints.push(EndpointReport {
+                pod,
+                interface,
+                ifindex,
+                state: state_name,
+                attached,
+            });
         }
 
         // Endpoints that went away: detach first, then forget the map entry.
-        let gone: Vec<u32> = self.installed_endpoints.keys().copied().filter(|ifindex| !desired.contains_key(ifindex)).collect();
+        let gone: Vec<u32> = self
+            .installed_endpoints
+            .keys()
+            .copied()
+            .filter(|ifindex| !desired.contains_key(ifindex))
+            .collect();
         for ifindex in gone {
             self.detach(ifindex);
             if let Err(error) = self.endpoints.remove(&ifindex) {
@@ -369,7 +438,12 @@ impl Datapath {
             report.changed = true;
         }
         // Links pinned by a previous agent for interfaces that no longer enforce anything.
-        let stale: Vec<(u32, Hook)> = self.attached.iter().copied().filter(|(ifindex, _)| !desired.contains_key(ifindex)).collect();
+        let stale: Vec<(u32, Hook)> = self
+            .attached
+            .iter()
+            .copied()
+            .filter(|(ifindex, _)| !desired.contains_key(ifindex))
+            .collect();
         for (ifindex, _) in stale {
             self.detach(ifindex);
         }
@@ -392,14 +466,24 @@ impl Datapath {
         report
     }
 
-    fn sync_ipcache(&mut self, desired: &BTreeMap<IpAddr, PeerId>, errors: &mut Vec<String>) -> bool {
+    fn sync_ipcache(
+        &mut self,
+        desired: &BTreeMap<IpAddr, PeerId>,
+        errors: &mut Vec<String>,
+    ) -> bool {
         let mut changed = false;
         for (ip, identity) in desired {
             if self.installed_ipcache.get(ip) == Some(identity) {
                 continue;
             }
             let key = Key::new(128, IpKey { addr: mapped(*ip) });
-            match self.ipcache.insert(&key, IpIdentity { identity: *identity }, 0) {
+            match self.ipcache.insert(
+                &key,
+                IpIdentity {
+                    identity: *identity,
+                },
+                0,
+            ) {
                 Ok(()) => {
                     self.installed_ipcache.insert(*ip, *identity);
                     changed = true;
@@ -408,9 +492,16 @@ impl Datapath {
                 Err(error) => errors.push(format!("IP cache: cannot add {ip}: {error}")),
             }
         }
-        let gone: Vec<IpAddr> = self.installed_ipcache.keys().copied().filter(|ip| !desired.contains_key(ip)).collect();
+        let gone: Vec<IpAddr> = self
+            .installed_ipcache
+            .keys()
+            .copied()
+            .filter(|ip| !desired.contains_key(ip))
+            .collect();
         for ip in gone {
-            let _ = self.ipcache.remove(&Key::new(128, IpKey { addr: mapped(ip) }));
+            let _ = self
+                .ipcache
+                .remove(&Key::new(128, IpKey { addr: mapped(ip) }));
             self.installed_ipcache.remove(&ip);
             changed = true;
         }
@@ -422,9 +513,18 @@ impl Datapath {
         let mut failure = None;
         for (prefix, class) in &compiled.cidrs {
             let (addr, prefix_len) = mapped_prefix(prefix);
-            let key = Key::new(32 + prefix_len, CidrKey { policy: id.to_be_bytes(), addr });
+            let key = Key::new(
+                32 + prefix_len,
+                CidrKey {
+                    policy: id.to_be_bytes(),
+                    addr,
+                },
+            );
             if let Err(error) = self.cidrs.insert(&key, CidrClass { peer: *class }, 0) {
-                failure = Some(format!("policy {id}: CIDR map is full or failing ({error}); {} prefixes needed", compiled.cidrs.len()));
+                failure = Some(format!(
+                    "policy {id}: CIDR map is full or failing ({error}); {} prefixes needed",
+                    compiled.cidrs.len()
+                ));
                 break;
             }
             installed.cidrs.push(key);
@@ -434,7 +534,10 @@ impl Datapath {
                 let (prefix_len, data) = entry.key(id);
                 let key = Key::new(prefix_len, data);
                 if let Err(error) = self.policy.insert(&key, PolicyEntry { rule: *rule }, 0) {
-                    failure = Some(format!("policy {id}: policy map is full or failing ({error}); {} entries needed", compiled.entries.len()));
+                    failure = Some(format!(
+                        "policy {id}: policy map is full or failing ({error}); {} entries needed",
+                        compiled.entries.len()
+                    ));
                     break;
                 }
                 installed.entries.push(key);
@@ -462,13 +565,24 @@ impl Datapath {
     }
 
     fn sync_identities(&mut self, state: &DatapathState) {
-        let desired: BTreeMap<[u8; 32], PeerId> = state.identities.iter().map(|(id, info)| (info.digest(), *id)).collect();
+        let desired: BTreeMap<[u8; 32], PeerId> = state
+            .identities
+            .iter()
+            .map(|(id, info)| (info.digest(), *id))
+            .collect();
         for (digest, id) in &desired {
-            if self.installed_identities.get(digest) != Some(id) && self.identities.insert(digest, id, 0).is_ok() {
+            if self.installed_identities.get(digest) != Some(id)
+                && self.identities.insert(digest, id, 0).is_ok()
+            {
                 self.installed_identities.insert(*digest, *id);
             }
         }
-        let gone: Vec<[u8; 32]> = self.installed_identities.keys().copied().filter(|digest| !desired.contains_key(digest)).collect();
+        let gone: Vec<[u8; 32]> = self
+            .installed_identities
+            .keys()
+            .copied()
+            .filter(|digest| !desired.contains_key(digest))
+            .collect();
         for digest in gone {
             let _ = self.identities.remove(&digest);
             self.installed_identities.remove(&digest);
@@ -492,14 +606,22 @@ impl Datapath {
             .program_mut(hook.program())
             .and_then(|program| program.try_into().ok())
             .ok_or_else(|| format!("program {} is missing", hook.program()))?;
-        let describe = |error: &dyn std::fmt::Display| format!("endpoint {interface}: cannot attach {}: {error}", hook.program());
+        let describe = |error: &dyn std::fmt::Display| {
+            format!(
+                "endpoint {interface}: cannot attach {}: {error}",
+                hook.program()
+            )
+        };
 
         if let Ok(pinned) = PinnedLink::from_pin(&pin) {
-            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|error| describe(&error))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(|error| describe(&error))?;
             match program.attach_to_link(link) {
                 Ok(link_id) => {
                     // The pin keeps the link; dropping our handle only closes a descriptor.
-                    let _link = program.take_link(link_id).map_err(|error| describe(&error))?;
+                    let _link = program
+                        .take_link(link_id)
+                        .map_err(|error| describe(&error))?;
                     return Ok(());
                 }
                 Err(error) => {
@@ -512,13 +634,18 @@ impl Datapath {
         if !has_tcx() {
             // Without TCX, a clsact filter persists on the interface by itself.
             if let Err(error) = tc::qdisc_add_clsact(interface) {
-                if !matches!(&error, tc::TcError::NetlinkError(inner) if inner.raw_os_error() == Some(libc::EEXIST)) {
+                if !matches!(&error, tc::TcError::NetlinkError(inner) if inner.raw_os_error() == Some(libc::EEXIST))
+                {
                     return Err(describe(&error));
                 }
             }
         }
-        let link_id = program.attach(interface, hook.attach_type()).map_err(|error| describe(&error))?;
-        let link = program.take_link(link_id).map_err(|error| describe(&error))?;
+        let link_id = program
+            .attach(interface, hook.attach_type())
+            .map_err(|error| describe(&error))?;
+        let link = program
+            .take_link(link_id)
+            .map_err(|error| describe(&error))?;
         match FdLink::try_from(link) {
             Ok(fd_link) => {
                 fd_link.pin(&pin).map_err(|error| describe(&error))?;
@@ -543,10 +670,14 @@ impl Datapath {
     /// Takes over links a previous agent pinned for interfaces that still exist, swapping in
     /// this agent's programs; removes pins of interfaces that are gone.
     pub fn adopt_links(&mut self, network: &NodeNetwork) {
-        let Ok(entries) = fs::read_dir(self.layout.links()) else { return };
+        let Ok(entries) = fs::read_dir(self.layout.links()) else {
+            return;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some((ifindex, hook)) = Hook::from_pin_name(&name) else { continue };
+            let Some((ifindex, hook)) = Hook::from_pin_name(&name) else {
+                continue;
+            };
             match network.interfaces.get(&ifindex) {
                 Some(interface) if interface.is_veth => {
                     let interface = interface.name.clone();
@@ -568,7 +699,12 @@ impl Datapath {
     #[must_use]
     pub fn verdicts(&self) -> Vec<u64> {
         (0..counter::COUNT)
-            .map(|index| self.verdicts.get(&index, 0).map(|values| values.iter().sum()).unwrap_or(0))
+            .map(|index| {
+                self.verdicts
+                    .get(&index, 0)
+                    .map(|values| values.iter().sum())
+                    .unwrap_or(0)
+            })
             .collect()
     }
 }
@@ -577,13 +713,19 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(DatapathError::Map { name, source: MapError::InvalidName { name: name.to_owned() } })?;
+    let map = ebpf.take_map(name).ok_or(DatapathError::Map {
+        name,
+        source: MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    })?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
 /// TCX arrived in Linux 6.6.
 fn has_tcx() -> bool {
-    aya::util::KernelVersion::current().is_ok_and(|version| version >= aya::util::KernelVersion::new(6, 6, 0))
+    aya::util::KernelVersion::current()
+        .is_ok_and(|version| version >= aya::util::KernelVersion::new(6, 6, 0))
 }
 
 fn unmapped(addr: [u8; 16]) -> IpAddr {

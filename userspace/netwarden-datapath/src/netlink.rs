@@ -66,16 +66,21 @@ impl NodeNetwork {
             .iter()
             .filter(|(net, _)| net.contains(&ip))
             .max_by_key(|(net, _)| net.prefix_len())?;
-        self.interfaces.get(oif).filter(|interface| interface.is_veth)
+        self.interfaces
+            .get(oif)
+            .filter(|interface| interface.is_veth)
     }
 
     /// Host routes (/32, /128) through veths: each is a pod's address, whether or not the agent
     /// knows the pod yet.
     pub fn veth_host_routes(&self) -> impl Iterator<Item = (IpAddr, &Interface)> {
-        self.routes.iter().filter(|(net, _)| net.prefix_len() == net.max_prefix_len()).filter_map(|(net, oif)| {
-            let interface = self.interfaces.get(oif)?;
-            interface.is_veth.then_some((net.addr(), interface))
-        })
+        self.routes
+            .iter()
+            .filter(|(net, _)| net.prefix_len() == net.max_prefix_len())
+            .filter_map(|(net, oif)| {
+                let interface = self.interfaces.get(oif)?;
+                interface.is_veth.then_some((net.addr(), interface))
+            })
     }
 }
 
@@ -113,23 +118,47 @@ impl Netlink {
     pub async fn read(&self) -> Result<NodeNetwork, NetlinkError> {
         let mut network = NodeNetwork::default();
         let mut links = self.handle.link().get().execute();
-        while let Some(link) = links.try_next().await.map_err(|source| NetlinkError::Dump { what: "link", source })? {
+        while let Some(link) = links
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::Dump {
+                what: "link",
+                source,
+            })?
+        {
             let mut name = String::new();
             let mut is_veth = false;
             for attribute in &link.attributes {
                 match attribute {
                     LinkAttribute::IfName(ifname) => name.clone_from(ifname),
                     LinkAttribute::LinkInfo(infos) => {
-                        is_veth |= infos.iter().any(|info| matches!(info, LinkInfo::Kind(InfoKind::Veth)));
+                        is_veth |= infos
+                            .iter()
+                            .any(|info| matches!(info, LinkInfo::Kind(InfoKind::Veth)));
                     }
                     _ => {}
                 }
             }
-            network.interfaces.insert(link.header.index, Interface { index: link.header.index, name, is_veth });
+            network.interfaces.insert(
+                link.header.index,
+                Interface {
+                    index: link.header.index,
+                    name,
+                    is_veth,
+                },
+            );
         }
 
         let mut addresses = self.handle.address().get().execute();
-        while let Some(address) = addresses.try_next().await.map_err(|source| NetlinkError::Dump { what: "address", source })? {
+        while let Some(address) =
+            addresses
+                .try_next()
+                .await
+                .map_err(|source| NetlinkError::Dump {
+                    what: "address",
+                    source,
+                })?
+        {
             for attribute in &address.attributes {
                 if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attribute {
                     if !network.addresses.contains(ip) {
@@ -139,9 +168,20 @@ impl Netlink {
             }
         }
 
-        for request in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
+        for request in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
             let mut routes = self.handle.route().get(request).execute();
-            while let Some(route) = routes.try_next().await.map_err(|source| NetlinkError::Dump { what: "route", source })? {
+            while let Some(route) =
+                routes
+                    .try_next()
+                    .await
+                    .map_err(|source| NetlinkError::Dump {
+                        what: "route",
+                        source,
+                    })?
+            {
                 if let Some(entry) = main_table_route(&route) {
                     network.routes.push(entry);
                 }
@@ -158,8 +198,12 @@ fn main_table_route(route: &RouteMessage) -> Option<(IpNet, u32)> {
     for attribute in &route.attributes {
         match attribute {
             RouteAttribute::Table(id) => table = *id,
-            RouteAttribute::Destination(RouteAddress::Inet(v4)) => destination = Some(IpAddr::V4(*v4)),
-            RouteAttribute::Destination(RouteAddress::Inet6(v6)) => destination = Some(IpAddr::V6(*v6)),
+            RouteAttribute::Destination(RouteAddress::Inet(v4)) => {
+                destination = Some(IpAddr::V4(*v4))
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(v6)) => {
+                destination = Some(IpAddr::V6(*v6))
+            }
             RouteAttribute::Oif(index) => oif = Some(*index),
             _ => {}
         }
@@ -181,17 +225,43 @@ mod tests {
 
     fn network() -> NodeNetwork {
         let mut network = NodeNetwork::default();
-        network.interfaces.insert(2, Interface { index: 2, name: "eth0".into(), is_veth: false });
-        network.interfaces.insert(7, Interface { index: 7, name: "veth1234".into(), is_veth: true });
-        network.routes = vec![("0.0.0.0/0".parse().unwrap(), 2), ("10.244.0.5/32".parse().unwrap(), 7)];
+        network.interfaces.insert(
+            2,
+            Interface {
+                index: 2,
+                name: "eth0".into(),
+                is_veth: false,
+            },
+        );
+        network.interfaces.insert(
+            7,
+            Interface {
+                index: 7,
+                name: "veth1234".into(),
+                is_veth: true,
+            },
+        );
+        network.routes = vec![
+            ("0.0.0.0/0".parse().unwrap(), 2),
+            ("10.244.0.5/32".parse().unwrap(), 7),
+        ];
         network
     }
 
     #[test]
     fn a_pod_is_found_through_its_host_route_and_never_through_the_uplink() {
         let network = network();
-        assert_eq!(network.veth_for("10.244.0.5".parse().unwrap()).map(|i| i.index), Some(7));
-        assert_eq!(network.veth_for("10.244.0.6".parse().unwrap()), None, "default route via eth0 is not a pod");
+        assert_eq!(
+            network
+                .veth_for("10.244.0.5".parse().unwrap())
+                .map(|i| i.index),
+            Some(7)
+        );
+        assert_eq!(
+            network.veth_for("10.244.0.6".parse().unwrap()),
+            None,
+            "default route via eth0 is not a pod"
+        );
         assert_eq!(network.veth_host_routes().count(), 1);
     }
 }

@@ -209,7 +209,12 @@ impl Cluster {
     #[must_use]
     pub fn namespace_labels(&self, namespace: &str) -> Labels {
         self.namespaces.get(namespace).map_or_else(
-            || Labels::from([(crate::convert::NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned())]),
+            || {
+                Labels::from([(
+                    crate::convert::NAMESPACE_NAME_LABEL.to_owned(),
+                    namespace.to_owned(),
+                )])
+            },
             |ns| ns.labels.clone(),
         )
     }

@@ -16,8 +16,8 @@ use k8s_openapi::{
 
 use crate::{
     cluster::{
-        ContainerPort, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PolicyTypes, PortRef,
-        PortSpec, Protocol, Rule,
+        ContainerPort, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PolicyTypes,
+        PortRef, PortSpec, Protocol, Rule,
     },
     selector::{LabelSelector, Requirement},
 };
@@ -56,17 +56,27 @@ impl Ctx<'_> {
 }
 
 fn name_of(kind: &'static str, metadata: &meta::ObjectMeta) -> Result<String, ModelError> {
-    metadata.name.clone().filter(|name| !name.is_empty()).ok_or_else(|| ModelError {
-        kind,
-        object: "<unnamed>".into(),
-        field: "metadata.name".into(),
-        problem: "is required".into(),
-    })
+    metadata
+        .name
+        .clone()
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| ModelError {
+            kind,
+            object: "<unnamed>".into(),
+            field: "metadata.name".into(),
+            problem: "is required".into(),
+        })
 }
 
-fn namespace_of(kind: &'static str, metadata: &meta::ObjectMeta) -> Result<(String, String), ModelError> {
+fn namespace_of(
+    kind: &'static str,
+    metadata: &meta::ObjectMeta,
+) -> Result<(String, String), ModelError> {
     let name = name_of(kind, metadata)?;
-    let namespace = metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
+    let namespace = metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
     Ok((namespace, name))
 }
 
@@ -83,14 +93,21 @@ pub fn namespace(object: &core::Namespace) -> Result<Namespace, ModelError> {
 pub fn pod(object: &core::Pod) -> Result<Pod, ModelError> {
     let (namespace, name) = namespace_of("Pod", &object.metadata)?;
     let display = format!("{namespace}/{name}");
-    let ctx = Ctx { kind: "Pod", object: &display };
+    let ctx = Ctx {
+        kind: "Pod",
+        object: &display,
+    };
     let spec = object.spec.as_ref();
     let status = object.status.as_ref();
 
     let mut ips = Vec::new();
     if let Some(pod_ips) = status.and_then(|status| status.pod_ips.as_ref()) {
         for (index, pod_ip) in pod_ips.iter().enumerate() {
-            ips.push(parse_ip(&ctx, &format!("status.podIPs[{index}].ip"), &pod_ip.ip)?);
+            ips.push(parse_ip(
+                &ctx,
+                &format!("status.podIPs[{index}].ip"),
+                &pod_ip.ip,
+            )?);
         }
     }
     if let Some(pod_ip) = status.and_then(|status| status.pod_ip.as_ref()) {
@@ -108,16 +125,29 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ModelError> {
     }
 
     let mut ports = Vec::new();
-    for (c, container) in spec.map(|spec| spec.containers.as_slice()).unwrap_or_default().iter().enumerate() {
+    for (c, container) in spec
+        .map(|spec| spec.containers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         for (p, port) in container.ports.iter().flatten().enumerate() {
             let field = format!("spec.containers[{c}].ports[{p}]");
             let number = port_number(&ctx, &format!("{field}.containerPort"), port.container_port)?;
             let protocol = match port.protocol.as_deref() {
                 None => Protocol::Tcp,
-                Some(name) => Protocol::from_api(name)
-                    .ok_or_else(|| ctx.error(format!("{field}.protocol"), format!("unsupported protocol {name:?}")))?,
+                Some(name) => Protocol::from_api(name).ok_or_else(|| {
+                    ctx.error(
+                        format!("{field}.protocol"),
+                        format!("unsupported protocol {name:?}"),
+                    )
+                })?,
             };
-            ports.push(ContainerPort { name: port.name.clone(), port: number, protocol });
+            ports.push(ContainerPort {
+                name: port.name.clone(),
+                port: number,
+                protocol,
+            });
         }
     }
 
@@ -138,19 +168,40 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ModelError> {
 pub fn network_policy(object: &networking::NetworkPolicy) -> Result<NetworkPolicy, ModelError> {
     let (namespace, name) = namespace_of("NetworkPolicy", &object.metadata)?;
     let display = format!("{namespace}/{name}");
-    let ctx = Ctx { kind: "NetworkPolicy", object: &display };
+    let ctx = Ctx {
+        kind: "NetworkPolicy",
+        object: &display,
+    };
     let spec = object.spec.clone().unwrap_or_default();
 
     let pod_selector = selector(&ctx, "spec.podSelector", spec.pod_selector.as_ref())?;
-    let ingress = rules(&ctx, "spec.ingress", "from", spec.ingress.unwrap_or_default(), |rule| (rule.from, rule.ports))?;
-    let egress = rules(&ctx, "spec.egress", "to", spec.egress.unwrap_or_default(), |rule| (rule.to, rule.ports))?;
+    let ingress = rules(
+        &ctx,
+        "spec.ingress",
+        "from",
+        spec.ingress.unwrap_or_default(),
+        |rule| (rule.from, rule.ports),
+    )?;
+    let egress = rules(
+        &ctx,
+        "spec.egress",
+        "to",
+        spec.egress.unwrap_or_default(),
+        |rule| (rule.to, rule.ports),
+    )?;
 
     let policy_types = match spec.policy_types.as_deref() {
         // Defaulting, as pkg/apis/networking/v1/defaults.go does it: Ingress always, Egress only
         // when there are egress rules (an empty `egress: []` does not count).
-        None | Some([]) => PolicyTypes { ingress: true, egress: !egress.is_empty() },
+        None | Some([]) => PolicyTypes {
+            ingress: true,
+            egress: !egress.is_empty(),
+        },
         Some(types) => {
-            let mut policy_types = PolicyTypes { ingress: false, egress: false };
+            let mut policy_types = PolicyTypes {
+                ingress: false,
+                egress: false,
+            };
             for (index, policy_type) in types.iter().enumerate() {
                 match policy_type.as_str() {
                     "Ingress" => policy_types.ingress = true,
@@ -167,7 +218,13 @@ pub fn network_policy(object: &networking::NetworkPolicy) -> Result<NetworkPolic
         }
     };
 
-    Ok(NetworkPolicy { id: PolicyRef { namespace, name }, pod_selector, policy_types, ingress, egress })
+    Ok(NetworkPolicy {
+        id: PolicyRef { namespace, name },
+        pod_selector,
+        policy_types,
+        ingress,
+        egress,
+    })
 }
 
 fn rules<R>(
@@ -175,7 +232,12 @@ fn rules<R>(
     field: &str,
     peers_field: &str,
     rules: Vec<R>,
-    split: impl Fn(R) -> (Option<Vec<NetworkPolicyPeer>>, Option<Vec<NetworkPolicyPort>>),
+    split: impl Fn(
+        R,
+    ) -> (
+        Option<Vec<NetworkPolicyPeer>>,
+        Option<Vec<NetworkPolicyPort>>,
+    ),
 ) -> Result<Vec<Rule>, ModelError> {
     rules
         .into_iter()
@@ -210,14 +272,22 @@ fn peer(ctx: &Ctx<'_>, field: &str, peer: &NetworkPolicyPeer) -> Result<Peer, Mo
                 let net = parse_cidr(ctx, &except_field, text)?;
                 // The API server requires each except to lie strictly inside the cidr.
                 if !cidr.contains(&net) || net.prefix_len() <= cidr.prefix_len() {
-                    return Err(ctx.error(except_field, format!("{net} is not strictly within {cidr}")));
+                    return Err(
+                        ctx.error(except_field, format!("{net} is not strictly within {cidr}"))
+                    );
                 }
                 except.push(net);
             }
             Ok(Peer::IpBlock { cidr, except })
         }
-        (Some(_), _, _) => Err(ctx.error(field, "ipBlock cannot be combined with podSelector or namespaceSelector")),
-        (None, None, None) => Err(ctx.error(field, "must specify podSelector, namespaceSelector or ipBlock")),
+        (Some(_), _, _) => Err(ctx.error(
+            field,
+            "ipBlock cannot be combined with podSelector or namespaceSelector",
+        )),
+        (None, None, None) => Err(ctx.error(
+            field,
+            "must specify podSelector, namespaceSelector or ipBlock",
+        )),
         (None, pods, namespaces) => Ok(Peer::Pods {
             pod_selector: pods
                 .as_ref()
@@ -225,7 +295,9 @@ fn peer(ctx: &Ctx<'_>, field: &str, peer: &NetworkPolicyPeer) -> Result<Peer, Mo
                 .transpose()?,
             namespace_selector: namespaces
                 .as_ref()
-                .map(|selector_| selector(ctx, &format!("{field}.namespaceSelector"), Some(selector_)))
+                .map(|selector_| {
+                    selector(ctx, &format!("{field}.namespaceSelector"), Some(selector_))
+                })
                 .transpose()?,
         }),
     }
@@ -234,17 +306,35 @@ fn peer(ctx: &Ctx<'_>, field: &str, peer: &NetworkPolicyPeer) -> Result<Peer, Mo
 fn port_spec(ctx: &Ctx<'_>, field: &str, port: &NetworkPolicyPort) -> Result<PortSpec, ModelError> {
     let protocol = match port.protocol.as_deref() {
         None => Protocol::Tcp,
-        Some(name) => Protocol::from_api(name)
-            .ok_or_else(|| ctx.error(format!("{field}.protocol"), format!("unsupported protocol {name:?}")))?,
+        Some(name) => Protocol::from_api(name).ok_or_else(|| {
+            ctx.error(
+                format!("{field}.protocol"),
+                format!("unsupported protocol {name:?}"),
+            )
+        })?,
     };
     let number_or_name = match &port.port {
         None => None,
-        Some(IntOrString::Int(number)) => Some(PortRef::Number(port_number(ctx, &format!("{field}.port"), *number)?)),
+        Some(IntOrString::Int(number)) => Some(PortRef::Number(port_number(
+            ctx,
+            &format!("{field}.port"),
+            *number,
+        )?)),
         Some(IntOrString::String(text)) => match text.parse::<i32>() {
             // The API server stores "80" as a name; it is not a valid IANA_SVC_NAME, so reject it.
-            Ok(_) => return Err(ctx.error(format!("{field}.port"), format!("{text:?} is a number written as a string"))),
+            Ok(_) => {
+                return Err(ctx.error(
+                    format!("{field}.port"),
+                    format!("{text:?} is a number written as a string"),
+                ));
+            }
             Err(_) if valid_port_name(text) => Some(PortRef::Name(text.clone())),
-            Err(_) => return Err(ctx.error(format!("{field}.port"), format!("{text:?} is not a valid port name"))),
+            Err(_) => {
+                return Err(ctx.error(
+                    format!("{field}.port"),
+                    format!("{text:?} is not a valid port name"),
+                ));
+            }
         },
     };
     let end_port = match (port.end_port, &number_or_name) {
@@ -252,13 +342,22 @@ fn port_spec(ctx: &Ctx<'_>, field: &str, port: &NetworkPolicyPort) -> Result<Por
         (Some(end), Some(PortRef::Number(start))) => {
             let end = port_number(ctx, &format!("{field}.endPort"), end)?;
             if end < *start {
-                return Err(ctx.error(format!("{field}.endPort"), format!("{end} is below port {start}")));
+                return Err(ctx.error(
+                    format!("{field}.endPort"),
+                    format!("{end} is below port {start}"),
+                ));
             }
             Some(end)
         }
-        (Some(_), _) => return Err(ctx.error(format!("{field}.endPort"), "requires a numeric port")),
+        (Some(_), _) => {
+            return Err(ctx.error(format!("{field}.endPort"), "requires a numeric port"));
+        }
     };
-    Ok(PortSpec { protocol, port: number_or_name, end_port })
+    Ok(PortSpec {
+        protocol,
+        port: number_or_name,
+        end_port,
+    })
 }
 
 fn valid_port_name(name: &str) -> bool {
@@ -266,14 +365,20 @@ fn valid_port_name(name: &str) -> bool {
     // trailing or doubled '-'.
     !name.is_empty()
         && name.len() <= 15
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && name.bytes().any(|b| b.is_ascii_lowercase())
         && !name.starts_with('-')
         && !name.ends_with('-')
         && !name.contains("--")
 }
 
-fn selector(ctx: &Ctx<'_>, field: &str, selector: Option<&meta::LabelSelector>) -> Result<LabelSelector, ModelError> {
+fn selector(
+    ctx: &Ctx<'_>,
+    field: &str,
+    selector: Option<&meta::LabelSelector>,
+) -> Result<LabelSelector, ModelError> {
     let Some(selector) = selector else {
         return Ok(LabelSelector::everything());
     };
@@ -289,16 +394,27 @@ fn selector(ctx: &Ctx<'_>, field: &str, selector: Option<&meta::LabelSelector>) 
         let key = expression.key.clone();
         let requirement = match expression.operator.as_str() {
             "In" | "NotIn" if values.is_empty() => {
-                return Err(ctx.error(format!("{field}.values"), format!("must be non-empty for {}", expression.operator)));
+                return Err(ctx.error(
+                    format!("{field}.values"),
+                    format!("must be non-empty for {}", expression.operator),
+                ));
             }
             "Exists" | "DoesNotExist" if !values.is_empty() => {
-                return Err(ctx.error(format!("{field}.values"), format!("must be empty for {}", expression.operator)));
+                return Err(ctx.error(
+                    format!("{field}.values"),
+                    format!("must be empty for {}", expression.operator),
+                ));
             }
             "In" => Requirement::In(key, values),
             "NotIn" => Requirement::NotIn(key, values),
             "Exists" => Requirement::Exists(key),
             "DoesNotExist" => Requirement::DoesNotExist(key),
-            other => return Err(ctx.error(format!("{field}.operator"), format!("unknown operator {other:?}"))),
+            other => {
+                return Err(ctx.error(
+                    format!("{field}.operator"),
+                    format!("unknown operator {other:?}"),
+                ));
+            }
         };
         requirements.push(requirement);
     }
@@ -313,11 +429,14 @@ fn port_number(ctx: &Ctx<'_>, field: &str, number: i32) -> Result<u16, ModelErro
 }
 
 fn parse_ip(ctx: &Ctx<'_>, field: &str, text: &str) -> Result<IpAddr, ModelError> {
-    text.parse().map_err(|_| ctx.error(field, format!("{text:?} is not an IP address")))
+    text.parse()
+        .map_err(|_| ctx.error(field, format!("{text:?} is not an IP address")))
 }
 
 fn parse_cidr(ctx: &Ctx<'_>, field: &str, text: &str) -> Result<IpNet, ModelError> {
-    let net: IpNet = text.parse().map_err(|_| ctx.error(field, format!("{text:?} is not a CIDR")))?;
+    let net: IpNet = text
+        .parse()
+        .map_err(|_| ctx.error(field, format!("{text:?} is not a CIDR")))?;
     Ok(net.trunc())
 }
 
@@ -337,9 +456,15 @@ mod tests {
 
     #[test]
     fn policy_types_default_like_the_api_server() {
-        let only_ingress = network_policy(&policy("metadata: {name: p, namespace: x}\nspec: {podSelector: {}, egress: []}")).unwrap();
+        let only_ingress = network_policy(&policy(
+            "metadata: {name: p, namespace: x}\nspec: {podSelector: {}, egress: []}",
+        ))
+        .unwrap();
         assert!(only_ingress.policy_types.ingress && !only_ingress.policy_types.egress);
-        let both = network_policy(&policy("metadata: {name: p, namespace: x}\nspec: {podSelector: {}, egress: [{}]}")).unwrap();
+        let both = network_policy(&policy(
+            "metadata: {name: p, namespace: x}\nspec: {podSelector: {}, egress: [{}]}",
+        ))
+        .unwrap();
         assert!(both.policy_types.ingress && both.policy_types.egress);
     }
 
@@ -349,7 +474,10 @@ mod tests {
             "metadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]",
         ))
         .unwrap_err();
-        assert_eq!(error.to_string(), "NetworkPolicy x/p: spec.ingress[0].from[0].ipBlock.cidr: \"10.0.0.0/33\" is not a CIDR");
+        assert_eq!(
+            error.to_string(),
+            "NetworkPolicy x/p: spec.ingress[0].from[0].ipBlock.cidr: \"10.0.0.0/33\" is not a CIDR"
+        );
         let error = network_policy(&policy(
             "metadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  egress: [{ports: [{port: 80, endPort: 79}]}]",
         ))
@@ -368,7 +496,16 @@ mod tests {
             "metadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.7/16}}], ports: [{port: http}]}]",
         ))
         .unwrap();
-        assert_eq!(parsed.ingress[0].peers[0], Peer::IpBlock { cidr: "10.0.0.0/16".parse().unwrap(), except: vec![] });
-        assert_eq!(parsed.ingress[0].ports[0].port, Some(PortRef::Name("http".into())));
+        assert_eq!(
+            parsed.ingress[0].peers[0],
+            Peer::IpBlock {
+                cidr: "10.0.0.0/16".parse().unwrap(),
+                except: vec![]
+            }
+        );
+        assert_eq!(
+            parsed.ingress[0].ports[0].port,
+            Some(PortRef::Name("http".into()))
+        );
     }
 }

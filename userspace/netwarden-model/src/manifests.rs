@@ -102,7 +102,11 @@ impl ManifestDir {
     /// A source for `root`; nothing is read until [`ManifestDir::refresh`].
     #[must_use]
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), files: BTreeMap::new(), last_good_policies: HashMap::new() }
+        Self {
+            root: root.into(),
+            files: BTreeMap::new(),
+            last_good_policies: HashMap::new(),
+        }
     }
 
     /// The directory.
@@ -120,7 +124,11 @@ impl ManifestDir {
         self.files.retain(|name, _| listed.contains_key(name));
         changed |= self.files.len() != before;
         for (name, stamp) in listed {
-            if self.files.get(&name).is_some_and(|file| file.stamp == stamp) {
+            if self
+                .files
+                .get(&name)
+                .is_some_and(|file| file.stamp == stamp)
+            {
                 continue;
             }
             let Ok(bytes) = fs::read(self.root.join(&name)) else {
@@ -128,7 +136,11 @@ impl ManifestDir {
                 continue;
             };
             let content_sha: [u8; 32] = Sha256::digest(&bytes).into();
-            if self.files.get(&name).is_some_and(|file| file.content_sha == content_sha) {
+            if self
+                .files
+                .get(&name)
+                .is_some_and(|file| file.content_sha == content_sha)
+            {
                 if let Some(file) = self.files.get_mut(&name) {
                     file.stamp = stamp;
                 }
@@ -137,11 +149,22 @@ impl ManifestDir {
             let (objects, errors) = parse_file(&name, &bytes);
             let objects = if objects.is_empty() && !errors.is_empty() {
                 // Keep what the file held when it last parsed.
-                self.files.get(&name).map(|file| file.objects.clone()).unwrap_or_default()
+                self.files
+                    .get(&name)
+                    .map(|file| file.objects.clone())
+                    .unwrap_or_default()
             } else {
                 objects
             };
-            self.files.insert(name, ManifestFile { stamp, content_sha, objects, errors });
+            self.files.insert(
+                name,
+                ManifestFile {
+                    stamp,
+                    content_sha,
+                    objects,
+                    errors,
+                },
+            );
             changed = true;
         }
         Ok(changed)
@@ -151,7 +174,11 @@ impl ManifestDir {
     /// digest. The agent reports it with every applied state; see [`ManifestDir::digest_of`].
     #[must_use]
     pub fn digest(&self) -> String {
-        digest_entries(self.files.iter().map(|(name, file)| (name.as_str(), file.content_sha)))
+        digest_entries(
+            self.files
+                .iter()
+                .map(|(name, file)| (name.as_str(), file.content_sha)),
+        )
     }
 
     /// The digest that [`ManifestDir::digest`] gives once the agent has read `root` as it is
@@ -159,10 +186,14 @@ impl ManifestDir {
     pub fn digest_of(root: &Path) -> Result<String, ManifestError> {
         let mut entries = Vec::new();
         for name in list(root)?.into_keys() {
-            let Ok(bytes) = fs::read(root.join(&name)) else { continue };
+            let Ok(bytes) = fs::read(root.join(&name)) else {
+                continue;
+            };
             entries.push((name, Sha256::digest(&bytes).into()));
         }
-        Ok(digest_entries(entries.iter().map(|(name, sha)| (name.as_str(), *sha))))
+        Ok(digest_entries(
+            entries.iter().map(|(name, sha)| (name.as_str(), *sha)),
+        ))
     }
 
     /// The cluster the directory describes, and every problem found on the way.
@@ -175,12 +206,21 @@ impl ManifestDir {
             errors.extend(file.errors.iter().map(clone_error));
             for object in &file.objects {
                 let (kind, key) = match object {
-                    ApiObject::Namespace(ns) => ("Namespace", ns.metadata.name.clone().unwrap_or_default()),
+                    ApiObject::Namespace(ns) => {
+                        ("Namespace", ns.metadata.name.clone().unwrap_or_default())
+                    }
                     ApiObject::Pod(pod) => ("Pod", object_key(&pod.metadata)),
-                    ApiObject::NetworkPolicy(policy) => ("NetworkPolicy", object_key(&policy.metadata)),
+                    ApiObject::NetworkPolicy(policy) => {
+                        ("NetworkPolicy", object_key(&policy.metadata))
+                    }
                 };
                 if let Some(first) = origin.get(&(kind, key.clone())) {
-                    errors.push(ManifestError::Duplicate { kind, object: key, first: first.clone(), second: name.clone() });
+                    errors.push(ManifestError::Duplicate {
+                        kind,
+                        object: key,
+                        first: first.clone(),
+                        second: name.clone(),
+                    });
                     continue;
                 }
                 origin.insert((kind, key), name.clone());
@@ -189,17 +229,26 @@ impl ManifestDir {
                         Ok(ns) => {
                             cluster.namespaces.insert(ns.name.clone(), ns);
                         }
-                        Err(source) => errors.push(ManifestError::Invalid { file: name.clone(), source }),
+                        Err(source) => errors.push(ManifestError::Invalid {
+                            file: name.clone(),
+                            source,
+                        }),
                     },
                     ApiObject::Pod(pod) => match convert::pod(pod) {
                         Ok(pod) => {
                             cluster.pods.insert(pod.id.clone(), pod);
                         }
-                        Err(source) => errors.push(ManifestError::Invalid { file: name.clone(), source }),
+                        Err(source) => errors.push(ManifestError::Invalid {
+                            file: name.clone(),
+                            source,
+                        }),
                     },
                     ApiObject::NetworkPolicy(policy) => {
                         let (namespace, policy_name) = split_key(&object_key(&policy.metadata));
-                        let id = PolicyRef { namespace, name: policy_name };
+                        let id = PolicyRef {
+                            namespace,
+                            name: policy_name,
+                        };
                         seen_policies.push(id.clone());
                         match convert::network_policy(policy) {
                             Ok(valid) => {
@@ -213,14 +262,18 @@ impl ManifestDir {
                                     .cloned()
                                     .unwrap_or_else(|| lockdown(id.clone()));
                                 cluster.policies.insert(id, fallback);
-                                errors.push(ManifestError::Invalid { file: name.clone(), source });
+                                errors.push(ManifestError::Invalid {
+                                    file: name.clone(),
+                                    source,
+                                });
                             }
                         }
                     }
                 }
             }
         }
-        self.last_good_policies.retain(|id, _| seen_policies.contains(id));
+        self.last_good_policies
+            .retain(|id, _| seen_policies.contains(id));
         (cluster, errors)
     }
 }
@@ -230,7 +283,10 @@ fn lockdown(id: PolicyRef) -> NetworkPolicy {
     NetworkPolicy {
         id,
         pod_selector: LabelSelector::everything(),
-        policy_types: PolicyTypes { ingress: true, egress: true },
+        policy_types: PolicyTypes {
+            ingress: true,
+            egress: true,
+        },
         ingress: Vec::new(),
         egress: Vec::new(),
     }
@@ -258,30 +314,48 @@ pub fn pod_ref(key: &str) -> PodRef {
 
 fn clone_error(error: &ManifestError) -> ManifestError {
     match error {
-        ManifestError::Parse { file, document, problem } => {
-            ManifestError::Parse { file: file.clone(), document: *document, problem: problem.clone() }
-        }
-        other => ManifestError::Parse { file: String::new(), document: 0, problem: other.to_string() },
+        ManifestError::Parse {
+            file,
+            document,
+            problem,
+        } => ManifestError::Parse {
+            file: file.clone(),
+            document: *document,
+            problem: problem.clone(),
+        },
+        other => ManifestError::Parse {
+            file: String::new(),
+            document: 0,
+            problem: other.to_string(),
+        },
     }
 }
 
 fn list(root: &Path) -> Result<BTreeMap<String, Stamp>, ManifestError> {
-    let list_error = |source| ManifestError::List { path: root.to_owned(), source };
+    let list_error = |source| ManifestError::List {
+        path: root.to_owned(),
+        source,
+    };
     let mut listed = BTreeMap::new();
     for entry in fs::read_dir(root).map_err(list_error)? {
         let entry = entry.map_err(list_error)?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let is_manifest = [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext));
+        let is_manifest = [".yaml", ".yml", ".json"]
+            .iter()
+            .any(|ext| name.ends_with(ext));
         // Dot files are editors' and writers' temporaries: they are renamed into place when done.
         if name.starts_with('.') || !is_manifest {
             continue;
         }
-        let Ok(metadata) = entry.metadata() else { continue };
+        let Ok(metadata) = entry.metadata() else {
+            continue;
+        };
         if !metadata.is_file() {
             continue;
         }
         let stamp = Stamp {
-            modified_ns: i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec()),
+            modified_ns: i128::from(metadata.mtime()) * 1_000_000_000
+                + i128::from(metadata.mtime_nsec()),
             len: metadata.len(),
             inode: metadata.ino(),
         };
@@ -310,7 +384,11 @@ fn parse_file(name: &str, bytes: &[u8]) -> (Vec<ApiObject>, Vec<ManifestError>) 
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => text,
         Err(error) => {
-            errors.push(ManifestError::Parse { file: name.to_owned(), document: 0, problem: error.to_string() });
+            errors.push(ManifestError::Parse {
+                file: name.to_owned(),
+                document: 0,
+                problem: error.to_string(),
+            });
             return (objects, errors);
         }
     };
@@ -319,20 +397,32 @@ fn parse_file(name: &str, bytes: &[u8]) -> (Vec<ApiObject>, Vec<ManifestError>) 
             Ok(serde_yaml::Value::Null) => continue,
             Ok(value) => value,
             Err(error) => {
-                errors.push(ManifestError::Parse { file: name.to_owned(), document, problem: error.to_string() });
+                errors.push(ManifestError::Parse {
+                    file: name.to_owned(),
+                    document,
+                    problem: error.to_string(),
+                });
                 // A YAML syntax error ends the stream.
                 break;
             }
         };
         if let Err(problem) = push_objects(value, &mut objects) {
-            errors.push(ManifestError::Parse { file: name.to_owned(), document, problem });
+            errors.push(ManifestError::Parse {
+                file: name.to_owned(),
+                document,
+                problem,
+            });
         }
     }
     (objects, errors)
 }
 
 fn push_objects(value: serde_yaml::Value, objects: &mut Vec<ApiObject>) -> Result<(), String> {
-    let kind = value.get("kind").and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+    let kind = value
+        .get("kind")
+        .and_then(serde_yaml::Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     let name = value
         .get("metadata")
         .and_then(|metadata| metadata.get("name"))
@@ -344,15 +434,25 @@ fn push_objects(value: serde_yaml::Value, objects: &mut Vec<ApiObject>) -> Resul
     };
     match kind.as_str() {
         "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
-            let items = value.get("items").and_then(serde_yaml::Value::as_sequence).cloned().unwrap_or_default();
+            let items = value
+                .get("items")
+                .and_then(serde_yaml::Value::as_sequence)
+                .cloned()
+                .unwrap_or_default();
             for item in items {
                 push_objects(item, objects)?;
             }
         }
-        "Namespace" => objects.push(ApiObject::Namespace(serde_path_to_error::deserialize(value).map_err(describe)?)),
-        "Pod" => objects.push(ApiObject::Pod(Box::new(serde_path_to_error::deserialize(value).map_err(describe)?))),
+        "Namespace" => objects.push(ApiObject::Namespace(
+            serde_path_to_error::deserialize(value).map_err(describe)?,
+        )),
+        "Pod" => objects.push(ApiObject::Pod(Box::new(
+            serde_path_to_error::deserialize(value).map_err(describe)?,
+        ))),
         "NetworkPolicy" => {
-            objects.push(ApiObject::NetworkPolicy(Box::new(serde_path_to_error::deserialize(value).map_err(describe)?)));
+            objects.push(ApiObject::NetworkPolicy(Box::new(
+                serde_path_to_error::deserialize(value).map_err(describe)?,
+            )));
         }
         // Other kinds (Deployments, Services...) may share the directory; they do not affect policy.
         _ => {}
@@ -380,7 +480,10 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         let pod = cluster.pods.values().next().unwrap();
         assert_eq!(pod.ips.len(), 2);
-        assert_eq!(cluster.namespaces["x"].labels["kubernetes.io/metadata.name"], "x");
+        assert_eq!(
+            cluster.namespaces["x"].labels["kubernetes.io/metadata.name"],
+            "x"
+        );
         assert_eq!(source.digest(), ManifestDir::digest_of(dir.path()).unwrap());
         assert!(!source.refresh().unwrap(), "nothing changed");
 
@@ -401,9 +504,18 @@ mod tests {
         fs::write(&path, "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {matchLabels: 7}}\n").unwrap();
         source.refresh().unwrap();
         let (cluster, errors) = source.cluster();
-        assert_eq!(cluster.policies.len(), 1, "the last good policy stays enforced");
+        assert_eq!(
+            cluster.policies.len(),
+            1,
+            "the last good policy stays enforced"
+        );
         let message = errors[0].to_string();
-        assert!(message.contains("np.yaml") && message.contains("NetworkPolicy deny") && message.contains("spec.podSelector.matchLabels"), "{message}");
+        assert!(
+            message.contains("np.yaml")
+                && message.contains("NetworkPolicy deny")
+                && message.contains("spec.podSelector.matchLabels"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -418,8 +530,18 @@ mod tests {
         source.refresh().unwrap();
         let (cluster, errors) = source.cluster();
         let policy = cluster.policies.values().next().unwrap();
-        assert!(policy.pod_selector.is_everything() && policy.policy_types.ingress && policy.policy_types.egress);
+        assert!(
+            policy.pod_selector.is_everything()
+                && policy.policy_types.ingress
+                && policy.policy_types.egress
+        );
         assert!(policy.ingress.is_empty() && policy.egress.is_empty());
-        assert!(errors[0].to_string().contains("spec.ingress[0].ports[0].port"), "{}", errors[0]);
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("spec.ingress[0].ports[0].port"),
+            "{}",
+            errors[0]
+        );
     }
 }

@@ -37,7 +37,9 @@ impl LabelSelector {
     /// Whether `labels` satisfy every requirement.
     #[must_use]
     pub fn matches(&self, labels: &Labels) -> bool {
-        self.requirements.iter().all(|requirement| requirement.matches(labels))
+        self.requirements
+            .iter()
+            .all(|requirement| requirement.matches(labels))
     }
 
     /// Whether this is the empty selector.
@@ -72,7 +74,9 @@ impl std::fmt::Display for LabelSelector {
             }
             first = false;
             match requirement {
-                Requirement::In(key, values) if values.len() == 1 => write!(f, "{key}={}", values[0])?,
+                Requirement::In(key, values) if values.len() == 1 => {
+                    write!(f, "{key}={}", values[0])?
+                }
                 Requirement::In(key, values) => write!(f, "{key} in ({})", values.join(","))?,
                 Requirement::NotIn(key, values) => write!(f, "{key} notin ({})", values.join(","))?,
                 Requirement::Exists(key) => write!(f, "{key}")?,
@@ -88,7 +92,10 @@ mod tests {
     use super::{LabelSelector, Labels, Requirement};
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]

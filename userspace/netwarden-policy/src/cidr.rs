@@ -42,7 +42,8 @@ pub fn classes(blocks: &[Block]) -> BTreeMap<IpNet, BTreeSet<usize>> {
                 .iter()
                 .enumerate()
                 .filter(|(_, block)| {
-                    contains(&block.cidr, &prefix) && !block.except.iter().any(|except| contains(except, &prefix))
+                    contains(&block.cidr, &prefix)
+                        && !block.except.iter().any(|except| contains(except, &prefix))
                 })
                 .map(|(index, _)| index)
                 .collect();
@@ -73,9 +74,18 @@ mod tests {
     #[test]
     fn an_address_excepted_by_one_rule_but_allowed_by_another_keeps_the_other() {
         let blocks = [
-            Block { cidr: net("10.0.0.0/16"), except: vec![net("10.0.1.0/24")] },
-            Block { cidr: net("10.0.1.0/24"), except: vec![] },
-            Block { cidr: net("10.0.0.0/8"), except: vec![net("10.0.2.0/24")] },
+            Block {
+                cidr: net("10.0.0.0/16"),
+                except: vec![net("10.0.1.0/24")],
+            },
+            Block {
+                cidr: net("10.0.1.0/24"),
+                except: vec![],
+            },
+            Block {
+                cidr: net("10.0.0.0/8"),
+                except: vec![net("10.0.2.0/24")],
+            },
         ];
         let classes = classes(&blocks);
         assert_eq!(classes[&net("10.0.0.0/16")], BTreeSet::from([0, 2]));
@@ -86,7 +96,10 @@ mod tests {
 
     #[test]
     fn ipv6_blocks_never_hold_ipv4_addresses() {
-        let classes = classes(&[Block { cidr: net("::/0"), except: vec![] }]);
+        let classes = classes(&[Block {
+            cidr: net("::/0"),
+            except: vec![],
+        }]);
         assert_eq!(classes[&net("0.0.0.0/0")], BTreeSet::new());
         assert_eq!(classes[&net("::/0")], BTreeSet::from([0]));
     }

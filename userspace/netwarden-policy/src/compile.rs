@@ -11,7 +11,9 @@ use netwarden_common::{
     CIDR_CLASS_FLAG, IDENTITY_HOST, POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTOCOL_BITS, PeerId,
     PolicyKey,
 };
-use netwarden_model::{Cluster, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef, PortSpec, Rule};
+use netwarden_model::{
+    Cluster, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef, PortSpec, Rule,
+};
 
 use crate::{
     cidr::{self, Block},
@@ -62,7 +64,10 @@ impl PolicyMatch {
     #[must_use]
     pub fn key(&self, policy: PolicyId) -> (u32, PolicyKey) {
         match self.protocol {
-            None => (POLICY_KEY_ANY_PROTOCOL_BITS, PolicyKey::new(policy, self.peer, 0, 0)),
+            None => (
+                POLICY_KEY_ANY_PROTOCOL_BITS,
+                PolicyKey::new(policy, self.peer, 0, 0),
+            ),
             Some(protocol) => (
                 POLICY_KEY_ANY_PORT_BITS + u32::from(self.port_bits),
                 PolicyKey::new(policy, self.peer, protocol, self.port),
@@ -107,7 +112,11 @@ pub struct RuleOrigin {
 
 impl fmt::Display for RuleOrigin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NetworkPolicy {} {}[{}]", self.policy, self.direction, self.index)
+        write!(
+            f,
+            "NetworkPolicy {} {}[{}]",
+            self.policy, self.direction, self.index
+        )
     }
 }
 
@@ -174,7 +183,12 @@ impl Compiler {
     }
 
     /// Compiles `cluster` for the node called `node`, whose own addresses are `node_addresses`.
-    pub fn compile(&mut self, cluster: &Cluster, node: &str, node_addresses: &[IpAddr]) -> DatapathState {
+    pub fn compile(
+        &mut self,
+        cluster: &Cluster,
+        node: &str,
+        node_addresses: &[IpAddr],
+    ) -> DatapathState {
         let mut state = DatapathState::default();
 
         // Identities and the IP cache. Host-network pods share the node's addresses: policy
@@ -213,7 +227,10 @@ impl Compiler {
             let selecting: Vec<&NetworkPolicy> = cluster
                 .policies
                 .values()
-                .filter(|policy| policy.id.namespace == pod.id.namespace && policy.pod_selector.matches(&pod.labels))
+                .filter(|policy| {
+                    policy.id.namespace == pod.id.namespace
+                        && policy.pod_selector.matches(&pod.labels)
+                })
                 .collect();
             let mut endpoint = LocalEndpoint {
                 pod: pod.id.clone(),
@@ -236,7 +253,14 @@ impl Compiler {
                 if isolating.is_empty() {
                     continue;
                 }
-                let compiled = self.compile_direction(pod, direction, &isolating, &mut selectors, &mut used_rules, &mut state.warnings);
+                let compiled = self.compile_direction(
+                    pod,
+                    direction,
+                    &isolating,
+                    &mut selectors,
+                    &mut used_rules,
+                    &mut state.warnings,
+                );
                 let id = self.policy_id(compiled.clone());
                 used_policies.insert(compiled, id);
                 let isolated_by = isolating.iter().map(|policy| policy.id.clone()).collect();
@@ -255,9 +279,13 @@ impl Compiler {
         }
 
         // Forget ids nobody uses any more, so they do not pin memory; ids are not reused.
-        self.policy_ids.retain(|compiled, _| used_policies.contains_key(compiled));
+        self.policy_ids
+            .retain(|compiled, _| used_policies.contains_key(compiled));
         self.rule_ids.retain(|_, id| used_rules.contains_key(id));
-        state.policies = used_policies.into_iter().map(|(compiled, id)| (id, compiled)).collect();
+        state.policies = used_policies
+            .into_iter()
+            .map(|(compiled, id)| (id, compiled))
+            .collect();
         state.rules = used_rules;
         state
     }
@@ -295,11 +323,25 @@ impl Compiler {
                 Direction::Egress => &policy.egress,
             };
             for (index, rule) in rules.iter().enumerate() {
-                let rule_id = self.rule_id(RuleOrigin { policy: policy.id.clone(), direction, index }, used_rules);
+                let rule_id = self.rule_id(
+                    RuleOrigin {
+                        policy: policy.id.clone(),
+                        direction,
+                        index,
+                    },
+                    used_rules,
+                );
                 if rule.peers.is_empty() {
                     // Every peer: as an ipBlock it also covers pods, the node and the world.
                     for cidr in [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())] {
-                        blocks.push((Block { cidr, except: Vec::new() }, rule_id, &rule.ports));
+                        blocks.push((
+                            Block {
+                                cidr,
+                                except: Vec::new(),
+                            },
+                            rule_id,
+                            &rule.ports,
+                        ));
                     }
                 }
                 for peer in &rule.peers {
@@ -311,13 +353,27 @@ impl Compiler {
                                     policy.id
                                 ));
                             }
-                            blocks.push((Block { cidr: *cidr, except: except.clone() }, rule_id, &rule.ports));
+                            blocks.push((
+                                Block {
+                                    cidr: *cidr,
+                                    except: except.clone(),
+                                },
+                                rule_id,
+                                &rule.ports,
+                            ));
                         }
                         Peer::Pods { .. } => {
                             for identity in selectors.matching(&policy.id.namespace, peer) {
                                 let info = &selectors.identities[&identity];
-                                for (protocol, port, port_bits) in port_matches(&rule.ports, direction, pod, Some(info)) {
-                                    let entry = PolicyMatch { peer: identity, protocol, port, port_bits };
+                                for (protocol, port, port_bits) in
+                                    port_matches(&rule.ports, direction, pod, Some(info))
+                                {
+                                    let entry = PolicyMatch {
+                                        peer: identity,
+                                        protocol,
+                                        port,
+                                        port_bits,
+                                    };
                                     insert_entry(&mut compiled.entries, entry, rule_id);
                                 }
                             }
@@ -331,7 +387,8 @@ impl Compiler {
             let plain: Vec<Block> = blocks.iter().map(|(block, _, _)| block.clone()).collect();
             let mut class_ids: BTreeMap<BTreeSet<usize>, PeerId> = BTreeMap::new();
             for (prefix, holders) in cidr::classes(&plain) {
-                let next = CIDR_CLASS_FLAG | u32::try_from(class_ids.len()).expect("fewer than 2^31 classes");
+                let next = CIDR_CLASS_FLAG
+                    | u32::try_from(class_ids.len()).expect("fewer than 2^31 classes");
                 let class = if holders.is_empty() {
                     // The empty class: no entries, so the lookup finds nothing and denies.
                     CIDR_CLASS_FLAG | u32::MAX >> 1
@@ -342,7 +399,16 @@ impl Compiler {
                 for index in holders {
                     let (_, rule_id, ports) = &blocks[index];
                     for (protocol, port, port_bits) in port_matches(ports, direction, pod, None) {
-                        insert_entry(&mut compiled.entries, PolicyMatch { peer: class, protocol, port, port_bits }, *rule_id);
+                        insert_entry(
+                            &mut compiled.entries,
+                            PolicyMatch {
+                                peer: class,
+                                protocol,
+                                port,
+                                port_bits,
+                            },
+                            *rule_id,
+                        );
                     }
                 }
             }
@@ -353,17 +419,27 @@ impl Compiler {
 
 /// Keeps the lowest rule id when two rules allow the same thing, so attribution is stable.
 fn insert_entry(entries: &mut BTreeMap<PolicyMatch, RuleId>, entry: PolicyMatch, rule: RuleId) {
-    entries.entry(entry).and_modify(|existing| *existing = (*existing).min(rule)).or_insert(rule);
+    entries
+        .entry(entry)
+        .and_modify(|existing| *existing = (*existing).min(rule))
+        .or_insert(rule);
 }
 
 fn has_named_port(ports: &[PortSpec]) -> bool {
-    ports.iter().any(|spec| matches!(spec.port, Some(PortRef::Name(_))))
+    ports
+        .iter()
+        .any(|spec| matches!(spec.port, Some(PortRef::Name(_))))
 }
 
 /// The (protocol, port block) pairs a rule's `ports` allow towards a destination. Named ports
 /// resolve against the destination pod: the endpoint itself for ingress, the peer identity for
 /// egress (`None` for an ipBlock peer, where a name resolves to nothing).
-fn port_matches(ports: &[PortSpec], direction: Direction, pod: &Pod, peer: Option<&IdentityInfo>) -> Vec<(Option<u8>, u16, u8)> {
+fn port_matches(
+    ports: &[PortSpec],
+    direction: Direction,
+    pod: &Pod,
+    peer: Option<&IdentityInfo>,
+) -> Vec<(Option<u8>, u16, u8)> {
     if ports.is_empty() {
         return vec![(None, 0, 0)];
     }
@@ -374,7 +450,11 @@ fn port_matches(ports: &[PortSpec], direction: Direction, pod: &Pod, peer: Optio
             None => matches.push((protocol, 0, 0)),
             Some(PortRef::Number(first)) => {
                 let last = spec.end_port.unwrap_or(*first);
-                matches.extend(port_prefixes(*first, last).into_iter().map(|(port, bits)| (protocol, port, bits)));
+                matches.extend(
+                    port_prefixes(*first, last)
+                        .into_iter()
+                        .map(|(port, bits)| (protocol, port, bits)),
+                );
             }
             Some(PortRef::Name(name)) => {
                 let resolved = match direction {
@@ -398,7 +478,12 @@ struct SelectorCache<'a> {
 
 impl<'a> SelectorCache<'a> {
     fn new(cluster: &'a Cluster, identities: &'a BTreeMap<PeerId, IdentityInfo>) -> Self {
-        Self { cluster, identities, namespace_labels: HashMap::new(), matched: HashMap::new() }
+        Self {
+            cluster,
+            identities,
+            namespace_labels: HashMap::new(),
+            matched: HashMap::new(),
+        }
     }
 
     fn matching(&mut self, policy_namespace: &str, peer: &Peer) -> Vec<PeerId> {
@@ -406,7 +491,11 @@ impl<'a> SelectorCache<'a> {
         if let Some(found) = self.matched.get(&key) {
             return found.clone();
         }
-        let Peer::Pods { pod_selector, namespace_selector } = peer else {
+        let Peer::Pods {
+            pod_selector,
+            namespace_selector,
+        } = peer
+        else {
             return Vec::new();
         };
         let mut found = Vec::new();
@@ -422,7 +511,11 @@ impl<'a> SelectorCache<'a> {
                     selector.matches(labels)
                 }
             };
-            if namespace_ok && pod_selector.as_ref().is_none_or(|selector| selector.matches(&info.labels)) {
+            if namespace_ok
+                && pod_selector
+                    .as_ref()
+                    .is_none_or(|selector| selector.matches(&info.labels))
+            {
                 found.push(*id);
             }
         }

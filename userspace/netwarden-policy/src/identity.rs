@@ -24,10 +24,19 @@ impl IdentityInfo {
     /// The identity a pod has.
     #[must_use]
     pub fn of(pod: &Pod) -> Self {
-        let mut named_ports: Vec<ContainerPort> = pod.ports.iter().filter(|port| port.name.is_some()).cloned().collect();
+        let mut named_ports: Vec<ContainerPort> = pod
+            .ports
+            .iter()
+            .filter(|port| port.name.is_some())
+            .cloned()
+            .collect();
         named_ports.sort();
         named_ports.dedup();
-        Self { namespace: pod.id.namespace.clone(), labels: pod.labels.clone(), named_ports }
+        Self {
+            namespace: pod.id.namespace.clone(),
+            labels: pod.labels.clone(),
+            named_ports,
+        }
     }
 
     /// A stable digest of the identity, under which the datapath remembers its number across
@@ -63,7 +72,11 @@ impl IdentityInfo {
 
 /// The number of the port called `name` with `protocol` among `ports`.
 #[must_use]
-pub fn resolve_named_port(ports: &[ContainerPort], name: &str, protocol: netwarden_model::Protocol) -> Option<u16> {
+pub fn resolve_named_port(
+    ports: &[ContainerPort],
+    name: &str,
+    protocol: netwarden_model::Protocol,
+) -> Option<u16> {
     ports
         .iter()
         .find(|port| port.name.as_deref() == Some(name) && port.protocol == protocol)
@@ -85,13 +98,19 @@ impl IdentityAllocator {
     /// identity with one of these digests gets the same number back.
     pub fn prefer(&mut self, preferred: HashMap<[u8; 32], PeerId>) {
         let highest = preferred.values().copied().max().unwrap_or(0);
-        self.next = self.next.max(highest.saturating_add(1)).max(FIRST_POD_IDENTITY);
+        self.next = self
+            .next
+            .max(highest.saturating_add(1))
+            .max(FIRST_POD_IDENTITY);
         self.preferred = preferred;
     }
 
     /// Assigns identities for exactly `infos`, reusing the ids of those seen last time and
     /// releasing the rest.
-    pub fn assign<'a>(&mut self, infos: impl Iterator<Item = &'a IdentityInfo>) -> BTreeMap<PeerId, IdentityInfo> {
+    pub fn assign<'a>(
+        &mut self,
+        infos: impl Iterator<Item = &'a IdentityInfo>,
+    ) -> BTreeMap<PeerId, IdentityInfo> {
         if self.next < FIRST_POD_IDENTITY {
             self.next = FIRST_POD_IDENTITY;
         }
@@ -113,7 +132,11 @@ impl IdentityAllocator {
         self.free.sort_unstable_by(|a, b| b.cmp(a));
         let taken: std::collections::HashSet<PeerId> = live.values().copied().collect();
         for info in fresh {
-            if let Some(id) = self.preferred.remove(&info.digest()).filter(|id| !taken.contains(id)) {
+            if let Some(id) = self
+                .preferred
+                .remove(&info.digest())
+                .filter(|id| !taken.contains(id))
+            {
                 self.free.retain(|free| *free != id);
                 live.insert(info, id);
                 continue;

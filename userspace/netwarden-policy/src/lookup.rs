@@ -30,14 +30,24 @@ impl Decision {
     /// Whether the packet passes.
     #[must_use]
     pub fn is_allowed(self) -> bool {
-        matches!(self, Self::AllowedNode | Self::AllowedNotIsolated | Self::Allowed(_))
+        matches!(
+            self,
+            Self::AllowedNode | Self::AllowedNotIsolated | Self::Allowed(_)
+        )
     }
 }
 
 /// Decides the first packet of a flow between local endpoint `endpoint` and `peer`, in
 /// `direction` from the endpoint's point of view, to destination `port` over `protocol`.
 #[must_use]
-pub fn decide(state: &DatapathState, endpoint: &PodRef, direction: Direction, peer: IpAddr, protocol: u8, port: u16) -> Decision {
+pub fn decide(
+    state: &DatapathState,
+    endpoint: &PodRef,
+    direction: Direction,
+    peer: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> Decision {
     let Some(endpoint) = state.endpoints.get(endpoint) else {
         return Decision::UnknownEndpoint;
     };
@@ -91,7 +101,10 @@ pub fn mapped(address: IpAddr) -> [u8; 16] {
 #[must_use]
 pub fn mapped_prefix(prefix: &ipnet::IpNet) -> ([u8; 16], u32) {
     match prefix {
-        ipnet::IpNet::V4(v4) => (mapped(IpAddr::V4(v4.network())), IPV4_MAPPED_PREFIX_BITS + u32::from(v4.prefix_len())),
+        ipnet::IpNet::V4(v4) => (
+            mapped(IpAddr::V4(v4.network())),
+            IPV4_MAPPED_PREFIX_BITS + u32::from(v4.prefix_len()),
+        ),
         ipnet::IpNet::V6(v6) => (v6.network().octets(), u32::from(v6.prefix_len())),
     }
 }
@@ -99,6 +112,10 @@ pub fn mapped_prefix(prefix: &ipnet::IpNet) -> ([u8; 16], u32) {
 fn prefix_holds(prefix: &[u8; 16], prefix_len: u32, address: &[u8; 16]) -> bool {
     let prefix = u128::from_be_bytes(*prefix);
     let address = u128::from_be_bytes(*address);
-    let mask = if prefix_len == 0 { 0 } else { u128::MAX << (128 - prefix_len) };
+    let mask = if prefix_len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - prefix_len)
+    };
     prefix & mask == address & mask
 }

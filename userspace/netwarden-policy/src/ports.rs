@@ -32,14 +32,29 @@ mod tests {
     #[test]
     fn ranges_split_into_aligned_blocks_that_cover_exactly_the_range() {
         assert_eq!(port_prefixes(32000, 32767), vec![(32000, 8), (32256, 7)]);
-        for (first, last) in [(1, 65535), (0, 65535), (5, 9), (1000, 1000), (8080, 8090), (65535, 65535)] {
+        for (first, last) in [
+            (1, 65535),
+            (0, 65535),
+            (5, 9),
+            (1000, 1000),
+            (8080, 8090),
+            (65535, 65535),
+        ] {
             let blocks = port_prefixes(first, last);
             let covered: u32 = blocks.iter().map(|(_, bits)| 1u32 << (16 - bits)).sum();
-            assert_eq!(covered, u32::from(last) - u32::from(first) + 1, "{first}-{last}: {blocks:?}");
+            assert_eq!(
+                covered,
+                u32::from(last) - u32::from(first) + 1,
+                "{first}-{last}: {blocks:?}"
+            );
             for port in [first, last, first.saturating_add(1).min(last)] {
                 assert!(
                     blocks.iter().any(|(start, bits)| {
-                        let mask = if *bits == 0 { 0 } else { u16::MAX << (16 - bits) };
+                        let mask = if *bits == 0 {
+                            0
+                        } else {
+                            u16::MAX << (16 - bits)
+                        };
                         port & mask == *start
                     }),
                     "{port} not covered by {blocks:?}"

@@ -31,7 +31,10 @@ fn ip(text: &str) -> IpAddr {
 }
 
 fn at(namespace: &str, name: &str) -> PodRef {
-    PodRef { namespace: namespace.into(), name: name.into() }
+    PodRef {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
 }
 
 fn compile(yaml: &str) -> DatapathState {
@@ -44,14 +47,27 @@ const UDP: u8 = 17;
 #[test]
 fn pods_no_policy_selects_are_not_restricted() {
     let state = compile(&pod("x", "a", "app: a", "10.0.0.1", ""));
-    let decision = decide(&state, &at("x", "a"), Direction::Ingress, ip("192.0.2.1"), TCP, 80);
+    let decision = decide(
+        &state,
+        &at("x", "a"),
+        Direction::Ingress,
+        ip("192.0.2.1"),
+        TCP,
+        80,
+    );
     assert_eq!(decision, Decision::AllowedNotIsolated);
 }
 
 #[test]
 fn default_deny_then_allow_clients_from_any_namespace_on_a_named_port() {
     let mut yaml = String::new();
-    yaml += &pod("x", "server", "app: server", "10.0.0.1", "{name: http, containerPort: 8080}");
+    yaml += &pod(
+        "x",
+        "server",
+        "app: server",
+        "10.0.0.1",
+        "{name: http, containerPort: 8080}",
+    );
     yaml += &pod("x", "client", "role: client", "10.0.0.2", "");
     yaml += &pod("y", "client", "role: client", "10.0.0.3", "");
     yaml += &pod("y", "other", "role: other", "10.0.0.4", "");
@@ -60,14 +76,64 @@ fn default_deny_then_allow_clients_from_any_namespace_on_a_named_port() {
     let state = compile(&yaml);
     let server = at("x", "server");
     for client in ["10.0.0.2", "10.0.0.3"] {
-        assert!(matches!(decide(&state, &server, Direction::Ingress, ip(client), TCP, 8080), Decision::Allowed(_)), "{client}");
-        assert_eq!(decide(&state, &server, Direction::Ingress, ip(client), TCP, 80), Decision::Denied, "{client} on another port");
-        assert_eq!(decide(&state, &server, Direction::Ingress, ip(client), UDP, 8080), Decision::Denied, "{client} over UDP");
+        assert!(
+            matches!(
+                decide(&state, &server, Direction::Ingress, ip(client), TCP, 8080),
+                Decision::Allowed(_)
+            ),
+            "{client}"
+        );
+        assert_eq!(
+            decide(&state, &server, Direction::Ingress, ip(client), TCP, 80),
+            Decision::Denied,
+            "{client} on another port"
+        );
+        assert_eq!(
+            decide(&state, &server, Direction::Ingress, ip(client), UDP, 8080),
+            Decision::Denied,
+            "{client} over UDP"
+        );
     }
-    assert_eq!(decide(&state, &server, Direction::Ingress, ip("10.0.0.4"), TCP, 8080), Decision::Denied);
-    assert_eq!(decide(&state, &at("x", "client"), Direction::Ingress, ip("10.0.0.3"), TCP, 8080), Decision::Denied, "deny covers the whole namespace");
-    assert_eq!(decide(&state, &server, Direction::Egress, ip("10.0.0.4"), TCP, 80), Decision::AllowedNotIsolated, "ingress policy leaves egress open");
-    assert_eq!(decide(&state, &server, Direction::Ingress, ip("172.18.0.2"), TCP, 9999), Decision::AllowedNode, "kubelet probes");
+    assert_eq!(
+        decide(
+            &state,
+            &server,
+            Direction::Ingress,
+            ip("10.0.0.4"),
+            TCP,
+            8080
+        ),
+        Decision::Denied
+    );
+    assert_eq!(
+        decide(
+            &state,
+            &at("x", "client"),
+            Direction::Ingress,
+            ip("10.0.0.3"),
+            TCP,
+            8080
+        ),
+        Decision::Denied,
+        "deny covers the whole namespace"
+    );
+    assert_eq!(
+        decide(&state, &server, Direction::Egress, ip("10.0.0.4"), TCP, 80),
+        Decision::AllowedNotIsolated,
+        "ingress policy leaves egress open"
+    );
+    assert_eq!(
+        decide(
+            &state,
+            &server,
+            Direction::Ingress,
+            ip("172.18.0.2"),
+            TCP,
+            9999
+        ),
+        Decision::AllowedNode,
+        "kubelet probes"
+    );
 }
 
 #[test]
@@ -78,29 +144,125 @@ fn an_address_excepted_by_one_rule_but_allowed_by_another_is_allowed() {
     let state = compile(&yaml);
     let a = at("x", "a");
     assert!(decide(&state, &a, Direction::Ingress, ip("192.168.2.1"), UDP, 53).is_allowed());
-    assert_eq!(decide(&state, &a, Direction::Ingress, ip("192.168.1.1"), TCP, 443), Decision::Denied, "excepted, and outside the /25");
-    assert!(decide(&state, &a, Direction::Ingress, ip("192.168.1.200"), TCP, 443).is_allowed(), "excepted by one, allowed by two");
-    assert_eq!(decide(&state, &a, Direction::Ingress, ip("192.168.1.200"), TCP, 80), Decision::Denied, "two allows only 443");
-    assert_eq!(decide(&state, &a, Direction::Ingress, ip("::1"), TCP, 443), Decision::Denied);
+    assert_eq!(
+        decide(&state, &a, Direction::Ingress, ip("192.168.1.1"), TCP, 443),
+        Decision::Denied,
+        "excepted, and outside the /25"
+    );
+    assert!(
+        decide(
+            &state,
+            &a,
+            Direction::Ingress,
+            ip("192.168.1.200"),
+            TCP,
+            443
+        )
+        .is_allowed(),
+        "excepted by one, allowed by two"
+    );
+    assert_eq!(
+        decide(&state, &a, Direction::Ingress, ip("192.168.1.200"), TCP, 80),
+        Decision::Denied,
+        "two allows only 443"
+    );
+    assert_eq!(
+        decide(&state, &a, Direction::Ingress, ip("::1"), TCP, 443),
+        Decision::Denied
+    );
 }
 
 #[test]
 fn end_port_ranges_and_egress_named_ports_that_differ_between_peers() {
     let mut yaml = pod("x", "client", "app: client", "10.0.0.1", "");
-    yaml += &pod("x", "web1", "app: web, v: one", "10.0.0.2", "{name: web, containerPort: 8080}");
-    yaml += &pod("x", "web2", "app: web, v: two", "10.0.0.3", "{name: web, containerPort: 9090}");
+    yaml += &pod(
+        "x",
+        "web1",
+        "app: web, v: one",
+        "10.0.0.2",
+        "{name: web, containerPort: 8080}",
+    );
+    yaml += &pod(
+        "x",
+        "web2",
+        "app: web, v: two",
+        "10.0.0.3",
+        "{name: web, containerPort: 9090}",
+    );
     yaml += "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: out, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: web}}}]\n    ports: [{port: web}]\n  - to: [{ipBlock: {cidr: 0.0.0.0/0}}]\n    ports: [{port: 32000, endPort: 32767, protocol: UDP}]\n";
     let state = compile(&yaml);
     let client = at("x", "client");
-    assert!(decide(&state, &client, Direction::Egress, ip("10.0.0.2"), TCP, 8080).is_allowed());
-    assert_eq!(decide(&state, &client, Direction::Egress, ip("10.0.0.2"), TCP, 9090), Decision::Denied);
-    assert!(decide(&state, &client, Direction::Egress, ip("10.0.0.3"), TCP, 9090).is_allowed());
-    assert_eq!(decide(&state, &client, Direction::Egress, ip("10.0.0.3"), TCP, 8080), Decision::Denied);
+    assert!(
+        decide(
+            &state,
+            &client,
+            Direction::Egress,
+            ip("10.0.0.2"),
+            TCP,
+            8080
+        )
+        .is_allowed()
+    );
+    assert_eq!(
+        decide(
+            &state,
+            &client,
+            Direction::Egress,
+            ip("10.0.0.2"),
+            TCP,
+            9090
+        ),
+        Decision::Denied
+    );
+    assert!(
+        decide(
+            &state,
+            &client,
+            Direction::Egress,
+            ip("10.0.0.3"),
+            TCP,
+            9090
+        )
+        .is_allowed()
+    );
+    assert_eq!(
+        decide(
+            &state,
+            &client,
+            Direction::Egress,
+            ip("10.0.0.3"),
+            TCP,
+            8080
+        ),
+        Decision::Denied
+    );
     for port in [32000, 32500, 32767] {
-        assert!(decide(&state, &client, Direction::Egress, ip("198.51.100.7"), UDP, port).is_allowed(), "{port}");
+        assert!(
+            decide(
+                &state,
+                &client,
+                Direction::Egress,
+                ip("198.51.100.7"),
+                UDP,
+                port
+            )
+            .is_allowed(),
+            "{port}"
+        );
     }
     for port in [31999, 32768] {
-        assert_eq!(decide(&state, &client, Direction::Egress, ip("198.51.100.7"), UDP, port), Decision::Denied, "{port}");
+        assert_eq!(
+            decide(
+                &state,
+                &client,
+                Direction::Egress,
+                ip("198.51.100.7"),
+                UDP,
+                port
+            ),
+            Decision::Denied,
+            "{port}"
+        );
     }
 }
 
@@ -117,7 +279,13 @@ fn peers_with_an_existing_label_set_share_identity_and_entries() {
     yaml += &pod("x", "client-1", "app: client", "10.0.0.2", "");
     yaml += &pod("x", "client-2", "app: client", "10.0.0.3", "");
     let two = compiler.compile(&cluster(&yaml), NODE, &[]);
-    assert_eq!(one.policies, two.policies, "a new peer with a known label set changes no policy entry");
-    assert_eq!(one.endpoints[&at("x", "server")].ingress, two.endpoints[&at("x", "server")].ingress);
+    assert_eq!(
+        one.policies, two.policies,
+        "a new peer with a known label set changes no policy entry"
+    );
+    assert_eq!(
+        one.endpoints[&at("x", "server")].ingress,
+        two.endpoints[&at("x", "server")].ingress
+    );
     assert_eq!(two.ipcache.len(), one.ipcache.len() + 1);
 }

@@ -128,7 +128,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 pid: std::process::id(),
                 generation,
                 source_digest: source.digest(),
-                applied_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis(),
+                applied_unix_ms: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or(Duration::ZERO)
+                    .as_millis(),
                 endpoints: report
                     .endpoints
                     .iter()

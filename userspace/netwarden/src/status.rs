@@ -94,7 +94,10 @@ impl Verdicts {
 pub fn write(path: &Path, status: &Status) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     fs::create_dir_all(dir)?;
-    let file_name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let temporary = dir.join(format!(".{file_name}.{}", std::process::id()));
     fs::write(&temporary, serde_json::to_vec_pretty(status)?)?;
     fs::rename(&temporary, path)
@@ -102,14 +105,24 @@ pub fn write(path: &Path, status: &Status) -> io::Result<()> {
 
 /// `netwarden status`.
 pub fn print(path: &Path, json: bool) -> anyhow::Result<()> {
-    let text = fs::read_to_string(path).with_context(|| format!("reading {} (is the agent running?)", path.display()))?;
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("reading {} (is the agent running?)", path.display()))?;
     if json {
         println!("{text}");
         return Ok(());
     }
-    let status: Status = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    println!("agent pid {} applied generation {} (source {})", status.pid, status.generation, &status.source_digest[..12.min(status.source_digest.len())]);
-    println!("{:<32} {:<16} {:>7} {:<8} attached", "POD", "INTERFACE", "IFINDEX", "STATE");
+    let status: Status =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    println!(
+        "agent pid {} applied generation {} (source {})",
+        status.pid,
+        status.generation,
+        &status.source_digest[..12.min(status.source_digest.len())]
+    );
+    println!(
+        "{:<32} {:<16} {:>7} {:<8} attached",
+        "POD", "INTERFACE", "IFINDEX", "STATE"
+    );
     for endpoint in &status.endpoints {
         println!(
             "{:<32} {:<16} {:>7} {:<8} {}",
