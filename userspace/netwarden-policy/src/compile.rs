@@ -254,12 +254,13 @@ impl Compiler {
                     continue;
                 }
                 let compiled = self.compile_direction(
+                    cluster,
+                    &owners,
                     pod,
                     direction,
                     &isolating,
                     &mut selectors,
                     &mut used_rules,
-                    &mut state.warnings,
                 );
                 let id = self.policy_id(compiled.clone());
                 used_policies.insert(compiled, id);
@@ -306,17 +307,22 @@ impl Compiler {
         id
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site; a struct would only rename them"
+    )]
     fn compile_direction(
         &mut self,
+        cluster: &Cluster,
+        owners: &HashMap<IpAddr, &PodRef>,
         pod: &Pod,
         direction: Direction,
         policies: &[&NetworkPolicy],
         selectors: &mut SelectorCache<'_>,
         used_rules: &mut BTreeMap<RuleId, RuleOrigin>,
-        warnings: &mut Vec<String>,
     ) -> CompiledPolicy {
         let mut compiled = CompiledPolicy::default();
-        let mut blocks: Vec<(Block, RuleId, &[PortSpec])> = Vec::new();
+        let mut blocks: Vec<(Block, RuleId, Vec<PortMatch>)> = Vec::new();
         for policy in policies {
             let rules: &[Rule] = match direction {
                 Direction::Ingress => &policy.ingress,
@@ -324,58 +330,47 @@ impl Compiler {
             };
             for (index, rule) in rules.iter().enumerate() {
                 let rule_id = self.rule_id(
-                    RuleOrigin {
-                        policy: policy.id.clone(),
-                        direction,
-                        index,
-                    },
+                    RuleOrigin { policy: policy.id.clone(), direction, index },
                     used_rules,
                 );
+                let mut add_block = |block: Block| {
+                    if direction == Direction::Egress && has_named_port(&rule.ports) {
+                        // A named port is the destination pod's: each pod address in the block
+                        // gets a host prefix of its own, carrying what its names resolve to.
+                        for (ip, owner) in owners {
+                            let inside = block.cidr.contains(ip)
+                                && !block.except.iter().any(|except| except.contains(ip));
+                            let Some(owner) = cluster.pods.get(owner).filter(|_| inside) else {
+                                continue;
+                            };
+                            let resolved = named_port_matches(&rule.ports, owner);
+                            if !resolved.is_empty() {
+                                let host = Block { cidr: IpNet::from(*ip), except: Vec::new() };
+                                blocks.push((host, rule_id, resolved));
+                            }
+                        }
+                    }
+                    let ports = port_matches(&rule.ports, direction, pod, None);
+                    blocks.push((block, rule_id, ports));
+                };
                 if rule.peers.is_empty() {
                     // Every peer: as an ipBlock it also covers pods, the node and the world.
-                    for cidr in [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())] {
-                        blocks.push((
-                            Block {
-                                cidr,
-                                except: Vec::new(),
-                            },
-                            rule_id,
-                            &rule.ports,
-                        ));
+                    add_block(Block { cidr: IpNet::V4(Ipv4Net::default()), except: Vec::new() });
+                    add_block(Block { cidr: IpNet::V6(Ipv6Net::default()), except: Vec::new() });
+                }
+                for peer in &rule.peers {
+                    if let Peer::IpBlock { cidr, except } = peer {
+                        add_block(Block { cidr: *cidr, except: except.clone() });
                     }
                 }
                 for peer in &rule.peers {
-                    match peer {
-                        Peer::IpBlock { cidr, except } => {
-                            if direction == Direction::Egress && has_named_port(&rule.ports) {
-                                warnings.push(format!(
-                                    "NetworkPolicy {}: spec.egress[{index}]: named ports cannot be resolved for ipBlock peers; those ports match nothing",
-                                    policy.id
-                                ));
-                            }
-                            blocks.push((
-                                Block {
-                                    cidr: *cidr,
-                                    except: except.clone(),
-                                },
-                                rule_id,
-                                &rule.ports,
-                            ));
-                        }
-                        Peer::Pods { .. } => {
-                            for identity in selectors.matching(&policy.id.namespace, peer) {
-                                let info = &selectors.identities[&identity];
-                                for (protocol, port, port_bits) in
-                                    port_matches(&rule.ports, direction, pod, Some(info))
-                                {
-                                    let entry = PolicyMatch {
-                                        peer: identity,
-                                        protocol,
-                                        port,
-                                        port_bits,
-                                    };
-                                    insert_entry(&mut compiled.entries, entry, rule_id);
-                                }
+                    if let Peer::Pods { .. } = peer {
+                        for identity in selectors.matching(&policy.id.namespace, peer) {
+                            let info = &selectors.identities[&identity];
+                            let ports = port_matches(&rule.ports, direction, pod, Some(info));
+                            for (protocol, port, port_bits) in ports {
+                                let entry = PolicyMatch { peer: identity, protocol, port, port_bits };
+                                insert_entry(&mut compiled.entries, entry, rule_id);
                             }
                         }
                     }
@@ -398,17 +393,14 @@ impl Compiler {
                 compiled.cidrs.insert(prefix, class);
                 for index in holders {
                     let (_, rule_id, ports) = &blocks[index];
-                    for (protocol, port, port_bits) in port_matches(ports, direction, pod, None) {
-                        insert_entry(
-                            &mut compiled.entries,
-                            PolicyMatch {
-                                peer: class,
-                                protocol,
-                                port,
-                                port_bits,
-                            },
-                            *rule_id,
-                        );
+                    for (protocol, port, port_bits) in ports {
+                        let entry = PolicyMatch {
+                            peer: class,
+                            protocol: *protocol,
+                            port: *port,
+                            port_bits: *port_bits,
+                        };
+                        insert_entry(&mut compiled.entries, entry, *rule_id);
                     }
                 }
             }
@@ -429,6 +421,21 @@ fn has_named_port(ports: &[PortSpec]) -> bool {
     ports
         .iter()
         .any(|spec| matches!(spec.port, Some(PortRef::Name(_))))
+}
+
+/// A protocol (or every protocol) and an aligned port block.
+type PortMatch = (Option<u8>, u16, u8);
+
+/// The numeric ports that a rule's named ports resolve to on `destination`.
+fn named_port_matches(ports: &[PortSpec], destination: &Pod) -> Vec<PortMatch> {
+    ports
+        .iter()
+        .filter_map(|spec| match &spec.port {
+            Some(PortRef::Name(name)) => resolve_named_port(&destination.ports, name, spec.protocol)
+                .map(|port| (Some(spec.protocol.number()), port, 16)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The (protocol, port block) pairs a rule's `ports` allow towards a destination. Named ports

@@ -8,6 +8,7 @@
 
 mod cidr;
 mod compile;
+pub mod evaluate;
 mod identity;
 pub mod lookup;
 mod ports;
