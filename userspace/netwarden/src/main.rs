@@ -5,6 +5,7 @@
 //! binary wires them together and parses the command line.
 
 mod agent;
+mod explain;
 mod status;
 
 use std::path::PathBuf;
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Enforce NetworkPolicies on this node's pods.
     Agent(agent::AgentOptions),
+    /// Explain the verdict on a flow: the rule that allows it, or the policies that isolate it.
+    Explain(explain::ExplainOptions),
     /// Print the state the agent last applied.
     Status {
         /// The agent's status file.
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(agent::run(options))
         }
+        Command::Explain(options) => explain::run(&options),
         Command::Status { status_file, json } => status::print(&status_file, json),
     }
 }
