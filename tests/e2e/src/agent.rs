@@ -30,7 +30,7 @@ use crate::{
 
 /// How long the agent may take to apply a change.
 pub const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a SIGTERMed agent may take to exit before it is killed.
+/// How long an agent sent SIGTERM may take to exit before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -146,12 +146,11 @@ impl Agent {
     /// Stops the agent with `signal` (SIGKILL after a grace period) and waits for it to exit.
     pub async fn stop(mut self, signal: Signal) -> Result<ExitDescription, AgentError> {
         let _ = kill(Pid::from_raw(self.pid.cast_signed()), signal);
-        let status = match timeout(STOP_TIMEOUT, self.child.wait()).await {
-            Ok(status) => status,
-            Err(_) => {
-                let _ = kill(Pid::from_raw(self.pid.cast_signed()), Signal::SIGKILL);
-                self.child.wait().await
-            }
+        let status = if let Ok(status) = timeout(STOP_TIMEOUT, self.child.wait()).await {
+            status
+        } else {
+            let _ = kill(Pid::from_raw(self.pid.cast_signed()), Signal::SIGKILL);
+            self.child.wait().await
         }
         .map_err(AgentError::Wait)?;
         if let Some(registration) = self.registration.take() {
@@ -287,7 +286,7 @@ impl StatusWatcher {
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 // The agent's log lives in the same directory; only the status file matters.
-                if event.is_ok_and(|event| event.paths.iter().any(|changed| *changed == target)) {
+                if event.is_ok_and(|event| event.paths.contains(&target)) {
                     let _ = sender.send(());
                 }
             })

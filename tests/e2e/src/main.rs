@@ -38,10 +38,6 @@ enum Command {
 }
 
 #[derive(Debug, clap::Args)]
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "independent command-line flags"
-)]
 struct RunArgs {
     /// The agent binary [default: `netwarden` beside this executable].
     #[arg(long, value_name = "PATH")]
@@ -61,7 +57,17 @@ struct RunArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("netwarden-e2e: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<ExitCode> {
     let Command::Run(args) = Cli::parse().command;
     if !nix::unistd::geteuid().is_root() {
         bail!("netwarden-e2e creates network namespaces and mounts bpffs: run it as root");

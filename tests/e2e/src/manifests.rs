@@ -83,7 +83,7 @@ impl ManifestWriter {
         self.delete(&pod_file(namespace, name))
     }
 
-    /// Writes a NetworkPolicy (placeholders already substituted) under its namespace/name.
+    /// Writes a `NetworkPolicy` (placeholders already substituted) under its namespace/name.
     pub fn policy(
         &self,
         namespace: &str,

@@ -115,9 +115,19 @@ impl Node {
             ]);
         }
         netns.sysctl(&sysctls).await?;
+        netns.ip_batch(&["link set lo up".to_owned()]).await?;
+        // Kernels built without CONFIG_DUMMY get a bridge without ports instead: equally inert,
+        // and the node addresses only need to be local.
+        if netns
+            .ip_batch(&["link add node0 type dummy".to_owned()])
+            .await
+            .is_err()
+        {
+            netns
+                .ip_batch(&["link add node0 type bridge".to_owned()])
+                .await?;
+        }
         let mut commands = vec![
-            "link set lo up".to_owned(),
-            "link add node0 type dummy".to_owned(),
             "link set node0 up".to_owned(),
             "address add 172.18.0.2/32 dev node0".to_owned(),
         ];
@@ -215,6 +225,16 @@ impl Node {
             host_interface,
             addresses,
         })
+    }
+
+    /// Removes a pod or host. The veth goes first: a namespace is destroyed asynchronously by
+    /// the kernel, and its veth and host route could otherwise linger into the next step (and
+    /// clash with a pod that reuses the address).
+    pub async fn unwire(&self, endpoint: Endpoint) -> Result<(), NodeError> {
+        self.netns
+            .ip_batch(&[format!("link del {}", endpoint.host_interface)])
+            .await?;
+        Ok(endpoint.netns.delete().await?)
     }
 
     /// Deletes the node namespace; pods and hosts must have been deleted first.

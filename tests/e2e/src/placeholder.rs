@@ -137,7 +137,9 @@ pub fn visit_strings(value: &serde_yaml::Value, visit: &mut impl FnMut(&str)) {
     match value {
         serde_yaml::Value::String(text) => visit(text),
         serde_yaml::Value::Sequence(items) => {
-            items.iter().for_each(|item| visit_strings(item, visit))
+            for item in items {
+                visit_strings(item, visit);
+            }
         }
         serde_yaml::Value::Mapping(map) => map.values().for_each(|item| visit_strings(item, visit)),
         serde_yaml::Value::Tagged(tagged) => visit_strings(&tagged.value, visit),

@@ -224,7 +224,7 @@ mod tests {
             family: IpFamily::IPv6,
             reached: vec![vec![None, Some(true)], vec![Some(true), None]],
         };
-        let found = mismatches(&grid(), &[observed.clone()]);
+        let found = mismatches(&grid(), std::slice::from_ref(&observed));
         assert_eq!(
             found,
             [Mismatch {

@@ -3,6 +3,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
+    fmt::Write as _,
     fs,
     io::{IsTerminal as _, Write as _},
     net::SocketAddr,
@@ -51,10 +52,10 @@ pub struct Options {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Discover {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -96,9 +97,9 @@ enum StepError {
 pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, RunError> {
     let mut found = Vec::new();
     for path in paths {
-        let metadata = fs::metadata(path).map_err(|source| RunError::Discover {
+        let metadata = fs::metadata(path).map_err(|error| RunError::Discover {
             path: path.clone(),
-            source,
+            error,
         })?;
         if metadata.is_dir() {
             let mut files = Vec::new();
@@ -115,15 +116,15 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, RunError> {
 }
 
 fn walk(dir: &Path, into: &mut Vec<PathBuf>) -> Result<(), RunError> {
-    let entries = fs::read_dir(dir).map_err(|source| RunError::Discover {
+    let entries = fs::read_dir(dir).map_err(|error| RunError::Discover {
         path: dir.to_owned(),
-        source,
+        error,
     })?;
     for entry in entries {
         let path = entry
-            .map_err(|source| RunError::Discover {
+            .map_err(|error| RunError::Discover {
                 path: dir.to_owned(),
-                source,
+                error,
             })?
             .path();
         if path.is_dir() {
@@ -160,10 +161,13 @@ pub async fn run(options: Options, files: Vec<PathBuf>) -> bool {
     }
     let mut outcomes = Vec::new();
     while let Some(joined) = running.join_next_with_id().await {
-        let outcome = joined.map(|(_, outcome)| outcome).unwrap_or_else(|error| {
-            let name = names.get(&error.id()).cloned().unwrap_or_default();
-            Outcome::failed(name, format!("the harness panicked: {error}"))
-        });
+        let outcome = match joined {
+            Ok((_, outcome)) => outcome,
+            Err(error) => {
+                let name = names.get(&error.id()).cloned().unwrap_or_default();
+                Outcome::failed(name, format!("the harness panicked: {error}"))
+            }
+        };
         print!("{}", outcome.render(options.verbose));
         let _ = std::io::stdout().flush();
         outcomes.push(outcome);
@@ -447,14 +451,58 @@ impl ScenarioRun<'_> {
 
     async fn step(&mut self, number: usize, step: &Step) -> Result<(), StepError> {
         self.progress.line(&format!("step {number}: {step}"));
-        let changed_at = match step {
+        match step {
+            Step::OpenConnection {
+                name,
+                from,
+                to,
+                port,
+                protocol,
+            } => {
+                let flow = self
+                    .open_flow(from, to, *port, *protocol)
+                    .await
+                    .map_err(|source| StepError::Open {
+                        name: name.clone(),
+                        source,
+                    })?;
+                self.flows.insert(name.clone(), flow);
+            }
+            Step::CheckConnection { name, expect } => {
+                let alive = self.flows[name].check().await;
+                let state = if alive { "alive" } else { "closed" };
+                self.progress.line(&format!("  {name} is {state}"));
+                if alive != (*expect == ConnectionExpectation::Alive) {
+                    self.failures
+                        .push(format!("step {number} {step}: the connection is {state}"));
+                }
+            }
+            Step::Probe {
+                port,
+                protocol,
+                expect,
+            } => {
+                self.probe(number, step, *port, *protocol, expect).await;
+            }
+            change => {
+                if self.apply(change).await? {
+                    // The change is on disk (or in the namespaces) now: the latency clock starts.
+                    self.converge(Some(Instant::now())).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a change step's change; false when there was nothing to change (restarting an
+    /// agent that is not running).
+    async fn apply(&mut self, step: &Step) -> Result<bool, StepError> {
+        match step {
             Step::CreatePolicy { policy } | Step::UpdatePolicy { policy } => {
                 self.write_policy(policy)?;
-                Instant::now()
             }
             Step::DeletePolicy { policy } => {
                 self.delete_policy(scenario::policy_identity(policy))?;
-                Instant::now()
             }
             Step::DeleteAllPolicies { namespaces } => {
                 let doomed: Vec<String> = self
@@ -470,15 +518,11 @@ impl ScenarioRun<'_> {
                 for identity in doomed {
                     self.delete_policy(&identity)?;
                 }
-                Instant::now()
             }
             Step::Relabel {
                 pod_labels,
                 namespace_labels,
-            } => {
-                self.relabel(pod_labels, namespace_labels)?;
-                Instant::now()
-            }
+            } => self.relabel(pod_labels, namespace_labels)?,
             Step::AddPod {
                 pod,
                 labels,
@@ -502,12 +546,8 @@ impl ScenarioRun<'_> {
                 if *publish {
                     self.publish(pod)?;
                 }
-                Instant::now()
             }
-            Step::PublishPod { pod } => {
-                self.publish(pod)?;
-                Instant::now()
-            }
+            Step::PublishPod { pod } => self.publish(pod)?,
             Step::DeletePod { pod } => {
                 let live = self
                     .live
@@ -518,56 +558,14 @@ impl ScenarioRun<'_> {
                     self.writer.delete_pod(&spec.namespace, &spec.name)?;
                 }
                 drop(live.servers);
-                live.endpoint.netns.delete().await?;
-                Instant::now()
+                self.node.unwire(live.endpoint).await?;
             }
-            Step::RestartAgent { mode } => {
-                if !self.restart_agent(*mode).await? {
-                    return Ok(());
-                }
-                Instant::now()
+            Step::RestartAgent { mode } => return self.restart_agent(*mode).await,
+            Step::OpenConnection { .. } | Step::CheckConnection { .. } | Step::Probe { .. } => {
+                return Ok(false);
             }
-            Step::OpenConnection {
-                name,
-                from,
-                to,
-                port,
-                protocol,
-            } => {
-                let flow = self
-                    .open_flow(from, to, *port, *protocol)
-                    .await
-                    .map_err(|source| StepError::Open {
-                        name: name.clone(),
-                        source,
-                    })?;
-                self.flows.insert(name.clone(), flow);
-                return Ok(());
-            }
-            Step::CheckConnection { name, expect } => {
-                let alive = self.flows[name].check().await;
-                self.progress.line(&format!(
-                    "  {name} is {}",
-                    if alive { "alive" } else { "closed" }
-                ));
-                if alive != (*expect == ConnectionExpectation::Alive) {
-                    self.failures.push(format!(
-                        "step {number} {step}: the connection is {}",
-                        if alive { "alive" } else { "closed" }
-                    ));
-                }
-                return Ok(());
-            }
-            Step::Probe {
-                port,
-                protocol,
-                expect,
-            } => {
-                self.probe(number, step, *port, *protocol, expect).await;
-                return Ok(());
-            }
-        };
-        self.converge(Some(changed_at)).await
+        }
+        Ok(true)
     }
 
     fn write_policy(&mut self, key: &str) -> Result<(), StepError> {
@@ -668,16 +666,16 @@ impl ScenarioRun<'_> {
                 .collect(),
         };
         let status = watcher.wait_for(agent, &wanted).await?;
-        let waited = changed_at.map(|at| at.elapsed());
-        if let Some(latency) = waited {
+        let latency = changed_at.map(|at| at.elapsed());
+        if let Some(latency) = latency {
             self.latencies.push(latency);
         }
         let mut line = format!("  applied: generation {}", status.generation);
-        if let Some(latency) = waited {
-            line.push_str(&format!(" after {:.1}ms", latency.as_secs_f64() * 1000.0));
+        if let Some(latency) = latency {
+            let _ = write!(line, " after {:.1}ms", latency.as_secs_f64() * 1000.0);
         }
         if !status.errors.is_empty() {
-            line.push_str(&format!("; agent reports: {}", status.errors.join(" | ")));
+            let _ = write!(line, "; agent reports: {}", status.errors.join(" | "));
         }
         self.progress.line(&line);
         Ok(())
@@ -846,7 +844,7 @@ impl ScenarioRun<'_> {
         self.watcher = None;
         for (key, live) in self.live.drain(..) {
             drop(live.servers);
-            if let Err(error) = live.endpoint.netns.delete().await {
+            if let Err(error) = self.node.unwire(live.endpoint).await {
                 self.progress
                     .line(&format!("cannot delete the namespace of {key}: {error}"));
             }

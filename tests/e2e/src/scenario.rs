@@ -82,6 +82,7 @@ impl fmt::Display for Protocol {
 /// A container port, spelled as in a Pod spec.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+#[expect(clippy::struct_field_names, reason = "named after the Pod spec field")]
 pub struct ContainerPort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -255,7 +256,9 @@ impl fmt::Display for Step {
                 )
             }
             Self::PublishPod { pod } | Self::DeletePod { pod } => write!(f, "{} {pod}", self.op()),
-            Self::RestartAgent { mode } => write!(f, "restart_agent ({mode:?})"),
+            Self::RestartAgent { mode } => {
+                write!(f, "restart_agent ({})", format!("{mode:?}").to_lowercase())
+            }
             Self::OpenConnection {
                 name,
                 from,
@@ -269,7 +272,11 @@ impl fmt::Display for Step {
                 )
             }
             Self::CheckConnection { name, expect } => {
-                write!(f, "check_connection {name} (expect {expect:?})")
+                write!(
+                    f,
+                    "check_connection {name} (expect {})",
+                    format!("{expect:?}").to_lowercase()
+                )
             }
             Self::Probe { port, protocol, .. } => write!(f, "probe {protocol}/{port}"),
         }
@@ -282,7 +289,7 @@ pub struct Scenario {
     pub path: PathBuf,
     pub name: String,
     pub model: Model,
-    /// Policy key to the NetworkPolicy object, placeholders not yet substituted.
+    /// Policy key to the `NetworkPolicy` object, placeholders not yet substituted.
     pub policies: IndexMap<String, serde_yaml::Value>,
     pub steps: Vec<Step>,
 }
@@ -415,7 +422,7 @@ struct RawProbeExpectation {
 
 const NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-/// The upstream NetworkPolicy e2e model: x/y/z × a/b/c, ports 80 and 81 over every protocol.
+/// The upstream `NetworkPolicy` e2e model: x/y/z × a/b/c, ports 80 and 81 over every protocol.
 #[must_use]
 pub fn upstream_model(ip_families: Vec<IpFamily>, ports: Option<Vec<ContainerPort>>) -> Model {
     let default_ports = ports.unwrap_or_else(|| {
@@ -686,7 +693,7 @@ pub fn policy_identity(key: &str) -> &str {
     key.split_once('@').map_or(key, |(identity, _)| identity)
 }
 
-/// Checks that a policy object is a NetworkPolicy whose namespace/name match its key, filling in
+/// Checks that a policy object is a `NetworkPolicy` whose namespace/name match its key, filling in
 /// the namespace from the key when the object omits it (as `kubectl apply -n` would).
 fn check_policy(key: &str, mut object: serde_yaml::Value) -> Result<serde_yaml::Value, String> {
     let identity = policy_identity(key);
@@ -726,7 +733,7 @@ fn check_policy(key: &str, mut object: serde_yaml::Value) -> Result<serde_yaml::
     Ok(object)
 }
 
-/// The NetworkPolicy objects of a (multi-document) manifest file, keyed `namespace/name`.
+/// The `NetworkPolicy` objects of a (multi-document) manifest file, keyed `namespace/name`.
 fn load_policy_file(path: &Path) -> Result<Vec<(String, serde_yaml::Value)>, String> {
     let text = fs::read_to_string(path)
         .map_err(|error| format!("policy file {}: {error}", path.display()))?;
@@ -734,7 +741,7 @@ fn load_policy_file(path: &Path) -> Result<Vec<(String, serde_yaml::Value)>, Str
     for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         let value = serde_yaml::Value::deserialize(document)
             .map_err(|error| format!("policy file {} document {index}: {error}", path.display()))?;
-        collect_policies(value, &mut objects);
+        collect_policies(&value, &mut objects);
     }
     let mut keyed = Vec::new();
     for object in objects {
@@ -761,13 +768,13 @@ fn load_policy_file(path: &Path) -> Result<Vec<(String, serde_yaml::Value)>, Str
     Ok(keyed)
 }
 
-fn collect_policies(value: serde_yaml::Value, into: &mut Vec<serde_yaml::Value>) {
+fn collect_policies(value: &serde_yaml::Value, into: &mut Vec<serde_yaml::Value>) {
     match value.get("kind").and_then(serde_yaml::Value::as_str) {
-        Some("NetworkPolicy") => into.push(value),
+        Some("NetworkPolicy") => into.push(value.clone()),
         Some("List" | "NetworkPolicyList") => {
             if let Some(items) = value.get("items").and_then(serde_yaml::Value::as_sequence) {
                 for item in items {
-                    collect_policies(item.clone(), into);
+                    collect_policies(item, into);
                 }
             }
         }
@@ -778,40 +785,30 @@ fn collect_policies(value: serde_yaml::Value, into: &mut Vec<serde_yaml::Value>)
 
 /// Every placeholder names a pod or external host of the scenario and a family the model has.
 fn check_placeholders(scenario: &Scenario) -> Result<(), String> {
-    let pods: BTreeSet<&str> = scenario.all_pods().collect();
     let model = &scenario.model;
-    for (key, object) in &scenario.policies {
-        let mut problem = None;
-        placeholder::visit_strings(object, &mut |text| {
-            if problem.is_some() {
-                return;
+    let mut targets: BTreeSet<&str> = scenario.all_pods().collect();
+    targets.extend(model.external_hosts.iter().map(String::as_str));
+    let check = |text: &str| -> Result<(), String> {
+        for found in placeholder::parse_all(text).map_err(|error| error.to_string())? {
+            if !targets.contains(found.target()) {
+                return Err(format!(
+                    "{found} names no pod or external host of the scenario"
+                ));
             }
-            match placeholder::parse_all(text) {
-                Err(error) => problem = Some(error.to_string()),
-                Ok(found) => {
-                    for found in found {
-                        let target = found.target();
-                        if !pods.contains(target)
-                            && !model.external_hosts.iter().any(|host| host == target)
-                        {
-                            problem = Some(format!(
-                                "{found} names no pod or external host of the scenario"
-                            ));
-                        } else if found.family(model.primary_family()) == IpFamily::IPv6
-                            && !model.has(IpFamily::IPv6)
-                            || found.family(model.primary_family()) == IpFamily::IPv4
-                                && !model.has(IpFamily::IPv4)
-                        {
-                            problem =
-                                Some(format!("{found} needs a family the model does not have"));
-                        }
-                    }
-                }
+            if !model.has(found.family(model.primary_family())) {
+                return Err(format!("{found} needs a family the model does not have"));
+            }
+        }
+        Ok(())
+    };
+    for (key, object) in &scenario.policies {
+        let mut problem = Ok(());
+        placeholder::visit_strings(object, &mut |text| {
+            if problem.is_ok() {
+                problem = check(text);
             }
         });
-        if let Some(problem) = problem {
-            return Err(format!("policy {key}: {problem}"));
-        }
+        problem.map_err(|problem| format!("policy {key}: {problem}"))?;
     }
     Ok(())
 }
@@ -988,15 +985,15 @@ impl<'a> Validator<'a> {
                 if let Some(ports) = &ports {
                     check_ports(&pod, ports).map_err(|e| (op, e))?;
                 }
-                if let Some(old) = &reuse_ip_of {
-                    if !self.deleted.remove(old) {
-                        return Err((
-                            op,
-                            format!(
-                                "reuse_ip_of: {old} was not deleted earlier (or its IP is reused already)"
-                            ),
-                        ));
-                    }
+                if let Some(old) = &reuse_ip_of
+                    && !self.deleted.remove(old)
+                {
+                    return Err((
+                        op,
+                        format!(
+                            "reuse_ip_of: {old} was not deleted earlier (or its IP is reused already)"
+                        ),
+                    ));
                 }
                 self.deleted.remove(&pod);
                 if !publish {
@@ -1070,7 +1067,7 @@ impl<'a> Validator<'a> {
                 protocol,
                 expect,
             } => {
-                let grid = self.grid(expect.grid).map_err(|e| ("probe", e))?;
+                let grid = self.grid(&expect.grid).map_err(|e| ("probe", e))?;
                 Step::Probe {
                     port,
                     protocol,
@@ -1080,7 +1077,7 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn grid(&self, rows: IndexMap<String, String>) -> Result<ExpectedGrid, String> {
+    fn grid(&self, rows: &IndexMap<String, String>) -> Result<ExpectedGrid, String> {
         if let Some(unknown) = rows.keys().find(|row| !self.order.contains(row)) {
             return Err(format!(
                 "grid row {unknown} is not a pod or external host at this step (expected rows: {})",

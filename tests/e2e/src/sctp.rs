@@ -1,5 +1,5 @@
 //! Just enough SCTP (RFC 9260) to tell whether an association could start: INIT and INIT-ACK
-//! chunks, the common header and its CRC32c checksum.
+//! chunks, the common header and its CRC-32C checksum.
 //!
 //! The test kernel has no SCTP module, so both ends speak it over raw IP sockets. IPv4 raw
 //! sockets deliver the IP header in front of the packet; [`strip_ipv4_header`] removes it.
@@ -299,7 +299,7 @@ impl RawSctpSocket {
                     let Some(source) = from
                         .as_ref()
                         .and_then(|from| from.as_sockaddr_in6())
-                        .map(|from| from.ip())
+                        .map(nix::sys::socket::SockaddrIn6::ip)
                     else {
                         continue;
                     };

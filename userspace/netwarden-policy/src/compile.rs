@@ -12,7 +12,7 @@ use netwarden_common::{
     PolicyKey,
 };
 use netwarden_model::{
-    Cluster, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef, PortSpec, Rule,
+    Cluster, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef, PortSpec, Rule,
 };
 
 use crate::{
@@ -156,22 +156,79 @@ pub struct DatapathState {
     pub warnings: Vec<String>,
 }
 
-/// The compiler. It keeps identity, policy and rule ids stable from one compilation to the
-/// next, so a small change to the cluster is a small change to the maps.
-#[derive(Debug, Default)]
+/// One change to the cluster, as a source reports it: the object's new version, or `None` when
+/// it was deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A pod was created, updated or deleted.
+    Pod(PodRef, Option<Pod>),
+    /// A namespace was created, updated or deleted.
+    Namespace(String, Option<Namespace>),
+    /// A NetworkPolicy was created, updated or deleted.
+    Policy(PolicyRef, Option<NetworkPolicy>),
+}
+
+/// A pod/namespace selector peer, in the namespace of the policy it belongs to.
+type SelectorKey = (String, Peer);
+
+/// The compiler. It keeps the datapath state for the cluster it was told about and updates it
+/// from one change at a time, touching only what the change can affect:
+///
+/// - a pod changes the IP cache for its addresses; when it creates or retires a label-set
+///   identity, the cached selectors are checked against that one identity, and only the
+///   endpoints whose policies use a selector whose match set changed are recompiled;
+/// - a namespace re-checks the selectors against the identities of that namespace;
+/// - a policy recompiles the local pods its old or new version selects.
+///
+/// Identity, policy and rule ids stay stable from one change to the next, so a small change to
+/// the cluster is a small change to the maps. A new peer pod whose label set already exists
+/// changes only the IP cache.
+#[derive(Clone, Debug)]
 pub struct Compiler {
+    node: String,
+    node_addresses: BTreeSet<IpAddr>,
+    cluster: Cluster,
     identities: IdentityAllocator,
-    policy_ids: HashMap<CompiledPolicy, PolicyId>,
+    pod_identity: HashMap<PodRef, (PeerId, IdentityInfo)>,
+    ip_claims: BTreeMap<IpAddr, BTreeSet<PodRef>>,
+    local_pods: BTreeSet<PodRef>,
+    selectors: HashMap<SelectorKey, BTreeSet<PeerId>>,
+    selector_users: HashMap<SelectorKey, BTreeSet<PodRef>>,
+    endpoint_selectors: HashMap<PodRef, Vec<SelectorKey>>,
+    named_block_users: BTreeSet<PodRef>,
+    policy_ids: HashMap<CompiledPolicy, (PolicyId, usize)>,
     last_policy_id: PolicyId,
     rule_ids: HashMap<RuleOrigin, RuleId>,
     last_rule_id: RuleId,
+    duplicate_ips: BTreeMap<IpAddr, String>,
+    dirty: BTreeSet<PodRef>,
+    state: DatapathState,
 }
 
 impl Compiler {
-    /// A compiler with no history.
+    /// A compiler for the node called `node`, with an empty cluster.
     #[must_use]
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            node_addresses: BTreeSet::new(),
+            cluster: Cluster::default(),
+            identities: IdentityAllocator::default(),
+            pod_identity: HashMap::new(),
+            ip_claims: BTreeMap::new(),
+            local_pods: BTreeSet::new(),
+            selectors: HashMap::new(),
+            selector_users: HashMap::new(),
+            endpoint_selectors: HashMap::new(),
+            named_block_users: BTreeSet::new(),
+            policy_ids: HashMap::new(),
+            last_policy_id: 0,
+            rule_ids: HashMap::new(),
+            last_rule_id: 0,
+            duplicate_ips: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            state: DatapathState::default(),
+        }
     }
 
     /// Continues where a previous agent left off: `identities` are the numbers it gave (by
@@ -182,144 +239,353 @@ impl Compiler {
         self.last_policy_id = self.last_policy_id.max(highest_policy_id);
     }
 
-    /// Compiles `cluster` for the node called `node`, whose own addresses are `node_addresses`.
-    pub fn compile(
-        &mut self,
-        cluster: &Cluster,
-        node: &str,
-        node_addresses: &[IpAddr],
-    ) -> DatapathState {
-        let mut state = DatapathState::default();
+    /// The state for everything applied so far.
+    #[must_use]
+    pub fn state(&self) -> &DatapathState {
+        &self.state
+    }
 
-        // Identities and the IP cache. Host-network pods share the node's addresses: policy
-        // neither selects them nor can tell them from the node.
-        let pods: Vec<(&Pod, IdentityInfo)> = cluster
-            .pods
-            .values()
-            .filter(|pod| !pod.host_network && !pod.ips.is_empty())
-            .map(|pod| (pod, IdentityInfo::of(pod)))
-            .collect();
-        state.identities = self.identities.assign(pods.iter().map(|(_, info)| info));
-        let mut owners: HashMap<IpAddr, &PodRef> = HashMap::new();
-        for (pod, info) in &pods {
-            let identity = self.identities.get(info).expect("assigned above");
-            for ip in &pod.ips {
-                if let Some(owner) = owners.get(ip) {
-                    state.warnings.push(format!("Pod {}: status.podIPs: {ip} is also the address of Pod {owner}; using {owner}", pod.id));
-                    continue;
+    /// The node's own addresses: traffic from them to local pods is always allowed.
+    pub fn set_node_addresses(&mut self, addresses: &[IpAddr]) -> &DatapathState {
+        let new: BTreeSet<IpAddr> = addresses.iter().copied().collect();
+        let touched: Vec<IpAddr> = self.node_addresses.symmetric_difference(&new).copied().collect();
+        self.node_addresses = new;
+        for ip in touched {
+            self.refresh_ip(ip);
+        }
+        &self.state
+    }
+
+    /// Brings the compiler to `cluster`, applying only the objects that differ from what it
+    /// has.
+    pub fn sync(&mut self, cluster: &Cluster) -> &DatapathState {
+        let mut changes = Vec::new();
+        diff(&self.cluster.namespaces, &cluster.namespaces, &mut changes, |name, namespace| {
+            Change::Namespace(name.clone(), namespace)
+        });
+        diff(&self.cluster.pods, &cluster.pods, &mut changes, |id, pod| Change::Pod(id.clone(), pod));
+        diff(&self.cluster.policies, &cluster.policies, &mut changes, |id, policy| {
+            Change::Policy(id.clone(), policy)
+        });
+        self.update(changes)
+    }
+
+    /// Applies `changes` and recompiles what they affect.
+    pub fn update(&mut self, changes: impl IntoIterator<Item = Change>) -> &DatapathState {
+        for change in changes {
+            match change {
+                Change::Pod(id, pod) => self.change_pod(id, pod),
+                Change::Namespace(name, namespace) => self.change_namespace(name, namespace),
+                Change::Policy(id, policy) => self.change_policy(id, policy),
+            }
+        }
+        for pod in std::mem::take(&mut self.dirty) {
+            self.recompile_endpoint(&pod);
+        }
+        self.state.warnings = self.duplicate_ips.values().cloned().collect();
+        &self.state
+    }
+
+    fn effective(pod: Option<&Pod>) -> Option<&Pod> {
+        // Host-network pods share the node's addresses: policy neither selects them nor can
+        // tell them from the node. Pods without an address have nothing to enforce yet.
+        pod.filter(|pod| !pod.host_network && !pod.ips.is_empty())
+    }
+
+    fn change_pod(&mut self, id: PodRef, pod: Option<Pod>) {
+        let old = match &pod {
+            Some(pod) => self.cluster.pods.insert(id.clone(), pod.clone()),
+            None => self.cluster.pods.remove(&id),
+        };
+        if old == pod {
+            return;
+        }
+        let mut touched_ips = Vec::new();
+        if let Some(old) = Self::effective(old.as_ref()) {
+            if let Some((_, info)) = self.pod_identity.remove(&id) {
+                if let Some(retired) = self.identities.release(&info) {
+                    self.identity_retired(retired);
                 }
-                owners.insert(*ip, &pod.id);
-                state.ipcache.insert(*ip, identity);
+            }
+            for ip in &old.ips {
+                if let Some(claims) = self.ip_claims.get_mut(ip) {
+                    claims.remove(&id);
+                    if claims.is_empty() {
+                        self.ip_claims.remove(ip);
+                    }
+                }
+                touched_ips.push(*ip);
             }
         }
-        for address in node_addresses {
-            state.ipcache.insert(*address, IDENTITY_HOST);
+        if let Some(new) = Self::effective(pod.as_ref()) {
+            let info = IdentityInfo::of(new);
+            let (identity, is_new) = self.identities.acquire(&info);
+            if is_new {
+                self.identity_created(identity, &info);
+            }
+            self.pod_identity.insert(id.clone(), (identity, info));
+            for ip in &new.ips {
+                self.ip_claims.entry(*ip).or_default().insert(id.clone());
+                touched_ips.push(*ip);
+            }
         }
+        for ip in touched_ips {
+            self.refresh_ip(ip);
+        }
+        let is_local = |pod: Option<&Pod>| pod.is_some_and(|pod| pod.node_name.as_deref() == Some(self.node.as_str()));
+        if is_local(old.as_ref()) || is_local(pod.as_ref()) {
+            self.dirty.insert(id.clone());
+        }
+        if is_local(pod.as_ref()) {
+            self.local_pods.insert(id);
+        } else {
+            self.local_pods.remove(&id);
+        }
+        // Egress rules with ipBlock peers and named ports depend on every pod's addresses and
+        // ports; they are rare, so their endpoints are simply recompiled.
+        self.dirty.extend(self.named_block_users.iter().cloned());
+    }
 
-        // Local endpoints and their policies.
-        let mut selectors = SelectorCache::new(cluster, &state.identities);
-        let mut used_policies: HashMap<CompiledPolicy, PolicyId> = HashMap::new();
-        let mut used_rules: BTreeMap<RuleId, RuleOrigin> = BTreeMap::new();
-        for (pod, info) in &pods {
-            if pod.node_name.as_deref() != Some(node) {
+    fn change_namespace(&mut self, name: String, namespace: Option<Namespace>) {
+        let old = match namespace {
+            Some(namespace) => self.cluster.namespaces.insert(name.clone(), namespace),
+            None => self.cluster.namespaces.remove(&name),
+        };
+        if old.as_ref() == self.cluster.namespaces.get(&name) {
+            return;
+        }
+        let labels = self.cluster.namespace_labels(&name);
+        let members: Vec<PeerId> = self
+            .identities
+            .identities()
+            .iter()
+            .filter(|(_, info)| info.namespace == name)
+            .map(|(id, _)| *id)
+            .collect();
+        for (key, matched) in &mut self.selectors {
+            let (policy_namespace, Peer::Pods { pod_selector, namespace_selector: Some(namespace_selector) }) = key else {
                 continue;
+            };
+            let _ = policy_namespace;
+            for id in &members {
+                let info = &self.identities.identities()[id];
+                let matches = namespace_selector.matches(&labels)
+                    && pod_selector.as_ref().is_none_or(|selector| selector.matches(&info.labels));
+                let changed = if matches { matched.insert(*id) } else { matched.remove(id) };
+                if changed {
+                    self.dirty.extend(self.selector_users.get(key).into_iter().flatten().cloned());
+                }
             }
-            let selecting: Vec<&NetworkPolicy> = cluster
-                .policies
-                .values()
-                .filter(|policy| {
-                    policy.id.namespace == pod.id.namespace
-                        && policy.pod_selector.matches(&pod.labels)
+        }
+    }
+
+    fn change_policy(&mut self, id: PolicyRef, policy: Option<NetworkPolicy>) {
+        let old = match &policy {
+            Some(policy) => self.cluster.policies.insert(id.clone(), policy.clone()),
+            None => self.cluster.policies.remove(&id),
+        };
+        if old == policy {
+            return;
+        }
+        for pod in &self.local_pods {
+            let Some(labels) = self.cluster.pods.get(pod).map(|pod| &pod.labels) else { continue };
+            let selected = |policy: &Option<NetworkPolicy>| {
+                policy.as_ref().is_some_and(|policy| {
+                    policy.id.namespace == pod.namespace && policy.pod_selector.matches(labels)
+                })
+            };
+            if selected(&old) || selected(&policy) {
+                self.dirty.insert(pod.clone());
+            }
+        }
+    }
+
+    fn identity_created(&mut self, identity: PeerId, info: &IdentityInfo) {
+        self.state.identities.insert(identity, info.clone());
+        let namespace_labels = self.cluster.namespace_labels(&info.namespace);
+        for (key, matched) in &mut self.selectors {
+            if selector_matches(key, info, &namespace_labels) && matched.insert(identity) {
+                self.dirty.extend(self.selector_users.get(key).into_iter().flatten().cloned());
+            }
+        }
+    }
+
+    fn identity_retired(&mut self, identity: PeerId) {
+        self.state.identities.remove(&identity);
+        for (key, matched) in &mut self.selectors {
+            if matched.remove(&identity) {
+                self.dirty.extend(self.selector_users.get(key).into_iter().flatten().cloned());
+            }
+        }
+    }
+
+    /// Sets the IP cache entry of `ip`: the node if it is a node address, else the identity of
+    /// the first pod (by namespace and name) that claims it.
+    fn refresh_ip(&mut self, ip: IpAddr) {
+        let claims = self.ip_claims.get(&ip);
+        match claims.map(|claims| claims.iter().collect::<Vec<_>>()).as_deref() {
+            Some([_, second, ..]) => {
+                let owner = claims.and_then(|claims| claims.first()).expect("two claims");
+                self.duplicate_ips.insert(
+                    ip,
+                    format!("Pod {second}: status.podIPs: {ip} is also the address of Pod {owner}; using {owner}"),
+                );
+            }
+            _ => {
+                self.duplicate_ips.remove(&ip);
+            }
+        }
+        let owner_identity = claims
+            .and_then(|claims| claims.first())
+            .and_then(|owner| self.pod_identity.get(owner))
+            .map(|(identity, _)| *identity);
+        let identity = if self.node_addresses.contains(&ip) { Some(IDENTITY_HOST) } else { owner_identity };
+        match identity {
+            Some(identity) => {
+                self.state.ipcache.insert(ip, identity);
+            }
+            None => {
+                self.state.ipcache.remove(&ip);
+            }
+        }
+    }
+
+    fn recompile_endpoint(&mut self, id: &PodRef) {
+        // Forget what the endpoint used before.
+        if let Some(old) = self.state.endpoints.remove(id) {
+            for policy in [old.ingress, old.egress].into_iter().flatten() {
+                self.release_policy(policy);
+            }
+        }
+        for key in self.endpoint_selectors.remove(id).unwrap_or_default() {
+            if let Some(users) = self.selector_users.get_mut(&key) {
+                users.remove(id);
+                if users.is_empty() {
+                    // Nobody needs this selector's match set maintained any more.
+                    self.selector_users.remove(&key);
+                    self.selectors.remove(&key);
+                }
+            }
+        }
+        self.named_block_users.remove(id);
+
+        let Some(pod) = Self::effective(self.cluster.pods.get(id)).cloned() else { return };
+        if pod.node_name.as_deref() != Some(self.node.as_str()) {
+            return;
+        }
+        let Some((identity, _)) = self.pod_identity.get(id).cloned() else { return };
+        let selecting: Vec<NetworkPolicy> = self
+            .cluster
+            .policies
+            .range(
+                PolicyRef { namespace: id.namespace.clone(), name: String::new() }..,
+            )
+            .take_while(|(policy, _)| policy.namespace == id.namespace)
+            .filter(|(_, policy)| policy.pod_selector.matches(&pod.labels))
+            .map(|(_, policy)| policy.clone())
+            .collect();
+        let mut endpoint = LocalEndpoint {
+            pod: id.clone(),
+            ips: pod.ips.clone(),
+            identity,
+            ingress: None,
+            egress: None,
+            ingress_isolated_by: Vec::new(),
+            egress_isolated_by: Vec::new(),
+        };
+        let mut used_selectors = Vec::new();
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let isolating: Vec<&NetworkPolicy> = selecting
+                .iter()
+                .filter(|policy| match direction {
+                    Direction::Ingress => policy.policy_types.ingress,
+                    Direction::Egress => policy.policy_types.egress,
                 })
                 .collect();
-            let mut endpoint = LocalEndpoint {
-                pod: pod.id.clone(),
-                ips: pod.ips.clone(),
-                identity: self.identities.get(info).expect("assigned above"),
-                ingress: None,
-                egress: None,
-                ingress_isolated_by: Vec::new(),
-                egress_isolated_by: Vec::new(),
-            };
-            for direction in [Direction::Ingress, Direction::Egress] {
-                let isolating: Vec<&NetworkPolicy> = selecting
-                    .iter()
-                    .copied()
-                    .filter(|policy| match direction {
-                        Direction::Ingress => policy.policy_types.ingress,
-                        Direction::Egress => policy.policy_types.egress,
-                    })
-                    .collect();
-                if isolating.is_empty() {
-                    continue;
+            if isolating.is_empty() {
+                continue;
+            }
+            let compiled = self.compile_direction(&pod, direction, &isolating, &mut used_selectors);
+            let policy = self.acquire_policy(compiled);
+            let isolated_by = isolating.iter().map(|policy| policy.id.clone()).collect();
+            match direction {
+                Direction::Ingress => {
+                    endpoint.ingress = Some(policy);
+                    endpoint.ingress_isolated_by = isolated_by;
                 }
-                let compiled = self.compile_direction(
-                    cluster,
-                    &owners,
-                    pod,
-                    direction,
-                    &isolating,
-                    &mut selectors,
-                    &mut used_rules,
-                );
-                let id = self.policy_id(compiled.clone());
-                used_policies.insert(compiled, id);
-                let isolated_by = isolating.iter().map(|policy| policy.id.clone()).collect();
-                match direction {
-                    Direction::Ingress => {
-                        endpoint.ingress = Some(id);
-                        endpoint.ingress_isolated_by = isolated_by;
-                    }
-                    Direction::Egress => {
-                        endpoint.egress = Some(id);
-                        endpoint.egress_isolated_by = isolated_by;
-                    }
+                Direction::Egress => {
+                    endpoint.egress = Some(policy);
+                    endpoint.egress_isolated_by = isolated_by;
                 }
             }
-            state.endpoints.insert(pod.id.clone(), endpoint);
         }
-
-        // Forget ids nobody uses any more, so they do not pin memory; ids are not reused.
-        self.policy_ids
-            .retain(|compiled, _| used_policies.contains_key(compiled));
-        self.rule_ids.retain(|_, id| used_rules.contains_key(id));
-        state.policies = used_policies
-            .into_iter()
-            .map(|(compiled, id)| (id, compiled))
-            .collect();
-        state.rules = used_rules;
-        state
+        for key in &used_selectors {
+            self.selector_users.entry(key.clone()).or_default().insert(id.clone());
+        }
+        self.endpoint_selectors.insert(id.clone(), used_selectors);
+        self.state.endpoints.insert(id.clone(), endpoint);
     }
 
-    fn policy_id(&mut self, compiled: CompiledPolicy) -> PolicyId {
-        *self.policy_ids.entry(compiled).or_insert_with(|| {
-            self.last_policy_id += 1;
-            self.last_policy_id
-        })
-    }
-
-    fn rule_id(&mut self, origin: RuleOrigin, used: &mut BTreeMap<RuleId, RuleOrigin>) -> RuleId {
-        let id = *self.rule_ids.entry(origin.clone()).or_insert_with(|| {
-            self.last_rule_id += 1;
-            self.last_rule_id
-        });
-        used.insert(id, origin);
+    fn acquire_policy(&mut self, compiled: CompiledPolicy) -> PolicyId {
+        if let Some((id, users)) = self.policy_ids.get_mut(&compiled) {
+            *users += 1;
+            return *id;
+        }
+        self.last_policy_id += 1;
+        let id = self.last_policy_id;
+        self.state.policies.insert(id, compiled.clone());
+        self.policy_ids.insert(compiled, (id, 1));
         id
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site; a struct would only rename them"
-    )]
+    fn release_policy(&mut self, id: PolicyId) {
+        let Some(compiled) = self.state.policies.get(&id) else { return };
+        let Some((_, users)) = self.policy_ids.get_mut(compiled) else { return };
+        *users -= 1;
+        if *users == 0 {
+            let compiled = self.state.policies.remove(&id).expect("present above");
+            self.policy_ids.remove(&compiled);
+        }
+    }
+
+    fn rule_id(&mut self, origin: RuleOrigin) -> RuleId {
+        if let Some(id) = self.rule_ids.get(&origin) {
+            return *id;
+        }
+        self.last_rule_id += 1;
+        self.rule_ids.insert(origin.clone(), self.last_rule_id);
+        self.state.rules.insert(self.last_rule_id, origin);
+        self.last_rule_id
+    }
+
+    /// The identities a selector peer of a policy in `policy_namespace` matches, computed once
+    /// and then maintained as identities and namespaces change.
+    fn matching(&mut self, key: &SelectorKey) -> &BTreeSet<PeerId> {
+        if !self.selectors.contains_key(key) {
+            let mut namespace_labels: HashMap<&str, netwarden_model::selector::Labels> = HashMap::new();
+            let matched = self
+                .identities
+                .identities()
+                .iter()
+                .filter(|(_, info)| {
+                    let labels = namespace_labels
+                        .entry(info.namespace.as_str())
+                        .or_insert_with(|| self.cluster.namespace_labels(&info.namespace));
+                    selector_matches(key, info, labels)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            self.selectors.insert(key.clone(), matched);
+        }
+        &self.selectors[key]
+    }
+
     fn compile_direction(
         &mut self,
-        cluster: &Cluster,
-        owners: &HashMap<IpAddr, &PodRef>,
         pod: &Pod,
         direction: Direction,
         policies: &[&NetworkPolicy],
-        selectors: &mut SelectorCache<'_>,
-        used_rules: &mut BTreeMap<RuleId, RuleOrigin>,
+        used_selectors: &mut Vec<SelectorKey>,
     ) -> CompiledPolicy {
         let mut compiled = CompiledPolicy::default();
         let mut blocks: Vec<(Block, RuleId, Vec<PortMatch>)> = Vec::new();
@@ -329,20 +595,18 @@ impl Compiler {
                 Direction::Egress => &policy.egress,
             };
             for (index, rule) in rules.iter().enumerate() {
-                let rule_id = self.rule_id(
-                    RuleOrigin { policy: policy.id.clone(), direction, index },
-                    used_rules,
-                );
-                let mut add_block = |block: Block| {
-                    if direction == Direction::Egress && has_named_port(&rule.ports) {
+                let rule_id = self.rule_id(RuleOrigin { policy: policy.id.clone(), direction, index });
+                let named_egress = direction == Direction::Egress && has_named_port(&rule.ports);
+                let mut add_block = |block: Block, compiler: &mut Self| {
+                    if named_egress {
                         // A named port is the destination pod's: each pod address in the block
                         // gets a host prefix of its own, carrying what its names resolve to.
-                        for (ip, owner) in owners {
+                        compiler.named_block_users.insert(pod.id.clone());
+                        for (ip, claims) in &compiler.ip_claims {
                             let inside = block.cidr.contains(ip)
                                 && !block.except.iter().any(|except| except.contains(ip));
-                            let Some(owner) = cluster.pods.get(owner).filter(|_| inside) else {
-                                continue;
-                            };
+                            let owner = claims.first().and_then(|owner| compiler.cluster.pods.get(owner));
+                            let Some(owner) = owner.filter(|_| inside) else { continue };
                             let resolved = named_port_matches(&rule.ports, owner);
                             if !resolved.is_empty() {
                                 let host = Block { cidr: IpNet::from(*ip), except: Vec::new() };
@@ -355,22 +619,24 @@ impl Compiler {
                 };
                 if rule.peers.is_empty() {
                     // Every peer: as an ipBlock it also covers pods, the node and the world.
-                    add_block(Block { cidr: IpNet::V4(Ipv4Net::default()), except: Vec::new() });
-                    add_block(Block { cidr: IpNet::V6(Ipv6Net::default()), except: Vec::new() });
+                    add_block(Block { cidr: IpNet::V4(Ipv4Net::default()), except: Vec::new() }, self);
+                    add_block(Block { cidr: IpNet::V6(Ipv6Net::default()), except: Vec::new() }, self);
                 }
                 for peer in &rule.peers {
-                    if let Peer::IpBlock { cidr, except } = peer {
-                        add_block(Block { cidr: *cidr, except: except.clone() });
-                    }
-                }
-                for peer in &rule.peers {
-                    if let Peer::Pods { .. } = peer {
-                        for identity in selectors.matching(&policy.id.namespace, peer) {
-                            let info = &selectors.identities[&identity];
-                            let ports = port_matches(&rule.ports, direction, pod, Some(info));
-                            for (protocol, port, port_bits) in ports {
-                                let entry = PolicyMatch { peer: identity, protocol, port, port_bits };
-                                insert_entry(&mut compiled.entries, entry, rule_id);
+                    match peer {
+                        Peer::IpBlock { cidr, except } => {
+                            add_block(Block { cidr: *cidr, except: except.clone() }, self);
+                        }
+                        Peer::Pods { .. } => {
+                            let key = (policy.id.namespace.clone(), peer.clone());
+                            let matched: Vec<PeerId> = self.matching(&key).iter().copied().collect();
+                            used_selectors.push(key);
+                            for identity in matched {
+                                let info = &self.identities.identities()[&identity];
+                                for (protocol, port, port_bits) in port_matches(&rule.ports, direction, pod, Some(info)) {
+                                    let entry = PolicyMatch { peer: identity, protocol, port, port_bits };
+                                    insert_entry(&mut compiled.entries, entry, rule_id);
+                                }
                             }
                         }
                     }
@@ -382,8 +648,7 @@ impl Compiler {
             let plain: Vec<Block> = blocks.iter().map(|(block, _, _)| block.clone()).collect();
             let mut class_ids: BTreeMap<BTreeSet<usize>, PeerId> = BTreeMap::new();
             for (prefix, holders) in cidr::classes(&plain) {
-                let next = CIDR_CLASS_FLAG
-                    | u32::try_from(class_ids.len()).expect("fewer than 2^31 classes");
+                let next = CIDR_CLASS_FLAG | u32::try_from(class_ids.len()).expect("fewer than 2^31 classes");
                 let class = if holders.is_empty() {
                     // The empty class: no entries, so the lookup finds nothing and denies.
                     CIDR_CLASS_FLAG | u32::MAX >> 1
@@ -394,18 +659,44 @@ impl Compiler {
                 for index in holders {
                     let (_, rule_id, ports) = &blocks[index];
                     for (protocol, port, port_bits) in ports {
-                        let entry = PolicyMatch {
-                            peer: class,
-                            protocol: *protocol,
-                            port: *port,
-                            port_bits: *port_bits,
-                        };
+                        let entry = PolicyMatch { peer: class, protocol: *protocol, port: *port, port_bits: *port_bits };
                         insert_entry(&mut compiled.entries, entry, *rule_id);
                     }
                 }
             }
         }
         compiled
+    }
+}
+
+/// Whether the selector peer `key` matches pods of identity `info`.
+fn selector_matches(key: &SelectorKey, info: &IdentityInfo, namespace_labels: &netwarden_model::selector::Labels) -> bool {
+    let (policy_namespace, Peer::Pods { pod_selector, namespace_selector }) = key else {
+        return false;
+    };
+    let namespace_ok = match namespace_selector {
+        None => info.namespace == *policy_namespace,
+        Some(selector) => selector.matches(namespace_labels),
+    };
+    namespace_ok && pod_selector.as_ref().is_none_or(|selector| selector.matches(&info.labels))
+}
+
+/// Appends a change for every key whose value differs between `old` and `new`.
+fn diff<K: Ord, V: PartialEq + Clone>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    changes: &mut Vec<Change>,
+    change: impl Fn(&K, Option<V>) -> Change,
+) {
+    for (key, value) in new {
+        if old.get(key) != Some(value) {
+            changes.push(change(key, Some(value.clone())));
+        }
+    }
+    for key in old.keys() {
+        if !new.contains_key(key) {
+            changes.push(change(key, None));
+        }
     }
 }
 
@@ -475,58 +766,3 @@ fn port_matches(
     matches
 }
 
-/// Which identities a pod/namespace selector peer matches, computed once per compilation.
-struct SelectorCache<'a> {
-    cluster: &'a Cluster,
-    identities: &'a BTreeMap<PeerId, IdentityInfo>,
-    namespace_labels: HashMap<String, netwarden_model::selector::Labels>,
-    matched: HashMap<(String, Peer), Vec<PeerId>>,
-}
-
-impl<'a> SelectorCache<'a> {
-    fn new(cluster: &'a Cluster, identities: &'a BTreeMap<PeerId, IdentityInfo>) -> Self {
-        Self {
-            cluster,
-            identities,
-            namespace_labels: HashMap::new(),
-            matched: HashMap::new(),
-        }
-    }
-
-    fn matching(&mut self, policy_namespace: &str, peer: &Peer) -> Vec<PeerId> {
-        let key = (policy_namespace.to_owned(), peer.clone());
-        if let Some(found) = self.matched.get(&key) {
-            return found.clone();
-        }
-        let Peer::Pods {
-            pod_selector,
-            namespace_selector,
-        } = peer
-        else {
-            return Vec::new();
-        };
-        let mut found = Vec::new();
-        for (id, info) in self.identities {
-            let namespace_ok = match namespace_selector {
-                None => info.namespace == policy_namespace,
-                Some(selector) => {
-                    let cluster = self.cluster;
-                    let labels = self
-                        .namespace_labels
-                        .entry(info.namespace.clone())
-                        .or_insert_with(|| cluster.namespace_labels(&info.namespace));
-                    selector.matches(labels)
-                }
-            };
-            if namespace_ok
-                && pod_selector
-                    .as_ref()
-                    .is_none_or(|selector| selector.matches(&info.labels))
-            {
-                found.push(*id);
-            }
-        }
-        self.matched.insert(key, found.clone());
-        found
-    }
-}

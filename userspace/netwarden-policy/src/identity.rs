@@ -83,13 +83,18 @@ pub fn resolve_named_port(
         .map(|port| port.port)
 }
 
-/// Hands out identities and keeps them stable while they are in use, so that a change to one
-/// pod does not renumber every other pod's identity in the maps.
-#[derive(Debug, Default)]
+/// Hands out identities, counting the pods that hold each, and keeps a number stable while any
+/// pod holds it, so a change to one pod does not renumber other pods' identities in the maps.
+///
+/// A released number is never handed out again by this allocator: policies compiled for the old
+/// label set may still be in the maps while the new one's addresses are written, and reuse would
+/// let them allow the wrong pods for that moment. A restarted agent starts above the numbers in
+/// use, so the space (2^31) does not run out.
+#[derive(Clone, Debug, Default)]
 pub struct IdentityAllocator {
-    by_info: HashMap<IdentityInfo, PeerId>,
+    by_info: HashMap<IdentityInfo, (PeerId, usize)>,
+    info_of: BTreeMap<PeerId, IdentityInfo>,
     next: PeerId,
-    free: Vec<PeerId>,
     preferred: HashMap<[u8; 32], PeerId>,
 }
 
@@ -98,64 +103,47 @@ impl IdentityAllocator {
     /// identity with one of these digests gets the same number back.
     pub fn prefer(&mut self, preferred: HashMap<[u8; 32], PeerId>) {
         let highest = preferred.values().copied().max().unwrap_or(0);
-        self.next = self
-            .next
-            .max(highest.saturating_add(1))
-            .max(FIRST_POD_IDENTITY);
+        self.next = self.next.max(highest.saturating_add(1));
         self.preferred = preferred;
     }
 
-    /// Assigns identities for exactly `infos`, reusing the ids of those seen last time and
-    /// releasing the rest.
-    pub fn assign<'a>(
-        &mut self,
-        infos: impl Iterator<Item = &'a IdentityInfo>,
-    ) -> BTreeMap<PeerId, IdentityInfo> {
-        if self.next < FIRST_POD_IDENTITY {
-            self.next = FIRST_POD_IDENTITY;
+    /// One more pod holds `info`. Returns its identity and whether the identity is new.
+    pub fn acquire(&mut self, info: &IdentityInfo) -> (PeerId, bool) {
+        if let Some((id, holders)) = self.by_info.get_mut(info) {
+            *holders += 1;
+            return (*id, false);
         }
-        let mut live: HashMap<IdentityInfo, PeerId> = HashMap::new();
-        let mut fresh = Vec::new();
-        for info in infos {
-            if live.contains_key(info) {
-                continue;
-            }
-            if let Some(id) = self.by_info.remove(info) {
-                live.insert(info.clone(), id);
-            } else {
-                fresh.push(info.clone());
-                live.insert(info.clone(), 0);
-            }
-        }
-        // Whatever is left in `by_info` is no longer used.
-        self.free.extend(self.by_info.drain().map(|(_, id)| id));
-        self.free.sort_unstable_by(|a, b| b.cmp(a));
-        let taken: std::collections::HashSet<PeerId> = live.values().copied().collect();
-        for info in fresh {
-            if let Some(id) = self
-                .preferred
-                .remove(&info.digest())
-                .filter(|id| !taken.contains(id))
-            {
-                self.free.retain(|free| *free != id);
-                live.insert(info, id);
-                continue;
-            }
-            let id = self.free.pop().unwrap_or_else(|| {
-                let id = self.next;
-                self.next += 1;
-                id
-            });
-            live.insert(info, id);
-        }
-        let assigned = live.iter().map(|(info, id)| (*id, info.clone())).collect();
-        self.by_info = live;
-        assigned
+        self.next = self.next.max(FIRST_POD_IDENTITY);
+        let preferred = self
+            .preferred
+            .remove(&info.digest())
+            .filter(|id| !self.info_of.contains_key(id));
+        let id = preferred.unwrap_or_else(|| {
+            // `prefer` put `next` above every number a previous agent used.
+            self.next += 1;
+            self.next - 1
+        });
+        self.by_info.insert(info.clone(), (id, 1));
+        self.info_of.insert(id, info.clone());
+        (id, true)
     }
 
-    /// The identity of `info`, if it is in use.
+    /// One pod fewer holds `info`. Returns the identity if no pod holds it any more.
+    pub fn release(&mut self, info: &IdentityInfo) -> Option<PeerId> {
+        let (id, holders) = self.by_info.get_mut(info)?;
+        *holders -= 1;
+        if *holders > 0 {
+            return None;
+        }
+        let id = *id;
+        self.by_info.remove(info);
+        self.info_of.remove(&id);
+        Some(id)
+    }
+
+    /// Identities in use.
     #[must_use]
-    pub fn get(&self, info: &IdentityInfo) -> Option<PeerId> {
-        self.by_info.get(info).copied()
+    pub fn identities(&self) -> &BTreeMap<PeerId, IdentityInfo> {
+        &self.info_of
     }
 }

@@ -14,7 +14,7 @@ pub mod lookup;
 mod ports;
 
 pub use compile::{
-    CompiledPolicy, Compiler, DatapathState, Direction, LocalEndpoint, PolicyId, PolicyMatch,
+    Change, CompiledPolicy, Compiler, DatapathState, Direction, LocalEndpoint, PolicyId, PolicyMatch,
     RuleId, RuleOrigin,
 };
 pub use identity::IdentityInfo;

@@ -38,7 +38,9 @@ fn at(namespace: &str, name: &str) -> PodRef {
 }
 
 fn compile(yaml: &str) -> DatapathState {
-    Compiler::new().compile(&cluster(yaml), NODE, &[ip("172.18.0.2")])
+    let mut compiler = Compiler::new(NODE);
+    compiler.set_node_addresses(&[ip("172.18.0.2")]);
+    compiler.sync(&cluster(yaml)).clone()
 }
 
 const TCP: u8 = 6;
@@ -270,15 +272,15 @@ fn end_port_ranges_and_egress_named_ports_that_differ_between_peers() {
 fn peers_with_an_existing_label_set_share_identity_and_entries() {
     let mut yaml = pod("x", "server", "app: server", "10.0.0.1", "");
     yaml += "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]\n";
-    let mut compiler = Compiler::new();
+    let mut compiler = Compiler::new(NODE);
     let one = {
         let mut yaml = yaml.clone();
         yaml += &pod("x", "client-1", "app: client", "10.0.0.2", "");
-        compiler.compile(&cluster(&yaml), NODE, &[])
+        compiler.sync(&cluster(&yaml)).clone()
     };
     yaml += &pod("x", "client-1", "app: client", "10.0.0.2", "");
     yaml += &pod("x", "client-2", "app: client", "10.0.0.3", "");
-    let two = compiler.compile(&cluster(&yaml), NODE, &[]);
+    let two = compiler.sync(&cluster(&yaml)).clone();
     assert_eq!(
         one.policies, two.policies,
         "a new peer with a known label set changes no policy entry"

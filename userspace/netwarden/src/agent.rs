@@ -68,7 +68,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     let (mut datapath, inherited) =
         Datapath::open(&options.bpffs, &capacity).context("opening the datapath")?;
-    let mut compiler = Compiler::new();
+    let mut compiler = Compiler::new(options.node.clone());
     compiler.resume(inherited.identities, inherited.highest_policy_id);
 
     let mut netlink = Netlink::open().context("opening netlink")?;
@@ -115,8 +115,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             }
             let started = std::time::Instant::now();
             let (cluster, input_errors) = source.cluster();
-            let state = compiler.compile(&cluster, &options.node, &network.addresses);
-            let report = datapath.apply(&state, &network);
+            compiler.set_node_addresses(&network.addresses);
+            let state = compiler.sync(&cluster);
+            let report = datapath.apply(state, &network);
             generation += 1;
             let mut errors: Vec<String> = input_errors.iter().map(ToString::to_string).collect();
             errors.extend(state.warnings.iter().cloned());
