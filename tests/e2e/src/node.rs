@@ -1,6 +1,10 @@
 //! The simulated node: a node namespace and one namespace per pod or external host, wired the
 //! way point-to-point CNIs (kindnet, Calico) wire pods: a veth pair per pod, a /32 (/128) pod
 //! address, a link-local gateway on the host side, and a host route to the pod through its veth.
+//!
+//! External hosts are not pods: each sits on a small subnet of its own behind the node (a /30
+//! and a /64, like an uplink), reached through a connected route, never a host route, so the
+//! agent does not take its veth for the veth of a pod it has not heard of.
 
 use std::{
     fmt,
@@ -174,8 +178,8 @@ impl Node {
                 format!("vx{n}"),
                 Addresses::pick(
                     &self.families,
-                    Ipv4Addr::new(198, 18, 0, host),
-                    Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, u16::from(host)),
+                    Ipv4Addr::new(198, 18, host, 2),
+                    Ipv6Addr::new(0xfd00, 0x198, 0x18, u16::from(host), 0, 0, 0, 2),
                 ),
             ),
         };
@@ -197,9 +201,34 @@ impl Node {
                 netns.name()
             ),
             format!("link set {host_interface} up"),
-            format!("address add {GATEWAY_V4}/32 dev {host_interface}"),
         ];
         let mut pod_side = vec!["link set lo up".to_owned(), "link set eth0 up".to_owned()];
+        if kind == EndpointKind::External {
+            if let Some(v4) = addresses.v4 {
+                let gateway = Ipv4Addr::from(u32::from(v4) - 1);
+                host_side.push(format!("address add {gateway}/30 dev {host_interface}"));
+                pod_side.extend([
+                    format!("address add {v4}/30 dev eth0"),
+                    format!("route add default via {gateway} dev eth0"),
+                ]);
+            }
+            if let Some(v6) = addresses.v6 {
+                let gateway = Ipv6Addr::from(u128::from(v6) - 1);
+                host_side.push(format!("address add {gateway}/64 dev {host_interface} nodad"));
+                pod_side.extend([
+                    format!("address add {v6}/64 dev eth0 nodad"),
+                    format!("route add default via {gateway} dev eth0"),
+                ]);
+            }
+            self.netns.ip_batch(&host_side).await?;
+            netns.ip_batch(&pod_side).await?;
+            return Ok(Endpoint {
+                netns,
+                host_interface,
+                addresses,
+            });
+        }
+        host_side.push(format!("address add {GATEWAY_V4}/32 dev {host_interface}"));
         if let Some(v4) = addresses.v4 {
             host_side.push(format!("route add {v4}/32 dev {host_interface}"));
             pod_side.extend([
