@@ -29,7 +29,13 @@ pub struct Malformed;
 #[inline(always)]
 pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| Malformed)?);
-    let (protocol, src, dst, l4_offset, has_ports) = match ethertype {
+    let IpHeader {
+        protocol,
+        src,
+        dst,
+        l4_offset,
+        has_ports,
+    } = match ethertype {
         ETH_P_IPV4 => parse_ipv4(ctx)?,
         ETH_P_IPV6 => parse_ipv6(ctx)?,
         _ => return Ok(Parsed::NotIp),
@@ -84,9 +90,20 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Returns `(protocol, src, dst, l4 offset, whether the L4 header is present)`.
+/// What the IP header says.
+struct IpHeader {
+    /// Protocol of the payload (IPv6: the first next-header value).
+    protocol: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    /// Offset of the L4 header from the start of the frame.
+    l4_offset: usize,
+    /// Whether the packet carries the L4 header (later fragments do not).
+    has_ports: bool,
+}
+
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext) -> Result<(u8, [u8; 16], [u8; 16], usize, bool), Malformed> {
+fn parse_ipv4(ctx: &TcContext) -> Result<IpHeader, Malformed> {
     let header: [u8; 20] = ctx.load(ETH_HEADER_LEN).map_err(|_| Malformed)?;
     if header[0] >> 4 != 4 {
         return Err(Malformed);
@@ -100,23 +117,29 @@ fn parse_ipv4(ctx: &TcContext) -> Result<(u8, [u8; 16], [u8; 16], usize, bool), 
     let src = ipv4_mapped([header[12], header[13], header[14], header[15]]);
     let dst = ipv4_mapped([header[16], header[17], header[18], header[19]]);
     // Later fragments carry no L4 header: only rules that allow every port can match them.
-    Ok((
+    Ok(IpHeader {
         protocol,
         src,
         dst,
-        ETH_HEADER_LEN + header_len,
-        fragment_offset == 0,
-    ))
+        l4_offset: ETH_HEADER_LEN + header_len,
+        has_ports: fragment_offset == 0,
+    })
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext) -> Result<(u8, [u8; 16], [u8; 16], usize, bool), Malformed> {
+fn parse_ipv6(ctx: &TcContext) -> Result<IpHeader, Malformed> {
     let next_header: u8 = ctx.load(ETH_HEADER_LEN + 6).map_err(|_| Malformed)?;
     let src: [u8; 16] = ctx.load(ETH_HEADER_LEN + 8).map_err(|_| Malformed)?;
     let dst: [u8; 16] = ctx.load(ETH_HEADER_LEN + 24).map_err(|_| Malformed)?;
     // Extension headers are not walked yet: the packet is classified by its first next-header
     // value, which only an all-protocols rule matches, so this fails closed.
-    Ok((next_header, src, dst, ETH_HEADER_LEN + 40, true))
+    Ok(IpHeader {
+        protocol: next_header,
+        src,
+        dst,
+        l4_offset: ETH_HEADER_LEN + 40,
+        has_ports: true,
+    })
 }
 
 #[inline(always)]

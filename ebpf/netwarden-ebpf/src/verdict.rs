@@ -52,7 +52,7 @@ use crate::packet::{self, Parsed};
 
 /// `TC_ACT_UNSPEC`, which TCX reads as "next": allow, and let later programs have their say.
 const ALLOW: i32 = -1;
-const DENY: i32 = TC_ACT_SHOT as i32;
+const DENY: i32 = TC_ACT_SHOT;
 
 #[map]
 static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(4096, 0);
@@ -92,12 +92,12 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     };
     // SAFETY: the value is copied out at once; a concurrent update can at worst make this
     // packet see the endpoint's previous state, which was valid too.
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(&flow.ifindex) }).copied() else {
+    let Some(endpoint) = (unsafe { ENDPOINTS.get(flow.ifindex) }).copied() else {
         return count(counter::DENIED_ENDPOINT_NOT_READY, DENY);
     };
     let epoch = current_epoch();
 
-    if let Some(tracked) = CONNTRACK.get_ptr_mut(&flow) {
+    if let Some(tracked) = CONNTRACK.get_ptr_mut(flow) {
         // SAFETY: the pointer comes from a successful lookup and is valid for this program run.
         let tracked = unsafe { &mut *tracked };
         if tracked.epoch == epoch {
@@ -109,7 +109,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             tracked.epoch = epoch;
             return count(counter::ALLOWED_TRACKED, ALLOW);
         }
-        let _ = CONNTRACK.remove(&flow);
+        let _ = CONNTRACK.remove(flow);
         return count(counter::DENIED_REVOKED, DENY);
     }
 
@@ -117,7 +117,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     if is_allowed(reason) {
         // A full table evicts its least recently used flow; that flow is decided again on its
         // next packet, so an eviction never opens anything.
-        let _ = CONNTRACK.insert(&flow, &FlowState { origin: dir, epoch }, u64::from(BPF_ANY));
+        let _ = CONNTRACK.insert(flow, FlowState { origin: dir, epoch }, u64::from(BPF_ANY));
         return count(reason, ALLOW);
     }
     count(reason, DENY)
@@ -169,10 +169,10 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> u32 {
             addr: flow.peer_addr,
         },
     );
-    if let Some(class) = CIDRS.get(&cidr_key) {
-        if policy_allows(policy, class.peer, flow.protocol, port) {
-            return counter::ALLOWED_BY_POLICY;
-        }
+    if let Some(class) = CIDRS.get(&cidr_key)
+        && policy_allows(policy, class.peer, flow.protocol, port)
+    {
+        return counter::ALLOWED_BY_POLICY;
     }
     counter::DENIED_BY_POLICY
 }
@@ -180,7 +180,7 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> u32 {
 #[inline(always)]
 fn peer_identity(addr: &[u8; 16]) -> u32 {
     IPCACHE
-        .get(&Key::new(128, IpKey { addr: *addr }))
+        .get(Key::new(128, IpKey { addr: *addr }))
         .map_or(IDENTITY_WORLD, |found| found.identity)
 }
 

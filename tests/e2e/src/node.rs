@@ -214,7 +214,9 @@ impl Node {
             }
             if let Some(v6) = addresses.v6 {
                 let gateway = Ipv6Addr::from(u128::from(v6) - 1);
-                host_side.push(format!("address add {gateway}/64 dev {host_interface} nodad"));
+                host_side.push(format!(
+                    "address add {gateway}/64 dev {host_interface} nodad"
+                ));
                 pod_side.extend([
                     format!("address add {v6}/64 dev eth0 nodad"),
                     format!("route add default via {gateway} dev eth0"),

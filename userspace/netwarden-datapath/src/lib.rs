@@ -317,48 +317,7 @@ impl Datapath {
     pub fn apply(&mut self, state: &DatapathState, network: &NodeNetwork) -> ApplyReport {
         let mut report = ApplyReport::default();
 
-        // Which interface enforces for which endpoint.
-        let mut desired: BTreeMap<u32, (Option<String>, Endpoint, String)> = BTreeMap::new();
-        let mut known_ips = BTreeSet::new();
-        for endpoint in state.endpoints.values() {
-            known_ips.extend(endpoint.ips.iter().copied());
-            let Some(interface) = endpoint.ips.iter().find_map(|ip| network.veth_for(*ip)) else {
-                report.pending.push(endpoint.pod.to_string());
-                continue;
-            };
-            let value = Endpoint {
-                ingress_policy: endpoint.ingress.unwrap_or(0),
-                egress_policy: endpoint.egress.unwrap_or(0),
-                state: endpoint_state::READY,
-                reserved: 0,
-            };
-            if let Some((Some(other), _, _)) = desired.get(&interface.index) {
-                report.errors.push(format!(
-                    "Pod {}: interface {} already enforces for Pod {other}",
-                    endpoint.pod, interface.name
-                ));
-                continue;
-            }
-            desired.insert(
-                interface.index,
-                (
-                    Some(endpoint.pod.to_string()),
-                    value,
-                    interface.name.clone(),
-                ),
-            );
-        }
-        // A veth routed to an address no local pod has yet: a pod the agent has not heard of.
-        for (ip, interface) in network.veth_host_routes() {
-            if !known_ips.contains(&ip) && !desired.contains_key(&interface.index) {
-                let value = Endpoint {
-                    state: endpoint_state::UNKNOWN,
-                    ..Endpoint::default()
-                };
-                desired.insert(interface.index, (None, value, interface.name.clone()));
-            }
-        }
-
+        let desired = desired_endpoints(state, network, &mut report);
         report.changed |= self.sync_ipcache(&state.ipcache, &mut report.errors);
         let mut failed_policies = BTreeSet::new();
         for (id, compiled) in &state.policies {
@@ -422,31 +381,7 @@ impl Datapath {
             });
         }
 
-        // Endpoints that went away: detach first, then forget the map entry.
-        let gone: Vec<u32> = self
-            .installed_endpoints
-            .keys()
-            .copied()
-            .filter(|ifindex| !desired.contains_key(ifindex))
-            .collect();
-        for ifindex in gone {
-            self.detach(ifindex);
-            if let Err(error) = self.endpoints.remove(&ifindex) {
-                warn!(ifindex, %error, "cannot remove endpoint entry");
-            }
-            self.installed_endpoints.remove(&ifindex);
-            report.changed = true;
-        }
-        // Links pinned by a previous agent for interfaces that no longer enforce anything.
-        let stale: Vec<(u32, Hook)> = self
-            .attached
-            .iter()
-            .copied()
-            .filter(|(ifindex, _)| !desired.contains_key(ifindex))
-            .collect();
-        for (ifindex, _) in stale {
-            self.detach(ifindex);
-        }
+        report.changed |= self.remove_endpoints_except(&desired);
 
         let unused: Vec<PolicyId> = self
             .installed_policies
@@ -464,6 +399,42 @@ impl Datapath {
             self.bump_epoch(&mut report.errors);
         }
         report
+    }
+
+    /// Detaches and forgets endpoints that are not in `desired`, and links a previous agent
+    /// pinned for interfaces that enforce nothing now. Returns whether a map changed.
+    fn remove_endpoints_except(
+        &mut self,
+        desired: &BTreeMap<u32, (Option<String>, Endpoint, String)>,
+    ) -> bool {
+        let mut changed = false;
+        // Endpoints that went away: detach first, then forget the map entry.
+        let gone: Vec<u32> = self
+            .installed_endpoints
+            .keys()
+            .copied()
+            .filter(|ifindex| !desired.contains_key(ifindex))
+            .collect();
+        for ifindex in gone {
+            self.detach(ifindex);
+            if let Err(error) = self.endpoints.remove(&ifindex) {
+                warn!(ifindex, %error, "cannot remove endpoint entry");
+            }
+            self.installed_endpoints.remove(&ifindex);
+            changed = true;
+        }
+        // Links pinned by a previous agent for interfaces that no longer enforce anything.
+        let orphaned: Vec<(u32, Hook)> = self
+            .attached
+            .iter()
+            .copied()
+            .filter(|(ifindex, _)| !desired.contains_key(ifindex))
+            .collect();
+        for (ifindex, _) in orphaned {
+            self.detach(ifindex);
+        }
+
+        changed
     }
 
     fn sync_ipcache(
@@ -633,11 +604,10 @@ impl Datapath {
 
         if !has_tcx() {
             // Without TCX, a clsact filter persists on the interface by itself.
-            if let Err(error) = tc::qdisc_add_clsact(interface) {
-                if !matches!(&error, tc::TcError::NetlinkError(inner) if inner.raw_os_error() == Some(libc::EEXIST))
-                {
-                    return Err(describe(&error));
-                }
+            if let Err(error) = tc::qdisc_add_clsact(interface)
+                && !matches!(&error, tc::TcError::NetlinkError(inner) if inner.raw_os_error() == Some(libc::EEXIST))
+            {
+                return Err(describe(&error));
             }
         }
         let link_id = program
@@ -702,11 +672,60 @@ impl Datapath {
             .map(|index| {
                 self.verdicts
                     .get(&index, 0)
-                    .map(|values| values.iter().sum())
-                    .unwrap_or(0)
+                    .map_or(0, |values| values.iter().sum())
             })
             .collect()
     }
+}
+
+/// Which interface enforces for which endpoint: local pods through the veth their IP is routed
+/// to, and veths routed to an address no local pod has (a pod the agent has not heard of yet).
+fn desired_endpoints(
+    state: &DatapathState,
+    network: &NodeNetwork,
+    report: &mut ApplyReport,
+) -> BTreeMap<u32, (Option<String>, Endpoint, String)> {
+    let mut desired: BTreeMap<u32, (Option<String>, Endpoint, String)> = BTreeMap::new();
+    let mut known_ips = BTreeSet::new();
+    for endpoint in state.endpoints.values() {
+        known_ips.extend(endpoint.ips.iter().copied());
+        let Some(interface) = endpoint.ips.iter().find_map(|ip| network.veth_for(*ip)) else {
+            report.pending.push(endpoint.pod.to_string());
+            continue;
+        };
+        let value = Endpoint {
+            ingress_policy: endpoint.ingress.unwrap_or(0),
+            egress_policy: endpoint.egress.unwrap_or(0),
+            state: endpoint_state::READY,
+            reserved: 0,
+        };
+        if let Some((Some(other), _, _)) = desired.get(&interface.index) {
+            report.errors.push(format!(
+                "Pod {}: interface {} already enforces for Pod {other}",
+                endpoint.pod, interface.name
+            ));
+            continue;
+        }
+        desired.insert(
+            interface.index,
+            (
+                Some(endpoint.pod.to_string()),
+                value,
+                interface.name.clone(),
+            ),
+        );
+    }
+    // A veth routed to an address no local pod has yet: a pod the agent has not heard of.
+    for (ip, interface) in network.veth_host_routes() {
+        if !known_ips.contains(&ip) && !desired.contains_key(&interface.index) {
+            let value = Endpoint {
+                state: endpoint_state::UNKNOWN,
+                ..Endpoint::default()
+            };
+            desired.insert(interface.index, (None, value, interface.name.clone()));
+        }
+    }
+    desired
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>

@@ -160,10 +160,10 @@ impl Netlink {
                 })?
         {
             for attribute in &address.attributes {
-                if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attribute {
-                    if !network.addresses.contains(ip) {
-                        network.addresses.push(*ip);
-                    }
+                if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attribute
+                    && !network.addresses.contains(ip)
+                {
+                    network.addresses.push(*ip);
                 }
             }
         }
@@ -199,10 +199,10 @@ fn main_table_route(route: &RouteMessage) -> Option<(IpNet, u32)> {
         match attribute {
             RouteAttribute::Table(id) => table = *id,
             RouteAttribute::Destination(RouteAddress::Inet(v4)) => {
-                destination = Some(IpAddr::V4(*v4))
+                destination = Some(IpAddr::V4(*v4));
             }
             RouteAttribute::Destination(RouteAddress::Inet6(v6)) => {
-                destination = Some(IpAddr::V6(*v6))
+                destination = Some(IpAddr::V6(*v6));
             }
             RouteAttribute::Oif(index) => oif = Some(*index),
             _ => {}

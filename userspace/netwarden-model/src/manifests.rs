@@ -70,7 +70,7 @@ pub enum ManifestError {
 /// An API object the source understands.
 #[derive(Clone, Debug)]
 enum ApiObject {
-    Namespace(core::Namespace),
+    Namespace(Box<core::Namespace>),
     Pod(Box<core::Pod>),
     NetworkPolicy(Box<networking::NetworkPolicy>),
 }

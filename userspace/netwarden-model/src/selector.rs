@@ -75,7 +75,7 @@ impl std::fmt::Display for LabelSelector {
             first = false;
             match requirement {
                 Requirement::In(key, values) if values.len() == 1 => {
-                    write!(f, "{key}={}", values[0])?
+                    write!(f, "{key}={}", values[0])?;
                 }
                 Requirement::In(key, values) => write!(f, "{key} in ({})", values.join(","))?,
                 Requirement::NotIn(key, values) => write!(f, "{key} notin ({})", values.join(","))?,

@@ -248,7 +248,11 @@ impl Compiler {
     /// The node's own addresses: traffic from them to local pods is always allowed.
     pub fn set_node_addresses(&mut self, addresses: &[IpAddr]) -> &DatapathState {
         let new: BTreeSet<IpAddr> = addresses.iter().copied().collect();
-        let touched: Vec<IpAddr> = self.node_addresses.symmetric_difference(&new).copied().collect();
+        let touched: Vec<IpAddr> = self
+            .node_addresses
+            .symmetric_difference(&new)
+            .copied()
+            .collect();
         self.node_addresses = new;
         for ip in touched {
             self.refresh_ip(ip);
@@ -260,13 +264,24 @@ impl Compiler {
     /// has.
     pub fn sync(&mut self, cluster: &Cluster) -> &DatapathState {
         let mut changes = Vec::new();
-        diff(&self.cluster.namespaces, &cluster.namespaces, &mut changes, |name, namespace| {
-            Change::Namespace(name.clone(), namespace)
-        });
-        diff(&self.cluster.pods, &cluster.pods, &mut changes, |id, pod| Change::Pod(id.clone(), pod));
-        diff(&self.cluster.policies, &cluster.policies, &mut changes, |id, policy| {
-            Change::Policy(id.clone(), policy)
-        });
+        diff(
+            &self.cluster.namespaces,
+            &cluster.namespaces,
+            &mut changes,
+            |name, namespace| Change::Namespace(name.clone(), namespace),
+        );
+        diff(
+            &self.cluster.pods,
+            &cluster.pods,
+            &mut changes,
+            |id, pod| Change::Pod(id.clone(), pod),
+        );
+        diff(
+            &self.cluster.policies,
+            &cluster.policies,
+            &mut changes,
+            |id, policy| Change::Policy(id.clone(), policy),
+        );
         self.update(changes)
     }
 
@@ -275,8 +290,8 @@ impl Compiler {
         for change in changes {
             match change {
                 Change::Pod(id, pod) => self.change_pod(id, pod),
-                Change::Namespace(name, namespace) => self.change_namespace(name, namespace),
-                Change::Policy(id, policy) => self.change_policy(id, policy),
+                Change::Namespace(name, namespace) => self.change_namespace(&name, namespace),
+                Change::Policy(id, policy) => self.change_policy(&id, policy),
             }
         }
         for pod in std::mem::take(&mut self.dirty) {
@@ -293,19 +308,20 @@ impl Compiler {
     }
 
     fn change_pod(&mut self, id: PodRef, pod: Option<Pod>) {
-        let old = match &pod {
-            Some(pod) => self.cluster.pods.insert(id.clone(), pod.clone()),
+        let old = match pod {
+            Some(pod) => self.cluster.pods.insert(id.clone(), pod),
             None => self.cluster.pods.remove(&id),
         };
+        let pod = self.cluster.pods.get(&id).cloned();
         if old == pod {
             return;
         }
         let mut touched_ips = Vec::new();
         if let Some(old) = Self::effective(old.as_ref()) {
-            if let Some((_, info)) = self.pod_identity.remove(&id) {
-                if let Some(retired) = self.identities.release(&info) {
-                    self.identity_retired(retired);
-                }
+            if let Some((_, info)) = self.pod_identity.remove(&id)
+                && let Some(retired) = self.identities.release(&info)
+            {
+                self.identity_retired(retired);
             }
             for ip in &old.ips {
                 if let Some(claims) = self.ip_claims.get_mut(ip) {
@@ -332,7 +348,9 @@ impl Compiler {
         for ip in touched_ips {
             self.refresh_ip(ip);
         }
-        let is_local = |pod: Option<&Pod>| pod.is_some_and(|pod| pod.node_name.as_deref() == Some(self.node.as_str()));
+        let is_local = |pod: Option<&Pod>| {
+            pod.is_some_and(|pod| pod.node_name.as_deref() == Some(self.node.as_str()))
+        };
         if is_local(old.as_ref()) || is_local(pod.as_ref()) {
             self.dirty.insert(id.clone());
         }
@@ -346,15 +364,15 @@ impl Compiler {
         self.dirty.extend(self.named_block_users.iter().cloned());
     }
 
-    fn change_namespace(&mut self, name: String, namespace: Option<Namespace>) {
+    fn change_namespace(&mut self, name: &str, namespace: Option<Namespace>) {
         let old = match namespace {
-            Some(namespace) => self.cluster.namespaces.insert(name.clone(), namespace),
-            None => self.cluster.namespaces.remove(&name),
+            Some(namespace) => self.cluster.namespaces.insert(name.to_owned(), namespace),
+            None => self.cluster.namespaces.remove(name),
         };
-        if old.as_ref() == self.cluster.namespaces.get(&name) {
+        if old.as_ref() == self.cluster.namespaces.get(name) {
             return;
         }
-        let labels = self.cluster.namespace_labels(&name);
+        let labels = self.cluster.namespace_labels(name);
         let members: Vec<PeerId> = self
             .identities
             .identities()
@@ -363,32 +381,48 @@ impl Compiler {
             .map(|(id, _)| *id)
             .collect();
         for (key, matched) in &mut self.selectors {
-            let (policy_namespace, Peer::Pods { pod_selector, namespace_selector: Some(namespace_selector) }) = key else {
+            let (
+                _,
+                Peer::Pods {
+                    pod_selector,
+                    namespace_selector: Some(namespace_selector),
+                },
+            ) = key
+            else {
                 continue;
             };
-            let _ = policy_namespace;
             for id in &members {
                 let info = &self.identities.identities()[id];
                 let matches = namespace_selector.matches(&labels)
-                    && pod_selector.as_ref().is_none_or(|selector| selector.matches(&info.labels));
-                let changed = if matches { matched.insert(*id) } else { matched.remove(id) };
+                    && pod_selector
+                        .as_ref()
+                        .is_none_or(|selector| selector.matches(&info.labels));
+                let changed = if matches {
+                    matched.insert(*id)
+                } else {
+                    matched.remove(id)
+                };
                 if changed {
-                    self.dirty.extend(self.selector_users.get(key).into_iter().flatten().cloned());
+                    self.dirty
+                        .extend(self.selector_users.get(key).into_iter().flatten().cloned());
                 }
             }
         }
     }
 
-    fn change_policy(&mut self, id: PolicyRef, policy: Option<NetworkPolicy>) {
-        let old = match &policy {
-            Some(policy) => self.cluster.policies.insert(id.clone(), policy.clone()),
-            None => self.cluster.policies.remove(&id),
+    fn change_policy(&mut self, id: &PolicyRef, policy: Option<NetworkPolicy>) {
+        let old = match policy {
+            Some(policy) => self.cluster.policies.insert(id.clone(), policy),
+            None => self.cluster.policies.remove(id),
         };
+        let policy = self.cluster.policies.get(id).cloned();
         if old == policy {
             return;
         }
         for pod in &self.local_pods {
-            let Some(labels) = self.cluster.pods.get(pod).map(|pod| &pod.labels) else { continue };
+            let Some(labels) = self.cluster.pods.get(pod).map(|pod| &pod.labels) else {
+                continue;
+            };
             let selected = |policy: &Option<NetworkPolicy>| {
                 policy.as_ref().is_some_and(|policy| {
                     policy.id.namespace == pod.namespace && policy.pod_selector.matches(labels)
@@ -405,7 +439,8 @@ impl Compiler {
         let namespace_labels = self.cluster.namespace_labels(&info.namespace);
         for (key, matched) in &mut self.selectors {
             if selector_matches(key, info, &namespace_labels) && matched.insert(identity) {
-                self.dirty.extend(self.selector_users.get(key).into_iter().flatten().cloned());
+                self.dirty
+                    .extend(self.selector_users.get(key).into_iter().flatten().cloned());
             }
         }
     }
@@ -414,7 +449,8 @@ impl Compiler {
         self.state.identities.remove(&identity);
         for (key, matched) in &mut self.selectors {
             if matched.remove(&identity) {
-                self.dirty.extend(self.selector_users.get(key).into_iter().flatten().cloned());
+                self.dirty
+                    .extend(self.selector_users.get(key).into_iter().flatten().cloned());
             }
         }
     }
@@ -423,9 +459,14 @@ impl Compiler {
     /// the first pod (by namespace and name) that claims it.
     fn refresh_ip(&mut self, ip: IpAddr) {
         let claims = self.ip_claims.get(&ip);
-        match claims.map(|claims| claims.iter().collect::<Vec<_>>()).as_deref() {
+        match claims
+            .map(|claims| claims.iter().collect::<Vec<_>>())
+            .as_deref()
+        {
             Some([_, second, ..]) => {
-                let owner = claims.and_then(|claims| claims.first()).expect("two claims");
+                let owner = claims
+                    .and_then(|claims| claims.first())
+                    .expect("two claims");
                 self.duplicate_ips.insert(
                     ip,
                     format!("Pod {second}: status.podIPs: {ip} is also the address of Pod {owner}; using {owner}"),
@@ -439,7 +480,11 @@ impl Compiler {
             .and_then(|claims| claims.first())
             .and_then(|owner| self.pod_identity.get(owner))
             .map(|(identity, _)| *identity);
-        let identity = if self.node_addresses.contains(&ip) { Some(IDENTITY_HOST) } else { owner_identity };
+        let identity = if self.node_addresses.contains(&ip) {
+            Some(IDENTITY_HOST)
+        } else {
+            owner_identity
+        };
         match identity {
             Some(identity) => {
                 self.state.ipcache.insert(ip, identity);
@@ -469,16 +514,23 @@ impl Compiler {
         }
         self.named_block_users.remove(id);
 
-        let Some(pod) = Self::effective(self.cluster.pods.get(id)).cloned() else { return };
+        let Some(pod) = Self::effective(self.cluster.pods.get(id)).cloned() else {
+            return;
+        };
         if pod.node_name.as_deref() != Some(self.node.as_str()) {
             return;
         }
-        let Some((identity, _)) = self.pod_identity.get(id).cloned() else { return };
+        let Some((identity, _)) = self.pod_identity.get(id).cloned() else {
+            return;
+        };
         let selecting: Vec<NetworkPolicy> = self
             .cluster
             .policies
             .range(
-                PolicyRef { namespace: id.namespace.clone(), name: String::new() }..,
+                PolicyRef {
+                    namespace: id.namespace.clone(),
+                    name: String::new(),
+                }..,
             )
             .take_while(|(policy, _)| policy.namespace == id.namespace)
             .filter(|(_, policy)| policy.pod_selector.matches(&pod.labels))
@@ -520,7 +572,10 @@ impl Compiler {
             }
         }
         for key in &used_selectors {
-            self.selector_users.entry(key.clone()).or_default().insert(id.clone());
+            self.selector_users
+                .entry(key.clone())
+                .or_default()
+                .insert(id.clone());
         }
         self.endpoint_selectors.insert(id.clone(), used_selectors);
         self.state.endpoints.insert(id.clone(), endpoint);
@@ -539,8 +594,12 @@ impl Compiler {
     }
 
     fn release_policy(&mut self, id: PolicyId) {
-        let Some(compiled) = self.state.policies.get(&id) else { return };
-        let Some((_, users)) = self.policy_ids.get_mut(compiled) else { return };
+        let Some(compiled) = self.state.policies.get(&id) else {
+            return;
+        };
+        let Some((_, users)) = self.policy_ids.get_mut(compiled) else {
+            return;
+        };
         *users -= 1;
         if *users == 0 {
             let compiled = self.state.policies.remove(&id).expect("present above");
@@ -562,7 +621,8 @@ impl Compiler {
     /// and then maintained as identities and namespaces change.
     fn matching(&mut self, key: &SelectorKey) -> &BTreeSet<PeerId> {
         if !self.selectors.contains_key(key) {
-            let mut namespace_labels: HashMap<&str, netwarden_model::selector::Labels> = HashMap::new();
+            let mut namespace_labels: HashMap<&str, netwarden_model::selector::Labels> =
+                HashMap::new();
             let matched = self
                 .identities
                 .identities()
@@ -595,7 +655,11 @@ impl Compiler {
                 Direction::Egress => &policy.egress,
             };
             for (index, rule) in rules.iter().enumerate() {
-                let rule_id = self.rule_id(RuleOrigin { policy: policy.id.clone(), direction, index });
+                let rule_id = self.rule_id(RuleOrigin {
+                    policy: policy.id.clone(),
+                    direction,
+                    index,
+                });
                 let named_egress = direction == Direction::Egress && has_named_port(&rule.ports);
                 let mut add_block = |block: Block, compiler: &mut Self| {
                     if named_egress {
@@ -605,11 +669,18 @@ impl Compiler {
                         for (ip, claims) in &compiler.ip_claims {
                             let inside = block.cidr.contains(ip)
                                 && !block.except.iter().any(|except| except.contains(ip));
-                            let owner = claims.first().and_then(|owner| compiler.cluster.pods.get(owner));
-                            let Some(owner) = owner.filter(|_| inside) else { continue };
+                            let owner = claims
+                                .first()
+                                .and_then(|owner| compiler.cluster.pods.get(owner));
+                            let Some(owner) = owner.filter(|_| inside) else {
+                                continue;
+                            };
                             let resolved = named_port_matches(&rule.ports, owner);
                             if !resolved.is_empty() {
-                                let host = Block { cidr: IpNet::from(*ip), except: Vec::new() };
+                                let host = Block {
+                                    cidr: IpNet::from(*ip),
+                                    except: Vec::new(),
+                                };
                                 blocks.push((host, rule_id, resolved));
                             }
                         }
@@ -619,22 +690,48 @@ impl Compiler {
                 };
                 if rule.peers.is_empty() {
                     // Every peer: as an ipBlock it also covers pods, the node and the world.
-                    add_block(Block { cidr: IpNet::V4(Ipv4Net::default()), except: Vec::new() }, self);
-                    add_block(Block { cidr: IpNet::V6(Ipv6Net::default()), except: Vec::new() }, self);
+                    add_block(
+                        Block {
+                            cidr: IpNet::V4(Ipv4Net::default()),
+                            except: Vec::new(),
+                        },
+                        self,
+                    );
+                    add_block(
+                        Block {
+                            cidr: IpNet::V6(Ipv6Net::default()),
+                            except: Vec::new(),
+                        },
+                        self,
+                    );
                 }
                 for peer in &rule.peers {
                     match peer {
                         Peer::IpBlock { cidr, except } => {
-                            add_block(Block { cidr: *cidr, except: except.clone() }, self);
+                            add_block(
+                                Block {
+                                    cidr: *cidr,
+                                    except: except.clone(),
+                                },
+                                self,
+                            );
                         }
                         Peer::Pods { .. } => {
                             let key = (policy.id.namespace.clone(), peer.clone());
-                            let matched: Vec<PeerId> = self.matching(&key).iter().copied().collect();
+                            let matched: Vec<PeerId> =
+                                self.matching(&key).iter().copied().collect();
                             used_selectors.push(key);
                             for identity in matched {
                                 let info = &self.identities.identities()[&identity];
-                                for (protocol, port, port_bits) in port_matches(&rule.ports, direction, pod, Some(info)) {
-                                    let entry = PolicyMatch { peer: identity, protocol, port, port_bits };
+                                for (protocol, port, port_bits) in
+                                    port_matches(&rule.ports, direction, pod, Some(info))
+                                {
+                                    let entry = PolicyMatch {
+                                        peer: identity,
+                                        protocol,
+                                        port,
+                                        port_bits,
+                                    };
                                     insert_entry(&mut compiled.entries, entry, rule_id);
                                 }
                             }
@@ -644,41 +741,67 @@ impl Compiler {
             }
         }
 
-        if !blocks.is_empty() {
-            let plain: Vec<Block> = blocks.iter().map(|(block, _, _)| block.clone()).collect();
-            let mut class_ids: BTreeMap<BTreeSet<usize>, PeerId> = BTreeMap::new();
-            for (prefix, holders) in cidr::classes(&plain) {
-                let next = CIDR_CLASS_FLAG | u32::try_from(class_ids.len()).expect("fewer than 2^31 classes");
-                let class = if holders.is_empty() {
-                    // The empty class: no entries, so the lookup finds nothing and denies.
-                    CIDR_CLASS_FLAG | u32::MAX >> 1
-                } else {
-                    *class_ids.entry(holders.clone()).or_insert(next)
-                };
-                compiled.cidrs.insert(prefix, class);
-                for index in holders {
-                    let (_, rule_id, ports) = &blocks[index];
-                    for (protocol, port, port_bits) in ports {
-                        let entry = PolicyMatch { peer: class, protocol: *protocol, port: *port, port_bits: *port_bits };
-                        insert_entry(&mut compiled.entries, entry, *rule_id);
-                    }
-                }
-            }
-        }
+        add_cidr_classes(&mut compiled, &blocks);
         compiled
     }
 }
 
+/// Turns the `ipBlock` peers of one endpoint's direction into CIDR classes (see `cidr.rs`) and
+/// their policy entries.
+fn add_cidr_classes(compiled: &mut CompiledPolicy, blocks: &[(Block, RuleId, Vec<PortMatch>)]) {
+    if !blocks.is_empty() {
+        let plain: Vec<Block> = blocks.iter().map(|(block, _, _)| block.clone()).collect();
+        let mut class_ids: BTreeMap<BTreeSet<usize>, PeerId> = BTreeMap::new();
+        for (prefix, holders) in cidr::classes(&plain) {
+            let next =
+                CIDR_CLASS_FLAG | u32::try_from(class_ids.len()).expect("fewer than 2^31 classes");
+            let class = if holders.is_empty() {
+                // The empty class: no entries, so the lookup finds nothing and denies.
+                CIDR_CLASS_FLAG | u32::MAX >> 1
+            } else {
+                *class_ids.entry(holders.clone()).or_insert(next)
+            };
+            compiled.cidrs.insert(prefix, class);
+            for index in holders {
+                let (_, rule_id, ports) = &blocks[index];
+                for (protocol, port, port_bits) in ports {
+                    let entry = PolicyMatch {
+                        peer: class,
+                        protocol: *protocol,
+                        port: *port,
+                        port_bits: *port_bits,
+                    };
+                    insert_entry(&mut compiled.entries, entry, *rule_id);
+                }
+            }
+        }
+    }
+}
+
 /// Whether the selector peer `key` matches pods of identity `info`.
-fn selector_matches(key: &SelectorKey, info: &IdentityInfo, namespace_labels: &netwarden_model::selector::Labels) -> bool {
-    let (policy_namespace, Peer::Pods { pod_selector, namespace_selector }) = key else {
+fn selector_matches(
+    key: &SelectorKey,
+    info: &IdentityInfo,
+    namespace_labels: &netwarden_model::selector::Labels,
+) -> bool {
+    let (
+        policy_namespace,
+        Peer::Pods {
+            pod_selector,
+            namespace_selector,
+        },
+    ) = key
+    else {
         return false;
     };
     let namespace_ok = match namespace_selector {
         None => info.namespace == *policy_namespace,
         Some(selector) => selector.matches(namespace_labels),
     };
-    namespace_ok && pod_selector.as_ref().is_none_or(|selector| selector.matches(&info.labels))
+    namespace_ok
+        && pod_selector
+            .as_ref()
+            .is_none_or(|selector| selector.matches(&info.labels))
 }
 
 /// Appends a change for every key whose value differs between `old` and `new`.
@@ -722,8 +845,10 @@ fn named_port_matches(ports: &[PortSpec], destination: &Pod) -> Vec<PortMatch> {
     ports
         .iter()
         .filter_map(|spec| match &spec.port {
-            Some(PortRef::Name(name)) => resolve_named_port(&destination.ports, name, spec.protocol)
-                .map(|port| (Some(spec.protocol.number()), port, 16)),
+            Some(PortRef::Name(name)) => {
+                resolve_named_port(&destination.ports, name, spec.protocol)
+                    .map(|port| (Some(spec.protocol.number()), port, 16))
+            }
             _ => None,
         })
         .collect()
@@ -765,4 +890,3 @@ fn port_matches(
     }
     matches
 }
-

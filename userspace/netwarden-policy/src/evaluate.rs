@@ -86,7 +86,11 @@ impl fmt::Display for RuleMatch {
             Direction::Ingress => "from",
             Direction::Egress => "to",
         };
-        write!(f, "NetworkPolicy {} spec.{list}[{}]", self.policy, self.rule)?;
+        write!(
+            f,
+            "NetworkPolicy {} spec.{list}[{}]",
+            self.policy, self.rule
+        )?;
         match self.peer {
             Some(peer) => write!(f, ".{peers}[{peer}]")?,
             None => write!(f, " (every peer)")?,
@@ -119,7 +123,10 @@ impl Verdict {
 /// of two pods claiming one address the first by namespace and name wins.
 #[must_use]
 pub fn pod_at(cluster: &Cluster, address: IpAddr) -> Option<&Pod> {
-    cluster.pods.values().find(|pod| !pod.host_network && pod.ips.contains(&address))
+    cluster
+        .pods
+        .values()
+        .find(|pod| !pod.host_network && pod.ips.contains(&address))
 }
 
 /// Evaluates `flow` in `cluster`, where `node_addresses` are the addresses of the node the
@@ -140,11 +147,19 @@ pub fn evaluate(cluster: &Cluster, node_addresses: &[IpAddr], flow: &Flow) -> Ve
 
 /// What `pod`'s policy in `direction` says of traffic with `peer`.
 #[must_use]
-pub fn side(cluster: &Cluster, pod: &Pod, direction: Direction, peer: IpAddr, flow: &Flow) -> SideVerdict {
+pub fn side(
+    cluster: &Cluster,
+    pod: &Pod,
+    direction: Direction,
+    peer: IpAddr,
+    flow: &Flow,
+) -> SideVerdict {
     let isolating: Vec<&NetworkPolicy> = cluster
         .policies
         .values()
-        .filter(|policy| policy.id.namespace == pod.id.namespace && policy.pod_selector.matches(&pod.labels))
+        .filter(|policy| {
+            policy.id.namespace == pod.id.namespace && policy.pod_selector.matches(&pod.labels)
+        })
         .filter(|policy| match direction {
             Direction::Ingress => policy.policy_types.ingress,
             Direction::Egress => policy.policy_types.egress,
@@ -181,7 +196,13 @@ pub fn side(cluster: &Cluster, pod: &Pod, direction: Direction, peer: IpAddr, fl
                     .map(Some)
             };
             if let (Some(peer), Some(port)) = (peer_match, port_match) {
-                allowing.push(RuleMatch { policy: policy.id.clone(), direction, rule: index, peer, port });
+                allowing.push(RuleMatch {
+                    policy: policy.id.clone(),
+                    direction,
+                    rule: index,
+                    peer,
+                    port,
+                });
             }
         }
     }
@@ -197,7 +218,10 @@ fn peer_matches(cluster: &Cluster, policy: &NetworkPolicy, peer: &Peer, address:
         Peer::IpBlock { cidr, except } => {
             cidr.contains(&address) && !except.iter().any(|excepted| excepted.contains(&address))
         }
-        Peer::Pods { pod_selector, namespace_selector } => {
+        Peer::Pods {
+            pod_selector,
+            namespace_selector,
+        } => {
             let Some(pod) = pod_at(cluster, address) else {
                 return false;
             };
@@ -205,7 +229,10 @@ fn peer_matches(cluster: &Cluster, policy: &NetworkPolicy, peer: &Peer, address:
                 None => pod.id.namespace == policy.id.namespace,
                 Some(selector) => selector.matches(&cluster.namespace_labels(&pod.id.namespace)),
             };
-            namespace_matches && pod_selector.as_ref().is_none_or(|selector| selector.matches(&pod.labels))
+            namespace_matches
+                && pod_selector
+                    .as_ref()
+                    .is_none_or(|selector| selector.matches(&pod.labels))
         }
     }
 }
@@ -216,7 +243,9 @@ fn port_matches(spec: &PortSpec, destination: Option<&Pod>, flow: &Flow) -> bool
     }
     match &spec.port {
         None => true,
-        Some(PortRef::Number(first)) => (*first..=spec.end_port.unwrap_or(*first)).contains(&flow.port),
+        Some(PortRef::Number(first)) => {
+            (*first..=spec.end_port.unwrap_or(*first)).contains(&flow.port)
+        }
         Some(PortRef::Name(name)) => destination.is_some_and(|pod| {
             pod.ports
                 .iter()

@@ -14,8 +14,8 @@ pub mod lookup;
 mod ports;
 
 pub use compile::{
-    Change, CompiledPolicy, Compiler, DatapathState, Direction, LocalEndpoint, PolicyId, PolicyMatch,
-    RuleId, RuleOrigin,
+    Change, CompiledPolicy, Compiler, DatapathState, Direction, LocalEndpoint, PolicyId,
+    PolicyMatch, RuleId, RuleOrigin,
 };
 pub use identity::IdentityInfo;
 pub use ports::port_prefixes;

@@ -35,9 +35,14 @@ const OUTSIDE: [IpAddr; 3] = [
 ];
 
 fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
-    proptest::collection::btree_map(select(&KEYS[..]), select(&VALUES[..]), 0..=2).prop_map(|labels| {
-        labels.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
-    })
+    proptest::collection::btree_map(select(&KEYS[..]), select(&VALUES[..]), 0..=2).prop_map(
+        |labels| {
+            labels
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        },
+    )
 }
 
 fn requirement() -> impl Strategy<Value = Requirement> {
@@ -56,12 +61,18 @@ fn selector() -> impl Strategy<Value = LabelSelector> {
     vec(requirement(), 0..=2).prop_map(|requirements| LabelSelector { requirements })
 }
 
-/// Blocks around the pod range (10.0.0.0/24, fd00::/64) and outside it, with excepts strictly
+/// Blocks around the pod range (10.0.0.0/24, `fd00::/64`) and outside it, with excepts strictly
 /// inside.
 fn ip_block() -> impl Strategy<Value = Peer> {
     const BLOCKS: [(&str, &[&str]); 9] = [
-        ("10.0.0.0/24", &["10.0.0.0/29", "10.0.0.4/30", "10.0.0.3/32", "10.0.0.128/25"]),
-        ("10.0.0.0/29", &["10.0.0.4/30", "10.0.0.2/31", "10.0.0.5/32"]),
+        (
+            "10.0.0.0/24",
+            &["10.0.0.0/29", "10.0.0.4/30", "10.0.0.3/32", "10.0.0.128/25"],
+        ),
+        (
+            "10.0.0.0/29",
+            &["10.0.0.4/30", "10.0.0.2/31", "10.0.0.5/32"],
+        ),
         ("10.0.0.4/30", &["10.0.0.6/32"]),
         ("10.0.0.3/32", &[]),
         ("0.0.0.0/0", &["10.0.0.0/24", "192.0.2.0/24", "10.0.0.1/32"]),
@@ -72,17 +83,28 @@ fn ip_block() -> impl Strategy<Value = Peer> {
     ];
     select(&BLOCKS[..]).prop_flat_map(|(cidr, excepts)| {
         let excepts: Vec<&str> = excepts.to_vec();
-        proptest::sample::subsequence(excepts.clone(), 0..=excepts.len()).prop_map(move |chosen| Peer::IpBlock {
-            cidr: cidr.parse().expect("test cidr"),
-            except: chosen.iter().map(|except| except.parse().expect("test except")).collect(),
+        proptest::sample::subsequence(excepts.clone(), 0..=excepts.len()).prop_map(move |chosen| {
+            Peer::IpBlock {
+                cidr: cidr.parse().expect("test cidr"),
+                except: chosen
+                    .iter()
+                    .map(|except| except.parse().expect("test except"))
+                    .collect(),
+            }
         })
     })
 }
 
 fn peer() -> impl Strategy<Value = Peer> {
     prop_oneof![
-        selector().prop_map(|pods| Peer::Pods { pod_selector: Some(pods), namespace_selector: None }),
-        selector().prop_map(|namespaces| Peer::Pods { pod_selector: None, namespace_selector: Some(namespaces) }),
+        selector().prop_map(|pods| Peer::Pods {
+            pod_selector: Some(pods),
+            namespace_selector: None
+        }),
+        selector().prop_map(|namespaces| Peer::Pods {
+            pod_selector: None,
+            namespace_selector: Some(namespaces)
+        }),
         (selector(), selector()).prop_map(|(pods, namespaces)| Peer::Pods {
             pod_selector: Some(pods),
             namespace_selector: Some(namespaces)
@@ -98,15 +120,27 @@ fn protocol() -> impl Strategy<Value = Protocol> {
 fn port_spec() -> impl Strategy<Value = PortSpec> {
     let number = select(&PORTS[..]);
     prop_oneof![
-        protocol().prop_map(|protocol| PortSpec { protocol, port: None, end_port: None }),
+        protocol().prop_map(|protocol| PortSpec {
+            protocol,
+            port: None,
+            end_port: None
+        }),
         (protocol(), number).prop_map(|(protocol, port)| PortSpec {
             protocol,
             port: Some(PortRef::Number(port)),
             end_port: None
         }),
-        (protocol(), select(&[(80, 90), (8000, 8100), (53, 53), (1, 65535)][..])).prop_map(|(protocol, (first, last))| {
-            PortSpec { protocol, port: Some(PortRef::Number(first)), end_port: Some(last) }
-        }),
+        (
+            protocol(),
+            select(&[(80, 90), (8000, 8100), (53, 53), (1, 65535)][..])
+        )
+            .prop_map(|(protocol, (first, last))| {
+                PortSpec {
+                    protocol,
+                    port: Some(PortRef::Number(first)),
+                    end_port: Some(last),
+                }
+            }),
         (protocol(), select(&PORT_NAMES[..])).prop_map(|(protocol, name)| PortSpec {
             protocol,
             port: Some(PortRef::Name(name.to_owned())),
@@ -127,97 +161,230 @@ fn policy(index: usize) -> impl Strategy<Value = NetworkPolicy> {
         vec(rule(), 0..=2),
         vec(rule(), 0..=2),
     )
-        .prop_map(move |(namespace, pod_selector, (ingress, egress), ingress_rules, egress_rules)| NetworkPolicy {
-            id: PolicyRef { namespace: namespace.to_owned(), name: format!("p{index}") },
-            pod_selector,
-            policy_types: PolicyTypes { ingress, egress },
-            ingress: ingress_rules,
-            egress: egress_rules,
-        })
+        .prop_map(
+            move |(namespace, pod_selector, (ingress, egress), ingress_rules, egress_rules)| {
+                NetworkPolicy {
+                    id: PolicyRef {
+                        namespace: namespace.to_owned(),
+                        name: format!("p{index}"),
+                    },
+                    pod_selector,
+                    policy_types: PolicyTypes { ingress, egress },
+                    ingress: ingress_rules,
+                    egress: egress_rules,
+                }
+            },
+        )
 }
 
 fn container_ports() -> impl Strategy<Value = Vec<ContainerPort>> {
     let candidates = [
-        ContainerPort { name: Some("http".into()), port: 80, protocol: Protocol::Tcp },
-        ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp },
-        ContainerPort { name: Some("dns".into()), port: 53, protocol: Protocol::Udp },
-        ContainerPort { name: Some("dns".into()), port: 5353, protocol: Protocol::Udp },
-        ContainerPort { name: Some("sig".into()), port: 9000, protocol: Protocol::Sctp },
-        ContainerPort { name: Some("sig".into()), port: 9001, protocol: Protocol::Tcp },
-        ContainerPort { name: None, port: 81, protocol: Protocol::Tcp },
+        ContainerPort {
+            name: Some("http".into()),
+            port: 80,
+            protocol: Protocol::Tcp,
+        },
+        ContainerPort {
+            name: Some("http".into()),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        },
+        ContainerPort {
+            name: Some("dns".into()),
+            port: 53,
+            protocol: Protocol::Udp,
+        },
+        ContainerPort {
+            name: Some("dns".into()),
+            port: 5353,
+            protocol: Protocol::Udp,
+        },
+        ContainerPort {
+            name: Some("sig".into()),
+            port: 9000,
+            protocol: Protocol::Sctp,
+        },
+        ContainerPort {
+            name: Some("sig".into()),
+            port: 9001,
+            protocol: Protocol::Tcp,
+        },
+        ContainerPort {
+            name: None,
+            port: 81,
+            protocol: Protocol::Tcp,
+        },
     ];
     proptest::sample::subsequence(candidates.to_vec(), 0..=3).prop_map(|ports| {
         // Container port names are unique within a pod.
         let mut seen = Vec::new();
-        ports.into_iter().filter(|port| port.name.is_none() || !seen.contains(&port.name) && { seen.push(port.name.clone()); true }).collect()
+        ports
+            .into_iter()
+            .filter(|port| {
+                port.name.is_none()
+                    || !seen.contains(&port.name) && {
+                        seen.push(port.name.clone());
+                        true
+                    }
+            })
+            .collect()
     })
 }
 
 fn cluster() -> impl Strategy<Value = Cluster> {
-    let pods = vec((select(&NAMESPACES[..]), labels(), any::<bool>(), any::<bool>(), container_ports()), 1..=7);
+    let pods = vec(
+        (
+            select(&NAMESPACES[..]),
+            labels(),
+            any::<bool>(),
+            any::<bool>(),
+            container_ports(),
+        ),
+        1..=7,
+    );
     let namespaces = vec(labels(), 3);
     let policies = (0..4_usize).map(policy).collect::<Vec<_>>();
-    (pods, namespaces, policies, 0..=4_usize).prop_map(|(pods, namespace_labels, policies, policy_count)| {
-        let mut cluster = Cluster::default();
-        for (name, mut labels) in NAMESPACES.iter().zip(namespace_labels) {
-            labels.insert("kubernetes.io/metadata.name".into(), (*name).to_owned());
-            cluster.namespaces.insert((*name).to_owned(), Namespace { name: (*name).to_owned(), labels });
-        }
-        for (index, (namespace, labels, local, dual_stack, ports)) in pods.into_iter().enumerate() {
-            let number = u8::try_from(index + 1).expect("few pods");
-            let mut ips = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, number))];
-            if dual_stack {
-                ips.push(IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(number))));
+    (pods, namespaces, policies, 0..=4_usize).prop_map(
+        |(pods, namespace_labels, policies, policy_count)| {
+            let mut cluster = Cluster::default();
+            for (name, mut labels) in NAMESPACES.iter().zip(namespace_labels) {
+                labels.insert("kubernetes.io/metadata.name".into(), (*name).to_owned());
+                cluster.namespaces.insert(
+                    (*name).to_owned(),
+                    Namespace {
+                        name: (*name).to_owned(),
+                        labels,
+                    },
+                );
             }
-            let id = PodRef { namespace: namespace.to_owned(), name: format!("pod{index}") };
-            cluster.pods.insert(
-                id.clone(),
-                Pod {
-                    id,
-                    labels,
-                    node_name: Some(if local { LOCAL } else { "node-2" }.to_owned()),
-                    ips,
-                    ports,
-                    host_network: false,
-                    service_account: "default".into(),
-                },
-            );
-        }
-        for policy in policies.into_iter().take(policy_count) {
-            cluster.policies.insert(policy.id.clone(), policy);
-        }
-        cluster
-    })
+            for (index, (namespace, labels, local, dual_stack, ports)) in
+                pods.into_iter().enumerate()
+            {
+                let number = u8::try_from(index + 1).expect("few pods");
+                let mut ips = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, number))];
+                if dual_stack {
+                    ips.push(IpAddr::V6(Ipv6Addr::new(
+                        0xfd00,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        u16::from(number),
+                    )));
+                }
+                let id = PodRef {
+                    namespace: namespace.to_owned(),
+                    name: format!("pod{index}"),
+                };
+                cluster.pods.insert(
+                    id.clone(),
+                    Pod {
+                        id,
+                        labels,
+                        node_name: Some(if local { LOCAL } else { "node-2" }.to_owned()),
+                        ips,
+                        ports,
+                        host_network: false,
+                        service_account: "default".into(),
+                    },
+                );
+            }
+            for policy in policies.into_iter().take(policy_count) {
+                cluster.policies.insert(policy.id.clone(), policy);
+            }
+            cluster
+        },
+    )
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(2000)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(2000)
 }
 
 /// Every flow between a local pod and any address, in both directions, looked up in `state`
 /// and asked of the evaluator.
 fn assert_agrees(cluster: &Cluster, state: &DatapathState) -> Result<(), TestCaseError> {
-    let mut peers: Vec<IpAddr> = cluster.pods.values().flat_map(|pod| pod.ips.clone()).collect();
+    let mut peers: Vec<IpAddr> = cluster
+        .pods
+        .values()
+        .flat_map(|pod| pod.ips.clone())
+        .collect();
     peers.extend(OUTSIDE);
     peers.push(NODE_ADDRESS);
-    for pod in cluster.pods.values().filter(|pod| pod.node_name.as_deref() == Some(LOCAL)) {
+    for pod in cluster
+        .pods
+        .values()
+        .filter(|pod| pod.node_name.as_deref() == Some(LOCAL))
+    {
         for own in &pod.ips {
-            for peer in peers.iter().filter(|peer| peer.is_ipv4() == own.is_ipv4() && *peer != own) {
+            for peer in peers
+                .iter()
+                .filter(|peer| peer.is_ipv4() == own.is_ipv4() && *peer != own)
+            {
                 for protocol in PROTOCOLS {
                     for port in if protocol == 1 { &[0][..] } else { &PORTS[..] } {
-                        let outbound = Flow { source: *own, destination: *peer, protocol, port: *port };
-                        let expected = evaluate::evaluate(cluster, &[NODE_ADDRESS], &outbound).egress;
-                        let got = lookup::decide(state, &pod.id, Direction::Egress, *peer, protocol, *port);
-                        prop_assert_eq!(got.is_allowed(), expected.allows(),
+                        let outbound = Flow {
+                            source: *own,
+                            destination: *peer,
+                            protocol,
+                            port: *port,
+                        };
+                        let expected =
+                            evaluate::evaluate(cluster, &[NODE_ADDRESS], &outbound).egress;
+                        let got = lookup::decide(
+                            state,
+                            &pod.id,
+                            Direction::Egress,
+                            *peer,
+                            protocol,
+                            *port,
+                        );
+                        prop_assert_eq!(
+                            got.is_allowed(),
+                            expected.allows(),
                             "egress {} {} -> {} proto {} port {}: datapath {:?}, evaluator {:?}",
-                            pod.id, own, peer, protocol, port, got, expected);
+                            pod.id,
+                            own,
+                            peer,
+                            protocol,
+                            port,
+                            got,
+                            expected
+                        );
 
-                        let inbound = Flow { source: *peer, destination: *own, protocol, port: *port };
-                        let expected = evaluate::evaluate(cluster, &[NODE_ADDRESS], &inbound).ingress;
-                        let got = lookup::decide(state, &pod.id, Direction::Ingress, *peer, protocol, *port);
-                        prop_assert_eq!(got.is_allowed(), expected.allows(),
+                        let inbound = Flow {
+                            source: *peer,
+                            destination: *own,
+                            protocol,
+                            port: *port,
+                        };
+                        let expected =
+                            evaluate::evaluate(cluster, &[NODE_ADDRESS], &inbound).ingress;
+                        let got = lookup::decide(
+                            state,
+                            &pod.id,
+                            Direction::Ingress,
+                            *peer,
+                            protocol,
+                            *port,
+                        );
+                        prop_assert_eq!(
+                            got.is_allowed(),
+                            expected.allows(),
                             "ingress {} {} <- {} proto {} port {}: datapath {:?}, evaluator {:?}",
-                            pod.id, own, peer, protocol, port, got, expected);
+                            pod.id,
+                            own,
+                            peer,
+                            protocol,
+                            port,
+                            got,
+                            expected
+                        );
                     }
                 }
             }

@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use netwarden_datapath::{Capacity, Datapath, netlink::Netlink};
+use netwarden_datapath::{
+    Capacity, Datapath,
+    netlink::{Netlink, NodeNetwork},
+};
 use netwarden_model::ManifestDir;
 use netwarden_policy::Compiler;
 use notify::Watcher as _;
@@ -56,6 +59,63 @@ pub struct AgentOptions {
     pub conntrack_entries: u32,
 }
 
+/// Compiles the current input for `network`, applies it and writes the status file.
+fn apply(
+    compiler: &mut Compiler,
+    datapath: &mut Datapath,
+    source: &mut ManifestDir,
+    network: &NodeNetwork,
+    generation: u64,
+    options: &AgentOptions,
+) {
+    let started = std::time::Instant::now();
+    let (cluster, input_errors) = source.cluster();
+    compiler.set_node_addresses(&network.addresses);
+    let state = compiler.sync(&cluster);
+    let report = datapath.apply(state, network);
+    let mut errors: Vec<String> = input_errors.iter().map(ToString::to_string).collect();
+    errors.extend(state.warnings.iter().cloned());
+    errors.extend(report.errors.iter().cloned());
+    for message in &errors {
+        warn!(%message, "not enforced as written");
+    }
+    let status = Status {
+        pid: std::process::id(),
+        generation,
+        source_digest: source.digest(),
+        applied_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_millis(),
+        endpoints: report
+            .endpoints
+            .iter()
+            .map(|endpoint| EndpointStatus {
+                pod: endpoint.pod.clone(),
+                interface: endpoint.interface.clone(),
+                ifindex: endpoint.ifindex,
+                state: endpoint.state.to_owned(),
+                attached: endpoint.attached,
+            })
+            .collect(),
+        pending: report.pending.clone(),
+        errors,
+        verdicts: Verdicts::from_counters(&datapath.verdicts()),
+    };
+    if let Err(error) = status::write(&options.status_file, &status) {
+        error!(%error, path = %options.status_file.display(), "cannot write the status file");
+    }
+    info!(
+        generation,
+        endpoints = report.endpoints.len(),
+        policies = state.policies.len(),
+        identities = state.identities.len(),
+        changed = report.changed,
+        elapsed_us = started.elapsed().as_micros(),
+        "applied"
+    );
+}
+
 /// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
 /// links are pinned, and the next agent adopts them.
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
@@ -95,70 +155,28 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut last_network = None;
     let mut files_changed = true;
     loop {
-        let network = match netlink.read().await {
-            Ok(network) => network,
-            Err(error) => {
-                // Keep enforcing what is in the maps; the next notification retries.
-                error!(%error, "cannot read the node's network");
-                last_network.clone().unwrap_or_default()
-            }
-        };
+        // A failed read skips this round: applying an empty network would detach every
+        // endpoint. The maps keep enforcing; the next notification retries.
+        let network = netlink
+            .read()
+            .await
+            .inspect_err(|error| error!(%error, "cannot read the node's network"))
+            .ok();
         if let Err(error) = source.refresh() {
             error!(%error, "cannot read the manifests; keeping the last applied state");
         } else if files_changed {
             files_changed = false;
             last_network = None;
         }
-        if last_network.as_ref() != Some(&network) {
-            if let Some(previous) = &last_network {
-                tracing::debug!(?previous, ?network, "network changed");
-            }
-            let started = std::time::Instant::now();
-            let (cluster, input_errors) = source.cluster();
-            compiler.set_node_addresses(&network.addresses);
-            let state = compiler.sync(&cluster);
-            let report = datapath.apply(state, &network);
+        if let Some(network) = network.filter(|network| last_network.as_ref() != Some(network)) {
             generation += 1;
-            let mut errors: Vec<String> = input_errors.iter().map(ToString::to_string).collect();
-            errors.extend(state.warnings.iter().cloned());
-            errors.extend(report.errors.iter().cloned());
-            for message in &errors {
-                warn!(%message, "not enforced as written");
-            }
-            let status = Status {
-                pid: std::process::id(),
+            apply(
+                &mut compiler,
+                &mut datapath,
+                &mut source,
+                &network,
                 generation,
-                source_digest: source.digest(),
-                applied_unix_ms: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or(Duration::ZERO)
-                    .as_millis(),
-                endpoints: report
-                    .endpoints
-                    .iter()
-                    .map(|endpoint| EndpointStatus {
-                        pod: endpoint.pod.clone(),
-                        interface: endpoint.interface.clone(),
-                        ifindex: endpoint.ifindex,
-                        state: endpoint.state.to_owned(),
-                        attached: endpoint.attached,
-                    })
-                    .collect(),
-                pending: report.pending.clone(),
-                errors,
-                verdicts: Verdicts::from_counters(&datapath.verdicts()),
-            };
-            if let Err(error) = status::write(&options.status_file, &status) {
-                error!(%error, path = %options.status_file.display(), "cannot write the status file");
-            }
-            info!(
-                generation,
-                endpoints = report.endpoints.len(),
-                policies = state.policies.len(),
-                identities = state.identities.len(),
-                changed = report.changed,
-                elapsed_us = started.elapsed().as_micros(),
-                "applied"
+                &options,
             );
             last_network = Some(network);
         }
