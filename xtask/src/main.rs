@@ -41,9 +41,22 @@ enum Task {
         #[arg(long)]
         verbose: bool,
     },
+    /// Benchmarks that print ratios and summaries (run as root).
+    Bench {
+        /// Which benchmark.
+        #[command(subcommand)]
+        bench: BenchKind,
+    },
     /// Bring up a simulated node with a three-tier app, show connectivity before and after the
     /// example policies in deploy/examples/, and clean up.
     Demo,
+}
+
+#[derive(Subcommand)]
+enum BenchKind {
+    /// Compile time (full and incremental), map entries and agent memory on a generated
+    /// 10,000-pod, 1,000-policy cluster.
+    Compile,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +74,17 @@ fn main() -> anyhow::Result<()> {
             setup::ensure()?;
             build_release()?;
             e2e(&paths, verbose)
+        }
+        Task::Bench { bench: BenchKind::Compile } => {
+            setup::ensure()?;
+            run(
+                "cargo",
+                &["build", "--release", "--package", "netwarden", "--package", "netwarden-bench"],
+            )?;
+            run(
+                "target/release/netwarden-bench",
+                &["compile", "--agent", "target/release/netwarden"],
+            )
         }
         Task::Demo => {
             setup::ensure()?;

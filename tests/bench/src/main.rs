@@ -1,0 +1,205 @@
+//! `netwarden-bench compile`: the compiler at cluster scale, and the agent's memory with it.
+//!
+//! Run through `cargo xtask bench compile` (root: the agent part loads its maps into the kernel
+//! inside a network namespace of its own and a private bpffs).
+
+mod agent;
+mod cluster;
+mod manifests;
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use netwarden_model::{Cluster, PodRef, PolicyRef, PortRef};
+use netwarden_policy::{Change, Compiler, DatapathState};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Compile times, map entries and agent memory on a generated 10,000-pod cluster.
+    Compile {
+        /// The agent binary to measure memory with; skipped when absent.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+    },
+}
+
+const NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
+
+fn main() -> anyhow::Result<()> {
+    let Cli { bench: Bench::Compile { agent } } = Cli::parse();
+    let cluster = cluster::generate();
+    println!(
+        "cluster: {} namespaces, {} pods ({} on {}), {} policies",
+        cluster.namespaces.len(),
+        cluster.pods.len(),
+        cluster.pods.values().filter(|pod| pod.node_name.as_deref() == Some(cluster::NODE)).count(),
+        cluster::NODE,
+        cluster.policies.len()
+    );
+
+    let full = measure(7, || {
+        let mut compiler = Compiler::new(cluster::NODE);
+        compiler.set_node_addresses(&[NODE_ADDRESS]);
+        compiler.sync(&cluster);
+    });
+    let mut compiler = Compiler::new(cluster::NODE);
+    compiler.set_node_addresses(&[NODE_ADDRESS]);
+    let baseline = compiler.sync(&cluster).clone();
+
+    let relabel = incremental_relabel(&mut compiler, &cluster);
+    let policy = incremental_policy(&mut compiler, &cluster);
+    let (peer, peer_touches_only_ipcache) = incremental_peer(&mut compiler, &cluster, &baseline);
+
+    let entries = entries_per_endpoint(&baseline);
+    println!();
+    println!("{:<44} {:>10} {:>10}", "compile (median of runs)", "median", "p99");
+    println!("{:<44} {:>10} {:>10}", "full, 10,000 pods / 1,000 policies", ms(full.0), ms(full.1));
+    println!("{:<44} {:>10} {:>10}", "incremental: one pod relabelled (new set)", ms(relabel.0), ms(relabel.1));
+    println!("{:<44} {:>10} {:>10}", "incremental: one policy changed", ms(policy.0), ms(policy.1));
+    println!("{:<44} {:>10} {:>10}", "incremental: one peer pod added (known set)", ms(peer.0), ms(peer.1));
+    println!();
+    println!(
+        "state: {} identities, {} IP cache entries, {} distinct compiled policies for {} endpoints",
+        baseline.identities.len(),
+        baseline.ipcache.len(),
+        baseline.policies.len(),
+        baseline.endpoints.len()
+    );
+    println!(
+        "map entries per endpoint (policy + CIDR, both directions): mean {:.0}, max {}",
+        entries.0, entries.1
+    );
+    println!(
+        "adding a peer pod with a known label set changes only the IP cache: {}",
+        if peer_touches_only_ipcache { "yes" } else { "NO" }
+    );
+
+    let memory = match agent {
+        Some(agent) if agent.exists() => Some(agent::measure(&agent, &cluster)?),
+        _ => {
+            println!("agent memory: skipped (no --agent binary)");
+            None
+        }
+    };
+    if let Some(memory) = &memory {
+        println!(
+            "agent with the manifest source: apply {:.0} ms after start, RSS {:.1} MiB (peak {:.1} MiB), eBPF maps {:.1} MiB (memlock)",
+            memory.first_apply.as_secs_f64() * 1000.0,
+            mib(memory.rss_bytes),
+            mib(memory.peak_rss_bytes),
+            mib(memory.map_bytes)
+        );
+    }
+    println!(
+        "summary: full_ms={} incr_relabel_ms={} incr_policy_ms={} incr_peer_ms={} entries_per_endpoint={:.0} map_mib={} rss_mib={}",
+        ms(full.0),
+        ms(relabel.0),
+        ms(policy.0),
+        ms(peer.0),
+        entries.0,
+        memory.as_ref().map_or_else(|| "n/a".to_owned(), |memory| format!("{:.1}", mib(memory.map_bytes))),
+        memory.as_ref().map_or_else(|| "n/a".to_owned(), |memory| format!("{:.1}", mib(memory.peak_rss_bytes))),
+    );
+    Ok(())
+}
+
+/// Runs `work` `runs` times; returns the median and the 99th percentile.
+fn measure(runs: usize, mut work: impl FnMut()) -> (Duration, Duration) {
+    let mut samples: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let started = Instant::now();
+            work();
+            started.elapsed()
+        })
+        .collect();
+    samples.sort();
+    let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
+    (samples[samples.len() / 2], p99)
+}
+
+/// A remote pod gets a label no pod has (a new identity), then loses it again.
+fn incremental_relabel(compiler: &mut Compiler, cluster: &Cluster) -> (Duration, Duration) {
+    let id = PodRef { namespace: "ns-050".into(), name: "app-5-3".into() };
+    let original = cluster.pods[&id].clone();
+    let mut relabelled = original.clone();
+    relabelled.labels.insert("canary".into(), "true".into());
+    let mut flip = false;
+    measure(400, || {
+        flip = !flip;
+        let pod = if flip { relabelled.clone() } else { original.clone() };
+        compiler.update([Change::Pod(id.clone(), Some(pod))]);
+    })
+}
+
+/// A policy selecting a local pod changes its port, then changes back.
+fn incremental_policy(compiler: &mut Compiler, cluster: &Cluster) -> (Duration, Duration) {
+    let id = PolicyRef { namespace: "ns-000".into(), name: "frontend-public".into() };
+    let original = cluster.policies[&id].clone();
+    let mut changed = original.clone();
+    changed.ingress[0].ports[0].port = Some(PortRef::Number(8443));
+    let mut flip = false;
+    measure(400, || {
+        flip = !flip;
+        let policy = if flip { changed.clone() } else { original.clone() };
+        compiler.update([Change::Policy(id.clone(), Some(policy))]);
+    })
+}
+
+/// A remote pod with a label set that already exists is added, then removed. Returns the
+/// timings and whether the add changed nothing but the IP cache.
+fn incremental_peer(compiler: &mut Compiler, cluster: &Cluster, baseline: &DatapathState) -> ((Duration, Duration), bool) {
+    let mut pod = cluster::pod(50, 5, 0, 65_000);
+    pod.id.name = "app-5-extra".into();
+    let id = pod.id.clone();
+    let after = compiler.update([Change::Pod(id.clone(), Some(pod.clone()))]).clone();
+    let only_ipcache = after.policies == baseline.policies
+        && after.endpoints == baseline.endpoints
+        && after.identities == baseline.identities
+        && after.ipcache.len() == baseline.ipcache.len() + 1;
+    compiler.update([Change::Pod(id.clone(), None)]);
+    let mut present = false;
+    let timings = measure(400, || {
+        present = !present;
+        compiler.update([Change::Pod(id.clone(), present.then(|| pod.clone()))]);
+    });
+    (timings, only_ipcache)
+}
+
+/// Mean and maximum number of map entries (policy and CIDR, both directions) per endpoint.
+fn entries_per_endpoint(state: &DatapathState) -> (f64, usize) {
+    let counts: Vec<usize> = state
+        .endpoints
+        .values()
+        .map(|endpoint| {
+            [endpoint.ingress, endpoint.egress]
+                .into_iter()
+                .flatten()
+                .filter_map(|id| state.policies.get(&id))
+                .map(|policy| policy.entries.len() + policy.cidrs.len())
+                .sum()
+        })
+        .collect();
+    let total: usize = counts.iter().sum();
+    #[expect(clippy::cast_precision_loss, reason = "a few hundred endpoints")]
+    let mean = total as f64 / counts.len().max(1) as f64;
+    (mean, counts.into_iter().max().unwrap_or(0))
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.3}", duration.as_secs_f64() * 1000.0)
+}
+
+#[expect(clippy::cast_precision_loss, reason = "memory sizes for display")]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
