@@ -75,11 +75,20 @@ fn main() -> anyhow::Result<()> {
             build_release()?;
             e2e(&paths, verbose)
         }
-        Task::Bench { bench: BenchKind::Compile } => {
+        Task::Bench {
+            bench: BenchKind::Compile,
+        } => {
             setup::ensure()?;
             run(
                 "cargo",
-                &["build", "--release", "--package", "netwarden", "--package", "netwarden-bench"],
+                &[
+                    "build",
+                    "--release",
+                    "--package",
+                    "netwarden",
+                    "--package",
+                    "netwarden-bench",
+                ],
             )?;
             run(
                 "target/release/netwarden-bench",

@@ -45,9 +45,19 @@ fn run(agent: &Path, cluster: &Cluster, work: &Path, netns: &str) -> anyhow::Res
     fs::create_dir_all(&manifests)?;
     fs::create_dir_all(&bpffs)?;
     crate::manifests::write(cluster, &manifests).context("writing manifests")?;
-    nix::mount::mount(Some("bpf"), &bpffs, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .context("mounting a private bpffs")?;
-    if !Command::new("ip").args(["netns", "add", netns]).status()?.success() {
+    nix::mount::mount(
+        Some("bpf"),
+        &bpffs,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting a private bpffs")?;
+    if !Command::new("ip")
+        .args(["netns", "add", netns])
+        .status()?
+        .success()
+    {
         bail!("cannot create network namespace {netns}");
     }
     let namespace = fs::File::open(format!("/run/netns/{netns}"))?;
@@ -66,7 +76,9 @@ fn run(agent: &Path, cluster: &Cluster, work: &Path, netns: &str) -> anyhow::Res
     let fd = namespace.as_fd().try_clone_to_owned()?;
     // SAFETY: `setns` is async-signal-safe and touches only the child about to exec.
     unsafe {
-        command.pre_exec(move || nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+        command.pre_exec(move || {
+            nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+        });
     }
     let started = Instant::now();
     let mut child = command.spawn().context("starting the agent")?;
@@ -80,11 +92,23 @@ fn run(agent: &Path, cluster: &Cluster, work: &Path, netns: &str) -> anyhow::Res
     }
     let first_apply = started.elapsed();
     let pid = child.id();
-    let measured = if applied { read_memory(pid) } else { Err(anyhow::anyhow!("the agent exited before applying")) };
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), nix::sys::signal::Signal::SIGTERM);
+    let measured = if applied {
+        read_memory(pid)
+    } else {
+        Err(anyhow::anyhow!("the agent exited before applying"))
+    };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = child.wait();
     let (rss_bytes, peak_rss_bytes, map_bytes) = measured?;
-    Ok(Memory { first_apply, rss_bytes, peak_rss_bytes, map_bytes })
+    Ok(Memory {
+        first_apply,
+        rss_bytes,
+        peak_rss_bytes,
+        map_bytes,
+    })
 }
 
 fn read_memory(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
@@ -100,11 +124,15 @@ fn read_memory(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
     let mut map_bytes = 0;
     for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
         let entry = entry?;
-        let is_map = fs::read_link(entry.path()).is_ok_and(|target| target.to_string_lossy() == "anon_inode:bpf-map");
+        let is_map = fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy() == "anon_inode:bpf-map");
         if !is_map {
             continue;
         }
-        let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy()))?;
+        let info = fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            entry.file_name().to_string_lossy()
+        ))?;
         map_bytes += info
             .lines()
             .find_map(|line| line.strip_prefix("memlock:"))

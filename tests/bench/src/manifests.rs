@@ -2,7 +2,9 @@
 
 use std::{fmt::Write as _, fs, io, path::Path};
 
-use netwarden_model::{Cluster, LabelSelector, NetworkPolicy, Peer, Pod, PortRef, PortSpec, Requirement, Rule};
+use netwarden_model::{
+    Cluster, LabelSelector, NetworkPolicy, Peer, Pod, PortRef, PortSpec, Requirement, Rule,
+};
 use serde_json::{Value, json};
 
 /// Writes every object of `cluster` under `dir`.
@@ -10,13 +12,27 @@ pub fn write(cluster: &Cluster, dir: &Path) -> io::Result<()> {
     for namespace in cluster.namespaces.values() {
         let mut text = String::new();
         let mut document = |value: Value| {
-            let _ = writeln!(text, "---\n{}", serde_yaml::to_string(&value).expect("JSON values serialize"));
+            let _ = writeln!(
+                text,
+                "---\n{}",
+                serde_yaml::to_string(&value).expect("JSON values serialize")
+            );
         };
-        document(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace.name, "labels": namespace.labels}}));
-        for pod in cluster.pods.values().filter(|pod| pod.id.namespace == namespace.name) {
+        document(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace.name, "labels": namespace.labels}}),
+        );
+        for pod in cluster
+            .pods
+            .values()
+            .filter(|pod| pod.id.namespace == namespace.name)
+        {
             document(pod_object(pod));
         }
-        for policy in cluster.policies.values().filter(|policy| policy.id.namespace == namespace.name) {
+        for policy in cluster
+            .policies
+            .values()
+            .filter(|policy| policy.id.namespace == namespace.name)
+        {
             document(policy_object(policy));
         }
         fs::write(dir.join(format!("{}.yaml", namespace.name)), text)?;
@@ -30,7 +46,11 @@ fn pod_object(pod: &Pod) -> Value {
         .iter()
         .map(|port| json!({"name": port.name, "containerPort": port.port, "protocol": port.protocol.to_string()}))
         .collect();
-    let ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+    let ips: Vec<Value> = pod
+        .ips
+        .iter()
+        .map(|ip| json!({"ip": ip.to_string()}))
+        .collect();
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -47,7 +67,9 @@ fn selector(selector: &LabelSelector) -> Value {
         .iter()
         .map(|requirement| match requirement {
             Requirement::In(key, values) => json!({"key": key, "operator": "In", "values": values}),
-            Requirement::NotIn(key, values) => json!({"key": key, "operator": "NotIn", "values": values}),
+            Requirement::NotIn(key, values) => {
+                json!({"key": key, "operator": "NotIn", "values": values})
+            }
             Requirement::Exists(key) => json!({"key": key, "operator": "Exists"}),
             Requirement::DoesNotExist(key) => json!({"key": key, "operator": "DoesNotExist"}),
         })
@@ -64,7 +86,10 @@ fn rule(rule: &Rule, peers_field: &str) -> Value {
                 let except: Vec<String> = except.iter().map(ToString::to_string).collect();
                 json!({"ipBlock": {"cidr": cidr.to_string(), "except": except}})
             }
-            Peer::Pods { pod_selector, namespace_selector } => {
+            Peer::Pods {
+                pod_selector,
+                namespace_selector,
+            } => {
                 let mut peer = serde_json::Map::new();
                 if let Some(pods) = pod_selector {
                     peer.insert("podSelector".into(), selector(pods));

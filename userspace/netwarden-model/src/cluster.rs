@@ -101,7 +101,7 @@ pub struct ContainerPort {
 }
 
 /// A pod as the policy engine needs it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Pod {
     /// Namespace and name.
     pub id: PodRef,

@@ -26,7 +26,7 @@ use crate::{
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// An object the API server would reject.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{kind} {object}: {field}: {problem}")]
 pub struct ModelError {
     /// `Pod`, `Namespace` or `NetworkPolicy`.

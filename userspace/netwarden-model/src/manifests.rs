@@ -19,7 +19,7 @@ use serde::Deserialize as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    cluster::{Cluster, NetworkPolicy, PodRef, PolicyRef, PolicyTypes},
+    cluster::{Cluster, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef, PolicyTypes},
     convert,
     selector::LabelSelector,
 };
@@ -67,12 +67,13 @@ pub enum ManifestError {
     },
 }
 
-/// An API object the source understands.
+/// An object of a file, validated as soon as it is read: the API types are large, and only
+/// the model is kept (10,000 pods in a few MiB instead of tens).
 #[derive(Clone, Debug)]
-enum ApiObject {
-    Namespace(Box<core::Namespace>),
-    Pod(Box<core::Pod>),
-    NetworkPolicy(Box<networking::NetworkPolicy>),
+enum Parsed {
+    Namespace(String, Result<Namespace, convert::ModelError>),
+    Pod(String, Box<Result<Pod, convert::ModelError>>),
+    NetworkPolicy(PolicyRef, Box<Result<NetworkPolicy, convert::ModelError>>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,7 +87,7 @@ struct Stamp {
 struct ManifestFile {
     stamp: Stamp,
     content_sha: [u8; 32],
-    objects: Vec<ApiObject>,
+    objects: Vec<Parsed>,
     errors: Vec<ManifestError>,
 }
 
@@ -206,13 +207,9 @@ impl ManifestDir {
             errors.extend(file.errors.iter().map(clone_error));
             for object in &file.objects {
                 let (kind, key) = match object {
-                    ApiObject::Namespace(ns) => {
-                        ("Namespace", ns.metadata.name.clone().unwrap_or_default())
-                    }
-                    ApiObject::Pod(pod) => ("Pod", object_key(&pod.metadata)),
-                    ApiObject::NetworkPolicy(policy) => {
-                        ("NetworkPolicy", object_key(&policy.metadata))
-                    }
+                    Parsed::Namespace(key, _) => ("Namespace", key.clone()),
+                    Parsed::Pod(key, _) => ("Pod", key.clone()),
+                    Parsed::NetworkPolicy(id, _) => ("NetworkPolicy", id.to_string()),
                 };
                 if let Some(first) = origin.get(&(kind, key.clone())) {
                     errors.push(ManifestError::Duplicate {
@@ -224,48 +221,36 @@ impl ManifestDir {
                     continue;
                 }
                 origin.insert((kind, key), name.clone());
+                let invalid = |source: &convert::ModelError| ManifestError::Invalid {
+                    file: name.clone(),
+                    source: source.clone(),
+                };
                 match object {
-                    ApiObject::Namespace(ns) => match convert::namespace(ns) {
-                        Ok(ns) => {
-                            cluster.namespaces.insert(ns.name.clone(), ns);
-                        }
-                        Err(source) => errors.push(ManifestError::Invalid {
-                            file: name.clone(),
-                            source,
-                        }),
-                    },
-                    ApiObject::Pod(pod) => match convert::pod(pod) {
+                    Parsed::Namespace(_, Ok(ns)) => {
+                        cluster.namespaces.insert(ns.name.clone(), ns.clone());
+                    }
+                    Parsed::Pod(_, pod) => match pod.as_ref() {
                         Ok(pod) => {
-                            cluster.pods.insert(pod.id.clone(), pod);
+                            cluster.pods.insert(pod.id.clone(), pod.clone());
                         }
-                        Err(source) => errors.push(ManifestError::Invalid {
-                            file: name.clone(),
-                            source,
-                        }),
+                        Err(source) => errors.push(invalid(source)),
                     },
-                    ApiObject::NetworkPolicy(policy) => {
-                        let (namespace, policy_name) = split_key(&object_key(&policy.metadata));
-                        let id = PolicyRef {
-                            namespace,
-                            name: policy_name,
-                        };
+                    Parsed::Namespace(_, Err(source)) => errors.push(invalid(source)),
+                    Parsed::NetworkPolicy(id, policy) => {
                         seen_policies.push(id.clone());
-                        match convert::network_policy(policy) {
+                        match policy.as_ref() {
                             Ok(valid) => {
-                                self.last_good_policies.insert(id, valid.clone());
-                                cluster.policies.insert(valid.id.clone(), valid);
+                                self.last_good_policies.insert(id.clone(), valid.clone());
+                                cluster.policies.insert(id.clone(), valid.clone());
                             }
                             Err(source) => {
                                 let fallback = self
                                     .last_good_policies
-                                    .get(&id)
+                                    .get(id)
                                     .cloned()
                                     .unwrap_or_else(|| lockdown(id.clone()));
-                                cluster.policies.insert(id, fallback);
-                                errors.push(ManifestError::Invalid {
-                                    file: name.clone(),
-                                    source,
-                                });
+                                cluster.policies.insert(id.clone(), fallback);
+                                errors.push(invalid(source));
                             }
                         }
                     }
@@ -378,7 +363,7 @@ fn digest_entries<'a>(entries: impl Iterator<Item = (&'a str, [u8; 32])>) -> Str
     hex
 }
 
-fn parse_file(name: &str, bytes: &[u8]) -> (Vec<ApiObject>, Vec<ManifestError>) {
+fn parse_file(name: &str, bytes: &[u8]) -> (Vec<Parsed>, Vec<ManifestError>) {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
     let text = match std::str::from_utf8(bytes) {
@@ -417,7 +402,7 @@ fn parse_file(name: &str, bytes: &[u8]) -> (Vec<ApiObject>, Vec<ManifestError>) 
     (objects, errors)
 }
 
-fn push_objects(value: serde_yaml::Value, objects: &mut Vec<ApiObject>) -> Result<(), String> {
+fn push_objects(value: serde_yaml::Value, objects: &mut Vec<Parsed>) -> Result<(), String> {
     let kind = value
         .get("kind")
         .and_then(serde_yaml::Value::as_str)
@@ -443,16 +428,28 @@ fn push_objects(value: serde_yaml::Value, objects: &mut Vec<ApiObject>) -> Resul
                 push_objects(item, objects)?;
             }
         }
-        "Namespace" => objects.push(ApiObject::Namespace(
-            serde_path_to_error::deserialize(value).map_err(describe)?,
-        )),
-        "Pod" => objects.push(ApiObject::Pod(Box::new(
-            serde_path_to_error::deserialize(value).map_err(describe)?,
-        ))),
+        "Namespace" => {
+            let namespace: core::Namespace =
+                serde_path_to_error::deserialize(value).map_err(describe)?;
+            let key = namespace.metadata.name.clone().unwrap_or_default();
+            objects.push(Parsed::Namespace(key, convert::namespace(&namespace)));
+        }
+        "Pod" => {
+            let pod: core::Pod = serde_path_to_error::deserialize(value).map_err(describe)?;
+            objects.push(Parsed::Pod(
+                object_key(&pod.metadata),
+                Box::new(convert::pod(&pod)),
+            ));
+        }
         "NetworkPolicy" => {
-            objects.push(ApiObject::NetworkPolicy(Box::new(
-                serde_path_to_error::deserialize(value).map_err(describe)?,
-            )));
+            let policy: networking::NetworkPolicy =
+                serde_path_to_error::deserialize(value).map_err(describe)?;
+            let (namespace, name) = split_key(&object_key(&policy.metadata));
+            let id = PolicyRef { namespace, name };
+            objects.push(Parsed::NetworkPolicy(
+                id,
+                Box::new(convert::network_policy(&policy)),
+            ));
         }
         // Other kinds (Deployments, Services...) may share the directory; they do not affect policy.
         _ => {}

@@ -12,8 +12,10 @@ use netwarden_common::{
     PolicyKey,
 };
 use netwarden_model::{
-    Cluster, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef, PortSpec, Rule,
+    Cluster, ContainerPort, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef,
+    PortSpec, Rule,
 };
+use rustc_hash::FxHashMap;
 
 use crate::{
     cidr::{self, Block},
@@ -189,16 +191,20 @@ pub struct Compiler {
     node_addresses: BTreeSet<IpAddr>,
     cluster: Cluster,
     identities: IdentityAllocator,
-    pod_identity: HashMap<PodRef, (PeerId, IdentityInfo)>,
+    /// Every pod, as little as the compiler needs of it: a fingerprint to tell changes, its
+    /// identity and addresses. Only local pods are kept whole (`local`).
+    pods: BTreeMap<PodRef, PodRecord>,
+    namespace_identities: BTreeMap<String, BTreeSet<PeerId>>,
     ip_claims: BTreeMap<IpAddr, BTreeSet<PodRef>>,
-    local_pods: BTreeSet<PodRef>,
-    selectors: HashMap<SelectorKey, BTreeSet<PeerId>>,
-    selector_users: HashMap<SelectorKey, BTreeSet<PodRef>>,
-    endpoint_selectors: HashMap<PodRef, Vec<SelectorKey>>,
+    local: BTreeMap<PodRef, Pod>,
+    selectors: FxHashMap<SelectorKey, BTreeSet<PeerId>>,
+    selector_users: FxHashMap<SelectorKey, BTreeSet<PodRef>>,
+    endpoint_selectors: FxHashMap<PodRef, Vec<SelectorKey>>,
     named_block_users: BTreeSet<PodRef>,
-    policy_ids: HashMap<CompiledPolicy, (PolicyId, usize)>,
+    policy_ids: FxHashMap<CompiledPolicy, PolicyId>,
+    policy_users: FxHashMap<PolicyId, usize>,
     last_policy_id: PolicyId,
-    rule_ids: HashMap<RuleOrigin, RuleId>,
+    rule_ids: FxHashMap<RuleOrigin, RuleId>,
     last_rule_id: RuleId,
     duplicate_ips: BTreeMap<IpAddr, String>,
     dirty: BTreeSet<PodRef>,
@@ -214,16 +220,18 @@ impl Compiler {
             node_addresses: BTreeSet::new(),
             cluster: Cluster::default(),
             identities: IdentityAllocator::default(),
-            pod_identity: HashMap::new(),
+            pods: BTreeMap::new(),
+            namespace_identities: BTreeMap::new(),
             ip_claims: BTreeMap::new(),
-            local_pods: BTreeSet::new(),
-            selectors: HashMap::new(),
-            selector_users: HashMap::new(),
-            endpoint_selectors: HashMap::new(),
+            local: BTreeMap::new(),
+            selectors: FxHashMap::default(),
+            selector_users: FxHashMap::default(),
+            endpoint_selectors: FxHashMap::default(),
             named_block_users: BTreeSet::new(),
-            policy_ids: HashMap::new(),
+            policy_ids: FxHashMap::default(),
+            policy_users: FxHashMap::default(),
             last_policy_id: 0,
-            rule_ids: HashMap::new(),
+            rule_ids: FxHashMap::default(),
             last_rule_id: 0,
             duplicate_ips: BTreeMap::new(),
             dirty: BTreeSet::new(),
@@ -261,26 +269,35 @@ impl Compiler {
     }
 
     /// Brings the compiler to `cluster`, applying only the objects that differ from what it
-    /// has.
-    pub fn sync(&mut self, cluster: &Cluster) -> &DatapathState {
+    /// has. Takes the snapshot by value: changed objects move into the compiler uncopied.
+    pub fn sync(&mut self, cluster: Cluster) -> &DatapathState {
+        let Cluster {
+            namespaces,
+            pods,
+            policies,
+        } = cluster;
         let mut changes = Vec::new();
         diff(
             &self.cluster.namespaces,
-            &cluster.namespaces,
+            namespaces,
             &mut changes,
-            |name, namespace| Change::Namespace(name.clone(), namespace),
+            Change::Namespace,
         );
-        diff(
-            &self.cluster.pods,
-            &cluster.pods,
-            &mut changes,
-            |id, pod| Change::Pod(id.clone(), pod),
-        );
+        for id in self.pods.keys() {
+            if !pods.contains_key(id) {
+                changes.push(Change::Pod(id.clone(), None));
+            }
+        }
+        for (id, pod) in pods {
+            if self.pods.get(&id).map(|record| record.fingerprint) != Some(fingerprint(&pod)) {
+                changes.push(Change::Pod(id, Some(pod)));
+            }
+        }
         diff(
             &self.cluster.policies,
-            &cluster.policies,
+            policies,
             &mut changes,
-            |id, policy| Change::Policy(id.clone(), policy),
+            Change::Policy,
         );
         self.update(changes)
     }
@@ -297,6 +314,17 @@ impl Compiler {
         for pod in std::mem::take(&mut self.dirty) {
             self.recompile_endpoint(&pod);
         }
+        // Nobody needs these match sets maintained any more.
+        let unused: Vec<SelectorKey> = self
+            .selector_users
+            .iter()
+            .filter(|(_, users)| users.is_empty())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in unused {
+            self.selector_users.remove(&key);
+            self.selectors.remove(&key);
+        }
         self.state.warnings = self.duplicate_ips.values().cloned().collect();
         &self.state
     }
@@ -308,56 +336,59 @@ impl Compiler {
     }
 
     fn change_pod(&mut self, id: PodRef, pod: Option<Pod>) {
-        let old = match pod {
-            Some(pod) => self.cluster.pods.insert(id.clone(), pod),
-            None => self.cluster.pods.remove(&id),
-        };
-        let pod = self.cluster.pods.get(&id).cloned();
-        if old == pod {
+        let new_fingerprint = pod.as_ref().map(fingerprint);
+        if self.pods.get(&id).map(|record| record.fingerprint) == new_fingerprint {
             return;
         }
+        let old_local = self.local.remove(&id).is_some();
         let mut touched_ips = Vec::new();
-        if let Some(old) = Self::effective(old.as_ref()) {
-            if let Some((_, info)) = self.pod_identity.remove(&id)
-                && let Some(retired) = self.identities.release(&info)
+        if let Some(old) = self.pods.remove(&id) {
+            if let Some(identity) = old.identity
+                && let Some(retired) = self.identities.release_id(identity)
             {
                 self.identity_retired(retired);
             }
-            for ip in &old.ips {
-                if let Some(claims) = self.ip_claims.get_mut(ip) {
+            for ip in old.ips {
+                if let Some(claims) = self.ip_claims.get_mut(&ip) {
                     claims.remove(&id);
                     if claims.is_empty() {
-                        self.ip_claims.remove(ip);
+                        self.ip_claims.remove(&ip);
                     }
                 }
-                touched_ips.push(*ip);
+                touched_ips.push(ip);
             }
         }
-        if let Some(new) = Self::effective(pod.as_ref()) {
-            let info = IdentityInfo::of(new);
-            let (identity, is_new) = self.identities.acquire(&info);
-            if is_new {
-                self.identity_created(identity, &info);
+        let mut new_local = false;
+        if let (Some(pod), Some(fingerprint)) = (pod, new_fingerprint) {
+            let mut record = PodRecord {
+                fingerprint,
+                identity: None,
+                ips: Vec::new(),
+            };
+            if Self::effective(Some(&pod)).is_some() {
+                let info = IdentityInfo::of(&pod);
+                let (identity, is_new) = self.identities.acquire(&info);
+                if is_new {
+                    self.identity_created(identity, &info);
+                }
+                record.identity = Some(identity);
+                record.ips.clone_from(&pod.ips);
+                for ip in &pod.ips {
+                    self.ip_claims.entry(*ip).or_default().insert(id.clone());
+                    touched_ips.push(*ip);
+                }
             }
-            self.pod_identity.insert(id.clone(), (identity, info));
-            for ip in &new.ips {
-                self.ip_claims.entry(*ip).or_default().insert(id.clone());
-                touched_ips.push(*ip);
+            self.pods.insert(id.clone(), record);
+            if pod.node_name.as_deref() == Some(self.node.as_str()) {
+                new_local = true;
+                self.local.insert(id.clone(), pod);
             }
         }
         for ip in touched_ips {
             self.refresh_ip(ip);
         }
-        let is_local = |pod: Option<&Pod>| {
-            pod.is_some_and(|pod| pod.node_name.as_deref() == Some(self.node.as_str()))
-        };
-        if is_local(old.as_ref()) || is_local(pod.as_ref()) {
-            self.dirty.insert(id.clone());
-        }
-        if is_local(pod.as_ref()) {
-            self.local_pods.insert(id);
-        } else {
-            self.local_pods.remove(&id);
+        if old_local || new_local {
+            self.dirty.insert(id);
         }
         // Egress rules with ipBlock peers and named ports depend on every pod's addresses and
         // ports; they are rare, so their endpoints are simply recompiled.
@@ -374,12 +405,10 @@ impl Compiler {
         }
         let labels = self.cluster.namespace_labels(name);
         let members: Vec<PeerId> = self
-            .identities
-            .identities()
-            .iter()
-            .filter(|(_, info)| info.namespace == name)
-            .map(|(id, _)| *id)
-            .collect();
+            .namespace_identities
+            .get(name)
+            .map(|members| members.iter().copied().collect())
+            .unwrap_or_default();
         for (key, matched) in &mut self.selectors {
             let (
                 _,
@@ -419,10 +448,16 @@ impl Compiler {
         if old == policy {
             return;
         }
-        for pod in &self.local_pods {
-            let Some(labels) = self.cluster.pods.get(pod).map(|pod| &pod.labels) else {
-                continue;
-            };
+        let namespace = PodRef {
+            namespace: id.namespace.clone(),
+            name: String::new(),
+        };
+        for (pod, local) in self
+            .local
+            .range(namespace..)
+            .take_while(|(pod, _)| pod.namespace == id.namespace)
+        {
+            let labels = &local.labels;
             let selected = |policy: &Option<NetworkPolicy>| {
                 policy.as_ref().is_some_and(|policy| {
                     policy.id.namespace == pod.namespace && policy.pod_selector.matches(labels)
@@ -436,6 +471,10 @@ impl Compiler {
 
     fn identity_created(&mut self, identity: PeerId, info: &IdentityInfo) {
         self.state.identities.insert(identity, info.clone());
+        self.namespace_identities
+            .entry(info.namespace.clone())
+            .or_default()
+            .insert(identity);
         let namespace_labels = self.cluster.namespace_labels(&info.namespace);
         for (key, matched) in &mut self.selectors {
             if selector_matches(key, info, &namespace_labels) && matched.insert(identity) {
@@ -446,7 +485,14 @@ impl Compiler {
     }
 
     fn identity_retired(&mut self, identity: PeerId) {
-        self.state.identities.remove(&identity);
+        if let Some(info) = self.state.identities.remove(&identity) {
+            if let Some(members) = self.namespace_identities.get_mut(&info.namespace) {
+                members.remove(&identity);
+                if members.is_empty() {
+                    self.namespace_identities.remove(&info.namespace);
+                }
+            }
+        }
         for (key, matched) in &mut self.selectors {
             if matched.remove(&identity) {
                 self.dirty
@@ -478,8 +524,8 @@ impl Compiler {
         }
         let owner_identity = claims
             .and_then(|claims| claims.first())
-            .and_then(|owner| self.pod_identity.get(owner))
-            .map(|(identity, _)| *identity);
+            .and_then(|owner| self.pods.get(owner))
+            .and_then(|record| record.identity);
         let identity = if self.node_addresses.contains(&ip) {
             Some(IDENTITY_HOST)
         } else {
@@ -503,24 +549,18 @@ impl Compiler {
             }
         }
         for key in self.endpoint_selectors.remove(id).unwrap_or_default() {
+            // A selector nobody uses any more is dropped at the end of the update, so that
+            // an endpoint recompiled in the same update finds it still computed.
             if let Some(users) = self.selector_users.get_mut(&key) {
                 users.remove(id);
-                if users.is_empty() {
-                    // Nobody needs this selector's match set maintained any more.
-                    self.selector_users.remove(&key);
-                    self.selectors.remove(&key);
-                }
             }
         }
         self.named_block_users.remove(id);
 
-        let Some(pod) = Self::effective(self.cluster.pods.get(id)).cloned() else {
+        let Some(pod) = Self::effective(self.local.get(id)).cloned() else {
             return;
         };
-        if pod.node_name.as_deref() != Some(self.node.as_str()) {
-            return;
-        }
-        let Some((identity, _)) = self.pod_identity.get(id).cloned() else {
+        let Some(identity) = self.pods.get(id).and_then(|record| record.identity) else {
             return;
         };
         let selecting: Vec<NetworkPolicy> = self
@@ -582,28 +622,28 @@ impl Compiler {
     }
 
     fn acquire_policy(&mut self, compiled: CompiledPolicy) -> PolicyId {
-        if let Some((id, users)) = self.policy_ids.get_mut(&compiled) {
-            *users += 1;
+        if let Some(id) = self.policy_ids.get(&compiled) {
+            *self.policy_users.entry(*id).or_default() += 1;
             return *id;
         }
         self.last_policy_id += 1;
         let id = self.last_policy_id;
         self.state.policies.insert(id, compiled.clone());
-        self.policy_ids.insert(compiled, (id, 1));
+        self.policy_ids.insert(compiled, id);
+        self.policy_users.insert(id, 1);
         id
     }
 
     fn release_policy(&mut self, id: PolicyId) {
-        let Some(compiled) = self.state.policies.get(&id) else {
-            return;
-        };
-        let Some((_, users)) = self.policy_ids.get_mut(compiled) else {
+        let Some(users) = self.policy_users.get_mut(&id) else {
             return;
         };
         *users -= 1;
         if *users == 0 {
-            let compiled = self.state.policies.remove(&id).expect("present above");
-            self.policy_ids.remove(&compiled);
+            self.policy_users.remove(&id);
+            if let Some(compiled) = self.state.policies.remove(&id) {
+                self.policy_ids.remove(&compiled);
+            }
         }
     }
 
@@ -621,19 +661,40 @@ impl Compiler {
     /// and then maintained as identities and namespaces change.
     fn matching(&mut self, key: &SelectorKey) -> &BTreeSet<PeerId> {
         if !self.selectors.contains_key(key) {
-            let mut namespace_labels: HashMap<&str, netwarden_model::selector::Labels> =
-                HashMap::new();
-            let matched = self
-                .identities
-                .identities()
-                .iter()
-                .filter(|(_, info)| {
-                    let labels = namespace_labels
-                        .entry(info.namespace.as_str())
-                        .or_insert_with(|| self.cluster.namespace_labels(&info.namespace));
-                    selector_matches(key, info, labels)
+            let (
+                policy_namespace,
+                Peer::Pods {
+                    pod_selector,
+                    namespace_selector,
+                },
+            ) = key
+            else {
+                return self.selectors.entry(key.clone()).or_default();
+            };
+            // Only the identities of the namespaces the peer can match are looked at.
+            let namespaces: Vec<&String> = match namespace_selector {
+                None => self
+                    .namespace_identities
+                    .get_key_value(policy_namespace)
+                    .map(|(ns, _)| ns)
+                    .into_iter()
+                    .collect(),
+                Some(selector) => self
+                    .namespace_identities
+                    .keys()
+                    .filter(|namespace| selector.matches(&self.cluster.namespace_labels(namespace)))
+                    .collect(),
+            };
+            let identities = self.identities.identities();
+            let matched = namespaces
+                .into_iter()
+                .flat_map(|namespace| &self.namespace_identities[namespace])
+                .filter(|id| {
+                    pod_selector
+                        .as_ref()
+                        .is_none_or(|selector| selector.matches(&identities[*id].labels))
                 })
-                .map(|(id, _)| *id)
+                .copied()
                 .collect();
             self.selectors.insert(key.clone(), matched);
         }
@@ -648,6 +709,9 @@ impl Compiler {
         used_selectors: &mut Vec<SelectorKey>,
     ) -> CompiledPolicy {
         let mut compiled = CompiledPolicy::default();
+        // Collected unsorted and built into the map in one pass: much cheaper than inserting
+        // thousands of entries one by one.
+        let mut entries: Vec<(PolicyMatch, RuleId)> = Vec::new();
         let mut blocks: Vec<(Block, RuleId, Vec<PortMatch>)> = Vec::new();
         for policy in policies {
             let rules: &[Rule] = match direction {
@@ -671,11 +735,13 @@ impl Compiler {
                                 && !block.except.iter().any(|except| except.contains(ip));
                             let owner = claims
                                 .first()
-                                .and_then(|owner| compiler.cluster.pods.get(owner));
+                                .and_then(|owner| compiler.pods.get(owner))
+                                .and_then(|record| record.identity)
+                                .map(|identity| &compiler.identities.identities()[&identity]);
                             let Some(owner) = owner.filter(|_| inside) else {
                                 continue;
                             };
-                            let resolved = named_port_matches(&rule.ports, owner);
+                            let resolved = named_port_matches(&rule.ports, &owner.named_ports);
                             if !resolved.is_empty() {
                                 let host = Block {
                                     cidr: IpNet::from(*ip),
@@ -716,23 +782,41 @@ impl Compiler {
                                 self,
                             );
                         }
-                        Peer::Pods { .. } => {
-                            let key = (policy.id.namespace.clone(), peer.clone());
+                        Peer::Pods {
+                            namespace_selector, ..
+                        } => {
+                            // A namespaceSelector peer means the same in every policy namespace.
+                            let scope = if namespace_selector.is_some() {
+                                String::new()
+                            } else {
+                                policy.id.namespace.clone()
+                            };
+                            let key = (scope, peer.clone());
                             let matched: Vec<PeerId> =
                                 self.matching(&key).iter().copied().collect();
                             used_selectors.push(key);
+                            // Only egress named ports depend on the peer; resolve the rest once.
+                            let shared = (direction == Direction::Ingress
+                                || !has_named_port(&rule.ports))
+                            .then(|| port_matches(&rule.ports, direction, pod, None));
                             for identity in matched {
-                                let info = &self.identities.identities()[&identity];
-                                for (protocol, port, port_bits) in
-                                    port_matches(&rule.ports, direction, pod, Some(info))
-                                {
+                                let resolved;
+                                let ports = if let Some(ports) = &shared {
+                                    ports
+                                } else {
+                                    let info = &self.identities.identities()[&identity];
+                                    resolved =
+                                        port_matches(&rule.ports, direction, pod, Some(info));
+                                    &resolved
+                                };
+                                for &(protocol, port, port_bits) in ports {
                                     let entry = PolicyMatch {
                                         peer: identity,
                                         protocol,
                                         port,
                                         port_bits,
                                     };
-                                    insert_entry(&mut compiled.entries, entry, rule_id);
+                                    entries.push((entry, rule_id));
                                 }
                             }
                         }
@@ -741,14 +825,22 @@ impl Compiler {
             }
         }
 
-        add_cidr_classes(&mut compiled, &blocks);
+        add_cidr_classes(&mut compiled, &mut entries, &blocks);
+        // Lowest rule id first, so attribution is stable when several rules allow the same.
+        entries.sort_unstable();
+        entries.dedup_by_key(|(entry, _)| *entry);
+        compiled.entries = entries.into_iter().collect();
         compiled
     }
 }
 
 /// Turns the `ipBlock` peers of one endpoint's direction into CIDR classes (see `cidr.rs`) and
 /// their policy entries.
-fn add_cidr_classes(compiled: &mut CompiledPolicy, blocks: &[(Block, RuleId, Vec<PortMatch>)]) {
+fn add_cidr_classes(
+    compiled: &mut CompiledPolicy,
+    entries: &mut Vec<(PolicyMatch, RuleId)>,
+    blocks: &[(Block, RuleId, Vec<PortMatch>)],
+) {
     if !blocks.is_empty() {
         let plain: Vec<Block> = blocks.iter().map(|(block, _, _)| block.clone()).collect();
         let mut class_ids: BTreeMap<BTreeSet<usize>, PeerId> = BTreeMap::new();
@@ -771,7 +863,7 @@ fn add_cidr_classes(compiled: &mut CompiledPolicy, blocks: &[(Block, RuleId, Vec
                         port: *port,
                         port_bits: *port_bits,
                     };
-                    insert_entry(&mut compiled.entries, entry, *rule_id);
+                    entries.push((entry, *rule_id));
                 }
             }
         }
@@ -804,31 +896,48 @@ fn selector_matches(
             .is_none_or(|selector| selector.matches(&info.labels))
 }
 
-/// Appends a change for every key whose value differs between `old` and `new`.
-fn diff<K: Ord, V: PartialEq + Clone>(
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
-    changes: &mut Vec<Change>,
-    change: impl Fn(&K, Option<V>) -> Change,
-) {
-    for (key, value) in new {
-        if old.get(key) != Some(value) {
-            changes.push(change(key, Some(value.clone())));
-        }
-    }
-    for key in old.keys() {
-        if !new.contains_key(key) {
-            changes.push(change(key, None));
-        }
-    }
+/// What the compiler keeps of a pod that may be remote.
+#[derive(Clone, Debug)]
+struct PodRecord {
+    /// Tells a changed pod from an unchanged one without keeping it.
+    fingerprint: u128,
+    /// Its identity, when it has addresses and is not on the host network.
+    identity: Option<PeerId>,
+    /// The addresses it claims.
+    ips: Vec<IpAddr>,
 }
 
-/// Keeps the lowest rule id when two rules allow the same thing, so attribution is stable.
-fn insert_entry(entries: &mut BTreeMap<PolicyMatch, RuleId>, entry: PolicyMatch, rule: RuleId) {
-    entries
-        .entry(entry)
-        .and_modify(|existing| *existing = (*existing).min(rule))
-        .or_insert(rule);
+/// 128 bits of two independent SipHash runs over the whole pod: an update is missed only if
+/// both collide with the previous version of the same pod.
+fn fingerprint(pod: &Pod) -> u128 {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    let mut first =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    let mut second = first.clone();
+    second.write_u8(0xa5);
+    pod.hash(&mut first);
+    pod.hash(&mut second);
+    (u128::from(first.finish()) << 64) | u128::from(second.finish())
+}
+
+/// Appends a change for every key whose value differs between `old` and `new`.
+fn diff<K: Ord + Clone, V: PartialEq>(
+    old: &BTreeMap<K, V>,
+    new: BTreeMap<K, V>,
+    changes: &mut Vec<Change>,
+    change: impl Fn(K, Option<V>) -> Change,
+) {
+    for key in old.keys() {
+        if !new.contains_key(key) {
+            changes.push(change(key.clone(), None));
+        }
+    }
+    for (key, value) in new {
+        if old.get(&key) != Some(&value) {
+            changes.push(change(key, Some(value)));
+        }
+    }
 }
 
 fn has_named_port(ports: &[PortSpec]) -> bool {
@@ -841,14 +950,12 @@ fn has_named_port(ports: &[PortSpec]) -> bool {
 type PortMatch = (Option<u8>, u16, u8);
 
 /// The numeric ports that a rule's named ports resolve to on `destination`.
-fn named_port_matches(ports: &[PortSpec], destination: &Pod) -> Vec<PortMatch> {
+fn named_port_matches(ports: &[PortSpec], destination: &[ContainerPort]) -> Vec<PortMatch> {
     ports
         .iter()
         .filter_map(|spec| match &spec.port {
-            Some(PortRef::Name(name)) => {
-                resolve_named_port(&destination.ports, name, spec.protocol)
-                    .map(|port| (Some(spec.protocol.number()), port, 16))
-            }
+            Some(PortRef::Name(name)) => resolve_named_port(destination, name, spec.protocol)
+                .map(|port| (Some(spec.protocol.number()), port, 16)),
             _ => None,
         })
         .collect()

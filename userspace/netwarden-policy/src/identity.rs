@@ -92,7 +92,7 @@ pub fn resolve_named_port(
 /// use, so the space (2^31) does not run out.
 #[derive(Clone, Debug, Default)]
 pub struct IdentityAllocator {
-    by_info: HashMap<IdentityInfo, (PeerId, usize)>,
+    by_info: rustc_hash::FxHashMap<IdentityInfo, (PeerId, usize)>,
     info_of: BTreeMap<PeerId, IdentityInfo>,
     next: PeerId,
     preferred: HashMap<[u8; 32], PeerId>,
@@ -139,6 +139,12 @@ impl IdentityAllocator {
         self.by_info.remove(info);
         self.info_of.remove(&id);
         Some(id)
+    }
+
+    /// One pod fewer holds identity `id`. Returns it if no pod holds it any more.
+    pub fn release_id(&mut self, id: PeerId) -> Option<PeerId> {
+        let info = self.info_of.get(&id)?.clone();
+        self.release(&info)
     }
 
     /// Identities in use.

@@ -40,7 +40,7 @@ fn at(namespace: &str, name: &str) -> PodRef {
 fn compile(yaml: &str) -> DatapathState {
     let mut compiler = Compiler::new(NODE);
     compiler.set_node_addresses(&[ip("172.18.0.2")]);
-    compiler.sync(&cluster(yaml)).clone()
+    compiler.sync(cluster(yaml)).clone()
 }
 
 const TCP: u8 = 6;
@@ -276,11 +276,11 @@ fn peers_with_an_existing_label_set_share_identity_and_entries() {
     let one = {
         let mut yaml = yaml.clone();
         yaml += &pod("x", "client-1", "app: client", "10.0.0.2", "");
-        compiler.sync(&cluster(&yaml)).clone()
+        compiler.sync(cluster(&yaml)).clone()
     };
     yaml += &pod("x", "client-1", "app: client", "10.0.0.2", "");
     yaml += &pod("x", "client-2", "app: client", "10.0.0.3", "");
-    let two = compiler.sync(&cluster(&yaml)).clone();
+    let two = compiler.sync(cluster(&yaml)).clone();
     assert_eq!(
         one.policies, two.policies,
         "a new peer with a known label set changes no policy entry"

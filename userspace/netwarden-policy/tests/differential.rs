@@ -400,7 +400,7 @@ proptest! {
     fn compiled_maps_agree_with_the_reference_evaluator(cluster in cluster()) {
         let mut compiler = Compiler::new(LOCAL);
         compiler.set_node_addresses(&[NODE_ADDRESS]);
-        assert_agrees(&cluster, compiler.sync(&cluster))?;
+        assert_agrees(&cluster, compiler.sync(cluster.clone()))?;
     }
 
     /// The incremental path: one compiler taken through a series of clusters (each a random
@@ -411,7 +411,7 @@ proptest! {
         let mut compiler = Compiler::new(LOCAL);
         compiler.set_node_addresses(&[NODE_ADDRESS]);
         for cluster in &clusters {
-            let state = compiler.sync(cluster);
+            let state = compiler.sync(cluster.clone());
             assert_agrees(cluster, state)?;
             let used: std::collections::BTreeSet<u32> = state
                 .endpoints

@@ -71,7 +71,7 @@ fn apply(
     let started = std::time::Instant::now();
     let (cluster, input_errors) = source.cluster();
     compiler.set_node_addresses(&network.addresses);
-    let state = compiler.sync(&cluster);
+    let state = compiler.sync(cluster);
     let report = datapath.apply(state, network);
     let mut errors: Vec<String> = input_errors.iter().map(ToString::to_string).collect();
     errors.extend(state.warnings.iter().cloned());
@@ -102,6 +102,7 @@ fn apply(
         errors,
         verdicts: Verdicts::from_counters(&datapath.verdicts()),
     };
+    release_freed_memory();
     if let Err(error) = status::write(&options.status_file, &status) {
         error!(%error, path = %options.status_file.display(), "cannot write the status file");
     }
@@ -114,6 +115,16 @@ fn apply(
         elapsed_us = started.elapsed().as_micros(),
         "applied"
     );
+}
+
+/// Hands memory freed by an apply (the previous snapshot, compile scratch) back to the kernel:
+/// glibc keeps it in its arenas otherwise, and a node agent's resident size is a budget.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
