@@ -22,7 +22,7 @@ pub struct Memory {
     pub first_apply: Duration,
     /// Resident set after the first apply.
     pub rss_bytes: u64,
-    /// Peak resident set (VmHWM).
+    /// Peak resident set (`VmHWM`).
     pub peak_rss_bytes: u64,
     /// Kernel memory of its eBPF maps, as `memlock` in their fdinfo.
     pub map_bytes: u64,

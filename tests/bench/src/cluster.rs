@@ -67,7 +67,7 @@ pub fn pod(ns: usize, app: usize, replica: usize, index: usize) -> Pod {
         .expect("fewer than 65536 pods")
         .to_be_bytes();
     let mut ips = vec![IpAddr::V4(Ipv4Addr::new(10, 0, a, b))];
-    if ns % 10 == 0 {
+    if ns.is_multiple_of(10) {
         ips.push(IpAddr::V6(Ipv6Addr::new(
             0xfd00,
             0,
@@ -87,11 +87,18 @@ pub fn pod(ns: usize, app: usize, replica: usize, index: usize) -> Pod {
         labels: labels(&[
             ("app", &format!("app-{app}")),
             ("tier", tier(app)),
-            ("version", if replica % 2 == 0 { "v1" } else { "v2" }),
+            (
+                "version",
+                if replica.is_multiple_of(2) {
+                    "v1"
+                } else {
+                    "v2"
+                },
+            ),
         ]),
         node_name: Some(format!(
             "node-{}",
-            if index % LOCAL_EVERY == 0 {
+            if index.is_multiple_of(LOCAL_EVERY) {
                 0
             } else {
                 1 + index % 90

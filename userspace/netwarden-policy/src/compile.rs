@@ -485,12 +485,12 @@ impl Compiler {
     }
 
     fn identity_retired(&mut self, identity: PeerId) {
-        if let Some(info) = self.state.identities.remove(&identity) {
-            if let Some(members) = self.namespace_identities.get_mut(&info.namespace) {
-                members.remove(&identity);
-                if members.is_empty() {
-                    self.namespace_identities.remove(&info.namespace);
-                }
+        if let Some(info) = self.state.identities.remove(&identity)
+            && let Some(members) = self.namespace_identities.get_mut(&info.namespace)
+        {
+            members.remove(&identity);
+            if members.is_empty() {
+                self.namespace_identities.remove(&info.namespace);
             }
         }
         for (key, matched) in &mut self.selectors {
@@ -701,6 +701,45 @@ impl Compiler {
         &self.selectors[key]
     }
 
+    /// Adds one `ipBlock` (or the every-peer block) of `rule` to the endpoint's blocks.
+    fn add_ip_block(
+        &mut self,
+        block: Block,
+        pod: &Pod,
+        direction: Direction,
+        rule: &Rule,
+        rule_id: RuleId,
+        blocks: &mut Vec<(Block, RuleId, Vec<PortMatch>)>,
+    ) {
+        if direction == Direction::Egress && has_named_port(&rule.ports) {
+            // A named port is the destination pod's: each pod address in the block gets a
+            // host prefix of its own, carrying what its names resolve to.
+            self.named_block_users.insert(pod.id.clone());
+            for (ip, claims) in &self.ip_claims {
+                let inside = block.cidr.contains(ip)
+                    && !block.except.iter().any(|except| except.contains(ip));
+                let owner = claims
+                    .first()
+                    .and_then(|owner| self.pods.get(owner))
+                    .and_then(|record| record.identity)
+                    .map(|identity| &self.identities.identities()[&identity]);
+                let Some(owner) = owner.filter(|_| inside) else {
+                    continue;
+                };
+                let resolved = named_port_matches(&rule.ports, &owner.named_ports);
+                if !resolved.is_empty() {
+                    let host = Block {
+                        cidr: IpNet::from(*ip),
+                        except: Vec::new(),
+                    };
+                    blocks.push((host, rule_id, resolved));
+                }
+            }
+        }
+        let ports = port_matches(&rule.ports, direction, pod, None);
+        blocks.push((block, rule_id, ports));
+    }
+
     fn compile_direction(
         &mut self,
         pod: &Pod,
@@ -724,35 +763,8 @@ impl Compiler {
                     direction,
                     index,
                 });
-                let named_egress = direction == Direction::Egress && has_named_port(&rule.ports);
                 let mut add_block = |block: Block, compiler: &mut Self| {
-                    if named_egress {
-                        // A named port is the destination pod's: each pod address in the block
-                        // gets a host prefix of its own, carrying what its names resolve to.
-                        compiler.named_block_users.insert(pod.id.clone());
-                        for (ip, claims) in &compiler.ip_claims {
-                            let inside = block.cidr.contains(ip)
-                                && !block.except.iter().any(|except| except.contains(ip));
-                            let owner = claims
-                                .first()
-                                .and_then(|owner| compiler.pods.get(owner))
-                                .and_then(|record| record.identity)
-                                .map(|identity| &compiler.identities.identities()[&identity]);
-                            let Some(owner) = owner.filter(|_| inside) else {
-                                continue;
-                            };
-                            let resolved = named_port_matches(&rule.ports, &owner.named_ports);
-                            if !resolved.is_empty() {
-                                let host = Block {
-                                    cidr: IpNet::from(*ip),
-                                    except: Vec::new(),
-                                };
-                                blocks.push((host, rule_id, resolved));
-                            }
-                        }
-                    }
-                    let ports = port_matches(&rule.ports, direction, pod, None);
-                    blocks.push((block, rule_id, ports));
+                    compiler.add_ip_block(block, pod, direction, rule, rule_id, &mut blocks);
                 };
                 if rule.peers.is_empty() {
                     // Every peer: as an ipBlock it also covers pods, the node and the world.
@@ -907,7 +919,7 @@ struct PodRecord {
     ips: Vec<IpAddr>,
 }
 
-/// 128 bits of two independent SipHash runs over the whole pod: an update is missed only if
+/// 128 bits of two independent `SipHash` runs over the whole pod: an update is missed only if
 /// both collide with the previous version of the same pod.
 fn fingerprint(pod: &Pod) -> u128 {
     use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
