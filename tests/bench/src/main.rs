@@ -35,7 +35,10 @@ enum Bench {
 
 const NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
 
-#[expect(clippy::too_many_lines, reason = "measure, then print one report, top to bottom")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "measure, then print one report, top to bottom"
+)]
 fn main() -> anyhow::Result<()> {
     let Cli {
         bench: Bench::Compile { agent },
