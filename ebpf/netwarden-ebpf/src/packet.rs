@@ -18,9 +18,23 @@ pub enum Parsed {
     NotIp,
     /// IPv6 neighbour discovery or router messages: link plumbing, always allowed.
     NeighbourDiscovery,
-    /// An IP packet, as a flow seen from the pod.
-    Flow(FlowKey),
+    /// An IP packet, as a flow seen from the pod, and whether it may open a flow.
+    Flow(FlowKey, Opening),
 }
+
+/// Whether a packet may open a tracked flow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// It may: a TCP SYN without ACK, or any packet of a protocol without handshake.
+    Yes,
+    /// A TCP packet of a connection already under way (no SYN, or a SYN-ACK). Only the first
+    /// packet of a handshake may create conntrack state: a mid-stream packet from the server
+    /// must not open a "flow" through which the client's packets then pass as replies.
+    Continuation,
+}
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
 
 /// A packet that could not be parsed; the caller drops it where the pod is isolated.
 pub struct Malformed;
@@ -58,6 +72,16 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
         } else {
             (0, 0)
         };
+    let opening = if protocol == IPPROTO_TCP && has_ports {
+        let flags: u8 = ctx.load(l4_offset + 13).map_err(|_| Malformed)?;
+        if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
+            Opening::Yes
+        } else {
+            Opening::Continuation
+        }
+    } else {
+        Opening::Yes
+    };
     let ifindex = ifindex(ctx);
     let flow = if dir == direction::EGRESS {
         FlowKey {
@@ -80,7 +104,7 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
             peer_addr: src,
         }
     };
-    Ok(Parsed::Flow(flow))
+    Ok(Parsed::Flow(flow, opening))
 }
 
 #[inline(always)]

@@ -26,7 +26,9 @@
 //! 3. F tracked, epoch current: pass (replies of allowed flows, and the fast path).
 //! 4. F tracked, epoch stale: decide again for the direction that opened F; drop and forget F
 //!    when that decision now denies (a revoked permission does not live on in conntrack).
-//! 5. F new: decide for D; track F when allowed.
+//! 5. F new: decide for D; track F when allowed and the packet may open a flow (for TCP only
+//!    a SYN may: a mid-stream packet passes or drops on its own and never creates state, so a
+//!    revoked connection cannot be revived by the server's next segment).
 //!
 //! decide(E, D, peer address, protocol, destination port):
 //!   a. D is ingress and the peer is the node: allow (kubelet probes keep working).
@@ -48,7 +50,7 @@ use netwarden_common::{
     direction, endpoint_state,
 };
 
-use crate::packet::{self, Parsed};
+use crate::packet::{self, Opening, Parsed};
 
 /// `TC_ACT_UNSPEC`, which TCX reads as "next": allow, and let later programs have their say.
 const ALLOW: i32 = -1;
@@ -83,8 +85,8 @@ static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 
 #[inline(always)]
 pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
-    let flow = match packet::parse(ctx, dir) {
-        Ok(Parsed::Flow(flow)) => flow,
+    let (flow, opening) = match packet::parse(ctx, dir) {
+        Ok(Parsed::Flow(flow, opening)) => (flow, opening),
         Ok(Parsed::NotIp | Parsed::NeighbourDiscovery) => {
             return count(counter::ALLOWED_NETWORK_CONTROL, ALLOW);
         }
@@ -117,7 +119,9 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     if is_allowed(reason) {
         // A full table evicts its least recently used flow; that flow is decided again on its
         // next packet, so an eviction never opens anything.
-        let _ = CONNTRACK.insert(flow, FlowState { origin: dir, epoch }, u64::from(BPF_ANY));
+        if opening == Opening::Yes {
+            let _ = CONNTRACK.insert(flow, FlowState { origin: dir, epoch }, u64::from(BPF_ANY));
+        }
         return count(reason, ALLOW);
     }
     count(reason, DENY)
