@@ -60,6 +60,17 @@ pub struct Endpoint {
     pub reserved: u32,
 }
 
+/// Key of the map of addresses each endpoint owns: a packet leaving a pod from any other
+/// source address is spoofed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointAddress {
+    /// The endpoint's host-side veth.
+    pub ifindex: u32,
+    /// One of its addresses, IPv4-mapped for IPv4.
+    pub addr: [u8; 16],
+}
+
 /// LPM data of the IP-to-identity map: a 16-byte address (IPv4-mapped for IPv4).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -196,8 +207,12 @@ pub mod counter {
     pub const DENIED_REVOKED: u32 = 7;
     /// Dropped: the packet could not be parsed.
     pub const DENIED_MALFORMED: u32 = 8;
+    /// Dropped: a packet left a pod from an address the pod does not own.
+    pub const DENIED_SPOOFED: u32 = 9;
+    /// Passed: an ICMP error about a packet of a tracked flow (keeps PMTU discovery working).
+    pub const ALLOWED_RELATED: u32 = 10;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 11;
 }
 
 /// Index of the policy epoch in the one-element epoch array.
@@ -206,12 +221,15 @@ pub const EPOCH_INDEX: u32 = 0;
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::{
-        CidrClass, CidrKey, Endpoint, FlowKey, FlowState, IpIdentity, IpKey, PolicyEntry, PolicyKey,
+        CidrClass, CidrKey, Endpoint, EndpointAddress, FlowKey, FlowState, IpIdentity, IpKey,
+        PolicyEntry, PolicyKey,
     };
 
     // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
     // and has no implicit padding, so any bit pattern is a valid value.
     unsafe impl aya::Pod for Endpoint {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for EndpointAddress {}
     // SAFETY: see above.
     unsafe impl aya::Pod for IpKey {}
     // SAFETY: see above.
@@ -241,6 +259,7 @@ mod tests {
         assert_eq!(size_of::<Endpoint>(), 16);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<CidrKey>(), 20);
+        assert_eq!(size_of::<super::EndpointAddress>(), 20);
         assert_eq!(size_of::<FlowKey>(), 44);
         assert_eq!(size_of::<FlowState>(), 8);
     }

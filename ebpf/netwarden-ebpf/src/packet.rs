@@ -7,17 +7,29 @@ const ETH_HEADER_LEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_SCTP: u8 = 132;
+
+/// IPv6 extension headers walked to find the transport header: hop-by-hop, routing,
+/// fragment, authentication and destination options.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+/// More extension headers than this and the packet is classified by the last next-header
+/// seen, which only an all-protocols rule matches: it fails closed.
+const IPV6_MAX_EXTENSION_HEADERS: usize = 6;
 
 /// What the classifier needs to know about one packet.
 pub enum Parsed {
     /// Not IP (ARP and friends): never subject to NetworkPolicy.
     NotIp,
-    /// IPv6 neighbour discovery or router messages: link plumbing, always allowed.
-    NeighbourDiscovery,
+    /// IPv6 neighbour discovery and multicast listener messages: link plumbing, always passed.
+    NetworkControl,
     /// An IP packet, as a flow seen from the pod, and whether it may open a flow.
     Flow(FlowKey, Opening),
 }
@@ -31,92 +43,24 @@ pub enum Opening {
     /// packet of a handshake may create conntrack state: a mid-stream packet from the server
     /// must not open a "flow" through which the client's packets then pass as replies.
     Continuation,
+    /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem) quoting a
+    /// packet at offset `quoted`: when that packet belongs to a tracked flow the error passes,
+    /// so path MTU discovery keeps working. An error never opens a flow itself.
+    Error {
+        /// Offset of the quoted IP header in the frame.
+        quoted: usize,
+    },
 }
 
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
-/// A packet that could not be parsed; the caller drops it where the pod is isolated.
+/// A packet that could not be parsed; the caller drops it.
 pub struct Malformed;
-
-/// Parses the frame at `ctx`, orienting the flow from the pod's side for `dir`.
-#[inline(always)]
-pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| Malformed)?);
-    let IpHeader {
-        protocol,
-        src,
-        dst,
-        l4_offset,
-        has_ports,
-    } = match ethertype {
-        ETH_P_IPV4 => parse_ipv4(ctx)?,
-        ETH_P_IPV6 => parse_ipv6(ctx)?,
-        _ => return Ok(Parsed::NotIp),
-    };
-    if protocol == IPPROTO_ICMPV6 {
-        let icmp_type: u8 = ctx.load(l4_offset).map_err(|_| Malformed)?;
-        // Router solicitation/advertisement, neighbour solicitation/advertisement, redirect.
-        if (133..=137).contains(&icmp_type) {
-            return Ok(Parsed::NeighbourDiscovery);
-        }
-    }
-    let (src_port, dst_port) =
-        if has_ports && matches!(protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
-            // TCP, UDP and SCTP all start with source port then destination port.
-            let ports: [u8; 4] = ctx.load(l4_offset).map_err(|_| Malformed)?;
-            (
-                u16::from_be_bytes([ports[0], ports[1]]),
-                u16::from_be_bytes([ports[2], ports[3]]),
-            )
-        } else {
-            (0, 0)
-        };
-    let opening = if protocol == IPPROTO_TCP && has_ports {
-        let flags: u8 = ctx.load(l4_offset + 13).map_err(|_| Malformed)?;
-        if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
-            Opening::Yes
-        } else {
-            Opening::Continuation
-        }
-    } else {
-        Opening::Yes
-    };
-    let ifindex = ifindex(ctx);
-    let flow = if dir == direction::EGRESS {
-        FlowKey {
-            ifindex,
-            protocol,
-            padding: [0; 3],
-            pod_port: src_port,
-            peer_port: dst_port,
-            pod_addr: src,
-            peer_addr: dst,
-        }
-    } else {
-        FlowKey {
-            ifindex,
-            protocol,
-            padding: [0; 3],
-            pod_port: dst_port,
-            peer_port: src_port,
-            pod_addr: dst,
-            peer_addr: src,
-        }
-    };
-    Ok(Parsed::Flow(flow, opening))
-}
-
-#[inline(always)]
-fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel handed to this program; reading its
-    // `ifindex` field is always permitted for TC programs.
-    unsafe { (*ctx.skb.skb).ifindex }
-}
 
 /// What the IP header says.
 struct IpHeader {
-    /// Protocol of the payload (IPv6: the first next-header value).
+    /// Protocol of the payload (IPv6: after the extension headers).
     protocol: u8,
     src: [u8; 16],
     dst: [u8; 16],
@@ -126,9 +70,144 @@ struct IpHeader {
     has_ports: bool,
 }
 
+/// Parses the frame at `ctx`, orienting the flow from the pod's side for `dir`. Not inlined:
+/// its header copies would otherwise share the 512-byte stack with the lookup's keys.
+#[inline(never)]
+pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| Malformed)?);
+    let header = match ethertype {
+        ETH_P_IPV4 => parse_ipv4(ctx, ETH_HEADER_LEN)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS)?,
+        _ => return Ok(Parsed::NotIp),
+    };
+    let ifindex = ifindex(ctx);
+    if header.has_ports && (header.protocol == IPPROTO_ICMP || header.protocol == IPPROTO_ICMPV6) {
+        let icmp_type: u8 = ctx.load(header.l4_offset).map_err(|_| Malformed)?;
+        if header.protocol == IPPROTO_ICMPV6 && is_network_control(icmp_type) {
+            return Ok(Parsed::NetworkControl);
+        }
+        if is_icmp_error(header.protocol, icmp_type) {
+            // Whether the quoted packet belongs to a tracked flow is asked by the caller:
+            // a call from here would stack three frames deep.
+            let quoted = header.l4_offset + 8;
+            return Ok(Parsed::Flow(
+                orient(ifindex, dir, &header, 0, 0),
+                Opening::Error { quoted },
+            ));
+        }
+    }
+    let (src_port, dst_port, opening) = transport(ctx, &header)?;
+    Ok(Parsed::Flow(
+        orient(ifindex, dir, &header, src_port, dst_port),
+        opening,
+    ))
+}
+
+/// Ports and whether the packet may open a flow.
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext) -> Result<IpHeader, Malformed> {
-    let header: [u8; 20] = ctx.load(ETH_HEADER_LEN).map_err(|_| Malformed)?;
+fn transport(ctx: &TcContext, header: &IpHeader) -> Result<(u16, u16, Opening), Malformed> {
+    if !header.has_ports || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return Ok((0, 0, Opening::Yes));
+    }
+    // TCP, UDP and SCTP all start with source port then destination port.
+    let ports: [u8; 4] = ctx.load(header.l4_offset).map_err(|_| Malformed)?;
+    let src_port = u16::from_be_bytes([ports[0], ports[1]]);
+    let dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    let opening = if header.protocol == IPPROTO_TCP {
+        let flags: u8 = ctx.load(header.l4_offset + 13).map_err(|_| Malformed)?;
+        if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
+            Opening::Yes
+        } else {
+            Opening::Continuation
+        }
+    } else {
+        Opening::Yes
+    };
+    Ok((src_port, dst_port, opening))
+}
+
+/// Whether the packet quoted by an ICMP error, starting at `offset`, belongs to a tracked
+/// flow of the endpoint. A function of its own (not inlined) so its headers do not crowd the
+/// main program's 512-byte stack.
+#[inline(never)]
+pub fn quotes_tracked_flow(
+    ctx: &TcContext,
+    icmp_protocol: u8,
+    offset: usize,
+    dir: u32,
+    ifindex: u32,
+) -> bool {
+    let header = if icmp_protocol == IPPROTO_ICMP {
+        parse_ipv4(ctx, offset)
+    } else {
+        // A quoted IPv6 packet is taken as it is: its extension headers are not walked.
+        parse_ipv6(ctx, offset, 0)
+    };
+    let Ok(header) = header else { return false };
+    if !header.has_ports || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return false;
+    }
+    let Ok(ports) = ctx.load::<[u8; 4]>(header.l4_offset) else {
+        return false;
+    };
+    let src_port = u16::from_be_bytes([ports[0], ports[1]]);
+    let dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    crate::verdict::is_tracked(&orient(ifindex, dir, &header, src_port, dst_port))
+}
+
+/// Neighbour discovery (133-137) and multicast listener queries and reports (130-132, 143).
+#[inline(always)]
+fn is_network_control(icmpv6_type: u8) -> bool {
+    matches!(icmpv6_type, 130..=137 | 143)
+}
+
+#[inline(always)]
+fn is_icmp_error(protocol: u8, icmp_type: u8) -> bool {
+    if protocol == IPPROTO_ICMP {
+        // Destination unreachable (incl. fragmentation needed), time exceeded, parameter problem.
+        matches!(icmp_type, 3 | 11 | 12)
+    } else {
+        // Destination unreachable, packet too big, time exceeded, parameter problem.
+        matches!(icmp_type, 1..=4)
+    }
+}
+
+/// The flow of a packet going in `dir`, from the pod's side.
+#[inline(always)]
+fn orient(ifindex: u32, dir: u32, header: &IpHeader, src_port: u16, dst_port: u16) -> FlowKey {
+    if dir == direction::EGRESS {
+        FlowKey {
+            ifindex,
+            protocol: header.protocol,
+            padding: [0; 3],
+            pod_port: src_port,
+            peer_port: dst_port,
+            pod_addr: header.src,
+            peer_addr: header.dst,
+        }
+    } else {
+        FlowKey {
+            ifindex,
+            protocol: header.protocol,
+            padding: [0; 3],
+            pod_port: dst_port,
+            peer_port: src_port,
+            pod_addr: header.dst,
+            peer_addr: header.src,
+        }
+    }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel handed to this program; reading its
+    // `ifindex` field is always permitted for TC programs.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<IpHeader, Malformed> {
+    let header: [u8; 20] = ctx.load(offset).map_err(|_| Malformed)?;
     if header[0] >> 4 != 4 {
         return Err(Malformed);
     }
@@ -137,32 +216,60 @@ fn parse_ipv4(ctx: &TcContext) -> Result<IpHeader, Malformed> {
         return Err(Malformed);
     }
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
-    let protocol = header[9];
-    let src = ipv4_mapped([header[12], header[13], header[14], header[15]]);
-    let dst = ipv4_mapped([header[16], header[17], header[18], header[19]]);
-    // Later fragments carry no L4 header: only rules that allow every port can match them.
     Ok(IpHeader {
-        protocol,
-        src,
-        dst,
-        l4_offset: ETH_HEADER_LEN + header_len,
+        protocol: header[9],
+        src: ipv4_mapped([header[12], header[13], header[14], header[15]]),
+        dst: ipv4_mapped([header[16], header[17], header[18], header[19]]),
+        l4_offset: offset + header_len,
+        // Later fragments carry no L4 header: only rules that allow every port match them.
         has_ports: fragment_offset == 0,
     })
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext) -> Result<IpHeader, Malformed> {
-    let next_header: u8 = ctx.load(ETH_HEADER_LEN + 6).map_err(|_| Malformed)?;
-    let src: [u8; 16] = ctx.load(ETH_HEADER_LEN + 8).map_err(|_| Malformed)?;
-    let dst: [u8; 16] = ctx.load(ETH_HEADER_LEN + 24).map_err(|_| Malformed)?;
-    // Extension headers are not walked yet: the packet is classified by its first next-header
-    // value, which only an all-protocols rule matches, so this fails closed.
+fn parse_ipv6(
+    ctx: &TcContext,
+    offset: usize,
+    max_extension_headers: usize,
+) -> Result<IpHeader, Malformed> {
+    let first: [u8; 8] = ctx.load(offset).map_err(|_| Malformed)?;
+    if first[0] >> 4 != 6 {
+        return Err(Malformed);
+    }
+    let src: [u8; 16] = ctx.load(offset + 8).map_err(|_| Malformed)?;
+    let dst: [u8; 16] = ctx.load(offset + 24).map_err(|_| Malformed)?;
+    let mut protocol = first[6];
+    let mut l4_offset = offset + 40;
+    let mut has_ports = true;
+    for _ in 0..max_extension_headers {
+        match protocol {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH => {
+                let extension: [u8; 2] = ctx.load(l4_offset).map_err(|_| Malformed)?;
+                let length = if protocol == IPV6_AUTH {
+                    (usize::from(extension[1]) + 2) * 4
+                } else {
+                    (usize::from(extension[1]) + 1) * 8
+                };
+                protocol = extension[0];
+                l4_offset += length;
+            }
+            IPV6_FRAGMENT => {
+                let fragment: [u8; 4] = ctx.load(l4_offset).map_err(|_| Malformed)?;
+                protocol = fragment[0];
+                if u16::from_be_bytes([fragment[2], fragment[3]]) >> 3 != 0 {
+                    has_ports = false;
+                }
+                l4_offset += 8;
+            }
+            _ => break,
+        }
+    }
     Ok(IpHeader {
-        protocol: next_header,
+        protocol,
         src,
         dst,
-        l4_offset: ETH_HEADER_LEN + 40,
-        has_ports: true,
+        l4_offset,
+        has_ports,
     })
 }
 

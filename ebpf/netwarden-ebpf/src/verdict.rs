@@ -15,14 +15,18 @@
 //!   rules of that policy whose `cidr` holds the address and whose `except` does not. The class
 //!   is looked up in `POLICY` like an identity. This path applies to pod IPs too, so `ipBlock`
 //!   semantics stay exact whatever identity the address has.
+//! - `ENDPOINT_ADDRESSES`: (ifindex, address) of every address a local pod owns.
 //! - `CONNTRACK`: LRU of flows as the endpoint sees them -> the direction that opened the flow
 //!   and the policy epoch under which it was last allowed.
 //! - `EPOCH`: bumped by the agent after every policy change.
 //!
 //! Decision for a packet of flow F on endpoint E in direction D (from the pod's point of view):
 //!
-//! 1. Not IP, or IPv6 neighbour discovery: pass (link plumbing, never policy).
+//! 1. Not IP, or IPv6 neighbour discovery and multicast listener messages: pass (link
+//!    plumbing, never policy).
 //! 2. E unknown to `ENDPOINTS`: drop (an attached veth the agent forgot about fails closed).
+//!    Leaving the pod from an address `ENDPOINT_ADDRESSES` does not give it: drop (spoofed).
+//!    An ICMP error quoting a packet of a tracked flow: pass (PMTU discovery keeps working).
 //! 3. F tracked, epoch current: pass (replies of allowed flows, and the fast path).
 //! 4. F tracked, epoch stale: decide again for the direction that opened F; drop and forget F
 //!    when that decision now denies (a revoked permission does not live on in conntrack).
@@ -45,9 +49,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netwarden_common::{
-    CidrClass, CidrKey, EPOCH_INDEX, Endpoint, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD,
-    IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, counter,
-    direction, endpoint_state,
+    CidrClass, CidrKey, EPOCH_INDEX, Endpoint, EndpointAddress, FlowKey, FlowState, IDENTITY_HOST,
+    IDENTITY_WORLD, IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry,
+    PolicyKey, counter, direction, endpoint_state,
 };
 
 use crate::packet::{self, Opening, Parsed};
@@ -58,6 +62,9 @@ const DENY: i32 = TC_ACT_SHOT;
 
 #[map]
 static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(4096, 0);
+
+#[map]
+static ENDPOINT_ADDRESSES: HashMap<EndpointAddress, u32> = HashMap::pinned(16384, 0);
 
 #[map]
 static IPCACHE: LpmTrie<IpKey, IpIdentity> = LpmTrie::pinned(65536, 0);
@@ -87,7 +94,7 @@ static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     let (flow, opening) = match packet::parse(ctx, dir) {
         Ok(Parsed::Flow(flow, opening)) => (flow, opening),
-        Ok(Parsed::NotIp | Parsed::NeighbourDiscovery) => {
+        Ok(Parsed::NotIp | Parsed::NetworkControl) => {
             return count(counter::ALLOWED_NETWORK_CONTROL, ALLOW);
         }
         Err(packet::Malformed) => return count(counter::DENIED_MALFORMED, DENY),
@@ -97,6 +104,20 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     let Some(endpoint) = (unsafe { ENDPOINTS.get(flow.ifindex) }).copied() else {
         return count(counter::DENIED_ENDPOINT_NOT_READY, DENY);
     };
+    if dir == direction::EGRESS && !owns_address(&flow) {
+        return count(counter::DENIED_SPOOFED, DENY);
+    }
+    if let Opening::Error { quoted } = opening {
+        // The quoted packet travelled the other way.
+        let quoted_dir = if dir == direction::EGRESS {
+            direction::INGRESS
+        } else {
+            direction::EGRESS
+        };
+        if packet::quotes_tracked_flow(ctx, flow.protocol, quoted, quoted_dir, flow.ifindex) {
+            return count(counter::ALLOWED_RELATED, ALLOW);
+        }
+    }
     let epoch = current_epoch();
 
     if let Some(tracked) = CONNTRACK.get_ptr_mut(flow) {
@@ -127,6 +148,22 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     count(reason, DENY)
 }
 
+/// Whether `flow` is tracked (whatever its epoch).
+#[inline(always)]
+pub fn is_tracked(flow: &FlowKey) -> bool {
+    CONNTRACK.get_ptr(flow).is_some()
+}
+
+/// Whether the pod behind the packet's interface owns its source address.
+#[inline(always)]
+fn owns_address(flow: &FlowKey) -> bool {
+    let key = EndpointAddress {
+        ifindex: flow.ifindex,
+        addr: flow.pod_addr,
+    };
+    ENDPOINT_ADDRESSES.get_ptr(key).is_some()
+}
+
 /// The destination port of the packet that opened `flow` in direction `origin`.
 #[inline(always)]
 fn opening_port(flow: &FlowKey, origin: u32) -> u16 {
@@ -145,8 +182,9 @@ fn is_allowed(reason: u32) -> bool {
     )
 }
 
-/// Steps a. to f. of the module comment; returns the counter that names the reason.
-#[inline(always)]
+/// Steps a. to f. of the module comment; returns the counter that names the reason. Not
+/// inlined, so its LPM keys have a stack frame of their own.
+#[inline(never)]
 fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> u32 {
     let peer = peer_identity(&flow.peer_addr);
     if dir == direction::INGRESS && peer == IDENTITY_HOST {

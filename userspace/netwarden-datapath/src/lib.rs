@@ -31,8 +31,8 @@ use aya::{
     },
 };
 use netwarden_common::{
-    CidrClass, CidrKey, EPOCH_INDEX, Endpoint, IpIdentity, IpKey, PeerId, PolicyEntry, PolicyKey,
-    counter, endpoint_state,
+    CidrClass, CidrKey, EPOCH_INDEX, Endpoint, EndpointAddress, IpIdentity, IpKey, PeerId,
+    PolicyEntry, PolicyKey, counter, endpoint_state,
 };
 use netwarden_policy::{
     CompiledPolicy, DatapathState, PolicyId,
@@ -168,6 +168,19 @@ pub struct ApplyReport {
     pub changed: bool,
 }
 
+/// What one local endpoint should look like in the maps.
+#[derive(Clone, Debug)]
+struct DesiredEndpoint {
+    /// The pod, or `None` for a veth no known pod is routed through yet.
+    pod: Option<String>,
+    /// Its `ENDPOINTS` entry.
+    value: Endpoint,
+    /// The host-side veth.
+    interface: String,
+    /// The addresses the pod may send from.
+    addresses: Vec<IpAddr>,
+}
+
 /// Keys of one installed policy, so it can be deleted without scanning the maps.
 #[derive(Default)]
 struct InstalledPolicy {
@@ -190,7 +203,10 @@ pub struct Datapath {
     installed_policies: BTreeMap<PolicyId, InstalledPolicy>,
     installed_endpoints: BTreeMap<u32, Endpoint>,
     installed_identities: BTreeMap<[u8; 32], PeerId>,
+    endpoint_addresses: BpfHashMap<MapData, EndpointAddress, u32>,
+    installed_addresses: BTreeSet<(u32, IpAddr)>,
     attached: BTreeSet<(u32, Hook)>,
+    attach_programs: bool,
 }
 
 /// What a previous agent left in the pinned maps, for the compiler to continue from.
@@ -243,6 +259,9 @@ impl Datapath {
             epoch: take_map(&mut ebpf, "EPOCH")?,
             verdicts: take_map(&mut ebpf, "VERDICTS")?,
             identities: take_map(&mut ebpf, "IDENTITIES")?,
+            endpoint_addresses: take_map(&mut ebpf, "ENDPOINT_ADDRESSES")?,
+            installed_addresses: BTreeSet::new(),
+            attach_programs: true,
             ebpf,
             layout,
             installed_ipcache: BTreeMap::new(),
@@ -281,6 +300,10 @@ impl Datapath {
         }
         for (ifindex, endpoint) in self.endpoints.iter().flatten() {
             self.installed_endpoints.insert(ifindex, endpoint);
+        }
+        for key in self.endpoint_addresses.keys().flatten() {
+            self.installed_addresses
+                .insert((key.ifindex, unmapped(key.addr)));
         }
         for (digest, identity) in self.identities.iter().flatten() {
             self.installed_identities.insert(digest, identity);
@@ -333,7 +356,14 @@ impl Datapath {
             }
         }
 
-        for (ifindex, (pod, mut value, interface)) in desired.clone() {
+        report.changed |= self.sync_endpoint_addresses(&desired, &mut report.errors);
+        for (ifindex, endpoint) in desired.clone() {
+            let DesiredEndpoint {
+                pod,
+                mut value,
+                interface,
+                addresses: _,
+            } = endpoint;
             if failed_policies.contains(&value.ingress_policy)
                 || failed_policies.contains(&value.egress_policy)
             {
@@ -353,9 +383,9 @@ impl Datapath {
                 self.installed_endpoints.insert(ifindex, value);
                 report.changed = true;
             }
-            let mut attached = true;
+            let mut attached = self.attach_programs;
             for hook in Hook::ALL {
-                if !self.attached.contains(&(ifindex, hook)) {
+                if self.attach_programs && !self.attached.contains(&(ifindex, hook)) {
                     match self.attach(ifindex, &interface, hook) {
                         Ok(()) => {
                             self.attached.insert((ifindex, hook));
@@ -403,10 +433,7 @@ impl Datapath {
 
     /// Detaches and forgets endpoints that are not in `desired`, and links a previous agent
     /// pinned for interfaces that enforce nothing now. Returns whether a map changed.
-    fn remove_endpoints_except(
-        &mut self,
-        desired: &BTreeMap<u32, (Option<String>, Endpoint, String)>,
-    ) -> bool {
+    fn remove_endpoints_except(&mut self, desired: &BTreeMap<u32, DesiredEndpoint>) -> bool {
         let mut changed = false;
         // Endpoints that went away: detach first, then forget the map entry.
         let gone: Vec<u32> = self
@@ -434,6 +461,51 @@ impl Datapath {
             self.detach(ifindex);
         }
 
+        changed
+    }
+
+    /// Writes the addresses each endpoint owns (anti-spoofing) and forgets the others.
+    fn sync_endpoint_addresses(
+        &mut self,
+        desired: &BTreeMap<u32, DesiredEndpoint>,
+        errors: &mut Vec<String>,
+    ) -> bool {
+        let wanted: BTreeSet<(u32, IpAddr)> = desired
+            .iter()
+            .flat_map(|(ifindex, endpoint)| {
+                endpoint.addresses.iter().map(move |ip| (*ifindex, *ip))
+            })
+            .collect();
+        let mut changed = false;
+        for (ifindex, ip) in wanted.difference(&self.installed_addresses.clone()) {
+            let key = EndpointAddress {
+                ifindex: *ifindex,
+                addr: mapped(*ip),
+            };
+            match self.endpoint_addresses.insert(key, 1, 0) {
+                Ok(()) => {
+                    self.installed_addresses.insert((*ifindex, *ip));
+                    changed = true;
+                }
+                // The pod cannot send from this address until it fits: fail closed.
+                Err(error) => errors.push(format!(
+                    "endpoint {ifindex}: cannot record address {ip}: {error}"
+                )),
+            }
+        }
+        let gone: Vec<(u32, IpAddr)> = self
+            .installed_addresses
+            .difference(&wanted)
+            .copied()
+            .collect();
+        for (ifindex, ip) in gone {
+            let _ = self.endpoint_addresses.remove(&EndpointAddress {
+                ifindex,
+                addr: mapped(ip),
+            });
+            self.installed_addresses.remove(&(ifindex, ip));
+            changed = true;
+        }
         changed
     }
 
@@ -665,6 +737,52 @@ impl Datapath {
         }
     }
 
+    /// Keeps the programs unattached: maps are written as usual and the programs can be run on
+    /// crafted packets with [`Datapath::test_run`], without touching any interface.
+    pub fn detached(&mut self) {
+        self.attach_programs = false;
+    }
+
+    /// Runs the program of one hook on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times, as if
+    /// it arrived on interface `ifindex` (the kernel requires the interface to exist; 1, the
+    /// loopback, always does). Returns the program's verdict and the mean time per run.
+    pub fn test_run(
+        &self,
+        towards_pod: bool,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), ProgramError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let name = if towards_pod {
+            Hook::ToContainer.program()
+        } else {
+            Hook::FromContainer.program()
+        };
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .and_then(|program| program.try_into().ok())
+            .ok_or(ProgramError::NotLoaded)?;
+        // `struct __sk_buff`: ifindex is its 11th u32 (offset 40); the rest stays zero.
+        let mut context = [0_u8; 192];
+        context[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0_u8; frame.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&context),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        #[expect(
+            clippy::cast_possible_wrap,
+            reason = "TC verdicts are small signed numbers"
+        )]
+        let verdict = result.return_value as i32;
+        Ok((verdict, result.duration))
+    }
+
     /// Verdict counters summed over CPUs, indexed by [`netwarden_common::counter`].
     #[must_use]
     pub fn verdicts(&self) -> Vec<u64> {
@@ -684,8 +802,8 @@ fn desired_endpoints(
     state: &DatapathState,
     network: &NodeNetwork,
     report: &mut ApplyReport,
-) -> BTreeMap<u32, (Option<String>, Endpoint, String)> {
-    let mut desired: BTreeMap<u32, (Option<String>, Endpoint, String)> = BTreeMap::new();
+) -> BTreeMap<u32, DesiredEndpoint> {
+    let mut desired: BTreeMap<u32, DesiredEndpoint> = BTreeMap::new();
     let mut known_ips = BTreeSet::new();
     for endpoint in state.endpoints.values() {
         known_ips.extend(endpoint.ips.iter().copied());
@@ -699,7 +817,10 @@ fn desired_endpoints(
             state: endpoint_state::READY,
             reserved: 0,
         };
-        if let Some((Some(other), _, _)) = desired.get(&interface.index) {
+        if let Some(DesiredEndpoint {
+            pod: Some(other), ..
+        }) = desired.get(&interface.index)
+        {
             report.errors.push(format!(
                 "Pod {}: interface {} already enforces for Pod {other}",
                 endpoint.pod, interface.name
@@ -708,21 +829,33 @@ fn desired_endpoints(
         }
         desired.insert(
             interface.index,
-            (
-                Some(endpoint.pod.to_string()),
+            DesiredEndpoint {
+                pod: Some(endpoint.pod.to_string()),
                 value,
-                interface.name.clone(),
-            ),
+                interface: interface.name.clone(),
+                addresses: endpoint.ips.clone(),
+            },
         );
     }
     // A veth routed to an address no local pod has yet: a pod the agent has not heard of.
     for (ip, interface) in network.veth_host_routes() {
-        if !known_ips.contains(&ip) && !desired.contains_key(&interface.index) {
+        let known_pod = desired
+            .get(&interface.index)
+            .is_some_and(|endpoint| endpoint.pod.is_some());
+        if !known_ips.contains(&ip) && !known_pod {
             let value = Endpoint {
                 state: endpoint_state::UNKNOWN,
                 ..Endpoint::default()
             };
-            desired.insert(interface.index, (None, value, interface.name.clone()));
+            let unknown = desired
+                .entry(interface.index)
+                .or_insert_with(|| DesiredEndpoint {
+                    pod: None,
+                    value,
+                    interface: interface.name.clone(),
+                    addresses: Vec::new(),
+                });
+            unknown.addresses.push(ip);
         }
     }
     desired
