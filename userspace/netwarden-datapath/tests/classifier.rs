@@ -1,0 +1,408 @@
+//! The TC programs run by the kernel on crafted frames (`BPF_PROG_TEST_RUN`), the way Cilium's
+//! `bpf/tests` exercise its datapath: truncated headers, IPv6 extension chains, fragments,
+//! SCTP, spoofed sources and ICMP errors, against maps written by the real compiler.
+//!
+//! Needs root (it loads programs and mounts a private bpffs); skipped with a message otherwise.
+//! Programs are never attached to any interface.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use netwarden_datapath::{
+    Capacity, Datapath,
+    netlink::{Interface, NodeNetwork},
+};
+use netwarden_model::ManifestDir;
+use netwarden_policy::Compiler;
+
+const ALLOW: i32 = -1;
+const DENY: i32 = 2;
+/// The loopback: `BPF_PROG_TEST_RUN` needs an interface that exists, and nothing is sent.
+const IFINDEX: u32 = 1;
+
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const STRANGER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+
+const MANIFESTS: &str = r"
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: x, labels: {app: server}}
+spec: {nodeName: node-1, containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}
+status: {podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: x, labels: {app: client}}
+spec: {nodeName: node-2, containers: [{name: c}]}
+status: {podIPs: [{ip: 10.0.0.2}, {ip: 'fd00::2'}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: http}, {protocol: SCTP, port: 9000}]
+";
+
+/// A datapath loaded on a private bpffs, with the maps of `MANIFESTS` and the server pod's
+/// endpoint on the loopback's index. Unmounts the bpffs on drop.
+struct Harness {
+    datapath: Option<Datapath>,
+    bpffs: tempfile::TempDir,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        drop(self.datapath.take());
+        let _ = nix::mount::umount2(self.bpffs.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+impl Harness {
+    fn new() -> Option<Self> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading eBPF programs needs root");
+            return None;
+        }
+        let bpffs = tempfile::tempdir().expect("temp dir for bpffs");
+        let (mut datapath, _) =
+            Datapath::open(bpffs.path(), &Capacity::default()).unwrap_or_else(|error| {
+                panic!(
+                    "loading the datapath on {}: {error}",
+                    bpffs.path().display()
+                )
+            });
+        datapath.detached();
+
+        let manifests = tempfile::tempdir().expect("temp dir for manifests");
+        std::fs::write(manifests.path().join("cluster.yaml"), MANIFESTS).expect("write manifests");
+        let mut source = ManifestDir::new(manifests.path());
+        source.refresh().expect("read manifests");
+        let (cluster, errors) = source.cluster();
+        assert!(errors.is_empty(), "fixture errors: {errors:?}");
+        let mut compiler = Compiler::new("node-1");
+        let state = compiler.sync(cluster);
+
+        let mut network = NodeNetwork::default();
+        network.interfaces.insert(
+            IFINDEX,
+            Interface {
+                index: IFINDEX,
+                name: "lo".into(),
+                is_veth: true,
+            },
+        );
+        network.routes = vec![
+            (IpAddr::V4(SERVER).into(), IFINDEX),
+            (IpAddr::V6(SERVER6).into(), IFINDEX),
+        ];
+        let report = datapath.apply(state, &network);
+        assert!(
+            report.errors.is_empty(),
+            "apply errors: {:?}",
+            report.errors
+        );
+        assert_eq!(
+            report.endpoints.len(),
+            1,
+            "the server is the one local endpoint: {report:?}"
+        );
+        Some(Self {
+            datapath: Some(datapath),
+            bpffs,
+        })
+    }
+
+    /// The verdict of the program towards the pod (`true`) or from it (`false`) on `frame`.
+    fn run(&self, towards_pod: bool, frame: &[u8]) -> i32 {
+        let datapath = self.datapath.as_ref().expect("present until drop");
+        datapath
+            .test_run(towards_pod, frame, IFINDEX, 1)
+            .unwrap_or_else(|error| {
+                panic!(
+                    "BPF_PROG_TEST_RUN failed on a {}-byte frame: {error}",
+                    frame.len()
+                )
+            })
+            .0
+    }
+}
+
+fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    frame.extend(ethertype.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+fn ipv4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    fragment_offset: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let total = u16::try_from(20 + payload.len()).expect("small packet");
+    let mut packet = vec![0x45, 0];
+    packet.extend(total.to_be_bytes());
+    packet.extend([0, 1]);
+    packet.extend((fragment_offset / 8).to_be_bytes());
+    packet.extend([64, protocol, 0, 0]);
+    packet.extend(src.octets());
+    packet.extend(dst.octets());
+    packet.extend(payload);
+    packet
+}
+
+/// An IPv6 packet whose extension headers (`(type, length in 8-byte units)`) precede the payload.
+fn ipv6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    protocol: u8,
+    extensions: &[(u8, u8)],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut chain = Vec::new();
+    let mut next = protocol;
+    for (index, (kind, length)) in extensions.iter().enumerate().rev() {
+        let mut header = vec![next, *length];
+        header.resize(8 * (usize::from(*length) + 1), 0);
+        chain.splice(0..0, header);
+        next = *kind;
+        let _ = index;
+    }
+    let total = u16::try_from(chain.len() + payload.len()).expect("small packet");
+    let mut packet = vec![0x60, 0, 0, 0];
+    packet.extend(total.to_be_bytes());
+    packet.extend([next, 64]);
+    packet.extend(src.octets());
+    packet.extend(dst.octets());
+    packet.extend(chain);
+    packet.extend(payload);
+    packet
+}
+
+fn tcp(source: u16, destination: u16, syn: bool) -> Vec<u8> {
+    let mut segment = Vec::new();
+    segment.extend(source.to_be_bytes());
+    segment.extend(destination.to_be_bytes());
+    segment.extend([
+        0,
+        0,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0x50,
+        if syn { 0x02 } else { 0x10 },
+        0xff,
+        0xff,
+        0,
+        0,
+        0,
+        0,
+    ]);
+    segment
+}
+
+fn sctp_init(source: u16, destination: u16) -> Vec<u8> {
+    let mut packet = Vec::new();
+    packet.extend(source.to_be_bytes());
+    packet.extend(destination.to_be_bytes());
+    packet.extend([0; 8]);
+    packet.extend([1, 0, 0, 20, 0, 0, 0, 7, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1]);
+    packet
+}
+
+#[test]
+fn tcp_and_sctp_ports_are_enforced_towards_the_pod() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let syn = |from, port| ethernet(0x0800, &ipv4(from, SERVER, 6, 0, &tcp(40000, port, true)));
+    assert_eq!(
+        harness.run(true, &syn(CLIENT, 80)),
+        ALLOW,
+        "client to the named port http"
+    );
+    assert_eq!(
+        harness.run(true, &syn(CLIENT, 81)),
+        DENY,
+        "client to a port no rule names"
+    );
+    assert_eq!(
+        harness.run(true, &syn(STRANGER, 80)),
+        DENY,
+        "an address that is no client"
+    );
+    let init = |port| {
+        ethernet(
+            0x0800,
+            &ipv4(CLIENT, SERVER, 132, 0, &sctp_init(5000, port)),
+        )
+    };
+    assert_eq!(harness.run(true, &init(9000)), ALLOW, "SCTP to 9000");
+    assert_eq!(harness.run(true, &init(9001)), DENY, "SCTP to 9001");
+}
+
+#[test]
+fn ipv6_extension_chains_are_walked_and_later_fragments_fail_closed() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let chained = |port| {
+        ethernet(
+            0x86dd,
+            &ipv6(
+                CLIENT6,
+                SERVER6,
+                6,
+                &[(0, 0), (60, 1)],
+                &tcp(40000, port, true),
+            ),
+        )
+    };
+    assert_eq!(
+        harness.run(true, &chained(80)),
+        ALLOW,
+        "hop-by-hop and destination options before TCP/80"
+    );
+    assert_eq!(
+        harness.run(true, &chained(81)),
+        DENY,
+        "the same chain before TCP/81"
+    );
+
+    // A fragment header with a non-zero offset: no ports to match, and the rule has ports.
+    let mut later = ipv6(CLIENT6, SERVER6, 6, &[(44, 0)], &[0; 16]);
+    later[40 + 2] = 0x05; // fragment offset 160 bytes
+    later[40 + 3] = 0x00;
+    assert_eq!(
+        harness.run(true, &ethernet(0x86dd, &later)),
+        DENY,
+        "a later fragment"
+    );
+    let first = ipv6(CLIENT6, SERVER6, 6, &[(44, 0)], &tcp(40000, 80, true));
+    assert_eq!(
+        harness.run(true, &ethernet(0x86dd, &first)),
+        ALLOW,
+        "the first fragment carries the ports"
+    );
+}
+
+#[test]
+fn truncated_and_malformed_headers_are_dropped() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let whole = ethernet(0x0800, &ipv4(CLIENT, SERVER, 6, 0, &tcp(40000, 80, true)));
+    // BPF_PROG_TEST_RUN itself refuses a frame cut inside the IPv4 header (24 bytes was
+    // refused here), so the cuts fall in the ports and before the TCP flags.
+    for cut in [14 + 20 + 2, 14 + 20 + 13] {
+        assert_eq!(
+            harness.run(true, &whole[..cut]),
+            DENY,
+            "frame cut at {cut} bytes"
+        );
+    }
+    let mut missing_options = whole.clone();
+    missing_options[14] = 0x4f; // a 60-byte header: the "options" run into the TCP header
+    assert_eq!(
+        harness.run(true, &missing_options),
+        DENY,
+        "header length past the frame's end"
+    );
+    let mut bad_version = whole.clone();
+    bad_version[14] = 0x55;
+    assert_eq!(
+        harness.run(true, &bad_version),
+        DENY,
+        "IPv4 ethertype with version 5"
+    );
+    let arp = ethernet(0x0806, &[0; 28]);
+    assert_eq!(harness.run(true, &arp), ALLOW, "ARP is never policy");
+}
+
+#[test]
+fn packets_leaving_a_pod_from_an_address_it_does_not_own_are_dropped() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let from = |source| {
+        ethernet(
+            0x0800,
+            &ipv4(source, CLIENT, 17, 0, &[0x13, 0x88, 0, 53, 0, 8, 0, 0]),
+        )
+    };
+    assert_eq!(
+        harness.run(false, &from(SERVER)),
+        ALLOW,
+        "its own address (egress not isolated)"
+    );
+    assert_eq!(
+        harness.run(false, &from(Ipv4Addr::new(10, 0, 0, 99))),
+        DENY,
+        "somebody else's address"
+    );
+    let from6 = |source| {
+        ethernet(
+            0x86dd,
+            &ipv6(source, CLIENT6, 17, &[], &[0x13, 0x88, 0, 53, 0, 8, 0, 0]),
+        )
+    };
+    assert_eq!(
+        harness.run(false, &from6(SERVER6)),
+        ALLOW,
+        "its own IPv6 address"
+    );
+    assert_eq!(
+        harness.run(false, &from6(CLIENT6)),
+        DENY,
+        "the client's IPv6 address"
+    );
+}
+
+#[test]
+fn icmp_errors_about_tracked_flows_pass_and_others_do_not() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let outside = Ipv4Addr::new(192, 0, 2, 1);
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    // The server opens a connection out (its egress is not isolated): tracked.
+    let syn = ethernet(0x0800, &ipv4(SERVER, outside, 6, 0, &tcp(5555, 443, true)));
+    assert_eq!(harness.run(false, &syn), ALLOW);
+
+    let fragmentation_needed = |source_port| {
+        let quoted = ipv4(SERVER, outside, 6, 0, &tcp(source_port, 443, false)[..8]);
+        let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc];
+        icmp.extend(quoted);
+        ethernet(0x0800, &ipv4(router, SERVER, 1, 0, &icmp))
+    };
+    assert_eq!(
+        harness.run(true, &fragmentation_needed(5555)),
+        ALLOW,
+        "PMTU error of the tracked flow"
+    );
+    assert_eq!(
+        harness.run(true, &fragmentation_needed(5556)),
+        DENY,
+        "an error about no flow of the pod"
+    );
+    let echo = ethernet(
+        0x0800,
+        &ipv4(router, SERVER, 1, 0, &[8, 0, 0, 0, 0, 1, 0, 1]),
+    );
+    assert_eq!(
+        harness.run(true, &echo),
+        DENY,
+        "echo request to an isolated pod whose rules all have ports"
+    );
+}
