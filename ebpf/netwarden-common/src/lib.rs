@@ -187,6 +187,48 @@ pub struct FlowState {
     pub epoch: u32,
 }
 
+/// A verdict the datapath reports to the agent through the `EVENTS` ring buffer: every deny,
+/// within a per-CPU rate limit (the loss is counted, the datapath never waits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictEvent {
+    /// The endpoint's host-side veth.
+    pub ifindex: u32,
+    /// The [`direction`] of the packet, from the pod's point of view.
+    pub direction: u8,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// The [`counter`] that names the reason.
+    pub reason: u8,
+    /// Zero.
+    pub padding: u8,
+    /// The pod's port (host order).
+    pub pod_port: u16,
+    /// The peer's port (host order).
+    pub peer_port: u16,
+    /// The policy id in force for that direction (0: not isolated).
+    pub policy: u32,
+    /// The pod's address, IPv4-mapped for IPv4.
+    pub pod_addr: [u8; 16],
+    /// The peer's address, IPv4-mapped for IPv4.
+    pub peer_addr: [u8; 16],
+}
+
+/// Events each CPU may report per second before it only counts them.
+pub const EVENTS_PER_CPU_PER_SECOND: u32 = 1000;
+
+/// Per-CPU state of the event rate limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// Start of the current one-second window (`bpf_ktime_get_ns`).
+    pub window_start_ns: u64,
+    /// Events reported in the window.
+    pub sent: u32,
+    /// Zero.
+    pub padding: u32,
+}
+
 /// Indexes of the per-CPU verdict counters.
 pub mod counter {
     /// Passed: a tracked flow of the current epoch.
@@ -211,8 +253,12 @@ pub mod counter {
     pub const DENIED_SPOOFED: u32 = 9;
     /// Passed: an ICMP error about a packet of a tracked flow (keeps PMTU discovery working).
     pub const ALLOWED_RELATED: u32 = 10;
+    /// Events not reported: over the per-CPU rate limit.
+    pub const EVENTS_RATE_LIMITED: u32 = 11;
+    /// Events not reported: the ring buffer was full (the agent is behind).
+    pub const EVENTS_LOST: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 }
 
 /// Index of the policy epoch in the one-element epoch array.
@@ -221,8 +267,8 @@ pub const EPOCH_INDEX: u32 = 0;
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::{
-        CidrClass, CidrKey, Endpoint, EndpointAddress, FlowKey, FlowState, IpIdentity, IpKey,
-        PolicyEntry, PolicyKey,
+        CidrClass, CidrKey, Endpoint, EndpointAddress, EventBudget, FlowKey, FlowState, IpIdentity,
+        IpKey, PolicyEntry, PolicyKey, VerdictEvent,
     };
 
     // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
@@ -230,6 +276,10 @@ mod pod_impls {
     unsafe impl aya::Pod for Endpoint {}
     // SAFETY: see above.
     unsafe impl aya::Pod for EndpointAddress {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for VerdictEvent {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for EventBudget {}
     // SAFETY: see above.
     unsafe impl aya::Pod for IpKey {}
     // SAFETY: see above.
@@ -260,6 +310,8 @@ mod tests {
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<CidrKey>(), 20);
         assert_eq!(size_of::<super::EndpointAddress>(), 20);
+        assert_eq!(size_of::<super::VerdictEvent>(), 48);
+        assert_eq!(size_of::<super::EventBudget>(), 16);
         assert_eq!(size_of::<FlowKey>(), 44);
         assert_eq!(size_of::<FlowState>(), 8);
     }

@@ -59,6 +59,7 @@ const TCP_FLAG_ACK: u8 = 0x10;
 pub struct Malformed;
 
 /// What the IP header says.
+#[derive(Default)]
 struct IpHeader {
     /// Protocol of the payload (IPv6: after the extension headers).
     protocol: u8,
@@ -75,11 +76,12 @@ struct IpHeader {
 #[inline(never)]
 pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| Malformed)?);
-    let header = match ethertype {
-        ETH_P_IPV4 => parse_ipv4(ctx, ETH_HEADER_LEN)?,
-        ETH_P_IPV6 => parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS)?,
+    let mut header = IpHeader::default();
+    match ethertype {
+        ETH_P_IPV4 => parse_ipv4(ctx, ETH_HEADER_LEN, &mut header)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS, &mut header)?,
         _ => return Ok(Parsed::NotIp),
-    };
+    }
     let ifindex = ifindex(ctx);
     if header.has_ports && (header.protocol == IPPROTO_ICMP || header.protocol == IPPROTO_ICMPV6) {
         let icmp_type: u8 = ctx.load(header.l4_offset).map_err(|_| Malformed)?;
@@ -137,13 +139,16 @@ pub fn quotes_tracked_flow(
     dir: u32,
     ifindex: u32,
 ) -> bool {
-    let header = if icmp_protocol == IPPROTO_ICMP {
-        parse_ipv4(ctx, offset)
+    let mut header = IpHeader::default();
+    let parsed = if icmp_protocol == IPPROTO_ICMP {
+        parse_ipv4(ctx, offset, &mut header)
     } else {
         // A quoted IPv6 packet is taken as it is: its extension headers are not walked.
-        parse_ipv6(ctx, offset, 0)
+        parse_ipv6(ctx, offset, 0, &mut header)
     };
-    let Ok(header) = header else { return false };
+    if parsed.is_err() {
+        return false;
+    }
     if !header.has_ports || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return false;
     }
@@ -205,58 +210,67 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-#[inline(always)]
-fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<IpHeader, Malformed> {
-    let header: [u8; 20] = ctx.load(offset).map_err(|_| Malformed)?;
-    if header[0] >> 4 != 4 {
+/// Fills `header` from the IPv4 header at `offset`. Loads field by field into the caller's
+/// struct: a whole-header copy costs the BPF stack twice over.
+#[inline(never)]
+fn parse_ipv4(ctx: &TcContext, offset: usize, header: &mut IpHeader) -> Result<(), Malformed> {
+    let version_and_length: u8 = ctx.load(offset).map_err(|_| Malformed)?;
+    if version_and_length >> 4 != 4 {
         return Err(Malformed);
     }
-    let header_len = usize::from(header[0] & 0x0f) * 4;
+    let header_len = usize::from(version_and_length & 0x0f) * 4;
     if header_len < 20 {
         return Err(Malformed);
     }
-    let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
-    Ok(IpHeader {
-        protocol: header[9],
-        src: ipv4_mapped([header[12], header[13], header[14], header[15]]),
-        dst: ipv4_mapped([header[16], header[17], header[18], header[19]]),
-        l4_offset: offset + header_len,
-        // Later fragments carry no L4 header: only rules that allow every port match them.
-        has_ports: fragment_offset == 0,
-    })
+    let fragment_offset =
+        u16::from_be(ctx.load::<u16>(offset + 6).map_err(|_| Malformed)?) & 0x1fff;
+    header.protocol = ctx.load(offset + 9).map_err(|_| Malformed)?;
+    let src: [u8; 4] = ctx.load(offset + 12).map_err(|_| Malformed)?;
+    let dst: [u8; 4] = ctx.load(offset + 16).map_err(|_| Malformed)?;
+    header.src = ipv4_mapped(src);
+    header.dst = ipv4_mapped(dst);
+    header.l4_offset = offset + header_len;
+    // Later fragments carry no L4 header: only rules that allow every port match them.
+    header.has_ports = fragment_offset == 0;
+    Ok(())
 }
 
-#[inline(always)]
+/// Fills `header` from the IPv6 header at `offset`, walking up to `max_extension_headers`.
+#[inline(never)]
 fn parse_ipv6(
     ctx: &TcContext,
     offset: usize,
     max_extension_headers: usize,
-) -> Result<IpHeader, Malformed> {
-    let first: [u8; 8] = ctx.load(offset).map_err(|_| Malformed)?;
-    if first[0] >> 4 != 6 {
+    header: &mut IpHeader,
+) -> Result<(), Malformed> {
+    let version: u8 = ctx.load(offset).map_err(|_| Malformed)?;
+    if version >> 4 != 6 {
         return Err(Malformed);
     }
-    let src: [u8; 16] = ctx.load(offset + 8).map_err(|_| Malformed)?;
-    let dst: [u8; 16] = ctx.load(offset + 24).map_err(|_| Malformed)?;
-    let mut protocol = first[6];
+    header.src = ctx.load(offset + 8).map_err(|_| Malformed)?;
+    header.dst = ctx.load(offset + 24).map_err(|_| Malformed)?;
+    let mut protocol: u8 = ctx.load(offset + 6).map_err(|_| Malformed)?;
     let mut l4_offset = offset + 40;
     let mut has_ports = true;
     for _ in 0..max_extension_headers {
         match protocol {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH => {
-                let extension: [u8; 2] = ctx.load(l4_offset).map_err(|_| Malformed)?;
+                let next: u8 = ctx.load(l4_offset).map_err(|_| Malformed)?;
+                let units: u8 = ctx.load(l4_offset + 1).map_err(|_| Malformed)?;
                 let length = if protocol == IPV6_AUTH {
-                    (usize::from(extension[1]) + 2) * 4
+                    (usize::from(units) + 2) * 4
                 } else {
-                    (usize::from(extension[1]) + 1) * 8
+                    (usize::from(units) + 1) * 8
                 };
-                protocol = extension[0];
+                protocol = next;
                 l4_offset += length;
             }
             IPV6_FRAGMENT => {
-                let fragment: [u8; 4] = ctx.load(l4_offset).map_err(|_| Malformed)?;
-                protocol = fragment[0];
-                if u16::from_be_bytes([fragment[2], fragment[3]]) >> 3 != 0 {
+                let next: u8 = ctx.load(l4_offset).map_err(|_| Malformed)?;
+                let offset_field =
+                    u16::from_be(ctx.load::<u16>(l4_offset + 2).map_err(|_| Malformed)?);
+                protocol = next;
+                if offset_field >> 3 != 0 {
                     has_ports = false;
                 }
                 l4_offset += 8;
@@ -264,13 +278,10 @@ fn parse_ipv6(
             _ => break,
         }
     }
-    Ok(IpHeader {
-        protocol,
-        src,
-        dst,
-        l4_offset,
-        has_ports,
-    })
+    header.protocol = protocol;
+    header.l4_offset = l4_offset;
+    header.has_ports = has_ports;
+    Ok(())
 }
 
 #[inline(always)]

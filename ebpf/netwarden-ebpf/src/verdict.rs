@@ -19,6 +19,8 @@
 //! - `CONNTRACK`: LRU of flows as the endpoint sees them -> the direction that opened the flow
 //!   and the policy epoch under which it was last allowed.
 //! - `EPOCH`: bumped by the agent after every policy change.
+//! - `EVENTS`: a ring buffer of deny events, at most `EVENTS_PER_CPU_PER_SECOND` per CPU; what
+//!   does not fit is counted (`EVENTS_RATE_LIMITED`, `EVENTS_LOST`), never waited for.
 //!
 //! Decision for a packet of flow F on endpoint E in direction D (from the pod's point of view):
 //!
@@ -44,14 +46,16 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
 use netwarden_common::{
-    CidrClass, CidrKey, EPOCH_INDEX, Endpoint, EndpointAddress, FlowKey, FlowState, IDENTITY_HOST,
-    IDENTITY_WORLD, IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry,
-    PolicyKey, counter, direction, endpoint_state,
+    CidrClass, CidrKey, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint, EndpointAddress,
+    EventBudget, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
+    POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, VerdictEvent, counter,
+    direction, endpoint_state,
 };
 
 use crate::packet::{self, Opening, Parsed};
@@ -87,6 +91,13 @@ static EPOCH: Array<u32> = Array::pinned(1, 0);
 #[map]
 static IDENTITIES: HashMap<[u8; 32], u32> = HashMap::pinned(65536, 0);
 
+/// Verdict events for the agent (see `VerdictEvent`).
+#[map]
+static EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+
+#[map]
+static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
+
 #[map]
 static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 
@@ -102,9 +113,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     // SAFETY: the value is copied out at once; a concurrent update can at worst make this
     // packet see the endpoint's previous state, which was valid too.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(flow.ifindex) }).copied() else {
+        report(&flow, dir, counter::DENIED_ENDPOINT_NOT_READY, 0);
         return count(counter::DENIED_ENDPOINT_NOT_READY, DENY);
     };
+    let policy = if dir == direction::INGRESS {
+        endpoint.ingress_policy
+    } else {
+        endpoint.egress_policy
+    };
     if dir == direction::EGRESS && !owns_address(&flow) {
+        report(&flow, dir, counter::DENIED_SPOOFED, policy);
         return count(counter::DENIED_SPOOFED, DENY);
     }
     if let Opening::Error { quoted } = opening {
@@ -133,6 +151,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             return count(counter::ALLOWED_TRACKED, ALLOW);
         }
         let _ = CONNTRACK.remove(flow);
+        report(&flow, origin, counter::DENIED_REVOKED, policy);
         return count(counter::DENIED_REVOKED, DENY);
     }
 
@@ -145,7 +164,48 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         }
         return count(reason, ALLOW);
     }
+    report(&flow, dir, reason, policy);
     count(reason, DENY)
+}
+
+/// Reports a deny to the agent, within the per-CPU budget; never waits, counts what it drops.
+/// Not inlined: the event has a stack frame of its own.
+#[inline(never)]
+fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32) {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot of a successful lookup; only this CPU touches it, and a TC program
+    // is not preempted by itself on one CPU.
+    let budget = unsafe { &mut *budget };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(budget.window_start_ns) > 1_000_000_000 {
+        budget.window_start_ns = now;
+        budget.sent = 0;
+    }
+    if budget.sent >= EVENTS_PER_CPU_PER_SECOND {
+        count(counter::EVENTS_RATE_LIMITED, 0);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
+        count(counter::EVENTS_LOST, 0);
+        return;
+    };
+    budget.sent += 1;
+    entry.write(VerdictEvent {
+        ifindex: flow.ifindex,
+        direction: dir as u8,
+        protocol: flow.protocol,
+        reason: reason as u8,
+        padding: 0,
+        pod_port: flow.pod_port,
+        peer_port: flow.peer_port,
+        policy,
+        pod_addr: flow.pod_addr,
+        peer_addr: flow.peer_addr,
+    });
+    entry.submit(0);
 }
 
 /// Whether `flow` is tracked (whatever its epoch).

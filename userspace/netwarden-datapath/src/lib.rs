@@ -23,7 +23,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -207,6 +210,7 @@ pub struct Datapath {
     installed_addresses: BTreeSet<(u32, IpAddr)>,
     attached: BTreeSet<(u32, Hook)>,
     attach_programs: bool,
+    events: Option<RingBuf<MapData>>,
 }
 
 /// What a previous agent left in the pinned maps, for the compiler to continue from.
@@ -262,6 +266,7 @@ impl Datapath {
             endpoint_addresses: take_map(&mut ebpf, "ENDPOINT_ADDRESSES")?,
             installed_addresses: BTreeSet::new(),
             attach_programs: true,
+            events: Some(take_map(&mut ebpf, "EVENTS")?),
             ebpf,
             layout,
             installed_ipcache: BTreeMap::new(),
@@ -735,6 +740,12 @@ impl Datapath {
                 }
             }
         }
+    }
+
+    /// The ring buffer of deny events (`netwarden_common::VerdictEvent`), once: the caller
+    /// reads it on its own task.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
     }
 
     /// Keeps the programs unattached: maps are written as usual and the programs can be run on

@@ -247,6 +247,13 @@ impl Compiler {
         self.last_policy_id = self.last_policy_id.max(highest_policy_id);
     }
 
+    /// Every pod address with the pod that owns it (the first claimant by namespace and name).
+    pub fn pod_addresses(&self) -> impl Iterator<Item = (IpAddr, &PodRef)> {
+        self.ip_claims
+            .iter()
+            .filter_map(|(ip, claims)| claims.first().map(|owner| (*ip, owner)))
+    }
+
     /// The state for everything applied so far.
     #[must_use]
     pub fn state(&self) -> &DatapathState {

@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use netwarden_datapath::{
-    Capacity, Datapath,
+    ApplyReport, Capacity, Datapath,
     netlink::{Netlink, NodeNetwork},
 };
 use netwarden_model::ManifestDir;
@@ -24,7 +24,10 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use crate::status::{self, EndpointStatus, Status, Verdicts};
+use crate::{
+    events::{self, Attribution, EndpointNames, SharedAttribution},
+    status::{self, EndpointStatus, Status, Verdicts},
+};
 
 /// `netwarden agent`.
 #[derive(clap::Args)]
@@ -67,11 +70,13 @@ fn apply(
     network: &NodeNetwork,
     generation: u64,
     options: &AgentOptions,
+    attribution: &SharedAttribution,
 ) {
     let started = std::time::Instant::now();
     let (cluster, input_errors) = source.cluster();
     compiler.set_node_addresses(&network.addresses);
-    let state = compiler.sync(cluster);
+    compiler.sync(cluster);
+    let state = compiler.state();
     let report = datapath.apply(state, network);
     let mut errors: Vec<String> = input_errors.iter().map(ToString::to_string).collect();
     errors.extend(state.warnings.iter().cloned());
@@ -102,6 +107,7 @@ fn apply(
         errors,
         verdicts: Verdicts::from_counters(&datapath.verdicts()),
     };
+    refresh_attribution(compiler, &report, attribution);
     release_freed_memory();
     if let Err(error) = status::write(&options.status_file, &status) {
         error!(%error, path = %options.status_file.display(), "cannot write the status file");
@@ -115,6 +121,40 @@ fn apply(
         elapsed_us = started.elapsed().as_micros(),
         "applied"
     );
+}
+
+/// Gives the event reader the names of what was just applied.
+fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &SharedAttribution) {
+    let state = compiler.state();
+    let endpoints = report
+        .endpoints
+        .iter()
+        .map(|endpoint| {
+            let local = endpoint.pod.as_deref().and_then(|pod| {
+                state
+                    .endpoints
+                    .get(&netwarden_model::manifests::pod_ref(pod))
+            });
+            let names = EndpointNames {
+                pod: endpoint.pod.clone(),
+                ingress_isolated_by: local
+                    .map(|local| local.ingress_isolated_by.clone())
+                    .unwrap_or_default(),
+                egress_isolated_by: local
+                    .map(|local| local.egress_isolated_by.clone())
+                    .unwrap_or_default(),
+            };
+            (endpoint.ifindex, names)
+        })
+        .collect();
+    let pods = compiler
+        .pod_addresses()
+        .map(|(ip, pod)| (ip, pod.to_string()))
+        .collect();
+    let mut shared = attribution
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *shared = Attribution { endpoints, pods };
 }
 
 /// Hands memory freed by an apply (the previous snapshot, compile scratch) back to the kernel:
@@ -139,6 +179,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     let (mut datapath, inherited) =
         Datapath::open(&options.bpffs, &capacity).context("opening the datapath")?;
+    let attribution = SharedAttribution::default();
+    if let Some(ring) = datapath.take_events() {
+        events::spawn_reader(ring, attribution.clone());
+    }
     let mut compiler = Compiler::new(options.node.clone());
     compiler.resume(inherited.identities, inherited.highest_policy_id);
 
@@ -188,6 +232,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 &network,
                 generation,
                 &options,
+                &attribution,
             );
             last_network = Some(network);
         }

@@ -5,6 +5,7 @@
 //! binary wires them together and parses the command line.
 
 mod agent;
+mod events;
 mod explain;
 mod status;
 

@@ -68,6 +68,14 @@ pub struct Verdicts {
     pub denied_revoked: u64,
     /// Dropped: unparsable.
     pub denied_malformed: u64,
+    /// Dropped: left a pod from an address it does not own.
+    pub denied_spoofed: u64,
+    /// ICMP errors about tracked flows.
+    pub allowed_related: u64,
+    /// Deny events not reported: over the per-CPU rate limit.
+    pub events_rate_limited: u64,
+    /// Deny events not reported: the ring buffer was full.
+    pub events_lost: u64,
 }
 
 impl Verdicts {
@@ -86,6 +94,10 @@ impl Verdicts {
             denied_endpoint_not_ready: at(counter::DENIED_ENDPOINT_NOT_READY),
             denied_revoked: at(counter::DENIED_REVOKED),
             denied_malformed: at(counter::DENIED_MALFORMED),
+            denied_spoofed: at(counter::DENIED_SPOOFED),
+            allowed_related: at(counter::ALLOWED_RELATED),
+            events_rate_limited: at(counter::EVENTS_RATE_LIMITED),
+            events_lost: at(counter::EVENTS_LOST),
         }
     }
 }
