@@ -64,19 +64,23 @@ impl Drop for Harness {
 
 impl Harness {
     fn new() -> Option<Self> {
+        Self::with_capacity(&Capacity::default(), true)
+    }
+
+    /// A harness whose maps have `capacity`; `expect_clean` asserts the apply reported nothing.
+    fn with_capacity(capacity: &Capacity, expect_clean: bool) -> Option<Self> {
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("skipped: loading eBPF programs needs root");
             return None;
         }
         let bpffs = tempfile::tempdir().expect("temp dir for bpffs");
-        let (mut datapath, _) =
-            Datapath::open(bpffs.path(), &Capacity::default()).unwrap_or_else(|error| {
-                panic!(
-                    "loading the datapath on {}: {error}",
-                    bpffs.path().display()
-                )
-            });
+        let (mut datapath, _) = Datapath::open(bpffs.path(), capacity).unwrap_or_else(|error| {
+            panic!(
+                "loading the datapath on {}: {error}",
+                bpffs.path().display()
+            )
+        });
         datapath.detached();
 
         let manifests = tempfile::tempdir().expect("temp dir for manifests");
@@ -102,8 +106,16 @@ impl Harness {
             (IpAddr::V6(SERVER6).into(), IFINDEX),
         ];
         let report = datapath.apply(state, &network);
+        let locked = report
+            .endpoints
+            .iter()
+            .any(|endpoint| endpoint.state == "locked");
+        assert_eq!(
+            locked, !expect_clean,
+            "only a harness too small for its policy locks: {report:?}"
+        );
         assert!(
-            report.errors.is_empty(),
+            !expect_clean || report.errors.is_empty(),
             "apply errors: {:?}",
             report.errors
         );
@@ -404,5 +416,34 @@ fn icmp_errors_about_tracked_flows_pass_and_others_do_not() {
         harness.run(true, &echo),
         DENY,
         "echo request to an isolated pod whose rules all have ports"
+    );
+}
+
+#[test]
+fn an_endpoint_whose_policy_does_not_fit_the_maps_is_locked_down() {
+    // The server's ingress policy needs more entries than this policy map holds.
+    let capacity = Capacity {
+        policy: 1,
+        ..Capacity::default()
+    };
+    let Some(harness) = Harness::with_capacity(&capacity, false) else {
+        return;
+    };
+    let syn = |from| ethernet(0x0800, &ipv4(from, SERVER, 6, 0, &tcp(40000, 80, true)));
+    assert_eq!(
+        harness.run(true, &syn(CLIENT)),
+        DENY,
+        "locked: not even the allowed client passes"
+    );
+    assert_eq!(
+        harness.run(
+            false,
+            &ethernet(
+                0x0800,
+                &ipv4(SERVER, CLIENT, 17, 0, &[0, 53, 0, 53, 0, 8, 0, 0])
+            )
+        ),
+        DENY,
+        "locked both ways"
     );
 }
