@@ -53,12 +53,15 @@ pub fn ensure() -> anyhow::Result<()> {
         "nightly",
         "--installed",
     ]))?;
-    if !components.lines().any(|line| line.starts_with("rust-src")) {
-        println!("setup: adding rust-src to nightly");
-        run(
-            "rustup",
-            &["component", "add", "rust-src", "--toolchain", "nightly"],
-        )?;
+    // rust-src to build `core` for the bpf targets; clippy to lint the eBPF crate.
+    for component in ["rust-src", "clippy"] {
+        if !components.lines().any(|line| line.starts_with(component)) {
+            println!("setup: adding {component} to nightly");
+            run(
+                "rustup",
+                &["component", "add", component, "--toolchain", "nightly"],
+            )?;
+        }
     }
 
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
