@@ -57,6 +57,8 @@ enum BenchKind {
     /// Compile time (full and incremental), map entries and agent memory on a generated
     /// 10,000-pod, 1,000-policy cluster.
     Compile,
+    /// The classifier's cost per packet with 10,000 CIDR rules (`BPF_PROG_TEST_RUN`).
+    Datapath,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +96,16 @@ fn main() -> anyhow::Result<()> {
                 "target/release/netwarden-bench",
                 &["compile", "--agent", "target/release/netwarden"],
             )
+        }
+        Task::Bench {
+            bench: BenchKind::Datapath,
+        } => {
+            setup::ensure()?;
+            run(
+                "cargo",
+                &["build", "--release", "--package", "netwarden-bench"],
+            )?;
+            run("target/release/netwarden-bench", &["datapath"])
         }
         Task::Demo => {
             setup::ensure()?;

@@ -5,6 +5,7 @@
 
 mod agent;
 mod cluster;
+mod datapath;
 mod manifests;
 
 use std::{
@@ -31,6 +32,8 @@ enum Bench {
         #[arg(long)]
         agent: Option<PathBuf>,
     },
+    /// The classifier's own cost per packet (`BPF_PROG_TEST_RUN`) with 10,000 CIDR rules.
+    Datapath,
 }
 
 const NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
@@ -40,9 +43,10 @@ const NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
     reason = "measure, then print one report, top to bottom"
 )]
 fn main() -> anyhow::Result<()> {
-    let Cli {
-        bench: Bench::Compile { agent },
-    } = Cli::parse();
+    let agent = match Cli::parse().bench {
+        Bench::Compile { agent } => agent,
+        Bench::Datapath => return datapath::run(),
+    };
     let cluster = cluster::generate();
     println!(
         "cluster: {} namespaces, {} pods ({} on {}), {} policies",
