@@ -58,6 +58,21 @@ const TCP_FLAG_ACK: u8 = 0x10;
 /// A packet that could not be parsed; the caller drops it.
 pub struct Malformed;
 
+/// Reads a `T` at `offset` of the frame: straight from the packet when the bytes are in its
+/// linear part (always the case for headers of traffic between pods), through
+/// `bpf_skb_load_bytes` otherwise. A helper call per field costs more than the whole lookup.
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() <= end {
+        // SAFETY: the bytes lie between `data` and `data_end`, which the verifier checks too;
+        // headers are not aligned, so the read is unaligned.
+        return Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+    }
+    ctx.load(offset).map_err(|_| Malformed)
+}
+
 /// What the IP header says.
 #[derive(Default)]
 struct IpHeader {
@@ -75,7 +90,7 @@ struct IpHeader {
 /// its header copies would otherwise share the 512-byte stack with the lookup's keys.
 #[inline(never)]
 pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| Malformed)?);
+    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
     let mut header = IpHeader::default();
     match ethertype {
         ETH_P_IPV4 => parse_ipv4(ctx, ETH_HEADER_LEN, &mut header)?,
@@ -84,7 +99,7 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
     }
     let ifindex = ifindex(ctx);
     if header.has_ports && (header.protocol == IPPROTO_ICMP || header.protocol == IPPROTO_ICMPV6) {
-        let icmp_type: u8 = ctx.load(header.l4_offset).map_err(|_| Malformed)?;
+        let icmp_type: u8 = load(ctx, header.l4_offset)?;
         if header.protocol == IPPROTO_ICMPV6 && is_network_control(icmp_type) {
             return Ok(Parsed::NetworkControl);
         }
@@ -112,11 +127,11 @@ fn transport(ctx: &TcContext, header: &IpHeader) -> Result<(u16, u16, Opening), 
         return Ok((0, 0, Opening::Yes));
     }
     // TCP, UDP and SCTP all start with source port then destination port.
-    let ports: [u8; 4] = ctx.load(header.l4_offset).map_err(|_| Malformed)?;
+    let ports: [u8; 4] = load(ctx, header.l4_offset)?;
     let src_port = u16::from_be_bytes([ports[0], ports[1]]);
     let dst_port = u16::from_be_bytes([ports[2], ports[3]]);
     let opening = if header.protocol == IPPROTO_TCP {
-        let flags: u8 = ctx.load(header.l4_offset + 13).map_err(|_| Malformed)?;
+        let flags: u8 = load(ctx, header.l4_offset + 13)?;
         if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
             Opening::Yes
         } else {
@@ -152,7 +167,7 @@ pub fn quotes_tracked_flow(
     if !header.has_ports || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return false;
     }
-    let Ok(ports) = ctx.load::<[u8; 4]>(header.l4_offset) else {
+    let Ok(ports) = load::<[u8; 4]>(ctx, header.l4_offset) else {
         return false;
     };
     let src_port = u16::from_be_bytes([ports[0], ports[1]]);
@@ -214,7 +229,7 @@ fn ifindex(ctx: &TcContext) -> u32 {
 /// struct: a whole-header copy costs the BPF stack twice over.
 #[inline(never)]
 fn parse_ipv4(ctx: &TcContext, offset: usize, header: &mut IpHeader) -> Result<(), Malformed> {
-    let version_and_length: u8 = ctx.load(offset).map_err(|_| Malformed)?;
+    let version_and_length: u8 = load(ctx, offset)?;
     if version_and_length >> 4 != 4 {
         return Err(Malformed);
     }
@@ -222,11 +237,10 @@ fn parse_ipv4(ctx: &TcContext, offset: usize, header: &mut IpHeader) -> Result<(
     if header_len < 20 {
         return Err(Malformed);
     }
-    let fragment_offset =
-        u16::from_be(ctx.load::<u16>(offset + 6).map_err(|_| Malformed)?) & 0x1fff;
-    header.protocol = ctx.load(offset + 9).map_err(|_| Malformed)?;
-    let src: [u8; 4] = ctx.load(offset + 12).map_err(|_| Malformed)?;
-    let dst: [u8; 4] = ctx.load(offset + 16).map_err(|_| Malformed)?;
+    let fragment_offset = u16::from_be(load::<u16>(ctx, offset + 6)?) & 0x1fff;
+    header.protocol = load(ctx, offset + 9)?;
+    let src: [u8; 4] = load(ctx, offset + 12)?;
+    let dst: [u8; 4] = load(ctx, offset + 16)?;
     header.src = ipv4_mapped(src);
     header.dst = ipv4_mapped(dst);
     header.l4_offset = offset + header_len;
@@ -243,20 +257,20 @@ fn parse_ipv6(
     max_extension_headers: usize,
     header: &mut IpHeader,
 ) -> Result<(), Malformed> {
-    let version: u8 = ctx.load(offset).map_err(|_| Malformed)?;
+    let version: u8 = load(ctx, offset)?;
     if version >> 4 != 6 {
         return Err(Malformed);
     }
-    header.src = ctx.load(offset + 8).map_err(|_| Malformed)?;
-    header.dst = ctx.load(offset + 24).map_err(|_| Malformed)?;
-    let mut protocol: u8 = ctx.load(offset + 6).map_err(|_| Malformed)?;
+    header.src = load(ctx, offset + 8)?;
+    header.dst = load(ctx, offset + 24)?;
+    let mut protocol: u8 = load(ctx, offset + 6)?;
     let mut l4_offset = offset + 40;
     let mut has_ports = true;
     for _ in 0..max_extension_headers {
         match protocol {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH => {
-                let next: u8 = ctx.load(l4_offset).map_err(|_| Malformed)?;
-                let units: u8 = ctx.load(l4_offset + 1).map_err(|_| Malformed)?;
+                let next: u8 = load(ctx, l4_offset)?;
+                let units: u8 = load(ctx, l4_offset + 1)?;
                 let length = if protocol == IPV6_AUTH {
                     (usize::from(units) + 2) * 4
                 } else {
@@ -266,9 +280,8 @@ fn parse_ipv6(
                 l4_offset += length;
             }
             IPV6_FRAGMENT => {
-                let next: u8 = ctx.load(l4_offset).map_err(|_| Malformed)?;
-                let offset_field =
-                    u16::from_be(ctx.load::<u16>(l4_offset + 2).map_err(|_| Malformed)?);
+                let next: u8 = load(ctx, l4_offset)?;
+                let offset_field = u16::from_be(load::<u16>(ctx, l4_offset + 2)?);
                 protocol = next;
                 if offset_field >> 3 != 0 {
                     has_ports = false;

@@ -1,1 +1,457 @@
-pub fn x(){}
+//! The Kubernetes API source: Namespaces, Pods and NetworkPolicies watched cluster-wide, turned
+//! into the same validated [`Cluster`] the manifest-directory source yields.
+//!
+//! Three kube-rs watchers (one per kind) feed three reflector caches. Each watcher
+//!
+//! - lists in pages of 500 (a consistent list, which API servers from 1.31 serve from their watch
+//!   cache), then watches from the list's `resourceVersion` with bookmarks, resuming from the
+//!   last event or bookmark when the watch ends;
+//! - relists when the API server answers `410 Gone` (the watcher resets itself; the cache keeps
+//!   its content and is swapped atomically once the new list is complete);
+//! - backs off on errors ([`WatchStreamExt::default_backoff`]: 0.8 s doubling to 30 s, jittered)
+//!   and resumes; meanwhile the caches keep the last state, so the agent keeps enforcing it;
+//! - trims what it caches ([`trim_pod`], [`trim_namespace`], [`trim_network_policy`]): managed
+//!   fields, annotations and everything of a pod the compiler does not read.
+//!
+//! [`KubeSource::cluster`] validates the caches with [`netwarden_model::convert`], with the
+//! manifest source's rules for bad input: an invalid NetworkPolicy keeps its last valid version,
+//! or isolates its namespace both ways if it never had one (fail closed).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, Namespace, Pod, PodSpec, PodStatus},
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use netwarden_model::{
+    Cluster, LabelSelector, ModelError, PolicyRef, PolicyTypes, convert,
+    cluster::NetworkPolicy as ModelPolicy,
+};
+use sha2::{Digest as _, Sha256};
+use tokio::{sync::watch, task::JoinHandle};
+
+/// What the Kubernetes source reports.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// No client configuration was found (in-cluster, `KUBECONFIG` or `~/.kube/config`).
+    #[error("no Kubernetes client configuration: {0}")]
+    Config(#[source] kube::Error),
+    /// The last attempt to list or watch a kind failed; the watcher backs off and retries, and
+    /// the cache keeps the last state it had.
+    #[error("watching {kind}s: {message}")]
+    Watch {
+        /// `Namespace`, `Pod` or `NetworkPolicy`.
+        kind: &'static str,
+        /// The watcher's error.
+        message: String,
+    },
+    /// An object failed validation; see [`KubeSource::cluster`] for what is enforced instead.
+    #[error(transparent)]
+    Invalid(#[from] ModelError),
+}
+
+/// The three kinds watched, in the order of [`KubeSource`]'s arrays.
+const KINDS: [&str; 3] = ["Namespace", "Pod", "NetworkPolicy"];
+
+/// State shared between the watcher tasks and the source.
+#[derive(Debug)]
+struct Shared {
+    /// Bumped on every change of a cache, every watch error and every completed list.
+    generation: watch::Sender<u64>,
+    /// One flag per kind of [`KINDS`]: its first list is complete.
+    synced: [AtomicBool; 3],
+    /// The last error per kind, cleared by the next event that kind delivers.
+    errors: Mutex<BTreeMap<&'static str, String>>,
+    /// Errors the watchers recovered from (failed lists and watches, `410 Gone`).
+    restarts: AtomicU64,
+}
+
+impl Shared {
+    fn bump(&self) {
+        self.generation.send_modify(|generation| *generation += 1);
+    }
+}
+
+/// Namespaces, Pods and NetworkPolicies of the whole cluster, followed as they change.
+///
+/// Dropping it stops the watchers.
+#[derive(Debug)]
+pub struct KubeSource {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    policies: Store<NetworkPolicy>,
+    shared: Arc<Shared>,
+    changes: watch::Receiver<u64>,
+    last_good_policies: HashMap<PolicyRef, ModelPolicy>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl KubeSource {
+    /// A source using the default client configuration: in-cluster (the DaemonSet's
+    /// ServiceAccount), else `KUBECONFIG`, else `~/.kube/config`.
+    pub async fn try_default() -> Result<Self, KubeError> {
+        let client = Client::try_default().await.map_err(KubeError::Config)?;
+        Ok(Self::start(client))
+    }
+
+    /// Spawns the three watchers on the current Tokio runtime. Nothing is awaited: a cluster
+    /// that cannot be reached shows as a source that is not [synced](Self::is_synced) and
+    /// reports [`KubeError::Watch`] from [`cluster`](Self::cluster).
+    #[must_use]
+    pub fn start(client: Client) -> Self {
+        let (generation, changes) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            generation,
+            synced: Default::default(),
+            errors: Mutex::default(),
+            restarts: AtomicU64::new(0),
+        });
+        let (namespaces, namespace_task) =
+            spawn_watcher(Api::all(client.clone()), 0, trim_namespace, &shared);
+        let (pods, pod_task) = spawn_watcher(Api::all(client.clone()), 1, trim_pod, &shared);
+        let (policies, policy_task) =
+            spawn_watcher(Api::all(client), 2, trim_network_policy, &shared);
+        Self {
+            namespaces,
+            pods,
+            policies,
+            shared,
+            changes,
+            last_good_policies: HashMap::new(),
+            tasks: vec![namespace_task, pod_task, policy_task],
+        }
+    }
+
+    /// Waits for the next change of any cache (or a watch error) since the last call; returns
+    /// at once if one happened since. Changes in between are coalesced.
+    pub async fn changed(&mut self) {
+        // The sender lives in `self.shared`, so this never fails while `self` exists.
+        let _ = self.changes.changed().await;
+    }
+
+    /// Waits until [`is_synced`](Self::is_synced).
+    pub async fn synced(&mut self) {
+        while !self.is_synced() {
+            self.changed().await;
+        }
+    }
+
+    /// Whether the first list of all three kinds is complete: before that, the caches hold
+    /// nothing or part of the cluster, and nothing may be enforced from them.
+    #[must_use]
+    pub fn is_synced(&self) -> bool {
+        self.shared
+            .synced
+            .iter()
+            .all(|synced| synced.load(Ordering::Acquire))
+    }
+
+    /// How many times the watchers recovered from an error (a failed list or watch, `410 Gone`).
+    #[must_use]
+    pub fn restarts(&self) -> u64 {
+        self.shared.restarts.load(Ordering::Relaxed)
+    }
+
+    /// The cluster the caches hold, and every problem found: objects that failed validation and
+    /// the watchers' last errors.
+    ///
+    /// Invalid Namespaces and Pods are left out (a pod without a valid object has no identity,
+    /// which fails closed). An invalid NetworkPolicy is replaced by its last valid version, or,
+    /// if it never had one, by a policy isolating its whole namespace in both directions.
+    pub fn cluster(&mut self) -> (Cluster, Vec<KubeError>) {
+        let mut cluster = Cluster::default();
+        let mut errors = Vec::new();
+        for object in self.namespaces.state() {
+            match convert::namespace(&object) {
+                Ok(namespace) => {
+                    cluster.namespaces.insert(namespace.name.clone(), namespace);
+                }
+                Err(error) => errors.push(error.into()),
+            }
+        }
+        for object in self.pods.state() {
+            match convert::pod(&object) {
+                Ok(pod) => {
+                    cluster.pods.insert(pod.id.clone(), pod);
+                }
+                Err(error) => errors.push(error.into()),
+            }
+        }
+        for object in self.policies.state() {
+            let id = PolicyRef {
+                namespace: object.namespace().unwrap_or_else(|| "default".to_owned()),
+                name: object.name_any(),
+            };
+            match convert::network_policy(&object) {
+                Ok(policy) => {
+                    self.last_good_policies.insert(id.clone(), policy.clone());
+                    cluster.policies.insert(id, policy);
+                }
+                Err(error) => {
+                    let fallback = self
+                        .last_good_policies
+                        .get(&id)
+                        .cloned()
+                        .unwrap_or_else(|| lockdown(id.clone()));
+                    cluster.policies.insert(id, fallback);
+                    errors.push(error.into());
+                }
+            }
+        }
+        self.last_good_policies
+            .retain(|id, _| cluster.policies.contains_key(id));
+        let watch_errors = self.shared.errors.lock().expect("errors lock");
+        errors.extend(
+            watch_errors
+                .iter()
+                .map(|(kind, message)| KubeError::Watch {
+                    kind,
+                    message: message.clone(),
+                }),
+        );
+        (cluster, errors)
+    }
+
+    /// Identifies the content of the caches: SHA-256 of every object's kind, namespace, name and
+    /// `resourceVersion`, sorted. Equal caches give equal digests, any change a new one. The
+    /// agent reports it as the id of the state it applied.
+    #[must_use]
+    pub fn digest(&self) -> String {
+        let mut entries: Vec<(&str, String, String, String)> = Vec::new();
+        push_entries(&mut entries, KINDS[0], &self.namespaces);
+        push_entries(&mut entries, KINDS[1], &self.pods);
+        push_entries(&mut entries, KINDS[2], &self.policies);
+        entries.sort_unstable();
+        let mut hasher = Sha256::new();
+        for (kind, namespace, name, version) in &entries {
+            for part in [*kind, namespace, name, version] {
+                hasher.update(part.as_bytes());
+                hasher.update([0]);
+            }
+        }
+        let mut hex = String::with_capacity(64);
+        for byte in hasher.finalize() {
+            let _ = write!(hex, "{byte:02x}");
+        }
+        hex
+    }
+}
+
+fn push_entries<K: Resource<DynamicType = ()> + Clone>(
+    entries: &mut Vec<(&'static str, String, String, String)>,
+    kind: &'static str,
+    store: &Store<K>,
+) {
+    entries.extend(store.state().iter().map(|object| {
+        (
+            kind,
+            object.namespace().unwrap_or_default(),
+            object.name_any(),
+            object.resource_version().unwrap_or_default(),
+        )
+    }));
+}
+
+fn spawn_watcher<K>(
+    api: Api<K>,
+    index: usize,
+    trim: fn(&mut K),
+    shared: &Arc<Shared>,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let kind = KINDS[index];
+    let (store, writer) = reflector::store();
+    // Not `any_semantic()`: kube drops `resourceVersion=0` from paged lists anyway, and a
+    // consistent list cannot go back in time after a relist.
+    let config = watcher::Config::default();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(trim)
+        .reflect(writer);
+    let shared = Arc::clone(shared);
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {
+                    // The store swaps in the new list at `InitDone`: nothing changed yet.
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    tracing::debug!(kind, "listed");
+                    shared.errors.lock().expect("errors lock").remove(kind);
+                    shared.synced[index].store(true, Ordering::Release);
+                }
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    shared.errors.lock().expect("errors lock").remove(kind);
+                }
+                Err(error) => {
+                    tracing::warn!(kind, %error, "watch failed; backing off and resuming");
+                    shared.restarts.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .errors
+                        .lock()
+                        .expect("errors lock")
+                        .insert(kind, error.to_string());
+                }
+            }
+            shared.bump();
+        }
+    });
+    (store, task)
+}
+
+/// What a NetworkPolicy that never validated enforces: its namespace isolated both ways (the
+/// manifest source's rule).
+fn lockdown(id: PolicyRef) -> ModelPolicy {
+    ModelPolicy {
+        id,
+        pod_selector: LabelSelector::everything(),
+        policy_types: PolicyTypes {
+            ingress: true,
+            egress: true,
+        },
+        ingress: Vec::new(),
+        egress: Vec::new(),
+    }
+}
+
+fn trim_metadata(metadata: &mut ObjectMeta) {
+    metadata.managed_fields = None;
+    metadata.annotations = None;
+}
+
+/// Keeps of a Namespace its name, labels and `resourceVersion` (and the rest of its metadata
+/// but managed fields and annotations).
+pub fn trim_namespace(namespace: &mut Namespace) {
+    trim_metadata(&mut namespace.metadata);
+    namespace.spec = None;
+    namespace.status = None;
+}
+
+/// Keeps of a Pod what [`convert::pod`] reads: metadata (without managed fields and
+/// annotations), containers' names and ports, node name, host network, service account, and of
+/// the status only the pod IPs and the phase.
+pub fn trim_pod(pod: &mut Pod) {
+    trim_metadata(&mut pod.metadata);
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        containers: spec
+            .containers
+            .into_iter()
+            .map(|container| Container {
+                name: container.name,
+                ports: container.ports,
+                ..Container::default()
+            })
+            .collect(),
+        node_name: spec.node_name,
+        host_network: spec.host_network,
+        service_account_name: spec.service_account_name,
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        pod_ips: status.pod_ips,
+        ..PodStatus::default()
+    });
+}
+
+/// Keeps of a NetworkPolicy its metadata without managed fields and annotations (kubectl's
+/// last-applied-configuration copy of the spec is there), and its spec.
+pub fn trim_network_policy(policy: &mut NetworkPolicy) {
+    trim_metadata(&mut policy.metadata);
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Pod;
+
+    use super::trim_pod;
+
+    #[test]
+    fn trimmed_pods_keep_exactly_what_the_compiler_reads() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "a", "namespace": "x", "resourceVersion": "7", "labels": {"app": "a"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            },
+            "spec": {
+                "nodeName": "node-1", "serviceAccountName": "sa", "hostNetwork": false,
+                "volumes": [{"name": "v", "emptyDir": {}}],
+                "initContainers": [{"name": "init", "image": "busybox"}],
+                "containers": [{
+                    "name": "c", "image": "nginx", "env": [{"name": "A", "value": "b"}],
+                    "ports": [{"name": "http", "containerPort": 8080}]
+                }]
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}],
+                "hostIP": "192.168.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [{
+                    "name": "c", "image": "nginx", "imageID": "", "ready": true,
+                    "restartCount": 0
+                }]
+            }
+        }))
+        .unwrap();
+        let before = netwarden_model::convert::pod(&pod).unwrap();
+        trim_pod(&mut pod);
+        assert_eq!(
+            serde_json::to_value(&pod).unwrap(),
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {
+                    "name": "a", "namespace": "x", "resourceVersion": "7", "labels": {"app": "a"}
+                },
+                "spec": {
+                    "nodeName": "node-1", "serviceAccountName": "sa", "hostNetwork": false,
+                    "containers": [{
+                        "name": "c", "ports": [{"name": "http", "containerPort": 8080}]
+                    }]
+                },
+                "status": {
+                    "phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}]
+                }
+            })
+        );
+        assert_eq!(netwarden_model::convert::pod(&pod).unwrap(), before);
+    }
+}

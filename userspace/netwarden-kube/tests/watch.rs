@@ -1,0 +1,573 @@
+//! `KubeSource` against a mocked API server.
+//!
+//! No API server can run here, so the client's HTTP service is a `tower-test` mock (the way
+//! kube-rs's controller-rs example tests its controller): the test plays the API server, takes
+//! each request the watchers make, checks it, and answers with what a real API server sends —
+//! List objects with `metadata.resourceVersion`, and watch responses as newline-delimited
+//! `{"type": ..., "object": ...}` events on a body that stays open until the test closes it.
+//!
+//! Every step waits at most `STEP`, so a missing request or change fails instead of hanging.
+
+use std::{collections::BTreeMap, convert::Infallible, time::Duration};
+
+use bytes::Bytes;
+use futures::channel::mpsc;
+use http::{Method, Request, Response};
+use http_body::Frame;
+use http_body_util::{BodyExt as _, StreamBody, combinators::BoxBody};
+use kube::{Client, client::Body};
+use netwarden_kube::{KubeError, KubeSource};
+use netwarden_model::{PodRef, PolicyRef};
+use serde_json::{Value, json};
+use tokio::time::timeout;
+
+/// Longer than the watcher's first backoff (0.8 s, jittered up to twice that).
+const STEP: Duration = Duration::from_secs(10);
+
+type MockBody = BoxBody<Bytes, Infallible>;
+type Handle = tower_test::mock::Handle<Request<Body>, Response<MockBody>>;
+type Respond = tower_test::mock::SendResponse<Response<MockBody>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Namespaces,
+    Pods,
+    Policies,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Namespaces, Kind::Pods, Kind::Policies];
+
+    /// The cluster-wide collection path the watcher must use.
+    fn of_path(path: &str) -> Option<Self> {
+        match path {
+            "/api/v1/namespaces" => Some(Self::Namespaces),
+            "/api/v1/pods" => Some(Self::Pods),
+            "/apis/networking.k8s.io/v1/networkpolicies" => Some(Self::Policies),
+            _ => None,
+        }
+    }
+
+    fn list_kind(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Namespaces => ("v1", "NamespaceList"),
+            Self::Pods => ("v1", "PodList"),
+            Self::Policies => ("networking.k8s.io/v1", "NetworkPolicyList"),
+        }
+    }
+}
+
+/// One request of a watcher, waiting for the test's answer.
+struct Call {
+    kind: Kind,
+    uri: String,
+    query: BTreeMap<String, String>,
+    respond: Respond,
+}
+
+impl Call {
+    fn is_watch(&self) -> bool {
+        self.query.get("watch").map(String::as_str) == Some("true")
+    }
+
+    /// Answers an initial list with these items at `resource_version`.
+    fn list(self, resource_version: &str, items: Vec<Value>) {
+        assert!(!self.is_watch(), "expected a list, got {}", self.uri);
+        let (api_version, kind) = self.kind.list_kind();
+        let body = json!({
+            "apiVersion": api_version,
+            "kind": kind,
+            "metadata": {"resourceVersion": resource_version},
+            "items": items,
+        });
+        let (stream, tx) = open_body();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from(body.to_string()))))
+            .unwrap();
+        drop(tx);
+        self.respond.send_response(ok(stream));
+    }
+
+    /// Accepts a watch that must resume from `resource_version`, and keeps it open.
+    fn watch_from(self, resource_version: &str) -> Watch {
+        assert!(self.is_watch(), "expected a watch, got {}", self.uri);
+        assert_eq!(
+            self.query.get("resourceVersion").map(String::as_str),
+            Some(resource_version),
+            "watch resumes from the wrong resourceVersion: {}",
+            self.uri
+        );
+        assert_eq!(
+            self.query.get("allowWatchBookmarks").map(String::as_str),
+            Some("true"),
+            "watch without bookmarks: {}",
+            self.uri
+        );
+        let (stream, tx) = open_body();
+        self.respond.send_response(ok(stream));
+        Watch { tx }
+    }
+
+    /// The connection fails, as when the API server is unreachable.
+    fn unreachable(self) {
+        self.respond
+            .send_error(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+    }
+}
+
+type Frames = mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>;
+
+fn open_body() -> (MockBody, Frames) {
+    let (tx, rx) = mpsc::unbounded();
+    (StreamBody::new(rx).boxed(), tx)
+}
+
+fn ok(body: MockBody) -> Response<MockBody> {
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap()
+}
+
+/// An open watch response.
+struct Watch {
+    tx: Frames,
+}
+
+impl Watch {
+    /// Sends one watch event, as the API server frames it: JSON and a newline.
+    fn send(&self, event_type: &str, object: Value) {
+        let line = format!("{}\n", json!({"type": event_type, "object": object}));
+        self.tx.unbounded_send(Ok(Frame::data(Bytes::from(line)))).unwrap();
+    }
+
+    /// A bookmark, shaped as the API server sends it for pods.
+    fn bookmark(&self, resource_version: &str) {
+        self.send(
+            "BOOKMARK",
+            json!({
+                "kind": "Pod", "apiVersion": "v1",
+                "metadata": {"resourceVersion": resource_version, "creationTimestamp": null},
+                "spec": {"containers": null}, "status": {}
+            }),
+        );
+    }
+
+    /// The API server's answer to a watch from a compacted resourceVersion.
+    fn gone(&self) {
+        self.send(
+            "ERROR",
+            json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure",
+                "message": "too old resource version: 100 (250)",
+                "reason": "Expired", "code": 410
+            }),
+        );
+    }
+
+    /// The connection ends (the API server's watch timeout, a restart, a network cut).
+    fn close(self) {}
+}
+
+/// The fake API server: hands out the watchers' requests by kind, whatever order they come in.
+struct ApiServer {
+    handle: Handle,
+    pending: Vec<Call>,
+}
+
+impl ApiServer {
+    async fn next(&mut self, kind: Kind) -> Call {
+        if let Some(index) = self.pending.iter().position(|call| call.kind == kind) {
+            return self.pending.remove(index);
+        }
+        loop {
+            let (request, respond) = timeout(STEP, self.handle.next_request())
+                .await
+                .unwrap_or_else(|_| panic!("no {kind:?} request within {STEP:?}"))
+                .expect("the client is gone");
+            assert_eq!(request.method(), Method::GET, "{}", request.uri());
+            let uri = request.uri().to_string();
+            let kind_of = Kind::of_path(request.uri().path())
+                .unwrap_or_else(|| panic!("unexpected request {uri}"));
+            let query = request
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .collect();
+            let call = Call {
+                kind: kind_of,
+                uri,
+                query,
+                respond,
+            };
+            if kind_of == kind {
+                return call;
+            }
+            self.pending.push(call);
+        }
+    }
+
+    /// Answers the three initial lists.
+    async fn list_all(
+        &mut self,
+        source: &mut KubeSource,
+        namespaces: Vec<Value>,
+        pods: Vec<Value>,
+        policies: Vec<Value>,
+    ) {
+        self.next(Kind::Namespaces).await.list("100", namespaces);
+        self.next(Kind::Pods).await.list("100", pods);
+        self.next(Kind::Policies).await.list("100", policies);
+        until(source, "synced", |s| s.is_synced()).await;
+    }
+}
+
+fn start() -> (KubeSource, ApiServer) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<MockBody>>();
+    let source = KubeSource::start(Client::new(service, "default"));
+    (
+        source,
+        ApiServer {
+            handle,
+            pending: Vec::new(),
+        },
+    )
+}
+
+/// Waits (at most `STEP`) until `done` holds, woken by the source's change signal.
+async fn until(source: &mut KubeSource, what: &str, mut done: impl FnMut(&mut KubeSource) -> bool) {
+    let waited = timeout(STEP, async {
+        while !done(source) {
+            source.changed().await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting until {what}");
+}
+
+fn namespace(name: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "resourceVersion": "10", "uid": format!("uid-{name}"),
+                     "labels": labels},
+        "spec": {"finalizers": ["kubernetes"]},
+        "status": {"phase": "Active"}
+    })
+}
+
+fn pod(namespace: &str, name: &str, resource_version: &str, ip: &str, app: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": namespace, "resourceVersion": resource_version,
+            "uid": format!("uid-{namespace}-{name}"), "labels": {"app": app},
+            "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"},
+            "managedFields": [{"manager": "kubelet", "operation": "Update",
+                               "apiVersion": "v1", "fieldsType": "FieldsV1"}]
+        },
+        "spec": {
+            "nodeName": "node-1",
+            "containers": [{"name": "c", "image": "nginx",
+                            "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]}]
+        },
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.168.1.1"}
+    })
+}
+
+fn policy(namespace: &str, name: &str, resource_version: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": namespace, "resourceVersion": resource_version,
+                     "uid": format!("uid-{namespace}-{name}"), "generation": 1},
+        "spec": spec
+    })
+}
+
+fn allow_from_app(app: &str) -> Value {
+    json!({
+        "podSelector": {},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": app}}}]}],
+        "policyTypes": ["Ingress"]
+    })
+}
+
+fn bad_cidr() -> Value {
+    json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]})
+}
+
+fn pod_ref(namespace: &str, name: &str) -> PodRef {
+    PodRef {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+fn policy_ref(namespace: &str, name: &str) -> PolicyRef {
+    PolicyRef {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+fn pod_names(source: &mut KubeSource) -> Vec<String> {
+    source
+        .cluster()
+        .0
+        .pods
+        .keys()
+        .map(ToString::to_string)
+        .collect()
+}
+
+fn watch_errors(source: &mut KubeSource) -> Vec<String> {
+    source
+        .cluster()
+        .1
+        .into_iter()
+        .filter(|error| matches!(error, KubeError::Watch { .. }))
+        .map(|error| error.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_source_is_synced_only_once_all_three_kinds_are_listed() {
+    let (mut source, mut api) = start();
+    assert!(!source.is_synced());
+
+    api.next(Kind::Namespaces)
+        .await
+        .list("100", vec![namespace("x", json!({"team": "blue"}))]);
+    let first_list = api.next(Kind::Pods).await;
+    // A paged, consistent list.
+    assert_eq!(first_list.query.get("limit").map(String::as_str), Some("500"), "{}", first_list.uri);
+    first_list.list("100", vec![pod("x", "a", "11", "10.244.0.5", "a")]);
+    until(&mut source, "the pod is listed", |s| pod_names(s) == ["x/a"]).await;
+    assert!(!source.is_synced(), "synced without the NetworkPolicy list");
+
+    api.next(Kind::Policies)
+        .await
+        .list("100", vec![policy("x", "allow", "12", allow_from_app("a"))]);
+    until(&mut source, "synced", |s| s.is_synced()).await;
+
+    let (cluster, errors) = source.cluster();
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(cluster.namespaces["x"].labels["team"], "blue");
+    assert_eq!(
+        cluster.namespaces["x"].labels["kubernetes.io/metadata.name"],
+        "x"
+    );
+    let a = &cluster.pods[&pod_ref("x", "a")];
+    assert_eq!(a.ips, ["10.244.0.5".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(a.node_name.as_deref(), Some("node-1"));
+    assert_eq!(a.ports[0].name.as_deref(), Some("http"));
+    assert!(cluster.policies.contains_key(&policy_ref("x", "allow")));
+
+    // Then each kind watches from its list's resourceVersion, with bookmarks.
+    for kind in Kind::ALL {
+        api.next(kind).await.watch_from("100");
+    }
+}
+
+#[tokio::test]
+async fn watch_events_add_modify_and_delete_objects() {
+    let (mut source, mut api) = start();
+    api.list_all(
+        &mut source,
+        vec![namespace("x", json!({}))],
+        vec![
+            pod("x", "a", "11", "10.244.0.5", "a"),
+            pod("x", "c", "13", "10.244.0.7", "c"),
+        ],
+        vec![],
+    )
+    .await;
+    let watch = api.next(Kind::Pods).await.watch_from("100");
+    let listed = source.digest();
+
+    watch.send("ADDED", pod("x", "b", "101", "10.244.0.6", "b"));
+    until(&mut source, "b is added", |s| pod_names(s) == ["x/a", "x/b", "x/c"]).await;
+    let added = source.digest();
+    assert_ne!(added, listed);
+
+    watch.send("MODIFIED", pod("x", "a", "102", "10.244.0.5", "a2"));
+    until(&mut source, "a is relabelled", |s| {
+        s.cluster().0.pods[&pod_ref("x", "a")].labels["app"] == "a2"
+    })
+    .await;
+    assert_ne!(source.digest(), added);
+
+    watch.send("DELETED", pod("x", "c", "103", "10.244.0.7", "c"));
+    until(&mut source, "c is deleted", |s| pod_names(s) == ["x/a", "x/b"]).await;
+    assert!(source.cluster().1.is_empty());
+    assert_eq!(source.restarts(), 0);
+}
+
+#[tokio::test]
+async fn a_bookmark_moves_the_resume_point_and_changes_nothing_else() {
+    let (mut source, mut api) = start();
+    api.list_all(
+        &mut source,
+        vec![],
+        vec![pod("x", "a", "11", "10.244.0.5", "a")],
+        vec![],
+    )
+    .await;
+    let digest = source.digest();
+    let watch = api.next(Kind::Pods).await.watch_from("100");
+    watch.bookmark("150");
+    watch.close();
+
+    // The watch ended: the watcher reconnects from the bookmark, not from the list.
+    api.next(Kind::Pods).await.watch_from("150");
+    assert_eq!(source.digest(), digest);
+    assert_eq!(pod_names(&mut source), ["x/a"]);
+    assert_eq!(source.restarts(), 0);
+}
+
+#[tokio::test]
+async fn a_closed_watch_reconnects_from_the_last_event() {
+    let (mut source, mut api) = start();
+    api.list_all(&mut source, vec![], vec![], vec![]).await;
+    let watch = api.next(Kind::Pods).await.watch_from("100");
+    watch.send("ADDED", pod("x", "a", "101", "10.244.0.5", "a"));
+    until(&mut source, "a is added", |s| pod_names(s) == ["x/a"]).await;
+    watch.close();
+
+    let watch = api.next(Kind::Pods).await.watch_from("101");
+    watch.send("ADDED", pod("x", "b", "102", "10.244.0.6", "b"));
+    until(&mut source, "b is added after the reconnect", |s| {
+        pod_names(s) == ["x/a", "x/b"]
+    })
+    .await;
+    assert_eq!(source.restarts(), 0, "a closed watch is not an error");
+}
+
+#[tokio::test]
+async fn gone_relists_and_swaps_the_cache_when_the_new_list_is_complete() {
+    let (mut source, mut api) = start();
+    api.list_all(
+        &mut source,
+        vec![],
+        vec![
+            pod("x", "a", "11", "10.244.0.5", "a"),
+            pod("x", "b", "12", "10.244.0.6", "b"),
+        ],
+        vec![],
+    )
+    .await;
+    let watch = api.next(Kind::Pods).await.watch_from("100");
+    watch.gone();
+    until(&mut source, "the 410 is reported", |s| s.restarts() == 1).await;
+    let errors = watch_errors(&mut source);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].starts_with("watching Pods: "), "{errors:?}");
+
+    // After the backoff the watcher lists again; until the list arrives, the old state holds.
+    let relist = api.next(Kind::Pods).await;
+    assert!(!relist.is_watch(), "410 must relist, got {}", relist.uri);
+    assert_eq!(pod_names(&mut source), ["x/a", "x/b"]);
+    assert!(source.is_synced());
+    relist.list(
+        "300",
+        vec![
+            pod("x", "b", "12", "10.244.0.6", "b"),
+            pod("x", "d", "250", "10.244.0.8", "d"),
+        ],
+    );
+    until(&mut source, "the relist replaces the cache", |s| {
+        pod_names(s) == ["x/b", "x/d"]
+    })
+    .await;
+    assert!(watch_errors(&mut source).is_empty());
+    api.next(Kind::Pods).await.watch_from("300");
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_keeps_the_last_state_while_the_watcher_backs_off() {
+    let (mut source, mut api) = start();
+    api.list_all(
+        &mut source,
+        vec![namespace("x", json!({}))],
+        vec![pod("x", "a", "11", "10.244.0.5", "a")],
+        vec![policy("x", "allow", "12", allow_from_app("a"))],
+    )
+    .await;
+    let (before, _) = source.cluster();
+    let digest = source.digest();
+    let watch = api.next(Kind::Pods).await.watch_from("100");
+    watch.close();
+
+    // Two failed reconnects, each after a backoff.
+    api.next(Kind::Pods).await.unreachable();
+    until(&mut source, "the failure is reported", |s| s.restarts() >= 1).await;
+    let (during, errors) = source.cluster();
+    assert_eq!(during, before, "the last state is kept");
+    assert_eq!(source.digest(), digest);
+    assert!(source.is_synced());
+    assert!(
+        errors
+            .iter()
+            .any(|error| matches!(error, KubeError::Watch { kind: "Pod", .. })),
+        "{errors:?}"
+    );
+    api.next(Kind::Pods).await.unreachable();
+    until(&mut source, "the second failure is reported", |s| s.restarts() >= 2).await;
+
+    // The API server is back: the watch resumes where it was, nothing missed.
+    let watch = api.next(Kind::Pods).await.watch_from("100");
+    watch.send("ADDED", pod("x", "b", "101", "10.244.0.6", "b"));
+    until(&mut source, "b is added", |s| pod_names(s) == ["x/a", "x/b"]).await;
+    assert!(watch_errors(&mut source).is_empty());
+}
+
+#[tokio::test]
+async fn an_invalid_network_policy_is_reported_with_its_field_and_the_rest_is_enforced() {
+    let (mut source, mut api) = start();
+    api.list_all(
+        &mut source,
+        vec![namespace("x", json!({}))],
+        vec![pod("x", "a", "11", "10.244.0.5", "a")],
+        vec![
+            policy("x", "allow", "12", allow_from_app("a")),
+            policy("x", "bad", "13", bad_cidr()),
+        ],
+    )
+    .await;
+
+    let (cluster, errors) = source.cluster();
+    let [KubeError::Invalid(error)] = errors.as_slice() else {
+        panic!("expected one validation error, got {errors:?}");
+    };
+    assert_eq!(error.kind, "NetworkPolicy");
+    assert_eq!(error.object, "x/bad");
+    assert_eq!(error.field, "spec.ingress[0].from[0].ipBlock.cidr");
+    let allow = cluster.policies[&policy_ref("x", "allow")].clone();
+    assert_eq!(allow.ingress.len(), 1);
+    assert_eq!(cluster.pods.len(), 1);
+    // Never valid: it isolates its namespace both ways (fail closed).
+    let bad = &cluster.policies[&policy_ref("x", "bad")];
+    assert!(bad.policy_types.ingress && bad.policy_types.egress);
+    assert!(bad.ingress.is_empty() && bad.egress.is_empty());
+
+    // A policy that turns invalid keeps its last valid version.
+    let watch = api.next(Kind::Policies).await.watch_from("100");
+    watch.send("MODIFIED", policy("x", "allow", "101", bad_cidr()));
+    until(&mut source, "the invalid update is reported", |s| {
+        s.cluster().1.iter().any(
+            |error| matches!(error, KubeError::Invalid(error) if error.object == "x/allow"),
+        )
+    })
+    .await;
+    assert_eq!(source.cluster().0.policies[&policy_ref("x", "allow")], allow);
+
+    // Fixing it applies the fix.
+    watch.send("MODIFIED", policy("x", "bad", "102", allow_from_app("b")));
+    until(&mut source, "the fixed policy applies", |s| {
+        s.cluster().0.policies[&policy_ref("x", "bad")].ingress.len() == 1
+    })
+    .await;
+}
