@@ -134,15 +134,7 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ModelError> {
         for (p, port) in container.ports.iter().flatten().enumerate() {
             let field = format!("spec.containers[{c}].ports[{p}]");
             let number = port_number(&ctx, &format!("{field}.containerPort"), port.container_port)?;
-            let protocol = match port.protocol.as_deref() {
-                None => Protocol::Tcp,
-                Some(name) => Protocol::from_api(name).ok_or_else(|| {
-                    ctx.error(
-                        format!("{field}.protocol"),
-                        format!("unsupported protocol {name:?}"),
-                    )
-                })?,
-            };
+            let protocol = protocol(&ctx, &field, port.protocol.as_deref())?;
             ports.push(ContainerPort {
                 name: port.name.clone(),
                 port: number,
@@ -304,15 +296,7 @@ fn peer(ctx: &Ctx<'_>, field: &str, peer: &NetworkPolicyPeer) -> Result<Peer, Mo
 }
 
 fn port_spec(ctx: &Ctx<'_>, field: &str, port: &NetworkPolicyPort) -> Result<PortSpec, ModelError> {
-    let protocol = match port.protocol.as_deref() {
-        None => Protocol::Tcp,
-        Some(name) => Protocol::from_api(name).ok_or_else(|| {
-            ctx.error(
-                format!("{field}.protocol"),
-                format!("unsupported protocol {name:?}"),
-            )
-        })?,
-    };
+    let protocol = protocol(ctx, field, port.protocol.as_deref())?;
     let number_or_name = match &port.port {
         None => None,
         Some(IntOrString::Int(number)) => Some(PortRef::Number(port_number(
@@ -419,6 +403,19 @@ fn selector(
         requirements.push(requirement);
     }
     Ok(LabelSelector { requirements })
+}
+
+/// The `protocol` field under `field`: TCP when unset, as the API server defaults it.
+fn protocol(ctx: &Ctx<'_>, field: &str, name: Option<&str>) -> Result<Protocol, ModelError> {
+    match name {
+        None => Ok(Protocol::Tcp),
+        Some(name) => Protocol::from_api(name).ok_or_else(|| {
+            ctx.error(
+                format!("{field}.protocol"),
+                format!("unsupported protocol {name:?}"),
+            )
+        }),
+    }
 }
 
 fn port_number(ctx: &Ctx<'_>, field: &str, number: i32) -> Result<u16, ModelError> {
