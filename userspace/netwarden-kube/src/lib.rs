@@ -43,8 +43,8 @@ use kube::{
     },
 };
 use netwarden_model::{
-    Cluster, LabelSelector, ModelError, PolicyRef, PolicyTypes, convert,
-    cluster::NetworkPolicy as ModelPolicy,
+    Cluster, LabelSelector, ModelError, PolicyRef, PolicyTypes,
+    cluster::NetworkPolicy as ModelPolicy, convert,
 };
 use sha2::{Digest as _, Sha256};
 use tokio::{sync::watch, task::JoinHandle};
@@ -228,14 +228,10 @@ impl KubeSource {
         self.last_good_policies
             .retain(|id, _| cluster.policies.contains_key(id));
         let watch_errors = self.shared.errors.lock().expect("errors lock");
-        errors.extend(
-            watch_errors
-                .iter()
-                .map(|(kind, message)| KubeError::Watch {
-                    kind,
-                    message: message.clone(),
-                }),
-        );
+        errors.extend(watch_errors.iter().map(|(kind, message)| KubeError::Watch {
+            kind,
+            message: message.clone(),
+        }));
         (cluster, errors)
     }
 

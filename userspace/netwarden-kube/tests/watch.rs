@@ -74,12 +74,12 @@ impl Call {
     fn list(self, resource_version: &str, items: Vec<Value>) {
         assert!(!self.is_watch(), "expected a list, got {}", self.uri);
         let (api_version, kind) = self.kind.list_kind();
-        let body = json!({
+        let mut body = json!({
             "apiVersion": api_version,
             "kind": kind,
             "metadata": {"resourceVersion": resource_version},
-            "items": items,
         });
+        body["items"] = Value::Array(items);
         let (stream, tx) = open_body();
         tx.unbounded_send(Ok(Frame::data(Bytes::from(body.to_string()))))
             .unwrap();
@@ -137,8 +137,12 @@ struct Watch {
 impl Watch {
     /// Sends one watch event, as the API server frames it: JSON and a newline.
     fn send(&self, event_type: &str, object: Value) {
-        let line = format!("{}\n", json!({"type": event_type, "object": object}));
-        self.tx.unbounded_send(Ok(Frame::data(Bytes::from(line)))).unwrap();
+        let mut event = json!({"type": event_type});
+        event["object"] = object;
+        let line = format!("{event}\n");
+        self.tx
+            .unbounded_send(Ok(Frame::data(Bytes::from(line))))
+            .unwrap();
     }
 
     /// A bookmark, shaped as the API server sends it for pods.
@@ -167,7 +171,9 @@ impl Watch {
     }
 
     /// The connection ends (the API server's watch timeout, a restart, a network cut).
-    fn close(self) {}
+    fn close(self) {
+        drop(self.tx);
+    }
 }
 
 /// The fake API server: hands out the watchers' requests by kind, whatever order they come in.
@@ -250,13 +256,14 @@ async fn until(source: &mut KubeSource, what: &str, mut done: impl FnMut(&mut Ku
 }
 
 fn namespace(name: &str, labels: Value) -> Value {
-    json!({
+    let mut object = json!({
         "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": name, "resourceVersion": "10", "uid": format!("uid-{name}"),
-                     "labels": labels},
+        "metadata": {"name": name, "resourceVersion": "10", "uid": format!("uid-{name}")},
         "spec": {"finalizers": ["kubernetes"]},
         "status": {"phase": "Active"}
-    })
+    });
+    object["metadata"]["labels"] = labels;
+    object
 }
 
 fn pod(namespace: &str, name: &str, resource_version: &str, ip: &str, app: &str) -> Value {
@@ -279,12 +286,13 @@ fn pod(namespace: &str, name: &str, resource_version: &str, ip: &str, app: &str)
 }
 
 fn policy(namespace: &str, name: &str, resource_version: &str, spec: Value) -> Value {
-    json!({
+    let mut object = json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": name, "namespace": namespace, "resourceVersion": resource_version,
-                     "uid": format!("uid-{namespace}-{name}"), "generation": 1},
-        "spec": spec
-    })
+                     "uid": format!("uid-{namespace}-{name}"), "generation": 1}
+    });
+    object["spec"] = spec;
+    object
 }
 
 fn allow_from_app(app: &str) -> Value {
@@ -343,9 +351,17 @@ async fn the_source_is_synced_only_once_all_three_kinds_are_listed() {
         .list("100", vec![namespace("x", json!({"team": "blue"}))]);
     let first_list = api.next(Kind::Pods).await;
     // A paged, consistent list.
-    assert_eq!(first_list.query.get("limit").map(String::as_str), Some("500"), "{}", first_list.uri);
+    assert_eq!(
+        first_list.query.get("limit").map(String::as_str),
+        Some("500"),
+        "{}",
+        first_list.uri
+    );
     first_list.list("100", vec![pod("x", "a", "11", "10.244.0.5", "a")]);
-    until(&mut source, "the pod is listed", |s| pod_names(s) == ["x/a"]).await;
+    until(&mut source, "the pod is listed", |s| {
+        pod_names(s) == ["x/a"]
+    })
+    .await;
     assert!(!source.is_synced(), "synced without the NetworkPolicy list");
 
     api.next(Kind::Policies)
@@ -389,7 +405,10 @@ async fn watch_events_add_modify_and_delete_objects() {
     let listed = source.digest();
 
     watch.send("ADDED", pod("x", "b", "101", "10.244.0.6", "b"));
-    until(&mut source, "b is added", |s| pod_names(s) == ["x/a", "x/b", "x/c"]).await;
+    until(&mut source, "b is added", |s| {
+        pod_names(s) == ["x/a", "x/b", "x/c"]
+    })
+    .await;
     let added = source.digest();
     assert_ne!(added, listed);
 
@@ -401,7 +420,10 @@ async fn watch_events_add_modify_and_delete_objects() {
     assert_ne!(source.digest(), added);
 
     watch.send("DELETED", pod("x", "c", "103", "10.244.0.7", "c"));
-    until(&mut source, "c is deleted", |s| pod_names(s) == ["x/a", "x/b"]).await;
+    until(&mut source, "c is deleted", |s| {
+        pod_names(s) == ["x/a", "x/b"]
+    })
+    .await;
     assert!(source.cluster().1.is_empty());
     assert_eq!(source.restarts(), 0);
 }
@@ -503,7 +525,10 @@ async fn an_unreachable_api_server_keeps_the_last_state_while_the_watcher_backs_
 
     // Two failed reconnects, each after a backoff.
     api.next(Kind::Pods).await.unreachable();
-    until(&mut source, "the failure is reported", |s| s.restarts() >= 1).await;
+    until(&mut source, "the failure is reported", |s| {
+        s.restarts() >= 1
+    })
+    .await;
     let (during, errors) = source.cluster();
     assert_eq!(during, before, "the last state is kept");
     assert_eq!(source.digest(), digest);
@@ -515,12 +540,18 @@ async fn an_unreachable_api_server_keeps_the_last_state_while_the_watcher_backs_
         "{errors:?}"
     );
     api.next(Kind::Pods).await.unreachable();
-    until(&mut source, "the second failure is reported", |s| s.restarts() >= 2).await;
+    until(&mut source, "the second failure is reported", |s| {
+        s.restarts() >= 2
+    })
+    .await;
 
     // The API server is back: the watch resumes where it was, nothing missed.
     let watch = api.next(Kind::Pods).await.watch_from("100");
     watch.send("ADDED", pod("x", "b", "101", "10.244.0.6", "b"));
-    until(&mut source, "b is added", |s| pod_names(s) == ["x/a", "x/b"]).await;
+    until(&mut source, "b is added", |s| {
+        pod_names(s) == ["x/a", "x/b"]
+    })
+    .await;
     assert!(watch_errors(&mut source).is_empty());
 }
 
@@ -557,17 +588,24 @@ async fn an_invalid_network_policy_is_reported_with_its_field_and_the_rest_is_en
     let watch = api.next(Kind::Policies).await.watch_from("100");
     watch.send("MODIFIED", policy("x", "allow", "101", bad_cidr()));
     until(&mut source, "the invalid update is reported", |s| {
-        s.cluster().1.iter().any(
-            |error| matches!(error, KubeError::Invalid(error) if error.object == "x/allow"),
-        )
+        s.cluster()
+            .1
+            .iter()
+            .any(|error| matches!(error, KubeError::Invalid(error) if error.object == "x/allow"))
     })
     .await;
-    assert_eq!(source.cluster().0.policies[&policy_ref("x", "allow")], allow);
+    assert_eq!(
+        source.cluster().0.policies[&policy_ref("x", "allow")],
+        allow
+    );
 
     // Fixing it applies the fix.
     watch.send("MODIFIED", policy("x", "bad", "102", allow_from_app("b")));
     until(&mut source, "the fixed policy applies", |s| {
-        s.cluster().0.policies[&policy_ref("x", "bad")].ingress.len() == 1
+        s.cluster().0.policies[&policy_ref("x", "bad")]
+            .ingress
+            .len()
+            == 1
     })
     .await;
 }
