@@ -15,17 +15,13 @@ use netwarden_datapath::{
     ApplyReport, Capacity, Datapath,
     netlink::{Netlink, NodeNetwork},
 };
-use netwarden_model::ManifestDir;
 use netwarden_policy::Compiler;
-use notify::Watcher as _;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::mpsc,
-};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
     events::{self, Attribution, EndpointNames, SharedAttribution},
+    input::Input,
     status::{self, EndpointStatus, Status, Verdicts},
 };
 
@@ -33,9 +29,10 @@ use crate::{
 #[derive(clap::Args)]
 pub struct AgentOptions {
     /// Read Namespaces, Pods and NetworkPolicies from YAML/JSON files in this directory (and
-    /// follow its changes) instead of the Kubernetes API.
+    /// follow its changes) instead of the Kubernetes API. Without it, the agent watches the
+    /// cluster of its in-cluster configuration or `KUBECONFIG`.
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
     /// This node's name: pods with this `spec.nodeName` are the local endpoints.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
@@ -66,19 +63,19 @@ pub struct AgentOptions {
 fn apply(
     compiler: &mut Compiler,
     datapath: &mut Datapath,
-    source: &mut ManifestDir,
+    input: &mut Input,
     network: &NodeNetwork,
     generation: u64,
     options: &AgentOptions,
     attribution: &SharedAttribution,
 ) {
     let started = std::time::Instant::now();
-    let (cluster, input_errors) = source.cluster();
+    let (cluster, input_errors) = input.cluster();
     compiler.set_node_addresses(&network.addresses);
     compiler.sync(cluster);
     let state = compiler.state();
     let report = datapath.apply(state, network);
-    let mut errors: Vec<String> = input_errors.iter().map(ToString::to_string).collect();
+    let mut errors = input_errors;
     errors.extend(state.warnings.iter().cloned());
     errors.extend(report.errors.iter().cloned());
     for message in &errors {
@@ -87,7 +84,7 @@ fn apply(
     let status = Status {
         pid: std::process::id(),
         generation,
-        source_digest: source.digest(),
+        source_digest: input.digest(),
         applied_unix_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
@@ -187,28 +184,20 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     compiler.resume(inherited.identities, inherited.highest_policy_id);
 
     let mut netlink = Netlink::open().context("opening netlink")?;
-    let (file_events, mut file_changes) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Our own reads show up as access events; only changes matter.
-        if event.is_ok_and(|event| !event.kind.is_access() && !event.kind.is_other()) {
-            let _ = file_events.send(());
-        }
-    })
-    .context("creating the file watcher")?;
-    watcher
-        .watch(&options.manifests, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", options.manifests.display()))?;
+    let mut input = match &options.manifests {
+        Some(dir) => Input::manifests(dir)?,
+        None => Input::kubernetes().await?,
+    };
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
 
-    let mut source = ManifestDir::new(&options.manifests);
     let network = netlink.read().await.context("reading the node's network")?;
     datapath.adopt_links(&network);
 
-    info!(node = %options.node, manifests = %options.manifests.display(), "agent started");
+    info!(node = %options.node, input = %input.describe(), "agent started");
     let mut generation = 0_u64;
     let mut last_network = None;
-    let mut files_changed = true;
+    let mut input_changed = true;
     loop {
         // A failed read skips this round: applying an empty network would detach every
         // endpoint. The maps keep enforcing; the next notification retries.
@@ -217,10 +206,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             .await
             .inspect_err(|error| error!(%error, "cannot read the node's network"))
             .ok();
-        if let Err(error) = source.refresh() {
-            error!(%error, "cannot read the manifests; keeping the last applied state");
-        } else if files_changed {
-            files_changed = false;
+        if input.refresh() && input_changed {
+            input_changed = false;
             last_network = None;
         }
         if let Some(network) = network.filter(|network| last_network.as_ref() != Some(network)) {
@@ -228,7 +215,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             apply(
                 &mut compiler,
                 &mut datapath,
-                &mut source,
+                &mut input,
                 &network,
                 generation,
                 &options,
@@ -238,18 +225,15 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         }
 
         tokio::select! {
-            Some(()) = file_changes.recv() => files_changed = true,
+            () = input.changed() => input_changed = true,
             Some(()) = netlink.changes.next() => {}
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
         // Coalesce whatever else is already queued into this one apply.
-        while file_changes.try_recv().is_ok() {
-            files_changed = true;
-        }
+        input.drain();
         while netlink.changes.try_recv().is_ok() {}
     }
     info!("stopping; enforcement stays in place (pinned maps and links)");
-    drop(watcher);
     Ok(())
 }

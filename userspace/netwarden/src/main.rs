@@ -7,6 +7,7 @@
 mod agent;
 mod events;
 mod explain;
+mod input;
 mod status;
 
 use std::path::PathBuf;

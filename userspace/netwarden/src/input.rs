@@ -1,0 +1,124 @@
+//! Where the agent reads the cluster from: a directory of manifests, or the Kubernetes API.
+//! Both yield the same validated model; everything after ingestion is one code path.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use netwarden_kube::KubeSource;
+use netwarden_model::{Cluster, ManifestDir};
+use notify::Watcher as _;
+use tokio::sync::mpsc;
+use tracing::error;
+
+/// The agent's source of Namespaces, Pods and NetworkPolicies.
+pub enum Input {
+    /// A directory of manifests, followed with inotify.
+    Manifests {
+        /// What was read.
+        dir: ManifestDir,
+        /// Keeps the inotify watch alive.
+        _watcher: notify::RecommendedWatcher,
+        /// Fires on every change to the directory.
+        changes: mpsc::UnboundedReceiver<()>,
+    },
+    /// The Kubernetes API, watched with kube-rs.
+    Kubernetes(Box<KubeSource>),
+}
+
+impl Input {
+    /// Follows the manifests in `dir`.
+    pub fn manifests(dir: &Path) -> anyhow::Result<Self> {
+        let (sender, changes) = mpsc::unbounded_channel();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Our own reads show up as access events; only changes matter.
+                if event.is_ok_and(|event| !event.kind.is_access() && !event.kind.is_other()) {
+                    let _ = sender.send(());
+                }
+            })
+            .context("creating the file watcher")?;
+        watcher
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .with_context(|| format!("watching {}", dir.display()))?;
+        Ok(Self::Manifests {
+            dir: ManifestDir::new(dir),
+            _watcher: watcher,
+            changes,
+        })
+    }
+
+    /// Watches the cluster the in-cluster configuration or `KUBECONFIG` points at, and waits
+    /// for the first complete list of every kind: applying an empty cluster would open every
+    /// pod.
+    pub async fn kubernetes() -> anyhow::Result<Self> {
+        let mut source = KubeSource::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        source.synced().await;
+        Ok(Self::Kubernetes(Box::new(source)))
+    }
+
+    /// Waits for the next change. Cancel-safe.
+    pub async fn changed(&mut self) {
+        match self {
+            Self::Manifests { changes, .. } => {
+                if changes.recv().await.is_none() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            Self::Kubernetes(source) => source.changed().await,
+        }
+    }
+
+    /// Takes whatever other changes are queued, so one apply covers them.
+    pub fn drain(&mut self) {
+        if let Self::Manifests { changes, .. } = self {
+            while changes.try_recv().is_ok() {}
+        }
+    }
+
+    /// Re-reads what changed (the directory; the API caches are always current). Returns false
+    /// when the input could not be read, and the last applied state must stay.
+    pub fn refresh(&mut self) -> bool {
+        match self {
+            Self::Manifests { dir, .. } => match dir.refresh() {
+                Ok(_) => true,
+                Err(error) => {
+                    error!(%error, "cannot read the manifests; keeping the last applied state");
+                    false
+                }
+            },
+            Self::Kubernetes(_) => true,
+        }
+    }
+
+    /// The cluster, and every problem with it (each naming its object and field).
+    pub fn cluster(&mut self) -> (Cluster, Vec<String>) {
+        match self {
+            Self::Manifests { dir, .. } => {
+                let (cluster, errors) = dir.cluster();
+                (cluster, errors.iter().map(ToString::to_string).collect())
+            }
+            Self::Kubernetes(source) => {
+                let (cluster, errors) = source.cluster();
+                (cluster, errors.iter().map(ToString::to_string).collect())
+            }
+        }
+    }
+
+    /// Identifies the input the applied state reflects.
+    pub fn digest(&self) -> String {
+        match self {
+            Self::Manifests { dir, .. } => dir.digest(),
+            Self::Kubernetes(source) => source.digest(),
+        }
+    }
+
+    /// For the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Manifests { dir, .. } => format!("manifests in {}", dir.root().display()),
+            Self::Kubernetes(_) => "the Kubernetes API".to_owned(),
+        }
+    }
+}
