@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     events::{self, Attribution, EndpointNames, SharedAttribution},
+    health,
     input::Input,
     status::{self, EndpointStatus, Status, Verdicts},
 };
@@ -42,6 +43,9 @@ pub struct AgentOptions {
     /// Where to write the applied state.
     #[arg(long, default_value = status::DEFAULT_STATUS_FILE)]
     pub status_file: PathBuf,
+    /// Serve `/healthz` and `/readyz` on this address (the node's own address in a DaemonSet).
+    #[arg(long)]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Log JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -183,6 +187,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut compiler = Compiler::new(options.node.clone());
     compiler.resume(inherited.identities, inherited.highest_policy_id);
 
+    let ready = health::Readiness::default();
+    if let Some(address) = options.metrics_address {
+        health::serve(address, ready.clone()).await?;
+    }
     let mut netlink = Netlink::open().context("opening netlink")?;
     let mut input = match &options.manifests {
         Some(dir) => Input::manifests(dir)?,
@@ -222,6 +230,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 &attribution,
             );
             last_network = Some(network);
+            ready.store(true, std::sync::atomic::Ordering::Release);
         }
 
         tokio::select! {

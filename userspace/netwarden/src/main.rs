@@ -7,6 +7,7 @@
 mod agent;
 mod events;
 mod explain;
+mod health;
 mod input;
 mod status;
 
