@@ -156,11 +156,16 @@ fn build_release() -> anyhow::Result<()> {
 }
 
 fn e2e(paths: &[PathBuf], verbose: bool) -> anyhow::Result<()> {
-    let mut command = Command::new("target/release/netwarden-e2e");
+    e2e_with("release", paths, verbose)
+}
+
+/// Runs the harness and agent built with `profile` (`release` or `debug`).
+fn e2e_with(profile: &str, paths: &[PathBuf], verbose: bool) -> anyhow::Result<()> {
+    let mut command = Command::new(format!("target/{profile}/netwarden-e2e"));
     command
         .arg("run")
         .arg("--agent")
-        .arg("target/release/netwarden");
+        .arg(format!("target/{profile}/netwarden"));
     if verbose {
         command.arg("--verbose");
     }
@@ -217,11 +222,12 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
         unit.env("PROPTEST_CASES", "50000");
     }
     step("unit and integration tests", &mut unit)?;
+    // The tests above compiled every dependency in the dev profile: building the two binaries
+    // there takes seconds, where a release build would compile the world again.
     step(
-        "release build",
+        "build (agent and harness)",
         Command::new("cargo").args([
             "build",
-            "--release",
             "--package",
             "netwarden",
             "--package",
@@ -234,7 +240,7 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
     if shared.is_dir() {
         scenarios.push(shared);
     }
-    let e2e_result = e2e(&scenarios, false);
+    let e2e_result = e2e_with("debug", &scenarios, false);
     println!(
         "cargo xtask test: {:.0}s in all",
         started.elapsed().as_secs_f64()
