@@ -214,9 +214,14 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             .await
             .inspect_err(|error| error!(%error, "cannot read the node's network"))
             .ok();
-        if input.refresh() && input_changed {
-            input_changed = false;
-            last_network = None;
+        // What the directory holds now decides, not which event woke us: an event can arrive
+        // while another is being handled.
+        match input.refresh() {
+            Some(content_changed) if content_changed || input_changed => {
+                input_changed = false;
+                last_network = None;
+            }
+            _ => {}
         }
         if let Some(network) = network.filter(|network| last_network.as_ref() != Some(network)) {
             generation += 1;
@@ -240,7 +245,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
         }
         // Coalesce whatever else is already queued into this one apply.
-        input.drain();
+        if input.drain() {
+            input_changed = true;
+        }
         while netlink.changes.try_recv().is_ok() {}
     }
     info!("stopping; enforcement stays in place (pinned maps and links)");

@@ -70,25 +70,31 @@ impl Input {
         }
     }
 
-    /// Takes whatever other changes are queued, so one apply covers them.
-    pub fn drain(&mut self) {
+    /// Takes whatever other changes are queued, so one apply covers them. Returns whether
+    /// there were any.
+    pub fn drain(&mut self) -> bool {
+        let mut any = false;
         if let Self::Manifests { changes, .. } = self {
-            while changes.try_recv().is_ok() {}
+            while changes.try_recv().is_ok() {
+                any = true;
+            }
         }
+        any
     }
 
-    /// Re-reads what changed (the directory; the API caches are always current). Returns false
-    /// when the input could not be read, and the last applied state must stay.
-    pub fn refresh(&mut self) -> bool {
+    /// Re-reads what changed (the directory; the API caches are always current). Returns
+    /// whether the content changed, or `None` when it could not be read and the last applied
+    /// state must stay.
+    pub fn refresh(&mut self) -> Option<bool> {
         match self {
             Self::Manifests { dir, .. } => match dir.refresh() {
-                Ok(_) => true,
+                Ok(changed) => Some(changed),
                 Err(error) => {
                     error!(%error, "cannot read the manifests; keeping the last applied state");
-                    false
+                    None
                 }
             },
-            Self::Kubernetes(_) => true,
+            Self::Kubernetes(_) => Some(false),
         }
     }
 
