@@ -43,8 +43,7 @@ use kube::{
     },
 };
 use netwarden_model::{
-    Cluster, LabelSelector, ModelError, PolicyRef, PolicyTypes,
-    cluster::NetworkPolicy as ModelPolicy, convert,
+    Cluster, ModelError, PolicyRef, cluster::NetworkPolicy as ModelPolicy, convert,
 };
 use sha2::{Digest as _, Sha256};
 use tokio::{sync::watch, task::JoinHandle};
@@ -219,7 +218,7 @@ impl KubeSource {
                         .last_good_policies
                         .get(&id)
                         .cloned()
-                        .unwrap_or_else(|| lockdown(id.clone()));
+                        .unwrap_or_else(|| ModelPolicy::lockdown(id.clone()));
                     cluster.policies.insert(id, fallback);
                     errors.push(error.into());
                 }
@@ -330,21 +329,6 @@ where
         }
     });
     (store, task)
-}
-
-/// What a NetworkPolicy that never validated enforces: its namespace isolated both ways (the
-/// manifest source's rule).
-fn lockdown(id: PolicyRef) -> ModelPolicy {
-    ModelPolicy {
-        id,
-        pod_selector: LabelSelector::everything(),
-        policy_types: PolicyTypes {
-            ingress: true,
-            egress: true,
-        },
-        ingress: Vec::new(),
-        egress: Vec::new(),
-    }
 }
 
 fn trim_metadata(metadata: &mut ObjectMeta) {

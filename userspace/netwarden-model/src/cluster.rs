@@ -144,6 +144,24 @@ pub struct NetworkPolicy {
     pub egress: Vec<Rule>,
 }
 
+impl NetworkPolicy {
+    /// What a NetworkPolicy that never validated enforces, whatever the source: its namespace
+    /// isolated in both directions, nothing allowed (fail closed until it is fixed).
+    #[must_use]
+    pub fn lockdown(id: PolicyRef) -> Self {
+        Self {
+            id,
+            pod_selector: LabelSelector::everything(),
+            policy_types: PolicyTypes {
+                ingress: true,
+                egress: true,
+            },
+            ingress: Vec::new(),
+            egress: Vec::new(),
+        }
+    }
+}
+
 /// One ingress or egress rule.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {

@@ -19,9 +19,8 @@ use serde::Deserialize as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    cluster::{Cluster, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef, PolicyTypes},
+    cluster::{Cluster, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef},
     convert,
-    selector::LabelSelector,
 };
 
 /// A file or object of the directory that could not be used.
@@ -248,7 +247,7 @@ impl ManifestDir {
                                     .last_good_policies
                                     .get(id)
                                     .cloned()
-                                    .unwrap_or_else(|| lockdown(id.clone()));
+                                    .unwrap_or_else(|| NetworkPolicy::lockdown(id.clone()));
                                 cluster.policies.insert(id.clone(), fallback);
                                 errors.push(invalid(source));
                             }
@@ -260,20 +259,6 @@ impl ManifestDir {
         self.last_good_policies
             .retain(|id, _| seen_policies.contains(id));
         (cluster, errors)
-    }
-}
-
-/// What a NetworkPolicy that never validated enforces: its namespace isolated both ways.
-fn lockdown(id: PolicyRef) -> NetworkPolicy {
-    NetworkPolicy {
-        id,
-        pod_selector: LabelSelector::everything(),
-        policy_types: PolicyTypes {
-            ingress: true,
-            egress: true,
-        },
-        ingress: Vec::new(),
-        egress: Vec::new(),
     }
 }
 
