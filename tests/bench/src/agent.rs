@@ -43,16 +43,8 @@ fn run(agent: &Path, cluster: &Cluster, work: &Path, netns: &str) -> anyhow::Res
     let manifests = work.join("manifests");
     let bpffs = work.join("bpffs");
     fs::create_dir_all(&manifests)?;
-    fs::create_dir_all(&bpffs)?;
     crate::manifests::write(cluster, &manifests).context("writing manifests")?;
-    nix::mount::mount(
-        Some("bpf"),
-        &bpffs,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .context("mounting a private bpffs")?;
+    crate::mount_private_bpffs(&bpffs)?;
     if !Command::new("ip")
         .args(["netns", "add", netns])
         .status()?

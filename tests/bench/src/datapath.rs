@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use ipnet::{IpNet, Ipv4Net};
 use netwarden_datapath::{
     Capacity, Datapath,
@@ -37,15 +37,7 @@ pub fn run() -> anyhow::Result<()> {
         bail!("the datapath benchmark loads eBPF programs: run it as root");
     }
     let bpffs = std::env::temp_dir().join(format!("netwarden-bench-bpffs-{}", std::process::id()));
-    std::fs::create_dir_all(&bpffs)?;
-    nix::mount::mount(
-        Some("bpf"),
-        &bpffs,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .context("mounting a private bpffs")?;
+    crate::mount_private_bpffs(&bpffs)?;
     let result = measure(&bpffs);
     let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
     let _ = std::fs::remove_dir(&bpffs);

@@ -165,6 +165,21 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates `dir` and mounts a bpf filesystem of its own there, so nothing the benchmark pins
+/// touches the host's `/sys/fs/bpf`; unmounting it releases everything pinned.
+pub fn mount_private_bpffs(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(dir)?;
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting a private bpffs")
+}
+
 /// Runs `work` `runs` times; returns the median and the 99th percentile.
 fn measure(runs: usize, mut work: impl FnMut()) -> (Duration, Duration) {
     let mut samples: Vec<Duration> = (0..runs)
