@@ -57,8 +57,20 @@ enum BenchKind {
     /// Compile time (full and incremental), map entries and agent memory on a generated
     /// 10,000-pod, 1,000-policy cluster.
     Compile,
-    /// The classifier's cost per packet with 10,000 CIDR rules (`BPF_PROG_TEST_RUN`).
-    Datapath,
+    /// The classifier's cost per packet with 10,000 CIDR rules (`BPF_PROG_TEST_RUN`), then
+    /// traffic between two pods: no program, netwarden with 10/1,000/10,000 rules, iptables
+    /// and nftables.
+    Datapath {
+        /// Only the classifier's cost, no traffic.
+        #[arg(long)]
+        classifier_only: bool,
+        /// Seconds each traffic figure is measured for.
+        #[arg(long, default_value = "2")]
+        seconds: String,
+        /// Runs of every configuration per pass.
+        #[arg(long, default_value = "3")]
+        repeats: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,14 +110,31 @@ fn main() -> anyhow::Result<()> {
             )
         }
         Task::Bench {
-            bench: BenchKind::Datapath,
+            bench:
+                BenchKind::Datapath {
+                    classifier_only,
+                    seconds,
+                    repeats,
+                },
         } => {
             setup::ensure()?;
+            setup::ensure_packages(setup::BENCH_PACKAGES)?;
             run(
                 "cargo",
-                &["build", "--release", "--package", "netwarden-bench"],
+                &[
+                    "build",
+                    "--release",
+                    "--package",
+                    "netwarden",
+                    "--package",
+                    "netwarden-bench",
+                ],
             )?;
-            run("target/release/netwarden-bench", &["datapath"])
+            let mut args = vec!["datapath", "--seconds", &seconds, "--repeats", &repeats];
+            if !classifier_only {
+                args.extend(["--agent", "target/release/netwarden"]);
+            }
+            run("target/release/netwarden-bench", &args)
         }
         Task::Demo => {
             setup::ensure()?;

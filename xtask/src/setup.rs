@@ -18,12 +18,21 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
 ];
 
+/// Debian packages the traffic benchmark drives: iperf3 and the firewalls it compares with.
+pub const BENCH_PACKAGES: &[&str] = &["iperf3", "nftables", "iptables"];
+
 /// The bpf-linker release that links with LLVM 22 (what the nightly toolchain emits).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Installs whatever is missing.
 pub fn ensure() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    ensure_packages(APT_PACKAGES)?;
+    ensure_toolchain()
+}
+
+/// Installs the Debian packages of `packages` that are missing.
+pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| !dpkg_installed(package))
@@ -38,7 +47,11 @@ pub fn ensure() -> anyhow::Result<()> {
             .args(&missing);
         run_command(&mut install)?;
     }
+    Ok(())
+}
 
+/// The nightly toolchain with rust-src and clippy, and bpf-linker.
+fn ensure_toolchain() -> anyhow::Result<()> {
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         println!("setup: installing the nightly toolchain");
         run(

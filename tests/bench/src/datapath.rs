@@ -30,8 +30,8 @@ const IFINDEX: u32 = 1;
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 
-/// Runs the measurement and prints it.
-pub fn run() -> anyhow::Result<()> {
+/// Runs the measurement and prints it; returns the tracked and the decided cost.
+pub fn run() -> anyhow::Result<(Duration, Duration)> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the datapath benchmark loads eBPF programs: run it as root");
@@ -53,12 +53,7 @@ pub fn run() -> anyhow::Result<()> {
         "  decided from scratch (ipBlock peer, CIDR LPM): {:>6.1} ns",
         ns(decided)
     );
-    println!(
-        "summary: ct_hit_ns={:.1} new_flow_ns={:.1}",
-        ns(tracked),
-        ns(decided)
-    );
-    Ok(())
+    Ok((tracked, decided))
 }
 
 fn measure(bpffs: &std::path::Path) -> anyhow::Result<(Duration, Duration)> {

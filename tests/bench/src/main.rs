@@ -7,6 +7,7 @@ mod agent;
 mod cluster;
 mod datapath;
 mod manifests;
+mod traffic;
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -32,8 +33,20 @@ enum Bench {
         #[arg(long)]
         agent: Option<PathBuf>,
     },
-    /// The classifier's own cost per packet (`BPF_PROG_TEST_RUN`) with 10,000 CIDR rules.
-    Datapath,
+    /// The classifier's own cost per packet (`BPF_PROG_TEST_RUN`) with 10,000 CIDR rules, then
+    /// traffic between two pods against no program, iptables and nftables.
+    Datapath {
+        /// The agent binary enforcing the traffic part; without it only the classifier is
+        /// measured.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Seconds each figure is measured for.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Runs of every configuration per pass (medians are compared).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 const NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
@@ -45,7 +58,11 @@ const NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
 fn main() -> anyhow::Result<()> {
     let agent = match Cli::parse().bench {
         Bench::Compile { agent } => agent,
-        Bench::Datapath => return datapath::run(),
+        Bench::Datapath {
+            agent,
+            seconds,
+            repeats,
+        } => return datapath(agent.as_deref(), traffic::Plan { seconds, repeats }),
     };
     let cluster = cluster::generate();
     println!(
@@ -161,6 +178,36 @@ fn main() -> anyhow::Result<()> {
             || "n/a".to_owned(),
             |memory| format!("{:.1}", mib(memory.peak_rss_bytes))
         ),
+    );
+    Ok(())
+}
+
+/// The classifier's cost, then traffic, then the one summary line.
+fn datapath(agent: Option<&std::path::Path>, plan: traffic::Plan) -> anyhow::Result<()> {
+    let (ct_hit, new_flow) = datapath::run()?;
+    let ns = |duration: Duration| duration.as_secs_f64() * 1e9;
+    let Some(agent) = agent else {
+        println!(
+            "summary: ct_hit_ns={:.1} new_flow_ns={:.1}",
+            ns(ct_hit),
+            ns(new_flow)
+        );
+        return Ok(());
+    };
+    let (unpinned, pinned) = traffic::run(agent, plan)?;
+    println!();
+    println!(
+        "summary figures: throughput and connection rate from the unpinned pass, request/response p99 from the pinned pass"
+    );
+    println!(
+        "summary: tput_10k={:.2}x conn_10k={:.2}x rr_p99_10k={:.2}x iptables_tput_10k={:.2}x nft_tput_10k={:.2}x ct_hit_ns={:.1} new_flow_ns={:.1}",
+        unpinned.netwarden.throughput,
+        unpinned.netwarden.connections,
+        pinned.netwarden.rr_p99,
+        unpinned.iptables.throughput,
+        unpinned.nftables.throughput,
+        ns(ct_hit),
+        ns(new_flow)
     );
     Ok(())
 }

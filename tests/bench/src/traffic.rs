@@ -1,0 +1,950 @@
+//! `netwarden-bench datapath` (traffic part): real traffic between two pod namespaces on a
+//! simulated node, with no program, with netwarden enforcing 10, 1,000 and 10,000 rules, and with
+//! the same 10,000-rule policy as iptables linear chains and as an nftables set.
+//!
+//! Each configuration is measured for TCP throughput (iperf3), the rate of
+//! connect/request/close loops, and request/response latency over one connection. Baseline runs
+//! (no program) are interleaved with the others, every figure is the median of `repeats` runs,
+//! and each is printed as a ratio to the baseline median of the same pass. A second pass pins
+//! client and server to one CPU: on 2-vCPU machines unpinned request/response latency is mostly
+//! cross-CPU wake-ups.
+//!
+//! The policy isolates the server pod and allows the client pod on the measured ports after
+//! `rules - 1` single-address `ipBlock` rules on the same ports. iptables and nftables get the same
+//! rules, stateless and client last (a linear chain walked by every packet to the server, the
+//! way the quoted kube-router and older Calico figures were measured; the nftables set is one
+//! lookup whatever its size). netwarden is stateful: established packets take its conntrack.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::{fd::AsFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use ipnet::{IpNet, Ipv4Net};
+use netwarden_model::{
+    Cluster, LabelSelector, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PolicyTypes,
+    PortRef, PortSpec, Protocol, Requirement, Rule,
+};
+use nix::{
+    sched::{CloneFlags, CpuSet},
+    unistd::Pid,
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+const IPERF_PORT: u16 = 5201;
+const LOOP_PORT: u16 = 7000;
+const NAMESPACE: &str = "bench";
+
+/// How long and how often each figure is measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub seconds: f64,
+    pub repeats: usize,
+}
+
+/// One configuration of the node's filtering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Filter {
+    None,
+    Netwarden(u32),
+    Iptables(u32),
+    Nftables(u32),
+}
+
+impl std::fmt::Display for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => write!(f, "no program"),
+            Self::Netwarden(rules) => write!(f, "netwarden, {rules} rules"),
+            Self::Iptables(rules) => write!(f, "iptables linear, {rules} rules"),
+            Self::Nftables(rules) => write!(f, "nftables set, {rules} rules"),
+        }
+    }
+}
+
+/// What one run of one configuration measured.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    throughput_bps: f64,
+    connections_per_second: f64,
+    rr_p50: Duration,
+    rr_p99: Duration,
+}
+
+/// Medians of a configuration's runs, as ratios to the baseline medians of the same pass.
+#[derive(Clone, Copy, Debug)]
+pub struct Ratios {
+    pub throughput: f64,
+    pub connections: f64,
+    pub rr_p50: f64,
+    pub rr_p99: f64,
+}
+
+/// The figures the summary line needs from one pass: the 10,000-rule configurations.
+pub struct PassResult {
+    pub netwarden: Ratios,
+    pub iptables: Ratios,
+    pub nftables: Ratios,
+}
+
+/// Builds the node, runs both passes and prints them; the node is removed whatever happens.
+pub fn run(agent: &Path, plan: Plan) -> anyhow::Result<(PassResult, PassResult)> {
+    let node = Node::create()?;
+    let result = (|| {
+        let mut bench = Bench::start(&node, agent)?;
+        let unpinned = bench.pass(plan, false)?;
+        let pinned = bench.pass(plan, true)?;
+        bench.stop_agent();
+        Ok((unpinned, pinned))
+    })();
+    drop(node);
+    result
+}
+
+/// Network namespaces `<prefix>node`, `<prefix>cli`, `<prefix>srv`: two pods wired to the node
+/// by veths with host routes, like point-to-point CNIs do.
+struct Node {
+    prefix: String,
+    work: PathBuf,
+}
+
+impl Node {
+    fn create() -> anyhow::Result<Self> {
+        remove_leftovers();
+        let prefix = format!("nwtb{}", std::process::id());
+        let work = std::env::temp_dir().join(format!("netwarden-traffic-{}", std::process::id()));
+        let node = Self { prefix, work };
+        fs::create_dir_all(node.work.join("manifests"))?;
+        for suffix in ["node", "cli", "srv"] {
+            command("ip", &["netns", "add", &node.netns(suffix)])?;
+        }
+        let ns = node.netns("node");
+        ip(&ns, &["link", "set", "lo", "up"])?;
+        sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        for (pod, address) in [("cli", CLIENT), ("srv", SERVER)] {
+            let host = format!("v{pod}");
+            let pod_ns = node.netns(pod);
+            ip(
+                &ns,
+                &[
+                    "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns,
+                ],
+            )?;
+            ip(&ns, &["link", "set", &host, "up"])?;
+            ip(
+                &ns,
+                &["address", "add", &format!("{GATEWAY}/32"), "dev", &host],
+            )?;
+            ip(
+                &ns,
+                &["route", "add", &format!("{address}/32"), "dev", &host],
+            )?;
+            ip(&pod_ns, &["link", "set", "lo", "up"])?;
+            ip(&pod_ns, &["link", "set", "eth0", "up"])?;
+            ip(
+                &pod_ns,
+                &["address", "add", &format!("{address}/32"), "dev", "eth0"],
+            )?;
+            ip(
+                &pod_ns,
+                &[
+                    "route",
+                    "add",
+                    &GATEWAY.to_string(),
+                    "dev",
+                    "eth0",
+                    "scope",
+                    "link",
+                ],
+            )?;
+            ip(
+                &pod_ns,
+                &[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &GATEWAY.to_string(),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+        }
+        // The connection loop leaves TIME_WAIT sockets on the client, which closes first;
+        // reusing them after 1 ms keeps the port range from capping the loop.
+        let client = node.netns("cli");
+        sysctl(&client, "net.ipv4.tcp_tw_reuse", "1")?;
+        sysctl(&client, "net.ipv4.tcp_tw_reuse_delay", "1")?;
+        sysctl(&client, "net.ipv4.ip_local_port_range", "10000 65000")?;
+        Ok(node)
+    }
+
+    fn netns(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
+    }
+
+    fn netns_path(&self, suffix: &str) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.netns(suffix)))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let bpffs = self.work.join("bpffs");
+        let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
+        for suffix in ["cli", "srv", "node"] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.netns(suffix)])
+                .status();
+        }
+        let _ = fs::remove_dir_all(&self.work);
+    }
+}
+
+/// Removes the namespaces of earlier runs that were killed before they could clean up.
+fn remove_leftovers() {
+    let Ok(entries) = fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("nwtb") else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
+/// The node with its long-lived parts: the iperf3 server and, while a netwarden configuration
+/// is measured, the agent.
+struct Bench<'node> {
+    node: &'node Node,
+    agent_binary: PathBuf,
+    agent: Option<Agent>,
+    iperf_server: Child,
+}
+
+/// A running agent and the lines of its log, as they come.
+struct Agent {
+    child: Child,
+    log: mpsc::Receiver<String>,
+}
+
+impl<'node> Bench<'node> {
+    fn start(node: &'node Node, agent: &Path) -> anyhow::Result<Self> {
+        let mut iperf_server = in_netns(
+            Command::new("iperf3").args([
+                "--server",
+                "--forceflush",
+                "--port",
+                &IPERF_PORT.to_string(),
+            ]),
+            &node.netns_path("srv"),
+        )?
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 (apt install iperf3, or run cargo xtask setup)")?;
+        // Ready once it says so; its first line is "Server listening on 5201 ...".
+        let stdout = iperf_server.stdout.take().context("iperf3 stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("listening") => break,
+                Some(Ok(_)) => {}
+                _ => bail!("iperf3 --server exited before listening"),
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(Self {
+            node,
+            agent_binary: agent.to_owned(),
+            agent: None,
+            iperf_server,
+        })
+    }
+
+    /// One pass: `repeats` rounds of every configuration, baselines interleaved.
+    fn pass(&mut self, plan: Plan, pinned: bool) -> anyhow::Result<PassResult> {
+        let order = [
+            Filter::None,
+            Filter::Netwarden(10),
+            Filter::Netwarden(1_000),
+            Filter::Netwarden(10_000),
+            Filter::None,
+            Filter::Iptables(10_000),
+            Filter::None,
+            Filter::Nftables(10_000),
+        ];
+        let mut samples: Vec<(Filter, Sample)> = Vec::new();
+        for round in 0..plan.repeats {
+            for filter in order {
+                self.configure(filter)?;
+                let sample = self.measure(plan.seconds, pinned)?;
+                eprintln!(
+                    "  [{} pass, round {}] {filter}: {:.2} Gbit/s, {:.0} conn/s, rr p50 {:.1} us p99 {:.1} us",
+                    if pinned { "pinned" } else { "unpinned" },
+                    round + 1,
+                    sample.throughput_bps / 1e9,
+                    sample.connections_per_second,
+                    micros(sample.rr_p50),
+                    micros(sample.rr_p99),
+                );
+                samples.push((filter, sample));
+            }
+            self.configure(Filter::None)?;
+        }
+        print_pass(&samples, plan, pinned)
+    }
+
+    /// Puts the node in `filter`'s state, removing whatever the previous one installed.
+    fn configure(&mut self, filter: Filter) -> anyhow::Result<()> {
+        let node_ns = self.node.netns("node");
+        // iptables-nft keeps its rules in nftables tables: one flush of the node namespace's
+        // ruleset removes both kinds.
+        nft_flush(&self.node.netns_path("node"))?;
+        if !matches!(filter, Filter::Netwarden(_)) {
+            self.stop_agent();
+        }
+        match filter {
+            Filter::None => {}
+            Filter::Netwarden(rules) => self.netwarden(rules)?,
+            Filter::Iptables(rules) => {
+                let mut script = String::from("*filter\n:NW-SERVER - [0:0]\n");
+                script.push_str("-A FORWARD -o vsrv -j NW-SERVER\n");
+                for address in blocked_peers(rules) {
+                    let _ = writeln!(
+                        script,
+                        "-A NW-SERVER -s {address}/32 -p tcp -m multiport --dports {IPERF_PORT},{LOOP_PORT} -j ACCEPT"
+                    );
+                }
+                let _ = write!(
+                    script,
+                    "-A NW-SERVER -s {CLIENT}/32 -p tcp -m multiport --dports {IPERF_PORT},{LOOP_PORT} -j ACCEPT\n-A NW-SERVER -j DROP\nCOMMIT\n"
+                );
+                pipe(
+                    in_netns(
+                        Command::new("iptables-nft-restore").arg("--noflush"),
+                        &self.node.netns_path("node"),
+                    )?,
+                    &script,
+                )
+                .with_context(|| format!("loading {rules} iptables rules in {node_ns}"))?;
+            }
+            Filter::Nftables(rules) => {
+                let mut elements: Vec<String> =
+                    blocked_peers(rules).map(|a| a.to_string()).collect();
+                elements.push(CLIENT.to_string());
+                let script = format!(
+                    "table inet netwarden_bench {{\n set allowed {{ type ipv4_addr; flags interval; elements = {{ {} }} }}\n chain forward {{ type filter hook forward priority 0; policy accept;\n  oifname \"vsrv\" ip saddr @allowed tcp dport {{ {IPERF_PORT}, {LOOP_PORT} }} accept\n  oifname \"vsrv\" drop\n }}\n}}\n",
+                    elements.join(", ")
+                );
+                pipe(
+                    in_netns(
+                        Command::new("nft").arg("-f").arg("-"),
+                        &self.node.netns_path("node"),
+                    )?,
+                    &script,
+                )
+                .with_context(|| format!("loading {rules} nftables elements in {node_ns}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the agent if needed, writes the policy with `rules` rules and waits for the
+    /// agent to log that it applied a change.
+    fn netwarden(&mut self, rules: u32) -> anyhow::Result<()> {
+        if self.agent.is_none() {
+            self.agent = Some(self.spawn_agent()?);
+            self.wait_applied(false)?;
+        }
+        let manifests = self.node.work.join("manifests");
+        let staging = self.node.work.join("staging");
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&staging)?;
+        crate::manifests::write(&cluster(rules), &staging)?;
+        // A rename is one inotify event with the whole new content behind it.
+        fs::rename(
+            staging.join(format!("{NAMESPACE}.yaml")),
+            manifests.join(format!("{NAMESPACE}.yaml")),
+        )?;
+        self.wait_applied(true)
+    }
+
+    fn spawn_agent(&self) -> anyhow::Result<Agent> {
+        let bpffs = self.node.work.join("bpffs");
+        if !bpffs.exists() {
+            crate::mount_private_bpffs(&bpffs)?;
+        }
+        let mut command = in_netns(
+            Command::new(&self.agent_binary)
+                .args(["agent", "--node", crate::cluster::NODE, "--manifests"])
+                .arg(self.node.work.join("manifests"))
+                .arg("--bpffs")
+                .arg(&bpffs)
+                .arg("--status-file")
+                .arg(self.node.work.join("status.json"))
+                .arg("--log-json"),
+            &self.node.netns_path("node"),
+        )?;
+        let mut child = command
+            .env("NETWARDEN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the agent")?;
+        let stderr = child.stderr.take().context("agent stderr")?;
+        let (sender, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Agent { child, log })
+    }
+
+    /// Waits for the agent's next "applied" line (one that changed maps when `changed`).
+    fn wait_applied(&mut self, changed: bool) -> anyhow::Result<()> {
+        let agent = self.agent.as_mut().context("no agent")?;
+        let deadline = Instant::now() + Duration::from_mins(1);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = agent
+                .log
+                .recv_timeout(left)
+                .context("the agent did not apply the benchmark policy within 60 s")?;
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let fields = &entry["fields"];
+            if fields["message"] == "applied" && (!changed || fields["changed"] == true) {
+                return Ok(());
+            }
+            if entry["level"] == "ERROR" || entry["level"] == "WARN" {
+                eprintln!("  agent: {line}");
+            }
+        }
+    }
+
+    /// Stops the agent and removes its pinned programs and maps, so that nothing stays
+    /// attached (pinned links outlive the agent by design).
+    fn stop_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            if let Ok(pid) = i32::try_from(agent.child.id()) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGTERM);
+            }
+            let _ = agent.child.wait();
+            let bpffs = self.node.work.join("bpffs");
+            let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
+            let _ = fs::remove_file(
+                self.node
+                    .work
+                    .join("manifests")
+                    .join(format!("{NAMESPACE}.yaml")),
+            );
+        }
+    }
+
+    /// Throughput, then the connection loop, then request/response.
+    fn measure(&self, seconds: f64, pinned: bool) -> anyhow::Result<Sample> {
+        let throughput_bps = self.iperf(seconds, pinned)?;
+        let connections_per_second = self.connection_loop(seconds, pinned)?;
+        let (rr_p50, rr_p99) = self.request_response(seconds, pinned)?;
+        Ok(Sample {
+            throughput_bps,
+            connections_per_second,
+            rr_p50,
+            rr_p99,
+        })
+    }
+
+    fn iperf(&self, seconds: f64, pinned: bool) -> anyhow::Result<f64> {
+        let mut command = in_netns(
+            Command::new("iperf3").args([
+                "--client",
+                &SERVER.to_string(),
+                "--port",
+                &IPERF_PORT.to_string(),
+                "--time",
+                &format!("{}", seconds.ceil()),
+                "--json",
+            ]),
+            &self.node.netns_path("cli"),
+        )?;
+        if pinned {
+            // Client on CPU 0, and the server told to move there too.
+            command.args(["--affinity", "0,0"]);
+        }
+        let output = command.stderr(Stdio::inherit()).output()?;
+        let report: serde_json::Value =
+            serde_json::from_slice(&output.stdout).context("iperf3 printed no JSON report")?;
+        report["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .with_context(|| {
+                format!(
+                    "iperf3 reported no throughput: {}",
+                    report["error"].as_str().unwrap_or("no error given")
+                )
+            })
+    }
+
+    /// Connect, send a byte, read a byte, close, as often as possible for `seconds`.
+    fn connection_loop(&self, seconds: f64, pinned: bool) -> anyhow::Result<f64> {
+        let server = LoopServer::start(&self.node.netns_path("srv"), pinned, false)?;
+        let duration = Duration::from_secs_f64(seconds);
+        let client = on_thread_in(&self.node.netns_path("cli"), pinned, move || {
+            let target = SocketAddr::from((SERVER, LOOP_PORT));
+            let started = Instant::now();
+            let mut connections = 0_u32;
+            while started.elapsed() < duration {
+                let mut stream = TcpStream::connect(target)?;
+                stream.set_nodelay(true)?;
+                stream.write_all(b"?")?;
+                let mut byte = [0_u8; 1];
+                stream.read_exact(&mut byte)?;
+                connections += 1;
+            }
+            Ok(f64::from(connections) / started.elapsed().as_secs_f64())
+        })?;
+        let rate = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("client panicked"))?;
+        server.stop(&self.node.netns_path("cli"));
+        rate
+    }
+
+    /// One connection, one byte each way, for `seconds`: the latency of each exchange.
+    fn request_response(&self, seconds: f64, pinned: bool) -> anyhow::Result<(Duration, Duration)> {
+        let server = LoopServer::start(&self.node.netns_path("srv"), pinned, true)?;
+        let duration = Duration::from_secs_f64(seconds);
+        let client = on_thread_in(&self.node.netns_path("cli"), pinned, move || {
+            let mut stream = TcpStream::connect_timeout(
+                &SocketAddr::from((SERVER, LOOP_PORT)),
+                Duration::from_secs(1),
+            )?;
+            stream.set_nodelay(true)?;
+            let mut latencies = Vec::with_capacity(200_000);
+            let started = Instant::now();
+            let mut byte = [0_u8; 1];
+            while started.elapsed() < duration {
+                let sent = Instant::now();
+                stream.write_all(b"?")?;
+                stream.read_exact(&mut byte)?;
+                latencies.push(sent.elapsed());
+            }
+            latencies.sort_unstable();
+            let at = |fraction: f64| {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    clippy::cast_precision_loss,
+                    reason = "an index into a non-empty sample vector"
+                )]
+                let index = ((latencies.len() as f64 * fraction) as usize).min(latencies.len() - 1);
+                latencies[index]
+            };
+            if latencies.is_empty() {
+                bail!("no request/response exchange completed");
+            }
+            Ok((at(0.50), at(0.99)))
+        })?;
+        let latencies = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("client panicked"))?;
+        server.stop(&self.node.netns_path("cli"));
+        latencies
+    }
+}
+
+impl Drop for Bench<'_> {
+    fn drop(&mut self) {
+        self.stop_agent();
+        let _ = self.iperf_server.kill();
+        let _ = self.iperf_server.wait();
+    }
+}
+
+/// The loop and request/response server in the server pod: answers each byte with a byte;
+/// in loop mode, then waits for the client to close first (so `TIME_WAIT` lands on the client).
+struct LoopServer {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<anyhow::Result<()>>,
+}
+
+impl LoopServer {
+    fn start(netns: &Path, pinned: bool, persistent: bool) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready, listening) = mpsc::channel();
+        let stopping = Arc::clone(&stop);
+        let thread = on_thread_in(netns, pinned, move || {
+            let listener = bind_reusable(SocketAddr::from((SERVER, LOOP_PORT)))?;
+            let _ = ready.send(());
+            for stream in listener.incoming() {
+                if stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut stream) = stream else { continue };
+                stream.set_nodelay(true)?;
+                let mut byte = [0_u8; 1];
+                while let Ok(1) = stream.read(&mut byte) {
+                    if stream.write_all(&byte).is_err() {
+                        break;
+                    }
+                    if !persistent {
+                        // Wait for the client's FIN.
+                        let _ = stream.read(&mut byte);
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        listening
+            .recv_timeout(Duration::from_secs(5))
+            .context("the loop server did not start listening")?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops the server, waking its `accept` with a connection from the client pod (never from
+    /// this thread's namespace, whose routes lead off the machine).
+    fn stop(self, client_netns: &Path) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Ok(waker) = on_thread_in(client_netns, false, || {
+            let _ = TcpStream::connect_timeout(
+                &SocketAddr::from((SERVER, LOOP_PORT)),
+                Duration::from_millis(500),
+            );
+            Ok(())
+        }) {
+            let _ = waker.join();
+        }
+        let _ = self.thread.join();
+    }
+}
+
+fn bind_reusable(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
+        sockopt,
+    };
+    let socket = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&socket, sockopt::ReuseAddr, &true)?;
+    let SocketAddr::V4(v4) = address else {
+        bail!("IPv4 only")
+    };
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&socket),
+        &SockaddrIn::from(v4),
+    )?;
+    listen(&socket, Backlog::new(1024)?)?;
+    Ok(TcpListener::from(socket))
+}
+
+/// Runs `work` on a new thread inside the network namespace at `netns`, on CPU 0 when
+/// `pinned`.
+fn on_thread_in<T: Send + 'static>(
+    netns: &Path,
+    pinned: bool,
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<JoinHandle<anyhow::Result<T>>> {
+    let namespace =
+        fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    Ok(std::thread::spawn(move || {
+        nix::sched::setns(namespace.as_fd(), CloneFlags::CLONE_NEWNET)
+            .context("entering the pod's network namespace")?;
+        if pinned {
+            let mut cpus = CpuSet::new();
+            cpus.set(0)?;
+            nix::sched::sched_setaffinity(Pid::from_raw(0), &cpus)?;
+        }
+        work()
+    }))
+}
+
+/// `program` to be started inside the network namespace at `netns`.
+fn in_netns(command: &mut Command, netns: &Path) -> anyhow::Result<Command> {
+    let namespace =
+        fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    let mut prepared = Command::new(command.get_program());
+    prepared.args(command.get_args());
+    for (key, value) in command.get_envs() {
+        if let Some(value) = value {
+            prepared.env(key, value);
+        }
+    }
+    let fd = namespace.as_fd().try_clone_to_owned()?;
+    // SAFETY: `setns` is async-signal-safe and touches only the child about to exec.
+    unsafe {
+        prepared.pre_exec(move || {
+            nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+        });
+    }
+    Ok(prepared)
+}
+
+fn pipe(mut command: Command, input: &str) -> anyhow::Result<()> {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", command.get_program().display()))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{} failed: {status}", command.get_program().display());
+    }
+    Ok(())
+}
+
+fn nft_flush(netns: &Path) -> anyhow::Result<()> {
+    let status = in_netns(Command::new("nft").arg("flush ruleset"), netns)?
+        .status()
+        .context("running nft (apt install nftables, or run cargo xtask setup)")?;
+    if !status.success() {
+        bail!("nft flush ruleset failed: {status}");
+    }
+    Ok(())
+}
+
+fn command(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("starting {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn ip(netns: &str, args: &[&str]) -> anyhow::Result<()> {
+    let mut full = vec!["-n", netns];
+    full.extend_from_slice(args);
+    command("ip", &full)
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    command(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("{key}={value}"),
+        ],
+    )
+}
+
+/// The `rules - 1` addresses that precede the client in every rule set: single addresses in
+/// 172.16.0.0/12, none of them the client.
+fn blocked_peers(rules: u32) -> impl Iterator<Item = Ipv4Addr> {
+    let base = u32::from(Ipv4Addr::new(172, 16, 0, 0));
+    (0..rules.saturating_sub(1)).map(move |index| Ipv4Addr::from(base + index))
+}
+
+/// The benchmark cluster: client and server pods on this node, the server isolated by one
+/// policy with `rules - 1` `ipBlock` rules and a last rule for the client pod.
+fn cluster(rules: u32) -> Cluster {
+    let mut cluster = Cluster::default();
+    cluster.namespaces.insert(
+        NAMESPACE.into(),
+        Namespace {
+            name: NAMESPACE.into(),
+            labels: [(
+                "kubernetes.io/metadata.name".to_owned(),
+                NAMESPACE.to_owned(),
+            )]
+            .into(),
+        },
+    );
+    for (name, ip) in [("client", CLIENT), ("server", SERVER)] {
+        let pod = Pod {
+            id: PodRef {
+                namespace: NAMESPACE.into(),
+                name: name.into(),
+            },
+            labels: [("app".to_owned(), name.to_owned())].into(),
+            node_name: Some(crate::cluster::NODE.into()),
+            ips: vec![IpAddr::V4(ip)],
+            ports: Vec::new(),
+            host_network: false,
+            service_account: "default".into(),
+        };
+        cluster.pods.insert(pod.id.clone(), pod);
+    }
+    let ports: Vec<PortSpec> = [IPERF_PORT, LOOP_PORT]
+        .into_iter()
+        .map(|port| PortSpec {
+            protocol: Protocol::Tcp,
+            port: Some(PortRef::Number(port)),
+            end_port: None,
+        })
+        .collect();
+    let mut ingress: Vec<Rule> = blocked_peers(rules)
+        .map(|address| Rule {
+            peers: vec![Peer::IpBlock {
+                cidr: IpNet::V4(Ipv4Net::new(address, 32).expect("a /32")),
+                except: Vec::new(),
+            }],
+            ports: ports.clone(),
+        })
+        .collect();
+    ingress.push(Rule {
+        peers: vec![Peer::Pods {
+            pod_selector: Some(LabelSelector {
+                requirements: vec![Requirement::In("app".into(), vec!["client".into()])],
+            }),
+            namespace_selector: None,
+        }],
+        ports,
+    });
+    let policy = NetworkPolicy {
+        id: PolicyRef {
+            namespace: NAMESPACE.into(),
+            name: "server".into(),
+        },
+        pod_selector: LabelSelector {
+            requirements: vec![Requirement::In("app".into(), vec!["server".into()])],
+        },
+        policy_types: PolicyTypes {
+            ingress: true,
+            egress: false,
+        },
+        ingress,
+        egress: Vec::new(),
+    };
+    cluster.policies.insert(policy.id.clone(), policy);
+    cluster
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn micros(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e6
+}
+
+/// Prints a pass's table: medians and their ratios to the baseline median.
+fn print_pass(
+    samples: &[(Filter, Sample)],
+    plan: Plan,
+    pinned: bool,
+) -> anyhow::Result<PassResult> {
+    let medians = |filter: Filter| {
+        let of = |figure: fn(&Sample) -> f64| {
+            median(
+                samples
+                    .iter()
+                    .filter(|(f, _)| *f == filter)
+                    .map(|(_, sample)| figure(sample))
+                    .collect(),
+            )
+        };
+        [
+            of(|s| s.throughput_bps),
+            of(|s| s.connections_per_second),
+            of(|s| micros(s.rr_p50)),
+            of(|s| micros(s.rr_p99)),
+        ]
+    };
+    let baseline = medians(Filter::None);
+    let baseline_runs = samples.iter().filter(|(f, _)| *f == Filter::None).count();
+    println!();
+    println!(
+        "{} pass: medians of {} runs of {:.1} s each ({baseline_runs} interleaved baseline runs); ratios to no program",
+        if pinned {
+            "pinned (client and server on CPU 0)"
+        } else {
+            "unpinned"
+        },
+        plan.repeats,
+        plan.seconds
+    );
+    println!(
+        "  {:<30} {:>12} {:>7} {:>10} {:>7} {:>10} {:>7} {:>10} {:>7}",
+        "configuration",
+        "tput Gbit/s",
+        "ratio",
+        "conn/s",
+        "ratio",
+        "rr p50 us",
+        "ratio",
+        "rr p99 us",
+        "ratio"
+    );
+    let mut ratios = std::collections::HashMap::new();
+    for filter in [
+        Filter::None,
+        Filter::Netwarden(10),
+        Filter::Netwarden(1_000),
+        Filter::Netwarden(10_000),
+        Filter::Iptables(10_000),
+        Filter::Nftables(10_000),
+    ] {
+        let figures = medians(filter);
+        let ratio = Ratios {
+            throughput: figures[0] / baseline[0],
+            connections: figures[1] / baseline[1],
+            rr_p50: figures[2] / baseline[2],
+            rr_p99: figures[3] / baseline[3],
+        };
+        println!(
+            "  {:<30} {:>12.2} {:>6.2}x {:>10.0} {:>6.2}x {:>10.1} {:>6.2}x {:>10.1} {:>6.2}x",
+            filter.to_string(),
+            figures[0] / 1e9,
+            ratio.throughput,
+            figures[1],
+            ratio.connections,
+            figures[2],
+            ratio.rr_p50,
+            figures[3],
+            ratio.rr_p99
+        );
+        ratios.insert(filter, ratio);
+    }
+    let take = |filter| {
+        ratios
+            .get(&filter)
+            .copied()
+            .context("a measured configuration")
+    };
+    Ok(PassResult {
+        netwarden: take(Filter::Netwarden(10_000))?,
+        iptables: take(Filter::Iptables(10_000))?,
+        nftables: take(Filter::Nftables(10_000))?,
+    })
+}
