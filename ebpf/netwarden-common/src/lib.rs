@@ -71,7 +71,7 @@ pub struct EndpointAddress {
     pub addr: [u8; 16],
 }
 
-/// LPM data of the IP-to-identity map: a 16-byte address (IPv4-mapped for IPv4).
+/// Key of the IP-to-identity map: a 16-byte address (IPv4-mapped for IPv4).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpKey {
@@ -164,8 +164,11 @@ pub struct FlowKey {
     pub ifindex: u32,
     /// IP protocol number.
     pub protocol: u8,
+    /// Zero. Two fields, not `[u8; 3]`: a zeroed byte array becomes a byte-by-byte `memset`
+    /// call in the BPF program, on its hottest path.
+    pub padding_byte: u8,
     /// Zero.
-    pub padding: [u8; 3],
+    pub padding_half: u16,
     /// The pod's port (host order), or zero for protocols without ports.
     pub pod_port: u16,
     /// The peer's port (host order), or zero for protocols without ports.

@@ -65,7 +65,10 @@ pub struct Malformed;
 fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() <= end {
+    // At least two bytes: for one, LLVM turns `start + offset + 1 <= end` into
+    // `start + offset < end`, from which the verifier learns no range. A byte at the very end
+    // of a frame takes the helper instead.
+    if start + offset + core::mem::size_of::<T>().max(2) <= end {
         // SAFETY: the bytes lie between `data` and `data_end`, which the verifier checks too;
         // headers are not aligned, so the read is unaligned.
         return Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
@@ -73,13 +76,19 @@ fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
     ctx.load(offset).map_err(|_| Malformed)
 }
 
+/// No header the classifier reads lies further into a frame than this.
+const MAX_HEADER_OFFSET: usize = 1024;
+
 /// What the IP header says.
-#[derive(Default)]
+///
+/// Addresses are two 64-bit words (network byte order in memory), never byte arrays that
+/// start zeroed: the BPF backend turns zero-filled byte runs into calls to a byte-at-a-time
+/// `memset`, which cost more than the whole conntrack lookup.
 struct IpHeader {
     /// Protocol of the payload (IPv6: after the extension headers).
     protocol: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
+    src: [u64; 2],
+    dst: [u64; 2],
     /// Offset of the L4 header from the start of the frame.
     l4_offset: usize,
     /// Whether the packet carries the L4 header (later fragments do not).
@@ -91,12 +100,12 @@ struct IpHeader {
 #[inline(never)]
 pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
     let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
-    let mut header = IpHeader::default();
-    match ethertype {
-        ETH_P_IPV4 => parse_ipv4(ctx, ETH_HEADER_LEN, &mut header)?,
-        ETH_P_IPV6 => parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS, &mut header)?,
+    let header = match ethertype {
+        ETH_P_IPV4 => parse_ipv4(ctx, ETH_HEADER_LEN)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS)?,
         _ => return Ok(Parsed::NotIp),
-    }
+    };
+    let header = header.bounded()?;
     let ifindex = ifindex(ctx);
     if header.has_ports && (header.protocol == IPPROTO_ICMP || header.protocol == IPPROTO_ICMPV6) {
         let icmp_type: u8 = load(ctx, header.l4_offset)?;
@@ -154,16 +163,15 @@ pub fn quotes_tracked_flow(
     dir: u32,
     ifindex: u32,
 ) -> bool {
-    let mut header = IpHeader::default();
     let parsed = if icmp_protocol == IPPROTO_ICMP {
-        parse_ipv4(ctx, offset, &mut header)
+        parse_ipv4(ctx, offset)
     } else {
         // A quoted IPv6 packet is taken as it is: its extension headers are not walked.
-        parse_ipv6(ctx, offset, 0, &mut header)
+        parse_ipv6(ctx, offset, 0)
     };
-    if parsed.is_err() {
+    let Ok(header) = parsed.and_then(IpHeader::bounded) else {
         return false;
-    }
+    };
     if !header.has_ports || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return false;
     }
@@ -199,21 +207,23 @@ fn orient(ifindex: u32, dir: u32, header: &IpHeader, src_port: u16, dst_port: u1
         FlowKey {
             ifindex,
             protocol: header.protocol,
-            padding: [0; 3],
+            padding_byte: 0,
+            padding_half: 0,
             pod_port: src_port,
             peer_port: dst_port,
-            pod_addr: header.src,
-            peer_addr: header.dst,
+            pod_addr: octets(header.src),
+            peer_addr: octets(header.dst),
         }
     } else {
         FlowKey {
             ifindex,
             protocol: header.protocol,
-            padding: [0; 3],
+            padding_byte: 0,
+            padding_half: 0,
             pod_port: dst_port,
             peer_port: src_port,
-            pod_addr: header.dst,
-            peer_addr: header.src,
+            pod_addr: octets(header.dst),
+            peer_addr: octets(header.src),
         }
     }
 }
@@ -225,10 +235,22 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Fills `header` from the IPv4 header at `offset`. Loads field by field into the caller's
-/// struct: a whole-header copy costs the BPF stack twice over.
+impl IpHeader {
+    /// The header, if its L4 offset is within [`MAX_HEADER_OFFSET`]. The offset comes back
+    /// from the parser through the stack, unbounded as far as the verifier knows; packet
+    /// pointer arithmetic needs the bound.
+    #[inline(always)]
+    fn bounded(self) -> Result<Self, Malformed> {
+        if self.l4_offset > MAX_HEADER_OFFSET {
+            return Err(Malformed);
+        }
+        Ok(self)
+    }
+}
+
+/// The IPv4 header at `offset`, read field by field.
 #[inline(never)]
-fn parse_ipv4(ctx: &TcContext, offset: usize, header: &mut IpHeader) -> Result<(), Malformed> {
+fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<IpHeader, Malformed> {
     let version_and_length: u8 = load(ctx, offset)?;
     if version_and_length >> 4 != 4 {
         return Err(Malformed);
@@ -238,31 +260,29 @@ fn parse_ipv4(ctx: &TcContext, offset: usize, header: &mut IpHeader) -> Result<(
         return Err(Malformed);
     }
     let fragment_offset = u16::from_be(load::<u16>(ctx, offset + 6)?) & 0x1fff;
-    header.protocol = load(ctx, offset + 9)?;
-    let src: [u8; 4] = load(ctx, offset + 12)?;
-    let dst: [u8; 4] = load(ctx, offset + 16)?;
-    header.src = ipv4_mapped(src);
-    header.dst = ipv4_mapped(dst);
-    header.l4_offset = offset + header_len;
-    // Later fragments carry no L4 header: only rules that allow every port match them.
-    header.has_ports = fragment_offset == 0;
-    Ok(())
+    Ok(IpHeader {
+        protocol: load(ctx, offset + 9)?,
+        src: ipv4_mapped(load(ctx, offset + 12)?),
+        dst: ipv4_mapped(load(ctx, offset + 16)?),
+        l4_offset: offset + header_len,
+        // Later fragments carry no L4 header: only rules that allow every port match them.
+        has_ports: fragment_offset == 0,
+    })
 }
 
-/// Fills `header` from the IPv6 header at `offset`, walking up to `max_extension_headers`.
+/// The IPv6 header at `offset`, walking up to `max_extension_headers`.
 #[inline(never)]
 fn parse_ipv6(
     ctx: &TcContext,
     offset: usize,
     max_extension_headers: usize,
-    header: &mut IpHeader,
-) -> Result<(), Malformed> {
+) -> Result<IpHeader, Malformed> {
     let version: u8 = load(ctx, offset)?;
     if version >> 4 != 6 {
         return Err(Malformed);
     }
-    header.src = load(ctx, offset + 8)?;
-    header.dst = load(ctx, offset + 24)?;
+    let src = load(ctx, offset + 8)?;
+    let dst = load(ctx, offset + 24)?;
     let mut protocol: u8 = load(ctx, offset + 6)?;
     let mut l4_offset = offset + 40;
     let mut has_ports = true;
@@ -291,15 +311,28 @@ fn parse_ipv6(
             _ => break,
         }
     }
-    header.protocol = protocol;
-    header.l4_offset = l4_offset;
-    header.has_ports = has_ports;
-    Ok(())
+    Ok(IpHeader {
+        protocol,
+        src,
+        dst,
+        l4_offset,
+        has_ports,
+    })
 }
 
+/// `::ffff:a.b.c.d` as two words in memory order: eight zero bytes, then `0, 0, 0xff, 0xff`
+/// and the IPv4 address (one store each, so nothing becomes a zero-filling `memset`).
 #[inline(always)]
-fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
+fn ipv4_mapped(v4: [u8; 4]) -> [u64; 2] {
     [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+        0,
+        u64::from_ne_bytes([0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]),
     ]
+}
+
+/// The address's bytes in memory order.
+#[inline(always)]
+fn octets(words: [u64; 2]) -> [u8; 16] {
+    // SAFETY: both types are 16 plain bytes with no invalid bit patterns.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
 }

@@ -4,9 +4,10 @@
 //!
 //! - `ENDPOINTS`: ifindex of a pod's host-side veth -> its ingress and egress policy ids and its
 //!   lifecycle state. A policy id of 0 means "not isolated in this direction".
-//! - `IPCACHE`: LPM of 16-byte addresses -> peer identity. Every pod IP in the cluster maps to the
-//!   identity of its (namespace, labels, named ports); the node's own addresses map to HOST.
-//!   Addresses under no entry are WORLD.
+//! - `IPCACHE`: hash of 16-byte addresses -> peer identity. Every pod IP in the cluster maps to
+//!   the identity of its (namespace, labels, named ports); the node's own addresses map to HOST.
+//!   Other addresses are WORLD. Every entry is one address, so an exact hash lookup is the
+//!   whole answer: ranges of addresses are `ipBlock` business, and live in `CIDRS`.
 //! - `POLICY`: LPM keyed by `(policy id, peer, protocol, port)`, big-endian. An entry may stop
 //!   after the peer (all protocols, all ports), after the protocol (all ports) or inside the port
 //!   (an aligned port range, which is how `endPort` ranges are stored). Any match allows:
@@ -26,6 +27,10 @@
 //!
 //! 1. Not IP, or IPv6 neighbour discovery and multicast listener messages: pass (link
 //!    plumbing, never policy).
+//! 1b. F tracked, epoch current: pass, without further lookups (the fast path). This skips
+//!    step 2 safely: F was tracked only after step 2 passed for its endpoint and address, and
+//!    any change to `ENDPOINTS` or `ENDPOINT_ADDRESSES` bumps the epoch, which sends F back
+//!    through every step.
 //! 2. E unknown to `ENDPOINTS`: drop (an attached veth the agent forgot about fails closed).
 //!    Leaving the pod from an address `ENDPOINT_ADDRESSES` does not give it: drop (spoofed).
 //!    An ICMP error quoting a packet of a tracked flow: pass (PMTU discovery keeps working).
@@ -71,7 +76,7 @@ static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(4096, 0);
 static ENDPOINT_ADDRESSES: HashMap<EndpointAddress, u32> = HashMap::pinned(16384, 0);
 
 #[map]
-static IPCACHE: LpmTrie<IpKey, IpIdentity> = LpmTrie::pinned(65536, 0);
+static IPCACHE: HashMap<IpKey, IpIdentity> = HashMap::pinned(65536, 0);
 
 #[map]
 static POLICY: LpmTrie<PolicyKey, PolicyEntry> = LpmTrie::pinned(262_144, 0);
@@ -110,6 +115,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         }
         Err(packet::Malformed) => return count(counter::DENIED_MALFORMED, DENY),
     };
+    let epoch = current_epoch();
+    // One conntrack lookup serves the fast path and, when the entry is stale, step 4: the
+    // entry's memory stays valid for the whole program run.
+    let tracked = CONNTRACK.get_ptr_mut(&flow);
+    if let Some(tracked) = tracked
+        // SAFETY: the pointer comes from a successful lookup and is read at once.
+        && unsafe { (*tracked).epoch } == epoch
+    {
+        return count(counter::ALLOWED_TRACKED, ALLOW);
+    }
     // SAFETY: the value is copied out at once; a concurrent update can at worst make this
     // packet see the endpoint's previous state, which was valid too.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(flow.ifindex) }).copied() else {
@@ -136,14 +151,9 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             return count(counter::ALLOWED_RELATED, ALLOW);
         }
     }
-    let epoch = current_epoch();
-
-    if let Some(tracked) = CONNTRACK.get_ptr_mut(flow) {
+    if let Some(tracked) = tracked {
         // SAFETY: the pointer comes from a successful lookup and is valid for this program run.
         let tracked = unsafe { &mut *tracked };
-        if tracked.epoch == epoch {
-            return count(counter::ALLOWED_TRACKED, ALLOW);
-        }
         let origin = tracked.origin;
         let reason = decide(&endpoint, origin, &flow, opening_port(&flow, origin));
         if is_allowed(reason) {
@@ -282,8 +292,9 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> u32 {
 #[inline(always)]
 fn peer_identity(addr: &[u8; 16]) -> u32 {
     IPCACHE
-        .get(Key::new(128, IpKey { addr: *addr }))
-        .map_or(IDENTITY_WORLD, |found| found.identity)
+        .get_ptr(IpKey { addr: *addr })
+        // SAFETY: the pointer comes from a successful lookup and is read at once.
+        .map_or(IDENTITY_WORLD, |found| unsafe { (*found).identity })
 }
 
 #[inline(always)]

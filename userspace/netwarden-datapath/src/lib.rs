@@ -196,7 +196,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     layout: PinLayout,
     endpoints: BpfHashMap<MapData, u32, Endpoint>,
-    ipcache: LpmTrie<MapData, IpKey, IpIdentity>,
+    ipcache: BpfHashMap<MapData, IpKey, IpIdentity>,
     policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
     cidrs: LpmTrie<MapData, CidrKey, CidrClass>,
     epoch: Array<MapData, u32>,
@@ -281,11 +281,9 @@ impl Datapath {
 
     /// Reads what a previous agent left in the pinned maps.
     fn read_back(&mut self) -> Inherited {
-        for key in self.ipcache.keys().flatten() {
-            if let Ok(value) = self.ipcache.get(&key, 0) {
-                self.installed_ipcache
-                    .insert(unmapped(key.data().addr), value.identity);
-            }
+        for (key, value) in self.ipcache.iter().flatten() {
+            self.installed_ipcache
+                .insert(unmapped(key.addr), value.identity);
         }
         for key in self.policy.keys().flatten() {
             let id = u32::from_be_bytes(key.data().policy);
@@ -524,9 +522,9 @@ impl Datapath {
             if self.installed_ipcache.get(ip) == Some(identity) {
                 continue;
             }
-            let key = Key::new(128, IpKey { addr: mapped(*ip) });
+            let key = IpKey { addr: mapped(*ip) };
             match self.ipcache.insert(
-                &key,
+                key,
                 IpIdentity {
                     identity: *identity,
                 },
@@ -547,9 +545,7 @@ impl Datapath {
             .filter(|ip| !desired.contains_key(ip))
             .collect();
         for ip in gone {
-            let _ = self
-                .ipcache
-                .remove(&Key::new(128, IpKey { addr: mapped(ip) }));
+            let _ = self.ipcache.remove(&IpKey { addr: mapped(ip) });
             self.installed_ipcache.remove(&ip);
             changed = true;
         }
