@@ -79,6 +79,8 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     pub status_file: PathBuf,
     pub log: PathBuf,
+    /// The scenario's `agent_args`.
+    pub extra_args: Vec<String>,
 }
 
 /// A running agent.
@@ -112,6 +114,7 @@ impl Agent {
             .arg(&config.bpffs)
             .arg("--status-file")
             .arg(&config.status_file)
+            .args(&config.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_error)?)
             .stderr(log);
@@ -220,7 +223,8 @@ fn short(digest: &str) -> &str {
 pub struct Wanted {
     pub pid: u32,
     pub digest: String,
-    /// Interfaces of published pods: attached and ready.
+    /// Interfaces of published pods: attached, and ready or locked down (a pod whose policy
+    /// does not fit the maps is locked down for good: that is the agent's final word on it).
     pub ready: Vec<String>,
     /// Interfaces of unpublished pods: attached, whatever their state.
     pub attached: Vec<String>,
@@ -233,7 +237,7 @@ impl Wanted {
             status.endpoints.iter().any(|endpoint| {
                 endpoint.interface == *interface
                     && endpoint.attached
-                    && (!ready || endpoint.state == "ready")
+                    && (!ready || endpoint.state == "ready" || endpoint.state == "locked")
             })
         };
         status.pid == self.pid

@@ -3,6 +3,7 @@
 
 mod agent;
 mod cleanup;
+mod crafted;
 mod manifests;
 mod netns;
 mod node;

@@ -110,7 +110,13 @@ impl Node {
     pub async fn create(prefix: &str, families: &[IpFamily]) -> Result<Self, NodeError> {
         let netns = Netns::create(&format!("{prefix}node")).await?;
         let ipv6 = ipv6_supported();
-        let mut sysctls = vec!["net.ipv4.ip_forward=1"];
+        // Reverse-path filtering off, as on the machines we checked, and explicitly: a spoofed
+        // source must reach netwarden's check, not be dropped by the node's routing first.
+        let mut sysctls = vec![
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ];
         if ipv6 {
             // Without DAD the link-local gateway of a new veth is usable at once.
             sysctls.extend([

@@ -170,6 +170,11 @@ async fn dial_sctp(client: Client<'_>, server: Server<'_>) -> Result<(), DialErr
 pub struct Flow {
     checks: mpsc::Sender<oneshot::Sender<bool>>,
     task: JoinHandle<()>,
+    /// The client's end.
+    pub local: SocketAddr,
+    /// The server's end.
+    pub remote: SocketAddr,
+    pub protocol: Protocol,
 }
 
 impl Drop for Flow {
@@ -228,14 +233,19 @@ impl Flow {
         server: Server<'_>,
         protocol: Protocol,
     ) -> Result<Self, DialError> {
-        let mut socket = match protocol {
+        let (mut socket, local) = match protocol {
             Protocol::Tcp => {
                 let (lines, writer) = timeout(ATTEMPT_TIMEOUT, connect_tcp(client, server))
                     .await
                     .unwrap_or(Err(DialError::Timeout))?;
-                FlowSocket::Tcp { lines, writer }
+                let local = writer.local_addr()?;
+                (FlowSocket::Tcp { lines, writer }, local)
             }
-            Protocol::Udp => FlowSocket::Udp(connect_udp(client, server).await?),
+            Protocol::Udp => {
+                let socket = connect_udp(client, server).await?;
+                let local = socket.local_addr()?;
+                (FlowSocket::Udp(socket), local)
+            }
             Protocol::Sctp => {
                 return Err(DialError::Io(io::Error::from(io::ErrorKind::Unsupported)));
             }
@@ -268,7 +278,13 @@ impl Flow {
                 }
             }
         });
-        Ok(Self { checks, task })
+        Ok(Self {
+            checks,
+            task,
+            local,
+            remote: server.address,
+            protocol,
+        })
     }
 
     /// Whether a fresh exchange succeeds now (within the attempt timeout).

@@ -23,6 +23,7 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use crate::{
     agent::{Agent, AgentConfig, AgentError, StatusWatcher, Wanted, log_tail},
     cleanup::{self, NETNS_PREFIX, RUN_ROOT, Registration, Resource},
+    crafted::{self, QuotedPacket},
     manifests::{ManifestError, ManifestWriter},
     netns::NetnsError,
     node::{Addresses, Endpoint, EndpointKind, Node, NodeError, ipv6_supported},
@@ -30,8 +31,8 @@ use crate::{
     probe::{self, Client, DialError, Flow, Server},
     report::{self, ObservedGrid, Outcome, Verdict},
     scenario::{
-        self, ConnectionExpectation, ExpectedGrid, IpFamily, Labels, PodSpec, Protocol,
-        RestartMode, Scenario, Step,
+        self, ConnectionExpectation, Delivery, ExpectedGrid, IpFamily, Labels, PodSpec, Protocol,
+        Quote, RestartMode, Scenario, SpoofedSource, Step,
     },
     servers::{self, ServerError, Servers},
 };
@@ -77,6 +78,8 @@ enum StepError {
     Placeholder(#[from] PlaceholderError),
     #[error("cannot open connection {name}: {source}")]
     Open { name: String, source: DialError },
+    #[error("cannot send or watch for a crafted packet: {0}")]
+    Crafted(std::io::Error),
     #[error("cannot prepare {}: {source}", path.display())]
     Workspace {
         path: PathBuf,
@@ -298,6 +301,8 @@ struct ScenarioRun<'a> {
     agent: Option<Agent>,
     watcher: Option<StatusWatcher>,
     flows: HashMap<String, Flow>,
+    /// Client and server of each flow, by flow name.
+    flow_ends: HashMap<String, (String, String)>,
     latencies: Vec<Duration>,
     failures: Vec<String>,
 }
@@ -333,6 +338,7 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         bpffs: workspace.bpffs.clone(),
         status_file: workspace.status_file.clone(),
         log: workspace.log.clone(),
+        extra_args: scenario.agent_args.clone(),
     });
     let mut run = ScenarioRun {
         scenario,
@@ -347,6 +353,7 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         agent: None,
         watcher: None,
         flows: HashMap::new(),
+        flow_ends: HashMap::new(),
         latencies: Vec::new(),
         failures: Vec::new(),
     };
@@ -467,6 +474,8 @@ impl ScenarioRun<'_> {
                         source,
                     })?;
                 self.flows.insert(name.clone(), flow);
+                self.flow_ends
+                    .insert(name.clone(), (from.clone(), to.clone()));
             }
             Step::CheckConnection { name, expect } => {
                 let alive = self.flows[name].check().await;
@@ -484,12 +493,110 @@ impl ScenarioRun<'_> {
             } => {
                 self.probe(number, step, *port, *protocol, expect).await;
             }
+            Step::SendSpoofed {
+                from,
+                to,
+                source,
+                expect,
+            } => {
+                self.send_spoofed(number, step, from, to, source, *expect)
+                    .await?
+            }
+            Step::IcmpError {
+                connection,
+                quote,
+                expect,
+            } => {
+                self.icmp_error(number, step, connection, *quote, *expect)
+                    .await?
+            }
             change => {
                 if self.apply(change).await? {
                     // The change is on disk (or in the namespaces) now: the latency clock starts.
                     self.converge(Some(Instant::now())).await?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Sends a datagram from `from` to `to` with a forged (or, for `own`, the true) source
+    /// address, over every family of the model; each must meet `expect`.
+    async fn send_spoofed(
+        &mut self,
+        number: usize,
+        step: &Step,
+        from: &str,
+        to: &str,
+        source: &SpoofedSource,
+        expect: Delivery,
+    ) -> Result<(), StepError> {
+        for family in self.scenario.model.ip_families.clone() {
+            let sender = &self.live[from].endpoint;
+            let receiver = &self.live[to].endpoint;
+            let claimed = match source {
+                SpoofedSource::Own => &sender.addresses,
+                SpoofedSource::Endpoint(endpoint) => &self.addresses[endpoint.as_str()],
+            };
+            let (Some(claimed), Some(destination)) =
+                (claimed.get(family), receiver.addresses.get(family))
+            else {
+                continue;
+            };
+            let arrived = crafted::spoofed_datagram_arrives(
+                &sender.netns,
+                claimed,
+                &receiver.netns,
+                destination,
+            )
+            .await
+            .map_err(StepError::Crafted)?;
+            let outcome = if arrived { "delivered" } else { "dropped" };
+            self.progress
+                .line(&format!("  {family}: from {claimed}: {outcome}"));
+            if arrived != (expect == Delivery::Delivered) {
+                self.failures.push(format!(
+                    "step {number} {step}: {family} datagram claiming {claimed} was {outcome}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a "fragmentation needed" / "packet too big" error from the connection's server to
+    /// its client, quoting a packet of the connection or of an unrelated flow.
+    async fn icmp_error(
+        &mut self,
+        number: usize,
+        step: &Step,
+        connection: &str,
+        quote: Quote,
+        expect: Delivery,
+    ) -> Result<(), StepError> {
+        let flow = &self.flows[connection];
+        let (client, server) = &self.flow_ends[connection];
+        let mut quoted = QuotedPacket {
+            client: flow.local,
+            server: flow.remote,
+            tcp: flow.protocol == Protocol::Tcp,
+        };
+        if quote == Quote::Unrelated {
+            // The discard port: no flow of the harness ever uses it as a source.
+            quoted.client.set_port(9);
+        }
+        let arrived = crafted::icmp_error_arrives(
+            &self.live[server.as_str()].endpoint.netns,
+            &self.live[client.as_str()].endpoint.netns,
+            quoted,
+        )
+        .await
+        .map_err(StepError::Crafted)?;
+        let outcome = if arrived { "delivered" } else { "dropped" };
+        self.progress.line(&format!("  the error was {outcome}"));
+        if arrived != (expect == Delivery::Delivered) {
+            self.failures.push(format!(
+                "step {number} {step}: the ICMP error was {outcome}"
+            ));
         }
         Ok(())
     }
@@ -561,7 +668,11 @@ impl ScenarioRun<'_> {
                 self.node.unwire(live.endpoint).await?;
             }
             Step::RestartAgent { mode } => return self.restart_agent(*mode).await,
-            Step::OpenConnection { .. } | Step::CheckConnection { .. } | Step::Probe { .. } => {
+            Step::OpenConnection { .. }
+            | Step::CheckConnection { .. }
+            | Step::Probe { .. }
+            | Step::SendSpoofed { .. }
+            | Step::IcmpError { .. } => {
                 return Ok(false);
             }
         }

@@ -204,6 +204,44 @@ pub enum Step {
         protocol: Protocol,
         expect: ExpectedGrid,
     },
+    SendSpoofed {
+        from: String,
+        to: String,
+        source: SpoofedSource,
+        expect: Delivery,
+    },
+    IcmpError {
+        connection: String,
+        quote: Quote,
+        expect: Delivery,
+    },
+}
+
+/// The source address a `send_spoofed` datagram claims.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpoofedSource {
+    /// The sender's own address (the control case).
+    Own,
+    /// The address of this pod (`NS/POD`) or external host.
+    Endpoint(String),
+}
+
+/// Whether a crafted packet must arrive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    Delivered,
+    Dropped,
+}
+
+/// What an `icmp_error` quotes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quote {
+    /// A packet of the named connection: the error is related to a tracked flow.
+    Connection,
+    /// A packet between the same two pods from a port no flow uses.
+    Unrelated,
 }
 
 impl Step {
@@ -222,6 +260,8 @@ impl Step {
             Self::OpenConnection { .. } => "open_connection",
             Self::CheckConnection { .. } => "check_connection",
             Self::Probe { .. } => "probe",
+            Self::SendSpoofed { .. } => "send_spoofed",
+            Self::IcmpError { .. } => "icmp_error",
         }
     }
 }
@@ -279,6 +319,32 @@ impl fmt::Display for Step {
                 )
             }
             Self::Probe { port, protocol, .. } => write!(f, "probe {protocol}/{port}"),
+            Self::SendSpoofed {
+                from,
+                to,
+                source,
+                expect,
+            } => {
+                let source = match source {
+                    SpoofedSource::Own => "its own address".to_owned(),
+                    SpoofedSource::Endpoint(endpoint) => format!("the address of {endpoint}"),
+                };
+                write!(
+                    f,
+                    "send_spoofed {from} -> {to} from {source} (expect {})",
+                    format!("{expect:?}").to_lowercase()
+                )
+            }
+            Self::IcmpError {
+                connection,
+                quote,
+                expect,
+            } => write!(
+                f,
+                "icmp_error about {connection} ({}; expect {})",
+                format!("{quote:?}").to_lowercase(),
+                format!("{expect:?}").to_lowercase()
+            ),
         }
     }
 }
@@ -291,6 +357,8 @@ pub struct Scenario {
     pub model: Model,
     /// Policy key to the `NetworkPolicy` object, placeholders not yet substituted.
     pub policies: IndexMap<String, serde_yaml::Value>,
+    /// Extra command-line arguments for the agent.
+    pub agent_args: Vec<String>,
     pub steps: Vec<Step>,
 }
 
@@ -319,6 +387,9 @@ struct RawScenario {
     policies: IndexMap<String, serde_yaml::Value>,
     #[serde(default)]
     policy_files: Vec<PathBuf>,
+    /// Extra command-line arguments for the agent (e.g. small map sizes).
+    #[serde(default)]
+    agent_args: Vec<String>,
     steps: Vec<serde_yaml::Value>,
 }
 
@@ -408,6 +479,23 @@ enum RawStep {
         protocol: Protocol,
         expect: RawProbeExpectation,
     },
+    SendSpoofed {
+        from: String,
+        to: String,
+        /// `own`, or the pod or external host whose address the packet claims.
+        source: String,
+        expect: Delivery,
+    },
+    IcmpError {
+        connection: String,
+        #[serde(default = "quote_connection")]
+        quote: Quote,
+        expect: Delivery,
+    },
+}
+
+fn quote_connection() -> Quote {
+    Quote::Connection
 }
 
 fn yes() -> bool {
@@ -564,6 +652,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         name: raw.name,
         model,
         policies,
+        agent_args: raw.agent_args,
         steps: scenario,
     };
     check_placeholders(&scenario).map_err(invalid)?;
@@ -1051,6 +1140,45 @@ impl<'a> Validator<'a> {
                     to,
                     port,
                     protocol,
+                }
+            }
+            RawStep::SendSpoofed {
+                from,
+                to,
+                source,
+                expect,
+            } => {
+                let op = "send_spoofed";
+                self.endpoint(&from).map_err(|e| (op, e))?;
+                self.endpoint(&to).map_err(|e| (op, e))?;
+                let source = if source == "own" {
+                    SpoofedSource::Own
+                } else {
+                    self.endpoint(&source).map_err(|e| (op, e))?;
+                    SpoofedSource::Endpoint(source)
+                };
+                Step::SendSpoofed {
+                    from,
+                    to,
+                    source,
+                    expect,
+                }
+            }
+            RawStep::IcmpError {
+                connection,
+                quote,
+                expect,
+            } => {
+                if !self.connections.contains(&connection) {
+                    return Err((
+                        "icmp_error",
+                        format!("no connection named {connection} was opened"),
+                    ));
+                }
+                Step::IcmpError {
+                    connection,
+                    quote,
+                    expect,
                 }
             }
             RawStep::CheckConnection { name, expect } => {
