@@ -579,6 +579,13 @@ async fn an_invalid_network_policy_is_reported_with_its_field_and_the_rest_is_en
     let allow = cluster.policies[&policy_ref("x", "allow")].clone();
     assert_eq!(allow.ingress.len(), 1);
     assert_eq!(cluster.pods.len(), 1);
+    // Events about it attach to this incarnation of the object.
+    let reference = source
+        .policy_reference(&policy_ref("x", "bad"))
+        .expect("the cache holds it");
+    assert_eq!(reference.uid.as_deref(), Some("uid-x-bad"));
+    assert_eq!(reference.kind.as_deref(), Some("NetworkPolicy"));
+    assert_eq!(source.policy_reference(&policy_ref("x", "gone")), None);
     // Never valid: it isolates its namespace both ways (fail closed).
     let bad = &cluster.policies[&policy_ref("x", "bad")];
     assert!(bad.policy_types.ingress && bad.policy_types.egress);
