@@ -17,7 +17,7 @@ use std::{
     fmt::Write as _,
     io::Write as _,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -401,8 +401,8 @@ fn deploy_agent(shell: &Shell, kube: &Kube<'_>, args: &KindArgs) -> anyhow::Resu
 
     say("deploy/ with the image set to the one just loaded (a kustomize overlay)");
     let overlay = args.work_dir.join("overlay");
-    let deploy =
-        std::path::absolute(args.repo.join("deploy")).context("resolving the deploy/ directory")?;
+    // Kustomize takes a base only as a path relative to the kustomization.
+    let deploy = relative_path(&overlay, &args.repo.join("deploy"))?;
     let (name, tag) = split_image(&args.image);
     shell.write_file(
         &overlay.join("kustomization.yaml"),
@@ -421,6 +421,36 @@ fn deploy_agent(shell: &Shell, kube: &Kube<'_>, args: &KindArgs) -> anyhow::Resu
         "--timeout=300s",
     ])?;
     Ok(())
+}
+
+/// `to` as a path relative to the directory `from`.
+fn relative_path(from: &Path, to: &Path) -> anyhow::Result<PathBuf> {
+    let parts = |path: &Path| -> anyhow::Result<Vec<std::ffi::OsString>> {
+        let path =
+            std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+        let mut parts = Vec::new();
+        for component in path.components() {
+            match component {
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+                Component::ParentDir => {
+                    parts.pop();
+                }
+                Component::Normal(part) => parts.push(part.to_owned()),
+            }
+        }
+        Ok(parts)
+    };
+    let from = parts(from)?;
+    let to = parts(to)?;
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut relative = PathBuf::new();
+    for _ in common..from.len() {
+        relative.push("..");
+    }
+    for part in &to[common..] {
+        relative.push(part);
+    }
+    Ok(relative)
 }
 
 /// `name:tag` (a registry port is not a tag).
