@@ -49,6 +49,8 @@ use netwarden_model::{
     Cluster, ModelError, PolicyRef, cluster::NetworkPolicy as ModelPolicy, convert,
 };
 use sha2::{Digest as _, Sha256};
+
+use crate::events::{PolicyEvents, Unenforceable};
 use tokio::{sync::watch, task::JoinHandle};
 
 /// What the Kubernetes source reports.
@@ -154,6 +156,19 @@ impl KubeSource {
             last_good_policies: HashMap::new(),
             tasks: vec![namespace_task, pod_task, policy_task],
         }
+    }
+
+    /// Posts an Event for each problem whose policy the cache holds, attached to that object
+    /// (a policy deleted since is not reported). Returns how many were queued (the rest were
+    /// within the rate limit's window, or gone).
+    pub fn report(&self, events: &mut PolicyEvents, problems: &[Unenforceable]) -> usize {
+        problems
+            .iter()
+            .filter(|problem| {
+                self.policy_reference(&problem.policy)
+                    .is_some_and(|regarding| events.post(regarding, problem))
+            })
+            .count()
     }
 
     /// A reference to a cached NetworkPolicy (with its uid, so an Event attaches to this

@@ -38,6 +38,17 @@ pub async fn serve(
         .await
         .with_context(|| format!("listening on {address}"))?;
     info!(%address, "serving /healthz, /readyz and /metrics");
+    spawn(listener, ready, metrics, counters);
+    Ok(())
+}
+
+/// Answers requests on `listener` on a task of its own.
+fn spawn(
+    listener: TcpListener,
+    ready: Readiness,
+    metrics: Arc<Metrics>,
+    counters: Option<Arc<VerdictCounters>>,
+) {
     tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
@@ -80,5 +91,79 @@ pub async fn serve(
             });
         }
     });
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, atomic::Ordering};
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::{Readiness, spawn};
+    use crate::metrics::Metrics;
+
+    async fn get(address: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: node\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn probes_and_metrics_are_served_on_one_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let ready = Readiness::default();
+        let metrics = Arc::new(Metrics::new());
+        spawn(listener, Arc::clone(&ready), Arc::clone(&metrics), None);
+
+        assert!(
+            get(address, "/healthz")
+                .await
+                .starts_with("HTTP/1.1 200 OK\r\n")
+        );
+        assert!(
+            get(address, "/readyz")
+                .await
+                .starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+        );
+        ready.store(true, Ordering::Release);
+        assert!(
+            get(address, "/readyz")
+                .await
+                .starts_with("HTTP/1.1 200 OK\r\n")
+        );
+
+        metrics.observe_watch_restarts(2);
+        let response = get(address, "/metrics").await;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(
+            head.contains(
+                "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+            ),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(
+            body.contains("\nnetwarden_watch_restarts_total 2\n"),
+            "{body}"
+        );
+        assert!(body.ends_with("# EOF\n"));
+        assert!(
+            get(address, "/other")
+                .await
+                .starts_with("HTTP/1.1 404 Not Found\r\n")
+        );
+    }
 }

@@ -120,7 +120,7 @@ impl Input {
             Self::Kubernetes { source, events } => {
                 let (cluster, errors) = source.cluster();
                 // Posted at every apply; the rate limit keeps it to one per policy and window.
-                post(source, events, &Unenforceable::from_errors(&errors));
+                source.report(events, &Unenforceable::from_errors(&errors));
                 (cluster, errors.iter().map(ToString::to_string).collect())
             }
         }
@@ -154,16 +154,7 @@ impl Input {
     /// Kubernetes source also posts Events on them).
     pub fn report_unenforceable(&mut self, problems: &[Unenforceable]) {
         if let Self::Kubernetes { source, events } = self {
-            post(source, events, problems);
-        }
-    }
-}
-
-/// Posts an Event for each problem whose policy is still in the cache.
-fn post(source: &KubeSource, events: &mut PolicyEvents, problems: &[Unenforceable]) {
-    for problem in problems {
-        if let Some(regarding) = source.policy_reference(&problem.policy) {
-            events.post(regarding, problem);
+            source.report(events, problems);
         }
     }
 }
