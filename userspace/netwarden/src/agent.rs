@@ -99,6 +99,7 @@ fn apply(
     compiler.sync(cluster);
     let state = compiler.state();
     let report = datapath.apply(state, network);
+    let latency = change_seen.map(|seen| seen.elapsed());
     let mut errors = input_errors;
     errors.extend(state.warnings.iter().cloned());
     errors.extend(report.errors.iter().cloned());
@@ -134,7 +135,7 @@ fn apply(
         state,
         report: &report,
         maps: &datapath.map_usage(),
-        latency: change_seen.map(|seen| seen.elapsed()),
+        latency,
     });
     input.report_unenforceable(&over_capacity(state, &report));
     refresh_attribution(compiler, &report, attribution);
