@@ -234,6 +234,19 @@ fn e2e_kind(dry_run: bool, keep: bool, tag: &str, scenarios: Vec<PathBuf>) -> an
     } else {
         scenarios
     };
+    run_command(&mut e2e_kind_command(
+        engine, tag, dry_run, keep, &scenarios,
+    ))
+}
+
+/// The `netwarden-e2e kind` run `cargo xtask e2e-kind` starts.
+fn e2e_kind_command(
+    engine: &str,
+    tag: &str,
+    dry_run: bool,
+    keep: bool,
+    scenarios: &[PathBuf],
+) -> Command {
     let mut command = Command::new("cargo");
     command.args([
         "run",
@@ -253,8 +266,8 @@ fn e2e_kind(dry_run: bool, keep: bool, tag: &str, scenarios: Vec<PathBuf>) -> an
     if keep {
         command.arg("--keep");
     }
-    command.args(&scenarios);
-    run_command(&mut command)
+    command.args(scenarios);
+    command
 }
 
 fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
@@ -330,4 +343,47 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     e2e_result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::e2e_kind_command;
+
+    #[test]
+    fn e2e_kind_runs_the_harness_kind_command_with_every_option() {
+        let command = e2e_kind_command(
+            "podman",
+            "netwarden:test",
+            true,
+            true,
+            &[PathBuf::from(
+                "../shared/scenarios/default-deny-ingress.yaml",
+            )],
+        );
+        assert_eq!(command.get_program(), "cargo");
+        let args: Vec<_> = command
+            .get_args()
+            .map(|arg| arg.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "run",
+                "--quiet",
+                "--package",
+                "netwarden-e2e",
+                "--",
+                "kind",
+                "--engine",
+                "podman",
+                "--image",
+                "netwarden:test",
+                "--dry-run",
+                "--keep",
+                "../shared/scenarios/default-deny-ingress.yaml"
+            ]
+        );
+    }
 }
