@@ -3,6 +3,7 @@
 //! `setup` installs what is missing and is a quick no-op otherwise; every other task runs it
 //! first, so the README's two commands are all a newcomer needs.
 
+mod image;
 mod setup;
 
 use std::{
@@ -50,6 +51,33 @@ enum Task {
     /// Bring up a simulated node with a three-tier app, show connectivity before and after the
     /// example policies in deploy/examples/, and clean up.
     Demo,
+    /// Build the agent's image from deploy/Containerfile with docker, podman or buildah.
+    Image {
+        /// The image's tag.
+        #[arg(long, default_value = "netwarden:dev")]
+        tag: String,
+        /// The engine [default: the first of docker, podman, buildah found on PATH].
+        #[arg(long)]
+        engine: Option<String>,
+        /// Print the command instead of running it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Run scenario files on a kind cluster (kindnet) with the agent's image and deploy/;
+    /// see docs/kind.md.
+    E2eKind {
+        /// Print every command and generated manifest, in order, and run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Leave the cluster running at the end.
+        #[arg(long)]
+        keep: bool,
+        /// The agent image's tag.
+        #[arg(long, default_value = "netwarden:dev")]
+        tag: String,
+        /// Scenario files or directories [default: tests/scenarios].
+        scenarios: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -136,6 +164,17 @@ fn main() -> anyhow::Result<()> {
             }
             run("target/release/netwarden-bench", &args)
         }
+        Task::Image {
+            tag,
+            engine,
+            dry_run,
+        } => image::build(&tag, engine.as_deref(), dry_run),
+        Task::E2eKind {
+            dry_run,
+            keep,
+            tag,
+            scenarios,
+        } => e2e_kind(dry_run, keep, &tag, scenarios),
         Task::Demo => {
             setup::ensure()?;
             build_release()?;
@@ -200,6 +239,64 @@ fn e2e_with(profile: &str, paths: &[PathBuf], verbose: bool) -> anyhow::Result<(
     }
     command.args(paths);
     run_command(&mut command)
+}
+
+/// `cargo xtask e2e-kind`: checks the tools, then runs `netwarden-e2e kind`, which prints and
+/// runs every step.
+fn e2e_kind(dry_run: bool, keep: bool, tag: &str, scenarios: Vec<PathBuf>) -> anyhow::Result<()> {
+    let path = std::env::var_os("PATH");
+    // kind runs its nodes with docker or podman only.
+    let engine = match image::find_engine(&["docker", "podman"], path.as_deref()) {
+        Some(engine) => engine,
+        None if dry_run => "docker",
+        None => bail!("kind needs docker or podman on PATH, and neither was found"),
+    };
+    if !dry_run {
+        for tool in ["kind", "kubectl"] {
+            if image::find_engine(&[tool], path.as_deref()).is_none() {
+                bail!("{tool} is not on PATH: see docs/kind.md for the prerequisites");
+            }
+        }
+    }
+    let scenarios = if scenarios.is_empty() {
+        vec![PathBuf::from("tests/scenarios")]
+    } else {
+        scenarios
+    };
+    run_command(&mut e2e_kind_command(
+        engine, tag, dry_run, keep, &scenarios,
+    ))
+}
+
+/// The `netwarden-e2e kind` run `cargo xtask e2e-kind` starts.
+fn e2e_kind_command(
+    engine: &str,
+    tag: &str,
+    dry_run: bool,
+    keep: bool,
+    scenarios: &[PathBuf],
+) -> Command {
+    let mut command = Command::new("cargo");
+    command.args([
+        "run",
+        "--quiet",
+        "--package",
+        "netwarden-e2e",
+        "--",
+        "kind",
+        "--engine",
+        engine,
+        "--image",
+        tag,
+    ]);
+    if dry_run {
+        command.arg("--dry-run");
+    }
+    if keep {
+        command.arg("--keep");
+    }
+    command.args(scenarios);
+    command
 }
 
 fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
@@ -275,4 +372,47 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     e2e_result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::e2e_kind_command;
+
+    #[test]
+    fn e2e_kind_runs_the_harness_kind_command_with_every_option() {
+        let command = e2e_kind_command(
+            "podman",
+            "netwarden:test",
+            true,
+            true,
+            &[PathBuf::from(
+                "../shared/scenarios/default-deny-ingress.yaml",
+            )],
+        );
+        assert_eq!(command.get_program(), "cargo");
+        let args: Vec<_> = command
+            .get_args()
+            .map(|arg| arg.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "run",
+                "--quiet",
+                "--package",
+                "netwarden-e2e",
+                "--",
+                "kind",
+                "--engine",
+                "podman",
+                "--image",
+                "netwarden:test",
+                "--dry-run",
+                "--keep",
+                "../shared/scenarios/default-deny-ingress.yaml"
+            ]
+        );
+    }
 }

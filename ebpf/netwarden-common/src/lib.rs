@@ -232,7 +232,8 @@ pub struct EventBudget {
     pub padding: u32,
 }
 
-/// Indexes of the per-CPU verdict counters.
+/// Reasons counted by the per-CPU verdict counters. The counter array holds one block of
+/// [`counter::COUNT`] reasons per [`direction`]: see [`counter::slot`].
 pub mod counter {
     /// Passed: a tracked flow of the current epoch.
     pub const ALLOWED_TRACKED: u32 = 0;
@@ -260,8 +261,17 @@ pub mod counter {
     pub const EVENTS_RATE_LIMITED: u32 = 11;
     /// Events not reported: the ring buffer was full (the agent is behind).
     pub const EVENTS_LOST: u32 = 12;
-    /// Number of counters.
+    /// Number of reasons.
     pub const COUNT: u32 = 13;
+    /// Number of counters: every reason, once per direction.
+    pub const SLOTS: u32 = 2 * COUNT;
+
+    /// Index in the counter array of `reason` counted in `direction` (a
+    /// [`direction`](super::direction) value, from the pod's point of view).
+    #[must_use]
+    pub const fn slot(direction: u32, reason: u32) -> u32 {
+        direction * COUNT + reason
+    }
 }
 
 /// Index of the policy epoch in the one-element epoch array.

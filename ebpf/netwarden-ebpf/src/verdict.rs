@@ -104,16 +104,16 @@ static EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
 static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 
 #[map]
-static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(counter::SLOTS, 0);
 
 #[inline(always)]
 pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     let (flow, opening) = match packet::parse(ctx, dir) {
         Ok(Parsed::Flow(flow, opening)) => (flow, opening),
         Ok(Parsed::NotIp | Parsed::NetworkControl) => {
-            return count(counter::ALLOWED_NETWORK_CONTROL, ALLOW);
+            return count(counter::ALLOWED_NETWORK_CONTROL, dir, ALLOW);
         }
-        Err(packet::Malformed) => return count(counter::DENIED_MALFORMED, DENY),
+        Err(packet::Malformed) => return count(counter::DENIED_MALFORMED, dir, DENY),
     };
     let epoch = current_epoch();
     // One conntrack lookup serves the fast path and, when the entry is stale, step 4: the
@@ -123,13 +123,13 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         // SAFETY: the pointer comes from a successful lookup and is read at once.
         && unsafe { (*tracked).epoch } == epoch
     {
-        return count(counter::ALLOWED_TRACKED, ALLOW);
+        return count(counter::ALLOWED_TRACKED, dir, ALLOW);
     }
     // SAFETY: the value is copied out at once; a concurrent update can at worst make this
     // packet see the endpoint's previous state, which was valid too.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(flow.ifindex) }).copied() else {
         report(&flow, dir, counter::DENIED_ENDPOINT_NOT_READY, 0);
-        return count(counter::DENIED_ENDPOINT_NOT_READY, DENY);
+        return count(counter::DENIED_ENDPOINT_NOT_READY, dir, DENY);
     };
     let policy = if dir == direction::INGRESS {
         endpoint.ingress_policy
@@ -138,7 +138,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     };
     if dir == direction::EGRESS && !owns_address(&flow) {
         report(&flow, dir, counter::DENIED_SPOOFED, policy);
-        return count(counter::DENIED_SPOOFED, DENY);
+        return count(counter::DENIED_SPOOFED, dir, DENY);
     }
     if let Opening::Error { quoted } = opening {
         // The quoted packet travelled the other way.
@@ -148,7 +148,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             direction::EGRESS
         };
         if packet::quotes_tracked_flow(ctx, flow.protocol, quoted, quoted_dir, flow.ifindex) {
-            return count(counter::ALLOWED_RELATED, ALLOW);
+            return count(counter::ALLOWED_RELATED, dir, ALLOW);
         }
     }
     if let Some(tracked) = tracked {
@@ -158,11 +158,11 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         let reason = decide(&endpoint, origin, &flow, opening_port(&flow, origin));
         if is_allowed(reason) {
             tracked.epoch = epoch;
-            return count(counter::ALLOWED_TRACKED, ALLOW);
+            return count(counter::ALLOWED_TRACKED, dir, ALLOW);
         }
         let _ = CONNTRACK.remove(flow);
         report(&flow, origin, counter::DENIED_REVOKED, policy);
-        return count(counter::DENIED_REVOKED, DENY);
+        return count(counter::DENIED_REVOKED, dir, DENY);
     }
 
     let reason = decide(&endpoint, dir, &flow, opening_port(&flow, dir));
@@ -172,10 +172,10 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         if opening == Opening::Yes {
             let _ = CONNTRACK.insert(flow, FlowState { origin: dir, epoch }, u64::from(BPF_ANY));
         }
-        return count(reason, ALLOW);
+        return count(reason, dir, ALLOW);
     }
     report(&flow, dir, reason, policy);
-    count(reason, DENY)
+    count(reason, dir, DENY)
 }
 
 /// Reports a deny to the agent, within the per-CPU budget; never waits, counts what it drops.
@@ -195,11 +195,11 @@ fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32) {
         budget.sent = 0;
     }
     if budget.sent >= EVENTS_PER_CPU_PER_SECOND {
-        count(counter::EVENTS_RATE_LIMITED, 0);
+        count(counter::EVENTS_RATE_LIMITED, dir, 0);
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
-        count(counter::EVENTS_LOST, 0);
+        count(counter::EVENTS_LOST, dir, 0);
         return;
     };
     budget.sent += 1;
@@ -312,8 +312,8 @@ fn current_epoch() -> u32 {
 }
 
 #[inline(always)]
-fn count(reason: u32, verdict: i32) -> i32 {
-    if let Some(counter) = VERDICTS.get_ptr_mut(reason) {
+fn count(reason: u32, dir: u32, verdict: i32) -> i32 {
+    if let Some(counter) = VERDICTS.get_ptr_mut(counter::slot(dir, reason)) {
         // SAFETY: per-CPU slot of a successful lookup; only this CPU writes it.
         unsafe { *counter += 1 };
     }

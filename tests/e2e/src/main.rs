@@ -4,6 +4,7 @@
 mod agent;
 mod cleanup;
 mod crafted;
+mod kind;
 mod manifests;
 mod netns;
 mod node;
@@ -36,6 +37,8 @@ struct Cli {
 enum Command {
     /// Run scenario files, or every scenario found in directories (recursively `*.yaml`).
     Run(RunArgs),
+    /// Run scenario files on a kind cluster with the agent's image (`cargo xtask e2e-kind`).
+    Kind(kind::KindArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,7 +72,18 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> anyhow::Result<ExitCode> {
-    let Command::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        // Sequential commands only: no runtime needed, and none of the netns machinery.
+        Command::Kind(args) => {
+            let passed = tokio::task::spawn_blocking(move || kind::run(&args)).await??;
+            return Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+    };
     if !nix::unistd::geteuid().is_root() {
         bail!("netwarden-e2e creates network namespaces and mounts bpffs: run it as root");
     }

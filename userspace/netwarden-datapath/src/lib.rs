@@ -169,6 +169,9 @@ pub struct ApplyReport {
     pub errors: Vec<String>,
     /// Whether any map changed.
     pub changed: bool,
+    /// Compiled policies that did not fit the maps, with why; the endpoints using them are
+    /// locked down.
+    pub failed_policies: BTreeMap<PolicyId, String>,
 }
 
 /// What one local endpoint should look like in the maps.
@@ -211,6 +214,7 @@ pub struct Datapath {
     attached: BTreeSet<(u32, Hook)>,
     attach_programs: bool,
     events: Option<RingBuf<MapData>>,
+    capacity: Capacity,
 }
 
 /// What a previous agent left in the pinned maps, for the compiler to continue from.
@@ -274,6 +278,7 @@ impl Datapath {
             installed_endpoints: BTreeMap::new(),
             installed_identities: BTreeMap::new(),
             attached: BTreeSet::new(),
+            capacity: capacity.clone(),
         };
         let inherited = datapath.read_back();
         Ok((datapath, inherited))
@@ -354,6 +359,7 @@ impl Datapath {
                 Ok(()) => report.changed = true,
                 Err(message) => {
                     failed_policies.insert(*id);
+                    report.failed_policies.insert(*id, message.clone());
                     report.errors.push(message);
                 }
             }
@@ -790,17 +796,102 @@ impl Datapath {
         Ok((verdict, result.duration))
     }
 
-    /// Verdict counters summed over CPUs, indexed by [`netwarden_common::counter`].
+    /// Verdict counters summed over CPUs, indexed by [`counter::slot`] (direction, reason).
     #[must_use]
     pub fn verdicts(&self) -> Vec<u64> {
-        (0..counter::COUNT)
-            .map(|index| {
-                self.verdicts
-                    .get(&index, 0)
-                    .map_or(0, |values| values.iter().sum())
-            })
-            .collect()
+        sum_counters(&self.verdicts)
     }
+
+    /// A second handle on the verdict counters, opened from their pin, for a reader on another
+    /// task (the metrics endpoint reads them when it is scraped, not when the agent applies).
+    pub fn verdict_counters(&self) -> Result<VerdictCounters, DatapathError> {
+        const NAME: &str = "VERDICTS";
+        let data = MapData::from_pin(self.layout.maps().join(NAME))
+            .map_err(|source| DatapathError::Map { name: NAME, source })?;
+        let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .map_err(|source| DatapathError::Map { name: NAME, source })?;
+        Ok(VerdictCounters { map })
+    }
+
+    /// How full each map is, as far as the agent knows without walking the kernel's maps: the
+    /// entries it wrote. Connection tracking is filled by the programs, so only its capacity is
+    /// known.
+    #[must_use]
+    pub fn map_usage(&self) -> Vec<MapUsage> {
+        let (entries, cidrs) = self
+            .installed_policies
+            .values()
+            .fold((0, 0), |(entries, cidrs), policy| {
+                (entries + policy.entries.len(), cidrs + policy.cidrs.len())
+            });
+        let capacity = &self.capacity;
+        vec![
+            MapUsage {
+                map: "ENDPOINTS",
+                entries: Some(self.installed_endpoints.len()),
+                capacity: capacity.endpoints,
+            },
+            MapUsage {
+                map: "ENDPOINT_ADDRESSES",
+                entries: Some(self.installed_addresses.len()),
+                capacity: ENDPOINT_ADDRESSES_CAPACITY,
+            },
+            MapUsage {
+                map: "IPCACHE",
+                entries: Some(self.installed_ipcache.len()),
+                capacity: capacity.ipcache,
+            },
+            MapUsage {
+                map: "POLICY",
+                entries: Some(entries),
+                capacity: capacity.policy,
+            },
+            MapUsage {
+                map: "CIDRS",
+                entries: Some(cidrs),
+                capacity: capacity.cidrs,
+            },
+            MapUsage {
+                map: "CONNTRACK",
+                entries: None,
+                capacity: capacity.conntrack,
+            },
+        ]
+    }
+}
+
+/// Size of `ENDPOINT_ADDRESSES` as the programs declare it (not configurable: four addresses
+/// for each of the default 4,096 endpoints).
+const ENDPOINT_ADDRESSES_CAPACITY: u32 = 16384;
+
+/// How full one map is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    /// The map's name, as pinned.
+    pub map: &'static str,
+    /// Entries written by the agent; `None` for a map the programs fill.
+    pub entries: Option<usize>,
+    /// Its `max_entries`.
+    pub capacity: u32,
+}
+
+/// The datapath's per-CPU verdict counters, readable from any task.
+pub struct VerdictCounters {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl VerdictCounters {
+    /// The counters summed over CPUs, indexed by [`counter::slot`].
+    #[must_use]
+    pub fn read(&self) -> Vec<u64> {
+        sum_counters(&self.map)
+    }
+}
+
+fn sum_counters(map: &PerCpuArray<MapData, u64>) -> Vec<u64> {
+    (0..counter::SLOTS)
+        .map(|index| map.get(&index, 0).map_or(0, |values| values.iter().sum()))
+        .collect()
 }
 
 /// Which interface enforces for which endpoint: local pods through the veth their IP is routed

@@ -447,3 +447,38 @@ fn an_endpoint_whose_policy_does_not_fit_the_maps_is_locked_down() {
         "locked both ways"
     );
 }
+
+#[test]
+fn verdicts_are_counted_per_direction_and_read_the_same_through_the_pin() {
+    use netwarden_common::{counter, direction};
+
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let datapath = harness.datapath.as_ref().expect("present until drop");
+    let reader = datapath
+        .verdict_counters()
+        .expect("the counters open from their pin");
+    let at = |counters: &[u64], dir, reason| counters[counter::slot(dir, reason) as usize];
+    let before = datapath.verdicts();
+    assert_eq!(before.len(), counter::SLOTS as usize);
+
+    // Towards the server (its ingress, isolated): a stranger is denied by policy.
+    let to_server = ethernet(0x0800, &ipv4(STRANGER, SERVER, 6, 0, &tcp(40000, 80, true)));
+    assert_eq!(harness.run(true, &to_server), DENY);
+    // From the server (its egress, not isolated): allowed as such.
+    let from_server = ethernet(0x0800, &ipv4(SERVER, CLIENT, 6, 0, &tcp(40001, 443, true)));
+    assert_eq!(harness.run(false, &from_server), ALLOW);
+
+    let after = datapath.verdicts();
+    let delta = |dir, reason| at(&after, dir, reason) - at(&before, dir, reason);
+    assert_eq!(delta(direction::INGRESS, counter::DENIED_BY_POLICY), 1);
+    assert_eq!(delta(direction::EGRESS, counter::DENIED_BY_POLICY), 0);
+    assert_eq!(delta(direction::EGRESS, counter::ALLOWED_NOT_ISOLATED), 1);
+    assert_eq!(delta(direction::INGRESS, counter::ALLOWED_NOT_ISOLATED), 0);
+    assert_eq!(
+        reader.read(),
+        after,
+        "the metrics endpoint reads the same counters"
+    );
+}

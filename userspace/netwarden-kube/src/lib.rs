@@ -15,7 +15,10 @@
 //!
 //! [`KubeSource::cluster`] validates the caches with [`netwarden_model::convert`], with the
 //! manifest source's rules for bad input: an invalid NetworkPolicy keeps its last valid version,
-//! or isolates its namespace both ways if it never had one (fail closed).
+//! or isolates its namespace both ways if it never had one (fail closed). [`events`] posts a
+//! Kubernetes Event on each NetworkPolicy the agent cannot enforce as written.
+
+pub mod events;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -29,7 +32,7 @@ use std::{
 use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Namespace, Pod, PodSpec, PodStatus},
+        core::v1::{Container, Namespace, ObjectReference, Pod, PodSpec, PodStatus},
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -38,7 +41,7 @@ use kube::{
     Api, Client, Resource, ResourceExt as _,
     runtime::{
         WatchStreamExt as _,
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
@@ -46,6 +49,8 @@ use netwarden_model::{
     Cluster, ModelError, PolicyRef, cluster::NetworkPolicy as ModelPolicy, convert,
 };
 use sha2::{Digest as _, Sha256};
+
+use crate::events::{PolicyEvents, Unenforceable};
 use tokio::{sync::watch, task::JoinHandle};
 
 /// What the Kubernetes source reports.
@@ -66,6 +71,12 @@ pub enum KubeError {
     /// An object failed validation; see [`KubeSource::cluster`] for what is enforced instead.
     #[error(transparent)]
     Invalid(#[from] ModelError),
+}
+
+/// A client with the default configuration: in-cluster (the DaemonSet's ServiceAccount), else
+/// `KUBECONFIG`, else `~/.kube/config`.
+pub async fn default_client() -> Result<Client, KubeError> {
+    Client::try_default().await.map_err(KubeError::Config)
 }
 
 /// The three kinds watched, in the order of [`KubeSource`]'s arrays.
@@ -116,8 +127,7 @@ impl KubeSource {
     /// A source using the default client configuration: in-cluster (the DaemonSet's
     /// ServiceAccount), else `KUBECONFIG`, else `~/.kube/config`.
     pub async fn try_default() -> Result<Self, KubeError> {
-        let client = Client::try_default().await.map_err(KubeError::Config)?;
-        Ok(Self::start(client))
+        Ok(Self::start(default_client().await?))
     }
 
     /// Spawns the three watchers on the current Tokio runtime. Nothing is awaited: a cluster
@@ -146,6 +156,27 @@ impl KubeSource {
             last_good_policies: HashMap::new(),
             tasks: vec![namespace_task, pod_task, policy_task],
         }
+    }
+
+    /// Posts an Event for each problem whose policy the cache holds, attached to that object
+    /// (a policy deleted since is not reported). Returns how many were queued (the rest were
+    /// within the rate limit's window, or gone).
+    pub fn report(&self, events: &mut PolicyEvents, problems: &[Unenforceable]) -> usize {
+        problems
+            .iter()
+            .filter(|problem| {
+                self.policy_reference(&problem.policy)
+                    .is_some_and(|regarding| events.post(regarding, problem))
+            })
+            .count()
+    }
+
+    /// A reference to a cached NetworkPolicy (with its uid, so an Event attaches to this
+    /// incarnation of the object), or `None` if the cache does not hold it.
+    #[must_use]
+    pub fn policy_reference(&self, policy: &PolicyRef) -> Option<ObjectReference> {
+        let key = ObjectRef::new(&policy.name).within(&policy.namespace);
+        self.policies.get(&key).map(|object| object.object_ref(&()))
     }
 
     /// Waits for the next change of any cache (or a watch error) since the last call; returns

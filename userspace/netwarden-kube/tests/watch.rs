@@ -16,7 +16,10 @@ use http::{Method, Request, Response};
 use http_body::Frame;
 use http_body_util::{BodyExt as _, StreamBody, combinators::BoxBody};
 use kube::{Client, client::Body};
-use netwarden_kube::{KubeError, KubeSource};
+use netwarden_kube::{
+    KubeError, KubeSource,
+    events::{DEFAULT_WINDOW, PolicyEvents, Unenforceable},
+};
 use netwarden_model::{PodRef, PolicyRef};
 use serde_json::{Value, json};
 use tokio::time::timeout;
@@ -579,6 +582,13 @@ async fn an_invalid_network_policy_is_reported_with_its_field_and_the_rest_is_en
     let allow = cluster.policies[&policy_ref("x", "allow")].clone();
     assert_eq!(allow.ingress.len(), 1);
     assert_eq!(cluster.pods.len(), 1);
+    // Events about it attach to this incarnation of the object.
+    let reference = source
+        .policy_reference(&policy_ref("x", "bad"))
+        .expect("the cache holds it");
+    assert_eq!(reference.uid.as_deref(), Some("uid-x-bad"));
+    assert_eq!(reference.kind.as_deref(), Some("NetworkPolicy"));
+    assert_eq!(source.policy_reference(&policy_ref("x", "gone")), None);
     // Never valid: it isolates its namespace both ways (fail closed).
     let bad = &cluster.policies[&policy_ref("x", "bad")];
     assert!(bad.policy_types.ingress && bad.policy_types.egress);
@@ -608,4 +618,59 @@ async fn an_invalid_network_policy_is_reported_with_its_field_and_the_rest_is_en
             == 1
     })
     .await;
+}
+
+#[tokio::test]
+async fn the_event_on_an_invalid_policy_attaches_to_the_cached_object() {
+    let (mut source, mut api) = start();
+    api.list_all(
+        &mut source,
+        vec![namespace("x", json!({}))],
+        vec![pod("x", "a", "11", "10.244.0.5", "a")],
+        vec![policy("x", "bad", "13", bad_cidr())],
+    )
+    .await;
+    // The agent's Events go through a client of their own; here, a second mock.
+    let (service, mut events_api) = tower_test::mock::pair::<Request<Body>, Response<MockBody>>();
+    let mut events = PolicyEvents::start(Client::new(service, "default"), "node-1", DEFAULT_WINDOW);
+
+    // What the agent does at every apply.
+    let problems = Unenforceable::from_errors(&source.cluster().1);
+    assert_eq!(source.report(&mut events, &problems), 1);
+    let (request, respond) = timeout(STEP, events_api.next_request())
+        .await
+        .expect("no Event posted")
+        .expect("the client is gone");
+    assert_eq!(request.method(), Method::POST);
+    assert_eq!(
+        request.uri().path(),
+        "/apis/events.k8s.io/v1/namespaces/x/events"
+    );
+    let body = request.into_body().collect().await.unwrap().to_bytes();
+    let event: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(event["regarding"]["uid"], "uid-x-bad");
+    assert_eq!(event["regarding"]["kind"], "NetworkPolicy");
+    assert_eq!(event["reason"], "InvalidField");
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.ingress[0].from[0].ipBlock.cidr: "),
+        "{event}"
+    );
+    respond.send_response(
+        Response::builder()
+            .status(201)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(body).boxed())
+            .unwrap(),
+    );
+
+    // The next apply finds it again: nothing is posted within the window.
+    let problems = Unenforceable::from_errors(&source.cluster().1);
+    assert_eq!(problems.len(), 1);
+    assert_eq!(source.report(&mut events, &problems), 0);
+    // A policy the cache no longer holds is not reported.
+    let gone = Unenforceable::over_capacity(policy_ref("x", "gone"), "spec.egress", "x/a", "full");
+    assert_eq!(source.report(&mut events, &[gone]), 0);
 }

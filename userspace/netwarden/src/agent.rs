@@ -6,7 +6,8 @@
 
 use std::{
     path::PathBuf,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
@@ -15,7 +16,8 @@ use netwarden_datapath::{
     ApplyReport, Capacity, Datapath,
     netlink::{Netlink, NodeNetwork},
 };
-use netwarden_policy::Compiler;
+use netwarden_kube::events::Unenforceable;
+use netwarden_policy::{Compiler, DatapathState};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -23,6 +25,7 @@ use crate::{
     events::{self, Attribution, EndpointNames, SharedAttribution},
     health,
     input::Input,
+    metrics::{Applied, Metrics},
     status::{self, EndpointStatus, Status, Verdicts},
 };
 
@@ -43,7 +46,8 @@ pub struct AgentOptions {
     /// Where to write the applied state.
     #[arg(long, default_value = status::DEFAULT_STATUS_FILE)]
     pub status_file: PathBuf,
-    /// Serve `/healthz` and `/readyz` on this address (the node's own address in a DaemonSet).
+    /// Serve `/healthz`, `/readyz` and Prometheus `/metrics` on this address (the node's own
+    /// address in a DaemonSet).
     #[arg(long)]
     pub metrics_address: Option<std::net::SocketAddr>,
     /// Log JSON lines instead of text.
@@ -63,22 +67,39 @@ pub struct AgentOptions {
     pub conntrack_entries: u32,
 }
 
+/// What [`apply`] works with besides the input and the node's network.
+struct Agent<'a> {
+    compiler: &'a mut Compiler,
+    datapath: &'a mut Datapath,
+    options: &'a AgentOptions,
+    attribution: &'a SharedAttribution,
+    metrics: &'a Metrics,
+}
+
 /// Compiles the current input for `network`, applies it and writes the status file.
+/// `change_seen` is when the agent woke for the change being applied (`None` at startup).
 fn apply(
-    compiler: &mut Compiler,
-    datapath: &mut Datapath,
+    agent: &mut Agent<'_>,
     input: &mut Input,
     network: &NodeNetwork,
     generation: u64,
-    options: &AgentOptions,
-    attribution: &SharedAttribution,
+    change_seen: Option<Instant>,
 ) {
-    let started = std::time::Instant::now();
+    let Agent {
+        compiler,
+        datapath,
+        options,
+        attribution,
+        metrics,
+    } = agent;
+    let started = Instant::now();
     let (cluster, input_errors) = input.cluster();
+    let policies = cluster.policies.len();
     compiler.set_node_addresses(&network.addresses);
     compiler.sync(cluster);
     let state = compiler.state();
     let report = datapath.apply(state, network);
+    let latency = change_seen.map(|seen| seen.elapsed());
     let mut errors = input_errors;
     errors.extend(state.warnings.iter().cloned());
     errors.extend(report.errors.iter().cloned());
@@ -108,6 +129,15 @@ fn apply(
         errors,
         verdicts: Verdicts::from_counters(&datapath.verdicts()),
     };
+    metrics.observe_apply(&Applied {
+        policies,
+        input_errors: status.errors.len(),
+        state,
+        report: &report,
+        maps: &datapath.map_usage(),
+        latency,
+    });
+    input.report_unenforceable(&over_capacity(state, &report));
     refresh_attribution(compiler, &report, attribution);
     release_freed_memory();
     if let Err(error) = status::write(&options.status_file, &status) {
@@ -122,6 +152,34 @@ fn apply(
         elapsed_us = started.elapsed().as_micros(),
         "applied"
     );
+}
+
+/// The policies behind each endpoint the datapath locked down because its compiled policy did
+/// not fit the maps, naming the direction's field.
+fn over_capacity(state: &DatapathState, report: &ApplyReport) -> Vec<Unenforceable> {
+    let mut problems = Vec::new();
+    for endpoint in state.endpoints.values() {
+        let directions = [
+            (
+                "spec.ingress",
+                endpoint.ingress,
+                &endpoint.ingress_isolated_by,
+            ),
+            ("spec.egress", endpoint.egress, &endpoint.egress_isolated_by),
+        ];
+        for (field, id, policies) in directions {
+            let Some(why) = id.and_then(|id| report.failed_policies.get(&id)) else {
+                continue;
+            };
+            let pod = endpoint.pod.to_string();
+            problems.extend(
+                policies
+                    .iter()
+                    .map(|policy| Unenforceable::over_capacity(policy.clone(), field, &pod, why)),
+            );
+        }
+    }
+    problems
 }
 
 /// Gives the event reader the names of what was just applied.
@@ -188,13 +246,20 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     compiler.resume(inherited.identities, inherited.highest_policy_id);
 
     let ready = health::Readiness::default();
+    let metrics = Arc::new(Metrics::new());
     if let Some(address) = options.metrics_address {
-        health::serve(address, ready.clone()).await?;
+        // Without the counters the other metrics are still worth serving.
+        let counters = datapath
+            .verdict_counters()
+            .inspect_err(|error| error!(%error, "verdict counters will not be exported"))
+            .ok()
+            .map(Arc::new);
+        health::serve(address, ready.clone(), Arc::clone(&metrics), counters).await?;
     }
     let mut netlink = Netlink::open().context("opening netlink")?;
     let mut input = match &options.manifests {
         Some(dir) => Input::manifests(dir)?,
-        None => Input::kubernetes().await?,
+        None => Input::kubernetes(&options.node).await?,
     };
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -206,6 +271,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut generation = 0_u64;
     let mut last_network = None;
     let mut input_changed = true;
+    let mut change_seen = None;
     loop {
         // A failed read skips this round: applying an empty network would detach every
         // endpoint. The maps keep enforcing; the next notification retries.
@@ -225,14 +291,19 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         }
         if let Some(network) = network.filter(|network| last_network.as_ref() != Some(network)) {
             generation += 1;
+            let mut agent = Agent {
+                compiler: &mut compiler,
+                datapath: &mut datapath,
+                options: &options,
+                attribution: &attribution,
+                metrics: &metrics,
+            };
             apply(
-                &mut compiler,
-                &mut datapath,
+                &mut agent,
                 &mut input,
                 &network,
                 generation,
-                &options,
-                &attribution,
+                change_seen.take(),
             );
             last_network = Some(network);
             ready.store(true, std::sync::atomic::Ordering::Release);
@@ -244,6 +315,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
+        change_seen = Some(Instant::now());
+        metrics.observe_watch_restarts(input.watch_restarts());
         // Coalesce whatever else is already queued into this one apply.
         if input.drain() {
             input_changed = true;
@@ -252,4 +325,74 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     }
     info!("stopping; enforcement stays in place (pinned maps and links)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use netwarden_datapath::ApplyReport;
+    use netwarden_kube::events::Reason;
+    use netwarden_model::{ManifestDir, PolicyRef};
+    use netwarden_policy::Compiler;
+
+    use super::over_capacity;
+
+    #[test]
+    fn a_policy_that_does_not_fit_names_each_policy_isolating_the_locked_direction() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("cluster.yaml"),
+            "\
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {app: b}}
+spec: {nodeName: node-1, containers: [{name: c}]}
+status: {podIP: 10.244.0.6}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: big, namespace: x}
+spec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}}]}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: egress-only, namespace: x}
+spec: {podSelector: {}, policyTypes: [Egress]}
+",
+        )
+        .unwrap();
+        let mut source = ManifestDir::new(dir.path());
+        source.refresh().unwrap();
+        let mut compiler = Compiler::new("node-1");
+        compiler.set_node_addresses(&["172.18.0.2".parse::<IpAddr>().unwrap()]);
+        let state = compiler.sync(source.cluster().0).clone();
+        let endpoint = state.endpoints.values().next().unwrap();
+        let ingress = endpoint.ingress.expect("b is isolated for ingress");
+        let mut report = ApplyReport::default();
+        report
+            .failed_policies
+            .insert(ingress, "CIDR map is full".to_owned());
+
+        let problems = over_capacity(&state, &report);
+        let [problem] = problems.as_slice() else {
+            panic!("expected one problem, got {problems:?}");
+        };
+        assert_eq!(
+            problem.policy,
+            PolicyRef {
+                namespace: "x".into(),
+                name: "big".into()
+            }
+        );
+        assert_eq!(problem.reason, Reason::OverCapacity);
+        assert_eq!(problem.field, "spec.ingress");
+        assert!(problem.detail.contains("pod x/b"), "{}", problem.detail);
+        assert!(
+            problem.detail.contains("CIDR map is full"),
+            "{}",
+            problem.detail
+        );
+        assert!(over_capacity(&state, &ApplyReport::default()).is_empty());
+    }
 }

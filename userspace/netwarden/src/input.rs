@@ -4,7 +4,10 @@
 use std::path::Path;
 
 use anyhow::Context as _;
-use netwarden_kube::KubeSource;
+use netwarden_kube::{
+    KubeSource,
+    events::{self, PolicyEvents, Unenforceable},
+};
 use netwarden_model::{Cluster, ManifestDir};
 use notify::Watcher as _;
 use tokio::sync::mpsc;
@@ -22,7 +25,12 @@ pub enum Input {
         changes: mpsc::UnboundedReceiver<()>,
     },
     /// The Kubernetes API, watched with kube-rs.
-    Kubernetes(Box<KubeSource>),
+    Kubernetes {
+        /// The watchers' caches.
+        source: Box<KubeSource>,
+        /// Events on the NetworkPolicies this node cannot enforce.
+        events: PolicyEvents,
+    },
 }
 
 impl Input {
@@ -49,13 +57,17 @@ impl Input {
 
     /// Watches the cluster the in-cluster configuration or `KUBECONFIG` points at, and waits
     /// for the first complete list of every kind: applying an empty cluster would open every
-    /// pod.
-    pub async fn kubernetes() -> anyhow::Result<Self> {
-        let mut source = KubeSource::try_default()
+    /// pod. Events it posts name `node`.
+    pub async fn kubernetes(node: &str) -> anyhow::Result<Self> {
+        let client = netwarden_kube::default_client()
             .await
             .context("connecting to the Kubernetes API")?;
+        let mut source = KubeSource::start(client.clone());
         source.synced().await;
-        Ok(Self::Kubernetes(Box::new(source)))
+        Ok(Self::Kubernetes {
+            source: Box::new(source),
+            events: PolicyEvents::start(client, node, events::DEFAULT_WINDOW),
+        })
     }
 
     /// Waits for the next change. Cancel-safe.
@@ -66,7 +78,7 @@ impl Input {
                     std::future::pending::<()>().await;
                 }
             }
-            Self::Kubernetes(source) => source.changed().await,
+            Self::Kubernetes { source, .. } => source.changed().await,
         }
     }
 
@@ -94,7 +106,7 @@ impl Input {
                     None
                 }
             },
-            Self::Kubernetes(_) => Some(false),
+            Self::Kubernetes { .. } => Some(false),
         }
     }
 
@@ -105,8 +117,10 @@ impl Input {
                 let (cluster, errors) = dir.cluster();
                 (cluster, errors.iter().map(ToString::to_string).collect())
             }
-            Self::Kubernetes(source) => {
+            Self::Kubernetes { source, events } => {
                 let (cluster, errors) = source.cluster();
+                // Posted at every apply; the rate limit keeps it to one per policy and window.
+                source.report(events, &Unenforceable::from_errors(&errors));
                 (cluster, errors.iter().map(ToString::to_string).collect())
             }
         }
@@ -116,7 +130,15 @@ impl Input {
     pub fn digest(&self) -> String {
         match self {
             Self::Manifests { dir, .. } => dir.digest(),
-            Self::Kubernetes(source) => source.digest(),
+            Self::Kubernetes { source, .. } => source.digest(),
+        }
+    }
+
+    /// How many times the Kubernetes watchers recovered from an error (0 for a directory).
+    pub fn watch_restarts(&self) -> u64 {
+        match self {
+            Self::Manifests { .. } => 0,
+            Self::Kubernetes { source, .. } => source.restarts(),
         }
     }
 
@@ -124,7 +146,15 @@ impl Input {
     pub fn describe(&self) -> String {
         match self {
             Self::Manifests { dir, .. } => format!("manifests in {}", dir.root().display()),
-            Self::Kubernetes(_) => "the Kubernetes API".to_owned(),
+            Self::Kubernetes { .. } => "the Kubernetes API".to_owned(),
+        }
+    }
+
+    /// Reports policies the datapath could not enforce (the log has them already; the
+    /// Kubernetes source also posts Events on them).
+    pub fn report_unenforceable(&mut self, problems: &[Unenforceable]) {
+        if let Self::Kubernetes { source, events } = self {
+            source.report(events, problems);
         }
     }
 }

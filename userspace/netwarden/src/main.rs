@@ -9,6 +9,7 @@ mod events;
 mod explain;
 mod health;
 mod input;
+mod metrics;
 mod status;
 
 use std::path::PathBuf;

@@ -79,11 +79,16 @@ pub struct Verdicts {
 }
 
 impl Verdicts {
-    /// From the datapath's counter array.
+    /// From the datapath's counter array, both directions added up.
     #[must_use]
     pub fn from_counters(counters: &[u64]) -> Self {
-        use netwarden_common::counter;
-        let at = |index: u32| counters.get(index as usize).copied().unwrap_or(0);
+        use netwarden_common::{counter, direction};
+        let at = |reason: u32| {
+            [direction::INGRESS, direction::EGRESS]
+                .into_iter()
+                .filter_map(|dir| counters.get(counter::slot(dir, reason) as usize))
+                .sum()
+        };
         Self {
             allowed_tracked: at(counter::ALLOWED_TRACKED),
             allowed_not_isolated: at(counter::ALLOWED_NOT_ISOLATED),

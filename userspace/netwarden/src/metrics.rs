@@ -1,0 +1,563 @@
+//! The agent's Prometheus metrics (`prometheus-client`), rendered in the text exposition format
+//! on `/metrics` of `--metrics-address`.
+//!
+//! The agent loop sets the gauges after every apply ([`Metrics::observe_apply`]); the datapath's
+//! verdict counters are read when the endpoint is scraped ([`Metrics::observe_verdicts`]), so
+//! they are current even when nothing has been applied for hours. Counters that are totals kept
+//! elsewhere (the datapath's per-CPU counters, the watchers' restarts) are exposed as those
+//! totals, not re-counted here: they survive agent restarts the way the pinned maps do.
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use netwarden_common::{counter, direction};
+use netwarden_datapath::{ApplyReport, MapUsage};
+use netwarden_policy::DatapathState;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Metric, Registry, Unit},
+};
+
+/// `state` of an endpoint, as the status file names it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// A datapath map, by its pinned name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+/// One verdict counter of the datapath.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    /// `ingress` or `egress`, from the pod's point of view.
+    direction: &'static str,
+    /// `allow` or `deny`.
+    verdict: &'static str,
+    /// Why, in the words of `netwarden_common::counter`.
+    reason: &'static str,
+}
+
+/// The verdict counters of `netwarden_common::counter`, with their labels. The two event
+/// counters of that array are not verdicts; they have metrics of their own.
+const VERDICT_REASONS: [(u32, &str, &str); 11] = [
+    (counter::ALLOWED_TRACKED, "allow", "tracked"),
+    (counter::ALLOWED_NOT_ISOLATED, "allow", "not_isolated"),
+    (counter::ALLOWED_BY_POLICY, "allow", "policy"),
+    (counter::ALLOWED_NODE, "allow", "node"),
+    (counter::ALLOWED_NETWORK_CONTROL, "allow", "network_control"),
+    (counter::ALLOWED_RELATED, "allow", "related_icmp_error"),
+    (counter::DENIED_BY_POLICY, "deny", "policy"),
+    (
+        counter::DENIED_ENDPOINT_NOT_READY,
+        "deny",
+        "endpoint_not_ready",
+    ),
+    (counter::DENIED_REVOKED, "deny", "revoked"),
+    (counter::DENIED_MALFORMED, "deny", "malformed"),
+    (counter::DENIED_SPOOFED, "deny", "spoofed"),
+];
+
+const DIRECTIONS: [(u32, &str); 2] = [
+    (direction::INGRESS, "ingress"),
+    (direction::EGRESS, "egress"),
+];
+
+/// Endpoint states of `netwarden_datapath::EndpointReport::state`.
+const ENDPOINT_STATES: [&str; 3] = ["ready", "unknown", "locked"];
+
+/// What one apply produced, for [`Metrics::observe_apply`].
+pub struct Applied<'a> {
+    /// NetworkPolicies in the cluster the source holds (valid or not).
+    pub policies: usize,
+    /// Objects the source or the compiler could not enforce as written.
+    pub input_errors: usize,
+    /// What the compiler wants in the maps.
+    pub state: &'a DatapathState,
+    /// What the datapath did.
+    pub report: &'a ApplyReport,
+    /// How full the maps are after it.
+    pub maps: &'a [MapUsage],
+    /// From the change that caused it being seen to the maps being updated; `None` for the
+    /// first apply, which follows the initial sync rather than a change.
+    pub latency: Option<Duration>,
+}
+
+/// Every metric the agent exports, and the registry that renders them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    policies: Gauge,
+    compiled_policies: Gauge,
+    identities: Gauge,
+    endpoints: Family<StateLabels, Gauge>,
+    endpoints_locked_down: Gauge,
+    pending_pods: Gauge,
+    input_errors: Gauge,
+    map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
+    verdicts: Family<VerdictLabels, Counter>,
+    events_lost: Counter,
+    events_rate_limited: Counter,
+    applies: Counter,
+    apply_duration: Histogram,
+    watch_restarts: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric registered under the `netwarden_` prefix, at zero.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("netwarden");
+        let r = &mut registry;
+        let metrics = Self {
+            policies: registered(
+                r,
+                "policies",
+                "NetworkPolicies the source holds, valid or not",
+            ),
+            compiled_policies: registered(
+                r,
+                "compiled_policies",
+                "Distinct compiled policies in the maps (endpoints with equal policies share one)",
+            ),
+            identities: registered(
+                r,
+                "identities",
+                "Peer identities (namespace, labels, named ports) in use",
+            ),
+            endpoints: registered(
+                r,
+                "endpoints",
+                "Local endpoints by state: ready, unknown (no pod object yet), locked (over capacity)",
+            ),
+            endpoints_locked_down: registered(
+                r,
+                "endpoints_locked_down",
+                "Local endpoints denying all but node traffic because their policy does not fit the maps",
+            ),
+            pending_pods: registered(
+                r,
+                "pending_pods",
+                "Local pods whose interface has not been found yet",
+            ),
+            input_errors: registered(
+                r,
+                "input_errors",
+                "Problems with the input or the maps at the last apply (each is logged with its object and field)",
+            ),
+            map_entries: registered(
+                r,
+                "map_entries",
+                "Entries the agent wrote to each datapath map",
+            ),
+            map_capacity: registered(r, "map_capacity", "max_entries of each datapath map"),
+            verdicts: registered(
+                r,
+                "verdicts",
+                "Packets decided by the datapath since its maps were created, by direction (pod's view), verdict and reason",
+            ),
+            events_lost: registered(
+                r,
+                "deny_events_lost",
+                "Deny events dropped because the ring buffer was full (the agent fell behind)",
+            ),
+            events_rate_limited: registered(
+                r,
+                "deny_events_rate_limited",
+                "Deny events not reported: over the per-CPU rate limit",
+            ),
+            applies: registered(r, "applies", "Compilations applied to the datapath"),
+            apply_duration: {
+                // 100 µs to ~3 s: an incremental apply is sub-millisecond, a full one on a
+                // large cluster takes seconds.
+                let histogram = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+                r.register_with_unit(
+                    "apply_duration",
+                    "From a change being seen by the agent to the maps being updated",
+                    Unit::Seconds,
+                    histogram.clone(),
+                );
+                histogram
+            },
+            watch_restarts: registered(
+                r,
+                "watch_restarts",
+                "Kubernetes list/watch failures the watchers backed off from and resumed (410 Gone included)",
+            ),
+            registry,
+        };
+        // Every series exists from the start, at zero: a rate over a series that appears late
+        // misses its first increase.
+        for (_, name) in DIRECTIONS {
+            for (_, verdict, reason) in VERDICT_REASONS {
+                let labels = VerdictLabels {
+                    direction: name,
+                    verdict,
+                    reason,
+                };
+                drop(metrics.verdicts.get_or_create(&labels));
+            }
+        }
+        for state in ENDPOINT_STATES {
+            drop(metrics.endpoints.get_or_create(&StateLabels { state }));
+        }
+        metrics
+    }
+
+    /// Records what an apply produced.
+    pub fn observe_apply(&self, applied: &Applied<'_>) {
+        let Applied {
+            policies,
+            input_errors,
+            state,
+            report,
+            maps,
+            latency,
+        } = applied;
+        self.policies.set(gauge_value(*policies));
+        self.compiled_policies
+            .set(gauge_value(state.policies.len()));
+        self.identities.set(gauge_value(state.identities.len()));
+        for state_name in ENDPOINT_STATES {
+            let count = report
+                .endpoints
+                .iter()
+                .filter(|endpoint| endpoint.state == state_name)
+                .count();
+            self.endpoints
+                .get_or_create(&StateLabels { state: state_name })
+                .set(gauge_value(count));
+            if state_name == "locked" {
+                self.endpoints_locked_down.set(gauge_value(count));
+            }
+        }
+        self.pending_pods.set(gauge_value(report.pending.len()));
+        self.input_errors.set(gauge_value(*input_errors));
+        for usage in *maps {
+            let labels = MapLabels { map: usage.map };
+            if let Some(entries) = usage.entries {
+                self.map_entries
+                    .get_or_create(&labels)
+                    .set(gauge_value(entries));
+            }
+            self.map_capacity
+                .get_or_create(&labels)
+                .set(i64::from(usage.capacity));
+        }
+        self.applies.inc();
+        if let Some(latency) = latency {
+            self.apply_duration.observe(latency.as_secs_f64());
+        }
+    }
+
+    /// Takes the datapath's verdict counters (summed over CPUs, indexed by
+    /// `netwarden_common::counter::slot`).
+    pub fn observe_verdicts(&self, counters: &[u64]) {
+        let at = |dir: u32, reason: u32| {
+            counters
+                .get(counter::slot(dir, reason) as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        for (dir, name) in DIRECTIONS {
+            for (reason, verdict, reason_name) in VERDICT_REASONS {
+                let labels = VerdictLabels {
+                    direction: name,
+                    verdict,
+                    reason: reason_name,
+                };
+                set_total(&self.verdicts.get_or_create(&labels), at(dir, reason));
+            }
+        }
+        let both = |reason| at(direction::INGRESS, reason) + at(direction::EGRESS, reason);
+        set_total(&self.events_lost, both(counter::EVENTS_LOST));
+        set_total(
+            &self.events_rate_limited,
+            both(counter::EVENTS_RATE_LIMITED),
+        );
+    }
+
+    /// Takes the watchers' restart total.
+    pub fn observe_watch_restarts(&self, total: u64) {
+        set_total(&self.watch_restarts, total);
+    }
+
+    /// The text exposition (the `OpenMetrics` format, which Prometheus reads) of every metric.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail; a metric that failed to encode would be a bug here.
+        encode(&mut text, &self.registry).expect("metrics encode into a String");
+        text
+    }
+}
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A new metric, registered under `name`.
+fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// A counter whose total is kept elsewhere: exposed as it is.
+fn set_total(counter: &Counter, total: u64) {
+    counter.inner().store(total, Ordering::Relaxed);
+}
+
+fn gauge_value(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, time::Duration};
+
+    use netwarden_common::{counter, direction};
+    use netwarden_datapath::{ApplyReport, EndpointReport, MapUsage};
+    use netwarden_model::ManifestDir;
+    use netwarden_policy::{Compiler, DatapathState};
+
+    use super::{Applied, Metrics};
+
+    /// Two pods on this node, one policy isolating `b` for ingress from anything but `a`, and a
+    /// second policy whose namespace does not exist (still counted as a policy).
+    const CLUSTER: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {app: a}}
+spec: {nodeName: node-1, containers: [{name: c, ports: [{containerPort: 80}]}]}
+status: {podIP: 10.244.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {app: b}}
+spec: {nodeName: node-1, containers: [{name: c, ports: [{containerPort: 80}]}]}
+status: {podIP: 10.244.0.6}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-a, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: a}}}], ports: [{port: 80}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: elsewhere, namespace: y}
+spec: {podSelector: {}, policyTypes: [Egress]}
+";
+
+    /// The lines of `text` that are samples of `name` (with its labels, if any).
+    fn samples<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .collect()
+    }
+
+    fn value(text: &str, series: &str) -> String {
+        let line = text
+            .lines()
+            .find(|line| {
+                line.strip_prefix(series)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
+            .unwrap_or_else(|| panic!("no sample {series} in\n{text}"));
+        line[series.len() + 1..].to_owned()
+    }
+
+    /// [`CLUSTER`] read as the manifest source reads it and compiled for `node-1`: the number
+    /// of policies and the compiler's state.
+    fn compiled() -> (usize, DatapathState) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cluster.yaml"), CLUSTER).unwrap();
+        let mut source = ManifestDir::new(dir.path());
+        source.refresh().unwrap();
+        let (cluster, errors) = source.cluster();
+        assert!(errors.is_empty(), "{errors:?}");
+        let policies = cluster.policies.len();
+        let mut compiler = Compiler::new("node-1");
+        compiler.set_node_addresses(&["172.18.0.2".parse::<IpAddr>().unwrap()]);
+        (policies, compiler.sync(cluster).clone())
+    }
+
+    #[test]
+    fn a_compiled_apply_renders_its_gauges_and_latency() {
+        let (policies, state) = compiled();
+        // The datapath's report for that state on a node where `b`'s policy did not fit.
+        let report = ApplyReport {
+            endpoints: vec![
+                EndpointReport {
+                    pod: Some("x/a".into()),
+                    interface: "veth-a".into(),
+                    ifindex: 5,
+                    state: "ready",
+                    attached: true,
+                },
+                EndpointReport {
+                    pod: Some("x/b".into()),
+                    interface: "veth-b".into(),
+                    ifindex: 6,
+                    state: "locked",
+                    attached: true,
+                },
+            ],
+            pending: vec![],
+            errors: vec!["policy 1: policy map is full or failing".into()],
+            changed: true,
+            ..ApplyReport::default()
+        };
+        let maps = [
+            MapUsage {
+                map: "POLICY",
+                entries: Some(3),
+                capacity: 4,
+            },
+            MapUsage {
+                map: "CONNTRACK",
+                entries: None,
+                capacity: 1024,
+            },
+        ];
+        let metrics = Metrics::new();
+        metrics.observe_apply(&Applied {
+            policies,
+            input_errors: report.errors.len(),
+            state: &state,
+            report: &report,
+            maps: &maps,
+            latency: Some(Duration::from_micros(750)),
+        });
+        let text = metrics.render();
+
+        assert_eq!(value(&text, "netwarden_policies"), "2");
+        // One compiled policy (b's ingress); a is not isolated.
+        assert_eq!(state.policies.len(), 1);
+        assert_eq!(value(&text, "netwarden_compiled_policies"), "1");
+        assert_eq!(
+            value(&text, "netwarden_identities"),
+            state.identities.len().to_string()
+        );
+        assert!(!state.identities.is_empty());
+        assert_eq!(value(&text, r#"netwarden_endpoints{state="ready"}"#), "1");
+        assert_eq!(value(&text, r#"netwarden_endpoints{state="locked"}"#), "1");
+        assert_eq!(value(&text, r#"netwarden_endpoints{state="unknown"}"#), "0");
+        assert_eq!(value(&text, "netwarden_endpoints_locked_down"), "1");
+        assert_eq!(value(&text, "netwarden_input_errors"), "1");
+        assert_eq!(value(&text, r#"netwarden_map_entries{map="POLICY"}"#), "3");
+        assert_eq!(value(&text, r#"netwarden_map_capacity{map="POLICY"}"#), "4");
+        assert_eq!(
+            value(&text, r#"netwarden_map_capacity{map="CONNTRACK"}"#),
+            "1024"
+        );
+        assert!(
+            samples(&text, "netwarden_map_entries")
+                .iter()
+                .all(|line| !line.contains("CONNTRACK")),
+            "conntrack entries are not known to the agent:\n{text}"
+        );
+        assert_eq!(value(&text, "netwarden_applies_total"), "1");
+        assert!(text.contains("# TYPE netwarden_apply_duration_seconds histogram"));
+        assert!(text.contains("# UNIT netwarden_apply_duration_seconds seconds"));
+        assert_eq!(value(&text, "netwarden_apply_duration_seconds_count"), "1");
+        assert_eq!(
+            value(&text, "netwarden_apply_duration_seconds_sum"),
+            "0.00075"
+        );
+        // 750 µs falls in the 0.0008 bucket, not in 0.0004.
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_apply_duration_seconds_bucket{le="0.0004"}"#
+            ),
+            "0"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_apply_duration_seconds_bucket{le="0.0008"}"#
+            ),
+            "1"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn verdict_counters_render_by_direction_verdict_and_reason() {
+        let metrics = Metrics::new();
+        let mut counters = vec![0; counter::SLOTS as usize];
+        counters[counter::slot(direction::INGRESS, counter::DENIED_BY_POLICY) as usize] = 7;
+        counters[counter::slot(direction::EGRESS, counter::ALLOWED_TRACKED) as usize] = 40;
+        counters[counter::slot(direction::INGRESS, counter::EVENTS_LOST) as usize] = 2;
+        counters[counter::slot(direction::EGRESS, counter::EVENTS_LOST) as usize] = 1;
+        metrics.observe_verdicts(&counters);
+        metrics.observe_watch_restarts(3);
+        let text = metrics.render();
+
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_verdicts_total{direction="ingress",verdict="deny",reason="policy"}"#
+            ),
+            "7"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_verdicts_total{direction="egress",verdict="allow",reason="tracked"}"#
+            ),
+            "40"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_verdicts_total{direction="egress",verdict="deny",reason="policy"}"#
+            ),
+            "0"
+        );
+        // Every reason in both directions, the event counters apart.
+        assert_eq!(samples(&text, "netwarden_verdicts_total").len(), 22);
+        assert_eq!(value(&text, "netwarden_deny_events_lost_total"), "3");
+        assert_eq!(
+            value(&text, "netwarden_deny_events_rate_limited_total"),
+            "0"
+        );
+        assert_eq!(value(&text, "netwarden_watch_restarts_total"), "3");
+
+        // Counters are the datapath's totals: a later read replaces, not adds.
+        counters[counter::slot(direction::INGRESS, counter::DENIED_BY_POLICY) as usize] = 9;
+        metrics.observe_verdicts(&counters);
+        let text = metrics.render();
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_verdicts_total{direction="ingress",verdict="deny",reason="policy"}"#
+            ),
+            "9"
+        );
+    }
+}
