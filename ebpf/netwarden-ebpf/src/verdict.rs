@@ -27,14 +27,13 @@
 //!
 //! 1. Not IP, or IPv6 neighbour discovery and multicast listener messages: pass (link
 //!    plumbing, never policy).
-//! 1b. F tracked, epoch current: pass, without further lookups (the fast path). This skips
-//!    step 2 safely: F was tracked only after step 2 passed for its endpoint and address, and
-//!    any change to `ENDPOINTS` or `ENDPOINT_ADDRESSES` bumps the epoch, which sends F back
-//!    through every step.
-//! 2. E unknown to `ENDPOINTS`: drop (an attached veth the agent forgot about fails closed).
+//! 2. F tracked, epoch current: pass (replies of allowed flows: the fast path, one lookup).
+//!    Step 3 is safely skipped: F was tracked only after step 3 passed for its endpoint and
+//!    address, and any change to `ENDPOINTS` or `ENDPOINT_ADDRESSES` bumps the epoch, which
+//!    sends F back through every step.
+//! 3. E unknown to `ENDPOINTS`: drop (an attached veth the agent forgot about fails closed).
 //!    Leaving the pod from an address `ENDPOINT_ADDRESSES` does not give it: drop (spoofed).
 //!    An ICMP error quoting a packet of a tracked flow: pass (PMTU discovery keeps working).
-//! 3. F tracked, epoch current: pass (replies of allowed flows, and the fast path).
 //! 4. F tracked, epoch stale: decide again for the direction that opened F; drop and forget F
 //!    when that decision now denies (a revoked permission does not live on in conntrack).
 //! 5. F new: decide for D; track F when allowed and the packet may open a flow (for TCP only
@@ -118,7 +117,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     let epoch = current_epoch();
     // One conntrack lookup serves the fast path and, when the entry is stale, step 4: the
     // entry's memory stays valid for the whole program run.
-    let tracked = CONNTRACK.get_ptr_mut(&flow);
+    let tracked = CONNTRACK.get_ptr_mut(flow);
     if let Some(tracked) = tracked
         // SAFETY: the pointer comes from a successful lookup and is read at once.
         && unsafe { (*tracked).epoch } == epoch

@@ -20,6 +20,8 @@ pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(1);
 /// The port the spoofed datagrams go to: no scenario server listens there.
 const SPOOF_PORT: u16 = 7999;
 const IPPROTO_RAW: i32 = 255;
+/// The MTU an ICMP error announces: above the minimum the kernel accepts, below the veth's.
+const MTU: u16 = 1400;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMP: i32 = 1;
@@ -65,7 +67,7 @@ pub async fn spoofed_datagram_arrives(
     send_raw(raw, &packet, destination).await?;
 
     let mut buffer = [0_u8; 256];
-    let received = timeout(DELIVERY_TIMEOUT, async {
+    let arrival = timeout(DELIVERY_TIMEOUT, async {
         loop {
             let (length, _) = listening.recv_from(&mut buffer).await?;
             if buffer[..length] == payload[..] {
@@ -74,7 +76,7 @@ pub async fn spoofed_datagram_arrives(
         }
     })
     .await;
-    match received {
+    match arrival {
         Ok(result) => result.map(|()| true),
         Err(_) => Ok(false),
     }
@@ -118,7 +120,6 @@ pub async fn icmp_error_arrives(
         transport_protocol,
         &first_bytes,
     );
-    const MTU: u16 = 1400;
     let mut message = if v4 {
         // Type 3 (unreachable), code 4 (fragmentation needed), next-hop MTU.
         let mut message = vec![3, 4, 0, 0, 0, 0];

@@ -494,6 +494,12 @@ fn unsupported(scenario: &Scenario) -> Option<String> {
     if scenario.model.has(IpFamily::IPv6) {
         return Some("the kind cluster is IPv4-only".to_owned());
     }
+    if !scenario.agent_args.is_empty() {
+        return Some(format!(
+            "agent_args {:?}: the DaemonSet runs with the arguments in deploy/",
+            scenario.agent_args
+        ));
+    }
     if !scenario.model.external_hosts.is_empty() {
         return Some("external hosts have no counterpart in a kind cluster".to_owned());
     }
@@ -509,6 +515,9 @@ fn unsupported(scenario: &Scenario) -> Option<String> {
         )),
         Step::OpenConnection { .. } | Step::CheckConnection { .. } => Some(format!(
             "{step}: long-lived connections are kept by the netns harness only"
+        )),
+        Step::SendSpoofed { .. } | Step::IcmpError { .. } => Some(format!(
+            "{step}: crafted packets are sent from the netns harness only"
         )),
         _ => None,
     })
@@ -703,7 +712,9 @@ impl Cluster<'_> {
             } => return self.probe(*port, *protocol, &expect.endpoints, &expect.allowed),
             Step::PublishPod { .. }
             | Step::OpenConnection { .. }
-            | Step::CheckConnection { .. } => {
+            | Step::CheckConnection { .. }
+            | Step::SendSpoofed { .. }
+            | Step::IcmpError { .. } => {
                 bail!("not supported on a real cluster (the scenario should have been skipped)")
             }
         }

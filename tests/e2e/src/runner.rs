@@ -500,7 +500,7 @@ impl ScenarioRun<'_> {
                 expect,
             } => {
                 self.send_spoofed(number, step, from, to, source, *expect)
-                    .await?
+                    .await?;
             }
             Step::IcmpError {
                 connection,
@@ -508,7 +508,7 @@ impl ScenarioRun<'_> {
                 expect,
             } => {
                 self.icmp_error(number, step, connection, *quote, *expect)
-                    .await?
+                    .await?;
             }
             change => {
                 if self.apply(change).await? {
