@@ -188,6 +188,23 @@ pub struct FlowState {
     /// The policy epoch under which the flow was last found allowed; a flow from an older epoch
     /// is checked again against the current policy before its packet passes.
     pub epoch: u32,
+    /// [`flow_flags`]: what the datapath has seen of the flow. Bits are only ever set by the
+    /// datapath, and only when one is missing (one store per sweep, not one per packet);
+    /// the agent's sweeper clears [`flow_flags::SEEN`].
+    pub flags: u32,
+    /// Sweeps in a row that found the flow without [`flow_flags::SEEN`]: how long it has been
+    /// idle, in sweep intervals. Written by the sweeper only.
+    pub idle_sweeps: u32,
+}
+
+/// Bits of [`FlowState::flags`].
+pub mod flow_flags {
+    /// A packet of the flow passed since the last sweep.
+    pub const SEEN: u32 = 1;
+    /// A packet went the other way from the one that opened the flow.
+    pub const REPLIED: u32 = 2;
+    /// A TCP FIN or RST went through: the connection is closing.
+    pub const CLOSING: u32 = 4;
 }
 
 /// A verdict the datapath reports to the agent through the `EVENTS` ring buffer: every deny,

@@ -43,6 +43,8 @@ pub enum Opening {
     /// packet of a handshake may create conntrack state: a mid-stream packet from the server
     /// must not open a "flow" through which the client's packets then pass as replies.
     Continuation,
+    /// A TCP FIN or RST: a continuation that also tells conntrack the connection is closing.
+    Closing,
     /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem) quoting a
     /// packet at offset `quoted`: when that packet belongs to a tracked flow the error passes,
     /// so path MTU discovery keeps working. An error never opens a flow itself.
@@ -52,7 +54,9 @@ pub enum Opening {
     },
 }
 
+const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 
 /// A packet that could not be parsed; the caller drops it.
@@ -143,6 +147,8 @@ fn transport(ctx: &TcContext, header: &IpHeader) -> Result<(u16, u16, Opening), 
         let flags: u8 = load(ctx, header.l4_offset + 13)?;
         if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
             Opening::Yes
+        } else if flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
+            Opening::Closing
         } else {
             Opening::Continuation
         }

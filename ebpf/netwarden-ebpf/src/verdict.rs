@@ -17,8 +17,11 @@
 //!   is looked up in `POLICY` like an identity. This path applies to pod IPs too, so `ipBlock`
 //!   semantics stay exact whatever identity the address has.
 //! - `ENDPOINT_ADDRESSES`: (ifindex, address) of every address a local pod owns.
-//! - `CONNTRACK`: LRU of flows as the endpoint sees them -> the direction that opened the flow
-//!   and the policy epoch under which it was last allowed.
+//! - `CONNTRACK`: LRU of flows as the endpoint sees them -> the direction that opened the flow,
+//!   the policy epoch under which it was last allowed, and activity bits (seen since the last
+//!   sweep, replied, closing) from which the agent's sweeper expires idle flows: TCP closing
+//!   after 10 s, unanswered flows after 60 s, other protocols after 60 s idle, established TCP
+//!   after 6 h idle (all configurable). A full table evicts the least recently used flow.
 //! - `EPOCH`: bumped by the agent after every policy change.
 //! - `EVENTS`: a ring buffer of deny events, at most `EVENTS_PER_CPU_PER_SECOND` per CPU; what
 //!   does not fit is counted (`EVENTS_RATE_LIMITED`, `EVENTS_LOST`), never waited for.
@@ -57,7 +60,7 @@ use aya_ebpf::{
 };
 use netwarden_common::{
     CidrClass, CidrKey, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint, EndpointAddress,
-    EventBudget, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
+    EventBudget, FlowKey, FlowState, flow_flags, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
     POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, VerdictEvent, counter,
     direction, endpoint_state,
 };
@@ -118,11 +121,13 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     // One conntrack lookup serves the fast path and, when the entry is stale, step 4: the
     // entry's memory stays valid for the whole program run.
     let tracked = CONNTRACK.get_ptr_mut(flow);
-    if let Some(tracked) = tracked
-        // SAFETY: the pointer comes from a successful lookup and is read at once.
-        && unsafe { (*tracked).epoch } == epoch
-    {
-        return count(counter::ALLOWED_TRACKED, dir, ALLOW);
+    if let Some(tracked) = tracked {
+        // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
+        let tracked = unsafe { &mut *tracked };
+        if tracked.epoch == epoch {
+            note_activity(tracked, dir, opening);
+            return count(counter::ALLOWED_TRACKED, dir, ALLOW);
+        }
     }
     // SAFETY: the value is copied out at once; a concurrent update can at worst make this
     // packet see the endpoint's previous state, which was valid too.
@@ -157,6 +162,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         let reason = decide(&endpoint, origin, &flow, opening_port(&flow, origin));
         if is_allowed(reason) {
             tracked.epoch = epoch;
+            note_activity(tracked, dir, opening);
             return count(counter::ALLOWED_TRACKED, dir, ALLOW);
         }
         let _ = CONNTRACK.remove(flow);
@@ -169,7 +175,13 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         // A full table evicts its least recently used flow; that flow is decided again on its
         // next packet, so an eviction never opens anything.
         if opening == Opening::Yes {
-            let _ = CONNTRACK.insert(flow, FlowState { origin: dir, epoch }, u64::from(BPF_ANY));
+            let state = FlowState {
+                origin: dir,
+                epoch,
+                flags: flow_flags::SEEN,
+                idle_sweeps: 0,
+            };
+            let _ = CONNTRACK.insert(flow, state, u64::from(BPF_ANY));
         }
         return count(reason, dir, ALLOW);
     }
@@ -215,6 +227,23 @@ fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32) {
         peer_addr: flow.peer_addr,
     });
     entry.submit(0);
+}
+
+/// Records what the agent's sweeper needs to expire the flow: that it is active, answered,
+/// closing. Stores only when a bit is missing, so an active flow costs one store per sweep,
+/// not one per packet (and no clock read at all).
+#[inline(always)]
+fn note_activity(tracked: &mut FlowState, dir: u32, opening: Opening) {
+    let mut flags = flow_flags::SEEN;
+    if dir != tracked.origin {
+        flags |= flow_flags::REPLIED;
+    }
+    if opening == Opening::Closing {
+        flags |= flow_flags::CLOSING;
+    }
+    if tracked.flags & flags != flags {
+        tracked.flags |= flags;
+    }
 }
 
 /// Whether `flow` is tracked (whatever its epoch).

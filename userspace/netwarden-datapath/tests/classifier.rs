@@ -482,3 +482,75 @@ fn verdicts_are_counted_per_direction_and_read_the_same_through_the_pin() {
         "the metrics endpoint reads the same counters"
     );
 }
+
+/// A TCP segment with exactly `flags` (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10).
+fn tcp_with_flags(source: u16, destination: u16, flags: u8) -> Vec<u8> {
+    let mut segment = tcp(source, destination, false);
+    segment[13] = flags;
+    segment
+}
+
+fn udp(source: u16, destination: u16) -> Vec<u8> {
+    let mut datagram = Vec::new();
+    datagram.extend(source.to_be_bytes());
+    datagram.extend(destination.to_be_bytes());
+    datagram.extend([0, 12, 0, 0, b'p', b'i', b'n', b'g']);
+    datagram
+}
+
+#[test]
+fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream() {
+    use std::time::Duration;
+
+    use netwarden_datapath::conntrack::{Sweeper, Timeouts};
+
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let interval = Duration::from_secs(10);
+    let mut sweeper = Sweeper::open(harness.bpffs.path(), interval, Timeouts::default())
+        .expect("the conntrack map is pinned under the harness's bpffs");
+    let outside = Ipv4Addr::new(192, 0, 2, 1);
+
+    // An answered TCP connection into the server, and a UDP flow out of it nobody answers.
+    let client_to_server = |flags| {
+        ethernet(
+            0x0800,
+            &ipv4(CLIENT, SERVER, 6, 0, &tcp_with_flags(40000, 80, flags)),
+        )
+    };
+    let server_to_client = |flags| {
+        ethernet(
+            0x0800,
+            &ipv4(SERVER, CLIENT, 6, 0, &tcp_with_flags(80, 40000, flags)),
+        )
+    };
+    assert_eq!(harness.run(true, &client_to_server(0x02)), ALLOW, "SYN");
+    assert_eq!(harness.run(false, &server_to_client(0x12)), ALLOW, "SYN-ACK");
+    let unanswered = ethernet(0x0800, &ipv4(SERVER, outside, 17, 0, &udp(5353, 53)));
+    assert_eq!(harness.run(false, &unanswered), ALLOW);
+    assert_eq!(sweeper.sweep().flows, 2, "both flows are tracked");
+
+    // Six idle sweeps (60 s) expire the unanswered flow; the established one (6 h) stays.
+    let expired: usize = (0..6).map(|_| sweeper.sweep().expired).sum();
+    assert_eq!(expired, 1, "only the unanswered UDP flow expires within 60 s");
+    assert_eq!(sweeper.sweep().flows, 1);
+
+    // Traffic keeps a flow alive however many sweeps pass.
+    for _ in 0..3 {
+        assert_eq!(harness.run(true, &client_to_server(0x10)), ALLOW);
+        assert_eq!(sweeper.sweep().expired, 0);
+    }
+
+    // A FIN marks it closing: one idle sweep (10 s) later it is gone.
+    assert_eq!(harness.run(true, &client_to_server(0x11)), ALLOW, "FIN");
+    assert_eq!(sweeper.sweep().expired, 0, "the FIN counted as activity");
+    assert_eq!(sweeper.sweep().expired, 1, "closing flows go after 10 s idle");
+    assert_eq!(sweeper.sweep().flows, 0);
+
+    // Without its entry, a mid-stream segment is decided on its own and creates nothing: the
+    // server's packet to the client passes only because the server's egress is not isolated.
+    assert_eq!(harness.run(false, &server_to_client(0x10)), ALLOW);
+    assert_eq!(harness.run(true, &client_to_server(0x10)), ALLOW, "policy allows client:80");
+    assert_eq!(sweeper.sweep().flows, 0, "no entry came back from mid-stream segments");
+}

@@ -14,12 +14,13 @@ use anyhow::Context as _;
 use futures::StreamExt as _;
 use netwarden_datapath::{
     ApplyReport, Capacity, Datapath,
+    conntrack::{Sweeper, Timeouts},
     netlink::{Netlink, NodeNetwork},
 };
 use netwarden_kube::events::Unenforceable;
 use netwarden_policy::{Compiler, DatapathState};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     events::{self, Attribution, EndpointNames, SharedAttribution},
@@ -65,6 +66,22 @@ pub struct AgentOptions {
     /// Capacity of the connection-tracking table.
     #[arg(long, default_value_t = Capacity::default().conntrack)]
     pub conntrack_entries: u32,
+    /// Seconds between two sweeps of the connection-tracking table for idle flows.
+    #[arg(long, default_value_t = 10)]
+    pub conntrack_sweep_seconds: u64,
+    /// Idle seconds after which an answered TCP connection is forgotten.
+    #[arg(long, default_value_t = Timeouts::default().tcp_established.as_secs())]
+    pub conntrack_tcp_seconds: u64,
+    /// Idle seconds after which an answered flow of another protocol (UDP, SCTP, ICMP) is
+    /// forgotten.
+    #[arg(long, default_value_t = Timeouts::default().other.as_secs())]
+    pub conntrack_other_seconds: u64,
+    /// Idle seconds after which a flow nobody answered is forgotten.
+    #[arg(long, default_value_t = Timeouts::default().unreplied.as_secs())]
+    pub conntrack_unreplied_seconds: u64,
+    /// Idle seconds after which a TCP connection that sent a FIN or RST is forgotten.
+    #[arg(long, default_value_t = Timeouts::default().closing.as_secs())]
+    pub conntrack_closing_seconds: u64,
 }
 
 /// What [`apply`] works with besides the input and the node's network.
@@ -152,6 +169,41 @@ fn apply(
         elapsed_us = started.elapsed().as_micros(),
         "applied"
     );
+}
+
+/// Sweeps the pinned conntrack table for idle flows on a thread of its own, for as long as the
+/// agent runs (a restarted agent picks the table up where this one left it).
+fn spawn_conntrack_sweeper(options: &AgentOptions, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let seconds = Duration::from_secs;
+    let timeouts = Timeouts {
+        closing: seconds(options.conntrack_closing_seconds),
+        unreplied: seconds(options.conntrack_unreplied_seconds),
+        tcp_established: seconds(options.conntrack_tcp_seconds),
+        other: seconds(options.conntrack_other_seconds),
+    };
+    let interval = seconds(options.conntrack_sweep_seconds.max(1));
+    let mut sweeper =
+        Sweeper::open(&options.bpffs, interval, timeouts).context("opening the conntrack table")?;
+    std::thread::Builder::new()
+        .name("conntrack-sweeper".into())
+        .spawn(move || {
+            loop {
+                // A timer, not a wait for an event: idleness is the absence of events.
+                std::thread::sleep(sweeper.interval());
+                let report = sweeper.sweep();
+                metrics.observe_conntrack_sweep(report.flows, report.expired);
+                if report.expired > 0 || report.skipped > 0 {
+                    debug!(
+                        flows = report.flows,
+                        expired = report.expired,
+                        skipped = report.skipped,
+                        "conntrack sweep"
+                    );
+                }
+            }
+        })
+        .context("starting the conntrack sweeper")?;
+    Ok(())
 }
 
 /// The policies behind each endpoint the datapath locked down because its compiled policy did
@@ -244,9 +296,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     }
     let mut compiler = Compiler::new(options.node.clone());
     compiler.resume(inherited.identities, inherited.highest_policy_id);
+    let metrics = Arc::new(Metrics::new());
+    spawn_conntrack_sweeper(&options, Arc::clone(&metrics))?;
 
     let ready = health::Readiness::default();
-    let metrics = Arc::new(Metrics::new());
     if let Some(address) = options.metrics_address {
         // Without the counters the other metrics are still worth serving.
         let counters = datapath

@@ -110,6 +110,7 @@ pub struct Metrics {
     applies: Counter,
     apply_duration: Histogram,
     watch_restarts: Counter,
+    conntrack_expired: Counter,
 }
 
 impl Default for Metrics {
@@ -198,6 +199,11 @@ impl Metrics {
                 r,
                 "watch_restarts",
                 "Kubernetes list/watch failures the watchers backed off from and resumed (410 Gone included)",
+            ),
+            conntrack_expired: registered(
+                r,
+                "conntrack_expired",
+                "Tracked flows the sweeper removed for being idle past their timeout",
             ),
             registry,
         };
@@ -290,6 +296,15 @@ impl Metrics {
             &self.events_rate_limited,
             both(counter::EVENTS_RATE_LIMITED),
         );
+    }
+
+    /// What a conntrack sweep found: the table's size, and how many idle flows it removed.
+    pub fn observe_conntrack_sweep(&self, flows: usize, expired: usize) {
+        self.map_entries
+            .get_or_create(&MapLabels { map: "CONNTRACK" })
+            .set(gauge_value(flows.saturating_sub(expired)));
+        self.conntrack_expired
+            .inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
     }
 
     /// Takes the watchers' restart total.
