@@ -208,7 +208,8 @@ pub mod flow_flags {
 }
 
 /// A verdict the datapath reports to the agent through the `EVENTS` ring buffer: every deny,
-/// within a per-CPU rate limit (the loss is counted, the datapath never waits).
+/// and new allowed flows as sampled by [`SETTING_ALLOW_EVENT_PERIOD`], within a per-CPU rate
+/// limit (the loss is counted, the datapath never waits).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VerdictEvent {
@@ -232,6 +233,9 @@ pub struct VerdictEvent {
     pub pod_addr: [u8; 16],
     /// The peer's address, IPv4-mapped for IPv4.
     pub peer_addr: [u8; 16],
+    /// For an allowed flow, the compiler's id of the rule that allowed it (0: none, the flow
+    /// was allowed for another reason, such as an unisolated direction).
+    pub rule: u32,
 }
 
 /// Events each CPU may report per second before it only counts them.
@@ -293,6 +297,12 @@ pub mod counter {
 
 /// Index of the policy epoch in the one-element epoch array.
 pub const EPOCH_INDEX: u32 = 0;
+
+/// Index in the `SETTINGS` array of the allow-event period: 0 reports no allowed flow, 1 every
+/// new one, N about one in N (sampled at random, so no flow pattern can hide from it).
+pub const SETTING_ALLOW_EVENT_PERIOD: u32 = 0;
+/// Entries of the `SETTINGS` array.
+pub const SETTINGS_COUNT: u32 = 1;
 
 #[cfg(feature = "user")]
 mod pod_impls {

@@ -53,16 +53,16 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
 use netwarden_common::{
     CidrClass, CidrKey, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint, EndpointAddress,
-    EventBudget, FlowKey, FlowState, flow_flags, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
-    POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, VerdictEvent, counter,
-    direction, endpoint_state,
+    EventBudget, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
+    POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD,
+    SETTINGS_COUNT, VerdictEvent, counter, direction, endpoint_state, flow_flags,
 };
 
 use crate::packet::{self, Opening, Parsed};
@@ -91,6 +91,10 @@ static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(262_144, 0
 
 #[map]
 static EPOCH: Array<u32> = Array::pinned(1, 0);
+
+/// Knobs the agent sets at start ([`SETTING_ALLOW_EVENT_PERIOD`]).
+#[map]
+static SETTINGS: Array<u32> = Array::pinned(SETTINGS_COUNT, 0);
 
 /// The agent's record of which label set got which identity (SHA-256 of the set -> identity).
 /// The programs never read it; it is pinned with the other maps so a restarted agent hands out
@@ -132,7 +136,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     // SAFETY: the value is copied out at once; a concurrent update can at worst make this
     // packet see the endpoint's previous state, which was valid too.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(flow.ifindex) }).copied() else {
-        report(&flow, dir, counter::DENIED_ENDPOINT_NOT_READY, 0);
+        report(&flow, dir, counter::DENIED_ENDPOINT_NOT_READY, 0, 0);
         return count(counter::DENIED_ENDPOINT_NOT_READY, dir, DENY);
     };
     let policy = if dir == direction::INGRESS {
@@ -141,7 +145,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         endpoint.egress_policy
     };
     if dir == direction::EGRESS && !owns_address(&flow) {
-        report(&flow, dir, counter::DENIED_SPOOFED, policy);
+        report(&flow, dir, counter::DENIED_SPOOFED, policy, 0);
         return count(counter::DENIED_SPOOFED, dir, DENY);
     }
     if let Opening::Error { quoted } = opening {
@@ -159,22 +163,25 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         // SAFETY: the pointer comes from a successful lookup and is valid for this program run.
         let tracked = unsafe { &mut *tracked };
         let origin = tracked.origin;
-        let reason = decide(&endpoint, origin, &flow, opening_port(&flow, origin));
+        let reason = decide(&endpoint, origin, &flow, opening_port(&flow, origin)).reason;
         if is_allowed(reason) {
             tracked.epoch = epoch;
             note_activity(tracked, dir, opening);
             return count(counter::ALLOWED_TRACKED, dir, ALLOW);
         }
         let _ = CONNTRACK.remove(flow);
-        report(&flow, origin, counter::DENIED_REVOKED, policy);
+        report(&flow, origin, counter::DENIED_REVOKED, policy, 0);
         return count(counter::DENIED_REVOKED, dir, DENY);
     }
 
-    let reason = decide(&endpoint, dir, &flow, opening_port(&flow, dir));
+    let Decision { reason, rule } = decide(&endpoint, dir, &flow, opening_port(&flow, dir));
     if is_allowed(reason) {
         // A full table evicts its least recently used flow; that flow is decided again on its
         // next packet, so an eviction never opens anything.
         if opening == Opening::Yes {
+            if allow_event_sampled() {
+                report(&flow, dir, reason, policy, rule);
+            }
             let state = FlowState {
                 origin: dir,
                 epoch,
@@ -185,14 +192,14 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         }
         return count(reason, dir, ALLOW);
     }
-    report(&flow, dir, reason, policy);
+    report(&flow, dir, reason, policy, 0);
     count(reason, dir, DENY)
 }
 
 /// Reports a deny to the agent, within the per-CPU budget; never waits, counts what it drops.
 /// Not inlined: the event has a stack frame of its own.
 #[inline(never)]
-fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32) {
+fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32, rule: u32) {
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };
@@ -225,6 +232,7 @@ fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32) {
         policy,
         pod_addr: flow.pod_addr,
         peer_addr: flow.peer_addr,
+        rule,
     });
     entry.submit(0);
 }
@@ -244,6 +252,17 @@ fn note_activity(tracked: &mut FlowState, dir: u32, opening: Opening) {
     if tracked.flags & flags != flags {
         tracked.flags |= flags;
     }
+}
+
+/// Whether this new allowed flow is one the agent asked to hear about.
+#[inline(always)]
+fn allow_event_sampled() -> bool {
+    let period = SETTINGS
+        .get(SETTING_ALLOW_EVENT_PERIOD)
+        .copied()
+        .unwrap_or(0);
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    period == 1 || (period > 1 && unsafe { bpf_get_prandom_u32() } % period == 0)
 }
 
 /// Whether `flow` is tracked (whatever its epoch).
@@ -280,16 +299,30 @@ fn is_allowed(reason: u32) -> bool {
     )
 }
 
-/// Steps a. to f. of the module comment; returns the counter that names the reason. Not
-/// inlined, so its LPM keys have a stack frame of their own.
+/// What [`decide`] found: the counter that names the reason, and for an allow by policy the
+/// rule that allowed it (0 otherwise).
+struct Decision {
+    reason: u32,
+    rule: u32,
+}
+
+impl Decision {
+    #[inline(always)]
+    fn because(reason: u32) -> Self {
+        Self { reason, rule: 0 }
+    }
+}
+
+/// Steps a. to f. of the module comment. Not inlined, so its LPM keys have a stack frame of
+/// their own.
 #[inline(never)]
-fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> u32 {
+fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision {
     let peer = peer_identity(&flow.peer_addr);
     if dir == direction::INGRESS && peer == IDENTITY_HOST {
-        return counter::ALLOWED_NODE;
+        return Decision::because(counter::ALLOWED_NODE);
     }
     if endpoint.state != endpoint_state::READY {
-        return counter::DENIED_ENDPOINT_NOT_READY;
+        return Decision::because(counter::DENIED_ENDPOINT_NOT_READY);
     }
     let policy = if dir == direction::INGRESS {
         endpoint.ingress_policy
@@ -297,10 +330,13 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> u32 {
         endpoint.egress_policy
     };
     if policy == POLICY_NOT_ISOLATED {
-        return counter::ALLOWED_NOT_ISOLATED;
+        return Decision::because(counter::ALLOWED_NOT_ISOLATED);
     }
-    if policy_allows(policy, peer, flow.protocol, port) {
-        return counter::ALLOWED_BY_POLICY;
+    if let Some(rule) = policy_rule(policy, peer, flow.protocol, port) {
+        return Decision {
+            reason: counter::ALLOWED_BY_POLICY,
+            rule,
+        };
     }
     let cidr_key = Key::new(
         32 + 128,
@@ -310,11 +346,14 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> u32 {
         },
     );
     if let Some(class) = CIDRS.get(&cidr_key)
-        && policy_allows(policy, class.peer, flow.protocol, port)
+        && let Some(rule) = policy_rule(policy, class.peer, flow.protocol, port)
     {
-        return counter::ALLOWED_BY_POLICY;
+        return Decision {
+            reason: counter::ALLOWED_BY_POLICY,
+            rule,
+        };
     }
-    counter::DENIED_BY_POLICY
+    Decision::because(counter::DENIED_BY_POLICY)
 }
 
 #[inline(always)]
@@ -325,13 +364,14 @@ fn peer_identity(addr: &[u8; 16]) -> u32 {
         .map_or(IDENTITY_WORLD, |found| unsafe { (*found).identity })
 }
 
+/// The rule of the longest `POLICY` entry matching, if any.
 #[inline(always)]
-fn policy_allows(policy: u32, peer: u32, protocol: u8, port: u16) -> bool {
+fn policy_rule(policy: u32, peer: u32, protocol: u8, port: u16) -> Option<u32> {
     let key = Key::new(
         POLICY_KEY_FULL_BITS,
         PolicyKey::new(policy, peer, protocol, port),
     );
-    POLICY.get(&key).is_some()
+    POLICY.get(&key).map(|entry| entry.rule)
 }
 
 #[inline(always)]

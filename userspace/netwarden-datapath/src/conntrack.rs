@@ -89,9 +89,14 @@ pub struct Sweeper {
 impl Sweeper {
     /// Opens the pinned conntrack map under `bpffs`; the sweeper will be called every
     /// `interval`.
-    pub fn open(bpffs: &Path, interval: Duration, timeouts: Timeouts) -> Result<Self, DatapathError> {
+    pub fn open(
+        bpffs: &Path,
+        interval: Duration,
+        timeouts: Timeouts,
+    ) -> Result<Self, DatapathError> {
         let path = PinLayout::new(bpffs).maps().join(NAME);
-        let data = MapData::from_pin(&path).map_err(|source| DatapathError::Map { name: NAME, source })?;
+        let data =
+            MapData::from_pin(&path).map_err(|source| DatapathError::Map { name: NAME, source })?;
         let map = BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))
             .map_err(|source| DatapathError::Map { name: NAME, source })?;
         Ok(Self {

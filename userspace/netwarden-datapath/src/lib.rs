@@ -36,7 +36,7 @@ use aya::{
 };
 use netwarden_common::{
     CidrClass, CidrKey, EPOCH_INDEX, Endpoint, EndpointAddress, IpIdentity, IpKey, PeerId,
-    PolicyEntry, PolicyKey, counter, endpoint_state,
+    PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, counter, endpoint_state,
 };
 use netwarden_policy::{
     CompiledPolicy, DatapathState, PolicyId,
@@ -204,6 +204,7 @@ pub struct Datapath {
     policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
     cidrs: LpmTrie<MapData, CidrKey, CidrClass>,
     epoch: Array<MapData, u32>,
+    settings: Array<MapData, u32>,
     verdicts: PerCpuArray<MapData, u64>,
     identities: BpfHashMap<MapData, [u8; 32], u32>,
     installed_ipcache: BTreeMap<IpAddr, PeerId>,
@@ -266,6 +267,7 @@ impl Datapath {
             policy: take_map(&mut ebpf, "POLICY")?,
             cidrs: take_map(&mut ebpf, "CIDRS")?,
             epoch: take_map(&mut ebpf, "EPOCH")?,
+            settings: take_map(&mut ebpf, "SETTINGS")?,
             verdicts: take_map(&mut ebpf, "VERDICTS")?,
             identities: take_map(&mut ebpf, "IDENTITIES")?,
             endpoint_addresses: take_map(&mut ebpf, "ENDPOINT_ADDRESSES")?,
@@ -795,6 +797,17 @@ impl Datapath {
         )]
         let verdict = result.return_value as i32;
         Ok((verdict, result.duration))
+    }
+
+    /// How many new allowed flows the programs report as events: 0 none, 1 every one, N about
+    /// one in N.
+    pub fn set_allow_event_period(&mut self, period: u32) -> Result<(), DatapathError> {
+        self.settings
+            .set(SETTING_ALLOW_EVENT_PERIOD, period, 0)
+            .map_err(|source| DatapathError::Map {
+                name: "SETTINGS",
+                source,
+            })
     }
 
     /// Verdict counters summed over CPUs, indexed by [`counter::slot`] (direction, reason).

@@ -526,14 +526,21 @@ fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream()
         )
     };
     assert_eq!(harness.run(true, &client_to_server(0x02)), ALLOW, "SYN");
-    assert_eq!(harness.run(false, &server_to_client(0x12)), ALLOW, "SYN-ACK");
+    assert_eq!(
+        harness.run(false, &server_to_client(0x12)),
+        ALLOW,
+        "SYN-ACK"
+    );
     let unanswered = ethernet(0x0800, &ipv4(SERVER, outside, 17, 0, &udp(5353, 53)));
     assert_eq!(harness.run(false, &unanswered), ALLOW);
     assert_eq!(sweeper.sweep().flows, 2, "both flows are tracked");
 
     // Six idle sweeps (60 s) expire the unanswered flow; the established one (6 h) stays.
     let expired: usize = (0..6).map(|_| sweeper.sweep().expired).sum();
-    assert_eq!(expired, 1, "only the unanswered UDP flow expires within 60 s");
+    assert_eq!(
+        expired, 1,
+        "only the unanswered UDP flow expires within 60 s"
+    );
     assert_eq!(sweeper.sweep().flows, 1);
 
     // Traffic keeps a flow alive however many sweeps pass.
@@ -545,12 +552,88 @@ fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream()
     // A FIN marks it closing: one idle sweep (10 s) later it is gone.
     assert_eq!(harness.run(true, &client_to_server(0x11)), ALLOW, "FIN");
     assert_eq!(sweeper.sweep().expired, 0, "the FIN counted as activity");
-    assert_eq!(sweeper.sweep().expired, 1, "closing flows go after 10 s idle");
+    assert_eq!(
+        sweeper.sweep().expired,
+        1,
+        "closing flows go after 10 s idle"
+    );
     assert_eq!(sweeper.sweep().flows, 0);
 
     // Without its entry, a mid-stream segment is decided on its own and creates nothing: the
     // server's packet to the client passes only because the server's egress is not isolated.
     assert_eq!(harness.run(false, &server_to_client(0x10)), ALLOW);
-    assert_eq!(harness.run(true, &client_to_server(0x10)), ALLOW, "policy allows client:80");
-    assert_eq!(sweeper.sweep().flows, 0, "no entry came back from mid-stream segments");
+    assert_eq!(
+        harness.run(true, &client_to_server(0x10)),
+        ALLOW,
+        "policy allows client:80"
+    );
+    assert_eq!(
+        sweeper.sweep().flows,
+        0,
+        "no entry came back from mid-stream segments"
+    );
+}
+
+#[test]
+fn new_allowed_flows_are_reported_with_their_rule_when_asked_and_denies_always() {
+    use netwarden_common::{VerdictEvent, counter};
+
+    let Some(mut harness) = Harness::new() else {
+        return;
+    };
+    let datapath = harness.datapath.as_mut().expect("present until drop");
+    let mut ring = datapath
+        .take_events()
+        .expect("the event ring is there once");
+    let mut next_event = || {
+        ring.next().map(|item| {
+            assert_eq!(item.len(), size_of::<VerdictEvent>());
+            // SAFETY: the ring holds `VerdictEvent`s written by the programs, whole (checked
+            // length); `VerdictEvent` is plain integers, valid for any bytes.
+            unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<VerdictEvent>()) }
+        })
+    };
+    let syn = |source, port| ethernet(0x0800, &ipv4(source, SERVER, 6, 0, &tcp(port, 80, true)));
+
+    // Off: an allowed flow says nothing.
+    harness
+        .datapath
+        .as_mut()
+        .expect("present")
+        .set_allow_event_period(0)
+        .expect("setting");
+    assert_eq!(harness.run(true, &syn(CLIENT, 41000)), ALLOW);
+    // Every one: the event names the rule of the server's policy.
+    harness
+        .datapath
+        .as_mut()
+        .expect("present")
+        .set_allow_event_period(1)
+        .expect("setting");
+    assert_eq!(harness.run(true, &syn(CLIENT, 41001)), ALLOW);
+    // Its next segment is tracked: no second event.
+    assert_eq!(
+        harness.run(
+            true,
+            &ethernet(0x0800, &ipv4(CLIENT, SERVER, 6, 0, &tcp(41001, 80, false)))
+        ),
+        ALLOW
+    );
+    // A deny is reported whatever the setting.
+    assert_eq!(harness.run(true, &syn(STRANGER, 41002)), DENY);
+
+    let allowed = next_event().expect("the allowed flow was reported");
+    assert_eq!(u32::from(allowed.reason), counter::ALLOWED_BY_POLICY);
+    assert_eq!(
+        allowed.peer_port, 41001,
+        "not the flow opened while events were off"
+    );
+    assert_ne!(allowed.rule, 0, "the rule that allowed it is named");
+    let denied = next_event().expect("the deny was reported");
+    assert_eq!(u32::from(denied.reason), counter::DENIED_BY_POLICY);
+    assert_eq!(denied.rule, 0);
+    assert!(
+        next_event().is_none(),
+        "nothing else: tracked packets are not events"
+    );
 }

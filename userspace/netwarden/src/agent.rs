@@ -66,6 +66,10 @@ pub struct AgentOptions {
     /// Capacity of the connection-tracking table.
     #[arg(long, default_value_t = Capacity::default().conntrack)]
     pub conntrack_entries: u32,
+    /// Report about one in N new allowed flows as a verdict log line naming the rule that
+    /// allowed it (1: every one, 0: none). Denies are always reported.
+    #[arg(long, default_value_t = 100)]
+    pub allow_events: u32,
     /// Seconds between two sweeps of the connection-tracking table for idle flows.
     #[arg(long, default_value_t = 10)]
     pub conntrack_sweep_seconds: u64,
@@ -265,7 +269,16 @@ fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &
     let mut shared = attribution
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    *shared = Attribution { endpoints, pods };
+    let rules = state
+        .rules
+        .iter()
+        .map(|(id, origin)| (*id, origin.to_string()))
+        .collect();
+    *shared = Attribution {
+        endpoints,
+        pods,
+        rules,
+    };
 }
 
 /// Hands memory freed by an apply (the previous snapshot, compile scratch) back to the kernel:
@@ -290,6 +303,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     let (mut datapath, inherited) =
         Datapath::open(&options.bpffs, &capacity).context("opening the datapath")?;
+    datapath
+        .set_allow_event_period(options.allow_events)
+        .context("setting the allow-event period")?;
     let attribution = SharedAttribution::default();
     if let Some(ring) = datapath.take_events() {
         events::spawn_reader(ring, attribution.clone());

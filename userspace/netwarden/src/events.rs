@@ -14,7 +14,7 @@ use aya::maps::{MapData, RingBuf};
 use netwarden_common::{VerdictEvent, counter, direction};
 use netwarden_model::PolicyRef;
 use tokio::io::unix::AsyncFd;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 /// What the reader needs to name an event's parts; refreshed after every apply.
 #[derive(Debug, Default)]
@@ -23,6 +23,8 @@ pub struct Attribution {
     pub endpoints: HashMap<u32, EndpointNames>,
     /// Pods by address, cluster-wide.
     pub pods: HashMap<IpAddr, String>,
+    /// Rules by the compiler's id, as "NetworkPolicy ns/name ingress[i]".
+    pub rules: HashMap<u32, String>,
 }
 
 /// Names of one local endpoint.
@@ -94,6 +96,39 @@ fn log(event: &VerdictEvent, names: &Attribution) {
             format!("{peer_address}:{}", event.peer_port),
         )
     };
+    let allowed = match u32::from(event.reason) {
+        counter::ALLOWED_BY_POLICY => Some(names.rules.get(&event.rule).map_or_else(
+            || {
+                format!(
+                    "allowed by rule {} (no longer in the policy set)",
+                    event.rule
+                )
+            },
+            |rule| format!("allowed by {rule}"),
+        )),
+        counter::ALLOWED_NOT_ISOLATED => Some(format!(
+            "allowed: no NetworkPolicy isolates this pod for {}",
+            if ingress { "ingress" } else { "egress" }
+        )),
+        counter::ALLOWED_NODE => Some("allowed: traffic from the node".to_owned()),
+        _ => None,
+    };
+    if let Some(reason) = allowed {
+        info!(
+            target: "netwarden::verdict",
+            verdict = "allow",
+            direction = if ingress { "ingress" } else { "egress" },
+            pod,
+            peer_pod = peer,
+            protocol = protocol_name(event.protocol),
+            source = %source,
+            destination = %destination,
+            policy_id = event.policy,
+            reason = %reason,
+            "allowed"
+        );
+        return;
+    }
     let reason = match u32::from(event.reason) {
         counter::DENIED_BY_POLICY => {
             let isolating = endpoint.map(|endpoint| {
