@@ -350,9 +350,9 @@ mod tests {
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<CidrKey>(), 20);
         assert_eq!(size_of::<super::EndpointAddress>(), 20);
-        assert_eq!(size_of::<super::VerdictEvent>(), 48);
+        assert_eq!(size_of::<super::VerdictEvent>(), 52);
         assert_eq!(size_of::<super::EventBudget>(), 16);
         assert_eq!(size_of::<FlowKey>(), 44);
-        assert_eq!(size_of::<FlowState>(), 8);
+        assert_eq!(size_of::<FlowState>(), 16);
     }
 }
