@@ -47,7 +47,8 @@
 //!   a. D is ingress and the peer is the node: allow (kubelet probes keep working).
 //!   b. E not READY (pod object unknown, or locked down): deny.
 //!   c. D not isolated (policy id 0): allow.
-//!   d. `POLICY[(policy, identity(peer), protocol, port)]` matches: allow.
+//!   d. `POLICY[(policy, identity(peer), protocol, port)]` matches: allow (not looked up for
+//!      WORLD, which no entry names: rules for every peer are `0.0.0.0/0` and `::/0` blocks).
 //!   e. `POLICY[(policy, CIDRS[(policy, peer)], protocol, port)]` matches: allow.
 //!   f. deny.
 
@@ -332,7 +333,11 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision 
     if policy == POLICY_NOT_ISOLATED {
         return Decision::because(counter::ALLOWED_NOT_ISOLATED);
     }
-    if let Some(rule) = policy_rule(policy, peer, flow.protocol, port) {
+    // No entry names WORLD: selectors match pods, and rules for every peer are compiled as
+    // 0.0.0.0/0 and ::/0 blocks. An address outside the IP cache is decided by `CIDRS` alone.
+    if peer != IDENTITY_WORLD
+        && let Some(rule) = policy_rule(policy, peer, flow.protocol, port)
+    {
         return Decision {
             reason: counter::ALLOWED_BY_POLICY,
             rule,

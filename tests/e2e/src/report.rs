@@ -115,8 +115,11 @@ pub struct Outcome {
     /// Differing cells, failed checks and errors, one line each.
     pub details: Vec<String>,
     pub agent_log_tail: Option<String>,
-    /// Apply-to-enforced latency of every change step.
+    /// Apply-to-enforced latency of every change step but restarts.
     pub latencies: Vec<Duration>,
+    /// From each `restart_agent` to the new agent's first apply (enforcement never stopped:
+    /// the pinned programs kept running).
+    pub restart_latencies: Vec<Duration>,
     pub elapsed: Duration,
 }
 
@@ -129,6 +132,7 @@ impl Outcome {
             details: vec![detail],
             agent_log_tail: None,
             latencies: Vec::new(),
+            restart_latencies: Vec::new(),
             elapsed: Duration::ZERO,
         }
     }
@@ -167,11 +171,21 @@ impl Outcome {
 /// `apply-to-enforced latency: steps=N p50=X.Yms p99=X.Yms max=X.Yms`.
 #[must_use]
 pub fn latency_line(samples: &[Duration]) -> String {
+    distribution_line("apply-to-enforced latency", samples)
+}
+
+/// `restart-to-reconciled latency: steps=N p50=… p99=… max=…`.
+#[must_use]
+pub fn restart_latency_line(samples: &[Duration]) -> String {
+    distribution_line("restart-to-reconciled latency", samples)
+}
+
+fn distribution_line(what: &str, samples: &[Duration]) -> String {
     let mut sorted = samples.to_vec();
     sorted.sort();
     let milliseconds = |duration: Duration| duration.as_secs_f64() * 1000.0;
     format!(
-        "apply-to-enforced latency: steps={} p50={:.1}ms p99={:.1}ms max={:.1}ms",
+        "{what}: steps={} p50={:.1}ms p99={:.1}ms max={:.1}ms",
         sorted.len(),
         milliseconds(percentile(&sorted, 50)),
         milliseconds(percentile(&sorted, 99)),

@@ -180,6 +180,13 @@ pub async fn run(options: Options, files: Vec<PathBuf>) -> bool {
         .flat_map(|outcome| outcome.latencies.iter().copied())
         .collect();
     println!("{}", report::latency_line(&latencies));
+    let restarts: Vec<Duration> = outcomes
+        .iter()
+        .flat_map(|outcome| outcome.restart_latencies.iter().copied())
+        .collect();
+    if !restarts.is_empty() {
+        println!("{}", report::restart_latency_line(&restarts));
+    }
     println!("{}", report::summary_line(&outcomes));
     outcomes
         .iter()
@@ -304,6 +311,8 @@ struct ScenarioRun<'a> {
     /// Client and server of each flow, by flow name.
     flow_ends: HashMap<String, (String, String)>,
     latencies: Vec<Duration>,
+    /// From a restart to the new agent's first apply.
+    restart_latencies: Vec<Duration>,
     failures: Vec<String>,
 }
 
@@ -355,6 +364,7 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         flows: HashMap::new(),
         flow_ends: HashMap::new(),
         latencies: Vec::new(),
+        restart_latencies: Vec::new(),
         failures: Vec::new(),
     };
     if let Err(error) = run.execute().await {
@@ -367,6 +377,7 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
     };
     let agent_log_tail = (verdict == Verdict::Fail && options.agent.is_some())
         .then(|| log_tail(&workspace.log, LOG_TAIL_LINES));
+    let restart_latencies = std::mem::take(&mut run.restart_latencies);
     let (latencies, failures) = run.teardown().await;
     drop(workspace);
     Outcome {
@@ -375,6 +386,7 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         details: failures,
         agent_log_tail,
         latencies,
+        restart_latencies,
         elapsed: started.elapsed(),
     }
 }
@@ -513,7 +525,15 @@ impl ScenarioRun<'_> {
             change => {
                 if self.apply(change).await? {
                     // The change is on disk (or in the namespaces) now: the latency clock starts.
-                    self.converge(Some(Instant::now())).await?;
+                    let latency = self.converge(Some(Instant::now())).await?;
+                    // A restart measures the new agent's start (loading programs against the
+                    // pinned maps), not an apply: it is reported on a line of its own.
+                    let bucket = if matches!(change, Step::RestartAgent { .. }) {
+                        &mut self.restart_latencies
+                    } else {
+                        &mut self.latencies
+                    };
+                    bucket.extend(latency);
                 }
             }
         }
@@ -755,13 +775,16 @@ impl ScenarioRun<'_> {
     }
 
     /// Waits until the agent reports the current manifests applied and every pod attached.
-    async fn converge(&mut self, changed_at: Option<Instant>) -> Result<(), StepError> {
+    async fn converge(
+        &mut self,
+        changed_at: Option<Instant>,
+    ) -> Result<Option<Duration>, StepError> {
         let (Some(config), Some(agent), Some(watcher)) = (
             &self.agent_config,
             self.agent.as_mut(),
             self.watcher.as_mut(),
         ) else {
-            return Ok(());
+            return Ok(None);
         };
         let pods = || self.live.values().filter(|live| live.pod.is_some());
         let wanted = Wanted {
@@ -778,9 +801,6 @@ impl ScenarioRun<'_> {
         };
         let status = watcher.wait_for(agent, &wanted).await?;
         let latency = changed_at.map(|at| at.elapsed());
-        if let Some(latency) = latency {
-            self.latencies.push(latency);
-        }
         let mut line = format!("  applied: generation {}", status.generation);
         if let Some(latency) = latency {
             let _ = write!(line, " after {:.1}ms", latency.as_secs_f64() * 1000.0);
@@ -789,7 +809,7 @@ impl ScenarioRun<'_> {
             let _ = write!(line, "; agent reports: {}", status.errors.join(" | "));
         }
         self.progress.line(&line);
-        Ok(())
+        Ok(latency)
     }
 
     async fn open_flow(

@@ -819,6 +819,8 @@ impl Compiler {
                                 || !has_named_port(&rule.ports))
                             .then(|| port_matches(&rule.ports, direction, pod, None));
                             for identity in matched {
+                                // The datapath never looks WORLD up in the policy map.
+                                debug_assert_ne!(identity, netwarden_common::IDENTITY_WORLD);
                                 let resolved;
                                 let ports = if let Some(ports) = &shared {
                                     ports

@@ -69,7 +69,10 @@ pub fn decide(
             .find(|(entry, _)| entry.peer == peer_id && entry.covers(protocol, port))
             .map(|(_, rule)| *rule)
     };
-    if let Some(rule) = allowing(identity) {
+    // As the datapath: WORLD is never looked up, no entry names it.
+    if identity != IDENTITY_WORLD
+        && let Some(rule) = allowing(identity)
+    {
         return Decision::Allowed(rule);
     }
     let address = mapped(peer);
