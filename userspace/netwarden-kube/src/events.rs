@@ -83,7 +83,9 @@ impl Unenforceable {
             .iter()
             .filter_map(|error| match error {
                 KubeError::Invalid(error) => Self::invalid(error),
-                KubeError::Config(_) | KubeError::Watch { .. } => None,
+                KubeError::Config(_) | KubeError::Kubeconfig { .. } | KubeError::Watch { .. } => {
+                    None
+                }
             })
             .collect()
     }

@@ -59,6 +59,14 @@ pub enum KubeError {
     /// No client configuration was found (in-cluster, `KUBECONFIG` or `~/.kube/config`).
     #[error("no Kubernetes client configuration: {0}")]
     Config(#[source] kube::Error),
+    /// The kubeconfig file given could not be read or used.
+    #[error("kubeconfig {}: {source}", path.display())]
+    Kubeconfig {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: kube::config::KubeconfigError,
+    },
     /// The last attempt to list or watch a kind failed; the watcher backs off and retries, and
     /// the cache keeps the last state it had.
     #[error("watching {kind}s: {message}")]
@@ -77,6 +85,24 @@ pub enum KubeError {
 /// `KUBECONFIG`, else `~/.kube/config`.
 pub async fn default_client() -> Result<Client, KubeError> {
     Client::try_default().await.map_err(KubeError::Config)
+}
+
+/// A client from the kubeconfig file at `path` (its current context), or the default
+/// configuration when there is none.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, KubeError> {
+    let Some(path) = kubeconfig else {
+        return default_client().await;
+    };
+    let kubeconfig_error = |source| KubeError::Kubeconfig {
+        path: path.to_owned(),
+        source,
+    };
+    let file = kube::config::Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(kubeconfig_error)?;
+    Client::try_from(config).map_err(KubeError::Config)
 }
 
 /// The three kinds watched, in the order of [`KubeSource`]'s arrays.

@@ -41,6 +41,11 @@ pub struct AgentOptions {
     /// This node's name: pods with this `spec.nodeName` are the local endpoints.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
+    /// Without `--manifests`: the kubeconfig to reach the API server with (its current
+    /// context). Without it: the in-cluster configuration, else `KUBECONFIG`, else
+    /// `~/.kube/config`.
+    #[arg(long, conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
     /// A bpf filesystem (mounted there if it is not one) under which maps and links are pinned.
     #[arg(long, default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
@@ -328,7 +333,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut netlink = Netlink::open().context("opening netlink")?;
     let mut input = match &options.manifests {
         Some(dir) => Input::manifests(dir)?,
-        None => Input::kubernetes(&options.node).await?,
+        None => Input::kubernetes(&options.node, options.kubeconfig.as_deref()).await?,
     };
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;

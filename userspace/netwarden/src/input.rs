@@ -58,8 +58,8 @@ impl Input {
     /// Watches the cluster the in-cluster configuration or `KUBECONFIG` points at, and waits
     /// for the first complete list of every kind: applying an empty cluster would open every
     /// pod. Events it posts name `node`.
-    pub async fn kubernetes(node: &str) -> anyhow::Result<Self> {
-        let client = netwarden_kube::default_client()
+    pub async fn kubernetes(node: &str, kubeconfig: Option<&Path>) -> anyhow::Result<Self> {
+        let client = netwarden_kube::client(kubeconfig)
             .await
             .context("connecting to the Kubernetes API")?;
         let mut source = KubeSource::start(client.clone());
