@@ -36,6 +36,9 @@
 //!    a SYN may: a mid-stream packet passes or drops on its own and never creates state, so a
 //!    revoked connection cannot be revived by the server's next segment).
 //!
+//! Flows towards mTLS-strict pods also go through the mTLS screen (`mtls.rs`) before steps 3
+//! and 4: it may drop a packet the policy allows, never pass one it denies.
+//!
 //! decide(E, D, peer address, protocol, destination port):
 //!   a. D is ingress and the peer is the node: allow (kubelet probes keep working).
 //!   b. E not READY (pod object unknown, or locked down): deny.
@@ -55,10 +58,13 @@ use netwarden_common::{
     CidrClass, CidrKey, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint, EndpointAddress,
     EventBudget, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
     POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, VerdictEvent, counter,
-    direction, endpoint_state,
+    direction, endpoint_state, flow_flags,
 };
 
-use crate::packet::{self, Opening, Parsed};
+use crate::{
+    mtls,
+    packet::{self, Opening, Parsed},
+};
 
 /// `TC_ACT_UNSPEC`, which TCX reads as "next": allow, and let later programs have their say.
 const ALLOW: i32 = -1;
@@ -141,6 +147,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     if let Some(tracked) = CONNTRACK.get_ptr_mut(flow) {
         // SAFETY: the pointer comes from a successful lookup and is valid for this program run.
         let tracked = unsafe { &mut *tracked };
+        if tracked.flags != 0 {
+            let was_cut = tracked.flags & flow_flags::CUT != 0;
+            let screened = mtls::screen(ctx, dir, &mut tracked.flags);
+            if screened != mtls::PASS {
+                if !was_cut {
+                    report(&flow, dir, screened, policy);
+                }
+                return count(screened, DENY);
+            }
+        }
         if tracked.epoch == epoch {
             return count(counter::ALLOWED_TRACKED, ALLOW);
         }
@@ -160,7 +176,22 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         // A full table evicts its least recently used flow; that flow is decided again on its
         // next packet, so an eviction never opens anything.
         if opening == Opening::Yes {
-            let _ = CONNTRACK.insert(flow, FlowState { origin: dir, epoch }, u64::from(BPF_ANY));
+            let mut state = FlowState {
+                origin: dir,
+                epoch,
+                flags: mtls::flags_for_new_flow(&flow, dir),
+            };
+            // A SYN may carry data (TCP Fast Open): the screen looks at it too.
+            let screened = if state.flags == 0 {
+                mtls::PASS
+            } else {
+                mtls::screen(ctx, dir, &mut state.flags)
+            };
+            let _ = CONNTRACK.insert(flow, state, u64::from(BPF_ANY));
+            if screened != mtls::PASS {
+                report(&flow, dir, screened, policy);
+                return count(screened, DENY);
+            }
         }
         return count(reason, ALLOW);
     }

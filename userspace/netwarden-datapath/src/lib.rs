@@ -12,6 +12,7 @@
 //! 5. the policy epoch is bumped, so tracked flows are checked once against the new policy.
 
 pub mod bpffs;
+pub mod mtls;
 pub mod netlink;
 
 use std::{
