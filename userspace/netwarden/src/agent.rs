@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 use crate::{
     events::{self, Attribution, EndpointNames, SharedAttribution},
     health,
+    identity::{self, IdentityWiring},
     input::Input,
     status::{self, EndpointStatus, Status, Verdicts},
 };
@@ -61,9 +62,16 @@ pub struct AgentOptions {
     /// Capacity of the connection-tracking table.
     #[arg(long, default_value_t = Capacity::default().conntrack)]
     pub conntrack_entries: u32,
+    /// The identity check for mTLS-strict pods.
+    #[command(flatten)]
+    pub identity: identity::IdentityOptions,
 }
 
 /// Compiles the current input for `network`, applies it and writes the status file.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the agent's long-lived parts, borrowed for one apply"
+)]
 fn apply(
     compiler: &mut Compiler,
     datapath: &mut Datapath,
@@ -72,14 +80,25 @@ fn apply(
     generation: u64,
     options: &AgentOptions,
     attribution: &SharedAttribution,
+    identity: &IdentityWiring,
 ) {
     let started = std::time::Instant::now();
     let (cluster, input_errors) = input.cluster();
+    // The identity check decides on the same snapshot the compiler compiles.
+    let identity_cluster = cluster.clone();
     compiler.set_node_addresses(&network.addresses);
     compiler.sync(cluster);
     let state = compiler.state();
     let report = datapath.apply(state, network);
     let mut errors = input_errors;
+    identity.refresh(
+        datapath,
+        identity_cluster,
+        network,
+        state,
+        &report,
+        &mut errors,
+    );
     errors.extend(state.warnings.iter().cloned());
     errors.extend(report.errors.iter().cloned());
     for message in &errors {
@@ -107,6 +126,7 @@ fn apply(
         pending: report.pending.clone(),
         errors,
         verdicts: Verdicts::from_counters(&datapath.verdicts()),
+        identity_checks: identity.counts(),
     };
     refresh_attribution(compiler, &report, attribution);
     release_freed_memory();
@@ -184,6 +204,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     if let Some(ring) = datapath.take_events() {
         events::spawn_reader(ring, attribution.clone());
     }
+    let identity = IdentityWiring::start(&options.identity, &mut datapath).await?;
     let mut compiler = Compiler::new(options.node.clone());
     compiler.resume(inherited.identities, inherited.highest_policy_id);
 
@@ -233,6 +254,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 generation,
                 &options,
                 &attribution,
+                &identity,
             );
             last_network = Some(network);
             ready.store(true, std::sync::atomic::Ordering::Release);

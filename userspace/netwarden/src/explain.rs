@@ -3,6 +3,7 @@
 use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, bail};
+use netwarden_identity::{Connection, TrustDomain, acceptable_principals, decide::decide};
 use netwarden_model::{Cluster, ManifestDir, Protocol};
 use netwarden_policy::evaluate::{self, Flow, SideVerdict};
 
@@ -27,6 +28,9 @@ pub struct ExplainOptions {
     /// Addresses of the destination's node (traffic from them is always allowed).
     #[arg(long = "node-address")]
     pub node_addresses: Vec<IpAddr>,
+    /// The SPIFFE trust domain of workload identities (for mTLS-strict destinations).
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
 }
 
 /// Prints the verdict and the rules behind it.
@@ -84,6 +88,89 @@ pub fn run(options: &ExplainOptions) -> anyhow::Result<()> {
         &format!("from {} to port {}", peer_text(source_ip), options.port),
         protocol,
     );
+    print_mtls(
+        &cluster,
+        options,
+        Flow {
+            source: source_ip,
+            destination: destination_ip,
+            protocol: protocol.number(),
+            port: options.port,
+        },
+        verdict.allowed(),
+    )?;
+    Ok(())
+}
+
+/// For an mTLS-strict destination: what the kernel's screen and the identity check add to the
+/// L4 verdict, and which principals the identity check would accept.
+fn print_mtls(
+    cluster: &Cluster,
+    options: &ExplainOptions,
+    flow: Flow,
+    l4_allowed: bool,
+) -> anyhow::Result<()> {
+    let Some(destination) = evaluate::pod_at(cluster, flow.destination) else {
+        return Ok(());
+    };
+    if !cluster.is_mtls_strict(destination) {
+        return Ok(());
+    }
+    let trust_domain = TrustDomain::new(&options.trust_domain).context("--trust-domain")?;
+    let l4 = if l4_allowed { "allowed" } else { "DENIED" };
+    println!("  {} is mTLS-strict; L4 verdict: {l4}", destination.id);
+    if flow.protocol != Protocol::Tcp.number() {
+        println!("    not TCP: the kernel does not screen it and no proxy can check an identity");
+        return Ok(());
+    }
+    if destination.mtls.exempt_ports.contains(&flow.port) {
+        println!(
+            "    port {} is exempt (netwarden.dev/mtls-exempt-ports): plaintext is accepted, no identity check",
+            flow.port
+        );
+        return Ok(());
+    }
+    println!(
+        "    kernel: the client's first payload must be a TLS ClientHello, or the flow is cut"
+    );
+    if let Some(allowed) = &destination.mtls.allowed_principals {
+        println!(
+            "    netwarden.dev/allowed-principals: {}",
+            allowed.join(", ")
+        );
+    }
+    let accepted = acceptable_principals(
+        cluster,
+        &options.node_addresses,
+        &trust_domain,
+        flow.destination,
+        flow.port,
+    );
+    if accepted.is_empty() {
+        println!("    identity check: accepts no principal on this port");
+    }
+    for (principal, pods) in &accepted {
+        let pods: Vec<String> = pods.iter().map(ToString::to_string).collect();
+        println!(
+            "    identity check accepts {principal}, from the address of {}",
+            pods.join(", ")
+        );
+    }
+    if let Some(source) = evaluate::pod_at(cluster, flow.source) {
+        let principal = trust_domain.spiffe_id_of(source);
+        let decision = decide(
+            cluster,
+            &options.node_addresses,
+            &trust_domain,
+            &Connection {
+                source: flow.source,
+                destination: flow.destination,
+                port: flow.port,
+                principal: Some(principal.clone()),
+            },
+        );
+        println!("    {} presenting {principal}: {decision}", source.id);
+    }
     Ok(())
 }
 
