@@ -79,6 +79,8 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     pub status_file: PathBuf,
     pub log: PathBuf,
+    /// Where the agent serves the identity check (`--authz-socket`).
+    pub authz_socket: PathBuf,
 }
 
 /// A running agent.
@@ -112,6 +114,8 @@ impl Agent {
             .arg(&config.bpffs)
             .arg("--status-file")
             .arg(&config.status_file)
+            .arg("--authz-socket")
+            .arg(&config.authz_socket)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_error)?)
             .stderr(log);

@@ -4,6 +4,7 @@
 mod agent;
 mod cleanup;
 mod manifests;
+mod mtls;
 mod netns;
 mod node;
 mod placeholder;

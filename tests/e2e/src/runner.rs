@@ -24,6 +24,7 @@ use crate::{
     agent::{Agent, AgentConfig, AgentError, StatusWatcher, Wanted, log_tail},
     cleanup::{self, NETNS_PREFIX, RUN_ROOT, Registration, Resource},
     manifests::{ManifestError, ManifestWriter},
+    mtls::{MtlsError, MtlsState, PodView},
     netns::NetnsError,
     node::{Addresses, Endpoint, EndpointKind, Node, NodeError, ipv6_supported},
     placeholder::{self, PlaceholderError},
@@ -73,6 +74,8 @@ enum StepError {
     Digest(#[from] netwarden_model::ManifestError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    Mtls(#[from] MtlsError),
     #[error("policy placeholder: {0}")]
     Placeholder(#[from] PlaceholderError),
     #[error("cannot open connection {name}: {source}")]
@@ -229,6 +232,8 @@ struct Workspace {
     bpffs: PathBuf,
     status_file: PathBuf,
     log: PathBuf,
+    /// Where the agent serves the identity check.
+    authz_socket: PathBuf,
     // Declared in removal order: the mount before the directory it sits in.
     _mount: Registration,
     _dir: Registration,
@@ -266,6 +271,7 @@ impl Workspace {
             bpffs,
             status_file: root.join("status.json"),
             log: root.join("agent.log"),
+            authz_socket: root.join("authz.sock"),
             _mount: mount,
             _dir: dir,
         })
@@ -280,6 +286,22 @@ struct Live {
     /// `None` for external hosts.
     pod: Option<PodSpec>,
     published: bool,
+}
+
+/// The live pods as the mTLS ops see them.
+fn pod_views(live: &IndexMap<String, Live>) -> HashMap<String, PodView<'_>> {
+    live.iter()
+        .filter_map(|(key, live)| {
+            Some((
+                key.clone(),
+                PodView {
+                    netns: &live.endpoint.netns,
+                    addresses: &live.endpoint.addresses,
+                    spec: live.pod.as_ref()?,
+                },
+            ))
+        })
+        .collect()
 }
 
 struct ScenarioRun<'a> {
@@ -300,6 +322,7 @@ struct ScenarioRun<'a> {
     flows: HashMap<String, Flow>,
     latencies: Vec<Duration>,
     failures: Vec<String>,
+    mtls: MtlsState,
 }
 
 async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> Outcome {
@@ -333,6 +356,7 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         bpffs: workspace.bpffs.clone(),
         status_file: workspace.status_file.clone(),
         log: workspace.log.clone(),
+        authz_socket: workspace.authz_socket.clone(),
     });
     let mut run = ScenarioRun {
         scenario,
@@ -349,6 +373,7 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         flows: HashMap::new(),
         latencies: Vec::new(),
         failures: Vec::new(),
+        mtls: MtlsState::new(workspace.authz_socket.clone()),
     };
     if let Err(error) = run.execute().await {
         run.failures.push(format!("error: {error}"));
@@ -484,6 +509,24 @@ impl ScenarioRun<'_> {
             } => {
                 self.probe(number, step, *port, *protocol, expect).await;
             }
+            Step::MtlsProbe(probe) => {
+                let pods = pod_views(&self.live);
+                let outcome = self.mtls.probe(&pods, probe).await?;
+                self.progress.line(&format!("  {outcome}"));
+                if let Some(problem) = outcome.mismatch(probe.expect) {
+                    self.failures
+                        .push(format!("step {number} {step}: {problem}"));
+                }
+            }
+            Step::IdentityCheck(check) => {
+                let pods = pod_views(&self.live);
+                let answer = self.mtls.check(&pods, check).await?;
+                self.progress.line(&format!("  {answer}"));
+                if let Some(problem) = answer.mismatch(check) {
+                    self.failures
+                        .push(format!("step {number} {step}: {problem}"));
+                }
+            }
             change => {
                 if self.apply(change).await? {
                     // The change is on disk (or in the namespaces) now: the latency clock starts.
@@ -538,6 +581,7 @@ impl ScenarioRun<'_> {
                     ports: ports
                         .clone()
                         .unwrap_or_else(|| self.scenario.model.default_ports.clone()),
+                    identity: crate::mtls::PodIdentity::default(),
                 };
                 let reuse = reuse_ip_of
                     .as_ref()
@@ -561,7 +605,11 @@ impl ScenarioRun<'_> {
                 self.node.unwire(live.endpoint).await?;
             }
             Step::RestartAgent { mode } => return self.restart_agent(*mode).await,
-            Step::OpenConnection { .. } | Step::CheckConnection { .. } | Step::Probe { .. } => {
+            Step::OpenConnection { .. }
+            | Step::CheckConnection { .. }
+            | Step::Probe { .. }
+            | Step::MtlsProbe(_)
+            | Step::IdentityCheck(_) => {
                 return Ok(false);
             }
         }

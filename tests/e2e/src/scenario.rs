@@ -99,6 +99,8 @@ pub struct PodSpec {
     pub name: String,
     pub labels: Labels,
     pub ports: Vec<ContainerPort>,
+    /// Service account and annotations (the identity check's inputs).
+    pub identity: crate::mtls::PodIdentity,
 }
 
 /// The simulated cluster a scenario starts from.
@@ -204,6 +206,8 @@ pub enum Step {
         protocol: Protocol,
         expect: ExpectedGrid,
     },
+    MtlsProbe(crate::mtls::MtlsProbe),
+    IdentityCheck(crate::mtls::IdentityCheck),
 }
 
 impl Step {
@@ -222,6 +226,8 @@ impl Step {
             Self::OpenConnection { .. } => "open_connection",
             Self::CheckConnection { .. } => "check_connection",
             Self::Probe { .. } => "probe",
+            Self::MtlsProbe(_) => "mtls_probe",
+            Self::IdentityCheck(_) => "identity_check",
         }
     }
 }
@@ -279,6 +285,8 @@ impl fmt::Display for Step {
                 )
             }
             Self::Probe { port, protocol, .. } => write!(f, "probe {protocol}/{port}"),
+            Self::MtlsProbe(probe) => write!(f, "mtls_probe {probe}"),
+            Self::IdentityCheck(check) => write!(f, "identity_check {check}"),
         }
     }
 }
@@ -345,6 +353,10 @@ struct RawPod {
     #[serde(default)]
     labels: Labels,
     ports: Option<Vec<ContainerPort>>,
+    #[serde(default)]
+    annotations: Labels,
+    #[serde(rename = "serviceAccountName")]
+    service_account_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -408,6 +420,8 @@ enum RawStep {
         protocol: Protocol,
         expect: RawProbeExpectation,
     },
+    MtlsProbe(crate::mtls::MtlsProbe),
+    IdentityCheck(crate::mtls::IdentityCheck),
 }
 
 fn yes() -> bool {
@@ -460,6 +474,7 @@ pub fn upstream_model(ip_families: Vec<IpFamily>, ports: Option<Vec<ContainerPor
                     name: pod.to_owned(),
                     labels: Labels::from([("pod".to_owned(), pod.to_owned())]),
                     ports: default_ports.clone(),
+                    identity: crate::mtls::PodIdentity::default(),
                 },
             );
         }
@@ -615,6 +630,10 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
                 name: name.to_owned(),
                 labels: pod.labels,
                 ports,
+                identity: crate::mtls::PodIdentity {
+                    service_account: pod.service_account_name,
+                    annotations: pod.annotations,
+                },
             },
         );
     }
@@ -1073,6 +1092,18 @@ impl<'a> Validator<'a> {
                     protocol,
                     expect: grid,
                 }
+            }
+            RawStep::MtlsProbe(probe) => {
+                for pod in probe.pods() {
+                    self.pod(pod).map_err(|e| ("mtls_probe", e))?;
+                }
+                Step::MtlsProbe(probe)
+            }
+            RawStep::IdentityCheck(check) => {
+                for pod in check.pods() {
+                    self.pod(pod).map_err(|e| ("identity_check", e))?;
+                }
+                Step::IdentityCheck(check)
             }
         })
     }
