@@ -59,6 +59,9 @@ enum BenchKind {
     Compile,
     /// The classifier's cost per packet with 10,000 CIDR rules (`BPF_PROG_TEST_RUN`).
     Datapath,
+    /// The identity check's latency (p50/p99 of `Authorization/Check` over the Unix socket)
+    /// on the generated 10,000-pod cluster.
+    Identity,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,6 +109,15 @@ fn main() -> anyhow::Result<()> {
                 &["build", "--release", "--package", "netwarden-bench"],
             )?;
             run("target/release/netwarden-bench", &["datapath"])
+        }
+        Task::Bench {
+            bench: BenchKind::Identity,
+        } => {
+            run(
+                "cargo",
+                &["build", "--release", "--package", "netwarden-bench"],
+            )?;
+            run("target/release/netwarden-bench", &["identity"])
         }
         Task::Demo => {
             setup::ensure()?;

@@ -6,6 +6,7 @@
 mod agent;
 mod cluster;
 mod datapath;
+mod identity;
 mod manifests;
 
 use std::{
@@ -34,6 +35,8 @@ enum Bench {
     },
     /// The classifier's own cost per packet (`BPF_PROG_TEST_RUN`) with 10,000 CIDR rules.
     Datapath,
+    /// The identity check's latency (`Authorization/Check` over the Unix socket), p50/p99.
+    Identity,
 }
 
 const NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     let agent = match Cli::parse().bench {
         Bench::Compile { agent } => agent,
         Bench::Datapath => return datapath::run(),
+        Bench::Identity => return identity::run(cluster::generate(), cluster::NODE, NODE_ADDRESS),
     };
     let cluster = cluster::generate();
     println!(

@@ -10,7 +10,9 @@ pub mod client;
 pub mod decide;
 pub mod server;
 
-pub use decide::{Connection, Decision, Denial, TrustDomain, acceptable_principals};
+pub use decide::{
+    ClusterIndex, Connection, Decision, Denial, TrustDomain, acceptable_principals, decide_indexed,
+};
 pub use server::{
     DecisionCounts, FlowCutter, IdentityService, RefusedConnection, SharedSnapshot, Snapshot,
 };

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::{
     IdentityError,
-    decide::{Connection, Decision, TrustDomain, decide},
+    decide::{ClusterIndex, Connection, Decision, TrustDomain, decide_indexed},
 };
 
 /// What the check decides on; replaced as a whole after every apply.
@@ -42,10 +42,29 @@ use crate::{
 pub struct Snapshot {
     /// The cluster, as last applied.
     pub cluster: Cluster,
+    /// `cluster` by pod address.
+    pub index: ClusterIndex,
     /// The node's own addresses (kubelet probes come from them; callers may too).
     pub node_addresses: Vec<IpAddr>,
     /// Addresses of this node's pods: the only pods whose proxies may call over TCP.
     pub local_pod_addresses: HashSet<IpAddr>,
+}
+
+impl Snapshot {
+    /// A snapshot of `cluster`, indexed.
+    #[must_use]
+    pub fn new(
+        cluster: Cluster,
+        node_addresses: Vec<IpAddr>,
+        local_pod_addresses: HashSet<IpAddr>,
+    ) -> Self {
+        Self {
+            index: ClusterIndex::new(&cluster),
+            cluster,
+            node_addresses,
+            local_pod_addresses,
+        }
+    }
 }
 
 /// The snapshot shared by the agent's apply loop (writer) and the server (readers).
@@ -136,8 +155,9 @@ impl IdentityService {
             port: destination.port(),
             principal,
         };
-        let decision = decide(
+        let decision = decide_indexed(
             &snapshot.cluster,
+            &snapshot.index,
             &snapshot.node_addresses,
             &self.trust_domain,
             &connection,

@@ -43,11 +43,11 @@ fn snapshot() -> Snapshot {
     source.refresh().unwrap();
     let (cluster, errors) = source.cluster();
     assert!(errors.is_empty(), "{errors:?}");
-    Snapshot {
+    Snapshot::new(
         cluster,
-        node_addresses: vec!["192.168.0.10".parse().unwrap()],
-        local_pod_addresses: ["10.0.0.1".parse().unwrap()].into(),
-    }
+        vec!["192.168.0.10".parse().unwrap()],
+        ["10.0.0.1".parse().unwrap()].into(),
+    )
 }
 
 #[tokio::test]

@@ -133,11 +133,11 @@ impl IdentityWiring {
         *self
             .snapshot
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Snapshot {
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Snapshot::new(
             cluster,
-            node_addresses: network.addresses.clone(),
+            network.addresses.clone(),
             local_pod_addresses,
-        });
+        ));
     }
 
     /// Decisions by reason, for the status file.
