@@ -202,6 +202,41 @@ impl fmt::Display for IdentityCheck {
     }
 }
 
+/// `expect_agent_log`: a line of the agent's log that contains every one of `contains` must
+/// appear (within a short wait: the agent logs kernel events as it reads them).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectAgentLog {
+    pub contains: Vec<String>,
+}
+
+impl fmt::Display for ExpectAgentLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a line with {:?}", self.contains)
+    }
+}
+
+impl ExpectAgentLog {
+    /// Waits for the line in the log at `path`; returns it, or why it is missing.
+    pub async fn find(&self, path: &std::path::Path) -> Result<String, String> {
+        for _ in 0..40 {
+            let log = std::fs::read_to_string(path).unwrap_or_default();
+            if let Some(line) = log.lines().find(|line| {
+                self.contains
+                    .iter()
+                    .all(|text| line.contains(text.as_str()))
+            }) {
+                return Ok(line.to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(format!(
+            "no line of the agent log contains all of {:?}",
+            self.contains
+        ))
+    }
+}
+
 /// What the mTLS ops need of a live pod.
 pub struct PodView<'a> {
     pub netns: &'a Netns,

@@ -518,6 +518,17 @@ impl ScenarioRun<'_> {
                         .push(format!("step {number} {step}: {problem}"));
                 }
             }
+            Step::ExpectAgentLog(expect) => {
+                if let Some(config) = &self.agent_config {
+                    match expect.find(&config.log).await {
+                        Ok(line) => self.progress.line(&format!("  found: {line}")),
+                        Err(problem) => {
+                            self.failures
+                                .push(format!("step {number} {step}: {problem}"));
+                        }
+                    }
+                }
+            }
             Step::IdentityCheck(check) => {
                 let pods = pod_views(&self.live);
                 let answer = self.mtls.check(&pods, check).await?;
@@ -609,7 +620,8 @@ impl ScenarioRun<'_> {
             | Step::CheckConnection { .. }
             | Step::Probe { .. }
             | Step::MtlsProbe(_)
-            | Step::IdentityCheck(_) => {
+            | Step::IdentityCheck(_)
+            | Step::ExpectAgentLog(_) => {
                 return Ok(false);
             }
         }

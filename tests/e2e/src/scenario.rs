@@ -208,6 +208,7 @@ pub enum Step {
     },
     MtlsProbe(crate::mtls::MtlsProbe),
     IdentityCheck(crate::mtls::IdentityCheck),
+    ExpectAgentLog(crate::mtls::ExpectAgentLog),
 }
 
 impl Step {
@@ -228,6 +229,7 @@ impl Step {
             Self::Probe { .. } => "probe",
             Self::MtlsProbe(_) => "mtls_probe",
             Self::IdentityCheck(_) => "identity_check",
+            Self::ExpectAgentLog(_) => "expect_agent_log",
         }
     }
 }
@@ -287,6 +289,7 @@ impl fmt::Display for Step {
             Self::Probe { port, protocol, .. } => write!(f, "probe {protocol}/{port}"),
             Self::MtlsProbe(probe) => write!(f, "mtls_probe {probe}"),
             Self::IdentityCheck(check) => write!(f, "identity_check {check}"),
+            Self::ExpectAgentLog(expect) => write!(f, "expect_agent_log {expect}"),
         }
     }
 }
@@ -422,6 +425,7 @@ enum RawStep {
     },
     MtlsProbe(crate::mtls::MtlsProbe),
     IdentityCheck(crate::mtls::IdentityCheck),
+    ExpectAgentLog(crate::mtls::ExpectAgentLog),
 }
 
 fn yes() -> bool {
@@ -1105,6 +1109,7 @@ impl<'a> Validator<'a> {
                 }
                 Step::IdentityCheck(check)
             }
+            RawStep::ExpectAgentLog(expect) => Step::ExpectAgentLog(expect),
         })
     }
 
