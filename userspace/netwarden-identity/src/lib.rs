@@ -34,6 +34,14 @@ pub enum IdentityError {
         /// What it held.
         value: String,
     },
+    /// A pod asked about a connection to another pod (only the node may).
+    #[error("caller {caller} may only ask about connections to itself, not to {destination}")]
+    NotTheDestination {
+        /// The caller's address.
+        caller: std::net::IpAddr,
+        /// The destination it asked about.
+        destination: std::net::IpAddr,
+    },
     /// The client could not connect.
     #[error("cannot connect to the identity check at {address}: {reason}")]
     Connect {

@@ -140,8 +140,13 @@ impl IdentityService {
         Arc::clone(&self.counts)
     }
 
-    /// Decides one request: parse, decide, log, count, cut on deny.
-    pub fn check_request(&self, request: &CheckRequest) -> Result<Decision, IdentityError> {
+    /// Decides one request from `caller` (its address over TCP; `None` over the Unix socket):
+    /// parse, decide, log, count, cut on deny.
+    pub fn check_request(
+        &self,
+        request: &CheckRequest,
+        caller: Option<IpAddr>,
+    ) -> Result<Decision, IdentityError> {
         let (source, destination, principal) = connection_of(request)?;
         let snapshot = Arc::clone(
             &self
@@ -149,6 +154,14 @@ impl IdentityService {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
+        if let Some(caller) = caller.map(unmap)
+            && !may_ask_about(&snapshot, caller, destination.ip())
+        {
+            return Err(IdentityError::NotTheDestination {
+                caller,
+                destination: destination.ip(),
+            });
+        }
         let connection = Connection {
             source: source.ip(),
             destination: destination.ip(),
@@ -205,10 +218,14 @@ impl Authorization for IdentityService {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        let decision = match self.check_request(request.get_ref()) {
+        let caller = request.remote_addr().map(|address| address.ip());
+        let decision = match self.check_request(request.get_ref(), caller) {
             Ok(decision) => decision,
             Err(error) => {
-                self.counts.add("malformed_request");
+                self.counts.add(match error {
+                    IdentityError::NotTheDestination { .. } => "caller_not_the_destination",
+                    _ => "malformed_request",
+                });
                 warn!(target: "netwarden::identity", verdict = "deny", %error, "identity check");
                 return Ok(tonic::Response::new(denied(&error.to_string())));
             }
@@ -358,6 +375,14 @@ fn local_callers(
             warn!(target: "netwarden::identity", caller = %peer, "refused a caller that is neither the node nor a local pod");
         }
     })
+}
+
+/// Whether a TCP `caller` may ask about connections to `destination`: the node may ask about
+/// any, a pod only about connections to itself (its proxy's). Otherwise a pod could have the
+/// agent cut other pods' connections by asking about them with a wrong principal.
+#[must_use]
+pub fn may_ask_about(snapshot: &Snapshot, caller: IpAddr, destination: IpAddr) -> bool {
+    caller.is_loopback() || snapshot.node_addresses.contains(&caller) || caller == destination
 }
 
 /// Whether `caller` is the node (its addresses, loopback) or one of its pods.

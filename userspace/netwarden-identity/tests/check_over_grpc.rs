@@ -8,7 +8,7 @@ use std::{
 use netwarden_identity::{
     FlowCutter, IdentityService, RefusedConnection, Snapshot, TrustDomain,
     client::{check_request, connect_unix, is_allowed},
-    server::{is_local_caller, serve_unix},
+    server::{is_local_caller, may_ask_about, serve_tcp, serve_unix},
 };
 use netwarden_model::ManifestDir;
 
@@ -127,4 +127,52 @@ fn only_the_node_and_local_pods_may_call_over_tcp() {
     // A pod of the cluster, but not of this node; and a stranger.
     assert!(!is_local_caller(&shared, "10.0.0.2".parse().unwrap()));
     assert!(!is_local_caller(&shared, "203.0.113.9".parse().unwrap()));
+}
+
+#[test]
+fn a_pod_may_only_ask_about_connections_to_itself() {
+    let snapshot = snapshot();
+    let server = "10.0.0.1".parse().unwrap();
+    let other = "10.0.0.2".parse().unwrap();
+    assert!(may_ask_about(&snapshot, server, server));
+    assert!(!may_ask_about(&snapshot, server, other));
+    assert!(may_ask_about(
+        &snapshot,
+        "192.168.0.10".parse().unwrap(),
+        other
+    ));
+    assert!(may_ask_about(
+        &snapshot,
+        "127.0.0.1".parse().unwrap(),
+        other
+    ));
+}
+
+#[tokio::test]
+async fn the_node_address_listener_answers_the_node() {
+    let cutter = Arc::new(RecordingCutter::default());
+    let shared = Arc::new(RwLock::new(Arc::new(snapshot())));
+    let service = Arc::new(IdentityService::new(
+        shared,
+        TrustDomain::default(),
+        Some(cutter.clone()),
+    ));
+    let (bound, _server) = serve_tcp("127.0.0.1:0".parse().unwrap(), service)
+        .await
+        .unwrap();
+    let mut client = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
+        format!("http://{bound}"),
+    )
+    .await
+    .unwrap();
+    let response = client
+        .check(check_request(
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.1:8443".parse().unwrap(),
+            "spiffe://cluster.local/ns/x/sa/client",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(is_allowed(&response), "{response:?}");
 }
