@@ -2,8 +2,9 @@
 //!
 //! A workload's proxy (an Istio sidecar with a CUSTOM action, an Envoy `ext_authz` filter, the
 //! e2e harness's test proxy) calls it once per connection with the connection's source and
-//! destination socket addresses and the peer's verified principal. Every decision is logged
-//! as one structured line (target `netwarden::identity`) and counted; a deny is also handed to
+//! destination socket addresses and the peer's verified principal. Every decision is counted
+//! and logged as one structured line (target `netwarden::identity`; allows at debug level,
+//! like the datapath's verdicts, denies as warnings); a deny is also handed to
 //! a [`FlowCutter`], which the agent implements by marking the flow denied in the kernel's
 //! conntrack, so the client cannot carry on at L4 after the proxy refused it.
 
@@ -30,7 +31,7 @@ use envoy_types::{
 use futures::Stream;
 use netwarden_model::Cluster;
 use tokio::net::{TcpListener, TcpStream, UnixListener};
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::{
     IdentityError,
@@ -178,7 +179,8 @@ impl IdentityService {
         let count = self.counts.add(decision.label());
         let principal = connection.principal.as_deref().unwrap_or("");
         if decision.is_allowed() {
-            info!(
+            // Like L3/L4 verdicts: allows are counted and logged at debug, denies always.
+            debug!(
                 target: "netwarden::identity",
                 verdict = "allow",
                 source = %source,
