@@ -30,8 +30,10 @@ const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 const HTTPS: u16 = 443;
 const METRICS: u16 = 9090;
-/// Runs per measurement of the screen's cost.
+/// Single runs per median of the screen's cost on the ClientHello itself.
 const RUNS: usize = 20_000;
+/// Kernel-side repetitions per mean of the screen's cost.
+const REPEAT: u32 = 200_000;
 
 /// The server is strict by its label; its policy admits the client on 443 and 9090.
 const MANIFESTS: &str = r"
@@ -426,9 +428,15 @@ fn a_flow_the_identity_check_refused_drops_both_ways() {
     );
 }
 
-/// What the screen adds to the packet it inspects: the same ClientHello segment run on the
-/// same tracked flow, with the flow awaiting its ClientHello and without (the fast path).
-/// Prints the figures (`--nocapture`); fails only if the screen costs more than 2 µs.
+/// What the screen adds to a packet it inspects, measured two ways on the same tracked flow:
+///
+/// - the kernel's own mean over `REPEAT` runs of one client segment without payload, with the
+///   flow awaiting its ClientHello (the screen parses down to the payload, finds none, and
+///   leaves the flow as it was, so every run does the same work) and without (the fast path);
+/// - the ClientHello segment itself, one run at a time with the flag set again before each run
+///   (per-run timings are coarse; the median of many is printed for reference).
+///
+/// Prints the figures (`--nocapture`); fails only if the screen costs more than 1 µs.
 #[test]
 fn the_client_hello_check_costs_little() {
     let Some(mut harness) = Harness::new(true) else {
@@ -436,10 +444,33 @@ fn the_client_hello_check_costs_little() {
     };
     let mut cutter = harness.datapath().flow_cutter().expect("conntrack handle");
     open(&mut harness, false, 40000, HTTPS);
-    let frame = segment(false, true, 40000, HTTPS, PSH_ACK, &client_hello());
     let pod = SocketAddr::new(IpAddr::V4(SERVER), HTTPS);
     let peer = SocketAddr::new(IpAddr::V4(CLIENT), 40000);
-    let mut measure = |flags: u32| -> Duration {
+    let ack = segment(false, true, 40000, HTTPS, ACK, &[]);
+    let mut mean = |flags: u32| -> Duration {
+        cutter
+            .set_flags(IFINDEX, pod, peer, flags)
+            .expect("set flags");
+        let (verdict, took) = harness
+            .datapath()
+            .test_run(true, &ack, IFINDEX, REPEAT)
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(verdict, ALLOW);
+        took
+    };
+    // Interleaved rounds, so frequency changes and other load hit both alike; best of each.
+    let mut screened = Vec::new();
+    let mut fast = Vec::new();
+    for _ in 0..5 {
+        screened.push(mean(flow_flags::AWAITING_CLIENT_HELLO));
+        fast.push(mean(0));
+    }
+    let screened = *screened.iter().min().expect("rounds");
+    let fast = *fast.iter().min().expect("rounds");
+    let added = screened.saturating_sub(fast);
+
+    let hello = segment(false, true, 40000, HTTPS, PSH_ACK, &client_hello());
+    let mut per_run = |flags: u32| -> Duration {
         let mut samples: Vec<Duration> = (0..RUNS)
             .map(|_| {
                 cutter
@@ -447,7 +478,7 @@ fn the_client_hello_check_costs_little() {
                     .expect("set flags");
                 let (verdict, took) = harness
                     .datapath()
-                    .test_run(true, &frame, IFINDEX, 1)
+                    .test_run(true, &hello, IFINDEX, 1)
                     .expect("BPF_PROG_TEST_RUN");
                 assert_eq!(verdict, ALLOW);
                 took
@@ -456,25 +487,19 @@ fn the_client_hello_check_costs_little() {
         samples.sort();
         samples[RUNS / 2]
     };
-    // Interleaved rounds, so frequency changes and other load hit both alike.
-    let mut screened = Vec::new();
-    let mut fast = Vec::new();
-    for _ in 0..3 {
-        screened.push(measure(flow_flags::AWAITING_CLIENT_HELLO));
-        fast.push(measure(0));
-    }
-    let screened = *screened.iter().min().unwrap();
-    let fast = *fast.iter().min().unwrap();
-    let added = screened.saturating_sub(fast);
+    let hello_screened = per_run(flow_flags::AWAITING_CLIENT_HELLO);
+    let hello_fast = per_run(0);
     println!(
-        "mTLS screen: tracked packet {} ns, with the ClientHello check {} ns: +{} ns per screened packet (median of {RUNS}, best of 3 rounds)",
+        "mTLS screen: tracked segment {} ns, screened {} ns: +{} ns per screened packet (kernel mean of {REPEAT} runs, best of 5 rounds); ClientHello segment, single runs: {} ns screened vs {} ns fast path (median of {RUNS})",
         fast.as_nanos(),
         screened.as_nanos(),
-        added.as_nanos()
+        added.as_nanos(),
+        hello_screened.as_nanos(),
+        hello_fast.as_nanos(),
     );
     assert!(
-        added < Duration::from_micros(2),
-        "the ClientHello check costs {added:?}"
+        added < Duration::from_micros(1),
+        "the screen costs {added:?}"
     );
 }
 
