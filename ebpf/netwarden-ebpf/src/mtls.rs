@@ -19,8 +19,9 @@
 //!    it once.
 //! 3. A flow marked cut (`CUT_PLAINTEXT`, or `CUT_BY_IDENTITY`, which the agent sets when the
 //!    identity check refuses the connection) drops every packet, both ways, until its entry is
-//!    evicted or the connection's 4-tuple is reused after a new SYN cannot open it (the entry
-//!    is still there and still cut).
+//!    evicted from the LRU table. A new connection on the same addresses and ports stays cut
+//!    meanwhile: a client reusing its source port that soon is refused until the entry ages
+//!    out (the price of a cut that a retransmitted SYN cannot undo).
 //!
 //! Strictness is decided when the flow opens: making a pod strict does not cut connections
 //! already under way. UDP and other protocols are not screened (see `docs/identity.md`).
