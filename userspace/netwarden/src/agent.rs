@@ -89,16 +89,11 @@ fn apply(
     compiler.set_node_addresses(&network.addresses);
     compiler.sync(cluster);
     let state = compiler.state();
-    let report = datapath.apply(state, network);
     let mut errors = input_errors;
-    identity.refresh(
-        datapath,
-        identity_cluster,
-        network,
-        state,
-        &report,
-        &mut errors,
-    );
+    // Before the apply: an endpoint that turns ready is already screened if it is strict.
+    identity.sync_kernel(datapath, &identity_cluster, network, state, &mut errors);
+    let report = datapath.apply(state, network);
+    identity.refresh(identity_cluster, network, state, &mut errors);
     errors.extend(state.warnings.iter().cloned());
     errors.extend(report.errors.iter().cloned());
     for message in &errors {

@@ -11,12 +11,12 @@ use std::{
 
 use anyhow::Context as _;
 use netwarden_common::direction;
-use netwarden_datapath::{ApplyReport, Datapath, mtls::StrictEndpoints, netlink::NodeNetwork};
+use netwarden_datapath::{Datapath, mtls::StrictEndpoints, netlink::NodeNetwork};
 use netwarden_identity::{
     DecisionCounts, IdentityService, RefusedConnection, SharedSnapshot, Snapshot, TrustDomain,
     server,
 };
-use netwarden_model::{Cluster, manifests::pod_ref};
+use netwarden_model::Cluster;
 use netwarden_policy::DatapathState;
 use tracing::info;
 
@@ -89,47 +89,57 @@ impl IdentityWiring {
         Ok(wiring)
     }
 
-    /// Brings the kernel's mTLS maps and the Check server's snapshot up to what was just
-    /// applied; problems go to `errors`.
-    pub fn refresh(
+    /// Writes the strict endpoints of `state` (found in `network` the way the datapath finds
+    /// them) to the kernel's mTLS maps and remembers which veth serves which pod address, for
+    /// the flow cutter. Runs before the datapath applies `state`, so a pod whose endpoint turns
+    /// ready in that apply is screened from its first packet.
+    pub fn sync_kernel(
         &self,
         datapath: &mut Datapath,
-        cluster: Cluster,
+        cluster: &Cluster,
         network: &NodeNetwork,
         state: &DatapathState,
-        report: &ApplyReport,
         errors: &mut Vec<String>,
     ) {
-        errors.extend(cluster.annotation_problems().map(ToString::to_string));
         let mut strict = StrictEndpoints::new();
         let mut endpoints = HashMap::new();
-        for endpoint in &report.endpoints {
-            let Some(pod) = endpoint
-                .pod
-                .as_deref()
-                .and_then(|pod| cluster.pods.get(&pod_ref(pod)))
-            else {
+        for local in state.endpoints.values() {
+            let Some(interface) = local.ips.iter().find_map(|ip| network.veth_for(*ip)) else {
                 continue;
             };
-            for ip in &pod.ips {
-                endpoints.insert(*ip, endpoint.ifindex);
+            for ip in &local.ips {
+                endpoints.insert(*ip, interface.index);
             }
-            if cluster.is_mtls_strict(pod) {
-                strict.insert(endpoint.ifindex, pod.mtls.exempt_ports.clone());
+            if let Some(pod) = cluster.pods.get(&local.pod)
+                && cluster.is_mtls_strict(pod)
+            {
+                strict.insert(interface.index, pod.mtls.exempt_ports.clone());
             }
         }
         if let Err(error) = datapath.sync_mtls(&strict) {
             errors.push(format!("cannot write the mTLS maps: {error}"));
         }
+        *self
+            .endpoints
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = endpoints;
+    }
+
+    /// Hands the Check server the snapshot just applied; the pods' annotation problems go to
+    /// `errors`.
+    pub fn refresh(
+        &self,
+        cluster: Cluster,
+        network: &NodeNetwork,
+        state: &DatapathState,
+        errors: &mut Vec<String>,
+    ) {
+        errors.extend(cluster.annotation_problems().map(ToString::to_string));
         let local_pod_addresses = state
             .endpoints
             .values()
             .flat_map(|endpoint| endpoint.ips.iter().copied())
             .collect();
-        *self
-            .endpoints
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = endpoints;
         *self
             .snapshot
             .write()
