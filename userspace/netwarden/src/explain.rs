@@ -43,6 +43,9 @@ pub fn run(options: &ExplainOptions) -> anyhow::Result<()> {
     for error in &errors {
         eprintln!("warning: {error}");
     }
+    for problem in cluster.annotation_problems() {
+        eprintln!("warning: {problem}");
+    }
     let protocol =
         Protocol::from_api(&options.protocol.to_ascii_uppercase()).with_context(|| {
             format!(
