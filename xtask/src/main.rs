@@ -99,6 +99,9 @@ enum BenchKind {
         #[arg(long, default_value = "3")]
         repeats: String,
     },
+    /// The identity check's latency (p50/p99 of `Authorization/Check` over the Unix socket)
+    /// on the generated 10,000-pod cluster.
+    Identity,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -175,6 +178,15 @@ fn main() -> anyhow::Result<()> {
             tag,
             scenarios,
         } => e2e_kind(dry_run, keep, &tag, scenarios),
+        Task::Bench {
+            bench: BenchKind::Identity,
+        } => {
+            run(
+                "cargo",
+                &["build", "--release", "--package", "netwarden-bench"],
+            )?;
+            run("target/release/netwarden-bench", &["identity"])
+        }
         Task::Demo => {
             setup::ensure()?;
             build_release()?;

@@ -188,23 +188,57 @@ pub struct FlowState {
     /// The policy epoch under which the flow was last found allowed; a flow from an older epoch
     /// is checked again against the current policy before its packet passes.
     pub epoch: u32,
-    /// [`flow_flags`]: what the datapath has seen of the flow. Bits are only ever set by the
-    /// datapath, and only when one is missing (one store per sweep, not one per packet);
-    /// the agent's sweeper clears [`flow_flags::SEEN`].
+    /// [`flow_flags`]: what the mTLS screen still expects of the flow, or why it was cut.
+    /// Written by the screen and by the agent's identity check, never by the sweeper.
     pub flags: u32,
-    /// Sweeps in a row that found the flow without [`flow_flags::SEEN`]: how long it has been
-    /// idle, in sweep intervals. Written by the sweeper only.
+    /// [`flow_activity`]: what the datapath has seen of the flow. Bits are only ever set by
+    /// the datapath, and only when one is missing (one store per sweep, not one per packet);
+    /// the agent's sweeper clears [`flow_activity::SEEN`]. A word of its own, so the
+    /// datapath's activity stores never race with the screen's.
+    pub activity: u32,
+    /// Sweeps in a row that found the flow without [`flow_activity::SEEN`]: how long it has
+    /// been idle, in sweep intervals. Written by the sweeper only.
     pub idle_sweeps: u32,
 }
 
-/// Bits of [`FlowState::flags`].
-pub mod flow_flags {
+/// Bits of [`FlowState::activity`].
+pub mod flow_activity {
     /// A packet of the flow passed since the last sweep.
     pub const SEEN: u32 = 1;
     /// A packet went the other way from the one that opened the flow.
     pub const REPLIED: u32 = 2;
     /// A TCP FIN or RST went through: the connection is closing.
     pub const CLOSING: u32 = 4;
+}
+
+/// Bits of [`FlowState::flags`]. A flow with none set is an ordinary tracked flow.
+pub mod flow_flags {
+    /// A TCP flow to an mTLS-strict pod whose client has not sent payload yet: its first
+    /// payload must be a TLS handshake record carrying a ClientHello.
+    pub const AWAITING_CLIENT_HELLO: u32 = 1 << 0;
+    /// Cut: the client's first payload was not a ClientHello. Every later packet drops.
+    pub const CUT_PLAINTEXT: u32 = 1 << 1;
+    /// Cut: the identity check refused the connection (the agent sets this). Every later
+    /// packet drops.
+    pub const CUT_BY_IDENTITY: u32 = 1 << 2;
+    /// Either cut.
+    pub const CUT: u32 = CUT_PLAINTEXT | CUT_BY_IDENTITY;
+}
+
+/// Value of the map of mTLS-strict endpoints (keyed by ifindex): present means strict.
+pub const MTLS_STRICT: u32 = 1;
+
+/// Key of the map of ports on which an mTLS-strict endpoint accepts plaintext
+/// (`netwarden.dev/mtls-exempt-ports`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MtlsExemptPort {
+    /// The endpoint's host-side veth.
+    pub ifindex: u32,
+    /// The pod's port (host order).
+    pub port: u16,
+    /// Zero.
+    pub padding: u16,
 }
 
 /// A verdict the datapath reports to the agent through the `EVENTS` ring buffer: every deny,
@@ -282,8 +316,14 @@ pub mod counter {
     pub const EVENTS_RATE_LIMITED: u32 = 11;
     /// Events not reported: the ring buffer was full (the agent is behind).
     pub const EVENTS_LOST: u32 = 12;
+    /// Dropped: the first payload of a TCP flow to an mTLS-strict pod was not a TLS
+    /// ClientHello, and every later packet of that flow; also a payload to such a pod on a
+    /// connection conntrack no longer knows (the screen cannot vouch for it).
+    pub const DENIED_PLAINTEXT_TO_STRICT: u32 = 13;
+    /// Dropped: a packet of a flow the identity check refused.
+    pub const DENIED_BY_IDENTITY: u32 = 14;
     /// Number of reasons.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
     /// Number of counters: every reason, once per direction.
     pub const SLOTS: u32 = 2 * COUNT;
 
@@ -308,7 +348,7 @@ pub const SETTINGS_COUNT: u32 = 1;
 mod pod_impls {
     use super::{
         CidrClass, CidrKey, Endpoint, EndpointAddress, EventBudget, FlowKey, FlowState, IpIdentity,
-        IpKey, PolicyEntry, PolicyKey, VerdictEvent,
+        IpKey, MtlsExemptPort, PolicyEntry, PolicyKey, VerdictEvent,
     };
 
     // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
@@ -336,6 +376,8 @@ mod pod_impls {
     unsafe impl aya::Pod for FlowKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for FlowState {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for MtlsExemptPort {}
 }
 
 #[cfg(test)]
@@ -353,6 +395,7 @@ mod tests {
         assert_eq!(size_of::<super::VerdictEvent>(), 52);
         assert_eq!(size_of::<super::EventBudget>(), 16);
         assert_eq!(size_of::<FlowKey>(), 44);
-        assert_eq!(size_of::<FlowState>(), 16);
+        assert_eq!(size_of::<FlowState>(), 20);
+        assert_eq!(size_of::<super::MtlsExemptPort>(), 8);
     }
 }

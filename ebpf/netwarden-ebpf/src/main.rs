@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod mtls;
 mod packet;
 mod verdict;
 

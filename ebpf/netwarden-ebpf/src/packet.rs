@@ -342,3 +342,66 @@ fn octets(words: [u64; 2]) -> [u8; 16] {
     // SAFETY: both types are 16 plain bytes with no invalid bit patterns.
     unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
 }
+
+/// Bytes of a TCP payload the mTLS screen reads: a TLS record header (5) and the handshake
+/// type (1).
+pub const TLS_PREFIX_LEN: usize = 6;
+
+/// What a TCP segment carries. Fieldless, so a non-inlined function can return it in a
+/// register the verifier sees fully written (an enum carrying bytes is returned with undefined
+/// padding bits, which the verifier refuses to read).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum TcpPayload {
+    /// No payload (a handshake segment, a pure ACK, a FIN or RST without data).
+    Empty,
+    /// Fewer than [`TLS_PREFIX_LEN`] bytes: no TLS record header fits.
+    Short,
+    /// At least [`TLS_PREFIX_LEN`] bytes; the first ones were copied out.
+    Starts,
+    /// Not a TCP segment that could be parsed.
+    Malformed,
+}
+
+/// The start of the TCP payload of the frame at `ctx`, copied into `start` when it has one.
+/// The IP header is parsed again rather than carried over from [`parse`]: only the few
+/// packets the mTLS screen looks at pay for it. The payload's end comes from the IP length
+/// fields, never from the frame's length, so link-layer padding is not taken for payload.
+/// Not inlined: a stack frame of its own.
+#[inline(never)]
+pub fn tcp_payload_start(ctx: &TcContext, start: &mut [u8; TLS_PREFIX_LEN]) -> TcpPayload {
+    match tcp_payload_offsets(ctx) {
+        Err(Malformed) => TcpPayload::Malformed,
+        Ok((payload, ip_end)) if payload >= ip_end => TcpPayload::Empty,
+        Ok((payload, ip_end)) if payload + TLS_PREFIX_LEN > ip_end => TcpPayload::Short,
+        Ok((payload, _)) => match load::<[u8; TLS_PREFIX_LEN]>(ctx, payload) {
+            Ok(bytes) => {
+                *start = bytes;
+                TcpPayload::Starts
+            }
+            Err(Malformed) => TcpPayload::Malformed,
+        },
+    }
+}
+
+/// Offsets of the TCP payload and of the end of the IP packet in the frame.
+#[inline(always)]
+fn tcp_payload_offsets(ctx: &TcContext) -> Result<(usize, usize), Malformed> {
+    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    let (header, ip_end) = match ethertype {
+        ETH_P_IPV4 => (
+            parse_ipv4(ctx, ETH_HEADER_LEN)?,
+            ETH_HEADER_LEN + usize::from(u16::from_be(load::<u16>(ctx, ETH_HEADER_LEN + 2)?)),
+        ),
+        ETH_P_IPV6 => (
+            parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS)?,
+            ETH_HEADER_LEN + 40 + usize::from(u16::from_be(load::<u16>(ctx, ETH_HEADER_LEN + 4)?)),
+        ),
+        _ => return Err(Malformed),
+    };
+    let header = header.bounded()?;
+    if header.protocol != IPPROTO_TCP || !header.has_ports {
+        return Err(Malformed);
+    }
+    let data_offset: u8 = load(ctx, header.l4_offset + 12)?;
+    Ok((header.l4_offset + usize::from(data_offset >> 4) * 4, ip_end))
+}

@@ -43,6 +43,9 @@
 //!    a SYN may: a mid-stream packet passes or drops on its own and never creates state, so a
 //!    revoked connection cannot be revived by the server's next segment).
 //!
+//! Flows towards mTLS-strict pods also go through the mTLS screen (`mtls.rs`) before steps 3
+//! and 4: it may drop a packet the policy allows, never pass one it denies.
+//!
 //! decide(E, D, peer address, protocol, destination port):
 //!   a. D is ingress and the peer is the node: allow (kubelet probes keep working).
 //!   b. E not READY (pod object unknown, or locked down): deny.
@@ -63,10 +66,13 @@ use netwarden_common::{
     CidrClass, CidrKey, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint, EndpointAddress,
     EventBudget, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
     POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD,
-    SETTINGS_COUNT, VerdictEvent, counter, direction, endpoint_state, flow_flags,
+    SETTINGS_COUNT, VerdictEvent, counter, direction, endpoint_state, flow_activity, flow_flags,
 };
 
-use crate::packet::{self, Opening, Parsed};
+use crate::{
+    mtls,
+    packet::{self, Opening, Parsed},
+};
 
 /// `TC_ACT_UNSPEC`, which TCX reads as "next": allow, and let later programs have their say.
 const ALLOW: i32 = -1;
@@ -129,6 +135,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     if let Some(tracked) = tracked {
         // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
         let tracked = unsafe { &mut *tracked };
+        if tracked.flags != 0 {
+            let was_cut = tracked.flags & flow_flags::CUT != 0;
+            let screened = mtls::screen(ctx, dir, &mut tracked.flags);
+            if screened != mtls::PASS {
+                if !was_cut {
+                    report(&flow, dir, screened, 0, 0);
+                }
+                return count(screened, dir, DENY);
+            }
+        }
         if tracked.epoch == epoch {
             note_activity(tracked, dir, opening);
             return count(counter::ALLOWED_TRACKED, dir, ALLOW);
@@ -180,16 +196,30 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         // A full table evicts its least recently used flow; that flow is decided again on its
         // next packet, so an eviction never opens anything.
         if opening == Opening::Yes {
+            let mut state = FlowState {
+                origin: dir,
+                epoch,
+                flags: mtls::flags_for_new_flow(&flow, dir),
+                activity: flow_activity::SEEN,
+                idle_sweeps: 0,
+            };
+            // A SYN may carry data (TCP Fast Open): the screen looks at it too.
+            let screened = if state.flags == 0 {
+                mtls::PASS
+            } else {
+                mtls::screen(ctx, dir, &mut state.flags)
+            };
+            let _ = CONNTRACK.insert(flow, state, u64::from(BPF_ANY));
+            if screened != mtls::PASS {
+                report(&flow, dir, screened, policy, 0);
+                return count(screened, dir, DENY);
+            }
             if allow_event_sampled() {
                 report(&flow, dir, reason, policy, rule);
             }
-            let state = FlowState {
-                origin: dir,
-                epoch,
-                flags: flow_flags::SEEN,
-                idle_sweeps: 0,
-            };
-            let _ = CONNTRACK.insert(flow, state, u64::from(BPF_ANY));
+        } else if mtls::untracked_payload_refused(ctx, &flow, dir) {
+            report(&flow, dir, counter::DENIED_PLAINTEXT_TO_STRICT, policy, 0);
+            return count(counter::DENIED_PLAINTEXT_TO_STRICT, dir, DENY);
         }
         return count(reason, dir, ALLOW);
     }
@@ -243,15 +273,15 @@ fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32, rule: u32) {
 /// not one per packet (and no clock read at all).
 #[inline(always)]
 fn note_activity(tracked: &mut FlowState, dir: u32, opening: Opening) {
-    let mut flags = flow_flags::SEEN;
+    let mut flags = flow_activity::SEEN;
     if dir != tracked.origin {
-        flags |= flow_flags::REPLIED;
+        flags |= flow_activity::REPLIED;
     }
     if opening == Opening::Closing {
-        flags |= flow_flags::CLOSING;
+        flags |= flow_activity::CLOSING;
     }
-    if tracked.flags & flags != flags {
-        tracked.flags |= flags;
+    if tracked.activity & flags != flags {
+        tracked.activity |= flags;
     }
 }
 

@@ -124,6 +124,7 @@ pub fn pod(ns: usize, app: usize, replica: usize, index: usize) -> Pod {
         ],
         host_network: false,
         service_account: format!("app-{app}"),
+        mtls: netwarden_model::PodMtls::default(),
     }
 }
 

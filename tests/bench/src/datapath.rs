@@ -132,6 +132,7 @@ fn cluster() -> Cluster {
             ports: Vec::new(),
             host_network: false,
             service_account: "default".into(),
+            mtls: netwarden_model::PodMtls::default(),
         };
         cluster.pods.insert(pod.id.clone(), pod);
     }

@@ -6,6 +6,7 @@
 mod agent;
 mod cluster;
 mod datapath;
+mod identity;
 mod manifests;
 mod traffic;
 
@@ -47,6 +48,8 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// The identity check's latency (`Authorization/Check` over the Unix socket), p50/p99.
+    Identity,
 }
 
 const NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
@@ -63,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             seconds,
             repeats,
         } => return datapath(agent.as_deref(), traffic::Plan { seconds, repeats }),
+        Bench::Identity => return identity::run(cluster::generate(), cluster::NODE, NODE_ADDRESS),
     };
     let cluster = cluster::generate();
     println!(

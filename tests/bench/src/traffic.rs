@@ -801,6 +801,7 @@ fn cluster(rules: u32) -> Cluster {
             ports: Vec::new(),
             host_network: false,
             service_account: "default".into(),
+            mtls: netwarden_model::PodMtls::default(),
         };
         cluster.pods.insert(pod.id.clone(), pod);
     }

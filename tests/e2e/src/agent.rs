@@ -81,6 +81,8 @@ pub struct AgentConfig {
     pub log: PathBuf,
     /// The scenario's `agent_args`.
     pub extra_args: Vec<String>,
+    /// Where the agent serves the identity check (`--authz-socket`).
+    pub authz_socket: PathBuf,
 }
 
 /// A running agent.
@@ -114,6 +116,8 @@ impl Agent {
             .arg(&config.bpffs)
             .arg("--status-file")
             .arg(&config.status_file)
+            .arg("--authz-socket")
+            .arg(&config.authz_socket)
             .args(&config.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_error)?)

@@ -519,6 +519,9 @@ fn unsupported(scenario: &Scenario) -> Option<String> {
         Step::SendSpoofed { .. } | Step::IcmpError { .. } => Some(format!(
             "{step}: crafted packets are sent from the netns harness only"
         )),
+        Step::MtlsProbe(_) | Step::IdentityCheck(_) | Step::ExpectAgentLog(_) => Some(format!(
+            "{step}: the test CA, the mTLS test proxy and the agent's log live in the netns harness"
+        )),
         _ => None,
     })
 }
@@ -714,7 +717,10 @@ impl Cluster<'_> {
             | Step::OpenConnection { .. }
             | Step::CheckConnection { .. }
             | Step::SendSpoofed { .. }
-            | Step::IcmpError { .. } => {
+            | Step::IcmpError { .. }
+            | Step::MtlsProbe(_)
+            | Step::IdentityCheck(_)
+            | Step::ExpectAgentLog(_) => {
                 bail!("not supported on a real cluster (the scenario should have been skipped)")
             }
         }

@@ -6,6 +6,7 @@ mod cleanup;
 mod crafted;
 mod kind;
 mod manifests;
+mod mtls;
 mod netns;
 mod node;
 mod placeholder;

@@ -62,7 +62,7 @@ impl ManifestWriter {
                 value
             })
             .collect();
-        let object = json!({
+        let mut object = json!({
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": { "name": pod.name, "namespace": pod.namespace, "labels": pod.labels },
@@ -76,6 +76,12 @@ impl ManifestWriter {
                 "podIPs": ips.iter().map(|ip| json!({ "ip": ip })).collect::<Vec<_>>(),
             },
         });
+        if !pod.identity.annotations.is_empty() {
+            object["metadata"]["annotations"] = json!(pod.identity.annotations);
+        }
+        if let Some(account) = &pod.identity.service_account {
+            object["spec"]["serviceAccountName"] = json!(account);
+        }
         self.write(&pod_file(&pod.namespace, &pod.name), &object)
     }
 
@@ -145,6 +151,7 @@ mod tests {
                 container_port: 80,
                 protocol: Protocol::Tcp,
             }],
+            identity: crate::mtls::PodIdentity::default(),
         };
         writer
             .pod(

@@ -25,6 +25,7 @@ use crate::{
     cleanup::{self, NETNS_PREFIX, RUN_ROOT, Registration, Resource},
     crafted::{self, QuotedPacket},
     manifests::{ManifestError, ManifestWriter},
+    mtls::{MtlsError, MtlsState, PodView},
     netns::NetnsError,
     node::{Addresses, Endpoint, EndpointKind, Node, NodeError, ipv6_supported},
     placeholder::{self, PlaceholderError},
@@ -74,6 +75,8 @@ enum StepError {
     Digest(#[from] netwarden_model::ManifestError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    Mtls(#[from] MtlsError),
     #[error("policy placeholder: {0}")]
     Placeholder(#[from] PlaceholderError),
     #[error("cannot open connection {name}: {source}")]
@@ -239,6 +242,8 @@ struct Workspace {
     bpffs: PathBuf,
     status_file: PathBuf,
     log: PathBuf,
+    /// Where the agent serves the identity check.
+    authz_socket: PathBuf,
     // Declared in removal order: the mount before the directory it sits in.
     _mount: Registration,
     _dir: Registration,
@@ -276,6 +281,7 @@ impl Workspace {
             bpffs,
             status_file: root.join("status.json"),
             log: root.join("agent.log"),
+            authz_socket: root.join("authz.sock"),
             _mount: mount,
             _dir: dir,
         })
@@ -290,6 +296,22 @@ struct Live {
     /// `None` for external hosts.
     pod: Option<PodSpec>,
     published: bool,
+}
+
+/// The live pods as the mTLS ops see them.
+fn pod_views(live: &IndexMap<String, Live>) -> HashMap<String, PodView<'_>> {
+    live.iter()
+        .filter_map(|(key, live)| {
+            Some((
+                key.clone(),
+                PodView {
+                    netns: &live.endpoint.netns,
+                    addresses: &live.endpoint.addresses,
+                    spec: live.pod.as_ref()?,
+                },
+            ))
+        })
+        .collect()
 }
 
 struct ScenarioRun<'a> {
@@ -314,6 +336,7 @@ struct ScenarioRun<'a> {
     /// From a restart to the new agent's first apply.
     restart_latencies: Vec<Duration>,
     failures: Vec<String>,
+    mtls: MtlsState,
 }
 
 async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> Outcome {
@@ -348,6 +371,7 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         status_file: workspace.status_file.clone(),
         log: workspace.log.clone(),
         extra_args: scenario.agent_args.clone(),
+        authz_socket: workspace.authz_socket.clone(),
     });
     let mut run = ScenarioRun {
         scenario,
@@ -366,6 +390,7 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         latencies: Vec::new(),
         restart_latencies: Vec::new(),
         failures: Vec::new(),
+        mtls: MtlsState::new(workspace.authz_socket.clone()),
     };
     if let Err(error) = run.execute().await {
         run.failures.push(format!("error: {error}"));
@@ -522,6 +547,35 @@ impl ScenarioRun<'_> {
                 self.icmp_error(number, step, connection, *quote, *expect)
                     .await?;
             }
+            Step::MtlsProbe(probe) => {
+                let pods = pod_views(&self.live);
+                let outcome = self.mtls.probe(&pods, probe).await?;
+                self.progress.line(&format!("  {outcome}"));
+                if let Some(problem) = outcome.mismatch(probe.expect) {
+                    self.failures
+                        .push(format!("step {number} {step}: {problem}"));
+                }
+            }
+            Step::ExpectAgentLog(expect) => {
+                if let Some(config) = &self.agent_config {
+                    match expect.find(&config.log).await {
+                        Ok(line) => self.progress.line(&format!("  found: {line}")),
+                        Err(problem) => {
+                            self.failures
+                                .push(format!("step {number} {step}: {problem}"));
+                        }
+                    }
+                }
+            }
+            Step::IdentityCheck(check) => {
+                let pods = pod_views(&self.live);
+                let answer = self.mtls.check(&pods, check).await?;
+                self.progress.line(&format!("  {answer}"));
+                if let Some(problem) = answer.mismatch(check) {
+                    self.failures
+                        .push(format!("step {number} {step}: {problem}"));
+                }
+            }
             change => {
                 if self.apply(change).await? {
                     // The change is on disk (or in the namespaces) now: the latency clock starts.
@@ -665,6 +719,7 @@ impl ScenarioRun<'_> {
                     ports: ports
                         .clone()
                         .unwrap_or_else(|| self.scenario.model.default_ports.clone()),
+                    identity: crate::mtls::PodIdentity::default(),
                 };
                 let reuse = reuse_ip_of
                     .as_ref()
@@ -692,7 +747,10 @@ impl ScenarioRun<'_> {
             | Step::CheckConnection { .. }
             | Step::Probe { .. }
             | Step::SendSpoofed { .. }
-            | Step::IcmpError { .. } => {
+            | Step::IcmpError { .. }
+            | Step::MtlsProbe(_)
+            | Step::IdentityCheck(_)
+            | Step::ExpectAgentLog(_) => {
                 return Ok(false);
             }
         }

@@ -99,6 +99,8 @@ pub struct PodSpec {
     pub name: String,
     pub labels: Labels,
     pub ports: Vec<ContainerPort>,
+    /// Service account and annotations (the identity check's inputs).
+    pub identity: crate::mtls::PodIdentity,
 }
 
 /// The simulated cluster a scenario starts from.
@@ -204,6 +206,9 @@ pub enum Step {
         protocol: Protocol,
         expect: ExpectedGrid,
     },
+    MtlsProbe(crate::mtls::MtlsProbe),
+    IdentityCheck(crate::mtls::IdentityCheck),
+    ExpectAgentLog(crate::mtls::ExpectAgentLog),
     SendSpoofed {
         from: String,
         to: String,
@@ -262,6 +267,9 @@ impl Step {
             Self::Probe { .. } => "probe",
             Self::SendSpoofed { .. } => "send_spoofed",
             Self::IcmpError { .. } => "icmp_error",
+            Self::MtlsProbe(_) => "mtls_probe",
+            Self::IdentityCheck(_) => "identity_check",
+            Self::ExpectAgentLog(_) => "expect_agent_log",
         }
     }
 }
@@ -345,6 +353,9 @@ impl fmt::Display for Step {
                 format!("{quote:?}").to_lowercase(),
                 format!("{expect:?}").to_lowercase()
             ),
+            Self::MtlsProbe(probe) => write!(f, "mtls_probe {probe}"),
+            Self::IdentityCheck(check) => write!(f, "identity_check {check}"),
+            Self::ExpectAgentLog(expect) => write!(f, "expect_agent_log {expect}"),
         }
     }
 }
@@ -416,6 +427,10 @@ struct RawPod {
     #[serde(default)]
     labels: Labels,
     ports: Option<Vec<ContainerPort>>,
+    #[serde(default)]
+    annotations: Labels,
+    #[serde(rename = "serviceAccountName")]
+    service_account_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -479,6 +494,9 @@ enum RawStep {
         protocol: Protocol,
         expect: RawProbeExpectation,
     },
+    MtlsProbe(crate::mtls::MtlsProbe),
+    IdentityCheck(crate::mtls::IdentityCheck),
+    ExpectAgentLog(crate::mtls::ExpectAgentLog),
     SendSpoofed {
         from: String,
         to: String,
@@ -548,6 +566,7 @@ pub fn upstream_model(ip_families: Vec<IpFamily>, ports: Option<Vec<ContainerPor
                     name: pod.to_owned(),
                     labels: Labels::from([("pod".to_owned(), pod.to_owned())]),
                     ports: default_ports.clone(),
+                    identity: crate::mtls::PodIdentity::default(),
                 },
             );
         }
@@ -704,6 +723,10 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
                 name: name.to_owned(),
                 labels: pod.labels,
                 ports,
+                identity: crate::mtls::PodIdentity {
+                    service_account: pod.service_account_name,
+                    annotations: pod.annotations,
+                },
             },
         );
     }
@@ -1202,6 +1225,19 @@ impl<'a> Validator<'a> {
                     expect: grid,
                 }
             }
+            RawStep::MtlsProbe(probe) => {
+                for pod in probe.pods() {
+                    self.pod(pod).map_err(|e| ("mtls_probe", e))?;
+                }
+                Step::MtlsProbe(probe)
+            }
+            RawStep::IdentityCheck(check) => {
+                for pod in check.pods() {
+                    self.pod(pod).map_err(|e| ("identity_check", e))?;
+                }
+                Step::IdentityCheck(check)
+            }
+            RawStep::ExpectAgentLog(expect) => Step::ExpectAgentLog(expect),
         })
     }
 

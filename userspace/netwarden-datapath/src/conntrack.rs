@@ -15,15 +15,27 @@
 //! Removing a flow never opens anything: its next packet is decided again from scratch, and
 //! for TCP only a SYN may create a new entry. The LRU map still evicts the least recently used
 //! flow when it is full, whatever the sweeper does.
+//!
+//! Flows the mTLS screen or the identity check marked (`FlowState::flags` not zero: awaiting a
+//! ClientHello, or cut) are never written back: the screen and the identity check own those
+//! bits, and a write from a stale read could undo a cut. They are aged here instead and
+//! removed `other` (60 s) after the sweeper first saw them; the kernel then drops any payload
+//! to a strict pod that conntrack does not know, so removal does not reopen a cut. Writers in
+//! this process (the sweeper, the identity check's cutter) take [`CONNTRACK_WRITES`] around
+//! each read-modify-write.
 
-use std::{path::Path, time::Duration};
+use std::{collections::HashMap, path::Path, sync::Mutex, time::Duration};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use netwarden_common::{FlowKey, FlowState, flow_flags};
+use netwarden_common::{FlowKey, FlowState, flow_activity};
 
 use crate::{DatapathError, bpffs::PinLayout};
 
 const IPPROTO_TCP: u8 = 6;
+
+/// Held by every read-modify-write of a conntrack entry from this process, so that one never
+/// overwrites another's bits with a stale copy.
+pub static CONNTRACK_WRITES: Mutex<()> = Mutex::new(());
 const NAME: &str = "CONNTRACK";
 /// `BPF_EXIST`: update only an entry that is still there.
 const BPF_EXIST: u64 = 2;
@@ -56,9 +68,9 @@ impl Timeouts {
     /// The idle time after which a flow in `state` of `protocol` is removed.
     #[must_use]
     pub fn for_flow(&self, protocol: u8, state: &FlowState) -> Duration {
-        if state.flags & flow_flags::CLOSING != 0 {
+        if state.activity & flow_activity::CLOSING != 0 {
             self.closing
-        } else if state.flags & flow_flags::REPLIED == 0 {
+        } else if state.activity & flow_activity::REPLIED == 0 {
             self.unreplied
         } else if protocol == IPPROTO_TCP {
             self.tcp_established
@@ -84,6 +96,8 @@ pub struct Sweeper {
     map: BpfHashMap<MapData, FlowKey, FlowState>,
     interval: Duration,
     timeouts: Timeouts,
+    /// Sweeps that found each screened or cut flow (never written back, so aged here).
+    marked: HashMap<FlowKey, u32>,
 }
 
 impl Sweeper {
@@ -103,6 +117,7 @@ impl Sweeper {
             map,
             interval,
             timeouts,
+            marked: HashMap::new(),
         })
     }
 
@@ -116,18 +131,36 @@ impl Sweeper {
     pub fn sweep(&mut self) -> SweepReport {
         // Keys first: the table changes under the walk, and a walk that deletes as it goes
         // may restart or skip.
-        let keys: Vec<FlowKey> = self.map.keys().filter_map(Result::ok).collect();
+        let keys: std::collections::HashSet<FlowKey> =
+            self.map.keys().filter_map(Result::ok).collect();
         let mut report = SweepReport {
             flows: keys.len(),
             ..SweepReport::default()
         };
+        self.marked.retain(|key, _| keys.contains(key));
         for key in keys {
+            let _writing = CONNTRACK_WRITES
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let Ok(mut state) = self.map.get(&key, 0) else {
                 report.skipped += 1;
                 continue;
             };
-            if state.flags & flow_flags::SEEN != 0 {
-                state.flags &= !flow_flags::SEEN;
+            if state.flags != 0 {
+                let sweeps = self.marked.entry(key).or_insert(0);
+                *sweeps = sweeps.saturating_add(1);
+                if self.interval.saturating_mul(*sweeps) >= self.timeouts.other {
+                    self.marked.remove(&key);
+                    match self.map.remove(&key) {
+                        Ok(()) => report.expired += 1,
+                        Err(MapError::KeyNotFound) => {}
+                        Err(_) => report.skipped += 1,
+                    }
+                }
+                continue;
+            }
+            if state.activity & flow_activity::SEEN != 0 {
+                state.activity &= !flow_activity::SEEN;
                 state.idle_sweeps = 0;
             } else {
                 state.idle_sweeps = state.idle_sweeps.saturating_add(1);

@@ -13,7 +13,9 @@
 
 pub mod bpffs;
 pub mod conntrack;
+pub mod mtls;
 pub mod netlink;
+pub mod upgrade;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -238,6 +240,10 @@ impl Datapath {
             source,
         })?;
         let maps_dir = layout.maps();
+        upgrade::replace_outdated_pins(&maps_dir).map_err(|source| DatapathError::Bpffs {
+            path: maps_dir.clone(),
+            source,
+        })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .map_max_entries("ENDPOINTS", capacity.endpoints)

@@ -11,7 +11,8 @@
 //! - backs off on errors ([`WatchStreamExt::default_backoff`]: 0.8 s doubling to 30 s, jittered)
 //!   and resumes; meanwhile the caches keep the last state, so the agent keeps enforcing it;
 //! - trims what it caches ([`trim_pod`], [`trim_namespace`], [`trim_network_policy`]): managed
-//!   fields, annotations and everything of a pod the compiler does not read.
+//!   fields, annotations (but a pod's `netwarden.dev/*` ones) and everything of a pod the
+//!   compiler does not read.
 //!
 //! [`KubeSource::cluster`] validates the caches with [`netwarden_model::convert`], with the
 //! manifest source's rules for bad input: an invalid NetworkPolicy keeps its last valid version,
@@ -401,11 +402,23 @@ pub fn trim_namespace(namespace: &mut Namespace) {
     namespace.status = None;
 }
 
-/// Keeps of a Pod what [`convert::pod`] reads: metadata (without managed fields and
-/// annotations), containers' names and ports, node name, host network, service account, and of
-/// the status only the pod IPs and the phase.
+/// The prefix of the pod annotations netwarden reads (mTLS exempt ports, allowed principals).
+const NETWARDEN_ANNOTATION_PREFIX: &str = "netwarden.dev/";
+
+/// Keeps of a Pod what [`convert::pod`] reads: metadata (without managed fields, and of the
+/// annotations only the `netwarden.dev/*` ones), containers' names and ports, node name, host
+/// network, service account, and of the status only the pod IPs and the phase.
 pub fn trim_pod(pod: &mut Pod) {
+    let ours: BTreeMap<String, String> = pod
+        .metadata
+        .annotations
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(key, _)| key.starts_with(NETWARDEN_ANNOTATION_PREFIX))
+        .collect();
     trim_metadata(&mut pod.metadata);
+    pod.metadata.annotations = (!ours.is_empty()).then_some(ours);
     pod.spec = pod.spec.take().map(|spec| PodSpec {
         containers: spec
             .containers
@@ -446,7 +459,11 @@ mod tests {
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {
                 "name": "a", "namespace": "x", "resourceVersion": "7", "labels": {"app": "a"},
-                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                    "netwarden.dev/mtls-exempt-ports": "8080",
+                    "netwarden.dev/allowed-principals": "spiffe://cluster.local/ns/x/sa/web"
+                },
                 "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
             },
             "spec": {
@@ -476,7 +493,11 @@ mod tests {
             serde_json::json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {
-                    "name": "a", "namespace": "x", "resourceVersion": "7", "labels": {"app": "a"}
+                    "name": "a", "namespace": "x", "resourceVersion": "7", "labels": {"app": "a"},
+                    "annotations": {
+                        "netwarden.dev/mtls-exempt-ports": "8080",
+                        "netwarden.dev/allowed-principals": "spiffe://cluster.local/ns/x/sa/web"
+                    }
                 },
                 "spec": {
                     "nodeName": "node-1", "serviceAccountName": "sa", "hostNetwork": false,
@@ -489,6 +510,8 @@ mod tests {
                 }
             })
         );
-        assert_eq!(netwarden_model::convert::pod(&pod).unwrap(), before);
+        let after = netwarden_model::convert::pod(&pod).unwrap();
+        assert_eq!(after, before);
+        assert!(after.mtls.exempt_ports.contains(&8080));
     }
 }

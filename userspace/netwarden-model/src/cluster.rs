@@ -1,10 +1,17 @@
 //! The validated cluster snapshot.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
 use ipnet::IpNet;
 
-use crate::selector::{LabelSelector, Labels};
+use crate::{
+    convert::ModelError,
+    selector::{LabelSelector, Labels},
+};
 
 /// Namespace and name of a pod.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,6 +125,34 @@ pub struct Pod {
     pub host_network: bool,
     /// `spec.serviceAccountName`, `default` when unset.
     pub service_account: String,
+    /// What the pod's `netwarden.dev/*` label and annotations ask of mutual TLS.
+    pub mtls: PodMtls,
+}
+
+/// The label that makes a pod, or every pod of a namespace, mTLS-strict.
+pub const MTLS_LABEL: &str = "netwarden.dev/mtls";
+/// The value of [`MTLS_LABEL`] that makes it strict.
+pub const MTLS_STRICT: &str = "strict";
+/// Pod annotation: comma-separated ports of a strict pod that accept plaintext.
+pub const MTLS_EXEMPT_PORTS_ANNOTATION: &str = "netwarden.dev/mtls-exempt-ports";
+/// Pod annotation: comma-separated SPIFFE IDs the identity check accepts as clients of the pod
+/// (`*` may stand for the whole last path segment).
+pub const ALLOWED_PRINCIPALS_ANNOTATION: &str = "netwarden.dev/allowed-principals";
+
+/// A pod's mutual-TLS settings, as its label and annotations state them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodMtls {
+    /// The pod itself carries `netwarden.dev/mtls: strict`. Its namespace may make it strict
+    /// too: ask [`Cluster::is_mtls_strict`].
+    pub strict_label: bool,
+    /// Valid ports of `netwarden.dev/mtls-exempt-ports`: plaintext is accepted on them.
+    pub exempt_ports: BTreeSet<u16>,
+    /// Valid entries of `netwarden.dev/allowed-principals`, or `None` when the annotation is
+    /// absent (then any principal that passes the other checks is accepted).
+    pub allowed_principals: Option<Vec<String>>,
+    /// What was wrong in those annotations. Invalid entries are left out, which fails closed:
+    /// a port that does not parse is not exempt, a principal that does not parse accepts no one.
+    pub problems: Vec<ModelError>,
 }
 
 /// Which directions a policy isolates.
@@ -222,6 +257,23 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Whether `pod` is mTLS-strict: it, or its namespace, carries `netwarden.dev/mtls: strict`.
+    #[must_use]
+    pub fn is_mtls_strict(&self, pod: &Pod) -> bool {
+        pod.mtls.strict_label
+            || self
+                .namespaces
+                .get(&pod.id.namespace)
+                .is_some_and(|namespace| {
+                    namespace.labels.get(MTLS_LABEL).map(String::as_str) == Some(MTLS_STRICT)
+                })
+    }
+
+    /// Problems in the pods' `netwarden.dev/*` annotations (each names its pod and field).
+    pub fn annotation_problems(&self) -> impl Iterator<Item = &ModelError> {
+        self.pods.values().flat_map(|pod| pod.mtls.problems.iter())
+    }
+
     /// The labels of `namespace`; a namespace with no object has only its name label, as the
     /// API server would give it.
     #[must_use]

@@ -16,7 +16,8 @@ use k8s_openapi::{
 
 use crate::{
     cluster::{
-        ContainerPort, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PolicyTypes,
+        ALLOWED_PRINCIPALS_ANNOTATION, ContainerPort, MTLS_EXEMPT_PORTS_ANNOTATION, MTLS_LABEL,
+        MTLS_STRICT, Namespace, NetworkPolicy, Peer, Pod, PodMtls, PodRef, PolicyRef, PolicyTypes,
         PortRef, PortSpec, Protocol, Rule,
     },
     selector::{LabelSelector, Requirement},
@@ -26,7 +27,7 @@ use crate::{
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// An object the API server would reject.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq, Hash)]
 #[error("{kind} {object}: {field}: {problem}")]
 pub struct ModelError {
     /// `Pod`, `Namespace` or `NetworkPolicy`.
@@ -143,9 +144,11 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ModelError> {
         }
     }
 
+    let labels = object.metadata.labels.clone().unwrap_or_default();
+    let mtls = pod_mtls(&ctx, &labels, object.metadata.annotations.as_ref());
     Ok(Pod {
         id: PodRef { namespace, name },
-        labels: object.metadata.labels.clone().unwrap_or_default(),
+        labels,
         node_name: spec.and_then(|spec| spec.node_name.clone()),
         ips,
         ports,
@@ -153,7 +156,82 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ModelError> {
         service_account: spec
             .and_then(|spec| spec.service_account_name.clone())
             .unwrap_or_else(|| "default".to_owned()),
+        mtls,
     })
+}
+
+/// Reads the pod's mTLS label and annotations. Never fails: a bad entry is reported and left
+/// out, so the pod keeps being enforced, fail-closed (a bad port is not exempt, a bad
+/// principal admits no one).
+fn pod_mtls(ctx: &Ctx<'_>, labels: &ApiLabels, annotations: Option<&ApiLabels>) -> PodMtls {
+    let mut mtls = PodMtls {
+        strict_label: labels.get(MTLS_LABEL).map(String::as_str) == Some(MTLS_STRICT),
+        ..PodMtls::default()
+    };
+    let Some(annotations) = annotations else {
+        return mtls;
+    };
+    if let Some(ports) = annotations.get(MTLS_EXEMPT_PORTS_ANNOTATION) {
+        let field = format!("metadata.annotations[{MTLS_EXEMPT_PORTS_ANNOTATION}]");
+        for entry in list_entries(ports) {
+            match entry.parse::<u16>() {
+                Ok(port) if port != 0 => {
+                    mtls.exempt_ports.insert(port);
+                }
+                _ => mtls.problems.push(ctx.error(
+                    field.clone(),
+                    format!("{entry:?} is not a port (1-65535); that port stays mTLS-strict"),
+                )),
+            }
+        }
+    }
+    if let Some(principals) = annotations.get(ALLOWED_PRINCIPALS_ANNOTATION) {
+        let field = format!("metadata.annotations[{ALLOWED_PRINCIPALS_ANNOTATION}]");
+        let mut allowed = Vec::new();
+        for entry in list_entries(principals) {
+            match spiffe_id_problem(entry) {
+                None => allowed.push(entry.to_owned()),
+                Some(problem) => mtls.problems.push(ctx.error(
+                    field.clone(),
+                    format!("{entry:?} {problem}; it admits no one"),
+                )),
+            }
+        }
+        mtls.allowed_principals = Some(allowed);
+    }
+    mtls
+}
+
+/// The non-empty entries of a comma-separated annotation value (whitespace around them is
+/// ignored, so the list may be spread over lines).
+fn list_entries(value: &str) -> impl Iterator<Item = &str> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+}
+
+/// What is wrong with `id` as an allowed-principal pattern, if anything: it must be
+/// `spiffe://<trust domain>/<path>`, and `*` may only be a whole last path segment.
+fn spiffe_id_problem(id: &str) -> Option<&'static str> {
+    let Some(rest) = id.strip_prefix("spiffe://") else {
+        return Some("does not start with spiffe://");
+    };
+    let Some((trust_domain, path)) = rest.split_once('/') else {
+        return Some("has no path after the trust domain");
+    };
+    if trust_domain.is_empty() || trust_domain.contains('*') {
+        return Some("has no literal trust domain");
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    if segments.iter().any(|segment| segment.is_empty()) {
+        return Some("has an empty path segment");
+    }
+    let (last, leading) = segments.split_last().unwrap_or((&"", &[]));
+    if leading.iter().any(|segment| segment.contains('*')) || (last.contains('*') && *last != "*") {
+        return Some("may use * only as the whole last path segment");
+    }
+    None
 }
 
 /// Validates a NetworkPolicy and applies the API server's defaulting of `policyTypes`.
@@ -449,6 +527,74 @@ mod tests {
 
     fn policy(yaml: &str) -> ApiPolicy {
         serde_yaml::from_str(yaml).expect("test manifest parses")
+    }
+
+    fn pod(yaml: &str) -> k8s_openapi::api::core::v1::Pod {
+        serde_yaml::from_str(yaml).expect("test manifest parses")
+    }
+
+    #[test]
+    fn the_mtls_label_and_annotations_are_read() {
+        let parsed = super::pod(&pod(
+            "metadata:\n  name: a\n  namespace: x\n  labels: {netwarden.dev/mtls: strict}\n  annotations:\n    netwarden.dev/mtls-exempt-ports: '8080, 9090'\n    netwarden.dev/allowed-principals: 'spiffe://cluster.local/ns/x/sa/web, spiffe://cluster.local/ns/y/sa/*'\nspec: {serviceAccountName: api, containers: []}",
+        ))
+        .unwrap();
+        assert!(parsed.mtls.strict_label);
+        assert_eq!(
+            parsed.mtls.exempt_ports.iter().copied().collect::<Vec<_>>(),
+            [8080, 9090]
+        );
+        assert_eq!(
+            parsed.mtls.allowed_principals.as_deref(),
+            Some(
+                &[
+                    "spiffe://cluster.local/ns/x/sa/web".to_owned(),
+                    "spiffe://cluster.local/ns/y/sa/*".to_owned()
+                ][..]
+            )
+        );
+        assert!(parsed.mtls.problems.is_empty());
+        assert_eq!(parsed.service_account, "api");
+    }
+
+    #[test]
+    fn a_pod_without_the_label_or_a_service_account_is_not_strict_and_runs_as_default() {
+        let parsed = super::pod(&pod(
+            "metadata: {name: a, namespace: x, labels: {netwarden.dev/mtls: permissive}}\nspec: {containers: []}",
+        ))
+        .unwrap();
+        assert!(!parsed.mtls.strict_label);
+        assert_eq!(parsed.mtls.allowed_principals, None);
+        assert_eq!(parsed.service_account, "default");
+    }
+
+    #[test]
+    fn invalid_annotation_entries_are_reported_and_fail_closed() {
+        let parsed = super::pod(&pod(
+            "metadata:\n  name: a\n  namespace: x\n  annotations:\n    netwarden.dev/mtls-exempt-ports: '80,http,0,70000'\n    netwarden.dev/allowed-principals: 'cluster.local/ns/x/sa/a,spiffe://cluster.local/ns/*/sa/a'\nspec: {containers: []}",
+        ))
+        .unwrap();
+        assert_eq!(
+            parsed.mtls.exempt_ports.iter().copied().collect::<Vec<_>>(),
+            [80]
+        );
+        assert_eq!(parsed.mtls.allowed_principals, Some(vec![]));
+        let messages: Vec<String> = parsed
+            .mtls
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "Pod x/a: metadata.annotations[netwarden.dev/mtls-exempt-ports]: \"http\" is not a port (1-65535); that port stays mTLS-strict",
+                "Pod x/a: metadata.annotations[netwarden.dev/mtls-exempt-ports]: \"0\" is not a port (1-65535); that port stays mTLS-strict",
+                "Pod x/a: metadata.annotations[netwarden.dev/mtls-exempt-ports]: \"70000\" is not a port (1-65535); that port stays mTLS-strict",
+                "Pod x/a: metadata.annotations[netwarden.dev/allowed-principals]: \"cluster.local/ns/x/sa/a\" does not start with spiffe://; it admits no one",
+                "Pod x/a: metadata.annotations[netwarden.dev/allowed-principals]: \"spiffe://cluster.local/ns/*/sa/a\" may use * only as the whole last path segment; it admits no one",
+            ]
+        );
     }
 
     #[test]

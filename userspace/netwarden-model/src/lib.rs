@@ -10,8 +10,9 @@ pub mod manifests;
 pub mod selector;
 
 pub use cluster::{
-    Cluster, ContainerPort, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PolicyTypes,
-    PortRef, PortSpec, Protocol, Rule,
+    ALLOWED_PRINCIPALS_ANNOTATION, Cluster, ContainerPort, MTLS_EXEMPT_PORTS_ANNOTATION,
+    MTLS_LABEL, MTLS_STRICT, Namespace, NetworkPolicy, Peer, Pod, PodMtls, PodRef, PolicyRef,
+    PolicyTypes, PortRef, PortSpec, Protocol, Rule,
 };
 pub use convert::ModelError;
 pub use manifests::{ManifestDir, ManifestError};

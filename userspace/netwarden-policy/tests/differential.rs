@@ -288,6 +288,7 @@ fn cluster() -> impl Strategy<Value = Cluster> {
                         ports,
                         host_network: false,
                         service_account: "default".into(),
+                        mtls: netwarden_model::PodMtls::default(),
                     },
                 );
             }

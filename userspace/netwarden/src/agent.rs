@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     events::{self, Attribution, EndpointNames, SharedAttribution},
     health,
+    identity::{self, IdentityWiring},
     input::Input,
     metrics::{Applied, Metrics},
     status::{self, EndpointStatus, Status, Verdicts},
@@ -91,6 +92,9 @@ pub struct AgentOptions {
     /// Idle seconds after which a TCP connection that sent a FIN or RST is forgotten.
     #[arg(long, default_value_t = Timeouts::default().closing.as_secs())]
     pub conntrack_closing_seconds: u64,
+    /// The identity check for mTLS-strict pods.
+    #[command(flatten)]
+    pub identity: identity::IdentityOptions,
 }
 
 /// What [`apply`] works with besides the input and the node's network.
@@ -100,6 +104,7 @@ struct Agent<'a> {
     options: &'a AgentOptions,
     attribution: &'a SharedAttribution,
     metrics: &'a Metrics,
+    identity: &'a IdentityWiring,
 }
 
 /// Compiles the current input for `network`, applies it and writes the status file.
@@ -117,16 +122,22 @@ fn apply(
         options,
         attribution,
         metrics,
+        identity,
     } = agent;
     let started = Instant::now();
     let (cluster, input_errors) = input.cluster();
     let policies = cluster.policies.len();
+    // The identity check decides on the same snapshot the compiler compiles.
+    let identity_cluster = cluster.clone();
     compiler.set_node_addresses(&network.addresses);
     compiler.sync(cluster);
     let state = compiler.state();
+    let mut errors = input_errors;
+    // Before the apply: an endpoint that turns ready is already screened if it is strict.
+    identity.sync_kernel(datapath, &identity_cluster, network, state, &mut errors);
     let report = datapath.apply(state, network);
     let latency = change_seen.map(|seen| seen.elapsed());
-    let mut errors = input_errors;
+    identity.refresh(identity_cluster, network, state, &mut errors);
     errors.extend(state.warnings.iter().cloned());
     errors.extend(report.errors.iter().cloned());
     for message in &errors {
@@ -154,6 +165,7 @@ fn apply(
         pending: report.pending.clone(),
         errors,
         verdicts: Verdicts::from_counters(&datapath.verdicts()),
+        identity_checks: identity.counts(),
     };
     metrics.observe_apply(&Applied {
         policies,
@@ -315,6 +327,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     if let Some(ring) = datapath.take_events() {
         events::spawn_reader(ring, attribution.clone());
     }
+    let identity = IdentityWiring::start(&options.identity, &mut datapath).await?;
     let mut compiler = Compiler::new(options.node.clone());
     compiler.resume(inherited.identities, inherited.highest_policy_id);
     let metrics = Arc::new(Metrics::new());
@@ -371,6 +384,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 options: &options,
                 attribution: &attribution,
                 metrics: &metrics,
+                identity: &identity,
             };
             apply(
                 &mut agent,

@@ -156,6 +156,11 @@ fn log(event: &VerdictEvent, names: &Attribution) {
             "revoked: the current policy no longer allows this established flow".to_owned()
         }
         counter::DENIED_SPOOFED => "spoofed: the pod does not own the source address".to_owned(),
+        counter::DENIED_PLAINTEXT_TO_STRICT => {
+            "plaintext to mTLS-strict pod: the flow's first payload was not a TLS ClientHello"
+                .to_owned()
+        }
+        counter::DENIED_BY_IDENTITY => "refused by the identity check".to_owned(),
         other => format!("reason {other}"),
     };
     warn!(

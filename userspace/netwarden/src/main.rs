@@ -8,6 +8,7 @@ mod agent;
 mod events;
 mod explain;
 mod health;
+mod identity;
 mod input;
 mod metrics;
 mod status;

@@ -30,6 +30,10 @@ pub struct Status {
     pub errors: Vec<String>,
     /// Datapath verdict counters since the maps were created.
     pub verdicts: Verdicts,
+    /// Identity check decisions since the agent started, by reason (`allowed`,
+    /// `wrong_principal`, ...).
+    #[serde(default)]
+    pub identity_checks: std::collections::BTreeMap<String, u64>,
 }
 
 /// One endpoint.
@@ -76,6 +80,12 @@ pub struct Verdicts {
     pub events_rate_limited: u64,
     /// Deny events not reported: the ring buffer was full.
     pub events_lost: u64,
+    /// Dropped: a TCP flow to an mTLS-strict pod did not open with a TLS ClientHello.
+    #[serde(default)]
+    pub denied_plaintext_to_strict: u64,
+    /// Dropped: packets of flows the identity check refused.
+    #[serde(default)]
+    pub denied_by_identity: u64,
 }
 
 impl Verdicts {
@@ -103,6 +113,8 @@ impl Verdicts {
             allowed_related: at(counter::ALLOWED_RELATED),
             events_rate_limited: at(counter::EVENTS_RATE_LIMITED),
             events_lost: at(counter::EVENTS_LOST),
+            denied_plaintext_to_strict: at(counter::DENIED_PLAINTEXT_TO_STRICT),
+            denied_by_identity: at(counter::DENIED_BY_IDENTITY),
         }
     }
 }

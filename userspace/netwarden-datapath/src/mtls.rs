@@ -1,0 +1,165 @@
+//! The mTLS screen's maps (`ebpf/netwarden-ebpf/src/mtls.rs`) and the conntrack marks the
+//! identity check leaves on the flows it refuses.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use netwarden_common::{FlowKey, FlowState, MTLS_STRICT, MtlsExemptPort, flow_flags};
+use netwarden_policy::lookup::mapped;
+
+use crate::{Datapath, DatapathError, take_map};
+
+/// mTLS-strict endpoints by the ifindex of their veth, each with its exempt ports.
+pub type StrictEndpoints = BTreeMap<u32, BTreeSet<u16>>;
+
+impl Datapath {
+    /// Makes the mTLS maps hold exactly `strict`. Returns whether anything changed. Entries
+    /// are added before stale ones are removed, so an endpoint that stays strict is never
+    /// briefly lax.
+    pub fn sync_mtls(&mut self, strict: &StrictEndpoints) -> Result<bool, MapError> {
+        let mut changed = false;
+        let mut endpoints: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("MTLS_STRICT_ENDPOINTS")
+                .ok_or_else(|| missing("MTLS_STRICT_ENDPOINTS"))?,
+        )?;
+        let installed: BTreeSet<u32> = endpoints.keys().flatten().collect();
+        for ifindex in strict.keys() {
+            if !installed.contains(ifindex) {
+                endpoints.insert(ifindex, MTLS_STRICT, 0)?;
+                changed = true;
+            }
+        }
+        let mut ports: BpfHashMap<&mut MapData, MtlsExemptPort, u32> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("MTLS_EXEMPT_PORTS")
+                .ok_or_else(|| missing("MTLS_EXEMPT_PORTS"))?,
+        )?;
+        let installed_ports: BTreeSet<MtlsExemptPort> = ports.keys().flatten().collect();
+        let wanted_ports: BTreeSet<MtlsExemptPort> = strict
+            .iter()
+            .flat_map(|(ifindex, exempt)| {
+                exempt.iter().map(|port| MtlsExemptPort {
+                    ifindex: *ifindex,
+                    port: *port,
+                    padding: 0,
+                })
+            })
+            .collect();
+        for port in wanted_ports.difference(&installed_ports) {
+            ports.insert(port, 1, 0)?;
+            changed = true;
+        }
+        for port in installed_ports.difference(&wanted_ports) {
+            ports.remove(port)?;
+            changed = true;
+        }
+        let mut endpoints: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("MTLS_STRICT_ENDPOINTS")
+                .ok_or_else(|| missing("MTLS_STRICT_ENDPOINTS"))?,
+        )?;
+        for ifindex in installed
+            .iter()
+            .filter(|ifindex| !strict.contains_key(ifindex))
+        {
+            endpoints.remove(ifindex)?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// A handle on the conntrack table for cutting flows, once (the caller keeps it on the
+    /// identity check's task).
+    pub fn flow_cutter(&mut self) -> Result<FlowCutter, DatapathError> {
+        Ok(FlowCutter {
+            conntrack: take_map(&mut self.ebpf, "CONNTRACK")?,
+        })
+    }
+}
+
+fn missing(name: &str) -> MapError {
+    MapError::InvalidName {
+        name: name.to_owned(),
+    }
+}
+
+/// Marks flows cut in the kernel's conntrack: every later packet of theirs drops.
+pub struct FlowCutter {
+    conntrack: BpfHashMap<MapData, FlowKey, FlowState>,
+}
+
+impl FlowCutter {
+    /// Cuts the TCP flow between `pod` (an address of the endpoint behind `ifindex`) and
+    /// `peer`, opened in `origin` ([`netwarden_common::direction`]). An entry that does not
+    /// exist (evicted, or not opened yet) is created cut, so the flow cannot open afterwards.
+    /// Returns whether the flow was tracked.
+    pub fn cut(
+        &mut self,
+        ifindex: u32,
+        pod: SocketAddr,
+        peer: SocketAddr,
+        origin: u32,
+    ) -> Result<bool, MapError> {
+        let key = flow_key(ifindex, pod, peer);
+        let _writing = crate::conntrack::CONNTRACK_WRITES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (tracked, mut state) = match self.conntrack.get(&key, 0) {
+            Ok(state) => (true, state),
+            Err(MapError::KeyNotFound) => (
+                false,
+                FlowState {
+                    origin,
+                    ..FlowState::default()
+                },
+            ),
+            Err(error) => return Err(error),
+        };
+        state.flags |= flow_flags::CUT_BY_IDENTITY;
+        self.conntrack.insert(key, state, 0)?;
+        Ok(tracked)
+    }
+
+    /// The flags of a tracked flow, for tests.
+    #[must_use]
+    pub fn flags(&self, ifindex: u32, pod: SocketAddr, peer: SocketAddr) -> Option<u32> {
+        let key = flow_key(ifindex, pod, peer);
+        self.conntrack.get(&key, 0).ok().map(|state| state.flags)
+    }
+
+    /// Sets the flags of a tracked flow, so tests and benchmarks can run the screen on the same
+    /// packet again.
+    pub fn set_flags(
+        &mut self,
+        ifindex: u32,
+        pod: SocketAddr,
+        peer: SocketAddr,
+        flags: u32,
+    ) -> Result<(), MapError> {
+        let key = flow_key(ifindex, pod, peer);
+        let _writing = crate::conntrack::CONNTRACK_WRITES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.conntrack.get(&key, 0)?;
+        state.flags = flags;
+        self.conntrack.insert(key, state, 0)
+    }
+}
+
+/// The conntrack key of the TCP flow between `pod` (behind `ifindex`) and `peer`.
+fn flow_key(ifindex: u32, pod: SocketAddr, peer: SocketAddr) -> FlowKey {
+    FlowKey {
+        ifindex,
+        protocol: 6,
+        padding_byte: 0,
+        padding_half: 0,
+        pod_port: pod.port(),
+        peer_port: peer.port(),
+        pod_addr: mapped(pod.ip()),
+        peer_addr: mapped(peer.ip()),
+    }
+}

@@ -1,0 +1,63 @@
+//! Pinned maps a previous build left with a layout this build changed.
+//!
+//! aya adopts a pinned map by name without comparing its definition, and the kernel then
+//! refuses a program that reads past the old value size: an upgraded agent would not start on
+//! a node its predecessor ran on. Maps whose content may be lost are therefore replaced when
+//! their layout differs: conntrack (flows are decided again segment by segment, as after an
+//! eviction) and the verdict counters (they restart from zero).
+
+use std::{io, path::Path};
+
+use aya::maps::MapInfo;
+use netwarden_common::{FlowState, counter};
+use tracing::warn;
+
+/// A pinned map's expected value size and entries (`None`: any capacity will do).
+struct Layout {
+    name: &'static str,
+    value_size: u32,
+    max_entries: Option<u32>,
+}
+
+fn layouts() -> [Layout; 2] {
+    [
+        Layout {
+            name: "CONNTRACK",
+            value_size: size_of::<FlowState>() as u32,
+            max_entries: None,
+        },
+        Layout {
+            name: "VERDICTS",
+            value_size: size_of::<u64>() as u32,
+            max_entries: Some(counter::COUNT),
+        },
+    ]
+}
+
+/// Unpins the maps under `maps_dir` whose layout is not this build's, so the loader creates
+/// them afresh. Returns what it replaced.
+pub fn replace_outdated_pins(maps_dir: &Path) -> io::Result<Vec<String>> {
+    let mut replaced = Vec::new();
+    for layout in layouts() {
+        let path = maps_dir.join(layout.name);
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
+        // A per-CPU map reports the size of one CPU's value.
+        let outdated = info.value_size() != layout.value_size
+            || layout
+                .max_entries
+                .is_some_and(|entries| entries != info.max_entries());
+        if outdated {
+            warn!(
+                map = layout.name,
+                value_size = info.value_size(),
+                max_entries = info.max_entries(),
+                "the pinned map has the layout of another build; replacing it"
+            );
+            std::fs::remove_file(&path)?;
+            replaced.push(layout.name.to_owned());
+        }
+    }
+    Ok(replaced)
+}

@@ -1,0 +1,90 @@
+//! An agent of this build starts on a bpffs where a previous build pinned maps whose layout
+//! has changed since (conntrack values grew by the mTLS flags, the verdict counters by two).
+//!
+//! Needs root; skipped with a message otherwise.
+
+use std::{ffi::CString, os::fd::FromRawFd as _, path::Path};
+
+use netwarden_datapath::{Capacity, Datapath, bpffs::PinLayout};
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
+/// Creates a map with the raw system call (aya only creates the maps of an object) and pins it
+/// at `path`.
+fn pin_map(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32) {
+    // `union bpf_attr` for BPF_MAP_CREATE starts with these four u32s; the rest stays zero.
+    let mut create = [0_u32; 32];
+    create[..4].copy_from_slice(&[map_type, key_size, value_size, max_entries]);
+    // SAFETY: the attribute buffer is valid, zero-padded and larger than the kernel reads for
+    // this command; the call creates a new file descriptor and touches nothing else.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            create.as_ptr(),
+            size_of_val(&create),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let fd = i32::try_from(fd).expect("a file descriptor");
+    // SAFETY: the descriptor was just returned by the kernel and is owned by nothing else.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let path = CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL in the path");
+    // `union bpf_attr` for BPF_OBJ_PIN: u64 pathname, u32 bpf_fd, u32 file_flags.
+    let mut pin = [0_u64; 8];
+    pin[0] = path.as_ptr() as u64;
+    pin[1] = u64::from(fd.cast_unsigned());
+    // SAFETY: as above; `path` outlives the call.
+    let result =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), size_of_val(&pin)) };
+    assert_eq!(
+        result,
+        0,
+        "BPF_OBJ_PIN: {}",
+        std::io::Error::last_os_error()
+    );
+    drop(owned);
+}
+
+#[test]
+fn maps_pinned_with_an_older_layout_are_replaced() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: loading eBPF programs needs root");
+        return;
+    }
+    let bpffs = tempfile::tempdir().expect("temp dir for bpffs");
+    let layout = PinLayout::new(bpffs.path());
+    netwarden_datapath::bpffs::prepare(bpffs.path(), &layout).expect("mount a private bpffs");
+    // The layouts of the build before the mTLS screen: 8-byte flow state, 13 counters.
+    pin_map(
+        &layout.maps().join("CONNTRACK"),
+        BPF_MAP_TYPE_LRU_HASH,
+        44,
+        8,
+        1024,
+    );
+    pin_map(
+        &layout.maps().join("VERDICTS"),
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        4,
+        8,
+        13,
+    );
+
+    let verdicts = Datapath::open(bpffs.path(), &Capacity::default())
+        .map(|(datapath, _)| datapath.verdicts().len())
+        .map_err(|error| error.to_string());
+    let _ = nix::mount::umount2(bpffs.path(), nix::mount::MntFlags::MNT_DETACH);
+    assert_eq!(
+        verdicts.expect("the datapath loads over the old pins"),
+        netwarden_common::counter::COUNT as usize
+    );
+}

@@ -1,0 +1,422 @@
+//! `envoy.service.auth.v3.Authorization/Check` over gRPC, answered by [`decide`].
+//!
+//! A workload's proxy (an Istio sidecar with a CUSTOM action, an Envoy `ext_authz` filter, the
+//! e2e harness's test proxy) calls it once per connection with the connection's source and
+//! destination socket addresses and the peer's verified principal. Every decision is counted
+//! and logged as one structured line (target `netwarden::identity`; allows at debug level,
+//! like the datapath's verdicts, denies as warnings); a deny is also handed to
+//! a [`FlowCutter`], which the agent implements by marking the flow denied in the kernel's
+//! conntrack, so the client cannot carry on at L4 after the proxy refused it.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use envoy_types::{
+    ext_authz::v3::{
+        CheckResponseExt as _,
+        pb::{
+            Address as AnyAddress, Authorization, AuthorizationServer, CheckRequest, CheckResponse,
+            DeniedHttpResponse, HttpResponse, HttpStatus, HttpStatusCode, OkHttpResponse,
+        },
+    },
+    pb::envoy::{
+        config::core::v3::{Address, socket_address::PortSpecifier},
+        service::auth::v3::attribute_context::Peer,
+    },
+};
+use futures::Stream;
+use netwarden_model::Cluster;
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tracing::{debug, warn};
+
+use crate::{
+    IdentityError,
+    decide::{ClusterIndex, Connection, Decision, TrustDomain, decide_indexed},
+};
+
+/// What the check decides on; replaced as a whole after every apply.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The cluster, as last applied.
+    pub cluster: Cluster,
+    /// `cluster` by pod address.
+    pub index: ClusterIndex,
+    /// The node's own addresses (kubelet probes come from them; callers may too).
+    pub node_addresses: Vec<IpAddr>,
+    /// Addresses of this node's pods: the only pods whose proxies may call over TCP.
+    pub local_pod_addresses: HashSet<IpAddr>,
+}
+
+impl Snapshot {
+    /// A snapshot of `cluster`, indexed.
+    #[must_use]
+    pub fn new(
+        cluster: Cluster,
+        node_addresses: Vec<IpAddr>,
+        local_pod_addresses: HashSet<IpAddr>,
+    ) -> Self {
+        Self {
+            index: ClusterIndex::new(&cluster),
+            cluster,
+            node_addresses,
+            local_pod_addresses,
+        }
+    }
+}
+
+/// The snapshot shared by the agent's apply loop (writer) and the server (readers).
+pub type SharedSnapshot = Arc<RwLock<Arc<Snapshot>>>;
+
+/// A connection the identity check refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefusedConnection {
+    /// The client's socket address.
+    pub source: SocketAddr,
+    /// The socket address the client connected to.
+    pub destination: SocketAddr,
+}
+
+/// Cuts a refused connection below the proxy (the agent: in the kernel's conntrack).
+pub trait FlowCutter: Send + Sync + 'static {
+    /// Makes every later packet of `connection` drop; returns what was done, for the log.
+    fn cut(&self, connection: &RefusedConnection) -> String;
+}
+
+/// Counts of decisions by [`Decision::label`].
+#[derive(Debug, Default)]
+pub struct DecisionCounts(Mutex<BTreeMap<&'static str, u64>>);
+
+impl DecisionCounts {
+    fn add(&self, label: &'static str) -> u64 {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(label).or_default();
+        *count += 1;
+        *count
+    }
+
+    /// A copy of the counts.
+    #[must_use]
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The Check service.
+pub struct IdentityService {
+    snapshot: SharedSnapshot,
+    trust_domain: TrustDomain,
+    cutter: Option<Arc<dyn FlowCutter>>,
+    counts: Arc<DecisionCounts>,
+}
+
+impl IdentityService {
+    /// A service deciding on `snapshot` in `trust_domain`; denies go to `cutter` when given.
+    #[must_use]
+    pub fn new(
+        snapshot: SharedSnapshot,
+        trust_domain: TrustDomain,
+        cutter: Option<Arc<dyn FlowCutter>>,
+    ) -> Self {
+        Self {
+            snapshot,
+            trust_domain,
+            cutter,
+            counts: Arc::default(),
+        }
+    }
+
+    /// The decision counters (shared; they keep counting).
+    #[must_use]
+    pub fn counts(&self) -> Arc<DecisionCounts> {
+        Arc::clone(&self.counts)
+    }
+
+    /// Decides one request from `caller` (its address over TCP; `None` over the Unix socket):
+    /// parse, decide, log, count, cut on deny.
+    pub fn check_request(
+        &self,
+        request: &CheckRequest,
+        caller: Option<IpAddr>,
+    ) -> Result<Decision, IdentityError> {
+        let (source, destination, principal) = connection_of(request)?;
+        let snapshot = Arc::clone(
+            &self
+                .snapshot
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if let Some(caller) = caller.map(unmap)
+            && !may_ask_about(&snapshot, caller, destination.ip())
+        {
+            return Err(IdentityError::NotTheDestination {
+                caller,
+                destination: destination.ip(),
+            });
+        }
+        let connection = Connection {
+            source: source.ip(),
+            destination: destination.ip(),
+            port: destination.port(),
+            principal,
+        };
+        let decision = decide_indexed(
+            &snapshot.cluster,
+            &snapshot.index,
+            &snapshot.node_addresses,
+            &self.trust_domain,
+            &connection,
+        );
+        let count = self.counts.add(decision.label());
+        let principal = connection.principal.as_deref().unwrap_or("");
+        if decision.is_allowed() {
+            // Like L3/L4 verdicts: allows are counted and logged at debug, denies always.
+            debug!(
+                target: "netwarden::identity",
+                verdict = "allow",
+                source = %source,
+                destination = %destination,
+                principal,
+                reason = %decision,
+                count,
+                "identity check"
+            );
+        } else {
+            let cut = self.cutter.as_ref().map_or_else(String::new, |cutter| {
+                cutter.cut(&RefusedConnection {
+                    source,
+                    destination,
+                })
+            });
+            warn!(
+                target: "netwarden::identity",
+                verdict = "deny",
+                source = %source,
+                destination = %destination,
+                principal,
+                reason = %decision,
+                denial = decision.label(),
+                flow = %cut,
+                count,
+                "identity check"
+            );
+        }
+        Ok(decision)
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for IdentityService {
+    async fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let caller = request.remote_addr().map(|address| address.ip());
+        let decision = match self.check_request(request.get_ref(), caller) {
+            Ok(decision) => decision,
+            Err(error) => {
+                self.counts.add(match error {
+                    IdentityError::NotTheDestination { .. } => "caller_not_the_destination",
+                    _ => "malformed_request",
+                });
+                warn!(target: "netwarden::identity", verdict = "deny", %error, "identity check");
+                return Ok(tonic::Response::new(denied(&error.to_string())));
+            }
+        };
+        let response = if decision.is_allowed() {
+            let mut response = CheckResponse::with_status(tonic::Status::ok(decision.to_string()));
+            response.set_http_response(HttpResponse::OkResponse(OkHttpResponse::default()));
+            response
+        } else {
+            denied(&decision.to_string())
+        };
+        Ok(tonic::Response::new(response))
+    }
+}
+
+/// A deny: `PERMISSION_DENIED` for the network filter, 403 with the reason for the HTTP one.
+fn denied(reason: &str) -> CheckResponse {
+    let mut response = CheckResponse::with_status(tonic::Status::permission_denied(reason));
+    response.set_http_response(HttpResponse::DeniedResponse(DeniedHttpResponse {
+        status: Some(HttpStatus {
+            code: HttpStatusCode::Forbidden.into(),
+        }),
+        body: reason.to_owned(),
+        ..DeniedHttpResponse::default()
+    }));
+    response
+}
+
+/// The source and destination socket addresses and the source principal of a request.
+fn connection_of(
+    request: &CheckRequest,
+) -> Result<(SocketAddr, SocketAddr, Option<String>), IdentityError> {
+    let attributes = request
+        .attributes
+        .as_ref()
+        .ok_or(IdentityError::MissingAttribute("attributes"))?;
+    let source_peer = attributes
+        .source
+        .as_ref()
+        .ok_or(IdentityError::MissingAttribute("attributes.source"))?;
+    let source = socket_address(source_peer, "attributes.source.address")?;
+    let destination = socket_address(
+        attributes
+            .destination
+            .as_ref()
+            .ok_or(IdentityError::MissingAttribute("attributes.destination"))?,
+        "attributes.destination.address",
+    )?;
+    let principal = Some(source_peer.principal.clone()).filter(|p| !p.is_empty());
+    Ok((source, destination, principal))
+}
+
+fn socket_address(peer: &Peer, field: &'static str) -> Result<SocketAddr, IdentityError> {
+    let Some(Address {
+        address: Some(AnyAddress::SocketAddress(socket)),
+    }) = &peer.address
+    else {
+        return Err(IdentityError::MissingAttribute(field));
+    };
+    let ip: IpAddr = socket
+        .address
+        .parse()
+        .map_err(|_| IdentityError::BadAddress {
+            field,
+            value: socket.address.clone(),
+        })?;
+    let port = match &socket.port_specifier {
+        Some(PortSpecifier::PortValue(port)) => u16::try_from(*port).ok(),
+        _ => None,
+    }
+    .ok_or_else(|| IdentityError::BadAddress {
+        field,
+        value: format!("{:?}", socket.port_specifier),
+    })?;
+    Ok(SocketAddr::new(unmap(ip), port))
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d`: an IPv4 client of a dual-stack listener.
+fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+/// Serves `service` on a Unix socket at `path` (a stale socket there is replaced) until the
+/// runtime stops. Who may call is up to the socket's file permissions: it is only reachable
+/// from the node, or from pods the node mounts it into.
+pub fn serve_unix(
+    path: &Path,
+    service: Arc<IdentityService>,
+) -> Result<tokio::task::JoinHandle<()>, IdentityError> {
+    let io = |source| IdentityError::Listen {
+        address: path.display().to_string(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    Ok(spawn_server(service, incoming))
+}
+
+/// Serves `service` on a TCP `address`; only callers whose address is one of the node's or of
+/// a local pod (as the current snapshot says) are served, others are closed at once.
+pub async fn serve_tcp(
+    address: SocketAddr,
+    service: Arc<IdentityService>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), IdentityError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| IdentityError::Listen {
+            address: address.to_string(),
+            source,
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| IdentityError::Listen {
+            address: address.to_string(),
+            source,
+        })?;
+    let snapshot = Arc::clone(&service.snapshot);
+    let incoming = local_callers(listener, snapshot);
+    Ok((bound, spawn_server(service, incoming)))
+}
+
+/// Accepted connections from the node or its pods; anything else is dropped (and logged).
+fn local_callers(
+    listener: TcpListener,
+    snapshot: SharedSnapshot,
+) -> impl Stream<Item = Result<TcpStream, std::io::Error>> {
+    futures::stream::unfold((listener, snapshot), |(listener, snapshot)| async move {
+        loop {
+            let accepted = listener.accept().await;
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => return Some((Err(error), (listener, snapshot))),
+            };
+            if is_local_caller(&snapshot, unmap(peer.ip())) {
+                return Some((Ok(stream), (listener, snapshot)));
+            }
+            warn!(target: "netwarden::identity", caller = %peer, "refused a caller that is neither the node nor a local pod");
+        }
+    })
+}
+
+/// Whether a TCP `caller` may ask about connections to `destination`: the node may ask about
+/// any, a pod only about connections to itself (its proxy's). Otherwise a pod could have the
+/// agent cut other pods' connections by asking about them with a wrong principal.
+#[must_use]
+pub fn may_ask_about(snapshot: &Snapshot, caller: IpAddr, destination: IpAddr) -> bool {
+    caller.is_loopback() || snapshot.node_addresses.contains(&caller) || caller == destination
+}
+
+/// Whether `caller` is the node (its addresses, loopback) or one of its pods.
+#[must_use]
+pub fn is_local_caller(snapshot: &SharedSnapshot, caller: IpAddr) -> bool {
+    if caller.is_loopback() {
+        return true;
+    }
+    let snapshot = snapshot
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    snapshot.node_addresses.contains(&caller) || snapshot.local_pod_addresses.contains(&caller)
+}
+
+fn spawn_server<S, IO, E>(service: Arc<IdentityService>, incoming: S) -> tokio::task::JoinHandle<()>
+where
+    S: Stream<Item = Result<IO, E>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(AuthorizationServer::from_arc(service))
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "the identity check server stopped");
+        }
+    })
+}
