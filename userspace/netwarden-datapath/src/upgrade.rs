@@ -9,27 +9,37 @@
 use std::{io, path::Path};
 
 use aya::maps::MapInfo;
-use netwarden_common::{FlowState, counter};
+use netwarden_common::{FlowKey, FlowState, IpIdentity, IpKey, counter};
 use tracing::warn;
 
 /// A pinned map's expected value size and entries (`None`: any capacity will do).
 struct Layout {
     name: &'static str,
+    key_size: u32,
     value_size: u32,
     max_entries: Option<u32>,
 }
 
-fn layouts() -> [Layout; 2] {
+fn layouts() -> [Layout; 3] {
     [
         Layout {
             name: "CONNTRACK",
+            key_size: size_of::<FlowKey>() as u32,
             value_size: size_of::<FlowState>() as u32,
             max_entries: None,
         },
         Layout {
             name: "VERDICTS",
+            key_size: size_of::<u32>() as u32,
             value_size: size_of::<u64>() as u32,
-            max_entries: Some(counter::COUNT),
+            max_entries: Some(counter::SLOTS),
+        },
+        // An LPM trie before it became an exact hash: its keys carried a prefix length.
+        Layout {
+            name: "IPCACHE",
+            key_size: size_of::<IpKey>() as u32,
+            value_size: size_of::<IpIdentity>() as u32,
+            max_entries: None,
         },
     ]
 }
@@ -44,7 +54,8 @@ pub fn replace_outdated_pins(maps_dir: &Path) -> io::Result<Vec<String>> {
             continue;
         };
         // A per-CPU map reports the size of one CPU's value.
-        let outdated = info.value_size() != layout.value_size
+        let outdated = info.key_size() != layout.key_size
+            || info.value_size() != layout.value_size
             || layout
                 .max_entries
                 .is_some_and(|entries| entries != info.max_entries());

@@ -11,6 +11,9 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+/// LPM tries must be created without preallocation.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Creates a map with the raw system call (aya only creates the maps of an object) and pins it
 /// at `path`.
@@ -18,6 +21,9 @@ fn pin_map(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entri
     // `union bpf_attr` for BPF_MAP_CREATE starts with these four u32s; the rest stays zero.
     let mut create = [0_u32; 32];
     create[..4].copy_from_slice(&[map_type, key_size, value_size, max_entries]);
+    if map_type == BPF_MAP_TYPE_LPM_TRIE {
+        create[4] = BPF_F_NO_PREALLOC;
+    }
     // SAFETY: the attribute buffer is valid, zero-padded and larger than the kernel reads for
     // this command; the call creates a new file descriptor and touches nothing else.
     let fd = unsafe {
@@ -71,6 +77,14 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
         8,
         1024,
     );
+    // The IP cache when it was an LPM trie: a 4-byte prefix length before the address.
+    pin_map(
+        &layout.maps().join("IPCACHE"),
+        BPF_MAP_TYPE_LPM_TRIE,
+        20,
+        4,
+        1024,
+    );
     pin_map(
         &layout.maps().join("VERDICTS"),
         BPF_MAP_TYPE_PERCPU_ARRAY,
@@ -85,6 +99,6 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
     let _ = nix::mount::umount2(bpffs.path(), nix::mount::MntFlags::MNT_DETACH);
     assert_eq!(
         verdicts.expect("the datapath loads over the old pins"),
-        netwarden_common::counter::COUNT as usize
+        netwarden_common::counter::SLOTS as usize
     );
 }
