@@ -95,8 +95,8 @@ enum BenchKind {
         /// Seconds each traffic figure is measured for.
         #[arg(long, default_value = "2")]
         seconds: String,
-        /// Runs of every configuration per pass.
-        #[arg(long, default_value = "3")]
+        /// Rounds per pass (every configuration once, the baseline three times).
+        #[arg(long, default_value = "5")]
         repeats: String,
     },
     /// The identity check's latency (p50/p99 of `Authorization/Check` over the Unix socket)

@@ -44,8 +44,8 @@ enum Bench {
         /// Seconds each figure is measured for.
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
-        /// Runs of every configuration per pass (medians are compared).
-        #[arg(long, default_value_t = 3)]
+        /// Rounds per pass: every configuration once and the baseline three times each.
+        #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
     /// The identity check's latency (`Authorization/Check` over the Unix socket), p50/p99.

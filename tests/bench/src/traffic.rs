@@ -294,7 +294,7 @@ impl<'node> Bench<'node> {
             Filter::None,
             Filter::Nftables(10_000),
         ];
-        let mut samples: Vec<(Filter, Sample)> = Vec::new();
+        let mut samples: Vec<(usize, Filter, Sample)> = Vec::new();
         for round in 0..plan.repeats {
             for filter in order {
                 self.configure(filter)?;
@@ -308,7 +308,7 @@ impl<'node> Bench<'node> {
                     micros(sample.rr_p50),
                     micros(sample.rr_p99),
                 );
-                samples.push((filter, sample));
+                samples.push((round, filter, sample));
             }
             self.configure(Filter::None)?;
         }
@@ -859,34 +859,61 @@ fn micros(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e6
 }
 
-/// Prints a pass's table: medians and their ratios to the baseline median.
+/// The four figures of a sample, in table order.
+fn figures(sample: &Sample) -> [f64; 4] {
+    [
+        sample.throughput_bps,
+        sample.connections_per_second,
+        micros(sample.rr_p50),
+        micros(sample.rr_p99),
+    ]
+}
+
+/// Prints a pass's table: each configuration's median figures, and the median over rounds of
+/// its ratio to the mean of the same round's baseline runs (pairing within a round cancels the
+/// slow drifts of a shared virtual machine that medians over the whole pass keep).
 fn print_pass(
-    samples: &[(Filter, Sample)],
+    samples: &[(usize, Filter, Sample)],
     plan: Plan,
     pinned: bool,
 ) -> anyhow::Result<PassResult> {
-    let medians = |filter: Filter| {
-        let of = |figure: fn(&Sample) -> f64| {
-            median(
-                samples
-                    .iter()
-                    .filter(|(f, _)| *f == filter)
-                    .map(|(_, sample)| figure(sample))
-                    .collect(),
-            )
-        };
-        [
-            of(|s| s.throughput_bps),
-            of(|s| s.connections_per_second),
-            of(|s| micros(s.rr_p50)),
-            of(|s| micros(s.rr_p99)),
-        ]
+    let medians = |filter: Filter| -> [f64; 4] {
+        let of_filter: Vec<[f64; 4]> = samples
+            .iter()
+            .filter(|(_, f, _)| *f == filter)
+            .map(|(_, _, sample)| figures(sample))
+            .collect();
+        std::array::from_fn(|figure| median(of_filter.iter().map(|f| f[figure]).collect()))
     };
-    let baseline = medians(Filter::None);
-    let baseline_runs = samples.iter().filter(|(f, _)| *f == Filter::None).count();
+    let round_baseline = |round: usize| -> [f64; 4] {
+        let runs: Vec<[f64; 4]> = samples
+            .iter()
+            .filter(|(r, f, _)| *r == round && *f == Filter::None)
+            .map(|(_, _, sample)| figures(sample))
+            .collect();
+        #[expect(clippy::cast_precision_loss, reason = "a handful of runs per round")]
+        let count = runs.len() as f64;
+        std::array::from_fn(|figure| runs.iter().map(|f| f[figure]).sum::<f64>() / count)
+    };
+    let paired_ratios = |filter: Filter| -> [f64; 4] {
+        let ratios: Vec<[f64; 4]> = samples
+            .iter()
+            .filter(|(_, f, _)| *f == filter)
+            .map(|(round, _, sample)| {
+                let baseline = round_baseline(*round);
+                let figures = figures(sample);
+                std::array::from_fn(|figure| figures[figure] / baseline[figure])
+            })
+            .collect();
+        std::array::from_fn(|figure| median(ratios.iter().map(|r| r[figure]).collect()))
+    };
+    let baseline_runs = samples
+        .iter()
+        .filter(|(_, f, _)| *f == Filter::None)
+        .count();
     println!();
     println!(
-        "{} pass: medians of {} runs of {:.1} s each ({baseline_runs} interleaved baseline runs); ratios to no program",
+        "{} pass: {} rounds of {:.1} s runs, {baseline_runs} baseline runs interleaved; figures are medians, ratios the median over rounds of each run against its round's baseline",
         if pinned {
             "pinned (client and server on CPU 0)"
         } else {
@@ -917,11 +944,12 @@ fn print_pass(
         Filter::Nftables(10_000),
     ] {
         let figures = medians(filter);
+        let paired = paired_ratios(filter);
         let ratio = Ratios {
-            throughput: figures[0] / baseline[0],
-            connections: figures[1] / baseline[1],
-            rr_p50: figures[2] / baseline[2],
-            rr_p99: figures[3] / baseline[3],
+            throughput: paired[0],
+            connections: paired[1],
+            rr_p50: paired[2],
+            rr_p99: paired[3],
         };
         println!(
             "  {:<30} {:>12.2} {:>6.2}x {:>10.0} {:>6.2}x {:>10.1} {:>6.2}x {:>10.1} {:>6.2}x",
