@@ -191,20 +191,18 @@ pub struct FlowState {
     /// [`flow_flags`]: what the mTLS screen still expects of the flow, or why it was cut.
     /// Written by the screen and by the agent's identity check, never by the sweeper.
     pub flags: u32,
-    /// [`flow_activity`]: what the datapath has seen of the flow. Bits are only ever set by
-    /// the datapath, and only when one is missing (one store per sweep, not one per packet);
-    /// the agent's sweeper clears [`flow_activity::SEEN`]. A word of its own, so the
-    /// datapath's activity stores never race with the screen's.
+    /// [`flow_activity`]: what the datapath has seen of the flow. Bits are only ever set, by
+    /// the datapath, and only when one is missing. A word of its own, so the datapath's
+    /// activity stores never race with the screen's.
     pub activity: u32,
-    /// Sweeps in a row that found the flow without [`flow_activity::SEEN`]: how long it has
-    /// been idle, in sweep intervals. Written by the sweeper only.
-    pub idle_sweeps: u32,
+    /// When a packet of the flow last passed: `CLOCK_MONOTONIC_COARSE` in whole seconds
+    /// (`bpf_ktime_get_coarse_ns`), stored only when the second changes. The agent's sweeper
+    /// reads it and never writes the entry.
+    pub last_seen_s: u32,
 }
 
 /// Bits of [`FlowState::activity`].
 pub mod flow_activity {
-    /// A packet of the flow passed since the last sweep.
-    pub const SEEN: u32 = 1;
     /// A packet went the other way from the one that opened the flow.
     pub const REPLIED: u32 = 2;
     /// A TCP FIN or RST went through: the connection is closing.

@@ -18,10 +18,11 @@
 //!   semantics stay exact whatever identity the address has.
 //! - `ENDPOINT_ADDRESSES`: (ifindex, address) of every address a local pod owns.
 //! - `CONNTRACK`: LRU of flows as the endpoint sees them -> the direction that opened the flow,
-//!   the policy epoch under which it was last allowed, and activity bits (seen since the last
-//!   sweep, replied, closing) from which the agent's sweeper expires idle flows: TCP closing
-//!   after 10 s, unanswered flows after 60 s, other protocols after 60 s idle, established TCP
-//!   after 6 h idle (all configurable). A full table evicts the least recently used flow.
+//!   the policy epoch under which it was last allowed, when it was last active (coarse
+//!   seconds) and whether it was answered or is closing, from which the agent's sweeper
+//!   expires idle flows: TCP closing after 10 s, unanswered flows after 60 s, other protocols
+//!   after 60 s idle, established TCP after 6 h idle (all configurable). A full table evicts
+//!   the least recently used flow.
 //! - `EPOCH`: bumped by the agent after every policy change.
 //! - `EVENTS`: a ring buffer of deny events, at most `EVENTS_PER_CPU_PER_SECOND` per CPU; what
 //!   does not fit is counted (`EVENTS_RATE_LIMITED`, `EVENTS_LOST`), never waited for.
@@ -57,7 +58,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
@@ -200,8 +201,8 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
                 origin: dir,
                 epoch,
                 flags: mtls::flags_for_new_flow(&flow, dir),
-                activity: flow_activity::SEEN,
-                idle_sweeps: 0,
+                activity: 0,
+                last_seen_s: coarse_seconds(),
             };
             // A SYN may carry data (TCP Fast Open): the screen looks at it too.
             let screened = if state.flags == 0 {
@@ -268,21 +269,34 @@ fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32, rule: u32) {
     entry.submit(0);
 }
 
-/// Records what the agent's sweeper needs to expire the flow: that it is active, answered,
-/// closing. Stores only when a bit is missing, so an active flow costs one store per sweep,
-/// not one per packet (and no clock read at all).
+/// Records what the agent's sweeper needs to expire the flow: when it was last active, whether
+/// it was answered, whether it is closing. Stores only what changed, so an active flow costs a
+/// coarse clock read per packet and one store per second, not one per packet.
 #[inline(always)]
 fn note_activity(tracked: &mut FlowState, dir: u32, opening: Opening) {
-    let mut flags = flow_activity::SEEN;
+    let mut bits = 0;
     if dir != tracked.origin {
-        flags |= flow_activity::REPLIED;
+        bits |= flow_activity::REPLIED;
     }
     if opening == Opening::Closing {
-        flags |= flow_activity::CLOSING;
+        bits |= flow_activity::CLOSING;
     }
-    if tracked.activity & flags != flags {
-        tracked.activity |= flags;
+    if tracked.activity & bits != bits {
+        tracked.activity |= bits;
     }
+    let now = coarse_seconds();
+    if tracked.last_seen_s != now {
+        tracked.last_seen_s = now;
+    }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in whole seconds: the clock the sweeper compares with.
+#[inline(always)]
+fn coarse_seconds() -> u32 {
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let nanoseconds = unsafe { bpf_ktime_get_coarse_ns() };
+    // Whole seconds fit 32 bits for 136 years of uptime.
+    (nanoseconds / 1_000_000_000) as u32
 }
 
 /// Whether this new allowed flow is one the agent asked to hear about.

@@ -1,9 +1,10 @@
 //! Expiry of tracked flows.
 //!
-//! The programs never read a clock: on a tracked flow's packet they set activity bits
-//! ([`flow_flags`]) when one is missing. The sweeper walks the table every `interval`, clears
-//! `SEEN` on flows that had traffic, and counts the sweeps a flow spent without any; a flow is
-//! removed once that idle time reaches the timeout for its state:
+//! The programs store, per flow, when a packet last passed (`CLOCK_MONOTONIC_COARSE` seconds,
+//! written only when the second changes) and whether it was answered or is closing. The
+//! sweeper walks the table every `interval` and removes the flows idle past the timeout for
+//! their state; it only reads and deletes, never writes an entry back, so it can never undo a
+//! bit the datapath or the identity check set:
 //!
 //! | state | timeout (default) |
 //! |---|---|
@@ -11,20 +12,14 @@
 //! | never answered (no packet the other way) | `unreplied` (60 s) |
 //! | TCP, answered | `tcp_established` (6 h) |
 //! | UDP, SCTP and other protocols, answered | `other` (60 s) |
+//! | awaiting a ClientHello, or cut (mTLS screen, identity check) | `other` (60 s) |
 //!
-//! Removing a flow never opens anything: its next packet is decided again from scratch, and
-//! for TCP only a SYN may create a new entry. The LRU map still evicts the least recently used
-//! flow when it is full, whatever the sweeper does.
-//!
-//! Flows the mTLS screen or the identity check marked (`FlowState::flags` not zero: awaiting a
-//! ClientHello, or cut) are never written back: the screen and the identity check own those
-//! bits, and a write from a stale read could undo a cut. They are aged here instead and
-//! removed `other` (60 s) after the sweeper first saw them; the kernel then drops any payload
-//! to a strict pod that conntrack does not know, so removal does not reopen a cut. Writers in
-//! this process (the sweeper, the identity check's cutter) take [`CONNTRACK_WRITES`] around
-//! each read-modify-write.
+//! Removing a flow never opens anything: its next packet is decided again from scratch, for
+//! TCP only a SYN may create a new entry, and payload to an mTLS-strict pod on a connection
+//! conntrack does not know drops. The LRU map still evicts the least recently used flow when
+//! it is full, whatever the sweeper does.
 
-use std::{collections::HashMap, path::Path, sync::Mutex, time::Duration};
+use std::{path::Path, time::Duration};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use netwarden_common::{FlowKey, FlowState, flow_activity};
@@ -33,12 +28,7 @@ use crate::{DatapathError, bpffs::PinLayout};
 
 const IPPROTO_TCP: u8 = 6;
 
-/// Held by every read-modify-write of a conntrack entry from this process, so that one never
-/// overwrites another's bits with a stale copy.
-pub static CONNTRACK_WRITES: Mutex<()> = Mutex::new(());
 const NAME: &str = "CONNTRACK";
-/// `BPF_EXIST`: update only an entry that is still there.
-const BPF_EXIST: u64 = 2;
 
 /// Idle timeouts by flow state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,7 +58,9 @@ impl Timeouts {
     /// The idle time after which a flow in `state` of `protocol` is removed.
     #[must_use]
     pub fn for_flow(&self, protocol: u8, state: &FlowState) -> Duration {
-        if state.activity & flow_activity::CLOSING != 0 {
+        if state.flags != 0 {
+            self.other
+        } else if state.activity & flow_activity::CLOSING != 0 {
             self.closing
         } else if state.activity & flow_activity::REPLIED == 0 {
             self.unreplied
@@ -87,7 +79,7 @@ pub struct SweepReport {
     pub flows: usize,
     /// Flows removed for being idle past their timeout.
     pub expired: usize,
-    /// Entries that could not be read back or written (changed under the sweep).
+    /// Entries that could not be read or removed (changed under the sweep).
     pub skipped: usize,
 }
 
@@ -96,8 +88,6 @@ pub struct Sweeper {
     map: BpfHashMap<MapData, FlowKey, FlowState>,
     interval: Duration,
     timeouts: Timeouts,
-    /// Sweeps that found each screened or cut flow (never written back, so aged here).
-    marked: HashMap<FlowKey, u32>,
 }
 
 impl Sweeper {
@@ -117,7 +107,6 @@ impl Sweeper {
             map,
             interval,
             timeouts,
-            marked: HashMap::new(),
         })
     }
 
@@ -127,60 +116,44 @@ impl Sweeper {
         self.interval
     }
 
-    /// One pass over the table.
+    /// One pass over the table, now.
     pub fn sweep(&mut self) -> SweepReport {
+        self.sweep_at(coarse_seconds_now())
+    }
+
+    /// One pass over the table as if the coarse monotonic clock read `now_s` seconds (tests
+    /// look into the future with it instead of waiting for it).
+    pub fn sweep_at(&mut self, now_s: u32) -> SweepReport {
         // Keys first: the table changes under the walk, and a walk that deletes as it goes
         // may restart or skip.
-        let keys: std::collections::HashSet<FlowKey> =
-            self.map.keys().filter_map(Result::ok).collect();
+        let keys: Vec<FlowKey> = self.map.keys().filter_map(Result::ok).collect();
         let mut report = SweepReport {
             flows: keys.len(),
             ..SweepReport::default()
         };
-        self.marked.retain(|key, _| keys.contains(key));
         for key in keys {
-            let _writing = CONNTRACK_WRITES
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Ok(mut state) = self.map.get(&key, 0) else {
+            let Ok(state) = self.map.get(&key, 0) else {
                 report.skipped += 1;
                 continue;
             };
-            if state.flags != 0 {
-                let sweeps = self.marked.entry(key).or_insert(0);
-                *sweeps = sweeps.saturating_add(1);
-                if self.interval.saturating_mul(*sweeps) >= self.timeouts.other {
-                    self.marked.remove(&key);
-                    match self.map.remove(&key) {
-                        Ok(()) => report.expired += 1,
-                        Err(MapError::KeyNotFound) => {}
-                        Err(_) => report.skipped += 1,
-                    }
-                }
+            let idle = Duration::from_secs(u64::from(now_s.saturating_sub(state.last_seen_s)));
+            if idle < self.timeouts.for_flow(key.protocol, &state) {
                 continue;
             }
-            if state.activity & flow_activity::SEEN != 0 {
-                state.activity &= !flow_activity::SEEN;
-                state.idle_sweeps = 0;
-            } else {
-                state.idle_sweeps = state.idle_sweeps.saturating_add(1);
-                let idle = self.interval.saturating_mul(state.idle_sweeps);
-                if idle >= self.timeouts.for_flow(key.protocol, &state) {
-                    match self.map.remove(&key) {
-                        Ok(()) => report.expired += 1,
-                        Err(MapError::KeyNotFound) => {}
-                        Err(_) => report.skipped += 1,
-                    }
-                    continue;
-                }
-            }
-            // BPF_EXIST: a flow the LRU evicted meanwhile is not brought back. A packet racing
-            // with this write may lose its activity bit for one sweep: the flow looks idle one
-            // interval longer, which the timeouts (many intervals) absorb.
-            if self.map.insert(key, state, BPF_EXIST).is_err() {
-                report.skipped += 1;
+            match self.map.remove(&key) {
+                Ok(()) => report.expired += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(_) => report.skipped += 1,
             }
         }
         report
     }
+}
+
+/// The clock the datapath stamps flows with (`bpf_ktime_get_coarse_ns`), in whole seconds.
+#[must_use]
+pub fn coarse_seconds_now() -> u32 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map_or(0, |time| time.tv_sec());
+    u32::try_from(now).unwrap_or(u32::MAX)
 }

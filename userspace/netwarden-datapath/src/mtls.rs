@@ -105,9 +105,6 @@ impl FlowCutter {
         origin: u32,
     ) -> Result<bool, MapError> {
         let key = flow_key(ifindex, pod, peer);
-        let _writing = crate::conntrack::CONNTRACK_WRITES
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (tracked, mut state) = match self.conntrack.get(&key, 0) {
             Ok(state) => (true, state),
             Err(MapError::KeyNotFound) => (
@@ -141,9 +138,6 @@ impl FlowCutter {
         flags: u32,
     ) -> Result<(), MapError> {
         let key = flow_key(ifindex, pod, peer);
-        let _writing = crate::conntrack::CONNTRACK_WRITES
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut state = self.conntrack.get(&key, 0)?;
         state.flags = flags;
         self.conntrack.insert(key, state, 0)

@@ -502,14 +502,17 @@ fn udp(source: u16, destination: u16) -> Vec<u8> {
 fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream() {
     use std::time::Duration;
 
-    use netwarden_datapath::conntrack::{Sweeper, Timeouts};
+    use netwarden_datapath::conntrack::{Sweeper, Timeouts, coarse_seconds_now};
 
     let Some(harness) = Harness::new() else {
         return;
     };
-    let interval = Duration::from_secs(10);
-    let mut sweeper = Sweeper::open(harness.bpffs.path(), interval, Timeouts::default())
-        .expect("the conntrack map is pinned under the harness's bpffs");
+    let mut sweeper = Sweeper::open(
+        harness.bpffs.path(),
+        Duration::from_secs(10),
+        Timeouts::default(),
+    )
+    .expect("the conntrack map is pinned under the harness's bpffs");
     let outside = Ipv4Addr::new(192, 0, 2, 1);
 
     // An answered TCP connection into the server, and a UDP flow out of it nobody answers.
@@ -533,31 +536,34 @@ fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream()
     );
     let unanswered = ethernet(0x0800, &ipv4(SERVER, outside, 17, 0, &udp(5353, 53)));
     assert_eq!(harness.run(false, &unanswered), ALLOW);
-    assert_eq!(sweeper.sweep().flows, 2, "both flows are tracked");
-
-    // Six idle sweeps (60 s) expire the unanswered flow; the established one (6 h) stays.
-    let expired: usize = (0..6).map(|_| sweeper.sweep().expired).sum();
+    // The datapath stamps flows with the coarse clock the sweeper reads; the sweeper is told
+    // how far into the future to look rather than waited for.
+    let now = coarse_seconds_now();
+    let report = sweeper.sweep_at(now);
     assert_eq!(
-        expired, 1,
-        "only the unanswered UDP flow expires within 60 s"
+        (report.flows, report.expired),
+        (2, 0),
+        "both tracked, none idle"
     );
-    assert_eq!(sweeper.sweep().flows, 1);
 
-    // Traffic keeps a flow alive however many sweeps pass.
-    for _ in 0..3 {
-        assert_eq!(harness.run(true, &client_to_server(0x10)), ALLOW);
-        assert_eq!(sweeper.sweep().expired, 0);
-    }
+    // A minute on, the unanswered flow is gone; the established connection (6 h) stays.
+    assert_eq!(sweeper.sweep_at(now + 61).expired, 1);
+    assert_eq!(sweeper.sweep_at(now + 61).flows, 1);
+    assert_eq!(sweeper.sweep_at(now + 6 * 3600 - 60).expired, 0);
 
-    // A FIN marks it closing: one idle sweep (10 s) later it is gone.
+    // A FIN marks it closing: ten idle seconds later it is gone.
     assert_eq!(harness.run(true, &client_to_server(0x11)), ALLOW, "FIN");
-    assert_eq!(sweeper.sweep().expired, 0, "the FIN counted as activity");
     assert_eq!(
-        sweeper.sweep().expired,
-        1,
-        "closing flows go after 10 s idle"
+        sweeper.sweep_at(now + 5).expired,
+        0,
+        "closing, not yet idle long"
     );
-    assert_eq!(sweeper.sweep().flows, 0);
+    assert_eq!(
+        sweeper.sweep_at(now + 12).expired,
+        1,
+        "closing flows go after 10 s"
+    );
+    assert_eq!(sweeper.sweep_at(now + 12).flows, 0);
 
     // Without its entry, a mid-stream segment is decided on its own and creates nothing: the
     // server's packet to the client passes only because the server's egress is not isolated.
@@ -568,7 +574,7 @@ fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream()
         "policy allows client:80"
     );
     assert_eq!(
-        sweeper.sweep().flows,
+        sweeper.sweep_at(now).flows,
         0,
         "no entry came back from mid-stream segments"
     );

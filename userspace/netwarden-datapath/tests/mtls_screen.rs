@@ -541,20 +541,13 @@ fn sync_mtls_adds_and_removes_exactly_what_changed() {
 fn unscreened_bytes_never_reach_a_strict_pod_when_conntrack_forgot_the_flow() {
     use std::time::Duration;
 
-    use netwarden_datapath::conntrack::{Sweeper, Timeouts};
+    use netwarden_datapath::conntrack::{Sweeper, Timeouts, coarse_seconds_now};
 
     let Some(mut harness) = Harness::new(true) else {
         return;
     };
-    // Everything expires after one idle sweep, so the test need not wait.
-    let second = Duration::from_secs(1);
-    let timeouts = Timeouts {
-        closing: second,
-        unreplied: second,
-        tcp_established: second,
-        other: second,
-    };
-    let mut sweeper = Sweeper::open(harness.bpffs.path(), second, timeouts)
+    let minute = Duration::from_mins(1);
+    let mut sweeper = Sweeper::open(harness.bpffs.path(), minute, Timeouts::default())
         .expect("the conntrack map is pinned under the harness's bpffs");
 
     // A screened connection (ClientHello seen) and a plaintext one on the exempt port.
@@ -562,16 +555,16 @@ fn unscreened_bytes_never_reach_a_strict_pod_when_conntrack_forgot_the_flow() {
     let hello = segment(false, true, 41000, HTTPS, PSH_ACK, &client_hello());
     assert_eq!(harness.run(true, &hello), ALLOW);
     open(&mut harness, false, 41001, METRICS);
-    // A flow still awaiting its ClientHello is aged, never written back.
+    // A flow still awaiting its ClientHello.
     open(&mut harness, false, 41002, HTTPS);
 
-    // Sweep until nothing is left (activity cleared first, then idle past every timeout).
-    let mut expired = 0;
-    for _ in 0..3 {
-        expired += sweeper.sweep().expired;
-    }
-    assert_eq!(expired, 3, "all three flows expired");
-    assert_eq!(sweeper.sweep().flows, 0);
+    // Seven hours on, every flow is idle past its timeout.
+    let report = sweeper.sweep_at(coarse_seconds_now() + 7 * 3600);
+    assert_eq!(
+        (report.flows, report.expired),
+        (3, 3),
+        "all three flows expired"
+    );
 
     // Conntrack no longer knows them: payload to the strict port drops, whatever it is...
     let application_data = segment(false, true, 41000, HTTPS, PSH_ACK, b"\x17\x03\x03data");
