@@ -195,11 +195,15 @@ pub struct FlowState {
     /// the datapath, and only when one is missing. A word of its own, so the datapath's
     /// activity stores never race with the screen's.
     pub activity: u32,
-    /// When a packet of the flow last passed: `CLOCK_MONOTONIC_COARSE` in whole seconds
-    /// (`bpf_ktime_get_coarse_ns`), stored only when the second changes. The agent's sweeper
-    /// reads it and never writes the entry.
-    pub last_seen_s: u32,
+    /// When a packet of the flow last passed: `CLOCK_MONOTONIC_COARSE` in [`CLOCK_TICK_NS`]
+    /// ticks (`bpf_ktime_get_coarse_ns >> 30`: a shift, not a division, on the hot path),
+    /// stored only when the tick changes. The agent's sweeper reads it and never writes the
+    /// entry.
+    pub last_seen: u32,
 }
+
+/// Nanoseconds per tick of [`FlowState::last_seen`]: 2^30, about 1.07 s.
+pub const CLOCK_TICK_NS: u64 = 1 << 30;
 
 /// Bits of [`FlowState::activity`].
 pub mod flow_activity {

@@ -64,10 +64,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netwarden_common::{
-    CidrClass, CidrKey, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint, EndpointAddress,
-    EventBudget, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
-    POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD,
-    SETTINGS_COUNT, VerdictEvent, counter, direction, endpoint_state, flow_activity, flow_flags,
+    CLOCK_TICK_NS, CidrClass, CidrKey, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint,
+    EndpointAddress, EventBudget, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity,
+    IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey,
+    SETTING_ALLOW_EVENT_PERIOD, SETTINGS_COUNT, VerdictEvent, counter, direction, endpoint_state,
+    flow_activity, flow_flags,
 };
 
 use crate::{
@@ -202,7 +203,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
                 epoch,
                 flags: mtls::flags_for_new_flow(&flow, dir),
                 activity: 0,
-                last_seen_s: coarse_seconds(),
+                last_seen: coarse_ticks(),
             };
             // A SYN may carry data (TCP Fast Open): the screen looks at it too.
             let screened = if state.flags == 0 {
@@ -284,19 +285,19 @@ fn note_activity(tracked: &mut FlowState, dir: u32, opening: Opening) {
     if tracked.activity & bits != bits {
         tracked.activity |= bits;
     }
-    let now = coarse_seconds();
-    if tracked.last_seen_s != now {
-        tracked.last_seen_s = now;
+    let now = coarse_ticks();
+    if tracked.last_seen != now {
+        tracked.last_seen = now;
     }
 }
 
-/// `CLOCK_MONOTONIC_COARSE` in whole seconds: the clock the sweeper compares with.
+/// `CLOCK_MONOTONIC_COARSE` in `CLOCK_TICK_NS` ticks: the clock the sweeper compares with.
 #[inline(always)]
-fn coarse_seconds() -> u32 {
+fn coarse_ticks() -> u32 {
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
     let nanoseconds = unsafe { bpf_ktime_get_coarse_ns() };
-    // Whole seconds fit 32 bits for 136 years of uptime.
-    (nanoseconds / 1_000_000_000) as u32
+    // 2^30 ns ticks fit 32 bits for 146 years of uptime.
+    (nanoseconds / CLOCK_TICK_NS) as u32
 }
 
 /// Whether this new allowed flow is one the agent asked to hear about.

@@ -1,7 +1,7 @@
 //! Expiry of tracked flows.
 //!
-//! The programs store, per flow, when a packet last passed (`CLOCK_MONOTONIC_COARSE` seconds,
-//! written only when the second changes) and whether it was answered or is closing. The
+//! The programs store, per flow, when a packet last passed (`CLOCK_MONOTONIC_COARSE` in ticks
+//! of 2^30 ns, written only when the tick changes) and whether it was answered or is closing. The
 //! sweeper walks the table every `interval` and removes the flows idle past the timeout for
 //! their state; it only reads and deletes, never writes an entry back, so it can never undo a
 //! bit the datapath or the identity check set:
@@ -22,7 +22,7 @@
 use std::{path::Path, time::Duration};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use netwarden_common::{FlowKey, FlowState, flow_activity};
+use netwarden_common::{CLOCK_TICK_NS, FlowKey, FlowState, flow_activity};
 
 use crate::{DatapathError, bpffs::PinLayout};
 
@@ -118,12 +118,13 @@ impl Sweeper {
 
     /// One pass over the table, now.
     pub fn sweep(&mut self) -> SweepReport {
-        self.sweep_at(coarse_seconds_now())
+        self.sweep_at(coarse_now())
     }
 
-    /// One pass over the table as if the coarse monotonic clock read `now_s` seconds (tests
-    /// look into the future with it instead of waiting for it).
-    pub fn sweep_at(&mut self, now_s: u32) -> SweepReport {
+    /// One pass over the table as if the coarse monotonic clock read `now` (tests look into
+    /// the future with it instead of waiting for it).
+    pub fn sweep_at(&mut self, now: Duration) -> SweepReport {
+        let now_ticks = ticks(now);
         // Keys first: the table changes under the walk, and a walk that deletes as it goes
         // may restart or skip.
         let keys: Vec<FlowKey> = self.map.keys().filter_map(Result::ok).collect();
@@ -136,7 +137,8 @@ impl Sweeper {
                 report.skipped += 1;
                 continue;
             };
-            let idle = Duration::from_secs(u64::from(now_s.saturating_sub(state.last_seen_s)));
+            let idle_ticks = now_ticks.saturating_sub(state.last_seen);
+            let idle = Duration::from_nanos(u64::from(idle_ticks) * CLOCK_TICK_NS);
             if idle < self.timeouts.for_flow(key.protocol, &state) {
                 continue;
             }
@@ -150,10 +152,14 @@ impl Sweeper {
     }
 }
 
-/// The clock the datapath stamps flows with (`bpf_ktime_get_coarse_ns`), in whole seconds.
+/// The clock the datapath stamps flows with (`bpf_ktime_get_coarse_ns`).
 #[must_use]
-pub fn coarse_seconds_now() -> u32 {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .map_or(0, |time| time.tv_sec());
-    u32::try_from(now).unwrap_or(u32::MAX)
+pub fn coarse_now() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map_or(Duration::ZERO, Duration::from)
+}
+
+/// `time` in the datapath's ticks of [`CLOCK_TICK_NS`].
+fn ticks(time: Duration) -> u32 {
+    u32::try_from(time.as_nanos() / u128::from(CLOCK_TICK_NS)).unwrap_or(u32::MAX)
 }
