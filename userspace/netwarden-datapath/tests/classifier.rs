@@ -7,17 +7,15 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use netwarden_datapath::{
-    Capacity, Datapath,
-    netlink::{Interface, NodeNetwork},
-};
-use netwarden_model::ManifestDir;
+use netwarden_datapath::{Capacity, Datapath};
 use netwarden_policy::Compiler;
+
+mod common;
+
+use common::{IFINDEX, PrivateBpffs};
 
 const ALLOW: i32 = -1;
 const DENY: i32 = 2;
-/// The loopback: `BPF_PROG_TEST_RUN` needs an interface that exists, and nothing is sent.
-const IFINDEX: u32 = 1;
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
@@ -52,13 +50,13 @@ spec:
 /// endpoint on the loopback's index. Unmounts the bpffs on drop.
 struct Harness {
     datapath: Option<Datapath>,
-    bpffs: tempfile::TempDir,
+    bpffs: PrivateBpffs,
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
+        // The programs and maps go before the bpffs they are pinned in.
         drop(self.datapath.take());
-        let _ = nix::mount::umount2(self.bpffs.path(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -69,12 +67,7 @@ impl Harness {
 
     /// A harness whose maps have `capacity`; `expect_clean` asserts the apply reported nothing.
     fn with_capacity(capacity: &Capacity, expect_clean: bool) -> Option<Self> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: loading eBPF programs needs root");
-            return None;
-        }
-        let bpffs = tempfile::tempdir().expect("temp dir for bpffs");
+        let bpffs = PrivateBpffs::new()?;
         let (mut datapath, _) = Datapath::open(bpffs.path(), capacity).unwrap_or_else(|error| {
             panic!(
                 "loading the datapath on {}: {error}",
@@ -83,28 +76,9 @@ impl Harness {
         });
         datapath.detached();
 
-        let manifests = tempfile::tempdir().expect("temp dir for manifests");
-        std::fs::write(manifests.path().join("cluster.yaml"), MANIFESTS).expect("write manifests");
-        let mut source = ManifestDir::new(manifests.path());
-        source.refresh().expect("read manifests");
-        let (cluster, errors) = source.cluster();
-        assert!(errors.is_empty(), "fixture errors: {errors:?}");
         let mut compiler = Compiler::new("node-1");
-        let state = compiler.sync(cluster);
-
-        let mut network = NodeNetwork::default();
-        network.interfaces.insert(
-            IFINDEX,
-            Interface {
-                index: IFINDEX,
-                name: "lo".into(),
-                is_veth: true,
-            },
-        );
-        network.routes = vec![
-            (IpAddr::V4(SERVER).into(), IFINDEX),
-            (IpAddr::V6(SERVER6).into(), IFINDEX),
-        ];
+        let state = compiler.sync(common::cluster_from(MANIFESTS));
+        let network = common::loopback_node(&[IpAddr::V4(SERVER), IpAddr::V6(SERVER6)]);
         let report = datapath.apply(state, &network);
         let locked = report
             .endpoints

@@ -12,17 +12,15 @@ use std::{
 };
 
 use netwarden_common::{counter, direction, flow_flags};
-use netwarden_datapath::{
-    Capacity, Datapath,
-    netlink::{Interface, NodeNetwork},
-};
-use netwarden_model::ManifestDir;
+use netwarden_datapath::{Capacity, Datapath};
 use netwarden_policy::Compiler;
+
+mod common;
+
+use common::{IFINDEX, PrivateBpffs};
 
 const ALLOW: i32 = -1;
 const DENY: i32 = 2;
-/// The loopback: `BPF_PROG_TEST_RUN` needs an interface that exists, and nothing is sent.
-const IFINDEX: u32 = 1;
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
@@ -65,13 +63,13 @@ spec:
 
 struct Harness {
     datapath: Option<Datapath>,
-    bpffs: tempfile::TempDir,
+    bpffs: PrivateBpffs,
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
+        // The programs and maps go before the bpffs they are pinned in.
         drop(self.datapath.take());
-        let _ = nix::mount::umount2(self.bpffs.path(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -79,39 +77,17 @@ impl Harness {
     /// The datapath with `MANIFESTS` applied; the server is made strict when `strict`, with
     /// the exempt ports its annotation names.
     fn new(strict: bool) -> Option<Self> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: loading eBPF programs needs root");
-            return None;
-        }
-        let bpffs = tempfile::tempdir().expect("temp dir for bpffs");
+        let bpffs = PrivateBpffs::new()?;
         let (mut datapath, _) = Datapath::open(bpffs.path(), &Capacity::default())
             .unwrap_or_else(|error| panic!("loading the datapath: {error}"));
         datapath.detached();
-        let manifests = tempfile::tempdir().expect("temp dir for manifests");
-        std::fs::write(manifests.path().join("cluster.yaml"), MANIFESTS).expect("write manifests");
-        let mut source = ManifestDir::new(manifests.path());
-        source.refresh().expect("read manifests");
-        let (cluster, errors) = source.cluster();
-        assert!(errors.is_empty(), "fixture errors: {errors:?}");
+        let cluster = common::cluster_from(MANIFESTS);
         let server = &cluster.pods[&netwarden_model::manifests::pod_ref("x/server")];
         assert!(cluster.is_mtls_strict(server));
         let exempt = server.mtls.exempt_ports.clone();
         let mut compiler = Compiler::new("node-1");
         let state = compiler.sync(cluster);
-        let mut network = NodeNetwork::default();
-        network.interfaces.insert(
-            IFINDEX,
-            Interface {
-                index: IFINDEX,
-                name: "lo".into(),
-                is_veth: true,
-            },
-        );
-        network.routes = vec![
-            (IpAddr::V4(SERVER).into(), IFINDEX),
-            (IpAddr::V6(SERVER6).into(), IFINDEX),
-        ];
+        let network = common::loopback_node(&[IpAddr::V4(SERVER), IpAddr::V6(SERVER6)]);
         let report = datapath.apply(state, &network);
         assert!(
             report.errors.is_empty(),
