@@ -96,40 +96,61 @@ fn log(event: &VerdictEvent, names: &Attribution) {
             format!("{peer_address}:{}", event.peer_port),
         )
     };
-    let allowed = match u32::from(event.reason) {
-        counter::ALLOWED_BY_POLICY => Some(names.rules.get(&event.rule).map_or_else(
-            || {
-                format!(
-                    "allowed by rule {} (no longer in the policy set)",
-                    event.rule
-                )
-            },
-            |rule| format!("allowed by {rule}"),
-        )),
-        counter::ALLOWED_NOT_ISOLATED => Some(format!(
-            "allowed: no NetworkPolicy isolates this pod for {}",
-            if ingress { "ingress" } else { "egress" }
-        )),
-        counter::ALLOWED_NODE => Some("allowed: traffic from the node".to_owned()),
-        _ => None,
-    };
-    if let Some(reason) = allowed {
-        info!(
-            target: "netwarden::verdict",
-            verdict = "allow",
-            direction = if ingress { "ingress" } else { "egress" },
-            pod,
-            peer_pod = peer,
-            protocol = protocol_name(event.protocol),
-            source = %source,
-            destination = %destination,
-            policy_id = event.policy,
-            reason = %reason,
-            "allowed"
-        );
-        return;
+    let (allowed, reason) = verdict_reason(event, names, endpoint, ingress);
+    // One line shape for both verdicts; only the level and the words differ (tracing's levels
+    // are fixed per call site, hence the macro).
+    macro_rules! verdict_line {
+        ($level:ident, $verdict:literal, $message:literal) => {
+            $level!(
+                target: "netwarden::verdict",
+                verdict = $verdict,
+                direction = if ingress { "ingress" } else { "egress" },
+                pod,
+                peer_pod = peer,
+                protocol = protocol_name(event.protocol),
+                source = %source,
+                destination = %destination,
+                policy_id = event.policy,
+                reason = %reason,
+                $message
+            )
+        };
     }
-    let reason = match u32::from(event.reason) {
+    if allowed {
+        verdict_line!(info, "allow", "allowed");
+    } else {
+        verdict_line!(warn, "deny", "denied");
+    }
+}
+
+/// Whether the event is an allow, and why, in the operator's words.
+fn verdict_reason(
+    event: &VerdictEvent,
+    names: &Attribution,
+    endpoint: Option<&EndpointNames>,
+    ingress: bool,
+) -> (bool, String) {
+    match u32::from(event.reason) {
+        counter::ALLOWED_BY_POLICY => (
+            true,
+            names.rules.get(&event.rule).map_or_else(
+                || {
+                    format!(
+                        "allowed by rule {} (no longer in the policy set)",
+                        event.rule
+                    )
+                },
+                |rule| format!("allowed by {rule}"),
+            ),
+        ),
+        counter::ALLOWED_NOT_ISOLATED => (
+            true,
+            format!(
+                "allowed: no NetworkPolicy isolates this pod for {}",
+                if ingress { "ingress" } else { "egress" }
+            ),
+        ),
+        counter::ALLOWED_NODE => (true, "allowed: traffic from the node".to_owned()),
         counter::DENIED_BY_POLICY => {
             let isolating = endpoint.map(|endpoint| {
                 if ingress {
@@ -143,39 +164,35 @@ fn log(event: &VerdictEvent, names: &Attribution) {
                 .flatten()
                 .map(ToString::to_string)
                 .collect();
-            format!(
-                "default deny: isolated by NetworkPolicy {}; no rule allows it",
-                policies.join(", ")
+            (
+                false,
+                format!(
+                    "default deny: isolated by NetworkPolicy {}; no rule allows it",
+                    policies.join(", ")
+                ),
             )
         }
-        counter::DENIED_ENDPOINT_NOT_READY => {
+        counter::DENIED_ENDPOINT_NOT_READY => (
+            false,
             "endpoint not ready: its pod is not known yet, or its policy did not fit the maps"
-                .to_owned()
-        }
-        counter::DENIED_REVOKED => {
-            "revoked: the current policy no longer allows this established flow".to_owned()
-        }
-        counter::DENIED_SPOOFED => "spoofed: the pod does not own the source address".to_owned(),
-        counter::DENIED_PLAINTEXT_TO_STRICT => {
+                .to_owned(),
+        ),
+        counter::DENIED_REVOKED => (
+            false,
+            "revoked: the current policy no longer allows this established flow".to_owned(),
+        ),
+        counter::DENIED_SPOOFED => (
+            false,
+            "spoofed: the pod does not own the source address".to_owned(),
+        ),
+        counter::DENIED_PLAINTEXT_TO_STRICT => (
+            false,
             "plaintext to mTLS-strict pod: the flow's first payload was not a TLS ClientHello"
-                .to_owned()
-        }
-        counter::DENIED_BY_IDENTITY => "refused by the identity check".to_owned(),
-        other => format!("reason {other}"),
-    };
-    warn!(
-        target: "netwarden::verdict",
-        verdict = "deny",
-        direction = if ingress { "ingress" } else { "egress" },
-        pod,
-        peer_pod = peer,
-        protocol = protocol_name(event.protocol),
-        source = %source,
-        destination = %destination,
-        policy_id = event.policy,
-        reason = %reason,
-        "denied"
-    );
+                .to_owned(),
+        ),
+        counter::DENIED_BY_IDENTITY => (false, "refused by the identity check".to_owned()),
+        other => (false, format!("reason {other}")),
+    }
 }
 
 fn address(mapped: [u8; 16]) -> IpAddr {
