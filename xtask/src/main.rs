@@ -122,24 +122,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench {
             bench: BenchKind::Compile,
-        } => {
-            setup::ensure()?;
-            run(
-                "cargo",
-                &[
-                    "build",
-                    "--release",
-                    "--package",
-                    "netwarden",
-                    "--package",
-                    "netwarden-bench",
-                ],
-            )?;
-            run(
-                "target/release/netwarden-bench",
-                &["compile", "--agent", "target/release/netwarden"],
-            )
-        }
+        } => bench(&["compile", "--agent", "target/release/netwarden"]),
         Task::Bench {
             bench:
                 BenchKind::Datapath {
@@ -148,24 +131,12 @@ fn main() -> anyhow::Result<()> {
                     repeats,
                 },
         } => {
-            setup::ensure()?;
             setup::ensure_packages(setup::BENCH_PACKAGES)?;
-            run(
-                "cargo",
-                &[
-                    "build",
-                    "--release",
-                    "--package",
-                    "netwarden",
-                    "--package",
-                    "netwarden-bench",
-                ],
-            )?;
             let mut args = vec!["datapath", "--seconds", &seconds, "--repeats", &repeats];
             if !classifier_only {
                 args.extend(["--agent", "target/release/netwarden"]);
             }
-            run("target/release/netwarden-bench", &args)
+            bench(&args)
         }
         Task::Image {
             tag,
@@ -180,13 +151,7 @@ fn main() -> anyhow::Result<()> {
         } => e2e_kind(dry_run, keep, &tag, scenarios),
         Task::Bench {
             bench: BenchKind::Identity,
-        } => {
-            run(
-                "cargo",
-                &["build", "--release", "--package", "netwarden-bench"],
-            )?;
-            run("target/release/netwarden-bench", &["identity"])
-        }
+        } => bench(&["identity"]),
         Task::Demo => {
             setup::ensure()?;
             build_release()?;
@@ -196,6 +161,24 @@ fn main() -> anyhow::Result<()> {
             )
         }
     }
+}
+
+/// Builds the agent and the benchmarks (release) on a machine set up for it, then runs
+/// `netwarden-bench ARGS`.
+fn bench(args: &[&str]) -> anyhow::Result<()> {
+    setup::ensure()?;
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--package",
+            "netwarden",
+            "--package",
+            "netwarden-bench",
+        ],
+    )?;
+    run("target/release/netwarden-bench", args)
 }
 
 fn workspace_root() -> PathBuf {
