@@ -8,7 +8,8 @@ use anyhow::{Context as _, bail};
 
 use crate::{run, run_command};
 
-/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the simulated node.
+/// Debian packages: LLVM 22 for bpf-linker, iproute2 and procps (`sysctl`) for the simulated
+/// node.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -16,6 +17,7 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libxml2-dev",
     "iproute2",
+    "procps",
 ];
 
 /// Debian packages the traffic benchmark drives: iperf3 and the firewalls it compares with.
@@ -59,21 +61,27 @@ fn ensure_toolchain() -> anyhow::Result<()> {
             &["toolchain", "install", "nightly", "--profile", "minimal"],
         )?;
     }
-    let components = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]))?;
-    // rust-src to build `core` for the bpf targets; clippy to lint the eBPF crate.
-    for component in ["rust-src", "clippy"] {
-        if !components.lines().any(|line| line.starts_with(component)) {
-            println!("setup: adding {component} to nightly");
-            run(
-                "rustup",
-                &["component", "add", component, "--toolchain", "nightly"],
-            )?;
+    // nightly: rust-src to build `core` for the bpf targets, clippy to lint the eBPF crate;
+    // the default toolchain: clippy and rustfmt, which `cargo xtask test` runs first.
+    for (toolchain, wanted) in [
+        ("nightly", ["rust-src", "clippy"]),
+        ("stable", ["clippy", "rustfmt"]),
+    ] {
+        let installed = output(Command::new("rustup").args([
+            "component",
+            "list",
+            "--toolchain",
+            toolchain,
+            "--installed",
+        ]))?;
+        for component in wanted {
+            if !installed.lines().any(|line| line.starts_with(component)) {
+                println!("setup: adding {component} to {toolchain}");
+                run(
+                    "rustup",
+                    &["component", "add", component, "--toolchain", toolchain],
+                )?;
+            }
         }
     }
 
