@@ -195,15 +195,27 @@ pub struct FlowState {
     /// the datapath, and only when one is missing. A word of its own, so the datapath's
     /// activity stores never race with the screen's.
     pub activity: u32,
-    /// When a packet of the flow last passed: `CLOCK_MONOTONIC_COARSE` in [`CLOCK_TICK_NS`]
-    /// ticks (`bpf_ktime_get_coarse_ns >> 30`: a shift, not a division, on the hot path),
-    /// stored only when the tick changes. The agent's sweeper reads it and never writes the
-    /// entry.
+    /// When a packet of the flow last passed: [`clock_ticks`] of the kernel's jiffies, stored
+    /// only when the tick changes. The agent's sweeper reads it and never writes the entry.
     pub last_seen: u32,
 }
 
-/// Nanoseconds per tick of [`FlowState::last_seen`]: 2^30, about 1.07 s.
-pub const CLOCK_TICK_NS: u64 = 1 << 30;
+/// Jiffies per tick of [`FlowState::last_seen`], as a shift: 64 jiffies, 64 ms at `HZ=1000`,
+/// 256 ms at `HZ=250`. The tick wraps after 2^32 of them (8.7 years at `HZ=1000`).
+pub const CLOCK_TICK_SHIFT: u32 = 6;
+
+/// The tick of [`FlowState::last_seen`] at `jiffies`. Jiffies, not nanoseconds: the verifier
+/// turns `bpf_jiffies64` into one load, where a clock helper is a call costing a quarter of
+/// the whole conntrack fast path.
+#[must_use]
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "ticks wrap; ages are computed with wrapping arithmetic"
+)]
+pub const fn clock_ticks(jiffies: u64) -> u32 {
+    (jiffies >> CLOCK_TICK_SHIFT) as u32
+}
 
 /// Bits of [`FlowState::activity`].
 pub mod flow_activity {

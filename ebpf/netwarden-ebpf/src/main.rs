@@ -25,6 +25,27 @@ pub fn to_container(ctx: TcContext) -> i32 {
     verdict::enforce(&ctx, direction::INGRESS)
 }
 
+/// Allows everything and reads nothing: never attached, only run by benchmarks so that
+/// `BPF_PROG_TEST_RUN`'s own cost per run can be measured beside the classifiers' and told
+/// apart from theirs.
+#[classifier]
+pub fn test_run_baseline(_ctx: TcContext) -> i32 {
+    -1
+}
+
+/// Writes the kernel's jiffies, the clock the classifiers stamp flows with, over the first 8
+/// bytes of the frame it runs on. Never attached: the agent's conntrack sweeper runs it with
+/// `BPF_PROG_TEST_RUN` and reads the frame back, userspace having no other way to read jiffies.
+#[classifier]
+pub fn conntrack_clock(ctx: TcContext) -> i32 {
+    // SAFETY: bpf_jiffies64 has no preconditions.
+    let jiffies = unsafe { aya_ebpf::helpers::bpf_jiffies64() };
+    match ctx.store(0, &jiffies, 0) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -18,8 +18,8 @@
 //!   semantics stay exact whatever identity the address has.
 //! - `ENDPOINT_ADDRESSES`: (ifindex, address) of every address a local pod owns.
 //! - `CONNTRACK`: LRU of flows as the endpoint sees them -> the direction that opened the flow,
-//!   the policy epoch under which it was last allowed, when it was last active (coarse
-//!   seconds) and whether it was answered or is closing, from which the agent's sweeper
+//!   the policy epoch under which it was last allowed, when it was last active (in ticks of
+//!   the kernel's jiffies) and whether it was answered or is closing, from which the agent's sweeper
 //!   expires idle flows: TCP closing after 10 s, unanswered flows after 60 s, other protocols
 //!   after 60 s idle, established TCP after 6 h idle (all configurable). A full table evicts
 //!   the least recently used flow.
@@ -58,17 +58,17 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
 use netwarden_common::{
-    CLOCK_TICK_NS, CidrClass, CidrKey, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint,
-    EndpointAddress, EventBudget, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity,
-    IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey,
-    SETTING_ALLOW_EVENT_PERIOD, SETTINGS_COUNT, VerdictEvent, counter, direction, endpoint_state,
-    flow_activity, flow_flags,
+    CidrClass, CidrKey, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint, EndpointAddress,
+    EventBudget, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
+    POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD,
+    SETTINGS_COUNT, VerdictEvent, clock_ticks, counter, direction, endpoint_state, flow_activity,
+    flow_flags,
 };
 
 use crate::{
@@ -203,7 +203,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
                 epoch,
                 flags: mtls::flags_for_new_flow(&flow, dir),
                 activity: 0,
-                last_seen: coarse_ticks(),
+                last_seen: now_ticks(),
             };
             // A SYN may carry data (TCP Fast Open): the screen looks at it too.
             let screened = if state.flags == 0 {
@@ -272,7 +272,7 @@ fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32, rule: u32) {
 
 /// Records what the agent's sweeper needs to expire the flow: when it was last active, whether
 /// it was answered, whether it is closing. Stores only what changed, so an active flow costs a
-/// coarse clock read per packet and one store per second, not one per packet.
+/// load of the kernel's jiffies per packet and a store per tick, not one per packet.
 #[inline(always)]
 fn note_activity(tracked: &mut FlowState, dir: u32, opening: Opening) {
     let mut bits = 0;
@@ -285,19 +285,17 @@ fn note_activity(tracked: &mut FlowState, dir: u32, opening: Opening) {
     if tracked.activity & bits != bits {
         tracked.activity |= bits;
     }
-    let now = coarse_ticks();
+    let now = now_ticks();
     if tracked.last_seen != now {
         tracked.last_seen = now;
     }
 }
 
-/// `CLOCK_MONOTONIC_COARSE` in `CLOCK_TICK_NS` ticks: the clock the sweeper compares with.
+/// The conntrack clock the sweeper compares with (see `clock_ticks`).
 #[inline(always)]
-fn coarse_ticks() -> u32 {
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let nanoseconds = unsafe { bpf_ktime_get_coarse_ns() };
-    // 2^30 ns ticks fit 32 bits for 146 years of uptime.
-    (nanoseconds / CLOCK_TICK_NS) as u32
+fn now_ticks() -> u32 {
+    // SAFETY: bpf_jiffies64 has no preconditions.
+    clock_ticks(unsafe { bpf_jiffies64() })
 }
 
 /// Whether this new allowed flow is one the agent asked to hear about.

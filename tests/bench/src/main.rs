@@ -189,7 +189,7 @@ fn main() -> anyhow::Result<()> {
 /// The classifier's cost, then traffic, then the one summary line.
 fn datapath(agent: Option<&std::path::Path>, plan: traffic::Plan) -> anyhow::Result<()> {
     let costs = datapath::run()?;
-    let (ct_hit, new_flow) = (costs.tracked, costs.decided);
+    let (ct_hit, new_flow) = (costs.tracked.own, costs.decided.own);
     let ns = |duration: Duration| duration.as_secs_f64() * 1e9;
     let Some(agent) = agent else {
         println!(

@@ -41,6 +41,12 @@ impl PinLayout {
         self.root.join("links")
     }
 
+    /// Pin path of the program that reads the conntrack clock (see [`crate::conntrack`]).
+    #[must_use]
+    pub fn conntrack_clock(&self) -> PathBuf {
+        self.root.join("programs").join("conntrack_clock")
+    }
+
     /// Pin path of the link of one hook of one interface.
     #[must_use]
     pub fn link(&self, ifindex: u32, hook: &str) -> PathBuf {
@@ -64,6 +70,9 @@ pub fn prepare(bpffs: &Path, layout: &PinLayout) -> io::Result<()> {
     }
     fs::create_dir_all(layout.maps())?;
     fs::create_dir_all(layout.links())?;
+    if let Some(programs) = layout.conntrack_clock().parent() {
+        fs::create_dir_all(programs)?;
+    }
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Expiry of tracked flows.
 //!
-//! The programs store, per flow, when a packet last passed (`CLOCK_MONOTONIC_COARSE` in ticks
-//! of 2^30 ns, written only when the tick changes) and whether it was answered or is closing. The
+//! The programs store, per flow, when a packet last passed (the kernel's jiffies in ticks of
+//! 64, written only when the tick changes) and whether it was answered or is closing. The
 //! sweeper walks the table every `interval` and removes the flows idle past the timeout for
 //! their state; it only reads and deletes, never writes an entry back, so it can never undo a
 //! bit the datapath or the identity check set:
@@ -18,13 +18,27 @@
 //! TCP only a SYN may create a new entry, and payload to an mTLS-strict pod on a connection
 //! conntrack does not know drops. The LRU map still evicts the least recently used flow when
 //! it is full, whatever the sweeper does.
+//!
+//! Jiffies are the one clock a BPF program reads for free (the verifier inlines
+//! `bpf_jiffies64` into a load), but userspace cannot read them, nor the kernel's `HZ`. The
+//! sweeper runs a tiny program of the same object, `conntrack_clock`, with `BPF_PROG_TEST_RUN`
+//! to read them, and measures `HZ` once at start against `CLOCK_MONOTONIC`.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use netwarden_common::{CLOCK_TICK_NS, FlowKey, FlowState, flow_activity};
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData, MapError},
+    programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions},
+};
+use netwarden_common::{CLOCK_TICK_SHIFT, FlowKey, FlowState, clock_ticks, flow_activity};
 
 use crate::{DatapathError, bpffs::PinLayout};
+
+const CLOCK_PROGRAM: &str = "conntrack_clock";
 
 const IPPROTO_TCP: u8 = 6;
 
@@ -86,13 +100,14 @@ pub struct SweepReport {
 /// The conntrack table opened from its pin, for a sweeper on a thread of its own.
 pub struct Sweeper {
     map: BpfHashMap<MapData, FlowKey, FlowState>,
+    clock: Clock,
     interval: Duration,
     timeouts: Timeouts,
 }
 
 impl Sweeper {
-    /// Opens the pinned conntrack map under `bpffs`; the sweeper will be called every
-    /// `interval`.
+    /// Opens the pinned conntrack map and clock program under `bpffs` (measuring the kernel's
+    /// `HZ` takes a tenth of a second); the sweeper will be called every `interval`.
     pub fn open(
         bpffs: &Path,
         interval: Duration,
@@ -103,8 +118,15 @@ impl Sweeper {
             MapData::from_pin(&path).map_err(|source| DatapathError::Map { name: NAME, source })?;
         let map = BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))
             .map_err(|source| DatapathError::Map { name: NAME, source })?;
+        let clock = Clock::open(&PinLayout::new(bpffs).conntrack_clock()).map_err(|source| {
+            DatapathError::Program {
+                name: CLOCK_PROGRAM,
+                source,
+            }
+        })?;
         Ok(Self {
             map,
+            clock,
             interval,
             timeouts,
         })
@@ -116,15 +138,22 @@ impl Sweeper {
         self.interval
     }
 
-    /// One pass over the table, now.
-    pub fn sweep(&mut self) -> SweepReport {
-        self.sweep_at(coarse_now())
+    /// The kernel's tick rate the sweeper measured.
+    #[must_use]
+    pub fn hz(&self) -> f64 {
+        self.clock.hz
     }
 
-    /// One pass over the table as if the coarse monotonic clock read `now` (tests look into
-    /// the future with it instead of waiting for it).
-    pub fn sweep_at(&mut self, now: Duration) -> SweepReport {
-        let now_ticks = ticks(now);
+    /// One pass over the table, now. Fails, removing nothing, when the clock cannot be read.
+    pub fn sweep(&mut self) -> Result<SweepReport, ProgramError> {
+        self.sweep_after(Duration::ZERO)
+    }
+
+    /// One pass over the table as if `later` more time had passed (tests look into the
+    /// future with it instead of waiting for it).
+    pub fn sweep_after(&mut self, later: Duration) -> Result<SweepReport, ProgramError> {
+        let jiffies = self.clock.jiffies()? + self.clock.jiffies_in(later);
+        let now = clock_ticks(jiffies);
         // Keys first: the table changes under the walk, and a walk that deletes as it goes
         // may restart or skip.
         let keys: Vec<FlowKey> = self.map.keys().filter_map(Result::ok).collect();
@@ -137,9 +166,8 @@ impl Sweeper {
                 report.skipped += 1;
                 continue;
             };
-            let idle_ticks = now_ticks.saturating_sub(state.last_seen);
-            let idle = Duration::from_nanos(u64::from(idle_ticks) * CLOCK_TICK_NS);
-            if idle < self.timeouts.for_flow(key.protocol, &state) {
+            if self.clock.idle(now, state.last_seen) < self.timeouts.for_flow(key.protocol, &state)
+            {
                 continue;
             }
             match self.map.remove(&key) {
@@ -148,18 +176,104 @@ impl Sweeper {
                 Err(_) => report.skipped += 1,
             }
         }
-        report
+        Ok(report)
     }
 }
 
-/// The clock the datapath stamps flows with (`bpf_ktime_get_coarse_ns`).
-#[must_use]
-pub fn coarse_now() -> Duration {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .map_or(Duration::ZERO, Duration::from)
+/// Loads the clock program of the datapath's object and pins it where [`Sweeper::open`] finds
+/// it, replacing the pin of a previous agent (whose object may differ).
+pub(crate) fn pin_clock(ebpf: &mut Ebpf, layout: &PinLayout) -> Result<(), DatapathError> {
+    let error = |source| DatapathError::Program {
+        name: CLOCK_PROGRAM,
+        source,
+    };
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(CLOCK_PROGRAM)
+        .ok_or(ProgramError::NotLoaded)
+        .and_then(TryInto::try_into)
+        .map_err(error)?;
+    program.load().map_err(error)?;
+    let path = layout.conntrack_clock();
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(source) if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(error(ProgramError::IOError(source))),
+    }
+    program
+        .pin(&path)
+        .map_err(|source| error(ProgramError::IOError(std::io::Error::other(source))))
 }
 
-/// `time` in the datapath's ticks of [`CLOCK_TICK_NS`].
-fn ticks(time: Duration) -> u32 {
-    u32::try_from(time.as_nanos() / u128::from(CLOCK_TICK_NS)).unwrap_or(u32::MAX)
+/// The kernel's jiffies, read through the pinned `conntrack_clock` program.
+struct Clock {
+    program: SchedClassifier,
+    /// Jiffies per second.
+    hz: f64,
+}
+
+impl Clock {
+    /// The `HZ` values Linux is built with; a measurement close to one is taken to be it.
+    const KNOWN_HZ: [f64; 5] = [100.0, 250.0, 300.0, 1000.0, 1024.0];
+    /// Long enough for the measurement to tell 250 from 300 (25 against 30 jiffies, ±1).
+    const MEASUREMENT: Duration = Duration::from_millis(100);
+
+    fn open(pin: &Path) -> Result<Self, ProgramError> {
+        let mut clock = Self {
+            program: SchedClassifier::from_pin(pin)?,
+            hz: 0.0,
+        };
+        let (first, started) = (clock.jiffies()?, Instant::now());
+        // A measurement, not a wait for an event: nothing signals the passing of jiffies.
+        std::thread::sleep(Self::MEASUREMENT);
+        let (second, elapsed) = (clock.jiffies()?, started.elapsed());
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a few hundred jiffies convert exactly"
+        )]
+        let measured = (second - first) as f64 / elapsed.as_secs_f64();
+        clock.hz = Self::KNOWN_HZ
+            .into_iter()
+            .find(|known| (measured - known).abs() <= known * 0.1)
+            .unwrap_or(measured)
+            .max(1.0);
+        Ok(clock)
+    }
+
+    fn jiffies(&self) -> Result<u64, ProgramError> {
+        let frame = [0_u8; 64];
+        let mut out = [0_u8; 64];
+        let result = self.program.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..TestRunOptions::default()
+        })?;
+        if result.return_value != 0 {
+            return Err(ProgramError::IOError(std::io::Error::other(
+                "the conntrack clock program could not write the frame",
+            )));
+        }
+        let mut jiffies = [0_u8; 8];
+        jiffies.copy_from_slice(&out[..8]);
+        Ok(u64::from_ne_bytes(jiffies))
+    }
+
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a positive duration's jiffies"
+    )]
+    fn jiffies_in(&self, duration: Duration) -> u64 {
+        (duration.as_secs_f64() * self.hz).round() as u64
+    }
+
+    /// How long ago tick `last_seen` was at tick `now`. A stamp after `now` (the datapath
+    /// wrote it between the clock read and the entry read) is no idle time at all.
+    fn idle(&self, now: u32, last_seen: u32) -> Duration {
+        let ticks = now.wrapping_sub(last_seen);
+        if ticks > u32::MAX / 2 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(f64::from(ticks) * f64::from(1_u32 << CLOCK_TICK_SHIFT) / self.hz)
+    }
 }

@@ -51,6 +51,9 @@ use crate::{bpffs::PinLayout, netlink::NodeNetwork};
 /// The compiled eBPF object, built by `build.rs`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwarden-tc"));
 
+/// The program benchmarks run to measure `BPF_PROG_TEST_RUN` alone.
+const TEST_RUN_BASELINE: &str = "test_run_baseline";
+
 /// The two hooks of a pod's host-side veth, named by the program that runs there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Hook {
@@ -266,6 +269,7 @@ impl Datapath {
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
+        conntrack::pin_clock(&mut ebpf, &layout)?;
 
         let mut datapath = Self {
             endpoints: take_map(&mut ebpf, "ENDPOINTS")?,
@@ -775,7 +779,6 @@ impl Datapath {
         ifindex: u32,
         repeat: u32,
     ) -> Result<(i32, std::time::Duration), ProgramError> {
-        use aya::programs::{TestRun as _, TestRunOptions};
         let name = if towards_pod {
             Hook::ToContainer.program()
         } else {
@@ -786,23 +789,26 @@ impl Datapath {
             .program(name)
             .and_then(|program| program.try_into().ok())
             .ok_or(ProgramError::NotLoaded)?;
-        // `struct __sk_buff`: ifindex is its 11th u32 (offset 40); the rest stays zero.
-        let mut context = [0_u8; 192];
-        context[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0_u8; frame.len() + 256];
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&context),
-            repeat,
-            ..TestRunOptions::default()
-        })?;
-        #[expect(
-            clippy::cast_possible_wrap,
-            reason = "TC verdicts are small signed numbers"
-        )]
-        let verdict = result.return_value as i32;
-        Ok((verdict, result.duration))
+        test_run(program, frame, ifindex, repeat)
+    }
+
+    /// Runs a program that allows everything and reads nothing the way [`Datapath::test_run`]
+    /// runs a classifier: what `BPF_PROG_TEST_RUN` itself costs per run, for benchmarks to
+    /// subtract. The program is loaded at the first call.
+    pub fn test_run_baseline(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), ProgramError> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TEST_RUN_BASELINE)
+            .and_then(|program| program.try_into().ok())
+            .ok_or(ProgramError::NotLoaded)?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        test_run(program, frame, 1, repeat)
     }
 
     /// How many new allowed flows the programs report as events: 0 none, 1 every one, N about
@@ -1001,4 +1007,32 @@ fn has_tcx() -> bool {
 fn unmapped(addr: [u8; 16]) -> IpAddr {
     let v6 = std::net::Ipv6Addr::from(addr);
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+/// One `BPF_PROG_TEST_RUN` of `program` on `frame` as if it arrived on interface `ifindex`:
+/// its verdict and the mean time per run.
+fn test_run(
+    program: &SchedClassifier,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<(i32, std::time::Duration), ProgramError> {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    // `struct __sk_buff`: ifindex is its 11th u32 (offset 40); the rest stays zero.
+    let mut context = [0_u8; 192];
+    context[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0_u8; frame.len() + 256];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&context),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
+    #[expect(
+        clippy::cast_possible_wrap,
+        reason = "TC verdicts are small signed numbers"
+    )]
+    let verdict = result.return_value as i32;
+    Ok((verdict, result.duration))
 }

@@ -476,7 +476,7 @@ fn udp(source: u16, destination: u16) -> Vec<u8> {
 fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream() {
     use std::time::Duration;
 
-    use netwarden_datapath::conntrack::{Sweeper, Timeouts, coarse_now};
+    use netwarden_datapath::conntrack::{Sweeper, Timeouts};
 
     let Some(harness) = Harness::new() else {
         return;
@@ -510,10 +510,13 @@ fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream()
     );
     let unanswered = ethernet(0x0800, &ipv4(SERVER, outside, 17, 0, &udp(5353, 53)));
     assert_eq!(harness.run(false, &unanswered), ALLOW);
-    // The datapath stamps flows with the coarse clock the sweeper reads; the sweeper is told
-    // how far into the future to look rather than waited for.
-    let now = coarse_now();
-    let report = sweeper.sweep_at(now);
+    // The sweeper is told how far into the future to look rather than waited for.
+    let mut sweep_after = |later: Duration| {
+        sweeper
+            .sweep_after(later)
+            .expect("the conntrack clock reads")
+    };
+    let report = sweep_after(Duration::ZERO);
     assert_eq!(
         (report.flows, report.expired),
         (2, 0),
@@ -521,28 +524,23 @@ fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream()
     );
 
     // A minute on, the unanswered flow is gone; the established connection (6 h) stays.
-    assert_eq!(sweeper.sweep_at(now + Duration::from_secs(65)).expired, 1);
-    assert_eq!(sweeper.sweep_at(now + Duration::from_secs(65)).flows, 1);
-    assert_eq!(
-        sweeper
-            .sweep_at(now + Duration::from_mins(6 * 60 - 1))
-            .expired,
-        0
-    );
+    assert_eq!(sweep_after(Duration::from_secs(65)).expired, 1);
+    assert_eq!(sweep_after(Duration::from_secs(65)).flows, 1);
+    assert_eq!(sweep_after(Duration::from_mins(6 * 60 - 1)).expired, 0);
 
     // A FIN marks it closing: ten idle seconds later it is gone.
     assert_eq!(harness.run(true, &client_to_server(0x11)), ALLOW, "FIN");
     assert_eq!(
-        sweeper.sweep_at(now + Duration::from_secs(5)).expired,
+        sweep_after(Duration::from_secs(5)).expired,
         0,
         "closing, not yet idle long"
     );
     assert_eq!(
-        sweeper.sweep_at(now + Duration::from_secs(12)).expired,
+        sweep_after(Duration::from_secs(12)).expired,
         1,
         "closing flows go after 10 s"
     );
-    assert_eq!(sweeper.sweep_at(now + Duration::from_secs(12)).flows, 0);
+    assert_eq!(sweep_after(Duration::from_secs(12)).flows, 0);
 
     // Without its entry, a mid-stream segment is decided on its own and creates nothing: the
     // server's packet to the client passes only because the server's egress is not isolated.
@@ -553,7 +551,7 @@ fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream()
         "policy allows client:80"
     );
     assert_eq!(
-        sweeper.sweep_at(now).flows,
+        sweep_after(Duration::ZERO).flows,
         0,
         "no entry came back from mid-stream segments"
     );

@@ -517,7 +517,7 @@ fn sync_mtls_adds_and_removes_exactly_what_changed() {
 fn unscreened_bytes_never_reach_a_strict_pod_when_conntrack_forgot_the_flow() {
     use std::time::Duration;
 
-    use netwarden_datapath::conntrack::{Sweeper, Timeouts, coarse_now};
+    use netwarden_datapath::conntrack::{Sweeper, Timeouts};
 
     let Some(mut harness) = Harness::new(true) else {
         return;
@@ -535,7 +535,9 @@ fn unscreened_bytes_never_reach_a_strict_pod_when_conntrack_forgot_the_flow() {
     open(&mut harness, false, 41002, HTTPS);
 
     // Seven hours on, every flow is idle past its timeout.
-    let report = sweeper.sweep_at(coarse_now() + Duration::from_hours(7));
+    let report = sweeper
+        .sweep_after(Duration::from_hours(7))
+        .expect("the conntrack clock reads");
     assert_eq!(
         (report.flows, report.expired),
         (3, 3),

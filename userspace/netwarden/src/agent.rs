@@ -205,13 +205,20 @@ fn spawn_conntrack_sweeper(options: &AgentOptions, metrics: Arc<Metrics>) -> any
     let interval = seconds(options.conntrack_sweep_seconds.max(1));
     let mut sweeper =
         Sweeper::open(&options.bpffs, interval, timeouts).context("opening the conntrack table")?;
+    debug!(hz = sweeper.hz(), "conntrack clock");
     std::thread::Builder::new()
         .name("conntrack-sweeper".into())
         .spawn(move || {
             loop {
                 // A timer, not a wait for an event: idleness is the absence of events.
                 std::thread::sleep(sweeper.interval());
-                let report = sweeper.sweep();
+                let report = match sweeper.sweep() {
+                    Ok(report) => report,
+                    Err(error) => {
+                        warn!(%error, "conntrack sweep skipped: cannot read the kernel's clock");
+                        continue;
+                    }
+                };
                 metrics.observe_conntrack_sweep(report.flows, report.expired);
                 if report.expired > 0 || report.skipped > 0 {
                     debug!(
