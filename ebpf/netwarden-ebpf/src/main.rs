@@ -7,6 +7,8 @@
 //! cluster's CNI attached to the same hook still run: netwarden only ever says no.
 #![no_std]
 #![no_main]
+// Unaligned packet loads in BPF assembly (`packet::Header`).
+#![feature(asm_experimental_arch)]
 
 mod mtls;
 mod packet;

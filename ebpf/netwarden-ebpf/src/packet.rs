@@ -30,8 +30,11 @@ pub enum Parsed {
     NotIp,
     /// IPv6 neighbour discovery and multicast listener messages: link plumbing, always passed.
     NetworkControl,
-    /// An IP packet, as a flow seen from the pod, and whether it may open a flow.
-    Flow(FlowKey, Opening),
+    /// An IP packet: its flow as seen from the pod, whether it may open a flow, and for an
+    /// ICMP error the offset of the IP header it quotes (0 otherwise). Not a field of
+    /// `Opening::Error`: LLVM spills an enum's payload on paths where it is undefined, and the
+    /// verifier refuses to read an undefined register.
+    Flow(FlowKey, Opening, usize),
 }
 
 /// Whether a packet may open a tracked flow.
@@ -45,13 +48,10 @@ pub enum Opening {
     Continuation,
     /// A TCP FIN or RST: a continuation that also tells conntrack the connection is closing.
     Closing,
-    /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem) quoting a
-    /// packet at offset `quoted`: when that packet belongs to a tracked flow the error passes,
-    /// so path MTU discovery keeps working. An error never opens a flow itself.
-    Error {
-        /// Offset of the quoted IP header in the frame.
-        quoted: usize,
-    },
+    /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem): when the
+    /// packet it quotes belongs to a tracked flow the error passes, so path MTU discovery
+    /// keeps working. An error never opens a flow itself.
+    Error,
 }
 
 const TCP_FLAG_FIN: u8 = 0x01;
@@ -67,8 +67,7 @@ pub struct Malformed;
 /// `bpf_skb_load_bytes` otherwise. A helper call per field costs more than the whole lookup.
 #[inline(always)]
 fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+    let (start, end) = frame_bounds(ctx);
     // At least two bytes: for one, LLVM turns `start + offset + 1 <= end` into
     // `start + offset < end`, from which the verifier learns no range. A byte at the very end
     // of a frame takes the helper instead.
@@ -80,6 +79,108 @@ fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
     ctx.load(offset).map_err(|_| Malformed)
 }
 
+/// The address of `len` bytes at `offset` of the frame, with the verifier convinced they lie
+/// inside it: one bounds check per header rather than one per field. Bytes outside the
+/// linear part of the frame (never the case for headers of traffic between pods) are pulled
+/// into it first; that invalidates every address taken before, so callers take one header
+/// at a time. The fields are then read with [`Header`]'s unaligned loads.
+#[inline(always)]
+fn header_at(ctx: &TcContext, offset: usize, len: usize) -> Result<Header, Malformed> {
+    let (start, end) = frame_bounds(ctx);
+    let at = start + offset;
+    if at + len <= end {
+        return Ok(Header(at));
+    }
+    let wanted = u32::try_from(offset + len).map_err(|_| Malformed)?;
+    ctx.pull_data(wanted).map_err(|_| Malformed)?;
+    let (start, end) = frame_bounds(ctx);
+    let at = start + offset;
+    if at + len <= end {
+        return Ok(Header(at));
+    }
+    Err(Malformed)
+}
+
+/// `data` and `data_end` of the frame, read afresh. Volatile reads: LLVM would otherwise
+/// merge them with earlier reads and re-extend the merged 32-bit value with shifts, which the
+/// verifier refuses on a packet pointer.
+#[inline(always)]
+fn frame_bounds(ctx: &TcContext) -> (usize, usize) {
+    let skb = ctx.skb.skb;
+    // SAFETY: `skb` is the `__sk_buff` the kernel handed to the program; TC programs may read
+    // its `data` and `data_end` fields.
+    unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*skb).data) as usize,
+            core::ptr::read_volatile(&raw const (*skb).data_end) as usize,
+        )
+    }
+}
+
+/// The address of a header whose bytes the verifier knows are in the frame.
+#[derive(Clone, Copy)]
+struct Header(usize);
+
+impl Header {
+    /// The byte at `offset`.
+    #[inline(always)]
+    fn u8(self, offset: usize) -> u8 {
+        // SAFETY: `header_at()` checked that the bytes lie in the frame; so does the verifier.
+        unsafe { *((self.0 + offset) as *const u8) }
+    }
+
+    /// The 16-bit field at `offset`, in network byte order as it lies in memory.
+    #[inline(always)]
+    fn u16(self, offset: usize) -> u16 {
+        let value: u64;
+        // SAFETY: one load from bytes `header_at()` checked lie in the frame. Assembly, because
+        // LLVM would assemble an unaligned load from single bytes, and headers start at any
+        // alignment; the kernel loads packet bytes at any alignment on the architectures
+        // with efficient unaligned access (x86-64, arm64).
+        unsafe {
+            core::arch::asm!(
+                "{value} = *(u16 *)({at} + 0)",
+                value = lateout(reg) value,
+                at = in(reg) self.0 + offset,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        value as u16
+    }
+
+    /// The 32-bit field at `offset`, in memory order (see [`Header::u16`]).
+    #[inline(always)]
+    fn u32(self, offset: usize) -> u32 {
+        let value: u64;
+        // SAFETY: as for `u16`.
+        unsafe {
+            core::arch::asm!(
+                "{value} = *(u32 *)({at} + 0)",
+                value = lateout(reg) value,
+                at = in(reg) self.0 + offset,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        value as u32
+    }
+
+    /// The 64-bit field at `offset`, in memory order (see [`Header::u16`]).
+    #[inline(always)]
+    fn u64(self, offset: usize) -> u64 {
+        let value: u64;
+        // SAFETY: as for `u16`.
+        unsafe {
+            core::arch::asm!(
+                "{value} = *(u64 *)({at} + 0)",
+                value = lateout(reg) value,
+                at = in(reg) self.0 + offset,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        value
+    }
+}
+
 /// No header the classifier reads lies further into a frame than this.
 const MAX_HEADER_OFFSET: usize = 1024;
 
@@ -88,22 +189,24 @@ const MAX_HEADER_OFFSET: usize = 1024;
 /// Addresses are two 64-bit words (network byte order in memory), never byte arrays that
 /// start zeroed: the BPF backend turns zero-filled byte runs into calls to a byte-at-a-time
 /// `memset`, which cost more than the whole conntrack lookup.
+#[derive(Clone, Copy)]
 struct IpHeader {
-    /// Protocol of the payload (IPv6: after the extension headers).
-    protocol: u8,
     src: [u64; 2],
     dst: [u64; 2],
     /// Offset of the L4 header from the start of the frame.
     l4_offset: usize,
+    /// Protocol of the payload (IPv6: after the extension headers).
+    protocol: u8,
     /// Whether the packet carries the L4 header (later fragments do not).
     has_ports: bool,
 }
 
-/// Parses the frame at `ctx`, orienting the flow from the pod's side for `dir`. Not inlined:
-/// its header copies would otherwise share the 512-byte stack with the lookup's keys.
-#[inline(never)]
+/// Parses the frame at `ctx`, orienting the flow from the pod's side for `dir`. Inlined, as
+/// are the IPv4 and IPv6 parsers it calls: the flow is built where the caller keeps it, where
+/// a call would return it through the stack and the caller copy it twice more.
+#[inline(always)]
 pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    let ethertype = u16::from_be(header_at(ctx, 0, ETH_HEADER_LEN)?.u16(12));
     let header = match ethertype {
         ETH_P_IPV4 => parse_ipv4(ctx, ETH_HEADER_LEN)?,
         ETH_P_IPV6 => parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS)?,
@@ -112,7 +215,8 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
     let header = header.bounded()?;
     let ifindex = ifindex(ctx);
     if header.has_ports && (header.protocol == IPPROTO_ICMP || header.protocol == IPPROTO_ICMPV6) {
-        let icmp_type: u8 = load(ctx, header.l4_offset)?;
+        // The type, code and checksum: four bytes no ICMP message is without.
+        let icmp_type = header_at(ctx, header.l4_offset, 4)?.u8(0);
         if header.protocol == IPPROTO_ICMPV6 && is_network_control(icmp_type) {
             return Ok(Parsed::NetworkControl);
         }
@@ -122,7 +226,8 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
             let quoted = header.l4_offset + 8;
             return Ok(Parsed::Flow(
                 orient(ifindex, dir, &header, 0, 0),
-                Opening::Error { quoted },
+                Opening::Error,
+                quoted,
             ));
         }
     }
@@ -130,6 +235,7 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
     Ok(Parsed::Flow(
         orient(ifindex, dir, &header, src_port, dst_port),
         opening,
+        0,
     ))
 }
 
@@ -139,21 +245,26 @@ fn transport(ctx: &TcContext, header: &IpHeader) -> Result<(u16, u16, Opening), 
     if !header.has_ports || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return Ok((0, 0, Opening::Yes));
     }
-    // TCP, UDP and SCTP all start with source port then destination port.
-    let ports: [u8; 4] = load(ctx, header.l4_offset)?;
-    let src_port = u16::from_be_bytes([ports[0], ports[1]]);
-    let dst_port = u16::from_be_bytes([ports[2], ports[3]]);
-    let opening = if header.protocol == IPPROTO_TCP {
-        let flags: u8 = load(ctx, header.l4_offset + 13)?;
-        if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
-            Opening::Yes
-        } else if flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
-            Opening::Closing
-        } else {
-            Opening::Continuation
-        }
-    } else {
+    // TCP, UDP and SCTP all start with source port then destination port; TCP's flags are
+    // its 14th byte. Two bounds checks in two branches: the verifier does not tie a length
+    // chosen by protocol to the protocol test guarding the flags.
+    if header.protocol != IPPROTO_TCP {
+        let l4 = header_at(ctx, header.l4_offset, 4)?;
+        return Ok((
+            u16::from_be(l4.u16(0)),
+            u16::from_be(l4.u16(2)),
+            Opening::Yes,
+        ));
+    }
+    let l4 = header_at(ctx, header.l4_offset, 14)?;
+    let (src_port, dst_port) = (u16::from_be(l4.u16(0)), u16::from_be(l4.u16(2)));
+    let flags = l4.u8(13);
+    let opening = if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
         Opening::Yes
+    } else if flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
+        Opening::Closing
+    } else {
+        Opening::Continuation
     };
     Ok((src_port, dst_port, opening))
 }
@@ -181,11 +292,11 @@ pub fn quotes_tracked_flow(
     if !header.has_ports || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return false;
     }
-    let Ok(ports) = load::<[u8; 4]>(ctx, header.l4_offset) else {
+    let Ok(ports) = header_at(ctx, header.l4_offset, 4) else {
         return false;
     };
-    let src_port = u16::from_be_bytes([ports[0], ports[1]]);
-    let dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    let src_port = u16::from_be(ports.u16(0));
+    let dst_port = u16::from_be(ports.u16(2));
     crate::verdict::is_tracked(&orient(ifindex, dir, &header, src_port, dst_port))
 }
 
@@ -255,9 +366,10 @@ impl IpHeader {
 }
 
 /// The IPv4 header at `offset`, read field by field.
-#[inline(never)]
+#[inline(always)]
 fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<IpHeader, Malformed> {
-    let version_and_length: u8 = load(ctx, offset)?;
+    let ip = header_at(ctx, offset, 20)?;
+    let version_and_length = ip.u8(0);
     if version_and_length >> 4 != 4 {
         return Err(Malformed);
     }
@@ -265,11 +377,11 @@ fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<IpHeader, Malformed> {
     if header_len < 20 {
         return Err(Malformed);
     }
-    let fragment_offset = u16::from_be(load::<u16>(ctx, offset + 6)?) & 0x1fff;
+    let fragment_offset = u16::from_be(ip.u16(6)) & 0x1fff;
     Ok(IpHeader {
-        protocol: load(ctx, offset + 9)?,
-        src: ipv4_mapped(load(ctx, offset + 12)?),
-        dst: ipv4_mapped(load(ctx, offset + 16)?),
+        protocol: ip.u8(9),
+        src: ipv4_mapped(ip.u32(12)),
+        dst: ipv4_mapped(ip.u32(16)),
         l4_offset: offset + header_len,
         // Later fragments carry no L4 header: only rules that allow every port match them.
         has_ports: fragment_offset == 0,
@@ -277,26 +389,28 @@ fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<IpHeader, Malformed> {
 }
 
 /// The IPv6 header at `offset`, walking up to `max_extension_headers`.
-#[inline(never)]
+#[inline(always)]
 fn parse_ipv6(
     ctx: &TcContext,
     offset: usize,
     max_extension_headers: usize,
 ) -> Result<IpHeader, Malformed> {
-    let version: u8 = load(ctx, offset)?;
-    if version >> 4 != 6 {
+    let ip = header_at(ctx, offset, 40)?;
+    if ip.u8(0) >> 4 != 6 {
         return Err(Malformed);
     }
-    let src = load(ctx, offset + 8)?;
-    let dst = load(ctx, offset + 24)?;
-    let mut protocol: u8 = load(ctx, offset + 6)?;
+    let src = [ip.u64(8), ip.u64(16)];
+    let dst = [ip.u64(24), ip.u64(32)];
+    let mut protocol = ip.u8(6);
     let mut l4_offset = offset + 40;
     let mut has_ports = true;
     for _ in 0..max_extension_headers {
         match protocol {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH => {
-                let next: u8 = load(ctx, l4_offset)?;
-                let units: u8 = load(ctx, l4_offset + 1)?;
+                // Every extension header is at least 8 bytes long.
+                let extension = header_at(ctx, l4_offset, 8)?;
+                let next = extension.u8(0);
+                let units = extension.u8(1);
                 let length = if protocol == IPV6_AUTH {
                     (usize::from(units) + 2) * 4
                 } else {
@@ -306,8 +420,9 @@ fn parse_ipv6(
                 l4_offset += length;
             }
             IPV6_FRAGMENT => {
-                let next: u8 = load(ctx, l4_offset)?;
-                let offset_field = u16::from_be(load::<u16>(ctx, l4_offset + 2)?);
+                let extension = header_at(ctx, l4_offset, 8)?;
+                let next = extension.u8(0);
+                let offset_field = u16::from_be(extension.u16(2));
                 protocol = next;
                 if offset_field >> 3 != 0 {
                     has_ports = false;
@@ -327,9 +442,11 @@ fn parse_ipv6(
 }
 
 /// `::ffff:a.b.c.d` as two words in memory order: eight zero bytes, then `0, 0, 0xff, 0xff`
-/// and the IPv4 address (one store each, so nothing becomes a zero-filling `memset`).
+/// and the IPv4 address as it lay in the packet (one store each, so nothing becomes a
+/// zero-filling `memset`).
 #[inline(always)]
-fn ipv4_mapped(v4: [u8; 4]) -> [u64; 2] {
+fn ipv4_mapped(v4: u32) -> [u64; 2] {
+    let v4 = v4.to_ne_bytes();
     [
         0,
         u64::from_ne_bytes([0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]),

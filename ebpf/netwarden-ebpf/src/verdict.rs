@@ -123,8 +123,8 @@ static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(counter::SLOTS, 0);
 
 #[inline(always)]
 pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
-    let (flow, opening) = match packet::parse(ctx, dir) {
-        Ok(Parsed::Flow(flow, opening)) => (flow, opening),
+    let (flow, opening, quoted) = match packet::parse(ctx, dir) {
+        Ok(Parsed::Flow(flow, opening, quoted)) => (flow, opening, quoted),
         Ok(Parsed::NotIp | Parsed::NetworkControl) => {
             return count(counter::ALLOWED_NETWORK_CONTROL, dir, ALLOW);
         }
@@ -133,7 +133,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     let epoch = current_epoch();
     // One conntrack lookup serves the fast path and, when the entry is stale, step 4: the
     // entry's memory stays valid for the whole program run.
-    let tracked = CONNTRACK.get_ptr_mut(flow);
+    let tracked = CONNTRACK.get_ptr_mut(&flow);
     if let Some(tracked) = tracked {
         // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
         let tracked = unsafe { &mut *tracked };
@@ -167,7 +167,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         report(&flow, dir, counter::DENIED_SPOOFED, policy, 0);
         return count(counter::DENIED_SPOOFED, dir, DENY);
     }
-    if let Opening::Error { quoted } = opening {
+    if opening == Opening::Error {
         // The quoted packet travelled the other way.
         let quoted_dir = if dir == direction::EGRESS {
             direction::INGRESS
@@ -188,7 +188,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             note_activity(tracked, dir, opening);
             return count(counter::ALLOWED_TRACKED, dir, ALLOW);
         }
-        let _ = CONNTRACK.remove(flow);
+        let _ = CONNTRACK.remove(&flow);
         report(&flow, origin, counter::DENIED_REVOKED, policy, 0);
         return count(counter::DENIED_REVOKED, dir, DENY);
     }
@@ -211,7 +211,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             } else {
                 mtls::screen(ctx, dir, &mut state.flags)
             };
-            let _ = CONNTRACK.insert(flow, state, u64::from(BPF_ANY));
+            let _ = CONNTRACK.insert(&flow, &state, u64::from(BPF_ANY));
             if screened != mtls::PASS {
                 report(&flow, dir, screened, policy, 0);
                 return count(screened, dir, DENY);
@@ -322,7 +322,7 @@ fn owns_address(flow: &FlowKey) -> bool {
         ifindex: flow.ifindex,
         addr: flow.pod_addr,
     };
-    ENDPOINT_ADDRESSES.get_ptr(key).is_some()
+    ENDPOINT_ADDRESSES.get_ptr(&key).is_some()
 }
 
 /// The destination port of the packet that opened `flow` in direction `origin`.
@@ -407,7 +407,7 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision 
 #[inline(always)]
 fn peer_identity(addr: &[u8; 16]) -> u32 {
     IPCACHE
-        .get_ptr(IpKey { addr: *addr })
+        .get_ptr(&IpKey { addr: *addr })
         // SAFETY: the pointer comes from a successful lookup and is read at once.
         .map_or(IDENTITY_WORLD, |found| unsafe { (*found).identity })
 }
