@@ -179,6 +179,96 @@ pub struct FlowKey {
     pub peer_addr: [u8; 16],
 }
 
+/// The prefix of an IPv4-mapped IPv6 address, `::ffff:0:0/96`.
+const IPV4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+impl FlowKey {
+    /// The flow's key in `CONNTRACK_V4` when both addresses are IPv4 (IPv4-mapped), else
+    /// `None`: the flow lives in `CONNTRACK_V6` under this key.
+    #[must_use]
+    #[inline(always)]
+    pub fn ipv4(&self) -> Option<FlowKeyV4> {
+        let pod = ipv4_of_mapped(&self.pod_addr)?;
+        let peer = ipv4_of_mapped(&self.peer_addr)?;
+        Some(FlowKeyV4 {
+            ifindex: self.ifindex,
+            protocol: self.protocol,
+            padding_byte: 0,
+            padding_half: 0,
+            pod_port: self.pod_port,
+            peer_port: self.peer_port,
+            pod_addr: pod,
+            peer_addr: peer,
+        })
+    }
+}
+
+/// The IPv4 address of an IPv4-mapped IPv6 address. Compared as words, not bytes: this runs
+/// on every packet.
+#[inline(always)]
+fn ipv4_of_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
+    let prefix = u64::from_ne_bytes([
+        addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+    ]);
+    let middle = u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]);
+    let mapped_prefix = u64::from_ne_bytes([0; 8]);
+    let mapped_middle = u32::from_ne_bytes([
+        IPV4_MAPPED_PREFIX[8],
+        IPV4_MAPPED_PREFIX[9],
+        IPV4_MAPPED_PREFIX[10],
+        IPV4_MAPPED_PREFIX[11],
+    ]);
+    (prefix == mapped_prefix && middle == mapped_middle)
+        .then(|| [addr[12], addr[13], addr[14], addr[15]])
+}
+
+/// An IPv4 flow as the endpoint sees it: [`FlowKey`] with 4-byte addresses, the key of
+/// `CONNTRACK_V4`. Every packet of a tracked flow hashes and compares its key: 20 bytes
+/// rather than 44 is a third of the fast path's cost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKeyV4 {
+    /// The endpoint's host-side veth.
+    pub ifindex: u32,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Zero.
+    pub padding_byte: u8,
+    /// Zero.
+    pub padding_half: u16,
+    /// The pod's port (host order), or zero for protocols without ports.
+    pub pod_port: u16,
+    /// The peer's port (host order), or zero for protocols without ports.
+    pub peer_port: u16,
+    /// The pod's address, network byte order.
+    pub pod_addr: [u8; 4],
+    /// The peer's address, network byte order.
+    pub peer_addr: [u8; 4],
+}
+
+impl FlowKeyV4 {
+    /// The same flow as a [`FlowKey`], with IPv4-mapped addresses.
+    #[must_use]
+    pub fn flow(&self) -> FlowKey {
+        let mapped = |v4: [u8; 4]| {
+            let mut addr = [0; 16];
+            addr[..12].copy_from_slice(&IPV4_MAPPED_PREFIX);
+            addr[12..].copy_from_slice(&v4);
+            addr
+        };
+        FlowKey {
+            ifindex: self.ifindex,
+            protocol: self.protocol,
+            padding_byte: 0,
+            padding_half: 0,
+            pod_port: self.pod_port,
+            peer_port: self.peer_port,
+            pod_addr: mapped(self.pod_addr),
+            peer_addr: mapped(self.peer_addr),
+        }
+    }
+}
+
 /// Value of the connection-tracking map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -361,8 +451,8 @@ pub const SETTINGS_COUNT: u32 = 1;
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::{
-        CidrClass, CidrKey, Endpoint, EndpointAddress, EventBudget, FlowKey, FlowState, IpIdentity,
-        IpKey, MtlsExemptPort, PolicyEntry, PolicyKey, VerdictEvent,
+        CidrClass, CidrKey, Endpoint, EndpointAddress, EventBudget, FlowKey, FlowKeyV4, FlowState,
+        IpIdentity, IpKey, MtlsExemptPort, PolicyEntry, PolicyKey, VerdictEvent,
     };
 
     // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
@@ -389,6 +479,8 @@ mod pod_impls {
     // SAFETY: see above.
     unsafe impl aya::Pod for FlowKey {}
     // SAFETY: see above.
+    unsafe impl aya::Pod for FlowKeyV4 {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for FlowState {}
     // SAFETY: see above.
     unsafe impl aya::Pod for MtlsExemptPort {}
@@ -409,7 +501,29 @@ mod tests {
         assert_eq!(size_of::<super::VerdictEvent>(), 52);
         assert_eq!(size_of::<super::EventBudget>(), 16);
         assert_eq!(size_of::<FlowKey>(), 44);
+        assert_eq!(size_of::<super::FlowKeyV4>(), 20);
         assert_eq!(size_of::<FlowState>(), 20);
         assert_eq!(size_of::<super::MtlsExemptPort>(), 8);
+    }
+
+    #[test]
+    fn ipv4_flows_key_the_ipv4_table_and_convert_back() {
+        let mut flow = FlowKey {
+            ifindex: 7,
+            protocol: 6,
+            pod_port: 80,
+            peer_port: 40000,
+            ..FlowKey::default()
+        };
+        flow.pod_addr[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 1]);
+        flow.peer_addr[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 2]);
+        let v4 = flow.ipv4().expect("both addresses are IPv4-mapped");
+        assert_eq!((v4.pod_addr, v4.peer_addr), ([10, 0, 0, 1], [10, 0, 0, 2]));
+        assert_eq!(v4.flow(), flow);
+
+        // One IPv6 address (here `::1`) and the flow is an IPv6 one.
+        flow.peer_addr = [0; 16];
+        flow.peer_addr[15] = 1;
+        assert_eq!(flow.ipv4(), None);
     }
 }

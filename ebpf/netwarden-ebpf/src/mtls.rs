@@ -67,9 +67,10 @@ pub fn flags_for_new_flow(flow: &FlowKey, dir: u32) -> u32 {
 /// Steps 2 and 3 of the module comment for a packet going `dir` of a flow with `flags`
 /// (updated in place): [`PASS`], or the counter to drop the packet under. The caller reports
 /// the flow when this packet is the one that cut it (its flags had no cut bit before). Returns
-/// a plain integer, and is not inlined: the payload parse gets a stack frame of its own.
+/// a plain integer, and is not inlined: the payload parse gets a stack frame of its own. The
+/// packet is a TCP segment whose header starts at `l4_offset` (from `packet::Layout`).
 #[inline(never)]
-pub fn screen(ctx: &TcContext, dir: u32, flags: &mut u32) -> u32 {
+pub fn screen(ctx: &TcContext, dir: u32, flags: &mut u32, l4_offset: usize, ip_end: usize) -> u32 {
     if *flags & flow_flags::CUT_BY_IDENTITY != 0 {
         return counter::DENIED_BY_IDENTITY;
     }
@@ -81,7 +82,7 @@ pub fn screen(ctx: &TcContext, dir: u32, flags: &mut u32) -> u32 {
         return PASS;
     }
     let mut start = [0_u8; TLS_PREFIX_LEN];
-    match packet::tcp_payload_start(ctx, &mut start) {
+    match packet::tcp_payload_start(ctx, l4_offset, ip_end, &mut start) {
         TcpPayload::Empty => PASS,
         TcpPayload::Starts if is_client_hello(&start) => {
             *flags &= !flow_flags::AWAITING_CLIENT_HELLO;
@@ -100,12 +101,18 @@ pub fn screen(ctx: &TcContext, dir: u32, flags: &mut u32) -> u32 {
 /// FINs and RSTs pass as the policy says; a connection that lost its entry this way breaks
 /// rather than carry unscreened bytes (fail closed).
 #[inline(never)]
-pub fn untracked_payload_refused(ctx: &TcContext, flow: &FlowKey, dir: u32) -> bool {
+pub fn untracked_payload_refused(
+    ctx: &TcContext,
+    flow: &FlowKey,
+    dir: u32,
+    l4_offset: usize,
+    ip_end: usize,
+) -> bool {
     if flags_for_new_flow(flow, dir) == 0 {
         return false;
     }
     let mut start = [0_u8; TLS_PREFIX_LEN];
-    packet::tcp_payload_start(ctx, &mut start) != TcpPayload::Empty
+    packet::tcp_payload_start(ctx, l4_offset, ip_end, &mut start) != TcpPayload::Empty
 }
 
 /// A TLS record header of a handshake record (22), protocol version 3.1 (TLS 1.0, what TLS 1.3

@@ -30,11 +30,28 @@ pub enum Parsed {
     NotIp,
     /// IPv6 neighbour discovery and multicast listener messages: link plumbing, always passed.
     NetworkControl,
-    /// An IP packet: its flow as seen from the pod, whether it may open a flow, and for an
-    /// ICMP error the offset of the IP header it quotes (0 otherwise). Not a field of
-    /// `Opening::Error`: LLVM spills an enum's payload on paths where it is undefined, and the
-    /// verifier refuses to read an undefined register.
-    Flow(FlowKey, Opening, usize),
+    /// An IP packet: its flow as seen from the pod, whether it may open a flow, and where its
+    /// layers lie.
+    Flow(FlowKey, Opening, Layout),
+}
+
+/// Where an IP packet's layers lie in the frame, so later steps (the mTLS screen, the ICMP
+/// error check) need not parse the headers again. Not carried by `Opening::Error`: LLVM
+/// spills an enum's payload on paths where it is undefined, which the verifier refuses.
+#[derive(Clone, Copy)]
+pub struct Layout {
+    /// Offset of the L4 header (at most `MAX_HEADER_OFFSET`).
+    pub l4_offset: usize,
+    /// Offset of the end of the IP packet, from its length field: link-layer padding is not
+    /// payload.
+    pub ip_end: usize,
+}
+
+impl Layout {
+    /// Where the IP header an ICMP error quotes starts.
+    pub fn quoted(self) -> usize {
+        self.l4_offset + 8
+    }
 }
 
 /// Whether a packet may open a tracked flow.
@@ -195,6 +212,8 @@ struct IpHeader {
     dst: [u64; 2],
     /// Offset of the L4 header from the start of the frame.
     l4_offset: usize,
+    /// Offset of the end of the IP packet, from its length field.
+    ip_end: usize,
     /// Protocol of the payload (IPv6: after the extension headers).
     protocol: u8,
     /// Whether the packet carries the L4 header (later fragments do not).
@@ -223,11 +242,10 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
         if is_icmp_error(header.protocol, icmp_type) {
             // Whether the quoted packet belongs to a tracked flow is asked by the caller:
             // a call from here would stack three frames deep.
-            let quoted = header.l4_offset + 8;
             return Ok(Parsed::Flow(
                 orient(ifindex, dir, &header, 0, 0),
                 Opening::Error,
-                quoted,
+                header.layout(),
             ));
         }
     }
@@ -235,7 +253,7 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
     Ok(Parsed::Flow(
         orient(ifindex, dir, &header, src_port, dst_port),
         opening,
-        0,
+        header.layout(),
     ))
 }
 
@@ -363,6 +381,14 @@ impl IpHeader {
         }
         Ok(self)
     }
+
+    #[inline(always)]
+    fn layout(&self) -> Layout {
+        Layout {
+            l4_offset: self.l4_offset,
+            ip_end: self.ip_end,
+        }
+    }
 }
 
 /// The IPv4 header at `offset`, read field by field.
@@ -383,6 +409,7 @@ fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<IpHeader, Malformed> {
         src: ipv4_mapped(ip.u32(12)),
         dst: ipv4_mapped(ip.u32(16)),
         l4_offset: offset + header_len,
+        ip_end: offset + usize::from(u16::from_be(ip.u16(2))),
         // Later fragments carry no L4 header: only rules that allow every port match them.
         has_ports: fragment_offset == 0,
     })
@@ -402,15 +429,15 @@ fn parse_ipv6(
     let src = [ip.u64(8), ip.u64(16)];
     let dst = [ip.u64(24), ip.u64(32)];
     let mut protocol = ip.u8(6);
+    let ip_end = offset + 40 + usize::from(u16::from_be(ip.u16(4)));
     let mut l4_offset = offset + 40;
     let mut has_ports = true;
     for _ in 0..max_extension_headers {
         match protocol {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH => {
-                // Every extension header is at least 8 bytes long.
-                let extension = header_at(ctx, l4_offset, 8)?;
-                let next = extension.u8(0);
-                let units = extension.u8(1);
+                // Field by field, not `header_at`: a pulled and an unpulled frame would leave
+                // the verifier two states to follow through every further header.
+                let [next, units] = load::<[u8; 2]>(ctx, l4_offset)?;
                 let length = if protocol == IPV6_AUTH {
                     (usize::from(units) + 2) * 4
                 } else {
@@ -420,9 +447,8 @@ fn parse_ipv6(
                 l4_offset += length;
             }
             IPV6_FRAGMENT => {
-                let extension = header_at(ctx, l4_offset, 8)?;
-                let next = extension.u8(0);
-                let offset_field = u16::from_be(extension.u16(2));
+                let next: u8 = load(ctx, l4_offset)?;
+                let offset_field = u16::from_be(load::<u16>(ctx, l4_offset + 2)?);
                 protocol = next;
                 if offset_field >> 3 != 0 {
                     has_ports = false;
@@ -437,6 +463,7 @@ fn parse_ipv6(
         src,
         dst,
         l4_offset,
+        ip_end,
         has_ports,
     })
 }
@@ -479,46 +506,36 @@ pub enum TcpPayload {
     Malformed,
 }
 
-/// The start of the TCP payload of the frame at `ctx`, copied into `start` when it has one.
-/// The IP header is parsed again rather than carried over from [`parse`]: only the few
-/// packets the mTLS screen looks at pay for it. The payload's end comes from the IP length
-/// fields, never from the frame's length, so link-layer padding is not taken for payload.
-/// Not inlined: a stack frame of its own.
+/// The start of the TCP payload of the frame at `ctx`, whose TCP header starts at
+/// `layout.l4_offset`, copied into `start` when it has one. The payload's end comes from the
+/// IP length fields, never from the frame's length, so link-layer padding is not taken for
+/// payload. Not inlined: a stack frame of its own.
 #[inline(never)]
-pub fn tcp_payload_start(ctx: &TcContext, start: &mut [u8; TLS_PREFIX_LEN]) -> TcpPayload {
-    match tcp_payload_offsets(ctx) {
-        Err(Malformed) => TcpPayload::Malformed,
-        Ok((payload, ip_end)) if payload >= ip_end => TcpPayload::Empty,
-        Ok((payload, ip_end)) if payload + TLS_PREFIX_LEN > ip_end => TcpPayload::Short,
-        Ok((payload, _)) => match load::<[u8; TLS_PREFIX_LEN]>(ctx, payload) {
+pub fn tcp_payload_start(
+    ctx: &TcContext,
+    l4_offset: usize,
+    ip_end: usize,
+    start: &mut [u8; TLS_PREFIX_LEN],
+) -> TcpPayload {
+    // The verifier needs the bound again in this frame.
+    if l4_offset > MAX_HEADER_OFFSET {
+        return TcpPayload::Malformed;
+    }
+    let Ok(data_offset) = load::<u8>(ctx, l4_offset + 12) else {
+        return TcpPayload::Malformed;
+    };
+    let payload = l4_offset + usize::from(data_offset >> 4) * 4;
+    if payload >= ip_end {
+        TcpPayload::Empty
+    } else if payload + TLS_PREFIX_LEN > ip_end {
+        TcpPayload::Short
+    } else {
+        match load::<[u8; TLS_PREFIX_LEN]>(ctx, payload) {
             Ok(bytes) => {
                 *start = bytes;
                 TcpPayload::Starts
             }
             Err(Malformed) => TcpPayload::Malformed,
-        },
+        }
     }
-}
-
-/// Offsets of the TCP payload and of the end of the IP packet in the frame.
-#[inline(always)]
-fn tcp_payload_offsets(ctx: &TcContext) -> Result<(usize, usize), Malformed> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
-    let (header, ip_end) = match ethertype {
-        ETH_P_IPV4 => (
-            parse_ipv4(ctx, ETH_HEADER_LEN)?,
-            ETH_HEADER_LEN + usize::from(u16::from_be(load::<u16>(ctx, ETH_HEADER_LEN + 2)?)),
-        ),
-        ETH_P_IPV6 => (
-            parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS)?,
-            ETH_HEADER_LEN + 40 + usize::from(u16::from_be(load::<u16>(ctx, ETH_HEADER_LEN + 4)?)),
-        ),
-        _ => return Err(Malformed),
-    };
-    let header = header.bounded()?;
-    if header.protocol != IPPROTO_TCP || !header.has_ports {
-        return Err(Malformed);
-    }
-    let data_offset: u8 = load(ctx, header.l4_offset + 12)?;
-    Ok((header.l4_offset + usize::from(data_offset >> 4) * 4, ip_end))
 }

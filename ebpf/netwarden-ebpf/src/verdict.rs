@@ -17,12 +17,13 @@
 //!   is looked up in `POLICY` like an identity. This path applies to pod IPs too, so `ipBlock`
 //!   semantics stay exact whatever identity the address has.
 //! - `ENDPOINT_ADDRESSES`: (ifindex, address) of every address a local pod owns.
-//! - `CONNTRACK`: LRU of flows as the endpoint sees them -> the direction that opened the flow,
-//!   the policy epoch under which it was last allowed, when it was last active (in ticks of
-//!   the kernel's jiffies) and whether it was answered or is closing, from which the agent's sweeper
-//!   expires idle flows: TCP closing after 10 s, unanswered flows after 60 s, other protocols
-//!   after 60 s idle, established TCP after 6 h idle (all configurable). A full table evicts
-//!   the least recently used flow.
+//! - `CONNTRACK_V4`, `CONNTRACK_V6`: LRUs of flows as the endpoint sees them (IPv4 flows with
+//!   4-byte addresses: a shorter key to hash on every packet) -> the direction that opened
+//!   the flow, the policy epoch under which it was last allowed, when it was last active (in
+//!   ticks of the kernel's jiffies) and whether it was answered or is closing, from which the
+//!   agent's sweeper expires idle flows: TCP closing after 10 s, unanswered flows after 60 s,
+//!   other protocols after 60 s idle, established TCP after 6 h idle (all configurable). A
+//!   full table evicts the least recently used flow.
 //! - `EPOCH`: bumped by the agent after every policy change.
 //! - `EVENTS`: a ring buffer of deny events, at most `EVENTS_PER_CPU_PER_SECOND` per CPU; what
 //!   does not fit is counted (`EVENTS_RATE_LIMITED`, `EVENTS_LOST`), never waited for.
@@ -65,7 +66,7 @@ use aya_ebpf::{
 };
 use netwarden_common::{
     CidrClass, CidrKey, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint, EndpointAddress,
-    EventBudget, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
+    EventBudget, FlowKey, FlowKeyV4, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
     POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD,
     SETTINGS_COUNT, VerdictEvent, clock_ticks, counter, direction, endpoint_state, flow_activity,
     flow_flags,
@@ -96,7 +97,10 @@ static POLICY: LpmTrie<PolicyKey, PolicyEntry> = LpmTrie::pinned(262_144, 0);
 static CIDRS: LpmTrie<CidrKey, CidrClass> = LpmTrie::pinned(65536, 0);
 
 #[map]
-static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(262_144, 0);
+static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowState> = LruHashMap::pinned(262_144, 0);
+
+#[map]
+static CONNTRACK_V6: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(262_144, 0);
 
 #[map]
 static EPOCH: Array<u32> = Array::pinned(1, 0);
@@ -123,8 +127,8 @@ static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(counter::SLOTS, 0);
 
 #[inline(always)]
 pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
-    let (flow, opening, quoted) = match packet::parse(ctx, dir) {
-        Ok(Parsed::Flow(flow, opening, quoted)) => (flow, opening, quoted),
+    let (flow, opening, layout) = match packet::parse(ctx, dir) {
+        Ok(Parsed::Flow(flow, opening, layout)) => (flow, opening, layout),
         Ok(Parsed::NotIp | Parsed::NetworkControl) => {
             return count(counter::ALLOWED_NETWORK_CONTROL, dir, ALLOW);
         }
@@ -133,13 +137,19 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     let epoch = current_epoch();
     // One conntrack lookup serves the fast path and, when the entry is stale, step 4: the
     // entry's memory stays valid for the whole program run.
-    let tracked = CONNTRACK.get_ptr_mut(&flow);
+    let tracked = conntrack_entry(&flow);
     if let Some(tracked) = tracked {
         // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
         let tracked = unsafe { &mut *tracked };
         if tracked.flags != 0 {
             let was_cut = tracked.flags & flow_flags::CUT != 0;
-            let screened = mtls::screen(ctx, dir, &mut tracked.flags);
+            let screened = mtls::screen(
+                ctx,
+                dir,
+                &mut tracked.flags,
+                layout.l4_offset,
+                layout.ip_end,
+            );
             if screened != mtls::PASS {
                 if !was_cut {
                     report(&flow, dir, screened, 0, 0);
@@ -174,7 +184,13 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         } else {
             direction::EGRESS
         };
-        if packet::quotes_tracked_flow(ctx, flow.protocol, quoted, quoted_dir, flow.ifindex) {
+        if packet::quotes_tracked_flow(
+            ctx,
+            flow.protocol,
+            layout.quoted(),
+            quoted_dir,
+            flow.ifindex,
+        ) {
             return count(counter::ALLOWED_RELATED, dir, ALLOW);
         }
     }
@@ -188,7 +204,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             note_activity(tracked, dir, opening);
             return count(counter::ALLOWED_TRACKED, dir, ALLOW);
         }
-        let _ = CONNTRACK.remove(&flow);
+        conntrack_remove(&flow);
         report(&flow, origin, counter::DENIED_REVOKED, policy, 0);
         return count(counter::DENIED_REVOKED, dir, DENY);
     }
@@ -209,9 +225,9 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             let screened = if state.flags == 0 {
                 mtls::PASS
             } else {
-                mtls::screen(ctx, dir, &mut state.flags)
+                mtls::screen(ctx, dir, &mut state.flags, layout.l4_offset, layout.ip_end)
             };
-            let _ = CONNTRACK.insert(&flow, &state, u64::from(BPF_ANY));
+            conntrack_insert(&flow, &state);
             if screened != mtls::PASS {
                 report(&flow, dir, screened, policy, 0);
                 return count(screened, dir, DENY);
@@ -219,7 +235,8 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             if allow_event_sampled() {
                 report(&flow, dir, reason, policy, rule);
             }
-        } else if mtls::untracked_payload_refused(ctx, &flow, dir) {
+        } else if mtls::untracked_payload_refused(ctx, &flow, dir, layout.l4_offset, layout.ip_end)
+        {
             report(&flow, dir, counter::DENIED_PLAINTEXT_TO_STRICT, policy, 0);
             return count(counter::DENIED_PLAINTEXT_TO_STRICT, dir, DENY);
         }
@@ -312,7 +329,34 @@ fn allow_event_sampled() -> bool {
 /// Whether `flow` is tracked (whatever its epoch).
 #[inline(always)]
 pub fn is_tracked(flow: &FlowKey) -> bool {
-    CONNTRACK.get_ptr(flow).is_some()
+    conntrack_entry(flow).is_some()
+}
+
+/// The conntrack entry of `flow`: IPv4 flows live in a table of their own, whose keys are
+/// less than half as long to hash and compare.
+#[inline(always)]
+fn conntrack_entry(flow: &FlowKey) -> Option<*mut FlowState> {
+    match flow.ipv4() {
+        Some(key) => CONNTRACK_V4.get_ptr_mut(&key),
+        None => CONNTRACK_V6.get_ptr_mut(flow),
+    }
+}
+
+#[inline(always)]
+fn conntrack_insert(flow: &FlowKey, state: &FlowState) {
+    // A full table evicts its least recently used flow, decided again on its next packet.
+    let _ = match flow.ipv4() {
+        Some(key) => CONNTRACK_V4.insert(&key, state, u64::from(BPF_ANY)),
+        None => CONNTRACK_V6.insert(flow, state, u64::from(BPF_ANY)),
+    };
+}
+
+#[inline(always)]
+fn conntrack_remove(flow: &FlowKey) {
+    let _ = match flow.ipv4() {
+        Some(key) => CONNTRACK_V4.remove(&key),
+        None => CONNTRACK_V6.remove(flow),
+    };
 }
 
 /// Whether the pod behind the packet's interface owns its source address.

@@ -34,7 +34,9 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, MapError},
     programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions},
 };
-use netwarden_common::{CLOCK_TICK_SHIFT, FlowKey, FlowState, clock_ticks, flow_activity};
+use netwarden_common::{
+    CLOCK_TICK_SHIFT, FlowKey, FlowKeyV4, FlowState, clock_ticks, flow_activity,
+};
 
 use crate::{DatapathError, bpffs::PinLayout};
 
@@ -42,7 +44,10 @@ const CLOCK_PROGRAM: &str = "conntrack_clock";
 
 const IPPROTO_TCP: u8 = 6;
 
-const NAME: &str = "CONNTRACK";
+/// The table of IPv4 flows ([`FlowKeyV4`] keys).
+pub const TABLE_V4: &str = "CONNTRACK_V4";
+/// The table of IPv6 flows ([`FlowKey`] keys).
+pub const TABLE_V6: &str = "CONNTRACK_V6";
 
 /// Idle timeouts by flow state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,17 +94,36 @@ impl Timeouts {
 /// What one sweep did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
-    /// Flows in the table when the sweep started.
-    pub flows: usize,
-    /// Flows removed for being idle past their timeout.
-    pub expired: usize,
+    /// IPv4 flows in their table when the sweep started.
+    pub ipv4_flows: usize,
+    /// IPv6 flows in their table when the sweep started.
+    pub ipv6_flows: usize,
+    /// IPv4 flows removed for being idle past their timeout.
+    pub ipv4_expired: usize,
+    /// IPv6 flows removed for being idle past their timeout.
+    pub ipv6_expired: usize,
     /// Entries that could not be read or removed (changed under the sweep).
     pub skipped: usize,
 }
 
-/// The conntrack table opened from its pin, for a sweeper on a thread of its own.
+impl SweepReport {
+    /// Flows in both tables when the sweep started.
+    #[must_use]
+    pub fn flows(&self) -> usize {
+        self.ipv4_flows + self.ipv6_flows
+    }
+
+    /// Flows removed from both tables.
+    #[must_use]
+    pub fn expired(&self) -> usize {
+        self.ipv4_expired + self.ipv6_expired
+    }
+}
+
+/// The conntrack tables opened from their pins, for a sweeper on a thread of its own.
 pub struct Sweeper {
-    map: BpfHashMap<MapData, FlowKey, FlowState>,
+    ipv4: BpfHashMap<MapData, FlowKeyV4, FlowState>,
+    ipv6: BpfHashMap<MapData, FlowKey, FlowState>,
     clock: Clock,
     interval: Duration,
     timeouts: Timeouts,
@@ -113,11 +137,7 @@ impl Sweeper {
         interval: Duration,
         timeouts: Timeouts,
     ) -> Result<Self, DatapathError> {
-        let path = PinLayout::new(bpffs).maps().join(NAME);
-        let data =
-            MapData::from_pin(&path).map_err(|source| DatapathError::Map { name: NAME, source })?;
-        let map = BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))
-            .map_err(|source| DatapathError::Map { name: NAME, source })?;
+        let maps = PinLayout::new(bpffs).maps();
         let clock = Clock::open(&PinLayout::new(bpffs).conntrack_clock()).map_err(|source| {
             DatapathError::Program {
                 name: CLOCK_PROGRAM,
@@ -125,7 +145,8 @@ impl Sweeper {
             }
         })?;
         Ok(Self {
-            map,
+            ipv4: open_table(&maps, TABLE_V4)?,
+            ipv6: open_table(&maps, TABLE_V6)?,
             clock,
             interval,
             timeouts,
@@ -154,29 +175,78 @@ impl Sweeper {
     pub fn sweep_after(&mut self, later: Duration) -> Result<SweepReport, ProgramError> {
         let jiffies = self.clock.jiffies()? + self.clock.jiffies_in(later);
         let now = clock_ticks(jiffies);
-        // Keys first: the table changes under the walk, and a walk that deletes as it goes
-        // may restart or skip.
-        let keys: Vec<FlowKey> = self.map.keys().filter_map(Result::ok).collect();
-        let mut report = SweepReport {
-            flows: keys.len(),
-            ..SweepReport::default()
+        let (ipv4_flows, ipv4) = sweep_table(&mut self.ipv4, &self.clock, &self.timeouts, now);
+        let (ipv6_flows, ipv6) = sweep_table(&mut self.ipv6, &self.clock, &self.timeouts, now);
+        Ok(SweepReport {
+            ipv4_flows,
+            ipv6_flows,
+            ipv4_expired: ipv4.expired,
+            ipv6_expired: ipv6.expired,
+            skipped: ipv4.skipped + ipv6.skipped,
+        })
+    }
+}
+
+/// A pinned conntrack table.
+fn open_table<K: aya::Pod>(
+    maps: &Path,
+    name: &'static str,
+) -> Result<BpfHashMap<MapData, K, FlowState>, DatapathError> {
+    let data =
+        MapData::from_pin(maps.join(name)).map_err(|source| DatapathError::Map { name, source })?;
+    BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))
+        .map_err(|source| DatapathError::Map { name, source })
+}
+
+/// Flows a sweep removed or could not read.
+#[derive(Default)]
+struct Removed {
+    expired: usize,
+    skipped: usize,
+}
+
+/// One pass over one table at tick `now`: how many flows it held, and what was removed.
+fn sweep_table<K: aya::Pod + Protocol>(
+    table: &mut BpfHashMap<MapData, K, FlowState>,
+    clock: &Clock,
+    timeouts: &Timeouts,
+    now: u32,
+) -> (usize, Removed) {
+    // Keys first: the table changes under the walk, and a walk that deletes as it goes may
+    // restart or skip.
+    let keys: Vec<K> = table.keys().filter_map(Result::ok).collect();
+    let mut removed = Removed::default();
+    for key in &keys {
+        let Ok(state) = table.get(key, 0) else {
+            removed.skipped += 1;
+            continue;
         };
-        for key in keys {
-            let Ok(state) = self.map.get(&key, 0) else {
-                report.skipped += 1;
-                continue;
-            };
-            if self.clock.idle(now, state.last_seen) < self.timeouts.for_flow(key.protocol, &state)
-            {
-                continue;
-            }
-            match self.map.remove(&key) {
-                Ok(()) => report.expired += 1,
-                Err(MapError::KeyNotFound) => {}
-                Err(_) => report.skipped += 1,
-            }
+        if clock.idle(now, state.last_seen) < timeouts.for_flow(key.protocol(), &state) {
+            continue;
         }
-        Ok(report)
+        match table.remove(key) {
+            Ok(()) => removed.expired += 1,
+            Err(MapError::KeyNotFound) => {}
+            Err(_) => removed.skipped += 1,
+        }
+    }
+    (keys.len(), removed)
+}
+
+/// The IP protocol of a conntrack key.
+trait Protocol {
+    fn protocol(&self) -> u8;
+}
+
+impl Protocol for FlowKey {
+    fn protocol(&self) -> u8 {
+        self.protocol
+    }
+}
+
+impl Protocol for FlowKeyV4 {
+    fn protocol(&self) -> u8 {
+        self.protocol
     }
 }
 

@@ -132,7 +132,7 @@ pub struct Capacity {
     pub policy: u32,
     /// CIDR prefixes over all policies.
     pub cidrs: u32,
-    /// Tracked flows.
+    /// Tracked flows, of each IP family.
     pub conntrack: u32,
 }
 
@@ -253,7 +253,8 @@ impl Datapath {
             .map_max_entries("IPCACHE", capacity.ipcache)
             .map_max_entries("POLICY", capacity.policy)
             .map_max_entries("CIDRS", capacity.cidrs)
-            .map_max_entries("CONNTRACK", capacity.conntrack)
+            .map_max_entries(conntrack::TABLE_V4, capacity.conntrack)
+            .map_max_entries(conntrack::TABLE_V6, capacity.conntrack)
             .load(PROGRAMS)?;
         for hook in Hook::ALL {
             let name = hook.program();
@@ -878,7 +879,12 @@ impl Datapath {
                 capacity: capacity.cidrs,
             },
             MapUsage {
-                map: "CONNTRACK",
+                map: conntrack::TABLE_V4,
+                entries: None,
+                capacity: capacity.conntrack,
+            },
+            MapUsage {
+                map: conntrack::TABLE_V6,
                 entries: None,
                 capacity: capacity.conntrack,
             },

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use netwarden_common::{FlowKey, FlowState, MTLS_STRICT, MtlsExemptPort, flow_flags};
+use netwarden_common::{FlowKey, FlowKeyV4, FlowState, MTLS_STRICT, MtlsExemptPort, flow_flags};
 use netwarden_policy::lookup::mapped;
 
 use crate::{Datapath, DatapathError, take_map};
@@ -76,7 +76,8 @@ impl Datapath {
     /// identity check's task).
     pub fn flow_cutter(&mut self) -> Result<FlowCutter, DatapathError> {
         Ok(FlowCutter {
-            conntrack: take_map(&mut self.ebpf, "CONNTRACK")?,
+            ipv4: take_map(&mut self.ebpf, crate::conntrack::TABLE_V4)?,
+            ipv6: take_map(&mut self.ebpf, crate::conntrack::TABLE_V6)?,
         })
     }
 }
@@ -89,7 +90,8 @@ fn missing(name: &str) -> MapError {
 
 /// Marks flows cut in the kernel's conntrack: every later packet of theirs drops.
 pub struct FlowCutter {
-    conntrack: BpfHashMap<MapData, FlowKey, FlowState>,
+    ipv4: BpfHashMap<MapData, FlowKeyV4, FlowState>,
+    ipv6: BpfHashMap<MapData, FlowKey, FlowState>,
 }
 
 impl FlowCutter {
@@ -105,7 +107,7 @@ impl FlowCutter {
         origin: u32,
     ) -> Result<bool, MapError> {
         let key = flow_key(ifindex, pod, peer);
-        let (tracked, mut state) = match self.conntrack.get(&key, 0) {
+        let (tracked, mut state) = match self.get(&key) {
             Ok(state) => (true, state),
             Err(MapError::KeyNotFound) => (
                 false,
@@ -117,7 +119,7 @@ impl FlowCutter {
             Err(error) => return Err(error),
         };
         state.flags |= flow_flags::CUT_BY_IDENTITY;
-        self.conntrack.insert(key, state, 0)?;
+        self.insert(&key, state)?;
         Ok(tracked)
     }
 
@@ -125,7 +127,7 @@ impl FlowCutter {
     #[must_use]
     pub fn flags(&self, ifindex: u32, pod: SocketAddr, peer: SocketAddr) -> Option<u32> {
         let key = flow_key(ifindex, pod, peer);
-        self.conntrack.get(&key, 0).ok().map(|state| state.flags)
+        self.get(&key).ok().map(|state| state.flags)
     }
 
     /// Sets the flags of a tracked flow, so tests and benchmarks can run the screen on the same
@@ -138,9 +140,24 @@ impl FlowCutter {
         flags: u32,
     ) -> Result<(), MapError> {
         let key = flow_key(ifindex, pod, peer);
-        let mut state = self.conntrack.get(&key, 0)?;
+        let mut state = self.get(&key)?;
         state.flags = flags;
-        self.conntrack.insert(key, state, 0)
+        self.insert(&key, state)
+    }
+
+    /// The entry of `key` in the table of its family.
+    fn get(&self, key: &FlowKey) -> Result<FlowState, MapError> {
+        match key.ipv4() {
+            Some(v4) => self.ipv4.get(&v4, 0),
+            None => self.ipv6.get(key, 0),
+        }
+    }
+
+    fn insert(&mut self, key: &FlowKey, state: FlowState) -> Result<(), MapError> {
+        match key.ipv4() {
+            Some(v4) => self.ipv4.insert(v4, state, 0),
+            None => self.ipv6.insert(key, state, 0),
+        }
     }
 }
 

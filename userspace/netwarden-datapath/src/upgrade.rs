@@ -9,7 +9,7 @@
 use std::{io, path::Path};
 
 use aya::maps::MapInfo;
-use netwarden_common::{FlowKey, FlowState, IpIdentity, IpKey, counter};
+use netwarden_common::{FlowKey, FlowKeyV4, FlowState, IpIdentity, IpKey, counter};
 use tracing::warn;
 
 /// A pinned map's expected value size and entries (`None`: any capacity will do).
@@ -20,10 +20,16 @@ struct Layout {
     max_entries: Option<u32>,
 }
 
-fn layouts() -> [Layout; 3] {
+fn layouts() -> [Layout; 4] {
     [
         Layout {
-            name: "CONNTRACK",
+            name: crate::conntrack::TABLE_V4,
+            key_size: size_of::<FlowKeyV4>() as u32,
+            value_size: size_of::<FlowState>() as u32,
+            max_entries: None,
+        },
+        Layout {
+            name: crate::conntrack::TABLE_V6,
             key_size: size_of::<FlowKey>() as u32,
             value_size: size_of::<FlowState>() as u32,
             max_entries: None,
@@ -44,10 +50,28 @@ fn layouts() -> [Layout; 3] {
     ]
 }
 
+/// Maps earlier builds pinned that this one no longer has: `CONNTRACK`, one table for both
+/// IP families before IPv4 flows got a table with shorter keys.
+const RETIRED: [&str; 1] = ["CONNTRACK"];
+
 /// Unpins the maps under `maps_dir` whose layout is not this build's, so the loader creates
-/// them afresh. Returns what it replaced.
+/// them afresh, and the maps this build no longer has (the programs still attached keep
+/// theirs until the new ones replace them). Returns what it replaced or removed.
 pub fn replace_outdated_pins(maps_dir: &Path) -> io::Result<Vec<String>> {
     let mut replaced = Vec::new();
+    for name in RETIRED {
+        match std::fs::remove_file(maps_dir.join(name)) {
+            Ok(()) => {
+                warn!(
+                    map = name,
+                    "removed the pin of a map this build no longer has"
+                );
+                replaced.push(name.to_owned());
+            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+    }
     for layout in layouts() {
         let path = maps_dir.join(layout.name);
         let Ok(info) = MapInfo::from_pin(&path) else {

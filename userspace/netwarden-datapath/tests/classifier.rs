@@ -518,29 +518,29 @@ fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream()
     };
     let report = sweep_after(Duration::ZERO);
     assert_eq!(
-        (report.flows, report.expired),
+        (report.flows(), report.expired()),
         (2, 0),
         "both tracked, none idle"
     );
 
     // A minute on, the unanswered flow is gone; the established connection (6 h) stays.
-    assert_eq!(sweep_after(Duration::from_secs(65)).expired, 1);
-    assert_eq!(sweep_after(Duration::from_secs(65)).flows, 1);
-    assert_eq!(sweep_after(Duration::from_mins(6 * 60 - 1)).expired, 0);
+    assert_eq!(sweep_after(Duration::from_secs(65)).expired(), 1);
+    assert_eq!(sweep_after(Duration::from_secs(65)).flows(), 1);
+    assert_eq!(sweep_after(Duration::from_mins(6 * 60 - 1)).expired(), 0);
 
     // A FIN marks it closing: ten idle seconds later it is gone.
     assert_eq!(harness.run(true, &client_to_server(0x11)), ALLOW, "FIN");
     assert_eq!(
-        sweep_after(Duration::from_secs(5)).expired,
+        sweep_after(Duration::from_secs(5)).expired(),
         0,
         "closing, not yet idle long"
     );
     assert_eq!(
-        sweep_after(Duration::from_secs(12)).expired,
+        sweep_after(Duration::from_secs(12)).expired(),
         1,
         "closing flows go after 10 s"
     );
-    assert_eq!(sweep_after(Duration::from_secs(12)).flows, 0);
+    assert_eq!(sweep_after(Duration::from_secs(12)).flows(), 0);
 
     // Without its entry, a mid-stream segment is decided on its own and creates nothing: the
     // server's packet to the client passes only because the server's egress is not isolated.
@@ -551,7 +551,7 @@ fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream()
         "policy allows client:80"
     );
     assert_eq!(
-        sweep_after(Duration::ZERO).flows,
+        sweep_after(Duration::ZERO).flows(),
         0,
         "no entry came back from mid-stream segments"
     );

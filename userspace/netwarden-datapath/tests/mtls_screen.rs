@@ -539,7 +539,7 @@ fn unscreened_bytes_never_reach_a_strict_pod_when_conntrack_forgot_the_flow() {
         .sweep_after(Duration::from_hours(7))
         .expect("the conntrack clock reads");
     assert_eq!(
-        (report.flows, report.expired),
+        (report.flows(), report.expired()),
         (3, 3),
         "all three flows expired"
     );

@@ -1,5 +1,6 @@
 //! An agent of this build starts on a bpffs where a previous build pinned maps whose layout
-//! has changed since (conntrack values grew by the mTLS flags, the verdict counters by two).
+//! has changed since (conntrack values grew by the mTLS flags, the verdict counters by two, and IPv4 flows
+//! got a conntrack table of their own).
 //!
 //! Needs root; skipped with a message otherwise.
 
@@ -69,9 +70,17 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
     let bpffs = tempfile::tempdir().expect("temp dir for bpffs");
     let layout = PinLayout::new(bpffs.path());
     netwarden_datapath::bpffs::prepare(bpffs.path(), &layout).expect("mount a private bpffs");
-    // The layouts of the build before the mTLS screen: 8-byte flow state, 13 counters.
+    // The layouts of the build before the mTLS screen: 8-byte flow state, 13 counters, and
+    // one conntrack table for both IP families.
     pin_map(
         &layout.maps().join("CONNTRACK"),
+        BPF_MAP_TYPE_LRU_HASH,
+        44,
+        8,
+        1024,
+    );
+    pin_map(
+        &layout.maps().join("CONNTRACK_V6"),
         BPF_MAP_TYPE_LRU_HASH,
         44,
         8,
@@ -96,9 +105,14 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
     let verdicts = Datapath::open(bpffs.path(), &Capacity::default())
         .map(|(datapath, _)| datapath.verdicts().len())
         .map_err(|error| error.to_string());
+    let retired_pin_left = layout.maps().join("CONNTRACK").exists();
     let _ = nix::mount::umount2(bpffs.path(), nix::mount::MntFlags::MNT_DETACH);
     assert_eq!(
         verdicts.expect("the datapath loads over the old pins"),
         netwarden_common::counter::SLOTS as usize
+    );
+    assert!(
+        !retired_pin_left,
+        "the retired single conntrack table is unpinned"
     );
 }

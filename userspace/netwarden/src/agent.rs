@@ -219,11 +219,11 @@ fn spawn_conntrack_sweeper(options: &AgentOptions, metrics: Arc<Metrics>) -> any
                         continue;
                     }
                 };
-                metrics.observe_conntrack_sweep(report.flows, report.expired);
-                if report.expired > 0 || report.skipped > 0 {
+                metrics.observe_conntrack_sweep(&report);
+                if report.expired() > 0 || report.skipped > 0 {
                     debug!(
-                        flows = report.flows,
-                        expired = report.expired,
+                        flows = report.flows(),
+                        expired = report.expired(),
                         skipped = report.skipped,
                         "conntrack sweep"
                     );

@@ -10,7 +10,10 @@
 use std::{sync::atomic::Ordering, time::Duration};
 
 use netwarden_common::{counter, direction};
-use netwarden_datapath::{ApplyReport, MapUsage};
+use netwarden_datapath::{
+    ApplyReport, MapUsage,
+    conntrack::{SweepReport, TABLE_V4, TABLE_V6},
+};
 use netwarden_policy::DatapathState;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -298,13 +301,18 @@ impl Metrics {
         );
     }
 
-    /// What a conntrack sweep found: the table's size, and how many idle flows it removed.
-    pub fn observe_conntrack_sweep(&self, flows: usize, expired: usize) {
-        self.map_entries
-            .get_or_create(&MapLabels { map: "CONNTRACK" })
-            .set(gauge_value(flows.saturating_sub(expired)));
+    /// What a conntrack sweep found: the tables' sizes, and how many idle flows it removed.
+    pub fn observe_conntrack_sweep(&self, report: &SweepReport) {
+        for (map, flows, expired) in [
+            (TABLE_V4, report.ipv4_flows, report.ipv4_expired),
+            (TABLE_V6, report.ipv6_flows, report.ipv6_expired),
+        ] {
+            self.map_entries
+                .get_or_create(&MapLabels { map })
+                .set(gauge_value(flows.saturating_sub(expired)));
+        }
         self.conntrack_expired
-            .inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
+            .inc_by(u64::try_from(report.expired()).unwrap_or(u64::MAX));
     }
 
     /// Takes the watchers' restart total.
@@ -453,7 +461,7 @@ spec: {podSelector: {}, policyTypes: [Egress]}
                 capacity: 4,
             },
             MapUsage {
-                map: "CONNTRACK",
+                map: "CONNTRACK_V4",
                 entries: None,
                 capacity: 1024,
             },
@@ -486,7 +494,7 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         assert_eq!(value(&text, r#"netwarden_map_entries{map="POLICY"}"#), "3");
         assert_eq!(value(&text, r#"netwarden_map_capacity{map="POLICY"}"#), "4");
         assert_eq!(
-            value(&text, r#"netwarden_map_capacity{map="CONNTRACK"}"#),
+            value(&text, r#"netwarden_map_capacity{map="CONNTRACK_V4"}"#),
             "1024"
         );
         assert!(
