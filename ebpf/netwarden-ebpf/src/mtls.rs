@@ -99,8 +99,9 @@ pub fn screen(ctx: &TcContext, dir: u32, flags: &mut u32, l4_offset: usize, ip_e
 /// expired) must drop because it carries payload to an mTLS-strict pod on a screened port:
 /// the screen never saw this connection open, so it cannot vouch for the payload. Pure ACKs,
 /// FINs and RSTs pass as the policy says; a connection that lost its entry this way breaks
-/// rather than carry unscreened bytes (fail closed).
-#[inline(never)]
+/// rather than carry unscreened bytes (fail closed). Inlined: most packets leave at the first
+/// test, and a call would cost them more than the test.
+#[inline(always)]
 pub fn untracked_payload_refused(
     ctx: &TcContext,
     flow: &FlowKey,
