@@ -186,6 +186,10 @@ impl FlowKey {
     /// The flow's key in `CONNTRACK_V4` when both addresses are IPv4 (IPv4-mapped), else
     /// `None`: the flow lives in `CONNTRACK_V6` under this key.
     #[must_use]
+    #[expect(
+        clippy::inline_always,
+        reason = "runs on every packet in the eBPF programs, where a call costs more than the body"
+    )]
     #[inline(always)]
     pub fn ipv4(&self) -> Option<FlowKeyV4> {
         let pod = ipv4_of_mapped(&self.pod_addr)?;
@@ -205,6 +209,10 @@ impl FlowKey {
 
 /// The IPv4 address of an IPv4-mapped IPv6 address. Compared as words, not bytes: this runs
 /// on every packet.
+#[expect(
+    clippy::inline_always,
+    reason = "runs on every packet in the eBPF programs, where a call costs more than the body"
+)]
 #[inline(always)]
 fn ipv4_of_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
     let prefix = u64::from_ne_bytes([
@@ -298,6 +306,10 @@ pub const CLOCK_TICK_SHIFT: u32 = 6;
 /// turns `bpf_jiffies64` into one load, where a clock helper is a call costing a quarter of
 /// the whole conntrack fast path.
 #[must_use]
+#[expect(
+    clippy::inline_always,
+    reason = "runs on every packet in the eBPF programs, where a call costs more than the body"
+)]
 #[inline(always)]
 #[expect(
     clippy::cast_possible_truncation,

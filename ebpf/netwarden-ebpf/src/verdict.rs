@@ -337,7 +337,7 @@ pub fn is_tracked(flow: &FlowKey) -> bool {
 #[inline(always)]
 fn conntrack_entry(flow: &FlowKey) -> Option<*mut FlowState> {
     match flow.ipv4() {
-        Some(key) => CONNTRACK_V4.get_ptr_mut(&key),
+        Some(key) => CONNTRACK_V4.get_ptr_mut(key),
         None => CONNTRACK_V6.get_ptr_mut(flow),
     }
 }
@@ -346,7 +346,7 @@ fn conntrack_entry(flow: &FlowKey) -> Option<*mut FlowState> {
 fn conntrack_insert(flow: &FlowKey, state: &FlowState) {
     // A full table evicts its least recently used flow, decided again on its next packet.
     let _ = match flow.ipv4() {
-        Some(key) => CONNTRACK_V4.insert(&key, state, u64::from(BPF_ANY)),
+        Some(key) => CONNTRACK_V4.insert(key, state, u64::from(BPF_ANY)),
         None => CONNTRACK_V6.insert(flow, state, u64::from(BPF_ANY)),
     };
 }
@@ -354,7 +354,7 @@ fn conntrack_insert(flow: &FlowKey, state: &FlowState) {
 #[inline(always)]
 fn conntrack_remove(flow: &FlowKey) {
     let _ = match flow.ipv4() {
-        Some(key) => CONNTRACK_V4.remove(&key),
+        Some(key) => CONNTRACK_V4.remove(key),
         None => CONNTRACK_V6.remove(flow),
     };
 }
@@ -366,7 +366,7 @@ fn owns_address(flow: &FlowKey) -> bool {
         ifindex: flow.ifindex,
         addr: flow.pod_addr,
     };
-    ENDPOINT_ADDRESSES.get_ptr(&key).is_some()
+    ENDPOINT_ADDRESSES.get_ptr(key).is_some()
 }
 
 /// The destination port of the packet that opened `flow` in direction `origin`.
@@ -451,7 +451,7 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision 
 #[inline(always)]
 fn peer_identity(addr: &[u8; 16]) -> u32 {
     IPCACHE
-        .get_ptr(&IpKey { addr: *addr })
+        .get_ptr(IpKey { addr: *addr })
         // SAFETY: the pointer comes from a successful lookup and is read at once.
         .map_or(IDENTITY_WORLD, |found| unsafe { (*found).identity })
 }
