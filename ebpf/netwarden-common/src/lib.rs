@@ -144,8 +144,20 @@ pub struct PolicyEntry {
 pub struct CidrKey {
     /// Policy id, big-endian.
     pub policy: [u8; 4],
-    /// The address, network byte order, IPv4-mapped for IPv4.
+    /// The address, network byte order.
     pub addr: [u8; 16],
+}
+
+/// LPM data of the per-policy CIDR map of IPv4 prefixes: [`CidrKey`] with a 4-byte address.
+/// IPv4 peers have a trie of their own: a 64-bit key compares in one step at each node of
+/// the walk, where the 160 bits of an IPv4-mapped [`CidrKey`] took three.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CidrKeyV4 {
+    /// Policy id, big-endian.
+    pub policy: [u8; 4],
+    /// The address, network byte order.
+    pub addr: [u8; 4],
 }
 
 /// Value of the CIDR map.
@@ -207,14 +219,15 @@ impl FlowKey {
     }
 }
 
-/// The IPv4 address of an IPv4-mapped IPv6 address. Compared as words, not bytes: this runs
+/// The IPv4 address of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), if it is one. Compared as words, not bytes: this runs
 /// on every packet.
 #[expect(
     clippy::inline_always,
     reason = "runs on every packet in the eBPF programs, where a call costs more than the body"
 )]
 #[inline(always)]
-fn ipv4_of_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
+#[must_use]
+pub fn ipv4_of_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
     let prefix = u64::from_ne_bytes([
         addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
     ]);
@@ -463,8 +476,8 @@ pub const SETTINGS_COUNT: u32 = 1;
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::{
-        CidrClass, CidrKey, Endpoint, EndpointAddress, EventBudget, FlowKey, FlowKeyV4, FlowState,
-        IpIdentity, IpKey, MtlsExemptPort, PolicyEntry, PolicyKey, VerdictEvent,
+        CidrClass, CidrKey, CidrKeyV4, Endpoint, EndpointAddress, EventBudget, FlowKey, FlowKeyV4,
+        FlowState, IpIdentity, IpKey, MtlsExemptPort, PolicyEntry, PolicyKey, VerdictEvent,
     };
 
     // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
@@ -486,6 +499,8 @@ mod pod_impls {
     unsafe impl aya::Pod for PolicyEntry {}
     // SAFETY: see above.
     unsafe impl aya::Pod for CidrKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for CidrKeyV4 {}
     // SAFETY: see above.
     unsafe impl aya::Pod for CidrClass {}
     // SAFETY: see above.
@@ -509,6 +524,7 @@ mod tests {
         assert_eq!(size_of::<Endpoint>(), 16);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<CidrKey>(), 20);
+        assert_eq!(size_of::<super::CidrKeyV4>(), 8);
         assert_eq!(size_of::<super::EndpointAddress>(), 20);
         assert_eq!(size_of::<super::VerdictEvent>(), 52);
         assert_eq!(size_of::<super::EventBudget>(), 16);

@@ -7,12 +7,13 @@
 //! - `IPCACHE`: hash of 16-byte addresses -> peer identity. Every pod IP in the cluster maps to
 //!   the identity of its (namespace, labels, named ports); the node's own addresses map to HOST.
 //!   Other addresses are WORLD. Every entry is one address, so an exact hash lookup is the
-//!   whole answer: ranges of addresses are `ipBlock` business, and live in `CIDRS`.
+//!   whole answer: ranges of addresses are `ipBlock` business, and live in `CIDRS_V4/6`.
 //! - `POLICY`: LPM keyed by `(policy id, peer, protocol, port)`, big-endian. An entry may stop
 //!   after the peer (all protocols, all ports), after the protocol (all ports) or inside the port
 //!   (an aligned port range, which is how `endPort` ranges are stored). Any match allows:
 //!   NetworkPolicy has no deny rules, so no precedence between matches is needed.
-//! - `CIDRS`: LPM keyed by `(policy id, address)` -> a CIDR class: the exact set of `ipBlock`
+//! - `CIDRS_V4`, `CIDRS_V6`: LPMs keyed by `(policy id, address)`, one per IP family (the
+//!   IPv4 key is 64 bits, not 160) -> a CIDR class: the exact set of `ipBlock`
 //!   rules of that policy whose `cidr` holds the address and whose `except` does not. The class
 //!   is looked up in `POLICY` like an identity. This path applies to pod IPs too, so `ipBlock`
 //!   semantics stay exact whatever identity the address has.
@@ -54,7 +55,7 @@
 //!   c. D not isolated (policy id 0): allow.
 //!   d. `POLICY[(policy, identity(peer), protocol, port)]` matches: allow (not looked up for
 //!      WORLD, which no entry names: rules for every peer are `0.0.0.0/0` and `::/0` blocks).
-//!   e. `POLICY[(policy, CIDRS[(policy, peer)], protocol, port)]` matches: allow.
+//!   e. `POLICY[(policy, CIDRS_Vx[(policy, peer)], protocol, port)]` matches: allow.
 //!   f. deny.
 
 use aya_ebpf::{
@@ -65,11 +66,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netwarden_common::{
-    CidrClass, CidrKey, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint, EndpointAddress,
-    EventBudget, FlowKey, FlowKeyV4, FlowState, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
-    POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD,
-    SETTINGS_COUNT, VerdictEvent, clock_ticks, counter, direction, endpoint_state, flow_activity,
-    flow_flags,
+    CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint,
+    EndpointAddress, EventBudget, FlowKey, FlowKeyV4, FlowState, IDENTITY_HOST, IDENTITY_WORLD,
+    IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey,
+    SETTING_ALLOW_EVENT_PERIOD, SETTINGS_COUNT, VerdictEvent, clock_ticks, counter, direction,
+    endpoint_state, flow_activity, flow_flags, ipv4_of_mapped,
 };
 
 use crate::{
@@ -94,7 +95,10 @@ static IPCACHE: HashMap<IpKey, IpIdentity> = HashMap::pinned(65536, 0);
 static POLICY: LpmTrie<PolicyKey, PolicyEntry> = LpmTrie::pinned(262_144, 0);
 
 #[map]
-static CIDRS: LpmTrie<CidrKey, CidrClass> = LpmTrie::pinned(65536, 0);
+static CIDRS_V4: LpmTrie<CidrKeyV4, CidrClass> = LpmTrie::pinned(65536, 0);
+
+#[map]
+static CIDRS_V6: LpmTrie<CidrKey, CidrClass> = LpmTrie::pinned(65536, 0);
 
 #[map]
 static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowState> = LruHashMap::pinned(262_144, 0);
@@ -421,7 +425,7 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision 
         return Decision::because(counter::ALLOWED_NOT_ISOLATED);
     }
     // No entry names WORLD: selectors match pods, and rules for every peer are compiled as
-    // 0.0.0.0/0 and ::/0 blocks. An address outside the IP cache is decided by `CIDRS` alone.
+    // 0.0.0.0/0 and ::/0 blocks. An address outside the IP cache is decided by its CIDR class alone.
     if peer != IDENTITY_WORLD
         && let Some(rule) = policy_rule(policy, peer, flow.protocol, port)
     {
@@ -430,15 +434,8 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision 
             rule,
         };
     }
-    let cidr_key = Key::new(
-        32 + 128,
-        CidrKey {
-            policy: policy.to_be_bytes(),
-            addr: flow.peer_addr,
-        },
-    );
-    if let Some(class) = CIDRS.get(&cidr_key)
-        && let Some(rule) = policy_rule(policy, class.peer, flow.protocol, port)
+    if let Some(class) = cidr_class(policy, &flow.peer_addr)
+        && let Some(rule) = policy_rule(policy, class, flow.protocol, port)
     {
         return Decision {
             reason: counter::ALLOWED_BY_POLICY,
@@ -446,6 +443,28 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision 
         };
     }
     Decision::because(counter::DENIED_BY_POLICY)
+}
+
+/// The CIDR class of `addr` in `policy`, from the trie of the address's family.
+#[inline(always)]
+fn cidr_class(policy: u32, addr: &[u8; 16]) -> Option<u32> {
+    let class = match ipv4_of_mapped(addr) {
+        Some(v4) => CIDRS_V4.get(&Key::new(
+            32 + 32,
+            CidrKeyV4 {
+                policy: policy.to_be_bytes(),
+                addr: v4,
+            },
+        )),
+        None => CIDRS_V6.get(&Key::new(
+            32 + 128,
+            CidrKey {
+                policy: policy.to_be_bytes(),
+                addr: *addr,
+            },
+        )),
+    };
+    class.map(|class| class.peer)
 }
 
 #[inline(always)]

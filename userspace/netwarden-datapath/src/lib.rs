@@ -36,14 +36,12 @@ use aya::{
         tc::{self, SchedClassifierLink},
     },
 };
+use ipnet::IpNet;
 use netwarden_common::{
-    CidrClass, CidrKey, EPOCH_INDEX, Endpoint, EndpointAddress, IpIdentity, IpKey, PeerId,
-    PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, counter, endpoint_state,
+    CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, Endpoint, EndpointAddress, IpIdentity, IpKey,
+    PeerId, PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, counter, endpoint_state,
 };
-use netwarden_policy::{
-    CompiledPolicy, DatapathState, PolicyId,
-    lookup::{mapped, mapped_prefix},
-};
+use netwarden_policy::{CompiledPolicy, DatapathState, PolicyId, lookup::mapped};
 use tracing::{error, info, warn};
 
 use crate::{bpffs::PinLayout, netlink::NodeNetwork};
@@ -130,7 +128,7 @@ pub struct Capacity {
     pub ipcache: u32,
     /// Policy entries over all endpoints.
     pub policy: u32,
-    /// CIDR prefixes over all policies.
+    /// CIDR prefixes over all policies, of each IP family.
     pub cidrs: u32,
     /// Tracked flows, of each IP family.
     pub conntrack: u32,
@@ -197,7 +195,8 @@ struct DesiredEndpoint {
 #[derive(Default)]
 struct InstalledPolicy {
     entries: Vec<Key<PolicyKey>>,
-    cidrs: Vec<Key<CidrKey>>,
+    cidrs_v4: Vec<Key<CidrKeyV4>>,
+    cidrs_v6: Vec<Key<CidrKey>>,
 }
 
 /// The loaded programs, their maps, and what the maps hold.
@@ -207,7 +206,8 @@ pub struct Datapath {
     endpoints: BpfHashMap<MapData, u32, Endpoint>,
     ipcache: BpfHashMap<MapData, IpKey, IpIdentity>,
     policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
-    cidrs: LpmTrie<MapData, CidrKey, CidrClass>,
+    cidrs_v4: LpmTrie<MapData, CidrKeyV4, CidrClass>,
+    cidrs_v6: LpmTrie<MapData, CidrKey, CidrClass>,
     epoch: Array<MapData, u32>,
     settings: Array<MapData, u32>,
     verdicts: PerCpuArray<MapData, u64>,
@@ -252,7 +252,8 @@ impl Datapath {
             .map_max_entries("ENDPOINTS", capacity.endpoints)
             .map_max_entries("IPCACHE", capacity.ipcache)
             .map_max_entries("POLICY", capacity.policy)
-            .map_max_entries("CIDRS", capacity.cidrs)
+            .map_max_entries("CIDRS_V4", capacity.cidrs)
+            .map_max_entries("CIDRS_V6", capacity.cidrs)
             .map_max_entries(conntrack::TABLE_V4, capacity.conntrack)
             .map_max_entries(conntrack::TABLE_V6, capacity.conntrack)
             .load(PROGRAMS)?;
@@ -276,7 +277,8 @@ impl Datapath {
             endpoints: take_map(&mut ebpf, "ENDPOINTS")?,
             ipcache: take_map(&mut ebpf, "IPCACHE")?,
             policy: take_map(&mut ebpf, "POLICY")?,
-            cidrs: take_map(&mut ebpf, "CIDRS")?,
+            cidrs_v4: take_map(&mut ebpf, "CIDRS_V4")?,
+            cidrs_v6: take_map(&mut ebpf, "CIDRS_V6")?,
             epoch: take_map(&mut ebpf, "EPOCH")?,
             settings: take_map(&mut ebpf, "SETTINGS")?,
             verdicts: take_map(&mut ebpf, "VERDICTS")?,
@@ -312,12 +314,20 @@ impl Datapath {
                 .entries
                 .push(key);
         }
-        for key in self.cidrs.keys().flatten() {
+        for key in self.cidrs_v4.keys().flatten() {
             let id = u32::from_be_bytes(key.data().policy);
             self.installed_policies
                 .entry(id)
                 .or_default()
-                .cidrs
+                .cidrs_v4
+                .push(key);
+        }
+        for key in self.cidrs_v6.keys().flatten() {
+            let id = u32::from_be_bytes(key.data().policy);
+            self.installed_policies
+                .entry(id)
+                .or_default()
+                .cidrs_v6
                 .push(key);
         }
         for (ifindex, endpoint) in self.endpoints.iter().flatten() {
@@ -576,22 +586,45 @@ impl Datapath {
         let mut installed = InstalledPolicy::default();
         let mut failure = None;
         for (prefix, class) in &compiled.cidrs {
-            let (addr, prefix_len) = mapped_prefix(prefix);
-            let key = Key::new(
-                32 + prefix_len,
-                CidrKey {
-                    policy: id.to_be_bytes(),
-                    addr,
-                },
-            );
-            if let Err(error) = self.cidrs.insert(&key, CidrClass { peer: *class }, 0) {
+            let policy = id.to_be_bytes();
+            let class = CidrClass { peer: *class };
+            let inserted = match prefix {
+                IpNet::V4(v4) => {
+                    let key = Key::new(
+                        32 + u32::from(v4.prefix_len()),
+                        CidrKeyV4 {
+                            policy,
+                            addr: v4.network().octets(),
+                        },
+                    );
+                    let inserted = self.cidrs_v4.insert(&key, class, 0);
+                    if inserted.is_ok() {
+                        installed.cidrs_v4.push(key);
+                    }
+                    inserted
+                }
+                IpNet::V6(v6) => {
+                    let key = Key::new(
+                        32 + u32::from(v6.prefix_len()),
+                        CidrKey {
+                            policy,
+                            addr: v6.network().octets(),
+                        },
+                    );
+                    let inserted = self.cidrs_v6.insert(&key, class, 0);
+                    if inserted.is_ok() {
+                        installed.cidrs_v6.push(key);
+                    }
+                    inserted
+                }
+            };
+            if let Err(error) = inserted {
                 failure = Some(format!(
                     "policy {id}: CIDR map is full or failing ({error}); {} prefixes needed",
                     compiled.cidrs.len()
                 ));
                 break;
             }
-            installed.cidrs.push(key);
         }
         if failure.is_none() {
             for (entry, rule) in &compiled.entries {
@@ -622,8 +655,11 @@ impl Datapath {
             for key in installed.entries {
                 let _ = self.policy.remove(&key);
             }
-            for key in installed.cidrs {
-                let _ = self.cidrs.remove(&key);
+            for key in installed.cidrs_v4 {
+                let _ = self.cidrs_v4.remove(&key);
+            }
+            for key in installed.cidrs_v6 {
+                let _ = self.cidrs_v6.remove(&key);
             }
         }
     }
@@ -845,12 +881,16 @@ impl Datapath {
     /// known.
     #[must_use]
     pub fn map_usage(&self) -> Vec<MapUsage> {
-        let (entries, cidrs) = self
-            .installed_policies
-            .values()
-            .fold((0, 0), |(entries, cidrs), policy| {
-                (entries + policy.entries.len(), cidrs + policy.cidrs.len())
-            });
+        let (entries, cidrs_v4, cidrs_v6) = self.installed_policies.values().fold(
+            (0, 0, 0),
+            |(entries, cidrs_v4, cidrs_v6), policy| {
+                (
+                    entries + policy.entries.len(),
+                    cidrs_v4 + policy.cidrs_v4.len(),
+                    cidrs_v6 + policy.cidrs_v6.len(),
+                )
+            },
+        );
         let capacity = &self.capacity;
         vec![
             MapUsage {
@@ -874,8 +914,13 @@ impl Datapath {
                 capacity: capacity.policy,
             },
             MapUsage {
-                map: "CIDRS",
-                entries: Some(cidrs),
+                map: "CIDRS_V4",
+                entries: Some(cidrs_v4),
+                capacity: capacity.cidrs,
+            },
+            MapUsage {
+                map: "CIDRS_V6",
+                entries: Some(cidrs_v6),
                 capacity: capacity.cidrs,
             },
             MapUsage {

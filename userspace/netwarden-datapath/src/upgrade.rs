@@ -50,26 +50,35 @@ fn layouts() -> [Layout; 4] {
     ]
 }
 
-/// Maps earlier builds pinned that this one no longer has: `CONNTRACK`, one table for both
-/// IP families before IPv4 flows got a table with shorter keys.
-const RETIRED: [&str; 1] = ["CONNTRACK"];
+/// Maps earlier builds pinned that this one no longer has, each with the maps whose content
+/// refers to it and must be rebuilt along: `CONNTRACK`, one table for both IP families
+/// before IPv4 flows got a table of their own, and `CIDRS`, one trie for both families before
+/// IPv4 prefixes got one (the policy map is rebuilt with it, so the new agent installs every
+/// policy again, into both tries, before its programs replace the old ones).
+const RETIRED: [(&str, &[&str]); 2] = [("CONNTRACK", &[]), ("CIDRS", &["POLICY"])];
 
 /// Unpins the maps under `maps_dir` whose layout is not this build's, so the loader creates
 /// them afresh, and the maps this build no longer has (the programs still attached keep
 /// theirs until the new ones replace them). Returns what it replaced or removed.
 pub fn replace_outdated_pins(maps_dir: &Path) -> io::Result<Vec<String>> {
     let mut replaced = Vec::new();
-    for name in RETIRED {
-        match std::fs::remove_file(maps_dir.join(name)) {
-            Ok(()) => {
+    for (retired, dependents) in RETIRED {
+        if !unpin(maps_dir, retired)? {
+            continue;
+        }
+        warn!(
+            map = retired,
+            "removed the pin of a map this build no longer has"
+        );
+        replaced.push(retired.to_owned());
+        for dependent in dependents {
+            if unpin(maps_dir, dependent)? {
                 warn!(
-                    map = name,
-                    "removed the pin of a map this build no longer has"
+                    map = dependent,
+                    retired, "rebuilding a map that referred to a retired one"
                 );
-                replaced.push(name.to_owned());
+                replaced.push((*dependent).to_owned());
             }
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(error) => return Err(error),
         }
     }
     for layout in layouts() {
@@ -95,4 +104,13 @@ pub fn replace_outdated_pins(maps_dir: &Path) -> io::Result<Vec<String>> {
         }
     }
     Ok(replaced)
+}
+
+/// Removes the pin of map `name`; whether there was one.
+fn unpin(maps_dir: &Path, name: &str) -> io::Result<bool> {
+    match std::fs::remove_file(maps_dir.join(name)) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
+    }
 }

@@ -1,6 +1,6 @@
 //! An agent of this build starts on a bpffs where a previous build pinned maps whose layout
 //! has changed since (conntrack values grew by the mTLS flags, the verdict counters by two, and IPv4 flows
-//! got a conntrack table of their own).
+//! and prefixes got a conntrack table and a CIDR trie of their own).
 //!
 //! Needs root; skipped with a message otherwise.
 
@@ -94,6 +94,14 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
         4,
         1024,
     );
+    // One CIDR trie for both IP families: `(prefix length, policy, 16-byte address)` keys.
+    pin_map(
+        &layout.maps().join("CIDRS"),
+        BPF_MAP_TYPE_LPM_TRIE,
+        24,
+        4,
+        1024,
+    );
     pin_map(
         &layout.maps().join("VERDICTS"),
         BPF_MAP_TYPE_PERCPU_ARRAY,
@@ -105,14 +113,17 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
     let verdicts = Datapath::open(bpffs.path(), &Capacity::default())
         .map(|(datapath, _)| datapath.verdicts().len())
         .map_err(|error| error.to_string());
-    let retired_pin_left = layout.maps().join("CONNTRACK").exists();
+    let retired_pins_left: Vec<&str> = ["CONNTRACK", "CIDRS"]
+        .into_iter()
+        .filter(|name| layout.maps().join(name).exists())
+        .collect();
     let _ = nix::mount::umount2(bpffs.path(), nix::mount::MntFlags::MNT_DETACH);
     assert_eq!(
         verdicts.expect("the datapath loads over the old pins"),
         netwarden_common::counter::SLOTS as usize
     );
     assert!(
-        !retired_pin_left,
-        "the retired single conntrack table is unpinned"
+        retired_pins_left.is_empty(),
+        "retired maps still pinned: {retired_pins_left:?}"
     );
 }
