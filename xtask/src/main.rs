@@ -95,7 +95,7 @@ enum BenchKind {
         /// Seconds each traffic figure is measured for.
         #[arg(long, default_value = "2")]
         seconds: String,
-        /// Rounds per pass (every configuration once, the baseline three times).
+        /// Rounds per pass (every configuration once, each between two baseline runs).
         #[arg(long, default_value = "5")]
         repeats: String,
     },

@@ -44,7 +44,7 @@ enum Bench {
         /// Seconds each figure is measured for.
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
-        /// Rounds per pass: every configuration once and the baseline three times each.
+        /// Rounds per pass: every configuration once, each between two baseline runs.
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },

@@ -3,9 +3,10 @@
 //! the same 10,000-rule policy as iptables linear chains and as an nftables set.
 //!
 //! Each configuration is measured for TCP throughput (iperf3), the rate of
-//! connect/request/close loops, and request/response latency over one connection. Baseline runs
-//! (no program) are interleaved with the others, every figure is the median of `repeats` runs,
-//! and each is printed as a ratio to the baseline median of the same pass. A second pass pins
+//! connect/request/close loops, and request/response latency over one connection. Every run of
+//! a configuration sits between two baseline runs (no program), every figure is the median of
+//! `repeats` runs, and each ratio is the median over rounds of a run against the mean of the
+//! baseline runs beside it. A second pass pins
 //! client and server to one CPU: on 2-vCPU machines unpinned request/response latency is mostly
 //! cross-CPU wake-ups.
 //!
@@ -284,10 +285,14 @@ impl<'node> Bench<'node> {
 
     /// One pass: `repeats` rounds of every configuration, baselines interleaved.
     fn pass(&mut self, plan: Plan, pinned: bool) -> anyhow::Result<PassResult> {
+        // Every configuration between two baseline runs: its ratio is against their mean, so
+        // the machine's drift over a round (other tenants of the host) cancels out.
         let order = [
             Filter::None,
             Filter::Netwarden(10),
+            Filter::None,
             Filter::Netwarden(1_000),
+            Filter::None,
             Filter::Netwarden(10_000),
             Filter::None,
             Filter::Iptables(10_000),
@@ -295,22 +300,22 @@ impl<'node> Bench<'node> {
             Filter::Nftables(10_000),
         ];
         let mut samples: Vec<(usize, Filter, Sample)> = Vec::new();
-        for round in 0..plan.repeats {
-            for filter in order {
-                self.configure(filter)?;
-                let sample = self.measure(plan.seconds, pinned)?;
-                eprintln!(
-                    "  [{} pass, round {}] {filter}: {:.2} Gbit/s, {:.0} conn/s, rr p50 {:.1} us p99 {:.1} us",
-                    if pinned { "pinned" } else { "unpinned" },
-                    round + 1,
-                    sample.throughput_bps / 1e9,
-                    sample.connections_per_second,
-                    micros(sample.rr_p50),
-                    micros(sample.rr_p99),
-                );
-                samples.push((round, filter, sample));
-            }
-            self.configure(Filter::None)?;
+        let runs = (0..plan.repeats)
+            .flat_map(|round| order.map(|filter| (round, filter)))
+            .chain([(plan.repeats, Filter::None)]);
+        for (round, filter) in runs {
+            self.configure(filter)?;
+            let sample = self.measure(plan.seconds, pinned)?;
+            eprintln!(
+                "  [{} pass, round {}] {filter}: {:.2} Gbit/s, {:.0} conn/s, rr p50 {:.1} us p99 {:.1} us",
+                if pinned { "pinned" } else { "unpinned" },
+                round + 1,
+                sample.throughput_bps / 1e9,
+                sample.connections_per_second,
+                micros(sample.rr_p50),
+                micros(sample.rr_p99),
+            );
+            samples.push((round, filter, sample));
         }
         print_pass(&samples, plan, pinned)
     }
@@ -870,8 +875,8 @@ fn figures(sample: &Sample) -> [f64; 4] {
 }
 
 /// Prints a pass's table: each configuration's median figures, and the median over rounds of
-/// its ratio to the mean of the same round's baseline runs (pairing within a round cancels the
-/// slow drifts of a shared virtual machine that medians over the whole pass keep).
+/// its ratio to the mean of the baseline runs just before and after it (pairing neighbours
+/// cancels the drifts of a shared virtual machine that medians over the whole pass keep).
 fn print_pass(
     samples: &[(usize, Filter, Sample)],
     plan: Plan,
@@ -885,22 +890,28 @@ fn print_pass(
             .collect();
         std::array::from_fn(|figure| median(of_filter.iter().map(|f| f[figure]).collect()))
     };
-    let round_baseline = |round: usize| -> [f64; 4] {
-        let runs: Vec<[f64; 4]> = samples
-            .iter()
-            .filter(|(r, f, _)| *r == round && *f == Filter::None)
-            .map(|(_, _, sample)| figures(sample))
+    // The mean of the baseline runs just before and just after run `index` (for a baseline
+    // run: the nearest other baseline runs), so each ratio compares runs seconds apart.
+    let neighbour_baseline = |index: usize| -> [f64; 4] {
+        let is_baseline = |i: &usize| samples[*i].1 == Filter::None;
+        let before = (0..index).rev().find(is_baseline);
+        let after = (index + 1..samples.len()).find(is_baseline);
+        let runs: Vec<[f64; 4]> = before
+            .into_iter()
+            .chain(after)
+            .map(|i| figures(&samples[i].2))
             .collect();
-        #[expect(clippy::cast_precision_loss, reason = "a handful of runs per round")]
+        #[expect(clippy::cast_precision_loss, reason = "one or two runs")]
         let count = runs.len() as f64;
         std::array::from_fn(|figure| runs.iter().map(|f| f[figure]).sum::<f64>() / count)
     };
     let paired_ratios = |filter: Filter| -> [f64; 4] {
         let ratios: Vec<[f64; 4]> = samples
             .iter()
-            .filter(|(_, f, _)| *f == filter)
-            .map(|(round, _, sample)| {
-                let baseline = round_baseline(*round);
+            .enumerate()
+            .filter(|(_, (_, f, _))| *f == filter)
+            .map(|(index, (_, _, sample))| {
+                let baseline = neighbour_baseline(index);
                 let figures = figures(sample);
                 std::array::from_fn(|figure| figures[figure] / baseline[figure])
             })
@@ -913,7 +924,7 @@ fn print_pass(
         .count();
     println!();
     println!(
-        "{} pass: {} rounds of {:.1} s runs, {baseline_runs} baseline runs interleaved; figures are medians, ratios the median over rounds of each run against its round's baseline",
+        "{} pass: {} rounds of {:.1} s runs, {baseline_runs} baseline runs, one before and after every other run; figures are medians, ratios the median over rounds of each run against the mean of the baseline runs beside it (for the baseline itself: the spread between neighbouring baseline runs)",
         if pinned {
             "pinned (client and server on CPU 0)"
         } else {
