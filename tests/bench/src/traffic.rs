@@ -874,6 +874,37 @@ fn figures(sample: &Sample) -> [f64; 4] {
     ]
 }
 
+/// The mean of the baseline runs just before and just after run `index` (for a baseline run:
+/// the nearest other baseline runs), so each ratio compares runs seconds apart.
+fn neighbour_baseline(samples: &[(usize, Filter, Sample)], index: usize) -> [f64; 4] {
+    let is_baseline = |i: &usize| samples[*i].1 == Filter::None;
+    let before = (0..index).rev().find(is_baseline);
+    let after = (index + 1..samples.len()).find(is_baseline);
+    let runs: Vec<[f64; 4]> = before
+        .into_iter()
+        .chain(after)
+        .map(|i| figures(&samples[i].2))
+        .collect();
+    #[expect(clippy::cast_precision_loss, reason = "one or two runs")]
+    let count = runs.len() as f64;
+    std::array::from_fn(|figure| runs.iter().map(|f| f[figure]).sum::<f64>() / count)
+}
+
+/// The median over `filter`'s runs of each figure's ratio to [`neighbour_baseline`].
+fn paired_ratios(samples: &[(usize, Filter, Sample)], filter: Filter) -> [f64; 4] {
+    let ratios: Vec<[f64; 4]> = samples
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, f, _))| *f == filter)
+        .map(|(index, (_, _, sample))| {
+            let baseline = neighbour_baseline(samples, index);
+            let figures = figures(sample);
+            std::array::from_fn(|figure| figures[figure] / baseline[figure])
+        })
+        .collect();
+    std::array::from_fn(|figure| median(ratios.iter().map(|r| r[figure]).collect()))
+}
+
 /// Prints a pass's table: each configuration's median figures, and the median over rounds of
 /// its ratio to the mean of the baseline runs just before and after it (pairing neighbours
 /// cancels the drifts of a shared virtual machine that medians over the whole pass keep).
@@ -889,34 +920,6 @@ fn print_pass(
             .map(|(_, _, sample)| figures(sample))
             .collect();
         std::array::from_fn(|figure| median(of_filter.iter().map(|f| f[figure]).collect()))
-    };
-    // The mean of the baseline runs just before and just after run `index` (for a baseline
-    // run: the nearest other baseline runs), so each ratio compares runs seconds apart.
-    let neighbour_baseline = |index: usize| -> [f64; 4] {
-        let is_baseline = |i: &usize| samples[*i].1 == Filter::None;
-        let before = (0..index).rev().find(is_baseline);
-        let after = (index + 1..samples.len()).find(is_baseline);
-        let runs: Vec<[f64; 4]> = before
-            .into_iter()
-            .chain(after)
-            .map(|i| figures(&samples[i].2))
-            .collect();
-        #[expect(clippy::cast_precision_loss, reason = "one or two runs")]
-        let count = runs.len() as f64;
-        std::array::from_fn(|figure| runs.iter().map(|f| f[figure]).sum::<f64>() / count)
-    };
-    let paired_ratios = |filter: Filter| -> [f64; 4] {
-        let ratios: Vec<[f64; 4]> = samples
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, f, _))| *f == filter)
-            .map(|(index, (_, _, sample))| {
-                let baseline = neighbour_baseline(index);
-                let figures = figures(sample);
-                std::array::from_fn(|figure| figures[figure] / baseline[figure])
-            })
-            .collect();
-        std::array::from_fn(|figure| median(ratios.iter().map(|r| r[figure]).collect()))
     };
     let baseline_runs = samples
         .iter()
@@ -955,7 +958,7 @@ fn print_pass(
         Filter::Nftables(10_000),
     ] {
         let figures = medians(filter);
-        let paired = paired_ratios(filter);
+        let paired = paired_ratios(samples, filter);
         let ratio = Ratios {
             throughput: paired[0],
             connections: paired[1],
