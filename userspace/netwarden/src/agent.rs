@@ -63,13 +63,13 @@ pub struct AgentOptions {
     /// Capacity of the policy map (entries over all endpoints).
     #[arg(long, default_value_t = Capacity::default().policy)]
     pub policy_map_entries: u32,
-    /// Capacity of the CIDR map (prefixes over all policies).
+    /// Capacity of each CIDR map, IPv4 and IPv6 (prefixes over all policies).
     #[arg(long, default_value_t = Capacity::default().cidrs)]
     pub cidr_map_entries: u32,
     /// Capacity of the IP-to-identity map.
     #[arg(long, default_value_t = Capacity::default().ipcache)]
     pub ipcache_entries: u32,
-    /// Capacity of the connection-tracking table.
+    /// Capacity of each connection-tracking table, IPv4 and IPv6.
     #[arg(long, default_value_t = Capacity::default().conntrack)]
     pub conntrack_entries: u32,
     /// Report about one in N new allowed flows as a verdict log line naming the rule that
