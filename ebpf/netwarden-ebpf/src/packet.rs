@@ -134,6 +134,27 @@ fn frame_bounds(ctx: &TcContext) -> (usize, usize) {
     }
 }
 
+/// One load of the width `$load` names from address `$at`, zero-extended to 64 bits.
+/// Assembly, because LLVM assembles an unaligned load from single bytes and headers start at
+/// any alignment; the kernel loads packet bytes at any alignment on the architectures with
+/// efficient unaligned access (x86-64, arm64).
+macro_rules! unaligned_load {
+    ($load:literal, $at:expr) => {{
+        let value: u64;
+        // SAFETY: one load from bytes `header_at()` checked lie in the frame; the verifier
+        // checks it again.
+        unsafe {
+            core::arch::asm!(
+                $load,
+                value = lateout(reg) value,
+                at = in(reg) $at,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        value
+    }};
+}
+
 /// The address of a header whose bytes the verifier knows are in the frame.
 #[derive(Clone, Copy)]
 struct Header(usize);
@@ -146,55 +167,22 @@ impl Header {
         unsafe { *((self.0 + offset) as *const u8) }
     }
 
-    /// The 16-bit field at `offset`, in network byte order as it lies in memory.
+    /// The 16-bit field at `offset`, in memory order (network byte order).
     #[inline(always)]
     fn u16(self, offset: usize) -> u16 {
-        let value: u64;
-        // SAFETY: one load from bytes `header_at()` checked lie in the frame. Assembly, because
-        // LLVM would assemble an unaligned load from single bytes, and headers start at any
-        // alignment; the kernel loads packet bytes at any alignment on the architectures
-        // with efficient unaligned access (x86-64, arm64).
-        unsafe {
-            core::arch::asm!(
-                "{value} = *(u16 *)({at} + 0)",
-                value = lateout(reg) value,
-                at = in(reg) self.0 + offset,
-                options(nostack, readonly, preserves_flags),
-            );
-        }
-        value as u16
+        unaligned_load!("{value} = *(u16 *)({at} + 0)", self.0 + offset) as u16
     }
 
-    /// The 32-bit field at `offset`, in memory order (see [`Header::u16`]).
+    /// The 32-bit field at `offset`, in memory order.
     #[inline(always)]
     fn u32(self, offset: usize) -> u32 {
-        let value: u64;
-        // SAFETY: as for `u16`.
-        unsafe {
-            core::arch::asm!(
-                "{value} = *(u32 *)({at} + 0)",
-                value = lateout(reg) value,
-                at = in(reg) self.0 + offset,
-                options(nostack, readonly, preserves_flags),
-            );
-        }
-        value as u32
+        unaligned_load!("{value} = *(u32 *)({at} + 0)", self.0 + offset) as u32
     }
 
-    /// The 64-bit field at `offset`, in memory order (see [`Header::u16`]).
+    /// The 64-bit field at `offset`, in memory order.
     #[inline(always)]
     fn u64(self, offset: usize) -> u64 {
-        let value: u64;
-        // SAFETY: as for `u16`.
-        unsafe {
-            core::arch::asm!(
-                "{value} = *(u64 *)({at} + 0)",
-                value = lateout(reg) value,
-                at = in(reg) self.0 + offset,
-                options(nostack, readonly, preserves_flags),
-            );
-        }
-        value
+        unaligned_load!("{value} = *(u64 *)({at} + 0)", self.0 + offset)
     }
 }
 

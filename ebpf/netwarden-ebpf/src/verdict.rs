@@ -449,14 +449,14 @@ fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision 
 #[inline(always)]
 fn cidr_class(policy: u32, addr: &[u8; 16]) -> Option<u32> {
     let class = match ipv4_of_mapped(addr) {
-        Some(v4) => CIDRS_V4.get(&Key::new(
+        Some(v4) => CIDRS_V4.get(Key::new(
             32 + 32,
             CidrKeyV4 {
                 policy: policy.to_be_bytes(),
                 addr: v4,
             },
         )),
-        None => CIDRS_V6.get(&Key::new(
+        None => CIDRS_V6.get(Key::new(
             32 + 128,
             CidrKey {
                 policy: policy.to_be_bytes(),

@@ -589,34 +589,30 @@ impl Datapath {
             let policy = id.to_be_bytes();
             let class = CidrClass { peer: *class };
             let inserted = match prefix {
-                IpNet::V4(v4) => {
-                    let key = Key::new(
+                IpNet::V4(v4) => insert_prefix(
+                    &mut self.cidrs_v4,
+                    Key::new(
                         32 + u32::from(v4.prefix_len()),
                         CidrKeyV4 {
                             policy,
                             addr: v4.network().octets(),
                         },
-                    );
-                    let inserted = self.cidrs_v4.insert(&key, class, 0);
-                    if inserted.is_ok() {
-                        installed.cidrs_v4.push(key);
-                    }
-                    inserted
-                }
-                IpNet::V6(v6) => {
-                    let key = Key::new(
+                    ),
+                    class,
+                    &mut installed.cidrs_v4,
+                ),
+                IpNet::V6(v6) => insert_prefix(
+                    &mut self.cidrs_v6,
+                    Key::new(
                         32 + u32::from(v6.prefix_len()),
                         CidrKey {
                             policy,
                             addr: v6.network().octets(),
                         },
-                    );
-                    let inserted = self.cidrs_v6.insert(&key, class, 0);
-                    if inserted.is_ok() {
-                        installed.cidrs_v6.push(key);
-                    }
-                    inserted
-                }
+                    ),
+                    class,
+                    &mut installed.cidrs_v6,
+                ),
             };
             if let Err(error) = inserted {
                 failure = Some(format!(
@@ -1047,6 +1043,19 @@ where
         },
     })?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+/// Inserts one prefix into a CIDR trie and remembers its key, so the policy can be removed
+/// without walking the trie.
+fn insert_prefix<K: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, CidrClass>,
+    key: Key<K>,
+    class: CidrClass,
+    installed: &mut Vec<Key<K>>,
+) -> Result<(), MapError> {
+    trie.insert(&key, class, 0)?;
+    installed.push(key);
+    Ok(())
 }
 
 /// TCX arrived in Linux 6.6.
