@@ -408,7 +408,7 @@ pub fn acceptable_principals(
 
 #[cfg(test)]
 mod tests {
-    use netwarden_model::{ManifestDir, PodRef};
+    use netwarden_model::PodRef;
 
     use super::{Connection, Decision, Denial, TrustDomain, acceptable_principals, decide};
 
@@ -470,11 +470,7 @@ spec:
     const NODE: &str = "192.168.0.10";
 
     fn cluster() -> netwarden_model::Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("cluster.yaml"), CLUSTER).unwrap();
-        let mut source = ManifestDir::new(dir.path());
-        source.refresh().unwrap();
-        let (cluster, errors) = source.cluster();
+        let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", CLUSTER);
         assert!(errors.is_empty(), "{errors:?}");
         cluster
     }

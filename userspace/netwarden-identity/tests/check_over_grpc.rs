@@ -10,7 +10,6 @@ use netwarden_identity::{
     client::{check_request, connect_unix, is_allowed},
     server::{is_local_caller, may_ask_about, serve_tcp, serve_unix},
 };
-use netwarden_model::ManifestDir;
 
 const CLUSTER: &str = r"
 apiVersion: v1
@@ -37,11 +36,7 @@ impl FlowCutter for RecordingCutter {
 }
 
 fn snapshot() -> Snapshot {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.yaml"), CLUSTER).unwrap();
-    let mut source = ManifestDir::new(dir.path());
-    source.refresh().unwrap();
-    let (cluster, errors) = source.cluster();
+    let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", CLUSTER);
     assert!(errors.is_empty(), "{errors:?}");
     Snapshot::new(
         cluster,

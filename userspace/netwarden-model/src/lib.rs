@@ -15,5 +15,5 @@ pub use cluster::{
     PolicyTypes, PortRef, PortSpec, Protocol, Rule,
 };
 pub use convert::ModelError;
-pub use manifests::{ManifestDir, ManifestError};
+pub use manifests::{ManifestDir, ManifestError, cluster_of_stream};
 pub use selector::{LabelSelector, Requirement};

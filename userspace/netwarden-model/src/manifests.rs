@@ -262,6 +262,29 @@ impl ManifestDir {
     }
 }
 
+/// The cluster one YAML stream describes, read exactly as a directory holding only that
+/// stream, in a file called `name`, would be; with every problem found on the way. For
+/// fixtures and one-off inputs: no file is written.
+#[must_use]
+pub fn cluster_of_stream(name: &str, text: &str) -> (Cluster, Vec<ManifestError>) {
+    let (objects, errors) = parse_file(name, text.as_bytes());
+    let mut dir = ManifestDir::new(PathBuf::new());
+    dir.files.insert(
+        name.to_owned(),
+        ManifestFile {
+            stamp: Stamp {
+                modified_ns: 0,
+                len: 0,
+                inode: 0,
+            },
+            content_sha: [0; 32],
+            objects,
+            errors,
+        },
+    );
+    dir.cluster()
+}
+
 fn object_key(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
     format!(
         "{}/{}",

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use netwarden_model::{Cluster, ManifestDir, PodRef};
+use netwarden_model::{Cluster, PodRef};
 use netwarden_policy::{
     Compiler, DatapathState, Direction,
     lookup::{Decision, decide},
@@ -11,11 +11,7 @@ use netwarden_policy::{
 const NODE: &str = "node-1";
 
 fn cluster(yaml: &str) -> Cluster {
-    let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("cluster.yaml"), yaml).expect("write fixture");
-    let mut source = ManifestDir::new(dir.path());
-    source.refresh().expect("read fixture");
-    let (cluster, errors) = source.cluster();
+    let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", yaml);
     assert!(errors.is_empty(), "fixture has errors: {errors:?}");
     cluster
 }

@@ -277,7 +277,6 @@ fn describe(cluster: &Cluster, address: IpAddr) -> String {
 #[cfg(test)]
 mod tests {
     use netwarden_identity::TrustDomain;
-    use netwarden_model::ManifestDir;
     use netwarden_policy::evaluate::Flow;
 
     use super::mtls_lines;
@@ -320,11 +319,7 @@ spec:
 ";
 
     fn lines(source: &str, port: u16, protocol: u8) -> Vec<String> {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("cluster.yaml"), CLUSTER).unwrap();
-        let mut manifests = ManifestDir::new(dir.path());
-        manifests.refresh().unwrap();
-        let (cluster, errors) = manifests.cluster();
+        let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", CLUSTER);
         assert!(errors.is_empty(), "{errors:?}");
         mtls_lines(
             &cluster,
@@ -361,11 +356,8 @@ spec:
             "    port 9090 is exempt (netwarden.dev/mtls-exempt-ports): plaintext is accepted, no identity check"
         );
         assert!(lines("10.0.0.2", 53, 17)[1].starts_with("    not TCP"));
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("cluster.yaml"), CLUSTER).unwrap();
-        let mut manifests = ManifestDir::new(dir.path());
-        manifests.refresh().unwrap();
-        let (cluster, _) = manifests.cluster();
+        let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", CLUSTER);
+        assert!(errors.is_empty(), "{errors:?}");
         let towards_a_lax_pod = mtls_lines(
             &cluster,
             &[],

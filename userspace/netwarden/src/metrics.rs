@@ -355,7 +355,6 @@ mod tests {
 
     use netwarden_common::{counter, direction};
     use netwarden_datapath::{ApplyReport, EndpointReport, MapUsage};
-    use netwarden_model::ManifestDir;
     use netwarden_policy::{Compiler, DatapathState};
 
     use super::{Applied, Metrics};
@@ -416,11 +415,7 @@ spec: {podSelector: {}, policyTypes: [Egress]}
     /// [`CLUSTER`] read as the manifest source reads it and compiled for `node-1`: the number
     /// of policies and the compiler's state.
     fn compiled() -> (usize, DatapathState) {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("cluster.yaml"), CLUSTER).unwrap();
-        let mut source = ManifestDir::new(dir.path());
-        source.refresh().unwrap();
-        let (cluster, errors) = source.cluster();
+        let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", CLUSTER);
         assert!(errors.is_empty(), "{errors:?}");
         let policies = cluster.policies.len();
         let mut compiler = Compiler::new("node-1");

@@ -4,7 +4,7 @@
 use std::{net::IpAddr, path::Path};
 
 use netwarden_datapath::netlink::{Interface, NodeNetwork};
-use netwarden_model::{Cluster, ManifestDir};
+use netwarden_model::Cluster;
 
 /// The loopback: `BPF_PROG_TEST_RUN` needs an interface that exists, and nothing is sent.
 pub const IFINDEX: u32 = 1;
@@ -62,11 +62,7 @@ pub fn loopback_node(addresses: &[IpAddr]) -> NodeNetwork {
 /// The cluster `manifests` (one YAML stream) describe, as the manifest source reads it; the
 /// fixture must be valid.
 pub fn cluster_from(manifests: &str) -> Cluster {
-    let dir = tempfile::tempdir().expect("temp dir for manifests");
-    std::fs::write(dir.path().join("cluster.yaml"), manifests).expect("write manifests");
-    let mut source = ManifestDir::new(dir.path());
-    source.refresh().expect("read manifests");
-    let (cluster, errors) = source.cluster();
+    let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", manifests);
     assert!(errors.is_empty(), "fixture errors: {errors:?}");
     cluster
 }
