@@ -112,12 +112,12 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::ensure(),
         Task::Build => {
             setup::ensure()?;
-            build_release()
+            build_release("netwarden-e2e")
         }
         Task::Test { thorough } => test(&root, thorough),
         Task::E2e { paths, verbose } => {
             setup::ensure()?;
-            build_release()?;
+            build_release("netwarden-e2e")?;
             e2e(&paths, verbose)
         }
         Task::Bench {
@@ -154,7 +154,7 @@ fn main() -> anyhow::Result<()> {
         } => bench(&["identity"]),
         Task::Demo => {
             setup::ensure()?;
-            build_release()?;
+            build_release("netwarden-e2e")?;
             e2e(
                 &[PathBuf::from("tests/scenarios/demo/three-tier.yaml")],
                 true,
@@ -167,17 +167,7 @@ fn main() -> anyhow::Result<()> {
 /// `netwarden-bench ARGS`.
 fn bench(args: &[&str]) -> anyhow::Result<()> {
     setup::ensure()?;
-    run(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--package",
-            "netwarden",
-            "--package",
-            "netwarden-bench",
-        ],
-    )?;
+    build_release("netwarden-bench")?;
     run("target/release/netwarden-bench", args)
 }
 
@@ -204,7 +194,8 @@ pub fn run_command(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_release() -> anyhow::Result<()> {
+/// Builds the agent and `package` with the release profile.
+fn build_release(package: &str) -> anyhow::Result<()> {
     run(
         "cargo",
         &[
@@ -213,7 +204,7 @@ fn build_release() -> anyhow::Result<()> {
             "--package",
             "netwarden",
             "--package",
-            "netwarden-e2e",
+            package,
         ],
     )
 }

@@ -18,10 +18,7 @@ use std::{
 
 use anyhow::bail;
 use ipnet::{IpNet, Ipv4Net};
-use netwarden_datapath::{
-    Capacity, Datapath,
-    netlink::{Interface, NodeNetwork},
-};
+use netwarden_datapath::{Capacity, Datapath, netlink::NodeNetwork};
 use netwarden_model::{
     Cluster, LabelSelector, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PolicyTypes, PortRef,
     PortSpec, Protocol, Rule,
@@ -106,17 +103,7 @@ fn measure(bpffs: &std::path::Path) -> anyhow::Result<Costs> {
     datapath.detached();
     let mut compiler = Compiler::new("node-0");
     let state = compiler.sync(cluster());
-    let mut network = NodeNetwork::default();
-    network.interfaces.insert(
-        IFINDEX,
-        Interface {
-            index: IFINDEX,
-            name: "lo".into(),
-            is_veth: true,
-        },
-    );
-    network.routes = vec![(IpNet::from(IpAddr::V4(SERVER)), IFINDEX)];
-    let report = datapath.apply(state, &network);
+    let report = datapath.apply(state, &NodeNetwork::behind_loopback(&[IpAddr::V4(SERVER)]));
     if !report.errors.is_empty() {
         bail!("installing the benchmark policy: {:?}", report.errors);
     }

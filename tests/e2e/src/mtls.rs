@@ -125,13 +125,7 @@ pub struct MtlsProbe {
 impl MtlsProbe {
     /// Pods the step names (they must exist).
     pub fn pods(&self) -> impl Iterator<Item = &str> {
-        let identity = match &self.identity {
-            Some(Principal::Pod(pod)) => Some(pod.as_str()),
-            _ => None,
-        };
-        [self.from.as_str(), self.to.as_str()]
-            .into_iter()
-            .chain(identity)
+        named_pods(&self.from, &self.to, self.identity.as_ref())
     }
 }
 
@@ -145,6 +139,19 @@ impl fmt::Display for MtlsProbe {
         }
         write!(f, " (expect {:?})", self.expect)
     }
+}
+
+/// The pods a step between `from` and `to`, presenting `identity`, names.
+fn named_pods<'a>(
+    from: &'a str,
+    to: &'a str,
+    identity: Option<&'a Principal>,
+) -> impl Iterator<Item = &'a str> {
+    let identity_pod = match identity {
+        Some(Principal::Pod(pod)) => Some(pod.as_str()),
+        _ => None,
+    };
+    [from, to].into_iter().chain(identity_pod)
 }
 
 impl fmt::Display for Principal {
@@ -182,13 +189,7 @@ pub struct IdentityCheck {
 impl IdentityCheck {
     /// Pods the step names (they must exist).
     pub fn pods(&self) -> impl Iterator<Item = &str> {
-        let identity = match &self.identity {
-            Some(Principal::Pod(pod)) => Some(pod.as_str()),
-            _ => None,
-        };
-        [self.from.as_str(), self.to.as_str()]
-            .into_iter()
-            .chain(identity)
+        named_pods(&self.from, &self.to, self.identity.as_ref())
     }
 }
 

@@ -57,6 +57,28 @@ pub struct NodeNetwork {
 }
 
 impl NodeNetwork {
+    /// A node whose only pod sits behind the loopback (ifindex 1, which always exists), reached
+    /// through host routes to `addresses`: the network the programs see when they are run with
+    /// `BPF_PROG_TEST_RUN` on crafted packets (tests, the classifier benchmark).
+    #[must_use]
+    pub fn behind_loopback(addresses: &[IpAddr]) -> Self {
+        const LOOPBACK: u32 = 1;
+        let mut network = Self::default();
+        network.interfaces.insert(
+            LOOPBACK,
+            Interface {
+                index: LOOPBACK,
+                name: "lo".into(),
+                is_veth: true,
+            },
+        );
+        network.routes = addresses
+            .iter()
+            .map(|address| ((*address).into(), LOOPBACK))
+            .collect();
+        network
+    }
+
     /// The veth that the node's longest-prefix route to `ip` leaves through, if that route
     /// goes through a veth. A default route through the uplink means "not a local pod".
     #[must_use]

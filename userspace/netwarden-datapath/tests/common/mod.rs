@@ -3,7 +3,7 @@
 
 use std::{net::IpAddr, path::Path};
 
-use netwarden_datapath::netlink::{Interface, NodeNetwork};
+use netwarden_datapath::netlink::NodeNetwork;
 use netwarden_model::Cluster;
 
 /// The loopback: `BPF_PROG_TEST_RUN` needs an interface that exists, and nothing is sent.
@@ -43,20 +43,7 @@ impl Drop for PrivateBpffs {
 
 /// A node whose only pod is behind the loopback, reached through host routes to `addresses`.
 pub fn loopback_node(addresses: &[IpAddr]) -> NodeNetwork {
-    let mut network = NodeNetwork::default();
-    network.interfaces.insert(
-        IFINDEX,
-        Interface {
-            index: IFINDEX,
-            name: "lo".into(),
-            is_veth: true,
-        },
-    );
-    network.routes = addresses
-        .iter()
-        .map(|address| ((*address).into(), IFINDEX))
-        .collect();
-    network
+    NodeNetwork::behind_loopback(addresses)
 }
 
 /// The cluster `manifests` (one YAML stream) describe, as the manifest source reads it; the
