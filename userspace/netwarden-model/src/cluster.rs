@@ -245,6 +245,148 @@ pub enum PortRef {
     Name(String),
 }
 
+/// Namespace and name of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Namespace and name of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointSliceRef {
+    /// The slice's namespace (always its Service's).
+    pub namespace: String,
+    /// The slice's name.
+    pub name: String,
+}
+
+impl fmt::Display for EndpointSliceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// `spec.type` of a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServiceType {
+    /// Reachable on its cluster IPs (and external IPs) only.
+    ClusterIp,
+    /// Also on every node's addresses at each port's `nodePort`.
+    NodePort,
+    /// A `NodePort` Service that also gets load-balancer addresses.
+    LoadBalancer,
+    /// A DNS alias: no address, no port, nothing to translate.
+    ExternalName,
+}
+
+impl fmt::Display for ServiceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::ExternalName => "ExternalName",
+        })
+    }
+}
+
+/// One entry of a Service's `spec.ports`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServicePort {
+    /// Its name; EndpointSlice ports of the same name carry the backends' port.
+    pub name: Option<String>,
+    /// Its protocol (TCP when unset).
+    pub protocol: Protocol,
+    /// The port clients connect to on the Service's addresses.
+    pub port: u16,
+    /// The backends' port: a number, or a container port name (`port` when unset).
+    pub target_port: PortRef,
+    /// The port on every node's addresses, for NodePort and LoadBalancer Services.
+    pub node_port: Option<u16>,
+}
+
+/// A validated Service: the addresses and ports kube-proxy translates to its backends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Service {
+    /// Namespace and name.
+    pub id: ServiceRef,
+    /// `spec.type` (`ClusterIP` when unset).
+    pub service_type: ServiceType,
+    /// `spec.clusterIPs` (or `spec.clusterIP`); empty for headless (`None`) and ExternalName
+    /// Services, which kube-proxy does not translate.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` (ingress points given by hostname are left out).
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.ports`.
+    pub ports: Vec<ServicePort>,
+    /// `spec.selector`; empty when the Service's EndpointSlices are managed by someone else.
+    pub selector: Labels,
+}
+
+/// `addressType` of an EndpointSlice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AddressType {
+    /// IPv4 addresses.
+    Ipv4,
+    /// IPv6 addresses.
+    Ipv6,
+    /// Host names (deprecated): kube-proxy ignores such slices, so their endpoints carry no
+    /// address here.
+    Fqdn,
+}
+
+/// One endpoint of an EndpointSlice: a backend of its Service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceEndpoint {
+    /// Its addresses (kube-proxy uses the first).
+    pub addresses: Vec<IpAddr>,
+    /// `conditions.ready` (`true` when unset, as the API documents it): only ready endpoints
+    /// receive new connections.
+    pub ready: bool,
+    /// The pod behind it (`targetRef` of kind Pod).
+    pub pod: Option<PodRef>,
+    /// The node it runs on.
+    pub node_name: Option<String>,
+}
+
+/// One entry of an EndpointSlice's `ports`: the backends' port for the Service port of the
+/// same name and protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointPort {
+    /// The Service port's name (`None` for a Service's single unnamed port).
+    pub name: Option<String>,
+    /// Its protocol (TCP when unset).
+    pub protocol: Protocol,
+    /// The port the endpoints listen on.
+    pub port: u16,
+}
+
+/// A validated EndpointSlice (`discovery.k8s.io/v1`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointSlice {
+    /// Namespace and name.
+    pub id: EndpointSliceRef,
+    /// The Service it holds backends of (label `kubernetes.io/service-name`).
+    pub service: ServiceRef,
+    /// What its addresses are.
+    pub address_type: AddressType,
+    /// `endpoints`.
+    pub endpoints: Vec<ServiceEndpoint>,
+    /// `ports`; entries without a port number are left out (kube-proxy ignores them too).
+    pub ports: Vec<EndpointPort>,
+}
+
 /// Everything the compiler and the evaluator read: one consistent snapshot of the cluster.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cluster {
@@ -254,6 +396,10 @@ pub struct Cluster {
     pub pods: BTreeMap<PodRef, Pod>,
     /// NetworkPolicies by namespace and name.
     pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
+    /// Services by namespace and name.
+    pub services: BTreeMap<ServiceRef, Service>,
+    /// EndpointSlices by namespace and name.
+    pub endpoint_slices: BTreeMap<EndpointSliceRef, EndpointSlice>,
 }
 
 impl Cluster {
@@ -272,6 +418,22 @@ impl Cluster {
     /// Problems in the pods' `netwarden.dev/*` annotations (each names its pod and field).
     pub fn annotation_problems(&self) -> impl Iterator<Item = &ModelError> {
         self.pods.values().flat_map(|pod| pod.mtls.problems.iter())
+    }
+
+    /// The EndpointSlices that hold backends of `service`.
+    pub fn endpoint_slices_of<'a>(
+        &'a self,
+        service: &'a ServiceRef,
+    ) -> impl Iterator<Item = &'a EndpointSlice> {
+        let namespace = EndpointSliceRef {
+            namespace: service.namespace.clone(),
+            name: String::new(),
+        };
+        self.endpoint_slices
+            .range(namespace..)
+            .take_while(|(id, _)| id.namespace == service.namespace)
+            .map(|(_, slice)| slice)
+            .filter(move |slice| slice.service == *service)
     }
 
     /// The labels of `namespace`; a namespace with no object has only its name label, as the

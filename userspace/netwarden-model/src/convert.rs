@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use k8s_openapi::{
     api::{
         core::v1 as core,
+        discovery::v1 as discovery,
         networking::v1::{self as networking, NetworkPolicyPeer, NetworkPolicyPort},
     },
     apimachinery::pkg::{apis::meta::v1 as meta, util::intstr::IntOrString},
@@ -16,9 +17,10 @@ use k8s_openapi::{
 
 use crate::{
     cluster::{
-        ALLOWED_PRINCIPALS_ANNOTATION, ContainerPort, MTLS_EXEMPT_PORTS_ANNOTATION, MTLS_LABEL,
-        MTLS_STRICT, Namespace, NetworkPolicy, Peer, Pod, PodMtls, PodRef, PolicyRef, PolicyTypes,
-        PortRef, PortSpec, Protocol, Rule,
+        ALLOWED_PRINCIPALS_ANNOTATION, AddressType, ContainerPort, EndpointPort, EndpointSlice,
+        EndpointSliceRef, MTLS_EXEMPT_PORTS_ANNOTATION, MTLS_LABEL, MTLS_STRICT, Namespace,
+        NetworkPolicy, Peer, Pod, PodMtls, PodRef, PolicyRef, PolicyTypes, PortRef, PortSpec,
+        Protocol, Rule, Service, ServiceEndpoint, ServicePort, ServiceRef, ServiceType,
     },
     selector::{LabelSelector, Requirement},
 };
@@ -26,11 +28,14 @@ use crate::{
 /// The label the API server puts on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
 /// An object the API server would reject.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq, Hash)]
 #[error("{kind} {object}: {field}: {problem}")]
 pub struct ModelError {
-    /// `Pod`, `Namespace` or `NetworkPolicy`.
+    /// `Pod`, `Namespace`, `NetworkPolicy`, `Service` or `EndpointSlice`.
     pub kind: &'static str,
     /// `namespace/name`, or the name of a namespace.
     pub object: String,
@@ -297,6 +302,229 @@ pub fn network_policy(object: &networking::NetworkPolicy) -> Result<NetworkPolic
     })
 }
 
+/// Validates a Service and applies the API server's defaulting (type `ClusterIP`, protocol
+/// TCP, `targetPort` equal to `port`).
+pub fn service(object: &core::Service) -> Result<Service, ModelError> {
+    let (namespace, name) = namespace_of("Service", &object.metadata)?;
+    let display = format!("{namespace}/{name}");
+    let ctx = Ctx {
+        kind: "Service",
+        object: &display,
+    };
+    let empty = core::ServiceSpec::default();
+    let spec = object.spec.as_ref().unwrap_or(&empty);
+
+    let service_type = match spec.type_.as_deref() {
+        None | Some("ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => ServiceType::ExternalName,
+        Some(other) => {
+            return Err(ctx.error("spec.type", format!("unknown Service type {other:?}")));
+        }
+    };
+
+    let mut cluster_ips = Vec::new();
+    if service_type != ServiceType::ExternalName {
+        // `clusterIPs` holds `clusterIP` as its first entry when both are set.
+        let listed: Vec<(String, &str)> = match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(ips), _) if !ips.is_empty() => ips
+                .iter()
+                .enumerate()
+                .map(|(index, ip)| (format!("spec.clusterIPs[{index}]"), ip.as_str()))
+                .collect(),
+            (_, Some(ip)) => vec![("spec.clusterIP".to_owned(), ip.as_str())],
+            _ => Vec::new(),
+        };
+        for (field, text) in listed {
+            // "None" is a headless Service, "" one whose address is not allocated yet: neither
+            // has an address to translate.
+            if text != "None" && !text.is_empty() {
+                cluster_ips.push(parse_ip(&ctx, &field, text)?);
+            }
+        }
+    }
+
+    let external_ips = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(index, text)| parse_ip(&ctx, &format!("spec.externalIPs[{index}]"), text))
+        .collect::<Result<_, _>>()?;
+
+    let mut load_balancer_ips = Vec::new();
+    let ingress = object
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|load_balancer| load_balancer.ingress.as_ref());
+    for (index, point) in ingress.into_iter().flatten().enumerate() {
+        if let Some(text) = &point.ip {
+            let field = format!("status.loadBalancer.ingress[{index}].ip");
+            load_balancer_ips.push(parse_ip(&ctx, &field, text)?);
+        }
+    }
+
+    let has_node_ports = matches!(
+        service_type,
+        ServiceType::NodePort | ServiceType::LoadBalancer
+    );
+    let mut ports = Vec::new();
+    for (index, port) in spec.ports.iter().flatten().enumerate() {
+        let field = format!("spec.ports[{index}]");
+        let number = port_number(&ctx, &format!("{field}.port"), port.port)?;
+        let protocol = protocol(&ctx, &field, port.protocol.as_deref())?;
+        let target_port = match &port.target_port {
+            None => PortRef::Number(number),
+            Some(target) => port_ref(&ctx, &format!("{field}.targetPort"), target)?,
+        };
+        let node_port = match port.node_port {
+            // Unset, or 0: the API server allocates one (the object as read has none yet).
+            None | Some(0) => None,
+            Some(_) if !has_node_ports => {
+                return Err(ctx.error(
+                    format!("{field}.nodePort"),
+                    format!("may not be set for type {service_type}"),
+                ));
+            }
+            Some(node_port) => Some(port_number(&ctx, &format!("{field}.nodePort"), node_port)?),
+        };
+        ports.push(ServicePort {
+            name: port.name.clone().filter(|name| !name.is_empty()),
+            protocol,
+            port: number,
+            target_port,
+            node_port,
+        });
+    }
+
+    Ok(Service {
+        id: ServiceRef { namespace, name },
+        service_type,
+        cluster_ips,
+        external_ips,
+        load_balancer_ips,
+        ports,
+        selector: spec.selector.clone().unwrap_or_default(),
+    })
+}
+
+/// Validates an EndpointSlice.
+pub fn endpoint_slice(object: &discovery::EndpointSlice) -> Result<EndpointSlice, ModelError> {
+    let (namespace, name) = namespace_of("EndpointSlice", &object.metadata)?;
+    let display = format!("{namespace}/{name}");
+    let ctx = Ctx {
+        kind: "EndpointSlice",
+        object: &display,
+    };
+    let service_name = object
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        .filter(|service| !service.is_empty())
+        .ok_or_else(|| {
+            ctx.error(
+                format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                "is required: the slice belongs to no Service",
+            )
+        })?;
+    let address_type = match object.address_type.as_str() {
+        "IPv4" => AddressType::Ipv4,
+        "IPv6" => AddressType::Ipv6,
+        "FQDN" => AddressType::Fqdn,
+        other => {
+            return Err(ctx.error(
+                "addressType",
+                format!("{other:?} is not IPv4, IPv6 or FQDN"),
+            ));
+        }
+    };
+
+    let mut endpoints = Vec::new();
+    for (index, endpoint) in object.endpoints.iter().enumerate() {
+        let field = format!("endpoints[{index}]");
+        let mut addresses = Vec::new();
+        if address_type != AddressType::Fqdn {
+            for (a, text) in endpoint.addresses.iter().enumerate() {
+                let address_field = format!("{field}.addresses[{a}]");
+                let address = parse_ip(&ctx, &address_field, text)?;
+                if address.is_ipv4() != (address_type == AddressType::Ipv4) {
+                    return Err(ctx.error(
+                        address_field,
+                        format!("{address} is not of addressType {}", object.address_type),
+                    ));
+                }
+                addresses.push(address);
+            }
+        }
+        let pod = endpoint
+            .target_ref
+            .as_ref()
+            .filter(|target| target.kind.as_deref() == Some("Pod"))
+            .and_then(|target| {
+                target.name.clone().map(|pod_name| PodRef {
+                    namespace: target
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| namespace.clone()),
+                    name: pod_name,
+                })
+            });
+        endpoints.push(ServiceEndpoint {
+            addresses,
+            ready: endpoint
+                .conditions
+                .as_ref()
+                .and_then(|conditions| conditions.ready)
+                .unwrap_or(true),
+            pod,
+            node_name: endpoint.node_name.clone(),
+        });
+    }
+
+    let mut ports = Vec::new();
+    for (index, port) in object.ports.iter().flatten().enumerate() {
+        let field = format!("ports[{index}]");
+        let Some(number) = port.port else {
+            continue;
+        };
+        ports.push(EndpointPort {
+            name: port.name.clone().filter(|name| !name.is_empty()),
+            protocol: protocol(&ctx, &field, port.protocol.as_deref())?,
+            port: port_number(&ctx, &format!("{field}.port"), number)?,
+        });
+    }
+
+    Ok(EndpointSlice {
+        id: EndpointSliceRef {
+            namespace: namespace.clone(),
+            name,
+        },
+        service: ServiceRef {
+            namespace,
+            name: service_name.clone(),
+        },
+        address_type,
+        endpoints,
+        ports,
+    })
+}
+
+/// A port by number or by name, as `targetPort` spells it.
+fn port_ref(ctx: &Ctx<'_>, field: &str, port: &IntOrString) -> Result<PortRef, ModelError> {
+    match port {
+        IntOrString::Int(number) => Ok(PortRef::Number(port_number(ctx, field, *number)?)),
+        IntOrString::String(text) => match text.parse::<i32>() {
+            // The API server stores "80" as a name; it is not a valid IANA_SVC_NAME, so reject it.
+            Ok(_) => Err(ctx.error(field, format!("{text:?} is a number written as a string"))),
+            Err(_) if valid_port_name(text) => Ok(PortRef::Name(text.clone())),
+            Err(_) => Err(ctx.error(field, format!("{text:?} is not a valid port name"))),
+        },
+    }
+}
+
 fn rules<R>(
     ctx: &Ctx<'_>,
     field: &str,
@@ -375,30 +603,11 @@ fn peer(ctx: &Ctx<'_>, field: &str, peer: &NetworkPolicyPeer) -> Result<Peer, Mo
 
 fn port_spec(ctx: &Ctx<'_>, field: &str, port: &NetworkPolicyPort) -> Result<PortSpec, ModelError> {
     let protocol = protocol(ctx, field, port.protocol.as_deref())?;
-    let number_or_name = match &port.port {
-        None => None,
-        Some(IntOrString::Int(number)) => Some(PortRef::Number(port_number(
-            ctx,
-            &format!("{field}.port"),
-            *number,
-        )?)),
-        Some(IntOrString::String(text)) => match text.parse::<i32>() {
-            // The API server stores "80" as a name; it is not a valid IANA_SVC_NAME, so reject it.
-            Ok(_) => {
-                return Err(ctx.error(
-                    format!("{field}.port"),
-                    format!("{text:?} is a number written as a string"),
-                ));
-            }
-            Err(_) if valid_port_name(text) => Some(PortRef::Name(text.clone())),
-            Err(_) => {
-                return Err(ctx.error(
-                    format!("{field}.port"),
-                    format!("{text:?} is not a valid port name"),
-                ));
-            }
-        },
-    };
+    let number_or_name = port
+        .port
+        .as_ref()
+        .map(|port| port_ref(ctx, &format!("{field}.port"), port))
+        .transpose()?;
     let end_port = match (port.end_port, &number_or_name) {
         (None, _) => None,
         (Some(end), Some(PortRef::Number(start))) => {
@@ -522,8 +731,13 @@ pub type ApiLabels = BTreeMap<String, String>;
 mod tests {
     use k8s_openapi::api::networking::v1::NetworkPolicy as ApiPolicy;
 
+    use std::net::IpAddr;
+
     use super::network_policy;
-    use crate::cluster::{Peer, PortRef};
+    use crate::cluster::{
+        AddressType, EndpointPort, Peer, PodRef, PortRef, Protocol, ServiceEndpoint, ServicePort,
+        ServiceRef, ServiceType,
+    };
 
     fn policy(yaml: &str) -> ApiPolicy {
         serde_yaml::from_str(yaml).expect("test manifest parses")
@@ -594,6 +808,208 @@ mod tests {
                 "Pod x/a: metadata.annotations[netwarden.dev/allowed-principals]: \"cluster.local/ns/x/sa/a\" does not start with spiffe://; it admits no one",
                 "Pod x/a: metadata.annotations[netwarden.dev/allowed-principals]: \"spiffe://cluster.local/ns/*/sa/a\" may use * only as the whole last path segment; it admits no one",
             ]
+        );
+    }
+
+    fn service(yaml: &str) -> Result<crate::Service, crate::ModelError> {
+        super::service(&serde_yaml::from_str(yaml).expect("test manifest parses"))
+    }
+
+    fn endpoint_slice(yaml: &str) -> Result<crate::EndpointSlice, crate::ModelError> {
+        super::endpoint_slice(&serde_yaml::from_str(yaml).expect("test manifest parses"))
+    }
+
+    #[test]
+    fn a_service_is_read_with_the_api_servers_defaults() {
+        let parsed = service(
+            "metadata: {name: web, namespace: x}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, 'fd00:96::10']
+  externalIPs: [192.0.2.7]
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP}
+status: {loadBalancer: {ingress: [{ip: 198.51.100.1}, {hostname: lb.example}]}}",
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.id,
+            ServiceRef {
+                namespace: "x".into(),
+                name: "web".into()
+            }
+        );
+        assert_eq!(parsed.service_type, ServiceType::LoadBalancer);
+        assert_eq!(
+            parsed.cluster_ips,
+            [
+                "10.96.0.10".parse::<IpAddr>().unwrap(),
+                "fd00:96::10".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            parsed.external_ips,
+            ["192.0.2.7".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            parsed.load_balancer_ips,
+            ["198.51.100.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            parsed.ports,
+            [
+                ServicePort {
+                    name: Some("http".into()),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    target_port: PortRef::Name("http".into()),
+                    node_port: Some(30080),
+                },
+                ServicePort {
+                    name: Some("dns".into()),
+                    protocol: Protocol::Udp,
+                    port: 53,
+                    target_port: PortRef::Number(53),
+                    node_port: None,
+                },
+            ]
+        );
+        assert_eq!(parsed.selector["app"], "web");
+    }
+
+    #[test]
+    fn headless_and_external_name_services_have_no_cluster_ip() {
+        let headless = service(
+            "metadata: {name: db, namespace: x}
+spec: {clusterIP: None, ports: [{port: 5432}]}",
+        )
+        .unwrap();
+        assert_eq!(headless.service_type, ServiceType::ClusterIp);
+        assert!(headless.cluster_ips.is_empty());
+        let alias = service(
+            "metadata: {name: ext, namespace: x}
+spec: {type: ExternalName, externalName: example.com, clusterIP: 10.96.0.1}",
+        )
+        .unwrap();
+        assert!(alias.cluster_ips.is_empty());
+    }
+
+    #[test]
+    fn service_errors_name_the_object_and_field() {
+        let message = |yaml: &str| service(yaml).unwrap_err().to_string();
+        assert_eq!(
+            message(
+                "metadata: {name: web, namespace: x}
+spec: {ports: [{port: 80}, {port: 70000}]}"
+            ),
+            "Service x/web: spec.ports[1].port: 70000 is not a port (1-65535)"
+        );
+        assert_eq!(
+            message(
+                "metadata: {name: web, namespace: x}
+spec: {clusterIPs: [10.96.0.300]}"
+            ),
+            "Service x/web: spec.clusterIPs[0]: \"10.96.0.300\" is not an IP address"
+        );
+        assert_eq!(
+            message(
+                "metadata: {name: web, namespace: x}
+spec: {ports: [{port: 80, targetPort: '8080'}]}"
+            ),
+            "Service x/web: spec.ports[0].targetPort: \"8080\" is a number written as a string"
+        );
+        assert_eq!(
+            message(
+                "metadata: {name: web, namespace: x}
+spec: {ports: [{port: 80, nodePort: 30080}]}"
+            ),
+            "Service x/web: spec.ports[0].nodePort: may not be set for type ClusterIP"
+        );
+        assert_eq!(
+            message(
+                "metadata: {name: web, namespace: x}
+spec: {type: Magic}"
+            ),
+            "Service x/web: spec.type: unknown Service type \"Magic\""
+        );
+        assert_eq!(
+            message(
+                "metadata: {name: web, namespace: x}
+spec: {ports: [{port: 80, protocol: ICMP}]}"
+            ),
+            "Service x/web: spec.ports[0].protocol: unsupported protocol \"ICMP\""
+        );
+    }
+
+    #[test]
+    fn an_endpoint_slice_is_read_with_its_service_pods_and_readiness() {
+        let parsed = endpoint_slice(
+            "metadata: {name: web-abc, namespace: x, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+- {addresses: [10.0.0.1], nodeName: n1, targetRef: {kind: Pod, name: web-1, namespace: x}}
+- {addresses: [10.0.0.2], conditions: {ready: false}, targetRef: {kind: Pod, name: web-2}}
+- {addresses: [10.0.0.3], conditions: {serving: true}}
+ports: [{name: http, port: 8080}, {name: all}]",
+        )
+        .unwrap();
+        assert_eq!(parsed.service.to_string(), "x/web");
+        assert_eq!(parsed.address_type, AddressType::Ipv4);
+        assert_eq!(
+            parsed.endpoints[0],
+            ServiceEndpoint {
+                addresses: vec!["10.0.0.1".parse().unwrap()],
+                ready: true,
+                pod: Some(PodRef {
+                    namespace: "x".into(),
+                    name: "web-1".into()
+                }),
+                node_name: Some("n1".into()),
+            }
+        );
+        assert!(!parsed.endpoints[1].ready);
+        assert_eq!(parsed.endpoints[1].pod.as_ref().unwrap().namespace, "x");
+        assert!(parsed.endpoints[2].ready && parsed.endpoints[2].pod.is_none());
+        assert_eq!(
+            parsed.ports,
+            [EndpointPort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 8080
+            }]
+        );
+    }
+
+    #[test]
+    fn endpoint_slice_errors_name_the_object_and_field() {
+        let message = |yaml: &str| endpoint_slice(yaml).unwrap_err().to_string();
+        assert_eq!(
+            message(
+                "metadata: {name: s, namespace: x}
+addressType: IPv4
+endpoints: []"
+            ),
+            "EndpointSlice x/s: metadata.labels[kubernetes.io/service-name]: is required: the slice belongs to no Service"
+        );
+        assert_eq!(
+            message(
+                "metadata: {name: s, namespace: x, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.1]}, {addresses: ['fd00::1']}]"
+            ),
+            "EndpointSlice x/s: endpoints[1].addresses[0]: fd00::1 is not of addressType IPv4"
+        );
+        assert_eq!(
+            message(
+                "metadata: {name: s, namespace: x, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: []
+ports: [{port: 0}]"
+            ),
+            "EndpointSlice x/s: ports[0].port: 0 is not a port (1-65535)"
         );
     }
 

@@ -1,10 +1,13 @@
-//! The manifest-directory source: Namespace, Pod and NetworkPolicy objects in YAML or JSON files.
+//! The manifest-directory source: Namespace, Pod, NetworkPolicy, Service and EndpointSlice
+//! objects in YAML or JSON files.
 //!
 //! Files may hold several documents (`---`) and `kind: List` objects. A file that does not parse
 //! keeps contributing its last good objects, and an object that does not validate keeps its last
 //! good version, the way the API server keeps an object when it rejects an update: enforcement
 //! never loosens because of a typo. A NetworkPolicy that never validated isolates its namespace
-//! in both directions until it is fixed (fail closed).
+//! in both directions until it is fixed (fail closed). An invalid Service or EndpointSlice is
+//! reported and left out: a Service only names addresses that lead to pods, so one missing
+//! opens nothing.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -14,12 +17,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{core::v1 as core, networking::v1 as networking};
+use k8s_openapi::api::{
+    core::v1 as core, discovery::v1 as discovery, networking::v1 as networking,
+};
 use serde::Deserialize as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    cluster::{Cluster, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef},
+    cluster::{Cluster, EndpointSlice, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef, Service},
     convert,
 };
 
@@ -73,6 +78,8 @@ enum Parsed {
     Namespace(String, Result<Namespace, convert::ModelError>),
     Pod(String, Box<Result<Pod, convert::ModelError>>),
     NetworkPolicy(PolicyRef, Box<Result<NetworkPolicy, convert::ModelError>>),
+    Service(String, Box<Result<Service, convert::ModelError>>),
+    EndpointSlice(String, Box<Result<EndpointSlice, convert::ModelError>>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,6 +216,8 @@ impl ManifestDir {
                     Parsed::Namespace(key, _) => ("Namespace", key.clone()),
                     Parsed::Pod(key, _) => ("Pod", key.clone()),
                     Parsed::NetworkPolicy(id, _) => ("NetworkPolicy", id.to_string()),
+                    Parsed::Service(key, _) => ("Service", key.clone()),
+                    Parsed::EndpointSlice(key, _) => ("EndpointSlice", key.clone()),
                 };
                 if let Some(first) = origin.get(&(kind, key.clone())) {
                     errors.push(ManifestError::Duplicate {
@@ -235,6 +244,20 @@ impl ManifestDir {
                         Err(source) => errors.push(invalid(source)),
                     },
                     Parsed::Namespace(_, Err(source)) => errors.push(invalid(source)),
+                    Parsed::Service(_, service) => match service.as_ref() {
+                        Ok(service) => {
+                            cluster.services.insert(service.id.clone(), service.clone());
+                        }
+                        Err(source) => errors.push(invalid(source)),
+                    },
+                    Parsed::EndpointSlice(_, slice) => match slice.as_ref() {
+                        Ok(slice) => {
+                            cluster
+                                .endpoint_slices
+                                .insert(slice.id.clone(), slice.clone());
+                        }
+                        Err(source) => errors.push(invalid(source)),
+                    },
                     Parsed::NetworkPolicy(id, policy) => {
                         seen_policies.push(id.clone());
                         match policy.as_ref() {
@@ -426,7 +449,8 @@ fn push_objects(value: serde_yaml::Value, objects: &mut Vec<Parsed>) -> Result<(
         format!("{kind} {name}: {}: {}", error.path(), error.inner())
     };
     match kind.as_str() {
-        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
+        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" | "ServiceList"
+        | "EndpointSliceList" => {
             let items = value
                 .get("items")
                 .and_then(serde_yaml::Value::as_sequence)
@@ -459,7 +483,24 @@ fn push_objects(value: serde_yaml::Value, objects: &mut Vec<Parsed>) -> Result<(
                 Box::new(convert::network_policy(&policy)),
             ));
         }
-        // Other kinds (Deployments, Services...) may share the directory; they do not affect policy.
+        "Service" => {
+            let service: core::Service =
+                serde_path_to_error::deserialize(value).map_err(describe)?;
+            objects.push(Parsed::Service(
+                object_key(&service.metadata),
+                Box::new(convert::service(&service)),
+            ));
+        }
+        "EndpointSlice" => {
+            let slice: discovery::EndpointSlice =
+                serde_path_to_error::deserialize(value).map_err(describe)?;
+            objects.push(Parsed::EndpointSlice(
+                object_key(&slice.metadata),
+                Box::new(convert::endpoint_slice(&slice)),
+            ));
+        }
+        // Other kinds (Deployments, ConfigMaps...) may share the directory; they do not affect
+        // policy.
         _ => {}
     }
     Ok(())
@@ -520,6 +561,40 @@ mod tests {
                 && message.contains("NetworkPolicy deny")
                 && message.contains("spec.podSelector.matchLabels"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn services_and_endpoint_slices_are_read_and_bad_ones_reported_and_left_out() {
+        let (cluster, errors) = super::cluster_of_stream(
+            "svc.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-abc, namespace: x, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1], targetRef: {kind: Pod, name: web-1}}]\nports: [{name: http, port: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: x}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 70000}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: orphan, namespace: x}\naddressType: IPv4\nendpoints: []\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {clusterIP: 10.96.0.12}\n",
+        );
+        let web = crate::ServiceRef {
+            namespace: "x".into(),
+            name: "web".into(),
+        };
+        assert_eq!(
+            cluster.services.keys().collect::<Vec<_>>(),
+            [&web],
+            "the bad Service is not a frontend"
+        );
+        assert_eq!(
+            cluster.services[&web].cluster_ips,
+            ["10.96.0.10".parse::<std::net::IpAddr>().unwrap()],
+            "the first copy of a duplicate is used"
+        );
+        let slices: Vec<_> = cluster.endpoint_slices_of(&web).collect();
+        assert_eq!(slices.len(), 1);
+        assert_eq!(slices[0].ports[0].port, 8080);
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [
+                "svc.yaml: Service x/bad: spec.ports[0].port: 70000 is not a port (1-65535)",
+                "svc.yaml: EndpointSlice x/orphan: metadata.labels[kubernetes.io/service-name]: is required: the slice belongs to no Service",
+                "Service x/web appears in both svc.yaml and svc.yaml; using svc.yaml",
+            ]
         );
     }
 
