@@ -13,12 +13,13 @@ use netwarden_common::{
 };
 use netwarden_model::{
     Cluster, ContainerPort, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef,
-    PortSpec, Rule,
+    PortSpec, Rule, Service, ServiceRef,
 };
 use rustc_hash::FxHashMap;
 
 use crate::{
     cidr::{self, Block},
+    frontends::{Frontend, FrontendId, FrontendInfo, FrontendTable},
     identity::{IdentityAllocator, IdentityInfo, resolve_named_port},
     ports::port_prefixes,
 };
@@ -154,8 +155,21 @@ pub struct DatapathState {
     pub rules: BTreeMap<RuleId, RuleOrigin>,
     /// Identities in use.
     pub identities: BTreeMap<PeerId, IdentityInfo>,
+    /// Every Service address and port kube-proxy translates, with the Service it leads to.
+    pub service_frontends: BTreeMap<Frontend, FrontendInfo>,
     /// Things the compiler could not express, naming the object.
     pub warnings: Vec<String>,
+}
+
+impl DatapathState {
+    /// The frontend with id `id`, for attribution. A linear search: events are rate-limited,
+    /// and frontends number in the thousands.
+    #[must_use]
+    pub fn frontend(&self, id: FrontendId) -> Option<(&Frontend, &FrontendInfo)> {
+        self.service_frontends
+            .iter()
+            .find(|(_, info)| info.id == id)
+    }
 }
 
 /// One change to the cluster, as a source reports it: the object's new version, or `None` when
@@ -168,6 +182,8 @@ pub enum Change {
     Namespace(String, Option<Namespace>),
     /// A NetworkPolicy was created, updated or deleted.
     Policy(PolicyRef, Option<NetworkPolicy>),
+    /// A Service was created, updated or deleted.
+    Service(ServiceRef, Option<Service>),
 }
 
 /// A pod/namespace selector peer, in the namespace of the policy it belongs to.
@@ -180,7 +196,8 @@ type SelectorKey = (String, Peer);
 ///   identity, the cached selectors are checked against that one identity, and only the
 ///   endpoints whose policies use a selector whose match set changed are recompiled;
 /// - a namespace re-checks the selectors against the identities of that namespace;
-/// - a policy recompiles the local pods its old or new version selects.
+/// - a policy recompiles the local pods its old or new version selects;
+/// - a Service replaces its own frontends, and node addresses the node-port frontends.
 ///
 /// Identity, policy and rule ids stay stable from one change to the next, so a small change to
 /// the cluster is a small change to the maps. A new peer pod whose label set already exists
@@ -207,6 +224,7 @@ pub struct Compiler {
     rule_ids: FxHashMap<RuleOrigin, RuleId>,
     last_rule_id: RuleId,
     duplicate_ips: BTreeMap<IpAddr, String>,
+    frontends: FrontendTable,
     dirty: BTreeSet<PodRef>,
     state: DatapathState,
 }
@@ -234,6 +252,7 @@ impl Compiler {
             rule_ids: FxHashMap::default(),
             last_rule_id: 0,
             duplicate_ips: BTreeMap::new(),
+            frontends: FrontendTable::default(),
             dirty: BTreeSet::new(),
             state: DatapathState::default(),
         }
@@ -268,10 +287,24 @@ impl Compiler {
             .symmetric_difference(&new)
             .copied()
             .collect();
+        if touched.is_empty() {
+            return &self.state;
+        }
         self.node_addresses = new;
         for ip in touched {
             self.refresh_ip(ip);
         }
+        for (id, service) in &self.cluster.services {
+            if service.ports.iter().any(|port| port.node_port.is_some()) {
+                self.frontends.set_service(
+                    id,
+                    Some(service),
+                    &self.node_addresses,
+                    &mut self.state.service_frontends,
+                );
+            }
+        }
+        self.collect_warnings();
         &self.state
     }
 
@@ -282,6 +315,9 @@ impl Compiler {
             namespaces,
             pods,
             policies,
+            services,
+            // The datapath judges the translated flow by its backend pod: it needs no backends.
+            endpoint_slices: _,
         } = cluster;
         let mut changes = Vec::new();
         diff(
@@ -306,6 +342,12 @@ impl Compiler {
             &mut changes,
             Change::Policy,
         );
+        diff(
+            &self.cluster.services,
+            services,
+            &mut changes,
+            Change::Service,
+        );
         self.update(changes)
     }
 
@@ -316,6 +358,7 @@ impl Compiler {
                 Change::Pod(id, pod) => self.change_pod(id, pod),
                 Change::Namespace(name, namespace) => self.change_namespace(&name, namespace),
                 Change::Policy(id, policy) => self.change_policy(&id, policy),
+                Change::Service(id, service) => self.change_service(&id, service),
             }
         }
         for pod in std::mem::take(&mut self.dirty) {
@@ -332,8 +375,34 @@ impl Compiler {
             self.selector_users.remove(&key);
             self.selectors.remove(&key);
         }
-        self.state.warnings = self.duplicate_ips.values().cloned().collect();
+        self.collect_warnings();
         &self.state
+    }
+
+    fn collect_warnings(&mut self) {
+        self.state.warnings = self
+            .duplicate_ips
+            .values()
+            .chain(self.frontends.conflicts())
+            .cloned()
+            .collect();
+    }
+
+    fn change_service(&mut self, id: &ServiceRef, service: Option<Service>) {
+        let old = match service {
+            Some(service) => self.cluster.services.insert(id.clone(), service),
+            None => self.cluster.services.remove(id),
+        };
+        let new = self.cluster.services.get(id);
+        if old.as_ref() == new {
+            return;
+        }
+        self.frontends.set_service(
+            id,
+            new,
+            &self.node_addresses,
+            &mut self.state.service_frontends,
+        );
     }
 
     fn effective(pod: Option<&Pod>) -> Option<&Pod> {

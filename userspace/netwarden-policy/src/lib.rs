@@ -9,6 +9,7 @@
 mod cidr;
 mod compile;
 pub mod evaluate;
+mod frontends;
 mod identity;
 pub mod lookup;
 mod ports;
@@ -17,5 +18,6 @@ pub use compile::{
     Change, CompiledPolicy, Compiler, DatapathState, Direction, LocalEndpoint, PolicyId,
     PolicyMatch, RuleId, RuleOrigin,
 };
+pub use frontends::{Frontend, FrontendId, FrontendInfo, FrontendKind};
 pub use identity::IdentityInfo;
 pub use ports::port_prefixes;

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use netwarden_model::{Cluster, PodRef};
 use netwarden_policy::{
-    Compiler, DatapathState, Direction,
+    Compiler, DatapathState, Direction, Frontend, FrontendKind,
     lookup::{Decision, decide},
 };
 
@@ -286,4 +286,54 @@ fn peers_with_an_existing_label_set_share_identity_and_entries() {
         two.endpoints[&at("x", "server")].ingress
     );
     assert_eq!(two.ipcache.len(), one.ipcache.len() + 1);
+}
+
+#[test]
+fn services_of_a_manifest_become_frontends_with_stable_ids() {
+    let mut yaml = pod(
+        "x",
+        "web",
+        "app: web",
+        "10.0.0.1",
+        "{name: http, containerPort: 8080}",
+    );
+    yaml += "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {type: NodePort, clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}]}\n";
+    yaml += "---\napiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: x}\nspec: {clusterIP: None, ports: [{port: 5432}]}\n";
+    yaml += "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: x, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1]}]\nports: [{name: http, port: 8080}]\n";
+    let mut compiler = Compiler::new(NODE);
+    compiler.set_node_addresses(&[ip("172.18.0.2")]);
+    let state = compiler.sync(cluster(&yaml)).clone();
+    let frontends: Vec<String> = state
+        .service_frontends
+        .iter()
+        .map(|(frontend, info)| format!("{frontend} -> {info}"))
+        .collect();
+    assert_eq!(
+        frontends,
+        [
+            "10.96.0.10:80/TCP -> Service x/web port http (cluster IP)",
+            "172.18.0.2:30080/TCP -> Service x/web port http (node port)",
+        ]
+    );
+    let web = Frontend {
+        address: ip("10.96.0.10"),
+        protocol: netwarden_model::Protocol::Tcp,
+        port: 80,
+    };
+    let id = state.service_frontends[&web].id;
+    assert_ne!(id, 0);
+    assert_eq!(state.frontend(id).map(|(frontend, _)| *frontend), Some(web));
+
+    // The same manifests again change nothing; dropping the node port keeps the cluster IP's id.
+    assert_eq!(
+        compiler.sync(cluster(&yaml)).service_frontends,
+        state.service_frontends
+    );
+    let without_node_port = yaml
+        .replace("type: NodePort, ", "")
+        .replace(", nodePort: 30080", "");
+    let after = compiler.sync(cluster(&without_node_port));
+    assert_eq!(after.service_frontends.len(), 1);
+    assert_eq!(after.service_frontends[&web].id, id);
+    assert_eq!(after.service_frontends[&web].kind, FrontendKind::ClusterIp);
 }
