@@ -338,6 +338,10 @@ pub mod flow_activity {
     pub const REPLIED: u32 = 2;
     /// A TCP FIN or RST went through: the connection is closing.
     pub const CLOSING: u32 = 4;
+    /// The flow's peer is not the pod that decides it: the flow was translated by the node's
+    /// netfilter (a Service's address, or a masqueraded source), and `TRANSLATIONS` holds the
+    /// peer it was judged on. Set once, by the hook after translation, when it creates the flow.
+    pub const TRANSLATED: u32 = 8;
 }
 
 /// Bits of [`FlowState::flags`]. A flow with none set is an ordinary tracked flow.
@@ -370,6 +374,92 @@ pub struct MtlsExemptPort {
     pub padding: u16,
 }
 
+/// Key of the map of Service frontends: an address, protocol and port that the node's
+/// netfilter (kube-proxy) may translate to a backend. A flow a pod opens to a frontend is not
+/// decided where it leaves the pod but after translation, on the backend it reaches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    /// The frontend's address, IPv4-mapped for IPv4.
+    pub addr: [u8; 16],
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Zero.
+    pub padding: u8,
+    /// The frontend's port (host order).
+    pub port: u16,
+}
+
+/// Value of the map of Service frontends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontendValue {
+    /// The compiler's id of the frontend (names the Service and port in verdict logs).
+    pub id: u32,
+}
+
+/// What a translated flow was judged on: for a flow a pod opened to a Service, the backend it
+/// was translated to; for a flow that reached a pod with a masqueraded source, the original
+/// client. Keyed by the flow's [`FlowKey`] as the endpoint sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    /// The peer's real address, IPv4-mapped for IPv4.
+    pub peer_addr: [u8; 16],
+    /// The peer's real port (host order).
+    pub peer_port: u16,
+    /// Zero.
+    pub padding: u16,
+    /// The Service frontend the flow was opened to (0: none, a masqueraded source only).
+    pub frontend: u32,
+}
+
+/// Where the fields the hook after translation reads lie in this kernel's structures, in
+/// bytes, from the kernel's BTF: the programs are compiled once for every kernel, and these
+/// structures are not ABI. Written by the agent before it attaches the hook; an all-zero
+/// layout (`valid == 0`) means the hook must not trust anything it reads. The layout of
+/// `struct nf_conntrack_tuple` itself has not changed since it was introduced; the agent
+/// checks it against [`conntrack_tuple`] and attaches nothing when it differs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// Non-zero once the agent wrote the offsets.
+    pub valid: u32,
+    /// `struct sk_buff`: `_nfct` (the conntrack entry, with its ctinfo in the low 3 bits).
+    pub skb_nfct: u32,
+    /// `struct sk_buff`: `head`.
+    pub skb_head: u32,
+    /// `struct sk_buff`: `network_header`.
+    pub skb_network_header: u32,
+    /// `struct nf_conn`: `status`.
+    pub conn_status: u32,
+    /// `struct nf_conn`: `tuplehash[IP_CT_DIR_ORIGINAL].tuple`.
+    pub conn_original_tuple: u32,
+    /// `struct nf_conn`: `tuplehash[IP_CT_DIR_REPLY].tuple`.
+    pub conn_reply_tuple: u32,
+    /// Zero.
+    pub padding: u32,
+}
+
+/// The layout of the kernel's `struct nf_conntrack_tuple` the hook after translation reads.
+pub mod conntrack_tuple {
+    /// `src.u3`: the source address (the first 4 bytes for IPv4).
+    pub const SRC_ADDR: usize = 0;
+    /// `src.u.all`: the source port, network order.
+    pub const SRC_PORT: usize = 16;
+    /// `src.l3num`: the address family (`AF_INET`, `AF_INET6`).
+    pub const FAMILY: usize = 18;
+    /// `dst.u3`: the destination address.
+    pub const DST_ADDR: usize = 20;
+    /// `dst.u.all`: the destination port, network order.
+    pub const DST_PORT: usize = 36;
+    /// `dst.protonum`: the IP protocol.
+    pub const PROTOCOL: usize = 38;
+    /// The size of the structure.
+    pub const SIZE: usize = 40;
+}
+
+
 /// A verdict the datapath reports to the agent through the `EVENTS` ring buffer: every deny,
 /// and new allowed flows as sampled by [`SETTING_ALLOW_EVENT_PERIOD`], within a per-CPU rate
 /// limit (the loss is counted, the datapath never waits).
@@ -399,6 +489,9 @@ pub struct VerdictEvent {
     /// For an allowed flow, the compiler's id of the rule that allowed it (0: none, the flow
     /// was allowed for another reason, such as an unisolated direction).
     pub rule: u32,
+    /// For a flow decided after translation, the Service frontend it was opened to (0: none);
+    /// `peer_addr` and `peer_port` are then the backend or the original client it was judged on.
+    pub frontend: u32,
 }
 
 /// Events each CPU may report per second before it only counts them.
@@ -451,8 +544,14 @@ pub mod counter {
     pub const DENIED_PLAINTEXT_TO_STRICT: u32 = 13;
     /// Dropped: a packet of a flow the identity check refused.
     pub const DENIED_BY_IDENTITY: u32 = 14;
+    /// Passed on, undecided: a flow a pod opens to a Service frontend is decided after the
+    /// node's netfilter translated it, on the backend it reaches (the hook after translation).
+    pub const DEFERRED_TO_TRANSLATION: u32 = 15;
+    /// Dropped: the hook after translation could not read the kernel's conntrack entry of a
+    /// flow it must decide.
+    pub const DENIED_UNREADABLE_TRANSLATION: u32 = 16;
     /// Number of reasons.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
     /// Number of counters: every reason, once per direction.
     pub const SLOTS: u32 = 2 * COUNT;
 
@@ -477,7 +576,8 @@ pub const SETTINGS_COUNT: u32 = 1;
 mod pod_impls {
     use super::{
         CidrClass, CidrKey, CidrKeyV4, Endpoint, EndpointAddress, EventBudget, FlowKey, FlowKeyV4,
-        FlowState, IpIdentity, IpKey, MtlsExemptPort, PolicyEntry, PolicyKey, VerdictEvent,
+        FlowState, FrontendKey, FrontendValue, IpIdentity, IpKey, KernelLayout, MtlsExemptPort,
+        PolicyEntry, PolicyKey, Translation, VerdictEvent,
     };
 
     // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
@@ -511,6 +611,14 @@ mod pod_impls {
     unsafe impl aya::Pod for FlowState {}
     // SAFETY: see above.
     unsafe impl aya::Pod for MtlsExemptPort {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FrontendKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FrontendValue {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Translation {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for KernelLayout {}
 }
 
 #[cfg(test)]
@@ -526,7 +634,10 @@ mod tests {
         assert_eq!(size_of::<CidrKey>(), 20);
         assert_eq!(size_of::<super::CidrKeyV4>(), 8);
         assert_eq!(size_of::<super::EndpointAddress>(), 20);
-        assert_eq!(size_of::<super::VerdictEvent>(), 52);
+        assert_eq!(size_of::<super::VerdictEvent>(), 56);
+        assert_eq!(size_of::<super::FrontendKey>(), 20);
+        assert_eq!(size_of::<super::Translation>(), 24);
+        assert_eq!(size_of::<super::KernelLayout>(), 32);
         assert_eq!(size_of::<super::EventBudget>(), 16);
         assert_eq!(size_of::<FlowKey>(), 44);
         assert_eq!(size_of::<super::FlowKeyV4>(), 20);

@@ -12,6 +12,7 @@
 
 mod mtls;
 mod packet;
+mod translated;
 mod verdict;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
@@ -25,6 +26,16 @@ pub fn from_container(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_container(ctx: TcContext) -> i32 {
     verdict::enforce(&ctx, direction::INGRESS)
+}
+
+/// The hook after translation (`translated.rs`): a `BPF_PROG_TYPE_NETFILTER` program on the
+/// node's POSTROUTING and LOCAL_IN hooks. It lives in the `classifier` section only so that
+/// aya parses the object and creates its maps; the agent loads it as a netfilter program of
+/// its own (`netwarden-datapath/src/netfilter.rs`).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "classifier")]
+pub fn after_translation(ctx: *mut translated::NfContext) -> i32 {
+    translated::hook(ctx)
 }
 
 /// Allows everything and reads nothing: never attached, only run by benchmarks so that

@@ -67,10 +67,10 @@ use aya_ebpf::{
 };
 use netwarden_common::{
     CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint,
-    EndpointAddress, EventBudget, FlowKey, FlowKeyV4, FlowState, IDENTITY_HOST, IDENTITY_WORLD,
-    IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey,
-    SETTING_ALLOW_EVENT_PERIOD, SETTINGS_COUNT, VerdictEvent, clock_ticks, counter, direction,
-    endpoint_state, flow_activity, flow_flags, ipv4_of_mapped,
+    EndpointAddress, EventBudget, FlowKey, FlowKeyV4, FlowState, FrontendKey, FrontendValue,
+    IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED,
+    PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, SETTINGS_COUNT, Translation, VerdictEvent,
+    clock_ticks, counter, direction, endpoint_state, flow_activity, flow_flags, ipv4_of_mapped,
 };
 
 use crate::{
@@ -82,8 +82,28 @@ use crate::{
 const ALLOW: i32 = -1;
 const DENY: i32 = TC_ACT_SHOT;
 
+/// Service frontends (address, protocol, port) the node's netfilter may translate: a flow a
+/// pod opens to one is decided after translation (`translated.rs`), on the backend it reaches.
+/// Empty when the hook after translation is not attached, so nothing is ever deferred to a
+/// hook that is not there.
 #[map]
-static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(4096, 0);
+static FRONTENDS: HashMap<FrontendKey, FrontendValue> = HashMap::pinned(65536, 0);
+
+/// The peer each translated flow was judged on (the backend, or the masqueraded client),
+/// keyed like `CONNTRACK_*`: a stale flow is decided again on the same peer. Sized like one
+/// conntrack table; an entry whose flow was evicted is harmless (it is only read for a flow
+/// whose state says it was translated), a flow whose entry was evicted is dropped.
+#[map]
+pub(crate) static TRANSLATIONS: LruHashMap<FlowKey, Translation> = LruHashMap::pinned(65536, 0);
+
+/// The local endpoint (ifindex) owning each address: the hook after translation sees the
+/// packet on the node's routing path, where only the addresses tell which pod sent it or
+/// receives it (anti-spoofing on the pod's own interface vouches for the source).
+#[map]
+pub(crate) static ENDPOINT_OF_ADDRESS: HashMap<IpKey, u32> = HashMap::pinned(16384, 0);
+
+#[map]
+pub(crate) static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(4096, 0);
 
 #[map]
 static ENDPOINT_ADDRESSES: HashMap<EndpointAddress, u32> = HashMap::pinned(16384, 0);
@@ -156,7 +176,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             );
             if screened != mtls::PASS {
                 if !was_cut {
-                    report(&flow, dir, screened, 0, 0);
+                    report(&flow, dir, screened, &Attribution { policy: 0, rule: 0, frontend: 0 });
                 }
                 return count(screened, dir, DENY);
             }
@@ -169,7 +189,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     // SAFETY: the value is copied out at once; a concurrent update can at worst make this
     // packet see the endpoint's previous state, which was valid too.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(flow.ifindex) }).copied() else {
-        report(&flow, dir, counter::DENIED_ENDPOINT_NOT_READY, 0, 0);
+        report(&flow, dir, counter::DENIED_ENDPOINT_NOT_READY, &Attribution { policy: 0, rule: 0, frontend: 0 });
         return count(counter::DENIED_ENDPOINT_NOT_READY, dir, DENY);
     };
     let policy = if dir == direction::INGRESS {
@@ -178,7 +198,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         endpoint.egress_policy
     };
     if dir == direction::EGRESS && !owns_address(&flow) {
-        report(&flow, dir, counter::DENIED_SPOOFED, policy, 0);
+        report(&flow, dir, counter::DENIED_SPOOFED, &Attribution { policy: policy, rule: 0, frontend: 0 });
         return count(counter::DENIED_SPOOFED, dir, DENY);
     }
     if opening == Opening::Error {
@@ -202,15 +222,26 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         // SAFETY: the pointer comes from a successful lookup and is valid for this program run.
         let tracked = unsafe { &mut *tracked };
         let origin = tracked.origin;
-        let reason = decide(&endpoint, origin, &flow, opening_port(&flow, origin)).reason;
+        // A translated flow is decided again on the peer it was judged on; one whose
+        // translation was evicted cannot be, and is forgotten like a revoked one.
+        let judged = judged_flow(&flow, tracked);
+        let reason = match &judged {
+            Some(judged) => decide(&endpoint, origin, judged, opening_port(judged, origin)).reason,
+            None => counter::DENIED_REVOKED,
+        };
         if is_allowed(reason) {
             tracked.epoch = epoch;
             note_activity(tracked, dir, opening);
             return count(counter::ALLOWED_TRACKED, dir, ALLOW);
         }
         conntrack_remove(&flow);
-        report(&flow, origin, counter::DENIED_REVOKED, policy, 0);
+        report(&judged.unwrap_or(flow), origin, counter::DENIED_REVOKED, &Attribution { policy: policy, rule: 0, frontend: 0 });
         return count(counter::DENIED_REVOKED, dir, DENY);
+    }
+
+    if dir == direction::EGRESS && is_frontend(&flow) {
+        // Decided after the node's netfilter translated it, where the backend is known.
+        return count(counter::DEFERRED_TO_TRANSLATION, dir, ALLOW);
     }
 
     let Decision { reason, rule } = decide(&endpoint, dir, &flow, opening_port(&flow, dir));
@@ -233,27 +264,42 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             };
             conntrack_insert(&flow, &state);
             if screened != mtls::PASS {
-                report(&flow, dir, screened, policy, 0);
+                report(&flow, dir, screened, &Attribution { policy: policy, rule: 0, frontend: 0 });
                 return count(screened, dir, DENY);
             }
             if allow_event_sampled() {
-                report(&flow, dir, reason, policy, rule);
+                report(&flow, dir, reason, &Attribution { policy: policy, rule: rule, frontend: 0 });
             }
         } else if mtls::untracked_payload_refused(ctx, &flow, dir, layout.l4_offset, layout.ip_end)
         {
-            report(&flow, dir, counter::DENIED_PLAINTEXT_TO_STRICT, policy, 0);
+            report(&flow, dir, counter::DENIED_PLAINTEXT_TO_STRICT, &Attribution { policy: policy, rule: 0, frontend: 0 });
             return count(counter::DENIED_PLAINTEXT_TO_STRICT, dir, DENY);
         }
         return count(reason, dir, ALLOW);
     }
-    report(&flow, dir, reason, policy, 0);
+    report(&flow, dir, reason, &Attribution { policy: policy, rule: 0, frontend: 0 });
     count(reason, dir, DENY)
+}
+
+/// What a verdict event names besides the flow: the policy in force, the rule that allowed it
+/// (0: none) and the Service frontend it was opened to (0: none). A struct, passed by
+/// reference: a BPF function takes at most five arguments.
+#[derive(Clone, Copy)]
+pub(crate) struct Attribution {
+    pub(crate) policy: u32,
+    pub(crate) rule: u32,
+    pub(crate) frontend: u32,
 }
 
 /// Reports a deny to the agent, within the per-CPU budget; never waits, counts what it drops.
 /// Not inlined: the event has a stack frame of its own.
 #[inline(never)]
-fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32, rule: u32) {
+pub(crate) fn report(flow: &FlowKey, dir: u32, reason: u32, attribution: &Attribution) {
+    let Attribution {
+        policy,
+        rule,
+        frontend,
+    } = *attribution;
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };
@@ -287,6 +333,7 @@ fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32, rule: u32) {
         pod_addr: flow.pod_addr,
         peer_addr: flow.peer_addr,
         rule,
+        frontend,
     });
     entry.submit(0);
 }
@@ -295,7 +342,7 @@ fn report(flow: &FlowKey, dir: u32, reason: u32, policy: u32, rule: u32) {
 /// it was answered, whether it is closing. Stores only what changed, so an active flow costs a
 /// load of the kernel's jiffies per packet and a store per tick, not one per packet.
 #[inline(always)]
-fn note_activity(tracked: &mut FlowState, dir: u32, opening: Opening) {
+pub(crate) fn note_activity(tracked: &mut FlowState, dir: u32, opening: Opening) {
     let mut bits = 0;
     if dir != tracked.origin {
         bits |= flow_activity::REPLIED;
@@ -314,20 +361,57 @@ fn note_activity(tracked: &mut FlowState, dir: u32, opening: Opening) {
 
 /// The conntrack clock the sweeper compares with (see `clock_ticks`).
 #[inline(always)]
-fn now_ticks() -> u32 {
+pub(crate) fn now_ticks() -> u32 {
     // SAFETY: bpf_jiffies64 has no preconditions.
     clock_ticks(unsafe { bpf_jiffies64() })
 }
 
 /// Whether this new allowed flow is one the agent asked to hear about.
 #[inline(always)]
-fn allow_event_sampled() -> bool {
+pub(crate) fn allow_event_sampled() -> bool {
     let period = SETTINGS
         .get(SETTING_ALLOW_EVENT_PERIOD)
         .copied()
         .unwrap_or(0);
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
     period == 1 || (period > 1 && unsafe { bpf_get_prandom_u32() } % period == 0)
+}
+
+/// `flow` with the peer it was judged on: itself, or for a translated flow the peer recorded
+/// when it was decided after translation (`None` when that record is gone).
+#[inline(always)]
+fn judged_flow(flow: &FlowKey, tracked: &FlowState) -> Option<FlowKey> {
+    if tracked.activity & flow_activity::TRANSLATED == 0 {
+        return Some(*flow);
+    }
+    // SAFETY: the value is copied out at once.
+    let translation = unsafe { TRANSLATIONS.get(flow) }.copied()?;
+    let mut judged = *flow;
+    judged.peer_addr = translation.peer_addr;
+    judged.peer_port = translation.peer_port;
+    Some(judged)
+}
+
+/// Whether a packet leaving a pod goes to a Service frontend, which the node's netfilter may
+/// translate before it is routed.
+#[inline(always)]
+fn is_frontend(flow: &FlowKey) -> bool {
+    frontend_of(&flow.peer_addr, flow.protocol, flow.peer_port) != 0
+}
+
+/// The id of the Service frontend at (`addr`, `protocol`, `port`), or 0.
+#[inline(always)]
+pub(crate) fn frontend_of(addr: &[u8; 16], protocol: u8, port: u16) -> u32 {
+    let key = FrontendKey {
+        addr: *addr,
+        protocol,
+        padding: 0,
+        port,
+    };
+    FRONTENDS
+        .get_ptr(&key)
+        // SAFETY: the pointer comes from a successful lookup and is read at once.
+        .map_or(0, |found| unsafe { (*found).id })
 }
 
 /// Whether `flow` is tracked (whatever its epoch).
@@ -339,7 +423,7 @@ pub fn is_tracked(flow: &FlowKey) -> bool {
 /// The conntrack entry of `flow`: IPv4 flows live in a table of their own, whose keys are
 /// less than half as long to hash and compare.
 #[inline(always)]
-fn conntrack_entry(flow: &FlowKey) -> Option<*mut FlowState> {
+pub(crate) fn conntrack_entry(flow: &FlowKey) -> Option<*mut FlowState> {
     match flow.ipv4() {
         Some(key) => CONNTRACK_V4.get_ptr_mut(key),
         None => CONNTRACK_V6.get_ptr_mut(flow),
@@ -347,7 +431,7 @@ fn conntrack_entry(flow: &FlowKey) -> Option<*mut FlowState> {
 }
 
 #[inline(always)]
-fn conntrack_insert(flow: &FlowKey, state: &FlowState) {
+pub(crate) fn conntrack_insert(flow: &FlowKey, state: &FlowState) {
     // A full table evicts its least recently used flow, decided again on its next packet.
     let _ = match flow.ipv4() {
         Some(key) => CONNTRACK_V4.insert(key, state, u64::from(BPF_ANY)),
@@ -356,7 +440,7 @@ fn conntrack_insert(flow: &FlowKey, state: &FlowState) {
 }
 
 #[inline(always)]
-fn conntrack_remove(flow: &FlowKey) {
+pub(crate) fn conntrack_remove(flow: &FlowKey) {
     let _ = match flow.ipv4() {
         Some(key) => CONNTRACK_V4.remove(key),
         None => CONNTRACK_V6.remove(flow),
@@ -375,7 +459,7 @@ fn owns_address(flow: &FlowKey) -> bool {
 
 /// The destination port of the packet that opened `flow` in direction `origin`.
 #[inline(always)]
-fn opening_port(flow: &FlowKey, origin: u32) -> u16 {
+pub(crate) fn opening_port(flow: &FlowKey, origin: u32) -> u16 {
     if origin == direction::EGRESS {
         flow.peer_port
     } else {
@@ -384,7 +468,7 @@ fn opening_port(flow: &FlowKey, origin: u32) -> u16 {
 }
 
 #[inline(always)]
-fn is_allowed(reason: u32) -> bool {
+pub(crate) fn is_allowed(reason: u32) -> bool {
     matches!(
         reason,
         counter::ALLOWED_BY_POLICY | counter::ALLOWED_NODE | counter::ALLOWED_NOT_ISOLATED
@@ -393,9 +477,9 @@ fn is_allowed(reason: u32) -> bool {
 
 /// What [`decide`] found: the counter that names the reason, and for an allow by policy the
 /// rule that allowed it (0 otherwise).
-struct Decision {
-    reason: u32,
-    rule: u32,
+pub(crate) struct Decision {
+    pub(crate) reason: u32,
+    pub(crate) rule: u32,
 }
 
 impl Decision {
@@ -408,7 +492,7 @@ impl Decision {
 /// Steps a. to f. of the module comment. Not inlined, so its LPM keys have a stack frame of
 /// their own.
 #[inline(never)]
-fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision {
+pub(crate) fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision {
     let peer = peer_identity(&flow.peer_addr);
     if dir == direction::INGRESS && peer == IDENTITY_HOST {
         return Decision::because(counter::ALLOWED_NODE);
@@ -486,12 +570,12 @@ fn policy_rule(policy: u32, peer: u32, protocol: u8, port: u16) -> Option<u32> {
 }
 
 #[inline(always)]
-fn current_epoch() -> u32 {
+pub(crate) fn current_epoch() -> u32 {
     EPOCH.get(EPOCH_INDEX).copied().unwrap_or(0)
 }
 
 #[inline(always)]
-fn count(reason: u32, dir: u32, verdict: i32) -> i32 {
+pub(crate) fn count(reason: u32, dir: u32, verdict: i32) -> i32 {
     if let Some(counter) = VERDICTS.get_ptr_mut(counter::slot(dir, reason)) {
         // SAFETY: per-CPU slot of a successful lookup; only this CPU writes it.
         unsafe { *counter += 1 };

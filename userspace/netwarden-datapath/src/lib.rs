@@ -14,6 +14,7 @@
 pub mod bpffs;
 pub mod conntrack;
 pub mod mtls;
+pub mod netfilter;
 pub mod netlink;
 pub mod upgrade;
 
@@ -38,10 +39,11 @@ use aya::{
 };
 use ipnet::IpNet;
 use netwarden_common::{
-    CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, Endpoint, EndpointAddress, IpIdentity, IpKey,
-    PeerId, PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, counter, endpoint_state,
+    CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, Endpoint, EndpointAddress, FrontendKey,
+    FrontendValue, IpIdentity, IpKey, KernelLayout, PeerId, PolicyEntry, PolicyKey,
+    SETTING_ALLOW_EVENT_PERIOD, counter, endpoint_state,
 };
-use netwarden_policy::{CompiledPolicy, DatapathState, PolicyId, lookup::mapped};
+use netwarden_policy::{CompiledPolicy, DatapathState, Frontend, PolicyId, lookup::mapped};
 use tracing::{error, info, warn};
 
 use crate::{bpffs::PinLayout, netlink::NodeNetwork};
@@ -218,6 +220,12 @@ pub struct Datapath {
     installed_identities: BTreeMap<[u8; 32], PeerId>,
     endpoint_addresses: BpfHashMap<MapData, EndpointAddress, u32>,
     installed_addresses: BTreeSet<(u32, IpAddr)>,
+    endpoint_of_address: BpfHashMap<MapData, IpKey, u32>,
+    installed_owners: BTreeMap<IpAddr, u32>,
+    frontends: BpfHashMap<MapData, FrontendKey, FrontendValue>,
+    installed_frontends: BTreeMap<FrontendKey, u32>,
+    kernel_layout: Array<MapData, KernelLayout>,
+    translation: TranslationHook,
     attached: BTreeSet<(u32, Hook)>,
     attach_programs: bool,
     events: Option<RingBuf<MapData>>,
@@ -285,6 +293,12 @@ impl Datapath {
             identities: take_map(&mut ebpf, "IDENTITIES")?,
             endpoint_addresses: take_map(&mut ebpf, "ENDPOINT_ADDRESSES")?,
             installed_addresses: BTreeSet::new(),
+            endpoint_of_address: take_map(&mut ebpf, "ENDPOINT_OF_ADDRESS")?,
+            installed_owners: BTreeMap::new(),
+            frontends: take_map(&mut ebpf, "FRONTENDS")?,
+            installed_frontends: BTreeMap::new(),
+            kernel_layout: take_map(&mut ebpf, "KERNEL_LAYOUT")?,
+            translation: TranslationHook::Off,
             attach_programs: true,
             events: Some(take_map(&mut ebpf, "EVENTS")?),
             ebpf,
@@ -339,6 +353,12 @@ impl Datapath {
         }
         for (digest, identity) in self.identities.iter().flatten() {
             self.installed_identities.insert(digest, identity);
+        }
+        for (key, ifindex) in self.endpoint_of_address.iter().flatten() {
+            self.installed_owners.insert(unmapped(key.addr), ifindex);
+        }
+        for (key, value) in self.frontends.iter().flatten() {
+            self.installed_frontends.insert(key, value.id);
         }
         let highest_policy_id = self
             .installed_policies
@@ -457,6 +477,7 @@ impl Datapath {
             report.changed = true;
         }
 
+        report.changed |= self.sync_frontends(state, &mut report.errors);
         self.sync_identities(state);
         if report.changed {
             self.bump_epoch(&mut report.errors);
@@ -539,7 +560,119 @@ impl Datapath {
             self.installed_addresses.remove(&(ifindex, ip));
             changed = true;
         }
+        changed | self.sync_address_owners(&wanted, errors)
+    }
+
+    /// Writes which endpoint owns each address, for the hook after translation, which sees
+    /// packets on the node's routing path where the interface no longer tells.
+    fn sync_address_owners(
+        &mut self,
+        wanted: &BTreeSet<(u32, IpAddr)>,
+        errors: &mut Vec<String>,
+    ) -> bool {
+        let owners: BTreeMap<IpAddr, u32> = wanted.iter().map(|(ifindex, ip)| (*ip, *ifindex)).collect();
+        let mut changed = false;
+        for (ip, ifindex) in &owners {
+            if self.installed_owners.get(ip) == Some(ifindex) {
+                continue;
+            }
+            match self
+                .endpoint_of_address
+                .insert(IpKey { addr: mapped(*ip) }, *ifindex, 0)
+            {
+                Ok(()) => {
+                    self.installed_owners.insert(*ip, *ifindex);
+                    changed = true;
+                }
+                // Flows of this address through a Service are then judged as no pod's: the
+                // backend's ingress still applies, and a pod's own flows to a frontend drop
+                // (nothing decides them, see `translated.rs`).
+                Err(error) => errors.push(format!("endpoint {ifindex}: cannot record the owner of {ip}: {error}")),
+            }
+        }
+        let gone: Vec<IpAddr> = self
+            .installed_owners
+            .keys()
+            .filter(|ip| !owners.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            let _ = self.endpoint_of_address.remove(&IpKey { addr: mapped(ip) });
+            self.installed_owners.remove(&ip);
+            changed = true;
+        }
         changed
+    }
+
+    /// Writes the Service frontends whose flows are decided after translation, while the hook
+    /// after translation is attached; with no hook there are none, so nothing is deferred to a
+    /// hook that is not there and flows to a Service are judged on its address (fail closed).
+    fn sync_frontends(&mut self, state: &DatapathState, errors: &mut Vec<String>) -> bool {
+        let wanted: BTreeMap<FrontendKey, u32> = if self.translation == TranslationHook::Attached {
+            state
+                .service_frontends
+                .iter()
+                .map(|(frontend, info)| (frontend_key(frontend), info.id))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let mut changed = false;
+        for (key, id) in &wanted {
+            if self.installed_frontends.get(key) == Some(id) {
+                continue;
+            }
+            match self.frontends.insert(*key, FrontendValue { id: *id }, 0) {
+                Ok(()) => {
+                    self.installed_frontends.insert(*key, *id);
+                    changed = true;
+                }
+                // Not deferred: flows to it are judged on the frontend's address (fail closed).
+                Err(error) => errors.push(format!("Service frontend {id}: cannot write its map entry: {error}")),
+            }
+        }
+        let gone: Vec<FrontendKey> = self
+            .installed_frontends
+            .keys()
+            .filter(|key| !wanted.contains_key(key))
+            .copied()
+            .collect();
+        for key in gone {
+            let _ = self.frontends.remove(&key);
+            self.installed_frontends.remove(&key);
+            changed = true;
+        }
+        changed
+    }
+
+    /// Loads the hook after translation and attaches it to this network namespace's
+    /// netfilter (POSTROUTING and LOCAL_IN, after source NAT), replacing a previous agent's.
+    /// Until it is attached no flow is deferred to it; on a kernel without netfilter BPF
+    /// links (Linux < 6.4) or BTF, flows to Services are judged on the Service's address.
+    pub fn attach_translation_hook(&mut self) -> Result<(), netfilter::NetfilterError> {
+        let result = (|| -> Result<(), netfilter::NetfilterError> {
+            let layout = netfilter::kernel_layout(Path::new("/sys/kernel/btf/vmlinux"))?;
+            self.kernel_layout
+                .set(0, layout, 0)
+                .map_err(|source| netfilter::NetfilterError::Map {
+                    name: "KERNEL_LAYOUT".into(),
+                    source,
+                })?;
+            let program = netfilter::load(PROGRAMS, &self.layout.maps(), &self.ebpf)?;
+            netfilter::attach(&program, &self.layout.links())?;
+            Ok(())
+        })();
+        self.translation = match &result {
+            Ok(()) => TranslationHook::Attached,
+            Err(error) => TranslationHook::Failed(error.to_string()),
+        };
+        result
+    }
+
+    /// Whether the hook after translation is attached, or why not.
+    #[must_use]
+    pub fn translation_hook(&self) -> &TranslationHook {
+        &self.translation
     }
 
     fn sync_ipcache(
@@ -930,6 +1063,27 @@ impl Datapath {
                 capacity: capacity.conntrack,
             },
         ]
+    }
+}
+
+/// Whether flows to Services are decided after translation (see [`netfilter`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TranslationHook {
+    /// Not asked for (tests that run the programs on crafted packets).
+    Off,
+    /// Attached: flows to Service frontends are decided on the backend they reach.
+    Attached,
+    /// Could not be attached (why): flows to Services are judged on the Service's address.
+    Failed(String),
+}
+
+/// The key of `frontend` in the frontend map.
+fn frontend_key(frontend: &Frontend) -> FrontendKey {
+    FrontendKey {
+        addr: mapped(frontend.address),
+        protocol: frontend.protocol.number(),
+        padding: 0,
+        port: frontend.port,
     }
 }
 

@@ -330,6 +330,14 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     datapath
         .set_allow_event_period(options.allow_events)
         .context("setting the allow-event period")?;
+    // The agent runs in the node's network namespace: the hook goes on its netfilter.
+    match datapath.attach_translation_hook() {
+        Ok(()) => info!("hook after translation attached: flows to Services are decided on the pods they reach"),
+        Err(error) => warn!(
+            %error,
+            "hook after translation not attached: flows to Services are judged on the Service's address"
+        ),
+    }
     let attribution = SharedAttribution::default();
     if let Some(ring) = datapath.take_events() {
         events::spawn_reader(ring, attribution.clone());

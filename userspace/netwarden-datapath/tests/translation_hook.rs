@@ -1,0 +1,66 @@
+//! The hook after translation loads into the real kernel and attaches to a network
+//! namespace's netfilter, and a second agent takes it over without a gap.
+
+mod common;
+
+use std::path::Path;
+
+use netwarden_datapath::{Capacity, Datapath, TranslationHook};
+
+use crate::common::PrivateBpffs;
+
+/// Runs `test` on a thread of its own in a new network namespace, so the hook never touches
+/// the namespace the tests run in.
+fn in_new_netns(test: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("a network namespace of the test's own");
+        test();
+    })
+    .join()
+    .expect("the test thread");
+}
+
+#[test]
+fn the_hook_attaches_to_postrouting_and_local_in_and_a_new_agent_replaces_it() {
+    let Some(bpffs) = PrivateBpffs::new() else {
+        return;
+    };
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        eprintln!("skipped: this kernel publishes no BTF");
+        return;
+    }
+    let root = bpffs.path().to_owned();
+    in_new_netns(move || {
+        let (mut first, _) = Datapath::open(&root, &Capacity::default()).expect("datapath");
+        first
+            .attach_translation_hook()
+            .unwrap_or_else(|error| panic!("the hook attaches: {error}"));
+        assert_eq!(first.translation_hook(), &TranslationHook::Attached);
+        let links = root.join("netwarden/v1/links");
+        let pinned = |dir: &Path| {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .expect("links dir")
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("netfilter-"))
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            pinned(&links),
+            [
+                "netfilter-ipv4-local-in",
+                "netfilter-ipv4-post-routing",
+                "netfilter-ipv6-local-in",
+                "netfilter-ipv6-post-routing"
+            ]
+        );
+        drop(first);
+        // A restarted agent attaches its own program and replaces the pins.
+        let (mut second, _) = Datapath::open(&root, &Capacity::default()).expect("datapath");
+        second.attach_translation_hook().expect("re-attaches");
+        assert_eq!(pinned(&links).len(), 4);
+    });
+}
