@@ -5,6 +5,7 @@ mod agent;
 mod cleanup;
 mod crafted;
 mod kind;
+mod kube_proxy;
 mod manifests;
 mod mtls;
 mod netns;
@@ -16,6 +17,7 @@ mod runner;
 mod scenario;
 mod sctp;
 mod servers;
+mod services;
 
 use std::{path::PathBuf, process::ExitCode};
 
