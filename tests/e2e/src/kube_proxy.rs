@@ -192,7 +192,7 @@ fn iptables_endpoint_hash(port: &ProxiedPort, endpoint: SocketAddr) -> String {
 #[expect(clippy::too_many_lines, reason = "one ruleset, in kube-proxy's order")]
 pub fn iptables_rules(family: IpFamily, ports: &[ProxiedPort]) -> String {
     let cidr = pod_cidr(family);
-    let mut filter_chains = vec![
+    let filter_chains = [
         ":INPUT ACCEPT [0:0]".to_owned(),
         ":FORWARD ACCEPT [0:0]".to_owned(),
         ":OUTPUT ACCEPT [0:0]".to_owned(),
@@ -559,16 +559,11 @@ impl KubeProxy {
         }
     }
 
-    #[must_use]
-    pub fn mode(&self) -> KubeProxyMode {
-        self.mode
-    }
-
     /// Replaces the node's rules with those of `services` and `slices`.
-    pub async fn program<'a>(
+    pub async fn program(
         &mut self,
         node: &Netns,
-        services: impl IntoIterator<Item = &'a Service> + Clone,
+        services: &[&Service],
         slices: &[EndpointSlice],
     ) -> Result<(), KubeProxyError> {
         let error = |source| KubeProxyError::Program {
@@ -588,7 +583,7 @@ impl KubeProxy {
             .families
             .iter()
             .map(|family| {
-                let ports = proxied_ports(*family, services.clone(), slices);
+                let ports = proxied_ports(*family, services.iter().copied(), slices);
                 match self.mode {
                     KubeProxyMode::Iptables => iptables_rules(*family, &ports),
                     KubeProxyMode::Nftables => nftables_ruleset(*family, &ports),

@@ -367,11 +367,6 @@ impl ServiceRegistry {
     }
 
     #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
-    }
-
-    #[must_use]
     pub fn get(&self, key: &str) -> Option<&Service> {
         self.services.get(key)
     }
