@@ -1,12 +1,12 @@
 //! kube-proxy on the simulated node: the node namespace's netfilter programmed from the
-//! Service and EndpointSlice objects the way kube-proxy programs a node, in its `iptables` or
+//! Service and `EndpointSlice` objects the way kube-proxy programs a node, in its `iptables` or
 //! its `nftables` mode.
 //!
 //! The rule text follows kube-proxy's own (`pkg/proxy/iptables/proxier.go` and
 //! `pkg/proxy/nftables/proxier.go` in kubernetes/kubernetes): the same chains, names, hashes,
 //! masquerade mark and endpoint choice, so that whatever netwarden sees on a real node it sees
-//! here. What is left out is what a single-node cluster with ClusterIP and NodePort Services
-//! and `externalTrafficPolicy: Cluster` never reaches: session affinity, LoadBalancer and
+//! here. What is left out is what a single-node cluster with `ClusterIP` and `NodePort` Services
+//! and `externalTrafficPolicy: Cluster` never reaches: session affinity, `LoadBalancer` and
 //! external IPs, topology and `Local` traffic policies, health-check node ports.
 //!
 //! Every change is one transaction (`iptables-restore` per family, one `nft -f`), so a probe
@@ -28,7 +28,7 @@ use crate::{
 };
 
 /// The pod CIDRs of the simulated cluster (kube-proxy's `--cluster-cidr`, its "local
-/// traffic detector"): traffic from elsewhere to a ClusterIP is masqueraded.
+/// traffic detector"): traffic from elsewhere to a `ClusterIP` is masqueraded.
 const POD_CIDR_V4: &str = "10.244.0.0/16";
 const POD_CIDR_V6: &str = "fd00:10:244::/64";
 /// kube-proxy's default `--masquerade-bit` 14.
@@ -61,13 +61,13 @@ pub enum KubeProxyError {
     },
 }
 
-/// One ServicePort of one family, with its endpoints: what kube-proxy's `ServicePortMap` and
-/// `EndpointsMap` hold for it after reading the Service and its EndpointSlices.
+/// One `ServicePort` of one family, with its endpoints: what kube-proxy's `ServicePortMap` and
+/// `EndpointsMap` hold for it after reading the Service and its `EndpointSlices`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxiedPort {
     pub namespace: String,
     pub service: String,
-    /// The ServicePort's name, empty when it has none.
+    /// The `ServicePort`'s name, empty when it has none.
     pub port_name: String,
     pub protocol: Protocol,
     pub cluster_ip: IpAddr,
@@ -92,8 +92,8 @@ impl ProxiedPort {
     }
 }
 
-/// The ServicePorts of `family`, joined with the endpoints their EndpointSlices list for them
-/// (a slice port matches a ServicePort by name and protocol, as in kube-proxy).
+/// The `ServicePorts` of `family`, joined with the endpoints their `EndpointSlices` list for them
+/// (a slice port matches a `ServicePort` by name and protocol, as in kube-proxy).
 #[must_use]
 pub fn proxied_ports<'a>(
     family: IpFamily,
@@ -148,7 +148,7 @@ fn pod_cidr(family: IpFamily) -> &'static str {
 }
 
 /// The Service CIDR of `family`: the node routes it to its dummy interface, as a node routes
-/// it to its default gateway, so that a hostNetwork client can even send to a ClusterIP
+/// it to its default gateway, so that a `hostNetwork` client can even send to a `ClusterIP`
 /// (kube-proxy's OUTPUT rules translate it before the packet leaves).
 #[must_use]
 pub fn service_cidr(family: IpFamily) -> &'static str {
@@ -684,8 +684,7 @@ mod tests {
         assert!(
             rules
                 .lines()
-                .filter(|line| line.starts_with("-A KUBE-SERVICES"))
-                .last()
+                .rfind(|line| line.starts_with("-A KUBE-SERVICES"))
                 .unwrap()
                 .contains("-j KUBE-NODEPORTS"),
             "nodeports come last"

@@ -103,7 +103,7 @@ impl ManifestWriter {
         self.delete(&policy_file(namespace, name))
     }
 
-    /// Writes any object under a file name of the caller's choosing (Services, EndpointSlices).
+    /// Writes any object under a file name of the caller's choosing (Services, `EndpointSlices`).
     pub fn object(&self, file: &str, object: &impl serde::Serialize) -> Result<(), ManifestError> {
         self.write(file, object)
     }

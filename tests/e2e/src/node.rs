@@ -22,7 +22,7 @@ pub const NODE_NAME: &str = "nwe2e-node";
 /// The gateway every pod routes through; it sits on the host side of every veth.
 const GATEWAY_V4: &str = "169.254.1.1";
 const GATEWAY_V6: &str = "fe80::1";
-/// The node's own addresses (on `node0`): hostNetwork clients dial from them, NodePorts
+/// The node's own addresses (on `node0`): `hostNetwork` clients dial from them, `NodePorts`
 /// listen on them.
 pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x18, 0, 0, 0, 0, 2);

@@ -81,7 +81,7 @@ impl Answerer<'_> {
     }
 
     /// Whether `answer` comes from a right server at all (maybe to an earlier line).
-    fn from_server(self, protocol: Protocol, answer: &str) -> bool {
+    fn is_server_of(self, protocol: Protocol, answer: &str) -> bool {
         match self {
             Self::Exactly(identity) => answer.starts_with(&format!("{identity} {protocol}")),
             Self::AnyOf(identities) => identities
@@ -165,7 +165,7 @@ async fn exchange_udp(socket: &UdpSocket, server: Server<'_>, line: &str) -> Res
         if answered(server, Protocol::Udp, line, &answer) {
             return Ok(());
         }
-        if !server.answerer.from_server(Protocol::Udp, &answer) {
+        if !server.answerer.is_server_of(Protocol::Udp, &answer) {
             return Err(DialError::WrongAnswer(answer.into_owned()));
         }
     }

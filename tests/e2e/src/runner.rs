@@ -33,9 +33,9 @@ use crate::{
     probe::{self, Answerer, Client, DialError, Flow, Server},
     report::{self, ObservedGrid, Outcome, Verdict},
     scenario::{
-        self, ConnectionExpectation, Delivery, Dial, DialVia, ExpectedGrid, IpFamily, Labels,
-        NODE_CLIENT, PodSpec, ProbeVia, Protocol, Quote, Reachability, RestartMode, Scenario,
-        SpoofedSource, Step,
+        self, ConnectionExpectation, Delivery, Dial, DialVia, IpFamily, Labels, NODE_CLIENT,
+        PodSpec, ProbeVia, Protocol, Quote, Reachability, RestartMode, Scenario, SpoofedSource,
+        Step,
     },
     servers::{self, ServerError, Servers},
     services::{self, PodEndpoint, ServiceError, ServiceRegistry, ServiceSpec},
@@ -549,15 +549,7 @@ impl ScenarioRun<'_> {
                         .push(format!("step {number} {step}: the connection is {state}"));
                 }
             }
-            Step::Probe {
-                port,
-                protocol,
-                expect,
-                via,
-            } => {
-                self.probe(number, step, *port, *protocol, expect, *via)
-                    .await;
-            }
+            Step::Probe { .. } => self.probe(number, step).await,
             Step::Dial(dial) => self.dial(number, step, dial).await,
             Step::SendSpoofed {
                 from,
@@ -781,27 +773,7 @@ impl ScenarioRun<'_> {
                     ));
                 }
             }
-            Step::CreateService { service } => {
-                let spec = self.scenario.services[service].clone();
-                let (registry, _) = self.services.as_mut().expect("the scenario has services");
-                let created = registry.create(spec)?;
-                let ports: Vec<String> = created
-                    .spec
-                    .ports
-                    .iter()
-                    .map(|port| match port.node_port {
-                        Some(node_port) => {
-                            format!("{}/{} (node port {node_port})", port.protocol, port.port)
-                        }
-                        None => format!("{}/{}", port.protocol, port.port),
-                    })
-                    .collect();
-                self.progress.line(&format!(
-                    "  {service}: {} {}",
-                    created.cluster_ips,
-                    ports.join(", ")
-                ));
-            }
+            Step::CreateService { service } => self.create_service(service)?,
             Step::DeleteService { service } => {
                 let (registry, _) = self.services.as_mut().expect("the scenario has services");
                 registry.delete(service);
@@ -822,7 +794,30 @@ impl ScenarioRun<'_> {
         Ok(true)
     }
 
-    /// Rewrites the Service and EndpointSlice objects from the pods that exist now, and
+    fn create_service(&mut self, key: &str) -> Result<(), StepError> {
+        let spec = self.scenario.services[key].clone();
+        let (registry, _) = self.services.as_mut().expect("the scenario has services");
+        let created = registry.create(spec)?;
+        let ports: Vec<String> = created
+            .spec
+            .ports
+            .iter()
+            .map(|port| match port.node_port {
+                Some(node_port) => {
+                    format!("{}/{} (node port {node_port})", port.protocol, port.port)
+                }
+                None => format!("{}/{}", port.protocol, port.port),
+            })
+            .collect();
+        self.progress.line(&format!(
+            "  {key}: {} {}",
+            created.cluster_ips,
+            ports.join(", ")
+        ));
+        Ok(())
+    }
+
+    /// Rewrites the Service and `EndpointSlice` objects from the pods that exist now, and
     /// reprograms kube-proxy's rules from them.
     async fn sync_services(&mut self) -> Result<(), StepError> {
         let Some((registry, kube_proxy)) = &mut self.services else {
@@ -848,7 +843,7 @@ impl ScenarioRun<'_> {
     }
 
     /// Where a probe from any client reaches `server` (`key`) in `family`: its own address, or
-    /// its per-pod Service's ClusterIP (external hosts have no Service).
+    /// its per-pod Service's `ClusterIP` (external hosts have no Service).
     fn probe_destination(
         &self,
         key: &str,
@@ -1149,15 +1144,16 @@ impl ScenarioRun<'_> {
         grids
     }
 
-    async fn probe(
-        &mut self,
-        number: usize,
-        step: &Step,
-        port: u16,
-        protocol: Protocol,
-        expected: &ExpectedGrid,
-        via: ProbeVia,
-    ) {
+    async fn probe(&mut self, number: usize, step: &Step) {
+        let &Step::Probe {
+            port,
+            protocol,
+            expect: ref expected,
+            via,
+        } = step
+        else {
+            unreachable!("called for probe steps only")
+        };
         let order: Vec<&String> = self.live.keys().collect();
         assert!(
             order.iter().copied().eq(&expected.endpoints),

@@ -121,7 +121,7 @@ pub struct Model {
     pub pods: IndexMap<String, PodSpec>,
     /// External host keys, in grid order after the pods.
     pub external_hosts: Vec<String>,
-    /// `services: per_pod`: a ClusterIP Service per pod, as upstream's e2e suite creates.
+    /// `services: per_pod`: a `ClusterIP` Service per pod, as upstream's e2e suite creates.
     pub per_pod_services: bool,
     /// How the node's netfilter translates Services (when there are any).
     pub kube_proxy: KubeProxyMode,
@@ -154,7 +154,7 @@ pub enum ProbeVia {
     /// The server pod's own address.
     #[default]
     Pod,
-    /// The server pod's per-pod Service (ClusterIP and service port).
+    /// The server pod's per-pod Service (`ClusterIP` and service port).
     Service,
 }
 
@@ -176,7 +176,7 @@ pub enum Reachability {
     Blocked,
 }
 
-/// The `from` of a `dial` that stands for a hostNetwork client in the node namespace.
+/// The `from` of a `dial` that stands for a `hostNetwork` client in the node namespace.
 pub const NODE_CLIENT: &str = "node";
 
 /// One connection to a Service.

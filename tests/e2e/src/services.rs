@@ -1,5 +1,5 @@
-//! Services and their EndpointSlices, kept the way the API server and kube's endpointslice
-//! controller keep them: ClusterIPs (and nodePorts) are allocated when a Service is created,
+//! Services and their `EndpointSlices`, kept the way the API server and kube's endpointslice
+//! controller keep them: `ClusterIPs` (and nodePorts) are allocated when a Service is created,
 //! and every Service's slices are recomputed from its selector whenever a pod appears,
 //! disappears or is relabelled.
 //!
@@ -22,13 +22,13 @@ use crate::{
     scenario::{IpFamily, Labels, PodSpec, Protocol},
 };
 
-/// The Service CIDRs: outside the pod range (10.244.0.0/16, fd00:10:244::/64) as in a real
-/// cluster, where ClusterIPs are routed nowhere and exist only in kube-proxy's rules.
+/// The Service CIDRs: outside the pod range (`10.244.0.0/16`, `fd00:10:244::/64`) as in a real
+/// cluster, where `ClusterIPs` are routed nowhere and exist only in kube-proxy's rules.
 pub const SERVICE_CIDR_V4: &str = "10.96.0.0/16";
 pub const SERVICE_CIDR_V6: &str = "fd00:10:96::/112";
 /// The first nodePort handed out (the API server's default range is 30000-32767).
 const FIRST_NODE_PORT: u16 = 30_000;
-/// ClusterIPs start above the `.1`/`::1` a cluster keeps for the `kubernetes` Service.
+/// `ClusterIPs` start above the `.1`/`::1` a cluster keeps for the `kubernetes` Service.
 const FIRST_HOST: u16 = 10;
 
 /// How a Service is exposed.
@@ -39,7 +39,7 @@ pub enum ServiceType {
     NodePort,
 }
 
-/// A ServicePort's `targetPort`: a container port's number or name.
+/// A `ServicePort`'s `targetPort`: a container port's number or name.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum TargetPort {
@@ -64,7 +64,7 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
-    /// The container port this ServicePort reaches on `pod`, if the pod has it.
+    /// The container port this `ServicePort` reaches on `pod`, if the pod has it.
     fn resolve(&self, pod: &PodSpec) -> Option<u16> {
         match &self.target_port {
             None => Some(self.port),
@@ -86,7 +86,7 @@ pub struct ServiceSpec {
     pub kind: ServiceType,
     pub selector: Labels,
     pub ports: Vec<ServicePort>,
-    /// ClusterIPs the scenario asks for; the harness allocates the missing families.
+    /// `ClusterIPs` the scenario asks for; the harness allocates the missing families.
     pub requested_ips: Vec<IpAddr>,
 }
 
@@ -98,7 +98,7 @@ impl ServiceSpec {
 
     /// The per-pod Service upstream's e2e suite creates for every server pod: it selects the
     /// pod by its labels at creation (upstream's pods carry exactly `pod: <name>`) and has one
-    /// ServicePort per container port, reaching it by name.
+    /// `ServicePort` per container port, reaching it by name.
     #[must_use]
     pub fn per_pod(pod: &PodSpec) -> Self {
         Self {
@@ -220,7 +220,7 @@ pub fn parse_service(key: &str, value: serde_yaml::Value) -> Result<ServiceSpec,
     })
 }
 
-/// A Service as the API server holds it once created: its ClusterIPs and nodePorts set.
+/// A Service as the API server holds it once created: its `ClusterIPs` and nodePorts set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub spec: ServiceSpec,
@@ -228,7 +228,7 @@ pub struct Service {
 }
 
 impl Service {
-    /// The ServicePort serving `port`/`protocol`.
+    /// The `ServicePort` serving `port`/`protocol`.
     #[must_use]
     pub fn port(&self, port: u16, protocol: Protocol) -> Option<&ServicePort> {
         self.spec
@@ -246,7 +246,7 @@ pub struct SliceEndpoint {
     pub pod: String,
 }
 
-/// A port of a slice: the ServicePort's name and protocol with the resolved container port.
+/// A port of a slice: the `ServicePort`'s name and protocol with the resolved container port.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SlicePort {
     pub name: Option<String>,
@@ -254,7 +254,7 @@ pub struct SlicePort {
     pub port: u16,
 }
 
-/// An EndpointSlice (discovery.k8s.io/v1): one address family, one set of resolved ports.
+/// An `EndpointSlice` (discovery.k8s.io/v1): one address family, one set of resolved ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSlice {
     pub name: String,
@@ -272,7 +272,7 @@ pub struct PodEndpoint<'a> {
     pub addresses: &'a Addresses,
 }
 
-/// The EndpointSlices of `service` for the pods that exist now. Like kube's controller, pods
+/// The `EndpointSlices` of `service` for the pods that exist now. Like kube's controller, pods
 /// whose named ports resolve differently land in different slices, a pod lacking a named port
 /// is left out of that port, and a Service selecting nothing keeps one empty slice per family.
 #[must_use]
@@ -334,7 +334,7 @@ pub fn endpoint_slices(service: &Service, pods: &[PodEndpoint<'_>]) -> Vec<Endpo
     slices
 }
 
-/// Allocates ClusterIPs and nodePorts, and keeps the Service and EndpointSlice files of the
+/// Allocates `ClusterIPs` and nodePorts, and keeps the Service and `EndpointSlice` files of the
 /// manifest directory in step with the pods.
 #[derive(Debug)]
 pub struct ServiceRegistry {
@@ -507,7 +507,7 @@ pub fn service_object(service: &Service) -> serde_json::Value {
     })
 }
 
-/// The EndpointSlice object as kube's endpointslice controller writes it.
+/// The `EndpointSlice` object as kube's endpointslice controller writes it.
 #[must_use]
 pub fn slice_object(slice: &EndpointSlice) -> serde_json::Value {
     let ports: Vec<serde_json::Value> = slice
