@@ -5,6 +5,7 @@ mod agent;
 mod cleanup;
 mod crafted;
 mod kind;
+mod kube_proxy;
 mod manifests;
 mod mtls;
 mod netns;
@@ -16,6 +17,7 @@ mod runner;
 mod scenario;
 mod sctp;
 mod servers;
+mod services;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -53,12 +55,26 @@ struct RunArgs {
     /// Print every step and every probe's connectivity matrix.
     #[arg(long)]
     verbose: bool,
+    /// Run every scenario through Services as upstream's suite runs on a real cluster: a
+    /// per-pod Service for every pod, kube-proxy in the given mode, every probe dialling the
+    /// server's Service. Reported with the variant in the scenario's name.
+    #[arg(long, value_name = "VARIANT")]
+    variant: Option<Variant>,
     /// Run without an agent, to test the harness itself: everything is then open.
     #[arg(long, conflicts_with = "agent")]
     no_agent: bool,
     /// Scenario files or directories.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
+}
+
+/// A way of running every scenario besides the one it describes.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Variant {
+    /// Through per-pod Services, kube-proxy in iptables mode.
+    ServiceIptables,
+    /// Through per-pod Services, kube-proxy in nftables mode.
+    ServiceNftables,
 }
 
 #[tokio::main]
@@ -124,6 +140,10 @@ async fn run() -> anyhow::Result<ExitCode> {
         agent,
         jobs: usize::from(args.jobs),
         verbose: args.verbose,
+        through_services: args.variant.map(|variant| match variant {
+            Variant::ServiceIptables => kube_proxy::KubeProxyMode::Iptables,
+            Variant::ServiceNftables => kube_proxy::KubeProxyMode::Nftables,
+        }),
     };
     let all_passed = runner::run(options, files).await;
     Ok(if all_passed {

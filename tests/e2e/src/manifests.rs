@@ -103,6 +103,16 @@ impl ManifestWriter {
         self.delete(&policy_file(namespace, name))
     }
 
+    /// Writes any object under a file name of the caller's choosing (Services, `EndpointSlices`).
+    pub fn object(&self, file: &str, object: &impl serde::Serialize) -> Result<(), ManifestError> {
+        self.write(file, object)
+    }
+
+    /// Removes a file written by [`Self::object`].
+    pub fn remove(&self, file: &str) -> Result<(), ManifestError> {
+        self.delete(file)
+    }
+
     fn write(&self, file: &str, object: &impl serde::Serialize) -> Result<(), ManifestError> {
         let text = serde_yaml::to_string(object).map_err(|source| ManifestError::Serialize {
             name: file.to_owned(),

@@ -93,7 +93,21 @@ impl Netns {
 
     /// Runs `ip -n NS -batch -` with `commands`, one per line.
     pub async fn ip_batch(&self, commands: &[String]) -> Result<(), NetnsError> {
-        run_with_input(&["-n", &self.name, "-batch", "-"], &commands.join("\n")).await
+        run_with_input(
+            "ip",
+            &["-n", &self.name, "-batch", "-"],
+            &commands.join("\n"),
+        )
+        .await
+    }
+
+    /// Runs `program ARGS` inside this namespace (through `nsenter --net`, which unlike
+    /// `ip netns exec` leaves the mounts alone), feeding it `input` on stdin.
+    pub async fn run(&self, program: &str, args: &[&str], input: &str) -> Result<(), NetnsError> {
+        let namespace = format!("--net=/run/netns/{}", self.name);
+        let mut full = vec![namespace.as_str(), program];
+        full.extend_from_slice(args);
+        run_with_input("nsenter", &full, input).await
     }
 
     /// Sets sysctls (`key=value`) in this namespace. `ip netns exec` is used only here: it
@@ -125,12 +139,12 @@ impl AsFd for Netns {
 
 /// Runs `ip ARGS`.
 pub async fn ip(args: &[&str]) -> Result<(), NetnsError> {
-    run_with_input(args, "").await
+    run_with_input("ip", args, "").await
 }
 
-async fn run_with_input(args: &[&str], input: &str) -> Result<(), NetnsError> {
-    let command = format!("ip {}", args.join(" "));
-    let mut child = Command::new("ip")
+async fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<(), NetnsError> {
+    let command = format!("{program} {}", args.join(" "));
+    let mut child = Command::new(program)
         .args(args)
         .stdin(if input.is_empty() {
             Stdio::null()

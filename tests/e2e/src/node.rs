@@ -22,6 +22,10 @@ pub const NODE_NAME: &str = "nwe2e-node";
 /// The gateway every pod routes through; it sits on the host side of every veth.
 const GATEWAY_V4: &str = "169.254.1.1";
 const GATEWAY_V6: &str = "fe80::1";
+/// The node's own addresses (on `node0`): `hostNetwork` clients dial from them, `NodePorts`
+/// listen on them.
+pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x18, 0, 0, 0, 0, 2);
 /// Hosts get `BASE + counter` as the last address byte.
 const ADDRESS_BASE: u32 = 10;
 
@@ -139,10 +143,10 @@ impl Node {
         }
         let mut commands = vec![
             "link set node0 up".to_owned(),
-            "address add 172.18.0.2/32 dev node0".to_owned(),
+            format!("address add {NODE_V4}/32 dev node0"),
         ];
         if ipv6 {
-            commands.push("address add fd00:172:18::2/128 dev node0 nodad".to_owned());
+            commands.push(format!("address add {NODE_V6}/128 dev node0 nodad"));
         }
         netns.ip_batch(&commands).await?;
         Ok(Self {
@@ -156,6 +160,12 @@ impl Node {
     #[must_use]
     pub fn netns(&self) -> &Netns {
         &self.netns
+    }
+
+    /// The node's own addresses in the model's families.
+    #[must_use]
+    pub fn addresses(&self) -> Addresses {
+        Addresses::pick(&self.families, NODE_V4, NODE_V6)
     }
 
     /// Creates and wires a pod or external host. `reuse` gives it the addresses of a pod that

@@ -48,11 +48,47 @@ pub struct Client<'a> {
     pub address: IpAddr,
 }
 
-/// The dialled server: its address and port, and the identity it must answer with.
+/// The dialled server: its address and port, and who must answer.
 #[derive(Clone, Copy, Debug)]
 pub struct Server<'a> {
     pub address: SocketAddr,
-    pub identity: &'a str,
+    pub answerer: Answerer<'a>,
+}
+
+/// Who may answer a dial.
+#[derive(Clone, Copy, Debug)]
+pub enum Answerer<'a> {
+    /// This pod or host, serving the dialled port itself (a pod's own address, or a per-pod
+    /// Service whose ports are the container ports).
+    Exactly(&'a str),
+    /// Any of these pods, on whichever port it serves (a Service's endpoints behind a
+    /// translation that may change the port).
+    AnyOf(&'a [String]),
+}
+
+impl Answerer<'_> {
+    /// Whether `answer` is the reply of a right server to `line`.
+    fn answered(self, protocol: Protocol, port: u16, line: &str, answer: &str) -> bool {
+        match self {
+            Self::Exactly(identity) => answer == format!("{identity} {protocol} {port} {line}"),
+            Self::AnyOf(identities) => identities.iter().any(|identity| {
+                answer
+                    .strip_prefix(&format!("{identity} {protocol} "))
+                    .and_then(|rest| rest.split_once(' '))
+                    .is_some_and(|(served, echoed)| served.parse::<u16>().is_ok() && echoed == line)
+            }),
+        }
+    }
+
+    /// Whether `answer` comes from a right server at all (maybe to an earlier line).
+    fn is_server_of(self, protocol: Protocol, answer: &str) -> bool {
+        match self {
+            Self::Exactly(identity) => answer.starts_with(&format!("{identity} {protocol}")),
+            Self::AnyOf(identities) => identities
+                .iter()
+                .any(|identity| answer.starts_with(&format!("{identity} {protocol}"))),
+        }
+    }
 }
 
 /// One attempt to reach `server` from `client`.
@@ -77,12 +113,10 @@ fn nonce() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 
-fn expected_answer(server: Server<'_>, protocol: Protocol, line: &str) -> String {
-    format!(
-        "{} {protocol} {} {line}",
-        server.identity,
-        server.address.port()
-    )
+fn answered(server: Server<'_>, protocol: Protocol, line: &str, answer: &str) -> bool {
+    server
+        .answerer
+        .answered(protocol, server.address.port(), line, answer)
 }
 
 async fn connect_tcp(
@@ -104,7 +138,7 @@ async fn dial_tcp(client: Client<'_>, server: Server<'_>) -> Result<(), DialErro
     let line = format!("probe {}", nonce());
     writer.write_all(format!("{line}\n").as_bytes()).await?;
     let answer = lines.next_line().await?.ok_or(DialError::Closed)?;
-    if answer == expected_answer(server, Protocol::Tcp, &line) {
+    if answered(server, Protocol::Tcp, &line, &answer) {
         Ok(())
     } else {
         Err(DialError::WrongAnswer(answer))
@@ -124,15 +158,14 @@ async fn connect_udp(client: Client<'_>, server: Server<'_>) -> Result<UdpSocket
 /// Sends `line` and waits for its echo, skipping late echoes of earlier lines.
 async fn exchange_udp(socket: &UdpSocket, server: Server<'_>, line: &str) -> Result<(), DialError> {
     socket.send(line.as_bytes()).await?;
-    let expected = expected_answer(server, Protocol::Udp, line);
     let mut buffer = vec![0u8; 2048];
     loop {
         let length = socket.recv(&mut buffer).await?;
         let answer = String::from_utf8_lossy(&buffer[..length]);
-        if answer == expected {
+        if answered(server, Protocol::Udp, line, &answer) {
             return Ok(());
         }
-        if !answer.starts_with(&format!("{} UDP", server.identity)) {
+        if !server.answerer.is_server_of(Protocol::Udp, &answer) {
             return Err(DialError::WrongAnswer(answer.into_owned()));
         }
     }
@@ -216,7 +249,8 @@ impl FlowSocket {
                 }
                 Self::Udp(socket) => {
                     let address = SocketAddr::new(socket.peer_addr()?.ip(), port);
-                    exchange_udp(socket, Server { address, identity }, &line).await
+                    let answerer = Answerer::Exactly(identity);
+                    exchange_udp(socket, Server { address, answerer }, &line).await
                 }
             }
         };
@@ -250,7 +284,10 @@ impl Flow {
                 return Err(DialError::Io(io::Error::from(io::ErrorKind::Unsupported)));
             }
         };
-        let identity = server.identity.to_owned();
+        let Answerer::Exactly(identity) = server.answerer else {
+            return Err(DialError::Io(io::Error::from(io::ErrorKind::Unsupported)));
+        };
+        let identity = identity.to_owned();
         let port = server.address.port();
         socket.exchange(&identity, port, 0).await?;
         let (checks, mut requests) = mpsc::channel::<oneshot::Sender<bool>>(4);

@@ -24,18 +24,21 @@ use crate::{
     agent::{Agent, AgentConfig, AgentError, StatusWatcher, Wanted, log_tail},
     cleanup::{self, NETNS_PREFIX, RUN_ROOT, Registration, Resource},
     crafted::{self, QuotedPacket},
+    kube_proxy::{KubeProxy, KubeProxyError, KubeProxyMode},
     manifests::{ManifestError, ManifestWriter},
     mtls::{MtlsError, MtlsState, PodView},
     netns::NetnsError,
     node::{Addresses, Endpoint, EndpointKind, Node, NodeError, ipv6_supported},
     placeholder::{self, PlaceholderError},
-    probe::{self, Client, DialError, Flow, Server},
+    probe::{self, Answerer, Client, DialError, Flow, Server},
     report::{self, ObservedGrid, Outcome, Verdict},
     scenario::{
-        self, ConnectionExpectation, Delivery, ExpectedGrid, IpFamily, Labels, PodSpec, Protocol,
-        Quote, RestartMode, Scenario, SpoofedSource, Step,
+        self, ConnectionExpectation, Delivery, Dial, DialVia, IpFamily, Labels, NODE_CLIENT,
+        PodSpec, ProbeVia, Protocol, Quote, Reachability, RestartMode, Scenario, SpoofedSource,
+        Step,
     },
     servers::{self, ServerError, Servers},
+    services::{self, PodEndpoint, ServiceError, ServiceRegistry, ServiceSpec},
 };
 
 /// Pause before the one retry of a probe that disagreed, as upstream does.
@@ -50,6 +53,8 @@ pub struct Options {
     pub agent: Option<PathBuf>,
     pub jobs: usize,
     pub verbose: bool,
+    /// Run every scenario through per-pod Services with kube-proxy in this mode.
+    pub through_services: Option<KubeProxyMode>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +82,10 @@ enum StepError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Mtls(#[from] MtlsError),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error(transparent)]
+    KubeProxy(#[from] KubeProxyError),
     #[error("policy placeholder: {0}")]
     Placeholder(#[from] PlaceholderError),
     #[error("cannot open connection {name}: {source}")]
@@ -198,7 +207,10 @@ pub async fn run(options: Options, files: Vec<PathBuf>) -> bool {
 
 async fn run_file(index: usize, path: &Path, options: &Options) -> Outcome {
     let scenario = match scenario::load(path) {
-        Ok(scenario) => scenario,
+        Ok(scenario) => match options.through_services {
+            Some(mode) => scenario.through_services(mode),
+            None => scenario,
+        },
         Err(error) => return Outcome::failed(path.display().to_string(), error.to_string()),
     };
     if scenario.model.has(IpFamily::IPv6) && !ipv6_supported() {
@@ -337,6 +349,8 @@ struct ScenarioRun<'a> {
     restart_latencies: Vec<Duration>,
     failures: Vec<String>,
     mtls: MtlsState,
+    /// The Services of the cluster and the kube-proxy that translates them, when it has any.
+    services: Option<(ServiceRegistry, KubeProxy)>,
 }
 
 async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> Outcome {
@@ -391,6 +405,12 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         restart_latencies: Vec::new(),
         failures: Vec::new(),
         mtls: MtlsState::new(workspace.authz_socket.clone()),
+        services: scenario.uses_services().then(|| {
+            (
+                ServiceRegistry::new(&scenario.model.ip_families),
+                KubeProxy::new(scenario.model.kube_proxy, &scenario.model.ip_families),
+            )
+        }),
     };
     if let Err(error) = run.execute().await {
         run.failures.push(format!("error: {error}"));
@@ -449,6 +469,7 @@ impl ScenarioRun<'_> {
                 live.published = true;
             }
         }
+        self.sync_services().await?;
         if let Some(config) = &self.agent_config {
             self.watcher = Some(StatusWatcher::new(&config.status_file)?);
             let agent = Agent::start(config, self.node.netns())?;
@@ -472,6 +493,11 @@ impl ScenarioRun<'_> {
             EndpointKind::External
         };
         let endpoint = self.node.wire(kind, reuse).await?;
+        if let (Some(pod), Some((registry, _))) = (&pod, &mut self.services)
+            && self.scenario.model.per_pod_services
+        {
+            registry.create(ServiceSpec::per_pod(pod))?;
+        }
         let ports = pod
             .as_ref()
             .map_or(&self.scenario.model.default_ports, |pod| &pod.ports);
@@ -523,13 +549,8 @@ impl ScenarioRun<'_> {
                         .push(format!("step {number} {step}: the connection is {state}"));
                 }
             }
-            Step::Probe {
-                port,
-                protocol,
-                expect,
-            } => {
-                self.probe(number, step, *port, *protocol, expect).await;
-            }
+            Step::Probe { .. } => self.probe(number, step).await,
+            Step::Dial(dial) => self.dial(number, step, dial).await,
             Step::SendSpoofed {
                 from,
                 to,
@@ -578,6 +599,9 @@ impl ScenarioRun<'_> {
             }
             change => {
                 if self.apply(change).await? {
+                    // kube-proxy follows the API before the agent is waited for, as on a node
+                    // where both watch the same objects.
+                    self.sync_services().await?;
                     // The change is on disk (or in the namespaces) now: the latency clock starts.
                     let latency = self.converge(Some(Instant::now())).await?;
                     // A restart measures the new agent's start (loading programs against the
@@ -741,11 +765,24 @@ impl ScenarioRun<'_> {
                 }
                 drop(live.servers);
                 self.node.unwire(live.endpoint).await?;
+                if let (Some(spec), Some((registry, _))) = (&live.pod, &mut self.services) {
+                    registry.delete(&format!(
+                        "{}/{}",
+                        spec.namespace,
+                        services::per_pod_name(&spec.namespace, &spec.name)
+                    ));
+                }
+            }
+            Step::CreateService { service } => self.create_service(service)?,
+            Step::DeleteService { service } => {
+                let (registry, _) = self.services.as_mut().expect("the scenario has services");
+                registry.delete(service);
             }
             Step::RestartAgent { mode } => return self.restart_agent(*mode).await,
             Step::OpenConnection { .. }
             | Step::CheckConnection { .. }
             | Step::Probe { .. }
+            | Step::Dial(_)
             | Step::SendSpoofed { .. }
             | Step::IcmpError { .. }
             | Step::MtlsProbe(_)
@@ -755,6 +792,159 @@ impl ScenarioRun<'_> {
             }
         }
         Ok(true)
+    }
+
+    fn create_service(&mut self, key: &str) -> Result<(), StepError> {
+        let spec = self.scenario.services[key].clone();
+        let (registry, _) = self.services.as_mut().expect("the scenario has services");
+        let created = registry.create(spec)?;
+        let ports: Vec<String> = created
+            .spec
+            .ports
+            .iter()
+            .map(|port| match port.node_port {
+                Some(node_port) => {
+                    format!("{}/{} (node port {node_port})", port.protocol, port.port)
+                }
+                None => format!("{}/{}", port.protocol, port.port),
+            })
+            .collect();
+        self.progress.line(&format!(
+            "  {key}: {} {}",
+            created.cluster_ips,
+            ports.join(", ")
+        ));
+        Ok(())
+    }
+
+    /// Rewrites the Service and `EndpointSlice` objects from the pods that exist now, and
+    /// reprograms kube-proxy's rules from them.
+    async fn sync_services(&mut self) -> Result<(), StepError> {
+        let Some((registry, kube_proxy)) = &mut self.services else {
+            return Ok(());
+        };
+        let pods: Vec<PodEndpoint<'_>> = self
+            .live
+            .values()
+            .filter(|live| live.published)
+            .filter_map(|live| {
+                Some(PodEndpoint {
+                    spec: live.pod.as_ref()?,
+                    addresses: &live.endpoint.addresses,
+                })
+            })
+            .collect();
+        let slices = registry.sync(&self.writer, &pods)?;
+        let services: Vec<&services::Service> = registry.services().collect();
+        kube_proxy
+            .program(self.node.netns(), &services, &slices)
+            .await?;
+        Ok(())
+    }
+
+    /// Where a probe from any client reaches `server` (`key`) in `family`: its own address, or
+    /// its per-pod Service's `ClusterIP` (external hosts have no Service).
+    fn probe_destination(
+        &self,
+        key: &str,
+        server: &Live,
+        family: IpFamily,
+        via: ProbeVia,
+    ) -> Option<std::net::IpAddr> {
+        let spec = server.pod.as_ref();
+        match (via, spec, &self.services) {
+            (ProbeVia::Service, Some(spec), Some((registry, _))) => {
+                let service = registry.get(&format!(
+                    "{}/{}",
+                    spec.namespace,
+                    services::per_pod_name(&spec.namespace, &spec.name)
+                ));
+                debug_assert!(service.is_some(), "{key} has a per-pod Service");
+                service?.cluster_ips.get(family)
+            }
+            _ => server.endpoint.addresses.get(family),
+        }
+    }
+
+    /// Dials a Service once per family of the model; each must meet the expectation.
+    async fn dial(&mut self, number: usize, step: &Step, dial: &Dial) {
+        let mut outcome = self.dial_once(dial).await;
+        let wanted = dial.expect == Reachability::Allowed;
+        let retried = outcome.iter().any(|(_, reached)| *reached != wanted);
+        if retried {
+            tokio::time::sleep(RETRY_PAUSE).await;
+            outcome = self.dial_once(dial).await;
+        }
+        for (what, reached) in outcome {
+            let verdict = if reached { "allowed" } else { "blocked" };
+            self.progress.line(&format!("  {what}: {verdict}"));
+            if reached != wanted {
+                let retry_note = if retried { " (retried once)" } else { "" };
+                self.failures.push(format!(
+                    "step {number} {step}{retry_note}: {what} was {verdict}"
+                ));
+            }
+        }
+    }
+
+    /// One attempt per family: a description of what was dialled and whether it answered.
+    async fn dial_once(&self, dial: &Dial) -> Vec<(String, bool)> {
+        let (registry, _) = self.services.as_ref().expect("validated: services exist");
+        let service = registry
+            .get(&dial.service)
+            .expect("validated: the service exists");
+        let (namespace, _) = dial.service.split_once('/').expect("validated");
+        let answerers: Vec<String> = self
+            .live
+            .iter()
+            .filter(|(_, live)| {
+                live.pod
+                    .as_ref()
+                    .is_some_and(|pod| pod.namespace == namespace)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        let (client_netns, client_addresses) = if dial.from == NODE_CLIENT {
+            (self.node.netns(), self.node.addresses())
+        } else {
+            let client = &self.live[dial.from.as_str()].endpoint;
+            (&client.netns, client.addresses)
+        };
+        let mut outcome = Vec::new();
+        for family in &self.scenario.model.ip_families {
+            let Some(source) = client_addresses.get(*family) else {
+                continue;
+            };
+            let destination = match dial.via {
+                DialVia::ClusterIp => service
+                    .cluster_ips
+                    .get(*family)
+                    .map(|ip| SocketAddr::new(ip, dial.port)),
+                DialVia::NodePort => service
+                    .port(dial.port, dial.protocol)
+                    .and_then(|port| port.node_port)
+                    .zip(self.node.addresses().get(*family))
+                    .map(|(node_port, ip)| SocketAddr::new(ip, node_port)),
+            };
+            let Some(destination) = destination else {
+                continue;
+            };
+            let reached = probe::dial(
+                Client {
+                    netns: client_netns,
+                    address: source,
+                },
+                Server {
+                    address: destination,
+                    answerer: Answerer::AnyOf(&answerers),
+                },
+                dial.protocol,
+            )
+            .await
+            .is_ok();
+            outcome.push((format!("{family} {destination}"), reached));
+        }
+        outcome
     }
 
     fn write_policy(&mut self, key: &str) -> Result<(), StepError> {
@@ -892,7 +1082,7 @@ impl ScenarioRun<'_> {
             },
             Server {
                 address: SocketAddr::new(destination, port),
-                identity: to,
+                answerer: Answerer::Exactly(to),
             },
             protocol,
         )
@@ -900,7 +1090,7 @@ impl ScenarioRun<'_> {
     }
 
     /// Dials every cell of every family at once.
-    async fn observe(&self, port: u16, protocol: Protocol) -> Vec<ObservedGrid> {
+    async fn observe(&self, port: u16, protocol: Protocol, via: ProbeVia) -> Vec<ObservedGrid> {
         let families = &self.scenario.model.ip_families;
         let endpoints: Vec<(&String, &Live)> = self.live.iter().collect();
         let size = endpoints.len();
@@ -910,7 +1100,7 @@ impl ScenarioRun<'_> {
                 for (column, (identity, server)) in endpoints.iter().enumerate() {
                     let (Some(source), Some(destination)) = (
                         client.endpoint.addresses.get(*family),
-                        server.endpoint.addresses.get(*family),
+                        self.probe_destination(identity, server, *family, via),
                     ) else {
                         continue;
                     };
@@ -925,7 +1115,7 @@ impl ScenarioRun<'_> {
                             },
                             Server {
                                 address: SocketAddr::new(destination, port),
-                                identity,
+                                answerer: Answerer::Exactly(identity),
                             },
                             protocol,
                         )
@@ -954,26 +1144,28 @@ impl ScenarioRun<'_> {
         grids
     }
 
-    async fn probe(
-        &mut self,
-        number: usize,
-        step: &Step,
-        port: u16,
-        protocol: Protocol,
-        expected: &ExpectedGrid,
-    ) {
+    async fn probe(&mut self, number: usize, step: &Step) {
+        let &Step::Probe {
+            port,
+            protocol,
+            expect: ref expected,
+            via,
+        } = step
+        else {
+            unreachable!("called for probe steps only")
+        };
         let order: Vec<&String> = self.live.keys().collect();
         assert!(
             order.iter().copied().eq(&expected.endpoints),
             "validation keeps the grid order in step with the pods"
         );
         let started = Instant::now();
-        let mut observed = self.observe(port, protocol).await;
+        let mut observed = self.observe(port, protocol, via).await;
         let mut differing = report::mismatches(expected, &observed);
         let retried = !differing.is_empty();
         if retried {
             tokio::time::sleep(RETRY_PAUSE).await;
-            observed = self.observe(port, protocol).await;
+            observed = self.observe(port, protocol, via).await;
             differing = report::mismatches(expected, &observed);
         }
         if self.progress.verbose {

@@ -13,7 +13,11 @@ use std::{
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-use crate::placeholder;
+use crate::{
+    kube_proxy::KubeProxyMode,
+    placeholder,
+    services::{self, ServiceSpec, ServiceType},
+};
 
 /// The only format this harness understands.
 pub const FORMAT: &str = "netwarden-scenario/v1";
@@ -60,7 +64,9 @@ impl fmt::Display for IpFamily {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     #[default]
@@ -115,6 +121,97 @@ pub struct Model {
     pub pods: IndexMap<String, PodSpec>,
     /// External host keys, in grid order after the pods.
     pub external_hosts: Vec<String>,
+    /// `services: per_pod`: a `ClusterIP` Service per pod, as upstream's e2e suite creates.
+    pub per_pod_services: bool,
+    /// How the node's netfilter translates Services (when there are any).
+    pub kube_proxy: KubeProxyMode,
+    /// How pods are wired to the node.
+    pub cni: Cni,
+}
+
+/// The shape of the pod network on the node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cni {
+    /// A veth per pod with a host route each (kindnet, Calico).
+    #[default]
+    Ptp,
+    /// Pods are ports of a Linux bridge holding the gateway (flannel's cni0, the bridge plugin).
+    Bridge,
+}
+
+/// `model.services`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ServicesMode {
+    PerPod,
+}
+
+/// What a probe dials.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeVia {
+    /// The server pod's own address.
+    #[default]
+    Pod,
+    /// The server pod's per-pod Service (`ClusterIP` and service port).
+    Service,
+}
+
+/// Which address of a Service a `dial` step uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DialVia {
+    #[default]
+    ClusterIp,
+    /// The node's own address and the port's nodePort.
+    NodePort,
+}
+
+/// Whether a `dial` must get through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reachability {
+    Allowed,
+    Blocked,
+}
+
+/// The `from` of a `dial` that stands for a `hostNetwork` client in the node namespace.
+pub const NODE_CLIENT: &str = "node";
+
+/// One connection to a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dial {
+    /// A pod, an external host, or `node`.
+    pub from: String,
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// The service port.
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub via: DialVia,
+    pub expect: Reachability,
+}
+
+impl fmt::Display for Dial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let via = match self.via {
+            DialVia::ClusterIp => "cluster IP",
+            DialVia::NodePort => "node port",
+        };
+        write!(
+            f,
+            "{} -> {} {}/{} by {via} (expect {})",
+            self.from,
+            self.service,
+            self.protocol,
+            self.port,
+            format!("{:?}", self.expect).to_lowercase()
+        )
+    }
 }
 
 impl Model {
@@ -205,7 +302,15 @@ pub enum Step {
         port: u16,
         protocol: Protocol,
         expect: ExpectedGrid,
+        via: ProbeVia,
     },
+    CreateService {
+        service: String,
+    },
+    DeleteService {
+        service: String,
+    },
+    Dial(Dial),
     MtlsProbe(crate::mtls::MtlsProbe),
     IdentityCheck(crate::mtls::IdentityCheck),
     ExpectAgentLog(crate::mtls::ExpectAgentLog),
@@ -265,6 +370,9 @@ impl Step {
             Self::OpenConnection { .. } => "open_connection",
             Self::CheckConnection { .. } => "check_connection",
             Self::Probe { .. } => "probe",
+            Self::CreateService { .. } => "create_service",
+            Self::DeleteService { .. } => "delete_service",
+            Self::Dial(_) => "dial",
             Self::SendSpoofed { .. } => "send_spoofed",
             Self::IcmpError { .. } => "icmp_error",
             Self::MtlsProbe(_) => "mtls_probe",
@@ -326,7 +434,19 @@ impl fmt::Display for Step {
                     format!("{expect:?}").to_lowercase()
                 )
             }
-            Self::Probe { port, protocol, .. } => write!(f, "probe {protocol}/{port}"),
+            Self::Probe {
+                port,
+                protocol,
+                via,
+                ..
+            } => match via {
+                ProbeVia::Pod => write!(f, "probe {protocol}/{port}"),
+                ProbeVia::Service => write!(f, "probe {protocol}/{port} via service"),
+            },
+            Self::CreateService { service } | Self::DeleteService { service } => {
+                write!(f, "{} {service}", self.op())
+            }
+            Self::Dial(dial) => write!(f, "dial {dial}"),
             Self::SendSpoofed {
                 from,
                 to,
@@ -370,10 +490,33 @@ pub struct Scenario {
     pub policies: IndexMap<String, serde_yaml::Value>,
     /// Extra command-line arguments for the agent.
     pub agent_args: Vec<String>,
+    /// `namespace/name` to the Services steps may create.
+    pub services: IndexMap<String, ServiceSpec>,
     pub steps: Vec<Step>,
 }
 
 impl Scenario {
+    /// Whether the node runs kube-proxy: some Service exists at some point.
+    #[must_use]
+    pub fn uses_services(&self) -> bool {
+        self.model.per_pod_services || !self.services.is_empty()
+    }
+
+    /// The scenario run through Services, as a real cluster runs upstream's suite: per-pod
+    /// Services, kube-proxy in `mode`, every probe dialling Services. The name says so.
+    #[must_use]
+    pub fn through_services(mut self, mode: KubeProxyMode) -> Self {
+        self.model.per_pod_services = true;
+        self.model.kube_proxy = mode;
+        for step in &mut self.steps {
+            if let Step::Probe { via, .. } = step {
+                *via = ProbeVia::Service;
+            }
+        }
+        self.name = format!("{} [service-{mode}]", self.name);
+        self
+    }
+
     /// Every pod that ever exists in the scenario, model pods first.
     pub fn all_pods(&self) -> impl Iterator<Item = &str> {
         self.model
@@ -401,6 +544,9 @@ struct RawScenario {
     /// Extra command-line arguments for the agent (e.g. small map sizes).
     #[serde(default)]
     agent_args: Vec<String>,
+    /// Services steps may create, keyed `namespace/name`.
+    #[serde(default)]
+    services: IndexMap<String, serde_yaml::Value>,
     steps: Vec<serde_yaml::Value>,
 }
 
@@ -412,6 +558,9 @@ struct RawModel {
     container_ports: Option<Vec<ContainerPort>>,
     pods: Option<IndexMap<String, Option<RawPod>>>,
     external_hosts: Option<IndexMap<String, Option<RawExternalHost>>>,
+    services: Option<ServicesMode>,
+    kube_proxy: Option<KubeProxyMode>,
+    cni: Option<Cni>,
 }
 
 #[derive(Default, Deserialize)]
@@ -493,7 +642,16 @@ enum RawStep {
         #[serde(default)]
         protocol: Protocol,
         expect: RawProbeExpectation,
+        #[serde(default)]
+        via: ProbeVia,
     },
+    CreateService {
+        service: String,
+    },
+    DeleteService {
+        service: String,
+    },
+    Dial(Dial),
     MtlsProbe(crate::mtls::MtlsProbe),
     IdentityCheck(crate::mtls::IdentityCheck),
     ExpectAgentLog(crate::mtls::ExpectAgentLog),
@@ -577,6 +735,9 @@ pub fn upstream_model(ip_families: Vec<IpFamily>, ports: Option<Vec<ContainerPor
         default_ports,
         pods,
         external_hosts: Vec::new(),
+        per_pod_services: false,
+        kube_proxy: KubeProxyMode::default(),
+        cni: Cni::default(),
     }
 }
 
@@ -641,6 +802,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
             policies.insert(key, object);
         }
     }
+    let mut services = IndexMap::new();
+    for (key, object) in raw.services {
+        let service = services::parse_service(&key, object).map_err(invalid)?;
+        if !model.namespaces.contains_key(&service.namespace) {
+            return Err(invalid(format!(
+                "service {key}: namespace {} is not in the model",
+                service.namespace
+            )));
+        }
+        services.insert(key, service);
+    }
     let mut steps = Vec::with_capacity(raw.steps.len());
     for (index, value) in raw.steps.into_iter().enumerate() {
         let op = value
@@ -657,21 +829,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
             })?;
         steps.push(step);
     }
-    let scenario =
-        Validator::new(&model, &policies)
-            .validate(steps)
-            .map_err(|(step, op, problem)| ScenarioError::Step {
-                path: path.to_owned(),
-                step,
-                op: op.to_owned(),
-                problem,
-            })?;
+    let scenario = Validator::new(&model, &policies, &services)
+        .validate(steps)
+        .map_err(|(step, op, problem)| ScenarioError::Step {
+            path: path.to_owned(),
+            step,
+            op: op.to_owned(),
+            problem,
+        })?;
     let scenario = Scenario {
         path: path.to_owned(),
         name: raw.name,
         model,
         policies,
         agent_args: raw.agent_args,
+        services,
         steps: scenario,
     };
     check_placeholders(&scenario).map_err(invalid)?;
@@ -688,10 +860,16 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
         return Err("model.ip_families must list IPv4 and/or IPv6, each once".to_owned());
     }
     ip_families.sort();
+    let per_pod_services = raw.services == Some(ServicesMode::PerPod);
+    let kube_proxy = raw.kube_proxy.unwrap_or_default();
+    let cni = raw.cni.unwrap_or_default();
     if raw.namespaces.is_none() && raw.pods.is_none() {
-        // Only families or ports given: the upstream model with those.
+        // Only families, ports, hosts or the node's options given: the upstream model with those.
         let mut model = upstream_model(ip_families, raw.container_ports);
         model.external_hosts = external_hosts(raw.external_hosts)?;
+        model.per_pod_services = per_pod_services;
+        model.kube_proxy = kube_proxy;
+        model.cni = cni;
         return Ok(model);
     }
     let default_ports = raw
@@ -740,6 +918,9 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
         default_ports,
         pods,
         external_hosts,
+        per_pod_services,
+        kube_proxy,
+        cni,
     })
 }
 
@@ -936,10 +1117,16 @@ struct Validator<'a> {
     ever: BTreeSet<String>,
     existing_policies: BTreeSet<String>,
     connections: BTreeSet<String>,
+    services: &'a IndexMap<String, ServiceSpec>,
+    existing_services: BTreeSet<String>,
 }
 
 impl<'a> Validator<'a> {
-    fn new(model: &'a Model, policies: &'a IndexMap<String, serde_yaml::Value>) -> Self {
+    fn new(
+        model: &'a Model,
+        policies: &'a IndexMap<String, serde_yaml::Value>,
+        services: &'a IndexMap<String, ServiceSpec>,
+    ) -> Self {
         let order: Vec<String> = model
             .pods
             .keys()
@@ -956,6 +1143,8 @@ impl<'a> Validator<'a> {
             deleted: BTreeSet::new(),
             existing_policies: BTreeSet::new(),
             connections: BTreeSet::new(),
+            services,
+            existing_services: BTreeSet::new(),
         }
     }
 
@@ -1217,13 +1406,44 @@ impl<'a> Validator<'a> {
                 port,
                 protocol,
                 expect,
+                via,
             } => {
                 let grid = self.grid(&expect.grid).map_err(|e| ("probe", e))?;
+                if via == ProbeVia::Service && !self.model.per_pod_services {
+                    return Err((
+                        "probe",
+                        "via: service needs `services: per_pod` in the model".to_owned(),
+                    ));
+                }
                 Step::Probe {
                     port,
                     protocol,
                     expect: grid,
+                    via,
                 }
+            }
+            RawStep::CreateService { service } => {
+                let op = "create_service";
+                if !self.services.contains_key(&service) {
+                    return Err((op, format!("service {service} is not defined in services")));
+                }
+                if !self.existing_services.insert(service.clone()) {
+                    return Err((op, format!("{service} exists already")));
+                }
+                Step::CreateService { service }
+            }
+            RawStep::DeleteService { service } => {
+                if !self.existing_services.remove(&service) {
+                    return Err((
+                        "delete_service",
+                        format!("{service} does not exist at this step"),
+                    ));
+                }
+                Step::DeleteService { service }
+            }
+            RawStep::Dial(dial) => {
+                self.dial(&dial).map_err(|e| ("dial", e))?;
+                Step::Dial(dial)
             }
             RawStep::MtlsProbe(probe) => {
                 for pod in probe.pods() {
@@ -1239,6 +1459,50 @@ impl<'a> Validator<'a> {
             }
             RawStep::ExpectAgentLog(expect) => Step::ExpectAgentLog(expect),
         })
+    }
+
+    /// A dial's client exists, and its Service exists and has the port (and nodePort).
+    fn dial(&self, dial: &Dial) -> Result<(), String> {
+        if dial.from != NODE_CLIENT {
+            self.endpoint(&dial.from)?;
+        }
+        if let Some(service) = self.services.get(&dial.service) {
+            if !self.existing_services.contains(&dial.service) {
+                return Err(format!(
+                    "service {} does not exist at this step",
+                    dial.service
+                ));
+            }
+            if !service
+                .ports
+                .iter()
+                .any(|port| port.port == dial.port && port.protocol == dial.protocol)
+            {
+                return Err(format!(
+                    "service {} has no port {}/{}",
+                    dial.service, dial.protocol, dial.port
+                ));
+            }
+            if dial.via == DialVia::NodePort && service.kind != ServiceType::NodePort {
+                return Err(format!("service {} is not of type NodePort", dial.service));
+            }
+            return Ok(());
+        }
+        let per_pod = self.order.iter().any(|pod| {
+            split_pod_key(pod).is_ok_and(|(namespace, name)| {
+                dial.service == format!("{namespace}/{}", services::per_pod_name(namespace, name))
+            })
+        });
+        if !(per_pod && self.model.per_pod_services) {
+            return Err(format!(
+                "no service {} at this step (neither in services nor a per-pod Service)",
+                dial.service
+            ));
+        }
+        if dial.via == DialVia::NodePort {
+            return Err("per-pod Services are ClusterIP Services: no node port".to_owned());
+        }
+        Ok(())
     }
 
     fn grid(&self, rows: &IndexMap<String, String>) -> Result<ExpectedGrid, String> {
