@@ -569,8 +569,12 @@ pub const EPOCH_INDEX: u32 = 0;
 /// Index in the `SETTINGS` array of the allow-event period: 0 reports no allowed flow, 1 every
 /// new one, N about one in N (sampled at random, so no flow pattern can hide from it).
 pub const SETTING_ALLOW_EVENT_PERIOD: u32 = 0;
+/// Index in the `SETTINGS` array of whether any Service frontend is installed (0 or 1): a new
+/// flow leaving a pod looks its destination up in the frontend map only then, so a node
+/// without Services pays nothing for them.
+pub const SETTING_FRONTENDS_INSTALLED: u32 = 1;
 /// Entries of the `SETTINGS` array.
-pub const SETTINGS_COUNT: u32 = 1;
+pub const SETTINGS_COUNT: u32 = 2;
 
 #[cfg(feature = "user")]
 mod pod_impls {

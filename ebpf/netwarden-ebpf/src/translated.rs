@@ -8,8 +8,9 @@
 //! LOCAL_IN, after source NAT: the agent attaches it, `netwarden-datapath/src/netfilter.rs`), from the kernel conntrack entry, which holds the
 //! flow both as it was sent (original tuple) and as it was delivered (reply tuple):
 //!
-//! 1. Only packets in the original direction of their kernel connection are looked at;
-//!    replies belong to flows decided on their first packet and pass through the pods' own
+//! 1. Only packets in the original direction of their kernel connection are looked at, and of
+//!    an answered connection only those that were translated (whose flow this hook tracks);
+//!    replies belong to flows decided on their first packets and pass through the pods' own
 //!    programs (their conntrack).
 //! 2. Egress: the original source is a local pod, and the original destination is a Service
 //!    frontend (`FRONTENDS`: `from_container` let the packet on undecided) or was translated
@@ -130,6 +131,11 @@ pub fn hook(ctx: *const NfContext) -> i32 {
     let Ok(status) = read::<u64>(conn, layout.conn_status) else {
         return unreadable();
     };
+    let translated = status & (IPS_SRC_NAT | IPS_DST_NAT) != 0;
+    if ctinfo != IP_CT_NEW && !translated {
+        // An answered connection nothing translated: its pods' programs decided it.
+        return NF_ACCEPT;
+    }
     let Some(tuples) = TUPLES.get_ptr_mut(0) else {
         return unreadable();
     };
@@ -148,7 +154,7 @@ pub fn hook(ctx: *const NfContext) -> i32 {
     decide_seen(
         tuples,
         status & IPS_DST_NAT != 0,
-        status & (IPS_SRC_NAT | IPS_DST_NAT) != 0,
+        translated,
         ctinfo == IP_CT_NEW,
     )
 }
@@ -263,6 +269,9 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
 /// destination; tracked like any flow when it may open one.
 #[inline(never)]
 fn untracked(skb: u64, layout: &KernelLayout) -> i32 {
+    if !verdict::frontends_installed() {
+        return NF_ACCEPT;
+    }
     let (Ok(head), Ok(network_header)) = (
         read::<u64>(skb, layout.skb_head),
         read::<u16>(skb, layout.skb_network_header),
@@ -276,7 +285,11 @@ fn untracked(skb: u64, layout: &KernelLayout) -> i32 {
     let (protocol, source, destination, l4) = match first[0] >> 4 {
         4 => {
             let fragment_offset = u16::from_be_bytes([first[6], first[7]]) & 0x1fff;
-            let l4 = (fragment_offset == 0).then(|| ip + u64::from(first[0] & 0x0f) * 4);
+            if fragment_offset != 0 {
+                // No ports: `from_container` did not take it for a frontend's.
+                return NF_ACCEPT;
+            }
+            let l4 = Some(ip + u64::from(first[0] & 0x0f) * 4);
             let mut source = [0_u8; 16];
             let mut destination = [0_u8; 16];
             mapped_v4(&mut source, [first[12], first[13], first[14], first[15]]);
@@ -292,20 +305,24 @@ fn untracked(skb: u64, layout: &KernelLayout) -> i32 {
                 return unreadable();
             };
             destination.copy_from_slice(&rest);
-            // Extension headers are not walked here: such a packet has no ports, and if its
-            // source is a local pod it is dropped below rather than let on undecided.
-            (first[6], source, destination, Some(ip + 40))
+            // Extension headers are not walked here: `from_container` did, and may have let
+            // such a packet on undecided; from a local pod it drops below.
+            let l4 = (!matches!(first[6], 0 | 43 | 44 | 51 | 60)).then_some(ip + 40);
+            (first[6], source, destination, l4)
         }
         _ => return NF_ACCEPT,
     };
     let Some(ifindex) = endpoint_of(&source) else {
         return NF_ACCEPT;
     };
-    let has_ports = matches!(protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP);
-    let (Some(l4), true) = (l4, has_ports) else {
-        // Without ports no frontend can be told apart: fail closed for a pod's packet.
+    let Some(l4) = l4 else {
+        // Ports behind extension headers this hook does not walk: fail closed.
         return unreadable();
     };
+    if !matches!(protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        // No ports, no frontend: `from_container` decided it.
+        return NF_ACCEPT;
+    }
     let Ok(ports) = read::<[u8; 14]>(l4, 0) else {
         return unreadable();
     };

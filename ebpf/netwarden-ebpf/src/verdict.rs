@@ -69,7 +69,7 @@ use netwarden_common::{
     CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint,
     EndpointAddress, EventBudget, FlowKey, FlowKeyV4, FlowState, FrontendKey, FrontendValue,
     IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED,
-    PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, SETTINGS_COUNT, Translation, VerdictEvent,
+    PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, SETTING_FRONTENDS_INSTALLED, SETTINGS_COUNT, Translation, VerdictEvent,
     clock_ticks, counter, direction, endpoint_state, flow_activity, flow_flags, ipv4_of_mapped,
 };
 
@@ -396,7 +396,17 @@ fn judged_flow(flow: &FlowKey, tracked: &FlowState) -> Option<FlowKey> {
 /// translate before it is routed.
 #[inline(always)]
 fn is_frontend(flow: &FlowKey) -> bool {
-    frontend_of(&flow.peer_addr, flow.protocol, flow.peer_port) != 0
+    frontends_installed() && frontend_of(&flow.peer_addr, flow.protocol, flow.peer_port) != 0
+}
+
+/// Whether any Service frontend is installed (nothing is deferred otherwise).
+#[inline(always)]
+pub(crate) fn frontends_installed() -> bool {
+    SETTINGS
+        .get(SETTING_FRONTENDS_INSTALLED)
+        .copied()
+        .unwrap_or(0)
+        != 0
 }
 
 /// The id of the Service frontend at (`addr`, `protocol`, `port`), or 0.

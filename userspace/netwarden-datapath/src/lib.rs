@@ -41,7 +41,7 @@ use ipnet::IpNet;
 use netwarden_common::{
     CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, Endpoint, EndpointAddress, FrontendKey,
     FrontendValue, IpIdentity, IpKey, KernelLayout, PeerId, PolicyEntry, PolicyKey,
-    SETTING_ALLOW_EVENT_PERIOD, counter, endpoint_state,
+    SETTING_ALLOW_EVENT_PERIOD, SETTING_FRONTENDS_INSTALLED, counter, endpoint_state,
 };
 use netwarden_policy::{CompiledPolicy, DatapathState, Frontend, PolicyId, lookup::mapped};
 use tracing::{error, info, warn};
@@ -618,6 +618,10 @@ impl Datapath {
             BTreeMap::new()
         };
         let mut changed = false;
+        if wanted.is_empty() && !self.installed_frontends.is_empty() {
+            // No new flow looks the map up once the flag is down.
+            self.set_frontends_installed(false, errors);
+        }
         for (key, id) in &wanted {
             if self.installed_frontends.get(key) == Some(id) {
                 continue;
@@ -642,7 +646,19 @@ impl Datapath {
             self.installed_frontends.remove(&key);
             changed = true;
         }
+        if !self.installed_frontends.is_empty() {
+            self.set_frontends_installed(true, errors);
+        }
         changed
+    }
+
+    fn set_frontends_installed(&mut self, installed: bool, errors: &mut Vec<String>) {
+        if let Err(error) =
+            self.settings
+                .set(SETTING_FRONTENDS_INSTALLED, u32::from(installed), 0)
+        {
+            errors.push(format!("SETTINGS: cannot record whether frontends are installed: {error}"));
+        }
     }
 
     /// Loads the hook after translation and attaches it to this network namespace's

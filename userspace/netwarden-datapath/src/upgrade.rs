@@ -9,7 +9,7 @@
 use std::{io, path::Path};
 
 use aya::maps::MapInfo;
-use netwarden_common::{FlowKey, FlowKeyV4, FlowState, IpIdentity, IpKey, counter};
+use netwarden_common::{FlowKey, FlowKeyV4, FlowState, IpIdentity, IpKey, SETTINGS_COUNT, counter};
 use tracing::warn;
 
 /// A pinned map's expected value size and entries (`None`: any capacity will do).
@@ -20,7 +20,7 @@ struct Layout {
     max_entries: Option<u32>,
 }
 
-fn layouts() -> [Layout; 4] {
+fn layouts() -> [Layout; 5] {
     [
         Layout {
             name: crate::conntrack::TABLE_V4,
@@ -39,6 +39,13 @@ fn layouts() -> [Layout; 4] {
             key_size: size_of::<u32>() as u32,
             value_size: size_of::<u64>() as u32,
             max_entries: Some(counter::SLOTS),
+        },
+        // Settings the agent writes at start: a smaller array lacks the newer ones.
+        Layout {
+            name: "SETTINGS",
+            key_size: size_of::<u32>() as u32,
+            value_size: size_of::<u32>() as u32,
+            max_entries: Some(SETTINGS_COUNT),
         },
         // An LPM trie before it became an exact hash: its keys carried a prefix length.
         Layout {

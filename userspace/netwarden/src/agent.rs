@@ -76,6 +76,11 @@ pub struct AgentOptions {
     /// allowed it (1: every one, 0: none). Denies are always reported.
     #[arg(long, default_value_t = 100)]
     pub allow_events: u32,
+    /// Do not attach the hook after translation: flows to Services are then judged on the
+    /// Service's address where they leave the pod (which denies them wherever egress is
+    /// isolated by pod selectors). For kernels where the hook misbehaves, and for tests.
+    #[arg(long)]
+    pub no_translation_hook: bool,
     /// Seconds between two sweeps of the connection-tracking table for idle flows.
     #[arg(long, default_value_t = 10)]
     pub conntrack_sweep_seconds: u64,
@@ -331,7 +336,14 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         .set_allow_event_period(options.allow_events)
         .context("setting the allow-event period")?;
     // The agent runs in the node's network namespace: the hook goes on its netfilter.
-    match datapath.attach_translation_hook() {
+    match if options.no_translation_hook {
+        Ok(())
+    } else {
+        datapath.attach_translation_hook()
+    } {
+        Ok(()) if options.no_translation_hook => {
+            warn!("hook after translation not attached (--no-translation-hook): flows to Services are judged on the Service's address");
+        }
         Ok(()) => info!("hook after translation attached: flows to Services are decided on the pods they reach"),
         Err(error) => warn!(
             %error,
