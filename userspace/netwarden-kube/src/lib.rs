@@ -1,7 +1,8 @@
-//! The Kubernetes API source: Namespaces, Pods and NetworkPolicies watched cluster-wide, turned
-//! into the same validated [`Cluster`] the manifest-directory source yields.
+//! The Kubernetes API source: Namespaces, Pods, NetworkPolicies, Services and EndpointSlices
+//! watched cluster-wide, turned into the same validated [`Cluster`] the manifest-directory source
+//! yields.
 //!
-//! Three kube-rs watchers (one per kind) feed three reflector caches. Each watcher
+//! Five kube-rs watchers (one per kind) feed five reflector caches. Each watcher
 //!
 //! - lists in pages of 500 (a consistent list, which API servers from 1.31 serve from their watch
 //!   cache), then watches from the list's `resourceVersion` with bookmarks, resuming from the
@@ -10,13 +11,16 @@
 //!   its content and is swapped atomically once the new list is complete);
 //! - backs off on errors ([`WatchStreamExt::default_backoff`]: 0.8 s doubling to 30 s, jittered)
 //!   and resumes; meanwhile the caches keep the last state, so the agent keeps enforcing it;
-//! - trims what it caches ([`trim_pod`], [`trim_namespace`], [`trim_network_policy`]): managed
-//!   fields, annotations (but a pod's `netwarden.dev/*` ones) and everything of a pod the
+//! - trims what it caches ([`trim_pod`], [`trim_namespace`], [`trim_network_policy`],
+//!   [`trim_service`], [`trim_endpoint_slice`]): managed fields, annotations (but a pod's
+//!   `netwarden.dev/*` ones) and everything of a pod, a Service or an EndpointSlice the
 //!   compiler does not read.
 //!
 //! [`KubeSource::cluster`] validates the caches with [`netwarden_model::convert`], with the
 //! manifest source's rules for bad input: an invalid NetworkPolicy keeps its last valid version,
-//! or isolates its namespace both ways if it never had one (fail closed). [`events`] posts a
+//! or isolates its namespace both ways if it never had one (fail closed); an invalid Service or
+//! EndpointSlice is left out (a Service only names addresses that lead to pods, so one
+//! missing opens nothing). [`events`] posts a
 //! Kubernetes Event on each NetworkPolicy the agent cannot enforce as written.
 
 pub mod events;
@@ -33,7 +37,11 @@ use std::{
 use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Namespace, ObjectReference, Pod, PodSpec, PodStatus},
+        core::v1::{
+            Container, LoadBalancerIngress, LoadBalancerStatus, Namespace, ObjectReference, Pod,
+            PodSpec, PodStatus, Service, ServiceSpec, ServiceStatus,
+        },
+        discovery::v1::{Endpoint, EndpointSlice},
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -72,7 +80,7 @@ pub enum KubeError {
     /// the cache keeps the last state it had.
     #[error("watching {kind}s: {message}")]
     Watch {
-        /// `Namespace`, `Pod` or `NetworkPolicy`.
+        /// `Namespace`, `Pod`, `NetworkPolicy`, `Service` or `EndpointSlice`.
         kind: &'static str,
         /// The watcher's error.
         message: String,
@@ -106,8 +114,14 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Kube
     Client::try_from(config).map_err(KubeError::Config)
 }
 
-/// The three kinds watched, in the order of [`KubeSource`]'s arrays.
-const KINDS: [&str; 3] = ["Namespace", "Pod", "NetworkPolicy"];
+/// The kinds watched, in the order of [`KubeSource`]'s arrays.
+const KINDS: [&str; 5] = [
+    "Namespace",
+    "Pod",
+    "NetworkPolicy",
+    "Service",
+    "EndpointSlice",
+];
 
 /// State shared between the watcher tasks and the source.
 #[derive(Debug)]
@@ -115,7 +129,7 @@ struct Shared {
     /// Bumped on every change of a cache, every watch error and every completed list.
     generation: watch::Sender<u64>,
     /// One flag per kind of [`KINDS`]: its first list is complete.
-    synced: [AtomicBool; 3],
+    synced: [AtomicBool; KINDS.len()],
     /// The last error per kind, cleared by the next event that kind delivers.
     errors: Mutex<BTreeMap<&'static str, String>>,
     /// Errors the watchers recovered from (failed lists and watches, `410 Gone`).
@@ -128,7 +142,8 @@ impl Shared {
     }
 }
 
-/// Namespaces, Pods and NetworkPolicies of the whole cluster, followed as they change.
+/// Namespaces, Pods, NetworkPolicies, Services and EndpointSlices of the whole cluster,
+/// followed as they change.
 ///
 /// Dropping it stops the watchers.
 #[derive(Debug)]
@@ -136,6 +151,8 @@ pub struct KubeSource {
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
     policies: Store<NetworkPolicy>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
     shared: Arc<Shared>,
     changes: watch::Receiver<u64>,
     last_good_policies: HashMap<PolicyRef, ModelPolicy>,
@@ -157,7 +174,7 @@ impl KubeSource {
         Ok(Self::start(default_client().await?))
     }
 
-    /// Spawns the three watchers on the current Tokio runtime. Nothing is awaited: a cluster
+    /// Spawns the watchers on the current Tokio runtime. Nothing is awaited: a cluster
     /// that cannot be reached shows as a source that is not [synced](Self::is_synced) and
     /// reports [`KubeError::Watch`] from [`cluster`](Self::cluster).
     #[must_use]
@@ -173,15 +190,27 @@ impl KubeSource {
             spawn_watcher(Api::all(client.clone()), 0, trim_namespace, &shared);
         let (pods, pod_task) = spawn_watcher(Api::all(client.clone()), 1, trim_pod, &shared);
         let (policies, policy_task) =
-            spawn_watcher(Api::all(client), 2, trim_network_policy, &shared);
+            spawn_watcher(Api::all(client.clone()), 2, trim_network_policy, &shared);
+        let (services, service_task) =
+            spawn_watcher(Api::all(client.clone()), 3, trim_service, &shared);
+        let (endpoint_slices, endpoint_slice_task) =
+            spawn_watcher(Api::all(client), 4, trim_endpoint_slice, &shared);
         Self {
             namespaces,
             pods,
             policies,
+            services,
+            endpoint_slices,
             shared,
             changes,
             last_good_policies: HashMap::new(),
-            tasks: vec![namespace_task, pod_task, policy_task],
+            tasks: vec![
+                namespace_task,
+                pod_task,
+                policy_task,
+                service_task,
+                endpoint_slice_task,
+            ],
         }
     }
 
@@ -220,8 +249,8 @@ impl KubeSource {
         }
     }
 
-    /// Whether the first list of all three kinds is complete: before that, the caches hold
-    /// nothing or part of the cluster, and nothing may be enforced from them.
+    /// Whether the first list of every kind is complete: before that, the caches hold nothing
+    /// or part of the cluster, and nothing may be enforced from them.
     #[must_use]
     pub fn is_synced(&self) -> bool {
         self.shared
@@ -239,8 +268,8 @@ impl KubeSource {
     /// The cluster the caches hold, and every problem found: objects that failed validation and
     /// the watchers' last errors.
     ///
-    /// Invalid Namespaces and Pods are left out (a pod without a valid object has no identity,
-    /// which fails closed). An invalid NetworkPolicy is replaced by its last valid version, or,
+    /// Invalid Namespaces, Pods, Services and EndpointSlices are left out (a pod without a valid
+    /// object has no identity, which fails closed; a Service without one is no frontend). An invalid NetworkPolicy is replaced by its last valid version, or,
     /// if it never had one, by a policy isolating its whole namespace in both directions.
     pub fn cluster(&mut self) -> (Cluster, Vec<KubeError>) {
         let mut cluster = Cluster::default();
@@ -284,6 +313,22 @@ impl KubeSource {
         }
         self.last_good_policies
             .retain(|id, _| cluster.policies.contains_key(id));
+        for object in self.services.state() {
+            match convert::service(&object) {
+                Ok(service) => {
+                    cluster.services.insert(service.id.clone(), service);
+                }
+                Err(error) => errors.push(error.into()),
+            }
+        }
+        for object in self.endpoint_slices.state() {
+            match convert::endpoint_slice(&object) {
+                Ok(slice) => {
+                    cluster.endpoint_slices.insert(slice.id.clone(), slice);
+                }
+                Err(error) => errors.push(error.into()),
+            }
+        }
         let watch_errors = self.shared.errors.lock().expect("errors lock");
         errors.extend(watch_errors.iter().map(|(kind, message)| KubeError::Watch {
             kind,
@@ -301,6 +346,8 @@ impl KubeSource {
         push_entries(&mut entries, KINDS[0], &self.namespaces);
         push_entries(&mut entries, KINDS[1], &self.pods);
         push_entries(&mut entries, KINDS[2], &self.policies);
+        push_entries(&mut entries, KINDS[3], &self.services);
+        push_entries(&mut entries, KINDS[4], &self.endpoint_slices);
         entries.sort_unstable();
         let mut hasher = Sha256::new();
         for (kind, namespace, name, version) in &entries {
@@ -448,11 +495,155 @@ pub fn trim_network_policy(policy: &mut NetworkPolicy) {
     trim_metadata(&mut policy.metadata);
 }
 
+/// Keeps of a Service what [`convert::service`] reads: metadata without managed fields and
+/// annotations, its type, addresses, ports and selector, and of the status the load-balancer
+/// ingress addresses.
+pub fn trim_service(service: &mut Service) {
+    trim_metadata(&mut service.metadata);
+    service.spec = service.spec.take().map(|spec| ServiceSpec {
+        type_: spec.type_,
+        cluster_ip: spec.cluster_ip,
+        cluster_ips: spec.cluster_ips,
+        external_ips: spec.external_ips,
+        ports: spec.ports,
+        selector: spec.selector,
+        ..ServiceSpec::default()
+    });
+    service.status = service.status.take().map(|status| ServiceStatus {
+        load_balancer: status
+            .load_balancer
+            .map(|load_balancer| LoadBalancerStatus {
+                ingress: load_balancer.ingress.map(|ingress| {
+                    ingress
+                        .into_iter()
+                        .map(|point| LoadBalancerIngress {
+                            ip: point.ip,
+                            ..LoadBalancerIngress::default()
+                        })
+                        .collect()
+                }),
+            }),
+        ..ServiceStatus::default()
+    });
+}
+
+/// Keeps of an EndpointSlice what [`convert::endpoint_slice`] reads: metadata without managed
+/// fields and annotations (its labels name its Service), its address type and ports, and of
+/// each endpoint its addresses, conditions, node and the pod it points to.
+pub fn trim_endpoint_slice(slice: &mut EndpointSlice) {
+    trim_metadata(&mut slice.metadata);
+    for endpoint in &mut slice.endpoints {
+        *endpoint = Endpoint {
+            addresses: std::mem::take(&mut endpoint.addresses),
+            conditions: endpoint.conditions.take(),
+            node_name: endpoint.node_name.take(),
+            target_ref: endpoint.target_ref.take().map(|target| ObjectReference {
+                kind: target.kind,
+                namespace: target.namespace,
+                name: target.name,
+                ..ObjectReference::default()
+            }),
+            ..Endpoint::default()
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
 
-    use super::trim_pod;
+    use super::{trim_endpoint_slice, trim_pod, trim_service};
+
+    #[test]
+    fn trimmed_services_keep_exactly_what_the_compiler_reads() {
+        let mut service: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web", "namespace": "x", "resourceVersion": "7",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            },
+            "spec": {
+                "type": "LoadBalancer", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                "externalIPs": ["192.0.2.7"], "selector": {"app": "web"},
+                "sessionAffinity": "None", "ipFamilies": ["IPv4"],
+                "externalTrafficPolicy": "Cluster", "internalTrafficPolicy": "Cluster",
+                "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": 30080,
+                           "protocol": "TCP"}]
+            },
+            "status": {
+                "loadBalancer": {"ingress": [{"ip": "198.51.100.1", "ipMode": "VIP",
+                                              "ports": [{"port": 80, "protocol": "TCP"}]}]},
+                "conditions": [{"type": "Ready", "status": "True", "reason": "r", "message": "",
+                                "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+            }
+        }))
+        .unwrap();
+        let before = netwarden_model::convert::service(&service).unwrap();
+        trim_service(&mut service);
+        assert_eq!(
+            serde_json::to_value(&service).unwrap(),
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "web", "namespace": "x", "resourceVersion": "7"},
+                "spec": {
+                    "type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                    "clusterIPs": ["10.96.0.10"], "externalIPs": ["192.0.2.7"],
+                    "selector": {"app": "web"},
+                    "ports": [{"name": "http", "port": 80, "targetPort": "http",
+                               "nodePort": 30080, "protocol": "TCP"}]
+                },
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}
+            })
+        );
+        assert_eq!(netwarden_model::convert::service(&service).unwrap(), before);
+    }
+
+    #[test]
+    fn trimmed_endpoint_slices_keep_exactly_what_the_compiler_reads() {
+        let mut slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-abc", "namespace": "x", "resourceVersion": "8",
+                "labels": {"kubernetes.io/service-name": "web",
+                           "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+                "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-01-01T00:00:00Z"},
+                "managedFields": [{"manager": "kube-controller-manager", "operation": "Update"}]
+            },
+            "addressType": "IPv4",
+            "endpoints": [{
+                "addresses": ["10.0.0.1"], "hostname": "web-1", "zone": "a", "nodeName": "node-1",
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "hints": {"forZones": [{"name": "a"}]},
+                "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "x", "uid": "u",
+                              "resourceVersion": "3"}
+            }],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP", "appProtocol": "http"}]
+        }))
+        .unwrap();
+        let before = netwarden_model::convert::endpoint_slice(&slice).unwrap();
+        trim_endpoint_slice(&mut slice);
+        assert_eq!(
+            serde_json::to_value(&slice).unwrap(),
+            serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {
+                    "name": "web-abc", "namespace": "x", "resourceVersion": "8",
+                    "labels": {"kubernetes.io/service-name": "web",
+                               "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}
+                },
+                "addressType": "IPv4",
+                "endpoints": [{
+                    "addresses": ["10.0.0.1"], "nodeName": "node-1",
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "x"}
+                }],
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP", "appProtocol": "http"}]
+            })
+        );
+        assert_eq!(
+            netwarden_model::convert::endpoint_slice(&slice).unwrap(),
+            before
+        );
+    }
 
     #[test]
     fn trimmed_pods_keep_exactly_what_the_compiler_reads() {

@@ -227,7 +227,9 @@ fn the_cluster_role_grants_exactly_what_the_agent_calls() {
     for (group, resource) in [
         ("", "pods"),
         ("", "namespaces"),
+        ("", "services"),
         ("networking.k8s.io", "networkpolicies"),
+        ("discovery.k8s.io", "endpointslices"),
     ] {
         for verb in ["list", "watch"] {
             expected.insert((group.to_owned(), resource.to_owned(), verb.to_owned()));

@@ -20,7 +20,7 @@ use netwarden_kube::{
     KubeError, KubeSource,
     events::{DEFAULT_WINDOW, PolicyEvents, Unenforceable},
 };
-use netwarden_model::{PodRef, PolicyRef};
+use netwarden_model::{PodRef, PolicyRef, ServiceRef};
 use serde_json::{Value, json};
 use tokio::time::timeout;
 
@@ -36,10 +36,18 @@ enum Kind {
     Namespaces,
     Pods,
     Policies,
+    Services,
+    EndpointSlices,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Namespaces, Kind::Pods, Kind::Policies];
+    const ALL: [Kind; 5] = [
+        Kind::Namespaces,
+        Kind::Pods,
+        Kind::Policies,
+        Kind::Services,
+        Kind::EndpointSlices,
+    ];
 
     /// The cluster-wide collection path the watcher must use.
     fn of_path(path: &str) -> Option<Self> {
@@ -47,6 +55,8 @@ impl Kind {
             "/api/v1/namespaces" => Some(Self::Namespaces),
             "/api/v1/pods" => Some(Self::Pods),
             "/apis/networking.k8s.io/v1/networkpolicies" => Some(Self::Policies),
+            "/api/v1/services" => Some(Self::Services),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Self::EndpointSlices),
             _ => None,
         }
     }
@@ -56,6 +66,8 @@ impl Kind {
             Self::Namespaces => ("v1", "NamespaceList"),
             Self::Pods => ("v1", "PodList"),
             Self::Policies => ("networking.k8s.io/v1", "NetworkPolicyList"),
+            Self::Services => ("v1", "ServiceList"),
+            Self::EndpointSlices => ("discovery.k8s.io/v1", "EndpointSliceList"),
         }
     }
 }
@@ -220,7 +232,7 @@ impl ApiServer {
         }
     }
 
-    /// Answers the three initial lists.
+    /// Answers the initial lists, with no Services and no EndpointSlices.
     async fn list_all(
         &mut self,
         source: &mut KubeSource,
@@ -228,9 +240,27 @@ impl ApiServer {
         pods: Vec<Value>,
         policies: Vec<Value>,
     ) {
+        self.list_with_services(source, namespaces, pods, policies, vec![], vec![])
+            .await;
+    }
+
+    /// Answers the initial lists of every kind.
+    async fn list_with_services(
+        &mut self,
+        source: &mut KubeSource,
+        namespaces: Vec<Value>,
+        pods: Vec<Value>,
+        policies: Vec<Value>,
+        services: Vec<Value>,
+        endpoint_slices: Vec<Value>,
+    ) {
         self.next(Kind::Namespaces).await.list("100", namespaces);
         self.next(Kind::Pods).await.list("100", pods);
         self.next(Kind::Policies).await.list("100", policies);
+        self.next(Kind::Services).await.list("100", services);
+        self.next(Kind::EndpointSlices)
+            .await
+            .list("100", endpoint_slices);
         until(source, "synced", |s| s.is_synced()).await;
     }
 }
@@ -310,6 +340,71 @@ fn bad_cidr() -> Value {
     json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]})
 }
 
+fn service(
+    namespace: &str,
+    name: &str,
+    resource_version: &str,
+    cluster_ip: &str,
+    port: i64,
+) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {
+            "name": name, "namespace": namespace, "resourceVersion": resource_version,
+            "uid": format!("uid-{namespace}-{name}"),
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}
+        },
+        "spec": {
+            "type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+            "selector": {"app": name}, "sessionAffinity": "None",
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]
+        },
+        "status": {"loadBalancer": {}}
+    })
+}
+
+fn endpoint_slice(
+    namespace: &str,
+    service: &str,
+    resource_version: &str,
+    pod_name: &str,
+    ip: &str,
+    ready: bool,
+) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-abcde"), "namespace": namespace,
+            "resourceVersion": resource_version,
+            "labels": {"kubernetes.io/service-name": service}
+        },
+        "addressType": "IPv4",
+        "endpoints": [{
+            "addresses": [ip], "nodeName": "node-1",
+            "conditions": {"ready": ready, "serving": ready, "terminating": false},
+            "targetRef": {"kind": "Pod", "name": pod_name, "namespace": namespace}
+        }],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    })
+}
+
+fn service_ref(namespace: &str, name: &str) -> ServiceRef {
+    ServiceRef {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+fn service_names(source: &mut KubeSource) -> Vec<String> {
+    source
+        .cluster()
+        .0
+        .services
+        .keys()
+        .map(ToString::to_string)
+        .collect()
+}
+
 fn pod_ref(namespace: &str, name: &str) -> PodRef {
     PodRef {
         namespace: namespace.into(),
@@ -345,7 +440,7 @@ fn watch_errors(source: &mut KubeSource) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn the_source_is_synced_only_once_all_three_kinds_are_listed() {
+async fn the_source_is_synced_only_once_every_kind_is_listed() {
     let (mut source, mut api) = start();
     assert!(!source.is_synced());
 
@@ -370,6 +465,13 @@ async fn the_source_is_synced_only_once_all_three_kinds_are_listed() {
     api.next(Kind::Policies)
         .await
         .list("100", vec![policy("x", "allow", "12", allow_from_app("a"))]);
+    api.next(Kind::Services).await.list("100", vec![]);
+    until(&mut source, "the policy is listed", |s| {
+        !s.cluster().0.policies.is_empty()
+    })
+    .await;
+    assert!(!source.is_synced(), "synced without the EndpointSlice list");
+    api.next(Kind::EndpointSlices).await.list("100", vec![]);
     until(&mut source, "synced", |s| s.is_synced()).await;
 
     let (cluster, errors) = source.cluster();
@@ -673,4 +775,89 @@ async fn the_event_on_an_invalid_policy_attaches_to_the_cached_object() {
     // A policy the cache no longer holds is not reported.
     let gone = Unenforceable::over_capacity(policy_ref("x", "gone"), "spec.egress", "x/a", "full");
     assert_eq!(source.report(&mut events, &[gone]), 0);
+}
+
+#[tokio::test]
+async fn services_and_endpoint_slices_are_listed_and_followed() {
+    let (mut source, mut api) = start();
+    api.list_with_services(
+        &mut source,
+        vec![namespace("x", json!({}))],
+        vec![pod("x", "web-1", "11", "10.244.0.5", "web")],
+        vec![],
+        vec![service("x", "web", "12", "10.96.0.10", 80)],
+        vec![endpoint_slice(
+            "x",
+            "web",
+            "13",
+            "web-1",
+            "10.244.0.5",
+            true,
+        )],
+    )
+    .await;
+    let (cluster, errors) = source.cluster();
+    assert!(errors.is_empty(), "{errors:?}");
+    let web = &cluster.services[&service_ref("x", "web")];
+    assert_eq!(
+        web.cluster_ips,
+        ["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(web.ports[0].port, 80);
+    let slices: Vec<_> = cluster
+        .endpoint_slices_of(&service_ref("x", "web"))
+        .collect();
+    assert_eq!(slices.len(), 1);
+    assert_eq!(slices[0].endpoints[0].pod, Some(pod_ref("x", "web-1")));
+    assert!(slices[0].endpoints[0].ready);
+
+    let services = api.next(Kind::Services).await.watch_from("100");
+    let slices = api.next(Kind::EndpointSlices).await.watch_from("100");
+    let listed = source.digest();
+
+    // The backend stops being ready.
+    slices.send(
+        "MODIFIED",
+        endpoint_slice("x", "web", "101", "web-1", "10.244.0.5", false),
+    );
+    until(&mut source, "the endpoint is not ready", |s| {
+        s.cluster()
+            .0
+            .endpoint_slices
+            .values()
+            .all(|slice| slice.endpoints.iter().all(|endpoint| !endpoint.ready))
+    })
+    .await;
+    assert_ne!(source.digest(), listed);
+
+    // A Service that does not validate is reported and left out.
+    services.send("ADDED", service("x", "bad", "102", "10.96.0.11", 70000));
+    until(&mut source, "the invalid Service is reported", |s| {
+        s.cluster().1.iter().any(|error| {
+            matches!(error, KubeError::Invalid(error)
+                if error.kind == "Service" && error.object == "x/bad"
+                    && error.field == "spec.ports[0].port")
+        })
+    })
+    .await;
+    assert_eq!(service_names(&mut source), ["x/web"]);
+    // It is no NetworkPolicy: no Event is due for it.
+    assert!(Unenforceable::from_errors(&source.cluster().1).is_empty());
+
+    services.send("MODIFIED", service("x", "web", "103", "10.96.0.10", 8080));
+    until(&mut source, "the port change applies", |s| {
+        s.cluster().0.services[&service_ref("x", "web")].ports[0].port == 8080
+    })
+    .await;
+    services.send("DELETED", service("x", "web", "104", "10.96.0.10", 8080));
+    slices.send(
+        "DELETED",
+        endpoint_slice("x", "web", "105", "web-1", "10.244.0.5", false),
+    );
+    until(&mut source, "the Service and its slice are gone", |s| {
+        let (cluster, _) = s.cluster();
+        cluster.services.is_empty() && cluster.endpoint_slices.is_empty()
+    })
+    .await;
+    assert_eq!(source.restarts(), 0);
 }

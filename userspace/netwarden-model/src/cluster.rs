@@ -421,19 +421,19 @@ impl Cluster {
     }
 
     /// The EndpointSlices that hold backends of `service`.
-    pub fn endpoint_slices_of<'a>(
-        &'a self,
-        service: &'a ServiceRef,
-    ) -> impl Iterator<Item = &'a EndpointSlice> {
-        let namespace = EndpointSliceRef {
+    pub fn endpoint_slices_of(&self, service: &ServiceRef) -> impl Iterator<Item = &EndpointSlice> {
+        let service = service.clone();
+        let first = EndpointSliceRef {
             namespace: service.namespace.clone(),
             name: String::new(),
         };
+        let namespace = service.namespace.clone();
+        // Slices are keyed by namespace first: only the Service's namespace is walked.
         self.endpoint_slices
-            .range(namespace..)
-            .take_while(|(id, _)| id.namespace == service.namespace)
+            .range(first..)
             .map(|(_, slice)| slice)
-            .filter(move |slice| slice.service == *service)
+            .take_while(move |slice| slice.id.namespace == namespace)
+            .filter(move |slice| slice.service == service)
     }
 
     /// The labels of `namespace`; a namespace with no object has only its name label, as the

@@ -568,7 +568,7 @@ mod tests {
     fn services_and_endpoint_slices_are_read_and_bad_ones_reported_and_left_out() {
         let (cluster, errors) = super::cluster_of_stream(
             "svc.yaml",
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-abc, namespace: x, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1], targetRef: {kind: Pod, name: web-1}}]\nports: [{name: http, port: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: x}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 70000}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: orphan, namespace: x}\naddressType: IPv4\nendpoints: []\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {clusterIP: 10.96.0.12}\n",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-abc, namespace: x, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1], targetRef: {kind: Pod, name: web-1}}]\nports: [{name: http, port: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: x}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 70000}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: orphan, namespace: x}\naddressType: IPv4\nendpoints: []\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {clusterIP: 10.96.0.12}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: api-abc, namespace: x, labels: {kubernetes.io/service-name: api}}\naddressType: IPv4\nendpoints: []\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-abc, namespace: y, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: []\n",
         );
         let web = crate::ServiceRef {
             namespace: "x".into(),
@@ -584,8 +584,9 @@ mod tests {
             ["10.96.0.10".parse::<std::net::IpAddr>().unwrap()],
             "the first copy of a duplicate is used"
         );
+        assert_eq!(cluster.endpoint_slices.len(), 3);
         let slices: Vec<_> = cluster.endpoint_slices_of(&web).collect();
-        assert_eq!(slices.len(), 1);
+        assert_eq!(slices.len(), 1, "only x/web's slice: {slices:?}");
         assert_eq!(slices[0].ports[0].port, 8080);
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(

@@ -18,10 +18,17 @@
 //! - A named port is the destination pod's container port of that name and protocol; an
 //!   address with no pod, or a pod without such a port, matches no named port.
 //! - Traffic from the node's own addresses to its pods is always allowed.
+//!
+//! NetworkPolicy speaks of pods, not Services: a flow to a Service address is judged as the flow
+//! kube-proxy translates it to, from the client to one backend pod at its target port.
+//! [`service_flow`] lists those flows and their verdicts.
 
-use std::{fmt, net::IpAddr};
+use std::{collections::BTreeSet, fmt, net::IpAddr};
 
-use netwarden_model::{Cluster, NetworkPolicy, Peer, Pod, PolicyRef, PortRef, PortSpec, Rule};
+use netwarden_model::{
+    Cluster, EndpointSliceRef, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef, PortSpec,
+    Protocol, Rule, ServicePort, ServiceRef, ServiceType,
+};
 
 use crate::compile::Direction;
 
@@ -252,5 +259,444 @@ fn port_matches(spec: &PortSpec, destination: Option<&Pod>, flow: &Flow) -> bool
                 .find(|port| port.name.as_deref() == Some(name) && port.protocol == spec.protocol)
                 .is_some_and(|port| port.port == flow.port)
         }),
+    }
+}
+
+/// Where a Service's backend comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendOrigin {
+    /// A ready endpoint of this EndpointSlice, as kube-proxy reads it.
+    EndpointSlice(EndpointSliceRef),
+    /// A pod the Service's selector matches, for a snapshot that holds no EndpointSlice of
+    /// the Service (manifests rarely carry the slices the control plane would write).
+    Selector,
+}
+
+impl fmt::Display for BackendOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::EndpointSlice(slice) => write!(f, "EndpointSlice {slice}"),
+            Self::Selector => f.write_str("selector"),
+        }
+    }
+}
+
+/// One backend of a Service flow, and the verdict on the flow kube-proxy translates to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// The pod behind it (the endpoint's `targetRef`, or the pod owning the address).
+    pub pod: Option<PodRef>,
+    /// The address the flow is translated to.
+    pub address: IpAddr,
+    /// The port it is translated to.
+    pub port: u16,
+    /// Where the backend comes from.
+    pub origin: BackendOrigin,
+    /// The verdict on the flow from the client to `address:port`.
+    pub verdict: Verdict,
+}
+
+/// A flow to a Service port, resolved to its backends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFlow {
+    /// The Service port the client connects to.
+    pub port: ServicePort,
+    /// Every ready backend of the client's address family, in slice (or pod) order.
+    pub backends: Vec<Backend>,
+}
+
+/// Why a Service flow could not be resolved.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ServiceFlowError {
+    /// The snapshot holds no such Service.
+    #[error("no Service {0}")]
+    NoService(ServiceRef),
+    /// The Service has no port of that number and protocol.
+    #[error("Service {service} has no {protocol} port {port}")]
+    NoPort {
+        /// The Service.
+        service: ServiceRef,
+        /// The port asked for.
+        port: u16,
+        /// Its protocol.
+        protocol: Protocol,
+    },
+    /// An ExternalName Service is a DNS alias: kube-proxy translates nothing.
+    #[error("Service {0} is of type ExternalName: a DNS alias with no backends")]
+    ExternalName(ServiceRef),
+}
+
+/// Resolves a flow from `client` to port `port`/`protocol` of `service` to its ready backends
+/// of the client's address family (kube-proxy translates a cluster IP to endpoints of its own
+/// family), and evaluates the flow to each, where `node_addresses` are those of the backends'
+/// node. The backends' port is the EndpointSlice port of the Service port's name and protocol;
+/// a slice without it holds no backend of this port.
+pub fn service_flow(
+    cluster: &Cluster,
+    node_addresses: &[IpAddr],
+    client: IpAddr,
+    service: &ServiceRef,
+    port: u16,
+    protocol: Protocol,
+) -> Result<ServiceFlow, ServiceFlowError> {
+    let object = cluster
+        .services
+        .get(service)
+        .ok_or_else(|| ServiceFlowError::NoService(service.clone()))?;
+    if object.service_type == ServiceType::ExternalName {
+        return Err(ServiceFlowError::ExternalName(service.clone()));
+    }
+    let service_port = object
+        .ports
+        .iter()
+        .find(|candidate| candidate.port == port && candidate.protocol == protocol)
+        .ok_or_else(|| ServiceFlowError::NoPort {
+            service: service.clone(),
+            port,
+            protocol,
+        })?;
+
+    let mut targets: Vec<(Option<PodRef>, IpAddr, u16, BackendOrigin)> = Vec::new();
+    let mut slices = cluster.endpoint_slices_of(service).peekable();
+    if slices.peek().is_none() {
+        targets.extend(selected_backends(cluster, object, service_port));
+    }
+    for slice in slices {
+        let Some(slice_port) = slice.ports.iter().find(|candidate| {
+            candidate.name == service_port.name && candidate.protocol == service_port.protocol
+        }) else {
+            continue;
+        };
+        for endpoint in slice.endpoints.iter().filter(|endpoint| endpoint.ready) {
+            // kube-proxy sends to an endpoint's first address.
+            let Some(address) = endpoint.addresses.first() else {
+                continue;
+            };
+            let pod = endpoint
+                .pod
+                .clone()
+                .or_else(|| pod_at(cluster, *address).map(|pod| pod.id.clone()));
+            let origin = BackendOrigin::EndpointSlice(slice.id.clone());
+            targets.push((pod, *address, slice_port.port, origin));
+        }
+    }
+
+    // One endpoint in two slices (as during a slice's replacement) is one backend.
+    let mut seen = BTreeSet::new();
+    let backends = targets
+        .into_iter()
+        .filter(|(_, address, port, _)| {
+            address.is_ipv4() == client.is_ipv4() && seen.insert((*address, *port))
+        })
+        .map(|(pod, address, port, origin)| {
+            let flow = Flow {
+                source: client,
+                destination: address,
+                protocol: protocol.number(),
+                port,
+            };
+            Backend {
+                pod,
+                address,
+                port,
+                origin,
+                verdict: evaluate(cluster, node_addresses, &flow),
+            }
+        })
+        .collect();
+    Ok(ServiceFlow {
+        port: service_port.clone(),
+        backends,
+    })
+}
+
+/// What the EndpointSlice controller would make of `service`'s selector: every pod of its
+/// namespace the selector matches that has an address, not on the host network, at the target
+/// port (a named one resolved on each pod; a pod without it is no backend).
+fn selected_backends(
+    cluster: &Cluster,
+    service: &netwarden_model::Service,
+    service_port: &ServicePort,
+) -> Vec<(Option<PodRef>, IpAddr, u16, BackendOrigin)> {
+    if service.selector.is_empty() {
+        return Vec::new();
+    }
+    cluster
+        .pods
+        .values()
+        .filter(|pod| {
+            pod.id.namespace == service.id.namespace
+                && !pod.host_network
+                && service
+                    .selector
+                    .iter()
+                    .all(|(key, value)| pod.labels.get(key) == Some(value))
+        })
+        .filter_map(|pod| {
+            let port = match &service_port.target_port {
+                PortRef::Number(number) => Some(*number),
+                PortRef::Name(name) => pod
+                    .ports
+                    .iter()
+                    .find(|port| {
+                        port.name.as_deref() == Some(name) && port.protocol == service_port.protocol
+                    })
+                    .map(|port| port.port),
+            }?;
+            Some(
+                pod.ips
+                    .iter()
+                    .map(move |address| {
+                        (
+                            Some(pod.id.clone()),
+                            *address,
+                            port,
+                            BackendOrigin::Selector,
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .flatten()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use netwarden_model::{Cluster, PodRef, Protocol, ServiceRef};
+
+    use super::{BackendOrigin, ServiceFlowError, SideVerdict, service_flow};
+
+    const CLUSTER: &str = r"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: x, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.0.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: x, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8081}]}]}
+status: {podIP: 10.0.0.6}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: x, labels: {app: client}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stranger, namespace: x, labels: {app: stranger}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.0.0.3}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: http}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: x}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}, {name: metrics, port: 9090}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: x, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+- {addresses: [10.0.0.5], targetRef: {kind: Pod, name: web-1}}
+- {addresses: [10.0.0.6], targetRef: {kind: Pod, name: web-2}}
+- {addresses: [10.0.0.7], conditions: {ready: false}, targetRef: {kind: Pod, name: web-3}}
+ports: [{name: http, port: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-def, namespace: x, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.5], targetRef: {kind: Pod, name: web-1}}]
+ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: selected, namespace: x}
+spec: {clusterIP: 10.96.0.11, selector: {app: web}, ports: [{port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: alias, namespace: x}
+spec: {type: ExternalName, externalName: example.com, ports: [{port: 80}]}
+";
+
+    fn cluster() -> Cluster {
+        let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", CLUSTER);
+        assert!(errors.is_empty(), "{errors:?}");
+        cluster
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("test address")
+    }
+
+    fn service(name: &str) -> ServiceRef {
+        ServiceRef {
+            namespace: "x".into(),
+            name: name.into(),
+        }
+    }
+
+    /// The backend pod `x/name`, as [`super::Backend::pod`] holds it.
+    #[expect(
+        clippy::unnecessary_wraps,
+        reason = "compared with Backend::pod, an Option"
+    )]
+    fn pod(name: &str) -> Option<PodRef> {
+        Some(PodRef {
+            namespace: "x".into(),
+            name: name.into(),
+        })
+    }
+
+    #[test]
+    fn a_service_flow_is_judged_at_each_ready_backend_and_its_target_port() {
+        let cluster = cluster();
+        let web = service("web");
+        let flow = service_flow(&cluster, &[], ip("10.0.0.2"), &web, 80, Protocol::Tcp).unwrap();
+        assert_eq!(flow.port.name.as_deref(), Some("http"));
+        let backends: Vec<_> = flow
+            .backends
+            .iter()
+            .map(|backend| {
+                (
+                    backend.pod.clone(),
+                    backend.address,
+                    backend.port,
+                    backend.verdict.allowed(),
+                )
+            })
+            .collect();
+        // web-3 is not ready; web-1 in a second slice is still one backend. The slice's port
+        // (8080) applies to web-2 too, whatever its container port says.
+        assert_eq!(
+            backends,
+            [
+                (pod("web-1"), ip("10.0.0.5"), 8080, true),
+                (pod("web-2"), ip("10.0.0.6"), 8080, false),
+            ]
+        );
+        assert_eq!(
+            flow.backends[0].origin,
+            BackendOrigin::EndpointSlice(netwarden_model::EndpointSliceRef {
+                namespace: "x".into(),
+                name: "web-abc".into()
+            })
+        );
+        let SideVerdict::Allowed(rules) = &flow.backends[0].verdict.ingress else {
+            panic!("{:?}", flow.backends[0].verdict);
+        };
+        assert_eq!(
+            rules[0].to_string(),
+            "NetworkPolicy x/web spec.ingress[0].from[0].ports[0]"
+        );
+
+        let stranger =
+            service_flow(&cluster, &[], ip("10.0.0.3"), &web, 80, Protocol::Tcp).unwrap();
+        assert!(
+            stranger
+                .backends
+                .iter()
+                .all(|backend| !backend.verdict.allowed())
+        );
+    }
+
+    #[test]
+    fn a_port_the_slices_do_not_carry_and_another_family_have_no_backends() {
+        let cluster = cluster();
+        let web = service("web");
+        let metrics =
+            service_flow(&cluster, &[], ip("10.0.0.2"), &web, 9090, Protocol::Tcp).unwrap();
+        assert!(metrics.backends.is_empty());
+        let from_ipv6 =
+            service_flow(&cluster, &[], ip("fd00::2"), &web, 80, Protocol::Tcp).unwrap();
+        assert!(from_ipv6.backends.is_empty());
+    }
+
+    #[test]
+    fn without_slices_the_selector_gives_the_backends_and_names_resolve_per_pod() {
+        let cluster = cluster();
+        let flow = service_flow(
+            &cluster,
+            &[],
+            ip("10.0.0.2"),
+            &service("selected"),
+            80,
+            Protocol::Tcp,
+        )
+        .unwrap();
+        let backends: Vec<_> = flow
+            .backends
+            .iter()
+            .map(|backend| {
+                (
+                    backend.pod.clone(),
+                    backend.port,
+                    backend.origin.clone(),
+                    backend.verdict.allowed(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                (pod("web-1"), 8080, BackendOrigin::Selector, true),
+                (pod("web-2"), 8081, BackendOrigin::Selector, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_services_ports_and_aliases_are_errors() {
+        let cluster = cluster();
+        let resolve = |name: &str, port, protocol| {
+            service_flow(
+                &cluster,
+                &[],
+                ip("10.0.0.2"),
+                &service(name),
+                port,
+                protocol,
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert_eq!(resolve("nope", 80, Protocol::Tcp), "no Service x/nope");
+        assert_eq!(
+            resolve("web", 80, Protocol::Udp),
+            "Service x/web has no UDP port 80"
+        );
+        assert_eq!(
+            resolve("alias", 80, Protocol::Tcp),
+            "Service x/alias is of type ExternalName: a DNS alias with no backends"
+        );
+        assert!(matches!(
+            service_flow(
+                &cluster,
+                &[],
+                ip("10.0.0.2"),
+                &service("web"),
+                81,
+                Protocol::Tcp
+            ),
+            Err(ServiceFlowError::NoPort { port: 81, .. })
+        ));
     }
 }

@@ -1,25 +1,35 @@
-//! `netwarden explain`: which policy rule allows a flow, or which policies isolate it.
+//! `netwarden explain`: which policy rule allows a flow, or which policies isolate it; for a
+//! flow to a Service, the same for the flow to each of its backends.
 
 use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 use netwarden_identity::{Connection, TrustDomain, acceptable_principals, decide::decide};
-use netwarden_model::{Cluster, ManifestDir, Protocol};
-use netwarden_policy::evaluate::{self, Flow, SideVerdict};
+use netwarden_model::{Cluster, ManifestDir, Protocol, ServiceRef};
+use netwarden_policy::evaluate::{self, Flow, ServiceFlowError, SideVerdict};
 
 /// `netwarden explain`.
 #[derive(clap::Args)]
 pub struct ExplainOptions {
-    /// Directory of manifests (Namespaces, Pods, NetworkPolicies) describing the cluster.
+    /// Directory of manifests (Namespaces, Pods, NetworkPolicies, Services, EndpointSlices)
+    /// describing the cluster.
     #[arg(long)]
     pub manifests: PathBuf,
     /// The client: `namespace/pod` or an IP address.
     #[arg(long)]
     pub from: String,
     /// The server: `namespace/pod` or an IP address.
-    #[arg(long)]
-    pub to: String,
-    /// Destination port.
+    #[arg(
+        long,
+        required_unless_present = "to_service",
+        conflicts_with = "to_service"
+    )]
+    pub to: Option<String>,
+    /// A Service, `namespace/name`: the flow is judged at each of its ready backends, as
+    /// kube-proxy translates it.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub to_service: Option<String>,
+    /// Destination port (with `--to-service`, the Service port).
     #[arg(long)]
     pub port: u16,
     /// TCP, UDP or SCTP.
@@ -54,7 +64,34 @@ pub fn run(options: &ExplainOptions) -> anyhow::Result<()> {
             )
         })?;
     let source_ip = address(&cluster, &options.from, None)?;
-    let destination_ip = address(&cluster, &options.to, Some(source_ip))?;
+    if let Some(service) = &options.to_service {
+        let (namespace, name) = service
+            .split_once('/')
+            .with_context(|| format!("--to-service {service:?}: expected namespace/name"))?;
+        let service = ServiceRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let trust_domain = TrustDomain::new(&options.trust_domain).context("--trust-domain")?;
+        let lines = service_lines(
+            &cluster,
+            &options.node_addresses,
+            &trust_domain,
+            source_ip,
+            &service,
+            options.port,
+            protocol,
+        )?;
+        for line in lines {
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    let to = options
+        .to
+        .as_deref()
+        .context("--to or --to-service is required")?;
+    let destination_ip = address(&cluster, to, Some(source_ip))?;
     let flow = Flow {
         source: source_ip,
         destination: destination_ip,
@@ -74,23 +111,16 @@ pub fn run(options: &ExplainOptions) -> anyhow::Result<()> {
             "DENIED"
         }
     );
-    let peer_text = |peer: IpAddr| describe(&cluster, peer);
-    print_side(
-        "egress of",
+    for line in verdict_lines(
         &cluster,
+        &verdict,
         source_ip,
-        &verdict.egress,
-        &format!("to {} port {}", peer_text(destination_ip), options.port),
-        protocol,
-    );
-    print_side(
-        "ingress of",
-        &cluster,
         destination_ip,
-        &verdict.ingress,
-        &format!("from {} to port {}", peer_text(source_ip), options.port),
+        options.port,
         protocol,
-    );
+    ) {
+        println!("  {line}");
+    }
     print_mtls(
         &cluster,
         options,
@@ -103,6 +133,120 @@ pub fn run(options: &ExplainOptions) -> anyhow::Result<()> {
         verdict.allowed(),
     )?;
     Ok(())
+}
+
+/// What a flow to port `port` of `service` meets at each of its ready backends: the flow
+/// kube-proxy translates it to, with the verdict and rules of both sides, and what an
+/// mTLS-strict backend adds.
+fn service_lines(
+    cluster: &Cluster,
+    node_addresses: &[IpAddr],
+    trust_domain: &TrustDomain,
+    client: IpAddr,
+    service: &ServiceRef,
+    port: u16,
+    protocol: Protocol,
+) -> Result<Vec<String>, ServiceFlowError> {
+    let resolved =
+        evaluate::service_flow(cluster, node_addresses, client, service, port, protocol)?;
+    let port_name = resolved
+        .port
+        .name
+        .as_ref()
+        .map(|name| format!(" ({name})"))
+        .unwrap_or_default();
+    let head = format!(
+        "{protocol} {} -> Service {service} port {port}{port_name}",
+        describe(cluster, client)
+    );
+    if resolved.backends.is_empty() {
+        return Ok(vec![format!(
+            "{head}: no ready backend of the client's address family; kube-proxy has nowhere to send it"
+        )]);
+    }
+    let allowed = resolved
+        .backends
+        .iter()
+        .filter(|backend| backend.verdict.allowed())
+        .count();
+    let mut lines = vec![format!(
+        "{head}: ALLOWED to {allowed} of {} backends",
+        resolved.backends.len()
+    )];
+    for backend in &resolved.backends {
+        let who = backend.pod.as_ref().map_or_else(
+            || backend.address.to_string(),
+            |pod| format!("{pod} ({})", backend.address),
+        );
+        lines.push(format!(
+            "  backend {who} port {}, from {}: {}",
+            backend.port,
+            backend.origin,
+            if backend.verdict.allowed() {
+                "ALLOWED"
+            } else {
+                "DENIED"
+            }
+        ));
+        lines.extend(
+            verdict_lines(
+                cluster,
+                &backend.verdict,
+                client,
+                backend.address,
+                backend.port,
+                protocol,
+            )
+            .into_iter()
+            .map(|line| format!("    {line}")),
+        );
+        let flow = Flow {
+            source: client,
+            destination: backend.address,
+            protocol: protocol.number(),
+            port: backend.port,
+        };
+        lines.extend(
+            mtls_lines(
+                cluster,
+                node_addresses,
+                trust_domain,
+                flow,
+                backend.verdict.allowed(),
+            )
+            .into_iter()
+            .map(|line| format!("  {line}")),
+        );
+    }
+    Ok(lines)
+}
+
+/// The lines of both sides of a verdict on the flow from `source` to `destination:port`.
+fn verdict_lines(
+    cluster: &Cluster,
+    verdict: &evaluate::Verdict,
+    source: IpAddr,
+    destination: IpAddr,
+    port: u16,
+    protocol: Protocol,
+) -> Vec<String> {
+    let mut lines = side_lines(
+        "egress of",
+        cluster,
+        source,
+        &verdict.egress,
+        &format!("to {} port {port}", describe(cluster, destination)),
+        protocol,
+    );
+    lines.extend(side_lines(
+        "ingress of",
+        cluster,
+        destination,
+        &verdict.ingress,
+        &format!("from {} to port {port}", describe(cluster, source)),
+        protocol,
+    ));
+    lines
 }
 
 /// For an mTLS-strict destination: what the kernel's screen and the identity check add to the
@@ -208,37 +352,37 @@ fn mtls_lines(
     lines
 }
 
-fn print_side(
+/// What one side's verdict says, one line per rule that allows the flow.
+fn side_lines(
     label: &str,
     cluster: &Cluster,
     address: IpAddr,
     verdict: &SideVerdict,
     flow: &str,
     protocol: Protocol,
-) {
+) -> Vec<String> {
     let who = describe(cluster, address);
     match verdict {
-        SideVerdict::NotAPod => println!("  {label} {who}: not a pod, no policy of its own"),
-        SideVerdict::FromNode => {
-            println!("  {label} {who}: allowed, traffic from the node is always allowed");
-        }
-        SideVerdict::NotIsolated => {
-            println!("  {label} {who}: allowed, no NetworkPolicy isolates it in this direction");
-        }
-        SideVerdict::Allowed(rules) => {
-            for rule in rules {
-                println!("  {label} {who}: allowed by {rule}");
-            }
-        }
+        SideVerdict::NotAPod => vec![format!("{label} {who}: not a pod, no policy of its own")],
+        SideVerdict::FromNode => vec![format!(
+            "{label} {who}: allowed, traffic from the node is always allowed"
+        )],
+        SideVerdict::NotIsolated => vec![format!(
+            "{label} {who}: allowed, no NetworkPolicy isolates it in this direction"
+        )],
+        SideVerdict::Allowed(rules) => rules
+            .iter()
+            .map(|rule| format!("{label} {who}: allowed by {rule}"))
+            .collect(),
         SideVerdict::Denied(policies) => {
             let names: Vec<String> = policies
                 .iter()
                 .map(|policy| format!("NetworkPolicy {policy}"))
                 .collect();
-            println!(
-                "  {label} {who}: DENIED, isolated by {}; no rule allows {protocol} {flow}",
+            vec![format!(
+                "{label} {who}: DENIED, isolated by {}; no rule allows {protocol} {flow}",
                 names.join(", ")
-            );
+            )]
         }
     }
 }
@@ -279,7 +423,7 @@ mod tests {
     use netwarden_identity::TrustDomain;
     use netwarden_policy::evaluate::Flow;
 
-    use super::mtls_lines;
+    use super::{mtls_lines, service_lines};
 
     const CLUSTER: &str = r"
 apiVersion: v1
@@ -371,5 +515,111 @@ spec:
             true,
         );
         assert!(towards_a_lax_pod.is_empty());
+    }
+
+    const SERVICE_CLUSTER: &str = r"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: x, labels: {app: web, track: stable}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.0.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: x, labels: {app: web, track: canary}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.0.0.6}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: x, labels: {app: client}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: x}
+spec:
+  podSelector: {matchLabels: {track: stable}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: http}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: canary, namespace: x}
+spec: {podSelector: {matchLabels: {track: canary}}, policyTypes: [Ingress]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: x}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: x, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+- {addresses: [10.0.0.5], targetRef: {kind: Pod, name: web-1}}
+- {addresses: [10.0.0.6], targetRef: {kind: Pod, name: web-2}}
+- {addresses: [10.0.0.7], conditions: {ready: false}}
+ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: x}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}
+";
+
+    fn service(cluster: &netwarden_model::Cluster, name: &str, port: u16) -> Vec<String> {
+        service_lines(
+            cluster,
+            &[],
+            &TrustDomain::default(),
+            "10.0.0.2".parse().unwrap(),
+            &netwarden_model::ServiceRef {
+                namespace: "x".into(),
+                name: name.into(),
+            },
+            port,
+            netwarden_model::Protocol::Tcp,
+        )
+        .map_err(|error| error.to_string())
+        .unwrap_or_else(|error| vec![error])
+    }
+
+    #[test]
+    fn a_flow_to_a_service_is_explained_at_each_backend_naming_the_service_and_the_pod() {
+        let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", SERVICE_CLUSTER);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            service(&cluster, "web", 80),
+            [
+                "TCP x/client (10.0.0.2) -> Service x/web port 80 (http): ALLOWED to 1 of 2 backends",
+                "  backend x/web-1 (10.0.0.5) port 8080, from EndpointSlice x/web-abc: ALLOWED",
+                "    egress of x/client (10.0.0.2): allowed, no NetworkPolicy isolates it in this direction",
+                "    ingress of x/web-1 (10.0.0.5): allowed by NetworkPolicy x/web spec.ingress[0].from[0].ports[0]",
+                "  backend x/web-2 (10.0.0.6) port 8080, from EndpointSlice x/web-abc: DENIED",
+                "    egress of x/client (10.0.0.2): allowed, no NetworkPolicy isolates it in this direction",
+                "    ingress of x/web-2 (10.0.0.6): DENIED, isolated by NetworkPolicy x/canary; no rule allows TCP from x/client (10.0.0.2) to port 8080",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_service_without_backends_or_that_port_says_so() {
+        let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", SERVICE_CLUSTER);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            service(&cluster, "empty", 80),
+            [
+                "TCP x/client (10.0.0.2) -> Service x/empty port 80: no ready backend of the client's address family; kube-proxy has nowhere to send it"
+            ]
+        );
+        assert_eq!(
+            service(&cluster, "web", 443),
+            ["Service x/web has no TCP port 443"]
+        );
     }
 }
