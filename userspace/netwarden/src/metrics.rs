@@ -43,31 +43,32 @@ struct MapLabels {
 struct VerdictLabels {
     /// `ingress` or `egress`, from the pod's point of view.
     direction: &'static str,
-    /// `allow` or `deny`.
+    /// `allow` or `deny`: the reason's [`counter::Kind`].
     verdict: &'static str,
-    /// Why, in the words of `netwarden_common::counter`.
+    /// The reason's label in `netwarden_common::counter::TABLE`.
     reason: &'static str,
 }
 
-/// The verdict counters of `netwarden_common::counter`, with their labels. The two event
-/// counters of that array are not verdicts; they have metrics of their own.
-const VERDICT_REASONS: [(u32, &str, &str); 11] = [
-    (counter::ALLOWED_TRACKED, "allow", "tracked"),
-    (counter::ALLOWED_NOT_ISOLATED, "allow", "not_isolated"),
-    (counter::ALLOWED_BY_POLICY, "allow", "policy"),
-    (counter::ALLOWED_NODE, "allow", "node"),
-    (counter::ALLOWED_NETWORK_CONTROL, "allow", "network_control"),
-    (counter::ALLOWED_RELATED, "allow", "related_icmp_error"),
-    (counter::DENIED_BY_POLICY, "deny", "policy"),
-    (
-        counter::DENIED_ENDPOINT_NOT_READY,
-        "deny",
-        "endpoint_not_ready",
-    ),
-    (counter::DENIED_REVOKED, "deny", "revoked"),
-    (counter::DENIED_MALFORMED, "deny", "malformed"),
-    (counter::DENIED_SPOOFED, "deny", "spoofed"),
-];
+/// One of the datapath's counters of verdict events it could not report.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnreportedLabels {
+    /// The reason's label in `netwarden_common::counter::TABLE`.
+    reason: &'static str,
+}
+
+/// The reasons of `netwarden_common::counter::TABLE` that count packets.
+fn verdict_reasons() -> impl Iterator<Item = &'static counter::Reason> {
+    counter::TABLE
+        .iter()
+        .filter(|reason| reason.kind != counter::Kind::EventAccounting)
+}
+
+/// The reasons of `netwarden_common::counter::TABLE` that count unreported events.
+fn unreported_event_reasons() -> impl Iterator<Item = &'static counter::Reason> {
+    counter::TABLE
+        .iter()
+        .filter(|reason| reason.kind == counter::Kind::EventAccounting)
+}
 
 const DIRECTIONS: [(u32, &str); 2] = [
     (direction::INGRESS, "ingress"),
@@ -108,8 +109,7 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     verdicts: Family<VerdictLabels, Counter>,
-    events_lost: Counter,
-    events_rate_limited: Counter,
+    unreported_events: Family<UnreportedLabels, Counter>,
     applies: Counter,
     apply_duration: Histogram,
     watch_restarts: Counter,
@@ -175,15 +175,10 @@ impl Metrics {
                 "verdicts",
                 "Packets decided by the datapath since its maps were created, by direction (pod's view), verdict and reason",
             ),
-            events_lost: registered(
+            unreported_events: registered(
                 r,
-                "deny_events_lost",
-                "Deny events dropped because the ring buffer was full (the agent fell behind)",
-            ),
-            events_rate_limited: registered(
-                r,
-                "deny_events_rate_limited",
-                "Deny events not reported: over the per-CPU rate limit",
+                "verdict_events_unreported",
+                "Verdict events (denies, sampled allows) the datapath could not report, by reason: over its per-CPU rate limit, or the ring buffer was full",
             ),
             applies: registered(r, "applies", "Compilations applied to the datapath"),
             apply_duration: {
@@ -213,14 +208,20 @@ impl Metrics {
         // Every series exists from the start, at zero: a rate over a series that appears late
         // misses its first increase.
         for (_, name) in DIRECTIONS {
-            for (_, verdict, reason) in VERDICT_REASONS {
+            for reason in verdict_reasons() {
                 let labels = VerdictLabels {
                     direction: name,
-                    verdict,
-                    reason,
+                    verdict: reason.kind.label(),
+                    reason: reason.label,
                 };
                 drop(metrics.verdicts.get_or_create(&labels));
             }
+        }
+        for reason in unreported_event_reasons() {
+            let labels = UnreportedLabels {
+                reason: reason.label,
+            };
+            drop(metrics.unreported_events.get_or_create(&labels));
         }
         for state in ENDPOINT_STATES {
             drop(metrics.endpoints.get_or_create(&StateLabels { state }));
@@ -284,21 +285,22 @@ impl Metrics {
                 .unwrap_or(0)
         };
         for (dir, name) in DIRECTIONS {
-            for (reason, verdict, reason_name) in VERDICT_REASONS {
+            for reason in verdict_reasons() {
                 let labels = VerdictLabels {
                     direction: name,
-                    verdict,
-                    reason: reason_name,
+                    verdict: reason.kind.label(),
+                    reason: reason.label,
                 };
-                set_total(&self.verdicts.get_or_create(&labels), at(dir, reason));
+                set_total(&self.verdicts.get_or_create(&labels), at(dir, reason.id));
             }
         }
-        let both = |reason| at(direction::INGRESS, reason) + at(direction::EGRESS, reason);
-        set_total(&self.events_lost, both(counter::EVENTS_LOST));
-        set_total(
-            &self.events_rate_limited,
-            both(counter::EVENTS_RATE_LIMITED),
-        );
+        for reason in unreported_event_reasons() {
+            let labels = UnreportedLabels {
+                reason: reason.label,
+            };
+            let both = at(direction::INGRESS, reason.id) + at(direction::EGRESS, reason.id);
+            set_total(&self.unreported_events.get_or_create(&labels), both);
+        }
     }
 
     /// What a conntrack sweep found: the tables' sizes, and how many idle flows it removed.
@@ -539,29 +541,38 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         assert_eq!(
             value(
                 &text,
-                r#"netwarden_verdicts_total{direction="ingress",verdict="deny",reason="policy"}"#
+                r#"netwarden_verdicts_total{direction="ingress",verdict="deny",reason="denied_by_policy"}"#
             ),
             "7"
         );
         assert_eq!(
             value(
                 &text,
-                r#"netwarden_verdicts_total{direction="egress",verdict="allow",reason="tracked"}"#
+                r#"netwarden_verdicts_total{direction="egress",verdict="allow",reason="allowed_tracked"}"#
             ),
             "40"
         );
         assert_eq!(
             value(
                 &text,
-                r#"netwarden_verdicts_total{direction="egress",verdict="deny",reason="policy"}"#
+                r#"netwarden_verdicts_total{direction="egress",verdict="deny",reason="denied_by_policy"}"#
             ),
             "0"
         );
         // Every reason in both directions, the event counters apart.
-        assert_eq!(samples(&text, "netwarden_verdicts_total").len(), 22);
-        assert_eq!(value(&text, "netwarden_deny_events_lost_total"), "3");
+        assert_eq!(samples(&text, "netwarden_verdicts_total").len(), 26);
         assert_eq!(
-            value(&text, "netwarden_deny_events_rate_limited_total"),
+            value(
+                &text,
+                r#"netwarden_verdict_events_unreported_total{reason="events_lost"}"#
+            ),
+            "3"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_verdict_events_unreported_total{reason="events_rate_limited"}"#
+            ),
             "0"
         );
         assert_eq!(value(&text, "netwarden_watch_restarts_total"), "3");
@@ -573,9 +584,41 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         assert_eq!(
             value(
                 &text,
-                r#"netwarden_verdicts_total{direction="ingress",verdict="deny",reason="policy"}"#
+                r#"netwarden_verdicts_total{direction="ingress",verdict="deny",reason="denied_by_policy"}"#
             ),
             "9"
         );
+    }
+
+    #[test]
+    fn every_counter_of_the_table_is_a_metric_series() {
+        let metrics = Metrics::new();
+        // Each counter gets its own value, so a series reading the wrong slot shows.
+        let counters: Vec<u64> = (1..=u64::from(counter::SLOTS)).collect();
+        metrics.observe_verdicts(&counters);
+        let text = metrics.render();
+        for reason in counter::TABLE {
+            let ingress = counters[counter::slot(direction::INGRESS, reason.id) as usize];
+            let egress = counters[counter::slot(direction::EGRESS, reason.id) as usize];
+            match reason.kind {
+                counter::Kind::Allow | counter::Kind::Deny => {
+                    for (name, count) in [("ingress", ingress), ("egress", egress)] {
+                        let series = format!(
+                            r#"netwarden_verdicts_total{{direction="{name}",verdict="{}",reason="{}"}}"#,
+                            reason.kind.label(),
+                            reason.label
+                        );
+                        assert_eq!(value(&text, &series), count.to_string(), "{series}");
+                    }
+                }
+                counter::Kind::EventAccounting => {
+                    let series = format!(
+                        r#"netwarden_verdict_events_unreported_total{{reason="{}"}}"#,
+                        reason.label
+                    );
+                    assert_eq!(value(&text, &series), (ingress + egress).to_string());
+                }
+            }
+        }
     }
 }
