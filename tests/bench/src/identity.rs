@@ -8,7 +8,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -46,7 +46,7 @@ async fn measure(cluster: Cluster, node: &str, node_address: IpAddr) -> anyhow::
     let decision_only = decision_latency(&cluster, &trust_domain, node_address, &requests);
     let snapshot = Snapshot::new(cluster, vec![node_address], local.iter().copied().collect());
     let service = Arc::new(IdentityService::new(
-        Arc::new(RwLock::new(Arc::new(snapshot))),
+        netwarden_identity::shared(snapshot),
         trust_domain,
         None,
     ));

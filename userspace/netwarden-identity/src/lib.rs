@@ -15,6 +15,7 @@ pub use decide::{
 };
 pub use server::{
     DecisionCounts, FlowCutter, IdentityService, RefusedConnection, SharedSnapshot, Snapshot,
+    shared,
 };
 
 /// Errors of the identity check.
@@ -34,6 +35,9 @@ pub enum IdentityError {
         /// What it held.
         value: String,
     },
+    /// The agent has not applied the cluster yet: the check cannot tell a pod from a stranger.
+    #[error("the agent has not applied the cluster yet; retry")]
+    NotAppliedYet,
     /// A pod asked about a connection to another pod (only the node may).
     #[error("caller {caller} may only ask about connections to itself, not to {destination}")]
     NotTheDestination {

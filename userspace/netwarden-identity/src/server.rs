@@ -68,8 +68,15 @@ impl Snapshot {
     }
 }
 
-/// The snapshot shared by the agent's apply loop (writer) and the server (readers).
-pub type SharedSnapshot = Arc<RwLock<Arc<Snapshot>>>;
+/// The snapshot shared by the agent's apply loop (writer) and the server (readers); `None`
+/// until the agent has applied the cluster once, while the check answers `UNAVAILABLE`.
+pub type SharedSnapshot = Arc<RwLock<Option<Arc<Snapshot>>>>;
+
+/// A [`SharedSnapshot`] holding `snapshot`, as after an apply.
+#[must_use]
+pub fn shared(snapshot: Snapshot) -> SharedSnapshot {
+    Arc::new(RwLock::new(Some(Arc::new(snapshot))))
+}
 
 /// A connection the identity check refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,13 +155,15 @@ impl IdentityService {
         request: &CheckRequest,
         caller: Option<IpAddr>,
     ) -> Result<Decision, IdentityError> {
+        // Before the first apply the check knows no pod: every destination would be "unknown"
+        // and denied (and cut). Not answering lets the proxy retry once the agent has applied.
+        let snapshot = self
+            .snapshot
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(IdentityError::NotAppliedYet)?;
         let (source, destination, principal) = connection_of(request)?;
-        let snapshot = Arc::clone(
-            &self
-                .snapshot
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
         if let Some(caller) = caller.map(unmap)
             && !may_ask_about(&snapshot, caller, destination.ip())
         {
@@ -223,6 +232,11 @@ impl Authorization for IdentityService {
         let caller = request.remote_addr().map(|address| address.ip());
         let decision = match self.check_request(request.get_ref(), caller) {
             Ok(decision) => decision,
+            Err(error @ IdentityError::NotAppliedYet) => {
+                self.counts.add("not_applied_yet");
+                debug!(target: "netwarden::identity", %error, "identity check");
+                return Err(tonic::Status::unavailable(error.to_string()));
+            }
             Err(error) => {
                 self.counts.add(match error {
                     IdentityError::NotTheDestination { .. } => "caller_not_the_destination",
@@ -396,7 +410,9 @@ pub fn is_local_caller(snapshot: &SharedSnapshot, caller: IpAddr) -> bool {
     let snapshot = snapshot
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    snapshot.node_addresses.contains(&caller) || snapshot.local_pod_addresses.contains(&caller)
+    snapshot.as_ref().is_some_and(|snapshot| {
+        snapshot.node_addresses.contains(&caller) || snapshot.local_pod_addresses.contains(&caller)
+    })
 }
 
 fn spawn_server<S, IO, E>(service: Arc<IdentityService>, incoming: S) -> tokio::task::JoinHandle<()>

@@ -2,13 +2,14 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
 };
 
 use netwarden_identity::{
-    FlowCutter, IdentityService, RefusedConnection, Snapshot, TrustDomain,
+    FlowCutter, IdentityService, RefusedConnection, SharedSnapshot, Snapshot, TrustDomain,
     client::{check_request, connect_unix, is_allowed},
     server::{is_local_caller, may_ask_about, serve_tcp, serve_unix},
+    shared,
 };
 
 const CLUSTER: &str = r"
@@ -50,7 +51,7 @@ async fn a_proxy_is_answered_with_the_decision_and_denies_are_cut() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("authz.sock");
     let cutter = Arc::new(RecordingCutter::default());
-    let shared = Arc::new(RwLock::new(Arc::new(snapshot())));
+    let shared = shared(snapshot());
     let service = Arc::new(IdentityService::new(
         Arc::clone(&shared),
         TrustDomain::default(),
@@ -113,9 +114,42 @@ async fn a_proxy_is_answered_with_the_decision_and_denies_are_cut() {
     assert_eq!(counts.get("malformed_request"), Some(&1));
 }
 
+#[tokio::test]
+async fn before_the_first_apply_the_check_is_unavailable_and_cuts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("authz.sock");
+    let cutter = Arc::new(RecordingCutter::default());
+    let snapshot = SharedSnapshot::default();
+    let service = Arc::new(IdentityService::new(
+        Arc::clone(&snapshot),
+        TrustDomain::default(),
+        Some(cutter.clone()),
+    ));
+    let counts = service.counts();
+    let _server = serve_unix(&socket, service).unwrap();
+    let mut client = connect_unix(&socket).await.unwrap();
+    let request = || {
+        check_request(
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.1:8443".parse().unwrap(),
+            "spiffe://cluster.local/ns/x/sa/client",
+        )
+    };
+
+    let status = client.check(request()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(cutter.0.lock().unwrap().is_empty());
+    assert_eq!(counts.snapshot().get("not_applied_yet"), Some(&1));
+
+    // The agent's first apply: the same request is now decided.
+    *snapshot.write().unwrap() = Some(Arc::new(self::snapshot()));
+    let response = client.check(request()).await.unwrap().into_inner();
+    assert!(is_allowed(&response), "{response:?}");
+}
+
 #[test]
 fn only_the_node_and_local_pods_may_call_over_tcp() {
-    let shared = Arc::new(RwLock::new(Arc::new(snapshot())));
+    let shared = shared(snapshot());
     assert!(is_local_caller(&shared, "127.0.0.1".parse().unwrap()));
     assert!(is_local_caller(&shared, "192.168.0.10".parse().unwrap()));
     assert!(is_local_caller(&shared, "10.0.0.1".parse().unwrap()));
@@ -146,7 +180,7 @@ fn a_pod_may_only_ask_about_connections_to_itself() {
 #[tokio::test]
 async fn the_node_address_listener_answers_the_node() {
     let cutter = Arc::new(RecordingCutter::default());
-    let shared = Arc::new(RwLock::new(Arc::new(snapshot())));
+    let shared = shared(snapshot());
     let service = Arc::new(IdentityService::new(
         shared,
         TrustDomain::default(),

@@ -143,11 +143,11 @@ impl IdentityWiring {
         *self
             .snapshot
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Snapshot::new(
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(Snapshot::new(
             cluster,
             network.addresses.clone(),
             local_pod_addresses,
-        ));
+        )));
     }
 
     /// Decisions by reason, for the status file.
