@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 use netwarden_identity::{
-    ClusterIndex, Connection, IdentityService, Snapshot, TrustDomain,
+    ClusterIndex, Connection, IdentityService, Snapshot, SocketAccess, TrustDomain,
     client::{check_request, connect_unix, is_allowed},
     decide_indexed,
     server::serve_unix,
@@ -53,7 +53,7 @@ async fn measure(cluster: Cluster, node: &str, node_address: IpAddr) -> anyhow::
     let counts = service.counts();
     let dir = tempfile::tempdir().context("a directory for the socket")?;
     let socket = dir.path().join("authz.sock");
-    let server = serve_unix(&socket, service)?;
+    let server = serve_unix(&socket, SocketAccess::default(), service)?;
     let mut client = connect_unix(&socket).await?;
 
     let mut samples = Vec::with_capacity(REQUESTS);

@@ -7,13 +7,14 @@
 //! elsewhere (the datapath's per-CPU counters, the watchers' restarts) are exposed as those
 //! totals, not re-counted here: they survive agent restarts the way the pinned maps do.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
 
 use netwarden_common::{counter, direction};
 use netwarden_datapath::{
     ApplyReport, MapUsage,
     conntrack::{SweepReport, TABLE_V4, TABLE_V6},
 };
+use netwarden_identity::CUT_RATE_LIMITED;
 use netwarden_policy::DatapathState;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -54,6 +55,12 @@ struct VerdictLabels {
 struct UnreportedLabels {
     /// The reason's label in `netwarden_common::counter::TABLE`.
     reason: &'static str,
+}
+
+/// One kind of identity check decision, by its label (`allowed`, `wrong_principal`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
 }
 
 /// The reasons of `netwarden_common::counter::TABLE` that count packets.
@@ -114,6 +121,8 @@ pub struct Metrics {
     apply_duration: Histogram,
     watch_restarts: Counter,
     conntrack_expired: Counter,
+    identity_checks: Family<DecisionLabels, Counter>,
+    identity_cuts_rate_limited: Counter,
 }
 
 impl Default for Metrics {
@@ -203,10 +212,25 @@ impl Metrics {
                 "conntrack_expired",
                 "Tracked flows the sweeper removed for being idle past their timeout",
             ),
+            identity_checks: registered(
+                r,
+                "identity_checks",
+                "Identity check (Authorization/Check) requests since the agent started, by decision",
+            ),
+            identity_cuts_rate_limited: registered(
+                r,
+                "identity_cuts_rate_limited",
+                "Identity check denies not cut in the kernel: their destination pod was over --authz-cut-rate",
+            ),
             registry,
         };
-        // Every series exists from the start, at zero: a rate over a series that appears late
-        // misses its first increase.
+        metrics.create_every_series();
+        metrics
+    }
+
+    /// Every series exists from the start, at zero: a rate over a series that appears late
+    /// misses its first increase.
+    fn create_every_series(&self) {
         for (_, name) in DIRECTIONS {
             for reason in verdict_reasons() {
                 let labels = VerdictLabels {
@@ -214,19 +238,18 @@ impl Metrics {
                     verdict: reason.kind.label(),
                     reason: reason.label,
                 };
-                drop(metrics.verdicts.get_or_create(&labels));
+                drop(self.verdicts.get_or_create(&labels));
             }
         }
         for reason in unreported_event_reasons() {
             let labels = UnreportedLabels {
                 reason: reason.label,
             };
-            drop(metrics.unreported_events.get_or_create(&labels));
+            drop(self.unreported_events.get_or_create(&labels));
         }
         for state in ENDPOINT_STATES {
-            drop(metrics.endpoints.get_or_create(&StateLabels { state }));
+            drop(self.endpoints.get_or_create(&StateLabels { state }));
         }
-        metrics
     }
 
     /// Records what an apply produced.
@@ -315,6 +338,22 @@ impl Metrics {
         }
         self.conntrack_expired
             .inc_by(u64::try_from(report.expired()).unwrap_or(u64::MAX));
+    }
+
+    /// Takes the identity check's decision totals (`netwarden_identity::DecisionCounts`).
+    pub fn observe_identity_checks(&self, counts: &BTreeMap<&'static str, u64>) {
+        for (&decision, &count) in counts {
+            if decision == CUT_RATE_LIMITED {
+                set_total(&self.identity_cuts_rate_limited, count);
+            } else {
+                set_total(
+                    &self
+                        .identity_checks
+                        .get_or_create(&DecisionLabels { decision }),
+                    count,
+                );
+            }
+        }
     }
 
     /// Takes the watchers' restart total.
@@ -588,6 +627,39 @@ spec: {podSelector: {}, policyTypes: [Egress]}
             ),
             "9"
         );
+    }
+
+    #[test]
+    fn identity_decisions_and_skipped_cuts_are_counted_apart() {
+        let metrics = Metrics::new();
+        metrics.observe_identity_checks(
+            &[
+                ("allowed", 4),
+                ("wrong_principal", 2),
+                (netwarden_identity::CUT_RATE_LIMITED, 1),
+            ]
+            .into(),
+        );
+        let text = metrics.render();
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_identity_checks_total{decision="wrong_principal"}"#
+            ),
+            "2"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_identity_checks_total{decision="allowed"}"#
+            ),
+            "4"
+        );
+        assert_eq!(
+            value(&text, "netwarden_identity_cuts_rate_limited_total"),
+            "1"
+        );
+        assert!(!text.contains(r#"decision="cut_rate_limited""#), "{text}");
     }
 
     #[test]
