@@ -509,51 +509,202 @@ pub struct EventBudget {
     pub padding: u32,
 }
 
-/// Reasons counted by the per-CPU verdict counters. The counter array holds one block of
-/// [`counter::COUNT`] reasons per [`direction`]: see [`counter::slot`].
+/// Reasons counted by the per-CPU verdict counters: the one table every view reads (the
+/// datapath counts under these numbers; the agent's metrics, status file and verdict log name
+/// them from [`counter::TABLE`]). The counter array holds one block of [`counter::COUNT`]
+/// reasons per [`direction`]: see [`counter::slot`].
+///
+/// A reason is never renumbered or removed (the counters are pinned and survive upgrades):
+/// a retired one stays in the table, described as retired.
 pub mod counter {
-    /// Passed: a tracked flow of the current epoch.
-    pub const ALLOWED_TRACKED: u32 = 0;
-    /// Passed: the direction is not isolated.
-    pub const ALLOWED_NOT_ISOLATED: u32 = 1;
-    /// Passed: a policy rule allows it.
-    pub const ALLOWED_BY_POLICY: u32 = 2;
-    /// Passed: traffic from the node.
-    pub const ALLOWED_NODE: u32 = 3;
-    /// Passed: ARP, neighbour discovery, non-IP.
-    pub const ALLOWED_NETWORK_CONTROL: u32 = 4;
-    /// Dropped: isolated and no rule allows it.
-    pub const DENIED_BY_POLICY: u32 = 5;
-    /// Dropped: the endpoint is not known or not ready.
-    pub const DENIED_ENDPOINT_NOT_READY: u32 = 6;
-    /// Dropped: a tracked flow that the current policy no longer allows.
-    pub const DENIED_REVOKED: u32 = 7;
-    /// Dropped: the packet could not be parsed.
-    pub const DENIED_MALFORMED: u32 = 8;
-    /// Dropped: a packet left a pod from an address the pod does not own.
-    pub const DENIED_SPOOFED: u32 = 9;
-    /// Passed: an ICMP error about a packet of a tracked flow (keeps PMTU discovery working).
-    pub const ALLOWED_RELATED: u32 = 10;
-    /// Events not reported: over the per-CPU rate limit.
-    pub const EVENTS_RATE_LIMITED: u32 = 11;
-    /// Events not reported: the ring buffer was full (the agent is behind).
-    pub const EVENTS_LOST: u32 = 12;
-    /// Dropped: the first payload of a TCP flow to an mTLS-strict pod was not a TLS
-    /// ClientHello, and every later packet of that flow; also a payload to such a pod on a
-    /// connection conntrack no longer knows (the screen cannot vouch for it).
-    pub const DENIED_PLAINTEXT_TO_STRICT: u32 = 13;
-    /// Dropped: a packet of a flow the identity check refused.
-    pub const DENIED_BY_IDENTITY: u32 = 14;
-    /// Passed on, undecided: a flow a pod opens to a Service frontend is decided after the
-    /// node's netfilter translated it, on the backend it reaches (the hook after translation).
-    pub const DEFERRED_TO_TRANSLATION: u32 = 15;
-    /// Dropped: the hook after translation could not read the kernel's conntrack entry of a
-    /// flow it must decide.
-    pub const DENIED_UNREADABLE_TRANSLATION: u32 = 16;
+    /// What a counter counts.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Kind {
+        /// Packets that passed.
+        Allow,
+        /// Packets that were dropped.
+        Deny,
+        /// Verdict events the datapath could not report (not packets).
+        EventAccounting,
+    }
+
+    impl Kind {
+        /// `allow`, `deny` or `event_accounting`, as metrics and logs name it.
+        #[must_use]
+        pub const fn label(self) -> &'static str {
+            match self {
+                Self::Allow => "allow",
+                Self::Deny => "deny",
+                Self::EventAccounting => "event_accounting",
+            }
+        }
+    }
+
+    /// One counter of [`TABLE`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Reason {
+        /// Its number: its index in [`TABLE`] and in each direction's block of counters.
+        pub id: u32,
+        /// In snake case: the `reason` label of the metrics, the key in the status file, the
+        /// `reason_code` of the verdict log.
+        pub label: &'static str,
+        /// Whether it counts passed packets, dropped ones, or unreported events.
+        pub kind: Kind,
+        /// One line for operators.
+        pub description: &'static str,
+    }
+
+    /// Declares each reason's constant and its row of [`TABLE`] from one line, so a reason
+    /// cannot have a number without a row.
+    macro_rules! reasons {
+        ($($(#[$doc:meta])* $name:ident = $id:literal, $kind:ident, $label:literal, $description:literal;)*) => {
+            $(
+                $(#[$doc])*
+                pub const $name: u32 = $id;
+            )*
+            /// Every reason, in the order of its number.
+            pub const TABLE: [Reason; [$($id),*].len()] = [$(Reason {
+                id: $name,
+                label: $label,
+                kind: Kind::$kind,
+                description: $description,
+            }),*];
+        };
+    }
+
+    reasons! {
+        /// Passed: a tracked flow of the current epoch.
+        ALLOWED_TRACKED = 0, Allow, "allowed_tracked",
+            "a packet of a tracked flow the current policy still allows";
+        /// Passed: the direction is not isolated.
+        ALLOWED_NOT_ISOLATED = 1, Allow, "allowed_not_isolated",
+            "a new flow in a direction no NetworkPolicy isolates";
+        /// Passed: a policy rule allows it.
+        ALLOWED_BY_POLICY = 2, Allow, "allowed_by_policy",
+            "a new flow a NetworkPolicy rule allows";
+        /// Passed: traffic from the node.
+        ALLOWED_NODE = 3, Allow, "allowed_node",
+            "a new flow from the node (kubelet probes)";
+        /// Passed: ARP, neighbour discovery, non-IP.
+        ALLOWED_NETWORK_CONTROL = 4, Allow, "allowed_network_control",
+            "ARP, neighbour discovery or another non-IP frame";
+        /// Dropped: isolated and no rule allows it.
+        DENIED_BY_POLICY = 5, Deny, "denied_by_policy",
+            "isolated by a NetworkPolicy and no rule allows it";
+        /// Dropped: the endpoint is not known or not ready.
+        DENIED_ENDPOINT_NOT_READY = 6, Deny, "denied_endpoint_not_ready",
+            "the pod is not known yet, or its policy did not fit the maps";
+        /// Dropped: a tracked flow that the current policy no longer allows.
+        DENIED_REVOKED = 7, Deny, "denied_revoked",
+            "a tracked flow the current policy no longer allows";
+        /// Dropped: the packet could not be parsed.
+        DENIED_MALFORMED = 8, Deny, "denied_malformed",
+            "a packet that could not be parsed";
+        /// Dropped: a packet left a pod from an address the pod does not own.
+        DENIED_SPOOFED = 9, Deny, "denied_spoofed",
+            "a packet left a pod from an address the pod does not own";
+        /// Passed: an ICMP error about a packet of a tracked flow (keeps PMTU discovery working).
+        ALLOWED_RELATED = 10, Allow, "allowed_related",
+            "an ICMP error about a tracked flow (path MTU discovery)";
+        /// Events not reported: over the per-CPU rate limit.
+        EVENTS_RATE_LIMITED = 11, EventAccounting, "events_rate_limited",
+            "verdict events not reported: over the per-CPU rate limit";
+        /// Events not reported: the ring buffer was full (the agent is behind).
+        EVENTS_LOST = 12, EventAccounting, "events_lost",
+            "verdict events not reported: the ring buffer was full (the agent fell behind)";
+        /// Dropped: the first payload of a TCP flow to an mTLS-strict pod was not a TLS
+        /// ClientHello, and every later packet of that flow; also a payload to such a pod on a
+        /// connection conntrack no longer knows (the screen cannot vouch for it).
+        DENIED_PLAINTEXT_TO_STRICT = 13, Deny, "denied_plaintext_to_strict",
+            "plaintext to an mTLS-strict pod: the flow did not open with a TLS ClientHello";
+        /// Dropped: a packet of a flow the identity check refused.
+        DENIED_BY_IDENTITY = 14, Deny, "denied_by_identity",
+            "a packet of a flow the identity check refused";
+        /// Passed on, undecided: a flow a pod opens to a Service frontend is decided after the
+        /// node's netfilter translated it, on the backend it reaches (the hook after
+        /// translation counts that decision under its own reason).
+        DEFERRED_TO_TRANSLATION = 15, Allow, "deferred_to_translation",
+            "a new flow to a Service frontend, decided after translation on its backend";
+        /// Dropped: the hook after translation could not read the kernel's conntrack entry or
+        /// headers of a flow it must decide.
+        DENIED_UNREADABLE_TRANSLATION = 16, Deny, "denied_unreadable_translation",
+            "a flow to a Service whose translation could not be read";
+    }
+
     /// Number of reasons.
-    pub const COUNT: u32 = 17;
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the table has a few dozen rows; checked below"
+    )]
+    pub const COUNT: u32 = TABLE.len() as u32;
     /// Number of counters: every reason, once per direction.
     pub const SLOTS: u32 = 2 * COUNT;
+
+    // The table is complete and in order: row `i` is reason `i`, so every number below COUNT
+    // has a row, [`reason`] is an index, and no two reasons share a number or a label.
+    const _: () = {
+        assert!(
+            TABLE.len() < u8::MAX as usize,
+            "VerdictEvent::reason is a u8"
+        );
+        let mut row = 0;
+        while row < TABLE.len() {
+            assert!(
+                TABLE[row].id as usize == row,
+                "counter::TABLE is out of order"
+            );
+            assert!(
+                is_snake_case(TABLE[row].label),
+                "a counter label is not snake_case"
+            );
+            let mut other = 0;
+            while other < row {
+                assert!(
+                    !same(TABLE[row].label, TABLE[other].label),
+                    "two counters share a label"
+                );
+                other += 1;
+            }
+            row += 1;
+        }
+    };
+
+    const fn is_snake_case(label: &str) -> bool {
+        let bytes = label.as_bytes();
+        if bytes.is_empty() || !bytes[0].is_ascii_lowercase() {
+            return false;
+        }
+        let mut at = 0;
+        while at < bytes.len() {
+            let byte = bytes[at];
+            if !(byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_') {
+                return false;
+            }
+            at += 1;
+        }
+        true
+    }
+
+    const fn same(left: &str, right: &str) -> bool {
+        let (left, right) = (left.as_bytes(), right.as_bytes());
+        if left.len() != right.len() {
+            return false;
+        }
+        let mut at = 0;
+        while at < left.len() {
+            if left[at] != right[at] {
+                return false;
+            }
+            at += 1;
+        }
+        true
+    }
+
+    /// The row of reason number `id`, if there is one.
+    #[must_use]
+    pub fn reason(id: u32) -> Option<&'static Reason> {
+        TABLE.get(id as usize)
+    }
 
     /// Index in the counter array of `reason` counted in `direction` (a
     /// [`direction`](super::direction) value, from the pod's point of view).

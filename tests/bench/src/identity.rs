@@ -8,13 +8,13 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use netwarden_identity::{
-    ClusterIndex, Connection, IdentityService, Snapshot, TrustDomain,
+    ClusterIndex, Connection, IdentityService, Snapshot, SocketAccess, TrustDomain,
     client::{check_request, connect_unix, is_allowed},
     decide_indexed,
     server::serve_unix,
@@ -46,14 +46,14 @@ async fn measure(cluster: Cluster, node: &str, node_address: IpAddr) -> anyhow::
     let decision_only = decision_latency(&cluster, &trust_domain, node_address, &requests);
     let snapshot = Snapshot::new(cluster, vec![node_address], local.iter().copied().collect());
     let service = Arc::new(IdentityService::new(
-        Arc::new(RwLock::new(Arc::new(snapshot))),
+        netwarden_identity::shared(snapshot),
         trust_domain,
         None,
     ));
     let counts = service.counts();
     let dir = tempfile::tempdir().context("a directory for the socket")?;
     let socket = dir.path().join("authz.sock");
-    let server = serve_unix(&socket, service)?;
+    let server = serve_unix(&socket, SocketAccess::default(), service)?;
     let mut client = connect_unix(&socket).await?;
 
     let mut samples = Vec::with_capacity(REQUESTS);

@@ -310,6 +310,12 @@ impl ClusterIndex {
         Self { by_address }
     }
 
+    /// The pods claiming `address`, in the cluster's order.
+    #[must_use]
+    pub fn pods_at(&self, address: IpAddr) -> &[PodRef] {
+        self.by_address.get(&address).map_or(&[], Vec::as_slice)
+    }
+
     /// The part of `cluster` that decides flows between `first` and `second`.
     #[must_use]
     pub fn relevant(&self, cluster: &Cluster, first: IpAddr, second: IpAddr) -> Cluster {

@@ -8,13 +8,16 @@
 
 pub mod client;
 pub mod decide;
+pub mod limit;
 pub mod server;
 
 pub use decide::{
     ClusterIndex, Connection, Decision, Denial, TrustDomain, acceptable_principals, decide_indexed,
 };
+pub use limit::CutRate;
 pub use server::{
-    DecisionCounts, FlowCutter, IdentityService, RefusedConnection, SharedSnapshot, Snapshot,
+    CUT_RATE_LIMITED, DecisionCounts, FlowCutter, IdentityService, RefusedConnection,
+    SharedSnapshot, Snapshot, SocketAccess, shared,
 };
 
 /// Errors of the identity check.
@@ -34,8 +37,13 @@ pub enum IdentityError {
         /// What it held.
         value: String,
     },
-    /// A pod asked about a connection to another pod (only the node may).
-    #[error("caller {caller} may only ask about connections to itself, not to {destination}")]
+    /// The agent has not applied the cluster yet: the check cannot tell a pod from a stranger.
+    #[error("the agent has not applied the cluster yet; retry")]
+    NotAppliedYet,
+    /// A TCP caller asked about a connection to a pod it is not (only that pod's proxy may).
+    #[error(
+        "caller {caller} is not the pod at {destination}: over TCP only a pod's own proxy may ask about its connections"
+    )]
     NotTheDestination {
         /// The caller's address.
         caller: std::net::IpAddr,

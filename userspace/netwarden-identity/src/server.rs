@@ -10,7 +10,9 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
+    fs::{self, DirBuilder, Permissions},
     net::{IpAddr, SocketAddr},
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::Path,
     sync::{Arc, Mutex, RwLock},
 };
@@ -29,13 +31,14 @@ use envoy_types::{
     },
 };
 use futures::Stream;
-use netwarden_model::Cluster;
+use netwarden_model::{Cluster, PodRef};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tracing::{debug, warn};
 
 use crate::{
     IdentityError,
     decide::{ClusterIndex, Connection, Decision, TrustDomain, decide_indexed},
+    limit::{CutBudget, CutRate},
 };
 
 /// What the check decides on; replaced as a whole after every apply.
@@ -68,8 +71,15 @@ impl Snapshot {
     }
 }
 
-/// The snapshot shared by the agent's apply loop (writer) and the server (readers).
-pub type SharedSnapshot = Arc<RwLock<Arc<Snapshot>>>;
+/// The snapshot shared by the agent's apply loop (writer) and the server (readers); `None`
+/// until the agent has applied the cluster once, while the check answers `UNAVAILABLE`.
+pub type SharedSnapshot = Arc<RwLock<Option<Arc<Snapshot>>>>;
+
+/// A [`SharedSnapshot`] holding `snapshot`, as after an apply.
+#[must_use]
+pub fn shared(snapshot: Snapshot) -> SharedSnapshot {
+    Arc::new(RwLock::new(Some(Arc::new(snapshot))))
+}
 
 /// A connection the identity check refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,12 +121,25 @@ impl DecisionCounts {
     }
 }
 
+/// Whose budget of cuts a deny draws on: the destination pod's, or its address's when no
+/// single pod owns it.
+#[derive(Debug, Hash, PartialEq, Eq)]
+enum CutKey {
+    Pod(PodRef),
+    Address(IpAddr),
+}
+
+/// The count, in [`DecisionCounts`], of denies whose kernel cut was skipped because their
+/// destination was over its [`CutRate`].
+pub const CUT_RATE_LIMITED: &str = "cut_rate_limited";
+
 /// The Check service.
 pub struct IdentityService {
     snapshot: SharedSnapshot,
     trust_domain: TrustDomain,
     cutter: Option<Arc<dyn FlowCutter>>,
     counts: Arc<DecisionCounts>,
+    cut_budget: Mutex<CutBudget<CutKey>>,
 }
 
 impl IdentityService {
@@ -132,7 +155,29 @@ impl IdentityService {
             trust_domain,
             cutter,
             counts: Arc::default(),
+            cut_budget: Mutex::new(CutBudget::new(CutRate::default())),
         }
+    }
+
+    /// The same service with `rate` as each destination pod's budget of cuts.
+    #[must_use]
+    pub fn with_cut_rate(self, rate: CutRate) -> Self {
+        Self {
+            cut_budget: Mutex::new(CutBudget::new(rate)),
+            ..self
+        }
+    }
+
+    /// Whether a deny to `destination` may still cut, drawing on its pod's budget.
+    fn may_cut(&self, snapshot: &Snapshot, destination: IpAddr) -> bool {
+        let key = match snapshot.index.pods_at(destination) {
+            [pod] => CutKey::Pod(pod.clone()),
+            _ => CutKey::Address(destination),
+        };
+        self.cut_budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(key, tokio::time::Instant::now())
     }
 
     /// The decision counters (shared; they keep counting).
@@ -148,13 +193,15 @@ impl IdentityService {
         request: &CheckRequest,
         caller: Option<IpAddr>,
     ) -> Result<Decision, IdentityError> {
+        // Before the first apply the check knows no pod: every destination would be "unknown"
+        // and denied (and cut). Not answering lets the proxy retry once the agent has applied.
+        let snapshot = self
+            .snapshot
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(IdentityError::NotAppliedYet)?;
         let (source, destination, principal) = connection_of(request)?;
-        let snapshot = Arc::clone(
-            &self
-                .snapshot
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
         if let Some(caller) = caller.map(unmap)
             && !may_ask_about(&snapshot, caller, destination.ip())
         {
@@ -191,12 +238,19 @@ impl IdentityService {
                 "identity check"
             );
         } else {
-            let cut = self.cutter.as_ref().map_or_else(String::new, |cutter| {
-                cutter.cut(&RefusedConnection {
-                    source,
-                    destination,
-                })
-            });
+            let cut = match &self.cutter {
+                None => String::new(),
+                Some(cutter) if self.may_cut(&snapshot, destination.ip()) => {
+                    cutter.cut(&RefusedConnection {
+                        source,
+                        destination,
+                    })
+                }
+                Some(_) => {
+                    self.counts.add(CUT_RATE_LIMITED);
+                    "not cut: the destination is over its rate of cuts".to_owned()
+                }
+            };
             warn!(
                 target: "netwarden::identity",
                 verdict = "deny",
@@ -223,6 +277,11 @@ impl Authorization for IdentityService {
         let caller = request.remote_addr().map(|address| address.ip());
         let decision = match self.check_request(request.get_ref(), caller) {
             Ok(decision) => decision,
+            Err(error @ IdentityError::NotAppliedYet) => {
+                self.counts.add("not_applied_yet");
+                debug!(target: "netwarden::identity", %error, "identity check");
+                return Err(tonic::Status::unavailable(error.to_string()));
+            }
             Err(error) => {
                 self.counts.add(match error {
                     IdentityError::NotTheDestination { .. } => "caller_not_the_destination",
@@ -313,27 +372,76 @@ fn unmap(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Who may open the check's Unix socket: its permission bits and group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits (`0o660`: the owner and the group read and write).
+    pub mode: u32,
+    /// The group to give the socket, by id; `None` keeps the agent's.
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        Self {
+            mode: 0o660,
+            group: None,
+        }
+    }
+}
+
 /// Serves `service` on a Unix socket at `path` (a stale socket there is replaced) until the
-/// runtime stops. Who may call is up to the socket's file permissions: it is only reachable
-/// from the node, or from pods the node mounts it into.
+/// runtime stops. Who may call is up to the socket's permissions, `access`: whoever can open
+/// it is trusted like the node (it is only reachable from the node, or from pods the node
+/// mounts it into).
 pub fn serve_unix(
     path: &Path,
+    access: SocketAccess,
     service: Arc<IdentityService>,
 ) -> Result<tokio::task::JoinHandle<()>, IdentityError> {
-    let io = |source| IdentityError::Listen {
+    let listener = bind_unix(path, access).map_err(|source| IdentityError::Listen {
         address: path.display().to_string(),
         source,
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io)?;
-    }
-    match std::fs::remove_file(path) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
-        _ => {}
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
+    })?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     Ok(spawn_server(service, incoming))
+}
+
+/// Binds a Unix socket at `path` that is never there with other permissions than `access`:
+/// it is bound in a private directory beside `path`, given its mode and group there, and
+/// renamed into place (replacing a stale socket atomically). Not left to the umask, which
+/// `bind` applies and which is process-wide; and not `fchmod` on the listening descriptor,
+/// which on Linux changes the socket's inode in sockfs, not the file `bind` created.
+fn bind_unix(path: &Path, access: SocketAccess) -> std::io::Result<UnixListener> {
+    let parent = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    fs::create_dir_all(parent)?;
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging = parent.join(format!(".{name}.{}.bind", std::process::id()));
+    // Left behind by a predecessor killed between bind and rename, with our pid.
+    match fs::remove_dir_all(&staging) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    DirBuilder::new().mode(0o700).create(&staging)?;
+    let staged = staging.join("socket");
+    let bound = UnixListener::bind(&staged).and_then(|listener| {
+        fs::set_permissions(&staged, Permissions::from_mode(access.mode))?;
+        if let Some(group) = access.group {
+            std::os::unix::fs::chown(&staged, None, Some(group))?;
+        }
+        fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let cleaned = fs::remove_dir_all(&staging);
+    let listener = bound?;
+    cleaned?;
+    Ok(listener)
 }
 
 /// Serves `service` on a TCP `address`; only callers whose address is one of the node's or of
@@ -379,12 +487,25 @@ fn local_callers(
     })
 }
 
-/// Whether a TCP `caller` may ask about connections to `destination`: the node may ask about
-/// any, a pod only about connections to itself (its proxy's). Otherwise a pod could have the
-/// agent cut other pods' connections by asking about them with a wrong principal.
+/// Whether a TCP `caller` may ask about connections to `destination`, and so have them cut:
+/// only from an address of the destination pod itself (its proxy shares the pod's network
+/// namespace), a pod of this node that is not on the host network and is the only pod
+/// claiming that address. Not the node's addresses, nor loopback: every hostNetwork pod has
+/// those, and could otherwise cut any pod's connections by asking with a wrong principal.
+/// Callers that need more ask over the Unix socket.
 #[must_use]
 pub fn may_ask_about(snapshot: &Snapshot, caller: IpAddr, destination: IpAddr) -> bool {
-    caller.is_loopback() || snapshot.node_addresses.contains(&caller) || caller == destination
+    if !snapshot.local_pod_addresses.contains(&destination) {
+        return false;
+    }
+    let [owner] = snapshot.index.pods_at(destination) else {
+        return false;
+    };
+    snapshot
+        .cluster
+        .pods
+        .get(owner)
+        .is_some_and(|pod| !pod.host_network && pod.ips.contains(&caller))
 }
 
 /// Whether `caller` is the node (its addresses, loopback) or one of its pods.
@@ -396,7 +517,9 @@ pub fn is_local_caller(snapshot: &SharedSnapshot, caller: IpAddr) -> bool {
     let snapshot = snapshot
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    snapshot.node_addresses.contains(&caller) || snapshot.local_pod_addresses.contains(&caller)
+    snapshot.as_ref().is_some_and(|snapshot| {
+        snapshot.node_addresses.contains(&caller) || snapshot.local_pod_addresses.contains(&caller)
+    })
 }
 
 fn spawn_server<S, IO, E>(service: Arc<IdentityService>, incoming: S) -> tokio::task::JoinHandle<()>

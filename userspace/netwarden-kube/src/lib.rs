@@ -11,6 +11,9 @@
 //!   its content and is swapped atomically once the new list is complete);
 //! - backs off on errors ([`WatchStreamExt::default_backoff`]: 0.8 s doubling to 30 s, jittered)
 //!   and resumes; meanwhile the caches keep the last state, so the agent keeps enforcing it;
+//! - is [stale](KubeSource::watch_health) once it has failed for longer than a bound
+//!   ([`DEFAULT_STALE_AFTER`]) without a success in between — a list or watch request the API
+//!   server accepted, or an event — which the agent reports in readiness, metrics and status;
 //! - trims what it caches ([`trim_pod`], [`trim_namespace`], [`trim_network_policy`],
 //!   [`trim_service`], [`trim_endpoint_slice`]): managed fields, annotations (but a pod's
 //!   `netwarden.dev/*` ones) and everything of a pod, a Service or an EndpointSlice the
@@ -32,6 +35,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::{Duration, SystemTime},
 };
 
 use futures::StreamExt as _;
@@ -60,7 +64,7 @@ use netwarden_model::{
 use sha2::{Digest as _, Sha256};
 
 use crate::events::{PolicyEvents, Unenforceable};
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 /// What the Kubernetes source reports.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +127,33 @@ const KINDS: [&str; 5] = [
     "EndpointSlice",
 ];
 
+/// How long a kind's watcher may keep failing, with no success in between, before the source
+/// reports it stale: longer than a few of the watcher's backoffs (at most 30 s each), so one
+/// API server restart does not count.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_mins(1);
+
+/// How one kind's watcher is doing, as of [`KubeSource::watch_health`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchHealth {
+    /// `Namespace`, `Pod` or `NetworkPolicy`.
+    pub kind: &'static str,
+    /// When a list or watch request of this kind was last accepted by the API server, or an
+    /// event of it arrived (wall clock); `None` before the first.
+    pub last_success: Option<SystemTime>,
+    /// How long it has been failing with no success since, if it is.
+    pub failing_for: Option<Duration>,
+    /// False once `failing_for` reached the source's bound: the cache may be missing changes.
+    pub healthy: bool,
+}
+
+/// What the source knows of one kind's watcher.
+#[derive(Clone, Copy, Debug, Default)]
+struct KindHealth {
+    last_success: Option<SystemTime>,
+    /// The first failure since the last success.
+    failing_since: Option<Instant>,
+}
+
 /// State shared between the watcher tasks and the source.
 #[derive(Debug)]
 struct Shared {
@@ -134,11 +165,32 @@ struct Shared {
     errors: Mutex<BTreeMap<&'static str, String>>,
     /// Errors the watchers recovered from (failed lists and watches, `410 Gone`).
     restarts: AtomicU64,
+    /// One per kind of [`KINDS`].
+    health: Mutex<[KindHealth; KINDS.len()]>,
 }
 
 impl Shared {
     fn bump(&self) {
         self.generation.send_modify(|generation| *generation += 1);
+    }
+
+    /// The kind at `index` got an answer or an event. Recovering from a failure is a change
+    /// of its own (the source's health changed), so waiters are woken for it.
+    fn succeeded(&self, index: usize) {
+        let recovered = {
+            let mut health = self.health.lock().expect("health lock");
+            health[index].last_success = Some(SystemTime::now());
+            health[index].failing_since.take().is_some()
+        };
+        if recovered {
+            self.bump();
+        }
+    }
+
+    /// The kind at `index` failed to list or watch.
+    fn failed(&self, index: usize) {
+        let mut health = self.health.lock().expect("health lock");
+        health[index].failing_since.get_or_insert_with(Instant::now);
     }
 }
 
@@ -157,6 +209,7 @@ pub struct KubeSource {
     changes: watch::Receiver<u64>,
     last_good_policies: HashMap<PolicyRef, ModelPolicy>,
     tasks: Vec<JoinHandle<()>>,
+    stale_after: Duration,
 }
 
 impl Drop for KubeSource {
@@ -185,7 +238,19 @@ impl KubeSource {
             synced: Default::default(),
             errors: Mutex::default(),
             restarts: AtomicU64::new(0),
+            health: Mutex::default(),
         });
+        let client = observed(
+            client,
+            &shared,
+            [
+                Namespace::url_path(&(), None),
+                Pod::url_path(&(), None),
+                NetworkPolicy::url_path(&(), None),
+                Service::url_path(&(), None),
+                EndpointSlice::url_path(&(), None),
+            ],
+        );
         let (namespaces, namespace_task) =
             spawn_watcher(Api::all(client.clone()), 0, trim_namespace, &shared);
         let (pods, pod_task) = spawn_watcher(Api::all(client.clone()), 1, trim_pod, &shared);
@@ -211,7 +276,52 @@ impl KubeSource {
                 service_task,
                 endpoint_slice_task,
             ],
+            stale_after: DEFAULT_STALE_AFTER,
         }
+    }
+
+    /// The same source, reporting a watcher stale after `stale_after` of failures.
+    #[must_use]
+    pub fn with_stale_after(mut self, stale_after: Duration) -> Self {
+        self.stale_after = stale_after;
+        self
+    }
+
+    /// How each kind's watcher is doing now, in the order of [`KINDS`]: Namespace, Pod,
+    /// NetworkPolicy, Service, EndpointSlice.
+    #[must_use]
+    pub fn watch_health(&self) -> Vec<WatchHealth> {
+        let now = Instant::now();
+        let health = *self.shared.health.lock().expect("health lock");
+        KINDS
+            .iter()
+            .zip(health)
+            .map(|(kind, health)| {
+                let failing_for = health
+                    .failing_since
+                    .map(|since| now.saturating_duration_since(since));
+                WatchHealth {
+                    kind,
+                    last_success: health.last_success,
+                    failing_for,
+                    healthy: failing_for.is_none_or(|failing| failing < self.stale_after),
+                }
+            })
+            .collect()
+    }
+
+    /// When the next failing, not yet stale, watcher turns stale, if any.
+    fn next_stale_deadline(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.shared
+            .health
+            .lock()
+            .expect("health lock")
+            .iter()
+            .filter_map(|health| health.failing_since)
+            .map(|since| since + self.stale_after)
+            .filter(|deadline| *deadline > now)
+            .min()
     }
 
     /// Posts an Event for each problem whose policy the cache holds, attached to that object
@@ -235,11 +345,22 @@ impl KubeSource {
         self.policies.get(&key).map(|object| object.object_ref(&()))
     }
 
-    /// Waits for the next change of any cache (or a watch error) since the last call; returns
-    /// at once if one happened since. Changes in between are coalesced.
+    /// Waits for the next change of any cache, watch error, or change of a watcher's
+    /// [health](Self::watch_health) since the last call; returns at once if one happened since.
+    /// Changes in between are coalesced. Cancel-safe.
     pub async fn changed(&mut self) {
-        // The sender lives in `self.shared`, so this never fails while `self` exists.
-        let _ = self.changes.changed().await;
+        let stale_at = self.next_stale_deadline();
+        let turns_stale = async {
+            match stale_at {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            // The sender lives in `self.shared`, so this never fails while `self` exists.
+            _ = self.changes.changed() => {}
+            () = turns_stale => {}
+        }
     }
 
     /// Waits until [`is_synced`](Self::is_synced).
@@ -379,6 +500,31 @@ fn push_entries<K: Resource<DynamicType = ()> + Clone>(
     }));
 }
 
+/// `client`, telling `shared` of every request to one of `paths` (the kinds' collections, in
+/// the order of [`KINDS`]) that the API server accepts. A watcher that resumes a watch, or
+/// watches again after its watch ended, emits no event until something changes; without this
+/// a recovered watcher on a quiet cluster would look like it was still failing.
+fn observed(client: Client, shared: &Arc<Shared>, paths: [String; KINDS.len()]) -> Client {
+    let namespace = client.default_namespace().to_owned();
+    let shared = Arc::clone(shared);
+    let paths = Arc::new(paths);
+    let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+        let client = client.clone();
+        let shared = Arc::clone(&shared);
+        let kind = paths.iter().position(|path| path == request.uri().path());
+        async move {
+            let response = client.send(request).await?;
+            if let Some(index) = kind
+                && response.status().is_success()
+            {
+                shared.succeeded(index);
+            }
+            Ok::<_, kube::Error>(response)
+        }
+    });
+    Client::new(service, namespace)
+}
+
 fn spawn_watcher<K>(
     api: Api<K>,
     index: usize,
@@ -409,19 +555,23 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {
+                    shared.succeeded(index);
                     // The store swaps in the new list at `InitDone`: nothing changed yet.
                     continue;
                 }
                 Ok(watcher::Event::InitDone) => {
                     tracing::debug!(kind, "listed");
+                    shared.succeeded(index);
                     shared.errors.lock().expect("errors lock").remove(kind);
                     shared.synced[index].store(true, Ordering::Release);
                 }
                 Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    shared.succeeded(index);
                     shared.errors.lock().expect("errors lock").remove(kind);
                 }
                 Err(error) => {
                     tracing::warn!(kind, %error, "watch failed; backing off and resuming");
+                    shared.failed(index);
                     shared.restarts.fetch_add(1, Ordering::Relaxed);
                     shared
                         .errors

@@ -17,7 +17,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt as _, StreamBody, combinators::BoxBody};
 use kube::{Client, client::Body};
 use netwarden_kube::{
-    KubeError, KubeSource,
+    KubeError, KubeSource, WatchHealth,
     events::{DEFAULT_WINDOW, PolicyEvents, Unenforceable},
 };
 use netwarden_model::{PodRef, PolicyRef, ServiceRef};
@@ -195,6 +195,8 @@ impl Watch {
 struct ApiServer {
     handle: Handle,
     pending: Vec<Call>,
+    /// How long [`next`](Self::next) waits for a request.
+    step: Duration,
 }
 
 impl ApiServer {
@@ -203,9 +205,10 @@ impl ApiServer {
             return self.pending.remove(index);
         }
         loop {
-            let (request, respond) = timeout(STEP, self.handle.next_request())
+            let step = self.step;
+            let (request, respond) = timeout(step, self.handle.next_request())
                 .await
-                .unwrap_or_else(|_| panic!("no {kind:?} request within {STEP:?}"))
+                .unwrap_or_else(|_| panic!("no {kind:?} request within {step:?}"))
                 .expect("the client is gone");
             assert_eq!(request.method(), Method::GET, "{}", request.uri());
             let uri = request.uri().to_string();
@@ -273,6 +276,7 @@ fn start() -> (KubeSource, ApiServer) {
         ApiServer {
             handle,
             pending: Vec::new(),
+            step: STEP,
         },
     )
 }
@@ -860,4 +864,86 @@ async fn services_and_endpoint_slices_are_listed_and_followed() {
     })
     .await;
     assert_eq!(source.restarts(), 0);
+}
+
+fn pod_watch(source: &KubeSource) -> WatchHealth {
+    let health = source.watch_health();
+    assert_eq!(
+        health.iter().map(|kind| kind.kind).collect::<Vec<_>>(),
+        ["Namespace", "Pod", "NetworkPolicy", "Service", "EndpointSlice"]
+    );
+    health[1].clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_that_keeps_failing_turns_stale_after_the_bound_and_recovers_on_a_quiet_cluster() {
+    const STALE_AFTER: Duration = Duration::from_mins(1);
+    let (source, mut api) = start();
+    let mut source = source.with_stale_after(STALE_AFTER);
+    // Paused time: the watcher's backoffs (up to 30 s) pass as soon as everything waits.
+    api.step = Duration::from_mins(10);
+    api.list_all(
+        &mut source,
+        vec![namespace("x", json!({}))],
+        vec![pod("x", "a", "11", "10.244.0.5", "a")],
+        vec![],
+    )
+    .await;
+    let (before, _) = source.cluster();
+    api.next(Kind::Pods).await.watch_from("100").close();
+    assert!(source.watch_health().iter().all(|kind| kind.healthy));
+    assert!(pod_watch(&source).last_success.is_some());
+
+    // The API server fails every retry of the watcher (backing off 0.8 s doubling to 30 s),
+    // while the test waits for the source to report a change of health.
+    let first_failure = tokio::time::Instant::now();
+    api.next(Kind::Pods).await.unreachable();
+    let mut failures = 1;
+    let stale_for = loop {
+        tokio::select! {
+            call = api.next(Kind::Pods) => {
+                call.unreachable();
+                failures += 1;
+            }
+            () = source.changed() => {
+                let pod = pod_watch(&source);
+                if !pod.healthy {
+                    break first_failure.elapsed();
+                }
+                if source.restarts() > 0 {
+                    assert!(pod.failing_for.is_some(), "{pod:?}");
+                }
+            }
+        }
+    };
+    assert!(failures >= 4, "the watcher retried only {failures} times");
+    // Woken at the bound itself, not at the next failure.
+    assert!(
+        (STALE_AFTER..STALE_AFTER + Duration::from_millis(5)).contains(&stale_for),
+        "stale after {stale_for:?}, not at the bound"
+    );
+    let pod = pod_watch(&source);
+    assert!(
+        !pod.healthy && pod.failing_for >= Some(STALE_AFTER),
+        "{pod:?}"
+    );
+    assert!(
+        source.watch_health()[0].healthy,
+        "other kinds are not affected"
+    );
+    // The caches keep what they had: the agent keeps enforcing the last state.
+    assert_eq!(source.cluster().0, before);
+
+    // The API server is back. The watch resumes with no event to deliver (a quiet cluster):
+    // the accepted request alone makes it healthy again.
+    let watch = api.next(Kind::Pods).await.watch_from("100");
+    let waited = timeout(api.step, async {
+        while !pod_watch(&source).healthy {
+            source.changed().await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the resumed watch is still reported stale");
+    assert_eq!(pod_watch(&source).failing_for, None);
+    drop(watch);
 }

@@ -363,12 +363,16 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let ready = health::Readiness::default();
     if let Some(address) = options.metrics_address {
         // Without the counters the other metrics are still worth serving.
-        let counters = datapath
+        let verdicts = datapath
             .verdict_counters()
             .inspect_err(|error| error!(%error, "verdict counters will not be exported"))
             .ok()
             .map(Arc::new);
-        health::serve(address, ready.clone(), Arc::clone(&metrics), counters).await?;
+        let sources = health::ScrapeSources {
+            verdicts,
+            identity_checks: identity.decision_counts(),
+        };
+        health::serve(address, ready.clone(), Arc::clone(&metrics), sources).await?;
     }
     let mut netlink = Netlink::open().context("opening netlink")?;
     let mut input = match &options.manifests {

@@ -96,7 +96,8 @@ fn log(event: &VerdictEvent, names: &Attribution) {
             format!("{peer_address}:{}", event.peer_port),
         )
     };
-    let (allowed, reason) = verdict_reason(event, names, endpoint, ingress);
+    let (row, reason) = verdict_reason(event, names, endpoint, ingress);
+    let reason_code = row.map_or("unknown", |row| row.label);
     // One line shape for both verdicts; only the level and the words differ (tracing's levels
     // are fixed per call site, hence the macro).
     macro_rules! verdict_line {
@@ -111,46 +112,43 @@ fn log(event: &VerdictEvent, names: &Attribution) {
                 source = %source,
                 destination = %destination,
                 policy_id = event.policy,
+                reason_code,
                 reason = %reason,
                 $message
             )
         };
     }
-    if allowed {
+    if row.is_some_and(|row| row.kind == counter::Kind::Allow) {
         verdict_line!(info, "allow", "allowed");
     } else {
         verdict_line!(warn, "deny", "denied");
     }
 }
 
-/// Whether the event is an allow, and why, in the operator's words.
+/// The event's row of `netwarden_common::counter::TABLE` (`None` for a number this build does
+/// not know), and why, in the operator's words: the rule or the policies behind it where the
+/// agent can name them, else the table's description.
 fn verdict_reason(
     event: &VerdictEvent,
     names: &Attribution,
     endpoint: Option<&EndpointNames>,
     ingress: bool,
-) -> (bool, String) {
-    match u32::from(event.reason) {
-        counter::ALLOWED_BY_POLICY => (
-            true,
-            names.rules.get(&event.rule).map_or_else(
-                || {
-                    format!(
-                        "allowed by rule {} (no longer in the policy set)",
-                        event.rule
-                    )
-                },
-                |rule| format!("allowed by {rule}"),
-            ),
+) -> (Option<&'static counter::Reason>, String) {
+    let row = counter::reason(u32::from(event.reason));
+    let words = match u32::from(event.reason) {
+        counter::ALLOWED_BY_POLICY => names.rules.get(&event.rule).map_or_else(
+            || {
+                format!(
+                    "allowed by rule {} (no longer in the policy set)",
+                    event.rule
+                )
+            },
+            |rule| format!("allowed by {rule}"),
         ),
-        counter::ALLOWED_NOT_ISOLATED => (
-            true,
-            format!(
-                "allowed: no NetworkPolicy isolates this pod for {}",
-                if ingress { "ingress" } else { "egress" }
-            ),
+        counter::ALLOWED_NOT_ISOLATED => format!(
+            "allowed: no NetworkPolicy isolates this pod for {}",
+            if ingress { "ingress" } else { "egress" }
         ),
-        counter::ALLOWED_NODE => (true, "allowed: traffic from the node".to_owned()),
         counter::DENIED_BY_POLICY => {
             let isolating = endpoint.map(|endpoint| {
                 if ingress {
@@ -164,35 +162,17 @@ fn verdict_reason(
                 .flatten()
                 .map(ToString::to_string)
                 .collect();
-            (
-                false,
-                format!(
-                    "default deny: isolated by NetworkPolicy {}; no rule allows it",
-                    policies.join(", ")
-                ),
+            format!(
+                "default deny: isolated by NetworkPolicy {}; no rule allows it",
+                policies.join(", ")
             )
         }
-        counter::DENIED_ENDPOINT_NOT_READY => (
-            false,
-            "endpoint not ready: its pod is not known yet, or its policy did not fit the maps"
-                .to_owned(),
+        other => row.map_or_else(
+            || format!("reason {other}, unknown to this agent"),
+            |row| row.description.to_owned(),
         ),
-        counter::DENIED_REVOKED => (
-            false,
-            "revoked: the current policy no longer allows this established flow".to_owned(),
-        ),
-        counter::DENIED_SPOOFED => (
-            false,
-            "spoofed: the pod does not own the source address".to_owned(),
-        ),
-        counter::DENIED_PLAINTEXT_TO_STRICT => (
-            false,
-            "plaintext to mTLS-strict pod: the flow's first payload was not a TLS ClientHello"
-                .to_owned(),
-        ),
-        counter::DENIED_BY_IDENTITY => (false, "refused by the identity check".to_owned()),
-        other => (false, format!("reason {other}")),
-    }
+    };
+    (row, words)
 }
 
 fn address(mapped: [u8; 16]) -> IpAddr {
@@ -208,5 +188,34 @@ fn protocol_name(protocol: u8) -> String {
         58 => "ICMPv6".into(),
         132 => "SCTP".into(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netwarden_common::{VerdictEvent, counter, direction};
+
+    use super::{Attribution, verdict_reason};
+
+    #[test]
+    fn every_counter_of_the_table_names_its_events() {
+        let names = Attribution::default();
+        for row in &counter::TABLE {
+            let event = VerdictEvent {
+                direction: u8::try_from(direction::INGRESS).unwrap(),
+                reason: u8::try_from(row.id).unwrap(),
+                ..VerdictEvent::default()
+            };
+            let (found, words) = verdict_reason(&event, &names, None, true);
+            assert_eq!(found, Some(row), "{}", row.label);
+            assert!(!words.contains("unknown to this agent"), "{words}");
+        }
+        let beyond = VerdictEvent {
+            reason: u8::try_from(counter::COUNT).unwrap(),
+            ..VerdictEvent::default()
+        };
+        let (found, words) = verdict_reason(&beyond, &names, None, true);
+        assert_eq!(found, None);
+        assert!(words.contains("unknown to this agent"), "{words}");
     }
 }

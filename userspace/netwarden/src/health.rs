@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use netwarden_datapath::VerdictCounters;
+use netwarden_identity::DecisionCounts;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
@@ -26,29 +27,47 @@ use crate::metrics::{self, Metrics};
 /// Set once the first apply is done.
 pub type Readiness = Arc<AtomicBool>;
 
-/// Serves the probes and the metrics on `address` until the runtime stops. `counters` are read
-/// at every scrape.
+/// Totals kept elsewhere that `/metrics` reads at every scrape.
+#[derive(Clone, Default)]
+pub struct ScrapeSources {
+    /// The datapath's verdict counters.
+    pub verdicts: Option<Arc<VerdictCounters>>,
+    /// The identity check's decisions.
+    pub identity_checks: Option<Arc<DecisionCounts>>,
+}
+
+impl ScrapeSources {
+    fn observe(&self, metrics: &Metrics) {
+        let Self {
+            verdicts,
+            identity_checks,
+        } = self;
+        if let Some(counters) = verdicts {
+            metrics.observe_verdicts(&counters.read());
+        }
+        if let Some(counts) = identity_checks {
+            metrics.observe_identity_checks(&counts.snapshot());
+        }
+    }
+}
+
+/// Serves the probes and the metrics on `address` until the runtime stops.
 pub async fn serve(
     address: SocketAddr,
     ready: Readiness,
     metrics: Arc<Metrics>,
-    counters: Option<Arc<VerdictCounters>>,
+    sources: ScrapeSources,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("listening on {address}"))?;
     info!(%address, "serving /healthz, /readyz and /metrics");
-    spawn(listener, ready, metrics, counters);
+    spawn(listener, ready, metrics, sources);
     Ok(())
 }
 
 /// Answers requests on `listener` on a task of its own.
-fn spawn(
-    listener: TcpListener,
-    ready: Readiness,
-    metrics: Arc<Metrics>,
-    counters: Option<Arc<VerdictCounters>>,
-) {
+fn spawn(listener: TcpListener, ready: Readiness, metrics: Arc<Metrics>, sources: ScrapeSources) {
     tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
@@ -56,7 +75,7 @@ fn spawn(
             };
             let ready = Arc::clone(&ready);
             let metrics = Arc::clone(&metrics);
-            let counters = counters.clone();
+            let sources = sources.clone();
             tokio::spawn(async move {
                 let mut request = [0_u8; 512];
                 let Ok(read) = stream.read(&mut request).await else {
@@ -76,9 +95,7 @@ fn spawn(
                         "not applied yet\n".to_owned(),
                     ),
                     "/metrics" => {
-                        if let Some(counters) = &counters {
-                            metrics.observe_verdicts(&counters.read());
-                        }
+                        sources.observe(&metrics);
                         ("200 OK", metrics::CONTENT_TYPE, metrics.render())
                     }
                     _ => ("404 Not Found", text_plain, "not found\n".to_owned()),
@@ -102,7 +119,7 @@ mod tests {
         net::{TcpListener, TcpStream},
     };
 
-    use super::{Readiness, spawn};
+    use super::{Readiness, ScrapeSources, spawn};
     use crate::metrics::Metrics;
 
     async fn get(address: std::net::SocketAddr, path: &str) -> String {
@@ -122,7 +139,12 @@ mod tests {
         let address = listener.local_addr().unwrap();
         let ready = Readiness::default();
         let metrics = Arc::new(Metrics::new());
-        spawn(listener, Arc::clone(&ready), Arc::clone(&metrics), None);
+        spawn(
+            listener,
+            Arc::clone(&ready),
+            Arc::clone(&metrics),
+            ScrapeSources::default(),
+        );
 
         assert!(
             get(address, "/healthz")

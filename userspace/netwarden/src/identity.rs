@@ -10,11 +10,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use netwarden_common::direction;
+use aya::maps::MapError;
+use netwarden_common::flow_flags;
 use netwarden_datapath::{Datapath, mtls::StrictEndpoints, netlink::NodeNetwork};
 use netwarden_identity::{
-    DecisionCounts, IdentityService, RefusedConnection, SharedSnapshot, Snapshot, TrustDomain,
-    server,
+    CutRate, DecisionCounts, IdentityService, RefusedConnection, SharedSnapshot, Snapshot,
+    SocketAccess, TrustDomain, server,
 };
 use netwarden_model::Cluster;
 use netwarden_policy::DatapathState;
@@ -27,10 +28,24 @@ pub struct IdentityOptions {
     /// on this Unix socket, for the proxies of mTLS-strict pods.
     #[arg(long)]
     pub authz_socket: Option<PathBuf>,
-    /// Serve it on this TCP address too (the node's own address in a DaemonSet). Only the node
-    /// and this node's pods may call.
+    /// Permission bits of `--authz-socket`, in octal: whoever can open it may ask about, and
+    /// so cut, any connection of this node's pods.
+    #[arg(long, default_value = "0660", value_parser = parse_mode)]
+    pub authz_socket_mode: u32,
+    /// Group of `--authz-socket` (a name or a numeric id); the agent's own when unset.
+    #[arg(long)]
+    pub authz_socket_group: Option<String>,
+    /// Serve it on this TCP address too (the node's own address in a DaemonSet). A caller may
+    /// only ask about connections to the pod whose address it calls from (its own proxy's).
     #[arg(long)]
     pub authz_address: Option<SocketAddr>,
+    /// Flows the identity check may cut per second and destination pod; a deny beyond it is
+    /// still answered, but not cut in the kernel (counted as `cut_rate_limited`).
+    #[arg(long, default_value_t = CutRate::default().per_second)]
+    pub authz_cut_rate: u32,
+    /// Cuts a destination pod may take at once before `--authz-cut-rate` applies.
+    #[arg(long, default_value_t = CutRate::default().burst)]
+    pub authz_cut_burst: u32,
     /// The SPIFFE trust domain of workload identities.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
@@ -50,10 +65,22 @@ impl IdentityWiring {
     pub async fn start(options: &IdentityOptions, datapath: &mut Datapath) -> anyhow::Result<Self> {
         let IdentityOptions {
             authz_socket,
+            authz_socket_mode,
+            authz_socket_group,
             authz_address,
+            authz_cut_rate,
+            authz_cut_burst,
             trust_domain,
         } = options;
         let trust_domain = TrustDomain::new(trust_domain).context("--trust-domain")?;
+        let socket_access = SocketAccess {
+            mode: *authz_socket_mode,
+            group: authz_socket_group
+                .as_deref()
+                .map(group_id)
+                .transpose()
+                .context("--authz-socket-group")?,
+        };
         let snapshot = SharedSnapshot::default();
         let endpoints = Arc::new(RwLock::new(HashMap::new()));
         let mut wiring = Self {
@@ -72,15 +99,23 @@ impl IdentityWiring {
             ),
             endpoints,
         };
-        let service = Arc::new(IdentityService::new(
-            snapshot,
-            trust_domain.clone(),
-            Some(Arc::new(cutter)),
-        ));
+        let service = Arc::new(
+            IdentityService::new(snapshot, trust_domain.clone(), Some(Arc::new(cutter)))
+                .with_cut_rate(CutRate {
+                    per_second: *authz_cut_rate,
+                    burst: *authz_cut_burst,
+                }),
+        );
         wiring.counts = Some(service.counts());
         if let Some(path) = authz_socket {
-            server::serve_unix(path, Arc::clone(&service))?;
-            info!(socket = %path.display(), %trust_domain, "identity check listening");
+            server::serve_unix(path, socket_access, Arc::clone(&service))?;
+            info!(
+                socket = %path.display(),
+                mode = format!("{:04o}", socket_access.mode),
+                group = ?socket_access.group,
+                %trust_domain,
+                "identity check listening"
+            );
         }
         if let Some(address) = authz_address {
             let (bound, _) = server::serve_tcp(*address, service).await?;
@@ -143,11 +178,16 @@ impl IdentityWiring {
         *self
             .snapshot
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Snapshot::new(
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(Snapshot::new(
             cluster,
             network.addresses.clone(),
             local_pod_addresses,
-        ));
+        )));
+    }
+
+    /// The identity check's decision counters, when it is served.
+    pub fn decision_counts(&self) -> Option<Arc<DecisionCounts>> {
+        self.counts.clone()
     }
 
     /// Decisions by reason, for the status file.
@@ -165,7 +205,31 @@ impl IdentityWiring {
     }
 }
 
-/// Cuts refused connections in conntrack, on the veth of each side that is a local pod.
+/// Permission bits in octal (`0660`, `0o600`), at most `0777`.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| format!("{text:?} is not permission bits in octal (0000 to 0777)"))
+}
+
+/// The id of the group named `group`, or `group` itself when it is a number.
+fn group_id(group: &str) -> anyhow::Result<u32> {
+    if let Ok(id) = group.parse() {
+        return Ok(id);
+    }
+    nix::unistd::Group::from_name(group)
+        .with_context(|| format!("looking up group {group:?}"))?
+        .map(|found| found.gid.as_raw())
+        .with_context(|| format!("no group {group:?}"))
+}
+
+/// Cuts refused connections in conntrack, on the destination pod's veth only, and only an
+/// entry conntrack already has: creating one could make the LRU table evict another pod's
+/// flow. An untracked flow is left alone: a new TCP flow is tracked from its SYN, so the flow a
+/// proxy asks about is tracked unless it was evicted, and payload to an mTLS-strict pod on a
+/// connection conntrack does not know is dropped by the screen anyway.
 struct KernelCutter {
     cutter: Mutex<netwarden_datapath::mtls::FlowCutter>,
     endpoints: Arc<RwLock<HashMap<IpAddr, u32>>>,
@@ -173,39 +237,52 @@ struct KernelCutter {
 
 impl netwarden_identity::FlowCutter for KernelCutter {
     fn cut(&self, connection: &RefusedConnection) -> String {
-        let endpoints = self
+        let RefusedConnection {
+            source,
+            destination,
+        } = *connection;
+        let Some(ifindex) = self
             .endpoints
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&destination.ip())
+            .copied()
+        else {
+            return "not cut: the destination is not a pod of this node".to_owned();
+        };
         let mut cutter = self
             .cutter
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let sides = [
-            // The server's side: the flow came in towards it.
-            (
-                connection.destination,
-                connection.source,
-                direction::INGRESS,
-            ),
-            // The client's side, when it runs on this node too.
-            (connection.source, connection.destination, direction::EGRESS),
-        ];
-        let mut done = Vec::new();
-        for (pod, peer, origin) in sides {
-            let Some(ifindex) = endpoints.get(&pod.ip()).copied() else {
-                continue;
-            };
-            match cutter.cut(ifindex, pod, peer, origin) {
-                Ok(true) => done.push(format!("cut on ifindex {ifindex}")),
-                Ok(false) => done.push(format!("blocked on ifindex {ifindex} (was not tracked)")),
-                Err(error) => done.push(format!("cannot cut on ifindex {ifindex}: {error}")),
-            }
+        // The flow as the destination's endpoint keys it: the pod's side first.
+        let Some(flags) = cutter.flags(ifindex, destination, source) else {
+            return format!("not cut: not tracked on ifindex {ifindex}");
+        };
+        match cutter.set_flags(
+            ifindex,
+            destination,
+            source,
+            flags | flow_flags::CUT_BY_IDENTITY,
+        ) {
+            Ok(()) => format!("cut on ifindex {ifindex}"),
+            // Evicted or expired between the two calls: nothing left to cut.
+            Err(MapError::KeyNotFound) => format!("not cut: not tracked on ifindex {ifindex}"),
+            Err(error) => format!("cannot cut on ifindex {ifindex}: {error}"),
         }
-        if done.is_empty() {
-            "no local endpoint to cut it on".to_owned()
-        } else {
-            done.join("; ")
-        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mode;
+
+    #[test]
+    fn socket_modes_are_octal_permission_bits() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("0o600"), Ok(0o600));
+        assert_eq!(parse_mode("777"), Ok(0o777));
+        assert!(parse_mode("4755").is_err(), "no setuid bit");
+        assert!(parse_mode("0980").is_err());
+        assert!(parse_mode("rw").is_err());
     }
 }

@@ -7,13 +7,14 @@
 //! elsewhere (the datapath's per-CPU counters, the watchers' restarts) are exposed as those
 //! totals, not re-counted here: they survive agent restarts the way the pinned maps do.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
 
 use netwarden_common::{counter, direction};
 use netwarden_datapath::{
     ApplyReport, MapUsage,
     conntrack::{SweepReport, TABLE_V4, TABLE_V6},
 };
+use netwarden_identity::CUT_RATE_LIMITED;
 use netwarden_policy::DatapathState;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -43,31 +44,38 @@ struct MapLabels {
 struct VerdictLabels {
     /// `ingress` or `egress`, from the pod's point of view.
     direction: &'static str,
-    /// `allow` or `deny`.
+    /// `allow` or `deny`: the reason's [`counter::Kind`].
     verdict: &'static str,
-    /// Why, in the words of `netwarden_common::counter`.
+    /// The reason's label in `netwarden_common::counter::TABLE`.
     reason: &'static str,
 }
 
-/// The verdict counters of `netwarden_common::counter`, with their labels. The two event
-/// counters of that array are not verdicts; they have metrics of their own.
-const VERDICT_REASONS: [(u32, &str, &str); 11] = [
-    (counter::ALLOWED_TRACKED, "allow", "tracked"),
-    (counter::ALLOWED_NOT_ISOLATED, "allow", "not_isolated"),
-    (counter::ALLOWED_BY_POLICY, "allow", "policy"),
-    (counter::ALLOWED_NODE, "allow", "node"),
-    (counter::ALLOWED_NETWORK_CONTROL, "allow", "network_control"),
-    (counter::ALLOWED_RELATED, "allow", "related_icmp_error"),
-    (counter::DENIED_BY_POLICY, "deny", "policy"),
-    (
-        counter::DENIED_ENDPOINT_NOT_READY,
-        "deny",
-        "endpoint_not_ready",
-    ),
-    (counter::DENIED_REVOKED, "deny", "revoked"),
-    (counter::DENIED_MALFORMED, "deny", "malformed"),
-    (counter::DENIED_SPOOFED, "deny", "spoofed"),
-];
+/// One of the datapath's counters of verdict events it could not report.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnreportedLabels {
+    /// The reason's label in `netwarden_common::counter::TABLE`.
+    reason: &'static str,
+}
+
+/// One kind of identity check decision, by its label (`allowed`, `wrong_principal`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+}
+
+/// The reasons of `netwarden_common::counter::TABLE` that count packets.
+fn verdict_reasons() -> impl Iterator<Item = &'static counter::Reason> {
+    counter::TABLE
+        .iter()
+        .filter(|reason| reason.kind != counter::Kind::EventAccounting)
+}
+
+/// The reasons of `netwarden_common::counter::TABLE` that count unreported events.
+fn unreported_event_reasons() -> impl Iterator<Item = &'static counter::Reason> {
+    counter::TABLE
+        .iter()
+        .filter(|reason| reason.kind == counter::Kind::EventAccounting)
+}
 
 const DIRECTIONS: [(u32, &str); 2] = [
     (direction::INGRESS, "ingress"),
@@ -108,12 +116,13 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     verdicts: Family<VerdictLabels, Counter>,
-    events_lost: Counter,
-    events_rate_limited: Counter,
+    unreported_events: Family<UnreportedLabels, Counter>,
     applies: Counter,
     apply_duration: Histogram,
     watch_restarts: Counter,
     conntrack_expired: Counter,
+    identity_checks: Family<DecisionLabels, Counter>,
+    identity_cuts_rate_limited: Counter,
 }
 
 impl Default for Metrics {
@@ -175,15 +184,10 @@ impl Metrics {
                 "verdicts",
                 "Packets decided by the datapath since its maps were created, by direction (pod's view), verdict and reason",
             ),
-            events_lost: registered(
+            unreported_events: registered(
                 r,
-                "deny_events_lost",
-                "Deny events dropped because the ring buffer was full (the agent fell behind)",
-            ),
-            events_rate_limited: registered(
-                r,
-                "deny_events_rate_limited",
-                "Deny events not reported: over the per-CPU rate limit",
+                "verdict_events_unreported",
+                "Verdict events (denies, sampled allows) the datapath could not report, by reason: over its per-CPU rate limit, or the ring buffer was full",
             ),
             applies: registered(r, "applies", "Compilations applied to the datapath"),
             apply_duration: {
@@ -208,24 +212,44 @@ impl Metrics {
                 "conntrack_expired",
                 "Tracked flows the sweeper removed for being idle past their timeout",
             ),
+            identity_checks: registered(
+                r,
+                "identity_checks",
+                "Identity check (Authorization/Check) requests since the agent started, by decision",
+            ),
+            identity_cuts_rate_limited: registered(
+                r,
+                "identity_cuts_rate_limited",
+                "Identity check denies not cut in the kernel: their destination pod was over --authz-cut-rate",
+            ),
             registry,
         };
-        // Every series exists from the start, at zero: a rate over a series that appears late
-        // misses its first increase.
+        metrics.create_every_series();
+        metrics
+    }
+
+    /// Every series exists from the start, at zero: a rate over a series that appears late
+    /// misses its first increase.
+    fn create_every_series(&self) {
         for (_, name) in DIRECTIONS {
-            for (_, verdict, reason) in VERDICT_REASONS {
+            for reason in verdict_reasons() {
                 let labels = VerdictLabels {
                     direction: name,
-                    verdict,
-                    reason,
+                    verdict: reason.kind.label(),
+                    reason: reason.label,
                 };
-                drop(metrics.verdicts.get_or_create(&labels));
+                drop(self.verdicts.get_or_create(&labels));
             }
         }
-        for state in ENDPOINT_STATES {
-            drop(metrics.endpoints.get_or_create(&StateLabels { state }));
+        for reason in unreported_event_reasons() {
+            let labels = UnreportedLabels {
+                reason: reason.label,
+            };
+            drop(self.unreported_events.get_or_create(&labels));
         }
-        metrics
+        for state in ENDPOINT_STATES {
+            drop(self.endpoints.get_or_create(&StateLabels { state }));
+        }
     }
 
     /// Records what an apply produced.
@@ -284,21 +308,22 @@ impl Metrics {
                 .unwrap_or(0)
         };
         for (dir, name) in DIRECTIONS {
-            for (reason, verdict, reason_name) in VERDICT_REASONS {
+            for reason in verdict_reasons() {
                 let labels = VerdictLabels {
                     direction: name,
-                    verdict,
-                    reason: reason_name,
+                    verdict: reason.kind.label(),
+                    reason: reason.label,
                 };
-                set_total(&self.verdicts.get_or_create(&labels), at(dir, reason));
+                set_total(&self.verdicts.get_or_create(&labels), at(dir, reason.id));
             }
         }
-        let both = |reason| at(direction::INGRESS, reason) + at(direction::EGRESS, reason);
-        set_total(&self.events_lost, both(counter::EVENTS_LOST));
-        set_total(
-            &self.events_rate_limited,
-            both(counter::EVENTS_RATE_LIMITED),
-        );
+        for reason in unreported_event_reasons() {
+            let labels = UnreportedLabels {
+                reason: reason.label,
+            };
+            let both = at(direction::INGRESS, reason.id) + at(direction::EGRESS, reason.id);
+            set_total(&self.unreported_events.get_or_create(&labels), both);
+        }
     }
 
     /// What a conntrack sweep found: the tables' sizes, and how many idle flows it removed.
@@ -313,6 +338,22 @@ impl Metrics {
         }
         self.conntrack_expired
             .inc_by(u64::try_from(report.expired()).unwrap_or(u64::MAX));
+    }
+
+    /// Takes the identity check's decision totals (`netwarden_identity::DecisionCounts`).
+    pub fn observe_identity_checks(&self, counts: &BTreeMap<&'static str, u64>) {
+        for (&decision, &count) in counts {
+            if decision == CUT_RATE_LIMITED {
+                set_total(&self.identity_cuts_rate_limited, count);
+            } else {
+                set_total(
+                    &self
+                        .identity_checks
+                        .get_or_create(&DecisionLabels { decision }),
+                    count,
+                );
+            }
+        }
     }
 
     /// Takes the watchers' restart total.
@@ -539,29 +580,38 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         assert_eq!(
             value(
                 &text,
-                r#"netwarden_verdicts_total{direction="ingress",verdict="deny",reason="policy"}"#
+                r#"netwarden_verdicts_total{direction="ingress",verdict="deny",reason="denied_by_policy"}"#
             ),
             "7"
         );
         assert_eq!(
             value(
                 &text,
-                r#"netwarden_verdicts_total{direction="egress",verdict="allow",reason="tracked"}"#
+                r#"netwarden_verdicts_total{direction="egress",verdict="allow",reason="allowed_tracked"}"#
             ),
             "40"
         );
         assert_eq!(
             value(
                 &text,
-                r#"netwarden_verdicts_total{direction="egress",verdict="deny",reason="policy"}"#
+                r#"netwarden_verdicts_total{direction="egress",verdict="deny",reason="denied_by_policy"}"#
             ),
             "0"
         );
         // Every reason in both directions, the event counters apart.
-        assert_eq!(samples(&text, "netwarden_verdicts_total").len(), 22);
-        assert_eq!(value(&text, "netwarden_deny_events_lost_total"), "3");
+        assert_eq!(samples(&text, "netwarden_verdicts_total").len(), 26);
         assert_eq!(
-            value(&text, "netwarden_deny_events_rate_limited_total"),
+            value(
+                &text,
+                r#"netwarden_verdict_events_unreported_total{reason="events_lost"}"#
+            ),
+            "3"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_verdict_events_unreported_total{reason="events_rate_limited"}"#
+            ),
             "0"
         );
         assert_eq!(value(&text, "netwarden_watch_restarts_total"), "3");
@@ -573,9 +623,74 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         assert_eq!(
             value(
                 &text,
-                r#"netwarden_verdicts_total{direction="ingress",verdict="deny",reason="policy"}"#
+                r#"netwarden_verdicts_total{direction="ingress",verdict="deny",reason="denied_by_policy"}"#
             ),
             "9"
         );
+    }
+
+    #[test]
+    fn identity_decisions_and_skipped_cuts_are_counted_apart() {
+        let metrics = Metrics::new();
+        metrics.observe_identity_checks(
+            &[
+                ("allowed", 4),
+                ("wrong_principal", 2),
+                (netwarden_identity::CUT_RATE_LIMITED, 1),
+            ]
+            .into(),
+        );
+        let text = metrics.render();
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_identity_checks_total{decision="wrong_principal"}"#
+            ),
+            "2"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_identity_checks_total{decision="allowed"}"#
+            ),
+            "4"
+        );
+        assert_eq!(
+            value(&text, "netwarden_identity_cuts_rate_limited_total"),
+            "1"
+        );
+        assert!(!text.contains(r#"decision="cut_rate_limited""#), "{text}");
+    }
+
+    #[test]
+    fn every_counter_of_the_table_is_a_metric_series() {
+        let metrics = Metrics::new();
+        // Each counter gets its own value, so a series reading the wrong slot shows.
+        let counters: Vec<u64> = (1..=u64::from(counter::SLOTS)).collect();
+        metrics.observe_verdicts(&counters);
+        let text = metrics.render();
+        for reason in counter::TABLE {
+            let ingress = counters[counter::slot(direction::INGRESS, reason.id) as usize];
+            let egress = counters[counter::slot(direction::EGRESS, reason.id) as usize];
+            match reason.kind {
+                counter::Kind::Allow | counter::Kind::Deny => {
+                    for (name, count) in [("ingress", ingress), ("egress", egress)] {
+                        let series = format!(
+                            r#"netwarden_verdicts_total{{direction="{name}",verdict="{}",reason="{}"}}"#,
+                            reason.kind.label(),
+                            reason.label
+                        );
+                        assert_eq!(value(&text, &series), count.to_string(), "{series}");
+                    }
+                }
+                counter::Kind::EventAccounting => {
+                    let series = format!(
+                        r#"netwarden_verdict_events_unreported_total{{reason="{}"}}"#,
+                        reason.label
+                    );
+                    assert_eq!(value(&text, &series), (ingress + egress).to_string());
+                }
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! Tests and operators wait for `source_digest` to equal the digest of what they wrote
 //! (`netwarden_model::ManifestDir::digest_of`) instead of sleeping.
 
-use std::{fs, io, path::Path};
+use std::{collections::BTreeMap, fs, io, path::Path};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -33,7 +33,7 @@ pub struct Status {
     /// Identity check decisions since the agent started, by reason (`allowed`,
     /// `wrong_principal`, ...).
     #[serde(default)]
-    pub identity_checks: std::collections::BTreeMap<String, u64>,
+    pub identity_checks: BTreeMap<String, u64>,
 }
 
 /// One endpoint.
@@ -51,45 +51,14 @@ pub struct EndpointStatus {
     pub attached: bool,
 }
 
-/// Datapath verdict counters.
+/// Datapath verdict counters, both directions added up, by their label in
+/// `netwarden_common::counter::TABLE` (`denied_by_policy`, `events_lost`, ...).
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Verdicts {
-    /// Packets of tracked flows.
-    pub allowed_tracked: u64,
-    /// New flows in a direction no policy isolates.
-    pub allowed_not_isolated: u64,
-    /// New flows a rule allows.
-    pub allowed_by_policy: u64,
-    /// New flows from the node.
-    pub allowed_node: u64,
-    /// ARP, neighbour discovery, non-IP.
-    pub allowed_network_control: u64,
-    /// Dropped: isolated, no rule allows.
-    pub denied_by_policy: u64,
-    /// Dropped: endpoint unknown, locked or without a map entry.
-    pub denied_endpoint_not_ready: u64,
-    /// Dropped: a tracked flow the current policy revokes.
-    pub denied_revoked: u64,
-    /// Dropped: unparsable.
-    pub denied_malformed: u64,
-    /// Dropped: left a pod from an address it does not own.
-    pub denied_spoofed: u64,
-    /// ICMP errors about tracked flows.
-    pub allowed_related: u64,
-    /// Deny events not reported: over the per-CPU rate limit.
-    pub events_rate_limited: u64,
-    /// Deny events not reported: the ring buffer was full.
-    pub events_lost: u64,
-    /// Dropped: a TCP flow to an mTLS-strict pod did not open with a TLS ClientHello.
-    #[serde(default)]
-    pub denied_plaintext_to_strict: u64,
-    /// Dropped: packets of flows the identity check refused.
-    #[serde(default)]
-    pub denied_by_identity: u64,
-}
+#[serde(transparent)]
+pub struct Verdicts(pub BTreeMap<String, u64>);
 
 impl Verdicts {
-    /// From the datapath's counter array, both directions added up.
+    /// From the datapath's counter array: every counter of the table, zero included.
     #[must_use]
     pub fn from_counters(counters: &[u64]) -> Self {
         use netwarden_common::{counter, direction};
@@ -99,23 +68,12 @@ impl Verdicts {
                 .filter_map(|dir| counters.get(counter::slot(dir, reason) as usize))
                 .sum()
         };
-        Self {
-            allowed_tracked: at(counter::ALLOWED_TRACKED),
-            allowed_not_isolated: at(counter::ALLOWED_NOT_ISOLATED),
-            allowed_by_policy: at(counter::ALLOWED_BY_POLICY),
-            allowed_node: at(counter::ALLOWED_NODE),
-            allowed_network_control: at(counter::ALLOWED_NETWORK_CONTROL),
-            denied_by_policy: at(counter::DENIED_BY_POLICY),
-            denied_endpoint_not_ready: at(counter::DENIED_ENDPOINT_NOT_READY),
-            denied_revoked: at(counter::DENIED_REVOKED),
-            denied_malformed: at(counter::DENIED_MALFORMED),
-            denied_spoofed: at(counter::DENIED_SPOOFED),
-            allowed_related: at(counter::ALLOWED_RELATED),
-            events_rate_limited: at(counter::EVENTS_RATE_LIMITED),
-            events_lost: at(counter::EVENTS_LOST),
-            denied_plaintext_to_strict: at(counter::DENIED_PLAINTEXT_TO_STRICT),
-            denied_by_identity: at(counter::DENIED_BY_IDENTITY),
-        }
+        Self(
+            counter::TABLE
+                .iter()
+                .map(|reason| (reason.label.to_owned(), at(reason.id)))
+                .collect(),
+        )
     }
 }
 
@@ -168,5 +126,33 @@ pub fn print(path: &Path, json: bool) -> anyhow::Result<()> {
     for error in &status.errors {
         println!("error: {error}");
     }
+    println!(
+        "{:<28} {:>12}  since the maps were created",
+        "VERDICT COUNTER", "PACKETS"
+    );
+    for reason in netwarden_common::counter::TABLE {
+        let count = status.verdicts.0.get(reason.label).copied().unwrap_or(0);
+        println!("{:<28} {count:>12}  {}", reason.label, reason.description);
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use netwarden_common::{counter, direction};
+
+    use super::Verdicts;
+
+    #[test]
+    fn every_counter_of_the_table_is_in_the_status_file() {
+        let counters: Vec<u64> = (1..=u64::from(counter::SLOTS)).collect();
+        let json = serde_json::to_value(Verdicts::from_counters(&counters)).unwrap();
+        let keys = json.as_object().unwrap();
+        assert_eq!(keys.len(), counter::TABLE.len(), "{json}");
+        for reason in counter::TABLE {
+            let both = counters[counter::slot(direction::INGRESS, reason.id) as usize]
+                + counters[counter::slot(direction::EGRESS, reason.id) as usize];
+            assert_eq!(keys[reason.label], both, "{}", reason.label);
+        }
+    }
 }
