@@ -303,10 +303,16 @@ fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &
         .iter()
         .map(|(id, origin)| (*id, origin.to_string()))
         .collect();
+    let services = state
+        .service_frontends
+        .iter()
+        .map(|(frontend, info)| (info.id, format!("{info} {frontend}")))
+        .collect();
     *shared = Attribution {
         endpoints,
         pods,
         rules,
+        services,
     };
 }
 

@@ -25,6 +25,10 @@ pub struct Attribution {
     pub pods: HashMap<IpAddr, String>,
     /// Rules by the compiler's id, as "NetworkPolicy ns/name ingress[i]".
     pub rules: HashMap<u32, String>,
+    /// Service frontends by the compiler's id, as "Service ns/name port http (cluster IP)
+    /// 10.96.0.10:80/TCP": a flow decided after translation names the Service it was opened
+    /// to, and its peer is the backend (or the original client) it was judged on.
+    pub services: HashMap<u32, String>,
 }
 
 /// Names of one local endpoint.
@@ -98,6 +102,13 @@ fn log(event: &VerdictEvent, names: &Attribution) {
     };
     let (row, reason) = verdict_reason(event, names, endpoint, ingress);
     let reason_code = row.map_or("unknown", |row| row.label);
+    let service = match event.frontend {
+        0 => "",
+        id => names
+            .services
+            .get(&id)
+            .map_or("<a Service no longer known>", String::as_str),
+    };
     // One line shape for both verdicts; only the level and the words differ (tracing's levels
     // are fixed per call site, hence the macro).
     macro_rules! verdict_line {
@@ -108,6 +119,7 @@ fn log(event: &VerdictEvent, names: &Attribution) {
                 direction = if ingress { "ingress" } else { "egress" },
                 pod,
                 peer_pod = peer,
+                service,
                 protocol = protocol_name(event.protocol),
                 source = %source,
                 destination = %destination,
