@@ -78,6 +78,32 @@ impl PolicyMatch {
         }
     }
 
+    /// The policy and entry of an LPM key read back from the policy map: the inverse of
+    /// [`PolicyMatch::key`].
+    #[must_use]
+    pub fn from_key(prefix_len: u32, key: &PolicyKey) -> (PolicyId, Self) {
+        let policy = u32::from_be_bytes(key.policy);
+        let peer = u32::from_be_bytes(key.peer);
+        let entry = if prefix_len <= POLICY_KEY_ANY_PROTOCOL_BITS {
+            Self {
+                peer,
+                protocol: None,
+                port: 0,
+                port_bits: 0,
+            }
+        } else {
+            Self {
+                peer,
+                protocol: Some(key.protocol),
+                port: u16::from_be_bytes(key.port),
+                port_bits: u8::try_from(prefix_len.saturating_sub(POLICY_KEY_ANY_PORT_BITS))
+                    .unwrap_or(16)
+                    .min(16),
+            }
+        };
+        (policy, entry)
+    }
+
     /// Whether a flow with this protocol and destination port falls under the entry.
     #[must_use]
     pub fn covers(&self, protocol: u8, port: u16) -> bool {
@@ -102,6 +128,53 @@ pub struct CompiledPolicy {
     pub cidrs: BTreeMap<IpNet, PeerId>,
 }
 
+/// A compiled policy's entries and prefixes without their rule ids.
+type PolicyShape = (Vec<PolicyMatch>, Vec<(IpNet, PeerId)>);
+
+impl CompiledPolicy {
+    /// What the policy lets through, without the rule ids that only attribute it: two
+    /// policies of equal shape enforce the same, and one can take the other's place by
+    /// rewriting the values of its entries, never adding or removing a key.
+    fn shape(&self) -> PolicyShape {
+        (
+            self.entries.keys().copied().collect(),
+            self.cidrs
+                .iter()
+                .map(|(net, class)| (*net, *class))
+                .collect(),
+        )
+    }
+}
+
+/// Policies a previous agent left in the maps, offered to the first compilation so that an
+/// unchanged policy keeps its id and its entries (see [`Compiler::adopt_pinned_policies`]).
+#[derive(Clone, Debug, Default)]
+struct PinnedPolicies {
+    /// By exact content, rule ids included.
+    exact: FxHashMap<CompiledPolicy, PolicyId>,
+    /// By shape, for content that differs only in rule ids.
+    by_shape: FxHashMap<PolicyShape, BTreeSet<PolicyId>>,
+    /// Every pinned policy's content, by id.
+    content: BTreeMap<PolicyId, CompiledPolicy>,
+}
+
+impl PinnedPolicies {
+    /// Takes the pinned id for `compiled`, preferring one of equal content: each pinned id is
+    /// given to one compiled policy at most.
+    fn take(&mut self, compiled: &CompiledPolicy) -> Option<PolicyId> {
+        let id = match self.exact.get(compiled) {
+            Some(id) => *id,
+            None => *self.by_shape.get(&compiled.shape())?.first()?,
+        };
+        let pinned = self.content.remove(&id)?;
+        self.exact.remove(&pinned);
+        if let Some(ids) = self.by_shape.get_mut(&pinned.shape()) {
+            ids.remove(&id);
+        }
+        Some(id)
+    }
+}
+
 /// Where a rule comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RuleOrigin {
@@ -111,6 +184,30 @@ pub struct RuleOrigin {
     pub direction: Direction,
     /// Index of the rule in that list.
     pub index: usize,
+}
+
+/// Rule ids are 31-bit, never 0.
+const RULE_ID_MASK: RuleId = 0x7fff_ffff;
+
+impl RuleOrigin {
+    /// The rule's preferred id: a digest of where it comes from, in `1..=RULE_ID_MASK`.
+    fn stable_id(&self) -> RuleId {
+        use sha2::{Digest as _, Sha256};
+        let mut hasher = Sha256::new();
+        let direction = self.direction.to_string();
+        for field in [
+            self.policy.namespace.as_bytes(),
+            self.policy.name.as_bytes(),
+            direction.as_bytes(),
+        ] {
+            hasher.update((field.len() as u64).to_be_bytes());
+            hasher.update(field);
+        }
+        hasher.update((self.index as u64).to_be_bytes());
+        let digest = hasher.finalize();
+        let id = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & RULE_ID_MASK;
+        id.max(1)
+    }
 }
 
 impl fmt::Display for RuleOrigin {
@@ -221,8 +318,8 @@ pub struct Compiler {
     policy_ids: FxHashMap<CompiledPolicy, PolicyId>,
     policy_users: FxHashMap<PolicyId, usize>,
     last_policy_id: PolicyId,
+    pinned_policies: PinnedPolicies,
     rule_ids: FxHashMap<RuleOrigin, RuleId>,
-    last_rule_id: RuleId,
     duplicate_ips: BTreeMap<IpAddr, String>,
     frontends: FrontendTable,
     dirty: BTreeSet<PodRef>,
@@ -249,8 +346,8 @@ impl Compiler {
             policy_ids: FxHashMap::default(),
             policy_users: FxHashMap::default(),
             last_policy_id: 0,
+            pinned_policies: PinnedPolicies::default(),
             rule_ids: FxHashMap::default(),
-            last_rule_id: 0,
             duplicate_ips: BTreeMap::new(),
             frontends: FrontendTable::default(),
             dirty: BTreeSet::new(),
@@ -264,6 +361,31 @@ impl Compiler {
     pub fn resume(&mut self, identities: HashMap<[u8; 32], PeerId>, highest_policy_id: PolicyId) {
         self.identities.prefer(identities);
         self.last_policy_id = self.last_policy_id.max(highest_policy_id);
+    }
+
+    /// Offers the policies a previous agent left in the maps (their id and content, as read
+    /// back) to the next compilation: a policy it compiles whose pinned content is equal, or
+    /// equal but for rule ids, keeps its pinned id, so an unchanged policy is not installed a
+    /// second time beside its old copy (which would fill large maps until endpoints lock down).
+    /// New ids start above every pinned one. Ids the next compilation does not claim are
+    /// forgotten after it, and the datapath deletes them once no endpoint uses them.
+    pub fn adopt_pinned_policies(
+        &mut self,
+        pinned: impl IntoIterator<Item = (PolicyId, CompiledPolicy)>,
+    ) {
+        for (id, content) in pinned {
+            self.last_policy_id = self.last_policy_id.max(id);
+            self.pinned_policies
+                .by_shape
+                .entry(content.shape())
+                .or_default()
+                .insert(id);
+            self.pinned_policies
+                .exact
+                .entry(content.clone())
+                .or_insert(id);
+            self.pinned_policies.content.insert(id, content);
+        }
     }
 
     /// Every pod address with the pod that owns it (the first claimant by namespace and name).
@@ -305,6 +427,9 @@ impl Compiler {
             }
         }
         self.collect_warnings();
+        // Pinned ids are offered to one compilation, the first after a restart: the datapath
+        // deletes those it did not claim, and an id once deleted is not used again.
+        self.pinned_policies = PinnedPolicies::default();
         &self.state
     }
 
@@ -702,8 +827,10 @@ impl Compiler {
             *self.policy_users.entry(*id).or_default() += 1;
             return *id;
         }
-        self.last_policy_id += 1;
-        let id = self.last_policy_id;
+        let id = self.pinned_policies.take(&compiled).unwrap_or_else(|| {
+            self.last_policy_id += 1;
+            self.last_policy_id
+        });
         self.state.policies.insert(id, compiled.clone());
         self.policy_ids.insert(compiled, id);
         self.policy_users.insert(id, 1);
@@ -727,10 +854,16 @@ impl Compiler {
         if let Some(id) = self.rule_ids.get(&origin) {
             return *id;
         }
-        self.last_rule_id += 1;
-        self.rule_ids.insert(origin.clone(), self.last_rule_id);
-        self.state.rules.insert(self.last_rule_id, origin);
-        self.last_rule_id
+        // Derived from the origin, not from the order rules were met: a restarted agent numbers
+        // each rule as its predecessor did, so the entries it finds pinned are already its own.
+        // A collision (rare: 31 bits) takes the next free number.
+        let mut id = origin.stable_id();
+        while self.state.rules.contains_key(&id) {
+            id = (id % RULE_ID_MASK) + 1;
+        }
+        self.rule_ids.insert(origin.clone(), id);
+        self.state.rules.insert(id, origin);
+        id
     }
 
     /// The identities a selector peer of a policy in `policy_namespace` matches, computed once
@@ -916,7 +1049,8 @@ impl Compiler {
         }
 
         add_cidr_classes(&mut compiled, &mut entries, &blocks);
-        // Lowest rule id first, so attribution is stable when several rules allow the same.
+        // Lowest rule id first, so attribution is stable (across restarts too: rule ids derive
+        // from the rule's origin) when several rules allow the same.
         entries.sort_unstable();
         entries.dedup_by_key(|(entry, _)| *entry);
         compiled.entries = entries.into_iter().collect();

@@ -337,3 +337,132 @@ fn services_of_a_manifest_become_frontends_with_stable_ids() {
     assert_eq!(after.service_frontends[&web].id, id);
     assert_eq!(after.service_frontends[&web].kind, FrontendKind::ClusterIp);
 }
+
+/// Two pods with policies of their own (one with ipBlock prefixes), on this node.
+fn two_isolated_pods() -> String {
+    let mut yaml = pod("x", "a", "app: a", "10.0.0.1", "");
+    yaml.push_str(&pod("x", "b", "app: b", "10.0.0.2", ""));
+    yaml.push_str(
+        "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p-a, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: b}}}], ports: [{port: 80}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}]}]
+",
+    );
+    yaml
+}
+
+#[test]
+fn a_restarted_compiler_reuses_the_pinned_id_of_each_unchanged_policy() {
+    // The previous agent saw a policy come and go first.
+    let mut previous = Compiler::new(NODE);
+    let mut history = two_isolated_pods();
+    history.push_str(
+        "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: early, namespace: x}
+spec: {podSelector: {matchLabels: {app: a}}, ingress: [{ports: [{port: 1}]}]}
+",
+    );
+    previous.sync(cluster(&history));
+    let pinned = previous.sync(cluster(&two_isolated_pods())).clone();
+    assert_eq!(pinned.policies.len(), 2);
+    // Rule ids derive from the rules' origin, whatever the history.
+    let fresh = Compiler::new(NODE)
+        .sync(cluster(&two_isolated_pods()))
+        .clone();
+    let rules = |state: &DatapathState| {
+        let mut rules: Vec<_> = state
+            .policies
+            .values()
+            .flat_map(|policy| policy.entries.values())
+            .map(|id| (*id, state.rules[id].to_string()))
+            .collect();
+        rules.sort();
+        rules
+    };
+    assert_eq!(rules(&fresh), rules(&pinned));
+
+    let mut restarted = Compiler::new(NODE);
+    restarted.adopt_pinned_policies(pinned.policies.clone());
+    let state = restarted.sync(cluster(&two_isolated_pods())).clone();
+    let ids = |state: &DatapathState| -> Vec<_> {
+        state
+            .endpoints
+            .values()
+            .map(|endpoint| (endpoint.ingress, endpoint.egress))
+            .collect()
+    };
+    assert_eq!(ids(&state), ids(&pinned));
+    let keys = |state: &DatapathState| -> Vec<_> {
+        state
+            .policies
+            .iter()
+            .map(|(id, policy)| {
+                (
+                    *id,
+                    policy.entries.keys().copied().collect::<Vec<_>>(),
+                    policy.cidrs.clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        keys(&state),
+        keys(&pinned),
+        "same ids, same entries and prefixes"
+    );
+
+    // Ids are offered once: a policy compiled later gets a new id above the pinned ones.
+    let mut more = two_isolated_pods();
+    more.push_str(&pod("x", "c", "app: c", "10.0.0.3", ""));
+    more.push_str(
+        "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: c, namespace: x}
+spec: {podSelector: {matchLabels: {app: c}}, ingress: [{ports: [{port: 443}]}]}
+",
+    );
+    let state = restarted.sync(cluster(&more));
+    let highest_pinned = pinned.policies.keys().max().copied().unwrap();
+    let c = state.endpoints[&at("x", "c")].ingress.unwrap();
+    assert!(c > highest_pinned, "{c} > {highest_pinned}");
+}
+
+#[test]
+fn a_pinned_policy_equal_but_for_rule_ids_keeps_its_id() {
+    let previous = Compiler::new(NODE)
+        .sync(cluster(&two_isolated_pods()))
+        .clone();
+    // As an older build, which numbered rules in the order it met them, left them.
+    let renumbered = previous.policies.iter().map(|(id, policy)| {
+        let mut policy = policy.clone();
+        for rule in policy.entries.values_mut() {
+            *rule = rule.wrapping_add(1) & 0xff;
+        }
+        (*id + 10, policy)
+    });
+    let mut restarted = Compiler::new(NODE);
+    restarted.adopt_pinned_policies(renumbered);
+    let state = restarted.sync(cluster(&two_isolated_pods()));
+    let mut ids: Vec<_> = state.policies.keys().map(|id| id - 10).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, previous.policies.keys().copied().collect::<Vec<_>>());
+    // The content is the compiler's own: the datapath rewrites the rule ids in place.
+    assert_eq!(
+        state.policies.values().collect::<Vec<_>>(),
+        previous.policies.values().collect::<Vec<_>>()
+    );
+}
