@@ -13,6 +13,8 @@
 
 pub mod bpffs;
 pub mod conntrack;
+#[cfg(feature = "test-support")]
+pub mod faults;
 pub mod mtls;
 pub mod netfilter;
 pub mod netlink;
@@ -43,7 +45,9 @@ use netwarden_common::{
     FrontendValue, IpIdentity, IpKey, KernelLayout, PeerId, PolicyEntry, PolicyKey,
     SETTING_ALLOW_EVENT_PERIOD, SETTING_FRONTENDS_INSTALLED, counter, endpoint_state,
 };
-use netwarden_policy::{CompiledPolicy, DatapathState, Frontend, PolicyId, lookup::mapped};
+use netwarden_policy::{
+    CompiledPolicy, DatapathState, Frontend, PolicyId, PolicyMatch, lookup::mapped,
+};
 use tracing::{error, info, warn};
 
 use crate::{bpffs::PinLayout, netlink::NodeNetwork};
@@ -164,6 +168,49 @@ pub struct EndpointReport {
     pub attached: bool,
 }
 
+/// Why a local pod is not enforced after an apply. Each is retried by the agent (with backoff)
+/// until it clears; the pod's traffic meanwhile passes unchecked (attach failed, interface
+/// missing) or as the programs treat an interface without an entry (map write failed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Unenforced {
+    /// A program could not be attached to the pod's veth.
+    AttachFailed,
+    /// The pod's `ENDPOINTS` entry could not be written.
+    MapWriteFailed,
+    /// No veth is routed to the pod's addresses yet.
+    InterfaceMissing,
+}
+
+impl Unenforced {
+    /// Every reason, in the order views list them.
+    pub const ALL: [Self; 3] = [
+        Self::AttachFailed,
+        Self::MapWriteFailed,
+        Self::InterfaceMissing,
+    ];
+
+    /// The reason's label in the status file and the metrics.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::AttachFailed => "attach_failed",
+            Self::MapWriteFailed => "map_write_failed",
+            Self::InterfaceMissing => "interface_missing",
+        }
+    }
+}
+
+/// A local pod the datapath does not enforce on, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnenforcedEndpoint {
+    /// `namespace/name` of the pod, or `None` for a pod veth with no known pod yet.
+    pub pod: Option<String>,
+    /// The host-side veth, when one was found.
+    pub interface: Option<String>,
+    /// Why.
+    pub reason: Unenforced,
+}
+
 /// What an apply did.
 #[derive(Clone, Debug, Default)]
 pub struct ApplyReport {
@@ -171,6 +218,8 @@ pub struct ApplyReport {
     pub endpoints: Vec<EndpointReport>,
     /// Local pods whose interface was not found (no route to their IP through a veth yet).
     pub pending: Vec<String>,
+    /// Local pods not enforced, with why (the pending ones included): the agent retries them.
+    pub unenforced: Vec<UnenforcedEndpoint>,
     /// Problems, each naming what it concerns.
     pub errors: Vec<String>,
     /// Whether any map changed.
@@ -193,12 +242,14 @@ struct DesiredEndpoint {
     addresses: Vec<IpAddr>,
 }
 
-/// Keys of one installed policy, so it can be deleted without scanning the maps.
+/// Keys of one installed policy, so it can be deleted without scanning the maps, and its
+/// content as written (or read back from a previous agent's maps).
 #[derive(Default)]
 struct InstalledPolicy {
     entries: Vec<Key<PolicyKey>>,
     cidrs_v4: Vec<Key<CidrKeyV4>>,
     cidrs_v6: Vec<Key<CidrKey>>,
+    content: CompiledPolicy,
 }
 
 /// The loaded programs, their maps, and what the maps hold.
@@ -230,6 +281,8 @@ pub struct Datapath {
     attach_programs: bool,
     events: Option<RingBuf<MapData>>,
     capacity: Capacity,
+    #[cfg(feature = "test-support")]
+    faults: faults::Faults,
 }
 
 /// What a previous agent left in the pinned maps, for the compiler to continue from.
@@ -239,6 +292,12 @@ pub struct Inherited {
     pub identities: HashMap<[u8; 32], PeerId>,
     /// The highest policy id in the maps.
     pub highest_policy_id: PolicyId,
+    /// Each policy in the maps, read back (entries with their rule ids, CIDR prefixes with
+    /// their classes), for the compiler to keep the ids of unchanged policies
+    /// ([`netwarden_policy::Compiler::adopt_pinned_policies`]).
+    pub policies: BTreeMap<PolicyId, CompiledPolicy>,
+    /// Which endpoints (by interface index) use each pinned policy, in either direction.
+    pub policy_users: BTreeMap<PolicyId, BTreeSet<u32>>,
 }
 
 impl Datapath {
@@ -309,6 +368,8 @@ impl Datapath {
             installed_identities: BTreeMap::new(),
             attached: BTreeSet::new(),
             capacity: capacity.clone(),
+            #[cfg(feature = "test-support")]
+            faults: faults::Faults::default(),
         };
         let inherited = datapath.read_back();
         Ok((datapath, inherited))
@@ -320,29 +381,31 @@ impl Datapath {
             self.installed_ipcache
                 .insert(unmapped(key.addr), value.identity);
         }
-        for key in self.policy.keys().flatten() {
-            let id = u32::from_be_bytes(key.data().policy);
-            self.installed_policies
-                .entry(id)
-                .or_default()
-                .entries
-                .push(key);
+        for (key, value) in self.policy.iter().flatten() {
+            let (id, entry) = PolicyMatch::from_key(key.prefix_len(), &key.data());
+            let installed = self.installed_policies.entry(id).or_default();
+            installed.content.entries.insert(entry, value.rule);
+            installed.entries.push(key);
         }
-        for key in self.cidrs_v4.keys().flatten() {
-            let id = u32::from_be_bytes(key.data().policy);
-            self.installed_policies
-                .entry(id)
-                .or_default()
-                .cidrs_v4
-                .push(key);
+        for (key, class) in self.cidrs_v4.iter().flatten() {
+            let data = key.data();
+            let id = u32::from_be_bytes(data.policy);
+            let installed = self.installed_policies.entry(id).or_default();
+            let prefix_len = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(u8::MAX);
+            if let Ok(net) = ipnet::Ipv4Net::new(data.addr.into(), prefix_len) {
+                installed.content.cidrs.insert(IpNet::V4(net), class.peer);
+            }
+            installed.cidrs_v4.push(key);
         }
-        for key in self.cidrs_v6.keys().flatten() {
-            let id = u32::from_be_bytes(key.data().policy);
-            self.installed_policies
-                .entry(id)
-                .or_default()
-                .cidrs_v6
-                .push(key);
+        for (key, class) in self.cidrs_v6.iter().flatten() {
+            let data = key.data();
+            let id = u32::from_be_bytes(data.policy);
+            let installed = self.installed_policies.entry(id).or_default();
+            let prefix_len = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(u8::MAX);
+            if let Ok(net) = ipnet::Ipv6Net::new(data.addr.into(), prefix_len) {
+                installed.content.cidrs.insert(IpNet::V6(net), class.peer);
+            }
+            installed.cidrs_v6.push(key);
         }
         for (ifindex, endpoint) in self.endpoints.iter().flatten() {
             self.installed_endpoints.insert(ifindex, endpoint);
@@ -385,6 +448,22 @@ impl Datapath {
                 .map(|(digest, id)| (*digest, *id))
                 .collect(),
             highest_policy_id,
+            policies: self
+                .installed_policies
+                .iter()
+                .map(|(id, installed)| (*id, installed.content.clone()))
+                .collect(),
+            policy_users: self.installed_endpoints.iter().fold(
+                BTreeMap::new(),
+                |mut users: BTreeMap<PolicyId, BTreeSet<u32>>, (ifindex, endpoint)| {
+                    for id in [endpoint.ingress_policy, endpoint.egress_policy] {
+                        if id != 0 {
+                            users.entry(id).or_default().insert(*ifindex);
+                        }
+                    }
+                    users
+                },
+            ),
         }
     }
 
@@ -396,7 +475,11 @@ impl Datapath {
         report.changed |= self.sync_ipcache(&state.ipcache, &mut report.errors);
         let mut failed_policies = BTreeSet::new();
         for (id, compiled) in &state.policies {
-            if self.installed_policies.contains_key(id) {
+            if let Some(installed) = self.installed_policies.get(id) {
+                // A pinned policy the compiler adopted: equal, or equal but for rule ids.
+                if installed.content != *compiled {
+                    report.changed |= self.rewrite_policy(*id, compiled, &mut report.errors);
+                }
                 continue;
             }
             match self.install_policy(*id, compiled) {
@@ -410,6 +493,9 @@ impl Datapath {
         }
 
         report.changed |= self.sync_endpoint_addresses(&desired, &mut report.errors);
+        // Endpoints whose `ENDPOINTS` entry could not be written: a previous agent's program
+        // keeps enforcing there (with its maps) rather than this agent's without an entry.
+        let mut unwritten = BTreeSet::new();
         for (ifindex, endpoint) in desired.clone() {
             let DesiredEndpoint {
                 pod,
@@ -427,29 +513,22 @@ impl Datapath {
                 };
             }
             if self.installed_endpoints.get(&ifindex) != Some(&value) {
-                if let Err(error) = self.endpoints.insert(ifindex, value, 0) {
+                if let Err(error) = self.write_endpoint(ifindex, value) {
                     report.errors.push(format!(
                         "endpoint {interface}: cannot write its map entry: {error}"
                     ));
+                    report.unenforced.push(UnenforcedEndpoint {
+                        pod,
+                        interface: Some(interface),
+                        reason: Unenforced::MapWriteFailed,
+                    });
+                    unwritten.insert(ifindex);
                     continue;
                 }
                 self.installed_endpoints.insert(ifindex, value);
                 report.changed = true;
             }
-            let mut attached = self.attach_programs;
-            for hook in Hook::ALL {
-                if self.attach_programs && !self.attached.contains(&(ifindex, hook)) {
-                    match self.attach(ifindex, &interface, hook) {
-                        Ok(()) => {
-                            self.attached.insert((ifindex, hook));
-                        }
-                        Err(message) => {
-                            attached = false;
-                            report.errors.push(message);
-                        }
-                    }
-                }
-            }
+            let attached = self.attach_endpoint(ifindex, &interface, &mut report.errors);
             let state_name = match value.state {
                 endpoint_state::READY => "ready",
                 endpoint_state::LOCKED => "locked",
@@ -462,6 +541,14 @@ impl Datapath {
                 state: state_name,
                 attached,
             });
+            if !attached && self.attach_programs {
+                let endpoint = report.endpoints.last().expect("just pushed");
+                report.unenforced.push(UnenforcedEndpoint {
+                    pod: endpoint.pod.clone(),
+                    interface: Some(endpoint.interface.clone()),
+                    reason: Unenforced::AttachFailed,
+                });
+            }
         }
 
         report.changed |= self.remove_endpoints_except(&desired);
@@ -482,7 +569,44 @@ impl Datapath {
         if report.changed {
             self.bump_epoch(&mut report.errors);
         }
+        if self.attach_programs {
+            self.adopt_links(&desired, &unwritten, &mut report);
+        }
         report
+    }
+
+    /// Attaches both programs to the veth of a new endpoint, and to one whose attachment failed
+    /// before. Returns whether both enforce there (a previous agent's pinned programs count:
+    /// this agent's replace them once every map is written, in `adopt_links`).
+    fn attach_endpoint(&mut self, ifindex: u32, interface: &str, errors: &mut Vec<String>) -> bool {
+        let mut attached = self.attach_programs;
+        for hook in Hook::ALL {
+            if !self.attach_programs
+                || self.attached.contains(&(ifindex, hook))
+                || self.layout.link(ifindex, hook.program()).exists()
+            {
+                continue;
+            }
+            match self.attach(ifindex, interface, hook) {
+                Ok(()) => {
+                    self.attached.insert((ifindex, hook));
+                }
+                Err(message) => {
+                    attached = false;
+                    errors.push(message);
+                }
+            }
+        }
+        attached
+    }
+
+    /// Writes the `ENDPOINTS` entry of one interface.
+    fn write_endpoint(&mut self, ifindex: u32, value: Endpoint) -> Result<(), MapError> {
+        #[cfg(feature = "test-support")]
+        if let Some(error) = self.faults.endpoint_write_error() {
+            return Err(error);
+        }
+        self.endpoints.insert(ifindex, value, 0)
     }
 
     /// Detaches and forgets endpoints that are not in `desired`, and links a previous agent
@@ -570,7 +694,8 @@ impl Datapath {
         wanted: &BTreeSet<(u32, IpAddr)>,
         errors: &mut Vec<String>,
     ) -> bool {
-        let owners: BTreeMap<IpAddr, u32> = wanted.iter().map(|(ifindex, ip)| (*ip, *ifindex)).collect();
+        let owners: BTreeMap<IpAddr, u32> =
+            wanted.iter().map(|(ifindex, ip)| (*ip, *ifindex)).collect();
         let mut changed = false;
         for (ip, ifindex) in &owners {
             if self.installed_owners.get(ip) == Some(ifindex) {
@@ -587,7 +712,9 @@ impl Datapath {
                 // Flows of this address through a Service are then judged as no pod's: the
                 // backend's ingress still applies, and a pod's own flows to a frontend drop
                 // (nothing decides them, see `translated.rs`).
-                Err(error) => errors.push(format!("endpoint {ifindex}: cannot record the owner of {ip}: {error}")),
+                Err(error) => errors.push(format!(
+                    "endpoint {ifindex}: cannot record the owner of {ip}: {error}"
+                )),
             }
         }
         let gone: Vec<IpAddr> = self
@@ -632,7 +759,9 @@ impl Datapath {
                     changed = true;
                 }
                 // Not deferred: flows to it are judged on the frontend's address (fail closed).
-                Err(error) => errors.push(format!("Service frontend {id}: cannot write its map entry: {error}")),
+                Err(error) => errors.push(format!(
+                    "Service frontend {id}: cannot write its map entry: {error}"
+                )),
             }
         }
         let gone: Vec<FrontendKey> = self
@@ -653,27 +782,29 @@ impl Datapath {
     }
 
     fn set_frontends_installed(&mut self, installed: bool, errors: &mut Vec<String>) {
-        if let Err(error) =
-            self.settings
-                .set(SETTING_FRONTENDS_INSTALLED, u32::from(installed), 0)
+        if let Err(error) = self
+            .settings
+            .set(SETTING_FRONTENDS_INSTALLED, u32::from(installed), 0)
         {
-            errors.push(format!("SETTINGS: cannot record whether frontends are installed: {error}"));
+            errors.push(format!(
+                "SETTINGS: cannot record whether frontends are installed: {error}"
+            ));
         }
     }
 
     /// Loads the hook after translation and attaches it to this network namespace's
-    /// netfilter (POSTROUTING and LOCAL_IN, after source NAT), replacing a previous agent's.
+    /// netfilter (POSTROUTING and `LOCAL_IN`, after source NAT), replacing a previous agent's.
     /// Until it is attached no flow is deferred to it; on a kernel without netfilter BPF
     /// links (Linux < 6.4) or BTF, flows to Services are judged on the Service's address.
     pub fn attach_translation_hook(&mut self) -> Result<(), netfilter::NetfilterError> {
         let result = (|| -> Result<(), netfilter::NetfilterError> {
             let layout = netfilter::kernel_layout(Path::new("/sys/kernel/btf/vmlinux"))?;
-            self.kernel_layout
-                .set(0, layout, 0)
-                .map_err(|source| netfilter::NetfilterError::Map {
+            self.kernel_layout.set(0, layout, 0).map_err(|source| {
+                netfilter::NetfilterError::Map {
                     name: "KERNEL_LAYOUT".into(),
                     source,
-                })?;
+                }
+            })?;
             let program = netfilter::load(PROGRAMS, &self.layout.maps(), &self.ebpf)?;
             netfilter::attach(&program, &self.layout.links())?;
             Ok(())
@@ -732,7 +863,10 @@ impl Datapath {
     }
 
     fn install_policy(&mut self, id: PolicyId, compiled: &CompiledPolicy) -> Result<(), String> {
-        let mut installed = InstalledPolicy::default();
+        let mut installed = InstalledPolicy {
+            content: compiled.clone(),
+            ..InstalledPolicy::default()
+        };
         let mut failure = None;
         for (prefix, class) in &compiled.cidrs {
             let policy = id.to_be_bytes();
@@ -793,6 +927,54 @@ impl Datapath {
                 Err(message)
             }
         }
+    }
+
+    /// Makes installed policy `id` hold `compiled`, which the compiler gave the same id because
+    /// its shape is the same (see `Compiler::adopt_pinned_policies`): only the rule ids of
+    /// entries differ, and each differing value is overwritten in place (one atomic update
+    /// per entry, the verdict unchanged). Returns whether anything was written.
+    fn rewrite_policy(
+        &mut self,
+        id: PolicyId,
+        compiled: &CompiledPolicy,
+        errors: &mut Vec<String>,
+    ) -> bool {
+        let Some(installed) = self.installed_policies.get_mut(&id) else {
+            return false;
+        };
+        if installed.content.entries.keys().ne(compiled.entries.keys())
+            || installed.content.cidrs != compiled.cidrs
+        {
+            errors.push(format!(
+                "policy {id}: the compiler reused a pinned id for other content; reinstalling it"
+            ));
+            self.remove_policy(id);
+            if let Err(message) = self.install_policy(id, compiled) {
+                errors.push(message);
+            }
+            return true;
+        }
+        let mut changed = false;
+        for (entry, rule) in &compiled.entries {
+            if installed.content.entries.get(entry) == Some(rule) {
+                continue;
+            }
+            let (prefix_len, data) = entry.key(id);
+            match self
+                .policy
+                .insert(&Key::new(prefix_len, data), PolicyEntry { rule: *rule }, 0)
+            {
+                Ok(()) => {
+                    installed.content.entries.insert(*entry, *rule);
+                    changed = true;
+                }
+                // The entry still allows; only its attribution is stale.
+                Err(error) => errors.push(format!(
+                    "policy {id}: cannot rewrite the rule of an entry: {error}"
+                )),
+            }
+        }
+        changed
     }
 
     fn remove_policy(&mut self, id: PolicyId) {
@@ -857,6 +1039,10 @@ impl Datapath {
                 hook.program()
             )
         };
+        #[cfg(feature = "test-support")]
+        if self.faults.attach_fails() {
+            return Err(describe(&"injected failure (test-support)"));
+        }
 
         if let Ok(pinned) = PinnedLink::from_pin(&pin) {
             let link = SchedClassifierLink::try_from(FdLink::from(pinned))
@@ -911,9 +1097,19 @@ impl Datapath {
         }
     }
 
-    /// Takes over links a previous agent pinned for interfaces that still exist, swapping in
-    /// this agent's programs; removes pins of interfaces that are gone.
-    pub fn adopt_links(&mut self, network: &NodeNetwork) {
+    /// Takes over the links a previous agent pinned for the endpoints in `desired`, swapping in
+    /// this agent's programs (each swap is atomic, `bpf_link_update`), except where the
+    /// endpoint's entry is `unwritten`; removes the pins of interfaces that enforce nothing
+    /// now. Runs at the end of an apply (in effect the first, or the first that wrote the
+    /// endpoint's entry): the new programs may read maps this agent created afresh (an upgrade
+    /// that replaced a pinned map), so they replace the old ones only once every map is
+    /// filled. Until then the old programs keep enforcing with the maps they were loaded with.
+    fn adopt_links(
+        &mut self,
+        desired: &BTreeMap<u32, DesiredEndpoint>,
+        unwritten: &BTreeSet<u32>,
+        report: &mut ApplyReport,
+    ) {
         let Ok(entries) = fs::read_dir(self.layout.links()) else {
             return;
         };
@@ -922,19 +1118,39 @@ impl Datapath {
             let Some((ifindex, hook)) = Hook::from_pin_name(&name) else {
                 continue;
             };
-            match network.interfaces.get(&ifindex) {
-                Some(interface) if interface.is_veth => {
-                    let interface = interface.name.clone();
+            if self.attached.contains(&(ifindex, hook)) || unwritten.contains(&ifindex) {
+                continue;
+            }
+            match desired.get(&ifindex) {
+                Some(endpoint) => {
+                    let interface = endpoint.interface.clone();
                     match self.attach(ifindex, &interface, hook) {
                         Ok(()) => {
                             self.attached.insert((ifindex, hook));
                         }
-                        Err(message) => warn!(%message, "cannot adopt pinned link"),
+                        Err(message) => {
+                            warn!(%message, "cannot adopt pinned link");
+                            report.errors.push(message);
+                        }
                     }
                 }
-                _ => {
+                None => {
                     let _ = fs::remove_file(entry.path());
                 }
+            }
+        }
+        // A link that could not be taken over: retried by the next apply as a new attach.
+        for endpoint in &mut report.endpoints {
+            let adopted = Hook::ALL
+                .iter()
+                .all(|hook| self.attached.contains(&(endpoint.ifindex, *hook)));
+            if endpoint.attached && !adopted {
+                endpoint.attached = false;
+                report.unenforced.push(UnenforcedEndpoint {
+                    pod: endpoint.pod.clone(),
+                    interface: Some(endpoint.interface.clone()),
+                    reason: Unenforced::AttachFailed,
+                });
             }
         }
     }
@@ -943,6 +1159,12 @@ impl Datapath {
     /// reads it on its own task.
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// Makes the next kernel calls of each kind fail (tests of the agent's retries).
+    #[cfg(feature = "test-support")]
+    pub fn inject_faults(&mut self, faults: faults::Faults) {
+        self.faults = faults;
     }
 
     /// Keeps the programs unattached: maps are written as usual and the programs can be run on
@@ -1150,6 +1372,11 @@ fn desired_endpoints(
         known_ips.extend(endpoint.ips.iter().copied());
         let Some(interface) = endpoint.ips.iter().find_map(|ip| network.veth_for(*ip)) else {
             report.pending.push(endpoint.pod.to_string());
+            report.unenforced.push(UnenforcedEndpoint {
+                pod: Some(endpoint.pod.to_string()),
+                interface: None,
+                reason: Unenforced::InterfaceMissing,
+            });
             continue;
         };
         let value = Endpoint {

@@ -1,8 +1,9 @@
 //! The node agent: source -> compiler -> datapath, again whenever the input or the node's
 //! network changes.
 //!
-//! The loop never sleeps: it waits for a file-system event, a netlink notification or a signal,
-//! takes whatever else is already queued, and applies once for all of it.
+//! The loop never sleeps: it waits for a file-system event, a netlink notification, a signal
+//! or, while a local pod is left unenforced, the retry timer (`retry.rs`), takes whatever else
+//! is already queued, and applies once for all of it.
 
 use std::{
     path::PathBuf,
@@ -28,7 +29,8 @@ use crate::{
     identity::{self, IdentityWiring},
     input::Input,
     metrics::{Applied, Metrics},
-    status::{self, EndpointStatus, Status, Verdicts},
+    retry::Retry,
+    status::{self, EndpointStatus, Status, UnenforcedStatus, Verdicts},
 };
 
 /// `netwarden agent`.
@@ -114,13 +116,14 @@ struct Agent<'a> {
 
 /// Compiles the current input for `network`, applies it and writes the status file.
 /// `change_seen` is when the agent woke for the change being applied (`None` at startup).
+/// Returns how many local pods are left unenforced.
 fn apply(
     agent: &mut Agent<'_>,
     input: &mut Input,
     network: &NodeNetwork,
     generation: u64,
     change_seen: Option<Instant>,
-) {
+) -> usize {
     let Agent {
         compiler,
         datapath,
@@ -168,6 +171,15 @@ fn apply(
             })
             .collect(),
         pending: report.pending.clone(),
+        unenforced: report
+            .unenforced
+            .iter()
+            .map(|endpoint| UnenforcedStatus {
+                pod: endpoint.pod.clone(),
+                interface: endpoint.interface.clone(),
+                reason: endpoint.reason.label().to_owned(),
+            })
+            .collect(),
         errors,
         verdicts: Verdicts::from_counters(&datapath.verdicts()),
         identity_checks: identity.counts(),
@@ -192,9 +204,27 @@ fn apply(
         policies = state.policies.len(),
         identities = state.identities.len(),
         changed = report.changed,
+        unenforced = report.unenforced.len(),
         elapsed_us = started.elapsed().as_micros(),
         "applied"
     );
+    report.unenforced.len()
+}
+
+/// After an apply: ready only once every local pod is enforced, and a retry scheduled while
+/// one is not.
+fn settle(unenforced: usize, ready: &health::Readiness, retry: &mut Retry) {
+    ready.store(unenforced == 0, std::sync::atomic::Ordering::Release);
+    retry.after_apply(unenforced);
+    if let Some(deadline) = retry.deadline() {
+        let retry_in_ms = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .as_millis();
+        warn!(
+            unenforced,
+            retry_in_ms, "local pods not enforced; not ready, retrying"
+        );
+    }
 }
 
 /// Sweeps the pinned conntrack table for idle flows on a thread of its own, for as long as the
@@ -326,6 +356,44 @@ fn release_freed_memory() {
     }
 }
 
+/// What `/metrics` reads at every scrape. Without the verdict counters the other metrics are
+/// still worth serving.
+fn scrape_sources(datapath: &Datapath, identity: &IdentityWiring) -> health::ScrapeSources {
+    let verdicts = datapath
+        .verdict_counters()
+        .inspect_err(|error| error!(%error, "verdict counters will not be exported"))
+        .ok()
+        .map(Arc::new);
+    health::ScrapeSources {
+        verdicts,
+        identity_checks: identity.decision_counts(),
+    }
+}
+
+/// Attaches the hook after translation unless told not to, saying what flows to Services are
+/// judged on.
+fn attach_translation_hook(options: &AgentOptions, datapath: &mut Datapath) {
+    // The agent runs in the node's network namespace: the hook goes on its netfilter.
+    match if options.no_translation_hook {
+        Ok(())
+    } else {
+        datapath.attach_translation_hook()
+    } {
+        Ok(()) if options.no_translation_hook => {
+            warn!(
+                "hook after translation not attached (--no-translation-hook): flows to Services are judged on the Service's address"
+            );
+        }
+        Ok(()) => info!(
+            "hook after translation attached: flows to Services are decided on the pods they reach"
+        ),
+        Err(error) => warn!(
+            %error,
+            "hook after translation not attached: flows to Services are judged on the Service's address"
+        ),
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
 /// links are pinned, and the next agent adopts them.
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
@@ -341,21 +409,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     datapath
         .set_allow_event_period(options.allow_events)
         .context("setting the allow-event period")?;
-    // The agent runs in the node's network namespace: the hook goes on its netfilter.
-    match if options.no_translation_hook {
-        Ok(())
-    } else {
-        datapath.attach_translation_hook()
-    } {
-        Ok(()) if options.no_translation_hook => {
-            warn!("hook after translation not attached (--no-translation-hook): flows to Services are judged on the Service's address");
-        }
-        Ok(()) => info!("hook after translation attached: flows to Services are decided on the pods they reach"),
-        Err(error) => warn!(
-            %error,
-            "hook after translation not attached: flows to Services are judged on the Service's address"
-        ),
-    }
+    attach_translation_hook(&options, &mut datapath);
     let attribution = SharedAttribution::default();
     if let Some(ring) = datapath.take_events() {
         events::spawn_reader(ring, attribution.clone());
@@ -363,21 +417,14 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let identity = IdentityWiring::start(&options.identity, &mut datapath).await?;
     let mut compiler = Compiler::new(options.node.clone());
     compiler.resume(inherited.identities, inherited.highest_policy_id);
+    // Unchanged policies keep their pinned ids: the first apply rewrites none of them.
+    compiler.adopt_pinned_policies(inherited.policies);
     let metrics = Arc::new(Metrics::new());
     spawn_conntrack_sweeper(&options, Arc::clone(&metrics))?;
 
     let ready = health::Readiness::default();
     if let Some(address) = options.metrics_address {
-        // Without the counters the other metrics are still worth serving.
-        let verdicts = datapath
-            .verdict_counters()
-            .inspect_err(|error| error!(%error, "verdict counters will not be exported"))
-            .ok()
-            .map(Arc::new);
-        let sources = health::ScrapeSources {
-            verdicts,
-            identity_checks: identity.decision_counts(),
-        };
+        let sources = scrape_sources(&datapath, &identity);
         health::serve(address, ready.clone(), Arc::clone(&metrics), sources).await?;
     }
     let mut netlink = Netlink::open().context("opening netlink")?;
@@ -388,14 +435,15 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
 
-    let network = netlink.read().await.context("reading the node's network")?;
-    datapath.adopt_links(&network);
+    // Links a previous agent pinned are taken over at the end of the first apply, once this
+    // agent's maps are filled (`Datapath::apply`): its programs never run on empty maps.
 
     info!(node = %options.node, input = %input.describe(), "agent started");
     let mut generation = 0_u64;
     let mut last_network = None;
     let mut input_changed = true;
     let mut change_seen = None;
+    let mut retry = Retry::default();
     loop {
         // A failed read skips this round: applying an empty network would detach every
         // endpoint. The maps keep enforcing; the next notification retries.
@@ -423,7 +471,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 metrics: &metrics,
                 identity: &identity,
             };
-            apply(
+            let unenforced = apply(
                 &mut agent,
                 &mut input,
                 &network,
@@ -431,16 +479,23 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 change_seen.take(),
             );
             last_network = Some(network);
-            ready.store(true, std::sync::atomic::Ordering::Release);
+            settle(unenforced, &ready, &mut retry);
         }
 
+        let mut retrying = false;
         tokio::select! {
             () = input.changed() => input_changed = true,
+            // A pod left unenforced: apply again although nothing changed.
+            () = retry.due() => {
+                last_network = None;
+                retrying = true;
+            }
             Some(()) = netlink.changes.next() => {}
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
-        change_seen = Some(Instant::now());
+        // A retry is no change: it has no apply latency.
+        change_seen = (!retrying).then(Instant::now);
         metrics.observe_watch_restarts(input.watch_restarts());
         // Coalesce whatever else is already queued into this one apply.
         if input.drain() {
@@ -461,7 +516,79 @@ mod tests {
     use netwarden_model::{ManifestDir, PolicyRef};
     use netwarden_policy::Compiler;
 
-    use super::over_capacity;
+    use super::{over_capacity, settle};
+    use crate::{health::Readiness, retry::Retry};
+
+    /// A pod whose attachment fails is retried by the timer alone, 100 ms then 200 ms later,
+    /// and the agent is unready until it is enforced. Needs root (it loads and attaches
+    /// programs, on the loopback of a network namespace of the test's own).
+    #[test]
+    fn a_failed_attach_is_retried_with_backoff_and_the_agent_is_unready_meanwhile() {
+        use std::sync::atomic::Ordering;
+
+        use netwarden_datapath::{Capacity, Datapath, faults::Faults, netlink::NodeNetwork};
+        use tokio::time::Instant;
+
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading eBPF programs needs root");
+            return;
+        }
+        let bpffs = tempfile::tempdir().unwrap();
+        let root = bpffs.path().to_owned();
+        let outcome = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("a network namespace of the test's own");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let (mut datapath, _) = Datapath::open(&root, &Capacity::default()).unwrap();
+                let (cluster, errors) = netwarden_model::cluster_of_stream(
+                    "cluster.yaml",
+                    "\
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x}
+spec: {nodeName: node-1, containers: [{name: c}]}
+status: {podIP: 10.0.0.1}
+",
+                );
+                assert!(errors.is_empty(), "{errors:?}");
+                let mut compiler = Compiler::new("node-1");
+                let state = compiler.sync(cluster).clone();
+                let network = NodeNetwork::behind_loopback(&["10.0.0.1".parse().unwrap()]);
+                // Both hooks fail at the first apply, one at the second.
+                datapath.inject_faults(Faults {
+                    attaches: 3,
+                    ..Faults::default()
+                });
+                let ready = Readiness::default();
+                let mut retry = Retry::default();
+                let mut waits = Vec::new();
+                let mut readiness = Vec::new();
+                loop {
+                    let report = datapath.apply(&state, &network);
+                    settle(report.unenforced.len(), &ready, &mut retry);
+                    readiness.push(ready.load(Ordering::Acquire));
+                    if retry.deadline().is_none() {
+                        break;
+                    }
+                    let started = Instant::now();
+                    retry.due().await;
+                    waits.push(started.elapsed().as_millis());
+                }
+                (waits, readiness)
+            })
+        })
+        .join();
+        let _ = nix::mount::umount2(bpffs.path(), nix::mount::MntFlags::MNT_DETACH);
+        let (waits, readiness) = outcome.expect("the test thread");
+        assert_eq!(waits, [100, 200]);
+        assert_eq!(readiness, [false, false, true]);
+    }
 
     #[test]
     fn a_policy_that_does_not_fit_names_each_policy_isolating_the_locked_direction() {

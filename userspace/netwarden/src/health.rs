@@ -1,8 +1,10 @@
 //! The agent's HTTP endpoint on `--metrics-address`: `/healthz` and `/readyz` for the kubelet's
 //! probes, `/metrics` for Prometheus.
 //!
-//! Ready means the agent has applied the cluster once (after the initial sync of its caches);
-//! healthy means its loop is running. A request is one line read and one response written:
+//! Ready means the agent has applied the cluster (after the initial sync of its caches) and
+//! every local pod is enforced: a pod whose programs did not attach, whose map entry was not
+//! written or whose interface is not found yet keeps it unready until a retry succeeds.
+//! Healthy means its loop is running. A request is one line read and one response written:
 //! nothing here needs an HTTP framework.
 
 use std::{
@@ -24,7 +26,7 @@ use tracing::info;
 
 use crate::metrics::{self, Metrics};
 
-/// Set once the first apply is done.
+/// Set after an apply that left no local pod unenforced; cleared after one that did.
 pub type Readiness = Arc<AtomicBool>;
 
 /// Totals kept elsewhere that `/metrics` reads at every scrape.
@@ -92,7 +94,7 @@ fn spawn(listener: TcpListener, ready: Readiness, metrics: Arc<Metrics>, sources
                     "/readyz" => (
                         "503 Service Unavailable",
                         text_plain,
-                        "not applied yet\n".to_owned(),
+                        "not applied yet, or a local pod is not enforced\n".to_owned(),
                     ),
                     "/metrics" => {
                         sources.observe(&metrics);

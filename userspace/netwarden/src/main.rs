@@ -11,6 +11,7 @@ mod health;
 mod identity;
 mod input;
 mod metrics;
+mod retry;
 mod status;
 
 use std::path::PathBuf;

@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
 
 use netwarden_common::{counter, direction};
 use netwarden_datapath::{
-    ApplyReport, MapUsage,
+    ApplyReport, MapUsage, Unenforced,
     conntrack::{SweepReport, TABLE_V4, TABLE_V6},
 };
 use netwarden_identity::CUT_RATE_LIMITED;
@@ -31,6 +31,12 @@ use prometheus_client::{
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
+}
+
+/// Why a local pod is not enforced ([`Unenforced::label`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnenforcedLabels {
+    reason: &'static str,
 }
 
 /// A datapath map, by its pinned name.
@@ -111,6 +117,7 @@ pub struct Metrics {
     identities: Gauge,
     endpoints: Family<StateLabels, Gauge>,
     endpoints_locked_down: Gauge,
+    endpoints_unenforced: Family<UnenforcedLabels, Gauge>,
     pending_pods: Gauge,
     input_errors: Gauge,
     map_entries: Family<MapLabels, Gauge>,
@@ -162,6 +169,11 @@ impl Metrics {
                 r,
                 "endpoints_locked_down",
                 "Local endpoints denying all but node traffic because their policy does not fit the maps",
+            ),
+            endpoints_unenforced: registered(
+                r,
+                "endpoints_unenforced",
+                "Local pods not enforced, by reason (attach_failed, map_write_failed, interface_missing); retried with backoff, and /readyz fails while any is",
             ),
             pending_pods: registered(
                 r,
@@ -250,6 +262,11 @@ impl Metrics {
         for state in ENDPOINT_STATES {
             drop(self.endpoints.get_or_create(&StateLabels { state }));
         }
+        for reason in Unenforced::ALL {
+            drop(self.endpoints_unenforced.get_or_create(&UnenforcedLabels {
+                reason: reason.label(),
+            }));
+        }
     }
 
     /// Records what an apply produced.
@@ -278,6 +295,18 @@ impl Metrics {
             if state_name == "locked" {
                 self.endpoints_locked_down.set(gauge_value(count));
             }
+        }
+        for reason in Unenforced::ALL {
+            let count = report
+                .unenforced
+                .iter()
+                .filter(|endpoint| endpoint.reason == reason)
+                .count();
+            self.endpoints_unenforced
+                .get_or_create(&UnenforcedLabels {
+                    reason: reason.label(),
+                })
+                .set(gauge_value(count));
         }
         self.pending_pods.set(gauge_value(report.pending.len()));
         self.input_errors.set(gauge_value(*input_errors));
@@ -395,7 +424,9 @@ mod tests {
     use std::{net::IpAddr, time::Duration};
 
     use netwarden_common::{counter, direction};
-    use netwarden_datapath::{ApplyReport, EndpointReport, MapUsage};
+    use netwarden_datapath::{
+        ApplyReport, EndpointReport, MapUsage, Unenforced, UnenforcedEndpoint,
+    };
     use netwarden_policy::{Compiler, DatapathState};
 
     use super::{Applied, Metrics};
@@ -462,6 +493,45 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         let mut compiler = Compiler::new("node-1");
         compiler.set_node_addresses(&["172.18.0.2".parse::<IpAddr>().unwrap()]);
         (policies, compiler.sync(cluster).clone())
+    }
+
+    #[test]
+    fn unenforced_pods_are_counted_by_reason() {
+        let (policies, state) = compiled();
+        let report = ApplyReport {
+            unenforced: vec![
+                UnenforcedEndpoint {
+                    pod: Some("x/c".into()),
+                    interface: None,
+                    reason: Unenforced::InterfaceMissing,
+                },
+                UnenforcedEndpoint {
+                    pod: Some("x/a".into()),
+                    interface: Some("veth-a".into()),
+                    reason: Unenforced::AttachFailed,
+                },
+            ],
+            ..ApplyReport::default()
+        };
+        let metrics = Metrics::new();
+        let series =
+            |reason: &str| format!(r#"netwarden_endpoints_unenforced{{reason="{reason}"}}"#);
+        // Every reason is a series from the start.
+        for reason in Unenforced::ALL {
+            assert_eq!(value(&metrics.render(), &series(reason.label())), "0");
+        }
+        metrics.observe_apply(&Applied {
+            policies,
+            input_errors: 0,
+            state: &state,
+            report: &report,
+            maps: &[],
+            latency: None,
+        });
+        let text = metrics.render();
+        assert_eq!(value(&text, &series("attach_failed")), "1");
+        assert_eq!(value(&text, &series("map_write_failed")), "0");
+        assert_eq!(value(&text, &series("interface_missing")), "1");
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct Status {
     pub endpoints: Vec<EndpointStatus>,
     /// Local pods whose interface has not been found yet.
     pub pending: Vec<String>,
+    /// Local pods not enforced, with why; the agent retries them with backoff.
+    #[serde(default)]
+    pub unenforced: Vec<UnenforcedStatus>,
     /// Problems with the input or the datapath, each naming its object.
     pub errors: Vec<String>,
     /// Datapath verdict counters since the maps were created.
@@ -49,6 +52,18 @@ pub struct EndpointStatus {
     pub state: String,
     /// Whether both programs are attached.
     pub attached: bool,
+}
+
+/// A local pod the datapath does not enforce on.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UnenforcedStatus {
+    /// `namespace/name`, or null for a pod veth with no known pod yet.
+    pub pod: Option<String>,
+    /// The host-side veth, if one was found.
+    pub interface: Option<String>,
+    /// `attach_failed`, `map_write_failed` or `interface_missing`
+    /// (`netwarden_datapath::Unenforced::label`).
+    pub reason: String,
 }
 
 /// Datapath verdict counters, both directions added up, by their label in
@@ -122,6 +137,13 @@ pub fn print(path: &Path, json: bool) -> anyhow::Result<()> {
     }
     for pod in &status.pending {
         println!("{pod:<32} (no route to its IP through a veth yet)");
+    }
+    for endpoint in &status.unenforced {
+        println!(
+            "{:<32} not enforced: {} (retrying)",
+            endpoint.pod.as_deref().unwrap_or("<unknown pod>"),
+            endpoint.reason
+        );
     }
     for error in &status.errors {
         println!("error: {error}");

@@ -1,0 +1,39 @@
+//! Failures a test can inject into the datapath's kernel calls (feature `test-support`), so the
+//! agent's retries can be tested without a kernel that misbehaves. Not part of the production
+//! API: the feature is enabled only by this crate's own tests and the agent's.
+
+use std::io;
+
+use aya::{maps::MapError, sys::SyscallError};
+
+/// How many of the next calls of each kind fail.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Program attachments (one per hook of an endpoint).
+    pub attaches: u32,
+    /// `ENDPOINTS` writes.
+    pub endpoint_writes: u32,
+}
+
+impl Faults {
+    /// Whether the next attachment fails (and counts it).
+    pub(crate) fn attach_fails(&mut self) -> bool {
+        take(&mut self.attaches)
+    }
+
+    /// The error of the next `ENDPOINTS` write, if it fails (and counts it).
+    pub(crate) fn endpoint_write_error(&mut self) -> Option<MapError> {
+        take(&mut self.endpoint_writes).then(|| {
+            MapError::SyscallError(SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: io::Error::from_raw_os_error(libc::ENOMEM),
+            })
+        })
+    }
+}
+
+fn take(remaining: &mut u32) -> bool {
+    let fails = *remaining > 0;
+    *remaining = remaining.saturating_sub(1);
+    fails
+}

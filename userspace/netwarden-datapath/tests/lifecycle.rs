@@ -1,0 +1,302 @@
+//! The datapath across failures and restarts: an endpoint whose attachment or map entry
+//! failed is reported unenforced and taken up by the next apply.
+//!
+//! Needs root; skipped with a message otherwise. Programs are attached to the loopback of a
+//! network namespace of the test's own, never to the namespace the tests run in.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use netwarden_datapath::{Capacity, Datapath, Unenforced, faults::Faults};
+use netwarden_policy::Compiler;
+
+use crate::common::PrivateBpffs;
+
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+
+const MANIFESTS: &str = r"
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: x, labels: {app: server}}
+spec: {nodeName: node-1, containers: [{name: c}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress: [{ports: [{port: 80}]}]
+";
+
+/// Runs `test` on a thread of its own in a new network namespace.
+fn in_new_netns(test: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("a network namespace of the test's own");
+        test();
+    })
+    .join()
+    .expect("the test thread");
+}
+
+fn reasons(report: &netwarden_datapath::ApplyReport) -> Vec<Unenforced> {
+    report
+        .unenforced
+        .iter()
+        .map(|endpoint| endpoint.reason)
+        .collect()
+}
+
+#[test]
+fn a_failed_attach_or_endpoint_write_is_reported_and_the_next_apply_takes_it_up() {
+    let Some(bpffs) = PrivateBpffs::new() else {
+        return;
+    };
+    let root = bpffs.path().to_owned();
+    in_new_netns(move || {
+        let (mut datapath, _) = Datapath::open(&root, &Capacity::default()).expect("datapath");
+        let mut compiler = Compiler::new("node-1");
+        let state = compiler.sync(common::cluster_from(MANIFESTS)).clone();
+        let network = common::loopback_node(&[IpAddr::V4(SERVER)]);
+
+        datapath.inject_faults(Faults {
+            endpoint_writes: 1,
+            ..Faults::default()
+        });
+        let report = datapath.apply(&state, &network);
+        assert_eq!(reasons(&report), [Unenforced::MapWriteFailed], "{report:?}");
+        assert_eq!(
+            report.unenforced[0].pod.as_deref(),
+            Some("x/server"),
+            "{report:?}"
+        );
+
+        datapath.inject_faults(Faults {
+            attaches: 1,
+            ..Faults::default()
+        });
+        let report = datapath.apply(&state, &network);
+        assert_eq!(reasons(&report), [Unenforced::AttachFailed], "{report:?}");
+        assert!(!report.endpoints[0].attached);
+
+        // Nothing changed in the cluster: the retry alone takes the endpoint up.
+        let report = datapath.apply(&state, &network);
+        assert!(report.unenforced.is_empty(), "{report:?}");
+        assert!(report.endpoints[0].attached, "{report:?}");
+
+        let pending = datapath.apply(&state, &common::loopback_node(&[]));
+        assert_eq!(
+            reasons(&pending),
+            [Unenforced::InterfaceMissing],
+            "{pending:?}"
+        );
+    });
+}
+
+const RESTART_MANIFESTS: &str = r"
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: x, labels: {app: server}}
+spec: {nodeName: node-1, containers: [{name: c}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: x, labels: {app: client}}
+spec: {nodeName: node-2, containers: [{name: c}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: early, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress: [{ports: [{port: 1}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: 80}, {port: 81}, {port: 82}, {protocol: UDP, port: 53}]
+  - from: [{ipBlock: {cidr: 192.168.0.0/16, except: [192.168.1.0/24]}}]
+  egress:
+  - to: [{ipBlock: {cidr: 10.0.0.0/8}}, {ipBlock: {cidr: 'fd00::/8'}}]
+";
+
+/// Every `POLICY` entry (prefix length, key, rule) and every CIDR prefix, read through the pins.
+fn pinned_content(root: &std::path::Path) -> (Vec<String>, usize) {
+    use aya::maps::{LpmTrie, Map, MapData};
+    use netwarden_common::{CidrClass, CidrKey, CidrKeyV4, PolicyEntry, PolicyKey};
+    let maps = netwarden_datapath::bpffs::PinLayout::new(root).maps();
+    let open = |name: &str| MapData::from_pin(maps.join(name)).expect("a pinned map");
+    let policy: LpmTrie<MapData, PolicyKey, PolicyEntry> =
+        LpmTrie::try_from(Map::LpmTrie(open("POLICY"))).expect("the policy trie");
+    let mut entries: Vec<String> = policy
+        .iter()
+        .map(|item| {
+            let (key, value) = item.expect("an entry");
+            format!("{}/{:?} -> {}", key.prefix_len(), key.data(), value.rule)
+        })
+        .collect();
+    entries.sort();
+    let v4: LpmTrie<MapData, CidrKeyV4, CidrClass> =
+        LpmTrie::try_from(Map::LpmTrie(open("CIDRS_V4"))).expect("the v4 trie");
+    let v6: LpmTrie<MapData, CidrKey, CidrClass> =
+        LpmTrie::try_from(Map::LpmTrie(open("CIDRS_V6"))).expect("the v6 trie");
+    let cidrs = v4.keys().count() + v6.keys().count();
+    (entries, cidrs)
+}
+
+#[test]
+fn a_restart_at_60_percent_of_the_policy_map_keeps_every_id_and_writes_nothing() {
+    let Some(bpffs) = PrivateBpffs::new() else {
+        return;
+    };
+    let root = bpffs.path();
+    let network = common::loopback_node(&[IpAddr::V4(SERVER)]);
+    // The first agent saw a policy come and go: its rule ids are not a fresh compiler's.
+    let history = common::cluster_from(RESTART_MANIFESTS);
+    let mut current = history.clone();
+    current.policies.retain(|id, _| id.name != "early");
+    let mut compiler = Compiler::new("node-1");
+    compiler.sync(history);
+    let state = compiler.sync(current.clone()).clone();
+    let entries: usize = state
+        .policies
+        .values()
+        .map(|policy| policy.entries.len())
+        .sum();
+    let capacity = Capacity {
+        // The entries fill 60% of the policy map: installing them twice would not fit.
+        policy: u32::try_from(entries * 10 / 6).expect("a small map"),
+        ..Capacity::default()
+    };
+    assert!(
+        entries >= 5,
+        "enough entries for the ratio to mean something: {entries}"
+    );
+
+    let (mut first, _) = Datapath::open(root, &capacity).expect("datapath");
+    first.detached();
+    let report = first.apply(&state, &network);
+    assert!(report.errors.is_empty(), "{report:?}");
+    drop(first);
+    let before = pinned_content(root);
+    assert_eq!(before.0.len(), entries);
+
+    let (mut second, inherited) = Datapath::open(root, &capacity).expect("datapath");
+    second.detached();
+    assert_eq!(inherited.policies.len(), state.policies.len());
+    assert_eq!(
+        inherited.policy_users.keys().collect::<Vec<_>>(),
+        state.policies.keys().collect::<Vec<_>>(),
+        "every pinned policy is in use by the endpoint"
+    );
+    let mut restarted = Compiler::new("node-1");
+    restarted.resume(inherited.identities, inherited.highest_policy_id);
+    restarted.adopt_pinned_policies(inherited.policies);
+    let report = second.apply(restarted.sync(current), &network);
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert!(report.failed_policies.is_empty(), "{report:?}");
+    assert!(
+        report
+            .endpoints
+            .iter()
+            .all(|endpoint| endpoint.state == "ready"),
+        "nothing locked down: {report:?}"
+    );
+    let after = pinned_content(root);
+    assert_eq!(before, after, "no entry changed");
+    drop(second);
+}
+
+/// The program each pinned link of the loopback runs, by pin name.
+fn linked_programs(root: &std::path::Path) -> Vec<(String, u32)> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let links = netwarden_datapath::bpffs::PinLayout::new(root).links();
+    let mut programs: Vec<(String, u32)> = std::fs::read_dir(links)
+        .expect("the links directory")
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&format!("{}-", common::IFINDEX)))
+        .map(|name| {
+            let pin = netwarden_datapath::bpffs::PinLayout::new(root)
+                .links()
+                .join(&name);
+            let link = FdLink::from(PinnedLink::from_pin(&pin).expect("a pinned link"));
+            (name, link.info().expect("link info").program_id())
+        })
+        .collect();
+    programs.sort();
+    programs
+}
+
+#[test]
+fn an_upgrade_that_rebuilds_the_policy_map_swaps_programs_in_only_once_it_is_filled() {
+    let Some(bpffs) = PrivateBpffs::new() else {
+        return;
+    };
+    let root = bpffs.path().to_owned();
+    in_new_netns(move || {
+        let mut compiler = Compiler::new("node-1");
+        let state = compiler.sync(common::cluster_from(MANIFESTS)).clone();
+        let network = common::loopback_node(&[IpAddr::V4(SERVER)]);
+        let (mut previous, _) = Datapath::open(&root, &Capacity::default()).expect("datapath");
+        let report = previous.apply(&state, &network);
+        assert!(report.unenforced.is_empty(), "{report:?}");
+        drop(previous);
+        let old = linked_programs(&root);
+        assert_eq!(old.len(), 2, "both hooks pinned: {old:?}");
+
+        // The new build's layout differs: its loader creates the policy maps afresh (as when
+        // `CIDRS` was retired), while the old programs keep the maps they were loaded with.
+        let maps = netwarden_datapath::bpffs::PinLayout::new(&root).maps();
+        for name in ["POLICY", "CIDRS_V4", "CIDRS_V6"] {
+            std::fs::remove_file(maps.join(name)).expect("unpin");
+        }
+        let (mut upgraded, inherited) =
+            Datapath::open(&root, &Capacity::default()).expect("datapath");
+        assert!(
+            inherited.policies.is_empty(),
+            "the new policy map starts empty"
+        );
+        assert_eq!(linked_programs(&root), old, "opening swaps nothing");
+        // As the agent does: its compiler continues above the ids the endpoints still use.
+        let mut compiler = Compiler::new("node-1");
+        compiler.resume(inherited.identities, inherited.highest_policy_id);
+        compiler.adopt_pinned_policies(inherited.policies);
+        let state = compiler.sync(common::cluster_from(MANIFESTS)).clone();
+
+        // The first apply cannot write the endpoint's entry: the old program stays.
+        upgraded.inject_faults(Faults {
+            endpoint_writes: 1,
+            ..Faults::default()
+        });
+        let report = upgraded.apply(&state, &network);
+        assert_eq!(reasons(&report), [Unenforced::MapWriteFailed], "{report:?}");
+        assert_eq!(
+            linked_programs(&root),
+            old,
+            "not swapped before its entry is written"
+        );
+
+        let report = upgraded.apply(&state, &network);
+        assert!(report.unenforced.is_empty(), "{report:?}");
+        assert!(report.endpoints[0].attached, "{report:?}");
+        let new = linked_programs(&root);
+        assert_eq!(new.len(), 2);
+        for ((name, old_id), (_, new_id)) in old.iter().zip(&new) {
+            assert_ne!(
+                old_id, new_id,
+                "{name}: this agent's program once the maps are filled"
+            );
+        }
+        let (entries, _) = pinned_content(&root);
+        assert!(!entries.is_empty(), "the new policy map is filled");
+    });
+}
