@@ -13,6 +13,9 @@ pub struct Faults {
     pub attaches: u32,
     /// `ENDPOINTS` writes.
     pub endpoint_writes: u32,
+    /// Attach clsact filters as on a kernel without TCX (any kernel can: netlink attachment
+    /// works where TCX exists too).
+    pub no_tcx: bool,
 }
 
 impl Faults {

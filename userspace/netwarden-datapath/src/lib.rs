@@ -36,7 +36,7 @@ use aya::{
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::{self, SchedClassifierLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use ipnet::IpNet;
@@ -90,6 +90,19 @@ impl Hook {
             .into_iter()
             .find(|hook| hook.program() == program)?;
         Some((ifindex.parse().ok()?, hook))
+    }
+}
+
+/// Where netwarden's filter sits on each hook of a pod's veth on kernels without TCX (Linux <
+/// 6.6): one fixed priority and handle, so a restarted agent replaces its predecessor's filter
+/// in place instead of adding one beside it at every start, and can find it again to remove
+/// it. Priority 1 runs before filters other tools add at the kernel's default priorities.
+#[must_use]
+pub fn clsact_placement() -> NlOptions {
+    NlOptions {
+        priority: 1,
+        handle: TcHandle::new(0, 1),
+        classid: None,
     }
 }
 
@@ -600,6 +613,15 @@ impl Datapath {
         attached
     }
 
+    /// Whether programs are attached with TCX links (else as clsact filters).
+    fn has_tcx(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        if self.faults.no_tcx {
+            return false;
+        }
+        has_tcx()
+    }
+
     /// Writes the `ENDPOINTS` entry of one interface.
     fn write_endpoint(&mut self, ifindex: u32, value: Endpoint) -> Result<(), MapError> {
         #[cfg(feature = "test-support")]
@@ -1028,6 +1050,7 @@ impl Datapath {
     /// program atomically. Falls back to a clsact qdisc on kernels without TCX.
     fn attach(&mut self, ifindex: u32, interface: &str, hook: Hook) -> Result<(), String> {
         let pin = self.layout.link(ifindex, hook.program());
+        let tcx = self.has_tcx();
         let program: &mut SchedClassifier = self
             .ebpf
             .program_mut(hook.program())
@@ -1062,13 +1085,8 @@ impl Datapath {
             }
         }
 
-        if !has_tcx() {
-            // Without TCX, a clsact filter persists on the interface by itself.
-            if let Err(error) = tc::qdisc_add_clsact(interface)
-                && !matches!(&error, tc::TcError::NetlinkError(inner) if inner.raw_os_error() == Some(libc::EEXIST))
-            {
-                return Err(describe(&error));
-            }
+        if !tcx {
+            return attach_clsact(program, interface, hook).map_err(|error| describe(&error));
         }
         let link_id = program
             .attach(interface, hook.attach_type())
@@ -1076,20 +1094,21 @@ impl Datapath {
         let link = program
             .take_link(link_id)
             .map_err(|error| describe(&error))?;
-        match FdLink::try_from(link) {
-            Ok(fd_link) => {
-                fd_link.pin(&pin).map_err(|error| describe(&error))?;
-            }
-            Err(_) => {
-                // A netlink (clsact) filter: dropping the handle would detach it, and it
-                // belongs to the interface, not to this process.
-                info!(%interface, "attached with clsact (no TCX on this kernel)");
-            }
-        }
+        let fd_link = FdLink::try_from(link).map_err(|error| describe(&error))?;
+        fd_link.pin(&pin).map_err(|error| describe(&error))?;
         Ok(())
     }
 
     fn detach(&mut self, ifindex: u32) {
+        if !self.has_tcx() {
+            // The filters outlive this process: remove netwarden's from an interface that
+            // is still there (one that is gone took its filters along).
+            if let Some(interface) = interface_name(ifindex) {
+                for hook in Hook::ALL {
+                    detach_clsact(&interface, hook);
+                }
+            }
+        }
         for hook in Hook::ALL {
             // Unpinning drops the last reference to the TCX link, which detaches it.
             let _ = fs::remove_file(self.layout.link(ifindex, hook.program()));
@@ -1453,6 +1472,70 @@ fn insert_prefix<K: aya::Pod>(
     trie.insert(&key, class, 0)?;
     installed.push(key);
     Ok(())
+}
+
+/// Attaches `program` as netwarden's clsact filter on `hook` of `interface` (see
+/// [`clsact_placement`]): replaces the one a previous agent left there, or adds it. The filter
+/// belongs to the interface, not to this process.
+fn attach_clsact(
+    program: &mut SchedClassifier,
+    interface: &str,
+    hook: Hook,
+) -> Result<(), ProgramError> {
+    if let Err(error) = tc::qdisc_add_clsact(interface)
+        && !matches!(&error, tc::TcError::NetlinkError(inner) if inner.raw_os_error() == Some(libc::EEXIST))
+    {
+        return Err(error.into());
+    }
+    let placement = clsact_placement();
+    let existing = SchedClassifierLink::attached(
+        interface,
+        hook.attach_type(),
+        placement.priority,
+        placement.handle,
+        placement.classid,
+    )
+    .map_err(tc::TcError::IoError)?;
+    // A replace (no NLM_F_CREATE) fails when no filter is there yet: then add it.
+    let link_id = match program.attach_to_link(existing) {
+        Ok(link_id) => link_id,
+        Err(_) => program.attach_with_options(
+            interface,
+            hook.attach_type(),
+            TcAttachOptions::Netlink(placement),
+        )?,
+    };
+    let link = program.take_link(link_id)?;
+    // Dropping the handle would detach the filter, which must outlive the agent.
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Removes netwarden's clsact filter from `hook` of `interface`, if it is there.
+fn detach_clsact(interface: &str, hook: Hook) {
+    let placement = clsact_placement();
+    if let Ok(link) = SchedClassifierLink::attached(
+        interface,
+        hook.attach_type(),
+        placement.priority,
+        placement.handle,
+        placement.classid,
+    ) {
+        // Dropping a link detaches it.
+        drop(link);
+    }
+}
+
+/// The name of interface `ifindex`, if it exists.
+fn interface_name(ifindex: u32) -> Option<String> {
+    let mut name = [0_u8; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes if_indextoname may write, NUL included.
+    let found = unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr().cast()) };
+    if found.is_null() {
+        return None;
+    }
+    let len = name.iter().position(|byte| *byte == 0)?;
+    String::from_utf8(name[..len].to_vec()).ok()
 }
 
 /// TCX arrived in Linux 6.6.

@@ -300,3 +300,76 @@ fn an_upgrade_that_rebuilds_the_policy_map_swaps_programs_in_only_once_it_is_fil
         assert!(!entries.is_empty(), "the new policy map is filled");
     });
 }
+
+/// netwarden's filters on the loopback's `direction` (`ingress` or `egress`) as `tc` lists them.
+fn clsact_filters(direction: &str) -> Vec<String> {
+    let output = std::process::Command::new("tc")
+        .args(["filter", "show", "dev", "lo", direction])
+        .output()
+        .expect("tc runs");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains("_container"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn without_tcx_a_restart_replaces_its_clsact_filters_and_a_gone_endpoint_loses_them() {
+    let Some(bpffs) = PrivateBpffs::new() else {
+        return;
+    };
+    let root = bpffs.path().to_owned();
+    in_new_netns(move || {
+        let placement = netwarden_datapath::clsact_placement();
+        assert_eq!((placement.priority, u32::from(placement.handle)), (1, 1));
+        let mut compiler = Compiler::new("node-1");
+        let state = compiler.sync(common::cluster_from(MANIFESTS)).clone();
+        let network = common::loopback_node(&[IpAddr::V4(SERVER)]);
+        let no_tcx = Faults {
+            no_tcx: true,
+            ..Faults::default()
+        };
+        let mut filters = Vec::new();
+        for _ in 0..2 {
+            let (mut datapath, _) = Datapath::open(&root, &Capacity::default()).expect("datapath");
+            datapath.inject_faults(no_tcx.clone());
+            let report = datapath.apply(&state, &network);
+            assert!(report.unenforced.is_empty(), "{report:?}");
+            assert!(report.endpoints[0].attached, "{report:?}");
+            drop(datapath);
+            let now = [clsact_filters("ingress"), clsact_filters("egress")];
+            for (direction, lines) in ["ingress", "egress"].iter().zip(&now) {
+                let [line] = lines.as_slice() else {
+                    panic!("one netwarden filter on {direction}: {lines:?}");
+                };
+                assert!(
+                    line.contains("pref 1 ") && line.contains("handle 0x1 "),
+                    "{line}"
+                );
+            }
+            filters.push(now);
+        }
+        assert_ne!(
+            filters[0], filters[1],
+            "the restarted agent's programs replaced the first's"
+        );
+
+        // The endpoint goes (its interface stays): its filters go with it.
+        let (mut datapath, _) = Datapath::open(&root, &Capacity::default()).expect("datapath");
+        datapath.inject_faults(no_tcx);
+        datapath.apply(&state, &network);
+        datapath.apply(&state, &common::loopback_node(&[]));
+        assert!(
+            clsact_filters("ingress").is_empty(),
+            "{:?}",
+            clsact_filters("ingress")
+        );
+        assert!(
+            clsact_filters("egress").is_empty(),
+            "{:?}",
+            clsact_filters("egress")
+        );
+    });
+}
