@@ -373,3 +373,46 @@ fn without_tcx_a_restart_replaces_its_clsact_filters_and_a_gone_endpoint_loses_t
         );
     });
 }
+
+#[test]
+fn a_pinned_policy_numbered_by_an_older_build_keeps_its_keys_and_gets_its_rules_rewritten() {
+    let Some(bpffs) = PrivateBpffs::new() else {
+        return;
+    };
+    let root = bpffs.path();
+    let network = common::loopback_node(&[IpAddr::V4(SERVER)]);
+    let current = common::cluster_from(RESTART_MANIFESTS);
+    let state = Compiler::new("node-1").sync(current.clone()).clone();
+    // An older build numbered rules in the order it met them.
+    let mut older = state.clone();
+    for policy in older.policies.values_mut() {
+        for rule in policy.entries.values_mut() {
+            *rule = rule.wrapping_add(1);
+        }
+    }
+    let (mut first, _) = Datapath::open(root, &Capacity::default()).expect("datapath");
+    first.detached();
+    assert!(first.apply(&older, &network).errors.is_empty());
+    drop(first);
+    let keys = |content: &(Vec<String>, usize)| -> Vec<String> {
+        content
+            .0
+            .iter()
+            .map(|entry| entry.split(" -> ").next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let before = pinned_content(root);
+
+    let (mut second, inherited) = Datapath::open(root, &Capacity::default()).expect("datapath");
+    second.detached();
+    let mut restarted = Compiler::new("node-1");
+    restarted.resume(inherited.identities, inherited.highest_policy_id);
+    restarted.adopt_pinned_policies(inherited.policies);
+    let report = second.apply(restarted.sync(current), &network);
+    assert!(report.errors.is_empty(), "{report:?}");
+    let after = pinned_content(root);
+    assert_eq!(keys(&after), keys(&before), "no key added or removed");
+    assert_eq!(after.1, before.1, "the same prefixes");
+    assert_ne!(after.0, before.0, "the rule ids are the compiler's now");
+    drop(second);
+}
