@@ -579,6 +579,7 @@ impl Datapath {
 
         report.changed |= self.sync_frontends(state, &mut report.errors);
         self.sync_identities(state);
+        self.attach_translation_hook_if_due(state, &mut report);
         if report.changed {
             self.bump_epoch(&mut report.errors);
         }
@@ -757,7 +758,13 @@ impl Datapath {
     /// after translation is attached; with no hook there are none, so nothing is deferred to a
     /// hook that is not there and flows to a Service are judged on its address (fail closed).
     fn sync_frontends(&mut self, state: &DatapathState, errors: &mut Vec<String>) -> bool {
-        let wanted: BTreeMap<FrontendKey, u32> = if self.translation == TranslationHook::Attached {
+        let deciding = match self.translation {
+            TranslationHook::Attached => true,
+            // A previous agent's hook still decides the flows deferred to it.
+            TranslationHook::AfterFill => self.previous_hook_pinned(),
+            TranslationHook::Off | TranslationHook::Failed(_) => false,
+        };
+        let wanted: BTreeMap<FrontendKey, u32> = if deciding {
             state
                 .service_frontends
                 .iter()
@@ -836,6 +843,40 @@ impl Datapath {
             Err(error) => TranslationHook::Failed(error.to_string()),
         };
         result
+    }
+
+    /// Attaches the hook after translation (see [`Datapath::attach_translation_hook`]) at the end
+    /// of the next apply, once every map it reads is written: an upgrade whose loader created
+    /// a map afresh never lets the new hook decide on an empty map. A previous agent's hook
+    /// keeps deciding, with the maps it was loaded with, until then.
+    pub fn attach_translation_hook_after_fill(&mut self) {
+        self.translation = TranslationHook::AfterFill;
+    }
+
+    /// Attaches the hook after translation if it waited for the maps to be filled (they are),
+    /// and writes or clears the frontends as it now stands.
+    fn attach_translation_hook_if_due(&mut self, state: &DatapathState, report: &mut ApplyReport) {
+        if self.translation != TranslationHook::AfterFill {
+            return;
+        }
+        if let Err(error) = self.attach_translation_hook() {
+            report
+                .errors
+                .push(format!("hook after translation not attached: {error}"));
+        }
+        report.changed |= self.sync_frontends(state, &mut report.errors);
+    }
+
+    /// Whether a previous agent's hook after translation is pinned.
+    fn previous_hook_pinned(&self) -> bool {
+        fs::read_dir(self.layout.links()).is_ok_and(|entries| {
+            entries.flatten().any(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("netfilter-")
+            })
+        })
     }
 
     /// Whether the hook after translation is attached, or why not.
@@ -1330,6 +1371,10 @@ pub enum TranslationHook {
     Off,
     /// Attached: flows to Service frontends are decided on the backend they reach.
     Attached,
+    /// To be attached at the end of the next apply, once the maps it reads are written
+    /// ([`Datapath::attach_translation_hook_after_fill`]); a previous agent's hook, if pinned,
+    /// decides meanwhile.
+    AfterFill,
     /// Could not be attached (why): flows to Services are judged on the Service's address.
     Failed(String),
 }

@@ -8,7 +8,7 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use netwarden_datapath::{Capacity, Datapath, Unenforced, faults::Faults};
+use netwarden_datapath::{Capacity, Datapath, TranslationHook, Unenforced, faults::Faults};
 use netwarden_policy::Compiler;
 
 use crate::common::PrivateBpffs;
@@ -415,4 +415,64 @@ fn a_pinned_policy_numbered_by_an_older_build_keeps_its_keys_and_gets_its_rules_
     assert_eq!(after.1, before.1, "the same prefixes");
     assert_ne!(after.0, before.0, "the rule ids are the compiler's now");
     drop(second);
+}
+
+/// The program each pinned netfilter link of the hook after translation runs.
+fn hook_programs(root: &std::path::Path) -> Vec<u32> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let links = netwarden_datapath::bpffs::PinLayout::new(root).links();
+    let mut names: Vec<_> = std::fs::read_dir(&links)
+        .expect("the links directory")
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("netfilter-"))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|name| {
+            let link = FdLink::from(PinnedLink::from_pin(links.join(name)).expect("a pinned link"));
+            link.info().expect("link info").program_id()
+        })
+        .collect()
+}
+
+#[test]
+fn a_restarted_agent_attaches_the_hook_after_translation_only_once_the_maps_are_filled() {
+    let Some(bpffs) = PrivateBpffs::new() else {
+        return;
+    };
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        eprintln!("skipped: this kernel publishes no BTF");
+        return;
+    }
+    let root = bpffs.path().to_owned();
+    in_new_netns(move || {
+        let (mut first, _) = Datapath::open(&root, &Capacity::default()).expect("datapath");
+        first.attach_translation_hook().expect("the hook attaches");
+        drop(first);
+        let old = hook_programs(&root);
+        assert_eq!(old.len(), 4, "{old:?}");
+
+        let (mut second, _) = Datapath::open(&root, &Capacity::default()).expect("datapath");
+        second.detached();
+        second.attach_translation_hook_after_fill();
+        assert_eq!(
+            hook_programs(&root),
+            old,
+            "the previous hook decides until the apply"
+        );
+        let state = Compiler::new("node-1")
+            .sync(common::cluster_from(MANIFESTS))
+            .clone();
+        let report = second.apply(&state, &common::loopback_node(&[IpAddr::V4(SERVER)]));
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert_eq!(second.translation_hook(), &TranslationHook::Attached);
+        let new = hook_programs(&root);
+        assert_eq!(new.len(), 4, "{new:?}");
+        assert!(
+            new.iter().all(|id| !old.contains(id)),
+            "this agent's hook replaced the previous one: {old:?} -> {new:?}"
+        );
+    });
 }

@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use netwarden_datapath::{
-    ApplyReport, Capacity, Datapath,
+    ApplyReport, Capacity, Datapath, TranslationHook,
     conntrack::{Sweeper, Timeouts},
     netlink::{Netlink, NodeNetwork},
 };
@@ -144,6 +144,9 @@ fn apply(
     // Before the apply: an endpoint that turns ready is already screened if it is strict.
     identity.sync_kernel(datapath, &identity_cluster, network, state, &mut errors);
     let report = datapath.apply(state, network);
+    if generation == 1 {
+        log_translation_hook(options, datapath);
+    }
     let latency = change_seen.map(|seen| seen.elapsed());
     identity.refresh(identity_cluster, network, state, &mut errors);
     errors.extend(state.warnings.iter().cloned());
@@ -370,27 +373,20 @@ fn scrape_sources(datapath: &Datapath, identity: &IdentityWiring) -> health::Scr
     }
 }
 
-/// Attaches the hook after translation unless told not to, saying what flows to Services are
-/// judged on.
-fn attach_translation_hook(options: &AgentOptions, datapath: &mut Datapath) {
-    // The agent runs in the node's network namespace: the hook goes on its netfilter.
-    match if options.no_translation_hook {
-        Ok(())
-    } else {
-        datapath.attach_translation_hook()
-    } {
-        Ok(()) if options.no_translation_hook => {
-            warn!(
-                "hook after translation not attached (--no-translation-hook): flows to Services are judged on the Service's address"
-            );
-        }
-        Ok(()) => info!(
+/// Says, after the first apply, what flows to Services are judged on.
+fn log_translation_hook(options: &AgentOptions, datapath: &Datapath) {
+    match datapath.translation_hook() {
+        _ if options.no_translation_hook => warn!(
+            "hook after translation not attached (--no-translation-hook): flows to Services are judged on the Service's address"
+        ),
+        TranslationHook::Attached => info!(
             "hook after translation attached: flows to Services are decided on the pods they reach"
         ),
-        Err(error) => warn!(
+        TranslationHook::Failed(error) => warn!(
             %error,
             "hook after translation not attached: flows to Services are judged on the Service's address"
         ),
+        TranslationHook::Off | TranslationHook::AfterFill => {}
     }
 }
 
@@ -409,7 +405,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     datapath
         .set_allow_event_period(options.allow_events)
         .context("setting the allow-event period")?;
-    attach_translation_hook(&options, &mut datapath);
+    // The agent runs in the node's network namespace: the hook goes on its netfilter, once
+    // the first apply has written the maps it reads.
+    if !options.no_translation_hook {
+        datapath.attach_translation_hook_after_fill();
+    }
     let attribution = SharedAttribution::default();
     if let Some(ring) = datapath.take_events() {
         events::spawn_reader(ring, attribution.clone());
