@@ -255,14 +255,15 @@ struct DesiredEndpoint {
     addresses: Vec<IpAddr>,
 }
 
-/// Keys of one installed policy, so it can be deleted without scanning the maps, and its
-/// content as written (or read back from a previous agent's maps).
+/// Keys of one installed policy, so it can be deleted without scanning the maps, and, until
+/// the first apply compared it with what the compiler wants, the content read back from a
+/// previous agent's maps (an id this agent installed never changes content: no copy is kept).
 #[derive(Default)]
 struct InstalledPolicy {
     entries: Vec<Key<PolicyKey>>,
     cidrs_v4: Vec<Key<CidrKeyV4>>,
     cidrs_v6: Vec<Key<CidrKey>>,
-    content: CompiledPolicy,
+    pinned: Option<CompiledPolicy>,
 }
 
 /// The loaded programs, their maps, and what the maps hold.
@@ -397,7 +398,11 @@ impl Datapath {
         for (key, value) in self.policy.iter().flatten() {
             let (id, entry) = PolicyMatch::from_key(key.prefix_len(), &key.data());
             let installed = self.installed_policies.entry(id).or_default();
-            installed.content.entries.insert(entry, value.rule);
+            installed
+                .pinned
+                .get_or_insert_default()
+                .entries
+                .insert(entry, value.rule);
             installed.entries.push(key);
         }
         for (key, class) in self.cidrs_v4.iter().flatten() {
@@ -406,7 +411,11 @@ impl Datapath {
             let installed = self.installed_policies.entry(id).or_default();
             let prefix_len = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(u8::MAX);
             if let Ok(net) = ipnet::Ipv4Net::new(data.addr.into(), prefix_len) {
-                installed.content.cidrs.insert(IpNet::V4(net), class.peer);
+                installed
+                    .pinned
+                    .get_or_insert_default()
+                    .cidrs
+                    .insert(IpNet::V4(net), class.peer);
             }
             installed.cidrs_v4.push(key);
         }
@@ -416,7 +425,11 @@ impl Datapath {
             let installed = self.installed_policies.entry(id).or_default();
             let prefix_len = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(u8::MAX);
             if let Ok(net) = ipnet::Ipv6Net::new(data.addr.into(), prefix_len) {
-                installed.content.cidrs.insert(IpNet::V6(net), class.peer);
+                installed
+                    .pinned
+                    .get_or_insert_default()
+                    .cidrs
+                    .insert(IpNet::V6(net), class.peer);
             }
             installed.cidrs_v6.push(key);
         }
@@ -464,7 +477,7 @@ impl Datapath {
             policies: self
                 .installed_policies
                 .iter()
-                .map(|(id, installed)| (*id, installed.content.clone()))
+                .map(|(id, installed)| (*id, installed.pinned.clone().unwrap_or_default()))
                 .collect(),
             policy_users: self.installed_endpoints.iter().fold(
                 BTreeMap::new(),
@@ -488,10 +501,13 @@ impl Datapath {
         report.changed |= self.sync_ipcache(&state.ipcache, &mut report.errors);
         let mut failed_policies = BTreeSet::new();
         for (id, compiled) in &state.policies {
-            if let Some(installed) = self.installed_policies.get(id) {
+            if let Some(installed) = self.installed_policies.get_mut(id) {
                 // A pinned policy the compiler adopted: equal, or equal but for rule ids.
-                if installed.content != *compiled {
-                    report.changed |= self.rewrite_policy(*id, compiled, &mut report.errors);
+                if let Some(pinned) = installed.pinned.take()
+                    && pinned != *compiled
+                {
+                    report.changed |=
+                        self.rewrite_policy(*id, &pinned, compiled, &mut report.errors);
                 }
                 continue;
             }
@@ -926,10 +942,7 @@ impl Datapath {
     }
 
     fn install_policy(&mut self, id: PolicyId, compiled: &CompiledPolicy) -> Result<(), String> {
-        let mut installed = InstalledPolicy {
-            content: compiled.clone(),
-            ..InstalledPolicy::default()
-        };
+        let mut installed = InstalledPolicy::default();
         let mut failure = None;
         for (prefix, class) in &compiled.cidrs {
             let policy = id.to_be_bytes();
@@ -992,22 +1005,18 @@ impl Datapath {
         }
     }
 
-    /// Makes installed policy `id` hold `compiled`, which the compiler gave the same id because
-    /// its shape is the same (see `Compiler::adopt_pinned_policies`): only the rule ids of
-    /// entries differ, and each differing value is overwritten in place (one atomic update
-    /// per entry, the verdict unchanged). Returns whether anything was written.
+    /// Makes pinned policy `id`, read back as `pinned`, hold `compiled`, which the compiler gave
+    /// the same id because its shape is the same (see `Compiler::adopt_pinned_policies`): only
+    /// the rule ids of entries differ, and each differing value is overwritten in place (one
+    /// atomic update per entry, the verdict unchanged). Returns whether anything was written.
     fn rewrite_policy(
         &mut self,
         id: PolicyId,
+        pinned: &CompiledPolicy,
         compiled: &CompiledPolicy,
         errors: &mut Vec<String>,
     ) -> bool {
-        let Some(installed) = self.installed_policies.get_mut(&id) else {
-            return false;
-        };
-        if installed.content.entries.keys().ne(compiled.entries.keys())
-            || installed.content.cidrs != compiled.cidrs
-        {
+        if pinned.entries.keys().ne(compiled.entries.keys()) || pinned.cidrs != compiled.cidrs {
             errors.push(format!(
                 "policy {id}: the compiler reused a pinned id for other content; reinstalling it"
             ));
@@ -1019,7 +1028,7 @@ impl Datapath {
         }
         let mut changed = false;
         for (entry, rule) in &compiled.entries {
-            if installed.content.entries.get(entry) == Some(rule) {
+            if pinned.entries.get(entry) == Some(rule) {
                 continue;
             }
             let (prefix_len, data) = entry.key(id);
@@ -1027,10 +1036,7 @@ impl Datapath {
                 .policy
                 .insert(&Key::new(prefix_len, data), PolicyEntry { rule: *rule }, 0)
             {
-                Ok(()) => {
-                    installed.content.entries.insert(*entry, *rule);
-                    changed = true;
-                }
+                Ok(()) => changed = true,
                 // The entry still allows; only its attribution is stale.
                 Err(error) => errors.push(format!(
                     "policy {id}: cannot rewrite the rule of an entry: {error}"
