@@ -1098,6 +1098,13 @@ impl ScenarioRun<'_> {
         for (family_index, family) in families.iter().enumerate() {
             for (row, (_, client)) in endpoints.iter().enumerate() {
                 for (column, (identity, server)) in endpoints.iter().enumerate() {
+                    // Hosts outside the cluster have no route to ClusterIPs (and kube-proxy
+                    // would masquerade them if they had): they keep dialling pod addresses.
+                    let via = if client.pod.is_some() {
+                        via
+                    } else {
+                        ProbeVia::Pod
+                    };
                     let (Some(source), Some(destination)) = (
                         client.endpoint.addresses.get(*family),
                         self.probe_destination(identity, server, *family, via),

@@ -1765,6 +1765,113 @@ steps:
     }
 
     #[test]
+    fn service_keys_alone_keep_the_upstream_model() {
+        let scenario = parse_str(
+            "format: netwarden-scenario/v1\nname: n\nmodel: { services: per_pod, kube_proxy: nftables, cni: bridge }\nsteps:\n- { op: dial, from: node, service: x/s-x-a, port: 80, protocol: UDP, expect: allowed }\n",
+        )
+        .unwrap();
+        let model = &scenario.model;
+        assert_eq!(model.pods.len(), 9);
+        assert!(model.per_pod_services);
+        assert_eq!(model.kube_proxy, KubeProxyMode::Nftables);
+        assert_eq!(model.cni, Cni::Bridge);
+        assert!(scenario.uses_services());
+        let Step::Dial(dial) = &scenario.steps[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (dial.via, dial.protocol),
+            (DialVia::ClusterIp, Protocol::Udp)
+        );
+        let defaults = parse_str("format: netwarden-scenario/v1\nname: n\nsteps: []\n").unwrap();
+        assert_eq!(defaults.model.kube_proxy, KubeProxyMode::Iptables);
+        assert_eq!(defaults.model.cni, Cni::Ptp);
+        assert!(!defaults.uses_services());
+    }
+
+    #[test]
+    fn via_service_needs_per_pod_services_and_variants_turn_it_on() {
+        let probe =
+            "- { op: probe, port: 80, via: service, expect: { grid: { x/a: '..', x/b: '..' } } }\n";
+        assert!(
+            with_steps(probe)
+                .unwrap_err()
+                .to_string()
+                .contains("services: per_pod")
+        );
+        let plain =
+            with_steps("- { op: probe, port: 80, expect: { grid: { x/a: '..', x/b: '..' } } }\n")
+                .unwrap();
+        let through = plain.through_services(KubeProxyMode::Nftables);
+        assert!(
+            through.name.ends_with(" [service-nftables]"),
+            "{}",
+            through.name
+        );
+        assert!(through.model.per_pod_services);
+        assert_eq!(through.model.kube_proxy, KubeProxyMode::Nftables);
+        assert!(matches!(
+            through.steps[0],
+            Step::Probe {
+                via: ProbeVia::Service,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn service_steps_are_checked() {
+        let text = SMALL.replace(
+            "steps:\n",
+            "services:\n  x/web:\n    apiVersion: v1\n    kind: Service\n    metadata: { name: web }\n    spec: { selector: { app: a }, ports: [ { port: 80, targetPort: http } ] }\nsteps:\n",
+        );
+        let steps = |steps: &str| parse_str(&format!("{text}{steps}"));
+        let ok = steps(
+            "- { op: create_service, service: x/web }\n- { op: dial, from: x/b, service: x/web, port: 80, expect: blocked }\n- { op: delete_service, service: x/web }\n",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        assert!(ok.unwrap().services["x/web"].ports[0].target_port.is_some());
+        let before =
+            steps("- { op: dial, from: x/b, service: x/web, port: 80, expect: allowed }\n");
+        assert!(
+            before
+                .unwrap_err()
+                .to_string()
+                .contains("does not exist at this step")
+        );
+        let wrong_port = steps(
+            "- { op: create_service, service: x/web }\n- { op: dial, from: node, service: x/web, port: 81, expect: allowed }\n",
+        );
+        assert!(
+            wrong_port
+                .unwrap_err()
+                .to_string()
+                .contains("no port TCP/81")
+        );
+        let node_port = steps(
+            "- { op: create_service, service: x/web }\n- { op: dial, from: x/a, service: x/web, port: 80, via: node_port, expect: allowed }\n",
+        );
+        assert!(
+            node_port
+                .unwrap_err()
+                .to_string()
+                .contains("not of type NodePort")
+        );
+        let unknown_client = steps(
+            "- { op: create_service, service: x/web }\n- { op: dial, from: x/q, service: x/web, port: 80, expect: allowed }\n",
+        );
+        assert!(unknown_client.unwrap_err().to_string().contains("x/q"));
+        let per_pod =
+            steps("- { op: dial, from: x/a, service: x/s-x-b, port: 80, expect: allowed }\n");
+        assert!(
+            per_pod.unwrap_err().to_string().contains("per-pod"),
+            "no per-pod Services in this model"
+        );
+        assert!(steps("- { op: delete_service, service: x/web }\n").is_err());
+        assert!(steps("- { op: create_service, service: x/nope }\n").is_err());
+    }
+
+    #[test]
     fn policy_files_join_policies() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(
