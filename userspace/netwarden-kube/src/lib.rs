@@ -112,6 +112,8 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Kube
 
 /// The three kinds watched, in the order of [`KubeSource`]'s arrays.
 const KINDS: [&str; 3] = ["Namespace", "Pod", "NetworkPolicy"];
+/// Their API resources, in the same order.
+const RESOURCES: [&str; 3] = ["namespaces", "pods", "networkpolicies"];
 
 /// How long a kind's watcher may keep failing, with no success in between, before the source
 /// reports it stale: longer than a few of the watcher's backoffs (at most 30 s each), so one
@@ -123,6 +125,8 @@ pub const DEFAULT_STALE_AFTER: Duration = Duration::from_mins(1);
 pub struct WatchHealth {
     /// `Namespace`, `Pod` or `NetworkPolicy`.
     pub kind: &'static str,
+    /// Its API resource: `namespaces`, `pods` or `networkpolicies`.
+    pub resource: &'static str,
     /// When a list or watch request of this kind was last accepted by the API server, or an
     /// event of it arrived (wall clock); `None` before the first.
     pub last_success: Option<SystemTime>,
@@ -263,13 +267,15 @@ impl KubeSource {
         let health = *self.shared.health.lock().expect("health lock");
         KINDS
             .iter()
+            .zip(RESOURCES)
             .zip(health)
-            .map(|(kind, health)| {
+            .map(|((kind, resource), health)| {
                 let failing_for = health
                     .failing_since
                     .map(|since| now.saturating_duration_since(since));
                 WatchHealth {
                     kind,
+                    resource,
                     last_success: health.last_success,
                     failing_for,
                     healthy: failing_for.is_none_or(|failing| failing < self.stale_after),
