@@ -90,6 +90,9 @@ pub struct Tuples {
     key: FlowKey,
     /// The same flow with the peer it is judged on.
     judged: FlowKey,
+    /// The conntrack state and translation written for an allowed flow.
+    state: FlowState,
+    translation: Translation,
 }
 
 /// Per-CPU room for [`Tuples`]: a BPF program has 512 bytes of stack for all its frames
@@ -240,22 +243,28 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
         return false;
     }
     if may_open {
-        let translation = Translation {
+        let Some(scratch) = TUPLES.get_ptr_mut(0) else {
+            return false;
+        };
+        // SAFETY: per-CPU slot of a successful lookup; only this CPU uses it, for this packet
+        // (the same slot `tuples` points to: only fields `tuples` is not read through change).
+        let scratch = unsafe { &mut *scratch };
+        scratch.translation = Translation {
             peer_addr: judged.peer_addr,
             peer_port: judged.peer_port,
             padding: 0,
             frontend,
         };
         // The translation first: a packet that finds the flow finds what it was judged on.
-        let _ = TRANSLATIONS.insert(key, &translation, 0);
-        let state = FlowState {
+        let _ = TRANSLATIONS.insert(key, &scratch.translation, 0);
+        scratch.state = FlowState {
             origin: dir,
             epoch,
             flags: mtls::flags_for_new_flow(key, dir),
             activity: flow_activity::TRANSLATED,
             last_seen: now_ticks(),
         };
-        conntrack_insert(key, &state);
+        conntrack_insert(key, &scratch.state);
         if verdict::allow_event_sampled() {
             report(judged, dir, reason, &attribution(policy, rule));
         }

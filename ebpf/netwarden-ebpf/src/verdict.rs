@@ -481,7 +481,10 @@ pub(crate) fn opening_port(flow: &FlowKey, origin: u32) -> u16 {
 pub(crate) fn is_allowed(reason: u32) -> bool {
     matches!(
         reason,
-        counter::ALLOWED_BY_POLICY | counter::ALLOWED_NODE | counter::ALLOWED_NOT_ISOLATED
+        counter::ALLOWED_BY_POLICY
+            | counter::ALLOWED_NODE
+            | counter::ALLOWED_NOT_ISOLATED
+            | counter::ALLOWED_SELF
     )
 }
 
@@ -503,6 +506,11 @@ impl Decision {
 /// their own.
 #[inline(never)]
 pub(crate) fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision {
+    if same_address(&flow.peer_addr, &flow.pod_addr) {
+        // Only a flow decided after translation can be judged on the pod itself: a pod
+        // reaching itself through its own Service (hairpin).
+        return Decision::because(counter::ALLOWED_SELF);
+    }
     let peer = peer_identity(&flow.peer_addr);
     if dir == direction::INGRESS && peer == IDENTITY_HOST {
         return Decision::because(counter::ALLOWED_NODE);
@@ -537,6 +545,24 @@ pub(crate) fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -
         };
     }
     Decision::because(counter::DENIED_BY_POLICY)
+}
+
+/// Whether two addresses are equal, compared as two words each.
+#[inline(always)]
+fn same_address(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let word = |addr: &[u8; 16], at: usize| {
+        u64::from_ne_bytes([
+            addr[at],
+            addr[at + 1],
+            addr[at + 2],
+            addr[at + 3],
+            addr[at + 4],
+            addr[at + 5],
+            addr[at + 6],
+            addr[at + 7],
+        ])
+    };
+    word(a, 0) == word(b, 0) && word(a, 8) == word(b, 8)
 }
 
 /// The CIDR class of `addr` in `policy`, from the trie of the address's family.

@@ -28,7 +28,7 @@ use crate::{
     identity::{self, IdentityWiring},
     input::Input,
     metrics::{Applied, Metrics},
-    status::{self, EndpointStatus, Status, Verdicts},
+    status::{self, EndpointStatus, Status, Verdicts, WatchStatus},
 };
 
 /// `netwarden agent`.
@@ -57,6 +57,12 @@ pub struct AgentOptions {
     /// address in a DaemonSet).
     #[arg(long)]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Without `--manifests`: after how long a Kubernetes API watch that keeps failing (with no
+    /// successful list or watch in between) is reported stale — `/readyz` fails, the
+    /// `netwarden_watch_healthy` metric and the status file say so. The datapath keeps
+    /// enforcing the last applied state either way. `60s`, `2m`, or seconds.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub watch_stale_after: Duration,
     /// Log JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -110,6 +116,7 @@ struct Agent<'a> {
     attribution: &'a SharedAttribution,
     metrics: &'a Metrics,
     identity: &'a IdentityWiring,
+    readiness: &'a health::ReadinessState,
 }
 
 /// Compiles the current input for `network`, applies it and writes the status file.
@@ -128,9 +135,11 @@ fn apply(
         attribution,
         metrics,
         identity,
+        readiness,
     } = agent;
     let started = Instant::now();
     let (cluster, input_errors) = input.cluster();
+    let watches = input.watch_health();
     let policies = cluster.policies.len();
     // The identity check decides on the same snapshot the compiler compiles.
     let identity_cluster = cluster.clone();
@@ -171,7 +180,17 @@ fn apply(
         errors,
         verdicts: Verdicts::from_counters(&datapath.verdicts()),
         identity_checks: identity.counts(),
+        watches: watches.iter().map(WatchStatus::of).collect(),
     };
+    metrics.observe_watches(&watches);
+    readiness.applied(&watches);
+    for watch in watches.iter().filter(|watch| !watch.healthy) {
+        warn!(
+            resource = watch.resource,
+            failing_for_s = watch.failing_for.unwrap_or_default().as_secs(),
+            "the Kubernetes API watch is stale; enforcing the last applied state"
+        );
+    }
     metrics.observe_apply(&Applied {
         policies,
         input_errors: status.errors.len(),
@@ -195,6 +214,26 @@ fn apply(
         elapsed_us = started.elapsed().as_micros(),
         "applied"
     );
+}
+
+/// A duration as `--watch-stale-after` takes it: `90s`, `2m`, `1h`, or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => 0,
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .filter(|value| seconds > 0 && *value > 0)
+        .and_then(|value| value.checked_mul(seconds))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 90s, 2m or 1h"))
 }
 
 /// Sweeps the pinned conntrack table for idle flows on a thread of its own, for as long as the
@@ -326,6 +365,42 @@ fn release_freed_memory() {
     }
 }
 
+/// Serves `/healthz`, `/readyz` and `/metrics` on `address`.
+async fn serve_health(
+    address: std::net::SocketAddr,
+    datapath: &Datapath,
+    identity: &IdentityWiring,
+    ready: &health::Readiness,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<()> {
+    // Without the counters the other metrics are still worth serving.
+    let verdicts = datapath
+        .verdict_counters()
+        .inspect_err(|error| error!(%error, "verdict counters will not be exported"))
+        .ok()
+        .map(Arc::new);
+    let sources = health::ScrapeSources {
+        verdicts,
+        identity_checks: identity.decision_counts(),
+    };
+    health::serve(address, Arc::clone(ready), Arc::clone(metrics), sources).await
+}
+
+/// The manifest directory, or the Kubernetes API once its caches are synced.
+async fn open_input(options: &AgentOptions) -> anyhow::Result<Input> {
+    match &options.manifests {
+        Some(dir) => Input::manifests(dir),
+        None => {
+            Input::kubernetes(
+                &options.node,
+                options.kubeconfig.as_deref(),
+                options.watch_stale_after,
+            )
+            .await
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
 /// links are pinned, and the next agent adopts them.
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
@@ -368,23 +443,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
     let ready = health::Readiness::default();
     if let Some(address) = options.metrics_address {
-        // Without the counters the other metrics are still worth serving.
-        let verdicts = datapath
-            .verdict_counters()
-            .inspect_err(|error| error!(%error, "verdict counters will not be exported"))
-            .ok()
-            .map(Arc::new);
-        let sources = health::ScrapeSources {
-            verdicts,
-            identity_checks: identity.decision_counts(),
-        };
-        health::serve(address, ready.clone(), Arc::clone(&metrics), sources).await?;
+        serve_health(address, &datapath, &identity, &ready, &metrics).await?;
     }
     let mut netlink = Netlink::open().context("opening netlink")?;
-    let mut input = match &options.manifests {
-        Some(dir) => Input::manifests(dir)?,
-        None => Input::kubernetes(&options.node, options.kubeconfig.as_deref()).await?,
-    };
+    let mut input = open_input(&options).await?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
 
@@ -422,6 +484,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 attribution: &attribution,
                 metrics: &metrics,
                 identity: &identity,
+                readiness: &ready,
             };
             apply(
                 &mut agent,
@@ -431,7 +494,6 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 change_seen.take(),
             );
             last_network = Some(network);
-            ready.store(true, std::sync::atomic::Ordering::Release);
         }
 
         tokio::select! {
@@ -461,7 +523,19 @@ mod tests {
     use netwarden_model::{ManifestDir, PolicyRef};
     use netwarden_policy::Compiler;
 
-    use super::over_capacity;
+    use super::{over_capacity, parse_duration};
+
+    #[test]
+    fn durations_are_seconds_minutes_or_hours() {
+        let seconds = std::time::Duration::from_secs;
+        assert_eq!(parse_duration("60s"), Ok(seconds(60)));
+        assert_eq!(parse_duration("90"), Ok(seconds(90)));
+        assert_eq!(parse_duration("2m"), Ok(seconds(120)));
+        assert_eq!(parse_duration("1h"), Ok(seconds(3600)));
+        for bad in ["", "0s", "s", "1.5m", "10ms", "-1s", "1d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_policy_that_does_not_fit_names_each_policy_isolating_the_locked_direction() {

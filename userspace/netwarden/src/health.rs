@@ -1,14 +1,14 @@
 //! The agent's HTTP endpoint on `--metrics-address`: `/healthz` and `/readyz` for the kubelet's
 //! probes, `/metrics` for Prometheus.
 //!
-//! Ready means the agent has applied the cluster once (after the initial sync of its caches);
-//! healthy means its loop is running. A request is one line read and one response written:
-//! nothing here needs an HTTP framework.
+//! Ready means the agent has applied the cluster once (after the initial sync of its caches)
+//! and no watch of the Kubernetes API is stale; healthy means its loop is running. A request is
+//! one line read and one response written: nothing here needs an HTTP framework.
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -16,6 +16,7 @@ use std::{
 use anyhow::Context as _;
 use netwarden_datapath::VerdictCounters;
 use netwarden_identity::DecisionCounts;
+use netwarden_kube::WatchHealth;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
@@ -24,8 +25,58 @@ use tracing::info;
 
 use crate::metrics::{self, Metrics};
 
-/// Set once the first apply is done.
-pub type Readiness = Arc<AtomicBool>;
+/// What `/readyz` answers, shared by the apply loop (writer) and the server.
+#[derive(Debug, Default)]
+pub struct ReadinessState {
+    /// Set once the first apply is done.
+    applied: AtomicBool,
+    /// The watches that are stale, as of the last apply, in words.
+    stale_watches: Mutex<Vec<String>>,
+}
+
+/// Shared [`ReadinessState`].
+pub type Readiness = Arc<ReadinessState>;
+
+impl ReadinessState {
+    /// An apply is done, with the watches as they are now.
+    pub fn applied(&self, watches: &[WatchHealth]) {
+        let stale = watches
+            .iter()
+            .filter(|watch| !watch.healthy)
+            .map(|watch| {
+                format!(
+                    "the watch of {} has failed for {} s",
+                    watch.resource,
+                    watch.failing_for.unwrap_or_default().as_secs()
+                )
+            })
+            .collect();
+        *self
+            .stale_watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = stale;
+        self.applied.store(true, Ordering::Release);
+    }
+
+    /// `Ok` when ready, else why not.
+    fn check(&self) -> Result<(), String> {
+        if !self.applied.load(Ordering::Acquire) {
+            return Err("not applied yet".to_owned());
+        }
+        let stale = self
+            .stale_watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if stale.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "stale: {}; enforcing the last applied state",
+                stale.join("; ")
+            ))
+        }
+    }
+}
 
 /// Totals kept elsewhere that `/metrics` reads at every scrape.
 #[derive(Clone, Default)]
@@ -86,14 +137,10 @@ fn spawn(listener: TcpListener, ready: Readiness, metrics: Arc<Metrics>, sources
                 let text_plain = "text/plain; charset=utf-8";
                 let (status, content_type, body) = match path {
                     "/healthz" => ("200 OK", text_plain, "ok\n".to_owned()),
-                    "/readyz" if ready.load(Ordering::Acquire) => {
-                        ("200 OK", text_plain, "ready\n".to_owned())
-                    }
-                    "/readyz" => (
-                        "503 Service Unavailable",
-                        text_plain,
-                        "not applied yet\n".to_owned(),
-                    ),
+                    "/readyz" => match ready.check() {
+                        Ok(()) => ("200 OK", text_plain, "ready\n".to_owned()),
+                        Err(why) => ("503 Service Unavailable", text_plain, format!("{why}\n")),
+                    },
                     "/metrics" => {
                         sources.observe(&metrics);
                         ("200 OK", metrics::CONTENT_TYPE, metrics.render())
@@ -112,7 +159,9 @@ fn spawn(listener: TcpListener, ready: Readiness, metrics: Arc<Metrics>, sources
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, atomic::Ordering};
+    use std::{sync::Arc, time::Duration};
+
+    use netwarden_kube::WatchHealth;
 
     use tokio::{
         io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -156,7 +205,33 @@ mod tests {
                 .await
                 .starts_with("HTTP/1.1 503 Service Unavailable\r\n")
         );
-        ready.store(true, Ordering::Release);
+        let watch = |healthy: bool| WatchHealth {
+            kind: "Pod",
+            resource: "pods",
+            last_success: None,
+            failing_for: (!healthy).then_some(Duration::from_secs(75)),
+            healthy,
+        };
+        ready.applied(&[watch(true)]);
+        assert!(
+            get(address, "/readyz")
+                .await
+                .starts_with("HTTP/1.1 200 OK\r\n")
+        );
+        // A stale watch: not ready, and the probe says why.
+        ready.applied(&[watch(false)]);
+        let response = get(address, "/readyz").await;
+        assert!(
+            response.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{response}"
+        );
+        assert!(
+            response.ends_with(
+                "stale: the watch of pods has failed for 75 s; enforcing the last applied state\n"
+            ),
+            "{response}"
+        );
+        ready.applied(&[watch(true)]);
         assert!(
             get(address, "/readyz")
                 .await
