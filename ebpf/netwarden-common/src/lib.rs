@@ -459,7 +459,6 @@ pub mod conntrack_tuple {
     pub const SIZE: usize = 40;
 }
 
-
 /// A verdict the datapath reports to the agent through the `EVENTS` ring buffer: every deny,
 /// and new allowed flows as sampled by [`SETTING_ALLOW_EVENT_PERIOD`], within a per-CPU rate
 /// limit (the loss is counted, the datapath never waits).

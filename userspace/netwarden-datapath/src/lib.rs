@@ -570,7 +570,8 @@ impl Datapath {
         wanted: &BTreeSet<(u32, IpAddr)>,
         errors: &mut Vec<String>,
     ) -> bool {
-        let owners: BTreeMap<IpAddr, u32> = wanted.iter().map(|(ifindex, ip)| (*ip, *ifindex)).collect();
+        let owners: BTreeMap<IpAddr, u32> =
+            wanted.iter().map(|(ifindex, ip)| (*ip, *ifindex)).collect();
         let mut changed = false;
         for (ip, ifindex) in &owners {
             if self.installed_owners.get(ip) == Some(ifindex) {
@@ -587,7 +588,9 @@ impl Datapath {
                 // Flows of this address through a Service are then judged as no pod's: the
                 // backend's ingress still applies, and a pod's own flows to a frontend drop
                 // (nothing decides them, see `translated.rs`).
-                Err(error) => errors.push(format!("endpoint {ifindex}: cannot record the owner of {ip}: {error}")),
+                Err(error) => errors.push(format!(
+                    "endpoint {ifindex}: cannot record the owner of {ip}: {error}"
+                )),
             }
         }
         let gone: Vec<IpAddr> = self
@@ -632,7 +635,9 @@ impl Datapath {
                     changed = true;
                 }
                 // Not deferred: flows to it are judged on the frontend's address (fail closed).
-                Err(error) => errors.push(format!("Service frontend {id}: cannot write its map entry: {error}")),
+                Err(error) => errors.push(format!(
+                    "Service frontend {id}: cannot write its map entry: {error}"
+                )),
             }
         }
         let gone: Vec<FrontendKey> = self
@@ -653,27 +658,29 @@ impl Datapath {
     }
 
     fn set_frontends_installed(&mut self, installed: bool, errors: &mut Vec<String>) {
-        if let Err(error) =
-            self.settings
-                .set(SETTING_FRONTENDS_INSTALLED, u32::from(installed), 0)
+        if let Err(error) = self
+            .settings
+            .set(SETTING_FRONTENDS_INSTALLED, u32::from(installed), 0)
         {
-            errors.push(format!("SETTINGS: cannot record whether frontends are installed: {error}"));
+            errors.push(format!(
+                "SETTINGS: cannot record whether frontends are installed: {error}"
+            ));
         }
     }
 
     /// Loads the hook after translation and attaches it to this network namespace's
-    /// netfilter (POSTROUTING and LOCAL_IN, after source NAT), replacing a previous agent's.
+    /// netfilter (POSTROUTING and `LOCAL_IN`, after source NAT), replacing a previous agent's.
     /// Until it is attached no flow is deferred to it; on a kernel without netfilter BPF
     /// links (Linux < 6.4) or BTF, flows to Services are judged on the Service's address.
     pub fn attach_translation_hook(&mut self) -> Result<(), netfilter::NetfilterError> {
         let result = (|| -> Result<(), netfilter::NetfilterError> {
             let layout = netfilter::kernel_layout(Path::new("/sys/kernel/btf/vmlinux"))?;
-            self.kernel_layout
-                .set(0, layout, 0)
-                .map_err(|source| netfilter::NetfilterError::Map {
+            self.kernel_layout.set(0, layout, 0).map_err(|source| {
+                netfilter::NetfilterError::Map {
                     name: "KERNEL_LAYOUT".into(),
                     source,
-                })?;
+                }
+            })?;
             let program = netfilter::load(PROGRAMS, &self.layout.maps(), &self.ebpf)?;
             netfilter::attach(&program, &self.layout.links())?;
             Ok(())
