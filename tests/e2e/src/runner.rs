@@ -32,8 +32,8 @@ use crate::{
     probe::{self, Client, DialError, Flow, Server},
     report::{self, ObservedGrid, Outcome, Verdict},
     scenario::{
-        self, ConnectionExpectation, Delivery, ExpectedGrid, IpFamily, Labels, PodSpec, Protocol,
-        Quote, RestartMode, Scenario, SpoofedSource, Step,
+        self, Cni, ConnectionExpectation, Delivery, ExpectedGrid, IpFamily, Labels, PodSpec,
+        Protocol, Quote, RestartMode, Scenario, SpoofedSource, Step,
     },
     servers::{self, ServerError, Servers},
 };
@@ -50,6 +50,8 @@ pub struct Options {
     pub agent: Option<PathBuf>,
     pub jobs: usize,
     pub verbose: bool,
+    /// Wires pods this way whatever the scenarios' `model.cni` says.
+    pub cni: Option<Cni>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -360,7 +362,8 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         Err(error) => return fail(error.to_string()),
     };
     let prefix = format!("{NETNS_PREFIX}{}-{index}-", std::process::id());
-    let node = match Node::create(&prefix, &scenario.model.ip_families).await {
+    let cni = options.cni.unwrap_or(scenario.model.cni);
+    let node = match Node::create(&prefix, &scenario.model.ip_families, cni).await {
         Ok(node) => node,
         Err(error) => return fail(format!("cannot create the node: {error}")),
     };

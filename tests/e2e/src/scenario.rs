@@ -51,6 +51,17 @@ pub enum IpFamily {
     IPv6,
 }
 
+/// How the CNI wires pods to the node (`model.cni`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Cni {
+    /// A veth per pod with a host route to its address (kindnet, Calico).
+    #[default]
+    Ptp,
+    /// Pods are ports of a Linux bridge holding the pod network's gateway (flannel's `cni0`).
+    Bridge,
+}
+
 impl fmt::Display for IpFamily {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -115,6 +126,7 @@ pub struct Model {
     pub pods: IndexMap<String, PodSpec>,
     /// External host keys, in grid order after the pods.
     pub external_hosts: Vec<String>,
+    pub cni: Cni,
 }
 
 impl Model {
@@ -412,6 +424,7 @@ struct RawModel {
     container_ports: Option<Vec<ContainerPort>>,
     pods: Option<IndexMap<String, Option<RawPod>>>,
     external_hosts: Option<IndexMap<String, Option<RawExternalHost>>>,
+    cni: Option<Cni>,
 }
 
 #[derive(Default, Deserialize)]
@@ -577,6 +590,7 @@ pub fn upstream_model(ip_families: Vec<IpFamily>, ports: Option<Vec<ContainerPor
         default_ports,
         pods,
         external_hosts: Vec::new(),
+        cni: Cni::default(),
     }
 }
 
@@ -692,6 +706,7 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
         // Only families or ports given: the upstream model with those.
         let mut model = upstream_model(ip_families, raw.container_ports);
         model.external_hosts = external_hosts(raw.external_hosts)?;
+        model.cni = raw.cni.unwrap_or_default();
         return Ok(model);
     }
     let default_ports = raw
@@ -740,6 +755,7 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
         default_ports,
         pods,
         external_hosts,
+        cni: raw.cni.unwrap_or_default(),
     })
 }
 
@@ -1339,6 +1355,23 @@ steps:
         let scenario = parse_str("format: netwarden-scenario/v1\nname: n\nmodel: { ip_families: [IPv6, IPv4] }\nsteps: []\n").unwrap();
         assert_eq!(scenario.model.ip_families, [IpFamily::IPv4, IpFamily::IPv6]);
         assert_eq!(scenario.model.pods.len(), 9);
+    }
+
+    #[test]
+    fn the_cni_s_shape_is_point_to_point_unless_a_bridge_is_asked_for() {
+        let shape = |model: &str| {
+            parse_str(&format!(
+                "format: netwarden-scenario/v1\nname: n\n{model}steps: []\n"
+            ))
+            .map(|scenario| scenario.model.cni)
+        };
+        assert_eq!(shape("").unwrap(), Cni::Ptp);
+        assert_eq!(shape("model: { cni: bridge }\n").unwrap(), Cni::Bridge);
+        assert_eq!(
+            shape("model: { namespaces: { x: {} }, pods: { x/a: {} }, cni: bridge }\n").unwrap(),
+            Cni::Bridge
+        );
+        assert!(shape("model: { cni: flannel }\n").is_err());
     }
 
     #[test]
