@@ -31,7 +31,7 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage},
 };
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// Reading the node's network failed.
 #[derive(Debug, thiserror::Error)]
@@ -200,9 +200,10 @@ const ADDRESS_RETRY_LONGEST: Duration = Duration::from_secs(10);
 /// A netlink handle for requests, plus a stream of link, address and route changes.
 pub struct Netlink {
     handle: Handle,
-    /// Strict checking on (`NETLINK_GET_STRICT_CHK`): the kernel honours `IFA_TARGET_NETNSID`
-    /// and the interface filter of an address dump only on such a socket.
-    strict: Handle,
+    /// Strict checking on (`NETLINK_GET_STRICT_CHK`, Linux 4.20): the kernel honours
+    /// `IFA_TARGET_NETNSID` and the interface filter of an address dump only on such a socket.
+    /// `None` where the kernel has no strict checking: pods are then found by routes alone.
+    strict: Option<Handle>,
     /// Fires whenever a link, address or route of the node changes.
     pub changes: UnboundedReceiver<()>,
     wake: UnboundedSender<()>,
@@ -248,9 +249,16 @@ impl Netlink {
     pub fn open() -> Result<Self, NetlinkError> {
         let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
         tokio::spawn(connection);
-        let (connection, strict, _) =
-            rtnetlink::new_connection_with_strict_check().map_err(NetlinkError::Socket)?;
-        tokio::spawn(connection);
+        let strict = match rtnetlink::new_connection_with_strict_check() {
+            Ok((connection, strict, _)) => {
+                tokio::spawn(connection);
+                Some(strict)
+            }
+            Err(error) => {
+                warn!(%error, "no strict netlink checking (Linux < 4.20): pods are found by their host routes only, not behind bridges");
+                None
+            }
+        };
         let (monitor, _, messages) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Link,
             MulticastGroup::Ipv4Ifaddr,
@@ -357,8 +365,11 @@ impl Netlink {
     /// port.
     async fn peer_addresses(&self, peer: &Peer) -> Vec<IpAddr> {
         let mut found = Vec::new();
+        let Some(strict) = &self.strict else {
+            return found;
+        };
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let mut request = self.strict.address().get();
+            let mut request = strict.address().get();
             let message = request.message_mut();
             message.header.family = family;
             message.header.index = peer.index;
