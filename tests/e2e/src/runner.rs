@@ -33,7 +33,7 @@ use crate::{
     probe::{self, Answerer, Client, DialError, Flow, Server},
     report::{self, ObservedGrid, Outcome, Verdict},
     scenario::{
-        self, ConnectionExpectation, Delivery, Dial, DialVia, IpFamily, Labels, NODE_CLIENT,
+        self, Cni, ConnectionExpectation, Delivery, Dial, DialVia, IpFamily, Labels, NODE_CLIENT,
         PodSpec, ProbeVia, Protocol, Quote, Reachability, RestartMode, Scenario, SpoofedSource,
         Step,
     },
@@ -55,6 +55,8 @@ pub struct Options {
     pub verbose: bool,
     /// Run every scenario through per-pod Services with kube-proxy in this mode.
     pub through_services: Option<KubeProxyMode>,
+    /// Wires pods this way whatever the scenarios' `model.cni` says.
+    pub cni: Option<Cni>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -374,7 +376,8 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         Err(error) => return fail(error.to_string()),
     };
     let prefix = format!("{NETNS_PREFIX}{}-{index}-", std::process::id());
-    let node = match Node::create(&prefix, &scenario.model.ip_families).await {
+    let cni = options.cni.unwrap_or(scenario.model.cni);
+    let node = match Node::create(&prefix, &scenario.model.ip_families, cni).await {
         Ok(node) => node,
         Err(error) => return fail(format!("cannot create the node: {error}")),
     };

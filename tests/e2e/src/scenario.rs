@@ -55,6 +55,17 @@ pub enum IpFamily {
     IPv6,
 }
 
+/// How the CNI wires pods to the node (`model.cni`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Cni {
+    /// A veth per pod with a host route to its address (kindnet, Calico).
+    #[default]
+    Ptp,
+    /// Pods are ports of a Linux bridge holding the pod network's gateway (flannel's `cni0`).
+    Bridge,
+}
+
 impl fmt::Display for IpFamily {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -127,17 +138,6 @@ pub struct Model {
     pub kube_proxy: KubeProxyMode,
     /// How pods are wired to the node.
     pub cni: Cni,
-}
-
-/// The shape of the pod network on the node.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Cni {
-    /// A veth per pod with a host route each (kindnet, Calico).
-    #[default]
-    Ptp,
-    /// Pods are ports of a Linux bridge holding the gateway (flannel's cni0, the bridge plugin).
-    Bridge,
 }
 
 /// `model.services`.
@@ -1603,6 +1603,23 @@ steps:
         let scenario = parse_str("format: netwarden-scenario/v1\nname: n\nmodel: { ip_families: [IPv6, IPv4] }\nsteps: []\n").unwrap();
         assert_eq!(scenario.model.ip_families, [IpFamily::IPv4, IpFamily::IPv6]);
         assert_eq!(scenario.model.pods.len(), 9);
+    }
+
+    #[test]
+    fn the_cni_s_shape_is_point_to_point_unless_a_bridge_is_asked_for() {
+        let shape = |model: &str| {
+            parse_str(&format!(
+                "format: netwarden-scenario/v1\nname: n\n{model}steps: []\n"
+            ))
+            .map(|scenario| scenario.model.cni)
+        };
+        assert_eq!(shape("").unwrap(), Cni::Ptp);
+        assert_eq!(shape("model: { cni: bridge }\n").unwrap(), Cni::Bridge);
+        assert_eq!(
+            shape("model: { namespaces: { x: {} }, pods: { x/a: {} }, cni: bridge }\n").unwrap(),
+            Cni::Bridge
+        );
+        assert!(shape("model: { cni: flannel }\n").is_err());
     }
 
     #[test]
