@@ -1,6 +1,7 @@
-//! The cluster DNS: a server a pod runs on its container ports named `dns` (UDP) and `dns-tcp`
-//! (TCP), as `CoreDNS` names them, answering for the Services and pods of the scenario the way
-//! `CoreDNS`'s `kubernetes` plugin does; and the client side of the `resolve` step.
+//! The cluster DNS: a server a model pod with `dns: true` runs on its container ports `dns`
+//! (53/UDP) and `dns-tcp` (53/TCP), named as `CoreDNS` names them, answering for the Services
+//! and pods of the scenario the way `CoreDNS`'s `kubernetes` plugin does; and the client side of
+//! the `resolve` step.
 //!
 //! Names: `<service>.<namespace>.svc.cluster.local` has the Service's `ClusterIPs` (A for the
 //! IPv4 one, AAAA for the IPv6 one), `<address with dashes>.<namespace>.pod.cluster.local` a
@@ -33,15 +34,16 @@ use tokio::{
 use crate::{
     netns::Netns,
     probe::ATTEMPT_TIMEOUT,
+    scenario::ContainerPort,
     scenario::{Protocol, ResolveExpectation},
     services::{PodEndpoint, Service},
 };
 
-/// The name of the container port a pod serves DNS over UDP on.
+/// The name of the container port a DNS pod serves DNS over UDP on.
 pub const UDP_PORT_NAME: &str = "dns";
-/// The name of the container port a pod serves DNS over TCP on.
+/// The name of the container port a DNS pod serves DNS over TCP on.
 pub const TCP_PORT_NAME: &str = "dns-tcp";
-/// The port of the DNS Service a `resolve` step queries.
+/// The port DNS pods serve on, and the port of the DNS Service a `resolve` step queries.
 pub const SERVICE_PORT: u16 = 53;
 /// The cluster's domain.
 const CLUSTER_DOMAIN: &str = "cluster.local";
@@ -49,6 +51,23 @@ const CLUSTER_DOMAIN: &str = "cluster.local";
 const TTL: u32 = 5;
 /// The largest UDP message a server or client reads.
 const MAX_UDP: usize = 4096;
+
+/// The container ports `dns: true` gives a pod, as `CoreDNS`'s Deployment declares them.
+#[must_use]
+pub fn container_ports() -> [ContainerPort; 2] {
+    [
+        ContainerPort {
+            name: Some(UDP_PORT_NAME.to_owned()),
+            container_port: SERVICE_PORT,
+            protocol: Protocol::Udp,
+        },
+        ContainerPort {
+            name: Some(TCP_PORT_NAME.to_owned()),
+            container_port: SERVICE_PORT,
+            protocol: Protocol::Tcp,
+        },
+    ]
+}
 
 /// The names the cluster DNS knows, shared by every DNS server of a scenario and replaced
 /// whenever the Services or pods change. Keys are lowercase, without the final dot.

@@ -505,7 +505,10 @@ impl ScenarioRun<'_> {
         let ports = pod
             .as_ref()
             .map_or(&self.scenario.model.default_ports, |pod| &pod.ports);
-        let servers = servers::start(&endpoint.netns, key, &endpoint.addresses, ports, &self.zone)?;
+        // Only model pods serve DNS: `dns: true` is a field of the model.
+        let dns =
+            (pod.is_some() && self.scenario.model.dns_pods.contains(key)).then_some(&self.zone);
+        let servers = servers::start(&endpoint.netns, key, &endpoint.addresses, ports, dns)?;
         self.progress.line(&format!(
             "  {key}: {} via {}",
             endpoint.addresses, endpoint.host_interface

@@ -121,6 +121,8 @@ pub struct Model {
     pub default_ports: Vec<ContainerPort>,
     /// `ns/name` to the pod, in grid order.
     pub pods: IndexMap<String, PodSpec>,
+    /// Model pods that serve the cluster DNS (`dns: true`) on their `dns` and `dns-tcp` ports.
+    pub dns_pods: BTreeSet<String>,
     /// External host keys, in grid order after the pods.
     pub external_hosts: Vec<String>,
     /// `services: per_pod`: a `ClusterIP` Service per pod, as upstream's e2e suite creates.
@@ -657,6 +659,9 @@ struct RawPod {
     annotations: Labels,
     #[serde(rename = "serviceAccountName")]
     service_account_name: Option<String>,
+    /// Serve the cluster DNS on container ports `dns` (53/UDP) and `dns-tcp` (53/TCP).
+    #[serde(default)]
+    dns: bool,
 }
 
 #[derive(Deserialize)]
@@ -812,6 +817,7 @@ pub fn upstream_model(ip_families: Vec<IpFamily>, ports: Option<Vec<ContainerPor
         namespaces,
         default_ports,
         pods,
+        dns_pods: BTreeSet::new(),
         external_hosts: Vec::new(),
         per_pod_services: false,
         kube_proxy: KubeProxyMode::default(),
@@ -962,6 +968,7 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
         );
     }
     let mut pods = IndexMap::new();
+    let mut dns_pods = BTreeSet::new();
     for (key, pod) in raw.pods.unwrap_or_default() {
         let (namespace, name) = split_pod_key(&key)?;
         if !namespaces.contains_key(namespace) {
@@ -970,7 +977,11 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
             ));
         }
         let pod = pod.unwrap_or_default();
-        let ports = pod.ports.unwrap_or_else(|| default_ports.clone());
+        let mut ports = pod.ports.unwrap_or_else(|| default_ports.clone());
+        if pod.dns {
+            ports.extend(dns::container_ports());
+            dns_pods.insert(key.clone());
+        }
         check_ports(&key, &ports)?;
         pods.insert(
             key.clone(),
@@ -995,6 +1006,7 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
         namespaces,
         default_ports,
         pods,
+        dns_pods,
         external_hosts,
         per_pod_services,
         kube_proxy,
@@ -1970,6 +1982,45 @@ steps:
         );
         assert!(steps("- { op: delete_service, service: x/web }\n").is_err());
         assert!(steps("- { op: create_service, service: x/nope }\n").is_err());
+    }
+
+    #[test]
+    fn dns_pods_get_the_coredns_ports() {
+        let text = SMALL.replace("x/b: {}", "x/b: { dns: true }");
+        let scenario = parse_str(&format!("{text}  []")).unwrap();
+        let model = &scenario.model;
+        assert_eq!(
+            model.dns_pods.iter().collect::<Vec<_>>(),
+            ["x/b"],
+            "only pods that ask"
+        );
+        let ports = &model.pods["x/b"].ports;
+        assert_eq!(
+            ports.len(),
+            3,
+            "the default port and dns, dns-tcp: {ports:?}"
+        );
+        assert!(ports.iter().any(|port| port.name.as_deref() == Some("dns")
+            && port.container_port == 53
+            && port.protocol == Protocol::Udp));
+        assert!(
+            ports
+                .iter()
+                .any(|port| port.name.as_deref() == Some("dns-tcp")
+                    && port.container_port == 53
+                    && port.protocol == Protocol::Tcp)
+        );
+        assert_eq!(model.pods["x/a"].ports.len(), 1);
+        let clash = SMALL.replace(
+            "x/b: {}",
+            "x/b: { dns: true, ports: [ { containerPort: 53, protocol: UDP } ] }",
+        );
+        assert!(
+            parse_str(&format!("{clash}  []"))
+                .unwrap_err()
+                .to_string()
+                .contains("listed twice")
+        );
     }
 
     #[test]
