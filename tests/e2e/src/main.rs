@@ -4,6 +4,7 @@
 mod agent;
 mod cleanup;
 mod crafted;
+mod dns;
 mod kind;
 mod kube_proxy;
 mod manifests;
