@@ -62,6 +62,10 @@ const SERVICE: &str = "server";
 /// [`LOOP_PORT`], so the destination port is rewritten too).
 const SERVICE_IPERF_PORT: u16 = IPERF_PORT;
 const SERVICE_LOOP_PORT: u16 = 80;
+/// A third Service port whose backend port ([`DENIED_PORT`], where nothing listens) the
+/// client's egress policy does not allow: the probe that the Service's flows are decided.
+const SERVICE_DENIED_PORT: u16 = 81;
+const DENIED_PORT: u16 = 7001;
 
 /// How long and how often each figure is measured.
 #[derive(Clone, Copy, Debug)]
@@ -411,6 +415,7 @@ impl<'node> Bench<'node> {
                 if netwarden {
                     self.netwarden(&service_cluster())?;
                 }
+                self.probe_service(netwarden)?;
             }
             Filter::Iptables(rules) => {
                 let mut script = String::from("*filter\n:NW-SERVER - [0:0]\n");
@@ -473,6 +478,36 @@ impl<'node> Bench<'node> {
             manifests.join(format!("{NAMESPACE}.yaml")),
         )?;
         self.wait_applied(true)
+    }
+
+    /// Checks that the Service configuration is what it claims, with a connection to the
+    /// Service port whose backend port the client's policy does not allow: kube-proxy alone
+    /// translates it to the server pod, which refuses it (nothing listens there; without the
+    /// translation the node would answer "unreachable"); with netwarden the flow is decided
+    /// after translation and its first packet dropped, so the connection times out.
+    fn probe_service(&self, netwarden: bool) -> anyhow::Result<()> {
+        let probe = on_thread_in(&self.node.netns_path("cli"), false, move || {
+            let target = SocketAddr::from((CLUSTER_IP, SERVICE_DENIED_PORT));
+            let result = TcpStream::connect_timeout(&target, Duration::from_millis(300));
+            let expected = if netwarden {
+                std::io::ErrorKind::TimedOut
+            } else {
+                std::io::ErrorKind::ConnectionRefused
+            };
+            match result {
+                Err(error) if error.kind() == expected => Ok(()),
+                Err(error) => bail!("connecting to {target}: {error}, expected {expected}"),
+                Ok(_) => bail!("connecting to {target} succeeded, expected {expected}"),
+            }
+        })?;
+        probe
+            .join()
+            .map_err(|_| anyhow::anyhow!("the Service probe panicked"))?
+            .context(if netwarden {
+                "netwarden does not decide the Service's flows"
+            } else {
+                "kube-proxy's rules do not translate the Service"
+            })
     }
 
     fn spawn_agent(&self) -> anyhow::Result<Agent> {
@@ -1089,7 +1124,7 @@ fn print_pass(
 }
 
 /// The node's `filter` and `nat` tables as kube-proxy in iptables mode writes them for the one
-/// Service of [`service_cluster`] (two TCP ports, one ready endpoint, the server pod): the
+/// Service of [`service_cluster`] (three TCP ports, one ready endpoint, the server pod): the
 /// chains, names, hashes, masquerade mark and rules of `pkg/proxy/iptables/proxier.go`
 /// (kubernetes/kubernetes), as the e2e harness generates them (`tests/e2e/src/kube_proxy.rs`)
 /// for a one-node cluster without NodePorts. Chain suffixes are kube-proxy's hashes:
@@ -1144,6 +1179,13 @@ fn kube_proxy_rules() -> String {
             "CULH3G2XHSMSUR2N",
             "KC3UELRLQCLCNCHY",
         ),
+        (
+            "denied",
+            SERVICE_DENIED_PORT,
+            DENIED_PORT,
+            "Y7UPYYRB5HOIY4CH",
+            "6DH5JKD7GW5QVRSE",
+        ),
     ];
     for (_, _, _, service_hash, endpoint_hash) in ports {
         let _ = writeln!(
@@ -1184,8 +1226,9 @@ fn kube_proxy_rules() -> String {
 
 /// The Service configuration: the 1-rule cluster (the server isolated, the client pod
 /// allowed), the client isolated for egress by a policy allowing the server pod by pod
-/// selector on the endpoint ports, and the server's Service with its `EndpointSlice`, so that
-/// the agent knows the `ClusterIP` as a frontend and decides the flow after translation.
+/// selector on the measured endpoint ports, and the server's Service with its
+/// `EndpointSlice`, so that the agent knows the `ClusterIP` as a frontend and decides the flow
+/// after translation. The Service's third port leads to a port the policy does not allow.
 fn service_cluster() -> Cluster {
     use netwarden_model::{
         AddressType, EndpointPort, EndpointSlice, EndpointSliceRef, Service, ServiceEndpoint,
@@ -1229,6 +1272,7 @@ fn service_cluster() -> Cluster {
     let ports = [
         ("iperf", SERVICE_IPERF_PORT, IPERF_PORT),
         ("loop", SERVICE_LOOP_PORT, LOOP_PORT),
+        ("denied", SERVICE_DENIED_PORT, DENIED_PORT),
     ];
     let service = Service {
         id: id.clone(),
