@@ -1127,7 +1127,7 @@ fn print_pass(
 /// Service of [`service_cluster`] (three TCP ports, one ready endpoint, the server pod): the
 /// chains, names, hashes, masquerade mark and rules of `pkg/proxy/iptables/proxier.go`
 /// (kubernetes/kubernetes), as the e2e harness generates them (`tests/e2e/src/kube_proxy.rs`)
-/// for a one-node cluster without NodePorts. Chain suffixes are kube-proxy's hashes:
+/// for a one-node cluster without `NodePort` Services. Chain suffixes are kube-proxy's hashes:
 /// base32(sha256(`bench/server:iperf` `tcp`))\[..16\] and so on, with the endpoint appended
 /// for `KUBE-SEP-`. Loaded with `iptables-nft-restore`, so one `nft flush ruleset` removes it.
 fn kube_proxy_rules() -> String {
