@@ -28,7 +28,8 @@ enum Task {
     Setup,
     /// Build the agent, the eBPF programs and the e2e harness (release).
     Build,
-    /// Unit tests, clippy on userspace and on the eBPF crate, and every e2e scenario.
+    /// Unit tests, clippy on userspace and on the eBPF crate, and every e2e scenario (the
+    /// upstream suite also through Services, with kube-proxy in iptables and nftables mode).
     Test {
         /// Run proptest cases by the thousand more (slow).
         #[arg(long)]
@@ -41,6 +42,9 @@ enum Task {
         /// Print every probe's grid.
         #[arg(long)]
         verbose: bool,
+        /// Run every scenario through per-pod Services with kube-proxy in this mode.
+        #[arg(long, value_parser = SERVICE_VARIANTS)]
+        variant: Option<String>,
     },
     /// Benchmarks that print ratios and summaries (run as root).
     Bench {
@@ -104,6 +108,14 @@ enum BenchKind {
     Identity,
 }
 
+/// The harness's `--variant`s: the scenarios run through Services, as on a real cluster.
+const SERVICE_VARIANTS: [&str; 2] = ["service-iptables", "service-nftables"];
+/// What runs in the service variants in `cargo xtask test`: upstream's suite, which upstream
+/// itself runs through a Service per pod.
+const SERVICE_VARIANT_SCENARIOS: &str = "tests/scenarios/upstream";
+/// What `cargo xtask test` runs once more with pods on a bridge (`--cni bridge`).
+const BRIDGE_SCENARIOS: &str = "tests/scenarios/upstream";
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
@@ -115,10 +127,14 @@ fn main() -> anyhow::Result<()> {
             build_release("netwarden-e2e")
         }
         Task::Test { thorough } => test(&root, thorough),
-        Task::E2e { paths, verbose } => {
+        Task::E2e {
+            paths,
+            verbose,
+            variant,
+        } => {
             setup::ensure()?;
             build_release("netwarden-e2e")?;
-            e2e(&paths, verbose)
+            e2e_with("release", &paths, verbose, variant.as_deref())
         }
         Task::Bench {
             bench: BenchKind::Compile,
@@ -210,11 +226,21 @@ fn build_release(package: &str) -> anyhow::Result<()> {
 }
 
 fn e2e(paths: &[PathBuf], verbose: bool) -> anyhow::Result<()> {
-    e2e_with("release", paths, verbose)
+    e2e_with("release", paths, verbose, None)
 }
 
-/// Runs the harness and agent built with `profile` (`release` or `debug`).
-fn e2e_with(profile: &str, paths: &[PathBuf], verbose: bool) -> anyhow::Result<()> {
+/// Runs the harness and agent built with `profile` (`release` or `debug`), in a service
+/// `variant` if one is given.
+fn e2e_with(
+    profile: &str,
+    paths: &[PathBuf],
+    verbose: bool,
+    variant: Option<&str>,
+) -> anyhow::Result<()> {
+    run_command(&mut e2e_command(profile, paths, verbose, variant))
+}
+
+fn e2e_command(profile: &str, paths: &[PathBuf], verbose: bool, variant: Option<&str>) -> Command {
     let mut command = Command::new(format!("target/{profile}/netwarden-e2e"));
     command
         .arg("run")
@@ -223,8 +249,11 @@ fn e2e_with(profile: &str, paths: &[PathBuf], verbose: bool) -> anyhow::Result<(
     if verbose {
         command.arg("--verbose");
     }
+    if let Some(variant) = variant {
+        command.args(["--variant", variant]);
+    }
     command.args(paths);
-    run_command(&mut command)
+    command
 }
 
 /// `cargo xtask e2e-kind`: checks the tools, then runs `netwarden-e2e kind`, which prints and
@@ -352,19 +381,74 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
     if shared.is_dir() {
         scenarios.push(shared);
     }
-    let e2e_result = e2e_with("debug", &scenarios, false);
+    // Every run goes ahead even when an earlier one failed: each says something of its own
+    // (the pod-IP run about policy, the variants about policy behind kube-proxy's NAT).
+    let mut e2e_results = vec![e2e_with("debug", &scenarios, false, None)];
+    for variant in SERVICE_VARIANTS {
+        let variant_started = Instant::now();
+        println!("==> e2e {SERVICE_VARIANT_SCENARIOS} --variant {variant}");
+        e2e_results.push(e2e_with(
+            "debug",
+            &[PathBuf::from(SERVICE_VARIANT_SCENARIOS)],
+            false,
+            Some(variant),
+        ));
+        println!(
+            "<== e2e --variant {variant}: {:.1}s",
+            variant_started.elapsed().as_secs_f64()
+        );
+    }
+    // The upstream suite again with pods on a bridge (flannel's shape), where the agent finds
+    // pods through their veths' other ends instead of host routes.
+    let bridge_started = Instant::now();
+    println!("==> e2e {BRIDGE_SCENARIOS} --cni bridge");
+    let mut on_bridge = e2e_command("debug", &[PathBuf::from(BRIDGE_SCENARIOS)], false, None);
+    on_bridge.args(["--cni", "bridge"]);
+    e2e_results.push(run_command(&mut on_bridge));
+    println!(
+        "<== e2e --cni bridge: {:.1}s",
+        bridge_started.elapsed().as_secs_f64()
+    );
     println!(
         "cargo xtask test: {:.0}s in all",
         started.elapsed().as_secs_f64()
     );
-    e2e_result
+    e2e_results.into_iter().collect()
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
 
-    use super::e2e_kind_command;
+    use super::{SERVICE_VARIANTS, e2e_command, e2e_kind_command};
+
+    #[test]
+    fn e2e_passes_the_service_variant_to_the_harness() {
+        let command = e2e_command(
+            "debug",
+            &[PathBuf::from("tests/scenarios/upstream")],
+            false,
+            Some(SERVICE_VARIANTS[1]),
+        );
+        assert_eq!(command.get_program(), "target/debug/netwarden-e2e");
+        let args: Vec<_> = command
+            .get_args()
+            .map(|arg| arg.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "run",
+                "--agent",
+                "target/debug/netwarden",
+                "--variant",
+                "service-nftables",
+                "tests/scenarios/upstream"
+            ]
+        );
+        let plain = e2e_command("release", &[], true, None);
+        assert!(!plain.get_args().any(|arg| arg == "--variant"));
+    }
 
     #[test]
     fn e2e_kind_runs_the_harness_kind_command_with_every_option() {

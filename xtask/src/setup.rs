@@ -9,7 +9,8 @@ use anyhow::{Context as _, bail};
 use crate::{run, run_command};
 
 /// Debian packages: LLVM 22 for bpf-linker, iproute2 and procps (`sysctl`) for the simulated
-/// node.
+/// node, iptables and nftables for the kube-proxy it emulates (Services in both of kube-proxy's
+/// modes).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -18,6 +19,8 @@ const APT_PACKAGES: &[&str] = &[
     "libxml2-dev",
     "iproute2",
     "procps",
+    "iptables",
+    "nftables",
 ];
 
 /// Debian packages the traffic benchmark drives: iperf3 and the firewalls it compares with.

@@ -459,7 +459,6 @@ pub mod conntrack_tuple {
     pub const SIZE: usize = 40;
 }
 
-
 /// A verdict the datapath reports to the agent through the `EVENTS` ring buffer: every deny,
 /// and new allowed flows as sampled by [`SETTING_ALLOW_EVENT_PERIOD`], within a per-CPU rate
 /// limit (the loss is counted, the datapath never waits).
@@ -629,6 +628,10 @@ pub mod counter {
         /// headers of a flow it must decide.
         DENIED_UNREADABLE_TRANSLATION = 16, Deny, "denied_unreadable_translation",
             "a flow to a Service whose translation could not be read";
+        /// Passed: a pod reaching itself through a Service (hairpin). Through its own address
+        /// it reaches itself over loopback, where no policy applies; its Service is no different.
+        ALLOWED_SELF = 17, Allow, "allowed_self",
+            "a pod reaching itself through a Service (hairpin)";
     }
 
     /// Number of reasons.

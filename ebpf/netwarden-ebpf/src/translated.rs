@@ -42,8 +42,8 @@ use crate::{
     packet::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
     verdict::{
         self, Attribution, Decision, ENDPOINT_OF_ADDRESS, ENDPOINTS, TRANSLATIONS, conntrack_entry,
-        conntrack_insert, conntrack_remove, count, current_epoch, decide, frontend_of,
-        is_allowed, now_ticks, opening_port, report,
+        conntrack_insert, conntrack_remove, count, current_epoch, decide, frontend_of, is_allowed,
+        now_ticks, opening_port, report,
     },
 };
 
@@ -90,6 +90,9 @@ pub struct Tuples {
     key: FlowKey,
     /// The same flow with the peer it is judged on.
     judged: FlowKey,
+    /// The conntrack state and translation written for an allowed flow.
+    state: FlowState,
+    translation: Translation,
 }
 
 /// Per-CPU room for [`Tuples`]: a BPF program has 512 bytes of stack for all its frames
@@ -223,7 +226,12 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
     };
     // SAFETY: the value is copied out at once.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(key.ifindex) }).copied() else {
-        report(judged, dir, counter::DENIED_ENDPOINT_NOT_READY, &attribution(0, 0));
+        report(
+            judged,
+            dir,
+            counter::DENIED_ENDPOINT_NOT_READY,
+            &attribution(0, 0),
+        );
         count(counter::DENIED_ENDPOINT_NOT_READY, dir, 0);
         return false;
     };
@@ -240,22 +248,32 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
         return false;
     }
     if may_open {
-        let translation = Translation {
+        let Some(scratch) = TUPLES.get_ptr_mut(0) else {
+            return false;
+        };
+        // SAFETY: per-CPU slot of a successful lookup; only this CPU uses it, for this packet
+        // (the same slot `tuples` points to: only fields `tuples` is not read through change).
+        let scratch = unsafe { &mut *scratch };
+        scratch.translation = Translation {
             peer_addr: judged.peer_addr,
             peer_port: judged.peer_port,
             padding: 0,
             frontend,
         };
         // The translation first: a packet that finds the flow finds what it was judged on.
-        let _ = TRANSLATIONS.insert(key, &translation, 0);
-        let state = FlowState {
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "by value the translation would be copied onto a stack that is all but full"
+        )]
+        let _ = TRANSLATIONS.insert(key, &scratch.translation, 0);
+        scratch.state = FlowState {
             origin: dir,
             epoch,
             flags: mtls::flags_for_new_flow(key, dir),
             activity: flow_activity::TRANSLATED,
             last_seen: now_ticks(),
         };
-        conntrack_insert(key, &state);
+        conntrack_insert(key, &scratch.state);
         if verdict::allow_event_sampled() {
             report(judged, dir, reason, &attribution(policy, rule));
         }
@@ -293,7 +311,10 @@ fn untracked(skb: u64, layout: &KernelLayout) -> i32 {
             let mut source = [0_u8; 16];
             let mut destination = [0_u8; 16];
             mapped_v4(&mut source, [first[12], first[13], first[14], first[15]]);
-            mapped_v4(&mut destination, [first[16], first[17], first[18], first[19]]);
+            mapped_v4(
+                &mut destination,
+                [first[16], first[17], first[18], first[19]],
+            );
             (first[9], source, destination, l4)
         }
         6 => {
@@ -367,7 +388,7 @@ fn unreadable() -> i32 {
 #[inline(always)]
 fn endpoint_of(addr: &[u8; 16]) -> Option<u32> {
     ENDPOINT_OF_ADDRESS
-        .get_ptr(&IpKey { addr: *addr })
+        .get_ptr(IpKey { addr: *addr })
         // SAFETY: the pointer comes from a successful lookup and is read at once.
         .map(|ifindex| unsafe { *ifindex })
 }

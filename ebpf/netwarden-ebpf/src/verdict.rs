@@ -42,7 +42,11 @@
 //!    An ICMP error quoting a packet of a tracked flow: pass (PMTU discovery keeps working).
 //! 4. F tracked, epoch stale: decide again for the direction that opened F; drop and forget F
 //!    when that decision now denies (a revoked permission does not live on in conntrack).
-//! 5. F new: decide for D; track F when allowed and the packet may open a flow (for TCP only
+//!    A translated F (`flow_activity::TRANSLATED`) is decided again on the peer it was judged
+//!    on (`TRANSLATIONS`: the Service's backend, or the masqueraded client).
+//! 5. F new, leaving the pod for a Service frontend (`FRONTENDS`): pass on undecided; the hook
+//!    after translation (`translated.rs`) decides it on the backend it reaches.
+//! 6. F new: decide for D; track F when allowed and the packet may open a flow (for TCP only
 //!    a SYN may: a mid-stream packet passes or drops on its own and never creates state, so a
 //!    revoked connection cannot be revived by the server's next segment).
 //!
@@ -50,6 +54,8 @@
 //! and 4: it may drop a packet the policy allows, never pass one it denies.
 //!
 //! decide(E, D, peer address, protocol, destination port):
+//!   0. the peer is the pod itself (only a flow judged after translation can be: a pod reaching
+//!      itself through its own Service): allow, as over loopback.
 //!   a. D is ingress and the peer is the node: allow (kubelet probes keep working).
 //!   b. E not READY (pod object unknown, or locked down): deny.
 //!   c. D not isolated (policy id 0): allow.
@@ -69,8 +75,9 @@ use netwarden_common::{
     CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint,
     EndpointAddress, EventBudget, FlowKey, FlowKeyV4, FlowState, FrontendKey, FrontendValue,
     IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED,
-    PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, SETTING_FRONTENDS_INSTALLED, SETTINGS_COUNT, Translation, VerdictEvent,
-    clock_ticks, counter, direction, endpoint_state, flow_activity, flow_flags, ipv4_of_mapped,
+    PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, SETTING_FRONTENDS_INSTALLED,
+    SETTINGS_COUNT, Translation, VerdictEvent, clock_ticks, counter, direction, endpoint_state,
+    flow_activity, flow_flags, ipv4_of_mapped,
 };
 
 use crate::{
@@ -176,7 +183,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             );
             if screened != mtls::PASS {
                 if !was_cut {
-                    report(&flow, dir, screened, &Attribution { policy: 0, rule: 0, frontend: 0 });
+                    report(
+                        &flow,
+                        dir,
+                        screened,
+                        &Attribution {
+                            policy: 0,
+                            rule: 0,
+                            frontend: 0,
+                        },
+                    );
                 }
                 return count(screened, dir, DENY);
             }
@@ -189,7 +205,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     // SAFETY: the value is copied out at once; a concurrent update can at worst make this
     // packet see the endpoint's previous state, which was valid too.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(flow.ifindex) }).copied() else {
-        report(&flow, dir, counter::DENIED_ENDPOINT_NOT_READY, &Attribution { policy: 0, rule: 0, frontend: 0 });
+        report(
+            &flow,
+            dir,
+            counter::DENIED_ENDPOINT_NOT_READY,
+            &Attribution {
+                policy: 0,
+                rule: 0,
+                frontend: 0,
+            },
+        );
         return count(counter::DENIED_ENDPOINT_NOT_READY, dir, DENY);
     };
     let policy = if dir == direction::INGRESS {
@@ -198,7 +223,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         endpoint.egress_policy
     };
     if dir == direction::EGRESS && !owns_address(&flow) {
-        report(&flow, dir, counter::DENIED_SPOOFED, &Attribution { policy: policy, rule: 0, frontend: 0 });
+        report(
+            &flow,
+            dir,
+            counter::DENIED_SPOOFED,
+            &Attribution {
+                policy,
+                rule: 0,
+                frontend: 0,
+            },
+        );
         return count(counter::DENIED_SPOOFED, dir, DENY);
     }
     if opening == Opening::Error {
@@ -235,7 +269,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             return count(counter::ALLOWED_TRACKED, dir, ALLOW);
         }
         conntrack_remove(&flow);
-        report(&judged.unwrap_or(flow), origin, counter::DENIED_REVOKED, &Attribution { policy: policy, rule: 0, frontend: 0 });
+        report(
+            &judged.unwrap_or(flow),
+            origin,
+            counter::DENIED_REVOKED,
+            &Attribution {
+                policy,
+                rule: 0,
+                frontend: 0,
+            },
+        );
         return count(counter::DENIED_REVOKED, dir, DENY);
     }
 
@@ -264,20 +307,56 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             };
             conntrack_insert(&flow, &state);
             if screened != mtls::PASS {
-                report(&flow, dir, screened, &Attribution { policy: policy, rule: 0, frontend: 0 });
+                report(
+                    &flow,
+                    dir,
+                    screened,
+                    &Attribution {
+                        policy,
+                        rule: 0,
+                        frontend: 0,
+                    },
+                );
                 return count(screened, dir, DENY);
             }
             if allow_event_sampled() {
-                report(&flow, dir, reason, &Attribution { policy: policy, rule: rule, frontend: 0 });
+                report(
+                    &flow,
+                    dir,
+                    reason,
+                    &Attribution {
+                        policy,
+                        rule,
+                        frontend: 0,
+                    },
+                );
             }
         } else if mtls::untracked_payload_refused(ctx, &flow, dir, layout.l4_offset, layout.ip_end)
         {
-            report(&flow, dir, counter::DENIED_PLAINTEXT_TO_STRICT, &Attribution { policy: policy, rule: 0, frontend: 0 });
+            report(
+                &flow,
+                dir,
+                counter::DENIED_PLAINTEXT_TO_STRICT,
+                &Attribution {
+                    policy,
+                    rule: 0,
+                    frontend: 0,
+                },
+            );
             return count(counter::DENIED_PLAINTEXT_TO_STRICT, dir, DENY);
         }
         return count(reason, dir, ALLOW);
     }
-    report(&flow, dir, reason, &Attribution { policy: policy, rule: 0, frontend: 0 });
+    report(
+        &flow,
+        dir,
+        reason,
+        &Attribution {
+            policy,
+            rule: 0,
+            frontend: 0,
+        },
+    );
     count(reason, dir, DENY)
 }
 
@@ -419,7 +498,7 @@ pub(crate) fn frontend_of(addr: &[u8; 16], protocol: u8, port: u16) -> u32 {
         port,
     };
     FRONTENDS
-        .get_ptr(&key)
+        .get_ptr(key)
         // SAFETY: the pointer comes from a successful lookup and is read at once.
         .map_or(0, |found| unsafe { (*found).id })
 }
@@ -481,7 +560,10 @@ pub(crate) fn opening_port(flow: &FlowKey, origin: u32) -> u16 {
 pub(crate) fn is_allowed(reason: u32) -> bool {
     matches!(
         reason,
-        counter::ALLOWED_BY_POLICY | counter::ALLOWED_NODE | counter::ALLOWED_NOT_ISOLATED
+        counter::ALLOWED_BY_POLICY
+            | counter::ALLOWED_NODE
+            | counter::ALLOWED_NOT_ISOLATED
+            | counter::ALLOWED_SELF
     )
 }
 
@@ -503,6 +585,11 @@ impl Decision {
 /// their own.
 #[inline(never)]
 pub(crate) fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision {
+    if same_address(&flow.peer_addr, &flow.pod_addr) {
+        // Only a flow decided after translation can be judged on the pod itself: a pod
+        // reaching itself through its own Service (hairpin).
+        return Decision::because(counter::ALLOWED_SELF);
+    }
     let peer = peer_identity(&flow.peer_addr);
     if dir == direction::INGRESS && peer == IDENTITY_HOST {
         return Decision::because(counter::ALLOWED_NODE);
@@ -537,6 +624,24 @@ pub(crate) fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -
         };
     }
     Decision::because(counter::DENIED_BY_POLICY)
+}
+
+/// Whether two addresses are equal, compared as two words each.
+#[inline(always)]
+fn same_address(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let word = |addr: &[u8; 16], at: usize| {
+        u64::from_ne_bytes([
+            addr[at],
+            addr[at + 1],
+            addr[at + 2],
+            addr[at + 3],
+            addr[at + 4],
+            addr[at + 5],
+            addr[at + 6],
+            addr[at + 7],
+        ])
+    };
+    word(a, 0) == word(b, 0) && word(a, 8) == word(b, 8)
 }
 
 /// The CIDR class of `addr` in `policy`, from the trie of the address's family.

@@ -198,6 +198,7 @@ pub fn iptables_rules(family: IpFamily, ports: &[ProxiedPort]) -> String {
         ":OUTPUT ACCEPT [0:0]".to_owned(),
         ":KUBE-SERVICES - [0:0]".to_owned(),
         ":KUBE-EXTERNAL-SERVICES - [0:0]".to_owned(),
+        ":KUBE-FORWARD - [0:0]".to_owned(),
     ];
     // kube-proxy's jumps into its filter chains: new connections to a Service without
     // endpoints are rejected there, before (and instead of) reaching the nat table's rules.
@@ -206,6 +207,13 @@ pub fn iptables_rules(family: IpFamily, ports: &[ProxiedPort]) -> String {
         "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES".to_owned(),
         "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES".to_owned(),
         "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES".to_owned(),
+        // KUBE-FORWARD: forwarded packets conntrack calls INVALID are dropped (a real
+        // difference from nftables mode, which has no such rule); the rest is accepted, as
+        // the node's FORWARD policy would anyway.
+        "-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD".to_owned(),
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP".to_owned(),
+        format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQUERADE_MARK}/{MASQUERADE_MARK} -j ACCEPT"),
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_owned(),
     ];
     let mut nat_chains = vec![
         ":PREROUTING ACCEPT [0:0]".to_owned(),
@@ -675,6 +683,7 @@ mod tests {
         );
         assert!(rules.contains("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"));
         assert!(rules.contains("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"));
+        assert!(rules.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"));
         assert!(rules.contains(
             "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
         ));

@@ -333,3 +333,26 @@ impl Flow {
         answer.await.unwrap_or(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_must_come_from_the_right_server_for_this_line() {
+        let exact = Answerer::Exactly("x/a");
+        assert!(exact.answered(Protocol::Tcp, 80, "probe 1", "x/a TCP 80 probe 1"));
+        assert!(!exact.answered(Protocol::Tcp, 80, "probe 1", "x/a TCP 81 probe 1"));
+        assert!(!exact.answered(Protocol::Tcp, 80, "probe 1", "x/b TCP 80 probe 1"));
+        assert!(!exact.answered(Protocol::Tcp, 80, "probe 1", "x/a TCP 80 probe 0"));
+        let endpoints = ["web/a".to_owned(), "web/b".to_owned()];
+        let any = Answerer::AnyOf(&endpoints);
+        // Behind a Service the answering pod serves its own (target) port, not the dialled one.
+        assert!(any.answered(Protocol::Udp, 53, "probe 2", "web/b UDP 5353 probe 2"));
+        assert!(!any.answered(Protocol::Udp, 53, "probe 2", "web/c UDP 5353 probe 2"));
+        assert!(!any.answered(Protocol::Udp, 53, "probe 2", "web/a TCP 5353 probe 2"));
+        assert!(!any.answered(Protocol::Udp, 53, "probe 2", "web/a UDP x probe 2"));
+        assert!(any.is_server_of(Protocol::Udp, "web/a UDP 5353 probe 1"));
+        assert!(!any.is_server_of(Protocol::Udp, "db/a UDP 5353 probe 1"));
+    }
+}

@@ -1,7 +1,8 @@
 //! Services and their `EndpointSlices`, kept the way the API server and kube's endpointslice
 //! controller keep them: `ClusterIPs` (and nodePorts) are allocated when a Service is created,
 //! and every Service's slices are recomputed from its selector whenever a pod appears,
-//! disappears or is relabelled.
+//! disappears or is relabelled. Per-pod Services are the exception: they have no selector and
+//! one slice naming their pod, so they keep reaching exactly that pod whatever its labels.
 //!
 //! The objects are written to the agent's manifest directory beside the Pods, and the same
 //! in-memory objects feed the kube-proxy emulation (`kube_proxy`), so the node's netfilter and
@@ -84,10 +85,20 @@ pub struct ServiceSpec {
     pub namespace: String,
     pub name: String,
     pub kind: ServiceType,
-    pub selector: Labels,
+    pub backends: Backends,
     pub ports: Vec<ServicePort>,
     /// `ClusterIPs` the scenario asks for; the harness allocates the missing families.
     pub requested_ips: Vec<IpAddr>,
+}
+
+/// Which pods a Service's `EndpointSlices` list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backends {
+    /// The pods of its namespace its selector matches, kept by kube's endpointslice controller.
+    Selector(Labels),
+    /// One pod by name: a Service without a selector whose slice another controller keeps (here
+    /// the harness), as Kubernetes allows.
+    Pod(String),
 }
 
 impl ServiceSpec {
@@ -96,16 +107,18 @@ impl ServiceSpec {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// The per-pod Service upstream's e2e suite creates for every server pod: it selects the
-    /// pod by its labels at creation (upstream's pods carry exactly `pod: <name>`) and has one
-    /// `ServicePort` per container port, reaching it by name.
+    /// The per-pod Service upstream's e2e suite creates for every server pod, with one
+    /// `ServicePort` per container port, reaching it by name. Upstream selects the pod by
+    /// `pod: <name>`, a label its tests never take away; here the Service names the pod
+    /// itself, so that a scenario relabelling a pod any way it likes still reaches it through
+    /// its Service, as its pod-IP expectations assume.
     #[must_use]
     pub fn per_pod(pod: &PodSpec) -> Self {
         Self {
             namespace: pod.namespace.clone(),
             name: per_pod_name(&pod.namespace, &pod.name),
             kind: ServiceType::ClusterIP,
-            selector: pod.labels.clone(),
+            backends: Backends::Pod(pod.name.clone()),
             ports: pod
                 .ports
                 .iter()
@@ -214,7 +227,7 @@ pub fn parse_service(key: &str, value: serde_yaml::Value) -> Result<ServiceSpec,
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         kind: spec.kind,
-        selector: spec.selector,
+        backends: Backends::Selector(spec.selector),
         ports: spec.ports,
         requested_ips,
     })
@@ -263,6 +276,8 @@ pub struct EndpointSlice {
     pub family: IpFamily,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<SliceEndpoint>,
+    /// Kept by kube's endpointslice controller (for a selector), or by the harness.
+    pub by_selector: bool,
 }
 
 /// A published pod, as the endpointslice controller sees it.
@@ -286,10 +301,12 @@ pub fn endpoint_slices(service: &Service, pods: &[PodEndpoint<'_>]) -> Vec<Endpo
         let mut groups: BTreeMap<Vec<SlicePort>, Vec<SliceEndpoint>> = BTreeMap::new();
         for pod in pods {
             let selected = pod.spec.namespace == spec.namespace
-                && spec
-                    .selector
-                    .iter()
-                    .all(|(key, value)| pod.spec.labels.get(key) == Some(value));
+                && match &spec.backends {
+                    Backends::Selector(selector) => selector
+                        .iter()
+                        .all(|(key, value)| pod.spec.labels.get(key) == Some(value)),
+                    Backends::Pod(name) => pod.spec.name == *name,
+                };
             let Some(address) = pod.addresses.get(family) else {
                 continue;
             };
@@ -328,6 +345,7 @@ pub fn endpoint_slices(service: &Service, pods: &[PodEndpoint<'_>]) -> Vec<Endpo
                 family,
                 ports,
                 endpoints,
+                by_selector: matches!(spec.backends, Backends::Selector(_)),
             });
         }
     }
@@ -488,7 +506,7 @@ pub fn service_object(service: &Service) -> serde_json::Value {
             value
         })
         .collect();
-    json!({
+    let mut object = json!({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": { "name": spec.name, "namespace": spec.namespace },
@@ -497,14 +515,17 @@ pub fn service_object(service: &Service) -> serde_json::Value {
                 ServiceType::ClusterIP => "ClusterIP",
                 ServiceType::NodePort => "NodePort",
             },
-            "selector": spec.selector,
             "clusterIP": ips.first(),
             "clusterIPs": ips,
             "ipFamilies": families,
             "ipFamilyPolicy": if ips.len() > 1 { "RequireDualStack" } else { "SingleStack" },
             "ports": ports,
         },
-    })
+    });
+    if let Backends::Selector(selector) = &spec.backends {
+        object["spec"]["selector"] = json!(selector);
+    }
+    object
 }
 
 /// The `EndpointSlice` object as kube's endpointslice controller writes it.
@@ -541,7 +562,11 @@ pub fn slice_object(slice: &EndpointSlice) -> serde_json::Value {
             "namespace": slice.namespace,
             "labels": {
                 "kubernetes.io/service-name": slice.service,
-                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                "endpointslice.kubernetes.io/managed-by": if slice.by_selector {
+                    "endpointslice-controller.k8s.io"
+                } else {
+                    "netwarden-e2e"
+                },
             },
         },
         "addressType": slice.family.to_string(),
@@ -635,9 +660,28 @@ mod tests {
         assert_eq!(object["addressType"], "IPv4");
         assert_eq!(object["endpoints"][0]["targetRef"]["name"], "a");
         assert_eq!(object["endpoints"][0]["conditions"]["ready"], true);
+        assert_eq!(
+            object["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"],
+            "netwarden-e2e"
+        );
         let object = service_object(&service);
         assert_eq!(object["spec"]["ports"][0]["targetPort"], "serve-80-tcp");
         assert_eq!(object["spec"]["clusterIPs"][0], "10.96.0.10");
+        assert!(
+            object["spec"].get("selector").is_none(),
+            "named, not selected"
+        );
+        // Relabelling the pod keeps it behind its Service.
+        let mut relabelled = a.clone();
+        relabelled.labels.clear();
+        let slices = endpoint_slices(
+            &service,
+            &[PodEndpoint {
+                spec: &relabelled,
+                addresses: &address_a,
+            }],
+        );
+        assert_eq!(slices[0].endpoints.len(), 1);
     }
 
     #[test]

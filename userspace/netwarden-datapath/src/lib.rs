@@ -1429,8 +1429,10 @@ fn sum_counters(map: &PerCpuArray<MapData, u64>) -> Vec<u64> {
         .collect()
 }
 
-/// Which interface enforces for which endpoint: local pods through the veth their IP is routed
-/// to, and veths routed to an address no local pod has (a pod the agent has not heard of yet).
+/// Which interface enforces for which endpoint: local pods through the veth that leads to their
+/// IP (its other end holds it, or the node routes it there), and veths that lead to a pod no
+/// local pod object describes yet (a pod the agent has not heard of): those are unknown
+/// endpoints, allowed only node traffic and only from the addresses seen on them.
 fn desired_endpoints(
     state: &DatapathState,
     network: &NodeNetwork,
@@ -1477,27 +1479,52 @@ fn desired_endpoints(
     }
     // A veth routed to an address no local pod has yet: a pod the agent has not heard of.
     for (ip, interface) in network.veth_host_routes() {
-        let known_pod = desired
-            .get(&interface.index)
-            .is_some_and(|endpoint| endpoint.pod.is_some());
-        if !known_ips.contains(&ip) && !known_pod {
-            let value = Endpoint {
-                state: endpoint_state::UNKNOWN,
-                ..Endpoint::default()
-            };
-            let unknown = desired
-                .entry(interface.index)
-                .or_insert_with(|| DesiredEndpoint {
-                    pod: None,
-                    value,
-                    interface: interface.name.clone(),
-                    addresses: Vec::new(),
-                });
-            unknown.addresses.push(ip);
+        if !known_ips.contains(&ip) {
+            add_unknown_endpoint(&mut desired, interface, &[ip]);
         }
+    }
+    // A bridge port, or a veth whose other end has addresses, that no known pod's address
+    // leads to: also a pod the agent has not heard of, whatever its addresses are.
+    for interface in network.pod_veths() {
+        let addresses = interface
+            .peer
+            .as_ref()
+            .map_or(&[][..], |peer| &peer.addresses);
+        add_unknown_endpoint(&mut desired, interface, addresses);
     }
     desired
 }
+
+/// Makes `interface` an unknown endpoint sending from `addresses` (among others already
+/// recorded), unless it enforces for a known pod.
+fn add_unknown_endpoint(
+    desired: &mut BTreeMap<u32, DesiredEndpoint>,
+    interface: &netlink::Interface,
+    addresses: &[IpAddr],
+) {
+    let endpoint = desired
+        .entry(interface.index)
+        .or_insert_with(|| DesiredEndpoint {
+            pod: None,
+            value: Endpoint {
+                state: endpoint_state::UNKNOWN,
+                ..Endpoint::default()
+            },
+            interface: interface.name.clone(),
+            addresses: Vec::new(),
+        });
+    if endpoint.pod.is_some() {
+        return;
+    }
+    for ip in addresses {
+        if !endpoint.addresses.contains(ip) {
+            endpoint.addresses.push(*ip);
+        }
+    }
+}
+
+#[cfg(test)]
+mod desired_endpoints_tests;
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where

@@ -445,7 +445,8 @@ fn bind_unix(path: &Path, access: SocketAccess) -> std::io::Result<UnixListener>
 }
 
 /// Serves `service` on a TCP `address`; only callers whose address is one of the node's or of
-/// a local pod (as the current snapshot says) are served, others are closed at once.
+/// a local pod (as the current snapshot says) are served, others are closed at once. Each
+/// request is then only decided for a caller asking about its own pod ([`may_ask_about`]).
 pub async fn serve_tcp(
     address: SocketAddr,
     service: Arc<IdentityService>,

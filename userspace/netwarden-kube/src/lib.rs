@@ -126,6 +126,14 @@ const KINDS: [&str; 5] = [
     "Service",
     "EndpointSlice",
 ];
+/// Their API resources, in the same order.
+const RESOURCES: [&str; KINDS.len()] = [
+    "namespaces",
+    "pods",
+    "networkpolicies",
+    "services",
+    "endpointslices",
+];
 
 /// How long a kind's watcher may keep failing, with no success in between, before the source
 /// reports it stale: longer than a few of the watcher's backoffs (at most 30 s each), so one
@@ -137,6 +145,8 @@ pub const DEFAULT_STALE_AFTER: Duration = Duration::from_mins(1);
 pub struct WatchHealth {
     /// `Namespace`, `Pod` or `NetworkPolicy`.
     pub kind: &'static str,
+    /// Its API resource: `namespaces`, `pods` or `networkpolicies`.
+    pub resource: &'static str,
     /// When a list or watch request of this kind was last accepted by the API server, or an
     /// event of it arrived (wall clock); `None` before the first.
     pub last_success: Option<SystemTime>,
@@ -295,13 +305,15 @@ impl KubeSource {
         let health = *self.shared.health.lock().expect("health lock");
         KINDS
             .iter()
+            .zip(RESOURCES)
             .zip(health)
-            .map(|(kind, health)| {
+            .map(|((kind, resource), health)| {
                 let failing_for = health
                     .failing_since
                     .map(|since| now.saturating_duration_since(since));
                 WatchHealth {
                     kind,
+                    resource,
                     last_success: health.last_success,
                     failing_for,
                     healthy: failing_for.is_none_or(|failing| failing < self.stale_after),

@@ -30,7 +30,7 @@ use crate::{
     input::Input,
     metrics::{Applied, Metrics},
     retry::Retry,
-    status::{self, EndpointStatus, Status, UnenforcedStatus, Verdicts},
+    status::{self, EndpointStatus, Status, UnenforcedStatus, Verdicts, WatchStatus},
 };
 
 /// `netwarden agent`.
@@ -59,6 +59,12 @@ pub struct AgentOptions {
     /// address in a DaemonSet).
     #[arg(long)]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Without `--manifests`: after how long a Kubernetes API watch that keeps failing (with no
+    /// successful list or watch in between) is reported stale — `/readyz` fails, the
+    /// `netwarden_watch_healthy` metric and the status file say so. The datapath keeps
+    /// enforcing the last applied state either way. `60s`, `2m`, or seconds.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub watch_stale_after: Duration,
     /// Log JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -112,6 +118,7 @@ struct Agent<'a> {
     attribution: &'a SharedAttribution,
     metrics: &'a Metrics,
     identity: &'a IdentityWiring,
+    readiness: &'a health::ReadinessState,
 }
 
 /// Compiles the current input for `network`, applies it and writes the status file.
@@ -131,9 +138,11 @@ fn apply(
         attribution,
         metrics,
         identity,
+        readiness,
     } = agent;
     let started = Instant::now();
     let (cluster, input_errors) = input.cluster();
+    let watches = input.watch_health();
     let policies = cluster.policies.len();
     // The identity check decides on the same snapshot the compiler compiles.
     let identity_cluster = cluster.clone();
@@ -186,7 +195,18 @@ fn apply(
         errors,
         verdicts: Verdicts::from_counters(&datapath.verdicts()),
         identity_checks: identity.counts(),
+        watches: watches.iter().map(WatchStatus::of).collect(),
     };
+    metrics.observe_watches(&watches);
+    readiness.set_unenforced(report.unenforced.len());
+    readiness.applied(&watches);
+    for watch in watches.iter().filter(|watch| !watch.healthy) {
+        warn!(
+            resource = watch.resource,
+            failing_for_s = watch.failing_for.unwrap_or_default().as_secs(),
+            "the Kubernetes API watch is stale; enforcing the last applied state"
+        );
+    }
     metrics.observe_apply(&Applied {
         policies,
         input_errors: status.errors.len(),
@@ -214,10 +234,9 @@ fn apply(
     report.unenforced.len()
 }
 
-/// After an apply: ready only once every local pod is enforced, and a retry scheduled while
-/// one is not.
-fn settle(unenforced: usize, ready: &health::Readiness, retry: &mut Retry) {
-    ready.store(unenforced == 0, std::sync::atomic::Ordering::Release);
+/// After an apply: a retry scheduled while a local pod is unenforced (readiness says so too:
+/// `apply` reports the count before the apply as done).
+fn settle(unenforced: usize, retry: &mut Retry) {
     retry.after_apply(unenforced);
     if let Some(deadline) = retry.deadline() {
         let retry_in_ms = deadline
@@ -228,6 +247,26 @@ fn settle(unenforced: usize, ready: &health::Readiness, retry: &mut Retry) {
             retry_in_ms, "local pods not enforced; not ready, retrying"
         );
     }
+}
+
+/// A duration as `--watch-stale-after` takes it: `90s`, `2m`, `1h`, or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => 0,
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .filter(|value| seconds > 0 && *value > 0)
+        .and_then(|value| value.checked_mul(seconds))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 90s, 2m or 1h"))
 }
 
 /// Sweeps the pinned conntrack table for idle flows on a thread of its own, for as long as the
@@ -359,17 +398,39 @@ fn release_freed_memory() {
     }
 }
 
-/// What `/metrics` reads at every scrape. Without the verdict counters the other metrics are
-/// still worth serving.
-fn scrape_sources(datapath: &Datapath, identity: &IdentityWiring) -> health::ScrapeSources {
+/// Serves `/healthz`, `/readyz` and `/metrics` on `address`.
+async fn serve_health(
+    address: std::net::SocketAddr,
+    datapath: &Datapath,
+    identity: &IdentityWiring,
+    ready: &health::Readiness,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<()> {
+    // Without the counters the other metrics are still worth serving.
     let verdicts = datapath
         .verdict_counters()
         .inspect_err(|error| error!(%error, "verdict counters will not be exported"))
         .ok()
         .map(Arc::new);
-    health::ScrapeSources {
+    let sources = health::ScrapeSources {
         verdicts,
         identity_checks: identity.decision_counts(),
+    };
+    health::serve(address, Arc::clone(ready), Arc::clone(metrics), sources).await
+}
+
+/// The manifest directory, or the Kubernetes API once its caches are synced.
+async fn open_input(options: &AgentOptions) -> anyhow::Result<Input> {
+    match &options.manifests {
+        Some(dir) => Input::manifests(dir),
+        None => {
+            Input::kubernetes(
+                &options.node,
+                options.kubeconfig.as_deref(),
+                options.watch_stale_after,
+            )
+            .await
+        }
     }
 }
 
@@ -424,14 +485,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
     let ready = health::Readiness::default();
     if let Some(address) = options.metrics_address {
-        let sources = scrape_sources(&datapath, &identity);
-        health::serve(address, ready.clone(), Arc::clone(&metrics), sources).await?;
+        serve_health(address, &datapath, &identity, &ready, &metrics).await?;
     }
     let mut netlink = Netlink::open().context("opening netlink")?;
-    let mut input = match &options.manifests {
-        Some(dir) => Input::manifests(dir)?,
-        None => Input::kubernetes(&options.node, options.kubeconfig.as_deref()).await?,
-    };
+    let mut input = open_input(&options).await?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
 
@@ -470,6 +527,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 attribution: &attribution,
                 metrics: &metrics,
                 identity: &identity,
+                readiness: &ready,
             };
             let unenforced = apply(
                 &mut agent,
@@ -479,7 +537,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 change_seen.take(),
             );
             last_network = Some(network);
-            settle(unenforced, &ready, &mut retry);
+            settle(unenforced, &mut retry);
         }
 
         let mut retrying = false;
@@ -516,16 +574,14 @@ mod tests {
     use netwarden_model::{ManifestDir, PolicyRef};
     use netwarden_policy::Compiler;
 
-    use super::{over_capacity, settle};
-    use crate::{health::Readiness, retry::Retry};
+    use super::{over_capacity, parse_duration, settle};
+    use crate::{health::ReadinessState, retry::Retry};
 
     /// A pod whose attachment fails is retried by the timer alone, 100 ms then 200 ms later,
     /// and the agent is unready until it is enforced. Needs root (it loads and attaches
     /// programs, on the loopback of a network namespace of the test's own).
     #[test]
     fn a_failed_attach_is_retried_with_backoff_and_the_agent_is_unready_meanwhile() {
-        use std::sync::atomic::Ordering;
-
         use netwarden_datapath::{Capacity, Datapath, faults::Faults, netlink::NodeNetwork};
         use tokio::time::Instant;
 
@@ -565,14 +621,17 @@ status: {podIP: 10.0.0.1}
                     attaches: 3,
                     ..Faults::default()
                 });
-                let ready = Readiness::default();
+                let ready = ReadinessState::default();
                 let mut retry = Retry::default();
                 let mut waits = Vec::new();
                 let mut readiness = Vec::new();
                 loop {
                     let report = datapath.apply(&state, &network);
-                    settle(report.unenforced.len(), &ready, &mut retry);
-                    readiness.push(ready.load(Ordering::Acquire));
+                    // As the agent's apply reports it, then schedules the retry.
+                    ready.set_unenforced(report.unenforced.len());
+                    ready.applied(&[]);
+                    settle(report.unenforced.len(), &mut retry);
+                    readiness.push(ready.is_ready());
                     if retry.deadline().is_none() {
                         break;
                     }
@@ -588,6 +647,18 @@ status: {podIP: 10.0.0.1}
         let (waits, readiness) = outcome.expect("the test thread");
         assert_eq!(waits, [100, 200]);
         assert_eq!(readiness, [false, false, true]);
+    }
+
+    #[test]
+    fn durations_are_seconds_minutes_or_hours() {
+        let seconds = std::time::Duration::from_secs;
+        assert_eq!(parse_duration("60s"), Ok(seconds(60)));
+        assert_eq!(parse_duration("90"), Ok(seconds(90)));
+        assert_eq!(parse_duration("2m"), Ok(seconds(120)));
+        assert_eq!(parse_duration("1h"), Ok(seconds(3600)));
+        for bad in ["", "0s", "s", "1.5m", "10ms", "-1s", "1d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

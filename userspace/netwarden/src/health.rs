@@ -1,23 +1,24 @@
 //! The agent's HTTP endpoint on `--metrics-address`: `/healthz` and `/readyz` for the kubelet's
 //! probes, `/metrics` for Prometheus.
 //!
-//! Ready means the agent has applied the cluster (after the initial sync of its caches) and
-//! every local pod is enforced: a pod whose programs did not attach, whose map entry was not
-//! written or whose interface is not found yet keeps it unready until a retry succeeds.
-//! Healthy means its loop is running. A request is one line read and one response written:
-//! nothing here needs an HTTP framework.
+//! Ready means the agent has applied the cluster (after the initial sync of its caches), no
+//! watch of the Kubernetes API is stale, and every local pod is enforced (a pod whose programs
+//! did not attach, whose map entry was not written or whose interface is not found yet keeps
+//! it unready until a retry succeeds); healthy means its loop is running. A request is
+//! one line read and one response written: nothing here needs an HTTP framework.
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
 use anyhow::Context as _;
 use netwarden_datapath::VerdictCounters;
 use netwarden_identity::DecisionCounts;
+use netwarden_kube::WatchHealth;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
@@ -26,8 +27,77 @@ use tracing::info;
 
 use crate::metrics::{self, Metrics};
 
-/// Set after an apply that left no local pod unenforced; cleared after one that did.
-pub type Readiness = Arc<AtomicBool>;
+/// What `/readyz` answers, shared by the apply loop (writer) and the server.
+#[derive(Debug, Default)]
+pub struct ReadinessState {
+    /// Set once the first apply is done.
+    applied: AtomicBool,
+    /// Local pods the last apply left unenforced.
+    unenforced: AtomicUsize,
+    /// The watches that are stale, as of the last apply, in words.
+    stale_watches: Mutex<Vec<String>>,
+}
+
+/// Shared [`ReadinessState`].
+pub type Readiness = Arc<ReadinessState>;
+
+impl ReadinessState {
+    /// An apply is done, with the watches as they are now.
+    pub fn applied(&self, watches: &[WatchHealth]) {
+        let stale = watches
+            .iter()
+            .filter(|watch| !watch.healthy)
+            .map(|watch| {
+                format!(
+                    "the watch of {} has failed for {} s",
+                    watch.resource,
+                    watch.failing_for.unwrap_or_default().as_secs()
+                )
+            })
+            .collect();
+        *self
+            .stale_watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = stale;
+        self.applied.store(true, Ordering::Release);
+    }
+
+    /// How many local pods the apply about to be reported left unenforced.
+    pub fn set_unenforced(&self, unenforced: usize) {
+        self.unenforced.store(unenforced, Ordering::Release);
+    }
+
+    /// Whether `/readyz` answers 200.
+    #[cfg(test)]
+    pub fn is_ready(&self) -> bool {
+        self.check().is_ok()
+    }
+
+    /// `Ok` when ready, else why not.
+    fn check(&self) -> Result<(), String> {
+        if !self.applied.load(Ordering::Acquire) {
+            return Err("not applied yet".to_owned());
+        }
+        let unenforced = self.unenforced.load(Ordering::Acquire);
+        if unenforced > 0 {
+            return Err(format!(
+                "{unenforced} local pods not enforced yet; retrying (see the status file)"
+            ));
+        }
+        let stale = self
+            .stale_watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if stale.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "stale: {}; enforcing the last applied state",
+                stale.join("; ")
+            ))
+        }
+    }
+}
 
 /// Totals kept elsewhere that `/metrics` reads at every scrape.
 #[derive(Clone, Default)]
@@ -88,14 +158,10 @@ fn spawn(listener: TcpListener, ready: Readiness, metrics: Arc<Metrics>, sources
                 let text_plain = "text/plain; charset=utf-8";
                 let (status, content_type, body) = match path {
                     "/healthz" => ("200 OK", text_plain, "ok\n".to_owned()),
-                    "/readyz" if ready.load(Ordering::Acquire) => {
-                        ("200 OK", text_plain, "ready\n".to_owned())
-                    }
-                    "/readyz" => (
-                        "503 Service Unavailable",
-                        text_plain,
-                        "not applied yet, or a local pod is not enforced\n".to_owned(),
-                    ),
+                    "/readyz" => match ready.check() {
+                        Ok(()) => ("200 OK", text_plain, "ready\n".to_owned()),
+                        Err(why) => ("503 Service Unavailable", text_plain, format!("{why}\n")),
+                    },
                     "/metrics" => {
                         sources.observe(&metrics);
                         ("200 OK", metrics::CONTENT_TYPE, metrics.render())
@@ -114,7 +180,9 @@ fn spawn(listener: TcpListener, ready: Readiness, metrics: Arc<Metrics>, sources
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, atomic::Ordering};
+    use std::{sync::Arc, time::Duration};
+
+    use netwarden_kube::WatchHealth;
 
     use tokio::{
         io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -158,7 +226,33 @@ mod tests {
                 .await
                 .starts_with("HTTP/1.1 503 Service Unavailable\r\n")
         );
-        ready.store(true, Ordering::Release);
+        let watch = |healthy: bool| WatchHealth {
+            kind: "Pod",
+            resource: "pods",
+            last_success: None,
+            failing_for: (!healthy).then_some(Duration::from_secs(75)),
+            healthy,
+        };
+        ready.applied(&[watch(true)]);
+        assert!(
+            get(address, "/readyz")
+                .await
+                .starts_with("HTTP/1.1 200 OK\r\n")
+        );
+        // A stale watch: not ready, and the probe says why.
+        ready.applied(&[watch(false)]);
+        let response = get(address, "/readyz").await;
+        assert!(
+            response.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{response}"
+        );
+        assert!(
+            response.ends_with(
+                "stale: the watch of pods has failed for 75 s; enforcing the last applied state\n"
+            ),
+            "{response}"
+        );
+        ready.applied(&[watch(true)]);
         assert!(
             get(address, "/readyz")
                 .await

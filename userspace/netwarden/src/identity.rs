@@ -254,7 +254,9 @@ impl netwarden_identity::FlowCutter for KernelCutter {
             .cutter
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // The flow as the destination's endpoint keys it: the pod's side first.
+        // The flow as the destination's endpoint keys it: the pod's side first. Read, then
+        // updated: an entry evicted between the two is written back by the update, a window
+        // an update-only (`BPF_EXIST`) cut in the datapath's `FlowCutter` would close.
         let Some(flags) = cutter.flags(ifindex, destination, source) else {
             return format!("not cut: not tracked on ifindex {ifindex}");
         };

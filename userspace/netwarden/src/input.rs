@@ -1,11 +1,11 @@
 //! Where the agent reads the cluster from: a directory of manifests, or the Kubernetes API.
 //! Both yield the same validated model; everything after ingestion is one code path.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use anyhow::Context as _;
 use netwarden_kube::{
-    KubeSource,
+    KubeSource, WatchHealth,
     events::{self, PolicyEvents, Unenforceable},
 };
 use netwarden_model::{Cluster, ManifestDir};
@@ -57,12 +57,16 @@ impl Input {
 
     /// Watches the cluster the in-cluster configuration or `KUBECONFIG` points at, and waits
     /// for the first complete list of every kind: applying an empty cluster would open every
-    /// pod. Events it posts name `node`.
-    pub async fn kubernetes(node: &str, kubeconfig: Option<&Path>) -> anyhow::Result<Self> {
+    /// pod. Events it posts name `node`. A watcher failing for `stale_after` is reported stale.
+    pub async fn kubernetes(
+        node: &str,
+        kubeconfig: Option<&Path>,
+        stale_after: Duration,
+    ) -> anyhow::Result<Self> {
         let client = netwarden_kube::client(kubeconfig)
             .await
             .context("connecting to the Kubernetes API")?;
-        let mut source = KubeSource::start(client.clone());
+        let mut source = KubeSource::start(client.clone()).with_stale_after(stale_after);
         source.synced().await;
         Ok(Self::Kubernetes {
             source: Box::new(source),
@@ -139,6 +143,15 @@ impl Input {
         match self {
             Self::Manifests { .. } => 0,
             Self::Kubernetes { source, .. } => source.restarts(),
+        }
+    }
+
+    /// How the Kubernetes watchers are doing (none for a directory, which has no watch to
+    /// lose: inotify reports every change).
+    pub fn watch_health(&self) -> Vec<WatchHealth> {
+        match self {
+            Self::Manifests { .. } => Vec::new(),
+            Self::Kubernetes { source, .. } => source.watch_health(),
         }
     }
 

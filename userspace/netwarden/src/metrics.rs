@@ -7,7 +7,11 @@
 //! elsewhere (the datapath's per-CPU counters, the watchers' restarts) are exposed as those
 //! totals, not re-counted here: they survive agent restarts the way the pinned maps do.
 
-use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, UNIX_EPOCH},
+};
 
 use netwarden_common::{counter, direction};
 use netwarden_datapath::{
@@ -15,6 +19,7 @@ use netwarden_datapath::{
     conntrack::{SweepReport, TABLE_V4, TABLE_V6},
 };
 use netwarden_identity::CUT_RATE_LIMITED;
+use netwarden_kube::WatchHealth;
 use netwarden_policy::DatapathState;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -63,6 +68,13 @@ struct UnreportedLabels {
     reason: &'static str,
 }
 
+/// A watched Kubernetes API resource.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    /// `namespaces`, `pods` or `networkpolicies`.
+    resource: &'static str,
+}
+
 /// One kind of identity check decision, by its label (`allowed`, `wrong_principal`, ...).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
@@ -108,6 +120,9 @@ pub struct Applied<'a> {
     pub latency: Option<Duration>,
 }
 
+/// Help of `netwarden_endpoints_unenforced`.
+const UNENFORCED_HELP: &str = "Local pods not enforced, by reason (attach_failed, map_write_failed, interface_missing); retried with backoff, and /readyz fails while any is";
+
 /// Every metric the agent exports, and the registry that renders them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -130,6 +145,8 @@ pub struct Metrics {
     conntrack_expired: Counter,
     identity_checks: Family<DecisionLabels, Counter>,
     identity_cuts_rate_limited: Counter,
+    watch_healthy: Family<ResourceLabels, Gauge>,
+    watch_last_success: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -170,11 +187,7 @@ impl Metrics {
                 "endpoints_locked_down",
                 "Local endpoints denying all but node traffic because their policy does not fit the maps",
             ),
-            endpoints_unenforced: registered(
-                r,
-                "endpoints_unenforced",
-                "Local pods not enforced, by reason (attach_failed, map_write_failed, interface_missing); retried with backoff, and /readyz fails while any is",
-            ),
+            endpoints_unenforced: registered(r, "endpoints_unenforced", UNENFORCED_HELP),
             pending_pods: registered(
                 r,
                 "pending_pods",
@@ -202,18 +215,14 @@ impl Metrics {
                 "Verdict events (denies, sampled allows) the datapath could not report, by reason: over its per-CPU rate limit, or the ring buffer was full",
             ),
             applies: registered(r, "applies", "Compilations applied to the datapath"),
-            apply_duration: {
-                // 100 µs to ~3 s: an incremental apply is sub-millisecond, a full one on a
-                // large cluster takes seconds.
-                let histogram = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
-                r.register_with_unit(
-                    "apply_duration",
-                    "From a change being seen by the agent to the maps being updated",
-                    Unit::Seconds,
-                    histogram.clone(),
-                );
-                histogram
-            },
+            // 100 µs to ~3 s: an incremental apply is sub-millisecond, a full one on a large
+            // cluster takes seconds.
+            apply_duration: registered_in_seconds(
+                r,
+                "apply_duration",
+                "From a change being seen by the agent to the maps being updated",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ),
             watch_restarts: registered(
                 r,
                 "watch_restarts",
@@ -228,6 +237,17 @@ impl Metrics {
                 r,
                 "identity_checks",
                 "Identity check (Authorization/Check) requests since the agent started, by decision",
+            ),
+            watch_healthy: registered(
+                r,
+                "watch_healthy",
+                "1 while the Kubernetes API watch of the resource works, 0 once it has failed for --watch-stale-after with no success (the last state is still enforced)",
+            ),
+            watch_last_success: registered_in_seconds(
+                r,
+                "watch_last_success_timestamp",
+                "When the API server last accepted a list or watch request of the resource, or sent an event of it (Unix time)",
+                Family::default(),
             ),
             identity_cuts_rate_limited: registered(
                 r,
@@ -385,6 +405,26 @@ impl Metrics {
         }
     }
 
+    /// Takes how the Kubernetes API watches are doing.
+    pub fn observe_watches(&self, watches: &[WatchHealth]) {
+        for watch in watches {
+            let labels = ResourceLabels {
+                resource: watch.resource,
+            };
+            self.watch_healthy
+                .get_or_create(&labels)
+                .set(i64::from(watch.healthy));
+            if let Some(since_epoch) = watch
+                .last_success
+                .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+            {
+                self.watch_last_success
+                    .get_or_create(&labels)
+                    .set(since_epoch.as_secs_f64());
+            }
+        }
+    }
+
     /// Takes the watchers' restart total.
     pub fn observe_watch_restarts(&self, total: u64) {
         set_total(&self.watch_restarts, total);
@@ -407,6 +447,17 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
     let metric = M::default();
     registry.register(name, help, metric.clone());
+    metric
+}
+
+/// `metric`, registered under `name` with the unit seconds.
+fn registered_in_seconds<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register_with_unit(name, help, Unit::Seconds, metric.clone());
     metric
 }
 
@@ -669,7 +720,14 @@ spec: {podSelector: {}, policyTypes: [Egress]}
             "0"
         );
         // Every reason in both directions, the event counters apart.
-        assert_eq!(samples(&text, "netwarden_verdicts_total").len(), 26);
+        let packet_reasons = counter::TABLE
+            .iter()
+            .filter(|reason| reason.kind != counter::Kind::EventAccounting)
+            .count();
+        assert_eq!(
+            samples(&text, "netwarden_verdicts_total").len(),
+            2 * packet_reasons
+        );
         assert_eq!(
             value(
                 &text,
@@ -696,6 +754,35 @@ spec: {podSelector: {}, policyTypes: [Egress]}
                 r#"netwarden_verdicts_total{direction="ingress",verdict="deny",reason="denied_by_policy"}"#
             ),
             "9"
+        );
+    }
+
+    #[test]
+    fn watch_health_renders_per_resource() {
+        let metrics = Metrics::new();
+        let watch = |resource, healthy: bool| netwarden_kube::WatchHealth {
+            kind: "Pod",
+            resource,
+            last_success: Some(std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_500)),
+            failing_for: (!healthy).then_some(Duration::from_secs(90)),
+            healthy,
+        };
+        metrics.observe_watches(&[watch("pods", false), watch("namespaces", true)]);
+        let text = metrics.render();
+        assert_eq!(
+            value(&text, r#"netwarden_watch_healthy{resource="pods"}"#),
+            "0"
+        );
+        assert_eq!(
+            value(&text, r#"netwarden_watch_healthy{resource="namespaces"}"#),
+            "1"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"netwarden_watch_last_success_timestamp_seconds{resource="pods"}"#
+            ),
+            "1700000000.5"
         );
     }
 

@@ -37,6 +37,39 @@ pub struct Status {
     /// `wrong_principal`, ...).
     #[serde(default)]
     pub identity_checks: BTreeMap<String, u64>,
+    /// The Kubernetes API watches, one per resource (none for a manifest directory). A stale
+    /// one means the applied state may be missing changes; it is still enforced.
+    #[serde(default)]
+    pub watches: Vec<WatchStatus>,
+}
+
+/// One Kubernetes API watch.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WatchStatus {
+    /// `namespaces`, `pods` or `networkpolicies`.
+    pub resource: String,
+    /// False once it has failed for `--watch-stale-after` with no success in between.
+    pub healthy: bool,
+    /// Milliseconds since the Unix epoch of its last accepted list or watch request, or event.
+    pub last_success_unix_ms: Option<u128>,
+    /// How long it has been failing with no success since, if it is.
+    pub failing_for_ms: Option<u128>,
+}
+
+impl WatchStatus {
+    /// The status of `watch`.
+    #[must_use]
+    pub fn of(watch: &netwarden_kube::WatchHealth) -> Self {
+        Self {
+            resource: watch.resource.to_owned(),
+            healthy: watch.healthy,
+            last_success_unix_ms: watch
+                .last_success
+                .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|since| since.as_millis()),
+            failing_for_ms: watch.failing_for.map(|failing| failing.as_millis()),
+        }
+    }
 }
 
 /// One endpoint.
@@ -143,6 +176,13 @@ pub fn print(path: &Path, json: bool) -> anyhow::Result<()> {
             "{:<32} not enforced: {} (retrying)",
             endpoint.pod.as_deref().unwrap_or("<unknown pod>"),
             endpoint.reason
+        );
+    }
+    for watch in status.watches.iter().filter(|watch| !watch.healthy) {
+        println!(
+            "stale: the watch of {} has failed for {} s; enforcing the last state it applied",
+            watch.resource,
+            watch.failing_for_ms.unwrap_or(0) / 1000
         );
     }
     for error in &status.errors {
