@@ -203,6 +203,20 @@ mod tests {
         response
     }
 
+    #[test]
+    fn a_local_pod_left_unenforced_keeps_the_agent_unready_and_says_so() {
+        let ready = super::ReadinessState::default();
+        ready.set_unenforced(2);
+        ready.applied(&[]);
+        assert_eq!(
+            ready.check(),
+            Err("2 local pods not enforced yet; retrying (see the status file)".to_owned())
+        );
+        ready.set_unenforced(0);
+        ready.applied(&[]);
+        assert_eq!(ready.check(), Ok(()));
+    }
+
     #[tokio::test]
     async fn probes_and_metrics_are_served_on_one_listener() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
