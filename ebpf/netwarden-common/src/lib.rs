@@ -459,7 +459,6 @@ pub mod conntrack_tuple {
     pub const SIZE: usize = 40;
 }
 
-
 /// A verdict the datapath reports to the agent through the `EVENTS` ring buffer: every deny,
 /// and new allowed flows as sampled by [`SETTING_ALLOW_EVENT_PERIOD`], within a per-CPU rate
 /// limit (the loss is counted, the datapath never waits).
@@ -585,9 +584,9 @@ pub mod counter {
         /// Passed: traffic from the node.
         ALLOWED_NODE = 3, Allow, "allowed_node",
             "a new flow from the node (kubelet probes)";
-        /// Passed: ARP, neighbour discovery, non-IP.
+        /// Passed: ARP, neighbour discovery, multicast listener messages.
         ALLOWED_NETWORK_CONTROL = 4, Allow, "allowed_network_control",
-            "ARP, neighbour discovery or another non-IP frame";
+            "ARP, neighbour discovery or multicast listener messages";
         /// Dropped: isolated and no rule allows it.
         DENIED_BY_POLICY = 5, Deny, "denied_by_policy",
             "isolated by a NetworkPolicy and no rule allows it";
@@ -633,6 +632,13 @@ pub mod counter {
         /// it reaches itself over loopback, where no policy applies; its Service is no different.
         ALLOWED_SELF = 17, Allow, "allowed_self",
             "a pod reaching itself through a Service (hairpin)";
+        /// Dropped: a frame of an ethertype other than IPv4, IPv6 and ARP, from or to a pod.
+        DENIED_ETHERTYPE = 18, Deny, "denied_ethertype",
+            "a frame of an ethertype other than IPv4, IPv6 and ARP";
+        /// Dropped: a VLAN-tagged frame (802.1Q, 802.1ad, 0x9100), tagged in the frame or
+        /// with the tag taken off by the kernel, from or to a pod.
+        DENIED_VLAN = 19, Deny, "denied_vlan",
+            "a VLAN-tagged frame (802.1Q, 802.1ad or QinQ) from or to a pod";
     }
 
     /// Number of reasons.

@@ -6,6 +6,11 @@ use netwarden_common::{FlowKey, direction};
 const ETH_HEADER_LEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
+/// VLAN tags: 802.1Q, 802.1ad (QinQ) and the pre-standard QinQ tag.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const ETH_P_QINQ: u16 = 0x9100;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -26,8 +31,14 @@ const IPV6_MAX_EXTENSION_HEADERS: usize = 6;
 
 /// What the classifier needs to know about one packet.
 pub enum Parsed {
-    /// Not IP (ARP and friends): never subject to NetworkPolicy.
-    NotIp,
+    /// ARP: link plumbing, never subject to NetworkPolicy.
+    Arp,
+    /// A VLAN tag, in the frame (802.1Q, 802.1ad, 0x9100) or taken off by the kernel
+    /// (`vlan_present`): the kernel may strip it after the classifier and deliver what it
+    /// hid, so a pod never sends or receives one.
+    Tagged,
+    /// An ethertype other than IPv4, IPv6 and ARP: a pod's link carries nothing else.
+    OtherEthertype,
     /// IPv6 neighbour discovery and multicast listener messages: link plumbing, always passed.
     NetworkControl,
     /// An IP packet: its flow as seen from the pod, whether it may open a flow, and where its
@@ -213,11 +224,16 @@ struct IpHeader {
 /// a call would return it through the stack and the caller copy it twice more.
 #[inline(always)]
 pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
+    if vlan_present(ctx) {
+        return Ok(Parsed::Tagged);
+    }
     let ethertype = u16::from_be(header_at(ctx, 0, ETH_HEADER_LEN)?.u16(12));
     let header = match ethertype {
         ETH_P_IPV4 => parse_ipv4(ctx, ETH_HEADER_LEN)?,
         ETH_P_IPV6 => parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS)?,
-        _ => return Ok(Parsed::NotIp),
+        ETH_P_ARP => return Ok(Parsed::Arp),
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ => return Ok(Parsed::Tagged),
+        _ => return Ok(Parsed::OtherEthertype),
     };
     let header = header.bounded()?;
     let ifindex = ifindex(ctx);
@@ -349,6 +365,15 @@ fn orient(ifindex: u32, dir: u32, header: &IpHeader, src_port: u16, dst_port: u1
             peer_addr: octets(header.src),
         }
     }
+}
+
+/// Whether the kernel took a VLAN tag off the frame before the classifier saw it (a
+/// hardware-accelerated or untagged-on-receive tag is in the `__sk_buff`, not in the frame).
+#[inline(always)]
+fn vlan_present(ctx: &TcContext) -> bool {
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel handed to this program; TC programs
+    // may read its `vlan_present` field.
+    unsafe { (*ctx.skb.skb).vlan_present != 0 }
 }
 
 #[inline(always)]

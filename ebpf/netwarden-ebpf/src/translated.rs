@@ -256,6 +256,10 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
             frontend,
         };
         // The translation first: a packet that finds the flow finds what it was judged on.
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "a reference into the per-CPU scratch: by value it would be copied to the stack"
+        )]
         let _ = TRANSLATIONS.insert(key, &scratch.translation, 0);
         scratch.state = FlowState {
             origin: dir,
@@ -376,7 +380,7 @@ fn unreadable() -> i32 {
 #[inline(always)]
 fn endpoint_of(addr: &[u8; 16]) -> Option<u32> {
     ENDPOINT_OF_ADDRESS
-        .get_ptr(&IpKey { addr: *addr })
+        .get_ptr(IpKey { addr: *addr })
         // SAFETY: the pointer comes from a successful lookup and is read at once.
         .map(|ifindex| unsafe { *ifindex })
 }

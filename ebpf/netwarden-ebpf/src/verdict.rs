@@ -31,8 +31,12 @@
 //!
 //! Decision for a packet of flow F on endpoint E in direction D (from the pod's point of view):
 //!
-//! 1. Not IP, or IPv6 neighbour discovery and multicast listener messages: pass (link
-//!    plumbing, never policy).
+//! 1. ARP, IPv6 neighbour discovery and multicast listener messages: pass (link plumbing,
+//!    never policy). A VLAN tag, in the frame (0x8100, 0x88a8, 0x9100) or already taken off
+//!    by the kernel (`vlan_present`), and any ethertype but IPv4, IPv6 and ARP: drop, both
+//!    ways (`DENIED_VLAN`, `DENIED_ETHERTYPE`). A pod's veth carries nothing else, and the
+//!    kernel strips a tag after TC ran and routes what it hid: passing it as "not IP" let a
+//!    datagram inside VLAN-0 tags out of a pod under default-deny egress.
 //! 2. F tracked, epoch current: pass (replies of allowed flows: the fast path, one lookup).
 //!    Step 3 is safely skipped: F was tracked only after step 3 passed for its endpoint and
 //!    address, and any change to `ENDPOINTS` or `ENDPOINT_ADDRESSES` bumps the epoch, which
@@ -69,8 +73,9 @@ use netwarden_common::{
     CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint,
     EndpointAddress, EventBudget, FlowKey, FlowKeyV4, FlowState, FrontendKey, FrontendValue,
     IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED,
-    PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, SETTING_FRONTENDS_INSTALLED, SETTINGS_COUNT, Translation, VerdictEvent,
-    clock_ticks, counter, direction, endpoint_state, flow_activity, flow_flags, ipv4_of_mapped,
+    PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, SETTING_FRONTENDS_INSTALLED,
+    SETTINGS_COUNT, Translation, VerdictEvent, clock_ticks, counter, direction, endpoint_state,
+    flow_activity, flow_flags, ipv4_of_mapped,
 };
 
 use crate::{
@@ -153,9 +158,11 @@ static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(counter::SLOTS, 0);
 pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     let (flow, opening, layout) = match packet::parse(ctx, dir) {
         Ok(Parsed::Flow(flow, opening, layout)) => (flow, opening, layout),
-        Ok(Parsed::NotIp | Parsed::NetworkControl) => {
+        Ok(Parsed::Arp | Parsed::NetworkControl) => {
             return count(counter::ALLOWED_NETWORK_CONTROL, dir, ALLOW);
         }
+        Ok(Parsed::Tagged) => return count(counter::DENIED_VLAN, dir, DENY),
+        Ok(Parsed::OtherEthertype) => return count(counter::DENIED_ETHERTYPE, dir, DENY),
         Err(packet::Malformed) => return count(counter::DENIED_MALFORMED, dir, DENY),
     };
     let epoch = current_epoch();
@@ -176,7 +183,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             );
             if screened != mtls::PASS {
                 if !was_cut {
-                    report(&flow, dir, screened, &Attribution { policy: 0, rule: 0, frontend: 0 });
+                    report(
+                        &flow,
+                        dir,
+                        screened,
+                        &Attribution {
+                            policy: 0,
+                            rule: 0,
+                            frontend: 0,
+                        },
+                    );
                 }
                 return count(screened, dir, DENY);
             }
@@ -189,7 +205,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     // SAFETY: the value is copied out at once; a concurrent update can at worst make this
     // packet see the endpoint's previous state, which was valid too.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(flow.ifindex) }).copied() else {
-        report(&flow, dir, counter::DENIED_ENDPOINT_NOT_READY, &Attribution { policy: 0, rule: 0, frontend: 0 });
+        report(
+            &flow,
+            dir,
+            counter::DENIED_ENDPOINT_NOT_READY,
+            &Attribution {
+                policy: 0,
+                rule: 0,
+                frontend: 0,
+            },
+        );
         return count(counter::DENIED_ENDPOINT_NOT_READY, dir, DENY);
     };
     let policy = if dir == direction::INGRESS {
@@ -198,7 +223,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         endpoint.egress_policy
     };
     if dir == direction::EGRESS && !owns_address(&flow) {
-        report(&flow, dir, counter::DENIED_SPOOFED, &Attribution { policy: policy, rule: 0, frontend: 0 });
+        report(
+            &flow,
+            dir,
+            counter::DENIED_SPOOFED,
+            &Attribution {
+                policy,
+                rule: 0,
+                frontend: 0,
+            },
+        );
         return count(counter::DENIED_SPOOFED, dir, DENY);
     }
     if opening == Opening::Error {
@@ -235,7 +269,16 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             return count(counter::ALLOWED_TRACKED, dir, ALLOW);
         }
         conntrack_remove(&flow);
-        report(&judged.unwrap_or(flow), origin, counter::DENIED_REVOKED, &Attribution { policy: policy, rule: 0, frontend: 0 });
+        report(
+            &judged.unwrap_or(flow),
+            origin,
+            counter::DENIED_REVOKED,
+            &Attribution {
+                policy,
+                rule: 0,
+                frontend: 0,
+            },
+        );
         return count(counter::DENIED_REVOKED, dir, DENY);
     }
 
@@ -264,20 +307,56 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             };
             conntrack_insert(&flow, &state);
             if screened != mtls::PASS {
-                report(&flow, dir, screened, &Attribution { policy: policy, rule: 0, frontend: 0 });
+                report(
+                    &flow,
+                    dir,
+                    screened,
+                    &Attribution {
+                        policy,
+                        rule: 0,
+                        frontend: 0,
+                    },
+                );
                 return count(screened, dir, DENY);
             }
             if allow_event_sampled() {
-                report(&flow, dir, reason, &Attribution { policy: policy, rule: rule, frontend: 0 });
+                report(
+                    &flow,
+                    dir,
+                    reason,
+                    &Attribution {
+                        policy,
+                        rule,
+                        frontend: 0,
+                    },
+                );
             }
         } else if mtls::untracked_payload_refused(ctx, &flow, dir, layout.l4_offset, layout.ip_end)
         {
-            report(&flow, dir, counter::DENIED_PLAINTEXT_TO_STRICT, &Attribution { policy: policy, rule: 0, frontend: 0 });
+            report(
+                &flow,
+                dir,
+                counter::DENIED_PLAINTEXT_TO_STRICT,
+                &Attribution {
+                    policy,
+                    rule: 0,
+                    frontend: 0,
+                },
+            );
             return count(counter::DENIED_PLAINTEXT_TO_STRICT, dir, DENY);
         }
         return count(reason, dir, ALLOW);
     }
-    report(&flow, dir, reason, &Attribution { policy: policy, rule: 0, frontend: 0 });
+    report(
+        &flow,
+        dir,
+        reason,
+        &Attribution {
+            policy,
+            rule: 0,
+            frontend: 0,
+        },
+    );
     count(reason, dir, DENY)
 }
 
@@ -419,7 +498,7 @@ pub(crate) fn frontend_of(addr: &[u8; 16], protocol: u8, port: u16) -> u32 {
         port,
     };
     FRONTENDS
-        .get_ptr(&key)
+        .get_ptr(key)
         // SAFETY: the pointer comes from a successful lookup and is read at once.
         .map_or(0, |found| unsafe { (*found).id })
 }

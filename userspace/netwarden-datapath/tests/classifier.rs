@@ -620,3 +620,61 @@ fn new_allowed_flows_are_reported_with_their_rule_when_asked_and_denies_always()
         "nothing else: tracked packets are not events"
     );
 }
+
+#[test]
+fn tagged_frames_and_ethertypes_other_than_ip_and_arp_drop_both_ways() {
+    use netwarden_common::{counter, direction};
+
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let datapath = harness.datapath.as_ref().expect("present until drop");
+    // What a pod under default-deny egress sent on the real kernel: a UDP datagram inside a
+    // VLAN-0 tag (the kernel had taken the outer one off already).
+    let datagram = ipv4(SERVER, CLIENT, 17, 0, &udp(5353, 53));
+    let tagged = |tpid: u16| {
+        let mut inner = vec![0, 0];
+        inner.extend(0x0800_u16.to_be_bytes());
+        inner.extend(&datagram);
+        ethernet(tpid, &inner)
+    };
+    let before = datapath.verdicts();
+    for tpid in [0x8100, 0x88a8, 0x9100] {
+        assert_eq!(
+            harness.run(false, &tagged(tpid)),
+            DENY,
+            "{tpid:#x} from the pod"
+        );
+        assert_eq!(
+            harness.run(true, &tagged(tpid)),
+            DENY,
+            "{tpid:#x} to the pod"
+        );
+    }
+    // LLDP, PPPoE discovery, and an 802.3 length field (LLC, as STP sends): nothing a pod's
+    // point-to-point link carries.
+    for ethertype in [0x88cc, 0x8863, 0x0026] {
+        let frame = ethernet(ethertype, &datagram);
+        assert_eq!(
+            harness.run(false, &frame),
+            DENY,
+            "{ethertype:#x} from the pod"
+        );
+        assert_eq!(harness.run(true, &frame), DENY, "{ethertype:#x} to the pod");
+    }
+    let after = datapath.verdicts();
+    let delta = |dir, reason| {
+        after[counter::slot(dir, reason) as usize] - before[counter::slot(dir, reason) as usize]
+    };
+    for dir in [direction::EGRESS, direction::INGRESS] {
+        assert_eq!(delta(dir, counter::DENIED_VLAN), 3);
+        assert_eq!(delta(dir, counter::DENIED_ETHERTYPE), 3);
+    }
+    // The untagged datagram, ARP and IPv6 still pass (the server's egress is not isolated).
+    assert_eq!(harness.run(false, &ethernet(0x0800, &datagram)), ALLOW);
+    let arp = ethernet(0x0806, &[0; 28]);
+    assert_eq!(harness.run(false, &arp), ALLOW, "ARP from the pod");
+    assert_eq!(harness.run(true, &arp), ALLOW, "ARP to the pod");
+    let datagram6 = ipv6(SERVER6, CLIENT6, 17, &[], &udp(5353, 53));
+    assert_eq!(harness.run(false, &ethernet(0x86dd, &datagram6)), ALLOW);
+}
