@@ -398,6 +398,41 @@ pub struct FrontendValue {
     pub id: u32,
 }
 
+/// Key of the map of first fragments that passed: a later fragment carries no ports, so it
+/// follows the first fragment of its datagram, found by the flow's endpoint, direction,
+/// addresses, protocol and the datagram's identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    /// The endpoint's host-side veth.
+    pub ifindex: u32,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// The [`direction`] of the datagram, from the pod's point of view.
+    pub direction: u8,
+    /// Zero.
+    pub padding: u16,
+    /// IPv4's 16-bit identification, or IPv6's fragment header's 32-bit one.
+    pub id: u32,
+    /// The pod's address, IPv4-mapped for IPv4.
+    pub pod_addr: [u8; 16],
+    /// The peer's address, IPv4-mapped for IPv4.
+    pub peer_addr: [u8; 16],
+}
+
+/// Value of the map of first fragments that passed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentState {
+    /// Until when (`bpf_ktime_get_ns`) later fragments of the datagram pass.
+    pub until_ns: u64,
+}
+
+/// How long after its first fragment passed the later fragments of a datagram pass: the
+/// fragments of one datagram are sent back to back, and the kernel's own reassembly gives up
+/// after 30 s (`ipfrag_time`) on a datagram that lost one.
+pub const FRAGMENT_LIFETIME_NS: u64 = 2_000_000_000;
+
 /// What a translated flow was judged on: for a flow a pod opened to a Service, the backend it
 /// was translated to; for a flow that reached a pod with a masqueraded source, the original
 /// client. Keyed by the flow's [`FlowKey`] as the endpoint sees it.
@@ -639,6 +674,13 @@ pub mod counter {
         /// with the tag taken off by the kernel, from or to a pod.
         DENIED_VLAN = 19, Deny, "denied_vlan",
             "a VLAN-tagged frame (802.1Q, 802.1ad or QinQ) from or to a pod";
+        /// Dropped: a later fragment (no ports) of a datagram whose first fragment did not pass
+        /// here in the last [`FRAGMENT_LIFETIME_NS`](super::FRAGMENT_LIFETIME_NS).
+        DENIED_FRAGMENT_UNKNOWN = 20, Deny, "denied_fragment_unknown",
+            "a later fragment of a datagram whose first fragment did not pass";
+        /// Passed: a later fragment of a datagram whose first fragment passed.
+        ALLOWED_FRAGMENT = 21, Allow, "allowed_fragment",
+            "a later fragment of a datagram whose first fragment passed";
     }
 
     /// Number of reasons.
@@ -741,8 +783,8 @@ pub const SETTINGS_COUNT: u32 = 2;
 mod pod_impls {
     use super::{
         CidrClass, CidrKey, CidrKeyV4, Endpoint, EndpointAddress, EventBudget, FlowKey, FlowKeyV4,
-        FlowState, FrontendKey, FrontendValue, IpIdentity, IpKey, KernelLayout, MtlsExemptPort,
-        PolicyEntry, PolicyKey, Translation, VerdictEvent,
+        FlowState, FragmentKey, FragmentState, FrontendKey, FrontendValue, IpIdentity, IpKey,
+        KernelLayout, MtlsExemptPort, PolicyEntry, PolicyKey, Translation, VerdictEvent,
     };
 
     // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
@@ -784,6 +826,10 @@ mod pod_impls {
     unsafe impl aya::Pod for Translation {}
     // SAFETY: see above.
     unsafe impl aya::Pod for KernelLayout {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FragmentKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FragmentState {}
 }
 
 #[cfg(test)]
@@ -808,6 +854,8 @@ mod tests {
         assert_eq!(size_of::<super::FlowKeyV4>(), 20);
         assert_eq!(size_of::<FlowState>(), 20);
         assert_eq!(size_of::<super::MtlsExemptPort>(), 8);
+        assert_eq!(size_of::<super::FragmentKey>(), 44);
+        assert_eq!(size_of::<super::FragmentState>(), 8);
     }
 
     #[test]

@@ -56,6 +56,21 @@ pub struct Layout {
     /// Offset of the end of the IP packet, from its length field: link-layer padding is not
     /// payload.
     pub ip_end: usize,
+    /// Which part of a fragmented datagram the packet is ([`fragment`]).
+    pub fragment: u32,
+    /// The datagram's identification: IPv4's 16-bit id, IPv6's fragment header's 32-bit id
+    /// (meaningful for fragments only).
+    pub fragment_id: u32,
+}
+
+/// Which part of a datagram a packet is.
+pub mod fragment {
+    /// Not a fragment (IPv6 atomic fragments included: offset 0 and no more to come).
+    pub const WHOLE: u32 = 0;
+    /// The first fragment: offset 0, more fragments to come. It carries the ports.
+    pub const FIRST: u32 = 1;
+    /// A later fragment: no L4 header, so no ports.
+    pub const LATER: u32 = 2;
 }
 
 impl Layout {
@@ -215,8 +230,10 @@ struct IpHeader {
     ip_end: usize,
     /// Protocol of the payload (IPv6: after the extension headers).
     protocol: u8,
-    /// Whether the packet carries the L4 header (later fragments do not).
-    has_ports: bool,
+    /// Which part of a datagram the packet is ([`fragment`]).
+    fragment: u32,
+    /// The datagram's identification, for fragments.
+    fragment_id: u32,
 }
 
 /// Parses the frame at `ctx`, orienting the flow from the pod's side for `dir`. Inlined, as
@@ -237,7 +254,8 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
     };
     let header = header.bounded()?;
     let ifindex = ifindex(ctx);
-    if header.has_ports && (header.protocol == IPPROTO_ICMP || header.protocol == IPPROTO_ICMPV6) {
+    if header.has_ports() && (header.protocol == IPPROTO_ICMP || header.protocol == IPPROTO_ICMPV6)
+    {
         // The type, code and checksum: four bytes no ICMP message is without.
         let icmp_type = header_at(ctx, header.l4_offset, 4)?.u8(0);
         if header.protocol == IPPROTO_ICMPV6 && is_network_control(icmp_type) {
@@ -264,7 +282,7 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
 /// Ports and whether the packet may open a flow.
 #[inline(always)]
 fn transport(ctx: &TcContext, header: &IpHeader) -> Result<(u16, u16, Opening), Malformed> {
-    if !header.has_ports || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+    if !header.has_ports() || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return Ok((0, 0, Opening::Yes));
     }
     // TCP, UDP and SCTP all start with source port then destination port; TCP's flags are
@@ -311,7 +329,7 @@ pub fn quotes_tracked_flow(
     let Ok(header) = parsed.and_then(IpHeader::bounded) else {
         return false;
     };
-    if !header.has_ports || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+    if !header.has_ports() || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return false;
     }
     let Ok(ports) = header_at(ctx, header.l4_offset, 4) else {
@@ -400,7 +418,15 @@ impl IpHeader {
         Layout {
             l4_offset: self.l4_offset,
             ip_end: self.ip_end,
+            fragment: self.fragment,
+            fragment_id: self.fragment_id,
         }
+    }
+
+    /// Whether the packet carries the L4 header (later fragments do not).
+    #[inline(always)]
+    fn has_ports(&self) -> bool {
+        self.fragment != fragment::LATER
     }
 }
 
@@ -416,15 +442,15 @@ fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<IpHeader, Malformed> {
     if header_len < 20 {
         return Err(Malformed);
     }
-    let fragment_offset = u16::from_be(ip.u16(6)) & 0x1fff;
+    let flags_and_offset = u16::from_be(ip.u16(6));
     Ok(IpHeader {
         protocol: ip.u8(9),
         src: ipv4_mapped(ip.u32(12)),
         dst: ipv4_mapped(ip.u32(16)),
         l4_offset: offset + header_len,
         ip_end: offset + usize::from(u16::from_be(ip.u16(2))),
-        // Later fragments carry no L4 header: only rules that allow every port match them.
-        has_ports: fragment_offset == 0,
+        fragment: fragment_of(flags_and_offset & 0x1fff, flags_and_offset & 0x2000 != 0),
+        fragment_id: u32::from(u16::from_be(ip.u16(4))),
     })
 }
 
@@ -444,7 +470,8 @@ fn parse_ipv6(
     let mut protocol = ip.u8(6);
     let ip_end = offset + 40 + usize::from(u16::from_be(ip.u16(4)));
     let mut l4_offset = offset + 40;
-    let mut has_ports = true;
+    let mut fragment = fragment::WHOLE;
+    let mut fragment_id = 0;
     for _ in 0..max_extension_headers {
         match protocol {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH => {
@@ -462,10 +489,9 @@ fn parse_ipv6(
             IPV6_FRAGMENT => {
                 let next: u8 = load(ctx, l4_offset)?;
                 let offset_field = u16::from_be(load::<u16>(ctx, l4_offset + 2)?);
+                fragment_id = u32::from_be(load::<u32>(ctx, l4_offset + 4)?);
                 protocol = next;
-                if offset_field >> 3 != 0 {
-                    has_ports = false;
-                }
+                fragment = fragment_of(offset_field >> 3, offset_field & 1 != 0);
                 l4_offset += 8;
             }
             _ => break,
@@ -477,8 +503,21 @@ fn parse_ipv6(
         dst,
         l4_offset,
         ip_end,
-        has_ports,
+        fragment,
+        fragment_id,
     })
+}
+
+/// The part of its datagram a packet with this fragment offset and more-fragments bit is.
+#[inline(always)]
+fn fragment_of(offset: u16, more: bool) -> u32 {
+    if offset != 0 {
+        fragment::LATER
+    } else if more {
+        fragment::FIRST
+    } else {
+        fragment::WHOLE
+    }
 }
 
 /// `::ffff:a.b.c.d` as two words in memory order: eight zero bytes, then `0, 0, 0xff, 0xff`

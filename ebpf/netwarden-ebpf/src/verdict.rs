@@ -25,6 +25,8 @@
 //!   agent's sweeper expires idle flows: TCP closing after 10 s, unanswered flows after 60 s,
 //!   other protocols after 60 s idle, established TCP after 6 h idle (all configurable). A
 //!   full table evicts the least recently used flow.
+//! - `FRAGMENTS`: LRU of first fragments that passed -> until when their datagram's later
+//!   fragments pass.
 //! - `EPOCH`: bumped by the agent after every policy change.
 //! - `EVENTS`: a ring buffer of deny events, at most `EVENTS_PER_CPU_PER_SECOND` per CPU; what
 //!   does not fit is counted (`EVENTS_RATE_LIMITED`, `EVENTS_LOST`), never waited for.
@@ -37,6 +39,11 @@
 //!    ways (`DENIED_VLAN`, `DENIED_ETHERTYPE`). A pod's veth carries nothing else, and the
 //!    kernel strips a tag after TC ran and routes what it hid: passing it as "not IP" let a
 //!    datagram inside VLAN-0 tags out of a pod under default-deny egress.
+//!    A later fragment (no ports): pass when the first fragment of its datagram passed on this
+//!    endpoint in the same direction within 2 s (`FRAGMENTS`, keyed by the addresses,
+//!    protocol and IP id), else drop (`DENIED_FRAGMENT_UNKNOWN`). Never looked up in
+//!    conntrack, where it would match a flow of port 0. A first fragment that passes below is
+//!    recorded there.
 //! 2. F tracked, epoch current: pass (replies of allowed flows: the fast path, one lookup).
 //!    Step 3 is safely skipped: F was tracked only after step 3 passed for its endpoint and
 //!    address, and any change to `ENDPOINTS` or `ENDPOINT_ADDRESSES` bumps the epoch, which
@@ -71,16 +78,16 @@ use aya_ebpf::{
 };
 use netwarden_common::{
     CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint,
-    EndpointAddress, EventBudget, FlowKey, FlowKeyV4, FlowState, FrontendKey, FrontendValue,
-    IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED,
-    PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, SETTING_FRONTENDS_INSTALLED,
-    SETTINGS_COUNT, Translation, VerdictEvent, clock_ticks, counter, direction, endpoint_state,
-    flow_activity, flow_flags, ipv4_of_mapped,
+    EndpointAddress, EventBudget, FRAGMENT_LIFETIME_NS, FlowKey, FlowKeyV4, FlowState, FragmentKey,
+    FragmentState, FrontendKey, FrontendValue, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
+    POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD,
+    SETTING_FRONTENDS_INSTALLED, SETTINGS_COUNT, Translation, VerdictEvent, clock_ticks, counter,
+    direction, endpoint_state, flow_activity, flow_flags, ipv4_of_mapped,
 };
 
 use crate::{
     mtls,
-    packet::{self, Opening, Parsed},
+    packet::{self, Layout, Opening, Parsed, fragment},
 };
 
 /// `TC_ACT_UNSPEC`, which TCX reads as "next": allow, and let later programs have their say.
@@ -131,6 +138,12 @@ static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowState> = LruHashMap::pinned(262_1
 #[map]
 static CONNTRACK_V6: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(262_144, 0);
 
+/// First fragments that passed, for their datagram's later fragments (which carry no ports)
+/// to follow for [`FRAGMENT_LIFETIME_NS`]. LRU: a full table forgets the oldest datagram,
+/// whose later fragments then drop (fail closed).
+#[map]
+static FRAGMENTS: LruHashMap<FragmentKey, FragmentState> = LruHashMap::pinned(8192, 0);
+
 #[map]
 static EPOCH: Array<u32> = Array::pinned(1, 0);
 
@@ -165,6 +178,27 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         Ok(Parsed::OtherEthertype) => return count(counter::DENIED_ETHERTYPE, dir, DENY),
         Err(packet::Malformed) => return count(counter::DENIED_MALFORMED, dir, DENY),
     };
+    if layout.fragment == fragment::LATER {
+        return follow_first_fragment(&flow, dir, layout.fragment_id);
+    }
+    let verdict = enforce_flow(ctx, dir, &flow, opening, layout);
+    // A test of a parsed value on every packet; only first fragments (rare) pay for an insert.
+    if layout.fragment == fragment::FIRST && verdict == ALLOW {
+        remember_first_fragment(&flow, dir, layout.fragment_id);
+    }
+    verdict
+}
+
+/// Steps 2 to 5 of the module comment for a packet of `flow` (whole, or a first fragment).
+#[inline(always)]
+fn enforce_flow(
+    ctx: &TcContext,
+    dir: u32,
+    flow: &FlowKey,
+    opening: Opening,
+    layout: Layout,
+) -> i32 {
+    let flow = *flow;
     let epoch = current_epoch();
     // One conntrack lookup serves the fast path and, when the entry is stale, step 4: the
     // entry's memory stays valid for the whole program run.
@@ -358,6 +392,62 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         },
     );
     count(reason, dir, DENY)
+}
+
+/// The key of the datagram a fragment of `flow` going `dir` belongs to.
+#[inline(always)]
+fn fragment_key(flow: &FlowKey, dir: u32, id: u32) -> FragmentKey {
+    FragmentKey {
+        ifindex: flow.ifindex,
+        protocol: flow.protocol,
+        #[expect(clippy::cast_possible_truncation, reason = "a direction is 0 or 1")]
+        direction: dir as u8,
+        padding: 0,
+        id,
+        pod_addr: flow.pod_addr,
+        peer_addr: flow.peer_addr,
+    }
+}
+
+/// Records that the first fragment of datagram `id` of `flow` passed going `dir`. Not
+/// inlined: the key has a stack frame of its own.
+#[inline(never)]
+fn remember_first_fragment(flow: &FlowKey, dir: u32, id: u32) {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let state = FragmentState {
+        until_ns: now + FRAGMENT_LIFETIME_NS,
+    };
+    let _ = FRAGMENTS.insert(fragment_key(flow, dir, id), state, u64::from(BPF_ANY));
+}
+
+/// The verdict of a later fragment (no ports) of datagram `id` of `flow` going `dir`: it
+/// passes when the datagram's first fragment passed here within [`FRAGMENT_LIFETIME_NS`],
+/// and drops otherwise. Entries are not removed at the last fragment: fragments may arrive
+/// out of order. Not inlined: the key has a stack frame of its own.
+#[inline(never)]
+fn follow_first_fragment(flow: &FlowKey, dir: u32, id: u32) -> i32 {
+    let key = fragment_key(flow, dir, id);
+    // SAFETY: the value is copied out at once.
+    let known = unsafe { FRAGMENTS.get(key) }.copied();
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match known {
+        Some(state) if now <= state.until_ns => count(counter::ALLOWED_FRAGMENT, dir, ALLOW),
+        _ => {
+            report(
+                flow,
+                dir,
+                counter::DENIED_FRAGMENT_UNKNOWN,
+                &Attribution {
+                    policy: 0,
+                    rule: 0,
+                    frontend: 0,
+                },
+            );
+            count(counter::DENIED_FRAGMENT_UNKNOWN, dir, DENY)
+        }
+    }
 }
 
 /// What a verdict event names besides the flow: the policy in force, the rule that allowed it

@@ -678,3 +678,123 @@ fn tagged_frames_and_ethertypes_other_than_ip_and_arp_drop_both_ways() {
     let datagram6 = ipv6(SERVER6, CLIENT6, 17, &[], &udp(5353, 53));
     assert_eq!(harness.run(false, &ethernet(0x86dd, &datagram6)), ALLOW);
 }
+
+/// An IPv4 fragment of datagram `id` at byte `offset`, with more fragments to come when `more`.
+fn ipv4_fragment(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    id: u16,
+    offset: u16,
+    more: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut packet = ipv4(src, dst, 17, 0, payload);
+    packet[4..6].copy_from_slice(&id.to_be_bytes());
+    let flags_and_offset = (offset / 8) | if more { 0x2000 } else { 0 };
+    packet[6..8].copy_from_slice(&flags_and_offset.to_be_bytes());
+    packet
+}
+
+/// An IPv6 UDP fragment of datagram `id` at byte `offset` (a fragment header, then `payload`).
+fn ipv6_fragment(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    id: u32,
+    offset: u16,
+    more: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut packet = ipv6(src, dst, 17, &[(44, 0)], payload);
+    let offset_field = ((offset / 8) << 3) | u16::from(more);
+    packet[40 + 2..40 + 4].copy_from_slice(&offset_field.to_be_bytes());
+    packet[40 + 4..40 + 8].copy_from_slice(&id.to_be_bytes());
+    packet
+}
+
+#[test]
+fn later_fragments_follow_their_first_fragment_and_unknown_ones_drop() {
+    use netwarden_common::{counter, direction};
+
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let datapath = harness.datapath.as_ref().expect("present until drop");
+    let resolver = Ipv4Addr::new(192, 0, 2, 53);
+    // The server asks a resolver (its egress is not isolated): the flow is tracked. The
+    // server's ingress rules name ports, so nothing without ports passes in on policy alone.
+    let query = ethernet(0x0800, &ipv4(SERVER, resolver, 17, 0, &udp(5353, 53)));
+    assert_eq!(harness.run(false, &query), ALLOW);
+
+    // A large answer, in two fragments: the first carries the ports, the second none.
+    let mut answer_start = udp(53, 5353);
+    answer_start.extend([0x5a; 16]);
+    let answer = |id, offset, more, payload: &[u8]| {
+        ethernet(
+            0x0800,
+            &ipv4_fragment(resolver, SERVER, id, offset, more, payload),
+        )
+    };
+    let before = datapath.verdicts();
+    assert_eq!(
+        harness.run(true, &answer(0x4242, 0, true, &answer_start)),
+        ALLOW,
+        "the first fragment is a reply of the tracked flow"
+    );
+    assert_eq!(
+        harness.run(true, &answer(0x4242, 24, false, &[0x5a; 16])),
+        ALLOW,
+        "the second fragment follows the first"
+    );
+    assert_eq!(
+        harness.run(true, &answer(0x4343, 24, false, &[0x5a; 16])),
+        DENY,
+        "a fragment of a datagram whose first fragment never came"
+    );
+    let forged = ethernet(
+        0x0800,
+        &ipv4_fragment(STRANGER, SERVER, 0x4242, 24, false, &[0x5a; 16]),
+    );
+    assert_eq!(
+        harness.run(true, &forged),
+        DENY,
+        "the same id from another peer"
+    );
+    // A first fragment the policy denies opens nothing for the rest of its datagram.
+    let denied = |offset, more, payload: &[u8]| {
+        ethernet(
+            0x0800,
+            &ipv4_fragment(STRANGER, SERVER, 0x5000, offset, more, payload),
+        )
+    };
+    assert_eq!(harness.run(true, &denied(0, true, &udp(53, 9999))), DENY);
+    assert_eq!(harness.run(true, &denied(24, false, &[0; 16])), DENY);
+    let after = datapath.verdicts();
+    let delta = |reason| {
+        after[counter::slot(direction::INGRESS, reason) as usize]
+            - before[counter::slot(direction::INGRESS, reason) as usize]
+    };
+    assert_eq!(delta(counter::ALLOWED_FRAGMENT), 1);
+    assert_eq!(delta(counter::DENIED_FRAGMENT_UNKNOWN), 3);
+
+    // IPv6: the fragment header's 32-bit identification.
+    let query6 = ethernet(0x86dd, &ipv6(SERVER6, CLIENT6, 17, &[], &udp(5353, 53)));
+    assert_eq!(harness.run(false, &query6), ALLOW);
+    let answer6 = |id, offset, more, payload: &[u8]| {
+        ethernet(
+            0x86dd,
+            &ipv6_fragment(CLIENT6, SERVER6, id, offset, more, payload),
+        )
+    };
+    assert_eq!(
+        harness.run(true, &answer6(0x0102_0304, 0, true, &answer_start)),
+        ALLOW
+    );
+    assert_eq!(
+        harness.run(true, &answer6(0x0102_0304, 24, false, &[0x5a; 16])),
+        ALLOW
+    );
+    assert_eq!(
+        harness.run(true, &answer6(0x0102_0305, 24, false, &[0x5a; 16])),
+        DENY
+    );
+}
