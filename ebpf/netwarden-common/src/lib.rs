@@ -309,6 +309,12 @@ pub struct FlowState {
     /// When a packet of the flow last passed: [`clock_ticks`] of the kernel's jiffies, stored
     /// only when the tick changes. The agent's sweeper reads it and never writes the entry.
     pub last_seen: u32,
+    /// For a flow the mTLS screen watches: the client's ISN + 1, where its stream (and its
+    /// ClientHello) starts (valid once [`flow_flags::ISN_KNOWN`] is set). Zero otherwise.
+    pub client_seq: u32,
+    /// For a flow the mTLS screen watches: the sequence number after the ClientHello's
+    /// segment, which the pod's ACK must cover before the screen lets go. Zero otherwise.
+    pub hello_end: u32,
 }
 
 /// Jiffies per tick of [`FlowState::last_seen`], as a shift: 64 jiffies, 64 ms at `HZ=1000`,
@@ -356,6 +362,13 @@ pub mod flow_flags {
     pub const CUT_BY_IDENTITY: u32 = 1 << 2;
     /// Either cut.
     pub const CUT: u32 = CUT_PLAINTEXT | CUT_BY_IDENTITY;
+    /// The ClientHello passed at the client's ISN + 1; the pod has not acknowledged it yet,
+    /// so the stream's first bytes are still screened (a segment the pod's stack discarded,
+    /// for a bad checksum, must not leave the flow open for plaintext in its place).
+    pub const AWAITING_HELLO_ACK: u32 = 1 << 3;
+    /// The screen saw the client's SYN: [`FlowState::client_seq`](super::FlowState) holds
+    /// its ISN + 1.
+    pub const ISN_KNOWN: u32 = 1 << 4;
 }
 
 /// Value of the map of mTLS-strict endpoints (keyed by ifindex): present means strict.
@@ -852,7 +865,7 @@ mod tests {
         assert_eq!(size_of::<super::EventBudget>(), 16);
         assert_eq!(size_of::<FlowKey>(), 44);
         assert_eq!(size_of::<super::FlowKeyV4>(), 20);
-        assert_eq!(size_of::<FlowState>(), 20);
+        assert_eq!(size_of::<FlowState>(), 28);
         assert_eq!(size_of::<super::MtlsExemptPort>(), 8);
         assert_eq!(size_of::<super::FragmentKey>(), 44);
         assert_eq!(size_of::<super::FragmentState>(), 8);

@@ -98,9 +98,9 @@ pub enum Opening {
 }
 
 const TCP_FLAG_FIN: u8 = 0x01;
-const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_RST: u8 = 0x04;
-const TCP_FLAG_ACK: u8 = 0x10;
+pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// A packet that could not be parsed; the caller drops it.
 pub struct Malformed;
@@ -448,7 +448,7 @@ fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<IpHeader, Malformed> {
         src: ipv4_mapped(ip.u32(12)),
         dst: ipv4_mapped(ip.u32(16)),
         l4_offset: offset + header_len,
-        ip_end: offset + usize::from(u16::from_be(ip.u16(2))),
+        ip_end: ip_end(ctx, offset, usize::from(u16::from_be(ip.u16(2)))),
         fragment: fragment_of(flags_and_offset & 0x1fff, flags_and_offset & 0x2000 != 0),
         fragment_id: u32::from(u16::from_be(ip.u16(4))),
     })
@@ -468,7 +468,12 @@ fn parse_ipv6(
     let src = [ip.u64(8), ip.u64(16)];
     let dst = [ip.u64(24), ip.u64(32)];
     let mut protocol = ip.u8(6);
-    let ip_end = offset + 40 + usize::from(u16::from_be(ip.u16(4)));
+    let payload_length = usize::from(u16::from_be(ip.u16(4)));
+    let ip_end = if payload_length == 0 {
+        ip_end(ctx, offset, 0)
+    } else {
+        offset + 40 + payload_length
+    };
     let mut l4_offset = offset + 40;
     let mut fragment = fragment::WHOLE;
     let mut fragment_id = 0;
@@ -508,6 +513,21 @@ fn parse_ipv6(
     })
 }
 
+/// Where an IP packet at `offset` whose length field says `length` ends. A length of 0 is
+/// BIG TCP's (IPv4 total length 0, IPv6 payload length 0 with a jumbo option): the packet
+/// then ends with the frame, never where the field says (which would make every payload
+/// look empty).
+#[inline(always)]
+fn ip_end(ctx: &TcContext, offset: usize, length: usize) -> usize {
+    if length == 0 {
+        // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel handed to this program; TC
+        // programs may read its `len` field.
+        unsafe { (*ctx.skb.skb).len as usize }
+    } else {
+        offset + length
+    }
+}
+
 /// The part of its datagram a packet with this fragment offset and more-fragments bit is.
 #[inline(always)]
 fn fragment_of(offset: u16, more: bool) -> u32 {
@@ -539,6 +559,28 @@ fn octets(words: [u64; 2]) -> [u8; 16] {
     unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
 }
 
+/// A TCP segment's sequence and acknowledgement numbers (host order) and flags.
+#[derive(Clone, Copy)]
+pub struct TcpNumbers {
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+}
+
+/// The numbers of the TCP segment whose header starts at `l4_offset`.
+#[inline(always)]
+pub fn tcp_numbers(ctx: &TcContext, l4_offset: usize) -> Result<TcpNumbers, Malformed> {
+    // The verifier needs the bound again in the caller's frame.
+    if l4_offset > MAX_HEADER_OFFSET {
+        return Err(Malformed);
+    }
+    Ok(TcpNumbers {
+        seq: u32::from_be(load::<u32>(ctx, l4_offset + 4)?),
+        ack: u32::from_be(load::<u32>(ctx, l4_offset + 8)?),
+        flags: load::<u8>(ctx, l4_offset + 13)?,
+    })
+}
+
 /// Bytes of a TCP payload the mTLS screen reads: a TLS record header (5) and the handshake
 /// type (1).
 pub const TLS_PREFIX_LEN: usize = 6;
@@ -568,6 +610,7 @@ pub fn tcp_payload_start(
     l4_offset: usize,
     ip_end: usize,
     start: &mut [u8; TLS_PREFIX_LEN],
+    length: &mut u32,
 ) -> TcpPayload {
     // The verifier needs the bound again in this frame.
     if l4_offset > MAX_HEADER_OFFSET {
@@ -577,6 +620,13 @@ pub fn tcp_payload_start(
         return TcpPayload::Malformed;
     };
     let payload = l4_offset + usize::from(data_offset >> 4) * 4;
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "an skb is shorter than 4 GiB"
+    )]
+    if payload < ip_end {
+        *length = (ip_end - payload) as u32;
+    }
     if payload >= ip_end {
         TcpPayload::Empty
     } else if payload + TLS_PREFIX_LEN > ip_end {

@@ -58,7 +58,9 @@
 //!    revoked connection cannot be revived by the server's next segment).
 //!
 //! Flows towards mTLS-strict pods also go through the mTLS screen (`mtls.rs`) before steps 3
-//! and 4: it may drop a packet the policy allows, never pass one it denies.
+//! and 4: it may drop a packet the policy allows, never pass one it denies. It takes the
+//! ClientHello only at the client's ISN + 1 and watches the stream's start until the pod
+//! acknowledged it; a flow it watches is not on the fast path until then.
 //!
 //! decide(E, D, peer address, protocol, destination port):
 //!   a. D is ingress and the peer is the node: allow (kubelet probes keep working).
@@ -208,13 +210,7 @@ fn enforce_flow(
         let tracked = unsafe { &mut *tracked };
         if tracked.flags != 0 {
             let was_cut = tracked.flags & flow_flags::CUT != 0;
-            let screened = mtls::screen(
-                ctx,
-                dir,
-                &mut tracked.flags,
-                layout.l4_offset,
-                layout.ip_end,
-            );
+            let screened = mtls::screen(ctx, dir, tracked, &layout);
             if screened != mtls::PASS {
                 if !was_cut {
                     report(
@@ -332,12 +328,14 @@ fn enforce_flow(
                 flags: mtls::flags_for_new_flow(&flow, dir),
                 activity: 0,
                 last_seen: now_ticks(),
+                client_seq: 0,
+                hello_end: 0,
             };
             // A SYN may carry data (TCP Fast Open): the screen looks at it too.
             let screened = if state.flags == 0 {
                 mtls::PASS
             } else {
-                mtls::screen(ctx, dir, &mut state.flags, layout.l4_offset, layout.ip_end)
+                mtls::screen(ctx, dir, &mut state, &layout)
             };
             conntrack_insert(&flow, &state);
             if screened != mtls::PASS {
