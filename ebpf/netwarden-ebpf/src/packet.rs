@@ -91,6 +91,10 @@ pub enum Opening {
     Continuation,
     /// A TCP FIN or RST: a continuation that also tells conntrack the connection is closing.
     Closing,
+    /// An IPv6 neighbour solicitation or advertisement from an address that is not
+    /// link-local: it passes leaving the pod from an address the pod owns (link plumbing),
+    /// and is an ordinary packet otherwise. It never opens a flow.
+    Neighbour,
     /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem): when the
     /// packet it quotes belongs to a tracked flow the error passes, so path MTU discovery
     /// keeps working. An error never opens a flow itself.
@@ -256,20 +260,82 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
     let ifindex = ifindex(ctx);
     if header.has_ports() && (header.protocol == IPPROTO_ICMP || header.protocol == IPPROTO_ICMPV6)
     {
-        // The type, code and checksum: four bytes no ICMP message is without.
-        let icmp_type = header_at(ctx, header.l4_offset, 4)?.u8(0);
+        // The type, code, checksum and four bytes more: no ICMP message is shorter.
+        let icmp = header_at(ctx, header.l4_offset, 8)?;
+        let icmp_type = icmp.u8(0);
         if header.protocol == IPPROTO_ICMPV6 && is_network_control(icmp_type) {
-            return Ok(Parsed::NetworkControl);
-        }
-        if is_icmp_error(header.protocol, icmp_type) {
-            // Whether the quoted packet belongs to a tracked flow is asked by the caller:
-            // a call from here would stack three frames deep.
+            if is_link_local_or_unspecified(header.src) {
+                return Ok(Parsed::NetworkControl);
+            }
+            // Neighbour solicitations and advertisements may come from any address of the
+            // interface (RFC 4861 7.1), and Linux sends them from the address of the packet
+            // that needed the neighbour: the caller passes them leaving the pod from an
+            // address the pod owns. Every other one, and these towards the pod, are ordinary
+            // packets that open nothing.
+            let opening = if matches!(
+                icmp_type,
+                ICMPV6_NEIGHBOUR_SOLICITATION | ICMPV6_NEIGHBOUR_ADVERTISEMENT
+            ) {
+                Opening::Neighbour
+            } else {
+                Opening::Continuation
+            };
             return Ok(Parsed::Flow(
-                orient(ifindex, dir, &header, 0, 0),
-                Opening::Error,
+                orient(
+                    ifindex,
+                    dir,
+                    &header,
+                    0,
+                    ICMP_INFORMATIONAL_PORT | u16::from(icmp_type),
+                ),
+                opening,
                 header.layout(),
             ));
         }
+        if let Some(request) = echo(header.protocol, icmp_type) {
+            // Keyed by the echo identifier on both sides, so a reply finds its request's
+            // entry and nothing else does; only a request may open a flow.
+            let id = u16::from_be(icmp.u16(4));
+            let opening = if request {
+                Opening::Yes
+            } else {
+                Opening::Continuation
+            };
+            return Ok(Parsed::Flow(
+                orient(ifindex, dir, &header, id, id),
+                opening,
+                header.layout(),
+            ));
+        }
+        if !is_icmp_error(header.protocol, icmp_type) {
+            // Other informational messages (timestamps, router discovery...) open nothing and
+            // match no echo flow: their two ports always differ, an echo's never do.
+            return Ok(Parsed::Flow(
+                orient(
+                    ifindex,
+                    dir,
+                    &header,
+                    0,
+                    ICMP_INFORMATIONAL_PORT | u16::from(icmp_type),
+                ),
+                Opening::Continuation,
+                header.layout(),
+            ));
+        }
+        // An error. Whether the quoted packet belongs to a tracked flow is asked by the
+        // caller: a call from here would stack three frames deep. Keyed like an
+        // informational message, so the error itself matches no tracked flow.
+        return Ok(Parsed::Flow(
+            orient(
+                ifindex,
+                dir,
+                &header,
+                0,
+                ICMP_INFORMATIONAL_PORT | u16::from(icmp_type),
+            ),
+            Opening::Error,
+            header.layout(),
+        ));
     }
     let (src_port, dst_port, opening) = transport(ctx, &header)?;
     Ok(Parsed::Flow(
@@ -329,15 +395,48 @@ pub fn quotes_tracked_flow(
     let Ok(header) = parsed.and_then(IpHeader::bounded) else {
         return false;
     };
-    if !header.has_ports() || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+    if !header.has_ports() {
         return false;
     }
-    let Ok(ports) = header_at(ctx, header.l4_offset, 4) else {
+    let Ok(ports) = header_at(ctx, header.l4_offset, 8) else {
         return false;
     };
-    let src_port = u16::from_be(ports.u16(0));
-    let dst_port = u16::from_be(ports.u16(2));
+    let (src_port, dst_port) = match header.protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            (u16::from_be(ports.u16(0)), u16::from_be(ports.u16(2)))
+        }
+        // A quoted echo request (a ping to an unreachable host): keyed by its identifier.
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if echo(header.protocol, ports.u8(0)) == Some(true) => {
+            let id = u16::from_be(ports.u16(4));
+            (id, id)
+        }
+        _ => return false,
+    };
     crate::verdict::is_tracked(&orient(ifindex, dir, &header, src_port, dst_port))
+}
+
+/// The port an ICMP message other than an echo and an error is keyed under, with its type in
+/// the low byte (the other port is 0, so the key never matches an echo flow's).
+const ICMP_INFORMATIONAL_PORT: u16 = 0x100;
+const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
+const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
+
+/// `Some(true)` for an echo request, `Some(false)` for an echo reply, of ICMP or ICMPv6.
+#[inline(always)]
+fn echo(protocol: u8, icmp_type: u8) -> Option<bool> {
+    match (protocol, icmp_type) {
+        (IPPROTO_ICMP, 8) | (IPPROTO_ICMPV6, 128) => Some(true),
+        (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129) => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether an IPv6 source address is link-local (`fe80::/10`) or unspecified (`::`), as
+/// neighbour discovery and multicast listener messages are sent from (RFC 4861, RFC 3810).
+#[inline(always)]
+fn is_link_local_or_unspecified(src: [u64; 2]) -> bool {
+    let first = src[0].to_ne_bytes();
+    (first[0] == 0xfe && first[1] & 0xc0 == 0x80) || (src[0] == 0 && src[1] == 0)
 }
 
 /// Neighbour discovery (133-137) and multicast listener queries and reports (130-132, 143).

@@ -33,8 +33,8 @@
 //!
 //! Decision for a packet of flow F on endpoint E in direction D (from the pod's point of view):
 //!
-//! 1. ARP, IPv6 neighbour discovery and multicast listener messages: pass (link plumbing,
-//!    never policy). A VLAN tag, in the frame (0x8100, 0x88a8, 0x9100) or already taken off
+//! 1. ARP, and IPv6 neighbour discovery and multicast listener messages from a link-local or
+//!    unspecified source (as the RFCs send them): pass (link plumbing, never policy). A VLAN tag, in the frame (0x8100, 0x88a8, 0x9100) or already taken off
 //!    by the kernel (`vlan_present`), and any ethertype but IPv4, IPv6 and ARP: drop, both
 //!    ways (`DENIED_VLAN`, `DENIED_ETHERTYPE`). A pod's veth carries nothing else, and the
 //!    kernel strips a tag after TC ran and routes what it hid: passing it as "not IP" let a
@@ -50,11 +50,17 @@
 //!    sends F back through every step.
 //! 3. E unknown to `ENDPOINTS`: drop (an attached veth the agent forgot about fails closed).
 //!    Leaving the pod from an address `ENDPOINT_ADDRESSES` does not give it: drop (spoofed).
-//!    An ICMP error quoting a packet of a tracked flow: pass (PMTU discovery keeps working).
+//!    An ICMP error quoting a packet of a tracked flow (a TCP, UDP or SCTP flow by its ports,
+//!    a ping by its echo identifier): pass (PMTU discovery keeps working). A neighbour
+//!    solicitation or advertisement leaving the pod from an address it owns that is not
+//!    link-local: pass (Linux sends them from the address of the packet that needed the
+//!    neighbour). Neighbour discovery and MLD from other non-link-local sources are ordinary
+//!    packets from here on.
 //! 4. F tracked, epoch stale: decide again for the direction that opened F; drop and forget F
 //!    when that decision now denies (a revoked permission does not live on in conntrack).
-//! 5. F new: decide for D; track F when allowed and the packet may open a flow (for TCP only
-//!    a SYN may: a mid-stream packet passes or drops on its own and never creates state, so a
+//! 5. F new: decide for D; track F when allowed and the packet may open a flow (for ICMP only
+//!    an echo request may, keyed by its identifier so that only its replies match; for TCP
+//!    only a SYN may: a mid-stream packet passes or drops on its own and never creates state, so a
 //!    revoked connection cannot be revived by the server's next segment).
 //!
 //! Flows towards mTLS-strict pods also go through the mTLS screen (`mtls.rs`) before steps 3
@@ -264,6 +270,10 @@ fn enforce_flow(
             },
         );
         return count(counter::DENIED_SPOOFED, dir, DENY);
+    }
+    if opening == Opening::Neighbour && dir == direction::EGRESS {
+        // From an address the pod owns (checked above): link plumbing.
+        return count(counter::ALLOWED_NETWORK_CONTROL, dir, ALLOW);
     }
     if opening == Opening::Error {
         // The quoted packet travelled the other way.

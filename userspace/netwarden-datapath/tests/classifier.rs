@@ -798,3 +798,126 @@ fn later_fragments_follow_their_first_fragment_and_unknown_ones_drop() {
         DENY
     );
 }
+
+/// An ICMP (or `ICMPv6`) echo request or reply with identifier `id`.
+fn echo(request: bool, v6: bool, id: u16) -> Vec<u8> {
+    let kind = match (request, v6) {
+        (true, false) => 8,
+        (false, false) => 0,
+        (true, true) => 128,
+        (false, true) => 129,
+    };
+    let mut message = vec![kind, 0, 0, 0];
+    message.extend(id.to_be_bytes());
+    message.extend([0, 1]);
+    message.extend(b"ping");
+    message
+}
+
+#[test]
+fn echo_flows_are_keyed_by_their_identifier_and_only_requests_open_them() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let outside = Ipv4Addr::new(192, 0, 2, 1);
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    let from_pod = |message: &[u8]| ethernet(0x0800, &ipv4(SERVER, outside, 1, 0, message));
+    let to_pod = |message: &[u8]| ethernet(0x0800, &ipv4(outside, SERVER, 1, 0, message));
+    // The server pings out (its egress is not isolated; its ingress rules all name ports).
+    assert_eq!(
+        harness.run(false, &from_pod(&echo(true, false, 0x1234))),
+        ALLOW
+    );
+    assert_eq!(
+        harness.run(true, &to_pod(&echo(false, false, 0x1234))),
+        ALLOW,
+        "the reply to the request"
+    );
+    assert_eq!(
+        harness.run(true, &to_pod(&echo(false, false, 0x4321))),
+        DENY,
+        "a reply to no request of the pod"
+    );
+    let timestamp = [
+        13, 0, 0, 0, 0x12, 0x34, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(
+        harness.run(true, &to_pod(&timestamp)),
+        DENY,
+        "another ICMP message from the pinged peer"
+    );
+    // (A request from the peer with the pinging pod's identifier matches the flow too: both
+    // ends' ports are the identifier, as a reply must find its request's entry.)
+    // A reply opens nothing: an unsolicited one leaves the pod (egress not isolated), and the
+    // peer's request with the same identifier is still decided by the pod's ingress policy.
+    assert_eq!(
+        harness.run(false, &from_pod(&echo(false, false, 0x7777))),
+        ALLOW
+    );
+    assert_eq!(harness.run(true, &to_pod(&echo(true, false, 0x7777))), DENY);
+
+    // An error about the ping (host unreachable) passes; one about another ping does not.
+    let unreachable = |id| {
+        let mut icmp = vec![3, 1, 0, 0, 0, 0, 0, 0];
+        icmp.extend(ipv4(SERVER, outside, 1, 0, &echo(true, false, id)[..8]));
+        ethernet(0x0800, &ipv4(router, SERVER, 1, 0, &icmp))
+    };
+    assert_eq!(harness.run(true, &unreachable(0x1234)), ALLOW);
+    assert_eq!(harness.run(true, &unreachable(0x4321)), DENY);
+
+    // ICMPv6 alike.
+    let outside6: Ipv6Addr = "2001:db8::1".parse().expect("an address");
+    let request6 = ethernet(
+        0x86dd,
+        &ipv6(SERVER6, outside6, 58, &[], &echo(true, true, 9)),
+    );
+    assert_eq!(harness.run(false, &request6), ALLOW);
+    let reply6 = |id| {
+        ethernet(
+            0x86dd,
+            &ipv6(outside6, SERVER6, 58, &[], &echo(false, true, id)),
+        )
+    };
+    assert_eq!(harness.run(true, &reply6(9)), ALLOW);
+    assert_eq!(harness.run(true, &reply6(10)), DENY);
+}
+
+#[test]
+fn neighbour_discovery_and_mld_pass_only_from_link_local_or_unspecified_sources() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let link_local: Ipv6Addr = "fe80::1".parse().expect("an address");
+    let global: Ipv6Addr = "2001:db8::1".parse().expect("an address");
+    let message = |kind: u8| {
+        let mut message = vec![kind, 0, 0, 0, 0, 0, 0, 0];
+        message.extend(SERVER6.octets());
+        message
+    };
+    let to_pod = |source, kind| ethernet(0x86dd, &ipv6(source, SERVER6, 58, &[], &message(kind)));
+    // Towards the server (isolated, rules with ports only).
+    for kind in [130, 133, 134, 135, 136, 137, 143] {
+        assert_eq!(
+            harness.run(true, &to_pod(link_local, kind)),
+            ALLOW,
+            "{kind} from fe80::1"
+        );
+        assert_eq!(
+            harness.run(true, &to_pod(Ipv6Addr::UNSPECIFIED, kind)),
+            ALLOW,
+            "{kind} from ::"
+        );
+        assert_eq!(
+            harness.run(true, &to_pod(global, kind)),
+            DENY,
+            "{kind} from a global address"
+        );
+    }
+    // Leaving the pod: a solicitation from its own address is plumbing (Linux sends them
+    // from the address of the packet that needed the neighbour); from another, spoofed.
+    let from_pod = |source, kind| ethernet(0x86dd, &ipv6(source, global, 58, &[], &message(kind)));
+    assert_eq!(harness.run(false, &from_pod(SERVER6, 135)), ALLOW);
+    assert_eq!(harness.run(false, &from_pod(CLIENT6, 135)), DENY);
+    assert_eq!(harness.run(false, &from_pod(CLIENT6, 136)), DENY);
+    assert_eq!(harness.run(false, &from_pod(link_local, 135)), ALLOW);
+}
