@@ -45,9 +45,13 @@
 //!    conntrack, where it would match a flow of port 0. A first fragment that passes below is
 //!    recorded there.
 //! 2. F tracked, epoch current: pass (replies of allowed flows: the fast path, one lookup).
-//!    Step 3 is safely skipped: F was tracked only after step 3 passed for its endpoint and
-//!    address, and any change to `ENDPOINTS` or `ENDPOINT_ADDRESSES` bumps the epoch, which
-//!    sends F back through every step.
+//!    Step 3 is safely skipped, so a spoofed source cannot ride the fast path: the key holds
+//!    E's ifindex (another endpoint's flows are never found here) and the pod's address, and
+//!    F is tracked only for an address E owns (leaving the pod, after step 3's check; towards
+//!    it, only when the destination is E's own address: a broadcast or multicast packet the
+//!    policy allows passes untracked, so the pod cannot answer through its entry from the
+//!    group's address). Any change to `ENDPOINTS` or `ENDPOINT_ADDRESSES` bumps the epoch,
+//!    which sends F back through every step.
 //! 3. E unknown to `ENDPOINTS`: drop (an attached veth the agent forgot about fails closed).
 //!    Leaving the pod from an address `ENDPOINT_ADDRESSES` does not give it: drop (spoofed).
 //!    An ICMP error quoting a packet of a tracked flow (a TCP, UDP or SCTP flow by its ports,
@@ -331,7 +335,10 @@ fn enforce_flow(
     if is_allowed(reason) {
         // A full table evicts its least recently used flow; that flow is decided again on its
         // next packet, so an eviction never opens anything.
-        if opening == Opening::Yes {
+        // Only a flow whose pod address the endpoint owns is tracked, whichever way it opened
+        // (towards the pod, a broadcast, multicast or misrouted destination passes on its own):
+        // the fast path skips the address check because no entry can hold anything else.
+        if opening == Opening::Yes && (dir == direction::EGRESS || owns_address(&flow)) {
             let mut state = FlowState {
                 origin: dir,
                 epoch,

@@ -921,3 +921,37 @@ fn neighbour_discovery_and_mld_pass_only_from_link_local_or_unspecified_sources(
     assert_eq!(harness.run(false, &from_pod(CLIENT6, 136)), DENY);
     assert_eq!(harness.run(false, &from_pod(link_local, 135)), ALLOW);
 }
+
+#[test]
+fn a_tracked_flow_never_carries_a_source_the_pod_does_not_own() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    // The client may reach the server on SCTP 9000. An INIT addressed to a multicast group
+    // reaches the server's interface too, and the policy allows it...
+    let group = Ipv4Addr::new(224, 0, 0, 9);
+    let init = ethernet(0x0800, &ipv4(CLIENT, group, 132, 0, &sctp_init(5000, 9000)));
+    assert_eq!(harness.run(true, &init), ALLOW);
+    // ...but it opens no flow the pod could then send through from the group's address,
+    // which it does not own: the fast path would not check the source.
+    let forged = ethernet(0x0800, &ipv4(group, CLIENT, 132, 0, &sctp_init(9000, 5000)));
+    assert_eq!(harness.run(false, &forged), DENY, "a spoofed source");
+    // The same exchange on the server's own address is tracked, and its replies pass.
+    let init = ethernet(
+        0x0800,
+        &ipv4(CLIENT, SERVER, 132, 0, &sctp_init(5001, 9000)),
+    );
+    assert_eq!(harness.run(true, &init), ALLOW);
+    let reply = ethernet(
+        0x0800,
+        &ipv4(SERVER, CLIENT, 132, 0, &sctp_init(9000, 5001)),
+    );
+    assert_eq!(harness.run(false, &reply), ALLOW);
+    // A flow tracked on the server's interface is keyed by it: the same forged reply on
+    // another interface is decided there (not an endpoint here: dropped).
+    let datapath = harness.datapath.as_ref().expect("present until drop");
+    let other = IFINDEX + 1;
+    if let Ok((verdict, _)) = datapath.test_run(false, &reply, other, 1) {
+        assert_eq!(verdict, DENY, "the server's flow on ifindex {other}");
+    }
+}
