@@ -113,6 +113,8 @@ const SERVICE_VARIANTS: [&str; 2] = ["service-iptables", "service-nftables"];
 /// What runs in the service variants in `cargo xtask test`: upstream's suite, which upstream
 /// itself runs through a Service per pod.
 const SERVICE_VARIANT_SCENARIOS: &str = "tests/scenarios/upstream";
+/// What `cargo xtask test` runs once more with pods on a bridge (`--cni bridge`).
+const BRIDGE_SCENARIOS: &str = "tests/scenarios/upstream";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -396,6 +398,17 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
             variant_started.elapsed().as_secs_f64()
         );
     }
+    // The upstream suite again with pods on a bridge (flannel's shape), where the agent finds
+    // pods through their veths' other ends instead of host routes.
+    let bridge_started = Instant::now();
+    println!("==> e2e {BRIDGE_SCENARIOS} --cni bridge");
+    let mut on_bridge = e2e_command("debug", &[PathBuf::from(BRIDGE_SCENARIOS)], false, None);
+    on_bridge.args(["--cni", "bridge"]);
+    e2e_results.push(run_command(&mut on_bridge));
+    println!(
+        "<== e2e --cni bridge: {:.1}s",
+        bridge_started.elapsed().as_secs_f64()
+    );
     println!(
         "cargo xtask test: {:.0}s in all",
         started.elapsed().as_secs_f64()

@@ -42,8 +42,8 @@ use crate::{
     packet::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
     verdict::{
         self, Attribution, Decision, ENDPOINT_OF_ADDRESS, ENDPOINTS, TRANSLATIONS, conntrack_entry,
-        conntrack_insert, conntrack_remove, count, current_epoch, decide, frontend_of,
-        is_allowed, now_ticks, opening_port, report,
+        conntrack_insert, conntrack_remove, count, current_epoch, decide, frontend_of, is_allowed,
+        now_ticks, opening_port, report,
     },
 };
 
@@ -226,7 +226,12 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
     };
     // SAFETY: the value is copied out at once.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(key.ifindex) }).copied() else {
-        report(judged, dir, counter::DENIED_ENDPOINT_NOT_READY, &attribution(0, 0));
+        report(
+            judged,
+            dir,
+            counter::DENIED_ENDPOINT_NOT_READY,
+            &attribution(0, 0),
+        );
         count(counter::DENIED_ENDPOINT_NOT_READY, dir, 0);
         return false;
     };
@@ -258,7 +263,7 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
         // The translation first: a packet that finds the flow finds what it was judged on.
         #[expect(
             clippy::needless_borrows_for_generic_args,
-            reason = "a reference into the per-CPU scratch: by value it would be copied to the stack"
+            reason = "by value the translation would be copied onto a stack that is all but full"
         )]
         let _ = TRANSLATIONS.insert(key, &scratch.translation, 0);
         scratch.state = FlowState {
@@ -308,7 +313,10 @@ fn untracked(skb: u64, layout: &KernelLayout) -> i32 {
             let mut source = [0_u8; 16];
             let mut destination = [0_u8; 16];
             mapped_v4(&mut source, [first[12], first[13], first[14], first[15]]);
-            mapped_v4(&mut destination, [first[16], first[17], first[18], first[19]]);
+            mapped_v4(
+                &mut destination,
+                [first[16], first[17], first[18], first[19]],
+            );
             (first[9], source, destination, l4)
         }
         6 => {

@@ -62,7 +62,11 @@
 //!    packets from here on.
 //! 4. F tracked, epoch stale: decide again for the direction that opened F; drop and forget F
 //!    when that decision now denies (a revoked permission does not live on in conntrack).
-//! 5. F new: decide for D; track F when allowed and the packet may open a flow (for ICMP only
+//!    A translated F (`flow_activity::TRANSLATED`) is decided again on the peer it was judged
+//!    on (`TRANSLATIONS`: the Service's backend, or the masqueraded client).
+//! 5. F new, leaving the pod for a Service frontend (`FRONTENDS`): pass on undecided; the hook
+//!    after translation (`translated.rs`) decides it on the backend it reaches.
+//! 6. F new: decide for D; track F when allowed and the packet may open a flow (for ICMP only
 //!    an echo request may, keyed by its identifier so that only its replies match; for TCP
 //!    only a SYN may: a mid-stream packet passes or drops on its own and never creates state, so a
 //!    revoked connection cannot be revived by the server's next segment).
@@ -73,6 +77,8 @@
 //! acknowledged it; a flow it watches is not on the fast path until then.
 //!
 //! decide(E, D, peer address, protocol, destination port):
+//!   0. the peer is the pod itself (only a flow judged after translation can be: a pod reaching
+//!      itself through its own Service): allow, as over loopback.
 //!   a. D is ingress and the peer is the node: allow (kubelet probes keep working).
 //!   b. E not READY (pod object unknown, or locked down): deny.
 //!   c. D not isolated (policy id 0): allow.

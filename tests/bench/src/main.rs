@@ -186,18 +186,30 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The classifier's cost, then traffic, then the one summary line.
+/// The targets of issue #12: ratios are to no program (for the Service ones, to kube-proxy
+/// alone), from the unpinned pass.
+const TARGET_THROUGHPUT: f64 = 0.97;
+const TARGET_CONNECTIONS: f64 = 0.95;
+const TARGET_CT_HIT_NS: f64 = 60.0;
+const TARGET_NEW_FLOW_NS: f64 = 300.0;
+
+/// The classifier's cost, then traffic, then the one summary line; an error (a non-zero exit)
+/// when a target is missed.
 fn datapath(agent: Option<&std::path::Path>, plan: traffic::Plan) -> anyhow::Result<()> {
     let costs = datapath::run()?;
     let (ct_hit, new_flow) = (costs.tracked.own, costs.decided.own);
     let ns = |duration: Duration| duration.as_secs_f64() * 1e9;
+    let mut targets = vec![
+        Target::at_most("ct_hit_ns", ns(ct_hit), TARGET_CT_HIT_NS),
+        Target::at_most("new_flow_ns", ns(new_flow), TARGET_NEW_FLOW_NS),
+    ];
     let Some(agent) = agent else {
         println!(
             "summary: ct_hit_ns={:.1} new_flow_ns={:.1}",
             ns(ct_hit),
             ns(new_flow)
         );
-        return Ok(());
+        return check(&targets);
     };
     let (unpinned, pinned) = traffic::run(agent, plan)?;
     println!();
@@ -205,16 +217,99 @@ fn datapath(agent: Option<&std::path::Path>, plan: traffic::Plan) -> anyhow::Res
         "summary figures: throughput and connection rate from the unpinned pass, request/response p99 from the pinned pass"
     );
     println!(
-        "summary: tput_10k={:.2}x conn_10k={:.2}x rr_p99_10k={:.2}x iptables_tput_10k={:.2}x nft_tput_10k={:.2}x ct_hit_ns={:.1} new_flow_ns={:.1}",
+        "summary: tput_10k={:.2}x conn_10k={:.2}x rr_p99_10k={:.2}x iptables_tput_10k={:.2}x nft_tput_10k={:.2}x service_throughput={:.2}x service_connrate={:.2}x ct_hit_ns={:.1} new_flow_ns={:.1}",
         unpinned.netwarden.throughput,
         unpinned.netwarden.connections,
         pinned.netwarden.rr_p99,
         unpinned.iptables.throughput,
         unpinned.nftables.throughput,
+        unpinned.service.throughput,
+        unpinned.service.connections,
         ns(ct_hit),
         ns(new_flow)
     );
-    Ok(())
+    targets.extend([
+        Target::at_least("tput_10k", unpinned.netwarden.throughput, TARGET_THROUGHPUT),
+        Target::at_least(
+            "conn_10k",
+            unpinned.netwarden.connections,
+            TARGET_CONNECTIONS,
+        ),
+        Target::at_least(
+            "service_throughput",
+            unpinned.service.throughput,
+            TARGET_THROUGHPUT,
+        ),
+        Target::at_least(
+            "service_connrate",
+            unpinned.service.connections,
+            TARGET_CONNECTIONS,
+        ),
+    ]);
+    check(&targets)
+}
+
+/// One figure of the summary against its target.
+struct Target {
+    name: &'static str,
+    value: f64,
+    bound: f64,
+    at_least: bool,
+}
+
+impl Target {
+    fn at_least(name: &'static str, value: f64, bound: f64) -> Self {
+        Self {
+            name,
+            value,
+            bound,
+            at_least: true,
+        }
+    }
+
+    fn at_most(name: &'static str, value: f64, bound: f64) -> Self {
+        Self {
+            name,
+            value,
+            bound,
+            at_least: false,
+        }
+    }
+
+    fn met(&self) -> bool {
+        if self.at_least {
+            self.value >= self.bound
+        } else {
+            self.value <= self.bound
+        }
+    }
+}
+
+/// Prints every target and whether it was met; an error naming the missed ones.
+fn check(targets: &[Target]) -> anyhow::Result<()> {
+    let line: Vec<String> = targets
+        .iter()
+        .map(|target| {
+            format!(
+                "{}{}{}:{}",
+                target.name,
+                if target.at_least { ">=" } else { "<=" },
+                target.bound,
+                if target.met() { "ok" } else { "MISSED" }
+            )
+        })
+        .collect();
+    println!("targets: {}", line.join(" "));
+    let missed: Vec<&str> = targets
+        .iter()
+        .filter(|target| !target.met())
+        .map(|target| target.name)
+        .collect();
+    if missed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("targets missed: {}", missed.join(", "))
+    }
 }
 
 /// Creates `dir` and mounts a bpf filesystem of its own there, so nothing the benchmark pins

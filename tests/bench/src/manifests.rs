@@ -3,7 +3,8 @@
 use std::{fmt::Write as _, fs, io, path::Path};
 
 use netwarden_model::{
-    Cluster, LabelSelector, NetworkPolicy, Peer, Pod, PortRef, PortSpec, Requirement, Rule,
+    AddressType, Cluster, EndpointSlice, LabelSelector, NetworkPolicy, Peer, Pod, PortRef,
+    PortSpec, Requirement, Rule, Service, ServiceType,
 };
 use serde_json::{Value, json};
 
@@ -34,6 +35,20 @@ pub fn write(cluster: &Cluster, dir: &Path) -> io::Result<()> {
             .filter(|policy| policy.id.namespace == namespace.name)
         {
             document(policy_object(policy));
+        }
+        for service in cluster
+            .services
+            .values()
+            .filter(|service| service.id.namespace == namespace.name)
+        {
+            document(service_object(service));
+        }
+        for slice in cluster
+            .endpoint_slices
+            .values()
+            .filter(|slice| slice.id.namespace == namespace.name)
+        {
+            document(endpoint_slice_object(slice));
         }
         fs::write(dir.join(format!("{}.yaml", namespace.name)), text)?;
     }
@@ -138,5 +153,98 @@ fn policy_object(policy: &NetworkPolicy) -> Value {
         "kind": "NetworkPolicy",
         "metadata": {"name": policy.id.name, "namespace": policy.id.namespace},
         "spec": {"podSelector": selector(&policy.pod_selector), "policyTypes": types, "ingress": ingress, "egress": egress},
+    })
+}
+
+fn port_ref(port: &PortRef) -> Value {
+    match port {
+        PortRef::Number(number) => json!(number),
+        PortRef::Name(name) => json!(name),
+    }
+}
+
+fn service_object(service: &Service) -> Value {
+    let ports: Vec<Value> = service
+        .ports
+        .iter()
+        .map(|port| {
+            let mut object = serde_json::Map::new();
+            if let Some(name) = &port.name {
+                object.insert("name".into(), json!(name));
+            }
+            object.insert("protocol".into(), json!(port.protocol.to_string()));
+            object.insert("port".into(), json!(port.port));
+            object.insert("targetPort".into(), port_ref(&port.target_port));
+            if let Some(node_port) = port.node_port {
+                object.insert("nodePort".into(), json!(node_port));
+            }
+            Value::Object(object)
+        })
+        .collect();
+    let cluster_ips: Vec<String> = service
+        .cluster_ips
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let external_ips: Vec<String> = service
+        .external_ips
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service.id.name, "namespace": service.id.namespace},
+        "spec": {"type": match service.service_type {
+                     ServiceType::ClusterIp => "ClusterIP",
+                     ServiceType::NodePort => "NodePort",
+                     ServiceType::LoadBalancer => "LoadBalancer",
+                     ServiceType::ExternalName => "ExternalName",
+                 },
+                 "clusterIP": cluster_ips.first(), "clusterIPs": cluster_ips,
+                 "externalIPs": external_ips, "selector": service.selector, "ports": ports},
+    })
+}
+
+fn endpoint_slice_object(slice: &EndpointSlice) -> Value {
+    let endpoints: Vec<Value> = slice
+        .endpoints
+        .iter()
+        .map(|endpoint| {
+            let addresses: Vec<String> =
+                endpoint.addresses.iter().map(ToString::to_string).collect();
+            let mut object = serde_json::Map::new();
+            object.insert("addresses".into(), json!(addresses));
+            object.insert("conditions".into(), json!({"ready": endpoint.ready}));
+            if let Some(pod) = &endpoint.pod {
+                object.insert(
+                    "targetRef".into(),
+                    json!({"kind": "Pod", "namespace": pod.namespace, "name": pod.name}),
+                );
+            }
+            if let Some(node) = &endpoint.node_name {
+                object.insert("nodeName".into(), json!(node));
+            }
+            Value::Object(object)
+        })
+        .collect();
+    let ports: Vec<Value> = slice
+        .ports
+        .iter()
+        .map(|port| json!({"name": port.name, "protocol": port.protocol.to_string(), "port": port.port}))
+        .collect();
+    let service_label = netwarden_model::convert::SERVICE_NAME_LABEL;
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": slice.id.name, "namespace": slice.id.namespace,
+                     "labels": {service_label: slice.service.name}},
+        "addressType": match slice.address_type {
+            AddressType::Ipv4 => "IPv4",
+            AddressType::Ipv6 => "IPv6",
+            AddressType::Fqdn => "FQDN",
+        },
+        "endpoints": endpoints,
+        "ports": ports,
     })
 }

@@ -1,12 +1,16 @@
 //! `netwarden-bench datapath` (traffic part): real traffic between two pod namespaces on a
 //! simulated node, with no program, with netwarden enforcing 10, 1,000 and 10,000 rules, and with
-//! the same 10,000-rule policy as iptables linear chains and as an nftables set.
+//! the same 10,000-rule policy as iptables linear chains and as an nftables set; and through a
+//! Service: the client dials a `ClusterIP` that kube-proxy's iptables-mode rules translate to
+//! the server pod, with no program (kube-proxy alone) and with netwarden enforcing an egress
+//! policy on the client, decided after translation by the agent's netfilter hook.
 //!
 //! Each configuration is measured for TCP throughput (iperf3), the rate of
 //! connect/request/close loops, and request/response latency over one connection. Every run of
 //! a configuration sits between two baseline runs (no program), every figure is the median of
 //! `repeats` runs, and each ratio is the median over rounds of a run against the mean of the
-//! baseline runs beside it. A second pass pins
+//! baseline runs beside it (for netwarden behind the Service: of kube-proxy alone, so the
+//! ratio is netwarden's own cost on a translated flow). A second pass pins
 //! client and server to one CPU: on 2-vCPU machines unpinned request/response latency is mostly
 //! cross-CPU wake-ups.
 //!
@@ -50,6 +54,18 @@ const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 const IPERF_PORT: u16 = 5201;
 const LOOP_PORT: u16 = 7000;
 const NAMESPACE: &str = "bench";
+/// The server pod's Service: a `ClusterIP` in the cluster's Service CIDR (`10.96.0.0/16`, as the
+/// e2e harness allocates them), routed nowhere, translated by kube-proxy's rules on the node.
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const SERVICE: &str = "server";
+/// The Service's ports: iperf3's at its own number, the loop's at 80 (translated to
+/// [`LOOP_PORT`], so the destination port is rewritten too).
+const SERVICE_IPERF_PORT: u16 = IPERF_PORT;
+const SERVICE_LOOP_PORT: u16 = 80;
+/// A third Service port whose backend port ([`DENIED_PORT`], where nothing listens) the
+/// client's egress policy does not allow: the probe that the Service's flows are decided.
+const SERVICE_DENIED_PORT: u16 = 81;
+const DENIED_PORT: u16 = 7001;
 
 /// How long and how often each figure is measured.
 #[derive(Clone, Copy, Debug)]
@@ -65,6 +81,40 @@ enum Filter {
     Netwarden(u32),
     Iptables(u32),
     Nftables(u32),
+    /// The client dials the server through its `ClusterIP`, translated by kube-proxy's
+    /// iptables-mode rules on the node; with netwarden enforcing an egress policy on the
+    /// client (decided after translation, by the netfilter hook) or with no program.
+    Service {
+        netwarden: bool,
+    },
+}
+
+impl Filter {
+    /// The configuration whose runs this one's ratios are taken against: kube-proxy alone for
+    /// netwarden behind a Service (the translation's own cost is not netwarden's), no program
+    /// for the rest.
+    fn baseline(self) -> Self {
+        match self {
+            Self::Service { netwarden: true } => Self::Service { netwarden: false },
+            _ => Self::None,
+        }
+    }
+
+    /// Where the client connects: the server pod itself, or its Service.
+    fn target(self) -> Target {
+        match self {
+            Self::Service { .. } => Target {
+                address: CLUSTER_IP,
+                iperf_port: SERVICE_IPERF_PORT,
+                loop_port: SERVICE_LOOP_PORT,
+            },
+            _ => Target {
+                address: SERVER,
+                iperf_port: IPERF_PORT,
+                loop_port: LOOP_PORT,
+            },
+        }
+    }
 }
 
 impl std::fmt::Display for Filter {
@@ -74,8 +124,18 @@ impl std::fmt::Display for Filter {
             Self::Netwarden(rules) => write!(f, "netwarden, {rules} rules"),
             Self::Iptables(rules) => write!(f, "iptables linear, {rules} rules"),
             Self::Nftables(rules) => write!(f, "nftables set, {rules} rules"),
+            Self::Service { netwarden: false } => write!(f, "ClusterIP, no program"),
+            Self::Service { netwarden: true } => write!(f, "ClusterIP, netwarden*"),
         }
     }
+}
+
+/// The address and ports the client dials.
+#[derive(Clone, Copy, Debug)]
+struct Target {
+    address: Ipv4Addr,
+    iperf_port: u16,
+    loop_port: u16,
 }
 
 /// What one run of one configuration measured.
@@ -96,11 +156,13 @@ pub struct Ratios {
     pub rr_p99: f64,
 }
 
-/// The figures the summary line needs from one pass: the 10,000-rule configurations.
+/// The figures the summary line needs from one pass: the 10,000-rule configurations, and
+/// netwarden behind a Service against kube-proxy alone.
 pub struct PassResult {
     pub netwarden: Ratios,
     pub iptables: Ratios,
     pub nftables: Ratios,
+    pub service: Ratios,
 }
 
 /// Builds the node, runs both passes and prints them; the node is removed whatever happens.
@@ -298,6 +360,12 @@ impl<'node> Bench<'node> {
             Filter::Iptables(10_000),
             Filter::None,
             Filter::Nftables(10_000),
+            Filter::None,
+            // netwarden behind a Service sits between two runs of kube-proxy alone, its
+            // baseline; kube-proxy alone sits between no-program runs (the next round's first).
+            Filter::Service { netwarden: false },
+            Filter::Service { netwarden: true },
+            Filter::Service { netwarden: false },
         ];
         let mut samples: Vec<(usize, Filter, Sample)> = Vec::new();
         let runs = (0..plan.repeats)
@@ -305,7 +373,7 @@ impl<'node> Bench<'node> {
             .chain([(plan.repeats, Filter::None)]);
         for (round, filter) in runs {
             self.configure(filter)?;
-            let sample = self.measure(plan.seconds, pinned)?;
+            let sample = self.measure(plan.seconds, pinned, filter.target())?;
             eprintln!(
                 "  [{} pass, round {}] {filter}: {:.2} Gbit/s, {:.0} conn/s, rr p50 {:.1} us p99 {:.1} us",
                 if pinned { "pinned" } else { "unpinned" },
@@ -326,12 +394,29 @@ impl<'node> Bench<'node> {
         // iptables-nft keeps its rules in nftables tables: one flush of the node namespace's
         // ruleset removes both kinds.
         nft_flush(&self.node.netns_path("node"))?;
-        if !matches!(filter, Filter::Netwarden(_)) {
+        if !matches!(
+            filter,
+            Filter::Netwarden(_) | Filter::Service { netwarden: true }
+        ) {
             self.stop_agent();
         }
         match filter {
             Filter::None => {}
-            Filter::Netwarden(rules) => self.netwarden(rules)?,
+            Filter::Netwarden(rules) => self.netwarden(&cluster(rules))?,
+            Filter::Service { netwarden } => {
+                pipe(
+                    in_netns(
+                        &mut Command::new("iptables-nft-restore"),
+                        &self.node.netns_path("node"),
+                    )?,
+                    &kube_proxy_rules(),
+                )
+                .with_context(|| format!("loading kube-proxy's rules in {node_ns}"))?;
+                if netwarden {
+                    self.netwarden(&service_cluster())?;
+                }
+                self.probe_service(netwarden)?;
+            }
             Filter::Iptables(rules) => {
                 let mut script = String::from("*filter\n:NW-SERVER - [0:0]\n");
                 script.push_str("-A FORWARD -o vsrv -j NW-SERVER\n");
@@ -375,9 +460,9 @@ impl<'node> Bench<'node> {
         Ok(())
     }
 
-    /// Starts the agent if needed, writes the policy with `rules` rules and waits for the
-    /// agent to log that it applied a change.
-    fn netwarden(&mut self, rules: u32) -> anyhow::Result<()> {
+    /// Starts the agent if needed, writes `cluster` (a policy with some number of rules, or
+    /// the Service configuration) and waits for the agent to log that it applied a change.
+    fn netwarden(&mut self, cluster: &Cluster) -> anyhow::Result<()> {
         if self.agent.is_none() {
             self.agent = Some(self.spawn_agent()?);
             self.wait_applied(false)?;
@@ -386,13 +471,43 @@ impl<'node> Bench<'node> {
         let staging = self.node.work.join("staging");
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging)?;
-        crate::manifests::write(&cluster(rules), &staging)?;
+        crate::manifests::write(cluster, &staging)?;
         // A rename is one inotify event with the whole new content behind it.
         fs::rename(
             staging.join(format!("{NAMESPACE}.yaml")),
             manifests.join(format!("{NAMESPACE}.yaml")),
         )?;
         self.wait_applied(true)
+    }
+
+    /// Checks that the Service configuration is what it claims, with a connection to the
+    /// Service port whose backend port the client's policy does not allow: kube-proxy alone
+    /// translates it to the server pod, which refuses it (nothing listens there; without the
+    /// translation the node would answer "unreachable"); with netwarden the flow is decided
+    /// after translation and its first packet dropped, so the connection times out.
+    fn probe_service(&self, netwarden: bool) -> anyhow::Result<()> {
+        let probe = on_thread_in(&self.node.netns_path("cli"), false, move || {
+            let target = SocketAddr::from((CLUSTER_IP, SERVICE_DENIED_PORT));
+            let result = TcpStream::connect_timeout(&target, Duration::from_millis(300));
+            let expected = if netwarden {
+                std::io::ErrorKind::TimedOut
+            } else {
+                std::io::ErrorKind::ConnectionRefused
+            };
+            match result {
+                Err(error) if error.kind() == expected => Ok(()),
+                Err(error) => bail!("connecting to {target}: {error}, expected {expected}"),
+                Ok(_) => bail!("connecting to {target} succeeded, expected {expected}"),
+            }
+        })?;
+        probe
+            .join()
+            .map_err(|_| anyhow::anyhow!("the Service probe panicked"))?
+            .context(if netwarden {
+                "netwarden does not decide the Service's flows"
+            } else {
+                "kube-proxy's rules do not translate the Service"
+            })
     }
 
     fn spawn_agent(&self) -> anyhow::Result<Agent> {
@@ -472,10 +587,10 @@ impl<'node> Bench<'node> {
     }
 
     /// Throughput, then the connection loop, then request/response.
-    fn measure(&self, seconds: f64, pinned: bool) -> anyhow::Result<Sample> {
-        let throughput_bps = self.iperf(seconds, pinned)?;
-        let connections_per_second = self.connection_loop(seconds, pinned)?;
-        let (rr_p50, rr_p99) = self.request_response(seconds, pinned)?;
+    fn measure(&self, seconds: f64, pinned: bool, target: Target) -> anyhow::Result<Sample> {
+        let throughput_bps = self.iperf(seconds, pinned, target)?;
+        let connections_per_second = self.connection_loop(seconds, pinned, target)?;
+        let (rr_p50, rr_p99) = self.request_response(seconds, pinned, target)?;
         Ok(Sample {
             throughput_bps,
             connections_per_second,
@@ -484,13 +599,13 @@ impl<'node> Bench<'node> {
         })
     }
 
-    fn iperf(&self, seconds: f64, pinned: bool) -> anyhow::Result<f64> {
+    fn iperf(&self, seconds: f64, pinned: bool, target: Target) -> anyhow::Result<f64> {
         let mut command = in_netns(
             Command::new("iperf3").args([
                 "--client",
-                &SERVER.to_string(),
+                &target.address.to_string(),
                 "--port",
-                &IPERF_PORT.to_string(),
+                &target.iperf_port.to_string(),
                 "--time",
                 &format!("{}", seconds.ceil()),
                 "--json",
@@ -515,11 +630,11 @@ impl<'node> Bench<'node> {
     }
 
     /// Connect, send a byte, read a byte, close, as often as possible for `seconds`.
-    fn connection_loop(&self, seconds: f64, pinned: bool) -> anyhow::Result<f64> {
+    fn connection_loop(&self, seconds: f64, pinned: bool, target: Target) -> anyhow::Result<f64> {
         let server = LoopServer::start(&self.node.netns_path("srv"), pinned, false)?;
         let duration = Duration::from_secs_f64(seconds);
         let client = on_thread_in(&self.node.netns_path("cli"), pinned, move || {
-            let target = SocketAddr::from((SERVER, LOOP_PORT));
+            let target = SocketAddr::from((target.address, target.loop_port));
             let started = Instant::now();
             let mut connections = 0_u32;
             while started.elapsed() < duration {
@@ -540,12 +655,17 @@ impl<'node> Bench<'node> {
     }
 
     /// One connection, one byte each way, for `seconds`: the latency of each exchange.
-    fn request_response(&self, seconds: f64, pinned: bool) -> anyhow::Result<(Duration, Duration)> {
+    fn request_response(
+        &self,
+        seconds: f64,
+        pinned: bool,
+        target: Target,
+    ) -> anyhow::Result<(Duration, Duration)> {
         let server = LoopServer::start(&self.node.netns_path("srv"), pinned, true)?;
         let duration = Duration::from_secs_f64(seconds);
         let client = on_thread_in(&self.node.netns_path("cli"), pinned, move || {
             let mut stream = TcpStream::connect_timeout(
-                &SocketAddr::from((SERVER, LOOP_PORT)),
+                &SocketAddr::from((target.address, target.loop_port)),
                 Duration::from_secs(1),
             )?;
             stream.set_nodelay(true)?;
@@ -874,10 +994,14 @@ fn figures(sample: &Sample) -> [f64; 4] {
     ]
 }
 
-/// The mean of the baseline runs just before and just after run `index` (for a baseline run:
-/// the nearest other baseline runs), so each ratio compares runs seconds apart.
-fn neighbour_baseline(samples: &[(usize, Filter, Sample)], index: usize) -> [f64; 4] {
-    let is_baseline = |i: &usize| samples[*i].1 == Filter::None;
+/// The mean of the runs of `baseline` just before and just after run `index` (for a run of
+/// `baseline` itself: the nearest other ones), so each ratio compares runs seconds apart.
+fn neighbour_baseline(
+    samples: &[(usize, Filter, Sample)],
+    index: usize,
+    baseline: Filter,
+) -> [f64; 4] {
+    let is_baseline = |i: &usize| samples[*i].1 == baseline;
     let before = (0..index).rev().find(is_baseline);
     let after = (index + 1..samples.len()).find(is_baseline);
     let runs: Vec<[f64; 4]> = before
@@ -890,14 +1014,15 @@ fn neighbour_baseline(samples: &[(usize, Filter, Sample)], index: usize) -> [f64
     std::array::from_fn(|figure| runs.iter().map(|f| f[figure]).sum::<f64>() / count)
 }
 
-/// The median over `filter`'s runs of each figure's ratio to [`neighbour_baseline`].
+/// The median over `filter`'s runs of each figure's ratio to [`neighbour_baseline`] of its
+/// [`Filter::baseline`].
 fn paired_ratios(samples: &[(usize, Filter, Sample)], filter: Filter) -> [f64; 4] {
     let ratios: Vec<[f64; 4]> = samples
         .iter()
         .enumerate()
         .filter(|(_, (_, f, _))| *f == filter)
         .map(|(index, (_, _, sample))| {
-            let baseline = neighbour_baseline(samples, index);
+            let baseline = neighbour_baseline(samples, index, filter.baseline());
             let figures = figures(sample);
             std::array::from_fn(|figure| figures[figure] / baseline[figure])
         })
@@ -956,6 +1081,8 @@ fn print_pass(
         Filter::Netwarden(10_000),
         Filter::Iptables(10_000),
         Filter::Nftables(10_000),
+        Filter::Service { netwarden: false },
+        Filter::Service { netwarden: true },
     ] {
         let figures = medians(filter);
         let paired = paired_ratios(samples, filter);
@@ -979,6 +1106,9 @@ fn print_pass(
         );
         ratios.insert(filter, ratio);
     }
+    println!(
+        "  ClusterIP rows: the client dials {CLUSTER_IP}:{SERVICE_IPERF_PORT} (iperf3) and {CLUSTER_IP}:{SERVICE_LOOP_PORT} (loop), translated by kube-proxy's iptables rules to the server pod; * ratios against the ClusterIP runs with no program beside it (kube-proxy alone), the others against no program"
+    );
     let take = |filter| {
         ratios
             .get(&filter)
@@ -989,5 +1119,205 @@ fn print_pass(
         netwarden: take(Filter::Netwarden(10_000))?,
         iptables: take(Filter::Iptables(10_000))?,
         nftables: take(Filter::Nftables(10_000))?,
+        service: take(Filter::Service { netwarden: true })?,
     })
+}
+
+/// The node's `filter` and `nat` tables as kube-proxy in iptables mode writes them for the one
+/// Service of [`service_cluster`] (three TCP ports, one ready endpoint, the server pod): the
+/// chains, names, hashes, masquerade mark and rules of `pkg/proxy/iptables/proxier.go`
+/// (kubernetes/kubernetes), as the e2e harness generates them (`tests/e2e/src/kube_proxy.rs`)
+/// for a one-node cluster without `NodePort` Services. Chain suffixes are kube-proxy's hashes:
+/// base32(sha256(`bench/server:iperf` `tcp`))\[..16\] and so on, with the endpoint appended
+/// for `KUBE-SEP-`. Loaded with `iptables-nft-restore`, so one `nft flush ruleset` removes it.
+fn kube_proxy_rules() -> String {
+    const MARK: &str = "0x4000";
+    const POD_CIDR: &str = "10.244.0.0/16";
+    let mut text = String::from(
+        "*filter\n\
+         :INPUT ACCEPT [0:0]\n\
+         :FORWARD ACCEPT [0:0]\n\
+         :OUTPUT ACCEPT [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n\
+         :KUBE-EXTERNAL-SERVICES - [0:0]\n\
+         :KUBE-FORWARD - [0:0]\n\
+         -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+         -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+         -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n",
+    );
+    let _ = write!(
+        text,
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MARK}/{MARK} -j ACCEPT\n\
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+         COMMIT\n\
+         *nat\n\
+         :PREROUTING ACCEPT [0:0]\n\
+         :INPUT ACCEPT [0:0]\n\
+         :OUTPUT ACCEPT [0:0]\n\
+         :POSTROUTING ACCEPT [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n\
+         :KUBE-NODEPORTS - [0:0]\n\
+         :KUBE-POSTROUTING - [0:0]\n\
+         :KUBE-MARK-MASQ - [0:0]\n"
+    );
+    // (Service port name, Service port, endpoint port, KUBE-SVC- hash, KUBE-SEP- hash).
+    let ports = [
+        (
+            "iperf",
+            SERVICE_IPERF_PORT,
+            IPERF_PORT,
+            "7UWT2LEQNQGZ7JMI",
+            "DT5EUYOVVKSQ45NS",
+        ),
+        (
+            "loop",
+            SERVICE_LOOP_PORT,
+            LOOP_PORT,
+            "CULH3G2XHSMSUR2N",
+            "KC3UELRLQCLCNCHY",
+        ),
+        (
+            "denied",
+            SERVICE_DENIED_PORT,
+            DENIED_PORT,
+            "Y7UPYYRB5HOIY4CH",
+            "6DH5JKD7GW5QVRSE",
+        ),
+    ];
+    for (_, _, _, service_hash, endpoint_hash) in ports {
+        let _ = writeln!(
+            text,
+            ":KUBE-SVC-{service_hash} - [0:0]\n:KUBE-SEP-{endpoint_hash} - [0:0]"
+        );
+    }
+    let _ = write!(
+        text,
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark {MARK}\n\
+         -A KUBE-POSTROUTING -m mark ! --mark {MARK}/{MARK} -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark {MARK}\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n"
+    );
+    for (name, service_port, endpoint_port, service_hash, endpoint_hash) in ports {
+        let name = format!("{NAMESPACE}/{SERVICE}:{name}");
+        let service_chain = format!("KUBE-SVC-{service_hash}");
+        let endpoint_chain = format!("KUBE-SEP-{endpoint_hash}");
+        let endpoint = format!("{SERVER}:{endpoint_port}");
+        let _ = write!(
+            text,
+            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {CLUSTER_IP} --dport {service_port} -j {service_chain}\n\
+             -A {service_chain} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {CLUSTER_IP} --dport {service_port} ! -s {POD_CIDR} -j KUBE-MARK-MASQ\n\
+             -A {service_chain} -m comment --comment \"{name} -> {endpoint}\" -j {endpoint_chain}\n\
+             -A {endpoint_chain} -m comment --comment {name} -s {SERVER} -j KUBE-MARK-MASQ\n\
+             -A {endpoint_chain} -m comment --comment {name} -m tcp -p tcp -j DNAT --to-destination {endpoint}\n"
+        );
+    }
+    text.push_str(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
+         COMMIT\n",
+    );
+    text
+}
+
+/// The Service configuration: the 1-rule cluster (the server isolated, the client pod
+/// allowed), the client isolated for egress by a policy allowing the server pod by pod
+/// selector on the measured endpoint ports, and the server's Service with its
+/// `EndpointSlice`, so that the agent knows the `ClusterIP` as a frontend and decides the flow
+/// after translation. The Service's third port leads to a port the policy does not allow.
+fn service_cluster() -> Cluster {
+    use netwarden_model::{
+        AddressType, EndpointPort, EndpointSlice, EndpointSliceRef, Service, ServiceEndpoint,
+        ServicePort, ServiceRef, ServiceType,
+    };
+    let mut cluster = cluster(1);
+    let selector = |app: &str| LabelSelector {
+        requirements: vec![Requirement::In("app".into(), vec![app.into()])],
+    };
+    let policy = NetworkPolicy {
+        id: PolicyRef {
+            namespace: NAMESPACE.into(),
+            name: "client-egress".into(),
+        },
+        pod_selector: selector("client"),
+        policy_types: PolicyTypes {
+            ingress: false,
+            egress: true,
+        },
+        ingress: Vec::new(),
+        egress: vec![Rule {
+            peers: vec![Peer::Pods {
+                pod_selector: Some(selector("server")),
+                namespace_selector: None,
+            }],
+            ports: [IPERF_PORT, LOOP_PORT]
+                .into_iter()
+                .map(|port| PortSpec {
+                    protocol: Protocol::Tcp,
+                    port: Some(PortRef::Number(port)),
+                    end_port: None,
+                })
+                .collect(),
+        }],
+    };
+    cluster.policies.insert(policy.id.clone(), policy);
+    let id = ServiceRef {
+        namespace: NAMESPACE.into(),
+        name: SERVICE.into(),
+    };
+    let ports = [
+        ("iperf", SERVICE_IPERF_PORT, IPERF_PORT),
+        ("loop", SERVICE_LOOP_PORT, LOOP_PORT),
+        ("denied", SERVICE_DENIED_PORT, DENIED_PORT),
+    ];
+    let service = Service {
+        id: id.clone(),
+        service_type: ServiceType::ClusterIp,
+        cluster_ips: vec![IpAddr::V4(CLUSTER_IP)],
+        external_ips: Vec::new(),
+        load_balancer_ips: Vec::new(),
+        ports: ports
+            .iter()
+            .map(|&(name, port, target)| ServicePort {
+                name: Some(name.into()),
+                protocol: Protocol::Tcp,
+                port,
+                target_port: PortRef::Number(target),
+                node_port: None,
+            })
+            .collect(),
+        selector: [("app".to_owned(), "server".to_owned())].into(),
+    };
+    cluster.services.insert(id.clone(), service);
+    let slice = EndpointSlice {
+        id: EndpointSliceRef {
+            namespace: NAMESPACE.into(),
+            name: format!("{SERVICE}-bench"),
+        },
+        service: id,
+        address_type: AddressType::Ipv4,
+        endpoints: vec![ServiceEndpoint {
+            addresses: vec![IpAddr::V4(SERVER)],
+            ready: true,
+            pod: Some(PodRef {
+                namespace: NAMESPACE.into(),
+                name: "server".into(),
+            }),
+            node_name: Some(crate::cluster::NODE.into()),
+        }],
+        ports: ports
+            .iter()
+            .map(|&(name, _, target)| EndpointPort {
+                name: Some(name.into()),
+                protocol: Protocol::Tcp,
+                port: target,
+            })
+            .collect(),
+    };
+    cluster.endpoint_slices.insert(slice.id.clone(), slice);
+    cluster
 }

@@ -63,6 +63,8 @@ pub async fn spoofed_datagram_arrives(
         Type::DGRAM,
         None,
     )?;
+    // The receiver of an earlier family or step may still be closing on this port.
+    listening.set_reuse_address(true)?;
     listening.bind(&SocketAddr::new(destination, SPOOF_PORT).into())?;
     let listening = UdpSocket::from_std(listening.into())?;
 

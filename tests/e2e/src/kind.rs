@@ -724,6 +724,7 @@ impl Cluster<'_> {
             | Step::CreateService { .. }
             | Step::DeleteService { .. }
             | Step::Dial(_)
+            | Step::Resolve(_)
             | Step::OpenConnection { .. }
             | Step::CheckConnection { .. }
             | Step::SendSpoofed { .. }

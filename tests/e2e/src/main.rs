@@ -4,6 +4,7 @@
 mod agent;
 mod cleanup;
 mod crafted;
+mod dns;
 mod kind;
 mod kube_proxy;
 mod manifests;
@@ -63,6 +64,9 @@ struct RunArgs {
     /// Run without an agent, to test the harness itself: everything is then open.
     #[arg(long, conflicts_with = "agent")]
     no_agent: bool,
+    /// Wire pods the way this CNI does, whatever each scenario's `model.cni` says.
+    #[arg(long, value_enum)]
+    cni: Option<scenario::Cni>,
     /// Scenario files or directories.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
@@ -144,6 +148,7 @@ async fn run() -> anyhow::Result<ExitCode> {
             Variant::ServiceIptables => kube_proxy::KubeProxyMode::Iptables,
             Variant::ServiceNftables => kube_proxy::KubeProxyMode::Nftables,
         }),
+        cni: args.cni,
     };
     let all_passed = runner::run(options, files).await;
     Ok(if all_passed {

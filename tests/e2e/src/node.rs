@@ -1,6 +1,11 @@
-//! The simulated node: a node namespace and one namespace per pod or external host, wired the
-//! way point-to-point CNIs (kindnet, Calico) wire pods: a veth pair per pod, a /32 (/128) pod
-//! address, a link-local gateway on the host side, and a host route to the pod through its veth.
+//! The simulated node: a node namespace and one namespace per pod or external host, a veth pair
+//! each, with pods wired one of two ways (`model.cni`):
+//!
+//! - **point-to-point** (kindnet, Calico): a /32 (/128) pod address, a link-local gateway on the
+//!   host side, and a host route to the pod through its veth;
+//! - **bridge** (flannel's `cni0`, the CNI bridge plugin): the host side is a port of the bridge
+//!   `cni0`, which holds the pod network's gateway addresses; the pod has its address with the
+//!   pod network's prefix (/16, /64) and a default route via the gateway. No host routes.
 //!
 //! External hosts are not pods: each sits on a small subnet of its own behind the node (a /30
 //! and a /64, like an uplink), reached through a connected route, never a host route, so the
@@ -14,7 +19,7 @@ use std::{
 
 use crate::{
     netns::{Netns, NetnsError},
-    scenario::IpFamily,
+    scenario::{Cni, IpFamily},
 };
 
 /// The node name in Pod objects and on the agent's command line.
@@ -26,6 +31,19 @@ const GATEWAY_V6: &str = "fe80::1";
 /// listen on them.
 pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x18, 0, 0, 0, 0, 2);
+/// The bridge of the bridge shape, named as flannel names it.
+const BRIDGE: &str = "cni0";
+/// The pod network's gateway on the bridge: the first address of the pod network.
+const BRIDGE_GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+const BRIDGE_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 1);
+/// The bridge's own MAC address, derived from its IPv4 gateway the way the CNI bridge plugin did
+/// (`0a:58` and the address). Set explicitly because a bridge without one takes the lowest MAC
+/// of its ports and changes it as pods come and go: pods' neighbour entries for the gateway
+/// would then point at another pod's veth.
+const BRIDGE_MAC: &str = "0a:58:0a:f4:00:01";
+/// The pod network's prefixes, which every pod address lies in.
+const POD_PREFIX_V4: u8 = 16;
+const POD_PREFIX_V6: u8 = 64;
 /// Hosts get `BASE + counter` as the last address byte.
 const ADDRESS_BASE: u32 = 10;
 
@@ -104,14 +122,16 @@ pub struct Endpoint {
 pub struct Node {
     prefix: String,
     families: Vec<IpFamily>,
+    cni: Cni,
     netns: Netns,
     counter: u32,
 }
 
 impl Node {
-    /// Creates the node namespace: forwarding on, `lo` up and the node's own addresses on a
-    /// dummy interface. Namespaces are named `<prefix>node`, `<prefix>p<N>`, `<prefix>x<N>`.
-    pub async fn create(prefix: &str, families: &[IpFamily]) -> Result<Self, NodeError> {
+    /// Creates the node namespace: forwarding on, `lo` up, the node's own addresses on a
+    /// dummy interface, and for the bridge shape the bridge. Namespaces are named
+    /// `<prefix>node`, `<prefix>p<N>`, `<prefix>x<N>`.
+    pub async fn create(prefix: &str, families: &[IpFamily], cni: Cni) -> Result<Self, NodeError> {
         let netns = Netns::create(&format!("{prefix}node")).await?;
         let ipv6 = ipv6_supported();
         // Reverse-path filtering off, as on the machines we checked, and explicitly: a spoofed
@@ -149,9 +169,13 @@ impl Node {
             commands.push(format!("address add {NODE_V6}/128 dev node0 nodad"));
         }
         netns.ip_batch(&commands).await?;
+        if cni == Cni::Bridge {
+            create_bridge(&netns, families, ipv6).await?;
+        }
         Ok(Self {
             prefix: prefix.to_owned(),
             families: families.to_vec(),
+            cni,
             netns,
             counter: 0,
         })
@@ -219,52 +243,12 @@ impl Node {
             format!("link set {host_interface} up"),
         ];
         let mut pod_side = vec!["link set lo up".to_owned(), "link set eth0 up".to_owned()];
-        if kind == EndpointKind::External {
-            if let Some(v4) = addresses.v4 {
-                let gateway = Ipv4Addr::from(u32::from(v4) - 1);
-                host_side.push(format!("address add {gateway}/30 dev {host_interface}"));
-                pod_side.extend([
-                    format!("address add {v4}/30 dev eth0"),
-                    format!("route add default via {gateway} dev eth0"),
-                ]);
-            }
-            if let Some(v6) = addresses.v6 {
-                let gateway = Ipv6Addr::from(u128::from(v6) - 1);
-                host_side.push(format!(
-                    "address add {gateway}/64 dev {host_interface} nodad"
-                ));
-                pod_side.extend([
-                    format!("address add {v6}/64 dev eth0 nodad"),
-                    format!("route add default via {gateway} dev eth0"),
-                ]);
-            }
-            self.netns.ip_batch(&host_side).await?;
-            netns.ip_batch(&pod_side).await?;
-            return Ok(Endpoint {
-                netns,
-                host_interface,
-                addresses,
-            });
-        }
-        host_side.push(format!("address add {GATEWAY_V4}/32 dev {host_interface}"));
-        if let Some(v4) = addresses.v4 {
-            host_side.push(format!("route add {v4}/32 dev {host_interface}"));
-            pod_side.extend([
-                format!("address add {v4}/32 dev eth0"),
-                format!("route add {GATEWAY_V4} dev eth0 scope link"),
-                format!("route add default via {GATEWAY_V4} dev eth0"),
-            ]);
-        }
-        if let Some(v6) = addresses.v6 {
-            host_side.extend([
-                format!("address add {GATEWAY_V6}/64 dev {host_interface} nodad"),
-                format!("route add {v6}/128 dev {host_interface}"),
-            ]);
-            pod_side.extend([
-                format!("address add {v6}/128 dev eth0 nodad"),
-                format!("route add default via {GATEWAY_V6} dev eth0"),
-            ]);
-        }
+        let wiring = match (kind, self.cni) {
+            (EndpointKind::External, _) => wire_routed_host,
+            (EndpointKind::Pod, Cni::Ptp) => wire_point_to_point,
+            (EndpointKind::Pod, Cni::Bridge) => wire_bridge_port,
+        };
+        wiring(&host_interface, addresses, &mut host_side, &mut pod_side);
         self.netns.ip_batch(&host_side).await?;
         netns.ip_batch(&pod_side).await?;
         Ok(Endpoint {
@@ -287,5 +271,117 @@ impl Node {
     /// Deletes the node namespace; pods and hosts must have been deleted first.
     pub async fn delete(self) -> Result<(), NodeError> {
         Ok(self.netns.delete().await?)
+    }
+}
+
+/// The bridge of the bridge shape, up and holding the gateways, with bridged traffic passed
+/// through the node's iptables and ip6tables as kube-proxy requires of bridge CNIs. These
+/// `br_netfilter` switches are per network namespace (since Linux 5.3): only the node's
+/// namespace is changed.
+async fn create_bridge(netns: &Netns, families: &[IpFamily], ipv6: bool) -> Result<(), NodeError> {
+    let mut commands = vec![
+        format!("link add {BRIDGE} address {BRIDGE_MAC} type bridge"),
+        format!("link set {BRIDGE} up"),
+    ];
+    if families.contains(&IpFamily::IPv4) {
+        commands.push(format!(
+            "address add {BRIDGE_GATEWAY_V4}/{POD_PREFIX_V4} dev {BRIDGE}"
+        ));
+    }
+    if ipv6 && families.contains(&IpFamily::IPv6) {
+        commands.push(format!(
+            "address add {BRIDGE_GATEWAY_V6}/{POD_PREFIX_V6} dev {BRIDGE} nodad"
+        ));
+    }
+    netns.ip_batch(&commands).await?;
+    let mut sysctls = vec!["net.bridge.bridge-nf-call-iptables=1"];
+    if ipv6 {
+        sysctls.push("net.bridge.bridge-nf-call-ip6tables=1");
+    }
+    netns.sysctl(&sysctls).await?;
+    Ok(())
+}
+
+/// An external host on a subnet of its own behind the node (a /30 and a /64, like an uplink):
+/// a connected route, never a host route, and the node's address on the host side.
+fn wire_routed_host(
+    host_interface: &str,
+    addresses: Addresses,
+    host_side: &mut Vec<String>,
+    pod_side: &mut Vec<String>,
+) {
+    if let Some(v4) = addresses.v4 {
+        let gateway = Ipv4Addr::from(u32::from(v4) - 1);
+        host_side.push(format!("address add {gateway}/30 dev {host_interface}"));
+        pod_side.extend([
+            format!("address add {v4}/30 dev eth0"),
+            format!("route add default via {gateway} dev eth0"),
+        ]);
+    }
+    if let Some(v6) = addresses.v6 {
+        let gateway = Ipv6Addr::from(u128::from(v6) - 1);
+        host_side.push(format!(
+            "address add {gateway}/64 dev {host_interface} nodad"
+        ));
+        pod_side.extend([
+            format!("address add {v6}/64 dev eth0 nodad"),
+            format!("route add default via {gateway} dev eth0"),
+        ]);
+    }
+}
+
+/// A pod's veth as point-to-point CNIs wire it: a link-local gateway on the host side, the
+/// pod's address alone (/32, /128), and a host route to it through the veth.
+fn wire_point_to_point(
+    host_interface: &str,
+    addresses: Addresses,
+    host_side: &mut Vec<String>,
+    pod_side: &mut Vec<String>,
+) {
+    host_side.push(format!("address add {GATEWAY_V4}/32 dev {host_interface}"));
+    if let Some(v4) = addresses.v4 {
+        host_side.push(format!("route add {v4}/32 dev {host_interface}"));
+        pod_side.extend([
+            format!("address add {v4}/32 dev eth0"),
+            format!("route add {GATEWAY_V4} dev eth0 scope link"),
+            format!("route add default via {GATEWAY_V4} dev eth0"),
+        ]);
+    }
+    if let Some(v6) = addresses.v6 {
+        host_side.extend([
+            format!("address add {GATEWAY_V6}/64 dev {host_interface} nodad"),
+            format!("route add {v6}/128 dev {host_interface}"),
+        ]);
+        pod_side.extend([
+            format!("address add {v6}/128 dev eth0 nodad"),
+            format!("route add default via {GATEWAY_V6} dev eth0"),
+        ]);
+    }
+}
+
+/// A pod's veth as the bridge plugin wires it with `hairpinMode`: the host side a port of the
+/// bridge (hairpin on, so a pod reaches itself through a Service), the pod's addresses with the
+/// pod network's prefixes and a default route via the gateway.
+fn wire_bridge_port(
+    host_interface: &str,
+    addresses: Addresses,
+    host_side: &mut Vec<String>,
+    pod_side: &mut Vec<String>,
+) {
+    host_side.extend([
+        format!("link set {host_interface} master {BRIDGE}"),
+        format!("link set {host_interface} type bridge_slave hairpin on"),
+    ]);
+    if let Some(v4) = addresses.v4 {
+        pod_side.extend([
+            format!("address add {v4}/{POD_PREFIX_V4} dev eth0"),
+            format!("route add default via {BRIDGE_GATEWAY_V4} dev eth0"),
+        ]);
+    }
+    if let Some(v6) = addresses.v6 {
+        pod_side.extend([
+            format!("address add {v6}/{POD_PREFIX_V6} dev eth0 nodad"),
+            format!("route add default via {BRIDGE_GATEWAY_V6} dev eth0"),
+        ]);
     }
 }

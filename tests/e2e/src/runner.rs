@@ -24,6 +24,7 @@ use crate::{
     agent::{Agent, AgentConfig, AgentError, StatusWatcher, Wanted, log_tail},
     cleanup::{self, NETNS_PREFIX, RUN_ROOT, Registration, Resource},
     crafted::{self, QuotedPacket},
+    dns::{self, Zone},
     kube_proxy::{KubeProxy, KubeProxyError, KubeProxyMode},
     manifests::{ManifestError, ManifestWriter},
     mtls::{MtlsError, MtlsState, PodView},
@@ -33,9 +34,9 @@ use crate::{
     probe::{self, Answerer, Client, DialError, Flow, Server},
     report::{self, ObservedGrid, Outcome, Verdict},
     scenario::{
-        self, ConnectionExpectation, Delivery, Dial, DialVia, IpFamily, Labels, NODE_CLIENT,
-        PodSpec, ProbeVia, Protocol, Quote, Reachability, RestartMode, Scenario, SpoofedSource,
-        Step,
+        self, Cni, ConnectionExpectation, Delivery, Dial, DialVia, IpFamily, Labels, NODE_CLIENT,
+        PodSpec, ProbeVia, Protocol, Quote, Reachability, Resolve, RestartMode, Scenario,
+        SpoofedSource, Step,
     },
     servers::{self, ServerError, Servers},
     services::{self, PodEndpoint, ServiceError, ServiceRegistry, ServiceSpec},
@@ -55,6 +56,8 @@ pub struct Options {
     pub verbose: bool,
     /// Run every scenario through per-pod Services with kube-proxy in this mode.
     pub through_services: Option<KubeProxyMode>,
+    /// Wires pods this way whatever the scenarios' `model.cni` says.
+    pub cni: Option<Cni>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -351,6 +354,8 @@ struct ScenarioRun<'a> {
     mtls: MtlsState,
     /// The Services of the cluster and the kube-proxy that translates them, when it has any.
     services: Option<(ServiceRegistry, KubeProxy)>,
+    /// What the pods serving DNS answer: the Services and published pods as they are now.
+    zone: Zone,
 }
 
 async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> Outcome {
@@ -374,7 +379,8 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         Err(error) => return fail(error.to_string()),
     };
     let prefix = format!("{NETNS_PREFIX}{}-{index}-", std::process::id());
-    let node = match Node::create(&prefix, &scenario.model.ip_families).await {
+    let cni = options.cni.unwrap_or(scenario.model.cni);
+    let node = match Node::create(&prefix, &scenario.model.ip_families, cni).await {
         Ok(node) => node,
         Err(error) => return fail(format!("cannot create the node: {error}")),
     };
@@ -411,6 +417,7 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
                 KubeProxy::new(scenario.model.kube_proxy, &scenario.model.ip_families),
             )
         }),
+        zone: Zone::default(),
     };
     if let Err(error) = run.execute().await {
         run.failures.push(format!("error: {error}"));
@@ -501,7 +508,10 @@ impl ScenarioRun<'_> {
         let ports = pod
             .as_ref()
             .map_or(&self.scenario.model.default_ports, |pod| &pod.ports);
-        let servers = servers::start(&endpoint.netns, key, &endpoint.addresses, ports)?;
+        // Only model pods serve DNS: `dns: true` is a field of the model.
+        let dns =
+            (pod.is_some() && self.scenario.model.dns_pods.contains(key)).then_some(&self.zone);
+        let servers = servers::start(&endpoint.netns, key, &endpoint.addresses, ports, dns)?;
         self.progress.line(&format!(
             "  {key}: {} via {}",
             endpoint.addresses, endpoint.host_interface
@@ -551,6 +561,7 @@ impl ScenarioRun<'_> {
             }
             Step::Probe { .. } => self.probe(number, step).await,
             Step::Dial(dial) => self.dial(number, step, dial).await,
+            Step::Resolve(resolve) => self.resolve(number, step, resolve).await,
             Step::SendSpoofed {
                 from,
                 to,
@@ -795,6 +806,7 @@ impl ScenarioRun<'_> {
             | Step::CheckConnection { .. }
             | Step::Probe { .. }
             | Step::Dial(_)
+            | Step::Resolve(_)
             | Step::SendSpoofed { .. }
             | Step::IcmpError { .. }
             | Step::MtlsProbe(_)
@@ -830,11 +842,8 @@ impl ScenarioRun<'_> {
     }
 
     /// Rewrites the Service and `EndpointSlice` objects from the pods that exist now, and
-    /// reprograms kube-proxy's rules from them.
+    /// reprograms kube-proxy's rules and the cluster DNS's names from them.
     async fn sync_services(&mut self) -> Result<(), StepError> {
-        let Some((registry, kube_proxy)) = &mut self.services else {
-            return Ok(());
-        };
         let pods: Vec<PodEndpoint<'_>> = self
             .live
             .values()
@@ -846,6 +855,11 @@ impl ScenarioRun<'_> {
                 })
             })
             .collect();
+        let Some((registry, kube_proxy)) = &mut self.services else {
+            self.zone.update([], &pods);
+            return Ok(());
+        };
+        self.zone.update(registry.services(), &pods);
         let slices = registry.sync(&self.writer, &pods)?;
         let services: Vec<&services::Service> = registry.services().collect();
         kube_proxy
@@ -955,6 +969,61 @@ impl ScenarioRun<'_> {
             .await
             .is_ok();
             outcome.push((format!("{family} {destination}"), reached));
+        }
+        outcome
+    }
+
+    /// Asks the DNS Service once per family of the model; each answer must meet the
+    /// expectation. Retried once after a short wait, as dials are.
+    async fn resolve(&mut self, number: usize, step: &Step, resolve: &Resolve) {
+        let mut outcome = self.resolve_once(resolve).await;
+        let retried = outcome
+            .iter()
+            .any(|(_, got)| !dns::meets(resolve.expect, got));
+        if retried {
+            tokio::time::sleep(RETRY_PAUSE).await;
+            outcome = self.resolve_once(resolve).await;
+        }
+        for (what, got) in outcome {
+            let text = match &got {
+                Ok(answer) => answer.to_string(),
+                Err(error) => format!("blocked ({error})"),
+            };
+            self.progress.line(&format!("  {what}: {text}"));
+            if !dns::meets(resolve.expect, &got) {
+                let retry_note = if retried { " (retried once)" } else { "" };
+                self.failures
+                    .push(format!("step {number} {step}{retry_note}: {what}: {text}"));
+            }
+        }
+    }
+
+    /// One query per family: what was asked and what came back.
+    async fn resolve_once(
+        &self,
+        resolve: &Resolve,
+    ) -> Vec<(String, Result<dns::Answer, dns::ResolveError>)> {
+        let (registry, _) = self.services.as_ref().expect("validated: services exist");
+        let service = registry
+            .get(&resolve.server)
+            .expect("validated: the service exists");
+        let name = dns::parse_name(&resolve.name).expect("validated: a DNS name");
+        let kind = dns::query_type(resolve.expect);
+        let client = &self.live[resolve.from.as_str()].endpoint;
+        let mut outcome = Vec::new();
+        for family in &self.scenario.model.ip_families {
+            let (Some(_), Some(ip)) = (
+                client.addresses.get(*family),
+                service.cluster_ips.get(*family),
+            ) else {
+                continue;
+            };
+            let server = SocketAddr::new(ip, dns::SERVICE_PORT);
+            let got = dns::resolve(&client.netns, server, resolve.protocol, &name, kind).await;
+            outcome.push((
+                format!("{kind} over {family} {} {server}", resolve.protocol),
+                got,
+            ));
         }
         outcome
     }

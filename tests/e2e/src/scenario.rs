@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt, fs,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -14,6 +15,7 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    dns,
     kube_proxy::KubeProxyMode,
     placeholder,
     services::{self, ServiceSpec, ServiceType},
@@ -53,6 +55,17 @@ pub enum ScenarioError {
 pub enum IpFamily {
     IPv4,
     IPv6,
+}
+
+/// How the CNI wires pods to the node (`model.cni`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Cni {
+    /// A veth per pod with a host route to its address (kindnet, Calico).
+    #[default]
+    Ptp,
+    /// Pods are ports of a Linux bridge holding the pod network's gateway (flannel's `cni0`).
+    Bridge,
 }
 
 impl fmt::Display for IpFamily {
@@ -119,6 +132,8 @@ pub struct Model {
     pub default_ports: Vec<ContainerPort>,
     /// `ns/name` to the pod, in grid order.
     pub pods: IndexMap<String, PodSpec>,
+    /// Model pods that serve the cluster DNS (`dns: true`) on their `dns` and `dns-tcp` ports.
+    pub dns_pods: BTreeSet<String>,
     /// External host keys, in grid order after the pods.
     pub external_hosts: Vec<String>,
     /// `services: per_pod`: a `ClusterIP` Service per pod, as upstream's e2e suite creates.
@@ -127,17 +142,6 @@ pub struct Model {
     pub kube_proxy: KubeProxyMode,
     /// How pods are wired to the node.
     pub cni: Cni,
-}
-
-/// The shape of the pod network on the node.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Cni {
-    /// A veth per pod with a host route each (kindnet, Calico).
-    #[default]
-    Ptp,
-    /// Pods are ports of a Linux bridge holding the gateway (flannel's cni0, the bridge plugin).
-    Bridge,
 }
 
 /// `model.services`.
@@ -210,6 +214,78 @@ impl fmt::Display for Dial {
             self.protocol,
             self.port,
             format!("{:?}", self.expect).to_lowercase()
+        )
+    }
+}
+
+/// The DNS Service a `resolve` step asks when it names none, as in a real cluster.
+pub const DEFAULT_DNS_SERVICE: &str = "kube-system/kube-dns";
+
+/// One name looked up through the cluster DNS Service.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resolve {
+    /// The pod that asks.
+    pub from: String,
+    pub name: String,
+    /// `namespace/name` of the DNS Service; its `ClusterIP`, port 53, is asked.
+    #[serde(default = "default_dns_service")]
+    pub server: String,
+    /// UDP or TCP (default UDP).
+    #[serde(default = "udp")]
+    pub protocol: Protocol,
+    pub expect: ResolveExpectation,
+}
+
+fn default_dns_service() -> String {
+    DEFAULT_DNS_SERVICE.to_owned()
+}
+
+fn udp() -> Protocol {
+    Protocol::Udp
+}
+
+/// What a `resolve` step must get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResolveExpectation {
+    /// NOERROR with exactly this address (an A query for IPv4, AAAA for IPv6).
+    Address(IpAddr),
+    NxDomain,
+    /// No answer within the probes' attempt timeout.
+    Blocked,
+}
+
+impl<'de> Deserialize<'de> for ResolveExpectation {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.as_str() {
+            "nxdomain" => Ok(Self::NxDomain),
+            "blocked" => Ok(Self::Blocked),
+            address => address.parse().map(Self::Address).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "expect: {address:?} is neither an address nor nxdomain nor blocked"
+                ))
+            }),
+        }
+    }
+}
+
+impl fmt::Display for ResolveExpectation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Address(address) => write!(f, "{address}"),
+            Self::NxDomain => f.write_str("nxdomain"),
+            Self::Blocked => f.write_str("blocked"),
+        }
+    }
+}
+
+impl fmt::Display for Resolve {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} asks {} for {} over {} (expect {})",
+            self.from, self.server, self.name, self.protocol, self.expect
         )
     }
 }
@@ -311,6 +387,7 @@ pub enum Step {
         service: String,
     },
     Dial(Dial),
+    Resolve(Resolve),
     MtlsProbe(crate::mtls::MtlsProbe),
     IdentityCheck(crate::mtls::IdentityCheck),
     ExpectAgentLog(crate::mtls::ExpectAgentLog),
@@ -376,6 +453,7 @@ impl Step {
             Self::CreateService { .. } => "create_service",
             Self::DeleteService { .. } => "delete_service",
             Self::Dial(_) => "dial",
+            Self::Resolve(_) => "resolve",
             Self::SendSpoofed { .. } => "send_spoofed",
             Self::IcmpError { .. } => "icmp_error",
             Self::MtlsProbe(_) => "mtls_probe",
@@ -450,6 +528,7 @@ impl fmt::Display for Step {
                 write!(f, "{} {service}", self.op())
             }
             Self::Dial(dial) => write!(f, "dial {dial}"),
+            Self::Resolve(resolve) => write!(f, "resolve: {resolve}"),
             Self::SendSpoofed {
                 from,
                 to,
@@ -589,6 +668,9 @@ struct RawPod {
     annotations: Labels,
     #[serde(rename = "serviceAccountName")]
     service_account_name: Option<String>,
+    /// Serve the cluster DNS on container ports `dns` (53/UDP) and `dns-tcp` (53/TCP).
+    #[serde(default)]
+    dns: bool,
 }
 
 #[derive(Deserialize)]
@@ -661,6 +743,7 @@ enum RawStep {
         service: String,
     },
     Dial(Dial),
+    Resolve(Resolve),
     MtlsProbe(crate::mtls::MtlsProbe),
     IdentityCheck(crate::mtls::IdentityCheck),
     ExpectAgentLog(crate::mtls::ExpectAgentLog),
@@ -747,6 +830,7 @@ pub fn upstream_model(ip_families: Vec<IpFamily>, ports: Option<Vec<ContainerPor
         namespaces,
         default_ports,
         pods,
+        dns_pods: BTreeSet::new(),
         external_hosts: Vec::new(),
         per_pod_services: false,
         kube_proxy: KubeProxyMode::default(),
@@ -897,6 +981,7 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
         );
     }
     let mut pods = IndexMap::new();
+    let mut dns_pods = BTreeSet::new();
     for (key, pod) in raw.pods.unwrap_or_default() {
         let (namespace, name) = split_pod_key(&key)?;
         if !namespaces.contains_key(namespace) {
@@ -905,7 +990,11 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
             ));
         }
         let pod = pod.unwrap_or_default();
-        let ports = pod.ports.unwrap_or_else(|| default_ports.clone());
+        let mut ports = pod.ports.unwrap_or_else(|| default_ports.clone());
+        if pod.dns {
+            ports.extend(dns::container_ports());
+            dns_pods.insert(key.clone());
+        }
         check_ports(&key, &ports)?;
         pods.insert(
             key.clone(),
@@ -930,6 +1019,7 @@ fn build_model(raw: Option<RawModel>) -> Result<Model, String> {
         namespaces,
         default_ports,
         pods,
+        dns_pods,
         external_hosts,
         per_pod_services,
         kube_proxy,
@@ -1460,6 +1550,10 @@ impl<'a> Validator<'a> {
                 self.dial(&dial).map_err(|e| ("dial", e))?;
                 Step::Dial(dial)
             }
+            RawStep::Resolve(resolve) => {
+                self.resolve(&resolve).map_err(|e| ("resolve", e))?;
+                Step::Resolve(resolve)
+            }
             RawStep::MtlsProbe(probe) => {
                 for pod in probe.pods() {
                     self.pod(pod).map_err(|e| ("mtls_probe", e))?;
@@ -1474,6 +1568,25 @@ impl<'a> Validator<'a> {
             }
             RawStep::ExpectAgentLog(expect) => Step::ExpectAgentLog(expect),
         })
+    }
+
+    /// A resolve's client is a pod, its name a DNS name, and its server a Service with port 53
+    /// in its protocol.
+    fn resolve(&self, resolve: &Resolve) -> Result<(), String> {
+        self.pod(&resolve.from)?;
+        dns::parse_name(&resolve.name)?;
+        if resolve.protocol == Protocol::Sctp {
+            return Err("DNS is asked over UDP or TCP".to_owned());
+        }
+        self.dial(&Dial {
+            from: resolve.from.clone(),
+            service: resolve.server.clone(),
+            port: dns::SERVICE_PORT,
+            protocol: resolve.protocol,
+            via: DialVia::ClusterIp,
+            expect: Reachability::Allowed,
+        })
+        .map_err(|problem| format!("server {}: {problem}", resolve.server))
     }
 
     /// A dial's client exists, and its Service exists and has the port (and nodePort).
@@ -1618,6 +1731,23 @@ steps:
         let scenario = parse_str("format: netwarden-scenario/v1\nname: n\nmodel: { ip_families: [IPv6, IPv4] }\nsteps: []\n").unwrap();
         assert_eq!(scenario.model.ip_families, [IpFamily::IPv4, IpFamily::IPv6]);
         assert_eq!(scenario.model.pods.len(), 9);
+    }
+
+    #[test]
+    fn the_cni_s_shape_is_point_to_point_unless_a_bridge_is_asked_for() {
+        let shape = |model: &str| {
+            parse_str(&format!(
+                "format: netwarden-scenario/v1\nname: n\n{model}steps: []\n"
+            ))
+            .map(|scenario| scenario.model.cni)
+        };
+        assert_eq!(shape("").unwrap(), Cni::Ptp);
+        assert_eq!(shape("model: { cni: bridge }\n").unwrap(), Cni::Bridge);
+        assert_eq!(
+            shape("model: { namespaces: { x: {} }, pods: { x/a: {} }, cni: bridge }\n").unwrap(),
+            Cni::Bridge
+        );
+        assert!(shape("model: { cni: flannel }\n").is_err());
     }
 
     #[test]
@@ -1884,6 +2014,92 @@ steps:
         );
         assert!(steps("- { op: delete_service, service: x/web }\n").is_err());
         assert!(steps("- { op: create_service, service: x/nope }\n").is_err());
+    }
+
+    #[test]
+    fn dns_pods_get_the_coredns_ports() {
+        let text = SMALL.replace("x/b: {}", "x/b: { dns: true }");
+        let scenario = parse_str(&format!("{text}  []")).unwrap();
+        let model = &scenario.model;
+        assert_eq!(
+            model.dns_pods.iter().collect::<Vec<_>>(),
+            ["x/b"],
+            "only pods that ask"
+        );
+        let ports = &model.pods["x/b"].ports;
+        assert_eq!(
+            ports.len(),
+            3,
+            "the default port and dns, dns-tcp: {ports:?}"
+        );
+        assert!(ports.iter().any(|port| port.name.as_deref() == Some("dns")
+            && port.container_port == 53
+            && port.protocol == Protocol::Udp));
+        assert!(
+            ports
+                .iter()
+                .any(|port| port.name.as_deref() == Some("dns-tcp")
+                    && port.container_port == 53
+                    && port.protocol == Protocol::Tcp)
+        );
+        assert_eq!(model.pods["x/a"].ports.len(), 1);
+        let clash = SMALL.replace(
+            "x/b: {}",
+            "x/b: { dns: true, ports: [ { containerPort: 53, protocol: UDP } ] }",
+        );
+        assert!(
+            parse_str(&format!("{clash}  []"))
+                .unwrap_err()
+                .to_string()
+                .contains("listed twice")
+        );
+    }
+
+    #[test]
+    fn resolve_steps_are_checked() {
+        let text = SMALL.replace(
+            "steps:\n",
+            "services:\n  x/kube-dns:\n    apiVersion: v1\n    kind: Service\n    metadata: { name: kube-dns }\n    spec: { selector: { app: a }, ports: [ { name: dns, port: 53, protocol: UDP }, { name: dns-tcp, port: 53, protocol: TCP } ] }\nsteps:\n- { op: create_service, service: x/kube-dns }\n",
+        );
+        let steps = |steps: &str| parse_str(&format!("{text}{steps}"));
+        let ok = steps(
+            "- { op: resolve, from: x/b, name: kube-dns.x.svc.cluster.local, server: x/kube-dns, expect: 10.96.0.10 }\n- { op: resolve, from: x/b, name: a.x.svc.cluster.local., server: x/kube-dns, protocol: TCP, expect: nxdomain }\n- { op: resolve, from: x/a, name: b, server: x/kube-dns, expect: 'fd00::1' }\n",
+        )
+        .unwrap();
+        let Step::Resolve(resolve) = &ok.steps[1] else {
+            panic!()
+        };
+        assert_eq!(resolve.protocol, Protocol::Udp, "UDP by default");
+        assert_eq!(
+            resolve.expect,
+            ResolveExpectation::Address("10.96.0.10".parse().unwrap())
+        );
+        let Step::Resolve(resolve) = &ok.steps[2] else {
+            panic!()
+        };
+        assert_eq!(resolve.expect, ResolveExpectation::NxDomain);
+        let default_server =
+            steps("- { op: resolve, from: x/b, name: a.x.svc.cluster.local, expect: blocked }\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            default_server.contains("kube-system/kube-dns"),
+            "{default_server}"
+        );
+        let bad_expect =
+            steps("- { op: resolve, from: x/b, name: a, server: x/kube-dns, expect: answered }\n");
+        assert!(bad_expect.unwrap_err().to_string().contains("neither"));
+        let sctp = steps(
+            "- { op: resolve, from: x/b, name: a, server: x/kube-dns, protocol: SCTP, expect: blocked }\n",
+        );
+        assert!(sctp.unwrap_err().to_string().contains("UDP or TCP"));
+        let bad_name = steps(
+            "- { op: resolve, from: x/b, name: 'a..b', server: x/kube-dns, expect: blocked }\n",
+        );
+        assert!(bad_name.unwrap_err().to_string().contains("not a DNS name"));
+        let unknown =
+            steps("- { op: resolve, from: x/q, name: a, server: x/kube-dns, expect: blocked }\n");
+        assert!(unknown.unwrap_err().to_string().contains("x/q"));
     }
 
     #[test]

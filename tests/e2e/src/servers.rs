@@ -2,7 +2,8 @@
 //! namespace and driven by the harness's runtime, so a pod costs no process.
 //!
 //! Every answer names the pod and port, so a probe can tell that the intended server answered
-//! and not some other one the traffic was redirected to.
+//! and not some other one the traffic was redirected to. A DNS pod's container ports `dns` (UDP)
+//! and `dns-tcp` (TCP) serve the cluster DNS instead (`dns`).
 
 use std::{
     io,
@@ -17,6 +18,7 @@ use tokio::{
 };
 
 use crate::{
+    dns::{self, Zone},
     netns::Netns,
     node::Addresses,
     scenario::{ContainerPort, Protocol},
@@ -47,12 +49,14 @@ impl Drop for Servers {
     }
 }
 
-/// Starts a server for every port on every address of the endpoint named `identity`.
+/// Starts a server for every port on every address of the endpoint named `identity`; with a
+/// `dns` zone (a DNS pod), its `dns` and `dns-tcp` ports answer DNS queries from it.
 pub fn start(
     netns: &Netns,
     identity: &str,
     addresses: &Addresses,
     ports: &[ContainerPort],
+    dns: Option<&Zone>,
 ) -> Result<Servers, ServerError> {
     let mut servers = Servers::default();
     for address in addresses.all() {
@@ -65,17 +69,23 @@ pub fn start(
                 source,
             };
             let local = SocketAddr::new(address, port.container_port);
-            let task = match port.protocol {
-                Protocol::Tcp => tokio::spawn(serve_tcp(
+            let task = match (port.protocol, port.name.as_deref(), dns) {
+                (Protocol::Udp, Some(dns::UDP_PORT_NAME), Some(zone)) => tokio::spawn(
+                    dns::serve_udp(bind_udp(netns, local).map_err(error)?, zone.clone()),
+                ),
+                (Protocol::Tcp, Some(dns::TCP_PORT_NAME), Some(zone)) => tokio::spawn(
+                    dns::serve_tcp(listen_tcp(netns, local).map_err(error)?, zone.clone()),
+                ),
+                (Protocol::Tcp, ..) => tokio::spawn(serve_tcp(
                     listen_tcp(netns, local).map_err(error)?,
                     identity.to_owned(),
                 )),
-                Protocol::Udp => tokio::spawn(serve_udp(
+                (Protocol::Udp, ..) => tokio::spawn(serve_udp(
                     bind_udp(netns, local).map_err(error)?,
                     identity.to_owned(),
                 )),
                 // One raw socket per address answers every SCTP port, below.
-                Protocol::Sctp => continue,
+                (Protocol::Sctp, ..) => continue,
             };
             servers.tasks.push(task);
         }

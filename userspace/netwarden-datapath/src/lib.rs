@@ -570,7 +570,8 @@ impl Datapath {
         wanted: &BTreeSet<(u32, IpAddr)>,
         errors: &mut Vec<String>,
     ) -> bool {
-        let owners: BTreeMap<IpAddr, u32> = wanted.iter().map(|(ifindex, ip)| (*ip, *ifindex)).collect();
+        let owners: BTreeMap<IpAddr, u32> =
+            wanted.iter().map(|(ifindex, ip)| (*ip, *ifindex)).collect();
         let mut changed = false;
         for (ip, ifindex) in &owners {
             if self.installed_owners.get(ip) == Some(ifindex) {
@@ -587,7 +588,9 @@ impl Datapath {
                 // Flows of this address through a Service are then judged as no pod's: the
                 // backend's ingress still applies, and a pod's own flows to a frontend drop
                 // (nothing decides them, see `translated.rs`).
-                Err(error) => errors.push(format!("endpoint {ifindex}: cannot record the owner of {ip}: {error}")),
+                Err(error) => errors.push(format!(
+                    "endpoint {ifindex}: cannot record the owner of {ip}: {error}"
+                )),
             }
         }
         let gone: Vec<IpAddr> = self
@@ -632,7 +635,9 @@ impl Datapath {
                     changed = true;
                 }
                 // Not deferred: flows to it are judged on the frontend's address (fail closed).
-                Err(error) => errors.push(format!("Service frontend {id}: cannot write its map entry: {error}")),
+                Err(error) => errors.push(format!(
+                    "Service frontend {id}: cannot write its map entry: {error}"
+                )),
             }
         }
         let gone: Vec<FrontendKey> = self
@@ -653,27 +658,29 @@ impl Datapath {
     }
 
     fn set_frontends_installed(&mut self, installed: bool, errors: &mut Vec<String>) {
-        if let Err(error) =
-            self.settings
-                .set(SETTING_FRONTENDS_INSTALLED, u32::from(installed), 0)
+        if let Err(error) = self
+            .settings
+            .set(SETTING_FRONTENDS_INSTALLED, u32::from(installed), 0)
         {
-            errors.push(format!("SETTINGS: cannot record whether frontends are installed: {error}"));
+            errors.push(format!(
+                "SETTINGS: cannot record whether frontends are installed: {error}"
+            ));
         }
     }
 
     /// Loads the hook after translation and attaches it to this network namespace's
-    /// netfilter (`POSTROUTING` and `LOCAL_IN`, after source NAT), replacing a previous agent's.
+    /// netfilter (POSTROUTING and `LOCAL_IN`, after source NAT), replacing a previous agent's.
     /// Until it is attached no flow is deferred to it; on a kernel without netfilter BPF
     /// links (Linux < 6.4) or BTF, flows to Services are judged on the Service's address.
     pub fn attach_translation_hook(&mut self) -> Result<(), netfilter::NetfilterError> {
         let result = (|| -> Result<(), netfilter::NetfilterError> {
             let layout = netfilter::kernel_layout(Path::new("/sys/kernel/btf/vmlinux"))?;
-            self.kernel_layout
-                .set(0, layout, 0)
-                .map_err(|source| netfilter::NetfilterError::Map {
+            self.kernel_layout.set(0, layout, 0).map_err(|source| {
+                netfilter::NetfilterError::Map {
                     name: "KERNEL_LAYOUT".into(),
                     source,
-                })?;
+                }
+            })?;
             let program = netfilter::load(PROGRAMS, &self.layout.maps(), &self.ebpf)?;
             netfilter::attach(&program, &self.layout.links())?;
             Ok(())
@@ -1137,8 +1144,10 @@ fn sum_counters(map: &PerCpuArray<MapData, u64>) -> Vec<u64> {
         .collect()
 }
 
-/// Which interface enforces for which endpoint: local pods through the veth their IP is routed
-/// to, and veths routed to an address no local pod has (a pod the agent has not heard of yet).
+/// Which interface enforces for which endpoint: local pods through the veth that leads to their
+/// IP (its other end holds it, or the node routes it there), and veths that lead to a pod no
+/// local pod object describes yet (a pod the agent has not heard of): those are unknown
+/// endpoints, allowed only node traffic and only from the addresses seen on them.
 fn desired_endpoints(
     state: &DatapathState,
     network: &NodeNetwork,
@@ -1180,27 +1189,52 @@ fn desired_endpoints(
     }
     // A veth routed to an address no local pod has yet: a pod the agent has not heard of.
     for (ip, interface) in network.veth_host_routes() {
-        let known_pod = desired
-            .get(&interface.index)
-            .is_some_and(|endpoint| endpoint.pod.is_some());
-        if !known_ips.contains(&ip) && !known_pod {
-            let value = Endpoint {
-                state: endpoint_state::UNKNOWN,
-                ..Endpoint::default()
-            };
-            let unknown = desired
-                .entry(interface.index)
-                .or_insert_with(|| DesiredEndpoint {
-                    pod: None,
-                    value,
-                    interface: interface.name.clone(),
-                    addresses: Vec::new(),
-                });
-            unknown.addresses.push(ip);
+        if !known_ips.contains(&ip) {
+            add_unknown_endpoint(&mut desired, interface, &[ip]);
         }
+    }
+    // A bridge port, or a veth whose other end has addresses, that no known pod's address
+    // leads to: also a pod the agent has not heard of, whatever its addresses are.
+    for interface in network.pod_veths() {
+        let addresses = interface
+            .peer
+            .as_ref()
+            .map_or(&[][..], |peer| &peer.addresses);
+        add_unknown_endpoint(&mut desired, interface, addresses);
     }
     desired
 }
+
+/// Makes `interface` an unknown endpoint sending from `addresses` (among others already
+/// recorded), unless it enforces for a known pod.
+fn add_unknown_endpoint(
+    desired: &mut BTreeMap<u32, DesiredEndpoint>,
+    interface: &netlink::Interface,
+    addresses: &[IpAddr],
+) {
+    let endpoint = desired
+        .entry(interface.index)
+        .or_insert_with(|| DesiredEndpoint {
+            pod: None,
+            value: Endpoint {
+                state: endpoint_state::UNKNOWN,
+                ..Endpoint::default()
+            },
+            interface: interface.name.clone(),
+            addresses: Vec::new(),
+        });
+    if endpoint.pod.is_some() {
+        return;
+    }
+    for ip in addresses {
+        if !endpoint.addresses.contains(ip) {
+            endpoint.addresses.push(*ip);
+        }
+    }
+}
+
+#[cfg(test)]
+mod desired_endpoints_tests;
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where

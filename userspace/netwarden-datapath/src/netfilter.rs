@@ -1,5 +1,5 @@
 //! The hook after translation: `after_translation` as a `BPF_PROG_TYPE_NETFILTER` program on
-//! the node's `POSTROUTING` and `LOCAL_IN` hooks, after source NAT (see
+//! the node's POSTROUTING and `LOCAL_IN` hooks, after source NAT (see
 //! `ebpf/netwarden-ebpf/src/translated.rs` for what it decides).
 //!
 //! aya 0.14 has no netfilter program type, so the program is parsed and relocated with
@@ -85,7 +85,10 @@ pub fn kernel_layout(btf_path: &Path) -> Result<KernelLayout, NetfilterError> {
     let btf = Btf::parse(&data)?;
     let offset = |structure: &str, path: &[&str]| -> Result<u32, NetfilterError> {
         btf.member_offset(structure, path).ok_or_else(|| {
-            NetfilterError::Btf(format!("struct {structure} has no field {}", path.join(".")))
+            NetfilterError::Btf(format!(
+                "struct {structure} has no field {}",
+                path.join(".")
+            ))
         })
     };
     let tuplehash = offset("nf_conn", &["tuplehash"])?;
@@ -126,14 +129,16 @@ pub fn kernel_layout(btf_path: &Path) -> Result<KernelLayout, NetfilterError> {
 /// taken from their pins in `maps_dir`, its data sections (`.rodata`...) from `loaded`, where
 /// aya created them for the classifiers.
 pub fn load(object: &[u8], maps_dir: &Path, loaded: &Ebpf) -> Result<OwnedFd, NetfilterError> {
-    let mut obj =
-        aya_obj::Object::parse(object).map_err(|error| NetfilterError::Object(error.to_string()))?;
+    let mut obj = aya_obj::Object::parse(object)
+        .map_err(|error| NetfilterError::Object(error.to_string()))?;
     let mut fds: BTreeMap<String, RawFd> = BTreeMap::new();
     let mut opened = Vec::new();
     for name in obj.maps.keys() {
         if name.starts_with('.') {
             let Some(Map::Array(data)) = loaded.map(name) else {
-                return Err(NetfilterError::Object(format!("data section {name} was not loaded")));
+                return Err(NetfilterError::Object(format!(
+                    "data section {name} was not loaded"
+                )));
             };
             fds.insert(name.clone(), data.fd().as_fd().as_raw_fd());
             continue;
@@ -186,7 +191,10 @@ pub fn attach(program: &OwnedFd, links_dir: &Path) -> Result<Vec<PathBuf>, Netfi
                 source,
                 log: String::new(),
             })?;
-            created.push((links_dir.join(format!("netfilter-{family_name}-{hook_name}")), link));
+            created.push((
+                links_dir.join(format!("netfilter-{family_name}-{hook_name}")),
+                link,
+            ));
         }
     }
     // Every new link is attached before any old one goes.
@@ -267,7 +275,10 @@ fn prog_load(
     attempt(&mut Vec::new()).or_else(|source| {
         let mut log = vec![0_u8; 1 << 26];
         let retried = attempt(&mut log);
-        let written = log.iter().rposition(|byte| *byte != 0).map_or(0, |last| last + 1);
+        let written = log
+            .iter()
+            .rposition(|byte| *byte != 0)
+            .map_or(0, |last| last + 1);
         // The end of the log says why; the kernel keeps the log's end when it overflows.
         let tail = String::from_utf8_lossy(&log[written.saturating_sub(2048)..written]);
         if let Ok(path) = std::env::var("NETWARDEN_VERIFIER_LOG") {
@@ -374,7 +385,11 @@ impl<'a> Btf<'a> {
                         members.push(BtfMember {
                             name: word(member)?,
                             type_id: word(member + 4)?,
-                            bit_offset: if bitfields { offset & 0x00ff_ffff } else { offset },
+                            bit_offset: if bitfields {
+                                offset & 0x00ff_ffff
+                            } else {
+                                offset
+                            },
                         });
                     }
                     12 * vlen
@@ -397,7 +412,10 @@ impl<'a> Btf<'a> {
     fn name(&self, offset: u32) -> &str {
         let start = offset as usize;
         let rest = self.strings.get(start..).unwrap_or_default();
-        let len = rest.iter().position(|byte| *byte == 0).unwrap_or(rest.len());
+        let len = rest
+            .iter()
+            .position(|byte| *byte == 0)
+            .unwrap_or(rest.len());
         std::str::from_utf8(&rest[..len]).unwrap_or_default()
     }
 

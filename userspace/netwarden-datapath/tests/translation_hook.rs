@@ -1,7 +1,10 @@
 //! The hook after translation loads into the real kernel and attaches to a network
 //! namespace's netfilter, and a second agent takes it over without a gap.
 
-#[expect(dead_code, reason = "the shared fixtures; this test uses only the private bpffs")]
+#[expect(
+    dead_code,
+    reason = "the test support serves several test binaries; this one needs only its bpffs guard"
+)]
 mod common;
 
 use std::path::Path;

@@ -870,7 +870,13 @@ fn pod_watch(source: &KubeSource) -> WatchHealth {
     let health = source.watch_health();
     assert_eq!(
         health.iter().map(|kind| kind.kind).collect::<Vec<_>>(),
-        ["Namespace", "Pod", "NetworkPolicy", "Service", "EndpointSlice"]
+        [
+            "Namespace",
+            "Pod",
+            "NetworkPolicy",
+            "Service",
+            "EndpointSlice"
+        ]
     );
     health[1].clone()
 }

@@ -401,6 +401,26 @@ async fn open_input(options: &AgentOptions) -> anyhow::Result<Input> {
     }
 }
 
+/// Attaches the hook after translation to the node's netfilter (the agent runs in the node's
+/// network namespace), unless asked not to; says which way flows to Services are decided.
+fn attach_translation_hook(datapath: &mut Datapath, disabled: bool) {
+    if disabled {
+        warn!(
+            "hook after translation not attached (--no-translation-hook): flows to Services are judged on the Service's address"
+        );
+        return;
+    }
+    match datapath.attach_translation_hook() {
+        Ok(()) => info!(
+            "hook after translation attached: flows to Services are decided on the pods they reach"
+        ),
+        Err(error) => warn!(
+            %error,
+            "hook after translation not attached: flows to Services are judged on the Service's address"
+        ),
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
 /// links are pinned, and the next agent adopts them.
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
@@ -416,21 +436,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     datapath
         .set_allow_event_period(options.allow_events)
         .context("setting the allow-event period")?;
-    // The agent runs in the node's network namespace: the hook goes on its netfilter.
-    match if options.no_translation_hook {
-        Ok(())
-    } else {
-        datapath.attach_translation_hook()
-    } {
-        Ok(()) if options.no_translation_hook => {
-            warn!("hook after translation not attached (--no-translation-hook): flows to Services are judged on the Service's address");
-        }
-        Ok(()) => info!("hook after translation attached: flows to Services are decided on the pods they reach"),
-        Err(error) => warn!(
-            %error,
-            "hook after translation not attached: flows to Services are judged on the Service's address"
-        ),
-    }
+    attach_translation_hook(&mut datapath, options.no_translation_hook);
     let attribution = SharedAttribution::default();
     if let Some(ring) = datapath.take_events() {
         events::spawn_reader(ring, attribution.clone());

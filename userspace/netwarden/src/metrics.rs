@@ -651,7 +651,14 @@ spec: {podSelector: {}, policyTypes: [Egress]}
             "0"
         );
         // Every reason in both directions, the event counters apart.
-        assert_eq!(samples(&text, "netwarden_verdicts_total").len(), 26);
+        let packet_reasons = netwarden_common::counter::TABLE
+            .iter()
+            .filter(|reason| reason.kind != netwarden_common::counter::Kind::EventAccounting)
+            .count();
+        assert_eq!(
+            samples(&text, "netwarden_verdicts_total").len(),
+            2 * packet_reasons
+        );
         assert_eq!(
             value(
                 &text,
