@@ -309,6 +309,12 @@ pub struct FlowState {
     /// When a packet of the flow last passed: [`clock_ticks`] of the kernel's jiffies, stored
     /// only when the tick changes. The agent's sweeper reads it and never writes the entry.
     pub last_seen: u32,
+    /// For a flow the mTLS screen watches: the client's ISN + 1, where its stream (and its
+    /// ClientHello) starts (valid once [`flow_flags::ISN_KNOWN`] is set). Zero otherwise.
+    pub client_seq: u32,
+    /// For a flow the mTLS screen watches: the sequence number after the ClientHello's
+    /// segment, which the pod's ACK must cover before the screen lets go. Zero otherwise.
+    pub hello_end: u32,
 }
 
 /// Jiffies per tick of [`FlowState::last_seen`], as a shift: 64 jiffies, 64 ms at `HZ=1000`,
@@ -356,6 +362,13 @@ pub mod flow_flags {
     pub const CUT_BY_IDENTITY: u32 = 1 << 2;
     /// Either cut.
     pub const CUT: u32 = CUT_PLAINTEXT | CUT_BY_IDENTITY;
+    /// The ClientHello passed at the client's ISN + 1; the pod has not acknowledged it yet,
+    /// so the stream's first bytes are still screened (a segment the pod's stack discarded,
+    /// for a bad checksum, must not leave the flow open for plaintext in its place).
+    pub const AWAITING_HELLO_ACK: u32 = 1 << 3;
+    /// The screen saw the client's SYN: [`FlowState::client_seq`](super::FlowState) holds
+    /// its ISN + 1.
+    pub const ISN_KNOWN: u32 = 1 << 4;
 }
 
 /// Value of the map of mTLS-strict endpoints (keyed by ifindex): present means strict.
@@ -397,6 +410,41 @@ pub struct FrontendValue {
     /// The compiler's id of the frontend (names the Service and port in verdict logs).
     pub id: u32,
 }
+
+/// Key of the map of first fragments that passed: a later fragment carries no ports, so it
+/// follows the first fragment of its datagram, found by the flow's endpoint, direction,
+/// addresses, protocol and the datagram's identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    /// The endpoint's host-side veth.
+    pub ifindex: u32,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// The [`direction`] of the datagram, from the pod's point of view.
+    pub direction: u8,
+    /// Zero.
+    pub padding: u16,
+    /// IPv4's 16-bit identification, or IPv6's fragment header's 32-bit one.
+    pub id: u32,
+    /// The pod's address, IPv4-mapped for IPv4.
+    pub pod_addr: [u8; 16],
+    /// The peer's address, IPv4-mapped for IPv4.
+    pub peer_addr: [u8; 16],
+}
+
+/// Value of the map of first fragments that passed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentState {
+    /// Until when (`bpf_ktime_get_ns`) later fragments of the datagram pass.
+    pub until_ns: u64,
+}
+
+/// How long after its first fragment passed the later fragments of a datagram pass: the
+/// fragments of one datagram are sent back to back, and the kernel's own reassembly gives up
+/// after 30 s (`ipfrag_time`) on a datagram that lost one.
+pub const FRAGMENT_LIFETIME_NS: u64 = 2_000_000_000;
 
 /// What a translated flow was judged on: for a flow a pod opened to a Service, the backend it
 /// was translated to; for a flow that reached a pod with a masqueraded source, the original
@@ -584,9 +632,9 @@ pub mod counter {
         /// Passed: traffic from the node.
         ALLOWED_NODE = 3, Allow, "allowed_node",
             "a new flow from the node (kubelet probes)";
-        /// Passed: ARP, neighbour discovery, non-IP.
+        /// Passed: ARP, neighbour discovery, multicast listener messages.
         ALLOWED_NETWORK_CONTROL = 4, Allow, "allowed_network_control",
-            "ARP, neighbour discovery or another non-IP frame";
+            "ARP, neighbour discovery or multicast listener messages";
         /// Dropped: isolated and no rule allows it.
         DENIED_BY_POLICY = 5, Deny, "denied_by_policy",
             "isolated by a NetworkPolicy and no rule allows it";
@@ -632,6 +680,20 @@ pub mod counter {
         /// it reaches itself over loopback, where no policy applies; its Service is no different.
         ALLOWED_SELF = 17, Allow, "allowed_self",
             "a pod reaching itself through a Service (hairpin)";
+        /// Dropped: a frame of an ethertype other than IPv4, IPv6 and ARP, from or to a pod.
+        DENIED_ETHERTYPE = 18, Deny, "denied_ethertype",
+            "a frame of an ethertype other than IPv4, IPv6 and ARP";
+        /// Dropped: a VLAN-tagged frame (802.1Q, 802.1ad, 0x9100), tagged in the frame or
+        /// with the tag taken off by the kernel, from or to a pod.
+        DENIED_VLAN = 19, Deny, "denied_vlan",
+            "a VLAN-tagged frame (802.1Q, 802.1ad or QinQ) from or to a pod";
+        /// Dropped: a later fragment (no ports) of a datagram whose first fragment did not pass
+        /// here in the last [`FRAGMENT_LIFETIME_NS`](super::FRAGMENT_LIFETIME_NS).
+        DENIED_FRAGMENT_UNKNOWN = 20, Deny, "denied_fragment_unknown",
+            "a later fragment of a datagram whose first fragment did not pass";
+        /// Passed: a later fragment of a datagram whose first fragment passed.
+        ALLOWED_FRAGMENT = 21, Allow, "allowed_fragment",
+            "a later fragment of a datagram whose first fragment passed";
     }
 
     /// Number of reasons.
@@ -734,8 +796,8 @@ pub const SETTINGS_COUNT: u32 = 2;
 mod pod_impls {
     use super::{
         CidrClass, CidrKey, CidrKeyV4, Endpoint, EndpointAddress, EventBudget, FlowKey, FlowKeyV4,
-        FlowState, FrontendKey, FrontendValue, IpIdentity, IpKey, KernelLayout, MtlsExemptPort,
-        PolicyEntry, PolicyKey, Translation, VerdictEvent,
+        FlowState, FragmentKey, FragmentState, FrontendKey, FrontendValue, IpIdentity, IpKey,
+        KernelLayout, MtlsExemptPort, PolicyEntry, PolicyKey, Translation, VerdictEvent,
     };
 
     // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
@@ -777,6 +839,10 @@ mod pod_impls {
     unsafe impl aya::Pod for Translation {}
     // SAFETY: see above.
     unsafe impl aya::Pod for KernelLayout {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FragmentKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FragmentState {}
 }
 
 #[cfg(test)]
@@ -799,8 +865,10 @@ mod tests {
         assert_eq!(size_of::<super::EventBudget>(), 16);
         assert_eq!(size_of::<FlowKey>(), 44);
         assert_eq!(size_of::<super::FlowKeyV4>(), 20);
-        assert_eq!(size_of::<FlowState>(), 20);
+        assert_eq!(size_of::<FlowState>(), 28);
         assert_eq!(size_of::<super::MtlsExemptPort>(), 8);
+        assert_eq!(size_of::<super::FragmentKey>(), 44);
+        assert_eq!(size_of::<super::FragmentState>(), 8);
     }
 
     #[test]

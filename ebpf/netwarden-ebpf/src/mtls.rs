@@ -11,12 +11,19 @@
 //!
 //! 1. A TCP flow opened towards a strict pod, on a port that is not exempt, is tracked with
 //!    `AWAITING_CLIENT_HELLO`.
-//! 2. While the flag is set, each client packet's payload is looked at. No payload (the rest
-//!    of the handshake, pure ACKs): pass. A TLS handshake record (content type 22, version
-//!    3.1 to 3.4) whose first message is a ClientHello (handshake type 1): pass and clear
-//!    the flag — the rest of the flow is the ordinary fast path. Anything else (plaintext, a
-//!    TLS alert, fewer than six bytes, garbage): drop, mark the flow `CUT_PLAINTEXT` and report
-//!    it once.
+//! 2. The client's SYN gives its ISN: `client_seq` = ISN + 1, where its stream starts
+//!    (`ISN_KNOWN`). While a flag is set, each client packet is looked at. No payload: pass.
+//!    Payload starting after ISN + 1: pass (the pod's stack uses it only after the first
+//!    byte, which is screened). Payload starting before it (it may overlap it), or a second SYN
+//!    with another ISN: drop. At ISN + 1, a TLS handshake record (content type 22, version 3.1
+//!    to 3.4) whose first message is a ClientHello (handshake type 1): pass, and wait for the
+//!    pod's ACK of it (`AWAITING_HELLO_ACK`, `hello_end`); a retransmission of it passes too.
+//!    Anything else at ISN + 1 (plaintext, a TLS alert, fewer than six bytes, garbage): drop,
+//!    mark the flow `CUT_PLAINTEXT` and report it once. When the pod's ACK covers `hello_end`,
+//!    the pod's stream starts with the ClientHello: the flags clear and the rest of the flow
+//!    is the ordinary fast path. A ClientHello the pod's stack discards (bad checksum, out of
+//!    window) therefore opens nothing. The payload's end is the IP length field's, or the
+//!    frame's when that field is 0 (BIG TCP).
 //! 3. A flow marked cut (`CUT_PLAINTEXT`, or `CUT_BY_IDENTITY`, which the agent sets when the
 //!    identity check refuses the connection) drops every packet, both ways, until its entry is
 //!    evicted from the LRU table. A new connection on the same addresses and ports stays cut
@@ -31,9 +38,11 @@
 //! already under way. UDP and other protocols are not screened (see `docs/identity.md`).
 
 use aya_ebpf::{macros::map, maps::HashMap, programs::TcContext};
-use netwarden_common::{FlowKey, MtlsExemptPort, counter, direction, flow_flags};
+use netwarden_common::{
+    FlowKey, FlowState, MtlsExemptPort, counter, direction, flow_activity, flow_flags,
+};
 
-use crate::packet::{self, IPPROTO_TCP, TLS_PREFIX_LEN, TcpPayload};
+use crate::packet::{self, IPPROTO_TCP, Layout, TLS_PREFIX_LEN, TcpPayload};
 
 #[map]
 static MTLS_STRICT_ENDPOINTS: HashMap<u32, u32> = HashMap::pinned(4096, 0);
@@ -64,35 +73,110 @@ pub fn flags_for_new_flow(flow: &FlowKey, dir: u32) -> u32 {
     flow_flags::AWAITING_CLIENT_HELLO
 }
 
-/// Steps 2 and 3 of the module comment for a packet going `dir` of a flow with `flags`
+/// Steps 2 and 3 of the module comment for a packet going `dir` of a flow in `state`
 /// (updated in place): [`PASS`], or the counter to drop the packet under. The caller reports
 /// the flow when this packet is the one that cut it (its flags had no cut bit before). Returns
 /// a plain integer, and is not inlined: the payload parse gets a stack frame of its own. The
-/// packet is a TCP segment whose header starts at `l4_offset` (from `packet::Layout`).
+/// packet is a TCP segment laid out as `layout` says.
 #[inline(never)]
-pub fn screen(ctx: &TcContext, dir: u32, flags: &mut u32, l4_offset: usize, ip_end: usize) -> u32 {
-    if *flags & flow_flags::CUT_BY_IDENTITY != 0 {
+pub fn screen(ctx: &TcContext, dir: u32, state: &mut FlowState, layout: &Layout) -> u32 {
+    let flags = state.flags;
+    if flags & flow_flags::CUT_BY_IDENTITY != 0 {
         return counter::DENIED_BY_IDENTITY;
     }
-    if *flags & flow_flags::CUT_PLAINTEXT != 0 {
+    if flags & flow_flags::CUT_PLAINTEXT != 0 {
         return counter::DENIED_PLAINTEXT_TO_STRICT;
     }
-    // Only the client's packets are screened; a flagged flow was opened towards the pod.
-    if *flags & flow_flags::AWAITING_CLIENT_HELLO == 0 || dir != direction::INGRESS {
+    if flags & (flow_flags::AWAITING_CLIENT_HELLO | flow_flags::AWAITING_HELLO_ACK) == 0 {
         return PASS;
     }
-    let mut start = [0_u8; TLS_PREFIX_LEN];
-    match packet::tcp_payload_start(ctx, l4_offset, ip_end, &mut start) {
-        TcpPayload::Empty => PASS,
-        TcpPayload::Starts if is_client_hello(&start) => {
-            *flags &= !flow_flags::AWAITING_CLIENT_HELLO;
-            PASS
+    let Ok(numbers) = packet::tcp_numbers(ctx, layout.l4_offset) else {
+        return cut(state);
+    };
+    // A flagged flow was opened towards the pod: the server's segments only tell whether it
+    // took the ClientHello (its ACK covers it), after which the flow is an ordinary one.
+    if dir != direction::INGRESS {
+        if flags & flow_flags::AWAITING_HELLO_ACK != 0
+            && numbers.flags & packet::TCP_FLAG_ACK != 0
+            && seq_at_or_after(numbers.ack, state.hello_end)
+        {
+            state.flags = flags & !SCREENING;
         }
-        TcpPayload::Starts | TcpPayload::Short | TcpPayload::Malformed => {
-            *flags = (*flags & !flow_flags::AWAITING_CLIENT_HELLO) | flow_flags::CUT_PLAINTEXT;
-            counter::DENIED_PLAINTEXT_TO_STRICT
-        }
+        return PASS;
     }
+    let mut payload_seq = numbers.seq;
+    if numbers.flags & (packet::TCP_FLAG_SYN | packet::TCP_FLAG_ACK) == packet::TCP_FLAG_SYN {
+        // The client's ISN: its first byte of payload is ISN + 1. Recorded once; a SYN with
+        // another ISN would make the screen and the pod's stack disagree on where the stream
+        // starts, so it drops (a new connection on the same ports may re-arm once the old one
+        // is closing).
+        let first = numbers.seq.wrapping_add(1);
+        if flags & flow_flags::ISN_KNOWN == 0
+            || (state.activity & flow_activity::CLOSING != 0
+                && flags & flow_flags::AWAITING_CLIENT_HELLO != 0)
+        {
+            state.client_seq = first;
+            state.flags = flags | flow_flags::ISN_KNOWN;
+        } else if first != state.client_seq {
+            return counter::DENIED_PLAINTEXT_TO_STRICT;
+        }
+        payload_seq = first;
+    }
+    let mut start = [0_u8; TLS_PREFIX_LEN];
+    let mut length = 0;
+    let payload = packet::tcp_payload_start(
+        ctx,
+        layout.l4_offset,
+        layout.ip_end,
+        &mut start,
+        &mut length,
+    );
+    if payload == TcpPayload::Empty {
+        return PASS;
+    }
+    if state.flags & flow_flags::ISN_KNOWN == 0 {
+        // Payload before the screen saw a SYN (a flow the hook after translation created,
+        // whose SYN never came this way): nothing to measure it against.
+        return counter::DENIED_PLAINTEXT_TO_STRICT;
+    }
+    if payload_seq != state.client_seq {
+        // Bytes after the stream's first: the pod's stack uses them only after the first
+        // byte, which is screened, so they may pass. Bytes before it may overlap it: drop
+        // them (the client's own retransmission of nothing it needs).
+        return if seq_at_or_after(payload_seq, state.client_seq) {
+            PASS
+        } else {
+            counter::DENIED_PLAINTEXT_TO_STRICT
+        };
+    }
+    // The stream's first byte, until the pod acknowledged what it took: a ClientHello (or its
+    // retransmission), or the flow is cut.
+    if payload == TcpPayload::Starts && is_client_hello(&start) {
+        if state.flags & flow_flags::AWAITING_CLIENT_HELLO != 0 {
+            state.hello_end = payload_seq.wrapping_add(length);
+            state.flags =
+                (state.flags & !flow_flags::AWAITING_CLIENT_HELLO) | flow_flags::AWAITING_HELLO_ACK;
+        }
+        return PASS;
+    }
+    cut(state)
+}
+
+/// The flags of a flow the screen is still watching.
+const SCREENING: u32 =
+    flow_flags::AWAITING_CLIENT_HELLO | flow_flags::AWAITING_HELLO_ACK | flow_flags::ISN_KNOWN;
+
+/// Marks the flow cut for plaintext.
+#[inline(always)]
+fn cut(state: &mut FlowState) -> u32 {
+    state.flags = (state.flags & !SCREENING) | flow_flags::CUT_PLAINTEXT;
+    counter::DENIED_PLAINTEXT_TO_STRICT
+}
+
+/// Whether sequence number `seq` is `reference` or after it (modulo 2^32, RFC 793).
+#[inline(always)]
+fn seq_at_or_after(seq: u32, reference: u32) -> bool {
+    seq.wrapping_sub(reference) < 1 << 31
 }
 
 /// Whether a TCP packet going `dir` that conntrack does not know (its entry was evicted or
@@ -113,7 +197,8 @@ pub fn untracked_payload_refused(
         return false;
     }
     let mut start = [0_u8; TLS_PREFIX_LEN];
-    packet::tcp_payload_start(ctx, l4_offset, ip_end, &mut start) != TcpPayload::Empty
+    let mut length = 0;
+    packet::tcp_payload_start(ctx, l4_offset, ip_end, &mut start, &mut length) != TcpPayload::Empty
 }
 
 /// A TLS record header of a handshake record (22), protocol version 3.1 (TLS 1.0, what TLS 1.3

@@ -6,6 +6,11 @@ use netwarden_common::{FlowKey, direction};
 const ETH_HEADER_LEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
+/// VLAN tags: 802.1Q, 802.1ad (QinQ) and the pre-standard QinQ tag.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const ETH_P_QINQ: u16 = 0x9100;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -26,8 +31,14 @@ const IPV6_MAX_EXTENSION_HEADERS: usize = 6;
 
 /// What the classifier needs to know about one packet.
 pub enum Parsed {
-    /// Not IP (ARP and friends): never subject to NetworkPolicy.
-    NotIp,
+    /// ARP: link plumbing, never subject to NetworkPolicy.
+    Arp,
+    /// A VLAN tag, in the frame (802.1Q, 802.1ad, 0x9100) or taken off by the kernel
+    /// (`vlan_present`): the kernel may strip it after the classifier and deliver what it
+    /// hid, so a pod never sends or receives one.
+    Tagged,
+    /// An ethertype other than IPv4, IPv6 and ARP: a pod's link carries nothing else.
+    OtherEthertype,
     /// IPv6 neighbour discovery and multicast listener messages: link plumbing, always passed.
     NetworkControl,
     /// An IP packet: its flow as seen from the pod, whether it may open a flow, and where its
@@ -45,6 +56,21 @@ pub struct Layout {
     /// Offset of the end of the IP packet, from its length field: link-layer padding is not
     /// payload.
     pub ip_end: usize,
+    /// Which part of a fragmented datagram the packet is ([`fragment`]).
+    pub fragment: u32,
+    /// The datagram's identification: IPv4's 16-bit id, IPv6's fragment header's 32-bit id
+    /// (meaningful for fragments only).
+    pub fragment_id: u32,
+}
+
+/// Which part of a datagram a packet is.
+pub mod fragment {
+    /// Not a fragment (IPv6 atomic fragments included: offset 0 and no more to come).
+    pub const WHOLE: u32 = 0;
+    /// The first fragment: offset 0, more fragments to come. It carries the ports.
+    pub const FIRST: u32 = 1;
+    /// A later fragment: no L4 header, so no ports.
+    pub const LATER: u32 = 2;
 }
 
 impl Layout {
@@ -65,6 +91,10 @@ pub enum Opening {
     Continuation,
     /// A TCP FIN or RST: a continuation that also tells conntrack the connection is closing.
     Closing,
+    /// An IPv6 neighbour solicitation or advertisement from an address that is not
+    /// link-local: it passes leaving the pod from an address the pod owns (link plumbing),
+    /// and is an ordinary packet otherwise. It never opens a flow.
+    Neighbour,
     /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem): when the
     /// packet it quotes belongs to a tracked flow the error passes, so path MTU discovery
     /// keeps working. An error never opens a flow itself.
@@ -72,9 +102,9 @@ pub enum Opening {
 }
 
 const TCP_FLAG_FIN: u8 = 0x01;
-const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_RST: u8 = 0x04;
-const TCP_FLAG_ACK: u8 = 0x10;
+pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// A packet that could not be parsed; the caller drops it.
 pub struct Malformed;
@@ -204,8 +234,10 @@ struct IpHeader {
     ip_end: usize,
     /// Protocol of the payload (IPv6: after the extension headers).
     protocol: u8,
-    /// Whether the packet carries the L4 header (later fragments do not).
-    has_ports: bool,
+    /// Which part of a datagram the packet is ([`fragment`]).
+    fragment: u32,
+    /// The datagram's identification, for fragments.
+    fragment_id: u32,
 }
 
 /// Parses the frame at `ctx`, orienting the flow from the pod's side for `dir`. Inlined, as
@@ -213,29 +245,97 @@ struct IpHeader {
 /// a call would return it through the stack and the caller copy it twice more.
 #[inline(always)]
 pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
+    if vlan_present(ctx) {
+        return Ok(Parsed::Tagged);
+    }
     let ethertype = u16::from_be(header_at(ctx, 0, ETH_HEADER_LEN)?.u16(12));
     let header = match ethertype {
         ETH_P_IPV4 => parse_ipv4(ctx, ETH_HEADER_LEN)?,
         ETH_P_IPV6 => parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS)?,
-        _ => return Ok(Parsed::NotIp),
+        ETH_P_ARP => return Ok(Parsed::Arp),
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ => return Ok(Parsed::Tagged),
+        _ => return Ok(Parsed::OtherEthertype),
     };
     let header = header.bounded()?;
     let ifindex = ifindex(ctx);
-    if header.has_ports && (header.protocol == IPPROTO_ICMP || header.protocol == IPPROTO_ICMPV6) {
-        // The type, code and checksum: four bytes no ICMP message is without.
-        let icmp_type = header_at(ctx, header.l4_offset, 4)?.u8(0);
+    if header.has_ports() && (header.protocol == IPPROTO_ICMP || header.protocol == IPPROTO_ICMPV6)
+    {
+        // The type, code, checksum and four bytes more: no ICMP message is shorter.
+        let icmp = header_at(ctx, header.l4_offset, 8)?;
+        let icmp_type = icmp.u8(0);
         if header.protocol == IPPROTO_ICMPV6 && is_network_control(icmp_type) {
-            return Ok(Parsed::NetworkControl);
-        }
-        if is_icmp_error(header.protocol, icmp_type) {
-            // Whether the quoted packet belongs to a tracked flow is asked by the caller:
-            // a call from here would stack three frames deep.
+            if is_link_local_or_unspecified(header.src) {
+                return Ok(Parsed::NetworkControl);
+            }
+            // Neighbour solicitations and advertisements may come from any address of the
+            // interface (RFC 4861 7.1), and Linux sends them from the address of the packet
+            // that needed the neighbour: the caller passes them leaving the pod from an
+            // address the pod owns. Every other one, and these towards the pod, are ordinary
+            // packets that open nothing.
+            let opening = if matches!(
+                icmp_type,
+                ICMPV6_NEIGHBOUR_SOLICITATION | ICMPV6_NEIGHBOUR_ADVERTISEMENT
+            ) {
+                Opening::Neighbour
+            } else {
+                Opening::Continuation
+            };
             return Ok(Parsed::Flow(
-                orient(ifindex, dir, &header, 0, 0),
-                Opening::Error,
+                orient(
+                    ifindex,
+                    dir,
+                    &header,
+                    0,
+                    ICMP_INFORMATIONAL_PORT | u16::from(icmp_type),
+                ),
+                opening,
                 header.layout(),
             ));
         }
+        if let Some(request) = echo(header.protocol, icmp_type) {
+            // Keyed by the echo identifier on both sides, so a reply finds its request's
+            // entry and nothing else does; only a request may open a flow.
+            let id = u16::from_be(icmp.u16(4));
+            let opening = if request {
+                Opening::Yes
+            } else {
+                Opening::Continuation
+            };
+            return Ok(Parsed::Flow(
+                orient(ifindex, dir, &header, id, id),
+                opening,
+                header.layout(),
+            ));
+        }
+        if !is_icmp_error(header.protocol, icmp_type) {
+            // Other informational messages (timestamps, router discovery...) open nothing and
+            // match no echo flow: their two ports always differ, an echo's never do.
+            return Ok(Parsed::Flow(
+                orient(
+                    ifindex,
+                    dir,
+                    &header,
+                    0,
+                    ICMP_INFORMATIONAL_PORT | u16::from(icmp_type),
+                ),
+                Opening::Continuation,
+                header.layout(),
+            ));
+        }
+        // An error. Whether the quoted packet belongs to a tracked flow is asked by the
+        // caller: a call from here would stack three frames deep. Keyed like an
+        // informational message, so the error itself matches no tracked flow.
+        return Ok(Parsed::Flow(
+            orient(
+                ifindex,
+                dir,
+                &header,
+                0,
+                ICMP_INFORMATIONAL_PORT | u16::from(icmp_type),
+            ),
+            Opening::Error,
+            header.layout(),
+        ));
     }
     let (src_port, dst_port, opening) = transport(ctx, &header)?;
     Ok(Parsed::Flow(
@@ -248,7 +348,7 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
 /// Ports and whether the packet may open a flow.
 #[inline(always)]
 fn transport(ctx: &TcContext, header: &IpHeader) -> Result<(u16, u16, Opening), Malformed> {
-    if !header.has_ports || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+    if !header.has_ports() || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return Ok((0, 0, Opening::Yes));
     }
     // TCP, UDP and SCTP all start with source port then destination port; TCP's flags are
@@ -295,15 +395,48 @@ pub fn quotes_tracked_flow(
     let Ok(header) = parsed.and_then(IpHeader::bounded) else {
         return false;
     };
-    if !header.has_ports || !matches!(header.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+    if !header.has_ports() {
         return false;
     }
-    let Ok(ports) = header_at(ctx, header.l4_offset, 4) else {
+    let Ok(ports) = header_at(ctx, header.l4_offset, 8) else {
         return false;
     };
-    let src_port = u16::from_be(ports.u16(0));
-    let dst_port = u16::from_be(ports.u16(2));
+    let (src_port, dst_port) = match header.protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            (u16::from_be(ports.u16(0)), u16::from_be(ports.u16(2)))
+        }
+        // A quoted echo request (a ping to an unreachable host): keyed by its identifier.
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if echo(header.protocol, ports.u8(0)) == Some(true) => {
+            let id = u16::from_be(ports.u16(4));
+            (id, id)
+        }
+        _ => return false,
+    };
     crate::verdict::is_tracked(&orient(ifindex, dir, &header, src_port, dst_port))
+}
+
+/// The port an ICMP message other than an echo and an error is keyed under, with its type in
+/// the low byte (the other port is 0, so the key never matches an echo flow's).
+const ICMP_INFORMATIONAL_PORT: u16 = 0x100;
+const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
+const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
+
+/// `Some(true)` for an echo request, `Some(false)` for an echo reply, of ICMP or ICMPv6.
+#[inline(always)]
+fn echo(protocol: u8, icmp_type: u8) -> Option<bool> {
+    match (protocol, icmp_type) {
+        (IPPROTO_ICMP, 8) | (IPPROTO_ICMPV6, 128) => Some(true),
+        (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129) => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether an IPv6 source address is link-local (`fe80::/10`) or unspecified (`::`), as
+/// neighbour discovery and multicast listener messages are sent from (RFC 4861, RFC 3810).
+#[inline(always)]
+fn is_link_local_or_unspecified(src: [u64; 2]) -> bool {
+    let first = src[0].to_ne_bytes();
+    (first[0] == 0xfe && first[1] & 0xc0 == 0x80) || (src[0] == 0 && src[1] == 0)
 }
 
 /// Neighbour discovery (133-137) and multicast listener queries and reports (130-132, 143).
@@ -351,6 +484,15 @@ fn orient(ifindex: u32, dir: u32, header: &IpHeader, src_port: u16, dst_port: u1
     }
 }
 
+/// Whether the kernel took a VLAN tag off the frame before the classifier saw it (a
+/// hardware-accelerated or untagged-on-receive tag is in the `__sk_buff`, not in the frame).
+#[inline(always)]
+fn vlan_present(ctx: &TcContext) -> bool {
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel handed to this program; TC programs
+    // may read its `vlan_present` field.
+    unsafe { (*ctx.skb.skb).vlan_present != 0 }
+}
+
 #[inline(always)]
 fn ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel handed to this program; reading its
@@ -375,7 +517,15 @@ impl IpHeader {
         Layout {
             l4_offset: self.l4_offset,
             ip_end: self.ip_end,
+            fragment: self.fragment,
+            fragment_id: self.fragment_id,
         }
+    }
+
+    /// Whether the packet carries the L4 header (later fragments do not).
+    #[inline(always)]
+    fn has_ports(&self) -> bool {
+        self.fragment != fragment::LATER
     }
 }
 
@@ -391,15 +541,15 @@ fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<IpHeader, Malformed> {
     if header_len < 20 {
         return Err(Malformed);
     }
-    let fragment_offset = u16::from_be(ip.u16(6)) & 0x1fff;
+    let flags_and_offset = u16::from_be(ip.u16(6));
     Ok(IpHeader {
         protocol: ip.u8(9),
         src: ipv4_mapped(ip.u32(12)),
         dst: ipv4_mapped(ip.u32(16)),
         l4_offset: offset + header_len,
-        ip_end: offset + usize::from(u16::from_be(ip.u16(2))),
-        // Later fragments carry no L4 header: only rules that allow every port match them.
-        has_ports: fragment_offset == 0,
+        ip_end: ip_end(ctx, offset, usize::from(u16::from_be(ip.u16(2)))),
+        fragment: fragment_of(flags_and_offset & 0x1fff, flags_and_offset & 0x2000 != 0),
+        fragment_id: u32::from(u16::from_be(ip.u16(4))),
     })
 }
 
@@ -417,9 +567,15 @@ fn parse_ipv6(
     let src = [ip.u64(8), ip.u64(16)];
     let dst = [ip.u64(24), ip.u64(32)];
     let mut protocol = ip.u8(6);
-    let ip_end = offset + 40 + usize::from(u16::from_be(ip.u16(4)));
+    let payload_length = usize::from(u16::from_be(ip.u16(4)));
+    let ip_end = if payload_length == 0 {
+        ip_end(ctx, offset, 0)
+    } else {
+        offset + 40 + payload_length
+    };
     let mut l4_offset = offset + 40;
-    let mut has_ports = true;
+    let mut fragment = fragment::WHOLE;
+    let mut fragment_id = 0;
     for _ in 0..max_extension_headers {
         match protocol {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH => {
@@ -437,10 +593,9 @@ fn parse_ipv6(
             IPV6_FRAGMENT => {
                 let next: u8 = load(ctx, l4_offset)?;
                 let offset_field = u16::from_be(load::<u16>(ctx, l4_offset + 2)?);
+                fragment_id = u32::from_be(load::<u32>(ctx, l4_offset + 4)?);
                 protocol = next;
-                if offset_field >> 3 != 0 {
-                    has_ports = false;
-                }
+                fragment = fragment_of(offset_field >> 3, offset_field & 1 != 0);
                 l4_offset += 8;
             }
             _ => break,
@@ -452,8 +607,36 @@ fn parse_ipv6(
         dst,
         l4_offset,
         ip_end,
-        has_ports,
+        fragment,
+        fragment_id,
     })
+}
+
+/// Where an IP packet at `offset` whose length field says `length` ends. A length of 0 is
+/// BIG TCP's (IPv4 total length 0, IPv6 payload length 0 with a jumbo option): the packet
+/// then ends with the frame, never where the field says (which would make every payload
+/// look empty).
+#[inline(always)]
+fn ip_end(ctx: &TcContext, offset: usize, length: usize) -> usize {
+    if length == 0 {
+        // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel handed to this program; TC
+        // programs may read its `len` field.
+        unsafe { (*ctx.skb.skb).len as usize }
+    } else {
+        offset + length
+    }
+}
+
+/// The part of its datagram a packet with this fragment offset and more-fragments bit is.
+#[inline(always)]
+fn fragment_of(offset: u16, more: bool) -> u32 {
+    if offset != 0 {
+        fragment::LATER
+    } else if more {
+        fragment::FIRST
+    } else {
+        fragment::WHOLE
+    }
 }
 
 /// `::ffff:a.b.c.d` as two words in memory order: eight zero bytes, then `0, 0, 0xff, 0xff`
@@ -473,6 +656,28 @@ fn ipv4_mapped(v4: u32) -> [u64; 2] {
 fn octets(words: [u64; 2]) -> [u8; 16] {
     // SAFETY: both types are 16 plain bytes with no invalid bit patterns.
     unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
+}
+
+/// A TCP segment's sequence and acknowledgement numbers (host order) and flags.
+#[derive(Clone, Copy)]
+pub struct TcpNumbers {
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+}
+
+/// The numbers of the TCP segment whose header starts at `l4_offset`.
+#[inline(always)]
+pub fn tcp_numbers(ctx: &TcContext, l4_offset: usize) -> Result<TcpNumbers, Malformed> {
+    // The verifier needs the bound again in the caller's frame.
+    if l4_offset > MAX_HEADER_OFFSET {
+        return Err(Malformed);
+    }
+    Ok(TcpNumbers {
+        seq: u32::from_be(load::<u32>(ctx, l4_offset + 4)?),
+        ack: u32::from_be(load::<u32>(ctx, l4_offset + 8)?),
+        flags: load::<u8>(ctx, l4_offset + 13)?,
+    })
 }
 
 /// Bytes of a TCP payload the mTLS screen reads: a TLS record header (5) and the handshake
@@ -504,6 +709,7 @@ pub fn tcp_payload_start(
     l4_offset: usize,
     ip_end: usize,
     start: &mut [u8; TLS_PREFIX_LEN],
+    length: &mut u32,
 ) -> TcpPayload {
     // The verifier needs the bound again in this frame.
     if l4_offset > MAX_HEADER_OFFSET {
@@ -513,6 +719,13 @@ pub fn tcp_payload_start(
         return TcpPayload::Malformed;
     };
     let payload = l4_offset + usize::from(data_offset >> 4) * 4;
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "an skb is shorter than 4 GiB"
+    )]
+    if payload < ip_end {
+        *length = (ip_end - payload) as u32;
+    }
     if payload >= ip_end {
         TcpPayload::Empty
     } else if payload + TLS_PREFIX_LEN > ip_end {

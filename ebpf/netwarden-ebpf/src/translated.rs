@@ -272,6 +272,8 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
             flags: mtls::flags_for_new_flow(key, dir),
             activity: flow_activity::TRANSLATED,
             last_seen: now_ticks(),
+            client_seq: 0,
+            hello_end: 0,
         };
         conntrack_insert(key, &scratch.state);
         if verdict::allow_event_sampled() {

@@ -25,33 +25,56 @@
 //!   agent's sweeper expires idle flows: TCP closing after 10 s, unanswered flows after 60 s,
 //!   other protocols after 60 s idle, established TCP after 6 h idle (all configurable). A
 //!   full table evicts the least recently used flow.
+//! - `FRAGMENTS`: LRU of first fragments that passed -> until when their datagram's later
+//!   fragments pass.
 //! - `EPOCH`: bumped by the agent after every policy change.
 //! - `EVENTS`: a ring buffer of deny events, at most `EVENTS_PER_CPU_PER_SECOND` per CPU; what
 //!   does not fit is counted (`EVENTS_RATE_LIMITED`, `EVENTS_LOST`), never waited for.
 //!
 //! Decision for a packet of flow F on endpoint E in direction D (from the pod's point of view):
 //!
-//! 1. Not IP, or IPv6 neighbour discovery and multicast listener messages: pass (link
-//!    plumbing, never policy).
+//! 1. ARP, and IPv6 neighbour discovery and multicast listener messages from a link-local or
+//!    unspecified source (as the RFCs send them): pass (link plumbing, never policy). A VLAN tag, in the frame (0x8100, 0x88a8, 0x9100) or already taken off
+//!    by the kernel (`vlan_present`), and any ethertype but IPv4, IPv6 and ARP: drop, both
+//!    ways (`DENIED_VLAN`, `DENIED_ETHERTYPE`). A pod's veth carries nothing else, and the
+//!    kernel strips a tag after TC ran and routes what it hid: passing it as "not IP" let a
+//!    datagram inside VLAN-0 tags out of a pod under default-deny egress.
+//!    A later fragment (no ports): pass when the first fragment of its datagram passed on this
+//!    endpoint in the same direction within 2 s (`FRAGMENTS`, keyed by the addresses,
+//!    protocol and IP id), else drop (`DENIED_FRAGMENT_UNKNOWN`). Never looked up in
+//!    conntrack, where it would match a flow of port 0. A first fragment that passes below is
+//!    recorded there.
 //! 2. F tracked, epoch current: pass (replies of allowed flows: the fast path, one lookup).
-//!    Step 3 is safely skipped: F was tracked only after step 3 passed for its endpoint and
-//!    address, and any change to `ENDPOINTS` or `ENDPOINT_ADDRESSES` bumps the epoch, which
-//!    sends F back through every step.
+//!    Step 3 is safely skipped, so a spoofed source cannot ride the fast path: the key holds
+//!    E's ifindex (another endpoint's flows are never found here) and the pod's address, and
+//!    F is tracked only for an address E owns (leaving the pod, after step 3's check; towards
+//!    it, only when the destination is E's own address: a broadcast or multicast packet the
+//!    policy allows passes untracked, so the pod cannot answer through its entry from the
+//!    group's address). Any change to `ENDPOINTS` or `ENDPOINT_ADDRESSES` bumps the epoch,
+//!    which sends F back through every step.
 //! 3. E unknown to `ENDPOINTS`: drop (an attached veth the agent forgot about fails closed).
 //!    Leaving the pod from an address `ENDPOINT_ADDRESSES` does not give it: drop (spoofed).
-//!    An ICMP error quoting a packet of a tracked flow: pass (PMTU discovery keeps working).
+//!    An ICMP error quoting a packet of a tracked flow (a TCP, UDP or SCTP flow by its ports,
+//!    a ping by its echo identifier): pass (PMTU discovery keeps working). A neighbour
+//!    solicitation or advertisement leaving the pod from an address it owns that is not
+//!    link-local: pass (Linux sends them from the address of the packet that needed the
+//!    neighbour). Neighbour discovery and MLD from other non-link-local sources are ordinary
+//!    packets from here on.
 //! 4. F tracked, epoch stale: decide again for the direction that opened F; drop and forget F
 //!    when that decision now denies (a revoked permission does not live on in conntrack).
 //!    A translated F (`flow_activity::TRANSLATED`) is decided again on the peer it was judged
 //!    on (`TRANSLATIONS`: the Service's backend, or the masqueraded client).
 //! 5. F new, leaving the pod for a Service frontend (`FRONTENDS`): pass on undecided; the hook
 //!    after translation (`translated.rs`) decides it on the backend it reaches.
-//! 6. F new: decide for D; track F when allowed and the packet may open a flow (for TCP only
-//!    a SYN may: a mid-stream packet passes or drops on its own and never creates state, so a
+//! 6. F new: decide for D; track F when allowed and the packet may open a flow (for ICMP only
+//!    an echo request may, keyed by its identifier so that only its replies match; for TCP
+//!    only a SYN may: a mid-stream packet passes or drops on its own and never creates state, so a
 //!    revoked connection cannot be revived by the server's next segment).
 //!
 //! Flows towards mTLS-strict pods also go through the mTLS screen (`mtls.rs`) before steps 3
-//! and 4: it may drop a packet the policy allows, never pass one it denies.
+//! and 4: it may drop a packet the policy allows, never pass one it denies. It takes the
+//! ClientHello only at the client's ISN + 1 and watches the stream's start until the pod
+//! acknowledged it; a flow it watches is not on the fast path until then.
 //!
 //! decide(E, D, peer address, protocol, destination port):
 //!   0. the peer is the pod itself (only a flow judged after translation can be: a pod reaching
@@ -73,16 +96,16 @@ use aya_ebpf::{
 };
 use netwarden_common::{
     CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, EVENTS_PER_CPU_PER_SECOND, Endpoint,
-    EndpointAddress, EventBudget, FlowKey, FlowKeyV4, FlowState, FrontendKey, FrontendValue,
-    IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED,
-    PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD, SETTING_FRONTENDS_INSTALLED,
-    SETTINGS_COUNT, Translation, VerdictEvent, clock_ticks, counter, direction, endpoint_state,
-    flow_activity, flow_flags, ipv4_of_mapped,
+    EndpointAddress, EventBudget, FRAGMENT_LIFETIME_NS, FlowKey, FlowKeyV4, FlowState, FragmentKey,
+    FragmentState, FrontendKey, FrontendValue, IDENTITY_HOST, IDENTITY_WORLD, IpIdentity, IpKey,
+    POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PolicyEntry, PolicyKey, SETTING_ALLOW_EVENT_PERIOD,
+    SETTING_FRONTENDS_INSTALLED, SETTINGS_COUNT, Translation, VerdictEvent, clock_ticks, counter,
+    direction, endpoint_state, flow_activity, flow_flags, ipv4_of_mapped,
 };
 
 use crate::{
     mtls,
-    packet::{self, Opening, Parsed},
+    packet::{self, Layout, Opening, Parsed, fragment},
 };
 
 /// `TC_ACT_UNSPEC`, which TCX reads as "next": allow, and let later programs have their say.
@@ -133,6 +156,12 @@ static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowState> = LruHashMap::pinned(262_1
 #[map]
 static CONNTRACK_V6: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(262_144, 0);
 
+/// First fragments that passed, for their datagram's later fragments (which carry no ports)
+/// to follow for [`FRAGMENT_LIFETIME_NS`]. LRU: a full table forgets the oldest datagram,
+/// whose later fragments then drop (fail closed).
+#[map]
+static FRAGMENTS: LruHashMap<FragmentKey, FragmentState> = LruHashMap::pinned(8192, 0);
+
 #[map]
 static EPOCH: Array<u32> = Array::pinned(1, 0);
 
@@ -160,11 +189,34 @@ static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(counter::SLOTS, 0);
 pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     let (flow, opening, layout) = match packet::parse(ctx, dir) {
         Ok(Parsed::Flow(flow, opening, layout)) => (flow, opening, layout),
-        Ok(Parsed::NotIp | Parsed::NetworkControl) => {
+        Ok(Parsed::Arp | Parsed::NetworkControl) => {
             return count(counter::ALLOWED_NETWORK_CONTROL, dir, ALLOW);
         }
+        Ok(Parsed::Tagged) => return count(counter::DENIED_VLAN, dir, DENY),
+        Ok(Parsed::OtherEthertype) => return count(counter::DENIED_ETHERTYPE, dir, DENY),
         Err(packet::Malformed) => return count(counter::DENIED_MALFORMED, dir, DENY),
     };
+    if layout.fragment == fragment::LATER {
+        return follow_first_fragment(&flow, dir, layout.fragment_id);
+    }
+    let verdict = enforce_flow(ctx, dir, &flow, opening, layout);
+    // A test of a parsed value on every packet; only first fragments (rare) pay for an insert.
+    if layout.fragment == fragment::FIRST && verdict == ALLOW {
+        remember_first_fragment(&flow, dir, layout.fragment_id);
+    }
+    verdict
+}
+
+/// Steps 2 to 5 of the module comment for a packet of `flow` (whole, or a first fragment).
+#[inline(always)]
+fn enforce_flow(
+    ctx: &TcContext,
+    dir: u32,
+    flow: &FlowKey,
+    opening: Opening,
+    layout: Layout,
+) -> i32 {
+    let flow = *flow;
     let epoch = current_epoch();
     // One conntrack lookup serves the fast path and, when the entry is stale, step 4: the
     // entry's memory stays valid for the whole program run.
@@ -174,13 +226,7 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         let tracked = unsafe { &mut *tracked };
         if tracked.flags != 0 {
             let was_cut = tracked.flags & flow_flags::CUT != 0;
-            let screened = mtls::screen(
-                ctx,
-                dir,
-                &mut tracked.flags,
-                layout.l4_offset,
-                layout.ip_end,
-            );
+            let screened = mtls::screen(ctx, dir, tracked, &layout);
             if screened != mtls::PASS {
                 if !was_cut {
                     report(
@@ -234,6 +280,10 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
             },
         );
         return count(counter::DENIED_SPOOFED, dir, DENY);
+    }
+    if opening == Opening::Neighbour && dir == direction::EGRESS {
+        // From an address the pod owns (checked above): link plumbing.
+        return count(counter::ALLOWED_NETWORK_CONTROL, dir, ALLOW);
     }
     if opening == Opening::Error {
         // The quoted packet travelled the other way.
@@ -291,19 +341,24 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
     if is_allowed(reason) {
         // A full table evicts its least recently used flow; that flow is decided again on its
         // next packet, so an eviction never opens anything.
-        if opening == Opening::Yes {
+        // Only a flow whose pod address the endpoint owns is tracked, whichever way it opened
+        // (towards the pod, a broadcast, multicast or misrouted destination passes on its own):
+        // the fast path skips the address check because no entry can hold anything else.
+        if opening == Opening::Yes && (dir == direction::EGRESS || owns_address(&flow)) {
             let mut state = FlowState {
                 origin: dir,
                 epoch,
                 flags: mtls::flags_for_new_flow(&flow, dir),
                 activity: 0,
                 last_seen: now_ticks(),
+                client_seq: 0,
+                hello_end: 0,
             };
             // A SYN may carry data (TCP Fast Open): the screen looks at it too.
             let screened = if state.flags == 0 {
                 mtls::PASS
             } else {
-                mtls::screen(ctx, dir, &mut state.flags, layout.l4_offset, layout.ip_end)
+                mtls::screen(ctx, dir, &mut state, &layout)
             };
             conntrack_insert(&flow, &state);
             if screened != mtls::PASS {
@@ -358,6 +413,62 @@ pub fn enforce(ctx: &TcContext, dir: u32) -> i32 {
         },
     );
     count(reason, dir, DENY)
+}
+
+/// The key of the datagram a fragment of `flow` going `dir` belongs to.
+#[inline(always)]
+fn fragment_key(flow: &FlowKey, dir: u32, id: u32) -> FragmentKey {
+    FragmentKey {
+        ifindex: flow.ifindex,
+        protocol: flow.protocol,
+        #[expect(clippy::cast_possible_truncation, reason = "a direction is 0 or 1")]
+        direction: dir as u8,
+        padding: 0,
+        id,
+        pod_addr: flow.pod_addr,
+        peer_addr: flow.peer_addr,
+    }
+}
+
+/// Records that the first fragment of datagram `id` of `flow` passed going `dir`. Not
+/// inlined: the key has a stack frame of its own.
+#[inline(never)]
+fn remember_first_fragment(flow: &FlowKey, dir: u32, id: u32) {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let state = FragmentState {
+        until_ns: now + FRAGMENT_LIFETIME_NS,
+    };
+    let _ = FRAGMENTS.insert(fragment_key(flow, dir, id), state, u64::from(BPF_ANY));
+}
+
+/// The verdict of a later fragment (no ports) of datagram `id` of `flow` going `dir`: it
+/// passes when the datagram's first fragment passed here within [`FRAGMENT_LIFETIME_NS`],
+/// and drops otherwise. Entries are not removed at the last fragment: fragments may arrive
+/// out of order. Not inlined: the key has a stack frame of its own.
+#[inline(never)]
+fn follow_first_fragment(flow: &FlowKey, dir: u32, id: u32) -> i32 {
+    let key = fragment_key(flow, dir, id);
+    // SAFETY: the value is copied out at once.
+    let known = unsafe { FRAGMENTS.get(key) }.copied();
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match known {
+        Some(state) if now <= state.until_ns => count(counter::ALLOWED_FRAGMENT, dir, ALLOW),
+        _ => {
+            report(
+                flow,
+                dir,
+                counter::DENIED_FRAGMENT_UNKNOWN,
+                &Attribution {
+                    policy: 0,
+                    rule: 0,
+                    frontend: 0,
+                },
+            );
+            count(counter::DENIED_FRAGMENT_UNKNOWN, dir, DENY)
+        }
+    }
 }
 
 /// What a verdict event names besides the flow: the policy in force, the rule that allowed it

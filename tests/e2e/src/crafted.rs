@@ -27,13 +27,36 @@ const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMP: i32 = 1;
 const IPPROTO_ICMPV6: i32 = 58;
 
+/// How a crafted datagram leaves the sender.
+#[derive(Clone, Copy, Debug)]
+pub enum Framing {
+    /// Through a raw IP socket: the sender's stack frames and routes it.
+    RawIp,
+    /// As an Ethernet frame on the sender's `eth0`, addressed to `gateway` (the MAC of the
+    /// veth's host side), inside `tags` VLAN tags of VLAN 0 (priority tags, which the kernel
+    /// strips and delivers): 0 sends it untagged.
+    Frame { tags: u8, gateway: [u8; 6] },
+}
+
+/// The MAC address of `interface` in `netns`.
+pub fn interface_mac(netns: &Netns, interface: &str) -> io::Result<[u8; 6]> {
+    netns.enter(|| {
+        let addresses = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+        addresses
+            .filter(|address| address.interface_name == interface)
+            .find_map(|address| address.address?.as_link_addr()?.addr())
+            .ok_or_else(|| io::Error::other(format!("{interface} has no MAC address")))
+    })
+}
+
 /// Sends a UDP datagram from `sender`'s namespace claiming to come from `source`, to
-/// `destination` in `receiver`'s namespace; returns whether it arrived.
+/// `destination` in `receiver`'s namespace, framed as `framing` says; returns whether it
+/// arrived.
 pub async fn spoofed_datagram_arrives(
-    sender: &Netns,
-    source: IpAddr,
+    (sender, source): (&Netns, IpAddr),
     receiver: &Netns,
     destination: IpAddr,
+    framing: Framing,
 ) -> io::Result<bool> {
     let listening = receiver.socket(
         Domain::for_address(SocketAddr::new(destination, 0)),
@@ -59,14 +82,35 @@ pub async fn spoofed_datagram_arrives(
     let checksum = transport_checksum(source, destination, IPPROTO_UDP, &udp);
     udp[6..8].copy_from_slice(&checksum.to_be_bytes());
     let packet = ip_packet(source, destination, IPPROTO_UDP, &udp);
-    // IPPROTO_RAW sockets take the whole IP header from us (IP_HDRINCL / IPV6_HDRINCL are
-    // implied), source address included.
-    let raw = sender.socket(
-        Domain::for_address(SocketAddr::new(destination, 0)),
-        Type::RAW,
-        Some(Protocol::from(IPPROTO_RAW)),
-    )?;
-    send_raw(raw, &packet, destination).await?;
+    match framing {
+        Framing::RawIp => {
+            // IPPROTO_RAW sockets take the whole IP header from us (IP_HDRINCL /
+            // IPV6_HDRINCL are implied), source address included.
+            let raw = sender.socket(
+                Domain::for_address(SocketAddr::new(destination, 0)),
+                Type::RAW,
+                Some(Protocol::from(IPPROTO_RAW)),
+            )?;
+            send_raw(raw, &packet, destination).await?;
+        }
+        Framing::Frame { tags, gateway } => {
+            let ethertype: u16 = if destination.is_ipv4() {
+                0x0800
+            } else {
+                0x86dd
+            };
+            let mut frame = Vec::with_capacity(14 + 4 * usize::from(tags) + packet.len());
+            frame.extend(gateway);
+            frame.extend([0x02, 0, 0, 0, 0, 0x01]);
+            for _ in 0..tags {
+                // 802.1Q, priority 0, VLAN 0.
+                frame.extend([0x81, 0x00, 0, 0]);
+            }
+            frame.extend(ethertype.to_be_bytes());
+            frame.extend(&packet);
+            send_frame(sender, "eth0", &frame)?;
+        }
+    }
 
     let mut buffer = [0_u8; 256];
     let arrival = timeout(DELIVERY_TIMEOUT, async {
@@ -171,6 +215,43 @@ pub async fn icmp_error_arrives(
     match received {
         Ok(result) => result.map(|()| true),
         Err(_) => Ok(false),
+    }
+}
+
+/// Sends `frame` (from its Ethernet header on) out of `interface` in `netns`, through a packet
+/// socket: nothing of the sender's stack touches it.
+fn send_frame(netns: &Netns, interface: &str, frame: &[u8]) -> io::Result<()> {
+    let socket = netns.socket(Domain::PACKET, Type::RAW, None)?;
+    let ifindex =
+        netns.enter(|| nix::net::if_::if_nametoindex(interface).map_err(io::Error::from))?;
+    // SAFETY: `sockaddr_ll` is plain integers and bytes; all zeros is a valid value.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = u16::try_from(libc::AF_PACKET).unwrap_or_default();
+    address.sll_ifindex = i32::try_from(ifindex).map_err(io::Error::other)?;
+    address.sll_halen = 6;
+    address.sll_addr[..6].copy_from_slice(&frame[..6]);
+    let length = u32::try_from(size_of::<libc::sockaddr_ll>()).map_err(io::Error::other)?;
+    // SAFETY: the storage is a `sockaddr_ll` of `length` bytes, written above; `try_init`
+    // hands the closure storage at least as large as any socket address.
+    let ((), address) = unsafe {
+        SockAddr::try_init(|storage, storage_length| {
+            std::ptr::copy_nonoverlapping(
+                (&raw const address).cast::<u8>(),
+                storage.cast::<u8>(),
+                size_of::<libc::sockaddr_ll>(),
+            );
+            *storage_length = length;
+            Ok(())
+        })
+    }?;
+    let sent = socket.send_to(frame, &address)?;
+    if sent == frame.len() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "sent {sent} of {} bytes",
+            frame.len()
+        )))
     }
 }
 

@@ -566,9 +566,14 @@ impl ScenarioRun<'_> {
                 from,
                 to,
                 source,
+                frame_tags,
                 expect,
             } => {
-                self.send_spoofed(number, step, from, to, source, *expect)
+                let claim = Claim {
+                    source,
+                    frame_tags: *frame_tags,
+                };
+                self.send_spoofed(number, step, (from, to), &claim, *expect)
                     .await?;
             }
             Step::IcmpError {
@@ -635,15 +640,14 @@ impl ScenarioRun<'_> {
         &mut self,
         number: usize,
         step: &Step,
-        from: &str,
-        to: &str,
-        source: &SpoofedSource,
+        (from, to): (&str, &str),
+        claim: &Claim<'_>,
         expect: Delivery,
     ) -> Result<(), StepError> {
         for family in self.scenario.model.ip_families.clone() {
             let sender = &self.live[from].endpoint;
             let receiver = &self.live[to].endpoint;
-            let claimed = match source {
+            let claimed = match claim.source {
                 SpoofedSource::Own => &sender.addresses,
                 SpoofedSource::Endpoint(endpoint) => &self.addresses[endpoint.as_str()],
             };
@@ -652,11 +656,19 @@ impl ScenarioRun<'_> {
             else {
                 continue;
             };
+            let framing = match claim.frame_tags {
+                None => crafted::Framing::RawIp,
+                Some(tags) => crafted::Framing::Frame {
+                    tags,
+                    gateway: crafted::interface_mac(self.node.netns(), &sender.host_interface)
+                        .map_err(StepError::Crafted)?,
+                },
+            };
             let arrived = crafted::spoofed_datagram_arrives(
-                &sender.netns,
-                claimed,
+                (&sender.netns, claimed),
                 &receiver.netns,
                 destination,
+                framing,
             )
             .await
             .map_err(StepError::Crafted)?;
@@ -1312,4 +1324,10 @@ impl ScenarioRun<'_> {
         }
         (self.latencies, self.failures)
     }
+}
+
+/// What a `send_spoofed` datagram claims and how it is sent.
+struct Claim<'a> {
+    source: &'a SpoofedSource,
+    frame_tags: Option<u8>,
 }

@@ -395,6 +395,9 @@ pub enum Step {
         from: String,
         to: String,
         source: SpoofedSource,
+        /// `None`: sent through a raw IP socket; `Some(n)`: sent as an Ethernet frame on the
+        /// pod's interface, inside `n` VLAN tags of VLAN 0 (`Some(0)`: untagged).
+        frame_tags: Option<u8>,
         expect: Delivery,
     },
     IcmpError {
@@ -530,15 +533,21 @@ impl fmt::Display for Step {
                 from,
                 to,
                 source,
+                frame_tags,
                 expect,
             } => {
                 let source = match source {
                     SpoofedSource::Own => "its own address".to_owned(),
                     SpoofedSource::Endpoint(endpoint) => format!("the address of {endpoint}"),
                 };
+                let framing = match frame_tags {
+                    None => String::new(),
+                    Some(0) => ", as an untagged frame".to_owned(),
+                    Some(tags) => format!(", inside {tags} VLAN tag(s)"),
+                };
                 write!(
                     f,
-                    "send_spoofed {from} -> {to} from {source} (expect {})",
+                    "send_spoofed {from} -> {to} from {source}{framing} (expect {})",
                     format!("{expect:?}").to_lowercase()
                 )
             }
@@ -743,6 +752,10 @@ enum RawStep {
         to: String,
         /// `own`, or the pod or external host whose address the packet claims.
         source: String,
+        /// Send an Ethernet frame inside this many VLAN-0 tags (0: untagged) on the sender's
+        /// interface, rather than an IP packet through a raw socket.
+        #[serde(default)]
+        frame_tags: Option<u8>,
         expect: Delivery,
     },
     IcmpError {
@@ -1448,6 +1461,7 @@ impl<'a> Validator<'a> {
                 from,
                 to,
                 source,
+                frame_tags,
                 expect,
             } => {
                 let op = "send_spoofed";
@@ -1463,6 +1477,7 @@ impl<'a> Validator<'a> {
                     from,
                     to,
                     source,
+                    frame_tags,
                     expect,
                 }
             }

@@ -620,3 +620,338 @@ fn new_allowed_flows_are_reported_with_their_rule_when_asked_and_denies_always()
         "nothing else: tracked packets are not events"
     );
 }
+
+#[test]
+fn tagged_frames_and_ethertypes_other_than_ip_and_arp_drop_both_ways() {
+    use netwarden_common::{counter, direction};
+
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let datapath = harness.datapath.as_ref().expect("present until drop");
+    // What a pod under default-deny egress sent on the real kernel: a UDP datagram inside a
+    // VLAN-0 tag (the kernel had taken the outer one off already).
+    let datagram = ipv4(SERVER, CLIENT, 17, 0, &udp(5353, 53));
+    let tagged = |tpid: u16| {
+        let mut inner = vec![0, 0];
+        inner.extend(0x0800_u16.to_be_bytes());
+        inner.extend(&datagram);
+        ethernet(tpid, &inner)
+    };
+    let before = datapath.verdicts();
+    for tpid in [0x8100, 0x88a8, 0x9100] {
+        assert_eq!(
+            harness.run(false, &tagged(tpid)),
+            DENY,
+            "{tpid:#x} from the pod"
+        );
+        assert_eq!(
+            harness.run(true, &tagged(tpid)),
+            DENY,
+            "{tpid:#x} to the pod"
+        );
+    }
+    // LLDP, PPPoE discovery, and an 802.3 length field (LLC, as STP sends): nothing a pod's
+    // point-to-point link carries.
+    for ethertype in [0x88cc, 0x8863, 0x0026] {
+        let frame = ethernet(ethertype, &datagram);
+        assert_eq!(
+            harness.run(false, &frame),
+            DENY,
+            "{ethertype:#x} from the pod"
+        );
+        assert_eq!(harness.run(true, &frame), DENY, "{ethertype:#x} to the pod");
+    }
+    let after = datapath.verdicts();
+    let delta = |dir, reason| {
+        after[counter::slot(dir, reason) as usize] - before[counter::slot(dir, reason) as usize]
+    };
+    for dir in [direction::EGRESS, direction::INGRESS] {
+        assert_eq!(delta(dir, counter::DENIED_VLAN), 3);
+        assert_eq!(delta(dir, counter::DENIED_ETHERTYPE), 3);
+    }
+    // The untagged datagram, ARP and IPv6 still pass (the server's egress is not isolated).
+    assert_eq!(harness.run(false, &ethernet(0x0800, &datagram)), ALLOW);
+    let arp = ethernet(0x0806, &[0; 28]);
+    assert_eq!(harness.run(false, &arp), ALLOW, "ARP from the pod");
+    assert_eq!(harness.run(true, &arp), ALLOW, "ARP to the pod");
+    let datagram6 = ipv6(SERVER6, CLIENT6, 17, &[], &udp(5353, 53));
+    assert_eq!(harness.run(false, &ethernet(0x86dd, &datagram6)), ALLOW);
+}
+
+/// An IPv4 fragment of datagram `id` at byte `offset`, with more fragments to come when `more`.
+fn ipv4_fragment(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    id: u16,
+    offset: u16,
+    more: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut packet = ipv4(src, dst, 17, 0, payload);
+    packet[4..6].copy_from_slice(&id.to_be_bytes());
+    let flags_and_offset = (offset / 8) | if more { 0x2000 } else { 0 };
+    packet[6..8].copy_from_slice(&flags_and_offset.to_be_bytes());
+    packet
+}
+
+/// An IPv6 UDP fragment of datagram `id` at byte `offset` (a fragment header, then `payload`).
+fn ipv6_fragment(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    id: u32,
+    offset: u16,
+    more: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut packet = ipv6(src, dst, 17, &[(44, 0)], payload);
+    let offset_field = ((offset / 8) << 3) | u16::from(more);
+    packet[40 + 2..40 + 4].copy_from_slice(&offset_field.to_be_bytes());
+    packet[40 + 4..40 + 8].copy_from_slice(&id.to_be_bytes());
+    packet
+}
+
+#[test]
+fn later_fragments_follow_their_first_fragment_and_unknown_ones_drop() {
+    use netwarden_common::{counter, direction};
+
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let datapath = harness.datapath.as_ref().expect("present until drop");
+    let resolver = Ipv4Addr::new(192, 0, 2, 53);
+    // The server asks a resolver (its egress is not isolated): the flow is tracked. The
+    // server's ingress rules name ports, so nothing without ports passes in on policy alone.
+    let query = ethernet(0x0800, &ipv4(SERVER, resolver, 17, 0, &udp(5353, 53)));
+    assert_eq!(harness.run(false, &query), ALLOW);
+
+    // A large answer, in two fragments: the first carries the ports, the second none.
+    let mut answer_start = udp(53, 5353);
+    answer_start.extend([0x5a; 16]);
+    let answer = |id, offset, more, payload: &[u8]| {
+        ethernet(
+            0x0800,
+            &ipv4_fragment(resolver, SERVER, id, offset, more, payload),
+        )
+    };
+    let before = datapath.verdicts();
+    assert_eq!(
+        harness.run(true, &answer(0x4242, 0, true, &answer_start)),
+        ALLOW,
+        "the first fragment is a reply of the tracked flow"
+    );
+    assert_eq!(
+        harness.run(true, &answer(0x4242, 24, false, &[0x5a; 16])),
+        ALLOW,
+        "the second fragment follows the first"
+    );
+    assert_eq!(
+        harness.run(true, &answer(0x4343, 24, false, &[0x5a; 16])),
+        DENY,
+        "a fragment of a datagram whose first fragment never came"
+    );
+    let forged = ethernet(
+        0x0800,
+        &ipv4_fragment(STRANGER, SERVER, 0x4242, 24, false, &[0x5a; 16]),
+    );
+    assert_eq!(
+        harness.run(true, &forged),
+        DENY,
+        "the same id from another peer"
+    );
+    // A first fragment the policy denies opens nothing for the rest of its datagram.
+    let denied = |offset, more, payload: &[u8]| {
+        ethernet(
+            0x0800,
+            &ipv4_fragment(STRANGER, SERVER, 0x5000, offset, more, payload),
+        )
+    };
+    assert_eq!(harness.run(true, &denied(0, true, &udp(53, 9999))), DENY);
+    assert_eq!(harness.run(true, &denied(24, false, &[0; 16])), DENY);
+    let after = datapath.verdicts();
+    let delta = |reason| {
+        after[counter::slot(direction::INGRESS, reason) as usize]
+            - before[counter::slot(direction::INGRESS, reason) as usize]
+    };
+    assert_eq!(delta(counter::ALLOWED_FRAGMENT), 1);
+    assert_eq!(delta(counter::DENIED_FRAGMENT_UNKNOWN), 3);
+
+    // IPv6: the fragment header's 32-bit identification.
+    let query6 = ethernet(0x86dd, &ipv6(SERVER6, CLIENT6, 17, &[], &udp(5353, 53)));
+    assert_eq!(harness.run(false, &query6), ALLOW);
+    let answer6 = |id, offset, more, payload: &[u8]| {
+        ethernet(
+            0x86dd,
+            &ipv6_fragment(CLIENT6, SERVER6, id, offset, more, payload),
+        )
+    };
+    assert_eq!(
+        harness.run(true, &answer6(0x0102_0304, 0, true, &answer_start)),
+        ALLOW
+    );
+    assert_eq!(
+        harness.run(true, &answer6(0x0102_0304, 24, false, &[0x5a; 16])),
+        ALLOW
+    );
+    assert_eq!(
+        harness.run(true, &answer6(0x0102_0305, 24, false, &[0x5a; 16])),
+        DENY
+    );
+}
+
+/// An ICMP (or `ICMPv6`) echo request or reply with identifier `id`.
+fn echo(request: bool, v6: bool, id: u16) -> Vec<u8> {
+    let kind = match (request, v6) {
+        (true, false) => 8,
+        (false, false) => 0,
+        (true, true) => 128,
+        (false, true) => 129,
+    };
+    let mut message = vec![kind, 0, 0, 0];
+    message.extend(id.to_be_bytes());
+    message.extend([0, 1]);
+    message.extend(b"ping");
+    message
+}
+
+#[test]
+fn echo_flows_are_keyed_by_their_identifier_and_only_requests_open_them() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let outside = Ipv4Addr::new(192, 0, 2, 1);
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    let from_pod = |message: &[u8]| ethernet(0x0800, &ipv4(SERVER, outside, 1, 0, message));
+    let to_pod = |message: &[u8]| ethernet(0x0800, &ipv4(outside, SERVER, 1, 0, message));
+    // The server pings out (its egress is not isolated; its ingress rules all name ports).
+    assert_eq!(
+        harness.run(false, &from_pod(&echo(true, false, 0x1234))),
+        ALLOW
+    );
+    assert_eq!(
+        harness.run(true, &to_pod(&echo(false, false, 0x1234))),
+        ALLOW,
+        "the reply to the request"
+    );
+    assert_eq!(
+        harness.run(true, &to_pod(&echo(false, false, 0x4321))),
+        DENY,
+        "a reply to no request of the pod"
+    );
+    let timestamp = [
+        13, 0, 0, 0, 0x12, 0x34, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(
+        harness.run(true, &to_pod(&timestamp)),
+        DENY,
+        "another ICMP message from the pinged peer"
+    );
+    // (A request from the peer with the pinging pod's identifier matches the flow too: both
+    // ends' ports are the identifier, as a reply must find its request's entry.)
+    // A reply opens nothing: an unsolicited one leaves the pod (egress not isolated), and the
+    // peer's request with the same identifier is still decided by the pod's ingress policy.
+    assert_eq!(
+        harness.run(false, &from_pod(&echo(false, false, 0x7777))),
+        ALLOW
+    );
+    assert_eq!(harness.run(true, &to_pod(&echo(true, false, 0x7777))), DENY);
+
+    // An error about the ping (host unreachable) passes; one about another ping does not.
+    let unreachable = |id| {
+        let mut icmp = vec![3, 1, 0, 0, 0, 0, 0, 0];
+        icmp.extend(ipv4(SERVER, outside, 1, 0, &echo(true, false, id)[..8]));
+        ethernet(0x0800, &ipv4(router, SERVER, 1, 0, &icmp))
+    };
+    assert_eq!(harness.run(true, &unreachable(0x1234)), ALLOW);
+    assert_eq!(harness.run(true, &unreachable(0x4321)), DENY);
+
+    // ICMPv6 alike.
+    let outside6: Ipv6Addr = "2001:db8::1".parse().expect("an address");
+    let request6 = ethernet(
+        0x86dd,
+        &ipv6(SERVER6, outside6, 58, &[], &echo(true, true, 9)),
+    );
+    assert_eq!(harness.run(false, &request6), ALLOW);
+    let reply6 = |id| {
+        ethernet(
+            0x86dd,
+            &ipv6(outside6, SERVER6, 58, &[], &echo(false, true, id)),
+        )
+    };
+    assert_eq!(harness.run(true, &reply6(9)), ALLOW);
+    assert_eq!(harness.run(true, &reply6(10)), DENY);
+}
+
+#[test]
+fn neighbour_discovery_and_mld_pass_only_from_link_local_or_unspecified_sources() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let link_local: Ipv6Addr = "fe80::1".parse().expect("an address");
+    let global: Ipv6Addr = "2001:db8::1".parse().expect("an address");
+    let message = |kind: u8| {
+        let mut message = vec![kind, 0, 0, 0, 0, 0, 0, 0];
+        message.extend(SERVER6.octets());
+        message
+    };
+    let to_pod = |source, kind| ethernet(0x86dd, &ipv6(source, SERVER6, 58, &[], &message(kind)));
+    // Towards the server (isolated, rules with ports only).
+    for kind in [130, 133, 134, 135, 136, 137, 143] {
+        assert_eq!(
+            harness.run(true, &to_pod(link_local, kind)),
+            ALLOW,
+            "{kind} from fe80::1"
+        );
+        assert_eq!(
+            harness.run(true, &to_pod(Ipv6Addr::UNSPECIFIED, kind)),
+            ALLOW,
+            "{kind} from ::"
+        );
+        assert_eq!(
+            harness.run(true, &to_pod(global, kind)),
+            DENY,
+            "{kind} from a global address"
+        );
+    }
+    // Leaving the pod: a solicitation from its own address is plumbing (Linux sends them
+    // from the address of the packet that needed the neighbour); from another, spoofed.
+    let from_pod = |source, kind| ethernet(0x86dd, &ipv6(source, global, 58, &[], &message(kind)));
+    assert_eq!(harness.run(false, &from_pod(SERVER6, 135)), ALLOW);
+    assert_eq!(harness.run(false, &from_pod(CLIENT6, 135)), DENY);
+    assert_eq!(harness.run(false, &from_pod(CLIENT6, 136)), DENY);
+    assert_eq!(harness.run(false, &from_pod(link_local, 135)), ALLOW);
+}
+
+#[test]
+fn a_tracked_flow_never_carries_a_source_the_pod_does_not_own() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    // The client may reach the server on SCTP 9000. An INIT addressed to a multicast group
+    // reaches the server's interface too, and the policy allows it...
+    let group = Ipv4Addr::new(224, 0, 0, 9);
+    let init = ethernet(0x0800, &ipv4(CLIENT, group, 132, 0, &sctp_init(5000, 9000)));
+    assert_eq!(harness.run(true, &init), ALLOW);
+    // ...but it opens no flow the pod could then send through from the group's address,
+    // which it does not own: the fast path would not check the source.
+    let forged = ethernet(0x0800, &ipv4(group, CLIENT, 132, 0, &sctp_init(9000, 5000)));
+    assert_eq!(harness.run(false, &forged), DENY, "a spoofed source");
+    // The same exchange on the server's own address is tracked, and its replies pass.
+    let init = ethernet(
+        0x0800,
+        &ipv4(CLIENT, SERVER, 132, 0, &sctp_init(5001, 9000)),
+    );
+    assert_eq!(harness.run(true, &init), ALLOW);
+    let reply = ethernet(
+        0x0800,
+        &ipv4(SERVER, CLIENT, 132, 0, &sctp_init(9000, 5001)),
+    );
+    assert_eq!(harness.run(false, &reply), ALLOW);
+    // A flow tracked on the server's interface is keyed by it: the same forged reply on
+    // another interface is decided there (not an endpoint here: dropped).
+    let datapath = harness.datapath.as_ref().expect("present until drop");
+    let other = IFINDEX + 1;
+    if let Ok((verdict, _)) = datapath.test_run(false, &reply, other, 1) {
+        assert_eq!(verdict, DENY, "the server's flow on ifindex {other}");
+    }
+}

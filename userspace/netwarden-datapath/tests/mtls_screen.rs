@@ -131,8 +131,12 @@ const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 const PSH_ACK: u8 = 0x18;
 
+/// The client's ISN in every test: its stream starts at `ISN + 1`.
+const ISN: u32 = 1;
+
 /// An Ethernet frame of a TCP segment between the client (`client_port`) and the server
-/// (`server_port`), towards the server when `to_server`.
+/// (`server_port`), towards the server when `to_server`: a SYN at the client's [`ISN`], any
+/// other segment at `ISN + 1` with no acknowledgement number.
 fn segment(
     v6: bool,
     to_server: bool,
@@ -141,6 +145,35 @@ fn segment(
     flags: u8,
     payload: &[u8],
 ) -> Vec<u8> {
+    let seq = if flags & SYN == 0 { ISN + 1 } else { ISN };
+    numbered(
+        v6,
+        Ends {
+            to_server,
+            client_port,
+            server_port,
+        },
+        flags,
+        (seq, 0),
+        payload,
+    )
+}
+
+/// Which way a segment goes, between which ports.
+#[derive(Clone, Copy)]
+struct Ends {
+    to_server: bool,
+    client_port: u16,
+    server_port: u16,
+}
+
+/// [`segment`] with its sequence and acknowledgement numbers.
+fn numbered(v6: bool, ends: Ends, flags: u8, (seq, ack): (u32, u32), payload: &[u8]) -> Vec<u8> {
+    let Ends {
+        to_server,
+        client_port,
+        server_port,
+    } = ends;
     let (source_port, destination_port) = if to_server {
         (client_port, server_port)
     } else {
@@ -149,7 +182,9 @@ fn segment(
     let mut tcp = Vec::new();
     tcp.extend(source_port.to_be_bytes());
     tcp.extend(destination_port.to_be_bytes());
-    tcp.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    tcp.extend(seq.to_be_bytes());
+    tcp.extend(ack.to_be_bytes());
+    tcp.extend([0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     tcp.extend(payload);
     let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
     if v6 {
@@ -228,15 +263,20 @@ fn a_client_hello_opens_a_strict_flow_and_plaintext_cuts_it() {
             ),
             ALLOW
         );
+        let after_hello = ISN + 1 + u32::try_from(client_hello().len()).unwrap();
+        let ends = |to_server| Ends {
+            to_server,
+            client_port: 40000,
+            server_port: HTTPS,
+        };
         assert_eq!(
             harness.run(
                 false,
-                &segment(
+                &numbered(
                     v6,
-                    false,
-                    40000,
-                    HTTPS,
+                    ends(false),
                     PSH_ACK,
+                    (7000, after_hello),
                     b"\x16\x03\x03server hello"
                 )
             ),
@@ -245,12 +285,11 @@ fn a_client_hello_opens_a_strict_flow_and_plaintext_cuts_it() {
         assert_eq!(
             harness.run(
                 true,
-                &segment(
+                &numbered(
                     v6,
-                    true,
-                    40000,
-                    HTTPS,
+                    ends(true),
                     PSH_ACK,
+                    (after_hello, 7000),
                     b"\x17\x03\x03application data"
                 )
             ),
@@ -370,6 +409,7 @@ fn a_flow_the_identity_check_refused_drops_both_ways() {
         ),
         ALLOW
     );
+    acknowledge_client_hello(&mut harness, 40000);
     let pod = SocketAddr::new(IpAddr::V4(SERVER), HTTPS);
     let peer = SocketAddr::new(IpAddr::V4(CLIENT), 40000);
     assert!(
@@ -443,7 +483,9 @@ fn the_client_hello_check_costs_little() {
     let mut screened = Vec::new();
     let mut fast = Vec::new();
     for _ in 0..5 {
-        screened.push(mean(flow_flags::AWAITING_CLIENT_HELLO));
+        screened.push(mean(
+            flow_flags::AWAITING_CLIENT_HELLO | flow_flags::ISN_KNOWN,
+        ));
         fast.push(mean(0));
     }
     let screened = *screened.iter().min().expect("rounds");
@@ -468,7 +510,7 @@ fn the_client_hello_check_costs_little() {
         samples.sort();
         samples[RUNS / 2]
     };
-    let hello_screened = per_run(flow_flags::AWAITING_CLIENT_HELLO);
+    let hello_screened = per_run(flow_flags::AWAITING_CLIENT_HELLO | flow_flags::ISN_KNOWN);
     let hello_fast = per_run(0);
     println!(
         "mTLS screen: tracked segment {} ns, screened {} ns: +{} ns per screened packet (kernel mean of {REPEAT} runs, best of 5 rounds); ClientHello segment, single runs: {} ns screened vs {} ns fast path (median of {RUNS})",
@@ -570,4 +612,116 @@ fn unscreened_bytes_never_reach_a_strict_pod_when_conntrack_forgot_the_flow() {
         b"GET /metrics\r\n\r\n",
     );
     assert_eq!(harness.run(true, &exempt), ALLOW);
+}
+
+/// The server's ACK of the IPv4 ClientHello the client sent from `client_port` at `ISN + 1`.
+fn acknowledge_client_hello(harness: &mut Harness, client_port: u16) {
+    let after_hello = ISN + 1 + u32::try_from(client_hello().len()).unwrap();
+    let ack = numbered(
+        false,
+        Ends {
+            to_server: false,
+            client_port,
+            server_port: HTTPS,
+        },
+        ACK,
+        (7000, after_hello),
+        &[],
+    );
+    assert_eq!(harness.run(false, &ack), ALLOW, "the server's ACK");
+}
+
+#[test]
+fn a_client_hello_counts_only_at_the_clients_isn_plus_one_until_the_pod_acknowledged_it() {
+    let Some(mut harness) = Harness::new(true) else {
+        return;
+    };
+    let to_server = |client_port| Ends {
+        to_server: true,
+        client_port,
+        server_port: HTTPS,
+    };
+    let plaintext = b"GET / HTTP/1.1\r\n\r\n";
+
+    // A ClientHello out of the window (the pod's stack discards it) opens nothing, and
+    // plaintext at the stream's start is still screened.
+    open(&mut harness, false, 40000, HTTPS);
+    let elsewhere = numbered(
+        false,
+        to_server(40000),
+        PSH_ACK,
+        (ISN + 100_000, 0),
+        &client_hello(),
+    );
+    assert_eq!(
+        harness.run(true, &elsewhere),
+        ALLOW,
+        "bytes after the start wait in the pod"
+    );
+    let before = numbered(
+        false,
+        to_server(40000),
+        PSH_ACK,
+        (ISN.wrapping_sub(10), 0),
+        &client_hello(),
+    );
+    assert_eq!(
+        harness.run(true, &before),
+        DENY,
+        "bytes before the start may overlap it"
+    );
+    let start = |payload: &[u8]| numbered(false, to_server(40000), PSH_ACK, (ISN + 1, 0), payload);
+    assert_eq!(
+        harness.run(true, &start(plaintext)),
+        DENY,
+        "plaintext at ISN + 1"
+    );
+
+    // The ClientHello at ISN + 1 passes, but until the pod acknowledged it, the stream's start
+    // is still screened: a ClientHello with a bad checksum is discarded by the pod's stack and
+    // must not leave room for plaintext in its place.
+    open(&mut harness, false, 40001, HTTPS);
+    let start = |payload: &[u8]| numbered(false, to_server(40001), PSH_ACK, (ISN + 1, 0), payload);
+    assert_eq!(harness.run(true, &start(&client_hello())), ALLOW);
+    assert_eq!(
+        harness.run(true, &start(&client_hello())),
+        ALLOW,
+        "its retransmission"
+    );
+    assert_eq!(
+        harness.run(true, &start(plaintext)),
+        DENY,
+        "plaintext in its place"
+    );
+
+    // Acknowledged: the flow is an ordinary one.
+    open(&mut harness, false, 40002, HTTPS);
+    let start = |payload: &[u8]| numbered(false, to_server(40002), PSH_ACK, (ISN + 1, 0), payload);
+    assert_eq!(harness.run(true, &start(&client_hello())), ALLOW);
+    acknowledge_client_hello(&mut harness, 40002);
+    assert_eq!(
+        harness.run(true, &start(plaintext)),
+        ALLOW,
+        "the pod took the ClientHello"
+    );
+
+    // A second SYN with another ISN would move the stream's start away from the pod's.
+    open(&mut harness, false, 40003, HTTPS);
+    let other_syn = numbered(false, to_server(40003), SYN, (ISN + 5000, 0), &[]);
+    assert_eq!(harness.run(true, &other_syn), DENY);
+}
+
+#[test]
+fn big_tcp_length_fields_of_zero_do_not_hide_a_payload() {
+    let Some(mut harness) = Harness::new(true) else {
+        return;
+    };
+    for v6 in [false, true] {
+        open(&mut harness, v6, 40000, HTTPS);
+        let mut frame = segment(v6, true, 40000, HTTPS, PSH_ACK, b"GET / HTTP/1.1\r\n\r\n");
+        // IPv4 total length (14 + 2), IPv6 payload length (14 + 4): 0, as BIG TCP sends them.
+        let length = if v6 { 14 + 4 } else { 14 + 2 };
+        frame[length..length + 2].copy_from_slice(&[0, 0]);
+        assert_eq!(harness.run(true, &frame), DENY, "v6: {v6}");
+    }
 }
