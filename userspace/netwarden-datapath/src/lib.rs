@@ -677,7 +677,7 @@ impl Datapath {
     }
 
     /// Loads the hook after translation and attaches it to this network namespace's
-    /// netfilter (POSTROUTING and LOCAL_IN, after source NAT), replacing a previous agent's.
+    /// netfilter (`POSTROUTING` and `LOCAL_IN`, after source NAT), replacing a previous agent's.
     /// Until it is attached no flow is deferred to it; on a kernel without netfilter BPF
     /// links (Linux < 6.4) or BTF, flows to Services are judged on the Service's address.
     pub fn attach_translation_hook(&mut self) -> Result<(), netfilter::NetfilterError> {
