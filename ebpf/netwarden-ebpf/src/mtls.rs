@@ -37,7 +37,7 @@
 //! Strictness is decided when the flow opens: making a pod strict does not cut connections
 //! already under way. UDP and other protocols are not screened (see `docs/identity.md`).
 
-use aya_ebpf::{macros::map, maps::HashMap, programs::TcContext};
+use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::map, maps::HashMap, programs::TcContext};
 use netwarden_common::{
     FlowKey, FlowState, MtlsExemptPort, counter, direction, flow_activity, flow_flags,
 };
@@ -45,10 +45,10 @@ use netwarden_common::{
 use crate::packet::{self, IPPROTO_TCP, Layout, TLS_PREFIX_LEN, TcpPayload};
 
 #[map]
-static MTLS_STRICT_ENDPOINTS: HashMap<u32, u32> = HashMap::pinned(4096, 0);
+static MTLS_STRICT_ENDPOINTS: HashMap<u32, u32> = HashMap::pinned(4096, BPF_F_NO_PREALLOC);
 
 #[map]
-static MTLS_EXEMPT_PORTS: HashMap<MtlsExemptPort, u32> = HashMap::pinned(16384, 0);
+static MTLS_EXEMPT_PORTS: HashMap<MtlsExemptPort, u32> = HashMap::pinned(16384, BPF_F_NO_PREALLOC);
 
 /// The screen's answer when the packet may go on to the ordinary decision.
 pub const PASS: u32 = u32::MAX;

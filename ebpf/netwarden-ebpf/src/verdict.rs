@@ -88,7 +88,7 @@
 //!   f. deny.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, TC_ACT_SHOT},
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -112,12 +112,16 @@ use crate::{
 const ALLOW: i32 = -1;
 const DENY: i32 = TC_ACT_SHOT;
 
+// Memory (docs/design.md, "Map memory"): the hash maps only the agent writes allocate an
+// element per entry (`BPF_F_NO_PREALLOC`), so they cost what they hold, not their
+// `max_entries`; the LRU tables the programs fill must be preallocated, so their size is their
+// cost; LPM tries always allocate per entry. The agent overrides some sizes (`Capacity`).
 /// Service frontends (address, protocol, port) the node's netfilter may translate: a flow a
 /// pod opens to one is decided after translation (`translated.rs`), on the backend it reaches.
 /// Empty when the hook after translation is not attached, so nothing is ever deferred to a
 /// hook that is not there.
 #[map]
-static FRONTENDS: HashMap<FrontendKey, FrontendValue> = HashMap::pinned(65536, 0);
+static FRONTENDS: HashMap<FrontendKey, FrontendValue> = HashMap::pinned(65536, BPF_F_NO_PREALLOC);
 
 /// The peer each translated flow was judged on (the backend, or the masqueraded client),
 /// keyed like `CONNTRACK_*`: a stale flow is decided again on the same peer. Sized like one
@@ -130,16 +134,18 @@ pub(crate) static TRANSLATIONS: LruHashMap<FlowKey, Translation> = LruHashMap::p
 /// packet on the node's routing path, where only the addresses tell which pod sent it or
 /// receives it (anti-spoofing on the pod's own interface vouches for the source).
 #[map]
-pub(crate) static ENDPOINT_OF_ADDRESS: HashMap<IpKey, u32> = HashMap::pinned(16384, 0);
+pub(crate) static ENDPOINT_OF_ADDRESS: HashMap<IpKey, u32> =
+    HashMap::pinned(16384, BPF_F_NO_PREALLOC);
 
 #[map]
-pub(crate) static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(4096, 0);
+pub(crate) static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(4096, BPF_F_NO_PREALLOC);
 
 #[map]
-static ENDPOINT_ADDRESSES: HashMap<EndpointAddress, u32> = HashMap::pinned(16384, 0);
+static ENDPOINT_ADDRESSES: HashMap<EndpointAddress, u32> =
+    HashMap::pinned(16384, BPF_F_NO_PREALLOC);
 
 #[map]
-static IPCACHE: HashMap<IpKey, IpIdentity> = HashMap::pinned(65536, 0);
+static IPCACHE: HashMap<IpKey, IpIdentity> = HashMap::pinned(65536, BPF_F_NO_PREALLOC);
 
 #[map]
 static POLICY: LpmTrie<PolicyKey, PolicyEntry> = LpmTrie::pinned(262_144, 0);
@@ -151,10 +157,10 @@ static CIDRS_V4: LpmTrie<CidrKeyV4, CidrClass> = LpmTrie::pinned(65536, 0);
 static CIDRS_V6: LpmTrie<CidrKey, CidrClass> = LpmTrie::pinned(65536, 0);
 
 #[map]
-static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowState> = LruHashMap::pinned(262_144, 0);
+static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowState> = LruHashMap::pinned(65536, 0);
 
 #[map]
-static CONNTRACK_V6: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(262_144, 0);
+static CONNTRACK_V6: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(65536, 0);
 
 /// First fragments that passed, for their datagram's later fragments (which carry no ports)
 /// to follow for [`FRAGMENT_LIFETIME_NS`]. LRU: a full table forgets the oldest datagram,
@@ -173,7 +179,7 @@ static SETTINGS: Array<u32> = Array::pinned(SETTINGS_COUNT, 0);
 /// The programs never read it; it is pinned with the other maps so a restarted agent hands out
 /// the same identities and its first update is not a renumbering of the whole cluster.
 #[map]
-static IDENTITIES: HashMap<[u8; 32], u32> = HashMap::pinned(65536, 0);
+static IDENTITIES: HashMap<[u8; 32], u32> = HashMap::pinned(65536, BPF_F_NO_PREALLOC);
 
 /// Verdict events for the agent (see `VerdictEvent`).
 #[map]

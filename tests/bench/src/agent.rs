@@ -2,6 +2,7 @@
 //! namespace and a bpffs of its own, measured once it has applied them, then stopped.
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::{BufRead as _, BufReader},
     os::{fd::AsFd as _, unix::process::CommandExt as _},
@@ -24,8 +25,23 @@ pub struct Memory {
     pub rss_bytes: u64,
     /// Peak resident set (`VmHWM`).
     pub peak_rss_bytes: u64,
-    /// Kernel memory of its eBPF maps, as `memlock` in their fdinfo.
+    /// Kernel memory of its eBPF maps, as `memlock` in their fdinfo, each map once.
     pub map_bytes: u64,
+    /// Each map the agent holds, largest first.
+    pub maps: Vec<MapMemory>,
+}
+
+/// One eBPF map the agent holds, from its fdinfo.
+pub struct MapMemory {
+    /// Its name as the kernel keeps it (at most 15 bytes).
+    pub name: String,
+    /// `max_entries`.
+    pub max_entries: u64,
+    /// `map_flags` (`BPF_F_NO_PREALLOC` is 1).
+    pub flags: u64,
+    /// `memlock`: what the kernel charges for it (since Linux 6.4 the memory it uses, not an
+    /// estimate from `max_entries`).
+    pub bytes: u64,
 }
 
 /// Runs the agent on `cluster` and measures it.
@@ -94,26 +110,29 @@ fn run(agent: &Path, cluster: &Cluster, work: &Path, netns: &str) -> anyhow::Res
         nix::sys::signal::Signal::SIGTERM,
     );
     let _ = child.wait();
-    let (rss_bytes, peak_rss_bytes, map_bytes) = measured?;
+    let (rss_bytes, peak_rss_bytes, maps) = measured?;
     Ok(Memory {
         first_apply,
         rss_bytes,
         peak_rss_bytes,
-        map_bytes,
+        map_bytes: maps.iter().map(|map| map.bytes).sum(),
+        maps,
     })
 }
 
-fn read_memory(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
+/// `VmRSS`, `VmHWM` and the maps of process `pid`. A map the process holds through several
+/// descriptors (the conntrack sweeper opens its tables from their pins) is counted once.
+fn read_memory(pid: u32) -> anyhow::Result<(u64, u64, Vec<MapMemory>)> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
+    // The first number after `name` on its line.
+    let number = |text: &str, name: &str| -> u64 {
+        text.lines()
             .find_map(|line| line.strip_prefix(name))
             .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse::<u64>().ok())
-            .map_or(0, |kib| kib * 1024)
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(0)
     };
-    let mut map_bytes = 0;
+    let mut maps = BTreeMap::new();
     for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
         let entry = entry?;
         let is_map = fs::read_link(entry.path())
@@ -125,11 +144,29 @@ fn read_memory(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
             "/proc/{pid}/fdinfo/{}",
             entry.file_name().to_string_lossy()
         ))?;
-        map_bytes += info
-            .lines()
-            .find_map(|line| line.strip_prefix("memlock:"))
-            .and_then(|value| value.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let field = |name| number(&info, name);
+        let id = u32::try_from(field("map_id:"))?;
+        let name = aya::maps::MapInfo::from_id(id)
+            .ok()
+            .and_then(|map| map.name_as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("map {id}"));
+        maps.entry(id).or_insert(MapMemory {
+            name,
+            max_entries: field("max_entries:"),
+            flags: u64::from_str_radix(
+                info.lines()
+                    .find_map(|line| line.strip_prefix("map_flags:"))
+                    .map_or("0", |value| value.trim().trim_start_matches("0x")),
+                16,
+            )?,
+            bytes: field("memlock:"),
+        });
     }
-    Ok((field("VmRSS:"), field("VmHWM:"), map_bytes))
+    let mut maps: Vec<MapMemory> = maps.into_values().collect();
+    maps.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
+    Ok((
+        number(&status, "VmRSS:") * 1024,
+        number(&status, "VmHWM:") * 1024,
+        maps,
+    ))
 }

@@ -8,6 +8,7 @@ mod cluster;
 mod datapath;
 mod identity;
 mod manifests;
+mod targets;
 mod traffic;
 
 use std::{
@@ -153,8 +154,9 @@ fn main() -> anyhow::Result<()> {
 
     let memory = match agent {
         Some(agent) if agent.exists() => Some(agent::measure(&agent, &cluster)?),
-        _ => {
-            println!("agent memory: skipped (no --agent binary)");
+        Some(agent) => anyhow::bail!("no agent binary at {}", agent.display()),
+        None => {
+            println!("agent memory: not measured (no --agent binary)");
             None
         }
     };
@@ -166,6 +168,20 @@ fn main() -> anyhow::Result<()> {
             mib(memory.peak_rss_bytes),
             mib(memory.map_bytes)
         );
+        println!();
+        println!(
+            "{:<16} {:>12} {:>8} {:>10}",
+            "eBPF map", "max_entries", "flags", "MiB"
+        );
+        for map in &memory.maps {
+            println!(
+                "{:<16} {:>12} {:>#8x} {:>10.2}",
+                map.name,
+                map.max_entries,
+                map.flags,
+                mib(map.bytes)
+            );
+        }
     }
     println!(
         "summary: full_ms={} incr_relabel_ms={} incr_policy_ms={} incr_peer_ms={} entries_per_endpoint={:.0} map_mib={} rss_mib={}",
@@ -183,6 +199,22 @@ fn main() -> anyhow::Result<()> {
             |memory| format!("{:.1}", mib(memory.peak_rss_bytes))
         ),
     );
+    let misses = targets::missed(
+        &targets::Figures {
+            full: full.0,
+            relabel: relabel.0,
+            peak_rss_bytes: memory.as_ref().map(|memory| memory.peak_rss_bytes),
+            map_bytes: memory.as_ref().map(|memory| memory.map_bytes),
+        },
+        &targets::TARGETS,
+    );
+    for miss in &misses {
+        println!("target missed: {miss}");
+    }
+    if !misses.is_empty() {
+        anyhow::bail!("{} of the compile benchmark's targets missed", misses.len());
+    }
+    println!("targets: all met");
     Ok(())
 }
 

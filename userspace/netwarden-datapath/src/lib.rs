@@ -138,7 +138,8 @@ pub enum DatapathError {
     },
 }
 
-/// Map sizes (entries). Defaults fit a node with ~250 pods in a cluster of ~60,000 pods.
+/// Map sizes (entries). Defaults fit a node with ~250 pods in a cluster of ~60,000 pods; what
+/// each map costs at these sizes is in docs/design.md ("Map memory").
 #[derive(Clone, Debug)]
 pub struct Capacity {
     /// Local endpoints.
@@ -149,9 +150,16 @@ pub struct Capacity {
     pub policy: u32,
     /// CIDR prefixes over all policies, of each IP family.
     pub cidrs: u32,
-    /// Tracked flows, of each IP family.
+    /// Tracked flows, of each IP family; also the size of the table of translated flows. These
+    /// LRU tables are preallocated: their size is what they cost, used or not.
     pub conntrack: u32,
 }
+
+/// Default size of each conntrack table: 65,536 flows per IP family is ~600 concurrent flows
+/// for each of a node's 110 pods (a flow between two local pods takes an entry on each), and
+/// costs ~7 MiB (IPv4) and ~8.5 MiB (IPv6) of kernel memory. Busier nodes raise it with
+/// `--conntrack-entries`; a full table evicts its least recently used flow.
+pub const CONNTRACK_ENTRIES: u32 = 65536;
 
 impl Default for Capacity {
     fn default() -> Self {
@@ -160,7 +168,7 @@ impl Default for Capacity {
             ipcache: 65536,
             policy: 262_144,
             cidrs: 65536,
-            conntrack: 262_144,
+            conntrack: CONNTRACK_ENTRIES,
         }
     }
 }
@@ -328,16 +336,23 @@ impl Datapath {
             path: maps_dir.clone(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .map_max_entries("ENDPOINTS", capacity.endpoints)
-            .map_max_entries("IPCACHE", capacity.ipcache)
-            .map_max_entries("POLICY", capacity.policy)
-            .map_max_entries("CIDRS_V4", capacity.cidrs)
-            .map_max_entries("CIDRS_V6", capacity.cidrs)
-            .map_max_entries(conntrack::TABLE_V4, capacity.conntrack)
-            .map_max_entries(conntrack::TABLE_V6, capacity.conntrack)
-            .load(PROGRAMS)?;
+        let sizes = [
+            ("ENDPOINTS", capacity.endpoints),
+            ("IPCACHE", capacity.ipcache),
+            ("POLICY", capacity.policy),
+            ("CIDRS_V4", capacity.cidrs),
+            ("CIDRS_V6", capacity.cidrs),
+            (conntrack::TABLE_V4, capacity.conntrack),
+            (conntrack::TABLE_V6, capacity.conntrack),
+            ("TRANSLATIONS", capacity.conntrack),
+        ];
+        report_adopted_differences(&maps_dir, &sizes);
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps_dir);
+        for (name, entries) in sizes {
+            loader.map_max_entries(name, entries);
+        }
+        let mut ebpf = loader.load(PROGRAMS)?;
         for hook in Hook::ALL {
             let name = hook.program();
             let program: &mut SchedClassifier = ebpf
@@ -838,7 +853,7 @@ impl Datapath {
     }
 
     /// Loads the hook after translation and attaches it to this network namespace's
-    /// netfilter (POSTROUTING and `LOCAL_IN`, after source NAT), replacing a previous agent's.
+    /// netfilter (`POSTROUTING` and `LOCAL_IN`, after source NAT), replacing a previous agent's.
     /// Until it is attached no flow is deferred to it; on a kernel without netfilter BPF
     /// links (Linux < 6.4) or BTF, flows to Services are judged on the Service's address.
     pub fn attach_translation_hook(&mut self) -> Result<(), netfilter::NetfilterError> {
@@ -1367,6 +1382,35 @@ impl Datapath {
                 capacity: capacity.conntrack,
             },
         ]
+    }
+}
+
+/// Warns about each pin the loader is about to adopt although this build would create it with
+/// other flags or another size (`sizes`: the entries asked for, by map name; other maps as the
+/// programs declare them).
+fn report_adopted_differences(maps_dir: &Path, sizes: &[(&str, u32)]) {
+    if !maps_dir.exists() {
+        return;
+    }
+    let Ok(object) = aya_obj::Object::parse(PROGRAMS) else {
+        return;
+    };
+    let wanted = object.maps.iter().map(|(name, map)| {
+        let entries = sizes
+            .iter()
+            .find_map(|(sized, entries)| (sized == name).then_some(*entries))
+            .unwrap_or_else(|| map.max_entries());
+        (name.as_str(), map.map_flags(), entries)
+    });
+    for difference in upgrade::adopted_differences(maps_dir, wanted) {
+        warn!(
+            map = difference.name,
+            pinned_flags = difference.flags.0,
+            flags = difference.flags.1,
+            pinned_entries = difference.max_entries.0,
+            entries = difference.max_entries.1,
+            "adopting a pinned map as an earlier build created it; it keeps its flags and size (and memory) until its pin is removed"
+        );
     }
 }
 

@@ -1,5 +1,5 @@
 //! The hook after translation: `after_translation` as a `BPF_PROG_TYPE_NETFILTER` program on
-//! the node's POSTROUTING and `LOCAL_IN` hooks, after source NAT (see
+//! the node's `POSTROUTING` and `LOCAL_IN` hooks, after source NAT (see
 //! `ebpf/netwarden-ebpf/src/translated.rs` for what it decides).
 //!
 //! aya 0.14 has no netfilter program type, so the program is parsed and relocated with

@@ -121,3 +121,41 @@ fn unpin(maps_dir: &Path, name: &str) -> io::Result<bool> {
         Err(error) => Err(error),
     }
 }
+
+/// A pinned map adopted as it is although this build would create it otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdoptedDifference {
+    /// The map.
+    pub name: String,
+    /// The pin's `map_flags`, and this build's.
+    pub flags: (u32, u32),
+    /// The pin's `max_entries`, and what this build asks for.
+    pub max_entries: (u32, u32),
+}
+
+/// The pins under `maps_dir` that the loader will adopt although their flags or `max_entries`
+/// differ from this build's: `wanted` lists, per map name, the flags and entries it would be
+/// created with. aya adopts a pin by name without comparing either. Neither matters for
+/// correctness (key and value sizes are checked by [`replace_outdated_pins`]): a preallocated
+/// map where this build allocates per entry, or a conntrack table of another size, only costs
+/// other memory until its pin is removed. The pins are kept: replacing an agent-written map
+/// would leave pods unenforced until the first apply, and replacing conntrack would forget
+/// every established flow (docs/design.md, "Map memory").
+pub fn adopted_differences<'a>(
+    maps_dir: &Path,
+    wanted: impl IntoIterator<Item = (&'a str, u32, u32)>,
+) -> Vec<AdoptedDifference> {
+    wanted
+        .into_iter()
+        .filter_map(|(name, flags, max_entries)| {
+            let info = MapInfo::from_pin(maps_dir.join(name)).ok()?;
+            (info.map_flags() != flags || info.max_entries() != max_entries).then(|| {
+                AdoptedDifference {
+                    name: name.to_owned(),
+                    flags: (info.map_flags(), flags),
+                    max_entries: (info.max_entries(), max_entries),
+                }
+            })
+        })
+        .collect()
+}

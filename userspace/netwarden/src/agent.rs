@@ -145,19 +145,19 @@ fn apply(
     let watches = input.watch_health();
     let policies = cluster.policies.len();
     // The identity check decides on the same snapshot the compiler compiles.
-    let identity_cluster = cluster.clone();
+    let identity_input = identity.prepare(&cluster);
     compiler.set_node_addresses(&network.addresses);
     compiler.sync(cluster);
     let state = compiler.state();
     let mut errors = input_errors;
     // Before the apply: an endpoint that turns ready is already screened if it is strict.
-    identity.sync_kernel(datapath, &identity_cluster, network, state, &mut errors);
+    identity.sync_kernel(datapath, &identity_input, network, state, &mut errors);
     let report = datapath.apply(state, network);
     if generation == 1 {
         log_translation_hook(options, datapath);
     }
     let latency = change_seen.map(|seen| seen.elapsed());
-    identity.refresh(identity_cluster, network, state, &mut errors);
+    identity.refresh(identity_input, network, state, &mut errors);
     errors.extend(state.warnings.iter().cloned());
     errors.extend(report.errors.iter().cloned());
     for message in &errors {

@@ -3,7 +3,7 @@
 //! Check server cuts the flow in the kernel's conntrack.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
@@ -17,7 +17,7 @@ use netwarden_identity::{
     CutRate, DecisionCounts, IdentityService, RefusedConnection, SharedSnapshot, Snapshot,
     SocketAccess, TrustDomain, server,
 };
-use netwarden_model::Cluster;
+use netwarden_model::{Cluster, PodRef};
 use netwarden_policy::DatapathState;
 use tracing::info;
 
@@ -52,6 +52,16 @@ pub struct IdentityOptions {
 }
 
 /// What the apply loop keeps of the identity check.
+/// What the identity wiring keeps of one apply's cluster snapshot ([`IdentityWiring::prepare`]).
+pub struct IdentityInput {
+    /// Exempt ports of each mTLS-strict pod.
+    strict: BTreeMap<PodRef, BTreeSet<u16>>,
+    /// The pods' annotation problems.
+    problems: Vec<String>,
+    /// The snapshot itself, when the identity check is served.
+    snapshot: Option<Cluster>,
+}
+
 pub struct IdentityWiring {
     snapshot: SharedSnapshot,
     /// Local pod addresses -> the ifindex of their veth, for the flow cutter.
@@ -124,6 +134,26 @@ impl IdentityWiring {
         Ok(wiring)
     }
 
+    /// Takes what the identity wiring needs of `cluster` before the compiler consumes it: the
+    /// mTLS-strict pods, the annotation problems and, only when the check is served, a copy of
+    /// the whole snapshot for it (its threads read it while the next apply compiles). Without
+    /// the check nobody would read that copy: it is not made (10,000 pods: ~10 MiB resident).
+    pub fn prepare(&self, cluster: &Cluster) -> IdentityInput {
+        IdentityInput {
+            strict: cluster
+                .pods
+                .iter()
+                .filter(|(_, pod)| cluster.is_mtls_strict(pod))
+                .map(|(id, pod)| (id.clone(), pod.mtls.exempt_ports.clone()))
+                .collect(),
+            problems: cluster
+                .annotation_problems()
+                .map(ToString::to_string)
+                .collect(),
+            snapshot: self.counts.is_some().then(|| cluster.clone()),
+        }
+    }
+
     /// Writes the strict endpoints of `state` (found in `network` the way the datapath finds
     /// them) to the kernel's mTLS maps and remembers which veth serves which pod address, for
     /// the flow cutter. Runs before the datapath applies `state`, so a pod whose endpoint turns
@@ -131,7 +161,7 @@ impl IdentityWiring {
     pub fn sync_kernel(
         &self,
         datapath: &mut Datapath,
-        cluster: &Cluster,
+        input: &IdentityInput,
         network: &NodeNetwork,
         state: &DatapathState,
         errors: &mut Vec<String>,
@@ -145,10 +175,8 @@ impl IdentityWiring {
             for ip in &local.ips {
                 endpoints.insert(*ip, interface.index);
             }
-            if let Some(pod) = cluster.pods.get(&local.pod)
-                && cluster.is_mtls_strict(pod)
-            {
-                strict.insert(interface.index, pod.mtls.exempt_ports.clone());
+            if let Some(exempt_ports) = input.strict.get(&local.pod) {
+                strict.insert(interface.index, exempt_ports.clone());
             }
         }
         if let Err(error) = datapath.sync_mtls(&strict) {
@@ -164,12 +192,20 @@ impl IdentityWiring {
     /// `errors`.
     pub fn refresh(
         &self,
-        cluster: Cluster,
+        input: IdentityInput,
         network: &NodeNetwork,
         state: &DatapathState,
         errors: &mut Vec<String>,
     ) {
-        errors.extend(cluster.annotation_problems().map(ToString::to_string));
+        let IdentityInput {
+            strict: _,
+            problems,
+            snapshot,
+        } = input;
+        errors.extend(problems);
+        let Some(cluster) = snapshot else {
+            return;
+        };
         let local_pod_addresses = state
             .endpoints
             .values()
