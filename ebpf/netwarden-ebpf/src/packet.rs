@@ -92,8 +92,8 @@ pub enum Opening {
     /// A TCP FIN or RST: a continuation that also tells conntrack the connection is closing.
     Closing,
     /// An IPv6 neighbour solicitation or advertisement from an address that is not
-    /// link-local: it passes leaving the pod from an address the pod owns (link plumbing),
-    /// and is an ordinary packet otherwise. It never opens a flow.
+    /// link-local: it passes leaving the pod from an address the pod owns, and towards the pod
+    /// (link plumbing: pods on a bridge resolve each other directly). It never opens a flow.
     Neighbour,
     /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem): when the
     /// packet it quotes belongs to a tracked flow the error passes, so path MTU discovery
@@ -270,8 +270,8 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
             // Neighbour solicitations and advertisements may come from any address of the
             // interface (RFC 4861 7.1), and Linux sends them from the address of the packet
             // that needed the neighbour: the caller passes them leaving the pod from an
-            // address the pod owns. Every other one, and these towards the pod, are ordinary
-            // packets that open nothing.
+            // address the pod owns, and towards the pod (a neighbour on a bridge). Every other
+            // one is an ordinary packet that opens nothing.
             let opening = if matches!(
                 icmp_type,
                 ICMPV6_NEIGHBOUR_SOLICITATION | ICMPV6_NEIGHBOUR_ADVERTISEMENT

@@ -57,8 +57,9 @@
 //!    An ICMP error quoting a packet of a tracked flow (a TCP, UDP or SCTP flow by its ports,
 //!    a ping by its echo identifier): pass (PMTU discovery keeps working). A neighbour
 //!    solicitation or advertisement leaving the pod from an address it owns that is not
-//!    link-local: pass (Linux sends them from the address of the packet that needed the
-//!    neighbour). Neighbour discovery and MLD from other non-link-local sources are ordinary
+//!    link-local, or arriving at it from a neighbour on its link: pass (Linux sends them from
+//!    the address of the packet that needed the neighbour; pods on a bridge resolve each other
+//!    directly). Other neighbour discovery and MLD from non-link-local sources are ordinary
 //!    packets from here on.
 //! 4. F tracked, epoch stale: decide again for the direction that opened F; drop and forget F
 //!    when that decision now denies (a revoked permission does not live on in conntrack).
@@ -287,8 +288,11 @@ fn enforce_flow(
         );
         return count(counter::DENIED_SPOOFED, dir, DENY);
     }
-    if opening == Opening::Neighbour && dir == direction::EGRESS {
-        // From an address the pod owns (checked above): link plumbing.
+    if opening == Opening::Neighbour {
+        // Leaving the pod, from an address the pod owns (checked above); towards it, from a
+        // neighbour on the same link: pods on a bridge resolve each other directly, from their
+        // own addresses (RFC 4861 7.1). Link plumbing either way: the pod's stack discards one
+        // that was routed (a hop limit below 255), and a neighbour message opens no flow.
         return count(counter::ALLOWED_NETWORK_CONTROL, dir, ALLOW);
     }
     if opening == Opening::Error {
