@@ -5,13 +5,15 @@
 //! network namespace of the test's own, never to the namespace the tests run in.
 
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use netwarden_datapath::{Capacity, Datapath, TranslationHook, Unenforced, faults::Faults};
 use netwarden_policy::Compiler;
 
-use crate::common::PrivateBpffs;
+use crate::{common::PrivateBpffs, netns::in_new_netns};
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 
@@ -29,17 +31,6 @@ spec:
   podSelector: {matchLabels: {app: server}}
   ingress: [{ports: [{port: 80}]}]
 ";
-
-/// Runs `test` on a thread of its own in a new network namespace.
-fn in_new_netns(test: impl FnOnce() + Send + 'static) {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("a network namespace of the test's own");
-        test();
-    })
-    .join()
-    .expect("the test thread");
-}
 
 fn reasons(report: &netwarden_datapath::ApplyReport) -> Vec<Unenforced> {
     report

@@ -6,24 +6,14 @@
     reason = "the test support serves several test binaries; this one needs only its bpffs guard"
 )]
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 
 use std::path::Path;
 
 use netwarden_datapath::{Capacity, Datapath, TranslationHook};
 
-use crate::common::PrivateBpffs;
-
-/// Runs `test` on a thread of its own in a new network namespace, so the hook never touches
-/// the namespace the tests run in.
-fn in_new_netns(test: impl FnOnce() + Send + 'static) {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("a network namespace of the test's own");
-        test();
-    })
-    .join()
-    .expect("the test thread");
-}
+use crate::{common::PrivateBpffs, netns::in_new_netns};
 
 #[test]
 fn the_hook_attaches_to_postrouting_and_local_in_and_a_new_agent_replaces_it() {
