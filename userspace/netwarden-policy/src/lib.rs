@@ -11,13 +11,19 @@ mod compile;
 pub mod evaluate;
 mod frontends;
 mod identity;
+mod ids;
 pub mod lookup;
+mod pods;
 mod ports;
+mod rules;
+mod selectors;
+mod state;
 
-pub use compile::{
-    Change, CompiledPolicy, Compiler, DatapathState, Direction, LocalEndpoint, PolicyId,
-    PolicyMatch, RuleId, RuleOrigin,
-};
+pub use compile::{Change, Compiler};
 pub use frontends::{Frontend, FrontendId, FrontendInfo, FrontendKind};
 pub use identity::IdentityInfo;
 pub use ports::port_prefixes;
+pub use state::{
+    CompiledPolicy, DatapathState, Direction, LocalEndpoint, PolicyId, PolicyMatch, RuleId,
+    RuleOrigin,
+};

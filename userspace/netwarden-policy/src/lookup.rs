@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use netwarden_common::{IDENTITY_HOST, IDENTITY_WORLD, IPV4_MAPPED_PREFIX_BITS, PeerId};
 use netwarden_model::PodRef;
 
-use crate::compile::{DatapathState, Direction, RuleId};
+use crate::state::{DatapathState, Direction, RuleId};
 
 /// Why the datapath passes or drops the first packet of a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
