@@ -13,6 +13,7 @@ mod frontends;
 mod identity;
 mod ids;
 pub mod lookup;
+pub mod map_keys;
 mod pods;
 mod ports;
 mod rules;
