@@ -1,10 +1,13 @@
-//! netwarden's policy compiler.
+//! netwarden's policy compiler: pure, no kernel, no I/O.
 //!
-//! [`Compiler::compile`] turns a [`netwarden_model::Cluster`] into [`DatapathState`]: the exact
-//! content of the eBPF maps (see `ebpf/netwarden-ebpf/src/verdict.rs` for how the datapath reads
-//! them, and `docs/design.md` for why they are shaped this way). [`lookup`] reads a
-//! `DatapathState` exactly the way the eBPF program reads the maps, so the compiler can be tested
-//! without a kernel.
+//! [`Compiler`] turns a [`netwarden_model::Cluster`], kept up to date one [`Change`] at a time,
+//! into [`DatapathState`]: the content of the eBPF maps (see `ebpf/netwarden-ebpf/src/verdict.rs`
+//! for how the programs read them, and `docs/design.md` for why they are shaped this way).
+//! [`map_keys`] builds the keys the agent writes it under, and [`lookup`] takes a packet through
+//! the programs' checks on those maps, to the verdict and counter reason the kernel gives, so the
+//! compiler is tested without a kernel. [`evaluate`] is the reference: the NetworkPolicy spec
+//! applied directly to one flow, which the compiler is tested against and `netwarden explain`
+//! prints.
 
 mod cidr;
 mod compile;
