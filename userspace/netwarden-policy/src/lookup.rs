@@ -35,7 +35,7 @@ use crate::{
         CIDR_KEY_POLICY_BITS, CidrEntryKey, cidr_key, endpoint_address, frontend_key,
         ready_endpoint,
     },
-    state::{CompiledPolicy, DatapathState, Direction, PolicyId, RuleId},
+    state::{DatapathState, Direction, PolicyId, RuleId},
 };
 
 /// Why the datapath passes or drops the first packet of a flow: the outcomes of the kernel's
@@ -182,13 +182,15 @@ pub enum LookupError {
 
 /// The maps the programs read, as the agent writes them for one [`DatapathState`].
 ///
-/// `POLICY` and the CIDR tries are read from the state's compiled policies under the keys the
-/// agent writes them with; `IPCACHE`, `ENDPOINTS`, `ENDPOINT_ADDRESSES` and `FRONTENDS` are
-/// held as the kernel's hash maps hold them.
+/// Each map is held under the key bytes the agent writes ([`crate::map_keys`]); the tries
+/// answer as the kernel's LPM tries do.
 #[derive(Clone, Debug)]
 pub struct Maps<'a> {
     state: &'a DatapathState,
     ipcache: HashMap<[u8; 16], PeerId>,
+    policy: LpmTrie<POLICY_KEY_BYTES, RuleId>,
+    cidrs_v4: LpmTrie<CIDR_V4_KEY_BYTES, PeerId>,
+    cidrs_v6: LpmTrie<CIDR_V6_KEY_BYTES, PeerId>,
     endpoints: BTreeMap<u32, Endpoint>,
     endpoint_addresses: BTreeSet<EndpointAddress>,
     /// Empty unless the hook after translation is attached; the agent raises
@@ -207,6 +209,26 @@ impl<'a> Maps<'a> {
             .iter()
             .map(|(address, identity)| (mapped(*address), *identity))
             .collect();
+        let mut policy = LpmTrie::default();
+        let mut cidrs_v4 = LpmTrie::default();
+        let mut cidrs_v6 = LpmTrie::default();
+        // In the order the agent installs a policy: its prefixes, then its entries.
+        for (id, compiled) in &state.policies {
+            for (prefix, class) in &compiled.cidrs {
+                match cidr_key(*id, prefix) {
+                    CidrEntryKey::V4(prefix_len, key) => {
+                        cidrs_v4.insert(prefix_len, cidr_v4_bytes(key), *class);
+                    }
+                    CidrEntryKey::V6(prefix_len, key) => {
+                        cidrs_v6.insert(prefix_len, cidr_v6_bytes(&key), *class);
+                    }
+                }
+            }
+            for (entry, rule) in &compiled.entries {
+                let (prefix_len, key) = entry.key(*id);
+                policy.insert(prefix_len, policy_key_bytes(&key), *rule);
+            }
+        }
         let frontends = if translation_hook {
             state.service_frontends.keys().map(frontend_key).collect()
         } else {
@@ -215,6 +237,9 @@ impl<'a> Maps<'a> {
         Self {
             state,
             ipcache,
+            policy,
+            cidrs_v4,
+            cidrs_v6,
             endpoints: BTreeMap::new(),
             endpoint_addresses: BTreeSet::new(),
             frontends,
@@ -362,22 +387,52 @@ impl<'a> Maps<'a> {
         if policy == POLICY_NOT_ISOLATED {
             return Decision::AllowedNotIsolated;
         }
-        // Every `POLICY` and CIDR key starts with the full policy id (no entry's prefix is
-        // shorter), so only this policy's entries can match: looking at those alone is exact.
-        let compiled = self.state.policies.get(&policy);
         // d. WORLD is never looked up: no entry names it.
         if peer != IDENTITY_WORLD
-            && let Some(rule) = policy_rule(compiled, policy, peer, protocol, port)
+            && let Some(rule) = self.policy_rule(policy, peer, protocol, port)
         {
             return Decision::Allowed(rule);
         }
         // e. The CIDR class, from the trie of the peer's family.
-        if let Some(class) = cidr_class(compiled, policy, &peer_address)
-            && let Some(rule) = policy_rule(compiled, policy, class, protocol, port)
+        if let Some(class) = self.cidr_class(policy, &peer_address)
+            && let Some(rule) = self.policy_rule(policy, class, protocol, port)
         {
             return Decision::Allowed(rule);
         }
         Decision::Denied
+    }
+
+    /// The rule of the longest `POLICY` entry matching the full key, if any.
+    fn policy_rule(
+        &self,
+        policy: PolicyId,
+        peer: PeerId,
+        protocol: u8,
+        port: u16,
+    ) -> Option<RuleId> {
+        let key = PolicyKey::new(policy, peer, protocol, port);
+        self.policy
+            .longest_match(POLICY_KEY_FULL_BITS, &policy_key_bytes(&key))
+    }
+
+    /// The CIDR class of `address` (16 bytes, IPv4-mapped for IPv4) in `policy`: the longest
+    /// match in `CIDRS_V4` for an IPv4-mapped address, in `CIDRS_V6` for any other, as the
+    /// kernel tells them apart.
+    fn cidr_class(&self, policy: PolicyId, address: &[u8; 16]) -> Option<PeerId> {
+        let policy = policy.to_be_bytes();
+        match ipv4_of_mapped(address) {
+            Some(v4) => self.cidrs_v4.longest_match(
+                CIDR_KEY_POLICY_BITS + 32,
+                &cidr_v4_bytes(CidrKeyV4 { policy, addr: v4 }),
+            ),
+            None => self.cidrs_v6.longest_match(
+                CIDR_KEY_POLICY_BITS + 128,
+                &cidr_v6_bytes(&CidrKey {
+                    policy,
+                    addr: *address,
+                }),
+            ),
+        }
     }
 
     /// Whether a packet leaving a pod goes to a Service frontend.
@@ -436,95 +491,66 @@ fn opening_port(packet: &Packet, opened: Direction) -> u16 {
     }
 }
 
-/// The rule of the longest `POLICY` entry of `policy` matching the full key, if any. Of two
-/// entries with one key the later written wins, as in the trie.
-fn policy_rule(
-    compiled: Option<&CompiledPolicy>,
-    policy: PolicyId,
-    peer: PeerId,
-    protocol: u8,
-    port: u16,
-) -> Option<RuleId> {
-    let wanted = policy_key_bytes(&PolicyKey::new(policy, peer, protocol, port));
-    compiled?
-        .entries
-        .iter()
-        .filter_map(|(entry, rule)| {
-            let (prefix_len, key) = entry.key(policy);
-            prefix_matches(
-                prefix_len,
-                &policy_key_bytes(&key),
-                &wanted,
-                POLICY_KEY_FULL_BITS,
-            )
-            .then_some((prefix_len, *rule))
-        })
-        .max_by_key(|(prefix_len, _)| *prefix_len)
-        .map(|(_, rule)| rule)
+/// An LPM trie as the kernel's answers: one value per prefix length and first that many bits
+/// of the key (writing the same again replaces it), and a lookup of a full key finds the
+/// value of the longest prefix it starts with.
+#[derive(Clone, Debug)]
+struct LpmTrie<const N: usize, V> {
+    /// By prefix length and key, the bits past the prefix cleared.
+    entries: BTreeMap<(u32, [u8; N]), V>,
+    prefix_lens: BTreeSet<u32>,
 }
 
-/// The CIDR class of `address` (16 bytes, IPv4-mapped for IPv4) in `policy`: the longest
-/// match in `CIDRS_V4` for an IPv4-mapped address, in `CIDRS_V6` for any other, as the kernel
-/// tells them apart.
-fn cidr_class(
-    compiled: Option<&CompiledPolicy>,
-    policy: PolicyId,
-    address: &[u8; 16],
-) -> Option<PeerId> {
-    let policy_bytes = policy.to_be_bytes();
-    let (wanted, full_bits, family_v4) = match ipv4_of_mapped(address) {
-        Some(v4) => (
-            cidr_v4_bytes(CidrKeyV4 {
-                policy: policy_bytes,
-                addr: v4,
-            }),
-            CIDR_KEY_POLICY_BITS + 32,
-            true,
-        ),
-        None => (
-            cidr_v6_bytes(&CidrKey {
-                policy: policy_bytes,
-                addr: *address,
-            }),
-            CIDR_KEY_POLICY_BITS + 128,
-            false,
-        ),
-    };
-    compiled?
-        .cidrs
-        .iter()
-        .filter_map(|(prefix, class)| {
-            let (prefix_len, key) = match cidr_key(policy, prefix) {
-                CidrEntryKey::V4(prefix_len, key) if family_v4 => (prefix_len, cidr_v4_bytes(key)),
-                CidrEntryKey::V6(prefix_len, key) if !family_v4 => {
-                    (prefix_len, cidr_v6_bytes(&key))
-                }
-                _ => return None,
-            };
-            prefix_matches(prefix_len, &key, &wanted, full_bits).then_some((prefix_len, *class))
-        })
-        .max_by_key(|(prefix_len, _)| *prefix_len)
-        .map(|(_, class)| class)
-}
-
-/// Whether an LPM entry of `prefix_len` bits matches a lookup key of `key_bits` bits: its
-/// first `prefix_len` bits equal the key's.
-fn prefix_matches(prefix_len: u32, entry: &[u8], key: &[u8], key_bits: u32) -> bool {
-    if prefix_len > key_bits {
-        return false;
+impl<const N: usize, V> Default for LpmTrie<N, V> {
+    fn default() -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            prefix_lens: BTreeSet::new(),
+        }
     }
-    let whole = (prefix_len / 8) as usize;
-    let rest = prefix_len % 8;
-    entry[..whole] == key[..whole] && (rest == 0 || (entry[whole] ^ key[whole]) >> (8 - rest) == 0)
+}
+
+impl<const N: usize, V: Copy> LpmTrie<N, V> {
+    fn insert(&mut self, prefix_len: u32, key: [u8; N], value: V) {
+        self.entries
+            .insert((prefix_len, masked(key, prefix_len)), value);
+        self.prefix_lens.insert(prefix_len);
+    }
+
+    /// The value of the longest entry matching the first `key_bits` bits of `key`, as a
+    /// lookup with that prefix length finds it.
+    fn longest_match(&self, key_bits: u32, key: &[u8; N]) -> Option<V> {
+        self.prefix_lens
+            .range(..=key_bits)
+            .rev()
+            .find_map(|prefix_len| {
+                self.entries
+                    .get(&(*prefix_len, masked(*key, *prefix_len)))
+                    .copied()
+            })
+    }
+}
+
+/// `key` with every bit past the first `prefix_len` cleared.
+fn masked<const N: usize>(mut key: [u8; N], prefix_len: u32) -> [u8; N] {
+    for (index, byte) in key.iter_mut().enumerate() {
+        let first_bit = u32::try_from(index * 8).unwrap_or(u32::MAX);
+        let kept = prefix_len.saturating_sub(first_bit).min(8);
+        *byte &= if kept == 0 { 0 } else { u8::MAX << (8 - kept) };
+    }
+    key
 }
 
 // The LPM tries compare a key's bytes in memory order. These turn each key into those bytes;
 // the size checks and the exhaustive patterns fail the build if a key's layout changes.
-const _: () = assert!(size_of::<PolicyKey>() == 12);
-const _: () = assert!(size_of::<CidrKeyV4>() == 8);
-const _: () = assert!(size_of::<CidrKey>() == 20);
+const POLICY_KEY_BYTES: usize = size_of::<PolicyKey>();
+const CIDR_V4_KEY_BYTES: usize = size_of::<CidrKeyV4>();
+const CIDR_V6_KEY_BYTES: usize = size_of::<CidrKey>();
+const _: () = assert!(POLICY_KEY_BYTES == 4 + 4 + 1 + 2 + 1);
+const _: () = assert!(CIDR_V4_KEY_BYTES == 4 + 4);
+const _: () = assert!(CIDR_V6_KEY_BYTES == 4 + 16);
 
-fn policy_key_bytes(key: &PolicyKey) -> [u8; 12] {
+fn policy_key_bytes(key: &PolicyKey) -> [u8; POLICY_KEY_BYTES] {
     let PolicyKey {
         policy,
         peer,
@@ -532,7 +558,7 @@ fn policy_key_bytes(key: &PolicyKey) -> [u8; 12] {
         port,
         padding,
     } = key;
-    let mut bytes = [0; 12];
+    let mut bytes = [0; POLICY_KEY_BYTES];
     bytes[..4].copy_from_slice(policy);
     bytes[4..8].copy_from_slice(peer);
     bytes[8] = *protocol;
@@ -541,14 +567,20 @@ fn policy_key_bytes(key: &PolicyKey) -> [u8; 12] {
     bytes
 }
 
-fn cidr_v4_bytes(key: CidrKeyV4) -> Vec<u8> {
+fn cidr_v4_bytes(key: CidrKeyV4) -> [u8; CIDR_V4_KEY_BYTES] {
     let CidrKeyV4 { policy, addr } = key;
-    [&policy[..], &addr[..]].concat()
+    let mut bytes = [0; CIDR_V4_KEY_BYTES];
+    bytes[..4].copy_from_slice(&policy);
+    bytes[4..].copy_from_slice(&addr);
+    bytes
 }
 
-fn cidr_v6_bytes(key: &CidrKey) -> Vec<u8> {
+fn cidr_v6_bytes(key: &CidrKey) -> [u8; CIDR_V6_KEY_BYTES] {
     let CidrKey { policy, addr } = key;
-    [&policy[..], &addr[..]].concat()
+    let mut bytes = [0; CIDR_V6_KEY_BYTES];
+    bytes[..4].copy_from_slice(policy);
+    bytes[4..].copy_from_slice(addr);
+    bytes
 }
 
 #[cfg(test)]
@@ -560,7 +592,9 @@ mod tests {
         PodRef, PortRef, Protocol, Service, ServicePort, ServiceRef, ServiceType,
     };
 
-    use super::{Conntrack, ConntrackChange, Decision, Maps, Outcome, Packet, Verdict};
+    use super::{
+        Conntrack, ConntrackChange, Decision, LpmTrie, Maps, Outcome, Packet, Verdict, masked,
+    };
     use crate::{
         Change, Compiler, DatapathState, Direction,
         map_keys::{locked_endpoint, unknown_endpoint},
@@ -833,6 +867,25 @@ mod tests {
             verdict(&without_hook, &to_service).reason,
             counter::DENIED_BY_POLICY
         );
+    }
+
+    #[test]
+    fn the_trie_model_answers_as_an_lpm_trie() {
+        let mut trie = LpmTrie::<2, u32>::default();
+        trie.insert(4, [0xa0, 0x00], 1);
+        trie.insert(12, [0xab, 0xc0], 2);
+        // The same prefix again, bits past it aside: the same entry, replaced.
+        trie.insert(4, [0xaf, 0xff], 3);
+        assert_eq!(trie.longest_match(16, &[0xab, 0xcd]), Some(2));
+        assert_eq!(trie.longest_match(16, &[0xab, 0xdd]), Some(3));
+        assert_eq!(
+            trie.longest_match(8, &[0xab, 0xcd]),
+            Some(3),
+            "a shorter lookup"
+        );
+        assert_eq!(trie.longest_match(16, &[0xb0, 0x00]), None);
+        assert_eq!(masked([0xff, 0xff], 9), [0xff, 0x80]);
+        assert_eq!(masked([0xff, 0xff], 0), [0, 0]);
     }
 
     #[test]
