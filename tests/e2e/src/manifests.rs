@@ -105,13 +105,6 @@ impl ManifestWriter {
 
     /// Writes a cluster-scoped `ClusterNetworkPolicy` (placeholders already substituted) under
     /// its name.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the runner writes ClusterNetworkPolicy objects through these once the datapath enforces them (issue #15)"
-        )
-    )]
     pub fn cluster_policy(
         &self,
         name: &str,
@@ -120,13 +113,6 @@ impl ManifestWriter {
         self.write(&cluster_policy_file(name), object)
     }
 
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the runner writes ClusterNetworkPolicy objects through these once the datapath enforces them (issue #15)"
-        )
-    )]
     pub fn delete_cluster_policy(&self, name: &str) -> Result<(), ManifestError> {
         self.delete(&cluster_policy_file(name))
     }
@@ -204,13 +190,6 @@ fn policy_file(namespace: &str, name: &str) -> String {
     format!("netpol-{namespace}-{name}.yaml")
 }
 
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the runner writes ClusterNetworkPolicy objects through these once the datapath enforces them (issue #15)"
-    )
-)]
 fn cluster_policy_file(name: &str) -> String {
     format!("cnp-{name}.yaml")
 }
