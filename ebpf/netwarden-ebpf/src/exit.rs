@@ -1,6 +1,7 @@
 //! How a verdict leaves a program: every packet is counted under its reason, and every drop of
-//! a flow is reported to the agent by the same call that counts it (Cilium `bpf_lxc.c`'s
-//! `send_drop_notify`), so no path can count a drop the agent never hears of, or the reverse.
+//! a flow is reported to the agent by the same call that counts it (as Cilium's `bpf_lxc.c`
+//! sends every drop through `send_drop_notify`, which updates the drop metric and emits the
+//! event), so no path can count a drop the agent never hears of, or the reverse.
 //! Programs return what these functions return; they never touch the counters or the events
 //! themselves.
 //!
