@@ -2,7 +2,7 @@
 //!
 //! [`Maps`] holds what the agent writes for a [`DatapathState`], keyed by
 //! [`crate::map_keys`], and [`Maps::verdict`] follows `enforce_flow` and `decide` in
-//! `ebpf/netwarden-ebpf/src/verdict.rs` step for step: the same keys (16-byte IPv4-mapped
+//! `ebpf/netwarden-ebpf/src/verdict.rs` (with the lookups of `policy.rs`) step for step: the same keys (16-byte IPv4-mapped
 //! addresses in `IPCACHE`, `ENDPOINT_ADDRESSES` and `FRONTENDS`; IPv4 prefixes in `CIDRS_V4`
 //! under 4-byte addresses and IPv6 ones in `CIDRS_V6`, each after the policy id; `POLICY` keyed
 //! by policy, peer, protocol and port), the same longest-prefix matches, the same endpoint
@@ -22,19 +22,16 @@ use std::{
 };
 
 use netwarden_common::{
-    CidrKey, CidrKeyV4, Endpoint, EndpointAddress, FrontendKey, IDENTITY_HOST, IDENTITY_WORLD,
-    POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PeerId, PolicyKey, counter, endpoint_state,
-    ipv4_of_mapped,
+    CIDR_KEY_FULL_BITS, CIDR_KEY_V4_FULL_BITS, CidrKey, CidrKeyV4, Endpoint, EndpointAddress,
+    FrontendKey, IDENTITY_HOST, IDENTITY_WORLD, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PeerId,
+    PolicyKey, counter, endpoint_state, ipv4_of_mapped,
 };
 use netwarden_model::PodRef;
 
 // Kept here too: the datapath imports it from this module.
 pub use crate::map_keys::mapped;
 use crate::{
-    map_keys::{
-        CIDR_KEY_POLICY_BITS, CidrEntryKey, cidr_key, endpoint_address, frontend_key,
-        ready_endpoint,
-    },
+    map_keys::{CidrEntryKey, cidr_key, endpoint_address, frontend_key, ready_endpoint},
     state::{DatapathState, Direction, PolicyId, RuleId},
 };
 
@@ -422,11 +419,11 @@ impl<'a> Maps<'a> {
         let policy = policy.to_be_bytes();
         match ipv4_of_mapped(address) {
             Some(v4) => self.cidrs_v4.longest_match(
-                CIDR_KEY_POLICY_BITS + 32,
+                CIDR_KEY_V4_FULL_BITS,
                 &cidr_v4_bytes(CidrKeyV4 { policy, addr: v4 }),
             ),
             None => self.cidrs_v6.longest_match(
-                CIDR_KEY_POLICY_BITS + 128,
+                CIDR_KEY_FULL_BITS,
                 &cidr_v6_bytes(&CidrKey {
                     policy,
                     addr: *address,

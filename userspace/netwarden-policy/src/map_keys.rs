@@ -10,16 +10,14 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use netwarden_common::{
-    CidrKey, CidrKeyV4, Endpoint, EndpointAddress, FrontendKey, IpKey, endpoint_state,
+    CIDR_KEY_POLICY_BITS, CidrKey, CidrKeyV4, Endpoint, EndpointAddress, FrontendKey, IpKey,
+    endpoint_state,
 };
 
 use crate::{
     frontends::Frontend,
     state::{LocalEndpoint, PolicyId},
 };
-
-/// Bits of a CIDR key taken by the policy id, before the address.
-pub const CIDR_KEY_POLICY_BITS: u32 = 32;
 
 /// An address as the hash maps store it: 16 bytes, IPv4-mapped for IPv4.
 #[must_use]
