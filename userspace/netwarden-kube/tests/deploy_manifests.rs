@@ -1,9 +1,15 @@
-//! The manifests of `deploy/` are valid objects, grant exactly what the agent calls, and run it
-//! with the least privilege it needs.
+//! The manifests of `deploy/`, and what the Helm chart in `deploy/helm/netwarden` renders with
+//! its default values and with others, are valid objects, grant exactly what the agent calls,
+//! and run it with the least privilege it needs.
 //!
 //! Each document is deserialized into its k8s-openapi type and serialized back; any field of
 //! the input that does not come back is a field the type does not know (a typo the API server
 //! would drop or reject), reported with its path.
+//!
+//! No `helm` binary can be installed where these tests run (no package registry ships one), so
+//! the chart is rendered the way `helm template` renders it, with Go's template language
+//! (`gtmpl`) and the few Helm functions the chart uses (`toYaml`, `nindent`, `quote`),
+//! implemented below: the templates keep to that subset.
 
 use std::{
     collections::BTreeSet,
@@ -47,16 +53,23 @@ fn documents() -> Vec<(String, Value)> {
             continue;
         }
         let text = fs::read_to_string(deploy_dir().join(&name)).unwrap();
-        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let yaml = <serde_yaml::Value as serde::Deserialize>::deserialize(document)
-                .unwrap_or_else(|error| panic!("{name} document {index}: {error}"));
-            if yaml.is_null() {
-                continue;
-            }
-            let json = serde_json::to_value(&yaml)
-                .unwrap_or_else(|error| panic!("{name} document {index}: {error}"));
-            documents.push((format!("{name} document {index}"), json));
+        documents.extend(stream_documents(&name, &text));
+    }
+    documents
+}
+
+/// The objects of a YAML stream, as JSON, named `NAME document INDEX`.
+fn stream_documents(name: &str, text: &str) -> Vec<(String, Value)> {
+    let mut documents = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let yaml = <serde_yaml::Value as serde::Deserialize>::deserialize(document)
+            .unwrap_or_else(|error| panic!("{name} document {index}: {error}"));
+        if yaml.is_null() {
+            continue;
         }
+        let json = serde_json::to_value(&yaml)
+            .unwrap_or_else(|error| panic!("{name} document {index}: {error}"));
+        documents.push((format!("{name} document {index}"), json));
     }
     documents
 }
@@ -109,9 +122,38 @@ struct Deploy {
 }
 
 fn load() -> Deploy {
+    load_documents(documents())
+}
+
+/// deploy/, then the chart with its defaults, then with [`CUSTOM_VALUES`]: every check below
+/// holds for each.
+fn every_render() -> Vec<Deploy> {
+    vec![
+        load(),
+        load_documents(chart::render("netwarden", "netwarden-system", "")),
+        load_documents(chart::render("nw", "policy-system", CUSTOM_VALUES)),
+    ]
+}
+
+/// Values an operator might set, within what the checks below require of every render.
+const CUSTOM_VALUES: &str = r"
+image: {repository: registry.example/netwarden, tag: v1.2.3, pullPolicy: Always}
+resources:
+  requests: {cpu: 100m, memory: 128Mi}
+  limits: {cpu: '1', memory: 512Mi}
+tolerations:
+  - operator: Exists
+  - {key: dedicated, operator: Equal, value: gateway, effect: NoSchedule}
+listeners: {metricsPort: 9963, authz: {enabled: false, port: 9191}}
+logJson: false
+audit: true
+extraArgs: [--watch-stale-after=2m]
+";
+
+fn load_documents(documents: Vec<(String, Value)>) -> Deploy {
     let mut deploy = Deploy::default();
     let mut problems = Vec::new();
-    for (origin, value) in documents() {
+    for (origin, value) in documents {
         let api_version = value["apiVersion"].as_str().unwrap_or_default();
         let kind = value["kind"].as_str().unwrap_or_default();
         let result = match (api_version, kind) {
@@ -170,12 +212,14 @@ fn the_round_trip_check_catches_unknown_fields() {
 
 #[test]
 fn every_manifest_is_a_valid_object_without_unknown_fields() {
-    let deploy = load();
+    for deploy in every_render() {
+        let deploy = &deploy;
     assert_eq!(deploy.namespaces.len(), 1);
     assert_eq!(deploy.service_accounts.len(), 1);
     assert_eq!(deploy.cluster_roles.len(), 1);
     assert_eq!(deploy.cluster_role_bindings.len(), 1);
     assert_eq!(deploy.daemon_sets.len(), 1);
+    }
 }
 
 #[test]
@@ -204,7 +248,8 @@ fn the_kustomization_lists_every_manifest() {
 
 #[test]
 fn the_cluster_role_grants_exactly_what_the_agent_calls() {
-    let deploy = load();
+    for deploy in every_render() {
+        let deploy = &deploy;
     let [role] = deploy.cluster_roles.as_slice() else {
         panic!("expected one ClusterRole");
     };
@@ -248,12 +293,14 @@ fn the_cluster_role_grants_exactly_what_the_agent_calls() {
         extra.is_empty() && missing.is_empty(),
         "granted but not called: {extra:?}; called but not granted: {missing:?}"
     );
+    }
 }
 
 #[test]
 fn the_binding_gives_the_role_to_the_daemon_sets_service_account() {
-    let deploy = load();
-    let (daemon_set, _) = agent_container(&deploy);
+    for deploy in every_render() {
+        let deploy = &deploy;
+    let (daemon_set, _) = agent_container(deploy);
     let account = &deploy.service_accounts[0];
     let binding = &deploy.cluster_role_bindings[0];
     assert_eq!(binding.role_ref.kind, "ClusterRole");
@@ -279,12 +326,14 @@ fn the_binding_gives_the_role_to_the_daemon_sets_service_account() {
     let namespace = deploy.namespaces[0].metadata.name.clone();
     assert_eq!(account.metadata.namespace, namespace);
     assert_eq!(daemon_set.metadata.namespace, namespace);
+    }
 }
 
 #[test]
 fn the_agent_runs_unprivileged_with_only_the_capabilities_it_needs() {
-    let deploy = load();
-    let (_, container) = agent_container(&deploy);
+    for deploy in every_render() {
+        let deploy = &deploy;
+    let (_, container) = agent_container(deploy);
     let security = container.security_context.as_ref().unwrap();
     assert_ne!(security.privileged, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
@@ -310,12 +359,14 @@ fn the_agent_runs_unprivileged_with_only_the_capabilities_it_needs() {
             mount.name
         );
     }
+    }
 }
 
 #[test]
 fn the_daemon_set_covers_every_linux_node_and_reaches_the_host() {
-    let deploy = load();
-    let (daemon_set, container) = agent_container(&deploy);
+    for deploy in every_render() {
+        let deploy = &deploy;
+    let (daemon_set, container) = agent_container(deploy);
     let spec = daemon_set.spec.as_ref().unwrap();
     let pod = spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.host_network, Some(true));
@@ -391,12 +442,14 @@ fn the_daemon_set_covers_every_linux_node_and_reaches_the_host() {
             .any(|volume| volume.name == status_mount.name && volume.empty_dir.is_some())
     );
     assert_ne!(status_mount.read_only, Some(true));
+    }
 }
 
 #[test]
 fn probes_and_resources_are_set() {
-    let deploy = load();
-    let (_, container) = agent_container(&deploy);
+    for deploy in every_render() {
+        let deploy = &deploy;
+    let (_, container) = agent_container(deploy);
     let metrics_port = container
         .ports
         .iter()
@@ -430,5 +483,210 @@ fn probes_and_resources_are_set() {
             resources.limits.as_ref().unwrap().contains_key(key),
             "limit {key}"
         );
+    }
+    }
+}
+
+#[test]
+fn the_charts_defaults_run_the_agent_exactly_as_deploy_does() {
+    let kustomize = load();
+    let chart = load_documents(chart::render("netwarden", "netwarden-system", ""));
+    let (kustomize_set, kustomize_container) = agent_container(&kustomize);
+    let (chart_set, chart_container) = agent_container(&chart);
+    assert_eq!(chart_container, kustomize_container);
+    let pod_spec = |set: &DaemonSet| set.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    assert_eq!(pod_spec(chart_set), pod_spec(kustomize_set));
+    assert_eq!(chart.cluster_roles[0].rules, kustomize.cluster_roles[0].rules);
+    assert_eq!(
+        chart.namespaces[0].metadata.labels.as_ref().unwrap()["pod-security.kubernetes.io/enforce"],
+        "privileged"
+    );
+}
+
+#[test]
+fn the_charts_values_reach_the_daemon_set() {
+    let chart = load_documents(chart::render("nw", "policy-system", CUSTOM_VALUES));
+    let (daemon_set, container) = agent_container(&chart);
+    assert_eq!(daemon_set.metadata.name.as_deref(), Some("nw"));
+    assert_eq!(
+        container.image.as_deref(),
+        Some("registry.example/netwarden:v1.2.3")
+    );
+    assert_eq!(container.image_pull_policy.as_deref(), Some("Always"));
+    let args = container.args.clone().unwrap();
+    assert!(args.contains(&"--audit".to_owned()), "{args:?}");
+    assert!(args.contains(&"--watch-stale-after=2m".to_owned()), "{args:?}");
+    assert!(!args.iter().any(|arg| arg.starts_with("--authz-address")), "{args:?}");
+    assert!(!args.contains(&"--log-json".to_owned()), "{args:?}");
+    let ports: Vec<&str> = container
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|port| port.name.as_deref())
+        .collect();
+    assert_eq!(ports, ["metrics"]);
+    let limits = container.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits["memory"].0, "512Mi");
+    let tolerations = daemon_set
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .tolerations
+        .as_ref()
+        .unwrap();
+    assert_eq!(tolerations.len(), 2);
+    assert_eq!(chart.namespaces[0].metadata.name.as_deref(), Some("policy-system"));
+
+    let without_namespace =
+        load_documents(chart::render("nw", "policy-system", "createNamespace: false"));
+    assert!(without_namespace.namespaces.is_empty());
+}
+
+/// `helm template` for `deploy/helm/netwarden`, in the subset of Go templates and Helm
+/// functions the chart keeps to.
+mod chart {
+    use std::{collections::HashMap, fs, path::PathBuf};
+
+    use gtmpl::{Context, FuncError, Template, Value as Tmpl};
+    use serde_json::Value;
+
+    fn chart_dir() -> PathBuf {
+        super::deploy_dir().join("helm/netwarden")
+    }
+
+    /// The objects the chart renders for a release `name` in `namespace`, with `overrides`
+    /// (YAML) merged over `values.yaml`, named by template file.
+    pub fn render(name: &str, namespace: &str, overrides: &str) -> Vec<(String, Value)> {
+        let defaults: serde_yaml::Value =
+            serde_yaml::from_str(&fs::read_to_string(chart_dir().join("values.yaml")).unwrap())
+                .unwrap();
+        let mut values = serde_json::to_value(defaults).unwrap();
+        if !overrides.trim().is_empty() {
+            let overrides: serde_yaml::Value = serde_yaml::from_str(overrides).unwrap();
+            merge(&mut values, serde_json::to_value(overrides).unwrap());
+        }
+        let context = serde_json::json!({
+            "Values": values,
+            "Release": {"Name": name, "Namespace": namespace, "Service": "Helm"},
+            "Chart": {"Name": "netwarden"},
+        });
+        let mut templates: Vec<PathBuf> = fs::read_dir(chart_dir().join("templates"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|extension| extension == "yaml"))
+            .collect();
+        templates.sort();
+        assert!(!templates.is_empty());
+        let mut documents = Vec::new();
+        for path in templates {
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            let mut template = Template::default();
+            template.add_func("toYaml", to_yaml);
+            template.add_func("nindent", nindent);
+            template.add_func("quote", quote);
+            template
+                .parse(fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|error| panic!("{file}: {error}"));
+            let text = template
+                .render(&Context::from(to_tmpl(&context)))
+                .unwrap_or_else(|error| panic!("{file}: {error}"));
+            assert!(!text.contains("<no value>"), "{file}: a value is missing:\n{text}");
+            documents.extend(super::stream_documents(&file, &text));
+        }
+        documents
+    }
+
+    /// Helm's deep merge of `--values` over the defaults: maps merge, anything else replaces.
+    fn merge(base: &mut Value, overrides: Value) {
+        match (base, overrides) {
+            (Value::Object(base), Value::Object(overrides)) => {
+                for (key, value) in overrides {
+                    match base.get_mut(&key) {
+                        Some(existing) => merge(existing, value),
+                        None => {
+                            base.insert(key, value);
+                        }
+                    }
+                }
+            }
+            (base, overrides) => *base = overrides,
+        }
+    }
+
+    fn to_tmpl(value: &Value) -> Tmpl {
+        match value {
+            Value::Null => Tmpl::Nil,
+            Value::Bool(flag) => Tmpl::Bool(*flag),
+            Value::Number(number) => number
+                .as_i64()
+                .map_or_else(|| Tmpl::from(number.as_f64().unwrap()), Tmpl::from),
+            Value::String(text) => Tmpl::from(text.as_str()),
+            Value::Array(items) => Tmpl::Array(items.iter().map(to_tmpl).collect()),
+            Value::Object(map) => Tmpl::Object(
+                map.iter()
+                    .map(|(key, value)| (key.clone(), to_tmpl(value)))
+                    .collect::<HashMap<_, _>>(),
+            ),
+        }
+    }
+
+    fn from_tmpl(value: &Tmpl) -> Value {
+        match value {
+            Tmpl::Bool(flag) => Value::Bool(*flag),
+            Tmpl::String(text) => Value::String(text.clone()),
+            Tmpl::Number(number) => number.as_i64().map_or_else(
+                || serde_json::json!(number.as_f64().unwrap()),
+                |integer| serde_json::json!(integer),
+            ),
+            Tmpl::Array(items) => Value::Array(items.iter().map(from_tmpl).collect()),
+            Tmpl::Object(map) | Tmpl::Map(map) => Value::Object(
+                map.iter()
+                    .map(|(key, value)| (key.clone(), from_tmpl(value)))
+                    .collect(),
+            ),
+            Tmpl::Nil | Tmpl::NoValue | Tmpl::Function(_) => Value::Null,
+        }
+    }
+
+    fn text_argument(name: &str, args: &[Tmpl], index: usize) -> Result<String, FuncError> {
+        match args.get(index) {
+            Some(Tmpl::String(text)) => Ok(text.clone()),
+            Some(other) => Ok(other.to_string()),
+            None => Err(FuncError::AtLeastXArgs(name.to_owned(), index + 1)),
+        }
+    }
+
+    /// `toYaml`: the value as YAML, without the trailing newline.
+    fn to_yaml(args: &[Tmpl]) -> Result<Tmpl, FuncError> {
+        let value = args
+            .first()
+            .ok_or_else(|| FuncError::ExactlyXArgs("toYaml".to_owned(), 1))?;
+        let yaml = serde_yaml::to_string(&from_tmpl(value))
+            .map_err(|error| FuncError::Generic(error.to_string()))?;
+        Ok(Tmpl::from(yaml.trim_end().to_owned()))
+    }
+
+    /// `nindent N TEXT`: a newline, then TEXT with every line indented by N spaces.
+    fn nindent(args: &[Tmpl]) -> Result<Tmpl, FuncError> {
+        let width = match args.first() {
+            Some(Tmpl::Number(number)) => number
+                .as_u64()
+                .ok_or_else(|| FuncError::Generic("nindent: width".to_owned()))?,
+            _ => return Err(FuncError::ExactlyXArgs("nindent".to_owned(), 2)),
+        };
+        let text = text_argument("nindent", args, 1)?;
+        let pad = " ".repeat(usize::try_from(width).unwrap());
+        let lines: Vec<String> = text.lines().map(|line| format!("{pad}{line}")).collect();
+        Ok(Tmpl::from(format!("\n{}", lines.join("\n"))))
+    }
+
+    /// `quote`: a double-quoted string (JSON's escaping is a subset of YAML's).
+    fn quote(args: &[Tmpl]) -> Result<Tmpl, FuncError> {
+        let text = text_argument("quote", args, 0)?;
+        Ok(Tmpl::from(serde_json::to_string(&text).unwrap()))
     }
 }
