@@ -69,10 +69,17 @@ pub struct Group {
 /// What a change does to connectivity.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Diff {
-    /// Flows denied before and allowed after, by cause.
+    /// Flows denied before and allowed after, by cause. A flow whose two sides both changed
+    /// (the client's egress and the server's ingress) is in the group of each.
     pub opened: Vec<Group>,
-    /// Flows allowed before and denied after, by cause.
+    /// Flows allowed before and denied after, by cause, as `opened`.
     pub closed: Vec<Group>,
+    /// How many flows were opened.
+    #[serde(rename = "openedFlows")]
+    pub opened_count: usize,
+    /// How many flows were closed.
+    #[serde(rename = "closedFlows")]
+    pub closed_count: usize,
     /// How many flows were judged on both sides.
     pub compared: usize,
     /// Pods on one side only, whose flows were not compared.
@@ -82,22 +89,10 @@ pub struct Diff {
 }
 
 impl Diff {
-    /// How many flows the change opened.
-    #[must_use]
-    pub fn opened_count(&self) -> usize {
-        self.opened.iter().map(|group| group.flows.len()).sum()
-    }
-
-    /// How many flows the change closed.
-    #[must_use]
-    pub fn closed_count(&self) -> usize {
-        self.closed.iter().map(|group| group.flows.len()).sum()
-    }
-
     /// The process exit code: 1 when a flow was closed.
     #[must_use]
     pub fn exit_code(&self) -> i32 {
-        i32::from(self.closed_count() > 0)
+        i32::from(self.closed_count > 0)
     }
 }
 
@@ -157,17 +152,26 @@ pub fn compare(before: &Cluster, after: &Cluster) -> Diff {
     let mut opened: BTreeMap<String, Vec<FlowKey>> = BTreeMap::new();
     let mut closed: BTreeMap<String, Vec<FlowKey>> = BTreeMap::new();
     let mut compared = 0;
+    let (mut opened_count, mut closed_count) = (0, 0);
     for flow in universe.flows() {
         let (Some(old), Some(new)) = (judge(before, &flow), judge(after, &flow)) else {
             continue;
         };
         compared += 1;
-        match (old.allowed(), new.allowed()) {
-            (false, true) => opened.entry(cause(&old, &new, &flow)).or_default(),
-            (true, false) => closed.entry(cause(&old, &new, &flow)).or_default(),
+        let groups = match (old.allowed(), new.allowed()) {
+            (false, true) => {
+                opened_count += 1;
+                &mut opened
+            }
+            (true, false) => {
+                closed_count += 1;
+                &mut closed
+            }
             _ => continue,
+        };
+        for cause in causes(&old, &new, &flow) {
+            groups.entry(cause).or_default().push(flow.clone());
         }
-        .push(flow);
     }
     let only_in = |one: &Cluster, other: &Cluster| {
         one.pods
@@ -184,15 +188,17 @@ pub fn compare(before: &Cluster, after: &Cluster) -> Diff {
     Diff {
         opened: groups(opened),
         closed: groups(closed),
+        opened_count,
+        closed_count,
         compared,
         pods_only_in_old: only_in(before, after),
         pods_only_in_new: only_in(after, before),
     }
 }
 
-/// Why a flow's verdict changed: each side whose verdict flipped, with the rules that now
-/// allow it, or the policies that now isolate it and the rules that no longer allow it.
-fn cause(old: &Verdict, new: &Verdict, flow: &FlowKey) -> String {
+/// Why a flow's verdict changed: for each side whose verdict flipped, the rules that now allow
+/// it, or the policies that now isolate it and the rules that no longer allow it.
+fn causes(old: &Verdict, new: &Verdict, flow: &FlowKey) -> Vec<String> {
     let sides = [
         ("egress", &flow.source, &old.egress, &new.egress),
         ("ingress", &flow.destination, &old.ingress, &new.ingress),
@@ -215,13 +221,13 @@ fn cause(old: &Verdict, new: &Verdict, flow: &FlowKey) -> String {
                 join_policies(policies)
             ),
             (_, SideVerdict::Denied(policies)) => format!(
-                "{direction} isolated by {} and no rule allows it",
+                "{direction} of {pod} isolated by {} and no rule allows it",
                 join_policies(policies)
             ),
             _ => format!("{direction} of {pod} changed"),
         });
     }
-    reasons.join("; and ")
+    reasons
 }
 
 fn join<T: ToString>(items: &[T]) -> String {
@@ -263,11 +269,20 @@ fn flow_lines(flows: &[FlowKey]) -> Vec<(String, String, String)> {
 }
 
 fn headline(diff: &Diff) -> String {
+    let listed: usize = diff
+        .opened
+        .iter()
+        .chain(&diff.closed)
+        .map(|group| group.flows.len())
+        .sum();
+    let both_sides = if listed > diff.opened_count + diff.closed_count {
+        "; a flow both of whose sides changed is listed under each"
+    } else {
+        ""
+    };
     format!(
-        "{} flows opened, {} closed ({} compared)",
-        diff.opened_count(),
-        diff.closed_count(),
-        diff.compared
+        "{} flows opened, {} closed ({} compared{both_sides})",
+        diff.opened_count, diff.closed_count, diff.compared
     )
 }
 
@@ -295,7 +310,7 @@ pub fn text(diff: &Diff) -> String {
 /// The Markdown report: a heading with the counts, then a table per group.
 #[must_use]
 pub fn markdown(diff: &Diff) -> String {
-    let mark = if diff.closed_count() > 0 {
+    let mark = if diff.closed_count > 0 {
         ":warning:"
     } else {
         ":white_check_mark:"
@@ -400,12 +415,12 @@ spec:
     #[test]
     fn adding_an_isolating_policy_closes_flows_grouped_by_the_isolation_and_exits_1() {
         let diff = compare(&cluster(""), &cluster(ALLOW_CLIENT));
-        assert_eq!(diff.opened_count(), 0);
+        assert_eq!(diff.opened_count, 0);
         assert_eq!(diff.exit_code(), 1);
         let causes: Vec<&str> = diff.closed.iter().map(|g| g.cause.as_str()).collect();
         assert_eq!(
             causes,
-            ["ingress isolated by NetworkPolicy x/web and no rule allows it"]
+            ["ingress of x/web isolated by NetworkPolicy x/web and no rule allows it"]
         );
         let report = text(&diff);
         // The client keeps port 80; every other port of x/web closes, and everything from
@@ -428,7 +443,7 @@ spec:
     #[test]
     fn a_new_ip_block_rule_opens_flows_from_its_piece_of_the_outside_only() {
         let diff = compare(&cluster(ALLOW_CLIENT), &cluster(ALLOW_CLIENT_AND_OFFICE));
-        assert_eq!(diff.closed_count(), 0);
+        assert_eq!(diff.closed_count, 0);
         assert_eq!(diff.exit_code(), 0);
         assert_eq!(diff.opened.len(), 1);
         let group = &diff.opened[0];
@@ -453,7 +468,7 @@ spec:
     #[test]
     fn removing_a_policy_opens_what_it_isolated_and_markdown_renders_tables() {
         let diff = compare(&cluster(ALLOW_CLIENT), &cluster(""));
-        assert_eq!(diff.closed_count(), 0);
+        assert_eq!(diff.closed_count, 0);
         assert_eq!(
             diff.opened[0].cause,
             "ingress of x/web no longer isolated by NetworkPolicy x/web"
@@ -481,7 +496,7 @@ spec: {containers: [{name: c}]}
 status: {podIP: 10.0.0.3}
 ";
         let diff = compare(&cluster(""), &cluster(extra));
-        assert_eq!(diff.opened_count() + diff.closed_count(), 0);
+        assert_eq!(diff.opened_count + diff.closed_count, 0);
         assert_eq!(diff.pods_only_in_new, ["x/new"]);
         assert!(text(&diff).contains("only in new (flows not compared): x/new"));
     }

@@ -42,12 +42,19 @@ fn diff_of_the_example_policies_closes_flows_and_exits_1_and_the_reverse_exits_0
     assert!(stdout.starts_with("netwarden diff: 0 flows opened, "), "{stdout}");
     // The database stops taking connections from the debug pod...
     assert!(
-        stdout.contains("  web/deployment/debug -> data/statefulset/database: TCP 5432"),
+        ports_of(&stdout, "web/deployment/debug -> data/statefulset/database").contains("TCP 5432"),
         "{stdout}"
     );
-    // ...and the outside keeps reaching the frontend's http port only: it is not closed.
+    // ...but not from the backend; and the outside keeps reaching the frontend's http port.
     assert!(
-        !stdout.contains("(outside every ipBlock) -> web/deployment/frontend: TCP 8080"),
+        !ports_of(&stdout, "web/deployment/backend -> data/statefulset/database")
+            .contains("TCP 5432"),
+        "{stdout}"
+    );
+    let outside_to_frontend =
+        ports_of(&stdout, "203.0.113.10 (outside every ipBlock) -> web/deployment/frontend");
+    assert!(
+        outside_to_frontend.contains("TCP 5432") && !outside_to_frontend.contains("TCP 8080"),
         "{stdout}"
     );
 
@@ -58,20 +65,31 @@ fn diff_of_the_example_policies_closes_flows_and_exits_1_and_the_reverse_exits_0
     assert_eq!(revert.status.code(), Some(0), "{}", text(&revert.stderr));
     let json: serde_json::Value = serde_json::from_slice(&revert.stdout).unwrap();
     assert!(json["closed"].as_array().unwrap().is_empty());
-    let opened: usize = json["opened"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|group| group["flows"].as_array().unwrap().len())
-        .sum();
+    assert_eq!(json["closedFlows"], 0);
     let closed_before = text(&apply.stdout)
         .lines()
         .next()
         .and_then(|line| line.split(", ").nth(1))
         .and_then(|part| part.split(' ').next())
-        .and_then(|count| count.parse::<usize>().ok())
+        .and_then(|count| count.parse::<u64>().ok())
         .unwrap();
-    assert_eq!(opened, closed_before, "reverting opens exactly what applying closed");
+    assert!(closed_before > 0);
+    assert_eq!(
+        json["openedFlows"], closed_before,
+        "reverting opens exactly what applying closed"
+    );
+    let first_flow = &json["opened"][0]["flows"][0];
+    assert_eq!(first_flow["source"]["kind"], "pod");
+    assert!(first_flow["port"]["protocol"].is_string());
+}
+
+/// The ports of the first text report line for `pair` (`SOURCE -> DESTINATION`).
+fn ports_of<'a>(report: &'a str, pair: &str) -> &'a str {
+    let lead = format!("  {pair}: ");
+    report
+        .lines()
+        .find_map(|line| line.strip_prefix(&lead))
+        .unwrap_or("")
 }
 
 #[test]
@@ -85,10 +103,16 @@ fn diff_reads_a_render_on_standard_input_and_fails_with_2_on_bad_input() {
     let stdout = text(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}{}", text(&output.stderr));
     assert!(stdout.starts_with("### :warning: netwarden diff: 0 flows opened, "), "{stdout}");
-    assert!(
-        stdout.contains("| `web/deployment/frontend` | `data/statefulset/database` | TCP 5432"),
-        "{stdout}"
-    );
+    let row = |from: &str| {
+        let lead = format!("| `{from}` | `data/statefulset/database` | ");
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(&lead).map(str::to_owned))
+            .unwrap_or_default()
+    };
+    assert!(row("web/deployment/frontend").contains("TCP 5432"), "{stdout}");
+    assert!(!row("web/deployment/backend").contains("TCP 5432"), "{stdout}");
+    assert!(row("web/deployment/backend").contains("TCP 8080"), "{stdout}");
 
     let missing = netwarden(&["diff", "no/such/dir", "deploy/examples"], None);
     assert_eq!(missing.status.code(), Some(2));
