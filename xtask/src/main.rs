@@ -53,6 +53,9 @@ enum Task {
         #[command(subcommand)]
         bench: BenchKind,
     },
+    /// Render the demo's connectivity pages (`netwarden matrix --html`, `netwarden diff
+    /// --html`) and check them in headless chromium, with screenshots under target/.
+    Pages,
     /// Bring up a simulated node with a three-tier app, show connectivity before and after the
     /// example policies in deploy/examples/, and clean up.
     Demo,
@@ -169,6 +172,11 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             bench: BenchKind::Identity,
         } => bench(&["identity"]),
+        Task::Pages => {
+            setup::ensure_packages(&["chromium"])?;
+            run("cargo", &["build", "--package", "netwarden"])?;
+            page::check(Path::new("target/debug/netwarden"))
+        }
         Task::Demo => {
             setup::ensure()?;
             build_release("netwarden-e2e")?;
