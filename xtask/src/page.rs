@@ -42,7 +42,13 @@ pub fn check(netwarden: &Path) -> anyhow::Result<()> {
     );
     let matrix_page = out.join("demo-matrix-8080.html");
     let status = Command::new(netwarden)
-        .args(["matrix", "--manifests", WORKLOADS, "--manifests", "deploy/examples"])
+        .args([
+            "matrix",
+            "--manifests",
+            WORKLOADS,
+            "--manifests",
+            "deploy/examples",
+        ])
         .args(["--port", "8080"])
         .arg("--html")
         .arg(&matrix_page)
@@ -91,7 +97,10 @@ fn check_page(page: &Path, cells: usize) -> anyhow::Result<()> {
     let rects = dom.matches("<rect ").count();
     let titled = dom.matches("</title></rect>").count();
     if rects != cells {
-        bail!("{}: {rects} cells in the DOM, expected {cells}", page.display());
+        bail!(
+            "{}: {rects} cells in the DOM, expected {cells}",
+            page.display()
+        );
     }
     ensure!(
         titled == rects,

@@ -214,11 +214,11 @@ fn the_round_trip_check_catches_unknown_fields() {
 fn every_manifest_is_a_valid_object_without_unknown_fields() {
     for deploy in every_render() {
         let deploy = &deploy;
-    assert_eq!(deploy.namespaces.len(), 1);
-    assert_eq!(deploy.service_accounts.len(), 1);
-    assert_eq!(deploy.cluster_roles.len(), 1);
-    assert_eq!(deploy.cluster_role_bindings.len(), 1);
-    assert_eq!(deploy.daemon_sets.len(), 1);
+        assert_eq!(deploy.namespaces.len(), 1);
+        assert_eq!(deploy.service_accounts.len(), 1);
+        assert_eq!(deploy.cluster_roles.len(), 1);
+        assert_eq!(deploy.cluster_role_bindings.len(), 1);
+        assert_eq!(deploy.daemon_sets.len(), 1);
     }
 }
 
@@ -250,49 +250,49 @@ fn the_kustomization_lists_every_manifest() {
 fn the_cluster_role_grants_exactly_what_the_agent_calls() {
     for deploy in every_render() {
         let deploy = &deploy;
-    let [role] = deploy.cluster_roles.as_slice() else {
-        panic!("expected one ClusterRole");
-    };
-    let mut granted = BTreeSet::new();
-    for rule in role.rules.iter().flatten() {
-        assert!(rule.resource_names.is_none(), "{rule:?}");
-        assert!(rule.non_resource_urls.is_none(), "{rule:?}");
-        for group in rule.api_groups.iter().flatten() {
-            for resource in rule.resources.iter().flatten() {
-                for verb in &rule.verbs {
-                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+        let [role] = deploy.cluster_roles.as_slice() else {
+            panic!("expected one ClusterRole");
+        };
+        let mut granted = BTreeSet::new();
+        for rule in role.rules.iter().flatten() {
+            assert!(rule.resource_names.is_none(), "{rule:?}");
+            assert!(rule.non_resource_urls.is_none(), "{rule:?}");
+            for group in rule.api_groups.iter().flatten() {
+                for resource in rule.resources.iter().flatten() {
+                    for verb in &rule.verbs {
+                        granted.insert((group.clone(), resource.clone(), verb.clone()));
+                    }
                 }
             }
         }
-    }
-    // The watchers list and watch (never get: tests/watch.rs sees every request they make);
-    // Events are created, and patched when kube-rs's Recorder extends a series, in the
-    // events.k8s.io group only (tests/events.rs sees both requests).
-    let mut expected = BTreeSet::new();
-    for (group, resource) in [
-        ("", "pods"),
-        ("", "namespaces"),
-        ("", "services"),
-        ("networking.k8s.io", "networkpolicies"),
-        ("discovery.k8s.io", "endpointslices"),
-    ] {
-        for verb in ["list", "watch"] {
-            expected.insert((group.to_owned(), resource.to_owned(), verb.to_owned()));
+        // The watchers list and watch (never get: tests/watch.rs sees every request they make);
+        // Events are created, and patched when kube-rs's Recorder extends a series, in the
+        // events.k8s.io group only (tests/events.rs sees both requests).
+        let mut expected = BTreeSet::new();
+        for (group, resource) in [
+            ("", "pods"),
+            ("", "namespaces"),
+            ("", "services"),
+            ("networking.k8s.io", "networkpolicies"),
+            ("discovery.k8s.io", "endpointslices"),
+        ] {
+            for verb in ["list", "watch"] {
+                expected.insert((group.to_owned(), resource.to_owned(), verb.to_owned()));
+            }
         }
-    }
-    for verb in ["create", "patch"] {
-        expected.insert((
-            "events.k8s.io".to_owned(),
-            "events".to_owned(),
-            verb.to_owned(),
-        ));
-    }
-    let extra: Vec<_> = granted.difference(&expected).collect();
-    let missing: Vec<_> = expected.difference(&granted).collect();
-    assert!(
-        extra.is_empty() && missing.is_empty(),
-        "granted but not called: {extra:?}; called but not granted: {missing:?}"
-    );
+        for verb in ["create", "patch"] {
+            expected.insert((
+                "events.k8s.io".to_owned(),
+                "events".to_owned(),
+                verb.to_owned(),
+            ));
+        }
+        let extra: Vec<_> = granted.difference(&expected).collect();
+        let missing: Vec<_> = expected.difference(&granted).collect();
+        assert!(
+            extra.is_empty() && missing.is_empty(),
+            "granted but not called: {extra:?}; called but not granted: {missing:?}"
+        );
     }
 }
 
@@ -300,32 +300,32 @@ fn the_cluster_role_grants_exactly_what_the_agent_calls() {
 fn the_binding_gives_the_role_to_the_daemon_sets_service_account() {
     for deploy in every_render() {
         let deploy = &deploy;
-    let (daemon_set, _) = agent_container(deploy);
-    let account = &deploy.service_accounts[0];
-    let binding = &deploy.cluster_role_bindings[0];
-    assert_eq!(binding.role_ref.kind, "ClusterRole");
-    assert_eq!(
-        Some(&binding.role_ref.name),
-        deploy.cluster_roles[0].metadata.name.as_ref()
-    );
-    let [subject] = binding.subjects.as_deref().unwrap() else {
-        panic!("expected one subject");
-    };
-    assert_eq!(subject.kind, "ServiceAccount");
-    assert_eq!(Some(&subject.name), account.metadata.name.as_ref());
-    assert_eq!(subject.namespace, account.metadata.namespace);
-    let pod_spec = daemon_set
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
-    assert_eq!(pod_spec.service_account_name, account.metadata.name);
-    let namespace = deploy.namespaces[0].metadata.name.clone();
-    assert_eq!(account.metadata.namespace, namespace);
-    assert_eq!(daemon_set.metadata.namespace, namespace);
+        let (daemon_set, _) = agent_container(deploy);
+        let account = &deploy.service_accounts[0];
+        let binding = &deploy.cluster_role_bindings[0];
+        assert_eq!(binding.role_ref.kind, "ClusterRole");
+        assert_eq!(
+            Some(&binding.role_ref.name),
+            deploy.cluster_roles[0].metadata.name.as_ref()
+        );
+        let [subject] = binding.subjects.as_deref().unwrap() else {
+            panic!("expected one subject");
+        };
+        assert_eq!(subject.kind, "ServiceAccount");
+        assert_eq!(Some(&subject.name), account.metadata.name.as_ref());
+        assert_eq!(subject.namespace, account.metadata.namespace);
+        let pod_spec = daemon_set
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        assert_eq!(pod_spec.service_account_name, account.metadata.name);
+        let namespace = deploy.namespaces[0].metadata.name.clone();
+        assert_eq!(account.metadata.namespace, namespace);
+        assert_eq!(daemon_set.metadata.namespace, namespace);
     }
 }
 
@@ -333,32 +333,32 @@ fn the_binding_gives_the_role_to_the_daemon_sets_service_account() {
 fn the_agent_runs_unprivileged_with_only_the_capabilities_it_needs() {
     for deploy in every_render() {
         let deploy = &deploy;
-    let (_, container) = agent_container(deploy);
-    let security = container.security_context.as_ref().unwrap();
-    assert_ne!(security.privileged, Some(true));
-    assert_eq!(security.allow_privilege_escalation, Some(false));
-    assert_eq!(security.read_only_root_filesystem, Some(true));
-    let capabilities = security.capabilities.as_ref().unwrap();
-    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
-    let added: BTreeSet<&str> = capabilities
-        .add
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    assert_eq!(
-        added,
-        BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"])
-    );
-    // The API server allows Bidirectional propagation only in privileged containers.
-    for mount in container.volume_mounts.iter().flatten() {
-        assert_ne!(
-            mount.mount_propagation.as_deref(),
-            Some("Bidirectional"),
-            "{}",
-            mount.name
+        let (_, container) = agent_container(deploy);
+        let security = container.security_context.as_ref().unwrap();
+        assert_ne!(security.privileged, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        let capabilities = security.capabilities.as_ref().unwrap();
+        assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        let added: BTreeSet<&str> = capabilities
+            .add
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            added,
+            BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"])
         );
-    }
+        // The API server allows Bidirectional propagation only in privileged containers.
+        for mount in container.volume_mounts.iter().flatten() {
+            assert_ne!(
+                mount.mount_propagation.as_deref(),
+                Some("Bidirectional"),
+                "{}",
+                mount.name
+            );
+        }
     }
 }
 
@@ -366,82 +366,82 @@ fn the_agent_runs_unprivileged_with_only_the_capabilities_it_needs() {
 fn the_daemon_set_covers_every_linux_node_and_reaches_the_host() {
     for deploy in every_render() {
         let deploy = &deploy;
-    let (daemon_set, container) = agent_container(deploy);
-    let spec = daemon_set.spec.as_ref().unwrap();
-    let pod = spec.template.spec.as_ref().unwrap();
-    assert_eq!(pod.host_network, Some(true));
-    assert_eq!(
-        pod.node_selector.as_ref().unwrap()["kubernetes.io/os"],
-        "linux"
-    );
-    assert!(
-        pod.tolerations.iter().flatten().any(|toleration| {
-            toleration.operator.as_deref() == Some("Exists")
-                && toleration.key.is_none()
-                && toleration.effect.is_none()
-        }),
-        "must tolerate every taint"
-    );
-    let rolling = spec
-        .update_strategy
-        .as_ref()
-        .and_then(|strategy| strategy.rolling_update.as_ref())
-        .unwrap();
-    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
+        let (daemon_set, container) = agent_container(deploy);
+        let spec = daemon_set.spec.as_ref().unwrap();
+        let pod = spec.template.spec.as_ref().unwrap();
+        assert_eq!(pod.host_network, Some(true));
+        assert_eq!(
+            pod.node_selector.as_ref().unwrap()["kubernetes.io/os"],
+            "linux"
+        );
+        assert!(
+            pod.tolerations.iter().flatten().any(|toleration| {
+                toleration.operator.as_deref() == Some("Exists")
+                    && toleration.key.is_none()
+                    && toleration.effect.is_none()
+            }),
+            "must tolerate every taint"
+        );
+        let rolling = spec
+            .update_strategy
+            .as_ref()
+            .and_then(|strategy| strategy.rolling_update.as_ref())
+            .unwrap();
+        assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
 
-    let node_name = container
-        .env
-        .iter()
-        .flatten()
-        .find(|env| env.name == "NODE_NAME")
-        .expect("NODE_NAME is set");
-    let field = node_name
-        .value_from
-        .as_ref()
-        .and_then(|from| from.field_ref.as_ref())
-        .unwrap();
-    assert_eq!(field.field_path, "spec.nodeName");
+        let node_name = container
+            .env
+            .iter()
+            .flatten()
+            .find(|env| env.name == "NODE_NAME")
+            .expect("NODE_NAME is set");
+        let field = node_name
+            .value_from
+            .as_ref()
+            .and_then(|from| from.field_ref.as_ref())
+            .unwrap();
+        assert_eq!(field.field_path, "spec.nodeName");
 
-    // /sys/fs/bpf is the host's, so pins outlive the pod.
-    let bpffs = pod
-        .volumes
-        .iter()
-        .flatten()
-        .find(|volume| {
-            volume
-                .host_path
-                .as_ref()
-                .is_some_and(|host| host.path == "/sys/fs/bpf")
-        })
-        .expect("a hostPath volume for /sys/fs/bpf");
-    assert!(
-        container
+        // /sys/fs/bpf is the host's, so pins outlive the pod.
+        let bpffs = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|volume| {
+                volume
+                    .host_path
+                    .as_ref()
+                    .is_some_and(|host| host.path == "/sys/fs/bpf")
+            })
+            .expect("a hostPath volume for /sys/fs/bpf");
+        assert!(
+            container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|mount| mount.name == bpffs.name && mount.mount_path == "/sys/fs/bpf")
+        );
+
+        // The status file is on a writable volume (the root filesystem is read-only).
+        let args = container.args.as_deref().unwrap();
+        let status_file = args
+            .iter()
+            .find_map(|arg| arg.strip_prefix("--status-file="))
+            .expect("--status-file is given");
+        assert_eq!(status_file, "/run/netwarden/status.json");
+        let status_mount = container
             .volume_mounts
             .iter()
             .flatten()
-            .any(|mount| mount.name == bpffs.name && mount.mount_path == "/sys/fs/bpf")
-    );
-
-    // The status file is on a writable volume (the root filesystem is read-only).
-    let args = container.args.as_deref().unwrap();
-    let status_file = args
-        .iter()
-        .find_map(|arg| arg.strip_prefix("--status-file="))
-        .expect("--status-file is given");
-    assert_eq!(status_file, "/run/netwarden/status.json");
-    let status_mount = container
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|mount| status_file.starts_with(&format!("{}/", mount.mount_path)))
-        .expect("the status file's directory is mounted");
-    assert!(
-        pod.volumes
-            .iter()
-            .flatten()
-            .any(|volume| volume.name == status_mount.name && volume.empty_dir.is_some())
-    );
-    assert_ne!(status_mount.read_only, Some(true));
+            .find(|mount| status_file.starts_with(&format!("{}/", mount.mount_path)))
+            .expect("the status file's directory is mounted");
+        assert!(
+            pod.volumes
+                .iter()
+                .flatten()
+                .any(|volume| volume.name == status_mount.name && volume.empty_dir.is_some())
+        );
+        assert_ne!(status_mount.read_only, Some(true));
     }
 }
 
@@ -449,41 +449,41 @@ fn the_daemon_set_covers_every_linux_node_and_reaches_the_host() {
 fn probes_and_resources_are_set() {
     for deploy in every_render() {
         let deploy = &deploy;
-    let (_, container) = agent_container(deploy);
-    let metrics_port = container
-        .ports
-        .iter()
-        .flatten()
-        .find(|port| port.name.as_deref() == Some("metrics"))
-        .expect("a metrics port");
-    assert_eq!(metrics_port.container_port, 9963);
-    for (probe, path) in [
-        (&container.liveness_probe, "/healthz"),
-        (&container.readiness_probe, "/readyz"),
-    ] {
-        let get = probe
-            .as_ref()
-            .and_then(|probe| probe.http_get.as_ref())
-            .unwrap();
-        assert_eq!(get.path.as_deref(), Some(path));
-        assert!(
-            matches!(
-                &get.port,
-                IntOrString::String(name) if name == "metrics"
-            ) || get.port == IntOrString::Int(9963)
-        );
-    }
-    let resources = container.resources.as_ref().unwrap();
-    for key in ["cpu", "memory"] {
-        assert!(
-            resources.requests.as_ref().unwrap().contains_key(key),
-            "request {key}"
-        );
-        assert!(
-            resources.limits.as_ref().unwrap().contains_key(key),
-            "limit {key}"
-        );
-    }
+        let (_, container) = agent_container(deploy);
+        let metrics_port = container
+            .ports
+            .iter()
+            .flatten()
+            .find(|port| port.name.as_deref() == Some("metrics"))
+            .expect("a metrics port");
+        assert_eq!(metrics_port.container_port, 9963);
+        for (probe, path) in [
+            (&container.liveness_probe, "/healthz"),
+            (&container.readiness_probe, "/readyz"),
+        ] {
+            let get = probe
+                .as_ref()
+                .and_then(|probe| probe.http_get.as_ref())
+                .unwrap();
+            assert_eq!(get.path.as_deref(), Some(path));
+            assert!(
+                matches!(
+                    &get.port,
+                    IntOrString::String(name) if name == "metrics"
+                ) || get.port == IntOrString::Int(9963)
+            );
+        }
+        let resources = container.resources.as_ref().unwrap();
+        for key in ["cpu", "memory"] {
+            assert!(
+                resources.requests.as_ref().unwrap().contains_key(key),
+                "request {key}"
+            );
+            assert!(
+                resources.limits.as_ref().unwrap().contains_key(key),
+                "limit {key}"
+            );
+        }
     }
 }
 
@@ -496,7 +496,10 @@ fn the_charts_defaults_run_the_agent_exactly_as_deploy_does() {
     assert_eq!(chart_container, kustomize_container);
     let pod_spec = |set: &DaemonSet| set.spec.as_ref().unwrap().template.spec.clone().unwrap();
     assert_eq!(pod_spec(chart_set), pod_spec(kustomize_set));
-    assert_eq!(chart.cluster_roles[0].rules, kustomize.cluster_roles[0].rules);
+    assert_eq!(
+        chart.cluster_roles[0].rules,
+        kustomize.cluster_roles[0].rules
+    );
     assert_eq!(
         chart.namespaces[0].metadata.labels.as_ref().unwrap()["pod-security.kubernetes.io/enforce"],
         "privileged"
@@ -515,8 +518,14 @@ fn the_charts_values_reach_the_daemon_set() {
     assert_eq!(container.image_pull_policy.as_deref(), Some("Always"));
     let args = container.args.clone().unwrap();
     assert!(args.contains(&"--audit".to_owned()), "{args:?}");
-    assert!(args.contains(&"--watch-stale-after=2m".to_owned()), "{args:?}");
-    assert!(!args.iter().any(|arg| arg.starts_with("--authz-address")), "{args:?}");
+    assert!(
+        args.contains(&"--watch-stale-after=2m".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        !args.iter().any(|arg| arg.starts_with("--authz-address")),
+        "{args:?}"
+    );
     assert!(!args.contains(&"--log-json".to_owned()), "{args:?}");
     let ports: Vec<&str> = container
         .ports
@@ -525,7 +534,13 @@ fn the_charts_values_reach_the_daemon_set() {
         .filter_map(|port| port.name.as_deref())
         .collect();
     assert_eq!(ports, ["metrics"]);
-    let limits = container.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    let limits = container
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .as_ref()
+        .unwrap();
     assert_eq!(limits["memory"].0, "512Mi");
     let tolerations = daemon_set
         .spec
@@ -539,10 +554,16 @@ fn the_charts_values_reach_the_daemon_set() {
         .as_ref()
         .unwrap();
     assert_eq!(tolerations.len(), 2);
-    assert_eq!(chart.namespaces[0].metadata.name.as_deref(), Some("policy-system"));
+    assert_eq!(
+        chart.namespaces[0].metadata.name.as_deref(),
+        Some("policy-system")
+    );
 
-    let without_namespace =
-        load_documents(chart::render("nw", "policy-system", "createNamespace: false"));
+    let without_namespace = load_documents(chart::render(
+        "nw",
+        "policy-system",
+        "createNamespace: false",
+    ));
     assert!(without_namespace.namespaces.is_empty());
 }
 
@@ -577,7 +598,10 @@ mod chart {
         let mut templates: Vec<PathBuf> = fs::read_dir(chart_dir().join("templates"))
             .unwrap()
             .map(|entry| entry.unwrap().path())
-            .filter(|path| path.extension().is_some_and(|extension| extension == "yaml"))
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|extension| extension == "yaml")
+            })
             .collect();
         templates.sort();
         assert!(!templates.is_empty());
@@ -594,7 +618,10 @@ mod chart {
             let text = template
                 .render(&Context::from(to_tmpl(&context)))
                 .unwrap_or_else(|error| panic!("{file}: {error}"));
-            assert!(!text.contains("<no value>"), "{file}: a value is missing:\n{text}");
+            assert!(
+                !text.contains("<no value>"),
+                "{file}: a value is missing:\n{text}"
+            );
             documents.extend(super::stream_documents(&file, &text));
         }
         documents

@@ -121,8 +121,7 @@ pub fn run(options: &DiffOptions) -> anyhow::Result<i32> {
         snapshot::merge_shared(&mut shared_cluster, &live);
     }
     let side = |source: &ManifestSource| -> anyhow::Result<Cluster> {
-        let mut cluster =
-            snapshot::load(source).with_context(|| format!("reading {source}"))?;
+        let mut cluster = snapshot::load(source).with_context(|| format!("reading {source}"))?;
         snapshot::merge_shared(&mut cluster, &shared_cluster);
         snapshot::address_unaddressed_pods(&mut cluster);
         Ok(cluster)
@@ -426,9 +425,7 @@ spec:
         // The client keeps port 80; every other port of x/web closes, and everything from
         // outside.
         assert!(
-            report.contains(
-                "  x/client -> x/web: TCP any other port, UDP any other port\n"
-            ),
+            report.contains("  x/client -> x/web: TCP any other port, UDP any other port\n"),
             "{report}"
         );
         assert!(

@@ -159,7 +159,9 @@ impl Universe {
         for cluster in clusters {
             for pod in cluster.pods.values() {
                 pod_addresses.extend(pod.ips.iter().copied());
-                let endpoint = Endpoint::Pod { pod: pod.id.clone() };
+                let endpoint = Endpoint::Pod {
+                    pod: pod.id.clone(),
+                };
                 if endpoint.address(cluster).is_some() {
                     pods.insert(endpoint);
                 }
@@ -307,7 +309,9 @@ fn offset(address: IpAddr, by: i128) -> Option<IpAddr> {
     match address {
         IpAddr::V4(v4) => {
             let value = i128::from(u32::from(v4)) + by;
-            u32::try_from(value).ok().map(|value| IpAddr::V4(value.into()))
+            u32::try_from(value)
+                .ok()
+                .map(|value| IpAddr::V4(value.into()))
         }
         IpAddr::V6(v6) => {
             let value = i128::try_from(u128::from(v6)).ok()? + by;

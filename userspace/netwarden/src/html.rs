@@ -111,7 +111,10 @@ fn svg(matrix: &Matrix, other: Option<&Matrix>, name: &str) -> String {
                 Some(Reach::None) => "denied",
             };
             let changed = other.is_some_and(|other| {
-                other.cells[row][column].as_ref().map(super::matrix::Cell::reach) != reach
+                other.cells[row][column]
+                    .as_ref()
+                    .map(super::matrix::Cell::reach)
+                    != reach
                     || other.cells[row][column].as_ref().map(|cell| &cell.allowed)
                         != cell.as_ref().map(|cell| &cell.allowed)
             });

@@ -40,7 +40,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// after `timeout` naming the watchers' last errors (the watchers keep retrying until then).
 pub async fn snapshot(client: Client, timeout: Duration) -> anyhow::Result<Cluster> {
     let mut source = KubeSource::start(client);
-    if tokio::time::timeout(timeout, source.synced()).await.is_err() {
+    if tokio::time::timeout(timeout, source.synced())
+        .await
+        .is_err()
+    {
         let (_, errors) = source.cluster();
         let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
         anyhow::bail!(

@@ -130,8 +130,7 @@ fn cell(
             "{port}: {}",
             if allowed { "ALLOWED" } else { "DENIED" }
         ));
-        let (source_ip, destination_ip) =
-            (source.address(cluster)?, destination.address(cluster)?);
+        let (source_ip, destination_ip) = (source.address(cluster)?, destination.address(cluster)?);
         result.explanation.extend(
             explain::verdict_lines(
                 cluster,

@@ -230,7 +230,11 @@ fn collect_workloads(value: serde_yaml::Value, into: &mut Vec<serde_yaml::Value>
 /// Where a workload kind keeps the template of the pods it creates.
 fn template_path(kind: &str) -> Option<&'static [&'static str]> {
     match kind {
-        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "ReplicationController"
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "ReplicationController"
         | "Job" => Some(&["spec", "template"]),
         "CronJob" => Some(&["spec", "jobTemplate", "spec", "template"]),
         _ => None,

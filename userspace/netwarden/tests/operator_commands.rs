@@ -36,10 +36,21 @@ fn diff_of_the_example_policies_closes_flows_and_exits_1_and_the_reverse_exits_0
     let empty = empty.path().to_str().unwrap();
     let shared = ["--shared", "docs/demo/workloads.yaml"];
 
-    let apply = netwarden(&[&["diff"][..], &shared, &[empty, "deploy/examples"]].concat(), None);
+    let apply = netwarden(
+        &[&["diff"][..], &shared, &[empty, "deploy/examples"]].concat(),
+        None,
+    );
     let stdout = text(&apply.stdout);
-    assert_eq!(apply.status.code(), Some(1), "{stdout}{}", text(&apply.stderr));
-    assert!(stdout.starts_with("netwarden diff: 0 flows opened, "), "{stdout}");
+    assert_eq!(
+        apply.status.code(),
+        Some(1),
+        "{stdout}{}",
+        text(&apply.stderr)
+    );
+    assert!(
+        stdout.starts_with("netwarden diff: 0 flows opened, "),
+        "{stdout}"
+    );
     // The database stops taking connections from the debug pod...
     assert!(
         ports_of(&stdout, "web/deployment/debug -> data/statefulset/database").contains("TCP 5432"),
@@ -47,19 +58,29 @@ fn diff_of_the_example_policies_closes_flows_and_exits_1_and_the_reverse_exits_0
     );
     // ...but not from the backend; and the outside keeps reaching the frontend's http port.
     assert!(
-        !ports_of(&stdout, "web/deployment/backend -> data/statefulset/database")
-            .contains("TCP 5432"),
+        !ports_of(
+            &stdout,
+            "web/deployment/backend -> data/statefulset/database"
+        )
+        .contains("TCP 5432"),
         "{stdout}"
     );
-    let outside_to_frontend =
-        ports_of(&stdout, "203.0.113.10 (outside every ipBlock) -> web/deployment/frontend");
+    let outside_to_frontend = ports_of(
+        &stdout,
+        "203.0.113.10 (outside every ipBlock) -> web/deployment/frontend",
+    );
     assert!(
         outside_to_frontend.contains("TCP 5432") && !outside_to_frontend.contains("TCP 8080"),
         "{stdout}"
     );
 
     let revert = netwarden(
-        &[&["diff", "--format", "json"][..], &shared, &["deploy/examples", empty]].concat(),
+        &[
+            &["diff", "--format", "json"][..],
+            &shared,
+            &["deploy/examples", empty],
+        ]
+        .concat(),
         None,
     );
     assert_eq!(revert.status.code(), Some(0), "{}", text(&revert.stderr));
@@ -97,12 +118,26 @@ fn diff_reads_a_render_on_standard_input_and_fails_with_2_on_bad_input() {
     let policy = std::fs::read_to_string(repo().join("deploy/examples/30-database.yaml")).unwrap();
     let workloads = std::fs::read_to_string(repo().join("docs/demo/workloads.yaml")).unwrap();
     let output = netwarden(
-        &["diff", "--format", "markdown", "docs/demo/workloads.yaml", "-"],
+        &[
+            "diff",
+            "--format",
+            "markdown",
+            "docs/demo/workloads.yaml",
+            "-",
+        ],
         Some(&format!("{workloads}\n---\n{policy}")),
     );
     let stdout = text(&output.stdout);
-    assert_eq!(output.status.code(), Some(1), "{stdout}{}", text(&output.stderr));
-    assert!(stdout.starts_with("### :warning: netwarden diff: 0 flows opened, "), "{stdout}");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{stdout}{}",
+        text(&output.stderr)
+    );
+    assert!(
+        stdout.starts_with("### :warning: netwarden diff: 0 flows opened, "),
+        "{stdout}"
+    );
     let row = |from: &str| {
         let lead = format!("| `{from}` | `data/statefulset/database` | ");
         stdout
@@ -110,9 +145,18 @@ fn diff_reads_a_render_on_standard_input_and_fails_with_2_on_bad_input() {
             .find_map(|line| line.strip_prefix(&lead).map(str::to_owned))
             .unwrap_or_default()
     };
-    assert!(row("web/deployment/frontend").contains("TCP 5432"), "{stdout}");
-    assert!(!row("web/deployment/backend").contains("TCP 5432"), "{stdout}");
-    assert!(row("web/deployment/backend").contains("TCP 8080"), "{stdout}");
+    assert!(
+        row("web/deployment/frontend").contains("TCP 5432"),
+        "{stdout}"
+    );
+    assert!(
+        !row("web/deployment/backend").contains("TCP 5432"),
+        "{stdout}"
+    );
+    assert!(
+        row("web/deployment/backend").contains("TCP 8080"),
+        "{stdout}"
+    );
 
     let missing = netwarden(&["diff", "no/such/dir", "deploy/examples"], None);
     assert_eq!(missing.status.code(), Some(2));
