@@ -13,7 +13,7 @@ use crate::{
 
 const CELL: usize = 26;
 /// Approximate width of a character of the labels' font, to size the label margins.
-const CHAR_WIDTH: usize = 7;
+const CHAR_WIDTH: usize = 8;
 
 /// A page with one matrix.
 #[must_use]
