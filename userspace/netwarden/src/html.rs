@@ -8,7 +8,7 @@ use netwarden_model::Cluster;
 
 use crate::{
     flows::Universe,
-    matrix::{Matrix, Reach},
+    matrix::{Cell, Matrix, Reach},
 };
 
 const CELL: usize = 26;
@@ -103,7 +103,7 @@ fn svg(matrix: &Matrix, other: Option<&Matrix>, name: &str) -> String {
     }
     for (row, cells) in matrix.cells.iter().enumerate() {
         for (column, cell) in cells.iter().enumerate() {
-            let reach = cell.as_ref().map(super::matrix::Cell::reach);
+            let reach = cell.as_ref().map(Cell::reach);
             let class = match reach {
                 None => "none",
                 Some(Reach::All) => "allowed",
@@ -111,10 +111,7 @@ fn svg(matrix: &Matrix, other: Option<&Matrix>, name: &str) -> String {
                 Some(Reach::None) => "denied",
             };
             let changed = other.is_some_and(|other| {
-                other.cells[row][column]
-                    .as_ref()
-                    .map(super::matrix::Cell::reach)
-                    != reach
+                other.cells[row][column].as_ref().map(Cell::reach) != reach
                     || other.cells[row][column].as_ref().map(|cell| &cell.allowed)
                         != cell.as_ref().map(|cell| &cell.allowed)
             });

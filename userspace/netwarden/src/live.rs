@@ -10,7 +10,7 @@ use netwarden_kube::KubeSource;
 use netwarden_model::Cluster;
 
 /// How long the first list of every kind may take.
-const LIST_TIMEOUT: Duration = Duration::from_secs(60);
+const LIST_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// The whole live cluster, policies included.
 pub fn cluster() -> anyhow::Result<Cluster> {
