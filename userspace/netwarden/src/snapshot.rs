@@ -353,6 +353,24 @@ metadata: {name: settings}
     }
 
     #[test]
+    fn shared_objects_fill_in_what_a_side_lacks_and_never_replace_its_own() {
+        let (mut side, _) = netwarden_model::cluster_of_stream(
+            "side.yaml",
+            "kind: Namespace\nmetadata: {name: shop, labels: {side: 'yes'}}\n",
+        );
+        let (shared, errors) = netwarden_model::cluster_of_stream("shared.yaml", RENDER);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (namespace, _) = netwarden_model::cluster_of_stream(
+            "ns.yaml",
+            "kind: Namespace\nmetadata: {name: shop, labels: {side: 'no'}}\n",
+        );
+        super::merge_shared(&mut side, &namespace);
+        super::merge_shared(&mut side, &shared);
+        assert_eq!(side.namespaces["shop"].labels["side"], "yes");
+        assert!(side.pods.contains_key(&pod("shop", "db")));
+    }
+
+    #[test]
     fn a_workload_without_a_template_is_reported() {
         let (mut cluster, _) = netwarden_model::cluster_of_stream("x.yaml", "");
         let problems = add_workload_pods(
