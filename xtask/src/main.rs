@@ -4,6 +4,7 @@
 //! first, so the README's two commands are all a newcomer needs.
 
 mod image;
+mod page;
 mod setup;
 
 use std::{
@@ -52,6 +53,9 @@ enum Task {
         #[command(subcommand)]
         bench: BenchKind,
     },
+    /// Render the demo's connectivity pages (`netwarden matrix --html`, `netwarden diff
+    /// --html`) and check them in headless chromium, with screenshots under target/.
+    Pages,
     /// Bring up a simulated node with a three-tier app, show connectivity before and after the
     /// example policies in deploy/examples/, and clean up.
     Demo,
@@ -179,15 +183,39 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             bench: BenchKind::Identity,
         } => bench(&["identity"]),
+        Task::Pages => {
+            setup::ensure_packages(&["chromium"])?;
+            run("cargo", &["build", "--package", "netwarden"])?;
+            page::check(Path::new("target/debug/netwarden"))
+        }
         Task::Demo => {
             setup::ensure()?;
             build_release("netwarden-e2e")?;
             e2e(
                 &[PathBuf::from("tests/scenarios/demo/three-tier.yaml")],
                 true,
-            )
+            )?;
+            demo_diff()
         }
     }
+}
+
+/// The demo's last word: what the example policies change, as `netwarden diff` tells it from
+/// no policy to deploy/examples/ on the demo's workloads.
+fn demo_diff() -> anyhow::Result<()> {
+    let empty = Path::new("target/netwarden-pages/no-policies");
+    std::fs::create_dir_all(empty)?;
+    let mut diff = Command::new("target/release/netwarden");
+    diff.args(["diff", "--shared", "docs/demo/workloads.yaml"])
+        .arg(empty)
+        .arg("deploy/examples");
+    println!("==> {diff:?}");
+    let status = diff.status().context("running netwarden diff")?;
+    // 1: the policies close flows, which is what they are for; 2 is an error.
+    if status.code() == Some(2) || status.code().is_none() {
+        bail!("netwarden diff failed: {status}");
+    }
+    Ok(())
 }
 
 /// Builds the agent and the benchmarks (release) on a machine set up for it, then runs
@@ -417,6 +445,13 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
             "netwarden-e2e",
         ]),
     )?;
+    let page_started = Instant::now();
+    println!("==> connectivity pages in chromium");
+    page::check(Path::new("target/debug/netwarden"))?;
+    println!(
+        "<== connectivity pages: {:.1}s",
+        page_started.elapsed().as_secs_f64()
+    );
 
     let mut scenarios = scenario_paths(root)?;
     let shared = root.join("../shared/scenarios");

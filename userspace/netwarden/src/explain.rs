@@ -222,7 +222,7 @@ fn service_lines(
 }
 
 /// The lines of both sides of a verdict on the flow from `source` to `destination:port`.
-fn verdict_lines(
+pub(crate) fn verdict_lines(
     cluster: &Cluster,
     verdict: &evaluate::Verdict,
     source: IpAddr,
