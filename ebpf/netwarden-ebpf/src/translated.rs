@@ -275,7 +275,7 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
             hello_end: 0,
         };
         conntrack_insert(key, &scratch.state);
-        if verdict::allow_event_sampled() {
+        if reason == counter::AUDITED_BY_POLICY || verdict::allow_event_sampled() {
             report(judged, dir, reason, &attribution(policy, rule));
         }
     }

@@ -384,7 +384,9 @@ fn enforce_flow(
                 );
                 return count(screened, dir, DENY);
             }
-            if allow_event_sampled() {
+            // Every audited flow is reported (rate-limited like denies): it is what the
+            // operator rolling out the policy needs to see.
+            if reason == counter::AUDITED_BY_POLICY || allow_event_sampled() {
                 report(
                     &flow,
                     dir,
@@ -685,6 +687,7 @@ pub(crate) fn is_allowed(reason: u32) -> bool {
             | counter::ALLOWED_NODE
             | counter::ALLOWED_NOT_ISOLATED
             | counter::ALLOWED_SELF
+            | counter::AUDITED_BY_POLICY
     )
 }
 
@@ -743,6 +746,11 @@ pub(crate) fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -
             reason: counter::ALLOWED_BY_POLICY,
             rule,
         };
+    }
+    if endpoint.audit & direction::audit_bit(dir) != 0 {
+        // Only the policy's own verdict is audited: everything above that fails closed
+        // (unknown endpoints, spoofing, malformed frames) is enforced whatever the mode.
+        return Decision::because(counter::AUDITED_BY_POLICY);
     }
     Decision::because(counter::DENIED_BY_POLICY)
 }

@@ -12,8 +12,8 @@ use netwarden_common::{
     PolicyKey,
 };
 use netwarden_model::{
-    Cluster, ContainerPort, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef,
-    PortSpec, Rule, Service, ServiceRef,
+    Cluster, ContainerPort, Enforcement, Namespace, NetworkPolicy, Peer, Pod, PodRef, PolicyRef,
+    PortRef, PortSpec, Rule, Service, ServiceRef,
 };
 use rustc_hash::FxHashMap;
 
@@ -237,6 +237,11 @@ pub struct LocalEndpoint {
     pub ingress_isolated_by: Vec<PolicyRef>,
     /// The policies that isolate it for egress.
     pub egress_isolated_by: Vec<PolicyRef>,
+    /// Whether what `ingress` does not allow passes and is reported instead of dropped: only
+    /// policies in audit mode isolate the direction (or the agent audits everything).
+    pub ingress_audit: bool,
+    /// The same for `egress`.
+    pub egress_audit: bool,
 }
 
 /// The content of every datapath map, as the compiler wants it.
@@ -323,6 +328,8 @@ pub struct Compiler {
     duplicate_ips: BTreeMap<IpAddr, String>,
     frontends: FrontendTable,
     dirty: BTreeSet<PodRef>,
+    /// Every policy is in audit mode (the agent's `--audit`).
+    audit_everything: bool,
     state: DatapathState,
 }
 
@@ -351,8 +358,17 @@ impl Compiler {
             duplicate_ips: BTreeMap::new(),
             frontends: FrontendTable::default(),
             dirty: BTreeSet::new(),
+            audit_everything: false,
             state: DatapathState::default(),
         }
+    }
+
+    /// Puts every policy in audit mode, whatever its annotation: nothing a policy does not
+    /// allow is dropped, all of it is reported (rolling out default deny on a whole cluster).
+    #[must_use]
+    pub fn auditing_everything(mut self, audit: bool) -> Self {
+        self.audit_everything = audit;
+        self
     }
 
     /// Continues where a previous agent left off: `identities` are the numbers it gave (by
@@ -785,6 +801,8 @@ impl Compiler {
             egress: None,
             ingress_isolated_by: Vec::new(),
             egress_isolated_by: Vec::new(),
+            ingress_audit: false,
+            egress_audit: false,
         };
         let mut used_selectors = Vec::new();
         for direction in [Direction::Ingress, Direction::Egress] {
@@ -798,6 +816,16 @@ impl Compiler {
             if isolating.is_empty() {
                 continue;
             }
+            // Audit-mode policies only add allows to what enforced ones allow, so they change
+            // nothing while an enforced policy isolates the direction: the direction is audited
+            // only when nothing enforced isolates it, and then by the audit-mode policies.
+            let enforced: Vec<&NetworkPolicy> = isolating
+                .iter()
+                .copied()
+                .filter(|policy| policy.enforcement == Enforcement::Enforce)
+                .collect();
+            let audit = self.audit_everything || enforced.is_empty();
+            let isolating = if audit { isolating } else { enforced };
             let compiled = self.compile_direction(&pod, direction, &isolating, &mut used_selectors);
             let policy = self.acquire_policy(compiled);
             let isolated_by = isolating.iter().map(|policy| policy.id.clone()).collect();
@@ -805,10 +833,12 @@ impl Compiler {
                 Direction::Ingress => {
                     endpoint.ingress = Some(policy);
                     endpoint.ingress_isolated_by = isolated_by;
+                    endpoint.ingress_audit = audit;
                 }
                 Direction::Egress => {
                     endpoint.egress = Some(policy);
                     endpoint.egress_isolated_by = isolated_by;
+                    endpoint.egress_audit = audit;
                 }
             }
         }
