@@ -115,6 +115,17 @@ const SERVICE_VARIANTS: [&str; 2] = ["service-iptables", "service-nftables"];
 const SERVICE_VARIANT_SCENARIOS: &str = "tests/scenarios/upstream";
 /// What `cargo xtask test` runs once more with pods on a bridge (`--cni bridge`).
 const BRIDGE_SCENARIOS: &str = "tests/scenarios/upstream";
+/// Where `cargo xtask test` (and `cargo xtask e2e-kind` without paths) finds its scenarios.
+const SCENARIOS: &str = "tests/scenarios";
+/// Scenario directories under [`SCENARIOS`] that `cargo xtask test` does not run yet, each with
+/// the reason it prints when it skips them. They still parse in the harness's unit tests
+/// (`scenario::tests::cluster_policy_scenarios_parse`), and `cargo xtask e2e DIR` runs them on
+/// request. Remove an entry when what it needs has landed.
+const NOT_YET_RUN: [(&str, &str); 1] = [(
+    "tests/scenarios/cluster-policy",
+    "the network-policy-api ClusterNetworkPolicy conformance suite (issue #15): the datapath \
+     does not enforce ClusterNetworkPolicy yet",
+)];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -274,7 +285,7 @@ fn e2e_kind(dry_run: bool, keep: bool, tag: &str, scenarios: Vec<PathBuf>) -> an
         }
     }
     let scenarios = if scenarios.is_empty() {
-        vec![PathBuf::from("tests/scenarios")]
+        scenario_paths(&workspace_root())?
     } else {
         scenarios
     };
@@ -312,6 +323,37 @@ fn e2e_kind_command(
     }
     command.args(scenarios);
     command
+}
+
+/// The directories and `*.yaml` files directly under [`SCENARIOS`] in the workspace `root`, as
+/// paths relative to it (sorted), but those in [`NOT_YET_RUN`], each of which is named with its
+/// reason as it is left out. The harness searches each directory as it would have searched
+/// [`SCENARIOS`].
+fn scenario_paths(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = root.join(SCENARIOS);
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let path = Path::new(SCENARIOS).join(entry.file_name());
+        let is_dir = entry.file_type()?.is_dir();
+        if !(is_dir
+            || path
+                .extension()
+                .is_some_and(|extension| extension == "yaml"))
+        {
+            continue;
+        }
+        if let Some((skipped, reason)) = NOT_YET_RUN
+            .iter()
+            .find(|(skipped, _)| path == Path::new(skipped))
+        {
+            println!("note: not running {skipped}: {reason}");
+            continue;
+        }
+        paths.push(path);
+    }
+    paths.sort();
+    Ok(paths)
 }
 
 fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
@@ -376,7 +418,7 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
         ]),
     )?;
 
-    let mut scenarios = vec![PathBuf::from("tests/scenarios")];
+    let mut scenarios = scenario_paths(root)?;
     let shared = root.join("../shared/scenarios");
     if shared.is_dir() {
         scenarios.push(shared);
@@ -420,7 +462,35 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
 mod tests {
     use std::path::PathBuf;
 
-    use super::{SERVICE_VARIANTS, e2e_command, e2e_kind_command};
+    use super::{NOT_YET_RUN, SERVICE_VARIANTS, e2e_command, e2e_kind_command};
+
+    #[test]
+    fn test_runs_every_scenario_directory_but_the_ones_not_yet_run() {
+        let root = super::workspace_root();
+        let paths = super::scenario_paths(&root).unwrap();
+        for (skipped, _) in NOT_YET_RUN {
+            assert!(
+                root.join(skipped).is_dir(),
+                "{skipped} is skipped but does not exist"
+            );
+            assert!(
+                !paths
+                    .iter()
+                    .any(|path| path == std::path::Path::new(skipped))
+            );
+        }
+        for expected in ["tests/scenarios/upstream", "tests/scenarios/semantics"] {
+            assert!(
+                paths
+                    .iter()
+                    .any(|path| path == std::path::Path::new(expected))
+            );
+        }
+        assert!(
+            !paths.iter().any(|path| path.ends_with("README.md")),
+            "only directories and scenario files are passed"
+        );
+    }
 
     #[test]
     fn e2e_passes_the_service_variant_to_the_harness() {
