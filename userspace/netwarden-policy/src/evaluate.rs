@@ -30,7 +30,7 @@ use netwarden_model::{
     PortSpec, Protocol, Rule, ServicePort, ServiceRef, ServiceType,
 };
 
-use crate::compile::Direction;
+use crate::state::Direction;
 
 /// A flow's first packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,9 +167,7 @@ pub fn side(
     let mut isolating: Vec<&NetworkPolicy> = cluster
         .policies
         .values()
-        .filter(|policy| {
-            policy.id.namespace == pod.id.namespace && policy.pod_selector.matches(&pod.labels)
-        })
+        .filter(|policy| policy.selects_pod(&pod.id.namespace, &pod.labels))
         .filter(|policy| match direction {
             Direction::Ingress => policy.policy_types.ingress,
             Direction::Egress => policy.policy_types.egress,
@@ -241,22 +239,14 @@ fn peer_matches(cluster: &Cluster, policy: &NetworkPolicy, peer: &Peer, address:
         Peer::IpBlock { cidr, except } => {
             cidr.contains(&address) && !except.iter().any(|excepted| excepted.contains(&address))
         }
-        Peer::Pods {
-            pod_selector,
-            namespace_selector,
-        } => {
-            let Some(pod) = pod_at(cluster, address) else {
-                return false;
-            };
-            let namespace_matches = match namespace_selector {
-                None => pod.id.namespace == policy.id.namespace,
-                Some(selector) => selector.matches(&cluster.namespace_labels(&pod.id.namespace)),
-            };
-            namespace_matches
-                && pod_selector
-                    .as_ref()
-                    .is_none_or(|selector| selector.matches(&pod.labels))
-        }
+        Peer::Pods { .. } => pod_at(cluster, address).is_some_and(|pod| {
+            peer.selects_pod(
+                &policy.id.namespace,
+                &pod.id.namespace,
+                || cluster.namespace_labels(&pod.id.namespace),
+                &pod.labels,
+            )
+        }),
     }
 }
 
