@@ -59,6 +59,12 @@ pub mod direction {
     pub const INGRESS: u32 = 0;
     /// Traffic leaving the pod (checked on the host-side veth's TC ingress).
     pub const EGRESS: u32 = 1;
+
+    /// The bit of `dir` in [`Endpoint::audit`](super::Endpoint::audit).
+    #[must_use]
+    pub const fn audit_bit(dir: u32) -> u32 {
+        1 << dir
+    }
 }
 
 /// A local endpoint, keyed by the ifindex of its host-side veth.
@@ -71,8 +77,12 @@ pub struct Endpoint {
     pub egress_policy: u32,
     /// One of [`endpoint_state`]. A `u32`, not an enum, so the type has no invalid bit patterns.
     pub state: u32,
-    /// Reserved; keeps the size a multiple of 8 for future fields.
-    pub reserved: u32,
+    /// Directions in audit mode, one bit per [`direction`] (`1 << direction`): a new flow the
+    /// direction's policy does not allow passes and is reported as audited
+    /// ([`counter::AUDITED_BY_POLICY`]) instead of dropped. Set when only policies annotated
+    /// `netwarden.dev/enforcement: audit` isolate the direction, or under the agent's `--audit`.
+    /// (This was a zero reserved word, so a pinned endpoint of an older build reads "enforce".)
+    pub audit: u32,
 }
 
 /// Key of the map of addresses each endpoint owns: a packet leaving a pod from any other
@@ -632,17 +642,20 @@ pub mod counter {
         Allow,
         /// Packets that were dropped.
         Deny,
+        /// Packets that passed although a policy in audit mode would have dropped them.
+        Audit,
         /// Verdict events the datapath could not report (not packets).
         EventAccounting,
     }
 
     impl Kind {
-        /// `allow`, `deny` or `event_accounting`, as metrics and logs name it.
+        /// `allow`, `deny`, `audit` or `event_accounting`, as metrics and logs name it.
         #[must_use]
         pub const fn label(self) -> &'static str {
             match self {
                 Self::Allow => "allow",
                 Self::Deny => "deny",
+                Self::Audit => "audit",
                 Self::EventAccounting => "event_accounting",
             }
         }
@@ -755,6 +768,10 @@ pub mod counter {
         /// Passed: a later fragment of a datagram whose first fragment passed.
         ALLOWED_FRAGMENT = 21, Allow, "allowed_fragment",
             "a later fragment of a datagram whose first fragment passed";
+        /// Passed and reported: isolated only by policies in audit mode (or under the agent's
+        /// `--audit`), and no rule allows it: enforcing would drop it.
+        AUDITED_BY_POLICY = 22, Audit, "audited_by_policy",
+            "a new flow a policy in audit mode would drop: passed and reported";
     }
 
     /// Number of reasons.

@@ -114,7 +114,9 @@ pub(crate) fn pass_new_flow(
     attribution: &Attribution,
     verdict: i32,
 ) -> i32 {
-    if allow_event_sampled() {
+    // Every audited flow is reported (within the budget, like a drop): it is what the
+    // operator rolling out the policy is watching for.
+    if reason == counter::AUDITED_BY_POLICY || allow_event_sampled() {
         report(flow, dir, reason, attribution);
     }
     count(reason, dir, verdict)

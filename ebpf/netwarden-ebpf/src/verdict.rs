@@ -64,7 +64,9 @@
 //!   d. `POLICY[(policy, identity(peer), protocol, port)]` matches: allow (not looked up for
 //!      WORLD, which no entry names: rules for every peer are `0.0.0.0/0` and `::/0` blocks).
 //!   e. `POLICY[(policy, CIDRS_Vx[(policy, peer)], protocol, port)]` matches: allow.
-//!   f. deny.
+//!   f. D audited (`Endpoint::audit`: only audit-mode policies isolate it, or `--audit`): pass,
+//!      counted and reported as audited.
+//!   g. deny.
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 use netwarden_common::{
@@ -329,6 +331,7 @@ pub(crate) fn is_allowed(reason: u32) -> bool {
             | counter::ALLOWED_NODE
             | counter::ALLOWED_NOT_ISOLATED
             | counter::ALLOWED_SELF
+            | counter::AUDITED_BY_POLICY
     )
 }
 
@@ -383,6 +386,11 @@ pub(crate) fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -
             reason: counter::ALLOWED_BY_POLICY,
             rule,
         };
+    }
+    if endpoint.audit & direction::audit_bit(dir) != 0 {
+        // Only the policy's own verdict is audited: everything above that fails closed
+        // (unknown endpoints, spoofing, malformed frames) is enforced whatever the mode.
+        return Decision::because(counter::AUDITED_BY_POLICY);
     }
     Decision::because(counter::DENIED_BY_POLICY)
 }

@@ -178,6 +178,34 @@ pub struct NetworkPolicy {
     pub ingress: Vec<Rule>,
     /// `spec.egress` (empty when absent).
     pub egress: Vec<Rule>,
+    /// Its `netwarden.dev/enforcement` annotation.
+    pub enforcement: Enforcement,
+}
+
+/// The annotation that puts a policy in audit mode (`audit`) or keeps it enforced (`enforce`,
+/// the default).
+pub const ENFORCEMENT_ANNOTATION: &str = "netwarden.dev/enforcement";
+
+/// Whether a policy's drops happen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Enforcement {
+    /// What it does not allow is dropped.
+    #[default]
+    Enforce,
+    /// Evaluated like an enforced policy, but what it would drop passes and is reported as
+    /// audited: a default deny can be rolled out after watching what it would break.
+    Audit,
+}
+
+impl Enforcement {
+    /// The annotation's value.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
 }
 
 impl NetworkPolicy {
@@ -194,6 +222,8 @@ impl NetworkPolicy {
             },
             ingress: Vec::new(),
             egress: Vec::new(),
+            // A policy that does not validate is enforced, whatever it asked for.
+            enforcement: Enforcement::Enforce,
         }
     }
 

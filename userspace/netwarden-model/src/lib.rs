@@ -10,10 +10,11 @@ pub mod manifests;
 pub mod selector;
 
 pub use cluster::{
-    ALLOWED_PRINCIPALS_ANNOTATION, AddressType, Cluster, ContainerPort, EndpointPort,
-    EndpointSlice, EndpointSliceRef, MTLS_EXEMPT_PORTS_ANNOTATION, MTLS_LABEL, MTLS_STRICT,
-    Namespace, NetworkPolicy, Peer, Pod, PodMtls, PodRef, PolicyRef, PolicyTypes, PortRef,
-    PortSpec, Protocol, Rule, Service, ServiceEndpoint, ServicePort, ServiceRef, ServiceType,
+    ALLOWED_PRINCIPALS_ANNOTATION, AddressType, Cluster, ContainerPort, ENFORCEMENT_ANNOTATION,
+    EndpointPort, EndpointSlice, EndpointSliceRef, Enforcement, MTLS_EXEMPT_PORTS_ANNOTATION,
+    MTLS_LABEL, MTLS_STRICT, Namespace, NetworkPolicy, Peer, Pod, PodMtls, PodRef, PolicyRef,
+    PolicyTypes, PortRef, PortSpec, Protocol, Rule, Service, ServiceEndpoint, ServicePort,
+    ServiceRef, ServiceType,
 };
 pub use convert::ModelError;
 pub use manifests::{ManifestDir, ManifestError, cluster_of_stream};

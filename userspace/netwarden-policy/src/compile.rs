@@ -12,7 +12,7 @@ use std::{
 
 use netwarden_common::{IDENTITY_HOST, PeerId};
 use netwarden_model::{
-    Cluster, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef, Service, ServiceRef,
+    Cluster, Enforcement, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef, Service, ServiceRef,
 };
 
 use crate::{
@@ -82,6 +82,8 @@ pub struct Compiler {
     rule_ids: RuleIds,
     frontends: FrontendTable,
     pending: Pending,
+    /// Every policy is in audit mode (the agent's `--audit`).
+    audit_everything: bool,
     state: DatapathState,
 }
 
@@ -102,8 +104,17 @@ impl Compiler {
             rule_ids: RuleIds::default(),
             frontends: FrontendTable::default(),
             pending: Pending::default(),
+            audit_everything: false,
             state: DatapathState::default(),
         }
+    }
+
+    /// Puts every policy in audit mode, whatever its annotation: nothing a policy does not
+    /// allow is dropped, all of it is reported (rolling out default deny on a whole cluster).
+    #[must_use]
+    pub fn auditing_everything(mut self, audit: bool) -> Self {
+        self.audit_everything = audit;
+        self
     }
 
     /// Continues where a previous agent left off: `identities` are the numbers it gave (by
@@ -449,6 +460,8 @@ impl Compiler {
             egress: None,
             ingress_isolated_by: Vec::new(),
             egress_isolated_by: Vec::new(),
+            ingress_audit: false,
+            egress_audit: false,
         };
         let mut rules = RuleCompiler {
             cluster: &self.cluster,
@@ -471,6 +484,16 @@ impl Compiler {
             if isolating.is_empty() {
                 continue;
             }
+            // Audit-mode policies only add allows to what enforced ones allow, so they change
+            // nothing while an enforced policy isolates the direction: the direction is audited
+            // only when nothing enforced isolates it, and then by the audit-mode policies.
+            let enforced: Vec<&NetworkPolicy> = isolating
+                .iter()
+                .copied()
+                .filter(|policy| policy.enforcement == Enforcement::Enforce)
+                .collect();
+            let audit = self.audit_everything || enforced.is_empty();
+            let isolating = if audit { isolating } else { enforced };
             let compiled = rules.compile_direction(&pod, direction, &isolating);
             let policy = self.policy_ids.acquire(compiled, &mut self.state.policies);
             let isolated_by = isolating.iter().map(|policy| policy.id.clone()).collect();
@@ -478,10 +501,12 @@ impl Compiler {
                 Direction::Ingress => {
                     endpoint.ingress = Some(policy);
                     endpoint.ingress_isolated_by = isolated_by;
+                    endpoint.ingress_audit = audit;
                 }
                 Direction::Egress => {
                     endpoint.egress = Some(policy);
                     endpoint.egress_isolated_by = isolated_by;
+                    endpoint.egress_audit = audit;
                 }
             }
         }

@@ -26,8 +26,8 @@
 use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use netwarden_model::{
-    Cluster, EndpointSliceRef, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef, PortSpec,
-    Protocol, Rule, ServicePort, ServiceRef, ServiceType,
+    Cluster, EndpointSliceRef, Enforcement, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef,
+    PortSpec, Protocol, Rule, ServicePort, ServiceRef, ServiceType,
 };
 
 use crate::state::Direction;
@@ -58,6 +58,9 @@ pub enum SideVerdict {
     Allowed(Vec<RuleMatch>),
     /// These policies isolate the pod and none of their rules allows it.
     Denied(Vec<PolicyRef>),
+    /// Only these policies, all in audit mode (`netwarden.dev/enforcement: audit`), isolate the
+    /// pod and none of their rules allows it: the flow passes and is reported as audited.
+    Audited(Vec<PolicyRef>),
 }
 
 impl SideVerdict {
@@ -161,7 +164,7 @@ pub fn side(
     peer: IpAddr,
     flow: &Flow,
 ) -> SideVerdict {
-    let isolating: Vec<&NetworkPolicy> = cluster
+    let mut isolating: Vec<&NetworkPolicy> = cluster
         .policies
         .values()
         .filter(|policy| policy.selects_pod(&pod.id.namespace, &pod.labels))
@@ -172,6 +175,14 @@ pub fn side(
         .collect();
     if isolating.is_empty() {
         return SideVerdict::NotIsolated;
+    }
+    // Audit-mode policies only add allows to what the enforced ones allow: they count only
+    // when nothing enforced isolates the pod in this direction.
+    let audited = isolating
+        .iter()
+        .all(|policy| policy.enforcement == Enforcement::Audit);
+    if !audited {
+        isolating.retain(|policy| policy.enforcement == Enforcement::Enforce);
     }
     let destination = match direction {
         Direction::Ingress => Some(pod),
@@ -212,7 +223,12 @@ pub fn side(
         }
     }
     if allowing.is_empty() {
-        SideVerdict::Denied(isolating.iter().map(|policy| policy.id.clone()).collect())
+        let policies = isolating.iter().map(|policy| policy.id.clone()).collect();
+        if audited {
+            SideVerdict::Audited(policies)
+        } else {
+            SideVerdict::Denied(policies)
+        }
     } else {
         SideVerdict::Allowed(allowing)
     }

@@ -52,6 +52,8 @@ pub enum Decision {
     Allowed(RuleId),
     /// Isolated, and no rule allows it (`DENIED_BY_POLICY`).
     Denied,
+    /// Isolated in audit mode, and no rule allows it: passes (`AUDITED_BY_POLICY`).
+    Audited,
 }
 
 impl Decision {
@@ -60,7 +62,11 @@ impl Decision {
     pub fn is_allowed(self) -> bool {
         matches!(
             self,
-            Self::AllowedSelf | Self::AllowedNode | Self::AllowedNotIsolated | Self::Allowed(_)
+            Self::AllowedSelf
+                | Self::AllowedNode
+                | Self::AllowedNotIsolated
+                | Self::Allowed(_)
+                | Self::Audited
         )
     }
 
@@ -74,6 +80,7 @@ impl Decision {
             Self::AllowedNotIsolated => counter::ALLOWED_NOT_ISOLATED,
             Self::Allowed(_) => counter::ALLOWED_BY_POLICY,
             Self::Denied => counter::DENIED_BY_POLICY,
+            Self::Audited => counter::AUDITED_BY_POLICY,
         }
     }
 }
@@ -395,6 +402,14 @@ impl<'a> Maps<'a> {
             && let Some(rule) = self.policy_rule(policy, class, protocol, port)
         {
             return Decision::Allowed(rule);
+        }
+        // f. Audit mode passes what the policy does not allow.
+        let dir = match direction {
+            Direction::Ingress => netwarden_common::direction::INGRESS,
+            Direction::Egress => netwarden_common::direction::EGRESS,
+        };
+        if endpoint.audit & netwarden_common::direction::audit_bit(dir) != 0 {
+            return Decision::Audited;
         }
         Decision::Denied
     }

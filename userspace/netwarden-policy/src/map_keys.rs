@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use netwarden_common::{
     CIDR_KEY_POLICY_BITS, CidrKey, CidrKeyV4, Endpoint, EndpointAddress, FrontendKey, IpKey,
-    endpoint_state,
+    direction, endpoint_state,
 };
 
 use crate::{
@@ -56,7 +56,13 @@ pub fn ready_endpoint(endpoint: &LocalEndpoint) -> Endpoint {
             .egress
             .unwrap_or(netwarden_common::POLICY_NOT_ISOLATED),
         state: endpoint_state::READY,
-        reserved: 0,
+        audit: [
+            (endpoint.ingress_audit, direction::INGRESS),
+            (endpoint.egress_audit, direction::EGRESS),
+        ]
+        .into_iter()
+        .filter(|(audited, _)| *audited)
+        .fold(0, |bits, (_, dir)| bits | direction::audit_bit(dir)),
     }
 }
 

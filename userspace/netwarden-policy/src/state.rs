@@ -195,6 +195,11 @@ pub struct LocalEndpoint {
     pub ingress_isolated_by: Vec<PolicyRef>,
     /// The policies that isolate it for egress.
     pub egress_isolated_by: Vec<PolicyRef>,
+    /// Whether what `ingress` does not allow passes and is reported instead of dropped: only
+    /// policies in audit mode isolate the direction (or the agent audits everything).
+    pub ingress_audit: bool,
+    /// The same for `egress`.
+    pub egress_audit: bool,
 }
 
 /// The content of every datapath map, as the compiler wants it.

@@ -164,6 +164,7 @@ fn policy(index: usize) -> impl Strategy<Value = NetworkPolicy> {
         .prop_map(
             move |(namespace, pod_selector, (ingress, egress), ingress_rules, egress_rules)| {
                 NetworkPolicy {
+                    enforcement: netwarden_model::Enforcement::Enforce,
                     id: PolicyRef {
                         namespace: namespace.to_owned(),
                         name: format!("p{index}"),

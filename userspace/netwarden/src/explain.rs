@@ -374,13 +374,18 @@ fn side_lines(
             .iter()
             .map(|rule| format!("{label} {who}: allowed by {rule}"))
             .collect(),
-        SideVerdict::Denied(policies) => {
+        SideVerdict::Denied(policies) | SideVerdict::Audited(policies) => {
             let names: Vec<String> = policies
                 .iter()
                 .map(|policy| format!("NetworkPolicy {policy}"))
                 .collect();
+            let verdict = if matches!(verdict, SideVerdict::Audited(_)) {
+                "AUDIT (passes; enforcing would deny it), isolated in audit mode by"
+            } else {
+                "DENIED, isolated by"
+            };
             vec![format!(
-                "{label} {who}: DENIED, isolated by {}; no rule allows {protocol} {flow}",
+                "{label} {who}: {verdict} {}; no rule allows {protocol} {flow}",
                 names.join(", ")
             )]
         }
