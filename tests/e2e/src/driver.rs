@@ -301,26 +301,27 @@ pub async fn play<D: Driver>(
 }
 
 async fn play_step<D: Driver>(driver: &mut D, at: At<'_>) -> Result<Findings, D::Error> {
-    let change = match at.step {
+    match make_change(driver, at.step).await? {
+        Some(change) => {
+            driver.settle(change).await?;
+            Ok(Findings::new())
+        }
+        None => check(driver, at).await,
+    }
+}
+
+/// Makes `step`'s change; `None` when the step is a check.
+async fn make_change<D: Driver>(driver: &mut D, step: &Step) -> Result<Option<Change>, D::Error> {
+    match step {
         Step::CreatePolicy { policy } | Step::UpdatePolicy { policy } => {
             driver.write_policy(policy).await?;
-            Change::Objects
         }
-        Step::DeletePolicy { policy } => {
-            driver.delete_policy(policy).await?;
-            Change::Objects
-        }
-        Step::DeleteAllPolicies { namespaces } => {
-            driver.delete_all_policies(namespaces).await?;
-            Change::Objects
-        }
+        Step::DeletePolicy { policy } => driver.delete_policy(policy).await?,
+        Step::DeleteAllPolicies { namespaces } => driver.delete_all_policies(namespaces).await?,
         Step::Relabel {
             pod_labels,
             namespace_labels,
-        } => {
-            driver.relabel(pod_labels, namespace_labels).await?;
-            Change::Objects
-        }
+        } => driver.relabel(pod_labels, namespace_labels).await?,
         Step::AddPod {
             pod,
             labels,
@@ -336,28 +337,33 @@ async fn play_step<D: Driver>(driver: &mut D, at: At<'_>) -> Result<Findings, D:
                 publish: *publish,
             };
             driver.add_pod(new).await?;
-            Change::Objects
         }
-        Step::PublishPod { pod } => {
-            driver.publish_pod(pod).await?;
-            Change::Objects
-        }
-        Step::DeletePod { pod } => {
-            driver.delete_pod(pod).await?;
-            Change::Objects
-        }
-        Step::CreateService { service } => {
-            driver.create_service(service).await?;
-            Change::Objects
-        }
-        Step::DeleteService { service } => {
-            driver.delete_service(service).await?;
-            Change::Objects
-        }
+        Step::PublishPod { pod } => driver.publish_pod(pod).await?,
+        Step::DeletePod { pod } => driver.delete_pod(pod).await?,
+        Step::CreateService { service } => driver.create_service(service).await?,
+        Step::DeleteService { service } => driver.delete_service(service).await?,
         Step::RestartAgent { mode } => {
             driver.restart_agent(*mode).await?;
-            Change::AgentRestart
+            return Ok(Some(Change::AgentRestart));
         }
+        Step::OpenConnection { .. }
+        | Step::CheckConnection { .. }
+        | Step::Probe { .. }
+        | Step::Dial(_)
+        | Step::Resolve(_)
+        | Step::SendSpoofed { .. }
+        | Step::IcmpError { .. }
+        | Step::MtlsProbe(_)
+        | Step::IdentityCheck(_)
+        | Step::ExpectAgentLog(_) => return Ok(None),
+    }
+    Ok(Some(Change::Objects))
+}
+
+/// Plays a step that changes nothing the agent watches: a check, or opening a connection to
+/// check later.
+async fn check<D: Driver>(driver: &mut D, at: At<'_>) -> Result<Findings, D::Error> {
+    match at.step {
         Step::OpenConnection {
             name,
             from,
@@ -368,14 +374,12 @@ async fn play_step<D: Driver>(driver: &mut D, at: At<'_>) -> Result<Findings, D:
             driver
                 .open_connection(name, (from, to), *port, *protocol)
                 .await?;
-            return Ok(Findings::new());
+            Ok(Findings::new())
         }
-        Step::CheckConnection { name, expect } => {
-            return driver.check_connection(at, name, *expect).await;
-        }
-        Step::Probe { .. } => return driver.probe(at).await,
-        Step::Dial(dial) => return driver.dial(at, dial).await,
-        Step::Resolve(resolve) => return driver.resolve(at, resolve).await,
+        Step::CheckConnection { name, expect } => driver.check_connection(at, name, *expect).await,
+        Step::Probe { .. } => driver.probe(at).await,
+        Step::Dial(dial) => driver.dial(at, dial).await,
+        Step::Resolve(resolve) => driver.resolve(at, resolve).await,
         Step::SendSpoofed {
             from,
             to,
@@ -390,19 +394,28 @@ async fn play_step<D: Driver>(driver: &mut D, at: At<'_>) -> Result<Findings, D:
                 frame_tags: *frame_tags,
                 expect: *expect,
             };
-            return driver.send_spoofed(at, spoofed).await;
+            driver.send_spoofed(at, spoofed).await
         }
         Step::IcmpError {
             connection,
             quote,
             expect,
-        } => return driver.icmp_error(at, connection, *quote, *expect).await,
-        Step::MtlsProbe(probe) => return driver.mtls_probe(at, probe).await,
-        Step::IdentityCheck(check) => return driver.identity_check(at, check).await,
-        Step::ExpectAgentLog(expect) => return driver.expect_agent_log(at, expect).await,
-    };
-    driver.settle(change).await?;
-    Ok(Findings::new())
+        } => driver.icmp_error(at, connection, *quote, *expect).await,
+        Step::MtlsProbe(probe) => driver.mtls_probe(at, probe).await,
+        Step::IdentityCheck(check) => driver.identity_check(at, check).await,
+        Step::ExpectAgentLog(expect) => driver.expect_agent_log(at, expect).await,
+        Step::CreatePolicy { .. }
+        | Step::UpdatePolicy { .. }
+        | Step::DeletePolicy { .. }
+        | Step::DeleteAllPolicies { .. }
+        | Step::Relabel { .. }
+        | Step::AddPod { .. }
+        | Step::PublishPod { .. }
+        | Step::DeletePod { .. }
+        | Step::CreateService { .. }
+        | Step::DeleteService { .. }
+        | Step::RestartAgent { .. } => unreachable!("make_change made it"),
+    }
 }
 
 #[cfg(test)]
@@ -413,7 +426,7 @@ mod tests {
     use crate::scenario;
 
     /// Two pods, a policy and one step of every kind the fake below tells apart.
-    const SCENARIO: &str = r#"
+    const SCENARIO: &str = r"
 format: netwarden-scenario/v1
 name: fake
 model:
@@ -435,7 +448,7 @@ steps:
 - { op: restart_agent }
 - { op: probe, port: 80, expect: { grid: { x/a: '..', x/b: '..' } } }
 - { op: delete_policy, policy: x/deny }
-"#;
+";
 
     fn scenario() -> Scenario {
         scenario::parse(Path::new("fake.yaml"), SCENARIO).unwrap()

@@ -524,14 +524,6 @@ impl Capabilities for KindCapabilities {
     fn supports(&self, step: &Step) -> Support {
         let unsupported = |reason: &str| Support::Unsupported(reason.to_owned());
         match step {
-            Step::CreatePolicy { .. }
-            | Step::UpdatePolicy { .. }
-            | Step::DeletePolicy { .. }
-            | Step::DeleteAllPolicies { .. }
-            | Step::Relabel { .. }
-            | Step::DeletePod { .. }
-            | Step::RestartAgent { .. }
-            | Step::Probe { .. } => Support::Play,
             Step::AddPod {
                 reuse_ip_of: Some(_),
                 ..
@@ -539,7 +531,15 @@ impl Capabilities for KindCapabilities {
             Step::AddPod { publish: false, .. } | Step::PublishPod { .. } => {
                 unsupported("a real pod's veth never exists before its Pod object")
             }
-            Step::AddPod { .. } => Support::Play,
+            Step::CreatePolicy { .. }
+            | Step::UpdatePolicy { .. }
+            | Step::DeletePolicy { .. }
+            | Step::DeleteAllPolicies { .. }
+            | Step::Relabel { .. }
+            | Step::AddPod { .. }
+            | Step::DeletePod { .. }
+            | Step::RestartAgent { .. }
+            | Step::Probe { .. } => Support::Play,
             Step::CreateService { .. }
             | Step::DeleteService { .. }
             | Step::Dial(_)
