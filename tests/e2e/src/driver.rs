@@ -445,7 +445,7 @@ steps:
 - { op: probe, port: 80, expect: { grid: { x/a: '.X', x/b: 'X.' } } }
 - { op: create_policy, policy: x/deny }
 - { op: expect_agent_log, contains: [deny] }
-- { op: restart_agent }
+- { op: restart_agent, mode: graceful }
 - { op: probe, port: 80, expect: { grid: { x/a: '..', x/b: '..' } } }
 - { op: delete_policy, policy: x/deny }
 ";
@@ -591,7 +591,7 @@ steps:
             ..Fake::default()
         };
         let error = run(&mut fake).map(|_| ()).unwrap_err();
-        assert_eq!(error.to_string(), "restart_agent graceful: not here");
+        assert_eq!(error.to_string(), "restart_agent (graceful): not here");
         assert!(fake.calls.is_empty(), "{:?}", fake.calls);
     }
 
@@ -616,7 +616,7 @@ steps:
         let error = result.unwrap_err();
         assert_eq!(
             error.to_string(),
-            "step 4 (restart_agent graceful): the fake failed"
+            "step 4 (restart_agent (graceful)): the fake failed"
         );
         assert_eq!(findings, ["step 1 found something"]);
         assert_eq!(fake.calls.last().unwrap(), "restart Graceful");
