@@ -700,7 +700,7 @@ mod tests {
             .expect("a reason of the table")
             .kind;
         let expected = match kind {
-            Kind::Allow => Verdict::Pass,
+            Kind::Allow | Kind::Audit => Verdict::Pass,
             Kind::Deny => Verdict::Drop,
             Kind::EventAccounting => panic!("{outcome:?} counted as an event"),
         };
