@@ -24,11 +24,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    events::{self, Attribution, EndpointNames, SharedAttribution},
-    health,
+    events::{self, Attribution, EndpointNames, RuleNames, SharedAttribution},
+    explain, health,
     identity::{self, IdentityWiring},
     input::Input,
     metrics::{Applied, Metrics},
+    observe::{self, server::ExplainRequest},
     retry::Retry,
     status::{self, EndpointStatus, Status, UnenforcedStatus, Verdicts, WatchStatus},
 };
@@ -108,6 +109,9 @@ pub struct AgentOptions {
     /// The identity check for mTLS-strict pods.
     #[command(flatten)]
     pub identity: identity::IdentityOptions,
+    /// The observe endpoint: recent and live flows, explain on the applied state.
+    #[command(flatten)]
+    pub observe: observe::ObserveOptions,
 }
 
 /// What [`apply`] works with besides the input and the node's network.
@@ -250,7 +254,7 @@ fn settle(unenforced: usize, retry: &mut Retry) {
 }
 
 /// A duration as `--watch-stale-after` takes it: `90s`, `2m`, `1h`, or plain seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
         .map_or((text, ""), |at| text.split_at(at));
@@ -373,7 +377,13 @@ fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &
     let rules = state
         .rules
         .iter()
-        .map(|(id, origin)| (*id, origin.to_string()))
+        .map(|(id, origin)| {
+            let names = RuleNames {
+                rule: origin.to_string(),
+                policy: origin.policy.to_string(),
+            };
+            (*id, names)
+        })
         .collect();
     let services = state
         .service_frontends
@@ -451,6 +461,45 @@ fn log_translation_hook(options: &AgentOptions, datapath: &Datapath) {
     }
 }
 
+/// What woke the apply loop.
+enum Wake {
+    /// The input changed.
+    Input,
+    /// A retry of an unenforced pod is due.
+    Retry,
+    /// The node's network changed.
+    Network,
+    /// SIGTERM or SIGINT.
+    Stop,
+}
+
+/// The next explain query; never, without an observe endpoint.
+async fn next_explain_request(
+    requests: Option<&mut tokio::sync::mpsc::Receiver<ExplainRequest>>,
+) -> Option<ExplainRequest> {
+    match requests {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers `request` on the snapshot the compiler applied last (none before the first apply).
+fn answer_explain(
+    request: ExplainRequest,
+    cluster: &netwarden_model::Cluster,
+    node_addresses: Option<&[std::net::IpAddr]>,
+    trust_domain: &netwarden_identity::TrustDomain,
+) {
+    let ExplainRequest { query, reply } = request;
+    let answer = match node_addresses {
+        None => Err("the agent has not applied a state yet".to_owned()),
+        Some(node_addresses) => explain::explain(cluster, node_addresses, trust_domain, &query)
+            .map_err(|error| error.to_string()),
+    };
+    // The asker may have gone; nothing to do then.
+    let _ = reply.send(answer);
+}
+
 /// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
 /// links are pinned, and the next agent adopts them.
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
@@ -472,9 +521,19 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         datapath.attach_translation_hook_after_fill();
     }
     let attribution = SharedAttribution::default();
+    let observing = observe::start(&options.observe, &options.status_file).await?;
+    let (observers, mut explain_requests) = match observing {
+        Some(observing) => (Some(observing.hub), Some(observing.explain)),
+        None => (None, None),
+    };
     if let Some(ring) = datapath.take_events() {
-        events::spawn_reader(ring, attribution.clone());
+        events::spawn_reader(ring, attribution.clone(), options.node.clone(), observers);
     }
+    let trust_domain = netwarden_identity::TrustDomain::new(&options.identity.trust_domain)
+        .context("--trust-domain")?;
+    // What live explain queries are answered on: the compiler's snapshot and the node's
+    // addresses of the last apply.
+    let mut applied_node_addresses = None;
     let identity = IdentityWiring::start(&options.identity, &mut datapath).await?;
     let mut compiler = Compiler::new(options.node.clone());
     compiler.resume(inherited.identities, inherited.highest_policy_id);
@@ -536,21 +595,40 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 generation,
                 change_seen.take(),
             );
+            applied_node_addresses = Some(network.addresses.clone());
             last_network = Some(network);
             settle(unenforced, &mut retry);
         }
 
         let mut retrying = false;
-        tokio::select! {
-            () = input.changed() => input_changed = true,
-            // A pod left unenforced: apply again although nothing changed.
-            () = retry.due() => {
+        // Explain queries are answered here, between applies, on the state applied last; they
+        // wake nothing else.
+        let wake = loop {
+            tokio::select! {
+                () = input.changed() => break Wake::Input,
+                // A pod left unenforced: apply again although nothing changed.
+                () = retry.due() => break Wake::Retry,
+                Some(()) = netlink.changes.next() => break Wake::Network,
+                Some(request) = next_explain_request(explain_requests.as_mut()) => {
+                    answer_explain(
+                        request,
+                        compiler.cluster(),
+                        applied_node_addresses.as_deref(),
+                        &trust_domain,
+                    );
+                }
+                _ = terminate.recv() => break Wake::Stop,
+                _ = interrupt.recv() => break Wake::Stop,
+            }
+        };
+        match wake {
+            Wake::Input => input_changed = true,
+            Wake::Retry => {
                 last_network = None;
                 retrying = true;
             }
-            Some(()) = netlink.changes.next() => {}
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            Wake::Network => {}
+            Wake::Stop => break,
         }
         // A retry is no change: it has no apply latency.
         change_seen = (!retrying).then(Instant::now);

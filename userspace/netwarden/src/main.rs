@@ -11,6 +11,9 @@ mod health;
 mod identity;
 mod input;
 mod metrics;
+#[cfg(test)]
+mod mock_api;
+mod observe;
 mod retry;
 mod status;
 
@@ -35,6 +38,8 @@ enum Command {
     Agent(agent::AgentOptions),
     /// Explain the verdict on a flow: the rule that allows it, or the policies that isolate it.
     Explain(explain::ExplainOptions),
+    /// Print the flows an agent decides: the ones it keeps, then (`--follow`) new ones.
+    Observe(observe::cli::ObserveCommand),
     /// Print the state the agent last applied.
     Status {
         /// The agent's status file.
@@ -58,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(agent::run(options))
         }
         Command::Explain(options) => explain::run(&options),
+        Command::Observe(command) => observe::cli::run(&command),
         Command::Status { status_file, json } => status::print(&status_file, json),
     }
 }
