@@ -483,18 +483,23 @@ async fn next_explain_request(
     }
 }
 
-/// Answers `request` on the snapshot the compiler applied last (none before the first apply).
+/// Answers `request` on the cluster the input holds, which the last apply compiled (none
+/// before the first apply). The snapshot is taken per query rather than kept beside the
+/// compiler's own, which keeps only what it needs of remote pods: a copy of the whole cluster
+/// would cost every agent memory (10,000 pods: ~10 MiB) for a query that comes rarely.
 fn answer_explain(
     request: ExplainRequest,
-    cluster: &netwarden_model::Cluster,
+    input: &mut Input,
     node_addresses: Option<&[std::net::IpAddr]>,
     trust_domain: &netwarden_identity::TrustDomain,
 ) {
     let ExplainRequest { query, reply } = request;
     let answer = match node_addresses {
         None => Err("the agent has not applied a state yet".to_owned()),
-        Some(node_addresses) => explain::explain(cluster, node_addresses, trust_domain, &query)
-            .map_err(|error| error.to_string()),
+        Some(node_addresses) => {
+            explain::explain(&input.snapshot(), node_addresses, trust_domain, &query)
+                .map_err(|error| error.to_string())
+        }
     };
     // The asker may have gone; nothing to do then.
     let _ = reply.send(answer);
@@ -605,6 +610,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         // wake nothing else.
         let wake = loop {
             tokio::select! {
+                // A change seen is applied before a query is answered.
+                biased;
+                _ = terminate.recv() => break Wake::Stop,
+                _ = interrupt.recv() => break Wake::Stop,
                 () = input.changed() => break Wake::Input,
                 // A pod left unenforced: apply again although nothing changed.
                 () = retry.due() => break Wake::Retry,
@@ -612,13 +621,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 Some(request) = next_explain_request(explain_requests.as_mut()) => {
                     answer_explain(
                         request,
-                        compiler.cluster(),
+                        &mut input,
                         applied_node_addresses.as_deref(),
                         &trust_domain,
                     );
                 }
-                _ = terminate.recv() => break Wake::Stop,
-                _ = interrupt.recv() => break Wake::Stop,
             }
         };
         match wake {

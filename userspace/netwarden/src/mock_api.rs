@@ -7,7 +7,7 @@ use std::{convert::Infallible, time::Duration};
 use bytes::Bytes;
 use futures::channel::mpsc;
 use http::{Request, Response};
-use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Frame;
 use serde_json::{Value, json};
 

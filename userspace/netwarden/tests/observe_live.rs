@@ -291,7 +291,30 @@ fn observe_shows_a_denied_probe_and_live_explain_matches_offline() {
     let policies: Vec<String> = serde_json::from_value(record["policies"].clone()).unwrap();
     assert_eq!(policies, ["x/deny", "x/web"], "{record}");
     // Filters leave it out when they should.
-    assert!(observed(&node, &["--verdict", "allow", "--port", "80"]).is_empty());
+    // (Its egress from x/a, which no policy isolates, was allowed: only x/b's ingress denies.)
+    let ingress_allowed = observed(
+        &node,
+        &[
+            "--verdict",
+            "allow",
+            "--direction",
+            "ingress",
+            "--port",
+            "80",
+        ],
+    );
+    assert!(ingress_allowed.is_empty(), "{ingress_allowed:?}");
+    let egress_allowed = observed(
+        &node,
+        &["--verdict", "allow", "--pod", "x/a", "--port", "80"],
+    );
+    assert!(
+        egress_allowed
+            .iter()
+            .any(|flow| flow["direction"] == "egress"
+                && flow["reason_code"] == "allowed_not_isolated"),
+        "{egress_allowed:?}"
+    );
     assert!(observed(&node, &["--namespace", "y"]).is_empty());
     assert!(
         observed(&node, &["--direction", "egress", "--port", "80"])

@@ -198,7 +198,7 @@ mod tests {
         record.time_unix_ms = 1_796_554_962_500;
         assert_eq!(
             table_row(&record),
-            "2026-12-06T13:02:42.500Z node-1 DENY  ingress TCP x/a 10.244.0.10:43296 -> x/b 10.244.0.11:80: default deny: isolated by NetworkPolicy x/deny; no rule allows it"
+            "2026-12-06T11:02:42.500Z node-1 DENY  ingress TCP x/a 10.244.0.10:43296 -> x/b 10.244.0.11:80: default deny: isolated by NetworkPolicy x/deny; no rule allows it"
         );
     }
 }
