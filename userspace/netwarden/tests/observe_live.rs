@@ -406,6 +406,7 @@ fn observe_shows_a_denied_probe_and_live_explain_matches_offline() {
                 .concat(),
             );
             assert_eq!(live, offline, "port {port}, {output}");
+            eprintln!("$ netwarden explain --agent ... --port {port} -o {output}\n{live}");
         }
     }
     let denied: Value = serde_json::from_str(&netwarden(&[
