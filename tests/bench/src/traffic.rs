@@ -30,7 +30,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -314,7 +314,7 @@ struct Bench<'node> {
 /// A following observer, counting the flows it is sent.
 struct Observer {
     child: Child,
-    flows: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    flows: Arc<AtomicU64>,
 }
 
 /// A running agent and the lines of its log, as they come.
@@ -603,11 +603,11 @@ impl<'node> Bench<'node> {
             .spawn()
             .context("starting netwarden observe --follow")?;
         let stdout = child.stdout.take().context("observer stdout")?;
-        let flows = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counted = std::sync::Arc::clone(&flows);
+        let flows = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&flows);
         std::thread::spawn(move || {
             for _ in BufReader::new(stdout).lines().map_while(Result::ok) {
-                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                counted.fetch_add(1, Ordering::Relaxed);
             }
         });
         // Connected, or it would have exited: a missing socket ends it at once.
@@ -626,7 +626,7 @@ impl<'node> Bench<'node> {
             let _ = observer.child.wait();
             eprintln!(
                 "  (the observer was sent {} flows)",
-                observer.flows.load(std::sync::atomic::Ordering::Relaxed)
+                observer.flows.load(Ordering::Relaxed)
             );
         }
     }

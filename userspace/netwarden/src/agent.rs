@@ -461,18 +461,6 @@ fn log_translation_hook(options: &AgentOptions, datapath: &Datapath) {
     }
 }
 
-/// What woke the apply loop.
-enum Wake {
-    /// The input changed.
-    Input,
-    /// A retry of an unenforced pod is due.
-    Retry,
-    /// The node's network changed.
-    Network,
-    /// SIGTERM or SIGINT.
-    Stop,
-}
-
 /// The next explain query; never, without an observe endpoint.
 async fn next_explain_request(
     requests: Option<&mut tokio::sync::mpsc::Receiver<ExplainRequest>>,
@@ -505,9 +493,10 @@ fn answer_explain(
     let _ = reply.send(answer);
 }
 
-/// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
-/// links are pinned, and the next agent adopts them.
-pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
+/// Opens (or adopts) the pinned datapath with the options' capacities and settings.
+fn open_datapath(
+    options: &AgentOptions,
+) -> anyhow::Result<(Datapath, netwarden_datapath::Inherited)> {
     let capacity = Capacity {
         policy: options.policy_map_entries,
         cidrs: options.cidr_map_entries,
@@ -525,19 +514,37 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     if !options.no_translation_hook {
         datapath.attach_translation_hook_after_fill();
     }
-    let attribution = SharedAttribution::default();
+    Ok((datapath, inherited))
+}
+
+/// Starts the observe endpoint (unless `--no-observe`) and the reader of the datapath's
+/// events, which logs them and publishes them to the endpoint; returns the explain queries
+/// the endpoint passes on.
+async fn start_events(
+    options: &AgentOptions,
+    datapath: &mut Datapath,
+    attribution: &SharedAttribution,
+) -> anyhow::Result<Option<tokio::sync::mpsc::Receiver<ExplainRequest>>> {
     let observing = observe::start(&options.observe, &options.status_file).await?;
-    let (observers, mut explain_requests) = match observing {
+    let (observers, explain_requests) = match observing {
         Some(observing) => (Some(observing.hub), Some(observing.explain)),
         None => (None, None),
     };
     if let Some(ring) = datapath.take_events() {
         events::spawn_reader(ring, attribution.clone(), options.node.clone(), observers);
     }
+    Ok(explain_requests)
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
+/// links are pinned, and the next agent adopts them.
+pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
+    let (mut datapath, inherited) = open_datapath(&options)?;
+    let attribution = SharedAttribution::default();
+    let mut explain_requests = start_events(&options, &mut datapath, &attribution).await?;
     let trust_domain = netwarden_identity::TrustDomain::new(&options.identity.trust_domain)
         .context("--trust-domain")?;
-    // What live explain queries are answered on: the compiler's snapshot and the node's
-    // addresses of the last apply.
+    // The node's addresses of the last apply, for live explain queries.
     let mut applied_node_addresses = None;
     let identity = IdentityWiring::start(&options.identity, &mut datapath).await?;
     let mut compiler = Compiler::new(options.node.clone());
@@ -565,7 +572,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut input_changed = true;
     let mut change_seen = None;
     let mut retry = Retry::default();
-    loop {
+    'agent: loop {
         // A failed read skips this round: applying an empty network would detach every
         // endpoint. The maps keep enforcing; the next notification retries.
         let network = netlink
@@ -608,16 +615,23 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         let mut retrying = false;
         // Explain queries are answered here, between applies, on the state applied last; they
         // wake nothing else.
-        let wake = loop {
+        loop {
             tokio::select! {
                 // A change seen is applied before a query is answered.
                 biased;
-                _ = terminate.recv() => break Wake::Stop,
-                _ = interrupt.recv() => break Wake::Stop,
-                () = input.changed() => break Wake::Input,
+                _ = terminate.recv() => break 'agent,
+                _ = interrupt.recv() => break 'agent,
+                () = input.changed() => {
+                    input_changed = true;
+                    break;
+                }
                 // A pod left unenforced: apply again although nothing changed.
-                () = retry.due() => break Wake::Retry,
-                Some(()) = netlink.changes.next() => break Wake::Network,
+                () = retry.due() => {
+                    last_network = None;
+                    retrying = true;
+                    break;
+                }
+                Some(()) = netlink.changes.next() => break,
                 Some(request) = next_explain_request(explain_requests.as_mut()) => {
                     answer_explain(
                         request,
@@ -627,15 +641,6 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     );
                 }
             }
-        };
-        match wake {
-            Wake::Input => input_changed = true,
-            Wake::Retry => {
-                last_network = None;
-                retrying = true;
-            }
-            Wake::Network => {}
-            Wake::Stop => break,
         }
         // A retry is no change: it has no apply latency.
         change_seen = (!retrying).then(Instant::now);

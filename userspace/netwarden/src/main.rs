@@ -33,6 +33,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at startup; the agent's options are its largest"
+)]
 enum Command {
     /// Enforce NetworkPolicies on this node's pods.
     Agent(agent::AgentOptions),

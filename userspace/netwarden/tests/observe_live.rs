@@ -273,12 +273,17 @@ fn observe_shows_a_denied_probe_and_live_explain_matches_offline() {
     }
     let mut node = simulated_node();
     start_agent(&mut node);
+    the_ring_keeps_a_denied_probe_and_filters_select(&node);
+    a_follower_sees_a_new_deny(&node);
+    live_explain_answers_as_offline(&node);
+}
 
+fn the_ring_keeps_a_denied_probe_and_filters_select(node: &SimulatedNode) {
     // A denied probe: the datapath reports it, the ring keeps it.
-    assert_eq!(probe(&node, 80), "timed out", "port 80 of x/b is denied");
+    assert_eq!(probe(node, 80), "timed out", "port 80 of x/b is denied");
     let deadline = Instant::now() + Duration::from_secs(10);
     let record = loop {
-        let flows = observed(&node, &["--verdict", "deny", "--pod", "x/b"]);
+        let flows = observed(node, &["--verdict", "deny", "--pod", "x/b"]);
         if let Some(record) = flows.iter().find(|flow| is_the_denied_probe(flow, 80)) {
             break record.clone();
         }
@@ -293,7 +298,7 @@ fn observe_shows_a_denied_probe_and_live_explain_matches_offline() {
     // Filters leave it out when they should.
     // (Its egress from x/a, which no policy isolates, was allowed: only x/b's ingress denies.)
     let ingress_allowed = observed(
-        &node,
+        node,
         &[
             "--verdict",
             "allow",
@@ -305,7 +310,7 @@ fn observe_shows_a_denied_probe_and_live_explain_matches_offline() {
     );
     assert!(ingress_allowed.is_empty(), "{ingress_allowed:?}");
     let egress_allowed = observed(
-        &node,
+        node,
         &["--verdict", "allow", "--pod", "x/a", "--port", "80"],
     );
     assert!(
@@ -315,20 +320,65 @@ fn observe_shows_a_denied_probe_and_live_explain_matches_offline() {
                 && flow["reason_code"] == "allowed_not_isolated"),
         "{egress_allowed:?}"
     );
-    assert!(observed(&node, &["--namespace", "y"]).is_empty());
+    assert!(observed(node, &["--namespace", "y"]).is_empty());
     assert!(
-        observed(&node, &["--direction", "egress", "--port", "80"])
+        observed(node, &["--direction", "egress", "--port", "80"])
             .iter()
             .all(|flow| flow["direction"] == "egress")
     );
     // The allowed port: a sampled allow (`--allow-events 1`) naming the rule.
-    assert_eq!(
-        probe(&node, 8080),
-        "answered",
-        "port 8080 of x/b is allowed"
+    assert_eq!(probe(node, 8080), "answered", "port 8080 of x/b is allowed");
+    let allowed = observed(node, &["--verdict", "allow", "--policy", "x/web"]);
+    assert!(
+        allowed
+            .iter()
+            .any(|flow| flow["destination"] == format!("{SERVER}:8080")
+                && flow["reason"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains("NetworkPolicy x/web ingress[0]"))),
+        "{allowed:?}"
     );
+    // The table names both pods and the reason (printed for the README with --nocapture).
+    let socket = node.socket();
+    let socket = socket.to_str().unwrap();
+    let table = netwarden(&[
+        "observe",
+        "--agent",
+        socket,
+        "--verdict",
+        "deny",
+        "--port",
+        "80",
+    ]);
+    assert!(
+        table.contains("DENY  ingress TCP x/a 10.244.0.10:")
+            && table.contains(
+                "-> x/b 10.244.0.11:80: default deny: isolated by NetworkPolicy x/deny, x/web"
+            ),
+        "{table}"
+    );
+    eprintln!(
+        "$ netwarden observe --pod x/b\n{}",
+        netwarden(&["observe", "--agent", socket, "--pod", "x/b"])
+    );
+    eprintln!(
+        "$ netwarden observe --pod x/b -o json --verdict deny\n{}",
+        netwarden(&[
+            "observe",
+            "--agent",
+            socket,
+            "--pod",
+            "x/b",
+            "-o",
+            "json",
+            "--verdict",
+            "deny"
+        ])
+    );
+}
 
-    // Live: a follower sees a new deny as it happens.
+/// A follower sees a new deny as it happens.
+fn a_follower_sees_a_new_deny(node: &SimulatedNode) {
     let socket = node.socket();
     let mut follower = Command::new(NETWARDEN)
         .args([
@@ -354,49 +404,24 @@ fn observe_shows_a_denied_probe_and_live_explain_matches_offline() {
     });
     // Let it connect before the probe (the ring would have it anyway, `--since 1s` aside).
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(probe(&node, 81), "timed out");
+    assert_eq!(probe(node, 81), "timed out");
     let line = lines.recv_timeout(Duration::from_secs(10));
     let _ = follower.kill();
     let _ = follower.wait();
     let line = line.expect("the follower printed the new deny within 10 s");
     let flow: Value = serde_json::from_str(&line).unwrap();
     assert!(is_the_denied_probe(&flow, 81), "{flow}");
+}
 
-    let allowed = observed(&node, &["--verdict", "allow", "--policy", "x/web"]);
-    assert!(
-        allowed
-            .iter()
-            .any(|flow| flow["destination"] == format!("{SERVER}:8080")
-                && flow["reason"]
-                    .as_str()
-                    .is_some_and(|reason| reason.contains("NetworkPolicy x/web ingress[0]"))),
-        "{allowed:?}"
-    );
-
-    // Table output names both pods and the reason.
-    let table = netwarden(&[
-        "observe",
-        "--agent",
-        socket.to_str().unwrap(),
-        "--verdict",
-        "deny",
-        "--port",
-        "80",
-    ]);
-    assert!(
-        table.contains("DENY  ingress TCP x/a 10.244.0.10:")
-            && table.contains(
-                "-> x/b 10.244.0.11:80: default deny: isolated by NetworkPolicy x/deny, x/web"
-            ),
-        "{table}"
-    );
-
+/// Live explain answers what offline explain answers, in both outputs, allowed and denied.
+fn live_explain_answers_as_offline(node: &SimulatedNode) {
+    let socket = node.socket();
     // Live explain answers what offline explain answers, in both outputs, allowed and denied.
     let manifests = node.manifests();
     for port in ["80", "8080"] {
         for output in ["text", "json"] {
             let flow = ["--from", "x/a", "--to", "x/b", "--port", port, "-o", output];
-            let live =
+            let from_the_agent =
                 netwarden(&[&["explain", "--agent", socket.to_str().unwrap()], &flow[..]].concat());
             let offline = netwarden(
                 &[
@@ -405,8 +430,10 @@ fn observe_shows_a_denied_probe_and_live_explain_matches_offline() {
                 ]
                 .concat(),
             );
-            assert_eq!(live, offline, "port {port}, {output}");
-            eprintln!("$ netwarden explain --agent ... --port {port} -o {output}\n{live}");
+            assert_eq!(from_the_agent, offline, "port {port}, {output}");
+            eprintln!(
+                "$ netwarden explain --agent ... --port {port} -o {output}\n{from_the_agent}"
+            );
         }
     }
     let denied: Value = serde_json::from_str(&netwarden(&[

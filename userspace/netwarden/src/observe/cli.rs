@@ -46,7 +46,7 @@ pub struct ObserveCommand {
     /// Only this direction, from the pod's point of view.
     #[arg(long, value_enum)]
     pub direction: Option<Direction>,
-    /// Only this protocol (TCP, UDP, SCTP, ICMP, ICMPv6).
+    /// Only this protocol (TCP, UDP, SCTP, ICMP, `ICMPv6`).
     #[arg(long)]
     pub protocol: Option<String>,
     /// Only flows with this source or destination port.

@@ -21,14 +21,22 @@ use super::{DEFAULT_POD_PORT, client, flow::ObserveRequest};
 #[derive(clap::Args, Clone, Debug)]
 pub struct AgentPods {
     /// With `--kubeconfig`: the agents' namespace.
-    #[arg(long, default_value = "netwarden-system")]
-    pub agent_namespace: String,
+    #[arg(
+        long = "agent-namespace",
+        id = "agent_namespace",
+        default_value = "netwarden-system"
+    )]
+    pub namespace: String,
     /// With `--kubeconfig`: the label selector of the agents' pods.
-    #[arg(long, default_value = "app.kubernetes.io/name=netwarden")]
-    pub agent_selector: String,
+    #[arg(
+        long = "agent-selector",
+        id = "agent_selector",
+        default_value = "app.kubernetes.io/name=netwarden"
+    )]
+    pub selector: String,
     /// With `--kubeconfig`: the port of the agents' loopback observe listener.
-    #[arg(long, default_value_t = DEFAULT_POD_PORT)]
-    pub agent_port: u16,
+    #[arg(long = "agent-port", id = "agent_port", default_value_t = DEFAULT_POD_PORT)]
+    pub port: u16,
 }
 
 /// The running agent pods: their names and nodes.
@@ -37,12 +45,12 @@ pub async fn agent_pods(
     agents: &AgentPods,
 ) -> anyhow::Result<Vec<(String, String)>> {
     let listed = pods
-        .list(&ListParams::default().labels(&agents.agent_selector))
+        .list(&ListParams::default().labels(&agents.selector))
         .await
         .with_context(|| {
             format!(
                 "listing the agent pods ({}) in {}",
-                agents.agent_selector, agents.agent_namespace
+                agents.selector, agents.namespace
             )
         })?;
     let running: Vec<(String, String)> = listed
@@ -62,8 +70,8 @@ pub async fn agent_pods(
     anyhow::ensure!(
         !running.is_empty(),
         "no running agent pod matches {} in {}",
-        agents.agent_selector,
-        agents.agent_namespace
+        agents.selector,
+        agents.namespace
     );
     Ok(running)
 }
@@ -77,15 +85,15 @@ pub async fn flows_of_every_agent(
     let kube = netwarden_kube::client(Some(kubeconfig))
         .await
         .context("connecting to the Kubernetes API")?;
-    let pods: Api<Pod> = Api::namespaced(kube, &agents.agent_namespace);
+    let pods: Api<Pod> = Api::namespaced(kube, &agents.namespace);
     let mut streams: Vec<client::Lines> = Vec::new();
     for (name, node) in agent_pods(&pods, agents).await? {
         let mut forward = pods
-            .portforward(&name, &[agents.agent_port])
+            .portforward(&name, &[agents.port])
             .await
             .with_context(|| format!("port-forward to {name} (node {node})"))?;
         let connection = forward
-            .take_stream(agents.agent_port)
+            .take_stream(agents.port)
             .with_context(|| format!("port-forward to {name} (node {node}): no stream"))?;
         let lines = client::flows(connection, request)
             .await
@@ -129,9 +137,9 @@ status: {phase: Running}
 
     fn agents() -> AgentPods {
         AgentPods {
-            agent_namespace: "netwarden-system".into(),
-            agent_selector: "app.kubernetes.io/name=netwarden".into(),
-            agent_port: 9964,
+            namespace: "netwarden-system".into(),
+            selector: "app.kubernetes.io/name=netwarden".into(),
+            port: 9964,
         }
     }
 
@@ -156,7 +164,7 @@ status: {phase: Running}
         let (client, _) = crate::mock_api::client_of(AGENTS);
         let pods: Api<Pod> = Api::namespaced(client, "netwarden-system");
         let selector = AgentPods {
-            agent_selector: "app.kubernetes.io/name=nothing".into(),
+            selector: "app.kubernetes.io/name=nothing".into(),
             ..agents()
         };
         let error = agent_pods(&pods, &selector).await.unwrap_err().to_string();

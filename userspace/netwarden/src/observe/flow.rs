@@ -201,13 +201,13 @@ pub(crate) mod tests {
         }
     }
 
-    fn passes(filter: Filter) -> bool {
+    fn passes(filter: &Filter) -> bool {
         filter.matches(&denied_ingress())
     }
 
     #[test]
     fn each_filter_field_selects_and_rejects() {
-        assert!(passes(Filter::default()));
+        assert!(passes(&Filter::default()));
         let cases: [(Filter, Filter); 7] = [
             (
                 Filter {
@@ -281,23 +281,23 @@ pub(crate) mod tests {
             ),
         ];
         for (selects, rejects) in cases {
-            assert!(passes(selects.clone()), "{selects:?}");
-            assert!(!passes(rejects.clone()), "{rejects:?}");
+            assert!(passes(&selects), "{selects:?}");
+            assert!(!passes(&rejects), "{rejects:?}");
         }
     }
 
     #[test]
     fn a_bare_pod_name_matches_in_any_namespace_unless_one_is_given() {
-        assert!(passes(Filter {
+        assert!(passes(&Filter {
             pod: Some("b".into()),
             ..Filter::default()
         }));
-        assert!(!passes(Filter {
+        assert!(!passes(&Filter {
             pod: Some("b".into()),
             namespace: Some("y".into()),
             ..Filter::default()
         }));
-        assert!(!passes(Filter {
+        assert!(!passes(&Filter {
             pod: Some("x/c".into()),
             ..Filter::default()
         }));
