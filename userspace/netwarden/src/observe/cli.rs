@@ -200,5 +200,18 @@ mod tests {
             table_row(&record),
             "2026-12-06T11:02:42.500Z node-1 DENY  ingress TCP x/a 10.244.0.10:43296 -> x/b 10.244.0.11:80: default deny: isolated by NetworkPolicy x/deny; no rule allows it"
         );
+        // The same flow allowed where it left x/a: the columns stay aligned.
+        let egress = crate::observe::flow::FlowRecord {
+            verdict: crate::observe::flow::Verdict::Allow,
+            direction: crate::observe::flow::Direction::Egress,
+            pod: Some("x/a".into()),
+            peer_pod: Some("x/b".into()),
+            reason: "allowed: no NetworkPolicy isolates this pod for egress".into(),
+            ..record
+        };
+        assert_eq!(
+            table_row(&egress),
+            "2026-12-06T11:02:42.500Z node-1 ALLOW egress  TCP x/a 10.244.0.10:43296 -> x/b 10.244.0.11:80: allowed: no NetworkPolicy isolates this pod for egress"
+        );
     }
 }

@@ -29,7 +29,8 @@ pub enum Direction {
 
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        // `pad`, not `write_str`: the table aligns on widths.
+        f.pad(match self {
             Self::Allow => "allow",
             Self::Deny => "deny",
         })
@@ -38,7 +39,7 @@ impl fmt::Display for Verdict {
 
 impl fmt::Display for Direction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Self::Ingress => "ingress",
             Self::Egress => "egress",
         })
