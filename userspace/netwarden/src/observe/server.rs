@@ -189,7 +189,7 @@ fn flows(hub: &FlowHub, observe: ObserveRequest) -> Response<Body> {
         .recent
         .iter()
         .filter(|record| wanted(record))
-        .map(|record| line(&StreamLine::Flow(Box::new(FlowRecord::clone(record)))))
+        .map(|record| line(&**record))
         .collect();
     let kept = stream::iter(recent);
     let body: Body = if follow {
@@ -198,14 +198,12 @@ fn flows(hub: &FlowHub, observe: ObserveRequest) -> Response<Body> {
             |(mut live, wanted)| async move {
                 loop {
                     let next = match live.recv().await {
-                        Ok(record) if wanted(&record) => {
-                            StreamLine::Flow(Box::new(FlowRecord::clone(&record)))
-                        }
+                        Ok(record) if wanted(&record) => line(&*record),
                         Ok(_) => continue,
-                        Err(RecvError::Lagged(lost)) => StreamLine::Lost { lost },
+                        Err(RecvError::Lagged(lost)) => line(&StreamLine::Lost { lost }),
                         Err(RecvError::Closed) => return None,
                     };
-                    return Some((line(&next), (live, wanted)));
+                    return Some((next, (live, wanted)));
                 }
             },
         );
@@ -243,7 +241,9 @@ async fn explain(
     }
 }
 
-fn line(value: &StreamLine) -> Bytes {
+/// One line of the stream: a [`StreamLine`], or a record itself (the same JSON as
+/// `StreamLine::Flow`, which is untagged, without copying the record into one).
+fn line(value: &impl serde::Serialize) -> Bytes {
     let mut text = serde_json::to_vec(value).expect("a record serializes");
     text.push(b'\n');
     Bytes::from(text)
