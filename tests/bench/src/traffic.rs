@@ -30,7 +30,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -79,6 +79,9 @@ pub struct Plan {
 enum Filter {
     None,
     Netwarden(u32),
+    /// The same as `Netwarden`, with a `netwarden observe --follow` client attached to the
+    /// agent's observe endpoint the whole run: the event path must not slow the datapath.
+    Observed(u32),
     Iptables(u32),
     Nftables(u32),
     /// The client dials the server through its `ClusterIP`, translated by kube-proxy's
@@ -122,6 +125,7 @@ impl std::fmt::Display for Filter {
         match self {
             Self::None => write!(f, "no program"),
             Self::Netwarden(rules) => write!(f, "netwarden, {rules} rules"),
+            Self::Observed(rules) => write!(f, "netwarden, {rules}, observed"),
             Self::Iptables(rules) => write!(f, "iptables linear, {rules} rules"),
             Self::Nftables(rules) => write!(f, "nftables set, {rules} rules"),
             Self::Service { netwarden: false } => write!(f, "ClusterIP, no program"),
@@ -302,7 +306,15 @@ struct Bench<'node> {
     node: &'node Node,
     agent_binary: PathBuf,
     agent: Option<Agent>,
+    /// `netwarden observe --follow` on the agent's socket, and the flows it printed.
+    observer: Option<Observer>,
     iperf_server: Child,
+}
+
+/// A following observer, counting the flows it is sent.
+struct Observer {
+    child: Child,
+    flows: Arc<AtomicU64>,
 }
 
 /// A running agent and the lines of its log, as they come.
@@ -341,6 +353,7 @@ impl<'node> Bench<'node> {
             node,
             agent_binary: agent.to_owned(),
             agent: None,
+            observer: None,
             iperf_server,
         })
     }
@@ -356,6 +369,8 @@ impl<'node> Bench<'node> {
             Filter::Netwarden(1_000),
             Filter::None,
             Filter::Netwarden(10_000),
+            Filter::None,
+            Filter::Observed(10_000),
             Filter::None,
             Filter::Iptables(10_000),
             Filter::None,
@@ -396,13 +411,20 @@ impl<'node> Bench<'node> {
         nft_flush(&self.node.netns_path("node"))?;
         if !matches!(
             filter,
-            Filter::Netwarden(_) | Filter::Service { netwarden: true }
+            Filter::Netwarden(_) | Filter::Observed(_) | Filter::Service { netwarden: true }
         ) {
             self.stop_agent();
+        }
+        if !matches!(filter, Filter::Observed(_)) {
+            self.stop_observer();
         }
         match filter {
             Filter::None => {}
             Filter::Netwarden(rules) => self.netwarden(&cluster(rules))?,
+            Filter::Observed(rules) => {
+                self.netwarden(&cluster(rules))?;
+                self.start_observer()?;
+            }
             Filter::Service { netwarden } => {
                 pipe(
                     in_netns(
@@ -567,9 +589,52 @@ impl<'node> Bench<'node> {
         }
     }
 
+    /// Attaches `netwarden observe --follow` to the agent's observe socket (beside its status
+    /// file), reading every line it prints as a terminal would.
+    fn start_observer(&mut self) -> anyhow::Result<()> {
+        if self.observer.is_some() {
+            return Ok(());
+        }
+        let mut child = Command::new(&self.agent_binary)
+            .args(["observe", "--follow", "--output", "json", "--agent"])
+            .arg(self.node.work.join("observe.sock"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting netwarden observe --follow")?;
+        let stdout = child.stdout.take().context("observer stdout")?;
+        let flows = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&flows);
+        std::thread::spawn(move || {
+            for _ in BufReader::new(stdout).lines().map_while(Result::ok) {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        // Connected, or it would have exited: a missing socket ends it at once.
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(status) = child.try_wait()? {
+            bail!("netwarden observe --follow exited at once: {status}");
+        }
+        self.observer = Some(Observer { child, flows });
+        Ok(())
+    }
+
+    /// Detaches the observer, saying how many flows it was sent.
+    fn stop_observer(&mut self) {
+        if let Some(mut observer) = self.observer.take() {
+            let _ = observer.child.kill();
+            let _ = observer.child.wait();
+            eprintln!(
+                "  (the observer was sent {} flows)",
+                observer.flows.load(Ordering::Relaxed)
+            );
+        }
+    }
+
     /// Stops the agent and removes its pinned programs and maps, so that nothing stays
     /// attached (pinned links outlive the agent by design).
     fn stop_agent(&mut self) {
+        self.stop_observer();
         if let Some(mut agent) = self.agent.take() {
             if let Ok(pid) = i32::try_from(agent.child.id()) {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGTERM);
@@ -1080,6 +1145,7 @@ fn print_pass(
         Filter::Netwarden(10),
         Filter::Netwarden(1_000),
         Filter::Netwarden(10_000),
+        Filter::Observed(10_000),
         Filter::Iptables(10_000),
         Filter::Nftables(10_000),
         Filter::Service { netwarden: false },
@@ -1116,6 +1182,17 @@ fn print_pass(
             .copied()
             .context("a measured configuration")
     };
+    let (observed, unobserved) = (
+        take(Filter::Observed(10_000))?,
+        take(Filter::Netwarden(10_000))?,
+    );
+    println!(
+        "  observed row: `netwarden observe --follow` attached to the agent the whole run (allows sampled 1 in 100, as by default); against the same rules unobserved: tput {:.2}x, conn/s {:.2}x, rr p50 {:.2}x, rr p99 {:.2}x",
+        observed.throughput / unobserved.throughput,
+        observed.connections / unobserved.connections,
+        observed.rr_p50 / unobserved.rr_p50,
+        observed.rr_p99 / unobserved.rr_p99,
+    );
     Ok(PassResult {
         netwarden: take(Filter::Netwarden(10_000))?,
         iptables: take(Filter::Iptables(10_000))?,

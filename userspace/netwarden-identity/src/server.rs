@@ -412,7 +412,7 @@ pub fn serve_unix(
 /// renamed into place (replacing a stale socket atomically). Not left to the umask, which
 /// `bind` applies and which is process-wide; and not `fchmod` on the listening descriptor,
 /// which on Linux changes the socket's inode in sockfs, not the file `bind` created.
-fn bind_unix(path: &Path, access: SocketAccess) -> std::io::Result<UnixListener> {
+pub fn bind_unix(path: &Path, access: SocketAccess) -> std::io::Result<UnixListener> {
     let parent = path
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())

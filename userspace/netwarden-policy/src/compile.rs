@@ -143,6 +143,12 @@ impl Compiler {
         self.addresses.owners()
     }
 
+    /// The cluster snapshot compiled last (what `netwarden explain --agent` is answered on).
+    #[must_use]
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
     /// The state for everything applied so far.
     #[must_use]
     pub fn state(&self) -> &DatapathState {

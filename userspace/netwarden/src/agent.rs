@@ -24,11 +24,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    events::{self, Attribution, EndpointNames, SharedAttribution},
-    health,
+    events::{self, Attribution, EndpointNames, RuleNames, SharedAttribution},
+    explain, health,
     identity::{self, IdentityWiring},
     input::Input,
     metrics::{Applied, Metrics},
+    observe::{self, server::ExplainRequest},
     retry::Retry,
     status::{self, EndpointStatus, Status, UnenforcedStatus, Verdicts, WatchStatus},
 };
@@ -114,6 +115,9 @@ pub struct AgentOptions {
     /// The identity check for mTLS-strict pods.
     #[command(flatten)]
     pub identity: identity::IdentityOptions,
+    /// The observe endpoint: recent and live flows, explain on the applied state.
+    #[command(flatten)]
+    pub observe: observe::ObserveOptions,
 }
 
 /// What [`apply`] works with besides the input and the node's network.
@@ -256,7 +260,7 @@ fn settle(unenforced: usize, retry: &mut Retry) {
 }
 
 /// A duration as `--watch-stale-after` takes it: `90s`, `2m`, `1h`, or plain seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
         .map_or((text, ""), |at| text.split_at(at));
@@ -379,7 +383,13 @@ fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &
     let rules = state
         .rules
         .iter()
-        .map(|(id, origin)| (*id, origin.to_string()))
+        .map(|(id, origin)| {
+            let names = RuleNames {
+                rule: origin.to_string(),
+                policy: origin.policy.to_string(),
+            };
+            (*id, names)
+        })
         .collect();
     let services = state
         .service_frontends
@@ -457,9 +467,42 @@ fn log_translation_hook(options: &AgentOptions, datapath: &Datapath) {
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
-/// links are pinned, and the next agent adopts them.
-pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
+/// The next explain query; never, without an observe endpoint.
+async fn next_explain_request(
+    requests: Option<&mut tokio::sync::mpsc::Receiver<ExplainRequest>>,
+) -> Option<ExplainRequest> {
+    match requests {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers `request` on the cluster the input holds, which the last apply compiled (none
+/// before the first apply). The snapshot is taken per query rather than kept beside the
+/// compiler's own, which keeps only what it needs of remote pods: a copy of the whole cluster
+/// would cost every agent memory (10,000 pods: ~10 MiB) for a query that comes rarely.
+fn answer_explain(
+    request: ExplainRequest,
+    input: &mut Input,
+    node_addresses: Option<&[std::net::IpAddr]>,
+    trust_domain: &netwarden_identity::TrustDomain,
+) {
+    let ExplainRequest { query, reply } = request;
+    let answer = match node_addresses {
+        None => Err("the agent has not applied a state yet".to_owned()),
+        Some(node_addresses) => {
+            explain::explain(&input.snapshot(), node_addresses, trust_domain, &query)
+                .map_err(|error| error.to_string())
+        }
+    };
+    // The asker may have gone; nothing to do then.
+    let _ = reply.send(answer);
+}
+
+/// Opens (or adopts) the pinned datapath with the options' capacities and settings.
+fn open_datapath(
+    options: &AgentOptions,
+) -> anyhow::Result<(Datapath, netwarden_datapath::Inherited)> {
     let capacity = Capacity {
         policy: options.policy_map_entries,
         cidrs: options.cidr_map_entries,
@@ -477,10 +520,38 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     if !options.no_translation_hook {
         datapath.attach_translation_hook_after_fill();
     }
-    let attribution = SharedAttribution::default();
+    Ok((datapath, inherited))
+}
+
+/// Starts the observe endpoint (unless `--no-observe`) and the reader of the datapath's
+/// events, which logs them and publishes them to the endpoint; returns the explain queries
+/// the endpoint passes on.
+async fn start_events(
+    options: &AgentOptions,
+    datapath: &mut Datapath,
+    attribution: &SharedAttribution,
+) -> anyhow::Result<Option<tokio::sync::mpsc::Receiver<ExplainRequest>>> {
+    let observing = observe::start(&options.observe, &options.status_file).await?;
+    let (observers, explain_requests) = match observing {
+        Some(observing) => (Some(observing.hub), Some(observing.explain)),
+        None => (None, None),
+    };
     if let Some(ring) = datapath.take_events() {
-        events::spawn_reader(ring, attribution.clone());
+        events::spawn_reader(ring, attribution.clone(), options.node.clone(), observers);
     }
+    Ok(explain_requests)
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
+/// links are pinned, and the next agent adopts them.
+pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
+    let (mut datapath, inherited) = open_datapath(&options)?;
+    let attribution = SharedAttribution::default();
+    let mut explain_requests = start_events(&options, &mut datapath, &attribution).await?;
+    let trust_domain = netwarden_identity::TrustDomain::new(&options.identity.trust_domain)
+        .context("--trust-domain")?;
+    // The node's addresses of the last apply, for live explain queries.
+    let mut applied_node_addresses = None;
     let identity = IdentityWiring::start(&options.identity, &mut datapath).await?;
     let mut compiler = Compiler::new(options.node.clone()).auditing_everything(options.audit);
     if options.audit {
@@ -510,7 +581,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut input_changed = true;
     let mut change_seen = None;
     let mut retry = Retry::default();
-    loop {
+    'agent: loop {
         // A failed read skips this round: applying an empty network would detach every
         // endpoint. The maps keep enforcing; the next notification retries.
         let network = netlink
@@ -545,21 +616,40 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 generation,
                 change_seen.take(),
             );
+            applied_node_addresses = Some(network.addresses.clone());
             last_network = Some(network);
             settle(unenforced, &mut retry);
         }
 
         let mut retrying = false;
-        tokio::select! {
-            () = input.changed() => input_changed = true,
-            // A pod left unenforced: apply again although nothing changed.
-            () = retry.due() => {
-                last_network = None;
-                retrying = true;
+        // Explain queries are answered here, between applies, on the state applied last; they
+        // wake nothing else.
+        loop {
+            tokio::select! {
+                // A change seen is applied before a query is answered.
+                biased;
+                _ = terminate.recv() => break 'agent,
+                _ = interrupt.recv() => break 'agent,
+                () = input.changed() => {
+                    input_changed = true;
+                    break;
+                }
+                // A pod left unenforced: apply again although nothing changed.
+                () = retry.due() => {
+                    last_network = None;
+                    retrying = true;
+                    break;
+                }
+                Some(()) = netlink.changes.next() => break,
+                Some(request) = next_explain_request(explain_requests.as_mut()) => {
+                    answer_explain(
+                        request,
+                        &mut input,
+                        applied_node_addresses.as_deref(),
+                        &trust_domain,
+                    );
+                }
             }
-            Some(()) = netlink.changes.next() => {}
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
         }
         // A retry is no change: it has no apply latency.
         change_seen = (!retrying).then(Instant::now);

@@ -2,11 +2,12 @@
 //!
 //! The datapath reports every deny through a ring buffer, rate-limited per CPU, and never
 //! waits for this reader; what it could not report is counted in the status file's verdicts.
-//! This task only ever reads: a slow log cannot slow a packet.
+//! This task only ever reads: a slow log cannot slow a packet. Each event is also published
+//! to the observe endpoint's ring ([`crate::observe::hub`]), which never waits for observers.
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
@@ -16,6 +17,11 @@ use netwarden_model::PolicyRef;
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
+use crate::observe::{
+    flow::{Direction, FlowRecord, Verdict},
+    hub::FlowHub,
+};
+
 /// What the reader needs to name an event's parts; refreshed after every apply.
 #[derive(Debug, Default)]
 pub struct Attribution {
@@ -23,12 +29,21 @@ pub struct Attribution {
     pub endpoints: HashMap<u32, EndpointNames>,
     /// Pods by address, cluster-wide.
     pub pods: HashMap<IpAddr, String>,
-    /// Rules by the compiler's id, as "NetworkPolicy ns/name ingress[i]".
-    pub rules: HashMap<u32, String>,
+    /// Rules by the compiler's id.
+    pub rules: HashMap<u32, RuleNames>,
     /// Service frontends by the compiler's id, as "Service ns/name port http (cluster IP)
     /// 10.96.0.10:80/TCP": a flow decided after translation names the Service it was opened
     /// to, and its peer is the backend (or the original client) it was judged on.
     pub services: HashMap<u32, String>,
+}
+
+/// Names of one rule.
+#[derive(Debug, Default)]
+pub struct RuleNames {
+    /// The rule, as "NetworkPolicy ns/name ingress[i]".
+    pub rule: String,
+    /// Its policy, `namespace/name`.
+    pub policy: String,
 }
 
 /// Names of one local endpoint.
@@ -45,8 +60,14 @@ pub struct EndpointNames {
 /// Shared between the apply loop (writer) and the event reader.
 pub type SharedAttribution = Arc<RwLock<Attribution>>;
 
-/// Reads `ring` until the runtime stops, logging one line per event.
-pub fn spawn_reader(ring: RingBuf<MapData>, attribution: SharedAttribution) {
+/// Reads `ring` until the runtime stops, logging one line per event and publishing it to
+/// `observers` (as reported by the agent of `node`).
+pub fn spawn_reader(
+    ring: RingBuf<MapData>,
+    attribution: SharedAttribution,
+    node: String,
+    observers: Option<Arc<FlowHub>>,
+) {
     tokio::spawn(async move {
         // SAFETY: the ring buffer's descriptor is owned by `ring`, which the AsyncFd owns and
         // keeps open for as long as it is registered.
@@ -70,45 +91,89 @@ pub fn spawn_reader(ring: RingBuf<MapData>, attribution: SharedAttribution) {
                 // with this very layout; it is read unaligned because ring items are 8-aligned
                 // only by convention.
                 let event = unsafe { item.as_ptr().cast::<VerdictEvent>().read_unaligned() };
-                let names = attribution
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                log(&event, &names);
+                let record = {
+                    let names = attribution
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    record(&event, &names, &node, crate::observe::now_unix_ms())
+                };
+                log(&record, event.policy);
+                if let Some(hub) = &observers {
+                    hub.publish(record);
+                }
             }
             guard.clear_ready();
         }
     });
 }
 
-fn log(event: &VerdictEvent, names: &Attribution) {
+/// The event in names: its pods, Service, addresses and reason.
+fn record(event: &VerdictEvent, names: &Attribution, node: &str, time_unix_ms: u64) -> FlowRecord {
     let endpoint = names.endpoints.get(&event.ifindex);
-    let pod = endpoint
-        .and_then(|endpoint| endpoint.pod.as_deref())
-        .unwrap_or("<unknown pod>");
     let ingress = u32::from(event.direction) == direction::INGRESS;
-    let pod_address = address(event.pod_addr);
-    let peer_address = address(event.peer_addr);
-    let peer = names.pods.get(&peer_address).map_or("", String::as_str);
+    let pod_address = SocketAddr::new(address(event.pod_addr), event.pod_port);
+    let peer_address = SocketAddr::new(address(event.peer_addr), event.peer_port);
     let (source, destination) = if ingress {
-        (
-            format!("{peer_address}:{}", event.peer_port),
-            format!("{pod_address}:{}", event.pod_port),
-        )
+        (peer_address, pod_address)
     } else {
-        (
-            format!("{pod_address}:{}", event.pod_port),
-            format!("{peer_address}:{}", event.peer_port),
-        )
+        (pod_address, peer_address)
     };
-    let (row, reason) = verdict_reason(event, names, endpoint, ingress);
-    let reason_code = row.map_or("unknown", |row| row.label);
+    let (row, reason, policies) = verdict_reason(event, names, endpoint, ingress);
     let service = match event.frontend {
-        0 => "",
-        id => names
-            .services
-            .get(&id)
-            .map_or("<a Service no longer known>", String::as_str),
+        0 => None,
+        id => Some(
+            names
+                .services
+                .get(&id)
+                .map_or("<a Service no longer known>", String::as_str)
+                .to_owned(),
+        ),
     };
+    FlowRecord {
+        time_unix_ms,
+        node: node.to_owned(),
+        verdict: match row.map(|row| row.kind) {
+            Some(counter::Kind::Allow) => Verdict::Allow,
+            Some(counter::Kind::Audit) => Verdict::Audit,
+            _ => Verdict::Deny,
+        },
+        direction: if ingress {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        },
+        pod: endpoint.and_then(|endpoint| endpoint.pod.clone()),
+        peer_pod: names.pods.get(&peer_address.ip()).cloned(),
+        service,
+        protocol: protocol_name(event.protocol),
+        source,
+        destination,
+        reason_code: row.map_or("unknown", |row| row.label).to_owned(),
+        reason,
+        policies,
+    }
+}
+
+/// One log line per verdict, its fields as the README shows them.
+fn log(record: &FlowRecord, policy_id: u32) {
+    let FlowRecord {
+        time_unix_ms: _,
+        node: _,
+        verdict,
+        direction,
+        pod,
+        peer_pod,
+        service,
+        protocol,
+        source,
+        destination,
+        reason_code,
+        reason,
+        policies: _,
+    } = record;
+    let pod = pod.as_deref().unwrap_or("<unknown pod>");
+    let peer = peer_pod.as_deref().unwrap_or_default();
+    let service = service.as_deref().unwrap_or_default();
     // One line shape for both verdicts; only the level and the words differ (tracing's levels
     // are fixed per call site, hence the macro).
     macro_rules! verdict_line {
@@ -116,47 +181,49 @@ fn log(event: &VerdictEvent, names: &Attribution) {
             $level!(
                 target: "netwarden::verdict",
                 verdict = $verdict,
-                direction = if ingress { "ingress" } else { "egress" },
+                direction = %direction,
                 pod,
                 peer_pod = peer,
                 service,
-                protocol = protocol_name(event.protocol),
+                protocol = protocol.as_str(),
                 source = %source,
                 destination = %destination,
-                policy_id = event.policy,
-                reason_code,
+                policy_id,
+                reason_code = reason_code.as_str(),
                 reason = %reason,
                 $message
             )
         };
     }
-    match row.map(|row| row.kind) {
-        Some(counter::Kind::Allow) => verdict_line!(info, "allow", "allowed"),
-        Some(counter::Kind::Audit) => verdict_line!(warn, "audit", "would be denied"),
-        _ => verdict_line!(warn, "deny", "denied"),
+    match verdict {
+        Verdict::Allow => verdict_line!(info, "allow", "allowed"),
+        Verdict::Audit => verdict_line!(warn, "audit", "would be denied"),
+        Verdict::Deny => verdict_line!(warn, "deny", "denied"),
     }
 }
 
 /// The event's row of `netwarden_common::counter::TABLE` (`None` for a number this build does
-/// not know), and why, in the operator's words: the rule or the policies behind it where the
-/// agent can name them, else the table's description.
+/// not know), why, in the operator's words (the rule or the policies behind it where the
+/// agent can name them, else the table's description), and those policies (`namespace/name`).
 fn verdict_reason(
     event: &VerdictEvent,
     names: &Attribution,
     endpoint: Option<&EndpointNames>,
     ingress: bool,
-) -> (Option<&'static counter::Reason>, String) {
+) -> (Option<&'static counter::Reason>, String, Vec<String>) {
     let row = counter::reason(u32::from(event.reason));
+    let mut policies = Vec::new();
     let words = match u32::from(event.reason) {
-        counter::ALLOWED_BY_POLICY => names.rules.get(&event.rule).map_or_else(
-            || {
-                format!(
-                    "allowed by rule {} (no longer in the policy set)",
-                    event.rule
-                )
-            },
-            |rule| format!("allowed by {rule}"),
-        ),
+        counter::ALLOWED_BY_POLICY => match names.rules.get(&event.rule) {
+            Some(rule) => {
+                policies.push(rule.policy.clone());
+                format!("allowed by {}", rule.rule)
+            }
+            None => format!(
+                "allowed by rule {} (no longer in the policy set)",
+                event.rule
+            ),
+        },
         counter::ALLOWED_NOT_ISOLATED => format!(
             "allowed: no NetworkPolicy isolates this pod for {}",
             if ingress { "ingress" } else { "egress" }
@@ -169,7 +236,7 @@ fn verdict_reason(
                     &endpoint.egress_isolated_by
                 }
             });
-            let policies: Vec<String> = isolating
+            policies = isolating
                 .into_iter()
                 .flatten()
                 .map(ToString::to_string)
@@ -189,7 +256,7 @@ fn verdict_reason(
             |row| row.description.to_owned(),
         ),
     };
-    (row, words)
+    (row, words, policies)
 }
 
 fn address(mapped: [u8; 16]) -> IpAddr {
@@ -223,7 +290,7 @@ mod tests {
                 reason: u8::try_from(row.id).unwrap(),
                 ..VerdictEvent::default()
             };
-            let (found, words) = verdict_reason(&event, &names, None, true);
+            let (found, words, _) = verdict_reason(&event, &names, None, true);
             assert_eq!(found, Some(row), "{}", row.label);
             assert!(!words.contains("unknown to this agent"), "{words}");
         }
@@ -231,7 +298,7 @@ mod tests {
             reason: u8::try_from(counter::COUNT).unwrap(),
             ..VerdictEvent::default()
         };
-        let (found, words) = verdict_reason(&beyond, &names, None, true);
+        let (found, words, _) = verdict_reason(&beyond, &names, None, true);
         assert_eq!(found, None);
         assert!(words.contains("unknown to this agent"), "{words}");
     }

@@ -1,20 +1,47 @@
 //! `netwarden explain`: which policy rule allows a flow, or which policies isolate it; for a
 //! flow to a Service, the same for the flow to each of its backends.
+//!
+//! One implementation, [`explain`], on a cluster snapshot from any of three places: a
+//! directory of manifests (offline), a running agent's applied state (`--agent`: the agent
+//! runs [`explain`] on it and sends the result back), or the cluster's API objects
+//! (`--kubeconfig`, listed the way the agent's Kubernetes source lists them).
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use netwarden_identity::{Connection, TrustDomain, acceptable_principals, decide::decide};
 use netwarden_model::{Cluster, ManifestDir, Protocol, ServiceRef};
 use netwarden_policy::evaluate::{self, Flow, ServiceFlowError, SideVerdict};
+use serde::{Deserialize, Serialize};
+
+use crate::observe::client::AgentAddress;
+
+/// How `explain` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// The lines, for people.
+    Text,
+    /// One JSON object: `allowed` and the same `lines`.
+    Json,
+}
 
 /// `netwarden explain`.
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("state").required(true).args(["manifests", "agent", "kubeconfig"])))]
 pub struct ExplainOptions {
-    /// Directory of manifests (Namespaces, Pods, NetworkPolicies, Services, EndpointSlices)
-    /// describing the cluster.
+    /// Explain on a directory of manifests (Namespaces, Pods, NetworkPolicies, Services,
+    /// EndpointSlices) describing the cluster.
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
+    /// Explain on what a running agent applied last: its observe endpoint, a Unix socket
+    /// (`/run/netwarden/observe.sock`) or a TCP address. The agent's node addresses and trust
+    /// domain are used; `--node-address` and `--trust-domain` are not.
+    #[arg(long)]
+    pub agent: Option<AgentAddress>,
+    /// Explain on the cluster's API objects, listed through this kubeconfig (its current
+    /// context) with the agent's own rules for invalid objects.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// The client: `namespace/pod` or an IP address.
     #[arg(long)]
     pub from: String,
@@ -41,14 +68,108 @@ pub struct ExplainOptions {
     /// The SPIFFE trust domain of workload identities (for mTLS-strict destinations).
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
+    /// `text` or `json`.
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    pub output: Output,
 }
+
+/// The flow to explain, as the CLI sends it to an agent (`POST /v1/explain`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainQuery {
+    /// The client: `namespace/pod` or an IP address.
+    pub from: String,
+    /// The server: `namespace/pod` or an IP address (or `to_service`).
+    pub to: Option<String>,
+    /// A Service, `namespace/name`.
+    pub to_service: Option<String>,
+    /// The destination port (the Service port with `to_service`).
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+}
+
+/// The verdict on a flow and the reasons, as printed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    /// The flow is allowed (to a Service: to at least one of its backends).
+    pub allowed: bool,
+    /// The explanation, as `--output text` prints it: the verdict first, then one line per
+    /// side and rule, indented.
+    pub lines: Vec<String>,
+}
+
+/// Why a flow cannot be explained.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// `--protocol` is not one a NetworkPolicy names.
+    #[error("--protocol {0:?}: expected TCP, UDP or SCTP")]
+    Protocol(String),
+    /// A pod argument is neither an address nor `namespace/pod`.
+    #[error("{0:?} is neither an IP address nor namespace/pod")]
+    NotAnEndpoint(String),
+    /// No such pod.
+    #[error("no Pod {0} in the cluster snapshot")]
+    NoPod(String),
+    /// The pod has no address (of the client's family).
+    #[error("Pod {0} has no IP address (of the same family)")]
+    NoAddress(String),
+    /// `--to-service` is not `namespace/name`.
+    #[error("--to-service {0:?}: expected namespace/name")]
+    ServiceName(String),
+    /// Neither `to` nor `to_service`.
+    #[error("--to or --to-service is required")]
+    NoDestination,
+    /// The Service cannot take the flow.
+    #[error(transparent)]
+    Service(#[from] ServiceFlowError),
+}
+
+/// How long `--kubeconfig` waits for the first complete list of every kind.
+const LIST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Prints the verdict and the rules behind it.
 pub fn run(options: &ExplainOptions) -> anyhow::Result<()> {
-    let mut source = ManifestDir::new(&options.manifests);
+    let query = ExplainQuery {
+        from: options.from.clone(),
+        to: options.to.clone(),
+        to_service: options.to_service.clone(),
+        port: options.port,
+        protocol: options.protocol.clone(),
+    };
+    let explanation = if let Some(agent) = &options.agent {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let connection = agent.connect().await?;
+            crate::observe::client::explain(connection, &query).await
+        })?
+    } else {
+        let cluster = match (&options.manifests, &options.kubeconfig) {
+            (Some(dir), _) => cluster_of_manifests(dir)?,
+            (None, Some(kubeconfig)) => cluster_of_api(kubeconfig)?,
+            (None, None) => anyhow::bail!("--manifests, --agent or --kubeconfig is required"),
+        };
+        let trust_domain = TrustDomain::new(&options.trust_domain).context("--trust-domain")?;
+        explain(&cluster, &options.node_addresses, &trust_domain, &query)?
+    };
+    match options.output {
+        Output::Text => {
+            for line in &explanation.lines {
+                println!("{line}");
+            }
+        }
+        Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+    }
+    Ok(())
+}
+
+/// The snapshot of a manifest directory; its problems are printed as warnings.
+fn cluster_of_manifests(dir: &std::path::Path) -> anyhow::Result<Cluster> {
+    let mut source = ManifestDir::new(dir);
     source
         .refresh()
-        .with_context(|| format!("reading {}", options.manifests.display()))?;
+        .with_context(|| format!("reading {}", dir.display()))?;
     let (cluster, errors) = source.cluster();
     for error in &errors {
         eprintln!("warning: {error}");
@@ -56,83 +177,118 @@ pub fn run(options: &ExplainOptions) -> anyhow::Result<()> {
     for problem in cluster.annotation_problems() {
         eprintln!("warning: {problem}");
     }
-    let protocol =
-        Protocol::from_api(&options.protocol.to_ascii_uppercase()).with_context(|| {
-            format!(
-                "--protocol {:?}: expected TCP, UDP or SCTP",
-                options.protocol
-            )
-        })?;
-    let source_ip = address(&cluster, &options.from, None)?;
-    if let Some(service) = &options.to_service {
+    Ok(cluster)
+}
+
+/// The snapshot of the cluster's API objects, listed by the agent's own Kubernetes source (so
+/// invalid objects are handled as the agent handles them); problems are printed as warnings.
+fn cluster_of_api(kubeconfig: &std::path::Path) -> anyhow::Result<Cluster> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = netwarden_kube::client(Some(kubeconfig))
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let mut source = netwarden_kube::KubeSource::start(client);
+        listed_cluster(&mut source, LIST_TIMEOUT).await
+    })
+}
+
+/// Waits until `source` has listed every kind, then takes its snapshot.
+async fn listed_cluster(
+    source: &mut netwarden_kube::KubeSource,
+    timeout: Duration,
+) -> anyhow::Result<Cluster> {
+    if tokio::time::timeout(timeout, source.synced())
+        .await
+        .is_err()
+    {
+        let (_, errors) = source.cluster();
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::bail!(
+            "the API objects were not all listed within {} s: {}",
+            timeout.as_secs(),
+            errors.join("; ")
+        );
+    }
+    let (cluster, errors) = source.cluster();
+    for error in &errors {
+        eprintln!("warning: {error}");
+    }
+    for problem in cluster.annotation_problems() {
+        eprintln!("warning: {problem}");
+    }
+    Ok(cluster)
+}
+
+/// The verdict on `query` in `cluster` and the rules behind it: what every form of
+/// `netwarden explain` prints, and what a running agent answers on its applied state.
+pub fn explain(
+    cluster: &Cluster,
+    node_addresses: &[IpAddr],
+    trust_domain: &TrustDomain,
+    query: &ExplainQuery,
+) -> Result<Explanation, ExplainError> {
+    let protocol = Protocol::from_api(&query.protocol.to_ascii_uppercase())
+        .ok_or_else(|| ExplainError::Protocol(query.protocol.clone()))?;
+    let source_ip = address(cluster, &query.from, None)?;
+    if let Some(service) = &query.to_service {
         let (namespace, name) = service
             .split_once('/')
-            .with_context(|| format!("--to-service {service:?}: expected namespace/name"))?;
+            .ok_or_else(|| ExplainError::ServiceName(service.clone()))?;
         let service = ServiceRef {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
         };
-        let trust_domain = TrustDomain::new(&options.trust_domain).context("--trust-domain")?;
-        let lines = service_lines(
-            &cluster,
-            &options.node_addresses,
-            &trust_domain,
+        let (allowed, lines) = service_lines(
+            cluster,
+            node_addresses,
+            trust_domain,
             source_ip,
             &service,
-            options.port,
+            query.port,
             protocol,
         )?;
-        for line in lines {
-            println!("{line}");
-        }
-        return Ok(());
+        return Ok(Explanation { allowed, lines });
     }
-    let to = options
-        .to
-        .as_deref()
-        .context("--to or --to-service is required")?;
-    let destination_ip = address(&cluster, to, Some(source_ip))?;
+    let to = query.to.as_deref().ok_or(ExplainError::NoDestination)?;
+    let destination_ip = address(cluster, to, Some(source_ip))?;
     let flow = Flow {
         source: source_ip,
         destination: destination_ip,
         protocol: protocol.number(),
-        port: options.port,
+        port: query.port,
     };
-    let verdict = evaluate::evaluate(&cluster, &options.node_addresses, &flow);
-
-    println!(
+    let verdict = evaluate::evaluate(cluster, node_addresses, &flow);
+    let allowed = verdict.allowed();
+    let mut lines = vec![format!(
         "{protocol} {} -> {} port {}: {}",
-        describe(&cluster, source_ip),
-        describe(&cluster, destination_ip),
-        options.port,
-        if verdict.allowed() {
-            "ALLOWED"
-        } else {
-            "DENIED"
-        }
+        describe(cluster, source_ip),
+        describe(cluster, destination_ip),
+        query.port,
+        if allowed { "ALLOWED" } else { "DENIED" }
+    )];
+    lines.extend(
+        verdict_lines(
+            cluster,
+            &verdict,
+            source_ip,
+            destination_ip,
+            query.port,
+            protocol,
+        )
+        .into_iter()
+        .map(|line| format!("  {line}")),
     );
-    for line in verdict_lines(
-        &cluster,
-        &verdict,
-        source_ip,
-        destination_ip,
-        options.port,
-        protocol,
-    ) {
-        println!("  {line}");
-    }
-    print_mtls(
-        &cluster,
-        options,
-        Flow {
-            source: source_ip,
-            destination: destination_ip,
-            protocol: protocol.number(),
-            port: options.port,
-        },
-        verdict.allowed(),
-    )?;
-    Ok(())
+    lines.extend(mtls_lines(
+        cluster,
+        node_addresses,
+        trust_domain,
+        flow,
+        allowed,
+    ));
+    Ok(Explanation { allowed, lines })
 }
 
 /// What a flow to port `port` of `service` meets at each of its ready backends: the flow
@@ -146,7 +302,7 @@ fn service_lines(
     service: &ServiceRef,
     port: u16,
     protocol: Protocol,
-) -> Result<Vec<String>, ServiceFlowError> {
+) -> Result<(bool, Vec<String>), ServiceFlowError> {
     let resolved =
         evaluate::service_flow(cluster, node_addresses, client, service, port, protocol)?;
     let port_name = resolved
@@ -160,9 +316,12 @@ fn service_lines(
         describe(cluster, client)
     );
     if resolved.backends.is_empty() {
-        return Ok(vec![format!(
-            "{head}: no ready backend of the client's address family; kube-proxy has nowhere to send it"
-        )]);
+        return Ok((
+            false,
+            vec![format!(
+                "{head}: no ready backend of the client's address family; kube-proxy has nowhere to send it"
+            )],
+        ));
     }
     let allowed = resolved
         .backends
@@ -218,7 +377,7 @@ fn service_lines(
             .map(|line| format!("  {line}")),
         );
     }
-    Ok(lines)
+    Ok((allowed > 0, lines))
 }
 
 /// The lines of both sides of a verdict on the flow from `source` to `destination:port`.
@@ -250,27 +409,8 @@ pub(crate) fn verdict_lines(
 }
 
 /// For an mTLS-strict destination: what the kernel's screen and the identity check add to the
-/// L4 verdict, and which principals the identity check would accept.
-fn print_mtls(
-    cluster: &Cluster,
-    options: &ExplainOptions,
-    flow: Flow,
-    l4_allowed: bool,
-) -> anyhow::Result<()> {
-    let trust_domain = TrustDomain::new(&options.trust_domain).context("--trust-domain")?;
-    for line in mtls_lines(
-        cluster,
-        &options.node_addresses,
-        &trust_domain,
-        flow,
-        l4_allowed,
-    ) {
-        println!("{line}");
-    }
-    Ok(())
-}
-
-/// The lines [`print_mtls`] prints; none when the destination is not mTLS-strict.
+/// L4 verdict, and which principals the identity check would accept; none when the destination
+/// is not mTLS-strict.
 fn mtls_lines(
     cluster: &Cluster,
     node_addresses: &[IpAddr],
@@ -396,24 +536,24 @@ fn address(
     cluster: &Cluster,
     text: &str,
     same_family_as: Option<IpAddr>,
-) -> anyhow::Result<IpAddr> {
+) -> Result<IpAddr, ExplainError> {
     if let Ok(ip) = text.parse::<IpAddr>() {
         return Ok(ip);
     }
     let Some((namespace, name)) = text.split_once('/') else {
-        bail!("{text:?} is neither an IP address nor namespace/pod");
+        return Err(ExplainError::NotAnEndpoint(text.to_owned()));
     };
     let pod = cluster
         .pods
         .values()
         .find(|pod| pod.id.namespace == namespace && pod.id.name == name)
-        .with_context(|| format!("no Pod {text} in the manifests"))?;
+        .ok_or_else(|| ExplainError::NoPod(text.to_owned()))?;
     let family = |ip: &&IpAddr| same_family_as.is_none_or(|other| other.is_ipv4() == ip.is_ipv4());
     pod.ips
         .iter()
         .find(family)
         .copied()
-        .with_context(|| format!("Pod {text} has no IP address (of the same family)"))
+        .ok_or_else(|| ExplainError::NoAddress(text.to_owned()))
 }
 
 fn describe(cluster: &Cluster, address: IpAddr) -> String {
@@ -590,8 +730,7 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}
             port,
             netwarden_model::Protocol::Tcp,
         )
-        .map_err(|error| error.to_string())
-        .unwrap_or_else(|error| vec![error])
+        .map_or_else(|error| vec![error.to_string()], |(_, lines)| lines)
     }
 
     #[test]
@@ -625,6 +764,49 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}
         assert_eq!(
             service(&cluster, "web", 443),
             ["Service x/web has no TCP port 443"]
+        );
+    }
+
+    /// `--kubeconfig`: the API objects, listed by the agent's Kubernetes source from a mocked
+    /// API server, explain a flow exactly as the same objects do as manifests.
+    #[tokio::test]
+    async fn the_cluster_api_explains_like_the_same_objects_as_manifests() {
+        let objects =
+            format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n---{SERVICE_CLUSTER}");
+        let (client, _) = crate::mock_api::client_of(&objects);
+        let mut source = netwarden_kube::KubeSource::start(client);
+        let live = super::listed_cluster(&mut source, crate::mock_api::STEP)
+            .await
+            .unwrap();
+        let (offline, errors) = netwarden_model::cluster_of_stream("cluster.yaml", &objects);
+        assert!(errors.is_empty(), "{errors:?}");
+        let queries = [
+            super::ExplainQuery {
+                from: "x/client".into(),
+                to: None,
+                to_service: Some("x/web".into()),
+                port: 80,
+                protocol: "tcp".into(),
+            },
+            super::ExplainQuery {
+                from: "x/client".into(),
+                to: Some("x/web-2".into()),
+                to_service: None,
+                port: 8080,
+                protocol: "TCP".into(),
+            },
+        ];
+        for query in &queries {
+            let explained =
+                |cluster| super::explain(cluster, &[], &TrustDomain::default(), query).unwrap();
+            let from_the_api = explained(&live);
+            assert_eq!(from_the_api, explained(&offline), "{query:?}");
+            assert!(from_the_api.lines.len() > 2, "{from_the_api:?}");
+        }
+        assert!(
+            !super::explain(&live, &[], &TrustDomain::default(), &queries[1])
+                .unwrap()
+                .allowed
         );
     }
 }

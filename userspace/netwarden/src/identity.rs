@@ -242,7 +242,7 @@ impl IdentityWiring {
 }
 
 /// Permission bits in octal (`0660`, `0o600`), at most `0777`.
-fn parse_mode(text: &str) -> Result<u32, String> {
+pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
     let digits = text.strip_prefix("0o").unwrap_or(text);
     u32::from_str_radix(digits, 8)
         .ok()
@@ -251,7 +251,7 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 }
 
 /// The id of the group named `group`, or `group` itself when it is a number.
-fn group_id(group: &str) -> anyhow::Result<u32> {
+pub(crate) fn group_id(group: &str) -> anyhow::Result<u32> {
     if let Ok(id) = group.parse() {
         return Ok(id);
     }

@@ -130,6 +130,16 @@ impl Input {
         }
     }
 
+    /// The cluster as the source holds it now, for an explain query: what the last apply
+    /// compiled, unless a change is waiting (the agent applies a change it has seen before it
+    /// answers a query). Posts no Events; problems are the apply's to report.
+    pub fn snapshot(&mut self) -> Cluster {
+        match self {
+            Self::Manifests { dir, .. } => dir.cluster().0,
+            Self::Kubernetes { source, .. } => source.cluster().0,
+        }
+    }
+
     /// Identifies the input the applied state reflects.
     pub fn digest(&self) -> String {
         match self {

@@ -16,6 +16,9 @@ mod input;
 mod live;
 mod matrix;
 mod metrics;
+#[cfg(test)]
+mod mock_api;
+mod observe;
 mod retry;
 mod snapshot;
 mod status;
@@ -36,6 +39,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at startup; the agent's options are its largest"
+)]
 enum Command {
     /// Enforce NetworkPolicies on this node's pods.
     Agent(agent::AgentOptions),
@@ -45,6 +52,8 @@ enum Command {
     Diff(diff::DiffOptions),
     /// Who can reach whom: the connectivity matrix, as text or an HTML page.
     Matrix(matrix::MatrixOptions),
+    /// Print the flows an agent decides: the ones it keeps, then (`--follow`) new ones.
+    Observe(observe::cli::ObserveCommand),
     /// Print the state the agent last applied.
     Status {
         /// The agent's status file.
@@ -98,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             }
         },
         Command::Matrix(options) => matrix::run(&options),
+        Command::Observe(command) => observe::cli::run(&command),
         Command::Status { status_file, json } => status::print(&status_file, json),
     }
 }
