@@ -7,7 +7,7 @@ use std::{io, net::IpAddr, path::PathBuf};
 use aya::{
     maps::MapError,
     pin::PinError,
-    programs::{LinkError, ProgramError},
+    programs::{ProgramError, links::LinkError},
 };
 use netwarden_model::PodRef;
 use netwarden_policy::PolicyId;

@@ -46,6 +46,8 @@ impl Addresses {
         }
     }
 
+    /// Empty maps (the unit tests' recording ones).
+    #[cfg(test)]
     pub fn new(owned: Keyed<EndpointAddress, u32>, owners: Keyed<IpKey, u32>) -> Self {
         Self {
             owned,

@@ -98,6 +98,8 @@ impl Policies {
         }
     }
 
+    /// Empty maps (the unit tests' recording ones).
+    #[cfg(test)]
     pub fn new(
         entries: Keyed<Key<PolicyKey>, PolicyEntry>,
         cidrs_v4: Keyed<Key<CidrKeyV4>, CidrClass>,
