@@ -4,7 +4,11 @@
 //! [`Hooks`] is what the apply asks of the kernel; [`Kernel`] does it with TCX links (clsact
 //! filters before Linux 6.6) and netfilter links, and the unit tests of `apply.rs` record it.
 
-use std::{collections::BTreeMap, collections::BTreeSet, fs, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::Path,
+};
 
 use aya::programs::{
     ProgramError, SchedClassifier, TcAttachType,

@@ -96,9 +96,7 @@ pub(crate) fn desired_endpoints(
 }
 
 /// Every (endpoint, address it may send from) of `desired`.
-pub(crate) fn owned_addresses(
-    desired: &BTreeMap<u32, DesiredEndpoint>,
-) -> BTreeSet<(u32, IpAddr)> {
+pub(crate) fn owned_addresses(desired: &BTreeMap<u32, DesiredEndpoint>) -> BTreeSet<(u32, IpAddr)> {
     desired
         .iter()
         .flat_map(|(ifindex, endpoint)| endpoint.addresses.iter().map(move |ip| (*ifindex, *ip)))

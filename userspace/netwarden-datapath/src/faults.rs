@@ -23,7 +23,6 @@ impl Faults {
     pub(crate) fn attach_fails(&mut self) -> bool {
         take(&mut self.attaches)
     }
-
 }
 
 /// The error an injected `ENDPOINTS` write failure returns: what a kernel out of memory says.

@@ -40,6 +40,7 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use netwarden_common::SETTING_ALLOW_EVENT_PERIOD;
 use netwarden_policy::DatapathState;
 
+use crate::{apply::Enforcer, loader::Kernel, netlink::NodeNetwork};
 pub use crate::{
     attach::{TranslationHook, clsact_placement},
     error::{ApplyError, AttachError, AttachFailure, DatapathError, PolicyMap},
@@ -47,7 +48,6 @@ pub use crate::{
     report::{ApplyReport, EndpointReport, EndpointState, Unenforced, UnenforcedEndpoint},
     usage::{MapUsage, VerdictCounters},
 };
-use crate::{apply::Enforcer, loader::Kernel, netlink::NodeNetwork};
 
 /// The loaded programs, their maps, and what the maps hold.
 pub struct Datapath {

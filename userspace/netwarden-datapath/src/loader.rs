@@ -21,8 +21,8 @@ use crate::{
     conntrack,
     error::DatapathError,
     maps::{
-        SyncedMaps, addresses::Addresses, endpoints::Endpoints, epoch::Epoch,
-        frontends::Frontends, identities::Identities, ipcache::IpCache, policies::Policies,
+        SyncedMaps, addresses::Addresses, endpoints::Endpoints, epoch::Epoch, frontends::Frontends,
+        identities::Identities, ipcache::IpCache, policies::Policies,
     },
     upgrade,
 };
@@ -160,7 +160,9 @@ pub(crate) fn open(bpffs: &Path, capacity: &Capacity) -> Result<Opened, Datapath
         ),
         identities: Identities::adopt(take_map(&mut ebpf, "IDENTITIES")?),
         frontends: Frontends::adopt(take_map(&mut ebpf, "FRONTENDS")?),
-        epoch: Epoch::new(Box::new(take_map::<Array<MapData, u32>>(&mut ebpf, "EPOCH")?)),
+        epoch: Epoch::new(Box::new(take_map::<Array<MapData, u32>>(
+            &mut ebpf, "EPOCH",
+        )?)),
         settings: Box::new(take_map::<Array<MapData, u32>>(&mut ebpf, "SETTINGS")?),
     };
     let inherited = inherited(&maps);

@@ -22,7 +22,8 @@ impl Datapath {
     pub fn sync_mtls(&mut self, strict: &StrictEndpoints) -> Result<bool, MapError> {
         let mut changed = false;
         let mut endpoints: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
-            self.kernel.ebpf
+            self.kernel
+                .ebpf
                 .map_mut("MTLS_STRICT_ENDPOINTS")
                 .ok_or_else(|| missing("MTLS_STRICT_ENDPOINTS"))?,
         )?;
@@ -34,7 +35,8 @@ impl Datapath {
             }
         }
         let mut ports: BpfHashMap<&mut MapData, MtlsExemptPort, u32> = BpfHashMap::try_from(
-            self.kernel.ebpf
+            self.kernel
+                .ebpf
                 .map_mut("MTLS_EXEMPT_PORTS")
                 .ok_or_else(|| missing("MTLS_EXEMPT_PORTS"))?,
         )?;
@@ -58,7 +60,8 @@ impl Datapath {
             changed = true;
         }
         let mut endpoints: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
-            self.kernel.ebpf
+            self.kernel
+                .ebpf
                 .map_mut("MTLS_STRICT_ENDPOINTS")
                 .ok_or_else(|| missing("MTLS_STRICT_ENDPOINTS"))?,
         )?;

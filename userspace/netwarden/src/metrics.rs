@@ -475,8 +475,8 @@ fn gauge_value(count: usize) -> i64 {
 mod tests {
     use std::{net::IpAddr, time::Duration};
 
-    use netwarden_common::{counter, direction};
     use aya::{maps::MapError, sys::SyscallError};
+    use netwarden_common::{counter, direction};
     use netwarden_datapath::{
         ApplyError, ApplyReport, EndpointReport, EndpointState, MapUsage, PolicyMap, Unenforced,
         UnenforcedEndpoint,

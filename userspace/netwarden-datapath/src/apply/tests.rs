@@ -173,7 +173,11 @@ fn a_changed_policy_is_written_whole_before_its_endpoint_switches_and_deleted_af
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 
     let switch = positions(&writes, |write| writes_endpoint(write, VETH_A));
-    assert_eq!(switch.len(), 1, "one write switches the endpoint: {writes:#?}");
+    assert_eq!(
+        switch.len(),
+        1,
+        "one write switches the endpoint: {writes:#?}"
+    );
     let switch = switch[0];
     assert!(
         matches!(&writes[switch], Write::Insert { value, .. }
@@ -224,12 +228,19 @@ fn a_new_endpoint_has_its_entry_before_its_programs_and_a_gone_one_loses_them_fi
                     hook,
                 }
         });
-        assert!(entry < attach, "{hook:?} attached before the entry: {writes:#?}");
+        assert!(
+            entry < attach,
+            "{hook:?} attached before the entry: {writes:#?}"
+        );
     }
     assert!(
-        !writes
-            .iter()
-            .any(|write| matches!(write, Write::Attach { ifindex: VETH_A, .. })),
+        !writes.iter().any(|write| matches!(
+            write,
+            Write::Attach {
+                ifindex: VETH_A,
+                ..
+            }
+        )),
         "an attached endpoint is not attached again: {writes:#?}"
     );
     let c = report
@@ -243,9 +254,7 @@ fn a_new_endpoint_has_its_entry_before_its_programs_and_a_gone_one_loses_them_fi
     );
 
     let (_, _, writes) = bench.apply(&cluster(80, false));
-    let detach = position(&writes, |write| {
-        *write == Write::Detach { ifindex: VETH_C }
-    });
+    let detach = position(&writes, |write| *write == Write::Detach { ifindex: VETH_C });
     let removal = position(&writes, |write| removes_endpoint(write, VETH_C));
     assert!(
         detach < removal,

@@ -60,10 +60,8 @@ impl Addresses {
     /// Makes both maps hold exactly `wanted`: (endpoint's ifindex, address it owns).
     pub fn sync(&mut self, wanted: &BTreeSet<(u32, IpAddr)>) -> Synced {
         let mut synced = Synced::default();
-        let missing: Vec<(u32, IpAddr)> = wanted
-            .difference(&self.installed_owned)
-            .copied()
-            .collect();
+        let missing: Vec<(u32, IpAddr)> =
+            wanted.difference(&self.installed_owned).copied().collect();
         for (ifindex, ip) in missing {
             let key = EndpointAddress {
                 ifindex,
@@ -74,14 +72,14 @@ impl Addresses {
                     self.installed_owned.insert((ifindex, ip));
                     synced.change();
                 }
-                Err(source) => synced.fail(ApplyError::EndpointAddress { ifindex, ip, source }),
+                Err(source) => synced.fail(ApplyError::EndpointAddress {
+                    ifindex,
+                    ip,
+                    source,
+                }),
             }
         }
-        let gone: Vec<(u32, IpAddr)> = self
-            .installed_owned
-            .difference(wanted)
-            .copied()
-            .collect();
+        let gone: Vec<(u32, IpAddr)> = self.installed_owned.difference(wanted).copied().collect();
         for (ifindex, ip) in gone {
             let _ = self.owned.remove(&EndpointAddress {
                 ifindex,

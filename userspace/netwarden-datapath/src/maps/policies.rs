@@ -236,7 +236,8 @@ impl Policies {
                     &mut installed.cidrs_v6,
                 ),
             };
-            inserted.map_err(|source| does_not_fit(PolicyMap::Cidrs, compiled.cidrs.len(), source))?;
+            inserted
+                .map_err(|source| does_not_fit(PolicyMap::Cidrs, compiled.cidrs.len(), source))?;
         }
         for (entry, rule) in &compiled.entries {
             let (prefix_len, data) = entry.key(id);

@@ -192,7 +192,10 @@ pub(crate) struct Content(Arc<Mutex<BTreeMap<String, String>>>);
 
 impl Content {
     pub fn entries(&self) -> BTreeMap<String, String> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -226,7 +229,11 @@ impl<K: 'static, V: Debug + Send + 'static> KeyedMap<K, V> for RecordingMap<K> {
     fn insert(&mut self, key: &K, value: V) -> Result<(), MapError> {
         let key = (self.describe)(key);
         let value = format!("{value:?}");
-        let mut content = self.content.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut content = self
+            .content
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if !content.contains_key(&key) && content.len() >= self.capacity {
             return Err(full());
         }
