@@ -60,10 +60,12 @@ status: {podIP: 10.0.0.3}
     text
 }
 
-/// A node whose pods `x/a` and `x/c` sit behind point-to-point veths with host routes.
-fn node() -> NodeNetwork {
+/// A node whose pod `x/a`, and `x/c` when `with_c`, sit behind point-to-point veths with host
+/// routes (the CNI creates a pod's veth with the pod).
+fn node(with_c: bool) -> NodeNetwork {
     let mut network = NodeNetwork::default();
-    for (index, ip) in [(VETH_A, "10.0.0.1/32"), (VETH_C, "10.0.0.3/32")] {
+    let veths = [(VETH_A, "10.0.0.1/32"), (VETH_C, "10.0.0.3/32")];
+    for (index, ip) in veths.into_iter().take(if with_c { 2 } else { 1 }) {
         network.interfaces.insert(
             index,
             Interface {
@@ -100,12 +102,18 @@ impl Bench {
         }
     }
 
-    /// Compiles `manifests` and applies them; returns the compiled state and the writes.
-    fn apply(&mut self, manifests: &str) -> (DatapathState, crate::ApplyReport, Vec<Write>) {
-        let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", manifests);
+    /// Compiles [`cluster`]`(port, with_c)` and applies it on [`node`]`(with_c)`; returns the
+    /// compiled state, the report and the writes.
+    fn apply(
+        &mut self,
+        port: u16,
+        with_c: bool,
+    ) -> (DatapathState, crate::ApplyReport, Vec<Write>) {
+        let manifests = cluster(port, with_c);
+        let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", &manifests);
         assert!(errors.is_empty(), "{errors:?}");
         let state = self.compiler.sync(cluster).clone();
-        let report = self.enforcer.apply(&mut self.hooks, &state, &node());
+        let report = self.enforcer.apply(&mut self.hooks, &state, &node(with_c));
         (state, report, self.recorder.take())
     }
 }
@@ -164,10 +172,10 @@ fn bumps_epoch(write: &Write) -> bool {
 #[test]
 fn a_changed_policy_is_written_whole_before_its_endpoint_switches_and_deleted_after() {
     let mut bench = Bench::new(&[]);
-    let (before, _, _) = bench.apply(&cluster(80, false));
+    let (before, _, _) = bench.apply(80, false);
     let old = ingress_of(&before, "a");
 
-    let (after, report, writes) = bench.apply(&cluster(81, false));
+    let (after, report, writes) = bench.apply(81, false);
     let new = ingress_of(&after, "a");
     assert_ne!(old, new, "a changed policy gets a new id");
     assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -216,9 +224,9 @@ fn a_changed_policy_is_written_whole_before_its_endpoint_switches_and_deleted_af
 #[test]
 fn a_new_endpoint_has_its_entry_before_its_programs_and_a_gone_one_loses_them_first() {
     let mut bench = Bench::new(&[]);
-    bench.apply(&cluster(80, false));
+    bench.apply(80, false);
 
-    let (_, report, writes) = bench.apply(&cluster(80, true));
+    let (_, report, writes) = bench.apply(80, true);
     let entry = position(&writes, |write| writes_endpoint(write, VETH_C));
     for hook in Hook::ALL {
         let attach = position(&writes, |write| {
@@ -253,7 +261,7 @@ fn a_new_endpoint_has_its_entry_before_its_programs_and_a_gone_one_loses_them_fi
         (Some("x/c".to_owned()), EndpointState::Ready, true)
     );
 
-    let (_, _, writes) = bench.apply(&cluster(80, false));
+    let (_, _, writes) = bench.apply(80, false);
     let detach = position(&writes, |write| *write == Write::Detach { ifindex: VETH_C });
     let removal = position(&writes, |write| removes_endpoint(write, VETH_C));
     assert!(
@@ -266,7 +274,7 @@ fn a_new_endpoint_has_its_entry_before_its_programs_and_a_gone_one_loses_them_fi
 #[test]
 fn a_policy_that_does_not_fit_leaves_nothing_of_itself_and_locks_its_endpoints_down() {
     let mut bench = Bench::new(&[("POLICY", 0)]);
-    let (state, report, writes) = bench.apply(&cluster(80, false));
+    let (state, report, writes) = bench.apply(80, false);
     let id = ingress_of(&state, "a");
 
     assert_eq!(report.failed_policies, [id].into());
@@ -298,7 +306,7 @@ fn a_policy_that_does_not_fit_leaves_nothing_of_itself_and_locks_its_endpoints_d
 fn an_endpoint_whose_programs_did_not_attach_is_unenforced_and_attached_at_the_next_apply() {
     let mut bench = Bench::new(&[]);
     bench.hooks.failing_attaches = 1;
-    let (_, report, _) = bench.apply(&cluster(80, false));
+    let (_, report, _) = bench.apply(80, false);
     assert_eq!(
         report
             .unenforced
@@ -310,7 +318,7 @@ fn an_endpoint_whose_programs_did_not_attach_is_unenforced_and_attached_at_the_n
     assert_eq!(report.errors.len(), 1);
     assert_eq!(report.errors[0].metric_label(), "attach");
 
-    let (_, report, writes) = bench.apply(&cluster(80, false));
+    let (_, report, writes) = bench.apply(80, false);
     assert!(report.unenforced.is_empty(), "{:?}", report.unenforced);
     assert_eq!(
         writes,
