@@ -362,7 +362,7 @@ impl Hooks for Kernel {
     /// and flows to Services are judged on the Service's address.
     fn attach_translation_hook(&mut self) -> Result<(), NetfilterError> {
         let layout = netfilter::kernel_layout(Path::new("/sys/kernel/btf/vmlinux"))?;
-        self.kernel_layout
+        self.field_offsets
             .set(0, layout, 0)
             .map_err(|source| NetfilterError::Map {
                 name: "KERNEL_LAYOUT".into(),

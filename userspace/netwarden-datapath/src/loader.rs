@@ -85,8 +85,9 @@ pub struct Inherited {
 pub(crate) struct Kernel {
     pub ebpf: Ebpf,
     pub layout: PinLayout,
-    /// Offsets of kernel fields, written before the hook after translation is loaded.
-    pub kernel_layout: Array<MapData, KernelLayout>,
+    /// `KERNEL_LAYOUT`: offsets of the kernel fields the hook after translation reads, written
+    /// before it is loaded.
+    pub field_offsets: Array<MapData, KernelLayout>,
     #[cfg(feature = "test-support")]
     pub faults: crate::faults::Faults,
 }
@@ -170,7 +171,7 @@ pub(crate) fn open(bpffs: &Path, capacity: &Capacity) -> Result<Opened, Datapath
         verdicts: take_map(&mut ebpf, "VERDICTS")?,
         events: take_map(&mut ebpf, "EVENTS")?,
         kernel: Kernel {
-            kernel_layout: take_map(&mut ebpf, "KERNEL_LAYOUT")?,
+            field_offsets: take_map(&mut ebpf, "KERNEL_LAYOUT")?,
             ebpf,
             layout,
             #[cfg(feature = "test-support")]

@@ -162,10 +162,7 @@ fn apply(
     for message in &errors {
         warn!(%message, "not enforced as written");
     }
-    for error in &report.errors {
-        warn!(message = %error, kind = error.metric_label(), "not enforced as written");
-    }
-    errors.extend(report.errors.iter().map(ToString::to_string));
+    errors.extend(datapath_errors(&report));
     let status = Status {
         pid: std::process::id(),
         generation,
@@ -235,6 +232,19 @@ fn apply(
         "applied"
     );
     report.unenforced.len()
+}
+
+/// Logs what the datapath could not carry out, by kind, and returns it as the status file
+/// lists it.
+fn datapath_errors(report: &ApplyReport) -> Vec<String> {
+    report
+        .errors
+        .iter()
+        .map(|error| {
+            warn!(message = %error, kind = error.metric_label(), "not enforced as written");
+            error.to_string()
+        })
+        .collect()
 }
 
 /// After an apply: a retry scheduled while a local pod is unenforced (readiness says so too:

@@ -589,6 +589,19 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         assert_eq!(value(&text, &series("interface_missing")), "1");
     }
 
+    /// What the datapath reports when policy `id` does not fit the policy map.
+    fn policy_map_full(id: u32) -> ApplyError {
+        ApplyError::PolicyDoesNotFit {
+            id,
+            map: PolicyMap::Entries,
+            needed: 5,
+            source: MapError::SyscallError(SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: std::io::Error::from_raw_os_error(libc::E2BIG),
+            }),
+        }
+    }
+
     #[test]
     fn a_compiled_apply_renders_its_gauges_and_latency() {
         let (policies, state) = compiled();
@@ -611,15 +624,7 @@ spec: {podSelector: {}, policyTypes: [Egress]}
                 },
             ],
             pending: vec![],
-            errors: vec![ApplyError::PolicyDoesNotFit {
-                id: 1,
-                map: PolicyMap::Entries,
-                needed: 5,
-                source: MapError::SyscallError(SyscallError {
-                    call: "bpf_map_update_elem",
-                    io_error: std::io::Error::from_raw_os_error(libc::E2BIG),
-                }),
-            }],
+            errors: vec![policy_map_full(1)],
             changed: true,
             ..ApplyReport::default()
         };
