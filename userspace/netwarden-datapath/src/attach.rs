@@ -255,6 +255,10 @@ impl Attachments {
 
 impl Kernel {
     /// Whether programs are attached with TCX links (else as clsact filters).
+    #[cfg_attr(
+        not(feature = "test-support"),
+        expect(clippy::unused_self, reason = "only injected faults read it")
+    )]
     fn has_tcx(&self) -> bool {
         #[cfg(feature = "test-support")]
         if self.faults.no_tcx {
