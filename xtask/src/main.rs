@@ -249,19 +249,13 @@ pub fn run_command(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the agent and `package` with the release profile.
+/// Builds the agent and `package` with the release profile, one at a time: built in one
+/// command, the agent would get the features `package` enables in a shared dependency (the
+/// benchmarks enable `netwarden-datapath/test-support`, which production builds must not
+/// contain).
 fn build_release(package: &str) -> anyhow::Result<()> {
-    run(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--package",
-            "netwarden",
-            "--package",
-            package,
-        ],
-    )
+    run("cargo", &["build", "--release", "--package", "netwarden"])?;
+    run("cargo", &["build", "--release", "--package", package])
 }
 
 fn e2e(paths: &[PathBuf], verbose: bool) -> anyhow::Result<()> {

@@ -1,6 +1,6 @@
 //! Failures a test can inject into the datapath's kernel calls (feature `test-support`), so the
 //! agent's retries can be tested without a kernel that misbehaves. Not part of the production
-//! API: the feature is enabled only by this crate's own tests and the agent's.
+//! API: the feature is enabled only from dev-dependencies and the benchmark crate.
 
 use std::io;
 
@@ -23,16 +23,14 @@ impl Faults {
     pub(crate) fn attach_fails(&mut self) -> bool {
         take(&mut self.attaches)
     }
+}
 
-    /// The error of the next `ENDPOINTS` write, if it fails (and counts it).
-    pub(crate) fn endpoint_write_error(&mut self) -> Option<MapError> {
-        take(&mut self.endpoint_writes).then(|| {
-            MapError::SyscallError(SyscallError {
-                call: "bpf_map_update_elem",
-                io_error: io::Error::from_raw_os_error(libc::ENOMEM),
-            })
-        })
-    }
+/// The error an injected `ENDPOINTS` write failure returns: what a kernel out of memory says.
+pub(crate) fn injected_map_error() -> MapError {
+    MapError::SyscallError(SyscallError {
+        call: "bpf_map_update_elem",
+        io_error: io::Error::from_raw_os_error(libc::ENOMEM),
+    })
 }
 
 fn take(remaining: &mut u32) -> bool {

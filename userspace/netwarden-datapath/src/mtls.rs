@@ -10,7 +10,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use netwarden_common::{FlowKey, FlowKeyV4, FlowState, MTLS_STRICT, MtlsExemptPort, flow_flags};
 use netwarden_policy::lookup::mapped;
 
-use crate::{Datapath, DatapathError, take_map};
+use crate::{Datapath, DatapathError, loader::take_map};
 
 /// mTLS-strict endpoints by the ifindex of their veth, each with its exempt ports.
 pub type StrictEndpoints = BTreeMap<u32, BTreeSet<u16>>;
@@ -22,7 +22,8 @@ impl Datapath {
     pub fn sync_mtls(&mut self, strict: &StrictEndpoints) -> Result<bool, MapError> {
         let mut changed = false;
         let mut endpoints: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
-            self.ebpf
+            self.kernel
+                .ebpf
                 .map_mut("MTLS_STRICT_ENDPOINTS")
                 .ok_or_else(|| missing("MTLS_STRICT_ENDPOINTS"))?,
         )?;
@@ -34,7 +35,8 @@ impl Datapath {
             }
         }
         let mut ports: BpfHashMap<&mut MapData, MtlsExemptPort, u32> = BpfHashMap::try_from(
-            self.ebpf
+            self.kernel
+                .ebpf
                 .map_mut("MTLS_EXEMPT_PORTS")
                 .ok_or_else(|| missing("MTLS_EXEMPT_PORTS"))?,
         )?;
@@ -58,7 +60,8 @@ impl Datapath {
             changed = true;
         }
         let mut endpoints: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
-            self.ebpf
+            self.kernel
+                .ebpf
                 .map_mut("MTLS_STRICT_ENDPOINTS")
                 .ok_or_else(|| missing("MTLS_STRICT_ENDPOINTS"))?,
         )?;
@@ -76,8 +79,8 @@ impl Datapath {
     /// identity check's task).
     pub fn flow_cutter(&mut self) -> Result<FlowCutter, DatapathError> {
         Ok(FlowCutter {
-            ipv4: take_map(&mut self.ebpf, crate::conntrack::TABLE_V4)?,
-            ipv6: take_map(&mut self.ebpf, crate::conntrack::TABLE_V6)?,
+            ipv4: take_map(&mut self.kernel.ebpf, crate::conntrack::TABLE_V4)?,
+            ipv6: take_map(&mut self.kernel.ebpf, crate::conntrack::TABLE_V6)?,
         })
     }
 }

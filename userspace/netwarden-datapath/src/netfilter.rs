@@ -78,6 +78,19 @@ pub enum NetfilterError {
     },
 }
 
+impl NetfilterError {
+    /// The error's kind, as a metric label.
+    #[must_use]
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Btf(_) => "btf",
+            Self::Object(_) => "object",
+            Self::Map { .. } => "map",
+            Self::Syscall { .. } => "syscall",
+        }
+    }
+}
+
 /// Offsets of the kernel fields the program reads, from the running kernel's BTF.
 pub fn kernel_layout(btf_path: &Path) -> Result<KernelLayout, NetfilterError> {
     let data = fs::read(btf_path)

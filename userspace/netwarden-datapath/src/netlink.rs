@@ -93,7 +93,9 @@ pub struct NodeNetwork {
 impl NodeNetwork {
     /// A node whose only pod sits behind the loopback (ifindex 1, which always exists), reached
     /// through host routes to `addresses`: the network the programs see when they are run with
-    /// `BPF_PROG_TEST_RUN` on crafted packets (tests, the classifier benchmark).
+    /// `BPF_PROG_TEST_RUN` on crafted packets (tests, the classifier benchmark; feature
+    /// `test-support`).
+    #[cfg(feature = "test-support")]
     #[must_use]
     pub fn behind_loopback(addresses: &[IpAddr]) -> Self {
         const LOOPBACK: u32 = 1;

@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use netwarden_datapath::{Capacity, Datapath};
+use netwarden_datapath::{Capacity, Datapath, EndpointState};
 use netwarden_policy::Compiler;
 
 mod common;
@@ -83,7 +83,7 @@ impl Harness {
         let locked = report
             .endpoints
             .iter()
-            .any(|endpoint| endpoint.state == "locked");
+            .any(|endpoint| endpoint.state == EndpointState::Locked);
         assert_eq!(
             locked, !expect_clean,
             "only a harness too small for its policy locks: {report:?}"

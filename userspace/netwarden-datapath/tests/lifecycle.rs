@@ -10,7 +10,9 @@ mod netns;
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use netwarden_datapath::{Capacity, Datapath, TranslationHook, Unenforced, faults::Faults};
+use netwarden_datapath::{
+    Capacity, Datapath, EndpointState, TranslationHook, Unenforced, faults::Faults,
+};
 use netwarden_policy::Compiler;
 
 use crate::{common::PrivateBpffs, netns::in_new_netns};
@@ -59,8 +61,8 @@ fn a_failed_attach_or_endpoint_write_is_reported_and_the_next_apply_takes_it_up(
         let report = datapath.apply(&state, &network);
         assert_eq!(reasons(&report), [Unenforced::MapWriteFailed], "{report:?}");
         assert_eq!(
-            report.unenforced[0].pod.as_deref(),
-            Some("x/server"),
+            report.unenforced[0].pod.as_ref().map(ToString::to_string),
+            Some("x/server".to_owned()),
             "{report:?}"
         );
 
@@ -198,7 +200,7 @@ fn a_restart_at_60_percent_of_the_policy_map_keeps_every_id_and_writes_nothing()
         report
             .endpoints
             .iter()
-            .all(|endpoint| endpoint.state == "ready"),
+            .all(|endpoint| endpoint.state == EndpointState::Ready),
         "nothing locked down: {report:?}"
     );
     let after = pinned_content(root);

@@ -169,10 +169,10 @@ fn apply(
     let latency = change_seen.map(|seen| seen.elapsed());
     identity.refresh(identity_input, network, state, &mut errors);
     errors.extend(state.warnings.iter().cloned());
-    errors.extend(report.errors.iter().cloned());
     for message in &errors {
         warn!(%message, "not enforced as written");
     }
+    errors.extend(datapath_errors(&report));
     let status = Status {
         pid: std::process::id(),
         generation,
@@ -185,19 +185,19 @@ fn apply(
             .endpoints
             .iter()
             .map(|endpoint| EndpointStatus {
-                pod: endpoint.pod.clone(),
+                pod: endpoint.pod.as_ref().map(ToString::to_string),
                 interface: endpoint.interface.clone(),
                 ifindex: endpoint.ifindex,
-                state: endpoint.state.to_owned(),
+                state: endpoint.state.label().to_owned(),
                 attached: endpoint.attached,
             })
             .collect(),
-        pending: report.pending.clone(),
+        pending: report.pending.iter().map(ToString::to_string).collect(),
         unenforced: report
             .unenforced
             .iter()
             .map(|endpoint| UnenforcedStatus {
-                pod: endpoint.pod.clone(),
+                pod: endpoint.pod.as_ref().map(ToString::to_string),
                 interface: endpoint.interface.clone(),
                 reason: endpoint.reason.label().to_owned(),
             })
@@ -242,6 +242,19 @@ fn apply(
         "applied"
     );
     report.unenforced.len()
+}
+
+/// Logs what the datapath could not carry out, by kind, and returns it as the status file
+/// lists it.
+fn datapath_errors(report: &ApplyReport) -> Vec<String> {
+    report
+        .errors
+        .iter()
+        .map(|error| {
+            warn!(message = %error, kind = error.metric_label(), "not enforced as written");
+            error.to_string()
+        })
+        .collect()
 }
 
 /// After an apply: a retry scheduled while a local pod is unenforced (readiness says so too:
@@ -335,14 +348,15 @@ fn over_capacity(state: &DatapathState, report: &ApplyReport) -> Vec<Unenforceab
             ("spec.egress", endpoint.egress, &endpoint.egress_isolated_by),
         ];
         for (field, id, policies) in directions {
-            let Some(why) = id.and_then(|id| report.failed_policies.get(&id)) else {
+            let Some(why) = id.and_then(|id| report.policy_failure(id)) else {
                 continue;
             };
             let pod = endpoint.pod.to_string();
+            let why = why.to_string();
             problems.extend(
                 policies
                     .iter()
-                    .map(|policy| Unenforceable::over_capacity(policy.clone(), field, &pod, why)),
+                    .map(|policy| Unenforceable::over_capacity(policy.clone(), field, &pod, &why)),
             );
         }
     }
@@ -356,13 +370,12 @@ fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &
         .endpoints
         .iter()
         .map(|endpoint| {
-            let local = endpoint.pod.as_deref().and_then(|pod| {
-                state
-                    .endpoints
-                    .get(&netwarden_model::manifests::pod_ref(pod))
-            });
+            let local = endpoint
+                .pod
+                .as_ref()
+                .and_then(|pod| state.endpoints.get(pod));
             let names = EndpointNames {
-                pod: endpoint.pod.clone(),
+                pod: endpoint.pod.as_ref().map(ToString::to_string),
                 ingress_isolated_by: local
                     .map(|local| local.ingress_isolated_by.clone())
                     .unwrap_or_default(),
@@ -668,7 +681,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 mod tests {
     use std::net::IpAddr;
 
-    use netwarden_datapath::ApplyReport;
+    use aya::{maps::MapError, sys::SyscallError};
+    use netwarden_datapath::{ApplyError, ApplyReport, PolicyMap};
     use netwarden_kube::events::Reason;
     use netwarden_model::{ManifestDir, PolicyRef};
     use netwarden_policy::Compiler;
@@ -792,9 +806,16 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         let endpoint = state.endpoints.values().next().unwrap();
         let ingress = endpoint.ingress.expect("b is isolated for ingress");
         let mut report = ApplyReport::default();
-        report
-            .failed_policies
-            .insert(ingress, "CIDR map is full".to_owned());
+        report.failed_policies.insert(ingress);
+        report.errors.push(ApplyError::PolicyDoesNotFit {
+            id: ingress,
+            map: PolicyMap::Cidrs,
+            needed: 1,
+            source: MapError::SyscallError(SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: std::io::Error::from_raw_os_error(libc::E2BIG),
+            }),
+        });
 
         let problems = over_capacity(&state, &report);
         let [problem] = problems.as_slice() else {
@@ -811,7 +832,7 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         assert_eq!(problem.field, "spec.ingress");
         assert!(problem.detail.contains("pod x/b"), "{}", problem.detail);
         assert!(
-            problem.detail.contains("CIDR map is full"),
+            problem.detail.contains("CIDR map is full or failing"),
             "{}",
             problem.detail
         );

@@ -15,7 +15,7 @@ use std::{
 
 use netwarden_common::{counter, direction};
 use netwarden_datapath::{
-    ApplyReport, MapUsage, Unenforced,
+    ApplyReport, EndpointState, MapUsage, Unenforced,
     conntrack::{SweepReport, TABLE_V4, TABLE_V6},
 };
 use netwarden_identity::CUT_RATE_LIMITED;
@@ -99,9 +99,6 @@ const DIRECTIONS: [(u32, &str); 2] = [
     (direction::INGRESS, "ingress"),
     (direction::EGRESS, "egress"),
 ];
-
-/// Endpoint states of `netwarden_datapath::EndpointReport::state`.
-const ENDPOINT_STATES: [&str; 3] = ["ready", "unknown", "locked"];
 
 /// What one apply produced, for [`Metrics::observe_apply`].
 pub struct Applied<'a> {
@@ -279,8 +276,10 @@ impl Metrics {
             };
             drop(self.unreported_events.get_or_create(&labels));
         }
-        for state in ENDPOINT_STATES {
-            drop(self.endpoints.get_or_create(&StateLabels { state }));
+        for state in EndpointState::ALL {
+            drop(self.endpoints.get_or_create(&StateLabels {
+                state: state.label(),
+            }));
         }
         for reason in Unenforced::ALL {
             drop(self.endpoints_unenforced.get_or_create(&UnenforcedLabels {
@@ -303,16 +302,18 @@ impl Metrics {
         self.compiled_policies
             .set(gauge_value(state.policies.len()));
         self.identities.set(gauge_value(state.identities.len()));
-        for state_name in ENDPOINT_STATES {
+        for state in EndpointState::ALL {
             let count = report
                 .endpoints
                 .iter()
-                .filter(|endpoint| endpoint.state == state_name)
+                .filter(|endpoint| endpoint.state == state)
                 .count();
             self.endpoints
-                .get_or_create(&StateLabels { state: state_name })
+                .get_or_create(&StateLabels {
+                    state: state.label(),
+                })
                 .set(gauge_value(count));
-            if state_name == "locked" {
+            if state == EndpointState::Locked {
                 self.endpoints_locked_down.set(gauge_value(count));
             }
         }
@@ -474,10 +475,13 @@ fn gauge_value(count: usize) -> i64 {
 mod tests {
     use std::{net::IpAddr, time::Duration};
 
+    use aya::{maps::MapError, sys::SyscallError};
     use netwarden_common::{counter, direction};
     use netwarden_datapath::{
-        ApplyReport, EndpointReport, MapUsage, Unenforced, UnenforcedEndpoint,
+        ApplyError, ApplyReport, EndpointReport, EndpointState, MapUsage, PolicyMap, Unenforced,
+        UnenforcedEndpoint,
     };
+    use netwarden_model::manifests::pod_ref;
     use netwarden_policy::{Compiler, DatapathState};
 
     use super::{Applied, Metrics};
@@ -552,12 +556,12 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         let report = ApplyReport {
             unenforced: vec![
                 UnenforcedEndpoint {
-                    pod: Some("x/c".into()),
+                    pod: Some(pod_ref("x/c")),
                     interface: None,
                     reason: Unenforced::InterfaceMissing,
                 },
                 UnenforcedEndpoint {
-                    pod: Some("x/a".into()),
+                    pod: Some(pod_ref("x/a")),
                     interface: Some("veth-a".into()),
                     reason: Unenforced::AttachFailed,
                 },
@@ -585,6 +589,19 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         assert_eq!(value(&text, &series("interface_missing")), "1");
     }
 
+    /// What the datapath reports when policy `id` does not fit the policy map.
+    fn policy_map_full(id: u32) -> ApplyError {
+        ApplyError::PolicyDoesNotFit {
+            id,
+            map: PolicyMap::Entries,
+            needed: 5,
+            source: MapError::SyscallError(SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: std::io::Error::from_raw_os_error(libc::E2BIG),
+            }),
+        }
+    }
+
     #[test]
     fn a_compiled_apply_renders_its_gauges_and_latency() {
         let (policies, state) = compiled();
@@ -592,22 +609,22 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         let report = ApplyReport {
             endpoints: vec![
                 EndpointReport {
-                    pod: Some("x/a".into()),
+                    pod: Some(pod_ref("x/a")),
                     interface: "veth-a".into(),
                     ifindex: 5,
-                    state: "ready",
+                    state: EndpointState::Ready,
                     attached: true,
                 },
                 EndpointReport {
-                    pod: Some("x/b".into()),
+                    pod: Some(pod_ref("x/b")),
                     interface: "veth-b".into(),
                     ifindex: 6,
-                    state: "locked",
+                    state: EndpointState::Locked,
                     attached: true,
                 },
             ],
             pending: vec![],
-            errors: vec!["policy 1: policy map is full or failing".into()],
+            errors: vec![policy_map_full(1)],
             changed: true,
             ..ApplyReport::default()
         };

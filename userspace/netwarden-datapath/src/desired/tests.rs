@@ -6,9 +6,10 @@ use netwarden_common::endpoint_state;
 use netwarden_model::PodRef;
 use netwarden_policy::{DatapathState, LocalEndpoint};
 
+use super::desired_endpoints;
 use crate::{
-    ApplyReport, desired_endpoints,
     netlink::{Interface, NodeNetwork, Peer},
+    report::ApplyReport,
 };
 
 const CNI0: u32 = 3;
@@ -88,13 +89,14 @@ fn endpoints(state: &DatapathState, network: &NodeNetwork) -> (Vec<Seen>, Vec<St
         .map(|(index, endpoint)| {
             (
                 index,
-                endpoint.pod,
+                endpoint.pod.map(|pod| pod.to_string()),
                 endpoint.value.state,
                 endpoint.addresses,
             )
         })
         .collect();
-    (endpoints, report.pending)
+    let pending = report.pending.iter().map(ToString::to_string).collect();
+    (endpoints, pending)
 }
 
 #[test]

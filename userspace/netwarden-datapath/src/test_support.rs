@@ -1,0 +1,96 @@
+//! Running the programs on crafted packets (`BPF_PROG_TEST_RUN`) instead of attaching them:
+//! for tests and the per-packet benchmark only (feature `test-support`).
+
+use std::time::Duration;
+
+use aya::programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions};
+
+use crate::{Datapath, attach::Hook};
+
+/// The program benchmarks run to measure `BPF_PROG_TEST_RUN` alone.
+const TEST_RUN_BASELINE: &str = "test_run_baseline";
+
+impl Datapath {
+    /// Keeps the programs unattached: maps are written as usual and the programs can be run on
+    /// crafted packets with [`Datapath::test_run`], without touching any interface.
+    pub fn detached(&mut self) {
+        self.enforcer.attachments.enabled = false;
+    }
+
+    /// Runs the program of one hook on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times, as if
+    /// it arrived on interface `ifindex` (the kernel requires the interface to exist; 1, the
+    /// loopback, always does). Returns the program's verdict and the mean time per run.
+    pub fn test_run(
+        &self,
+        towards_pod: bool,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(i32, Duration), ProgramError> {
+        let name = if towards_pod {
+            Hook::ToContainer.program()
+        } else {
+            Hook::FromContainer.program()
+        };
+        let program: &SchedClassifier = self
+            .kernel
+            .ebpf
+            .program(name)
+            .and_then(|program| program.try_into().ok())
+            .ok_or(ProgramError::NotLoaded)?;
+        test_run(program, frame, ifindex, repeat)
+    }
+
+    /// Runs a program that allows everything and reads nothing the way [`Datapath::test_run`]
+    /// runs a classifier: what `BPF_PROG_TEST_RUN` itself costs per run, for benchmarks to
+    /// subtract. The program is loaded at the first call.
+    pub fn test_run_baseline(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, Duration), ProgramError> {
+        let program: &mut SchedClassifier = self
+            .kernel
+            .ebpf
+            .program_mut(TEST_RUN_BASELINE)
+            .and_then(|program| program.try_into().ok())
+            .ok_or(ProgramError::NotLoaded)?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        test_run(program, frame, 1, repeat)
+    }
+
+    /// Makes the next kernel calls of each kind fail (tests of the agent's retries).
+    pub fn inject_faults(&mut self, faults: crate::faults::Faults) {
+        self.enforcer.maps.endpoints.failing_writes = faults.endpoint_writes;
+        self.kernel.faults = faults;
+    }
+}
+
+/// One `BPF_PROG_TEST_RUN` of `program` on `frame` as if it arrived on interface `ifindex`:
+/// its verdict and the mean time per run.
+fn test_run(
+    program: &SchedClassifier,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<(i32, Duration), ProgramError> {
+    // `struct __sk_buff`: ifindex is its 11th u32 (offset 40); the rest stays zero.
+    let mut context = [0_u8; 192];
+    context[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0_u8; frame.len() + 256];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&context),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
+    #[expect(
+        clippy::cast_possible_wrap,
+        reason = "TC verdicts are small signed numbers"
+    )]
+    let verdict = result.return_value as i32;
+    Ok((verdict, result.duration))
+}

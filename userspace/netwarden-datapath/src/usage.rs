@@ -1,0 +1,90 @@
+//! How full the maps are, and the verdict counters: what the agent's metrics read.
+
+use aya::maps::{MapData, PerCpuArray};
+use netwarden_common::counter;
+
+use crate::{conntrack, loader::Capacity, maps::SyncedMaps};
+
+/// Size of `ENDPOINT_ADDRESSES` as the programs declare it (not configurable: four addresses
+/// for each of the default 4,096 endpoints).
+const ENDPOINT_ADDRESSES_CAPACITY: u32 = 16384;
+
+/// How full one map is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    /// The map's name, as pinned.
+    pub map: &'static str,
+    /// Entries written by the agent; `None` for a map the programs fill.
+    pub entries: Option<usize>,
+    /// Its `max_entries`.
+    pub capacity: u32,
+}
+
+/// How full each map is, as far as the agent knows without walking the kernel's maps: the
+/// entries it wrote. Connection tracking is filled by the programs, so only its capacity is
+/// known.
+pub(crate) fn map_usage(maps: &SyncedMaps, capacity: &Capacity) -> Vec<MapUsage> {
+    let (entries, cidrs_v4, cidrs_v6) = maps.policies.usage();
+    vec![
+        MapUsage {
+            map: "ENDPOINTS",
+            entries: Some(maps.endpoints.installed().len()),
+            capacity: capacity.endpoints,
+        },
+        MapUsage {
+            map: "ENDPOINT_ADDRESSES",
+            entries: Some(maps.addresses.len()),
+            capacity: ENDPOINT_ADDRESSES_CAPACITY,
+        },
+        MapUsage {
+            map: "IPCACHE",
+            entries: Some(maps.ipcache.len()),
+            capacity: capacity.ipcache,
+        },
+        MapUsage {
+            map: "POLICY",
+            entries: Some(entries),
+            capacity: capacity.policy,
+        },
+        MapUsage {
+            map: "CIDRS_V4",
+            entries: Some(cidrs_v4),
+            capacity: capacity.cidrs,
+        },
+        MapUsage {
+            map: "CIDRS_V6",
+            entries: Some(cidrs_v6),
+            capacity: capacity.cidrs,
+        },
+        MapUsage {
+            map: conntrack::TABLE_V4,
+            entries: None,
+            capacity: capacity.conntrack,
+        },
+        MapUsage {
+            map: conntrack::TABLE_V6,
+            entries: None,
+            capacity: capacity.conntrack,
+        },
+    ]
+}
+
+/// The datapath's per-CPU verdict counters, readable from any task.
+pub struct VerdictCounters {
+    pub(crate) map: PerCpuArray<MapData, u64>,
+}
+
+impl VerdictCounters {
+    /// The counters summed over CPUs, indexed by [`counter::slot`].
+    #[must_use]
+    pub fn read(&self) -> Vec<u64> {
+        sum_counters(&self.map)
+    }
+}
+
+/// Every verdict counter summed over CPUs, indexed by [`counter::slot`].
+pub(crate) fn sum_counters(map: &PerCpuArray<MapData, u64>) -> Vec<u64> {
+    (0..counter::SLOTS)
+        .map(|index| map.get(&index, 0).map_or(0, |values| values.iter().sum()))
+        .collect()
+}
