@@ -502,11 +502,25 @@ fn a_direction_only_audit_mode_policies_isolate_is_audited_and_enforced_ones_win
     assert!(b.egress.is_none() && !b.egress_audit);
     // What the kernel decides: an audited pass on ingress, a drop on a's enforced egress.
     assert_eq!(
-        decide(&state, &at("x", "b"), Direction::Ingress, ip("10.0.0.1"), TCP, 80),
+        decide(
+            &state,
+            &at("x", "b"),
+            Direction::Ingress,
+            ip("10.0.0.1"),
+            TCP,
+            80
+        ),
         Decision::Audited
     );
     assert_eq!(
-        decide(&state, &at("x", "a"), Direction::Egress, ip("10.0.0.2"), TCP, 80),
+        decide(
+            &state,
+            &at("x", "a"),
+            Direction::Egress,
+            ip("10.0.0.2"),
+            TCP,
+            80
+        ),
         Decision::Denied
     );
 
