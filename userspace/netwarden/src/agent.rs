@@ -557,6 +557,14 @@ async fn start_events(
 
 /// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it exits: maps and
 /// links are pinned, and the next agent adopts them.
+/// The node's compiler, auditing every policy under `--audit` (and saying so).
+fn new_compiler(options: &AgentOptions) -> Compiler {
+    if options.audit {
+        warn!("--audit: no policy drops anything; would-be drops are reported as audited");
+    }
+    Compiler::new(options.node.clone()).auditing_everything(options.audit)
+}
+
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let (mut datapath, inherited) = open_datapath(&options)?;
     let attribution = SharedAttribution::default();
@@ -566,10 +574,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     // The node's addresses of the last apply, for live explain queries.
     let mut applied_node_addresses = None;
     let identity = IdentityWiring::start(&options.identity, &mut datapath).await?;
-    let mut compiler = Compiler::new(options.node.clone()).auditing_everything(options.audit);
-    if options.audit {
-        warn!("--audit: no policy drops anything; would-be drops are reported as audited");
-    }
+    let mut compiler = new_compiler(&options);
     compiler.resume(inherited.identities, inherited.highest_policy_id);
     // Unchanged policies keep their pinned ids: the first apply rewrites none of them.
     compiler.adopt_pinned_policies(inherited.policies);
