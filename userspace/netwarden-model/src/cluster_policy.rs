@@ -592,6 +592,70 @@ pub fn convert(object: &api::ClusterNetworkPolicy) -> Result<ClusterNetworkPolic
         .as_ref()
         .ok_or_else(|| ctx.error("spec", "is required"))?;
     no_unknown(&ctx, "spec", &spec.unknown)?;
+    let (tier, priority) = rank(&ctx, spec)?;
+    let subject = subject(
+        &ctx,
+        spec.subject
+            .as_ref()
+            .ok_or_else(|| ctx.error("spec.subject", "is required"))?,
+    )?;
+
+    let mut problems = Vec::new();
+    let ingress = spec.ingress.as_deref().unwrap_or_default();
+    let egress = spec.egress.as_deref().unwrap_or_default();
+    for (field, count) in [
+        ("spec.ingress", ingress.len()),
+        ("spec.egress", egress.len()),
+    ] {
+        if count > MAX_RULES {
+            return Err(ctx.error(
+                field,
+                format!("has {count} rules; at most {MAX_RULES} are allowed"),
+            ));
+        }
+    }
+    let ingress = ingress
+        .iter()
+        .enumerate()
+        .map(|(index, rule)| {
+            no_unknown(&ctx, &format!("spec.ingress[{index}]"), &rule.unknown)?;
+            let written = RuleParts {
+                name: rule.name.as_deref(),
+                action: rule.action.as_deref(),
+                peers: rule.from.as_deref(),
+                protocols: rule.protocols.as_deref(),
+            };
+            self::rule(&ctx, &mut problems, Direction::Ingress, index, &written)
+        })
+        .collect::<Result<_, _>>()?;
+    let egress = egress
+        .iter()
+        .enumerate()
+        .map(|(index, rule)| {
+            no_unknown(&ctx, &format!("spec.egress[{index}]"), &rule.unknown)?;
+            let written = RuleParts {
+                name: rule.name.as_deref(),
+                action: rule.action.as_deref(),
+                peers: rule.to.as_deref(),
+                protocols: rule.protocols.as_deref(),
+            };
+            self::rule(&ctx, &mut problems, Direction::Egress, index, &written)
+        })
+        .collect::<Result<_, _>>()?;
+
+    Ok(ClusterNetworkPolicy {
+        name,
+        tier,
+        priority,
+        subject,
+        ingress,
+        egress,
+        problems,
+    })
+}
+
+/// `spec.tier` and `spec.priority`.
+fn rank(ctx: &Ctx<'_>, spec: &api::Spec) -> Result<(Tier, u16), ModelError> {
     let tier = match spec.tier.as_deref() {
         Some("Admin") => Tier::Admin,
         Some("Baseline") => Tier::Baseline,
@@ -615,72 +679,7 @@ pub fn convert(object: &api::ClusterNetworkPolicy) -> Result<ClusterNetworkPolic
             })?,
         None => return Err(ctx.error("spec.priority", "is required")),
     };
-    let subject = subject(
-        &ctx,
-        spec.subject
-            .as_ref()
-            .ok_or_else(|| ctx.error("spec.subject", "is required"))?,
-    )?;
-
-    let mut problems = Vec::new();
-    let ingress = spec.ingress.as_deref().unwrap_or_default();
-    let egress = spec.egress.as_deref().unwrap_or_default();
-    for (field, count) in [("spec.ingress", ingress.len()), ("spec.egress", egress.len())] {
-        if count > MAX_RULES {
-            return Err(ctx.error(
-                field,
-                format!("has {count} rules; at most {MAX_RULES} are allowed"),
-            ));
-        }
-    }
-    let ingress = ingress
-        .iter()
-        .enumerate()
-        .map(|(index, rule)| {
-            no_unknown(&ctx, &format!("spec.ingress[{index}]"), &rule.unknown)?;
-            self::rule(
-                &ctx,
-                &mut problems,
-                Direction::Ingress,
-                index,
-                RuleParts {
-                    name: rule.name.as_deref(),
-                    action: rule.action.as_deref(),
-                    peers: rule.from.as_deref(),
-                    protocols: rule.protocols.as_deref(),
-                },
-            )
-        })
-        .collect::<Result<_, _>>()?;
-    let egress = egress
-        .iter()
-        .enumerate()
-        .map(|(index, rule)| {
-            no_unknown(&ctx, &format!("spec.egress[{index}]"), &rule.unknown)?;
-            self::rule(
-                &ctx,
-                &mut problems,
-                Direction::Egress,
-                index,
-                RuleParts {
-                    name: rule.name.as_deref(),
-                    action: rule.action.as_deref(),
-                    peers: rule.to.as_deref(),
-                    protocols: rule.protocols.as_deref(),
-                },
-            )
-        })
-        .collect::<Result<_, _>>()?;
-
-    Ok(ClusterNetworkPolicy {
-        name,
-        tier,
-        priority,
-        subject,
-        ingress,
-        egress,
-        problems,
-    })
+    Ok((tier, priority))
 }
 
 /// The subject of `object` if it validates: what [`ClusterNetworkPolicy::lockdown`] locks
@@ -722,14 +721,14 @@ fn rule(
     problems: &mut Vec<ModelError>,
     direction: Direction,
     index: usize,
-    parts: RuleParts<'_>,
+    written: &RuleParts<'_>,
 ) -> Result<ClusterRule, ModelError> {
     let (list, peers_field) = match direction {
         Direction::Ingress => ("spec.ingress", "from"),
         Direction::Egress => ("spec.egress", "to"),
     };
     let field = format!("{list}[{index}]");
-    let name = parts.name.filter(|name| !name.is_empty());
+    let name = written.name.filter(|name| !name.is_empty());
     if let Some(name) = name
         && name.chars().count() > MAX_RULE_NAME
     {
@@ -738,7 +737,7 @@ fn rule(
             format!("is longer than {MAX_RULE_NAME} characters"),
         ));
     }
-    let action = match parts.action {
+    let action = match written.action {
         Some("Accept") => Action::Accept,
         Some("Deny") => Action::Deny,
         Some("Pass") => Action::Pass,
@@ -750,23 +749,26 @@ fn rule(
         }
         None => return Err(ctx.error(format!("{field}.action"), "is required")),
     };
-    let peers = parts
+    let peers = written
         .peers
         .ok_or_else(|| ctx.error(format!("{field}.{peers_field}"), "is required"))?;
     items_count(ctx, &format!("{field}.{peers_field}"), peers.len())?;
     let mut items = Vec::new();
     for (p, peer) in peers.iter().enumerate() {
-        let peer_field = format!("{field}.{peers_field}[{p}]");
-        items.push((peer_field.clone(), self::peer(ctx, &peer_field, direction, peer)?));
+        let item_field = format!("{field}.{peers_field}[{p}]");
+        items.push((
+            item_field.clone(),
+            self::peer(ctx, &item_field, direction, peer)?,
+        ));
     }
-    let mut ports = Vec::new();
+    let mut matched_ports = Vec::new();
     let mut unknown_protocols = Vec::new();
-    if let Some(protocols) = parts.protocols {
+    if let Some(protocols) = written.protocols {
         items_count(ctx, &format!("{field}.protocols"), protocols.len())?;
         for (p, protocol) in protocols.iter().enumerate() {
             let protocol_field = format!("{field}.protocols[{p}]");
             match port(ctx, &protocol_field, protocol)? {
-                Item::Enforced(port) => ports.push(port),
+                Item::Enforced(port) => matched_ports.push(port),
                 Item::Unsupported(problem) | Item::Unknown(problem) => {
                     unknown_protocols.push((protocol_field, problem));
                 }
@@ -774,12 +776,12 @@ fn rule(
         }
     }
     // CEL rule of the CRD: named ports exist only on pods.
-    let named = ports
+    let named = matched_ports
         .iter()
         .any(|port| matches!(port, ClusterPort::Named(_)));
-    let towards_non_pods = peers.iter().any(|peer| {
-        peer.networks.is_some() || peer.nodes.is_some() || peer.domain_names.is_some()
-    });
+    let towards_non_pods = peers
+        .iter()
+        .any(|peer| peer.networks.is_some() || peer.nodes.is_some() || peer.domain_names.is_some());
     if direction == Direction::Egress && named && towards_non_pods {
         return Err(ctx.error(
             field,
@@ -793,11 +795,11 @@ fn rule(
     };
     let mut enforced = Vec::new();
     let mut deny_everything = false;
-    for (peer_field, item) in items {
+    for (item_field, item) in items {
         match item {
             Item::Enforced(peer) => enforced.push(peer),
             Item::Unsupported(problem) | Item::Unknown(problem) => {
-                problems.push(ctx.error(peer_field, format!("{problem}; {fail_closed}")));
+                problems.push(ctx.error(item_field, format!("{problem}; {fail_closed}")));
                 deny_everything |= action != Action::Accept;
             }
         }
@@ -818,7 +820,7 @@ fn rule(
         name: name.map(str::to_owned),
         action,
         peers: enforced,
-        ports,
+        ports: matched_ports,
     })
 }
 
@@ -857,7 +859,11 @@ fn peer(
         )));
     }
     match set.as_slice() {
-        [] => return Ok(Item::Unknown("the peer sets no field netwarden knows".into())),
+        [] => {
+            return Ok(Item::Unknown(
+                "the peer sets no field netwarden knows".into(),
+            ));
+        }
         [_] => {}
         more => {
             return Err(ctx.error(
@@ -935,19 +941,17 @@ fn port(
         )),
         ([], Some(name)) => {
             if name.is_empty() {
-                return Err(ctx.error(
-                    format!("{field}.destinationNamedPort"),
-                    "must not be empty",
-                ));
+                return Err(ctx.error(format!("{field}.destinationNamedPort"), "must not be empty"));
             }
             Ok(Item::Enforced(ClusterPort::Named(name.clone())))
         }
         ([(key, Some(protocol), port)], None) => {
             let port_field = format!("{field}.{key}");
             no_unknown(ctx, &port_field, &port.unknown)?;
-            let destination = port.destination_port.as_ref().ok_or_else(|| {
-                ctx.error(format!("{port_field}.destinationPort"), "is required")
-            })?;
+            let destination = port
+                .destination_port
+                .as_ref()
+                .ok_or_else(|| ctx.error(format!("{port_field}.destinationPort"), "is required"))?;
             let destination_field = format!("{port_field}.destinationPort");
             no_unknown(ctx, &destination_field, &destination.unknown)?;
             let (first, last) = match (destination.number, &destination.range) {

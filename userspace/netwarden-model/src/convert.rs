@@ -53,11 +53,7 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    pub(crate) fn error(
-        &self,
-        field: impl Into<String>,
-        problem: impl Into<String>,
-    ) -> ModelError {
+    pub(crate) fn error(&self, field: impl Into<String>, problem: impl Into<String>) -> ModelError {
         ModelError {
             kind: self.kind,
             object: self.object.to_owned(),
@@ -67,7 +63,10 @@ impl Ctx<'_> {
     }
 }
 
-pub(crate) fn name_of(kind: &'static str, metadata: &meta::ObjectMeta) -> Result<String, ModelError> {
+pub(crate) fn name_of(
+    kind: &'static str,
+    metadata: &meta::ObjectMeta,
+) -> Result<String, ModelError> {
     metadata
         .name
         .clone()

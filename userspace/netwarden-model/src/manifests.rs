@@ -93,6 +93,21 @@ enum Parsed {
     ),
 }
 
+impl Parsed {
+    /// The object's kind and its key, for the duplicate check.
+    fn kind_and_key(&self) -> (&'static str, String) {
+        match self {
+            Self::Namespace(key, _) => ("Namespace", key.clone()),
+            Self::Pod(key, _) => ("Pod", key.clone()),
+            Self::NetworkPolicy(id, _) => ("NetworkPolicy", id.to_string()),
+            Self::Service(key, _) => ("Service", key.clone()),
+            Self::EndpointSlice(key, _) => ("EndpointSlice", key.clone()),
+            Self::Node(key, _) => ("Node", key.clone()),
+            Self::ClusterNetworkPolicy(key, _) => (cluster_policy::KIND, key.clone()),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stamp {
     modified_ns: i128,
@@ -226,17 +241,7 @@ impl ManifestDir {
         for (name, file) in &self.files {
             errors.extend(file.errors.iter().map(clone_error));
             for object in &file.objects {
-                let (kind, key) = match object {
-                    Parsed::Namespace(key, _) => ("Namespace", key.clone()),
-                    Parsed::Pod(key, _) => ("Pod", key.clone()),
-                    Parsed::NetworkPolicy(id, _) => ("NetworkPolicy", id.to_string()),
-                    Parsed::Service(key, _) => ("Service", key.clone()),
-                    Parsed::EndpointSlice(key, _) => ("EndpointSlice", key.clone()),
-                    Parsed::Node(key, _) => ("Node", key.clone()),
-                    Parsed::ClusterNetworkPolicy(key, _) => {
-                        (cluster_policy::KIND, key.clone())
-                    }
-                };
+                let (kind, key) = object.kind_and_key();
                 if let Some(first) = origin.get(&(kind, key.clone())) {
                     errors.push(ManifestError::Duplicate {
                         kind,
@@ -284,26 +289,16 @@ impl ManifestDir {
                     },
                     Parsed::ClusterNetworkPolicy(policy_name, policy) => {
                         seen_cluster_policies.push(policy_name.clone());
-                        match policy.as_ref() {
-                            Ok(valid) => {
-                                self.last_good_cluster_policies
-                                    .insert(policy_name.clone(), valid.clone());
-                                cluster.cluster_policies.insert(policy_name.clone(), valid.clone());
-                            }
-                            Err((source, subject)) => {
-                                let fallback = self
-                                    .last_good_cluster_policies
-                                    .get(policy_name)
-                                    .cloned()
-                                    .unwrap_or_else(|| {
-                                        ClusterNetworkPolicy::lockdown(
-                                            policy_name.clone(),
-                                            subject.clone(),
-                                        )
-                                    });
-                                cluster.cluster_policies.insert(policy_name.clone(), fallback);
-                                errors.push(invalid(source));
-                            }
+                        let enforced = cluster_policy_to_enforce(
+                            &mut self.last_good_cluster_policies,
+                            policy_name,
+                            policy,
+                        );
+                        cluster
+                            .cluster_policies
+                            .insert(policy_name.clone(), enforced);
+                        if let Err((source, _)) = policy.as_ref() {
+                            errors.push(invalid(source));
                         }
                     }
                     Parsed::NetworkPolicy(id, policy) => {
@@ -332,6 +327,25 @@ impl ManifestDir {
         self.last_good_cluster_policies
             .retain(|name, _| seen_cluster_policies.contains(name));
         (cluster, errors)
+    }
+}
+
+/// What to enforce for a ClusterNetworkPolicy as read: itself when valid (and remembered in
+/// `last_good`), else its last good version, else its lockdown.
+fn cluster_policy_to_enforce(
+    last_good: &mut HashMap<String, ClusterNetworkPolicy>,
+    name: &str,
+    policy: &Result<ClusterNetworkPolicy, (convert::ModelError, Option<ClusterSubject>)>,
+) -> ClusterNetworkPolicy {
+    match policy {
+        Ok(valid) => {
+            last_good.insert(name.to_owned(), valid.clone());
+            valid.clone()
+        }
+        Err((_, subject)) => last_good
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| ClusterNetworkPolicy::lockdown(name.to_owned(), subject.clone())),
     }
 }
 
@@ -499,8 +513,14 @@ fn push_objects(value: serde_yaml::Value, objects: &mut Vec<Parsed>) -> Result<(
         format!("{kind} {name}: {}: {}", error.path(), error.inner())
     };
     match kind.as_str() {
-        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" | "ServiceList"
-        | "EndpointSliceList" | "NodeList" | "ClusterNetworkPolicyList" => {
+        "List"
+        | "NamespaceList"
+        | "PodList"
+        | "NetworkPolicyList"
+        | "ServiceList"
+        | "EndpointSliceList"
+        | "NodeList"
+        | "ClusterNetworkPolicyList" => {
             let items = value
                 .get("items")
                 .and_then(serde_yaml::Value::as_sequence)

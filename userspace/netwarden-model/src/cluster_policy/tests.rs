@@ -148,7 +148,9 @@ fn the_crd_validation_is_applied_and_names_the_field() {
     };
     let subject = "  subject: {namespaces: {}}\n";
     assert_eq!(
-        message(&base(&format!("  tier: Admin\n  priority: 1001\n{subject}"))),
+        message(&base(&format!(
+            "  tier: Admin\n  priority: 1001\n{subject}"
+        ))),
         "ClusterNetworkPolicy p: spec.priority: 1001 is not within 0-1000"
     );
     assert_eq!(
@@ -160,7 +162,9 @@ fn the_crd_validation_is_applied_and_names_the_field() {
         "ClusterNetworkPolicy p: spec.priority: is required"
     );
     assert_eq!(
-        message(&base(&format!("  tier: Developer\n  priority: 1\n{subject}"))),
+        message(&base(&format!(
+            "  tier: Developer\n  priority: 1\n{subject}"
+        ))),
         "ClusterNetworkPolicy p: spec.tier: \"Developer\" is neither Admin nor Baseline"
     );
     assert_eq!(
@@ -262,7 +266,9 @@ fn unknown_fields_outside_peers_and_protocols_make_the_object_invalid() {
         "ClusterNetworkPolicy p: spec.egress[0].match: unknown field"
     );
     assert_eq!(
-        message("apiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\nmetadata: {name: p}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}}"),
+        message(
+            "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\nmetadata: {name: p}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}}"
+        ),
         "ClusterNetworkPolicy p: apiVersion: \"policy.networking.k8s.io/v1alpha1\" is not policy.networking.k8s.io/v1alpha2"
     );
 }
