@@ -296,11 +296,12 @@ pub struct Verdict {
     pub egress: SideVerdict,
     /// The destination pod's ingress.
     pub ingress: SideVerdict,
-    /// What each tier said of the egress side (`None` when it is not a pod's).
-    pub egress_tiers: Option<Tiers>,
+    /// What each tier said of the egress side (`None` when it is not a pod's). Boxed: a
+    /// verdict is passed around by value, and most readers want only the two sides.
+    pub egress_tiers: Option<Box<Tiers>>,
     /// What each tier said of the ingress side (`None` when it is not a pod's, or the flow
     /// comes from the node).
-    pub ingress_tiers: Option<Tiers>,
+    pub ingress_tiers: Option<Box<Tiers>>,
 }
 
 impl Verdict {
@@ -325,17 +326,24 @@ pub fn pod_at(cluster: &Cluster, address: IpAddr) -> Option<&Pod> {
 /// destination runs on.
 #[must_use]
 pub fn evaluate(cluster: &Cluster, node_addresses: &[IpAddr], flow: &Flow) -> Verdict {
-    let egress_tiers = pod_at(cluster, flow.source)
-        .map(|pod| tiers(cluster, pod, Direction::Egress, flow.destination, flow));
+    let egress_tiers = pod_at(cluster, flow.source).map(|pod| {
+        Box::new(tiers(
+            cluster,
+            pod,
+            Direction::Egress,
+            flow.destination,
+            flow,
+        ))
+    });
     let egress = egress_tiers
         .as_ref()
-        .map_or(SideVerdict::NotAPod, Tiers::decision);
+        .map_or(SideVerdict::NotAPod, |tiers| tiers.decision());
     let (ingress, ingress_tiers) = match pod_at(cluster, flow.destination) {
         None => (SideVerdict::NotAPod, None),
         Some(_) if node_addresses.contains(&flow.source) => (SideVerdict::FromNode, None),
         Some(pod) => {
             let tiers = tiers(cluster, pod, Direction::Ingress, flow.source, flow);
-            (tiers.decision(), Some(tiers))
+            (tiers.decision(), Some(Box::new(tiers)))
         }
     };
     Verdict {
