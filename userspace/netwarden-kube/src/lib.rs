@@ -15,7 +15,8 @@
 //!   ([`DEFAULT_STALE_AFTER`]) without a success in between — a list or watch request the API
 //!   server accepted, or an event — which the agent reports in readiness, metrics and status;
 //! - trims what it caches ([`trim_pod`], [`trim_namespace`], [`trim_network_policy`],
-//!   [`trim_service`], [`trim_endpoint_slice`]): managed fields, annotations (but a pod's
+//!   [`trim_service`], [`trim_endpoint_slice`], [`trim_node`],
+//!   [`trim_cluster_network_policy`]): managed fields, annotations (but a pod's
 //!   `netwarden.dev/*` ones) and everything of a pod, a Service or an EndpointSlice the
 //!   compiler does not read.
 //!
