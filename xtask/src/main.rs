@@ -4,6 +4,7 @@
 //! first, so the README's two commands are all a newcomer needs.
 
 mod image;
+mod page;
 mod setup;
 
 use std::{
@@ -52,6 +53,9 @@ enum Task {
         #[command(subcommand)]
         bench: BenchKind,
     },
+    /// Render the demo's connectivity pages (`netwarden matrix --html`, `netwarden diff
+    /// --html`) and check them in headless chromium, with screenshots under target/.
+    Pages,
     /// Bring up a simulated node with a three-tier app, show connectivity before and after the
     /// example policies in deploy/examples/, and clean up.
     Demo,
@@ -115,6 +119,17 @@ const SERVICE_VARIANTS: [&str; 2] = ["service-iptables", "service-nftables"];
 const SERVICE_VARIANT_SCENARIOS: &str = "tests/scenarios/upstream";
 /// What `cargo xtask test` runs once more with pods on a bridge (`--cni bridge`).
 const BRIDGE_SCENARIOS: &str = "tests/scenarios/upstream";
+/// Where `cargo xtask test` (and `cargo xtask e2e-kind` without paths) finds its scenarios.
+const SCENARIOS: &str = "tests/scenarios";
+/// Scenario directories under [`SCENARIOS`] that `cargo xtask test` does not run yet, each with
+/// the reason it prints when it skips them. They still parse in the harness's unit tests
+/// (`scenario::tests::cluster_policy_scenarios_parse`), and `cargo xtask e2e DIR` runs them on
+/// request. Remove an entry when what it needs has landed.
+const NOT_YET_RUN: [(&str, &str); 1] = [(
+    "tests/scenarios/cluster-policy",
+    "the network-policy-api ClusterNetworkPolicy conformance suite (issue #15): the datapath \
+     does not enforce ClusterNetworkPolicy yet",
+)];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -168,15 +183,39 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             bench: BenchKind::Identity,
         } => bench(&["identity"]),
+        Task::Pages => {
+            setup::ensure_packages(&["chromium"])?;
+            run("cargo", &["build", "--package", "netwarden"])?;
+            page::check(Path::new("target/debug/netwarden"))
+        }
         Task::Demo => {
             setup::ensure()?;
             build_release("netwarden-e2e")?;
             e2e(
                 &[PathBuf::from("tests/scenarios/demo/three-tier.yaml")],
                 true,
-            )
+            )?;
+            demo_diff()
         }
     }
+}
+
+/// The demo's last word: what the example policies change, as `netwarden diff` tells it from
+/// no policy to deploy/examples/ on the demo's workloads.
+fn demo_diff() -> anyhow::Result<()> {
+    let empty = Path::new("target/netwarden-pages/no-policies");
+    std::fs::create_dir_all(empty)?;
+    let mut diff = Command::new("target/release/netwarden");
+    diff.args(["diff", "--shared", "docs/demo/workloads.yaml"])
+        .arg(empty)
+        .arg("deploy/examples");
+    println!("==> {diff:?}");
+    let status = diff.status().context("running netwarden diff")?;
+    // 1: the policies close flows, which is what they are for; 2 is an error.
+    if status.code() == Some(2) || status.code().is_none() {
+        bail!("netwarden diff failed: {status}");
+    }
+    Ok(())
 }
 
 /// Builds the agent and the benchmarks (release) on a machine set up for it, then runs
@@ -274,7 +313,7 @@ fn e2e_kind(dry_run: bool, keep: bool, tag: &str, scenarios: Vec<PathBuf>) -> an
         }
     }
     let scenarios = if scenarios.is_empty() {
-        vec![PathBuf::from("tests/scenarios")]
+        scenario_paths(&workspace_root())?
     } else {
         scenarios
     };
@@ -312,6 +351,37 @@ fn e2e_kind_command(
     }
     command.args(scenarios);
     command
+}
+
+/// The directories and `*.yaml` files directly under [`SCENARIOS`] in the workspace `root`, as
+/// paths relative to it (sorted), but those in [`NOT_YET_RUN`], each of which is named with its
+/// reason as it is left out. The harness searches each directory as it would have searched
+/// [`SCENARIOS`].
+fn scenario_paths(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = root.join(SCENARIOS);
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let path = Path::new(SCENARIOS).join(entry.file_name());
+        let is_dir = entry.file_type()?.is_dir();
+        if !(is_dir
+            || path
+                .extension()
+                .is_some_and(|extension| extension == "yaml"))
+        {
+            continue;
+        }
+        if let Some((skipped, reason)) = NOT_YET_RUN
+            .iter()
+            .find(|(skipped, _)| path == Path::new(skipped))
+        {
+            println!("note: not running {skipped}: {reason}");
+            continue;
+        }
+        paths.push(path);
+    }
+    paths.sort();
+    Ok(paths)
 }
 
 fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
@@ -375,8 +445,15 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
             "netwarden-e2e",
         ]),
     )?;
+    let page_started = Instant::now();
+    println!("==> connectivity pages in chromium");
+    page::check(Path::new("target/debug/netwarden"))?;
+    println!(
+        "<== connectivity pages: {:.1}s",
+        page_started.elapsed().as_secs_f64()
+    );
 
-    let mut scenarios = vec![PathBuf::from("tests/scenarios")];
+    let mut scenarios = scenario_paths(root)?;
     let shared = root.join("../shared/scenarios");
     if shared.is_dir() {
         scenarios.push(shared);
@@ -420,7 +497,35 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
 mod tests {
     use std::path::PathBuf;
 
-    use super::{SERVICE_VARIANTS, e2e_command, e2e_kind_command};
+    use super::{NOT_YET_RUN, SERVICE_VARIANTS, e2e_command, e2e_kind_command};
+
+    #[test]
+    fn test_runs_every_scenario_directory_but_the_ones_not_yet_run() {
+        let root = super::workspace_root();
+        let paths = super::scenario_paths(&root).unwrap();
+        for (skipped, _) in NOT_YET_RUN {
+            assert!(
+                root.join(skipped).is_dir(),
+                "{skipped} is skipped but does not exist"
+            );
+            assert!(
+                !paths
+                    .iter()
+                    .any(|path| path == std::path::Path::new(skipped))
+            );
+        }
+        for expected in ["tests/scenarios/upstream", "tests/scenarios/semantics"] {
+            assert!(
+                paths
+                    .iter()
+                    .any(|path| path == std::path::Path::new(expected))
+            );
+        }
+        assert!(
+            !paths.iter().any(|path| path.ends_with("README.md")),
+            "only directories and scenario files are passed"
+        );
+    }
 
     #[test]
     fn e2e_passes_the_service_variant_to_the_harness() {

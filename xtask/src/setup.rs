@@ -10,7 +10,7 @@ use crate::{run, run_command};
 
 /// Debian packages: LLVM 22 for bpf-linker, iproute2 and procps (`sysctl`) for the simulated
 /// node, iptables and nftables for the kube-proxy it emulates (Services in both of kube-proxy's
-/// modes).
+/// modes), chromium to check the connectivity pages in a real browser.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "iptables",
     "nftables",
+    "chromium",
 ];
 
 /// Debian packages the traffic benchmark drives: iperf3 and the firewalls it compares with.

@@ -5,8 +5,13 @@
 //! matching are stored as big-endian byte arrays: an LPM trie compares keys bit by bit from the
 //! first byte, so the most significant bits must come first.
 //!
-//! Addresses are always 16 bytes: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so one LPM trie
-//! serves both families and an IPv4 `/n` is an IPv6 `/(96 + n)`.
+//! Addresses in hash keys (`IpKey`, `FlowKey`, `EndpointAddress`, ...) are 16 bytes, IPv4
+//! stored IPv4-mapped (`::ffff:a.b.c.d`), so one table serves both families. The two tables
+//! every packet of a flow may hit keep IPv4 apart, for shorter keys: conntrack (`FlowKeyV4`
+//! in `CONNTRACK_V4`, `FlowKey` in `CONNTRACK_V6`) and the `ipBlock` tries (`CidrKeyV4` with
+//! a 4-byte address in `CIDRS_V4`, `CidrKey` with a 16-byte one in `CIDRS_V6`).
+//!
+//! [`maps`] names every map the programs and the agent share, with its capacity.
 #![no_std]
 
 /// Numeric identity of a peer: a pod label set, the node, the world, or a CIDR class.
@@ -22,8 +27,18 @@ pub const FIRST_POD_IDENTITY: PeerId = 256;
 /// never collide with label-set identities.
 pub const CIDR_CLASS_FLAG: PeerId = 1 << 31;
 
-/// The prefix length of an IPv4 address's IPv4-mapped form.
-pub const IPV4_MAPPED_PREFIX_BITS: u32 = 96;
+/// The prefix length of an IPv4 address's IPv4-mapped form (`::ffff:0:0/96`): an IPv4 `/n`
+/// is an IPv6 `/(96 + n)` in the agent's reference evaluator.
+pub const IPV4_MAPPED_PREFIX_BITS: u32 = bits(IPV4_MAPPED_PREFIX.len());
+
+/// `bytes` bytes as LPM prefix bits.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "keys are a few dozen bytes; the results are checked in the tests"
+)]
+const fn bits(bytes: usize) -> u32 {
+    (bytes * 8) as u32
+}
 
 /// A policy id of zero means the endpoint is not isolated in that direction.
 pub const POLICY_NOT_ISOLATED: u32 = 0;
@@ -44,6 +59,12 @@ pub mod direction {
     pub const INGRESS: u32 = 0;
     /// Traffic leaving the pod (checked on the host-side veth's TC ingress).
     pub const EGRESS: u32 = 1;
+
+    /// The bit of `dir` in [`Endpoint::audit`](super::Endpoint::audit).
+    #[must_use]
+    pub const fn audit_bit(dir: u32) -> u32 {
+        1 << dir
+    }
 }
 
 /// A local endpoint, keyed by the ifindex of its host-side veth.
@@ -56,8 +77,12 @@ pub struct Endpoint {
     pub egress_policy: u32,
     /// One of [`endpoint_state`]. A `u32`, not an enum, so the type has no invalid bit patterns.
     pub state: u32,
-    /// Reserved; keeps the size a multiple of 8 for future fields.
-    pub reserved: u32,
+    /// Directions in audit mode, one bit per [`direction`] (`1 << direction`): a new flow the
+    /// direction's policy does not allow passes and is reported as audited
+    /// ([`counter::AUDITED_BY_POLICY`]) instead of dropped. Set when only policies annotated
+    /// `netwarden.dev/enforcement: audit` isolate the direction, or under the agent's `--audit`.
+    /// (This was a zero reserved word, so a pinned endpoint of an older build reads "enforce".)
+    pub audit: u32,
 }
 
 /// Key of the map of addresses each endpoint owns: a packet leaving a pod from any other
@@ -83,21 +108,39 @@ pub struct IpKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpIdentity {
-    /// The identity of every address under the prefix.
+    /// The address's identity: its pod's label set, or [`IDENTITY_HOST`] for the node's.
     pub identity: PeerId,
 }
 
-/// Bits of [`PolicyKey`] covered by a fully specified key.
-pub const POLICY_KEY_FULL_BITS: u32 = 32 + 32 + 8 + 16;
-/// Prefix length of a key that matches every protocol and port for a peer.
-pub const POLICY_KEY_ANY_PROTOCOL_BITS: u32 = 32 + 32;
-/// Prefix length of a key that matches every port of one protocol for a peer.
-pub const POLICY_KEY_ANY_PORT_BITS: u32 = 32 + 32 + 8;
+/// Prefix length of a [`PolicyKey`] that names a policy, a peer, a protocol and a port: the
+/// programs look up every packet with it.
+pub const POLICY_KEY_FULL_BITS: u32 = bits(core::mem::offset_of!(PolicyKey, padding));
+/// Prefix length of a [`PolicyKey`] that stops after the peer: every protocol and port.
+pub const POLICY_KEY_ANY_PROTOCOL_BITS: u32 = bits(core::mem::offset_of!(PolicyKey, protocol));
+/// Prefix length of a [`PolicyKey`] that stops after the protocol: every port of it. A port
+/// range adds the bits its ports share.
+pub const POLICY_KEY_ANY_PORT_BITS: u32 = bits(core::mem::offset_of!(PolicyKey, port));
 
-/// LPM data of the policy map: `(policy, peer, protocol, port)`, all big-endian.
+/// LPM data of the `POLICY` trie: what a policy allows, `(policy, peer, protocol, port)`, all
+/// big-endian so that the trie compares the most significant bits first.
 ///
-/// A key may stop after the peer (all protocols and ports), after the protocol (all ports), or
-/// anywhere inside the port (a power-of-two aligned port range).
+/// ```text
+///  bits 0      32     64        72        88     96
+///       | policy | peer | protocol | port    | pad |
+/// ```
+///
+/// The lookup is always at [`POLICY_KEY_FULL_BITS`]; an entry may wildcard the tail:
+///
+/// 1. stop after the peer ([`POLICY_KEY_ANY_PROTOCOL_BITS`]): every protocol and port;
+/// 2. stop after the protocol ([`POLICY_KEY_ANY_PORT_BITS`]): every port of that protocol;
+/// 3. stop inside the port: a power-of-two aligned port range (how `endPort` is stored);
+/// 4. cover the port: that port alone.
+///
+/// The policy id and the peer are never wildcarded: a peer is one label-set identity or one
+/// CIDR class (found in `CIDRS_V4`/`CIDRS_V6`, keyed by [`CidrKeyV4`]/[`CidrKey`]), and each
+/// is looked up on its own. Any match allows and its entry's rule is the one reported: the
+/// trie returns the longest, and NetworkPolicy has no deny rules, so no other precedence is
+/// needed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
@@ -135,10 +178,29 @@ pub struct PolicyEntry {
     pub rule: u32,
 }
 
-/// LPM data of the per-policy CIDR map: `(policy, address)`.
+/// Prefix length of a [`CidrKey`] or [`CidrKeyV4`] that covers the policy id only: an entry
+/// for a CIDR of `/n` has a prefix of this plus `n`.
+pub const CIDR_KEY_POLICY_BITS: u32 = bits(core::mem::offset_of!(CidrKey, addr));
+/// Prefix length of a fully specified [`CidrKey`] (one IPv6 address): the `CIDRS_V6` lookup.
+pub const CIDR_KEY_FULL_BITS: u32 = bits(size_of::<CidrKey>());
+/// Prefix length of a fully specified [`CidrKeyV4`] (one IPv4 address): the `CIDRS_V4` lookup.
+pub const CIDR_KEY_V4_FULL_BITS: u32 = bits(size_of::<CidrKeyV4>());
+
+/// LPM data of `CIDRS_V6`, the per-policy trie of IPv6 `ipBlock` prefixes: `(policy, address)`,
+/// big-endian.
 ///
-/// Its value is the CIDR class of the longest matching prefix: the set of `ipBlock` rules whose
-/// `cidr` contains the address and whose `except` does not.
+/// ```text
+///  bits 0      32                 160
+///       | policy | address (16 B) |
+/// ```
+///
+/// Looked up at [`CIDR_KEY_FULL_BITS`]; an entry covers the policy id and the prefix's bits
+/// ([`CIDR_KEY_POLICY_BITS`] + `n` for a `/n`), never fewer than the policy id. The longest
+/// match wins: its value is the CIDR class of that address in that policy, the exact set of
+/// the policy's `ipBlock` rules whose `cidr` holds the address and whose `except` does not
+/// (the compiler stores every `cidr` and `except` of the policy with the set its addresses
+/// share, so the longest match is the whole answer: `netwarden-policy/src/cidr.rs`). The class
+/// is then looked up in `POLICY` like a peer identity ([`PolicyKey`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CidrKey {
@@ -148,9 +210,16 @@ pub struct CidrKey {
     pub addr: [u8; 16],
 }
 
-/// LPM data of the per-policy CIDR map of IPv4 prefixes: [`CidrKey`] with a 4-byte address.
-/// IPv4 peers have a trie of their own: a 64-bit key compares in one step at each node of
-/// the walk, where the 160 bits of an IPv4-mapped [`CidrKey`] took three.
+/// LPM data of `CIDRS_V4`, the per-policy trie of IPv4 `ipBlock` prefixes: [`CidrKey`] with a
+/// 4-byte address, looked up at [`CIDR_KEY_V4_FULL_BITS`].
+///
+/// ```text
+///  bits 0      32               64
+///       | policy | address (4 B) |
+/// ```
+///
+/// IPv4 peers have a trie of their own: a 64-bit key compares in one step at each node of the
+/// walk, where the 160 bits of an IPv4-mapped [`CidrKey`] took three.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CidrKeyV4 {
@@ -160,7 +229,7 @@ pub struct CidrKeyV4 {
     pub addr: [u8; 4],
 }
 
-/// Value of the CIDR map.
+/// Value of `CIDRS_V4` and `CIDRS_V6`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CidrClass {
@@ -564,6 +633,8 @@ pub struct EventBudget {
 /// A reason is never renumbered or removed (the counters are pinned and survive upgrades):
 /// a retired one stays in the table, described as retired.
 pub mod counter {
+    use super::same;
+
     /// What a counter counts.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Kind {
@@ -571,17 +642,20 @@ pub mod counter {
         Allow,
         /// Packets that were dropped.
         Deny,
+        /// Packets that passed although a policy in audit mode would have dropped them.
+        Audit,
         /// Verdict events the datapath could not report (not packets).
         EventAccounting,
     }
 
     impl Kind {
-        /// `allow`, `deny` or `event_accounting`, as metrics and logs name it.
+        /// `allow`, `deny`, `audit` or `event_accounting`, as metrics and logs name it.
         #[must_use]
         pub const fn label(self) -> &'static str {
             match self {
                 Self::Allow => "allow",
                 Self::Deny => "deny",
+                Self::Audit => "audit",
                 Self::EventAccounting => "event_accounting",
             }
         }
@@ -694,6 +768,10 @@ pub mod counter {
         /// Passed: a later fragment of a datagram whose first fragment passed.
         ALLOWED_FRAGMENT = 21, Allow, "allowed_fragment",
             "a later fragment of a datagram whose first fragment passed";
+        /// Passed and reported: isolated only by policies in audit mode (or under the agent's
+        /// `--audit`), and no rule allows it: enforcing would drop it.
+        AUDITED_BY_POLICY = 22, Audit, "audited_by_policy",
+            "a new flow a policy in audit mode would drop: passed and reported";
     }
 
     /// Number of reasons.
@@ -750,21 +828,6 @@ pub mod counter {
         true
     }
 
-    const fn same(left: &str, right: &str) -> bool {
-        let (left, right) = (left.as_bytes(), right.as_bytes());
-        if left.len() != right.len() {
-            return false;
-        }
-        let mut at = 0;
-        while at < left.len() {
-            if left[at] != right[at] {
-                return false;
-            }
-            at += 1;
-        }
-        true
-    }
-
     /// The row of reason number `id`, if there is one.
     #[must_use]
     pub fn reason(id: u32) -> Option<&'static Reason> {
@@ -791,6 +854,163 @@ pub const SETTING_ALLOW_EVENT_PERIOD: u32 = 0;
 pub const SETTING_FRONTENDS_INSTALLED: u32 = 1;
 /// Entries of the `SETTINGS` array.
 pub const SETTINGS_COUNT: u32 = 2;
+
+/// Every map the programs and the agent share: the name it has in the eBPF object and is
+/// pinned under in bpffs (`#[map]` takes it from the static's name, and the programs check at
+/// build time that it is this one), and its capacity (`max_entries`; the agent may load some
+/// larger or smaller, see its `Capacity`).
+///
+/// A name is never changed: a restarted or upgraded agent adopts the maps pinned under these
+/// names, and enforcement never stops.
+///
+/// Memory (docs/design.md, "Map memory"): the hash maps only the agent writes allocate an
+/// element per entry (`BPF_F_NO_PREALLOC`), so they cost what they hold, not their capacity;
+/// the LRU tables the programs fill are preallocated, so their capacity is their cost; LPM
+/// tries always allocate per entry.
+pub mod maps {
+    use super::{SETTINGS_COUNT, counter, same};
+
+    /// A shared map's name and capacity.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct PinnedMap {
+        /// Its name in the eBPF object and its pin's file name.
+        pub name: &'static str,
+        /// Its `max_entries` as the object declares it (bytes, for a ring buffer).
+        pub capacity: u32,
+    }
+
+    impl PinnedMap {
+        /// Fails (at compile time, in a `const`) unless `name` is this map's name: the programs
+        /// check their statics' names with it.
+        pub const fn assert_named(self, name: &str) {
+            assert!(
+                same(self.name, name),
+                "a map's static is not named as netwarden_common::maps names it"
+            );
+        }
+    }
+
+    const fn map(name: &'static str, capacity: u32) -> PinnedMap {
+        PinnedMap { name, capacity }
+    }
+
+    /// Endpoints (host-side veth ifindex -> `Endpoint`).
+    pub const ENDPOINTS: PinnedMap = map("ENDPOINTS", 4096);
+    /// Addresses each endpoint owns (`EndpointAddress` -> 1): the anti-spoofing check.
+    pub const ENDPOINT_ADDRESSES: PinnedMap = map("ENDPOINT_ADDRESSES", 16384);
+    /// The local endpoint owning each address (`IpKey` -> ifindex), for the hook after
+    /// translation.
+    pub const ENDPOINT_OF_ADDRESS: PinnedMap = map("ENDPOINT_OF_ADDRESS", 16384);
+    /// Address -> identity of every pod in the cluster and of the node (`IpKey` -> `IpIdentity`).
+    pub const IPCACHE: PinnedMap = map("IPCACHE", 65536);
+    /// What each policy allows (`PolicyKey` LPM -> `PolicyEntry`).
+    pub const POLICY: PinnedMap = map("POLICY", 262_144);
+    /// IPv4 `ipBlock` prefixes of each policy (`CidrKeyV4` LPM -> `CidrClass`).
+    pub const CIDRS_V4: PinnedMap = map("CIDRS_V4", 65536);
+    /// IPv6 `ipBlock` prefixes of each policy (`CidrKey` LPM -> `CidrClass`).
+    pub const CIDRS_V6: PinnedMap = map("CIDRS_V6", 65536);
+    /// The agent's record of which label set got which identity (SHA-256 -> identity).
+    pub const IDENTITIES: PinnedMap = map("IDENTITIES", 65536);
+    /// Tracked IPv4 flows (`FlowKeyV4` LRU -> `FlowState`).
+    pub const CONNTRACK_V4: PinnedMap = map("CONNTRACK_V4", 65536);
+    /// Tracked IPv6 flows (`FlowKey` LRU -> `FlowState`).
+    pub const CONNTRACK_V6: PinnedMap = map("CONNTRACK_V6", 65536);
+    /// The peer each translated flow was judged on (`FlowKey` LRU -> `Translation`); sized
+    /// like one conntrack table.
+    pub const TRANSLATIONS: PinnedMap = map("TRANSLATIONS", 65536);
+    /// Service frontends (`FrontendKey` -> `FrontendValue`).
+    pub const FRONTENDS: PinnedMap = map("FRONTENDS", 65536);
+    /// First fragments that passed (`FragmentKey` LRU -> `FragmentState`).
+    pub const FRAGMENTS: PinnedMap = map("FRAGMENTS", 8192);
+    /// mTLS-strict endpoints (ifindex -> `MTLS_STRICT`).
+    pub const MTLS_STRICT_ENDPOINTS: PinnedMap = map("MTLS_STRICT_ENDPOINTS", 4096);
+    /// Ports on which a strict endpoint takes plaintext (`MtlsExemptPort` -> 1).
+    pub const MTLS_EXEMPT_PORTS: PinnedMap = map("MTLS_EXEMPT_PORTS", 16384);
+    /// The policy epoch, at `EPOCH_INDEX`.
+    pub const EPOCH: PinnedMap = map("EPOCH", 1);
+    /// The agent's knobs (`SETTING_*`).
+    pub const SETTINGS: PinnedMap = map("SETTINGS", SETTINGS_COUNT);
+    /// Per-CPU verdict counters, one per reason and direction (`counter::slot`).
+    pub const VERDICTS: PinnedMap = map("VERDICTS", counter::SLOTS);
+    /// Verdict events for the agent (`VerdictEvent`): a ring buffer of this many bytes.
+    pub const EVENTS: PinnedMap = map("EVENTS", 256 * 1024);
+    /// Per-CPU state of the event rate limit (`EventBudget`).
+    pub const EVENT_BUDGET: PinnedMap = map("EVENT_BUDGET", 1);
+    /// Where the kernel fields the hook after translation reads lie (`KernelLayout`).
+    pub const KERNEL_LAYOUT: PinnedMap = map("KERNEL_LAYOUT", 1);
+    /// Per-CPU scratch space of the hook after translation (the stack is too small for it).
+    pub const TUPLES: PinnedMap = map("TUPLES", 1);
+
+    /// Every shared map.
+    pub const ALL: [PinnedMap; 22] = [
+        ENDPOINTS,
+        ENDPOINT_ADDRESSES,
+        ENDPOINT_OF_ADDRESS,
+        IPCACHE,
+        POLICY,
+        CIDRS_V4,
+        CIDRS_V6,
+        IDENTITIES,
+        CONNTRACK_V4,
+        CONNTRACK_V6,
+        TRANSLATIONS,
+        FRONTENDS,
+        FRAGMENTS,
+        MTLS_STRICT_ENDPOINTS,
+        MTLS_EXEMPT_PORTS,
+        EPOCH,
+        SETTINGS,
+        VERDICTS,
+        EVENTS,
+        EVENT_BUDGET,
+        KERNEL_LAYOUT,
+        TUPLES,
+    ];
+
+    /// Names of maps earlier versions pinned and this one no longer has (the agent removes
+    /// their pins on upgrade): never to be reused for another map.
+    pub const RETIRED_NAMES: [&str; 2] = ["CONNTRACK", "CIDRS"];
+
+    // No two maps share a name, and no map takes a retired one.
+    const _: () = {
+        let mut row = 0;
+        while row < ALL.len() {
+            let mut other = 0;
+            while other < row {
+                assert!(
+                    !same(ALL[row].name, ALL[other].name),
+                    "two maps share a name"
+                );
+                other += 1;
+            }
+            let mut retired = 0;
+            while retired < RETIRED_NAMES.len() {
+                assert!(
+                    !same(ALL[row].name, RETIRED_NAMES[retired]),
+                    "a map takes a retired name"
+                );
+                retired += 1;
+            }
+            row += 1;
+        }
+    };
+}
+
+/// Whether two strings are equal, in a `const` (where `==` on `str` is not available).
+const fn same(left: &str, right: &str) -> bool {
+    let (left, right) = (left.as_bytes(), right.as_bytes());
+    if left.len() != right.len() {
+        return false;
+    }
+    let mut at = 0;
+    while at < left.len() {
+        if left[at] != right[at] {
+            return false;
+        }
+        at += 1;
+    }
+    true
+}
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -869,6 +1089,67 @@ mod tests {
         assert_eq!(size_of::<super::MtlsExemptPort>(), 8);
         assert_eq!(size_of::<super::FragmentKey>(), 44);
         assert_eq!(size_of::<super::FragmentState>(), 8);
+    }
+
+    /// The prefix lengths are derived from the key layouts; these are the numbers the pinned
+    /// tries were written with, which a restarted agent must still read the same way.
+    #[test]
+    fn prefix_lengths_match_the_pinned_tries() {
+        assert_eq!(super::POLICY_KEY_ANY_PROTOCOL_BITS, 32 + 32);
+        assert_eq!(super::POLICY_KEY_ANY_PORT_BITS, 32 + 32 + 8);
+        assert_eq!(super::POLICY_KEY_FULL_BITS, 32 + 32 + 8 + 16);
+        assert_eq!(super::CIDR_KEY_POLICY_BITS, 32);
+        assert_eq!(super::CIDR_KEY_V4_FULL_BITS, 32 + 32);
+        assert_eq!(super::CIDR_KEY_FULL_BITS, 32 + 128);
+        assert_eq!(super::IPV4_MAPPED_PREFIX_BITS, 96);
+    }
+
+    #[test]
+    fn a_full_policy_key_covers_every_byte_but_the_padding() {
+        let key = PolicyKey::new(0x0102_0304, 0x0506_0708, 0x09, 0x0a0b);
+        // SAFETY: `PolicyKey` is `#[repr(C)]`, made of bytes, with no implicit padding.
+        let bytes: [u8; 12] = unsafe { core::mem::transmute(key) };
+        // Big-endian and in order: the trie compares the policy's most significant bit first.
+        assert_eq!(bytes, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0]);
+        assert_eq!(
+            super::POLICY_KEY_FULL_BITS,
+            11 * 8,
+            "all but the padding byte"
+        );
+    }
+
+    #[test]
+    fn shared_maps_keep_their_pinned_names() {
+        use super::maps;
+        let names = maps::ALL.map(|map| map.name);
+        assert_eq!(
+            names,
+            [
+                "ENDPOINTS",
+                "ENDPOINT_ADDRESSES",
+                "ENDPOINT_OF_ADDRESS",
+                "IPCACHE",
+                "POLICY",
+                "CIDRS_V4",
+                "CIDRS_V6",
+                "IDENTITIES",
+                "CONNTRACK_V4",
+                "CONNTRACK_V6",
+                "TRANSLATIONS",
+                "FRONTENDS",
+                "FRAGMENTS",
+                "MTLS_STRICT_ENDPOINTS",
+                "MTLS_EXEMPT_PORTS",
+                "EPOCH",
+                "SETTINGS",
+                "VERDICTS",
+                "EVENTS",
+                "EVENT_BUDGET",
+                "KERNEL_LAYOUT",
+                "TUPLES",
+            ]
+        );
+        assert_eq!(maps::VERDICTS.capacity, 2 * super::counter::COUNT);
     }
 
     #[test]

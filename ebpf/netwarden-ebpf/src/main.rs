@@ -9,9 +9,31 @@
 #![no_main]
 // Unaligned packet loads in BPF assembly (`packet::Header`).
 #![feature(asm_experimental_arch)]
+#![expect(
+    clippy::inline_always,
+    reason = "a BPF call costs more than most bodies here, and what is inlined decides what fits \
+              the verifier's 512-byte stack: every `inline` is chosen, and says so where it is \
+              `never`"
+)]
 
+/// Fails the build unless the map static `$map` is named as `netwarden_common::maps` names
+/// it: `#[map]` exports the static's name as the map's name in the object, which is the name
+/// the agent opens and pins the map by.
+macro_rules! pinned_as {
+    ($map:ident) => {
+        const _: () = netwarden_common::maps::$map.assert_named(stringify!($map));
+    };
+}
+
+mod conntrack;
+mod endpoints;
+mod exit;
+mod fragments;
+mod frontends;
 mod mtls;
 mod packet;
+mod policy;
+mod settings;
 mod translated;
 mod verdict;
 
@@ -19,21 +41,33 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use netwarden_common::direction;
 
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's #[classifier] hands the context over by value"
+)]
 pub fn from_container(ctx: TcContext) -> i32 {
     verdict::enforce(&ctx, direction::EGRESS)
 }
 
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's #[classifier] hands the context over by value"
+)]
 pub fn to_container(ctx: TcContext) -> i32 {
     verdict::enforce(&ctx, direction::INGRESS)
 }
 
 /// The hook after translation (`translated.rs`): a `BPF_PROG_TYPE_NETFILTER` program on the
-/// node's POSTROUTING and LOCAL_IN hooks. It lives in the `classifier` section only so that
+/// node's POSTROUTING and `LOCAL_IN` hooks. It lives in the `classifier` section only so that
 /// aya parses the object and creates its maps; the agent loads it as a netfilter program of
 /// its own (`netwarden-datapath/src/netfilter.rs`).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "classifier")]
+#[expect(
+    clippy::no_mangle_with_rust_abi,
+    reason = "declared as aya's #[classifier] declares its programs, so it is built as they are"
+)]
 pub fn after_translation(ctx: *mut translated::NfContext) -> i32 {
     translated::hook(ctx)
 }
@@ -50,6 +84,10 @@ pub fn test_run_baseline(_ctx: TcContext) -> i32 {
 /// bytes of the frame it runs on. Never attached: the agent's conntrack sweeper runs it with
 /// `BPF_PROG_TEST_RUN` and reads the frame back, userspace having no other way to read jiffies.
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's #[classifier] hands the context over by value"
+)]
 pub fn conntrack_clock(ctx: TcContext) -> i32 {
     // SAFETY: bpf_jiffies64 has no preconditions.
     let jiffies = unsafe { aya_ebpf::helpers::bpf_jiffies64() };

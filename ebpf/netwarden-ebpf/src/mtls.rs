@@ -39,16 +39,24 @@
 
 use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::map, maps::HashMap, programs::TcContext};
 use netwarden_common::{
-    FlowKey, FlowState, MtlsExemptPort, counter, direction, flow_activity, flow_flags,
+    FlowKey, FlowState, MtlsExemptPort, counter, direction, flow_activity, flow_flags, maps,
 };
 
-use crate::packet::{self, IPPROTO_TCP, Layout, TLS_PREFIX_LEN, TcpPayload};
+mod client_hello;
+
+use client_hello::{TLS_PREFIX_LEN, TcpPayload, is_client_hello, tcp_payload_start};
+
+use crate::packet::{self, IPPROTO_TCP, Layout};
 
 #[map]
-static MTLS_STRICT_ENDPOINTS: HashMap<u32, u32> = HashMap::pinned(4096, BPF_F_NO_PREALLOC);
+static MTLS_STRICT_ENDPOINTS: HashMap<u32, u32> =
+    HashMap::pinned(maps::MTLS_STRICT_ENDPOINTS.capacity, BPF_F_NO_PREALLOC);
+pinned_as!(MTLS_STRICT_ENDPOINTS);
 
 #[map]
-static MTLS_EXEMPT_PORTS: HashMap<MtlsExemptPort, u32> = HashMap::pinned(16384, BPF_F_NO_PREALLOC);
+static MTLS_EXEMPT_PORTS: HashMap<MtlsExemptPort, u32> =
+    HashMap::pinned(maps::MTLS_EXEMPT_PORTS.capacity, BPF_F_NO_PREALLOC);
+pinned_as!(MTLS_EXEMPT_PORTS);
 
 /// The screen's answer when the packet may go on to the ordinary decision.
 pub const PASS: u32 = u32::MAX;
@@ -124,7 +132,7 @@ pub fn screen(ctx: &TcContext, dir: u32, state: &mut FlowState, layout: &Layout)
     }
     let mut start = [0_u8; TLS_PREFIX_LEN];
     let mut length = 0;
-    let payload = packet::tcp_payload_start(
+    let payload = tcp_payload_start(
         ctx,
         layout.l4_offset,
         layout.ip_end,
@@ -198,12 +206,5 @@ pub fn untracked_payload_refused(
     }
     let mut start = [0_u8; TLS_PREFIX_LEN];
     let mut length = 0;
-    packet::tcp_payload_start(ctx, l4_offset, ip_end, &mut start, &mut length) != TcpPayload::Empty
-}
-
-/// A TLS record header of a handshake record (22), protocol version 3.1 (TLS 1.0, what TLS 1.3
-/// clients write for compatibility) to 3.4, whose first handshake message is a ClientHello (1).
-#[inline(always)]
-fn is_client_hello(start: &[u8; TLS_PREFIX_LEN]) -> bool {
-    start[0] == 0x16 && start[1] == 0x03 && (0x01..=0x04).contains(&start[2]) && start[5] == 0x01
+    tcp_payload_start(ctx, l4_offset, ip_end, &mut start, &mut length) != TcpPayload::Empty
 }

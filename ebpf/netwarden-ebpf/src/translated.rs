@@ -5,8 +5,9 @@
 //! masquerades some sources (hairpin, NodePort, off-cluster clients) in nat POSTROUTING,
 //! before `to_container` sees it. NetworkPolicy applies to the pods a flow really reaches, so
 //! such flows are decided here, on the node's netfilter hooks after all NAT (POSTROUTING and
-//! LOCAL_IN, after source NAT: the agent attaches it, `netwarden-datapath/src/netfilter.rs`), from the kernel conntrack entry, which holds the
-//! flow both as it was sent (original tuple) and as it was delivered (reply tuple):
+//! `LOCAL_IN`, after source NAT: the agent attaches it, `netwarden-datapath/src/netfilter.rs`),
+//! from the kernel conntrack entry, which holds the flow both as it was sent (original tuple)
+//! and as it was delivered (reply tuple):
 //!
 //! 1. Only packets in the original direction of their kernel connection are looked at, and of
 //!    an answered connection only those that were translated (whose flow this hook tracks);
@@ -33,18 +34,19 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
 };
 use netwarden_common::{
-    FlowKey, FlowState, IpKey, KernelLayout, Translation, conntrack_tuple, counter, direction,
-    flow_activity,
+    FlowKey, FlowState, KernelLayout, Translation, conntrack_tuple, counter, direction,
+    flow_activity, maps,
 };
 
 use crate::{
+    conntrack,
+    endpoints::{self, endpoint_of},
+    exit::{self, Attribution},
+    frontends::frontend_of,
     mtls,
     packet::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
-    verdict::{
-        self, Attribution, Decision, ENDPOINT_OF_ADDRESS, ENDPOINTS, TRANSLATIONS, conntrack_entry,
-        conntrack_insert, conntrack_remove, count, current_epoch, decide, frontend_of, is_allowed,
-        now_ticks, opening_port, report,
-    },
+    settings,
+    verdict::{Decision, decide, is_allowed, opening_port, policy_of},
 };
 
 /// Netfilter's verdicts.
@@ -76,7 +78,8 @@ pub struct NfContext {
 
 /// Where the kernel's fields lie (see `KernelLayout`).
 #[map]
-static KERNEL_LAYOUT: Array<KernelLayout> = Array::pinned(1, 0);
+static KERNEL_LAYOUT: Array<KernelLayout> = Array::pinned(maps::KERNEL_LAYOUT.capacity, 0);
+pinned_as!(KERNEL_LAYOUT);
 
 /// A kernel connection's two tuples, copied out of the kernel: as the flow was sent
 /// (`original`) and as it is answered (`reply`; its source is where the flow was delivered);
@@ -98,10 +101,13 @@ pub struct Tuples {
 /// Per-CPU room for [`Tuples`]: a BPF program has 512 bytes of stack for all its frames
 /// together, and the decision below is three calls deep.
 #[map]
-static TUPLES: PerCpuArray<Tuples> = PerCpuArray::pinned(1, 0);
+static TUPLES: PerCpuArray<Tuples> = PerCpuArray::pinned(maps::TUPLES.capacity, 0);
+pinned_as!(TUPLES);
 
+/// One side of a connection: an address (IPv4-mapped for IPv4) and a port (0 for protocols
+/// without ports).
 #[derive(Clone, Copy)]
-struct Endpoint {
+struct AddressPort {
     addr: [u8; 16],
     port: u16,
 }
@@ -210,8 +216,8 @@ fn decide_seen(
 fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
     let key = &tuples.key;
     let judged = &tuples.judged;
-    let epoch = current_epoch();
-    if let Some(tracked) = conntrack_entry(key) {
+    let epoch = settings::current_epoch();
+    if let Some(tracked) = conntrack::entry(key) {
         // SAFETY: the pointer comes from a successful lookup and is read at once.
         let (tracked_epoch, activity) = unsafe { ((*tracked).epoch, (*tracked).activity) };
         if tracked_epoch == epoch && activity & flow_activity::TRANSLATED != 0 {
@@ -223,63 +229,52 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
         rule,
         frontend,
     };
-    // SAFETY: the value is copied out at once.
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(key.ifindex) }).copied() else {
-        report(
+    let Some(endpoint) = endpoints::endpoint(key.ifindex) else {
+        exit::drop_flow(
             judged,
             dir,
             counter::DENIED_ENDPOINT_NOT_READY,
             &attribution(0, 0),
+            NF_DROP,
         );
-        count(counter::DENIED_ENDPOINT_NOT_READY, dir, 0);
         return false;
     };
-    let policy = if dir == direction::INGRESS {
-        endpoint.ingress_policy
-    } else {
-        endpoint.egress_policy
-    };
+    let policy = policy_of(&endpoint, dir);
     let Decision { reason, rule } = decide(&endpoint, dir, judged, opening_port(judged, dir));
     if !is_allowed(reason) {
-        conntrack_remove(key);
-        report(judged, dir, reason, &attribution(policy, 0));
-        count(reason, dir, 0);
+        conntrack::remove(key);
+        exit::drop_flow(judged, dir, reason, &attribution(policy, 0), NF_DROP);
         return false;
     }
-    if may_open {
-        let Some(scratch) = TUPLES.get_ptr_mut(0) else {
-            return false;
-        };
-        // SAFETY: per-CPU slot of a successful lookup; only this CPU uses it, for this packet
-        // (the same slot `tuples` points to: only fields `tuples` is not read through change).
-        let scratch = unsafe { &mut *scratch };
-        scratch.translation = Translation {
-            peer_addr: judged.peer_addr,
-            peer_port: judged.peer_port,
-            padding: 0,
-            frontend,
-        };
-        // The translation first: a packet that finds the flow finds what it was judged on.
-        #[expect(
-            clippy::needless_borrows_for_generic_args,
-            reason = "by value the translation would be copied onto a stack that is all but full"
-        )]
-        let _ = TRANSLATIONS.insert(key, &scratch.translation, 0);
-        scratch.state = FlowState {
-            origin: dir,
-            epoch,
-            flags: mtls::flags_for_new_flow(key, dir),
-            activity: flow_activity::TRANSLATED,
-            last_seen: now_ticks(),
-            client_seq: 0,
-            hello_end: 0,
-        };
-        conntrack_insert(key, &scratch.state);
-        if verdict::allow_event_sampled() {
-            report(judged, dir, reason, &attribution(policy, rule));
-        }
+    if !may_open {
+        exit::pass(reason, dir, NF_ACCEPT);
+        return true;
     }
-    count(reason, dir, 0);
+    let Some(scratch) = TUPLES.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot of a successful lookup; only this CPU uses it, for this packet
+    // (the same slot `tuples` points to: only fields `tuples` is not read through change).
+    let scratch = unsafe { &mut *scratch };
+    scratch.translation = Translation {
+        peer_addr: judged.peer_addr,
+        peer_port: judged.peer_port,
+        padding: 0,
+        frontend,
+    };
+    // The translation first: a packet that finds the flow finds what it was judged on.
+    conntrack::record_translation(key, &scratch.translation);
+    scratch.state = FlowState {
+        origin: dir,
+        epoch,
+        flags: mtls::flags_for_new_flow(key, dir),
+        activity: flow_activity::TRANSLATED,
+        last_seen: conntrack::now_ticks(),
+        client_seq: 0,
+        hello_end: 0,
+    };
+    conntrack::insert(key, &scratch.state);
+    exit::pass_new_flow(judged, dir, reason, &attribution(policy, rule), NF_ACCEPT);
     true
 }
 
@@ -288,7 +283,7 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
 /// destination; tracked like any flow when it may open one.
 #[inline(never)]
 fn untracked(skb: u64, layout: &KernelLayout) -> i32 {
-    if !verdict::frontends_installed() {
+    if !settings::frontends_installed() {
         return NF_ACCEPT;
     }
     let (Ok(head), Ok(network_header)) = (
@@ -348,11 +343,11 @@ fn untracked(skb: u64, layout: &KernelLayout) -> i32 {
     let Ok(ports) = read::<[u8; 14]>(l4, 0) else {
         return unreadable();
     };
-    let client = Endpoint {
+    let client = AddressPort {
         addr: source,
         port: u16::from_be_bytes([ports[0], ports[1]]),
     };
-    let frontend_endpoint = Endpoint {
+    let frontend_endpoint = AddressPort {
         addr: destination,
         port: u16::from_be_bytes([ports[2], ports[3]]),
     };
@@ -379,24 +374,16 @@ fn untracked(skb: u64, layout: &KernelLayout) -> i32 {
 /// A flow this hook must decide whose kernel state it could not read: dropped and counted.
 #[inline(always)]
 fn unreadable() -> i32 {
-    count(
+    exit::drop_unreported(
         counter::DENIED_UNREADABLE_TRANSLATION,
         direction::EGRESS,
         NF_DROP,
     )
 }
 
-#[inline(always)]
-fn endpoint_of(addr: &[u8; 16]) -> Option<u32> {
-    ENDPOINT_OF_ADDRESS
-        .get_ptr(IpKey { addr: *addr })
-        // SAFETY: the pointer comes from a successful lookup and is read at once.
-        .map(|ifindex| unsafe { *ifindex })
-}
-
 /// The flow an endpoint's program sees for a packet between `pod` and `peer`.
 #[inline(always)]
-fn flow_key(ifindex: u32, protocol: u8, pod: &Endpoint, peer: &Endpoint) -> FlowKey {
+fn flow_key(ifindex: u32, protocol: u8, pod: &AddressPort, peer: &AddressPort) -> FlowKey {
     FlowKey {
         ifindex,
         protocol,
@@ -417,7 +404,7 @@ fn tuple_endpoint(
     family: u16,
     protocol: u8,
     source: bool,
-) -> Endpoint {
+) -> AddressPort {
     let (addr_at, port_at) = if source {
         (conntrack_tuple::SRC_ADDR, conntrack_tuple::SRC_PORT)
     } else {
@@ -442,7 +429,7 @@ fn tuple_endpoint(
     } else {
         0
     };
-    Endpoint { addr, port }
+    AddressPort { addr, port }
 }
 
 #[inline(always)]

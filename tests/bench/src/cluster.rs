@@ -155,6 +155,7 @@ pub fn policies(ns: usize) -> Vec<NetworkPolicy> {
     let cidr = |text: &str| text.parse().expect("benchmark CIDR");
     vec![
         NetworkPolicy {
+            enforcement: netwarden_model::Enforcement::Enforce,
             id: id("default-deny"),
             pod_selector: LabelSelector::everything(),
             policy_types: ingress_only,
@@ -162,6 +163,7 @@ pub fn policies(ns: usize) -> Vec<NetworkPolicy> {
             egress: vec![],
         },
         NetworkPolicy {
+            enforcement: netwarden_model::Enforcement::Enforce,
             id: id("frontend-public"),
             pod_selector: select(&[("tier", "frontend")]),
             policy_types: ingress_only,
@@ -172,6 +174,7 @@ pub fn policies(ns: usize) -> Vec<NetworkPolicy> {
             egress: vec![],
         },
         NetworkPolicy {
+            enforcement: netwarden_model::Enforcement::Enforce,
             id: id("backend-from-frontend"),
             pod_selector: select(&[("tier", "backend")]),
             policy_types: ingress_only,
@@ -186,6 +189,7 @@ pub fn policies(ns: usize) -> Vec<NetworkPolicy> {
             egress: vec![],
         },
         NetworkPolicy {
+            enforcement: netwarden_model::Enforcement::Enforce,
             id: id("db-from-backend"),
             pod_selector: select(&[("tier", "db")]),
             policy_types: ingress_only,
@@ -199,6 +203,7 @@ pub fn policies(ns: usize) -> Vec<NetworkPolicy> {
             egress: vec![],
         },
         NetworkPolicy {
+            enforcement: netwarden_model::Enforcement::Enforce,
             id: id("frontend-egress"),
             pod_selector: select(&[("tier", "frontend")]),
             policy_types: egress_only,
@@ -228,6 +233,7 @@ pub fn policies(ns: usize) -> Vec<NetworkPolicy> {
             ],
         },
         NetworkPolicy {
+            enforcement: netwarden_model::Enforcement::Enforce,
             id: id("internal-https"),
             pod_selector: LabelSelector::everything(),
             policy_types: ingress_only,
@@ -241,6 +247,7 @@ pub fn policies(ns: usize) -> Vec<NetworkPolicy> {
             egress: vec![],
         },
         NetworkPolicy {
+            enforcement: netwarden_model::Enforcement::Enforce,
             id: id("expressions"),
             pod_selector: LabelSelector {
                 requirements: vec![
@@ -261,6 +268,7 @@ pub fn policies(ns: usize) -> Vec<NetworkPolicy> {
             egress: vec![],
         },
         NetworkPolicy {
+            enforcement: netwarden_model::Enforcement::Enforce,
             id: id("dns-and-signalling"),
             pod_selector: LabelSelector {
                 requirements: vec![Requirement::DoesNotExist("canary".into())],
@@ -273,6 +281,7 @@ pub fn policies(ns: usize) -> Vec<NetworkPolicy> {
             egress: vec![],
         },
         NetworkPolicy {
+            enforcement: netwarden_model::Enforcement::Enforce,
             id: id("v6-monitoring"),
             pod_selector: select(&[("tier", "db")]),
             policy_types: ingress_only,
@@ -290,6 +299,7 @@ pub fn policies(ns: usize) -> Vec<NetworkPolicy> {
             egress: vec![],
         },
         NetworkPolicy {
+            enforcement: netwarden_model::Enforcement::Enforce,
             id: id("to-next-namespace"),
             pod_selector: select(&[("tier", "backend")]),
             policy_types: PolicyTypes {

@@ -200,6 +200,7 @@ fn cluster() -> Cluster {
         ports: port80.clone(),
     }));
     let policy = NetworkPolicy {
+        enforcement: netwarden_model::Enforcement::Enforce,
         id: PolicyRef {
             namespace: "bench".into(),
             name: "server".into(),

@@ -957,6 +957,7 @@ fn cluster(rules: u32) -> Cluster {
         ports,
     });
     let policy = NetworkPolicy {
+        enforcement: netwarden_model::Enforcement::Enforce,
         id: PolicyRef {
             namespace: NAMESPACE.into(),
             name: "server".into(),
@@ -1239,6 +1240,7 @@ fn service_cluster() -> Cluster {
         requirements: vec![Requirement::In("app".into(), vec![app.into()])],
     };
     let policy = NetworkPolicy {
+        enforcement: netwarden_model::Enforcement::Enforce,
         id: PolicyRef {
             namespace: NAMESPACE.into(),
             name: "client-egress".into(),

@@ -33,8 +33,11 @@ use k8s_openapi::{
 };
 
 use crate::{
+    driver::{
+        self, At, CannotRun, Capabilities, Change, Driver, Findings, NewPod, PlayError, Support,
+    },
     placeholder::{self, Placeholder},
-    scenario::{self, ContainerPort, IpFamily, Labels, Protocol, Scenario, Step},
+    scenario::{self, ContainerPort, IpFamily, Labels, Protocol, RestartMode, Scenario, Step},
 };
 
 /// The server image of upstream's NetworkPolicy e2e.
@@ -489,47 +492,69 @@ impl Kube<'_> {
     }
 }
 
-/// Why a scenario cannot run on a real cluster, if it cannot.
-fn unsupported(scenario: &Scenario) -> Option<String> {
-    if scenario.model.has(IpFamily::IPv6) {
-        return Some("the kind cluster is IPv4-only".to_owned());
+/// What a kind cluster can run: IPv4 pods that the API server places and addresses, with the
+/// agent as `deploy/` runs it. Nothing is left out: a step it cannot play rules the scenario
+/// out, as what follows would be judged on another world.
+struct KindCapabilities;
+
+/// Why Service steps rule a scenario out.
+const NO_SERVICES: &str =
+    "Services are emulated by the netns harness only (the kind path does not create them yet)";
+
+impl Capabilities for KindCapabilities {
+    fn unsupported_model(&self, scenario: &Scenario) -> Option<String> {
+        if scenario.model.has(IpFamily::IPv6) {
+            return Some("the kind cluster is IPv4-only".to_owned());
+        }
+        if !scenario.agent_args.is_empty() {
+            return Some(format!(
+                "agent_args {:?}: the DaemonSet runs with the arguments in deploy/",
+                scenario.agent_args
+            ));
+        }
+        if !scenario.model.external_hosts.is_empty() {
+            return Some("external hosts have no counterpart in a kind cluster".to_owned());
+        }
+        if scenario.uses_services() {
+            return Some(NO_SERVICES.to_owned());
+        }
+        None
     }
-    if !scenario.agent_args.is_empty() {
-        return Some(format!(
-            "agent_args {:?}: the DaemonSet runs with the arguments in deploy/",
-            scenario.agent_args
-        ));
+
+    fn supports(&self, step: &Step) -> Support {
+        let unsupported = |reason: &str| Support::Unsupported(reason.to_owned());
+        match step {
+            Step::AddPod {
+                reuse_ip_of: Some(_),
+                ..
+            } => unsupported("a real cluster does not let a pod choose its IP"),
+            Step::AddPod { publish: false, .. } | Step::PublishPod { .. } => {
+                unsupported("a real pod's veth never exists before its Pod object")
+            }
+            Step::CreatePolicy { .. }
+            | Step::UpdatePolicy { .. }
+            | Step::DeletePolicy { .. }
+            | Step::DeleteAllPolicies { .. }
+            | Step::Relabel { .. }
+            | Step::AddPod { .. }
+            | Step::DeletePod { .. }
+            | Step::RestartAgent { .. }
+            | Step::Probe { .. } => Support::Play,
+            Step::CreateService { .. }
+            | Step::DeleteService { .. }
+            | Step::Dial(_)
+            | Step::Resolve(_) => unsupported(NO_SERVICES),
+            Step::OpenConnection { .. } | Step::CheckConnection { .. } => {
+                unsupported("long-lived connections are kept by the netns harness only")
+            }
+            Step::SendSpoofed { .. } | Step::IcmpError { .. } => {
+                unsupported("crafted packets are sent from the netns harness only")
+            }
+            Step::MtlsProbe(_) | Step::IdentityCheck(_) | Step::ExpectAgentLog(_) => unsupported(
+                "the test CA, the mTLS test proxy and the agent's log live in the netns harness",
+            ),
+        }
     }
-    if !scenario.model.external_hosts.is_empty() {
-        return Some("external hosts have no counterpart in a kind cluster".to_owned());
-    }
-    if scenario.uses_services() {
-        return Some(
-            "Services are emulated by the netns harness only (the kind path does not create them yet)"
-                .to_owned(),
-        );
-    }
-    scenario.steps.iter().find_map(|step| match step {
-        Step::AddPod {
-            reuse_ip_of: Some(_),
-            ..
-        } => Some(format!(
-            "{step}: a real cluster does not let a pod choose its IP"
-        )),
-        Step::AddPod { publish: false, .. } | Step::PublishPod { .. } => Some(format!(
-            "{step}: a real pod's veth never exists before its Pod object"
-        )),
-        Step::OpenConnection { .. } | Step::CheckConnection { .. } => Some(format!(
-            "{step}: long-lived connections are kept by the netns harness only"
-        )),
-        Step::SendSpoofed { .. } | Step::IcmpError { .. } => Some(format!(
-            "{step}: crafted packets are sent from the netns harness only"
-        )),
-        Step::MtlsProbe(_) | Step::IdentityCheck(_) | Step::ExpectAgentLog(_) => Some(format!(
-            "{step}: the test CA, the mTLS test proxy and the agent's log live in the netns harness"
-        )),
-        _ => None,
-    })
 }
 
 /// The pods of a scenario as they stand, with their addresses.
@@ -549,9 +574,10 @@ fn run_scenario(kube: &Kube<'_>, scenario: &Scenario) -> Outcome {
         scenario.name,
         scenario.path.display()
     ));
-    if let Some(reason) = unsupported(scenario) {
-        return Outcome::Skipped(reason);
-    }
+    let plan = match driver::plan(&KindCapabilities, scenario) {
+        Ok(plan) => plan,
+        Err(CannotRun(reason)) => return Outcome::Skipped(reason),
+    };
     let mut cluster = Cluster {
         scenario,
         kube,
@@ -569,7 +595,18 @@ fn run_scenario(kube: &Kube<'_>, scenario: &Scenario) -> Outcome {
             .map(|(name, labels)| (name.clone(), labels.clone()))
             .collect(),
     };
-    let result = cluster.play();
+    // Every command blocks: the futures of the interpreter never wait on anything else.
+    let (findings, played) =
+        futures::executor::block_on(driver::play(&mut cluster, scenario, &plan));
+    let result = match played {
+        Ok(()) => Ok(findings),
+        Err(PlayError::SetUp(error)) => Err(error),
+        Err(PlayError::Step {
+            number,
+            step,
+            source,
+        }) => Err(source.context(format!("step {number} ({step})"))),
+    };
     let cleanup = cluster.clean_up();
     match (result, cleanup) {
         (Ok(failures), Ok(())) if failures.is_empty() => {
@@ -585,8 +622,8 @@ fn run_scenario(kube: &Kube<'_>, scenario: &Scenario) -> Outcome {
 }
 
 impl Cluster<'_> {
-    /// Creates the model, plays the steps; returns the probes that disagreed.
-    fn play(&mut self) -> anyhow::Result<Vec<String>> {
+    /// Creates the model's namespaces and pods and waits until every pod is ready.
+    fn create_model(&mut self) -> anyhow::Result<()> {
         say("its namespaces and pods; every pod serves each of its container ports");
         let mut manifest = String::new();
         for (name, labels) in &self.namespaces {
@@ -599,19 +636,7 @@ impl Cluster<'_> {
         for name in self.namespaces.keys() {
             self.wait_for_pods(name)?;
         }
-        self.read_ips()?;
-
-        let mut failures = Vec::new();
-        for (index, step) in self.scenario.steps.iter().enumerate() {
-            say(&format!("step {}: {step}", index + 1));
-            if let Some(failure) = self
-                .step(step)
-                .with_context(|| format!("step {} ({step})", index + 1))?
-            {
-                failures.push(format!("  step {} ({step}): {failure}", index + 1));
-            }
-        }
-        Ok(failures)
+        self.read_ips()
     }
 
     fn wait_for_pods(&self, namespace: &str) -> anyhow::Result<()> {
@@ -658,88 +683,8 @@ impl Cluster<'_> {
         Ok(())
     }
 
-    /// Plays one step; returns what disagreed, if anything.
-    fn step(&mut self, step: &Step) -> anyhow::Result<Option<String>> {
-        match step {
-            Step::CreatePolicy { policy } | Step::UpdatePolicy { policy } => {
-                let object = self
-                    .scenario
-                    .policies
-                    .get(policy)
-                    .with_context(|| format!("no policy {policy}"))?;
-                let object = self.fill_placeholders(object)?;
-                // Checked here, so a typo fails before the API server sees it.
-                let _: NetworkPolicy = serde_yaml::from_value(object.clone())
-                    .with_context(|| format!("{policy} is not a NetworkPolicy"))?;
-                self.kube.apply(serde_yaml::to_string(&object)?)?;
-            }
-            Step::DeletePolicy { policy } => {
-                let (namespace, name) = scenario::split_pod_key(scenario::policy_identity(policy))
-                    .map_err(anyhow::Error::msg)?;
-                self.kube
-                    .run(&["-n", namespace, "delete", "networkpolicy", name])?;
-            }
-            Step::DeleteAllPolicies { namespaces } => {
-                for namespace in namespaces {
-                    self.kube
-                        .run(&["-n", namespace, "delete", "networkpolicy", "--all"])?;
-                }
-            }
-            Step::Relabel {
-                pod_labels,
-                namespace_labels,
-            } => self.relabel(pod_labels, namespace_labels)?,
-            Step::AddPod {
-                pod: key,
-                labels,
-                ports,
-                ..
-            } => {
-                let ports = ports
-                    .clone()
-                    .unwrap_or_else(|| self.scenario.model.default_ports.clone());
-                let mut manifest = String::new();
-                push_document(&mut manifest, &pod(key, labels, &ports)?)?;
-                self.kube.apply(manifest)?;
-                let (namespace, _) = scenario::split_pod_key(key).map_err(anyhow::Error::msg)?;
-                self.pods.insert(key.clone(), (labels.clone(), ports));
-                self.wait_for_pods(namespace)?;
-                self.read_ips()?;
-            }
-            Step::DeletePod { pod: key } => {
-                let (namespace, name) = scenario::split_pod_key(key).map_err(anyhow::Error::msg)?;
-                self.kube
-                    .run(&["-n", namespace, "delete", "pod", name, "--wait=true"])?;
-                self.pods.remove(key);
-                self.ips.remove(key);
-            }
-            Step::RestartAgent { mode } => self.restart_agent(*mode)?,
-            Step::Probe {
-                port,
-                protocol,
-                expect,
-                ..
-            } => return self.probe(*port, *protocol, &expect.endpoints, &expect.allowed),
-            Step::PublishPod { .. }
-            | Step::CreateService { .. }
-            | Step::DeleteService { .. }
-            | Step::Dial(_)
-            | Step::Resolve(_)
-            | Step::OpenConnection { .. }
-            | Step::CheckConnection { .. }
-            | Step::SendSpoofed { .. }
-            | Step::IcmpError { .. }
-            | Step::MtlsProbe(_)
-            | Step::IdentityCheck(_)
-            | Step::ExpectAgentLog(_) => {
-                bail!("not supported on a real cluster (the scenario should have been skipped)")
-            }
-        }
-        Ok(None)
-    }
-
     /// Sets the complete new label sets of pods and namespaces.
-    fn relabel(
+    fn label_objects(
         &mut self,
         pod_labels: &IndexMap<String, Labels>,
         namespace_labels: &IndexMap<String, Labels>,
@@ -772,9 +717,9 @@ impl Cluster<'_> {
     }
 
     /// Restarts every agent: a rolling restart (SIGTERM), or pods deleted at once (no grace).
-    fn restart_agent(&self, mode: scenario::RestartMode) -> anyhow::Result<()> {
+    fn restart_daemonset(&self, mode: RestartMode) -> anyhow::Result<()> {
         match mode {
-            scenario::RestartMode::Graceful => {
+            RestartMode::Graceful => {
                 self.kube.run(&[
                     "-n",
                     AGENT_NAMESPACE,
@@ -783,7 +728,7 @@ impl Cluster<'_> {
                     "daemonset/netwarden",
                 ])?;
             }
-            scenario::RestartMode::Kill => {
+            RestartMode::Kill => {
                 self.kube.run(&[
                     "-n",
                     AGENT_NAMESPACE,
@@ -810,7 +755,7 @@ impl Cluster<'_> {
     /// Dials every (row, column) pair but the diagonal from inside the row's pod; probes again
     /// once after a short wait when the grid disagrees (policy changes take effect
     /// asynchronously, and nothing here can see the agents apply them), as upstream does.
-    fn probe(
+    fn probe_grid(
         &self,
         port: u16,
         protocol: Protocol,
@@ -922,6 +867,109 @@ impl Cluster<'_> {
         argv.extend(["--wait=true", "--timeout=180s"]);
         self.kube.run(&argv)?;
         Ok(())
+    }
+}
+
+impl Driver for Cluster<'_> {
+    type Error = anyhow::Error;
+
+    fn begin_step(&mut self, At { number, step }: At<'_>, left_out: Option<&str>) {
+        say(&format!("step {number}: {step}"));
+        if let Some(reason) = left_out {
+            say(&format!("left out: {reason}"));
+        }
+    }
+
+    async fn set_up(&mut self) -> anyhow::Result<()> {
+        self.create_model()
+    }
+
+    async fn write_policy(&mut self, policy: &str) -> anyhow::Result<()> {
+        let object = self
+            .scenario
+            .policies
+            .get(policy)
+            .with_context(|| format!("no policy {policy}"))?;
+        let object = self.fill_placeholders(object)?;
+        // Checked here, so a typo fails before the API server sees it.
+        let _: NetworkPolicy = serde_yaml::from_value(object.clone())
+            .with_context(|| format!("{policy} is not a NetworkPolicy"))?;
+        self.kube.apply(serde_yaml::to_string(&object)?)
+    }
+
+    async fn delete_policy(&mut self, policy: &str) -> anyhow::Result<()> {
+        let (namespace, name) = scenario::split_pod_key(scenario::policy_identity(policy))
+            .map_err(anyhow::Error::msg)?;
+        self.kube
+            .run(&["-n", namespace, "delete", "networkpolicy", name])?;
+        Ok(())
+    }
+
+    async fn delete_all_policies(&mut self, namespaces: &[String]) -> anyhow::Result<()> {
+        for namespace in namespaces {
+            self.kube
+                .run(&["-n", namespace, "delete", "networkpolicy", "--all"])?;
+        }
+        Ok(())
+    }
+
+    async fn relabel(
+        &mut self,
+        pod_labels: &IndexMap<String, Labels>,
+        namespace_labels: &IndexMap<String, Labels>,
+    ) -> anyhow::Result<()> {
+        self.label_objects(pod_labels, namespace_labels)
+    }
+
+    async fn add_pod(&mut self, new: NewPod<'_>) -> anyhow::Result<()> {
+        let ports = new
+            .ports
+            .unwrap_or(&self.scenario.model.default_ports)
+            .to_vec();
+        let mut manifest = String::new();
+        push_document(&mut manifest, &pod(new.key, new.labels, &ports)?)?;
+        self.kube.apply(manifest)?;
+        let (namespace, _) = scenario::split_pod_key(new.key).map_err(anyhow::Error::msg)?;
+        self.pods
+            .insert(new.key.to_owned(), (new.labels.clone(), ports));
+        self.wait_for_pods(namespace)?;
+        self.read_ips()
+    }
+
+    async fn delete_pod(&mut self, key: &str) -> anyhow::Result<()> {
+        let (namespace, name) = scenario::split_pod_key(key).map_err(anyhow::Error::msg)?;
+        self.kube
+            .run(&["-n", namespace, "delete", "pod", name, "--wait=true"])?;
+        self.pods.remove(key);
+        self.ips.remove(key);
+        Ok(())
+    }
+
+    async fn restart_agent(&mut self, mode: RestartMode) -> anyhow::Result<()> {
+        self.restart_daemonset(mode)
+    }
+
+    /// Nothing to wait for: nothing here can see the agents apply a change, so probes retry
+    /// instead.
+    async fn settle(&mut self, _change: Change) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn probe(&mut self, At { number, step }: At<'_>) -> anyhow::Result<Findings> {
+        let Step::Probe {
+            port,
+            protocol,
+            expect,
+            ..
+        } = step
+        else {
+            unreachable!("called for probe steps only")
+        };
+        let failure = self.probe_grid(*port, *protocol, &expect.endpoints, &expect.allowed)?;
+        Ok(failure
+            .map(|failure| format!("  step {number} ({step}): {failure}"))
+            .into_iter()
+            .collect())
     }
 }
 

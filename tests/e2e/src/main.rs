@@ -5,6 +5,7 @@ mod agent;
 mod cleanup;
 mod crafted;
 mod dns;
+mod driver;
 mod kind;
 mod kube_proxy;
 mod manifests;

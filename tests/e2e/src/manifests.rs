@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::{
     node::{Addresses, NODE_NAME},
-    scenario::{Labels, PodSpec},
+    scenario::{Labels, PodSpec, PolicyName},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +103,55 @@ impl ManifestWriter {
         self.delete(&policy_file(namespace, name))
     }
 
+    /// Writes a cluster-scoped `ClusterNetworkPolicy` (placeholders already substituted) under
+    /// its name.
+    pub fn cluster_policy(
+        &self,
+        name: &str,
+        object: &serde_yaml::Value,
+    ) -> Result<(), ManifestError> {
+        self.write(&cluster_policy_file(name), object)
+    }
+
+    pub fn delete_cluster_policy(&self, name: &str) -> Result<(), ManifestError> {
+        self.delete(&cluster_policy_file(name))
+    }
+
+    /// Writes the policy a scenario's policy identity names (`namespace/name`: a
+    /// `NetworkPolicy`; `name`: a `ClusterNetworkPolicy`).
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "the runner writes ClusterNetworkPolicy objects through these once the datapath enforces them (issue #15)"
+        )
+    )]
+    pub fn policy_by_identity(
+        &self,
+        identity: &str,
+        object: &serde_yaml::Value,
+    ) -> Result<(), ManifestError> {
+        match PolicyName::of(identity) {
+            PolicyName::Namespaced { namespace, name } => self.policy(namespace, name, object),
+            PolicyName::Cluster { name } => self.cluster_policy(name, object),
+        }
+    }
+
+    /// Deletes what [`Self::policy_by_identity`] wrote.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "the runner writes ClusterNetworkPolicy objects through these once the datapath enforces them (issue #15)"
+        )
+    )]
+    pub fn delete_policy_by_identity(&self, identity: &str) -> Result<(), ManifestError> {
+        match PolicyName::of(identity) {
+            PolicyName::Namespaced { namespace, name } => self.delete_policy(namespace, name),
+            PolicyName::Cluster { name } => self.delete_cluster_policy(name),
+        }
+    }
+
     /// Writes any object under a file name of the caller's choosing (Services, `EndpointSlices`).
     pub fn object(&self, file: &str, object: &impl serde::Serialize) -> Result<(), ManifestError> {
         self.write(file, object)
@@ -139,6 +188,10 @@ fn pod_file(namespace: &str, name: &str) -> String {
 
 fn policy_file(namespace: &str, name: &str) -> String {
     format!("netpol-{namespace}-{name}.yaml")
+}
+
+fn cluster_policy_file(name: &str) -> String {
+    format!("cnp-{name}.yaml")
 }
 
 #[cfg(test)]
@@ -185,5 +238,34 @@ mod tests {
         );
         writer.delete_pod("x", "a").unwrap();
         assert!(writer.delete_pod("x", "a").is_err());
+    }
+
+    #[test]
+    fn cluster_policies_are_written_under_their_name_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = ManifestWriter::new(dir.path());
+        let object: serde_yaml::Value = serde_yaml::from_str(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: { name: default }\nspec: { tier: Baseline, priority: 10, subject: { namespaces: {} } }\n",
+        )
+        .unwrap();
+        writer.policy_by_identity("default", &object).unwrap();
+        let namespaced: serde_yaml::Value = serde_yaml::from_str(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: default, namespace: x }\nspec: { podSelector: {} }\n",
+        )
+        .unwrap();
+        writer.policy_by_identity("x/default", &namespaced).unwrap();
+        let text = fs::read_to_string(dir.path().join("cnp-default.yaml")).unwrap();
+        let written: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(written, object);
+        assert!(dir.path().join("netpol-x-default.yaml").is_file());
+        writer.delete_policy_by_identity("default").unwrap();
+        assert!(!dir.path().join("cnp-default.yaml").exists());
+        assert!(
+            dir.path().join("netpol-x-default.yaml").is_file(),
+            "the namespaced one stays"
+        );
+        writer.delete_policy_by_identity("x/default").unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(writer.delete_cluster_policy("default").is_err());
     }
 }

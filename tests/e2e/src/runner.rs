@@ -25,9 +25,13 @@ use crate::{
     cleanup::{self, NETNS_PREFIX, RUN_ROOT, Registration, Resource},
     crafted::{self, QuotedPacket},
     dns::{self, Zone},
+    driver::{
+        self, At, CannotRun, Capabilities, Change, Driver, Findings, NewPod, NotPlayable, Plan,
+        Spoofed, Support,
+    },
     kube_proxy::{KubeProxy, KubeProxyError, KubeProxyMode},
     manifests::{ManifestError, ManifestWriter},
-    mtls::{MtlsError, MtlsState, PodView},
+    mtls::{ExpectAgentLog, IdentityCheck, MtlsError, MtlsProbe, MtlsState, PodView},
     netns::NetnsError,
     node::{Addresses, Endpoint, EndpointKind, Node, NodeError, ipv6_supported},
     placeholder::{self, PlaceholderError},
@@ -102,12 +106,8 @@ enum StepError {
     },
     #[error("cannot mount bpffs on {}: {source}", path.display())]
     Mount { path: PathBuf, source: nix::Error },
-    #[error("step {number} ({step}): {source}")]
-    InStep {
-        number: usize,
-        step: String,
-        source: Box<StepError>,
-    },
+    #[error(transparent)]
+    NotPlayable(#[from] NotPlayable),
 }
 
 /// Finds the scenario files: named files as they are, directories searched for `*.yaml`
@@ -216,13 +216,17 @@ async fn run_file(index: usize, path: &Path, options: &Options) -> Outcome {
         },
         Err(error) => return Outcome::failed(path.display().to_string(), error.to_string()),
     };
-    if scenario.model.has(IpFamily::IPv6) && !ipv6_supported() {
-        return Outcome {
-            verdict: Verdict::Skip("the model needs IPv6, which this kernel lacks".to_owned()),
+    let capabilities = NetnsCapabilities {
+        agent: options.agent.is_some(),
+        ipv6: ipv6_supported(),
+    };
+    match driver::plan(&capabilities, &scenario) {
+        Ok(plan) => run_scenario(index, &scenario, &plan, options).await,
+        Err(CannotRun(reason)) => Outcome {
+            verdict: Verdict::Skip(reason),
             ..Outcome::failed(scenario.name, String::new())
-        };
+        },
     }
-    run_scenario(index, &scenario, options).await
 }
 
 /// Prints progress of one scenario in verbose mode, tagged with its index.
@@ -358,7 +362,12 @@ struct ScenarioRun<'a> {
     zone: Zone,
 }
 
-async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> Outcome {
+async fn run_scenario(
+    index: usize,
+    scenario: &Scenario,
+    plan: &Plan,
+    options: &Options,
+) -> Outcome {
     let started = Instant::now();
     let progress = Progress {
         tag: format!("[{index}]"),
@@ -419,7 +428,9 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
         }),
         zone: Zone::default(),
     };
-    if let Err(error) = run.execute().await {
+    let (findings, played) = driver::play(&mut run, scenario, plan).await;
+    run.failures.extend(findings);
+    if let Err(error) = played {
         run.failures.push(format!("error: {error}"));
     }
     let verdict = if run.failures.is_empty() {
@@ -444,22 +455,8 @@ async fn run_scenario(index: usize, scenario: &Scenario, options: &Options) -> O
 }
 
 impl ScenarioRun<'_> {
-    async fn execute(&mut self) -> Result<(), StepError> {
-        self.set_up().await?;
-        for (index, step) in self.scenario.steps.iter().enumerate() {
-            self.step(index + 1, step)
-                .await
-                .map_err(|source| StepError::InStep {
-                    number: index + 1,
-                    step: step.to_string(),
-                    source: Box::new(source),
-                })?;
-        }
-        Ok(())
-    }
-
     /// Wires the model, writes its objects, then starts the agent and waits for it.
-    async fn set_up(&mut self) -> Result<(), StepError> {
+    async fn build_model(&mut self) -> Result<(), StepError> {
         let model = &self.scenario.model;
         for (key, pod) in &model.pods {
             self.add_endpoint(key, Some(pod.clone()), None).await?;
@@ -529,121 +526,16 @@ impl ScenarioRun<'_> {
         Ok(())
     }
 
-    async fn step(&mut self, number: usize, step: &Step) -> Result<(), StepError> {
-        self.progress.line(&format!("step {number}: {step}"));
-        match step {
-            Step::OpenConnection {
-                name,
-                from,
-                to,
-                port,
-                protocol,
-            } => {
-                let flow = self
-                    .open_flow(from, to, *port, *protocol)
-                    .await
-                    .map_err(|source| StepError::Open {
-                        name: name.clone(),
-                        source,
-                    })?;
-                self.flows.insert(name.clone(), flow);
-                self.flow_ends
-                    .insert(name.clone(), (from.clone(), to.clone()));
-            }
-            Step::CheckConnection { name, expect } => {
-                let alive = self.flows[name].check().await;
-                let state = if alive { "alive" } else { "closed" };
-                self.progress.line(&format!("  {name} is {state}"));
-                if alive != (*expect == ConnectionExpectation::Alive) {
-                    self.failures
-                        .push(format!("step {number} {step}: the connection is {state}"));
-                }
-            }
-            Step::Probe { .. } => self.probe(number, step).await,
-            Step::Dial(dial) => self.dial(number, step, dial).await,
-            Step::Resolve(resolve) => self.resolve(number, step, resolve).await,
-            Step::SendSpoofed {
-                from,
-                to,
-                source,
-                frame_tags,
-                expect,
-            } => {
-                let claim = Claim {
-                    source,
-                    frame_tags: *frame_tags,
-                };
-                self.send_spoofed(number, step, (from, to), &claim, *expect)
-                    .await?;
-            }
-            Step::IcmpError {
-                connection,
-                quote,
-                expect,
-            } => {
-                self.icmp_error(number, step, connection, *quote, *expect)
-                    .await?;
-            }
-            Step::MtlsProbe(probe) => {
-                let pods = pod_views(&self.live);
-                let outcome = self.mtls.probe(&pods, probe).await?;
-                self.progress.line(&format!("  {outcome}"));
-                if let Some(problem) = outcome.mismatch(probe.expect) {
-                    self.failures
-                        .push(format!("step {number} {step}: {problem}"));
-                }
-            }
-            Step::ExpectAgentLog(expect) => {
-                if let Some(config) = &self.agent_config {
-                    match expect.find(&config.log).await {
-                        Ok(line) => self.progress.line(&format!("  found: {line}")),
-                        Err(problem) => {
-                            self.failures
-                                .push(format!("step {number} {step}: {problem}"));
-                        }
-                    }
-                }
-            }
-            Step::IdentityCheck(check) => {
-                let pods = pod_views(&self.live);
-                let answer = self.mtls.check(&pods, check).await?;
-                self.progress.line(&format!("  {answer}"));
-                if let Some(problem) = answer.mismatch(check) {
-                    self.failures
-                        .push(format!("step {number} {step}: {problem}"));
-                }
-            }
-            change => {
-                if self.apply(change).await? {
-                    // kube-proxy follows the API before the agent is waited for, as on a node
-                    // where both watch the same objects.
-                    self.sync_services().await?;
-                    // The change is on disk (or in the namespaces) now: the latency clock starts.
-                    let latency = self.converge(Some(Instant::now())).await?;
-                    // A restart measures the new agent's start (loading programs against the
-                    // pinned maps), not an apply: it is reported on a line of its own.
-                    let bucket = if matches!(change, Step::RestartAgent { .. }) {
-                        &mut self.restart_latencies
-                    } else {
-                        &mut self.latencies
-                    };
-                    bucket.extend(latency);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Sends a datagram from `from` to `to` with a forged (or, for `own`, the true) source
     /// address, over every family of the model; each must meet `expect`.
-    async fn send_spoofed(
-        &mut self,
-        number: usize,
-        step: &Step,
+    async fn spoof_datagram(
+        &self,
+        At { number, step }: At<'_>,
         (from, to): (&str, &str),
         claim: &Claim<'_>,
         expect: Delivery,
-    ) -> Result<(), StepError> {
+    ) -> Result<Findings, StepError> {
+        let mut findings = Findings::new();
         for family in self.scenario.model.ip_families.clone() {
             let sender = &self.live[from].endpoint;
             let receiver = &self.live[to].endpoint;
@@ -676,24 +568,23 @@ impl ScenarioRun<'_> {
             self.progress
                 .line(&format!("  {family}: from {claimed}: {outcome}"));
             if arrived != (expect == Delivery::Delivered) {
-                self.failures.push(format!(
+                findings.push(format!(
                     "step {number} {step}: {family} datagram claiming {claimed} was {outcome}"
                 ));
             }
         }
-        Ok(())
+        Ok(findings)
     }
 
     /// Sends a "fragmentation needed" / "packet too big" error from the connection's server to
     /// its client, quoting a packet of the connection or of an unrelated flow.
-    async fn icmp_error(
-        &mut self,
-        number: usize,
-        step: &Step,
+    async fn send_icmp_error(
+        &self,
+        At { number, step }: At<'_>,
         connection: &str,
         quote: Quote,
         expect: Delivery,
-    ) -> Result<(), StepError> {
+    ) -> Result<Findings, StepError> {
         let flow = &self.flows[connection];
         let (client, server) = &self.flow_ends[connection];
         let mut quoted = QuotedPacket {
@@ -714,111 +605,16 @@ impl ScenarioRun<'_> {
         .map_err(StepError::Crafted)?;
         let outcome = if arrived { "delivered" } else { "dropped" };
         self.progress.line(&format!("  the error was {outcome}"));
+        let mut findings = Findings::new();
         if arrived != (expect == Delivery::Delivered) {
-            self.failures.push(format!(
+            findings.push(format!(
                 "step {number} {step}: the ICMP error was {outcome}"
             ));
         }
-        Ok(())
+        Ok(findings)
     }
 
-    /// Makes a change step's change; false when there was nothing to change (restarting an
-    /// agent that is not running).
-    async fn apply(&mut self, step: &Step) -> Result<bool, StepError> {
-        match step {
-            Step::CreatePolicy { policy } | Step::UpdatePolicy { policy } => {
-                self.write_policy(policy)?;
-            }
-            Step::DeletePolicy { policy } => {
-                self.delete_policy(scenario::policy_identity(policy))?;
-            }
-            Step::DeleteAllPolicies { namespaces } => {
-                let doomed: Vec<String> = self
-                    .policies
-                    .iter()
-                    .filter(|identity| {
-                        identity
-                            .split_once('/')
-                            .is_some_and(|(namespace, _)| namespaces.iter().any(|n| n == namespace))
-                    })
-                    .cloned()
-                    .collect();
-                for identity in doomed {
-                    self.delete_policy(&identity)?;
-                }
-            }
-            Step::Relabel {
-                pod_labels,
-                namespace_labels,
-            } => self.relabel(pod_labels, namespace_labels)?,
-            Step::AddPod {
-                pod,
-                labels,
-                ports,
-                reuse_ip_of,
-                publish,
-            } => {
-                let (namespace, name) = scenario::split_pod_key(pod).expect("validated");
-                let spec = PodSpec {
-                    namespace: namespace.to_owned(),
-                    name: name.to_owned(),
-                    labels: labels.clone(),
-                    ports: ports
-                        .clone()
-                        .unwrap_or_else(|| self.scenario.model.default_ports.clone()),
-                    identity: crate::mtls::PodIdentity::default(),
-                };
-                let reuse = reuse_ip_of
-                    .as_ref()
-                    .and_then(|old| self.addresses.get(old).copied());
-                self.add_endpoint(pod, Some(spec), reuse).await?;
-                if *publish {
-                    self.publish(pod)?;
-                }
-            }
-            Step::PublishPod { pod } => self.publish(pod)?,
-            Step::DeletePod { pod } => {
-                let live = self
-                    .live
-                    .shift_remove(pod)
-                    .expect("validated: the pod exists");
-                if live.published {
-                    let spec = live.pod.as_ref().expect("validated: a pod, not a host");
-                    self.writer.delete_pod(&spec.namespace, &spec.name)?;
-                }
-                drop(live.servers);
-                self.node.unwire(live.endpoint).await?;
-                if let (Some(spec), Some((registry, _))) = (&live.pod, &mut self.services) {
-                    registry.delete(&format!(
-                        "{}/{}",
-                        spec.namespace,
-                        services::per_pod_name(&spec.namespace, &spec.name)
-                    ));
-                }
-            }
-            Step::CreateService { service } => self.create_service(service)?,
-            Step::DeleteService { service } => {
-                let (registry, _) = self.services.as_mut().expect("the scenario has services");
-                registry.delete(service);
-            }
-            Step::RestartAgent { mode } => return self.restart_agent(*mode).await,
-            Step::OpenConnection { .. }
-            | Step::CheckConnection { .. }
-            | Step::Probe { .. }
-            | Step::Dial(_)
-            | Step::Resolve(_)
-            | Step::SendSpoofed { .. }
-            | Step::IcmpError { .. }
-            | Step::MtlsProbe(_)
-            | Step::IdentityCheck(_)
-            | Step::ExpectAgentLog(_) => {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    fn create_service(&mut self, key: &str) -> Result<(), StepError> {
+    fn register_service(&mut self, key: &str) -> Result<(), StepError> {
         let spec = self.scenario.services[key].clone();
         let (registry, _) = self.services.as_mut().expect("the scenario has services");
         let created = registry.create(spec)?;
@@ -893,7 +689,8 @@ impl ScenarioRun<'_> {
     }
 
     /// Dials a Service once per family of the model; each must meet the expectation.
-    async fn dial(&mut self, number: usize, step: &Step, dial: &Dial) {
+    async fn dial_service(&self, At { number, step }: At<'_>, dial: &Dial) -> Findings {
+        let mut findings = Findings::new();
         let mut outcome = self.dial_once(dial).await;
         let wanted = dial.expect == Reachability::Allowed;
         let retried = outcome.iter().any(|(_, reached)| *reached != wanted);
@@ -906,11 +703,12 @@ impl ScenarioRun<'_> {
             self.progress.line(&format!("  {what}: {verdict}"));
             if reached != wanted {
                 let retry_note = if retried { " (retried once)" } else { "" };
-                self.failures.push(format!(
+                findings.push(format!(
                     "step {number} {step}{retry_note}: {what} was {verdict}"
                 ));
             }
         }
+        findings
     }
 
     /// One attempt per family: a description of what was dialled and whether it answered.
@@ -975,7 +773,8 @@ impl ScenarioRun<'_> {
 
     /// Asks the DNS Service once per family of the model; each answer must meet the
     /// expectation. Retried once after a short wait, as dials are.
-    async fn resolve(&mut self, number: usize, step: &Step, resolve: &Resolve) {
+    async fn resolve_name(&self, At { number, step }: At<'_>, resolve: &Resolve) -> Findings {
+        let mut findings = Findings::new();
         let mut outcome = self.resolve_once(resolve).await;
         let retried = outcome
             .iter()
@@ -992,10 +791,10 @@ impl ScenarioRun<'_> {
             self.progress.line(&format!("  {what}: {text}"));
             if !dns::meets(resolve.expect, &got) {
                 let retry_note = if retried { " (retried once)" } else { "" };
-                self.failures
-                    .push(format!("step {number} {step}{retry_note}: {what}: {text}"));
+                findings.push(format!("step {number} {step}{retry_note}: {what}: {text}"));
             }
         }
+        findings
     }
 
     /// One query per family: what was asked and what came back.
@@ -1028,7 +827,7 @@ impl ScenarioRun<'_> {
         outcome
     }
 
-    fn write_policy(&mut self, key: &str) -> Result<(), StepError> {
+    fn write_policy_file(&mut self, key: &str) -> Result<(), StepError> {
         let object = &self.scenario.policies[key];
         let primary = self.scenario.model.primary_family();
         let addresses = &self.addresses;
@@ -1045,14 +844,14 @@ impl ScenarioRun<'_> {
         Ok(())
     }
 
-    fn delete_policy(&mut self, identity: &str) -> Result<(), StepError> {
+    fn delete_policy_file(&mut self, identity: &str) -> Result<(), StepError> {
         let (namespace, name) = identity.split_once('/').expect("validated");
         self.writer.delete_policy(namespace, name)?;
         self.policies.remove(identity);
         Ok(())
     }
 
-    fn relabel(
+    fn rewrite_labels(
         &mut self,
         pod_labels: &IndexMap<String, Labels>,
         namespace_labels: &IndexMap<String, Labels>,
@@ -1083,10 +882,11 @@ impl ScenarioRun<'_> {
         Ok(())
     }
 
-    /// Stops the agent and starts a new one; false when running without an agent.
-    async fn restart_agent(&mut self, mode: RestartMode) -> Result<bool, StepError> {
+    /// Stops the agent and starts a new one (the capabilities leave the step out without an
+    /// agent).
+    async fn replace_agent(&mut self, mode: RestartMode) -> Result<(), StepError> {
         let (Some(config), Some(agent)) = (&self.agent_config, self.agent.take()) else {
-            return Ok(false);
+            return Ok(());
         };
         let signal = match mode {
             RestartMode::Graceful => Signal::SIGTERM,
@@ -1100,7 +900,7 @@ impl ScenarioRun<'_> {
             agent.pid()
         ));
         self.agent = Some(agent);
-        Ok(true)
+        Ok(())
     }
 
     /// Waits until the agent reports the current manifests applied and every pod attached.
@@ -1232,7 +1032,7 @@ impl ScenarioRun<'_> {
         grids
     }
 
-    async fn probe(&mut self, number: usize, step: &Step) {
+    async fn probe_grid(&self, At { number, step }: At<'_>) -> Findings {
         let &Step::Probe {
             port,
             protocol,
@@ -1279,16 +1079,17 @@ impl ScenarioRun<'_> {
             }
             self.progress.block(&text);
         }
+        let mut findings = Findings::new();
         if differing.is_empty() {
-            return;
+            return findings;
         }
         let retry_note = if retried { " (retried once)" } else { "" };
-        self.failures.push(format!(
+        findings.push(format!(
             "step {number} {step}{retry_note}: {} cell(s) differ",
             differing.len()
         ));
         for cell in differing {
-            self.failures.push(format!(
+            findings.push(format!(
                 "  {} -> {}: expected {}, got {} ({})",
                 cell.row,
                 cell.column,
@@ -1297,6 +1098,7 @@ impl ScenarioRun<'_> {
                 cell.family
             ));
         }
+        findings
     }
 
     /// Stops the agent, then removes every namespace; returns the latencies and failures.
@@ -1323,6 +1125,274 @@ impl ScenarioRun<'_> {
                 .line(&format!("cannot delete the node namespace: {error}"));
         }
         (self.latencies, self.failures)
+    }
+}
+
+/// What the simulated node can run: everything, but IPv6 on a kernel without it; without an
+/// agent, the steps about the agent are left out.
+#[derive(Clone, Copy, Debug)]
+pub struct NetnsCapabilities {
+    /// Whether an agent runs beside the harness.
+    pub agent: bool,
+    /// Whether this kernel has IPv6.
+    pub ipv6: bool,
+}
+
+impl Capabilities for NetnsCapabilities {
+    fn unsupported_model(&self, scenario: &Scenario) -> Option<String> {
+        (scenario.model.has(IpFamily::IPv6) && !self.ipv6)
+            .then(|| "the model needs IPv6, which this kernel lacks".to_owned())
+    }
+
+    fn supports(&self, step: &Step) -> Support {
+        match step {
+            Step::RestartAgent { .. } | Step::ExpectAgentLog(_) if !self.agent => {
+                Support::Skip("no agent runs (--no-agent)".to_owned())
+            }
+            _ => Support::Play,
+        }
+    }
+}
+
+impl Driver for ScenarioRun<'_> {
+    type Error = StepError;
+
+    fn begin_step(&mut self, At { number, step }: At<'_>, left_out: Option<&str>) {
+        self.progress.line(&format!("step {number}: {step}"));
+        if let Some(reason) = left_out {
+            self.progress.line(&format!("  left out: {reason}"));
+        }
+    }
+
+    async fn set_up(&mut self) -> Result<(), StepError> {
+        self.build_model().await
+    }
+
+    async fn write_policy(&mut self, policy: &str) -> Result<(), StepError> {
+        self.write_policy_file(policy)
+    }
+
+    async fn delete_policy(&mut self, policy: &str) -> Result<(), StepError> {
+        self.delete_policy_file(scenario::policy_identity(policy))
+    }
+
+    async fn delete_all_policies(&mut self, namespaces: &[String]) -> Result<(), StepError> {
+        let doomed: Vec<String> = self
+            .policies
+            .iter()
+            .filter(|identity| {
+                identity
+                    .split_once('/')
+                    .is_some_and(|(namespace, _)| namespaces.iter().any(|n| n == namespace))
+            })
+            .cloned()
+            .collect();
+        for identity in doomed {
+            self.delete_policy_file(&identity)?;
+        }
+        Ok(())
+    }
+
+    async fn relabel(
+        &mut self,
+        pod_labels: &IndexMap<String, Labels>,
+        namespace_labels: &IndexMap<String, Labels>,
+    ) -> Result<(), StepError> {
+        self.rewrite_labels(pod_labels, namespace_labels)
+    }
+
+    async fn add_pod(&mut self, new: NewPod<'_>) -> Result<(), StepError> {
+        let (namespace, name) = scenario::split_pod_key(new.key).expect("validated");
+        let spec = PodSpec {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            labels: new.labels.clone(),
+            ports: new
+                .ports
+                .unwrap_or(&self.scenario.model.default_ports)
+                .to_vec(),
+            identity: crate::mtls::PodIdentity::default(),
+        };
+        let reuse = new
+            .reuse_ip_of
+            .and_then(|old| self.addresses.get(old).copied());
+        self.add_endpoint(new.key, Some(spec), reuse).await?;
+        if new.publish {
+            self.publish(new.key)?;
+        }
+        Ok(())
+    }
+
+    async fn publish_pod(&mut self, pod: &str) -> Result<(), StepError> {
+        self.publish(pod)
+    }
+
+    async fn delete_pod(&mut self, pod: &str) -> Result<(), StepError> {
+        let live = self
+            .live
+            .shift_remove(pod)
+            .expect("validated: the pod exists");
+        if live.published {
+            let spec = live.pod.as_ref().expect("validated: a pod, not a host");
+            self.writer.delete_pod(&spec.namespace, &spec.name)?;
+        }
+        drop(live.servers);
+        self.node.unwire(live.endpoint).await?;
+        if let (Some(spec), Some((registry, _))) = (&live.pod, &mut self.services) {
+            registry.delete(&format!(
+                "{}/{}",
+                spec.namespace,
+                services::per_pod_name(&spec.namespace, &spec.name)
+            ));
+        }
+        Ok(())
+    }
+
+    async fn create_service(&mut self, service: &str) -> Result<(), StepError> {
+        self.register_service(service)
+    }
+
+    async fn delete_service(&mut self, service: &str) -> Result<(), StepError> {
+        let (registry, _) = self.services.as_mut().expect("the scenario has services");
+        registry.delete(service);
+        Ok(())
+    }
+
+    async fn restart_agent(&mut self, mode: RestartMode) -> Result<(), StepError> {
+        self.replace_agent(mode).await
+    }
+
+    async fn settle(&mut self, change: Change) -> Result<(), StepError> {
+        // kube-proxy follows the API before the agent is waited for, as on a node where both
+        // watch the same objects.
+        self.sync_services().await?;
+        // The change is on disk (or in the namespaces) now: the latency clock starts.
+        let latency = self.converge(Some(Instant::now())).await?;
+        // A restart measures the new agent's start (loading programs against the pinned maps),
+        // not an apply: it is reported on a line of its own.
+        let bucket = match change {
+            Change::Objects => &mut self.latencies,
+            Change::AgentRestart => &mut self.restart_latencies,
+        };
+        bucket.extend(latency);
+        Ok(())
+    }
+
+    async fn probe(&mut self, at: At<'_>) -> Result<Findings, StepError> {
+        Ok(self.probe_grid(at).await)
+    }
+
+    async fn dial(&mut self, at: At<'_>, dial: &Dial) -> Result<Findings, StepError> {
+        Ok(self.dial_service(at, dial).await)
+    }
+
+    async fn resolve(&mut self, at: At<'_>, resolve: &Resolve) -> Result<Findings, StepError> {
+        Ok(self.resolve_name(at, resolve).await)
+    }
+
+    async fn open_connection(
+        &mut self,
+        name: &str,
+        (from, to): (&str, &str),
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<(), StepError> {
+        let flow = self
+            .open_flow(from, to, port, protocol)
+            .await
+            .map_err(|source| StepError::Open {
+                name: name.to_owned(),
+                source,
+            })?;
+        self.flows.insert(name.to_owned(), flow);
+        self.flow_ends
+            .insert(name.to_owned(), (from.to_owned(), to.to_owned()));
+        Ok(())
+    }
+
+    async fn check_connection(
+        &mut self,
+        At { number, step }: At<'_>,
+        name: &str,
+        expect: ConnectionExpectation,
+    ) -> Result<Findings, StepError> {
+        let alive = self.flows[name].check().await;
+        let state = if alive { "alive" } else { "closed" };
+        self.progress.line(&format!("  {name} is {state}"));
+        let mut findings = Findings::new();
+        if alive != (expect == ConnectionExpectation::Alive) {
+            findings.push(format!("step {number} {step}: the connection is {state}"));
+        }
+        Ok(findings)
+    }
+
+    async fn send_spoofed(
+        &mut self,
+        at: At<'_>,
+        spoofed: Spoofed<'_>,
+    ) -> Result<Findings, StepError> {
+        let claim = Claim {
+            source: spoofed.source,
+            frame_tags: spoofed.frame_tags,
+        };
+        self.spoof_datagram(at, (spoofed.from, spoofed.to), &claim, spoofed.expect)
+            .await
+    }
+
+    async fn icmp_error(
+        &mut self,
+        at: At<'_>,
+        connection: &str,
+        quote: Quote,
+        expect: Delivery,
+    ) -> Result<Findings, StepError> {
+        self.send_icmp_error(at, connection, quote, expect).await
+    }
+
+    async fn mtls_probe(
+        &mut self,
+        At { number, step }: At<'_>,
+        probe: &MtlsProbe,
+    ) -> Result<Findings, StepError> {
+        let pods = pod_views(&self.live);
+        let outcome = self.mtls.probe(&pods, probe).await?;
+        self.progress.line(&format!("  {outcome}"));
+        Ok(outcome
+            .mismatch(probe.expect)
+            .map(|problem| format!("step {number} {step}: {problem}"))
+            .into_iter()
+            .collect())
+    }
+
+    async fn identity_check(
+        &mut self,
+        At { number, step }: At<'_>,
+        check: &IdentityCheck,
+    ) -> Result<Findings, StepError> {
+        let pods = pod_views(&self.live);
+        let answer = self.mtls.check(&pods, check).await?;
+        self.progress.line(&format!("  {answer}"));
+        Ok(answer
+            .mismatch(check)
+            .map(|problem| format!("step {number} {step}: {problem}"))
+            .into_iter()
+            .collect())
+    }
+
+    async fn expect_agent_log(
+        &mut self,
+        At { number, step }: At<'_>,
+        expect: &ExpectAgentLog,
+    ) -> Result<Findings, StepError> {
+        let Some(config) = &self.agent_config else {
+            unreachable!("the capabilities leave it out without an agent")
+        };
+        let mut findings = Findings::new();
+        match expect.find(&config.log).await {
+            Ok(line) => self.progress.line(&format!("  found: {line}")),
+            Err(problem) => findings.push(format!("step {number} {step}: {problem}")),
+        }
+        Ok(findings)
     }
 }
 

@@ -574,7 +574,8 @@ pub struct Scenario {
     pub path: PathBuf,
     pub name: String,
     pub model: Model,
-    /// Policy key to the `NetworkPolicy` object, placeholders not yet substituted.
+    /// Policy key to the `NetworkPolicy` (`namespace/name[@variant]`) or `ClusterNetworkPolicy`
+    /// (`name[@variant]`) object, placeholders not yet substituted.
     pub policies: IndexMap<String, serde_yaml::Value>,
     /// Extra command-line arguments for the agent.
     pub agent_args: Vec<String>,
@@ -1083,25 +1084,63 @@ pub fn split_pod_key(key: &str) -> Result<(&str, &str), String> {
     Ok((namespace, name))
 }
 
-/// The `namespace/name` a policy key stands for (the key without its `@variant`).
+/// The `namespace/name` (or, for a cluster-scoped policy, `name`) a policy key stands for: the
+/// key without its `@variant`.
 #[must_use]
 pub fn policy_identity(key: &str) -> &str {
     key.split_once('@').map_or(key, |(identity, _)| identity)
 }
 
-/// Checks that a policy object is a `NetworkPolicy` whose namespace/name match its key, filling in
-/// the namespace from the key when the object omits it (as `kubectl apply -n` would).
-fn check_policy(key: &str, mut object: serde_yaml::Value) -> Result<serde_yaml::Value, String> {
-    let identity = policy_identity(key);
-    let (namespace, name) = identity
-        .split_once('/')
-        .ok_or_else(|| format!("policy key {key:?} is not NAMESPACE/NAME[@VARIANT]"))?;
-    let kind = object.get("kind").and_then(serde_yaml::Value::as_str);
-    if kind != Some("NetworkPolicy") {
-        return Err(format!(
-            "policy {key}: kind is {kind:?}, expected NetworkPolicy"
-        ));
+/// The API group and version of `ClusterNetworkPolicy` (network-policy-api).
+pub const CLUSTER_NETWORK_POLICY_API_VERSION: &str = "policy.networking.k8s.io/v1alpha2";
+
+/// What a policy identity names: a namespaced `NetworkPolicy` (`namespace/name`) or a
+/// cluster-scoped `ClusterNetworkPolicy` (`name`, no slash).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyName<'a> {
+    Namespaced { namespace: &'a str, name: &'a str },
+    Cluster { name: &'a str },
+}
+
+impl<'a> PolicyName<'a> {
+    /// Splits a policy key or identity (any `@variant` is dropped first).
+    #[must_use]
+    pub fn of(key: &'a str) -> Self {
+        match policy_identity(key).split_once('/') {
+            Some((namespace, name)) => Self::Namespaced { namespace, name },
+            None => Self::Cluster {
+                name: policy_identity(key),
+            },
+        }
     }
+}
+
+/// Checks that a policy object matches its key and fills in what the key implies: a
+/// `NetworkPolicy` for a `namespace/name` key (its namespace filled in from the key when the object
+/// omits it, as `kubectl apply -n` would), a `policy.networking.k8s.io/v1alpha2`
+/// `ClusterNetworkPolicy` for a `name` key (cluster-scoped: no namespace; `spec.tier` `Admin` or
+/// `Baseline` and an integer `spec.priority`, so that a typo fails before any namespace exists).
+fn check_policy(key: &str, mut object: serde_yaml::Value) -> Result<serde_yaml::Value, String> {
+    let kind = object.get("kind").and_then(serde_yaml::Value::as_str);
+    let (namespace, name) = match PolicyName::of(key) {
+        PolicyName::Namespaced { namespace, name } => {
+            if kind != Some("NetworkPolicy") {
+                return Err(format!(
+                    "policy {key}: kind is {kind:?}, expected NetworkPolicy (a ClusterNetworkPolicy's key has no namespace part)"
+                ));
+            }
+            (Some(namespace), name)
+        }
+        PolicyName::Cluster { name } => {
+            if kind != Some("ClusterNetworkPolicy") {
+                return Err(format!(
+                    "policy {key}: kind is {kind:?}, expected ClusterNetworkPolicy (a NetworkPolicy's key is NAMESPACE/NAME[@VARIANT])"
+                ));
+            }
+            check_cluster_policy(key, &object)?;
+            (None, name)
+        }
+    };
     let metadata = object
         .get_mut("metadata")
         .and_then(serde_yaml::Value::as_mapping_mut)
@@ -1112,21 +1151,49 @@ fn check_policy(key: &str, mut object: serde_yaml::Value) -> Result<serde_yaml::
             "policy {key}: metadata.name is {object_name:?}, the key says {name:?}"
         ));
     }
-    match metadata
+    let object_namespace = metadata
         .get("namespace")
-        .and_then(serde_yaml::Value::as_str)
-    {
-        None => {
+        .and_then(serde_yaml::Value::as_str);
+    match (namespace, object_namespace) {
+        (Some(namespace), None) => {
             metadata.insert("namespace".into(), namespace.into());
         }
-        Some(object_namespace) if object_namespace != namespace => {
+        (Some(namespace), Some(object_namespace)) if object_namespace != namespace => {
             return Err(format!(
                 "policy {key}: metadata.namespace is {object_namespace:?}, the key says {namespace:?}"
             ));
         }
-        Some(_) => {}
+        (None, Some(object_namespace)) => {
+            return Err(format!(
+                "policy {key}: a ClusterNetworkPolicy is cluster-scoped, but metadata.namespace is {object_namespace:?}"
+            ));
+        }
+        _ => {}
     }
     Ok(object)
+}
+
+/// The few fields of a `ClusterNetworkPolicy` the harness checks itself; the agent judges the rest.
+fn check_cluster_policy(key: &str, object: &serde_yaml::Value) -> Result<(), String> {
+    let api_version = object.get("apiVersion").and_then(serde_yaml::Value::as_str);
+    if api_version != Some(CLUSTER_NETWORK_POLICY_API_VERSION) {
+        return Err(format!(
+            "policy {key}: apiVersion is {api_version:?}, expected {CLUSTER_NETWORK_POLICY_API_VERSION:?}"
+        ));
+    }
+    let spec = object
+        .get("spec")
+        .ok_or_else(|| format!("policy {key}: no spec"))?;
+    let tier = spec.get("tier").and_then(serde_yaml::Value::as_str);
+    if !matches!(tier, Some("Admin" | "Baseline")) {
+        return Err(format!(
+            "policy {key}: spec.tier is {tier:?}, expected \"Admin\" or \"Baseline\""
+        ));
+    }
+    if !spec.get("priority").is_some_and(serde_yaml::Value::is_i64) {
+        return Err(format!("policy {key}: spec.priority must be an integer"));
+    }
+    Ok(())
 }
 
 /// The `NetworkPolicy` objects of a (multi-document) manifest file, keyed `namespace/name`.
@@ -2116,5 +2183,163 @@ steps:
         );
         let scenario = parse(&dir.path().join("s.yaml"), &text).unwrap();
         assert!(scenario.policies.contains_key("x/extra"));
+    }
+
+    /// `SMALL` with extra `policies` entries (indented as keys under `policies:`) and steps.
+    fn with_policies(policies: &str, steps: &str) -> Result<Scenario, ScenarioError> {
+        let (head, _) = SMALL.split_once("policies:\n").unwrap();
+        let (_, tail) = SMALL.split_once("policies:\n").unwrap();
+        parse_str(&format!("{head}policies:\n{policies}{tail}{steps}"))
+    }
+
+    const ADMIN: &str = r#"  admin-deny:
+    apiVersion: policy.networking.k8s.io/v1alpha2
+    kind: ClusterNetworkPolicy
+    metadata: { name: admin-deny }
+    spec:
+      tier: Admin
+      priority: 3
+      subject: { namespaces: {} }
+      egress:
+        - { action: Deny, to: [ { networks: [ "{{cidr x/b 32}}" ] } ] }
+  admin-deny@v2:
+    apiVersion: policy.networking.k8s.io/v1alpha2
+    kind: ClusterNetworkPolicy
+    metadata: { name: admin-deny }
+    spec: { tier: Admin, priority: 4, subject: { namespaces: {} } }
+"#;
+
+    #[test]
+    fn cluster_network_policies_have_keys_without_a_namespace() {
+        let scenario = with_policies(
+            ADMIN,
+            "- { op: create_policy, policy: admin-deny }\n- { op: delete_all_policies, namespaces: [x] }\n- { op: update_policy, policy: admin-deny@v2 }\n- { op: delete_policy, policy: admin-deny }\n- { op: create_policy, policy: admin-deny@v2 }\n",
+        )
+        .unwrap();
+        let object = &scenario.policies["admin-deny"];
+        assert_eq!(object["kind"], "ClusterNetworkPolicy");
+        assert!(
+            object["metadata"].get("namespace").is_none(),
+            "no namespace is filled in for a cluster-scoped object"
+        );
+        assert_eq!(
+            PolicyName::of("admin-deny@v2"),
+            PolicyName::Cluster { name: "admin-deny" }
+        );
+        assert_eq!(
+            PolicyName::of("x/deny@v2"),
+            PolicyName::Namespaced {
+                namespace: "x",
+                name: "deny"
+            }
+        );
+        // delete_all_policies leaves cluster-scoped policies in place.
+        let again = with_policies(
+            ADMIN,
+            "- { op: create_policy, policy: admin-deny }\n- { op: delete_all_policies, namespaces: [x] }\n- { op: create_policy, policy: admin-deny@v2 }\n",
+        );
+        assert!(again.unwrap_err().to_string().contains("already exists"));
+    }
+
+    #[test]
+    fn cluster_network_policies_are_checked_against_their_keys() {
+        let cnp = |key: &str, body: &str| {
+            with_policies(
+                &format!("  {key}:\n    apiVersion: policy.networking.k8s.io/v1alpha2\n    kind: ClusterNetworkPolicy\n{body}"),
+                "",
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let spec = "    spec: { tier: Admin, priority: 1, subject: { namespaces: {} } }\n";
+        assert!(
+            cnp(
+                "x/admin",
+                &format!("    metadata: {{ name: admin }}\n{spec}")
+            )
+            .contains("expected NetworkPolicy")
+        );
+        assert!(
+            cnp("admin", &format!("    metadata: {{ name: other }}\n{spec}"))
+                .contains("the key says \"admin\"")
+        );
+        assert!(
+            cnp(
+                "admin",
+                &format!("    metadata: {{ name: admin, namespace: x }}\n{spec}")
+            )
+            .contains("cluster-scoped")
+        );
+        assert!(
+            cnp(
+                "admin",
+                "    metadata: { name: admin }\n    spec: { tier: Developer, priority: 1, subject: {} }\n"
+            )
+            .contains("spec.tier")
+        );
+        assert!(
+            cnp(
+                "admin",
+                "    metadata: { name: admin }\n    spec: { tier: Admin, priority: high, subject: {} }\n"
+            )
+            .contains("spec.priority")
+        );
+        let wrong_version = with_policies(
+            &format!(
+                "  admin:\n    apiVersion: policy.networking.k8s.io/v1alpha1\n    kind: ClusterNetworkPolicy\n    metadata: {{ name: admin }}\n{spec}"
+            ),
+            "",
+        );
+        assert!(
+            wrong_version
+                .unwrap_err()
+                .to_string()
+                .contains("apiVersion")
+        );
+        let network_policy_without_namespace = with_policies(
+            "  deny:\n    apiVersion: networking.k8s.io/v1\n    kind: NetworkPolicy\n    metadata: { name: deny }\n    spec: { podSelector: {} }\n",
+            "",
+        );
+        assert!(
+            network_policy_without_namespace
+                .unwrap_err()
+                .to_string()
+                .contains("expected ClusterNetworkPolicy")
+        );
+        // Placeholders in a cluster-scoped policy name pods of the scenario.
+        let unknown_pod = with_policies(
+            "  admin:\n    apiVersion: policy.networking.k8s.io/v1alpha2\n    kind: ClusterNetworkPolicy\n    metadata: { name: admin }\n    spec:\n      tier: Baseline\n      priority: 1\n      subject: { namespaces: {} }\n      egress: [ { action: Deny, to: [ { networks: [ \"{{cidr x/q 32}}\" ] } ] } ]\n",
+            "",
+        );
+        assert!(unknown_pod.unwrap_err().to_string().contains("x/q"));
+    }
+
+    /// Every scenario of `tests/scenarios/cluster-policy` (the network-policy-api conformance
+    /// suite) parses and validates, although `cargo xtask test` does not run them yet.
+    #[test]
+    fn cluster_policy_scenarios_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/cluster-policy");
+        let mut parsed = 0;
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|extension| extension != "yaml") {
+                continue;
+            }
+            let text = fs::read_to_string(&path).unwrap();
+            if !looks_like_scenario(&text) {
+                continue;
+            }
+            let scenario = load(&path).unwrap_or_else(|error| panic!("{error}"));
+            assert!(
+                scenario
+                    .policies
+                    .values()
+                    .any(|object| object["kind"] == "ClusterNetworkPolicy"),
+                "{} holds no ClusterNetworkPolicy",
+                path.display()
+            );
+            parsed += 1;
+        }
+        assert!(parsed > 0, "no scenario in {}", dir.display());
     }
 }

@@ -67,6 +67,8 @@ fn state(pods: &[(&str, &[&str])]) -> DatapathState {
                 egress: None,
                 ingress_isolated_by: Vec::new(),
                 egress_isolated_by: Vec::new(),
+                ingress_audit: false,
+                egress_audit: false,
             },
         );
     }

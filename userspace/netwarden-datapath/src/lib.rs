@@ -43,7 +43,7 @@ use ipnet::IpNet;
 use netwarden_common::{
     CidrClass, CidrKey, CidrKeyV4, EPOCH_INDEX, Endpoint, EndpointAddress, FrontendKey,
     FrontendValue, IpIdentity, IpKey, KernelLayout, PeerId, PolicyEntry, PolicyKey,
-    SETTING_ALLOW_EVENT_PERIOD, SETTING_FRONTENDS_INSTALLED, counter, endpoint_state,
+    SETTING_ALLOW_EVENT_PERIOD, SETTING_FRONTENDS_INSTALLED, counter, direction, endpoint_state,
 };
 use netwarden_policy::{
     CompiledPolicy, DatapathState, Frontend, PolicyId, PolicyMatch, lookup::mapped,
@@ -1499,7 +1499,13 @@ fn desired_endpoints(
             ingress_policy: endpoint.ingress.unwrap_or(0),
             egress_policy: endpoint.egress.unwrap_or(0),
             state: endpoint_state::READY,
-            reserved: 0,
+            audit: [
+                (endpoint.ingress_audit, direction::INGRESS),
+                (endpoint.egress_audit, direction::EGRESS),
+            ]
+            .into_iter()
+            .filter(|(audited, _)| *audited)
+            .fold(0, |bits, (_, dir)| bits | direction::audit_bit(dir)),
         };
         if let Some(DesiredEndpoint {
             pod: Some(other), ..

@@ -1,6 +1,7 @@
 //! The validated cluster snapshot.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
@@ -178,6 +179,34 @@ pub struct NetworkPolicy {
     pub ingress: Vec<Rule>,
     /// `spec.egress` (empty when absent).
     pub egress: Vec<Rule>,
+    /// Its `netwarden.dev/enforcement` annotation.
+    pub enforcement: Enforcement,
+}
+
+/// The annotation that puts a policy in audit mode (`audit`) or keeps it enforced (`enforce`,
+/// the default).
+pub const ENFORCEMENT_ANNOTATION: &str = "netwarden.dev/enforcement";
+
+/// Whether a policy's drops happen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Enforcement {
+    /// What it does not allow is dropped.
+    #[default]
+    Enforce,
+    /// Evaluated like an enforced policy, but what it would drop passes and is reported as
+    /// audited: a default deny can be rolled out after watching what it would break.
+    Audit,
+}
+
+impl Enforcement {
+    /// The annotation's value.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
 }
 
 impl NetworkPolicy {
@@ -194,7 +223,16 @@ impl NetworkPolicy {
             },
             ingress: Vec::new(),
             egress: Vec::new(),
+            // A policy that does not validate is enforced, whatever it asked for.
+            enforcement: Enforcement::Enforce,
         }
+    }
+
+    /// Whether the policy selects a pod of `namespace` labelled `labels`: a policy selects
+    /// only pods of its own namespace.
+    #[must_use]
+    pub fn selects_pod(&self, namespace: &str, labels: &Labels) -> bool {
+        self.id.namespace == namespace && self.pod_selector.matches(labels)
     }
 }
 
@@ -224,6 +262,57 @@ pub enum Peer {
         /// Sub-blocks excluded from it, canonical.
         except: Vec<IpNet>,
     },
+}
+
+// Which pods a selector peer selects, said once: the compiler (over label-set identities) and
+// the reference evaluator (over pods) both ask here.
+impl Peer {
+    /// Whether this peer, in a policy of `policy_namespace`, selects pods of `namespace`.
+    /// `namespace_labels` is called only when a `namespaceSelector` needs the labels. An
+    /// `ipBlock` selects no namespace: it matches addresses, pods' included, not pods.
+    pub fn selects_namespace<L: Borrow<Labels>>(
+        &self,
+        policy_namespace: &str,
+        namespace: &str,
+        namespace_labels: impl FnOnce() -> L,
+    ) -> bool {
+        match self {
+            Self::Pods {
+                namespace_selector: None,
+                ..
+            } => namespace == policy_namespace,
+            Self::Pods {
+                namespace_selector: Some(selector),
+                ..
+            } => selector.matches(namespace_labels().borrow()),
+            Self::IpBlock { .. } => false,
+        }
+    }
+
+    /// Whether this peer's `podSelector` selects pods labelled `labels`, in a namespace
+    /// [`Peer::selects_namespace`] selects.
+    #[must_use]
+    pub fn selects_pod_labels(&self, labels: &Labels) -> bool {
+        match self {
+            Self::Pods { pod_selector, .. } => pod_selector
+                .as_ref()
+                .is_none_or(|selector| selector.matches(labels)),
+            Self::IpBlock { .. } => false,
+        }
+    }
+
+    /// Whether this peer, in a policy of `policy_namespace`, selects a pod of `namespace`
+    /// labelled `labels`.
+    pub fn selects_pod<L: Borrow<Labels>>(
+        &self,
+        policy_namespace: &str,
+        namespace: &str,
+        namespace_labels: impl FnOnce() -> L,
+        labels: &Labels,
+    ) -> bool {
+        self.selects_namespace(policy_namespace, namespace, namespace_labels)
+            && self.selects_pod_labels(labels)
+    }
 }
 
 /// One entry of a rule's `ports`.
@@ -474,5 +563,67 @@ impl Cluster {
             },
             |ns| ns.labels.clone(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Labels, Peer};
+    use crate::selector::{LabelSelector, Requirement};
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect()
+    }
+
+    fn selector(key: &str, value: &str) -> LabelSelector {
+        LabelSelector {
+            requirements: vec![Requirement::In(key.to_owned(), vec![value.to_owned()])],
+        }
+    }
+
+    fn never_read() -> Labels {
+        panic!("a peer without a namespaceSelector read the namespace's labels")
+    }
+
+    #[test]
+    fn a_pod_selector_alone_selects_in_the_policy_namespace_only() {
+        let peer = Peer::Pods {
+            pod_selector: Some(selector("app", "web")),
+            namespace_selector: None,
+        };
+        let web = labels(&[("app", "web")]);
+        assert!(peer.selects_pod("x", "x", never_read, &web));
+        assert!(!peer.selects_pod("x", "y", never_read, &web));
+        assert!(!peer.selects_pod("x", "x", never_read, &labels(&[("app", "db")])));
+    }
+
+    #[test]
+    fn a_namespace_selector_needs_both_selectors_to_match() {
+        let peer = Peer::Pods {
+            pod_selector: Some(selector("app", "web")),
+            namespace_selector: Some(selector("team", "a")),
+        };
+        let team_a = labels(&[("team", "a")]);
+        let web = labels(&[("app", "web")]);
+        assert!(peer.selects_pod("x", "y", || &team_a, &web));
+        assert!(!peer.selects_pod("x", "y", || labels(&[("team", "b")]), &web));
+        assert!(!peer.selects_pod("x", "y", || &team_a, &labels(&[])));
+        let every_pod = Peer::Pods {
+            pod_selector: None,
+            namespace_selector: Some(selector("team", "a")),
+        };
+        assert!(every_pod.selects_pod("x", "y", || &team_a, &labels(&[])));
+    }
+
+    #[test]
+    fn an_ip_block_selects_no_pod() {
+        let peer = Peer::IpBlock {
+            cidr: "0.0.0.0/0".parse().expect("a prefix"),
+            except: Vec::new(),
+        };
+        assert!(!peer.selects_pod("x", "x", || labels(&[]), &labels(&[])));
     }
 }

@@ -17,10 +17,11 @@ use k8s_openapi::{
 
 use crate::{
     cluster::{
-        ALLOWED_PRINCIPALS_ANNOTATION, AddressType, ContainerPort, EndpointPort, EndpointSlice,
-        EndpointSliceRef, MTLS_EXEMPT_PORTS_ANNOTATION, MTLS_LABEL, MTLS_STRICT, Namespace,
-        NetworkPolicy, Node, Peer, Pod, PodMtls, PodRef, PolicyRef, PolicyTypes, PortRef, PortSpec,
-        Protocol, Rule, Service, ServiceEndpoint, ServicePort, ServiceRef, ServiceType,
+        ALLOWED_PRINCIPALS_ANNOTATION, AddressType, ContainerPort, ENFORCEMENT_ANNOTATION,
+        EndpointPort, EndpointSlice, EndpointSliceRef, Enforcement, MTLS_EXEMPT_PORTS_ANNOTATION,
+        MTLS_LABEL, MTLS_STRICT, Namespace, NetworkPolicy, Node, Peer, Pod, PodMtls, PodRef,
+        PolicyRef, PolicyTypes, PortRef, PortSpec, Protocol, Rule, Service, ServiceEndpoint,
+        ServicePort, ServiceRef, ServiceType,
     },
     selector::{LabelSelector, Requirement},
 };
@@ -331,10 +332,28 @@ pub fn network_policy(object: &networking::NetworkPolicy) -> Result<NetworkPolic
         }
     };
 
+    let enforcement = match object
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(ENFORCEMENT_ANNOTATION))
+        .map(String::as_str)
+    {
+        None | Some("enforce") => Enforcement::Enforce,
+        Some("audit") => Enforcement::Audit,
+        Some(other) => {
+            return Err(ctx.error(
+                format!("metadata.annotations[{ENFORCEMENT_ANNOTATION}]"),
+                format!("{other:?} is neither \"enforce\" nor \"audit\""),
+            ));
+        }
+    };
+
     Ok(NetworkPolicy {
         id: PolicyRef { namespace, name },
         pod_selector,
         policy_types,
+        enforcement,
         ingress,
         egress,
     })

@@ -7,9 +7,13 @@
 //! the rules whose block holds a and whose excepts do not. An except that no other rule covers
 //! still gets its own (empty) entry, or the lookup would fall back to the enclosing block.
 //!
-//! IPv4 lives in the trie as IPv4-mapped IPv6. So that an IPv6 block such as `::/0` never holds
-//! an IPv4 address, containment is per family, and the IPv4 root is added to P whenever the
-//! policy has IPv6 blocks.
+//! Each family has its trie (`CIDRS_V4`, `CIDRS_V6`), and containment is per family: an IPv6
+//! block such as `::/0` never holds an IPv4 address. The IPv4 root is still added to P whenever
+//! the policy has IPv6 blocks (the empty class, unless an IPv4 block is the root): a leftover of the single trie IPv4 once
+//! shared as IPv4-mapped IPv6, where it kept `::/0` from matching IPv4 addresses. With a trie
+//! per family an IPv4 address without an IPv4 prefix finds no class and is denied just the
+//! same; the entry stays because dropping it changes the compiled content, and with it the
+//! policy ids pinned by running agents.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -28,7 +28,10 @@
 //!    match are reported as ties). Their rules of this direction in order; the first that
 //!    matches decides: `Accept` allows (nothing later is consulted), `Deny` denies, `Pass`
 //!    skips the rest of the Admin tier.
-//! 2. NetworkPolicy, as above, if one isolates the pod in this direction: it decides.
+//! 2. NetworkPolicy, as above, if one isolates the pod in this direction: it decides. An
+//!    `Audited` verdict (only audit-mode policies isolate the pod, none allows the flow) does
+//!    not decide: evaluation goes on to the Baseline tier, whose Deny denies; any other
+//!    outcome passes the flow as `Audited`.
 //! 3. Baseline tier, as the Admin tier.
 //! 4. Allow.
 //!
@@ -45,12 +48,12 @@
 use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use netwarden_model::{
-    Action, Cluster, ClusterNetworkPolicy, ClusterPort, ClusterRule, EndpointSliceRef,
+    Action, Cluster, ClusterNetworkPolicy, ClusterPort, ClusterRule, EndpointSliceRef, Enforcement,
     NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef, PortSpec, Protocol, Rule, ServicePort,
     ServiceRef, ServiceType, Tier,
 };
 
-use crate::compile::Direction;
+use crate::state::Direction;
 
 /// A flow's first packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +87,9 @@ pub enum SideVerdict {
     ClusterAccepted(ClusterRuleMatch),
     /// This ClusterNetworkPolicy rule denied it.
     ClusterDenied(ClusterRuleMatch),
+    /// Only these policies, all in audit mode (`netwarden.dev/enforcement: audit`), isolate the
+    /// pod and none of their rules allows it: the flow passes and is reported as audited.
+    Audited(Vec<PolicyRef>),
 }
 
 impl SideVerdict {
@@ -167,8 +173,8 @@ impl TierVerdict {
 pub struct Tiers {
     /// The Admin tier.
     pub admin: TierVerdict,
-    /// NetworkPolicy: [`SideVerdict::NotIsolated`], [`SideVerdict::Allowed`] or
-    /// [`SideVerdict::Denied`].
+    /// NetworkPolicy: [`SideVerdict::NotIsolated`], [`SideVerdict::Allowed`],
+    /// [`SideVerdict::Denied`] or [`SideVerdict::Audited`].
     pub network_policy: SideVerdict,
     /// The Baseline tier.
     pub baseline: TierVerdict,
@@ -178,15 +184,25 @@ impl Tiers {
     /// The verdict of the tiers together: the first Accept or Deny of the Admin tier, else
     /// NetworkPolicy if it isolates the pod, else the first Accept or Deny of the Baseline
     /// tier, else allowed.
+    ///
+    /// Audit mode: when only audit-mode NetworkPolicies isolate the pod and none allows the
+    /// flow ([`SideVerdict::Audited`]), the NetworkPolicy tier is enforced as if it did not
+    /// isolate: a Baseline Deny denies, and otherwise the flow passes as `Audited`.
     #[must_use]
     pub fn decision(&self) -> SideVerdict {
         if let Some(decided) = decisive(&self.admin) {
             return decided;
         }
-        if !matches!(self.network_policy, SideVerdict::NotIsolated) {
-            return self.network_policy.clone();
+        match &self.network_policy {
+            SideVerdict::NotIsolated => {
+                decisive(&self.baseline).unwrap_or(SideVerdict::NotIsolated)
+            }
+            SideVerdict::Audited(_) => match decisive(&self.baseline) {
+                Some(denied @ SideVerdict::ClusterDenied(_)) => denied,
+                _ => self.network_policy.clone(),
+            },
+            decided => decided.clone(),
         }
-        decisive(&self.baseline).unwrap_or(SideVerdict::NotIsolated)
     }
 
     /// Every tie a deciding rule of this side had (see [`TierVerdict::Matched`]).
@@ -221,6 +237,14 @@ impl fmt::Display for Tiers {
             ),
             SideVerdict::Denied(policies) => format!(
                 "denied: isolated by {}",
+                policies
+                    .iter()
+                    .map(|policy| format!("NetworkPolicy {policy}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            SideVerdict::Audited(policies) => format!(
+                "audited: isolated in audit mode by {}",
                 policies
                     .iter()
                     .map(|policy| format!("NetworkPolicy {policy}"))
@@ -488,12 +512,10 @@ fn network_policy_side(
     peer: IpAddr,
     flow: &Flow,
 ) -> SideVerdict {
-    let isolating: Vec<&NetworkPolicy> = cluster
+    let mut isolating: Vec<&NetworkPolicy> = cluster
         .policies
         .values()
-        .filter(|policy| {
-            policy.id.namespace == pod.id.namespace && policy.pod_selector.matches(&pod.labels)
-        })
+        .filter(|policy| policy.selects_pod(&pod.id.namespace, &pod.labels))
         .filter(|policy| match direction {
             Direction::Ingress => policy.policy_types.ingress,
             Direction::Egress => policy.policy_types.egress,
@@ -501,6 +523,14 @@ fn network_policy_side(
         .collect();
     if isolating.is_empty() {
         return SideVerdict::NotIsolated;
+    }
+    // Audit-mode policies only add allows to what the enforced ones allow: they count only
+    // when nothing enforced isolates the pod in this direction.
+    let audited = isolating
+        .iter()
+        .all(|policy| policy.enforcement == Enforcement::Audit);
+    if !audited {
+        isolating.retain(|policy| policy.enforcement == Enforcement::Enforce);
     }
     let destination = match direction {
         Direction::Ingress => Some(pod),
@@ -541,7 +571,12 @@ fn network_policy_side(
         }
     }
     if allowing.is_empty() {
-        SideVerdict::Denied(isolating.iter().map(|policy| policy.id.clone()).collect())
+        let policies = isolating.iter().map(|policy| policy.id.clone()).collect();
+        if audited {
+            SideVerdict::Audited(policies)
+        } else {
+            SideVerdict::Denied(policies)
+        }
     } else {
         SideVerdict::Allowed(allowing)
     }
@@ -552,22 +587,14 @@ fn peer_matches(cluster: &Cluster, policy: &NetworkPolicy, peer: &Peer, address:
         Peer::IpBlock { cidr, except } => {
             cidr.contains(&address) && !except.iter().any(|excepted| excepted.contains(&address))
         }
-        Peer::Pods {
-            pod_selector,
-            namespace_selector,
-        } => {
-            let Some(pod) = pod_at(cluster, address) else {
-                return false;
-            };
-            let namespace_matches = match namespace_selector {
-                None => pod.id.namespace == policy.id.namespace,
-                Some(selector) => selector.matches(&cluster.namespace_labels(&pod.id.namespace)),
-            };
-            namespace_matches
-                && pod_selector
-                    .as_ref()
-                    .is_none_or(|selector| selector.matches(&pod.labels))
-        }
+        Peer::Pods { .. } => pod_at(cluster, address).is_some_and(|pod| {
+            peer.selects_pod(
+                &policy.id.namespace,
+                &pod.id.namespace,
+                || cluster.namespace_labels(&pod.id.namespace),
+                &pod.labels,
+            )
+        }),
     }
 }
 
@@ -1242,6 +1269,75 @@ spec:
             judge(&cluster, &tcp("172.18.0.2", A, 80)).ingress,
             SideVerdict::FromNode
         );
+    }
+
+    #[test]
+    fn an_audited_network_policy_tier_goes_on_to_baseline_and_the_default() {
+        let audit_only_a_to_b = ONLY_A_TO_B.replace(
+            "metadata: {name: only-a, namespace: x}",
+            "metadata: {name: only-a, namespace: x, annotations: {netwarden.dev/enforcement: audit}}",
+        );
+        // Nothing below: the default allows, reported as audited.
+        let alone = cluster(&[&audit_only_a_to_b]);
+        let verdict = judge(&alone, &tcp(C, B, 80));
+        assert!(verdict.allowed(), "{verdict:?}");
+        assert!(
+            matches!(&verdict.ingress, SideVerdict::Audited(policies) if policies.len() == 1),
+            "{verdict:?}"
+        );
+        // What the audit-mode policy allows is simply allowed.
+        assert!(matches!(
+            judge(&alone, &tcp(A, B, 80)).ingress,
+            SideVerdict::Allowed(_)
+        ));
+
+        // A Baseline Accept: still audited (the NetworkPolicy tier would have denied it).
+        let accepted = cluster(&[
+            &audit_only_a_to_b,
+            &cnp(
+                "baseline-accept-y",
+                "Baseline",
+                5,
+                &to_b_from("b", "Accept"),
+            ),
+        ]);
+        let verdict = judge(&accepted, &tcp(C, B, 80));
+        assert!(verdict.allowed(), "{verdict:?}");
+        assert!(
+            matches!(verdict.ingress, SideVerdict::Audited(_)),
+            "{verdict:?}"
+        );
+        assert_eq!(
+            verdict.ingress_tiers.unwrap().to_string(),
+            "Admin tier: no rule matches; NetworkPolicy: audited: isolated in audit mode by NetworkPolicy x/only-a; Baseline tier: ClusterNetworkPolicy baseline-accept-y ingress[0] (Accept; Baseline tier, priority 5)"
+        );
+
+        // A Baseline Deny: denied by the Baseline rule.
+        let denied = cluster(&[
+            &audit_only_a_to_b,
+            &cnp("baseline-deny-y", "Baseline", 5, &to_b_from("b", "Deny")),
+        ]);
+        let verdict = judge(&denied, &tcp(C, B, 80));
+        assert!(!verdict.allowed(), "{verdict:?}");
+        let SideVerdict::ClusterDenied(rule) = &verdict.ingress else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(
+            (rule.tier, rule.policy.as_str()),
+            (Tier::Baseline, "baseline-deny-y")
+        );
+
+        // The Admin tier decides first: its Accept wins over the Baseline Deny.
+        let admin = cluster(&[
+            &audit_only_a_to_b,
+            &cnp("baseline-deny-y", "Baseline", 5, &to_b_from("b", "Deny")),
+            &cnp("admin-accept-y", "Admin", 5, &to_b_from("b", "Accept")),
+        ]);
+        let verdict = judge(&admin, &tcp(C, B, 80));
+        let SideVerdict::ClusterAccepted(rule) = &verdict.ingress else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(rule.tier, Tier::Admin);
     }
 
     #[test]

@@ -1,23 +1,33 @@
-//! netwarden's policy compiler.
+//! netwarden's policy compiler: pure, no kernel, no I/O.
 //!
-//! [`Compiler::compile`] turns a [`netwarden_model::Cluster`] into [`DatapathState`]: the exact
-//! content of the eBPF maps (see `ebpf/netwarden-ebpf/src/verdict.rs` for how the datapath reads
-//! them, and `docs/design.md` for why they are shaped this way). [`lookup`] reads a
-//! `DatapathState` exactly the way the eBPF program reads the maps, so the compiler can be tested
-//! without a kernel.
+//! [`Compiler`] turns a [`netwarden_model::Cluster`], kept up to date one [`Change`] at a time,
+//! into [`DatapathState`]: the content of the eBPF maps (see `ebpf/netwarden-ebpf/src/verdict.rs`
+//! for how the programs read them, and `docs/design.md` for why they are shaped this way).
+//! [`map_keys`] builds the keys the agent writes it under, and [`lookup`] takes a packet through
+//! the programs' checks on those maps, to the verdict and counter reason the kernel gives, so the
+//! compiler is tested without a kernel. [`evaluate`] is the reference: the NetworkPolicy spec
+//! applied directly to one flow, which the compiler is tested against and `netwarden explain`
+//! prints.
 
 mod cidr;
 mod compile;
 pub mod evaluate;
 mod frontends;
 mod identity;
+mod ids;
 pub mod lookup;
+pub mod map_keys;
+mod pods;
 mod ports;
+mod rules;
+mod selectors;
+mod state;
 
-pub use compile::{
-    Change, CompiledPolicy, Compiler, DatapathState, Direction, LocalEndpoint, PolicyId,
-    PolicyMatch, RuleId, RuleOrigin,
-};
+pub use compile::{Change, Compiler};
 pub use frontends::{Frontend, FrontendId, FrontendInfo, FrontendKind};
 pub use identity::IdentityInfo;
 pub use ports::port_prefixes;
+pub use state::{
+    CompiledPolicy, DatapathState, Direction, LocalEndpoint, PolicyId, PolicyMatch, RuleId,
+    RuleOrigin,
+};

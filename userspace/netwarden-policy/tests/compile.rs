@@ -466,3 +466,80 @@ fn a_pinned_policy_equal_but_for_rule_ids_keeps_its_id() {
         previous.policies.values().collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_direction_only_audit_mode_policies_isolate_is_audited_and_enforced_ones_win() {
+    let audit = |name: &str, spec: &str| {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x, annotations: {{netwarden.dev/enforcement: audit}}}}\nspec: {spec}\n"
+        )
+    };
+    let mut yaml = pod("x", "a", "app: a", "10.0.0.1", "");
+    yaml += &pod("x", "b", "app: b", "10.0.0.2", "");
+    yaml += &audit("audit-ingress", "{podSelector: {}, policyTypes: [Ingress]}");
+    yaml += &audit(
+        "audit-egress-a",
+        "{podSelector: {matchLabels: {app: a}}, policyTypes: [Egress], egress: [{to: [{podSelector: {}}]}]}",
+    );
+    yaml += "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: enforced-egress-a, namespace: x}\nspec: {podSelector: {matchLabels: {app: a}}, policyTypes: [Egress]}\n";
+    let state = compile(&yaml);
+    let a = &state.endpoints[&at("x", "a")];
+    let b = &state.endpoints[&at("x", "b")];
+    // Ingress: only the audit-mode policy isolates either pod.
+    assert!(a.ingress.is_some() && a.ingress_audit);
+    assert!(b.ingress.is_some() && b.ingress_audit);
+    // a's egress: the enforced policy isolates it, and the audit-mode one (which would allow
+    // more) is left out of what is enforced.
+    assert!(a.egress.is_some() && !a.egress_audit);
+    assert_eq!(
+        a.egress_isolated_by,
+        vec![netwarden_model::PolicyRef {
+            namespace: "x".into(),
+            name: "enforced-egress-a".into(),
+        }]
+    );
+    // b's egress: nothing isolates it.
+    assert!(b.egress.is_none() && !b.egress_audit);
+    // What the kernel decides: an audited pass on ingress, a drop on a's enforced egress.
+    assert_eq!(
+        decide(
+            &state,
+            &at("x", "b"),
+            Direction::Ingress,
+            ip("10.0.0.1"),
+            TCP,
+            80
+        ),
+        Decision::Audited
+    );
+    assert_eq!(
+        decide(
+            &state,
+            &at("x", "a"),
+            Direction::Egress,
+            ip("10.0.0.2"),
+            TCP,
+            80
+        ),
+        Decision::Denied
+    );
+
+    // The agent's --audit audits even the enforced policy.
+    let mut compiler = Compiler::new(NODE).auditing_everything(true);
+    compiler.set_node_addresses(&[ip("172.18.0.2")]);
+    let state = compiler.sync(cluster(&yaml)).clone();
+    let a = &state.endpoints[&at("x", "a")];
+    assert!(a.egress_audit && a.ingress_audit);
+    assert_eq!(a.egress_isolated_by.len(), 2);
+}
+
+#[test]
+fn an_unknown_enforcement_mode_is_an_error_naming_the_field() {
+    let yaml = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x, annotations: {netwarden.dev/enforcement: warn}}\nspec: {podSelector: {}}\n";
+    let (_, errors) = netwarden_model::cluster_of_stream("cluster.yaml", yaml);
+    let text = format!("{errors:?}");
+    assert!(
+        text.contains("metadata.annotations[netwarden.dev/enforcement]") && text.contains("warn"),
+        "{text}"
+    );
+}

@@ -23,7 +23,7 @@ use netwarden_model::{
 use netwarden_policy::{
     Compiler, DatapathState, Direction,
     evaluate::{self, Flow, SideVerdict},
-    lookup,
+    lookup::{Conntrack, Maps, Packet, Verdict},
 };
 use proptest::{collection::vec, prelude::*, sample::select};
 
@@ -177,6 +177,7 @@ fn policy(index: usize) -> impl Strategy<Value = NetworkPolicy> {
         .prop_map(
             move |(namespace, pod_selector, (ingress, egress), ingress_rules, egress_rules)| {
                 NetworkPolicy {
+                    enforcement: netwarden_model::Enforcement::Enforce,
                     id: PolicyRef {
                         namespace: namespace.to_owned(),
                         name: format!("p{index}"),
@@ -490,8 +491,39 @@ fn cases() -> u32 {
         .unwrap_or(2000)
 }
 
-/// Every flow between a local pod and any address, in both directions, looked up in `state`
-/// and asked of the evaluator.
+/// The first packet of a flow over `protocol` to `port`, between `own`, an address of the
+/// endpoint on `ifindex`, and `peer`.
+fn first_packet(
+    ifindex: u32,
+    direction: Direction,
+    own: IpAddr,
+    peer: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> Packet {
+    /// The client's side of every flow.
+    const EPHEMERAL_PORT: u16 = 40000;
+    let (pod_port, peer_port) = match direction {
+        _ if protocol == 1 => (0, 0),
+        Direction::Egress => (EPHEMERAL_PORT, port),
+        Direction::Ingress => (port, EPHEMERAL_PORT),
+    };
+    Packet {
+        ifindex,
+        direction,
+        pod_address: own,
+        peer_address: peer,
+        protocol,
+        pod_port,
+        peer_port,
+        opens_flow: true,
+        conntrack: Conntrack::Untracked,
+    }
+}
+
+/// Every flow between a local pod and any address, in both directions: its first packet put
+/// through the kernel's lookup on the maps the agent writes for `state`, and asked of the
+/// evaluator.
 fn assert_agrees(cluster: &Cluster, state: &DatapathState) -> Result<(), TestCaseError> {
     let mut peers: Vec<IpAddr> = cluster
         .pods
@@ -501,11 +533,17 @@ fn assert_agrees(cluster: &Cluster, state: &DatapathState) -> Result<(), TestCas
     peers.extend(OUTSIDE);
     peers.push(NODE_ADDRESS);
     peers.push(OTHER_NODE_ADDRESS);
-    for pod in cluster
+    let local_pods: Vec<&Pod> = cluster
         .pods
         .values()
         .filter(|pod| pod.node_name.as_deref() == Some(LOCAL))
-    {
+        .collect();
+    let mut maps = Maps::new(state, false);
+    for (ifindex, pod) in (1..).zip(&local_pods) {
+        maps.place_endpoint(ifindex, &pod.id)
+            .map_err(|error| TestCaseError::fail(error.to_string()))?;
+    }
+    for (ifindex, pod) in (1..).zip(&local_pods) {
         for own in &pod.ips {
             for peer in peers
                 .iter()
@@ -521,24 +559,25 @@ fn assert_agrees(cluster: &Cluster, state: &DatapathState) -> Result<(), TestCas
                         };
                         let expected =
                             evaluate::evaluate(cluster, &[NODE_ADDRESS], &outbound).egress;
-                        let got = lookup::decide(
-                            state,
-                            &pod.id,
+                        let got = maps.verdict(&first_packet(
+                            ifindex,
                             Direction::Egress,
+                            *own,
                             *peer,
                             protocol,
                             *port,
-                        );
+                        ));
                         prop_assert_eq!(
-                            got.is_allowed(),
+                            got.verdict == Verdict::Pass,
                             expected.allows(),
-                            "egress {} {} -> {} proto {} port {}: datapath {:?}, evaluator {:?}",
+                            "egress {} {} -> {} proto {} port {}: datapath {:?} ({}), evaluator {:?}",
                             pod.id,
                             own,
                             peer,
                             protocol,
                             port,
                             got,
+                            got.label(),
                             expected
                         );
 
@@ -550,24 +589,25 @@ fn assert_agrees(cluster: &Cluster, state: &DatapathState) -> Result<(), TestCas
                         };
                         let expected =
                             evaluate::evaluate(cluster, &[NODE_ADDRESS], &inbound).ingress;
-                        let got = lookup::decide(
-                            state,
-                            &pod.id,
+                        let got = maps.verdict(&first_packet(
+                            ifindex,
                             Direction::Ingress,
+                            *own,
                             *peer,
                             protocol,
                             *port,
-                        );
+                        ));
                         prop_assert_eq!(
-                            got.is_allowed(),
+                            got.verdict == Verdict::Pass,
                             expected.allows(),
-                            "ingress {} {} <- {} proto {} port {}: datapath {:?}, evaluator {:?}",
+                            "ingress {} {} <- {} proto {} port {}: datapath {:?} ({}), evaluator {:?}",
                             pod.id,
                             own,
                             peer,
                             protocol,
                             port,
                             got,
+                            got.label(),
                             expected
                         );
                     }

@@ -89,6 +89,12 @@ pub struct AgentOptions {
     /// isolated by pod selectors). For kernels where the hook misbehaves, and for tests.
     #[arg(long)]
     pub no_translation_hook: bool,
+    /// Audit every policy, whatever its `netwarden.dev/enforcement` annotation: nothing a
+    /// policy does not allow is dropped; each such new flow passes and is logged and counted
+    /// with verdict `audit`. For rolling out default deny on a cluster; restart without it to
+    /// enforce.
+    #[arg(long)]
+    pub audit: bool,
     /// Seconds between two sweeps of the connection-tracking table for idle flows.
     #[arg(long, default_value_t = 10)]
     pub conntrack_sweep_seconds: u64,
@@ -476,7 +482,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         events::spawn_reader(ring, attribution.clone());
     }
     let identity = IdentityWiring::start(&options.identity, &mut datapath).await?;
-    let mut compiler = Compiler::new(options.node.clone());
+    let mut compiler = Compiler::new(options.node.clone()).auditing_everything(options.audit);
+    if options.audit {
+        warn!("--audit: no policy drops anything; would-be drops are reported as audited");
+    }
     compiler.resume(inherited.identities, inherited.highest_policy_id);
     // Unchanged policies keep their pinned ids: the first apply rewrites none of them.
     compiler.adopt_pinned_policies(inherited.policies);

@@ -130,10 +130,10 @@ fn log(event: &VerdictEvent, names: &Attribution) {
             )
         };
     }
-    if row.is_some_and(|row| row.kind == counter::Kind::Allow) {
-        verdict_line!(info, "allow", "allowed");
-    } else {
-        verdict_line!(warn, "deny", "denied");
+    match row.map(|row| row.kind) {
+        Some(counter::Kind::Allow) => verdict_line!(info, "allow", "allowed"),
+        Some(counter::Kind::Audit) => verdict_line!(warn, "audit", "would be denied"),
+        _ => verdict_line!(warn, "deny", "denied"),
     }
 }
 
@@ -161,7 +161,7 @@ fn verdict_reason(
             "allowed: no NetworkPolicy isolates this pod for {}",
             if ingress { "ingress" } else { "egress" }
         ),
-        counter::DENIED_BY_POLICY => {
+        reason @ (counter::DENIED_BY_POLICY | counter::AUDITED_BY_POLICY) => {
             let isolating = endpoint.map(|endpoint| {
                 if ingress {
                     &endpoint.ingress_isolated_by
@@ -174,8 +174,13 @@ fn verdict_reason(
                 .flatten()
                 .map(ToString::to_string)
                 .collect();
+            let verdict = if reason == counter::AUDITED_BY_POLICY {
+                "audit: passed, enforcing would deny it"
+            } else {
+                "default deny"
+            };
             format!(
-                "default deny: isolated by NetworkPolicy {}; no rule allows it",
+                "{verdict}: isolated by NetworkPolicy {}; no rule allows it",
                 policies.join(", ")
             )
         }

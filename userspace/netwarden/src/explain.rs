@@ -222,7 +222,7 @@ fn service_lines(
 }
 
 /// The lines of both sides of a verdict on the flow from `source` to `destination:port`.
-fn verdict_lines(
+pub(crate) fn verdict_lines(
     cluster: &Cluster,
     verdict: &evaluate::Verdict,
     source: IpAddr,
@@ -396,13 +396,18 @@ fn side_lines(
         SideVerdict::ClusterDenied(rule) => vec![format!(
             "{label} {who}: DENIED by {rule}; no later rule of any tier is consulted"
         )],
-        SideVerdict::Denied(policies) => {
+        SideVerdict::Denied(policies) | SideVerdict::Audited(policies) => {
             let names: Vec<String> = policies
                 .iter()
                 .map(|policy| format!("NetworkPolicy {policy}"))
                 .collect();
+            let verdict = if matches!(verdict, SideVerdict::Audited(_)) {
+                "AUDIT (passes; enforcing would deny it), isolated in audit mode by"
+            } else {
+                "DENIED, isolated by"
+            };
             vec![format!(
-                "{label} {who}: DENIED, isolated by {}; no rule allows {protocol} {flow}",
+                "{label} {who}: {verdict} {}; no rule allows {protocol} {flow}",
                 names.join(", ")
             )]
         }

@@ -5,18 +5,24 @@
 //! binary wires them together and parses the command line.
 
 mod agent;
+mod diff;
 mod events;
 mod explain;
+mod flows;
 mod health;
+mod html;
 mod identity;
 mod input;
+mod live;
+mod matrix;
 mod metrics;
 mod retry;
+mod snapshot;
 mod status;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +41,10 @@ enum Command {
     Agent(agent::AgentOptions),
     /// Explain the verdict on a flow: the rule that allows it, or the policies that isolate it.
     Explain(explain::ExplainOptions),
+    /// The flows a change of manifests opens and closes; exit code 1 when it closes any.
+    Diff(diff::DiffOptions),
+    /// Who can reach whom: the connectivity matrix, as text or an HTML page.
+    Matrix(matrix::MatrixOptions),
     /// Print the state the agent last applied.
     Status {
         /// The agent's status file.
@@ -46,8 +56,29 @@ enum Command {
     },
 }
 
+/// kubectl runs `kubectl-NAME` from PATH for `kubectl NAME ...`; a link of that name to this
+/// binary makes it a plugin.
+const KUBECTL_PLUGIN: &str = "kubectl-netwarden";
+
+/// The name to show in usage: `kubectl netwarden` when run as the kubectl plugin.
+fn invoked_as(argv0: Option<&std::ffi::OsStr>) -> &'static str {
+    let file_name = argv0
+        .map(Path::new)
+        .and_then(Path::file_name)
+        .and_then(|name| name.to_str());
+    if file_name == Some(KUBECTL_PLUGIN) {
+        "kubectl netwarden"
+    } else {
+        "netwarden"
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let argv0 = std::env::args_os().next();
+    let matches = Cli::command()
+        .bin_name(invoked_as(argv0.as_deref()))
+        .get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     match cli.command {
         Command::Agent(options) => {
             init_logging(options.log_json);
@@ -58,6 +89,15 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(agent::run(options))
         }
         Command::Explain(options) => explain::run(&options),
+        // diff(1)'s convention, for CI gates: 1 means "closes flows", so errors are 2.
+        Command::Diff(options) => match diff::run(&options) {
+            Ok(code) => std::process::exit(code),
+            Err(error) => {
+                eprintln!("Error: {error:?}");
+                std::process::exit(2)
+            }
+        },
+        Command::Matrix(options) => matrix::run(&options),
         Command::Status { status_file, json } => status::print(&status_file, json),
     }
 }
@@ -72,5 +112,29 @@ fn init_logging(json: bool) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use clap::CommandFactory as _;
+
+    use super::{Cli, invoked_as};
+
+    #[test]
+    fn run_as_kubectl_netwarden_it_calls_itself_the_kubectl_plugin() {
+        assert_eq!(
+            invoked_as(Some(OsStr::new("/usr/local/bin/kubectl-netwarden"))),
+            "kubectl netwarden"
+        );
+        assert_eq!(invoked_as(Some(OsStr::new("netwarden"))), "netwarden");
+        assert_eq!(invoked_as(None), "netwarden");
+        let usage = Cli::command()
+            .bin_name(invoked_as(Some(OsStr::new("kubectl-netwarden"))))
+            .render_usage()
+            .to_string();
+        assert_eq!(usage, "Usage: kubectl netwarden <COMMAND>");
     }
 }

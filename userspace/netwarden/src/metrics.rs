@@ -830,7 +830,7 @@ spec: {podSelector: {}, policyTypes: [Egress]}
             let ingress = counters[counter::slot(direction::INGRESS, reason.id) as usize];
             let egress = counters[counter::slot(direction::EGRESS, reason.id) as usize];
             match reason.kind {
-                counter::Kind::Allow | counter::Kind::Deny => {
+                counter::Kind::Allow | counter::Kind::Deny | counter::Kind::Audit => {
                     for (name, count) in [("ingress", ingress), ("egress", egress)] {
                         let series = format!(
                             r#"netwarden_verdicts_total{{direction="{name}",verdict="{}",reason="{}"}}"#,

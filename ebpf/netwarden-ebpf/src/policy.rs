@@ -1,0 +1,108 @@
+//! The policy lookup's maps: who a peer is, and what each policy allows it.
+//!
+//! ```text
+//! IPCACHE   hash  IpKey { address (16 B, IPv4-mapped) }             -> identity
+//! CIDRS_V4  LPM   CidrKeyV4 { policy (32 bits), address (32 bits) }  -> CIDR class
+//! CIDRS_V6  LPM   CidrKey   { policy (32 bits), address (128 bits) } -> CIDR class
+//! POLICY    LPM   PolicyKey { policy (32), peer (32), protocol (8), port (16) } -> rule
+//! ```
+//!
+//! All LPM keys are big-endian and looked up fully specified (`CIDR_KEY_V4_FULL_BITS`,
+//! `CIDR_KEY_FULL_BITS`, `POLICY_KEY_FULL_BITS`). What an entry may leave out:
+//!
+//! - `IPCACHE` is exact: one pod address (its label set's identity) or one of the node's
+//!   (`IDENTITY_HOST`). Anything else is `IDENTITY_WORLD`, which no `POLICY` entry names:
+//!   rules for every peer are compiled as `0.0.0.0/0` and `::/0` blocks.
+//! - `CIDRS_V4`/`CIDRS_V6` never wildcard the policy id; the address may stop at any prefix
+//!   length. The longest match is the class: the exact set of the policy's `ipBlock` rules
+//!   whose `cidr` holds the address and whose `except` does not. A class is a peer id with
+//!   `CIDR_CLASS_FLAG` set, so it never collides with an identity.
+//! - `POLICY` never wildcards the policy id or the peer; an entry may stop after the peer
+//!   (every protocol and port), after the protocol (every port), or inside the port (an aligned
+//!   port range, which is how `endPort` ranges are stored).
+//!
+//! Precedence, in the order `verdict::decide` asks:
+//!
+//! 1. `POLICY[(policy, IPCACHE[peer], protocol, port)]` (skipped for `IDENTITY_WORLD`);
+//! 2. `POLICY[(policy, CIDRS_Vx[(policy, peer)], protocol, port)]`.
+//!
+//! Any match allows (NetworkPolicy has no deny rules), and the first one found names the rule
+//! reported; within one `POLICY` lookup the trie returns the longest entry. The CIDR path
+//! applies to pod addresses too, so `ipBlock` semantics stay exact whatever identity an address
+//! has. See `netwarden_common::{PolicyKey, CidrKey, CidrKeyV4}` for the layouts.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, LpmTrie, lpm_trie::Key},
+};
+use netwarden_common::{
+    CIDR_KEY_FULL_BITS, CIDR_KEY_V4_FULL_BITS, CidrClass, CidrKey, CidrKeyV4, IDENTITY_WORLD,
+    IpIdentity, IpKey, POLICY_KEY_FULL_BITS, PeerId, PolicyEntry, PolicyKey, ipv4_of_mapped, maps,
+};
+
+#[map]
+static IPCACHE: HashMap<IpKey, IpIdentity> =
+    HashMap::pinned(maps::IPCACHE.capacity, BPF_F_NO_PREALLOC);
+pinned_as!(IPCACHE);
+
+#[map]
+static POLICY: LpmTrie<PolicyKey, PolicyEntry> = LpmTrie::pinned(maps::POLICY.capacity, 0);
+pinned_as!(POLICY);
+
+#[map]
+static CIDRS_V4: LpmTrie<CidrKeyV4, CidrClass> = LpmTrie::pinned(maps::CIDRS_V4.capacity, 0);
+pinned_as!(CIDRS_V4);
+
+#[map]
+static CIDRS_V6: LpmTrie<CidrKey, CidrClass> = LpmTrie::pinned(maps::CIDRS_V6.capacity, 0);
+pinned_as!(CIDRS_V6);
+
+/// The agent's record of which label set got which identity (SHA-256 of the set -> identity).
+/// The programs never read it; it is pinned with the other maps so a restarted agent hands out
+/// the same identities and its first update is not a renumbering of the whole cluster.
+#[map]
+static IDENTITIES: HashMap<[u8; 32], u32> =
+    HashMap::pinned(maps::IDENTITIES.capacity, BPF_F_NO_PREALLOC);
+pinned_as!(IDENTITIES);
+
+/// The identity of the peer at `addr`: its pod's, the node's, or `IDENTITY_WORLD`.
+#[inline(always)]
+pub(crate) fn peer_identity(addr: &[u8; 16]) -> PeerId {
+    IPCACHE
+        .get_ptr(IpKey { addr: *addr })
+        // SAFETY: the pointer comes from a successful lookup and is read at once.
+        .map_or(IDENTITY_WORLD, |found| unsafe { (*found).identity })
+}
+
+/// The CIDR class of `addr` in `policy`, from the trie of the address's family.
+#[inline(always)]
+pub(crate) fn cidr_class(policy: u32, addr: &[u8; 16]) -> Option<PeerId> {
+    let class = match ipv4_of_mapped(addr) {
+        Some(v4) => CIDRS_V4.get(Key::new(
+            CIDR_KEY_V4_FULL_BITS,
+            CidrKeyV4 {
+                policy: policy.to_be_bytes(),
+                addr: v4,
+            },
+        )),
+        None => CIDRS_V6.get(Key::new(
+            CIDR_KEY_FULL_BITS,
+            CidrKey {
+                policy: policy.to_be_bytes(),
+                addr: *addr,
+            },
+        )),
+    };
+    class.map(|class| class.peer)
+}
+
+/// The rule of the longest `POLICY` entry matching, if any.
+#[inline(always)]
+pub(crate) fn policy_rule(policy: u32, peer: PeerId, protocol: u8, port: u16) -> Option<u32> {
+    let key = Key::new(
+        POLICY_KEY_FULL_BITS,
+        PolicyKey::new(policy, peer, protocol, port),
+    );
+    POLICY.get(&key).map(|entry| entry.rule)
+}

@@ -1,0 +1,130 @@
+//! The pods the compiler knows of, kept as little as it needs: label-set identities for every
+//! pod, the addresses they claim, and the local pods whole.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use netwarden_common::PeerId;
+use netwarden_model::{Pod, PodRef};
+
+use crate::identity::{IdentityAllocator, IdentityInfo};
+
+/// Every pod of the cluster, and the identities they hold.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Pods {
+    /// Every pod, by what the compiler keeps of it.
+    pub(crate) records: BTreeMap<PodRef, PodRecord>,
+    /// The pods of this node, whole: their policies are compiled from them.
+    pub(crate) local: BTreeMap<PodRef, Pod>,
+    pub(crate) identities: IdentityAllocator,
+    /// The identities of each namespace's pods: a selector peer looks only at the namespaces
+    /// it can select.
+    pub(crate) identities_by_namespace: BTreeMap<String, BTreeSet<PeerId>>,
+}
+
+impl Pods {
+    /// The identity of pod `id`, when it has one (it has addresses and is not on the host
+    /// network).
+    pub(crate) fn identity_of(&self, id: &PodRef) -> Option<PeerId> {
+        self.records.get(id).and_then(|record| record.identity)
+    }
+
+    /// What pods of identity `id` have in common.
+    pub(crate) fn identity_info(&self, id: PeerId) -> &IdentityInfo {
+        &self.identities.identities()[&id]
+    }
+
+    /// The pod as the compiler treats it: host-network pods share the node's addresses, so
+    /// policy neither selects them nor can tell them from the node; pods without an address
+    /// have nothing to enforce yet.
+    pub(crate) fn enforceable(pod: Option<&Pod>) -> Option<&Pod> {
+        pod.filter(|pod| !pod.host_network && !pod.ips.is_empty())
+    }
+}
+
+/// What the compiler keeps of a pod that may be remote.
+#[derive(Clone, Debug)]
+pub(crate) struct PodRecord {
+    /// Tells a changed pod from an unchanged one without keeping it.
+    pub(crate) fingerprint: u128,
+    /// Its identity, when it has addresses and is not on the host network.
+    pub(crate) identity: Option<PeerId>,
+    /// The addresses it claims.
+    pub(crate) ips: Vec<IpAddr>,
+}
+
+/// 128 bits of two independent `SipHash` runs over the whole pod: an update is missed only if
+/// both collide with the previous version of the same pod.
+pub(crate) fn fingerprint(pod: &Pod) -> u128 {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    let mut first =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    let mut second = first.clone();
+    second.write_u8(0xa5);
+    pod.hash(&mut first);
+    pod.hash(&mut second);
+    (u128::from(first.finish()) << 64) | u128::from(second.finish())
+}
+
+/// Which pods claim each address. Two pods may claim one (the API server does not stop it):
+/// the first by namespace and name owns it, and the other is reported.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AddressClaims {
+    claims: BTreeMap<IpAddr, BTreeSet<PodRef>>,
+    /// A warning for each address claimed twice.
+    duplicates: BTreeMap<IpAddr, String>,
+}
+
+impl AddressClaims {
+    pub(crate) fn claim(&mut self, ip: IpAddr, pod: &PodRef) {
+        self.claims.entry(ip).or_default().insert(pod.clone());
+    }
+
+    pub(crate) fn release(&mut self, ip: IpAddr, pod: &PodRef) {
+        if let Some(claims) = self.claims.get_mut(&ip) {
+            claims.remove(pod);
+            if claims.is_empty() {
+                self.claims.remove(&ip);
+            }
+        }
+    }
+
+    /// The pod that owns `ip`: the first claimant by namespace and name.
+    pub(crate) fn owner(&self, ip: IpAddr) -> Option<&PodRef> {
+        self.claims.get(&ip).and_then(BTreeSet::first)
+    }
+
+    /// Every claimed address with its owner.
+    pub(crate) fn owners(&self) -> impl Iterator<Item = (IpAddr, &PodRef)> {
+        self.claims
+            .iter()
+            .filter_map(|(ip, claims)| claims.first().map(|owner| (*ip, owner)))
+    }
+
+    /// Records whether `ip` is claimed twice, for [`AddressClaims::warnings`].
+    pub(crate) fn check_duplicate(&mut self, ip: IpAddr) {
+        let claims = self.claims.get(&ip);
+        match claims
+            .map(|claims| claims.iter().collect::<Vec<_>>())
+            .as_deref()
+        {
+            Some([owner, second, ..]) => {
+                self.duplicates.insert(
+                    ip,
+                    format!("Pod {second}: status.podIPs: {ip} is also the address of Pod {owner}; using {owner}"),
+                );
+            }
+            _ => {
+                self.duplicates.remove(&ip);
+            }
+        }
+    }
+
+    /// A warning for each address two pods claim.
+    pub(crate) fn warnings(&self) -> impl Iterator<Item = &String> {
+        self.duplicates.values()
+    }
+}
