@@ -188,6 +188,9 @@ impl fmt::Display for Denial {
                 for (side, side_verdict) in
                     [("egress", &verdict.egress), ("ingress", &verdict.ingress)]
                 {
+                    if let SideVerdict::ClusterDenied(rule) = side_verdict {
+                        write!(f, " ({side} denied by {rule})")?;
+                    }
                     if let SideVerdict::Denied(policies) = side_verdict {
                         let names: Vec<String> = policies.iter().map(ToString::to_string).collect();
                         write!(
@@ -319,7 +322,13 @@ impl ClusterIndex {
     /// The part of `cluster` that decides flows between `first` and `second`.
     #[must_use]
     pub fn relevant(&self, cluster: &Cluster, first: IpAddr, second: IpAddr) -> Cluster {
-        let mut part = Cluster::default();
+        // ClusterNetworkPolicies select across namespaces, and their `nodes` peers need the
+        // nodes: they are kept whole (there are few).
+        let mut part = Cluster {
+            cluster_policies: cluster.cluster_policies.clone(),
+            nodes: cluster.nodes.clone(),
+            ..Cluster::default()
+        };
         for address in [first, second] {
             for id in self.by_address.get(&address).into_iter().flatten() {
                 let Some(pod) = cluster.pods.get(id) else {
@@ -676,9 +685,45 @@ spec:
 
     #[test]
     fn the_indexed_decision_is_the_decision_on_the_whole_cluster() {
+        // And with ClusterNetworkPolicies, which select across namespaces: an Admin Deny of
+        // `ops`, and a Baseline Deny of everything else to `shop` pods no NetworkPolicy isolates.
+        let (with_tiers, errors) = netwarden_model::cluster_of_stream(
+            "cluster.yaml",
+            &format!(
+                "{CLUSTER}---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {{name: no-ops}}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: shop}}}}}}
+  ingress: [{{action: Deny, from: [{{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: ops}}}}}}]}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {{name: baseline}}
+spec:
+  tier: Baseline
+  priority: 1
+  subject: {{namespaces: {{}}}}
+  ingress: [{{action: Deny, from: [{{namespaces: {{}}}}]}}]
+"
+            ),
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut compared = 0;
+        for cluster in [cluster(), with_tiers] {
+            compared += compare_indexed(&cluster);
+        }
+        assert_eq!(compared, 2 * 7 * 7 * 2 * 6);
+    }
+
+    /// Every connection between the pods' addresses, the node's and an outside one, decided
+    /// on the whole cluster and on its indexed part; returns how many were compared.
+    fn compare_indexed(cluster: &netwarden_model::Cluster) -> usize {
         use super::{ClusterIndex, decide_indexed};
-        let cluster = cluster();
-        let index = ClusterIndex::new(&cluster);
+        let index = ClusterIndex::new(cluster);
         let node: std::net::IpAddr = NODE.parse().unwrap();
         let addresses: Vec<std::net::IpAddr> = cluster
             .pods
@@ -703,9 +748,9 @@ spec:
                             port,
                             principal: principal.clone(),
                         };
-                        let whole = decide(&cluster, &[node], &TrustDomain::default(), &connection);
+                        let whole = decide(cluster, &[node], &TrustDomain::default(), &connection);
                         let indexed = decide_indexed(
-                            &cluster,
+                            cluster,
                             &index,
                             &[node],
                             &TrustDomain::default(),
@@ -717,7 +762,7 @@ spec:
                 }
             }
         }
-        assert_eq!(compared, 7 * 7 * 2 * 6);
+        compared
     }
 
     #[test]

@@ -1,8 +1,8 @@
-//! The Kubernetes API source: Namespaces, Pods, NetworkPolicies, Services and EndpointSlices
-//! watched cluster-wide, turned into the same validated [`Cluster`] the manifest-directory source
-//! yields.
+//! The Kubernetes API source: Namespaces, Pods, NetworkPolicies, Services, EndpointSlices, Nodes
+//! and ClusterNetworkPolicies watched cluster-wide, turned into the same validated [`Cluster`]
+//! the manifest-directory source yields.
 //!
-//! Five kube-rs watchers (one per kind) feed five reflector caches. Each watcher
+//! Seven kube-rs watchers (one per kind) feed seven reflector caches. Each watcher
 //!
 //! - lists in pages of 500 (a consistent list, which API servers from 1.31 serve from their watch
 //!   cache), then watches from the list's `resourceVersion` with bookmarks, resuming from the
@@ -15,13 +15,23 @@
 //!   ([`DEFAULT_STALE_AFTER`]) without a success in between — a list or watch request the API
 //!   server accepted, or an event — which the agent reports in readiness, metrics and status;
 //! - trims what it caches ([`trim_pod`], [`trim_namespace`], [`trim_network_policy`],
-//!   [`trim_service`], [`trim_endpoint_slice`]): managed fields, annotations (but a pod's
+//!   [`trim_service`], [`trim_endpoint_slice`], [`trim_node`],
+//!   [`trim_cluster_network_policy`]): managed fields, annotations (but a pod's
 //!   `netwarden.dev/*` ones) and everything of a pod, a Service or an EndpointSlice the
 //!   compiler does not read.
 //!
+//! ClusterNetworkPolicy is a CRD (`policy.networking.k8s.io/v1alpha2`, installed from the
+//! network-policy-api release: see `docs/cluster-network-policy.md`), read with netwarden's own
+//! types ([`ClusterNetworkPolicyObject`]). A cluster without the CRD answers its list with
+//! `404 Not Found`: the kind then counts as listed and empty (there can be no such policy),
+//! is reported by [`KubeSource::absent_kinds`], not as a failing watch, and is listed again
+//! after the watcher's backoff, so installing the CRD later is picked up.
+//!
 //! [`KubeSource::cluster`] validates the caches with [`netwarden_model::convert`], with the
 //! manifest source's rules for bad input: an invalid NetworkPolicy keeps its last valid version,
-//! or isolates its namespace both ways if it never had one (fail closed); an invalid Service or
+//! or isolates its namespace both ways if it never had one (fail closed); an invalid
+//! ClusterNetworkPolicy keeps its last valid version, or denies its subject everything before
+//! every other Admin policy if it never had one; an invalid Node, Service or
 //! EndpointSlice is left out (a Service only names addresses that lead to pods, so one
 //! missing opens nothing). [`events`] posts a
 //! Kubernetes Event on each NetworkPolicy the agent cannot enforce as written.
@@ -29,6 +39,7 @@
 pub mod events;
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
     sync::{
@@ -42,8 +53,9 @@ use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
         core::v1::{
-            Container, LoadBalancerIngress, LoadBalancerStatus, Namespace, ObjectReference, Pod,
-            PodSpec, PodStatus, Service, ServiceSpec, ServiceStatus,
+            Container, LoadBalancerIngress, LoadBalancerStatus, Namespace, Node, NodeAddress,
+            NodeStatus, ObjectReference, Pod, PodSpec, PodStatus, Service, ServiceSpec,
+            ServiceStatus,
         },
         discovery::v1::{Endpoint, EndpointSlice},
         networking::v1::NetworkPolicy,
@@ -59,7 +71,10 @@ use kube::{
     },
 };
 use netwarden_model::{
-    Cluster, ModelError, PolicyRef, cluster::NetworkPolicy as ModelPolicy, convert,
+    Cluster, ClusterNetworkPolicy, ModelError, PolicyRef,
+    cluster::NetworkPolicy as ModelPolicy,
+    cluster_policy::{self, api},
+    convert,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -84,7 +99,8 @@ pub enum KubeError {
     /// the cache keeps the last state it had.
     #[error("watching {kind}s: {message}")]
     Watch {
-        /// `Namespace`, `Pod`, `NetworkPolicy`, `Service` or `EndpointSlice`.
+        /// `Namespace`, `Pod`, `NetworkPolicy`, `Service`, `EndpointSlice`, `Node` or
+        /// `ClusterNetworkPolicy`.
         kind: &'static str,
         /// The watcher's error.
         message: String,
@@ -119,12 +135,14 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Kube
 }
 
 /// The kinds watched, in the order of [`KubeSource`]'s arrays.
-const KINDS: [&str; 5] = [
+const KINDS: [&str; 7] = [
     "Namespace",
     "Pod",
     "NetworkPolicy",
     "Service",
     "EndpointSlice",
+    "Node",
+    cluster_policy::KIND,
 ];
 /// Their API resources, in the same order.
 const RESOURCES: [&str; KINDS.len()] = [
@@ -133,7 +151,50 @@ const RESOURCES: [&str; KINDS.len()] = [
     "networkpolicies",
     "services",
     "endpointslices",
+    "nodes",
+    cluster_policy::PLURAL,
 ];
+/// Index of ClusterNetworkPolicy in [`KINDS`].
+const CLUSTER_POLICY: usize = 6;
+/// The kinds a cluster may not serve (a CRD that is not installed): a `404` on their list
+/// means "none", not a failure.
+const OPTIONAL: [bool; KINDS.len()] = [false, false, false, false, false, false, true];
+
+/// A ClusterNetworkPolicy as the watcher caches it: netwarden's own serde types
+/// ([`api::ClusterNetworkPolicy`]), which keep unknown fields for the conversion to fail
+/// closed on, made a Kubernetes resource.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(transparent)]
+pub struct ClusterNetworkPolicyObject(pub api::ClusterNetworkPolicy);
+
+impl Resource for ClusterNetworkPolicyObject {
+    type DynamicType = ();
+    type Scope = k8s_openapi::ClusterResourceScope;
+
+    fn kind((): &()) -> Cow<'_, str> {
+        cluster_policy::KIND.into()
+    }
+
+    fn group((): &()) -> Cow<'_, str> {
+        cluster_policy::GROUP.into()
+    }
+
+    fn version((): &()) -> Cow<'_, str> {
+        cluster_policy::VERSION.into()
+    }
+
+    fn plural((): &()) -> Cow<'_, str> {
+        cluster_policy::PLURAL.into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.0.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.0.metadata
+    }
+}
 
 /// How long a kind's watcher may keep failing, with no success in between, before the source
 /// reports it stale: longer than a few of the watcher's backoffs (at most 30 s each), so one
@@ -177,6 +238,9 @@ struct Shared {
     restarts: AtomicU64,
     /// One per kind of [`KINDS`].
     health: Mutex<[KindHealth; KINDS.len()]>,
+    /// One flag per kind of [`KINDS`]: its last list was answered `404 Not Found` (an
+    /// optional kind whose CRD is not installed).
+    absent: [AtomicBool; KINDS.len()],
 }
 
 impl Shared {
@@ -204,8 +268,8 @@ impl Shared {
     }
 }
 
-/// Namespaces, Pods, NetworkPolicies, Services and EndpointSlices of the whole cluster,
-/// followed as they change.
+/// Namespaces, Pods, NetworkPolicies, Services, EndpointSlices, Nodes and
+/// ClusterNetworkPolicies of the whole cluster, followed as they change.
 ///
 /// Dropping it stops the watchers.
 #[derive(Debug)]
@@ -215,9 +279,12 @@ pub struct KubeSource {
     policies: Store<NetworkPolicy>,
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    cluster_policies: Store<ClusterNetworkPolicyObject>,
     shared: Arc<Shared>,
     changes: watch::Receiver<u64>,
     last_good_policies: HashMap<PolicyRef, ModelPolicy>,
+    last_good_cluster_policies: HashMap<String, ClusterNetworkPolicy>,
     tasks: Vec<JoinHandle<()>>,
     stale_after: Duration,
 }
@@ -249,6 +316,7 @@ impl KubeSource {
             errors: Mutex::default(),
             restarts: AtomicU64::new(0),
             health: Mutex::default(),
+            absent: Default::default(),
         });
         let client = observed(
             client,
@@ -259,6 +327,8 @@ impl KubeSource {
                 NetworkPolicy::url_path(&(), None),
                 Service::url_path(&(), None),
                 EndpointSlice::url_path(&(), None),
+                Node::url_path(&(), None),
+                ClusterNetworkPolicyObject::url_path(&(), None),
             ],
         );
         let (namespaces, namespace_task) =
@@ -269,22 +339,34 @@ impl KubeSource {
         let (services, service_task) =
             spawn_watcher(Api::all(client.clone()), 3, trim_service, &shared);
         let (endpoint_slices, endpoint_slice_task) =
-            spawn_watcher(Api::all(client), 4, trim_endpoint_slice, &shared);
+            spawn_watcher(Api::all(client.clone()), 4, trim_endpoint_slice, &shared);
+        let (nodes, node_task) = spawn_watcher(Api::all(client.clone()), 5, trim_node, &shared);
+        let (cluster_policies, cluster_policy_task) = spawn_watcher(
+            Api::all(client),
+            CLUSTER_POLICY,
+            trim_cluster_network_policy,
+            &shared,
+        );
         Self {
             namespaces,
             pods,
             policies,
             services,
             endpoint_slices,
+            nodes,
+            cluster_policies,
             shared,
             changes,
             last_good_policies: HashMap::new(),
+            last_good_cluster_policies: HashMap::new(),
             tasks: vec![
                 namespace_task,
                 pod_task,
                 policy_task,
                 service_task,
                 endpoint_slice_task,
+                node_task,
+                cluster_policy_task,
             ],
             stale_after: DEFAULT_STALE_AFTER,
         }
@@ -298,7 +380,7 @@ impl KubeSource {
     }
 
     /// How each kind's watcher is doing now, in the order of [`KINDS`]: Namespace, Pod,
-    /// NetworkPolicy, Service, EndpointSlice.
+    /// NetworkPolicy, Service, EndpointSlice, Node, ClusterNetworkPolicy.
     #[must_use]
     pub fn watch_health(&self) -> Vec<WatchHealth> {
         let now = Instant::now();
@@ -319,6 +401,18 @@ impl KubeSource {
                     healthy: failing_for.is_none_or(|failing| failing < self.stale_after),
                 }
             })
+            .collect()
+    }
+
+    /// The kinds the cluster does not serve (a CRD that is not installed: no
+    /// ClusterNetworkPolicy can exist), as of their last list.
+    #[must_use]
+    pub fn absent_kinds(&self) -> Vec<&'static str> {
+        KINDS
+            .iter()
+            .zip(&self.shared.absent)
+            .filter(|(_, absent)| absent.load(Ordering::Acquire))
+            .map(|(kind, _)| *kind)
             .collect()
     }
 
@@ -462,6 +556,40 @@ impl KubeSource {
                 Err(error) => errors.push(error.into()),
             }
         }
+        for object in self.nodes.state() {
+            match convert::node(&object) {
+                Ok(node) => {
+                    cluster.nodes.insert(node.name.clone(), node);
+                }
+                Err(error) => errors.push(error.into()),
+            }
+        }
+        for object in self.cluster_policies.state() {
+            let name = object.name_any();
+            match cluster_policy::convert(&object.0) {
+                Ok(policy) => {
+                    self.last_good_cluster_policies
+                        .insert(name.clone(), policy.clone());
+                    cluster.cluster_policies.insert(name, policy);
+                }
+                Err(error) => {
+                    let fallback = self
+                        .last_good_cluster_policies
+                        .get(&name)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            ClusterNetworkPolicy::lockdown(
+                                name.clone(),
+                                cluster_policy::subject_of(&object.0),
+                            )
+                        });
+                    cluster.cluster_policies.insert(name, fallback);
+                    errors.push(error.into());
+                }
+            }
+        }
+        self.last_good_cluster_policies
+            .retain(|name, _| cluster.cluster_policies.contains_key(name));
         let watch_errors = self.shared.errors.lock().expect("errors lock");
         errors.extend(watch_errors.iter().map(|(kind, message)| KubeError::Watch {
             kind,
@@ -481,6 +609,8 @@ impl KubeSource {
         push_entries(&mut entries, KINDS[2], &self.policies);
         push_entries(&mut entries, KINDS[3], &self.services);
         push_entries(&mut entries, KINDS[4], &self.endpoint_slices);
+        push_entries(&mut entries, KINDS[5], &self.nodes);
+        push_entries(&mut entries, KINDS[6], &self.cluster_policies);
         entries.sort_unstable();
         let mut hasher = Sha256::new();
         for (kind, namespace, name, version) in &entries {
@@ -573,6 +703,7 @@ where
                 }
                 Ok(watcher::Event::InitDone) => {
                     tracing::debug!(kind, "listed");
+                    shared.absent[index].store(false, Ordering::Release);
                     shared.succeeded(index);
                     shared.errors.lock().expect("errors lock").remove(kind);
                     shared.synced[index].store(true, Ordering::Release);
@@ -580,6 +711,22 @@ where
                 Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
                     shared.succeeded(index);
                     shared.errors.lock().expect("errors lock").remove(kind);
+                }
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                    if OPTIONAL[index] && status.code == 404 =>
+                {
+                    // The CRD is not installed: none of these objects can exist. The answer
+                    // is a success of the API server, and the kind counts as listed; the
+                    // watcher lists again after its backoff.
+                    if !shared.absent[index].swap(true, Ordering::AcqRel) {
+                        tracing::info!(
+                            kind,
+                            "not served by the API server (CRD not installed); none enforced"
+                        );
+                    }
+                    shared.succeeded(index);
+                    shared.errors.lock().expect("errors lock").remove(kind);
+                    shared.synced[index].store(true, Ordering::Release);
                 }
                 Err(error) => {
                     tracing::warn!(kind, %error, "watch failed; backing off and resuming");
@@ -657,6 +804,34 @@ pub fn trim_network_policy(policy: &mut NetworkPolicy) {
     trim_metadata(&mut policy.metadata);
 }
 
+/// Keeps of a Node what [`convert::node`] reads: its metadata without managed fields and
+/// annotations (its labels are what `nodes` peers select), and of its status the addresses.
+/// Nodes' status changes often (conditions, images): trimmed, the cache stays small.
+pub fn trim_node(node: &mut Node) {
+    trim_metadata(&mut node.metadata);
+    node.spec = None;
+    node.status = node.status.take().map(|status| NodeStatus {
+        addresses: status.addresses.map(|addresses| {
+            addresses
+                .into_iter()
+                .map(|address| NodeAddress {
+                    address: address.address,
+                    type_: address.type_,
+                })
+                .collect()
+        }),
+        ..NodeStatus::default()
+    });
+}
+
+/// Keeps of a ClusterNetworkPolicy its metadata without managed fields and annotations, and
+/// its spec (and fields the API does not have, which the conversion must see to fail closed);
+/// the status implementations write is dropped.
+pub fn trim_cluster_network_policy(policy: &mut ClusterNetworkPolicyObject) {
+    trim_metadata(&mut policy.0.metadata);
+    policy.0.status = None;
+}
+
 /// Keeps of a Service what [`convert::service`] reads: metadata without managed fields and
 /// annotations, its type, addresses, ports and selector, and of the status the load-balancer
 /// ingress addresses.
@@ -714,7 +889,70 @@ pub fn trim_endpoint_slice(slice: &mut EndpointSlice) {
 mod tests {
     use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
 
-    use super::{trim_endpoint_slice, trim_pod, trim_service};
+    use super::{
+        ClusterNetworkPolicyObject, trim_cluster_network_policy, trim_endpoint_slice, trim_node,
+        trim_pod, trim_service,
+    };
+
+    #[test]
+    fn trimmed_nodes_and_cluster_policies_keep_exactly_what_the_conversion_reads() {
+        let mut node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "resourceVersion": "3", "labels": {"zone": "a"},
+                         "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+                         "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"podCIDR": "10.244.0.0/24", "providerID": "kind://n1"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"},
+                                     {"type": "Hostname", "address": "n1"}],
+                       "conditions": [{"type": "Ready", "status": "True"}],
+                       "nodeInfo": {"kubeletVersion": "v1.35.0", "architecture": "amd64",
+                                    "bootID": "", "containerRuntimeVersion": "", "kernelVersion": "",
+                                    "kubeProxyVersion": "", "machineID": "", "operatingSystem": "linux",
+                                    "osImage": "", "systemUUID": ""}}
+        }))
+        .unwrap();
+        let before = netwarden_model::convert::node(&node).unwrap();
+        trim_node(&mut node);
+        assert_eq!(
+            serde_json::to_value(&node).unwrap(),
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": "n1", "resourceVersion": "3", "labels": {"zone": "a"}},
+                "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"},
+                                         {"type": "Hostname", "address": "n1"}]}
+            })
+        );
+        assert_eq!(netwarden_model::convert::node(&node).unwrap(), before);
+
+        let mut policy: ClusterNetworkPolicyObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "p", "resourceVersion": "4",
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
+                     "ingress": [{"action": "Deny", "from": [{"futurePeer": {}}]}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let before = netwarden_model::cluster_policy::convert(&policy.0).unwrap();
+        assert_eq!(
+            before.problems.len(),
+            1,
+            "the unknown peer reached the conversion"
+        );
+        trim_cluster_network_policy(&mut policy);
+        assert_eq!(
+            serde_json::to_value(&policy).unwrap(),
+            serde_json::json!({
+                "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": "p", "resourceVersion": "4"},
+                "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
+                         "ingress": [{"action": "Deny", "from": [{"futurePeer": {}}]}]}
+            })
+        );
+        assert_eq!(
+            netwarden_model::cluster_policy::convert(&policy.0).unwrap(),
+            before
+        );
+    }
 
     #[test]
     fn trimmed_services_keep_exactly_what_the_compiler_reads() {

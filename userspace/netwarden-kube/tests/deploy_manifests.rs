@@ -275,6 +275,8 @@ fn the_cluster_role_grants_exactly_what_the_agent_calls() {
             ("", "services"),
             ("networking.k8s.io", "networkpolicies"),
             ("discovery.k8s.io", "endpointslices"),
+            ("", "nodes"),
+            ("policy.networking.k8s.io", "clusternetworkpolicies"),
         ] {
             for verb in ["list", "watch"] {
                 expected.insert((group.to_owned(), resource.to_owned(), verb.to_owned()));

@@ -38,15 +38,19 @@ enum Kind {
     Policies,
     Services,
     EndpointSlices,
+    Nodes,
+    ClusterPolicies,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 7] = [
         Kind::Namespaces,
         Kind::Pods,
         Kind::Policies,
         Kind::Services,
         Kind::EndpointSlices,
+        Kind::Nodes,
+        Kind::ClusterPolicies,
     ];
 
     /// The cluster-wide collection path the watcher must use.
@@ -57,6 +61,10 @@ impl Kind {
             "/apis/networking.k8s.io/v1/networkpolicies" => Some(Self::Policies),
             "/api/v1/services" => Some(Self::Services),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Self::EndpointSlices),
+            "/api/v1/nodes" => Some(Self::Nodes),
+            "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies" => {
+                Some(Self::ClusterPolicies)
+            }
             _ => None,
         }
     }
@@ -68,6 +76,11 @@ impl Kind {
             Self::Policies => ("networking.k8s.io/v1", "NetworkPolicyList"),
             Self::Services => ("v1", "ServiceList"),
             Self::EndpointSlices => ("discovery.k8s.io/v1", "EndpointSliceList"),
+            Self::Nodes => ("v1", "NodeList"),
+            Self::ClusterPolicies => (
+                "policy.networking.k8s.io/v1alpha2",
+                "ClusterNetworkPolicyList",
+            ),
         }
     }
 }
@@ -120,6 +133,27 @@ impl Call {
         let (stream, tx) = open_body();
         self.respond.send_response(ok(stream));
         Watch { tx }
+    }
+
+    /// The API server does not serve the resource (its CRD is not installed).
+    fn not_found(self) {
+        assert!(!self.is_watch(), "expected a list, got {}", self.uri);
+        let body = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": "the server could not find the requested resource",
+            "reason": "NotFound", "details": {}, "code": 404
+        });
+        let (stream, tx) = open_body();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from(body.to_string()))))
+            .unwrap();
+        drop(tx);
+        self.respond.send_response(
+            Response::builder()
+                .status(404)
+                .header("content-type", "application/json")
+                .body(stream)
+                .unwrap(),
+        );
     }
 
     /// The connection fails, as when the API server is unreachable.
@@ -264,6 +298,8 @@ impl ApiServer {
         self.next(Kind::EndpointSlices)
             .await
             .list("100", endpoint_slices);
+        self.next(Kind::Nodes).await.list("100", vec![]);
+        self.next(Kind::ClusterPolicies).await.list("100", vec![]);
         until(source, "synced", |s| s.is_synced()).await;
     }
 }
@@ -476,7 +512,18 @@ async fn the_source_is_synced_only_once_every_kind_is_listed() {
     .await;
     assert!(!source.is_synced(), "synced without the EndpointSlice list");
     api.next(Kind::EndpointSlices).await.list("100", vec![]);
+    api.next(Kind::Nodes).await.list("100", vec![]);
+    until(&mut source, "the nodes are listed", |s| {
+        s.watch_health()[5].last_success.is_some()
+    })
+    .await;
+    assert!(
+        !source.is_synced(),
+        "synced without the ClusterNetworkPolicy list"
+    );
+    api.next(Kind::ClusterPolicies).await.list("100", vec![]);
     until(&mut source, "synced", |s| s.is_synced()).await;
+    assert!(source.absent_kinds().is_empty());
 
     let (cluster, errors) = source.cluster();
     assert!(errors.is_empty(), "{errors:?}");
@@ -875,7 +922,9 @@ fn pod_watch(source: &KubeSource) -> WatchHealth {
             "Pod",
             "NetworkPolicy",
             "Service",
-            "EndpointSlice"
+            "EndpointSlice",
+            "Node",
+            "ClusterNetworkPolicy"
         ]
     );
     health[1].clone()
@@ -952,4 +1001,150 @@ async fn a_watch_that_keeps_failing_turns_stale_after_the_bound_and_recovers_on_
     assert!(waited.is_ok(), "the resumed watch is still reported stale");
     assert_eq!(pod_watch(&source).failing_for, None);
     drop(watch);
+}
+
+fn node(name: &str, resource_version: &str, address: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": name, "resourceVersion": resource_version, "uid": format!("uid-{name}"),
+            "labels": {"kubernetes.io/os": "linux"},
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0"}
+        },
+        "spec": {"podCIDR": "10.244.0.0/24"},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": address},
+                          {"type": "Hostname", "address": name}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "images": [{"names": ["nginx"], "sizeBytes": 1}]
+        }
+    })
+}
+
+fn cluster_policy(name: &str, resource_version: &str, priority: i64) -> Value {
+    json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": name, "resourceVersion": resource_version, "uid": format!("uid-{name}"),
+                     "generation": 1},
+        "spec": {
+            "tier": "Admin", "priority": priority,
+            "subject": {"namespaces": {"matchLabels": {"team": "blue"}}},
+            "egress": [{"name": "no-nodes", "action": "Deny",
+                        "to": [{"nodes": {"matchLabels": {"kubernetes.io/os": "linux"}}}]}]
+        },
+        "status": {"conditions": []}
+    })
+}
+
+#[tokio::test]
+async fn nodes_and_cluster_network_policies_are_listed_and_followed() {
+    let (mut source, mut api) = start();
+    api.next(Kind::Namespaces).await.list("100", vec![]);
+    api.next(Kind::Pods).await.list("100", vec![]);
+    api.next(Kind::Policies).await.list("100", vec![]);
+    api.next(Kind::Services).await.list("100", vec![]);
+    api.next(Kind::EndpointSlices).await.list("100", vec![]);
+    api.next(Kind::Nodes)
+        .await
+        .list("100", vec![node("node-1", "20", "172.18.0.2")]);
+    api.next(Kind::ClusterPolicies)
+        .await
+        .list("100", vec![cluster_policy("no-nodes", "21", 10)]);
+    until(&mut source, "synced", |s| s.is_synced()).await;
+
+    let (cluster, errors) = source.cluster();
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        cluster.nodes["node-1"].addresses,
+        ["172.18.0.2".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let policy = &cluster.cluster_policies["no-nodes"];
+    assert_eq!(
+        (policy.tier, policy.priority),
+        (netwarden_model::Tier::Admin, 10)
+    );
+    assert_eq!(policy.egress[0].name.as_deref(), Some("no-nodes"));
+
+    let watch = api.next(Kind::ClusterPolicies).await.watch_from("100");
+    let listed = source.digest();
+    watch.send("MODIFIED", cluster_policy("no-nodes", "101", 20));
+    until(&mut source, "the priority changes", |s| {
+        s.cluster().0.cluster_policies["no-nodes"].priority == 20
+    })
+    .await;
+    assert_ne!(source.digest(), listed);
+
+    // An invalid policy that never validated denies its subject everything, and is reported.
+    let mut bad = cluster_policy("typo", "102", 10);
+    bad["spec"]["egress"][0]["to"][0] = json!({"networks": ["10.0.0.0/33"]});
+    watch.send("ADDED", bad);
+    until(&mut source, "the invalid policy is seen", |s| {
+        s.cluster().0.cluster_policies.contains_key("typo")
+    })
+    .await;
+    let (cluster, errors) = source.cluster();
+    assert_eq!(
+        cluster.cluster_policies["typo"],
+        netwarden_model::ClusterNetworkPolicy::lockdown(
+            "typo".into(),
+            Some(netwarden_model::ClusterSubject::Namespaces(
+                netwarden_model::LabelSelector {
+                    requirements: vec![netwarden_model::Requirement::In(
+                        "team".into(),
+                        vec!["blue".into()]
+                    )]
+                }
+            ))
+        )
+    );
+    let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        [
+            "ClusterNetworkPolicy typo: spec.egress[0].to[0].networks[0]: \"10.0.0.0/33\" is not a CIDR"
+        ]
+    );
+
+    watch.send("DELETED", cluster_policy("no-nodes", "103", 20));
+    until(&mut source, "the policy is deleted", |s| {
+        !s.cluster().0.cluster_policies.contains_key("no-nodes")
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cluster_without_the_crd_has_no_cluster_policies_and_picks_them_up_once_installed() {
+    let (mut source, mut api) = start();
+    // Paused time: the watcher's backoff before it lists again passes at once.
+    api.step = Duration::from_mins(10);
+    api.next(Kind::Namespaces).await.list("100", vec![]);
+    api.next(Kind::Pods).await.list("100", vec![]);
+    api.next(Kind::Policies).await.list("100", vec![]);
+    api.next(Kind::Services).await.list("100", vec![]);
+    api.next(Kind::EndpointSlices).await.list("100", vec![]);
+    api.next(Kind::Nodes).await.list("100", vec![]);
+    api.next(Kind::ClusterPolicies).await.not_found();
+    until(&mut source, "synced without the CRD", |s| s.is_synced()).await;
+    assert_eq!(source.absent_kinds(), ["ClusterNetworkPolicy"]);
+    assert!(
+        source
+            .watch_health()
+            .iter()
+            .all(|kind| kind.healthy && kind.failing_for.is_none()),
+        "a missing CRD is no failing watch: {:?}",
+        source.watch_health()
+    );
+    let (cluster, errors) = source.cluster();
+    assert!(cluster.cluster_policies.is_empty());
+    assert!(errors.is_empty(), "{errors:?}");
+
+    // The CRD is installed; the watcher's next list finds a policy.
+    api.next(Kind::ClusterPolicies)
+        .await
+        .list("200", vec![cluster_policy("no-nodes", "150", 10)]);
+    until(&mut source, "the policy is listed", |s| {
+        s.cluster().0.cluster_policies.contains_key("no-nodes")
+    })
+    .await;
+    assert!(source.absent_kinds().is_empty());
 }

@@ -10,6 +10,7 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
+    cluster_policy::ClusterNetworkPolicy,
     convert::ModelError,
     selector::{LabelSelector, Labels},
 };
@@ -476,6 +477,18 @@ pub struct EndpointSlice {
     pub ports: Vec<EndpointPort>,
 }
 
+/// A node, as the `nodes` peer of a ClusterNetworkPolicy selects it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Node {
+    /// Its name.
+    pub name: String,
+    /// Its labels.
+    pub labels: Labels,
+    /// Every IP address of `status.addresses`, whatever its type (`InternalIP`,
+    /// `ExternalIP`); host names are left out.
+    pub addresses: Vec<IpAddr>,
+}
+
 /// Everything the compiler and the evaluator read: one consistent snapshot of the cluster.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cluster {
@@ -489,6 +502,10 @@ pub struct Cluster {
     pub services: BTreeMap<ServiceRef, Service>,
     /// EndpointSlices by namespace and name.
     pub endpoint_slices: BTreeMap<EndpointSliceRef, EndpointSlice>,
+    /// ClusterNetworkPolicies by name.
+    pub cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
+    /// Nodes by name (the `nodes` peer of ClusterNetworkPolicies reads their addresses).
+    pub nodes: BTreeMap<String, Node>,
 }
 
 impl Cluster {
@@ -502,6 +519,14 @@ impl Cluster {
                 .is_some_and(|namespace| {
                     namespace.labels.get(MTLS_LABEL).map(String::as_str) == Some(MTLS_STRICT)
                 })
+    }
+
+    /// What of the ClusterNetworkPolicies is enforced otherwise than written (each names its
+    /// policy and field).
+    pub fn cluster_policy_problems(&self) -> impl Iterator<Item = &ModelError> {
+        self.cluster_policies
+            .values()
+            .flat_map(|policy| policy.problems.iter())
     }
 
     /// Problems in the pods' `netwarden.dev/*` annotations (each names its pod and field).

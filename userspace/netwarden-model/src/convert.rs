@@ -19,9 +19,9 @@ use crate::{
     cluster::{
         ALLOWED_PRINCIPALS_ANNOTATION, AddressType, ContainerPort, ENFORCEMENT_ANNOTATION,
         EndpointPort, EndpointSlice, EndpointSliceRef, Enforcement, MTLS_EXEMPT_PORTS_ANNOTATION,
-        MTLS_LABEL, MTLS_STRICT, Namespace, NetworkPolicy, Peer, Pod, PodMtls, PodRef, PolicyRef,
-        PolicyTypes, PortRef, PortSpec, Protocol, Rule, Service, ServiceEndpoint, ServicePort,
-        ServiceRef, ServiceType,
+        MTLS_LABEL, MTLS_STRICT, Namespace, NetworkPolicy, Node, Peer, Pod, PodMtls, PodRef,
+        PolicyRef, PolicyTypes, PortRef, PortSpec, Protocol, Rule, Service, ServiceEndpoint,
+        ServicePort, ServiceRef, ServiceType,
     },
     selector::{LabelSelector, Requirement},
 };
@@ -36,9 +36,10 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq, Hash)]
 #[error("{kind} {object}: {field}: {problem}")]
 pub struct ModelError {
-    /// `Pod`, `Namespace`, `NetworkPolicy`, `Service` or `EndpointSlice`.
+    /// `Pod`, `Namespace`, `NetworkPolicy`, `Service`, `EndpointSlice`, `Node` or
+    /// `ClusterNetworkPolicy`.
     pub kind: &'static str,
-    /// `namespace/name`, or the name of a namespace.
+    /// `namespace/name`, or the name of a cluster-scoped object.
     pub object: String,
     /// The field path, as `kubectl explain` spells it.
     pub field: String,
@@ -46,13 +47,14 @@ pub struct ModelError {
     pub problem: String,
 }
 
-struct Ctx<'a> {
-    kind: &'static str,
-    object: &'a str,
+/// The object a validation error names.
+pub(crate) struct Ctx<'a> {
+    pub(crate) kind: &'static str,
+    pub(crate) object: &'a str,
 }
 
 impl Ctx<'_> {
-    fn error(&self, field: impl Into<String>, problem: impl Into<String>) -> ModelError {
+    pub(crate) fn error(&self, field: impl Into<String>, problem: impl Into<String>) -> ModelError {
         ModelError {
             kind: self.kind,
             object: self.object.to_owned(),
@@ -62,7 +64,10 @@ impl Ctx<'_> {
     }
 }
 
-fn name_of(kind: &'static str, metadata: &meta::ObjectMeta) -> Result<String, ModelError> {
+pub(crate) fn name_of(
+    kind: &'static str,
+    metadata: &meta::ObjectMeta,
+) -> Result<String, ModelError> {
     metadata
         .name
         .clone()
@@ -94,6 +99,39 @@ pub fn namespace(object: &core::Namespace) -> Result<Namespace, ModelError> {
     // The API server sets this label on every namespace and does not let it be changed.
     labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.clone());
     Ok(Namespace { name, labels })
+}
+
+/// Validates a Node: its name, labels and the IP addresses of `status.addresses`.
+pub fn node(object: &core::Node) -> Result<Node, ModelError> {
+    let name = name_of("Node", &object.metadata)?;
+    let ctx = Ctx {
+        kind: "Node",
+        object: &name,
+    };
+    let mut addresses = Vec::new();
+    let listed = object
+        .status
+        .as_ref()
+        .and_then(|status| status.addresses.as_ref());
+    for (index, address) in listed.into_iter().flatten().enumerate() {
+        // `Hostname`, `InternalDNS` and `ExternalDNS` entries hold names, not addresses.
+        if !matches!(address.type_.as_str(), "InternalIP" | "ExternalIP") {
+            continue;
+        }
+        let ip = parse_ip(
+            &ctx,
+            &format!("status.addresses[{index}].address"),
+            &address.address,
+        )?;
+        if !addresses.contains(&ip) {
+            addresses.push(ip);
+        }
+    }
+    Ok(Node {
+        name,
+        labels: object.metadata.labels.clone().unwrap_or_default(),
+        addresses,
+    })
 }
 
 /// Validates a Pod.
@@ -664,7 +702,7 @@ fn valid_port_name(name: &str) -> bool {
         && !name.contains("--")
 }
 
-fn selector(
+pub(crate) fn selector(
     ctx: &Ctx<'_>,
     field: &str,
     selector: Option<&meta::LabelSelector>,
@@ -724,19 +762,19 @@ fn protocol(ctx: &Ctx<'_>, field: &str, name: Option<&str>) -> Result<Protocol, 
     }
 }
 
-fn port_number(ctx: &Ctx<'_>, field: &str, number: i32) -> Result<u16, ModelError> {
+pub(crate) fn port_number(ctx: &Ctx<'_>, field: &str, number: i32) -> Result<u16, ModelError> {
     u16::try_from(number)
         .ok()
         .filter(|port| *port != 0)
         .ok_or_else(|| ctx.error(field, format!("{number} is not a port (1-65535)")))
 }
 
-fn parse_ip(ctx: &Ctx<'_>, field: &str, text: &str) -> Result<IpAddr, ModelError> {
+pub(crate) fn parse_ip(ctx: &Ctx<'_>, field: &str, text: &str) -> Result<IpAddr, ModelError> {
     text.parse()
         .map_err(|_| ctx.error(field, format!("{text:?} is not an IP address")))
 }
 
-fn parse_cidr(ctx: &Ctx<'_>, field: &str, text: &str) -> Result<IpNet, ModelError> {
+pub(crate) fn parse_cidr(ctx: &Ctx<'_>, field: &str, text: &str) -> Result<IpNet, ModelError> {
     let net: IpNet = text
         .parse()
         .map_err(|_| ctx.error(field, format!("{text:?} is not a CIDR")))?;

@@ -5,6 +5,7 @@
 //! policy compiler and the reference evaluator both read. Nothing here touches the kernel.
 
 pub mod cluster;
+pub mod cluster_policy;
 pub mod convert;
 pub mod manifests;
 pub mod selector;
@@ -12,9 +13,13 @@ pub mod selector;
 pub use cluster::{
     ALLOWED_PRINCIPALS_ANNOTATION, AddressType, Cluster, ContainerPort, ENFORCEMENT_ANNOTATION,
     EndpointPort, EndpointSlice, EndpointSliceRef, Enforcement, MTLS_EXEMPT_PORTS_ANNOTATION,
-    MTLS_LABEL, MTLS_STRICT, Namespace, NetworkPolicy, Peer, Pod, PodMtls, PodRef, PolicyRef,
+    MTLS_LABEL, MTLS_STRICT, Namespace, NetworkPolicy, Node, Peer, Pod, PodMtls, PodRef, PolicyRef,
     PolicyTypes, PortRef, PortSpec, Protocol, Rule, Service, ServiceEndpoint, ServicePort,
     ServiceRef, ServiceType,
+};
+pub use cluster_policy::{
+    Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, ClusterSubject,
+    PriorityTie, Tier,
 };
 pub use convert::ModelError;
 pub use manifests::{ManifestDir, ManifestError, cluster_of_stream};

@@ -1,11 +1,13 @@
-//! The manifest-directory source: Namespace, Pod, NetworkPolicy, Service and EndpointSlice
-//! objects in YAML or JSON files.
+//! The manifest-directory source: Namespace, Pod, NetworkPolicy, Service, EndpointSlice, Node
+//! and ClusterNetworkPolicy objects in YAML or JSON files.
 //!
 //! Files may hold several documents (`---`) and `kind: List` objects. A file that does not parse
 //! keeps contributing its last good objects, and an object that does not validate keeps its last
 //! good version, the way the API server keeps an object when it rejects an update: enforcement
 //! never loosens because of a typo. A NetworkPolicy that never validated isolates its namespace
-//! in both directions until it is fixed (fail closed). An invalid Service or EndpointSlice is
+//! in both directions until it is fixed (fail closed); a ClusterNetworkPolicy that never
+//! validated denies its subject's pods everything, before every other Admin policy
+//! ([`ClusterNetworkPolicy::lockdown`]). An invalid Service, EndpointSlice or Node is
 //! reported and left out: a Service only names addresses that lead to pods, so one missing
 //! opens nothing.
 
@@ -24,7 +26,10 @@ use serde::Deserialize as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    cluster::{Cluster, EndpointSlice, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef, Service},
+    cluster::{
+        Cluster, EndpointSlice, Namespace, NetworkPolicy, Node, Pod, PodRef, PolicyRef, Service,
+    },
+    cluster_policy::{self, ClusterNetworkPolicy, ClusterSubject},
     convert,
 };
 
@@ -80,6 +85,27 @@ enum Parsed {
     NetworkPolicy(PolicyRef, Box<Result<NetworkPolicy, convert::ModelError>>),
     Service(String, Box<Result<Service, convert::ModelError>>),
     EndpointSlice(String, Box<Result<EndpointSlice, convert::ModelError>>),
+    Node(String, Box<Result<Node, convert::ModelError>>),
+    /// The name, the policy or why not and the subject to lock down if it never validated.
+    ClusterNetworkPolicy(
+        String,
+        Box<Result<ClusterNetworkPolicy, (convert::ModelError, Option<ClusterSubject>)>>,
+    ),
+}
+
+impl Parsed {
+    /// The object's kind and its key, for the duplicate check.
+    fn kind_and_key(&self) -> (&'static str, String) {
+        match self {
+            Self::Namespace(key, _) => ("Namespace", key.clone()),
+            Self::Pod(key, _) => ("Pod", key.clone()),
+            Self::NetworkPolicy(id, _) => ("NetworkPolicy", id.to_string()),
+            Self::Service(key, _) => ("Service", key.clone()),
+            Self::EndpointSlice(key, _) => ("EndpointSlice", key.clone()),
+            Self::Node(key, _) => ("Node", key.clone()),
+            Self::ClusterNetworkPolicy(key, _) => (cluster_policy::KIND, key.clone()),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +129,7 @@ pub struct ManifestDir {
     root: PathBuf,
     files: BTreeMap<String, ManifestFile>,
     last_good_policies: HashMap<PolicyRef, NetworkPolicy>,
+    last_good_cluster_policies: HashMap<String, ClusterNetworkPolicy>,
 }
 
 impl ManifestDir {
@@ -113,6 +140,7 @@ impl ManifestDir {
             root: root.into(),
             files: BTreeMap::new(),
             last_good_policies: HashMap::new(),
+            last_good_cluster_policies: HashMap::new(),
         }
     }
 
@@ -209,16 +237,11 @@ impl ManifestDir {
         let mut errors = Vec::new();
         let mut origin: HashMap<(&'static str, String), String> = HashMap::new();
         let mut seen_policies = Vec::new();
+        let mut seen_cluster_policies = Vec::new();
         for (name, file) in &self.files {
             errors.extend(file.errors.iter().map(clone_error));
             for object in &file.objects {
-                let (kind, key) = match object {
-                    Parsed::Namespace(key, _) => ("Namespace", key.clone()),
-                    Parsed::Pod(key, _) => ("Pod", key.clone()),
-                    Parsed::NetworkPolicy(id, _) => ("NetworkPolicy", id.to_string()),
-                    Parsed::Service(key, _) => ("Service", key.clone()),
-                    Parsed::EndpointSlice(key, _) => ("EndpointSlice", key.clone()),
-                };
+                let (kind, key) = object.kind_and_key();
                 if let Some(first) = origin.get(&(kind, key.clone())) {
                     errors.push(ManifestError::Duplicate {
                         kind,
@@ -258,6 +281,26 @@ impl ManifestDir {
                         }
                         Err(source) => errors.push(invalid(source)),
                     },
+                    Parsed::Node(_, node) => match node.as_ref() {
+                        Ok(node) => {
+                            cluster.nodes.insert(node.name.clone(), node.clone());
+                        }
+                        Err(source) => errors.push(invalid(source)),
+                    },
+                    Parsed::ClusterNetworkPolicy(policy_name, policy) => {
+                        seen_cluster_policies.push(policy_name.clone());
+                        let enforced = cluster_policy_to_enforce(
+                            &mut self.last_good_cluster_policies,
+                            policy_name,
+                            policy,
+                        );
+                        cluster
+                            .cluster_policies
+                            .insert(policy_name.clone(), enforced);
+                        if let Err((source, _)) = policy.as_ref() {
+                            errors.push(invalid(source));
+                        }
+                    }
                     Parsed::NetworkPolicy(id, policy) => {
                         seen_policies.push(id.clone());
                         match policy.as_ref() {
@@ -281,7 +324,28 @@ impl ManifestDir {
         }
         self.last_good_policies
             .retain(|id, _| seen_policies.contains(id));
+        self.last_good_cluster_policies
+            .retain(|name, _| seen_cluster_policies.contains(name));
         (cluster, errors)
+    }
+}
+
+/// What to enforce for a ClusterNetworkPolicy as read: itself when valid (and remembered in
+/// `last_good`), else its last good version, else its lockdown.
+fn cluster_policy_to_enforce(
+    last_good: &mut HashMap<String, ClusterNetworkPolicy>,
+    name: &str,
+    policy: &Result<ClusterNetworkPolicy, (convert::ModelError, Option<ClusterSubject>)>,
+) -> ClusterNetworkPolicy {
+    match policy {
+        Ok(valid) => {
+            last_good.insert(name.to_owned(), valid.clone());
+            valid.clone()
+        }
+        Err((_, subject)) => last_good
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| ClusterNetworkPolicy::lockdown(name.to_owned(), subject.clone())),
     }
 }
 
@@ -449,8 +513,14 @@ fn push_objects(value: serde_yaml::Value, objects: &mut Vec<Parsed>) -> Result<(
         format!("{kind} {name}: {}: {}", error.path(), error.inner())
     };
     match kind.as_str() {
-        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" | "ServiceList"
-        | "EndpointSliceList" => {
+        "List"
+        | "NamespaceList"
+        | "PodList"
+        | "NetworkPolicyList"
+        | "ServiceList"
+        | "EndpointSliceList"
+        | "NodeList"
+        | "ClusterNetworkPolicyList" => {
             let items = value
                 .get("items")
                 .and_then(serde_yaml::Value::as_sequence)
@@ -498,6 +568,19 @@ fn push_objects(value: serde_yaml::Value, objects: &mut Vec<Parsed>) -> Result<(
                 object_key(&slice.metadata),
                 Box::new(convert::endpoint_slice(&slice)),
             ));
+        }
+        "Node" => {
+            let node: core::Node = serde_path_to_error::deserialize(value).map_err(describe)?;
+            let key = node.metadata.name.clone().unwrap_or_default();
+            objects.push(Parsed::Node(key, Box::new(convert::node(&node))));
+        }
+        cluster_policy::KIND => {
+            let policy: cluster_policy::api::ClusterNetworkPolicy =
+                serde_path_to_error::deserialize(value).map_err(describe)?;
+            let key = policy.metadata.name.clone().unwrap_or_default();
+            let converted = cluster_policy::convert(&policy)
+                .map_err(|error| (error, cluster_policy::subject_of(&policy)));
+            objects.push(Parsed::ClusterNetworkPolicy(key, Box::new(converted)));
         }
         // Other kinds (Deployments, ConfigMaps...) may share the directory; they do not affect
         // policy.
@@ -624,5 +707,68 @@ mod tests {
             "{}",
             errors[0]
         );
+    }
+
+    const GOOD_CNP: &str = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec: {tier: Baseline, priority: 20, subject: {namespaces: {matchLabels: {team: a}}}, egress: [{action: Deny, to: [{networks: [0.0.0.0/0]}]}]}\n";
+    const BAD_CNP: &str = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec: {tier: Baseline, priority: 2000, subject: {namespaces: {matchLabels: {team: a}}}}\n";
+
+    #[test]
+    fn nodes_and_cluster_network_policies_are_read() {
+        let (cluster, errors) = super::cluster_of_stream(
+            "cluster.yaml",
+            &format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{kubernetes.io/os: linux}}}}\nstatus: {{addresses: [{{type: InternalIP, address: 172.18.0.2}}, {{type: Hostname, address: n1}}, {{type: InternalIP, address: 'fc00::2'}}]}}\n---\n{GOOD_CNP}"
+            ),
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let node = &cluster.nodes["n1"];
+        assert_eq!(
+            node.addresses,
+            [
+                "172.18.0.2".parse::<std::net::IpAddr>().unwrap(),
+                "fc00::2".parse().unwrap()
+            ]
+        );
+        assert_eq!(node.labels["kubernetes.io/os"], "linux");
+        let policy = &cluster.cluster_policies["guard"];
+        assert_eq!(policy.tier, crate::Tier::Baseline);
+        assert_eq!(policy.priority, 20);
+    }
+
+    #[test]
+    fn an_invalid_cluster_policy_keeps_its_last_good_version_or_locks_its_subject_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cnp.yaml");
+        fs::write(&path, BAD_CNP).unwrap();
+        let mut source = ManifestDir::new(dir.path());
+        source.refresh().unwrap();
+        let (cluster, errors) = source.cluster();
+        let locked = &cluster.cluster_policies["guard"];
+        assert_eq!(
+            *locked,
+            crate::ClusterNetworkPolicy::lockdown(
+                "guard".into(),
+                Some(crate::ClusterSubject::Namespaces(crate::LabelSelector {
+                    requirements: vec![crate::Requirement::In("team".into(), vec!["a".into()])]
+                }))
+            ),
+            "never valid: its subject is denied everything, first of the Admin tier"
+        );
+        assert_eq!(
+            errors[0].to_string(),
+            "cnp.yaml: ClusterNetworkPolicy guard: spec.priority: 2000 is not within 0-1000"
+        );
+
+        fs::write(&path, GOOD_CNP).unwrap();
+        source.refresh().unwrap();
+        assert_eq!(source.cluster().0.cluster_policies["guard"].priority, 20);
+        fs::write(&path, format!("{BAD_CNP}# edited\n")).unwrap();
+        source.refresh().unwrap();
+        let (cluster, errors) = source.cluster();
+        assert_eq!(
+            cluster.cluster_policies["guard"].priority, 20,
+            "the last good version stays enforced"
+        );
+        assert_eq!(errors.len(), 1);
     }
 }

@@ -198,6 +198,9 @@ impl Compiler {
             services,
             // The datapath judges the translated flow by its backend pod: it needs no backends.
             endpoint_slices: _,
+            // Not compiled yet (issue #15, part 2): only the reference evaluator reads them.
+            cluster_policies: _,
+            nodes: _,
         } = cluster;
         let mut changes = Vec::new();
         diff(

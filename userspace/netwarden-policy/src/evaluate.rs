@@ -19,6 +19,28 @@
 //!   address with no pod, or a pod without such a port, matches no named port.
 //! - Traffic from the node's own addresses to its pods is always allowed.
 //!
+//! ClusterNetworkPolicy (`policy.networking.k8s.io/v1alpha2`) puts tiers around NetworkPolicy.
+//! Each side of a flow (the source pod's egress, the destination pod's ingress) is decided by
+//! its own pod's policies, in this order:
+//! 1. Admin tier: the ClusterNetworkPolicies of tier Admin whose subject selects the pod, by
+//!    priority (lower first), then by name (upstream leaves equal priorities undefined; the
+//!    name makes it deterministic, and the rules of other policies of that priority that also
+//!    match are reported as ties). Their rules of this direction in order; the first that
+//!    matches decides: `Accept` allows (nothing later is consulted), `Deny` denies, `Pass`
+//!    skips the rest of the Admin tier.
+//! 2. NetworkPolicy, as above, if one isolates the pod in this direction: it decides. An
+//!    `Audited` verdict (only audit-mode policies isolate the pod, none allows the flow) does
+//!    not decide: evaluation goes on to the Baseline tier, whose Deny denies; any other
+//!    outcome passes the flow as `Audited`.
+//! 3. Baseline tier, as the Admin tier.
+//! 4. Allow.
+//!
+//! A ClusterNetworkPolicy rule matches when one of its peers matches (`namespaces`, `pods`,
+//! `networks` blocks, which hold pods' addresses too, and the addresses of `nodes`) and one of
+//! its `protocols` does (none: every protocol and port); a named port is the destination pod's
+//! container port of that name, in that port's protocol. Every tier is evaluated whatever
+//! decided ([`Tiers`]), so `explain` can say what the tiers below would have said.
+//!
 //! NetworkPolicy speaks of pods, not Services: a flow to a Service address is judged as the flow
 //! kube-proxy translates it to, from the client to one backend pod at its target port.
 //! [`service_flow`] lists those flows and their verdicts.
@@ -26,8 +48,9 @@
 use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use netwarden_model::{
-    Cluster, EndpointSliceRef, Enforcement, NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef,
-    PortSpec, Protocol, Rule, ServicePort, ServiceRef, ServiceType,
+    Action, Cluster, ClusterNetworkPolicy, ClusterPort, ClusterRule, EndpointSliceRef, Enforcement,
+    NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortRef, PortSpec, Protocol, Rule, ServicePort,
+    ServiceRef, ServiceType, Tier,
 };
 
 use crate::state::Direction;
@@ -52,12 +75,18 @@ pub enum SideVerdict {
     NotAPod,
     /// Traffic from the node to its pods is always allowed.
     FromNode,
-    /// No policy isolates the pod in this direction.
+    /// No policy of any tier decided: allowed by default (no NetworkPolicy isolates the pod
+    /// in this direction, and no ClusterNetworkPolicy rule accepted or denied it).
     NotIsolated,
-    /// These rules allow it (every one that does).
+    /// These NetworkPolicy rules allow it (every one that does).
     Allowed(Vec<RuleMatch>),
-    /// These policies isolate the pod and none of their rules allows it.
+    /// These NetworkPolicies isolate the pod and none of their rules allows it.
     Denied(Vec<PolicyRef>),
+    /// This ClusterNetworkPolicy rule accepted it (Admin tier, or Baseline tier for a pod no
+    /// NetworkPolicy isolates).
+    ClusterAccepted(ClusterRuleMatch),
+    /// This ClusterNetworkPolicy rule denied it.
+    ClusterDenied(ClusterRuleMatch),
     /// Only these policies, all in audit mode (`netwarden.dev/enforcement: audit`), isolate the
     /// pod and none of their rules allows it: the flow passes and is reported as audited.
     Audited(Vec<PolicyRef>),
@@ -67,7 +96,179 @@ impl SideVerdict {
     /// Whether this side lets the flow through.
     #[must_use]
     pub fn allows(&self) -> bool {
-        !matches!(self, Self::Denied(_))
+        !matches!(self, Self::Denied(_) | Self::ClusterDenied(_))
+    }
+}
+
+/// A ClusterNetworkPolicy rule that matched a flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterRuleMatch {
+    /// The policy's name.
+    pub policy: String,
+    /// Its tier.
+    pub tier: Tier,
+    /// Its priority.
+    pub priority: u16,
+    /// The list the rule is in.
+    pub direction: Direction,
+    /// Its index in that list.
+    pub rule: usize,
+    /// Its `name`, if it has one.
+    pub name: Option<String>,
+    /// What it does.
+    pub action: Action,
+}
+
+impl fmt::Display for ClusterRuleMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = match self.direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        write!(
+            f,
+            "ClusterNetworkPolicy {} {list}[{}]",
+            self.policy, self.rule
+        )?;
+        if let Some(name) = &self.name {
+            write!(f, " {name:?}")?;
+        }
+        write!(
+            f,
+            " ({}; {} tier, priority {})",
+            self.action, self.tier, self.priority
+        )
+    }
+}
+
+/// What one tier of ClusterNetworkPolicies says of one side of a flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TierVerdict {
+    /// No rule of the tier's policies selecting the pod matches.
+    NoMatch,
+    /// `rule` matched first and decides.
+    Matched {
+        /// The deciding rule.
+        rule: ClusterRuleMatch,
+        /// The first matching rule of each other policy of the same tier and priority, which
+        /// netwarden evaluates after `rule`'s policy because their names sort after it;
+        /// upstream leaves the order undefined, so these are worth a warning.
+        ties: Vec<ClusterRuleMatch>,
+    },
+}
+
+impl TierVerdict {
+    /// The deciding rule, if one matched.
+    #[must_use]
+    pub fn rule(&self) -> Option<&ClusterRuleMatch> {
+        match self {
+            Self::NoMatch => None,
+            Self::Matched { rule, .. } => Some(rule),
+        }
+    }
+}
+
+/// What each tier says of one side of a flow, each evaluated whatever the tiers above said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tiers {
+    /// The Admin tier.
+    pub admin: TierVerdict,
+    /// NetworkPolicy: [`SideVerdict::NotIsolated`], [`SideVerdict::Allowed`],
+    /// [`SideVerdict::Denied`] or [`SideVerdict::Audited`].
+    pub network_policy: SideVerdict,
+    /// The Baseline tier.
+    pub baseline: TierVerdict,
+}
+
+impl Tiers {
+    /// The verdict of the tiers together: the first Accept or Deny of the Admin tier, else
+    /// NetworkPolicy if it isolates the pod, else the first Accept or Deny of the Baseline
+    /// tier, else allowed.
+    ///
+    /// Audit mode: when only audit-mode NetworkPolicies isolate the pod and none allows the
+    /// flow ([`SideVerdict::Audited`]), the NetworkPolicy tier is enforced as if it did not
+    /// isolate: a Baseline Deny denies, and otherwise the flow passes as `Audited`.
+    #[must_use]
+    pub fn decision(&self) -> SideVerdict {
+        if let Some(decided) = decisive(&self.admin) {
+            return decided;
+        }
+        match &self.network_policy {
+            SideVerdict::NotIsolated => {
+                decisive(&self.baseline).unwrap_or(SideVerdict::NotIsolated)
+            }
+            SideVerdict::Audited(_) => match decisive(&self.baseline) {
+                Some(denied @ SideVerdict::ClusterDenied(_)) => denied,
+                _ => self.network_policy.clone(),
+            },
+            decided => decided.clone(),
+        }
+    }
+
+    /// Every tie a deciding rule of this side had (see [`TierVerdict::Matched`]).
+    pub fn ties(&self) -> impl Iterator<Item = (&ClusterRuleMatch, &ClusterRuleMatch)> {
+        [&self.admin, &self.baseline]
+            .into_iter()
+            .filter_map(|tier| match tier {
+                TierVerdict::NoMatch => None,
+                TierVerdict::Matched { rule, ties } => {
+                    Some(ties.iter().map(move |tie| (rule, tie)))
+                }
+            })
+            .flatten()
+    }
+}
+
+impl fmt::Display for Tiers {
+    /// One line: each tier's say, whatever decided (what `explain` shows under a verdict).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tier = |verdict: &TierVerdict| match verdict.rule() {
+            None => "no rule matches".to_owned(),
+            Some(rule) => rule.to_string(),
+        };
+        let network_policy = match &self.network_policy {
+            SideVerdict::Allowed(rules) => format!(
+                "allowed by {}",
+                rules
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            SideVerdict::Denied(policies) => format!(
+                "denied: isolated by {}",
+                policies
+                    .iter()
+                    .map(|policy| format!("NetworkPolicy {policy}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            SideVerdict::Audited(policies) => format!(
+                "audited: isolated in audit mode by {}",
+                policies
+                    .iter()
+                    .map(|policy| format!("NetworkPolicy {policy}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => "not isolated".to_owned(),
+        };
+        write!(
+            f,
+            "Admin tier: {}; NetworkPolicy: {network_policy}; Baseline tier: {}",
+            tier(&self.admin),
+            tier(&self.baseline)
+        )
+    }
+}
+
+/// A tier's Accept or Deny as a verdict; `None` when it passed or nothing matched.
+fn decisive(tier: &TierVerdict) -> Option<SideVerdict> {
+    let rule = tier.rule()?;
+    match rule.action {
+        Action::Accept => Some(SideVerdict::ClusterAccepted(rule.clone())),
+        Action::Deny => Some(SideVerdict::ClusterDenied(rule.clone())),
+        Action::Pass => None,
     }
 }
 
@@ -119,6 +320,12 @@ pub struct Verdict {
     pub egress: SideVerdict,
     /// The destination pod's ingress.
     pub ingress: SideVerdict,
+    /// What each tier said of the egress side (`None` when it is not a pod's). Boxed: a
+    /// verdict is passed around by value, and most readers want only the two sides.
+    pub egress_tiers: Option<Box<Tiers>>,
+    /// What each tier said of the ingress side (`None` when it is not a pod's, or the flow
+    /// comes from the node).
+    pub ingress_tiers: Option<Box<Tiers>>,
 }
 
 impl Verdict {
@@ -143,21 +350,162 @@ pub fn pod_at(cluster: &Cluster, address: IpAddr) -> Option<&Pod> {
 /// destination runs on.
 #[must_use]
 pub fn evaluate(cluster: &Cluster, node_addresses: &[IpAddr], flow: &Flow) -> Verdict {
-    let egress = match pod_at(cluster, flow.source) {
-        None => SideVerdict::NotAPod,
-        Some(pod) => side(cluster, pod, Direction::Egress, flow.destination, flow),
+    let egress_tiers = pod_at(cluster, flow.source).map(|pod| {
+        Box::new(tiers(
+            cluster,
+            pod,
+            Direction::Egress,
+            flow.destination,
+            flow,
+        ))
+    });
+    let egress = egress_tiers
+        .as_ref()
+        .map_or(SideVerdict::NotAPod, |tiers| tiers.decision());
+    let (ingress, ingress_tiers) = match pod_at(cluster, flow.destination) {
+        None => (SideVerdict::NotAPod, None),
+        Some(_) if node_addresses.contains(&flow.source) => (SideVerdict::FromNode, None),
+        Some(pod) => {
+            let tiers = tiers(cluster, pod, Direction::Ingress, flow.source, flow);
+            (tiers.decision(), Some(Box::new(tiers)))
+        }
     };
-    let ingress = match pod_at(cluster, flow.destination) {
-        None => SideVerdict::NotAPod,
-        Some(_) if node_addresses.contains(&flow.source) => SideVerdict::FromNode,
-        Some(pod) => side(cluster, pod, Direction::Ingress, flow.source, flow),
-    };
-    Verdict { egress, ingress }
+    Verdict {
+        egress,
+        ingress,
+        egress_tiers,
+        ingress_tiers,
+    }
 }
 
-/// What `pod`'s policy in `direction` says of traffic with `peer`.
+/// What `pod`'s policies of every tier in `direction` say of traffic with `peer`.
 #[must_use]
 pub fn side(
+    cluster: &Cluster,
+    pod: &Pod,
+    direction: Direction,
+    peer: IpAddr,
+    flow: &Flow,
+) -> SideVerdict {
+    tiers(cluster, pod, direction, peer, flow).decision()
+}
+
+/// What each tier says of traffic with `peer` in `direction` of `pod`.
+#[must_use]
+pub fn tiers(
+    cluster: &Cluster,
+    pod: &Pod,
+    direction: Direction,
+    peer: IpAddr,
+    flow: &Flow,
+) -> Tiers {
+    let destination = match direction {
+        Direction::Ingress => Some(pod),
+        Direction::Egress => pod_at(cluster, flow.destination),
+    };
+    let tier = |tier| cluster_tier(cluster, pod, tier, direction, peer, destination, flow);
+    Tiers {
+        admin: tier(Tier::Admin),
+        network_policy: network_policy_side(cluster, pod, direction, peer, flow),
+        baseline: tier(Tier::Baseline),
+    }
+}
+
+/// The first matching rule of `tier`'s policies selecting `pod`, by priority then name, and
+/// the ties it has.
+fn cluster_tier(
+    cluster: &Cluster,
+    pod: &Pod,
+    tier: Tier,
+    direction: Direction,
+    peer: IpAddr,
+    destination: Option<&Pod>,
+    flow: &Flow,
+) -> TierVerdict {
+    let mut policies: Vec<&ClusterNetworkPolicy> = cluster
+        .cluster_policies
+        .values()
+        .filter(|policy| policy.tier == tier && policy.subject.selects(cluster, pod))
+        .collect();
+    // Stable: the map yields equal priorities by name already.
+    policies.sort_by_key(|policy| policy.priority);
+    let mut decided: Option<ClusterRuleMatch> = None;
+    let mut also_matched = Vec::new();
+    for policy in policies {
+        if decided
+            .as_ref()
+            .is_some_and(|rule| rule.priority != policy.priority)
+        {
+            break;
+        }
+        let rules = policy.rules(direction == Direction::Ingress);
+        let Some((index, rule)) = rules
+            .iter()
+            .enumerate()
+            .find(|(_, rule)| cluster_rule_matches(cluster, rule, peer, destination, flow))
+        else {
+            continue;
+        };
+        let matched = ClusterRuleMatch {
+            policy: policy.name.clone(),
+            tier,
+            priority: policy.priority,
+            direction,
+            rule: index,
+            name: rule.name.clone(),
+            action: rule.action,
+        };
+        if decided.is_none() {
+            decided = Some(matched);
+        } else {
+            also_matched.push(matched);
+        }
+    }
+    match decided {
+        None => TierVerdict::NoMatch,
+        Some(rule) => TierVerdict::Matched {
+            rule,
+            ties: also_matched,
+        },
+    }
+}
+
+fn cluster_rule_matches(
+    cluster: &Cluster,
+    rule: &ClusterRule,
+    peer: IpAddr,
+    destination: Option<&Pod>,
+    flow: &Flow,
+) -> bool {
+    rule.peers
+        .iter()
+        .any(|candidate| candidate.matches(cluster, peer))
+        && (rule.ports.is_empty()
+            || rule
+                .ports
+                .iter()
+                .any(|port| cluster_port_matches(port, destination, flow)))
+}
+
+fn cluster_port_matches(port: &ClusterPort, destination: Option<&Pod>, flow: &Flow) -> bool {
+    match port {
+        ClusterPort::Range {
+            protocol,
+            first,
+            last,
+        } => protocol.number() == flow.protocol && (*first..=*last).contains(&flow.port),
+        ClusterPort::Named(name) => destination.is_some_and(|pod| {
+            pod.ports.iter().any(|candidate| {
+                candidate.name.as_deref() == Some(name)
+                    && candidate.protocol.number() == flow.protocol
+                    && candidate.port == flow.port
+            })
+        }),
+    }
+}
+
+/// What `pod`'s NetworkPolicies in `direction` say of traffic with `peer`.
+fn network_policy_side(
     cluster: &Cluster,
     pod: &Pod,
     direction: Direction,
@@ -704,5 +1052,360 @@ spec: {type: ExternalName, externalName: example.com, ports: [{port: 80}]}
             ),
             Err(ServiceFlowError::NoPort { port: 81, .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod tier_tests {
+    use std::net::IpAddr;
+
+    use netwarden_model::{Action, Cluster, Tier};
+
+    use super::{Flow, SideVerdict, TierVerdict, Verdict, evaluate};
+
+    /// Namespaces `x` (team a) and `y` (team b); pods `x/a` (10.0.0.1), `x/b` (10.0.0.2,
+    /// named port `http` 8080/TCP), `y/c` (10.0.0.3); node `n1` (172.18.0.2, linux).
+    const PODS: &str = r"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: a}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y, labels: {team: b}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {app: a}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {app: b}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: y, labels: {app: c}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.0.0.3}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {kubernetes.io/os: linux}}
+status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
+";
+
+    /// A NetworkPolicy isolating `x/b` for ingress and allowing only `x/a` to it.
+    const ONLY_A_TO_B: &str = r"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: only-a, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: a}}}]}]
+";
+
+    fn cluster(objects: &[&str]) -> Cluster {
+        let stream = [PODS]
+            .iter()
+            .chain(objects)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n---\n");
+        let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", &stream);
+        assert!(errors.is_empty(), "{errors:?}");
+        cluster
+    }
+
+    /// A ClusterNetworkPolicy named `name`.
+    fn cnp(name: &str, tier: &str, priority: u16, rest: &str) -> String {
+        format!(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: {tier}\n  priority: {priority}\n{rest}"
+        )
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("test address")
+    }
+
+    fn tcp(source: &str, destination: &str, port: u16) -> Flow {
+        Flow {
+            source: ip(source),
+            destination: ip(destination),
+            protocol: 6,
+            port,
+        }
+    }
+
+    fn judge(cluster: &Cluster, flow: &Flow) -> Verdict {
+        evaluate(cluster, &[ip("172.18.0.2")], flow)
+    }
+
+    const A: &str = "10.0.0.1";
+    const B: &str = "10.0.0.2";
+    const C: &str = "10.0.0.3";
+
+    /// Ingress to `x/b` from namespace `team`: `action`.
+    fn to_b_from(team: &str, action: &str) -> String {
+        format!(
+            "  subject: {{pods: {{namespaceSelector: {{matchLabels: {{team: a}}}}, podSelector: {{matchLabels: {{app: b}}}}}}}}\n  ingress: [{{action: {action}, from: [{{namespaces: {{matchLabels: {{team: {team}}}}}}}]}}]\n"
+        )
+    }
+
+    #[test]
+    fn an_admin_deny_overrides_what_network_policy_allows_and_names_the_rule() {
+        let cluster = cluster(&[
+            ONLY_A_TO_B,
+            &cnp("deny-x", "Admin", 10, &to_b_from("a", "Deny")),
+        ]);
+        let verdict = judge(&cluster, &tcp(A, B, 80));
+        assert!(!verdict.allowed());
+        let SideVerdict::ClusterDenied(rule) = &verdict.ingress else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(
+            rule.to_string(),
+            "ClusterNetworkPolicy deny-x ingress[0] (Deny; Admin tier, priority 10)"
+        );
+        let tiers = verdict.ingress_tiers.as_ref().unwrap();
+        assert!(
+            matches!(tiers.network_policy, SideVerdict::Allowed(_)),
+            "the tier below would have allowed it: {tiers:?}"
+        );
+        assert_eq!(
+            tiers.to_string(),
+            "Admin tier: ClusterNetworkPolicy deny-x ingress[0] (Deny; Admin tier, priority 10); NetworkPolicy: allowed by NetworkPolicy x/only-a spec.ingress[0].from[0] (every port); Baseline tier: no rule matches"
+        );
+        // The subject is x/b only: x/a's ingress is not touched.
+        assert!(judge(&cluster, &tcp(B, A, 80)).allowed());
+    }
+
+    #[test]
+    fn an_admin_accept_overrides_network_policy_and_ends_evaluation() {
+        let cluster = cluster(&[
+            ONLY_A_TO_B,
+            &cnp("accept-y", "Admin", 10, &to_b_from("b", "Accept")),
+            &cnp("deny-y-later", "Admin", 20, &to_b_from("b", "Deny")),
+            &cnp("baseline-deny-y", "Baseline", 0, &to_b_from("b", "Deny")),
+        ]);
+        let verdict = judge(&cluster, &tcp(C, B, 80));
+        assert!(verdict.allowed(), "{verdict:?}");
+        let SideVerdict::ClusterAccepted(rule) = &verdict.ingress else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(rule.policy, "accept-y");
+        let tiers = verdict.ingress_tiers.unwrap();
+        assert!(matches!(tiers.network_policy, SideVerdict::Denied(_)));
+        assert_eq!(tiers.baseline.rule().unwrap().policy, "baseline-deny-y");
+    }
+
+    #[test]
+    fn pass_skips_the_rest_of_the_admin_tier_to_network_policy_then_baseline() {
+        let pass_then_deny = [
+            cnp("pass-y", "Admin", 1, &to_b_from("b", "Pass")),
+            cnp("deny-y", "Admin", 2, &to_b_from("b", "Deny")),
+        ];
+        // NetworkPolicy isolates x/b: it decides (denies y/c), the Admin deny never applies.
+        let isolated = cluster(&[ONLY_A_TO_B, &pass_then_deny[0], &pass_then_deny[1]]);
+        let verdict = judge(&isolated, &tcp(C, B, 80));
+        assert!(
+            matches!(verdict.ingress, SideVerdict::Denied(_)),
+            "{verdict:?}"
+        );
+        assert_eq!(
+            verdict.ingress_tiers.unwrap().admin.rule().unwrap().action,
+            Action::Pass
+        );
+
+        // No NetworkPolicy: the Baseline tier decides, then the default.
+        let accept = cnp(
+            "baseline-accept-y",
+            "Baseline",
+            5,
+            &to_b_from("b", "Accept"),
+        );
+        let baseline = cluster(&[&pass_then_deny[0], &pass_then_deny[1], &accept]);
+        let verdict = judge(&baseline, &tcp(C, B, 80));
+        let SideVerdict::ClusterAccepted(rule) = &verdict.ingress else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(
+            (rule.tier, rule.policy.as_str()),
+            (Tier::Baseline, "baseline-accept-y")
+        );
+        let default = cluster(&[&pass_then_deny[0], &pass_then_deny[1]]);
+        assert_eq!(
+            judge(&default, &tcp(C, B, 80)).ingress,
+            SideVerdict::NotIsolated
+        );
+
+        // Without the Pass, the Admin deny applies.
+        let denied = cluster(&[&pass_then_deny[1], &accept]);
+        assert!(!judge(&denied, &tcp(C, B, 80)).allowed());
+    }
+
+    #[test]
+    fn baseline_decides_only_where_no_network_policy_isolates() {
+        let deny_all_to_x = cnp(
+            "baseline-deny",
+            "Baseline",
+            100,
+            "  subject: {namespaces: {matchLabels: {team: a}}}\n  ingress: [{action: Deny, from: [{namespaces: {}}]}]\n",
+        );
+        let cluster = cluster(&[ONLY_A_TO_B, &deny_all_to_x]);
+        // x/b is isolated by NetworkPolicy, which allows x/a.
+        assert!(judge(&cluster, &tcp(A, B, 80)).allowed());
+        // x/a is not: the baseline denies y/c.
+        let verdict = judge(&cluster, &tcp(C, A, 80));
+        let SideVerdict::ClusterDenied(rule) = &verdict.ingress else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(rule.tier, Tier::Baseline);
+        // The node's probes still pass.
+        assert_eq!(
+            judge(&cluster, &tcp("172.18.0.2", A, 80)).ingress,
+            SideVerdict::FromNode
+        );
+    }
+
+    #[test]
+    fn an_audited_network_policy_tier_goes_on_to_baseline_and_the_default() {
+        let audit_only_a_to_b = ONLY_A_TO_B.replace(
+            "metadata: {name: only-a, namespace: x}",
+            "metadata: {name: only-a, namespace: x, annotations: {netwarden.dev/enforcement: audit}}",
+        );
+        // Nothing below: the default allows, reported as audited.
+        let alone = cluster(&[&audit_only_a_to_b]);
+        let verdict = judge(&alone, &tcp(C, B, 80));
+        assert!(verdict.allowed(), "{verdict:?}");
+        assert!(
+            matches!(&verdict.ingress, SideVerdict::Audited(policies) if policies.len() == 1),
+            "{verdict:?}"
+        );
+        // What the audit-mode policy allows is simply allowed.
+        assert!(matches!(
+            judge(&alone, &tcp(A, B, 80)).ingress,
+            SideVerdict::Allowed(_)
+        ));
+
+        // A Baseline Accept: still audited (the NetworkPolicy tier would have denied it).
+        let accepted = cluster(&[
+            &audit_only_a_to_b,
+            &cnp(
+                "baseline-accept-y",
+                "Baseline",
+                5,
+                &to_b_from("b", "Accept"),
+            ),
+        ]);
+        let verdict = judge(&accepted, &tcp(C, B, 80));
+        assert!(verdict.allowed(), "{verdict:?}");
+        assert!(
+            matches!(verdict.ingress, SideVerdict::Audited(_)),
+            "{verdict:?}"
+        );
+        assert_eq!(
+            verdict.ingress_tiers.unwrap().to_string(),
+            "Admin tier: no rule matches; NetworkPolicy: audited: isolated in audit mode by NetworkPolicy x/only-a; Baseline tier: ClusterNetworkPolicy baseline-accept-y ingress[0] (Accept; Baseline tier, priority 5)"
+        );
+
+        // A Baseline Deny: denied by the Baseline rule.
+        let denied = cluster(&[
+            &audit_only_a_to_b,
+            &cnp("baseline-deny-y", "Baseline", 5, &to_b_from("b", "Deny")),
+        ]);
+        let verdict = judge(&denied, &tcp(C, B, 80));
+        assert!(!verdict.allowed(), "{verdict:?}");
+        let SideVerdict::ClusterDenied(rule) = &verdict.ingress else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(
+            (rule.tier, rule.policy.as_str()),
+            (Tier::Baseline, "baseline-deny-y")
+        );
+
+        // The Admin tier decides first: its Accept wins over the Baseline Deny.
+        let admin = cluster(&[
+            &audit_only_a_to_b,
+            &cnp("baseline-deny-y", "Baseline", 5, &to_b_from("b", "Deny")),
+            &cnp("admin-accept-y", "Admin", 5, &to_b_from("b", "Accept")),
+        ]);
+        let verdict = judge(&admin, &tcp(C, B, 80));
+        let SideVerdict::ClusterAccepted(rule) = &verdict.ingress else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(rule.tier, Tier::Admin);
+    }
+
+    #[test]
+    fn equal_priorities_are_decided_by_name_and_reported_as_ties() {
+        let cluster = cluster(&[
+            &cnp("b-deny", "Admin", 7, &to_b_from("b", "Deny")),
+            &cnp("a-accept", "Admin", 7, &to_b_from("b", "Accept")),
+        ]);
+        let verdict = judge(&cluster, &tcp(C, B, 80));
+        let tiers = verdict.ingress_tiers.as_ref().unwrap();
+        let TierVerdict::Matched { rule, ties } = &tiers.admin else {
+            panic!("{tiers:?}");
+        };
+        assert_eq!(rule.policy, "a-accept", "the first by name decides");
+        assert_eq!(ties.len(), 1);
+        assert_eq!(ties[0].policy, "b-deny");
+        assert_eq!(tiers.ties().count(), 1);
+        assert!(verdict.allowed());
+    }
+
+    #[test]
+    fn rules_are_tried_in_order_and_protocols_ports_and_named_ports_match() {
+        let cluster = cluster(&[&cnp(
+            "ordered",
+            "Admin",
+            1,
+            "  subject: {namespaces: {matchLabels: {team: b}}}
+  egress:
+  - {name: web, action: Accept, to: [{pods: {podSelector: {matchLabels: {app: b}}}}], protocols: [{destinationNamedPort: http}, {udp: {destinationPort: {range: {start: 5000, end: 5010}}}}]}
+  - {action: Accept, to: [{nodes: {matchLabels: {kubernetes.io/os: linux}}}], protocols: [{tcp: {destinationPort: {number: 10250}}}]}
+  - {action: Accept, to: [{networks: [192.0.2.0/24]}]}
+  - {action: Deny, to: [{networks: [0.0.0.0/0]}]}
+",
+        )]);
+        let egress = |flow: Flow| judge(&cluster, &flow).egress;
+        let SideVerdict::ClusterAccepted(rule) = egress(tcp(C, B, 8080)) else {
+            panic!("the named port");
+        };
+        assert_eq!(
+            rule.to_string(),
+            "ClusterNetworkPolicy ordered egress[0] \"web\" (Accept; Admin tier, priority 1)"
+        );
+        assert!(
+            egress(Flow {
+                protocol: 17,
+                ..tcp(C, B, 5005)
+            })
+            .allows()
+        );
+        let SideVerdict::ClusterDenied(rule) = egress(tcp(C, B, 80)) else {
+            panic!("port 80 is not http");
+        };
+        assert_eq!(rule.rule, 3, "the networks block holds pods too");
+        assert!(egress(tcp(C, "172.18.0.2", 10250)).allows(), "the node");
+        assert!(!egress(tcp(C, "172.18.0.2", 22)).allows());
+        assert!(
+            egress(Flow {
+                protocol: 1,
+                ..tcp(C, "192.0.2.9", 0)
+            })
+            .allows(),
+            "no protocols: every protocol"
+        );
+        assert!(!egress(tcp(C, "198.51.100.1", 443)).allows());
+        // x/a is no subject: not denied.
+        assert_eq!(
+            egress(tcp(A, "198.51.100.1", 443)),
+            SideVerdict::NotIsolated
+        );
     }
 }

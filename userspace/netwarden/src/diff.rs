@@ -210,6 +210,13 @@ fn causes(old: &Verdict, new: &Verdict, flow: &FlowKey) -> Vec<String> {
         let pod = pod.short();
         reasons.push(match (old, new) {
             (_, SideVerdict::Allowed(rules)) => format!("allowed by {}", join(rules)),
+            (_, SideVerdict::ClusterAccepted(rule)) => format!("allowed by {rule}"),
+            (SideVerdict::ClusterDenied(rule), _) => {
+                format!("{direction} of {pod} no longer denied by {rule}")
+            }
+            (_, SideVerdict::ClusterDenied(rule)) => {
+                format!("{direction} of {pod} denied by {rule}")
+            }
             (SideVerdict::Denied(policies), _) => format!(
                 "{direction} of {pod} no longer isolated by {}",
                 join_policies(policies)

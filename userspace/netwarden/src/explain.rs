@@ -405,6 +405,24 @@ pub(crate) fn verdict_lines(
         &format!("from {} to port {port}", describe(cluster, source)),
         protocol,
     ));
+    // Where a ClusterNetworkPolicy rule matched, what each tier said (the deciding tier hides
+    // the others), and the ties netwarden broke by name where upstream leaves them undefined.
+    for (label, tiers) in [
+        ("egress tiers", &verdict.egress_tiers),
+        ("ingress tiers", &verdict.ingress_tiers),
+    ] {
+        let Some(tiers) = tiers else { continue };
+        if tiers.admin.rule().is_none() && tiers.baseline.rule().is_none() {
+            continue;
+        }
+        lines.push(format!("{label}: {tiers}"));
+        for (rule, tie) in tiers.ties() {
+            lines.push(format!(
+                "warning: {rule} and {tie} have the same priority and both match; {} decides (the first by name; upstream leaves it undefined)",
+                rule.policy
+            ));
+        }
+    }
     lines
 }
 
@@ -514,6 +532,10 @@ fn side_lines(
             .iter()
             .map(|rule| format!("{label} {who}: allowed by {rule}"))
             .collect(),
+        SideVerdict::ClusterAccepted(rule) => vec![format!("{label} {who}: allowed by {rule}")],
+        SideVerdict::ClusterDenied(rule) => vec![format!(
+            "{label} {who}: DENIED by {rule}; no later rule of any tier is consulted"
+        )],
         SideVerdict::Denied(policies) | SideVerdict::Audited(policies) => {
             let names: Vec<String> = policies
                 .iter()
@@ -808,5 +830,59 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}
                 .unwrap()
                 .allowed
         );
+    }
+
+    #[test]
+    fn cluster_policies_show_every_tier_and_warn_about_ties() {
+        let cluster_policies = r"
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: b-deny-batch}
+spec:
+  tier: Admin
+  priority: 3
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: shop}}}
+  ingress: [{action: Deny, from: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: batch}}}]}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: a-pass-all}
+spec:
+  tier: Admin
+  priority: 3
+  subject: {namespaces: {}}
+  ingress: [{name: to-np, action: Pass, from: [{namespaces: {}}]}]
+";
+        let (cluster, errors) = netwarden_model::cluster_of_stream(
+            "cluster.yaml",
+            &format!("{CLUSTER}{cluster_policies}"),
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let flow = Flow {
+            source: "10.0.0.3".parse().unwrap(),
+            destination: "10.0.0.1".parse().unwrap(),
+            protocol: 6,
+            port: 8443,
+        };
+        let verdict = netwarden_policy::evaluate::evaluate(&cluster, &[], &flow);
+        let lines = super::verdict_lines(
+            &cluster,
+            &verdict,
+            flow.source,
+            flow.destination,
+            8443,
+            netwarden_model::Protocol::Tcp,
+        );
+        assert_eq!(
+            lines[2],
+            "ingress tiers: Admin tier: ClusterNetworkPolicy a-pass-all ingress[0] \"to-np\" (Pass; Admin tier, priority 3); NetworkPolicy: allowed by NetworkPolicy shop/api spec.ingress[0].from[0].ports[0]; Baseline tier: no rule matches",
+            "{lines:#?}"
+        );
+        assert_eq!(
+            lines[3],
+            "warning: ClusterNetworkPolicy a-pass-all ingress[0] \"to-np\" (Pass; Admin tier, priority 3) and ClusterNetworkPolicy b-deny-batch ingress[0] (Deny; Admin tier, priority 3) have the same priority and both match; a-pass-all decides (the first by name; upstream leaves it undefined)"
+        );
+        assert!(verdict.allowed());
     }
 }

@@ -1,6 +1,6 @@
 //! The live cluster for `netwarden diff --cluster` and `netwarden matrix --cluster`: one
-//! consistent read of Namespaces, Pods, NetworkPolicies, Services and EndpointSlices, through
-//! the agent's own Kubernetes source (the same lists, the same validation), then stopped.
+//! consistent read of Namespaces, Pods, NetworkPolicies, Services, EndpointSlices, Nodes and
+//! ClusterNetworkPolicies, through the agent's own Kubernetes source (the same lists, the same validation), then stopped.
 
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the Tokio runtime")
 }
 
-/// Lists every kind through `client` and returns the cluster once all five are listed; fails
+/// Lists every kind through `client` and returns the cluster once all seven are listed; fails
 /// after `timeout` naming the watchers' last errors (the watchers keep retrying until then).
 pub async fn snapshot(client: Client, timeout: Duration) -> anyhow::Result<Cluster> {
     let mut source = KubeSource::start(client);
@@ -121,6 +121,19 @@ mod tests {
             "/apis/discovery.k8s.io/v1/endpointslices" => {
                 ("discovery.k8s.io/v1", "EndpointSliceList", vec![])
             }
+            "/api/v1/nodes" => (
+                "v1",
+                "NodeList",
+                vec![json!({
+                    "metadata": {"name": "n1"},
+                    "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"}]}
+                })],
+            ),
+            "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies" => (
+                "policy.networking.k8s.io/v1alpha2",
+                "ClusterNetworkPolicyList",
+                vec![],
+            ),
             _ => return None,
         })
     }
@@ -186,10 +199,11 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["x/deny"]
         );
-        // Only reads: every request was a list or a watch of one of the five collections.
+        assert_eq!(cluster.nodes.keys().collect::<Vec<_>>(), ["n1"]);
+        // Only reads: every request was a list or a watch of one of the seven collections.
         server.abort();
         let requests = requests.lock().unwrap().clone();
-        assert!(requests.len() >= 5, "{requests:?}");
+        assert!(requests.len() >= 7, "{requests:?}");
         assert!(
             requests
                 .iter()

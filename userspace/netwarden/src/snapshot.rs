@@ -99,6 +99,8 @@ pub fn merge_shared(cluster: &mut Cluster, shared: &Cluster) {
         policies,
         services,
         endpoint_slices,
+        cluster_policies,
+        nodes,
     } = shared;
     for (key, value) in namespaces {
         cluster
@@ -127,6 +129,18 @@ pub fn merge_shared(cluster: &mut Cluster, shared: &Cluster) {
     for (key, value) in endpoint_slices {
         cluster
             .endpoint_slices
+            .entry(key.clone())
+            .or_insert_with(|| value.clone());
+    }
+    for (key, value) in cluster_policies {
+        cluster
+            .cluster_policies
+            .entry(key.clone())
+            .or_insert_with(|| value.clone());
+    }
+    for (key, value) in nodes {
+        cluster
+            .nodes
             .entry(key.clone())
             .or_insert_with(|| value.clone());
     }
