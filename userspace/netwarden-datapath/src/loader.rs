@@ -159,8 +159,8 @@ pub(crate) fn open(bpffs: &Path, capacity: &Capacity) -> Result<Opened, Datapath
         ipcache: IpCache::adopt(take_map(&mut ebpf, pinned::IPCACHE.name)?),
         policies: Policies::adopt(
             take_map(&mut ebpf, pinned::POLICY.name)?,
-            take_map(&mut ebpf, "CIDRS_V4")?,
-            take_map(&mut ebpf, "CIDRS_V6")?,
+            take_map(&mut ebpf, pinned::CIDRS_V4.name)?,
+            take_map(&mut ebpf, pinned::CIDRS_V6.name)?,
         ),
         endpoints: Endpoints::adopt(take_map(&mut ebpf, pinned::ENDPOINTS.name)?),
         addresses: Addresses::adopt(

@@ -45,12 +45,12 @@ pub(crate) fn map_usage(maps: &SyncedMaps, capacity: &Capacity) -> Vec<MapUsage>
             capacity: capacity.policy,
         },
         MapUsage {
-            map: "CIDRS_V4",
+            map: pinned::CIDRS_V4.name,
             entries: Some(cidrs_v4),
             capacity: capacity.cidrs,
         },
         MapUsage {
-            map: "CIDRS_V6",
+            map: pinned::CIDRS_V6.name,
             entries: Some(cidrs_v6),
             capacity: capacity.cidrs,
         },

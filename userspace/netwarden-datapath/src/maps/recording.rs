@@ -98,8 +98,8 @@ impl Recorder {
             ipcache: IpCache::new(tables.keyed(pinned::IPCACHE.name, debug), BTreeMap::new()),
             policies: Policies::new(
                 tables.keyed(pinned::POLICY.name, policy_entry),
-                tables.keyed("CIDRS_V4", cidr_v4),
-                tables.keyed("CIDRS_V6", cidr_v6),
+                tables.keyed(pinned::CIDRS_V4.name, cidr_v4),
+                tables.keyed(pinned::CIDRS_V6.name, cidr_v6),
             ),
             endpoints: Endpoints::new(tables.keyed(pinned::ENDPOINTS.name, debug), BTreeMap::new()),
             addresses: Addresses::new(
