@@ -665,29 +665,11 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         assert_eq!(value(&text, r#"netwarden_endpoints{state="unknown"}"#), "0");
         assert_eq!(value(&text, "netwarden_endpoints_locked_down"), "1");
         assert_eq!(value(&text, "netwarden_input_errors"), "1");
-        let policy = pinned::POLICY.name;
-        let conntrack = pinned::CONNTRACK_V4.name;
-        assert_eq!(
-            value(
-                &text,
-                &format!(r#"netwarden_map_entries{{map="{policy}"}}"#)
-            ),
-            "3"
-        );
-        assert_eq!(
-            value(
-                &text,
-                &format!(r#"netwarden_map_capacity{{map="{policy}"}}"#)
-            ),
-            "4"
-        );
-        assert_eq!(
-            value(
-                &text,
-                &format!(r#"netwarden_map_capacity{{map="{conntrack}"}}"#)
-            ),
-            "1024"
-        );
+        let (policy, conntrack) = (pinned::POLICY.name, pinned::CONNTRACK_V4.name);
+        let of_map = |series: &str, map: &str| value(&text, &format!(r#"{series}{{map="{map}"}}"#));
+        assert_eq!(of_map("netwarden_map_entries", policy), "3");
+        assert_eq!(of_map("netwarden_map_capacity", policy), "4");
+        assert_eq!(of_map("netwarden_map_capacity", conntrack), "1024");
         assert!(
             samples(&text, "netwarden_map_entries")
                 .iter()
