@@ -369,7 +369,7 @@ impl Hooks for Kernel {
         self.field_offsets
             .set(0, layout, 0)
             .map_err(|source| NetfilterError::Map {
-                name: "KERNEL_LAYOUT".into(),
+                name: netwarden_common::maps::KERNEL_LAYOUT.name.into(),
                 source,
             })?;
         let program = netfilter::load(PROGRAMS, &self.layout.maps(), &self.ebpf)?;

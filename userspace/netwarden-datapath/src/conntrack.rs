@@ -45,9 +45,9 @@ const CLOCK_PROGRAM: &str = "conntrack_clock";
 const IPPROTO_TCP: u8 = 6;
 
 /// The table of IPv4 flows ([`FlowKeyV4`] keys).
-pub const TABLE_V4: &str = "CONNTRACK_V4";
+pub const TABLE_V4: &str = netwarden_common::maps::CONNTRACK_V4.name;
 /// The table of IPv6 flows ([`FlowKey`] keys).
-pub const TABLE_V6: &str = "CONNTRACK_V6";
+pub const TABLE_V6: &str = netwarden_common::maps::CONNTRACK_V6.name;
 
 /// Idle timeouts by flow state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -120,7 +120,7 @@ impl Datapath {
             .settings
             .set(SETTING_ALLOW_EVENT_PERIOD, period)
             .map_err(|source| DatapathError::Map {
-                name: "SETTINGS",
+                name: netwarden_common::maps::SETTINGS.name,
                 source,
             })
     }
@@ -135,7 +135,7 @@ impl Datapath {
     /// A second handle on the verdict counters, opened from their pin, for a reader on another
     /// task (the metrics endpoint reads them when it is scraped, not when the agent applies).
     pub fn verdict_counters(&self) -> Result<VerdictCounters, DatapathError> {
-        const NAME: &str = "VERDICTS";
+        const NAME: &str = netwarden_common::maps::VERDICTS.name;
         let data = MapData::from_pin(self.kernel.layout.maps().join(NAME))
             .map_err(|source| DatapathError::Map { name: NAME, source })?;
         let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))

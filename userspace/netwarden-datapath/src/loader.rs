@@ -11,7 +11,7 @@ use aya::{
     maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, SchedClassifier},
 };
-use netwarden_common::{KernelLayout, PeerId};
+use netwarden_common::{KernelLayout, PeerId, maps as pinned};
 use netwarden_policy::{CompiledPolicy, PolicyId};
 use tracing::{info, warn};
 
@@ -52,15 +52,23 @@ pub struct Capacity {
 /// for each of a node's 110 pods (a flow between two local pods takes an entry on each), and
 /// costs ~7 MiB (IPv4) and ~8.5 MiB (IPv6) of kernel memory. Busier nodes raise it with
 /// `--conntrack-entries`; a full table evicts its least recently used flow.
-pub const CONNTRACK_ENTRIES: u32 = 65536;
+pub const CONNTRACK_ENTRIES: u32 = pinned::CONNTRACK_V4.capacity;
+
+// One `cidrs` for both tries, one `conntrack` for both flow tables and the table of translated
+// flows: their defaults must agree.
+const _: () = {
+    assert!(pinned::CIDRS_V4.capacity == pinned::CIDRS_V6.capacity);
+    assert!(pinned::CONNTRACK_V4.capacity == pinned::CONNTRACK_V6.capacity);
+    assert!(pinned::CONNTRACK_V4.capacity == pinned::TRANSLATIONS.capacity);
+};
 
 impl Default for Capacity {
     fn default() -> Self {
         Self {
-            endpoints: 4096,
-            ipcache: 65536,
-            policy: 262_144,
-            cidrs: 65536,
+            endpoints: pinned::ENDPOINTS.capacity,
+            ipcache: pinned::IPCACHE.capacity,
+            policy: pinned::POLICY.capacity,
+            cidrs: pinned::CIDRS_V4.capacity,
             conntrack: CONNTRACK_ENTRIES,
         }
     }
@@ -115,14 +123,14 @@ pub(crate) fn open(bpffs: &Path, capacity: &Capacity) -> Result<Opened, Datapath
         source,
     })?;
     let sizes = [
-        ("ENDPOINTS", capacity.endpoints),
-        ("IPCACHE", capacity.ipcache),
-        ("POLICY", capacity.policy),
-        ("CIDRS_V4", capacity.cidrs),
-        ("CIDRS_V6", capacity.cidrs),
+        (pinned::ENDPOINTS.name, capacity.endpoints),
+        (pinned::IPCACHE.name, capacity.ipcache),
+        (pinned::POLICY.name, capacity.policy),
+        (pinned::CIDRS_V4.name, capacity.cidrs),
+        (pinned::CIDRS_V6.name, capacity.cidrs),
         (conntrack::TABLE_V4, capacity.conntrack),
         (conntrack::TABLE_V6, capacity.conntrack),
-        ("TRANSLATIONS", capacity.conntrack),
+        (pinned::TRANSLATIONS.name, capacity.conntrack),
     ];
     report_adopted_differences(&maps_dir, &sizes);
     let mut loader = EbpfLoader::new();
@@ -148,30 +156,34 @@ pub(crate) fn open(bpffs: &Path, capacity: &Capacity) -> Result<Opened, Datapath
     conntrack::pin_clock(&mut ebpf, &layout)?;
 
     let maps = SyncedMaps {
-        ipcache: IpCache::adopt(take_map(&mut ebpf, "IPCACHE")?),
+        ipcache: IpCache::adopt(take_map(&mut ebpf, pinned::IPCACHE.name)?),
         policies: Policies::adopt(
-            take_map(&mut ebpf, "POLICY")?,
-            take_map(&mut ebpf, "CIDRS_V4")?,
-            take_map(&mut ebpf, "CIDRS_V6")?,
+            take_map(&mut ebpf, pinned::POLICY.name)?,
+            take_map(&mut ebpf, pinned::CIDRS_V4.name)?,
+            take_map(&mut ebpf, pinned::CIDRS_V6.name)?,
         ),
-        endpoints: Endpoints::adopt(take_map(&mut ebpf, "ENDPOINTS")?),
+        endpoints: Endpoints::adopt(take_map(&mut ebpf, pinned::ENDPOINTS.name)?),
         addresses: Addresses::adopt(
-            take_map(&mut ebpf, "ENDPOINT_ADDRESSES")?,
-            take_map(&mut ebpf, "ENDPOINT_OF_ADDRESS")?,
+            take_map(&mut ebpf, pinned::ENDPOINT_ADDRESSES.name)?,
+            take_map(&mut ebpf, pinned::ENDPOINT_OF_ADDRESS.name)?,
         ),
-        identities: Identities::adopt(take_map(&mut ebpf, "IDENTITIES")?),
-        frontends: Frontends::adopt(take_map(&mut ebpf, "FRONTENDS")?),
+        identities: Identities::adopt(take_map(&mut ebpf, pinned::IDENTITIES.name)?),
+        frontends: Frontends::adopt(take_map(&mut ebpf, pinned::FRONTENDS.name)?),
         epoch: Epoch::new(Box::new(take_map::<Array<MapData, u32>>(
-            &mut ebpf, "EPOCH",
+            &mut ebpf,
+            pinned::EPOCH.name,
         )?)),
-        settings: Box::new(take_map::<Array<MapData, u32>>(&mut ebpf, "SETTINGS")?),
+        settings: Box::new(take_map::<Array<MapData, u32>>(
+            &mut ebpf,
+            pinned::SETTINGS.name,
+        )?),
     };
     let inherited = inherited(&maps);
     Ok(Opened {
-        verdicts: take_map(&mut ebpf, "VERDICTS")?,
-        events: take_map(&mut ebpf, "EVENTS")?,
+        verdicts: take_map(&mut ebpf, pinned::VERDICTS.name)?,
+        events: take_map(&mut ebpf, pinned::EVENTS.name)?,
         kernel: Kernel {
-            field_offsets: take_map(&mut ebpf, "KERNEL_LAYOUT")?,
+            field_offsets: take_map(&mut ebpf, pinned::KERNEL_LAYOUT.name)?,
             ebpf,
             layout,
             #[cfg(feature = "test-support")]
@@ -262,4 +274,77 @@ where
         },
     })?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use netwarden_common::maps as pinned;
+
+    use super::{Capacity, PROGRAMS};
+
+    /// Maps of the object that are not shared ones: the data sections of the programs.
+    fn is_section(name: &str) -> bool {
+        name.starts_with('.')
+    }
+
+    #[test]
+    fn every_map_of_the_programs_is_named_and_sized_by_netwarden_common() {
+        let object = aya_obj::Object::parse(PROGRAMS).expect("the compiled programs parse");
+        let declared: BTreeSet<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !is_section(name))
+            .collect();
+        let named: BTreeSet<&str> = pinned::ALL.iter().map(|map| map.name).collect();
+        assert_eq!(declared, named);
+        for map in pinned::ALL {
+            assert_eq!(
+                object.maps[map.name].max_entries(),
+                map.capacity,
+                "{} as the programs declare it",
+                map.name
+            );
+        }
+    }
+
+    #[test]
+    fn every_map_the_loader_opens_or_sizes_is_a_shared_one() {
+        let capacity = Capacity::default();
+        let named: BTreeSet<&str> = pinned::ALL.iter().map(|map| map.name).collect();
+        let opened = [
+            pinned::ENDPOINTS,
+            pinned::ENDPOINT_ADDRESSES,
+            pinned::ENDPOINT_OF_ADDRESS,
+            pinned::IPCACHE,
+            pinned::POLICY,
+            pinned::CIDRS_V4,
+            pinned::CIDRS_V6,
+            pinned::IDENTITIES,
+            pinned::FRONTENDS,
+            pinned::EPOCH,
+            pinned::SETTINGS,
+            pinned::VERDICTS,
+            pinned::EVENTS,
+            pinned::KERNEL_LAYOUT,
+            pinned::MTLS_STRICT_ENDPOINTS,
+            pinned::MTLS_EXEMPT_PORTS,
+        ]
+        .map(|map| map.name);
+        for name in opened
+            .into_iter()
+            .chain([crate::conntrack::TABLE_V4, crate::conntrack::TABLE_V6])
+        {
+            assert!(named.contains(name), "{name} is not in maps::ALL");
+        }
+        // The defaults are the sizes the programs declare.
+        assert_eq!(capacity.endpoints, pinned::ENDPOINTS.capacity);
+        assert_eq!(capacity.ipcache, pinned::IPCACHE.capacity);
+        assert_eq!(capacity.policy, pinned::POLICY.capacity);
+        assert_eq!(capacity.cidrs, pinned::CIDRS_V6.capacity);
+        assert_eq!(capacity.conntrack, pinned::CONNTRACK_V6.capacity);
+        assert_eq!(capacity.conntrack, pinned::TRANSLATIONS.capacity);
+    }
 }

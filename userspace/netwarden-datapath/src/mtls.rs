@@ -7,7 +7,9 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use netwarden_common::{FlowKey, FlowKeyV4, FlowState, MTLS_STRICT, MtlsExemptPort, flow_flags};
+use netwarden_common::{
+    FlowKey, FlowKeyV4, FlowState, MTLS_STRICT, MtlsExemptPort, flow_flags, maps as pinned,
+};
 use netwarden_policy::lookup::mapped;
 
 use crate::{Datapath, DatapathError, loader::take_map};
@@ -24,8 +26,8 @@ impl Datapath {
         let mut endpoints: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
             self.kernel
                 .ebpf
-                .map_mut("MTLS_STRICT_ENDPOINTS")
-                .ok_or_else(|| missing("MTLS_STRICT_ENDPOINTS"))?,
+                .map_mut(pinned::MTLS_STRICT_ENDPOINTS.name)
+                .ok_or_else(|| missing(pinned::MTLS_STRICT_ENDPOINTS.name))?,
         )?;
         let installed: BTreeSet<u32> = endpoints.keys().flatten().collect();
         for ifindex in strict.keys() {
@@ -37,8 +39,8 @@ impl Datapath {
         let mut ports: BpfHashMap<&mut MapData, MtlsExemptPort, u32> = BpfHashMap::try_from(
             self.kernel
                 .ebpf
-                .map_mut("MTLS_EXEMPT_PORTS")
-                .ok_or_else(|| missing("MTLS_EXEMPT_PORTS"))?,
+                .map_mut(pinned::MTLS_EXEMPT_PORTS.name)
+                .ok_or_else(|| missing(pinned::MTLS_EXEMPT_PORTS.name))?,
         )?;
         let installed_ports: BTreeSet<MtlsExemptPort> = ports.keys().flatten().collect();
         let wanted_ports: BTreeSet<MtlsExemptPort> = strict
@@ -62,8 +64,8 @@ impl Datapath {
         let mut endpoints: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
             self.kernel
                 .ebpf
-                .map_mut("MTLS_STRICT_ENDPOINTS")
-                .ok_or_else(|| missing("MTLS_STRICT_ENDPOINTS"))?,
+                .map_mut(pinned::MTLS_STRICT_ENDPOINTS.name)
+                .ok_or_else(|| missing(pinned::MTLS_STRICT_ENDPOINTS.name))?,
         )?;
         for ifindex in installed
             .iter()

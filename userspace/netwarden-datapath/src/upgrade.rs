@@ -9,7 +9,7 @@
 use std::{io, path::Path};
 
 use aya::maps::MapInfo;
-use netwarden_common::{FlowKey, FlowKeyV4, FlowState, IpIdentity, IpKey, SETTINGS_COUNT, counter};
+use netwarden_common::{FlowKey, FlowKeyV4, FlowState, IpIdentity, IpKey, maps as pinned};
 use tracing::warn;
 
 /// A pinned map's expected value size and entries (`None`: any capacity will do).
@@ -35,21 +35,21 @@ fn layouts() -> [Layout; 5] {
             max_entries: None,
         },
         Layout {
-            name: "VERDICTS",
+            name: pinned::VERDICTS.name,
             key_size: size_of::<u32>() as u32,
             value_size: size_of::<u64>() as u32,
-            max_entries: Some(counter::SLOTS),
+            max_entries: Some(pinned::VERDICTS.capacity),
         },
         // Settings the agent writes at start: a smaller array lacks the newer ones.
         Layout {
-            name: "SETTINGS",
+            name: pinned::SETTINGS.name,
             key_size: size_of::<u32>() as u32,
             value_size: size_of::<u32>() as u32,
-            max_entries: Some(SETTINGS_COUNT),
+            max_entries: Some(pinned::SETTINGS.capacity),
         },
         // An LPM trie before it became an exact hash: its keys carried a prefix length.
         Layout {
-            name: "IPCACHE",
+            name: pinned::IPCACHE.name,
             key_size: size_of::<IpKey>() as u32,
             value_size: size_of::<IpIdentity>() as u32,
             max_entries: None,
@@ -62,7 +62,10 @@ fn layouts() -> [Layout; 5] {
 /// before IPv4 flows got a table of their own, and `CIDRS`, one trie for both families before
 /// IPv4 prefixes got one (the policy map is rebuilt with it, so the new agent installs every
 /// policy again, into both tries, before its programs replace the old ones).
-const RETIRED: [(&str, &[&str]); 2] = [("CONNTRACK", &[]), ("CIDRS", &["POLICY"])];
+const RETIRED: [(&str, &[&str]); pinned::RETIRED_NAMES.len()] = [
+    (pinned::RETIRED_NAMES[0], &[]),
+    (pinned::RETIRED_NAMES[1], &[pinned::POLICY.name]),
+];
 
 /// Unpins the maps under `maps_dir` whose layout is not this build's, so the loader creates
 /// them afresh, and the maps this build no longer has (the programs still attached keep
@@ -158,4 +161,33 @@ pub fn adopted_differences<'a>(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use netwarden_common::maps as pinned;
+
+    use super::{RETIRED, layouts};
+
+    #[test]
+    fn the_retired_cidrs_trie_rebuilds_the_policy_map_and_nothing_else_is_rebuilt() {
+        assert_eq!(
+            RETIRED,
+            [
+                ("CONNTRACK", &[][..]),
+                ("CIDRS", &[pinned::POLICY.name][..]),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_checked_layout_is_a_shared_map() {
+        for layout in layouts() {
+            assert!(
+                pinned::ALL.iter().any(|map| map.name == layout.name),
+                "{}",
+                layout.name
+            );
+        }
+    }
 }

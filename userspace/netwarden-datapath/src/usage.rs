@@ -1,13 +1,9 @@
 //! How full the maps are, and the verdict counters: what the agent's metrics read.
 
 use aya::maps::{MapData, PerCpuArray};
-use netwarden_common::counter;
+use netwarden_common::{counter, maps as pinned};
 
 use crate::{conntrack, loader::Capacity, maps::SyncedMaps};
-
-/// Size of `ENDPOINT_ADDRESSES` as the programs declare it (not configurable: four addresses
-/// for each of the default 4,096 endpoints).
-const ENDPOINT_ADDRESSES_CAPACITY: u32 = 16384;
 
 /// How full one map is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,32 +23,34 @@ pub(crate) fn map_usage(maps: &SyncedMaps, capacity: &Capacity) -> Vec<MapUsage>
     let (entries, cidrs_v4, cidrs_v6) = maps.policies.usage();
     vec![
         MapUsage {
-            map: "ENDPOINTS",
+            map: pinned::ENDPOINTS.name,
             entries: Some(maps.endpoints.installed().len()),
             capacity: capacity.endpoints,
         },
         MapUsage {
-            map: "ENDPOINT_ADDRESSES",
+            map: pinned::ENDPOINT_ADDRESSES.name,
             entries: Some(maps.addresses.len()),
-            capacity: ENDPOINT_ADDRESSES_CAPACITY,
+            // As the programs declare it (not configurable: four addresses for each of the
+            // default 4,096 endpoints).
+            capacity: pinned::ENDPOINT_ADDRESSES.capacity,
         },
         MapUsage {
-            map: "IPCACHE",
+            map: pinned::IPCACHE.name,
             entries: Some(maps.ipcache.len()),
             capacity: capacity.ipcache,
         },
         MapUsage {
-            map: "POLICY",
+            map: pinned::POLICY.name,
             entries: Some(entries),
             capacity: capacity.policy,
         },
         MapUsage {
-            map: "CIDRS_V4",
+            map: pinned::CIDRS_V4.name,
             entries: Some(cidrs_v4),
             capacity: capacity.cidrs,
         },
         MapUsage {
-            map: "CIDRS_V6",
+            map: pinned::CIDRS_V6.name,
             entries: Some(cidrs_v6),
             capacity: capacity.cidrs,
         },

@@ -10,6 +10,7 @@ mod netns;
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use netwarden_common::maps as pinned;
 use netwarden_datapath::{
     Capacity, Datapath, EndpointState, TranslationHook, Unenforced, faults::Faults,
 };
@@ -128,7 +129,7 @@ fn pinned_content(root: &std::path::Path) -> (Vec<String>, usize) {
     let maps = netwarden_datapath::bpffs::PinLayout::new(root).maps();
     let open = |name: &str| MapData::from_pin(maps.join(name)).expect("a pinned map");
     let policy: LpmTrie<MapData, PolicyKey, PolicyEntry> =
-        LpmTrie::try_from(Map::LpmTrie(open("POLICY"))).expect("the policy trie");
+        LpmTrie::try_from(Map::LpmTrie(open(pinned::POLICY.name))).expect("the policy trie");
     let mut entries: Vec<String> = policy
         .iter()
         .map(|item| {
@@ -138,9 +139,9 @@ fn pinned_content(root: &std::path::Path) -> (Vec<String>, usize) {
         .collect();
     entries.sort();
     let v4: LpmTrie<MapData, CidrKeyV4, CidrClass> =
-        LpmTrie::try_from(Map::LpmTrie(open("CIDRS_V4"))).expect("the v4 trie");
+        LpmTrie::try_from(Map::LpmTrie(open(pinned::CIDRS_V4.name))).expect("the v4 trie");
     let v6: LpmTrie<MapData, CidrKey, CidrClass> =
-        LpmTrie::try_from(Map::LpmTrie(open("CIDRS_V6"))).expect("the v6 trie");
+        LpmTrie::try_from(Map::LpmTrie(open(pinned::CIDRS_V6.name))).expect("the v6 trie");
     let cidrs = v4.keys().count() + v6.keys().count();
     (entries, cidrs)
 }
@@ -249,7 +250,11 @@ fn an_upgrade_that_rebuilds_the_policy_map_swaps_programs_in_only_once_it_is_fil
         // The new build's layout differs: its loader creates the policy maps afresh (as when
         // `CIDRS` was retired), while the old programs keep the maps they were loaded with.
         let maps = netwarden_datapath::bpffs::PinLayout::new(&root).maps();
-        for name in ["POLICY", "CIDRS_V4", "CIDRS_V6"] {
+        for name in [
+            pinned::POLICY.name,
+            pinned::CIDRS_V4.name,
+            pinned::CIDRS_V6.name,
+        ] {
             std::fs::remove_file(maps.join(name)).expect("unpin");
         }
         let (mut upgraded, inherited) =

@@ -6,6 +6,7 @@
 
 use std::{ffi::CString, os::fd::FromRawFd as _, path::Path};
 
+use netwarden_common::maps as pinned;
 use netwarden_datapath::{Capacity, Datapath, bpffs::PinLayout};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -80,7 +81,7 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
         1024,
     );
     pin_map(
-        &layout.maps().join("CONNTRACK_V6"),
+        &layout.maps().join(pinned::CONNTRACK_V6.name),
         BPF_MAP_TYPE_LRU_HASH,
         44,
         8,
@@ -88,7 +89,7 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
     );
     // The IP cache when it was an LPM trie: a 4-byte prefix length before the address.
     pin_map(
-        &layout.maps().join("IPCACHE"),
+        &layout.maps().join(pinned::IPCACHE.name),
         BPF_MAP_TYPE_LPM_TRIE,
         20,
         4,
@@ -103,7 +104,7 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
         1024,
     );
     pin_map(
-        &layout.maps().join("VERDICTS"),
+        &layout.maps().join(pinned::VERDICTS.name),
         BPF_MAP_TYPE_PERCPU_ARRAY,
         4,
         8,
@@ -113,7 +114,7 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
     let verdicts = Datapath::open(bpffs.path(), &Capacity::default())
         .map(|(datapath, _)| datapath.verdicts().len())
         .map_err(|error| error.to_string());
-    let retired_pins_left: Vec<&str> = ["CONNTRACK", "CIDRS"]
+    let retired_pins_left: Vec<&str> = pinned::RETIRED_NAMES
         .into_iter()
         .filter(|name| layout.maps().join(name).exists())
         .collect();

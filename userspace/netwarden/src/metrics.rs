@@ -476,7 +476,7 @@ mod tests {
     use std::{net::IpAddr, time::Duration};
 
     use aya::{maps::MapError, sys::SyscallError};
-    use netwarden_common::{counter, direction};
+    use netwarden_common::{counter, direction, maps as pinned};
     use netwarden_datapath::{
         ApplyError, ApplyReport, EndpointReport, EndpointState, MapUsage, PolicyMap, Unenforced,
         UnenforcedEndpoint,
@@ -630,12 +630,12 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         };
         let maps = [
             MapUsage {
-                map: "POLICY",
+                map: pinned::POLICY.name,
                 entries: Some(3),
                 capacity: 4,
             },
             MapUsage {
-                map: "CONNTRACK_V4",
+                map: pinned::CONNTRACK_V4.name,
                 entries: None,
                 capacity: 1024,
             },
@@ -665,16 +665,15 @@ spec: {podSelector: {}, policyTypes: [Egress]}
         assert_eq!(value(&text, r#"netwarden_endpoints{state="unknown"}"#), "0");
         assert_eq!(value(&text, "netwarden_endpoints_locked_down"), "1");
         assert_eq!(value(&text, "netwarden_input_errors"), "1");
-        assert_eq!(value(&text, r#"netwarden_map_entries{map="POLICY"}"#), "3");
-        assert_eq!(value(&text, r#"netwarden_map_capacity{map="POLICY"}"#), "4");
-        assert_eq!(
-            value(&text, r#"netwarden_map_capacity{map="CONNTRACK_V4"}"#),
-            "1024"
-        );
+        let (policy, conntrack) = (pinned::POLICY.name, pinned::CONNTRACK_V4.name);
+        let of_map = |series: &str, map: &str| value(&text, &format!(r#"{series}{{map="{map}"}}"#));
+        assert_eq!(of_map("netwarden_map_entries", policy), "3");
+        assert_eq!(of_map("netwarden_map_capacity", policy), "4");
+        assert_eq!(of_map("netwarden_map_capacity", conntrack), "1024");
         assert!(
             samples(&text, "netwarden_map_entries")
                 .iter()
-                .all(|line| !line.contains("CONNTRACK")),
+                .all(|line| !line.contains(conntrack)),
             "conntrack entries are not known to the agent:\n{text}"
         );
         assert_eq!(value(&text, "netwarden_applies_total"), "1");

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use netwarden_common::{Endpoint, endpoint_state};
+use netwarden_common::{Endpoint, endpoint_state, maps as pinned};
 use netwarden_policy::{Compiler, DatapathState, PolicyId};
 
 use super::Enforcer;
@@ -147,26 +147,35 @@ fn positions(writes: &[Write], wanted: impl Fn(&Write) -> bool) -> Vec<usize> {
     found
 }
 
+/// The maps that hold a policy's entries and prefixes.
+const POLICY_MAPS: [&str; 3] = [
+    pinned::POLICY.name,
+    pinned::CIDRS_V4.name,
+    pinned::CIDRS_V6.name,
+];
+
 fn inserts_policy(write: &Write, id: PolicyId) -> bool {
-    matches!(write, Write::Insert { map: "POLICY" | "CIDRS_V4" | "CIDRS_V6", key, .. }
-        if key.starts_with(&format!("policy {id} ")))
+    matches!(write, Write::Insert { map, key, .. }
+        if POLICY_MAPS.contains(map) && key.starts_with(&format!("policy {id} ")))
 }
 
 fn removes_policy(write: &Write, id: PolicyId) -> bool {
-    matches!(write, Write::Remove { map: "POLICY" | "CIDRS_V4" | "CIDRS_V6", key }
-        if key.starts_with(&format!("policy {id} ")))
+    matches!(write, Write::Remove { map, key }
+        if POLICY_MAPS.contains(map) && key.starts_with(&format!("policy {id} ")))
 }
 
 fn writes_endpoint(write: &Write, ifindex: u32) -> bool {
-    matches!(write, Write::Insert { map: "ENDPOINTS", key, .. } if *key == ifindex.to_string())
+    matches!(write, Write::Insert { map, key, .. }
+        if *map == pinned::ENDPOINTS.name && *key == ifindex.to_string())
 }
 
 fn removes_endpoint(write: &Write, ifindex: u32) -> bool {
-    matches!(write, Write::Remove { map: "ENDPOINTS", key } if *key == ifindex.to_string())
+    matches!(write, Write::Remove { map, key }
+        if *map == pinned::ENDPOINTS.name && *key == ifindex.to_string())
 }
 
 fn bumps_epoch(write: &Write) -> bool {
-    matches!(write, Write::Set { map: "EPOCH", .. })
+    matches!(write, Write::Set { map, .. } if *map == pinned::EPOCH.name)
 }
 
 #[test]
@@ -213,7 +222,7 @@ fn a_changed_policy_is_written_whole_before_its_endpoint_switches_and_deleted_af
         Some(&writes[epoch]),
         "nothing is written after the epoch"
     );
-    let left: Vec<String> = bench.contents.of("POLICY").into_keys().collect();
+    let left: Vec<String> = bench.contents.of(pinned::POLICY.name).into_keys().collect();
     assert!(
         left.iter()
             .all(|key| key.starts_with(&format!("policy {new} "))),
@@ -273,7 +282,7 @@ fn a_new_endpoint_has_its_entry_before_its_programs_and_a_gone_one_loses_them_fi
 
 #[test]
 fn a_policy_that_does_not_fit_leaves_nothing_of_itself_and_locks_its_endpoints_down() {
-    let mut bench = Bench::new(&[("POLICY", 0)]);
+    let mut bench = Bench::new(&[(pinned::POLICY.name, 0)]);
     let (state, report, writes) = bench.apply(80, false);
     let id = ingress_of(&state, "a");
 
@@ -289,13 +298,13 @@ fn a_policy_that_does_not_fit_leaves_nothing_of_itself_and_locks_its_endpoints_d
         "{:?}",
         report.errors
     );
-    assert!(bench.contents.of("POLICY").is_empty());
+    assert!(bench.contents.of(pinned::POLICY.name).is_empty());
     let locked = Endpoint {
         state: endpoint_state::LOCKED,
         ..Endpoint::default()
     };
     assert_eq!(
-        bench.contents.of("ENDPOINTS"),
+        bench.contents.of(pinned::ENDPOINTS.name),
         BTreeMap::from([(VETH_A.to_string(), format!("{locked:?}"))])
     );
     assert_eq!(report.endpoints[0].state, EndpointState::Locked);

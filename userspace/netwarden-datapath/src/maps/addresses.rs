@@ -9,7 +9,7 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use netwarden_common::{EndpointAddress, IpKey};
-use netwarden_policy::lookup::mapped;
+use netwarden_policy::map_keys;
 
 use super::{Keyed, Synced, unmapped};
 use crate::error::ApplyError;
@@ -63,10 +63,7 @@ impl Addresses {
         let missing: Vec<(u32, IpAddr)> =
             wanted.difference(&self.installed_owned).copied().collect();
         for (ifindex, ip) in missing {
-            let key = EndpointAddress {
-                ifindex,
-                addr: mapped(ip),
-            };
+            let key = map_keys::endpoint_address(ifindex, ip);
             match self.owned.insert(&key, 1) {
                 Ok(()) => {
                     self.installed_owned.insert((ifindex, ip));
@@ -81,10 +78,7 @@ impl Addresses {
         }
         let gone: Vec<(u32, IpAddr)> = self.installed_owned.difference(wanted).copied().collect();
         for (ifindex, ip) in gone {
-            let _ = self.owned.remove(&EndpointAddress {
-                ifindex,
-                addr: mapped(ip),
-            });
+            let _ = self.owned.remove(&map_keys::endpoint_address(ifindex, ip));
             self.installed_owned.remove(&(ifindex, ip));
             synced.change();
         }
@@ -100,7 +94,7 @@ impl Addresses {
             if self.installed_owners.get(ip) == Some(ifindex) {
                 continue;
             }
-            match self.owners.insert(&IpKey { addr: mapped(*ip) }, *ifindex) {
+            match self.owners.insert(&map_keys::ip_key(*ip), *ifindex) {
                 Ok(()) => {
                     self.installed_owners.insert(*ip, *ifindex);
                     synced.change();
@@ -119,7 +113,7 @@ impl Addresses {
             .copied()
             .collect();
         for ip in gone {
-            let _ = self.owners.remove(&IpKey { addr: mapped(ip) });
+            let _ = self.owners.remove(&map_keys::ip_key(ip));
             self.installed_owners.remove(&ip);
             synced.change();
         }

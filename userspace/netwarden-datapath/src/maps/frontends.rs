@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use netwarden_common::{FrontendKey, FrontendValue, SETTING_FRONTENDS_INSTALLED};
-use netwarden_policy::{DatapathState, Frontend, lookup::mapped};
+use netwarden_policy::{DatapathState, map_keys::frontend_key};
 
 use super::{ArrayMap, Keyed, Synced};
 use crate::error::ApplyError;
@@ -91,15 +91,5 @@ impl Frontends {
 fn set_installed_flag(settings: &mut dyn ArrayMap<u32>, installed: bool, synced: &mut Synced) {
     if let Err(source) = settings.set(SETTING_FRONTENDS_INSTALLED, u32::from(installed)) {
         synced.fail(ApplyError::FrontendsFlag { source });
-    }
-}
-
-/// The key of `frontend` in the frontend map.
-fn frontend_key(frontend: &Frontend) -> FrontendKey {
-    FrontendKey {
-        addr: mapped(frontend.address),
-        protocol: frontend.protocol.number(),
-        padding: 0,
-        port: frontend.port,
     }
 }

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use netwarden_common::{IpIdentity, IpKey, PeerId};
-use netwarden_policy::lookup::mapped;
+use netwarden_policy::map_keys;
 
 use super::{Keyed, Synced, unmapped};
 use crate::error::ApplyError;
@@ -37,7 +37,7 @@ impl IpCache {
             if self.installed.get(ip) == Some(identity) {
                 continue;
             }
-            let key = IpKey { addr: mapped(*ip) };
+            let key = map_keys::ip_key(*ip);
             let value = IpIdentity {
                 identity: *identity,
             };
@@ -56,7 +56,7 @@ impl IpCache {
             .filter(|ip| !desired.contains_key(ip))
             .collect();
         for ip in gone {
-            let _ = self.map.remove(&IpKey { addr: mapped(ip) });
+            let _ = self.map.remove(&map_keys::ip_key(ip));
             self.installed.remove(&ip);
             synced.change();
         }

@@ -10,8 +10,13 @@ use aya::{
     maps::{LpmTrie, MapData, MapError, lpm_trie::Key},
 };
 use ipnet::IpNet;
-use netwarden_common::{CidrClass, CidrKey, CidrKeyV4, PolicyEntry, PolicyKey};
-use netwarden_policy::{CompiledPolicy, PolicyId, PolicyMatch};
+use netwarden_common::{
+    CIDR_KEY_POLICY_BITS, CidrClass, CidrKey, CidrKeyV4, PolicyEntry, PolicyKey,
+};
+use netwarden_policy::{
+    CompiledPolicy, PolicyId, PolicyMatch,
+    map_keys::{self, CidrEntryKey},
+};
 
 use super::{Keyed, KeyedMap, Synced};
 use crate::error::{ApplyError, PolicyMap};
@@ -65,7 +70,8 @@ impl Policies {
             let policy = installed
                 .entry(u32::from_be_bytes(data.policy))
                 .or_default();
-            let prefix_len = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(u8::MAX);
+            let prefix_len = u8::try_from(key.prefix_len().saturating_sub(CIDR_KEY_POLICY_BITS))
+                .unwrap_or(u8::MAX);
             if let Ok(net) = ipnet::Ipv4Net::new(data.addr.into(), prefix_len) {
                 policy
                     .pinned
@@ -80,7 +86,8 @@ impl Policies {
             let policy = installed
                 .entry(u32::from_be_bytes(data.policy))
                 .or_default();
-            let prefix_len = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(u8::MAX);
+            let prefix_len = u8::try_from(key.prefix_len().saturating_sub(CIDR_KEY_POLICY_BITS))
+                .unwrap_or(u8::MAX);
             if let Ok(net) = ipnet::Ipv6Net::new(data.addr.into(), prefix_len) {
                 policy
                     .pinned
@@ -201,7 +208,6 @@ impl Policies {
         compiled: &CompiledPolicy,
         installed: &mut InstalledPolicy,
     ) -> Result<(), ApplyError> {
-        let policy = id.to_be_bytes();
         let does_not_fit = |map, needed, source| ApplyError::PolicyDoesNotFit {
             id,
             map,
@@ -210,28 +216,16 @@ impl Policies {
         };
         for (prefix, class) in &compiled.cidrs {
             let class = CidrClass { peer: *class };
-            let inserted = match prefix {
-                IpNet::V4(v4) => insert_prefix(
+            let inserted = match map_keys::cidr_key(id, prefix) {
+                CidrEntryKey::V4(prefix_len, data) => insert_prefix(
                     self.cidrs_v4.as_mut(),
-                    Key::new(
-                        32 + u32::from(v4.prefix_len()),
-                        CidrKeyV4 {
-                            policy,
-                            addr: v4.network().octets(),
-                        },
-                    ),
+                    Key::new(prefix_len, data),
                     class,
                     &mut installed.cidrs_v4,
                 ),
-                IpNet::V6(v6) => insert_prefix(
+                CidrEntryKey::V6(prefix_len, data) => insert_prefix(
                     self.cidrs_v6.as_mut(),
-                    Key::new(
-                        32 + u32::from(v6.prefix_len()),
-                        CidrKey {
-                            policy,
-                            addr: v6.network().octets(),
-                        },
-                    ),
+                    Key::new(prefix_len, data),
                     class,
                     &mut installed.cidrs_v6,
                 ),

@@ -12,7 +12,7 @@ use aya::{
     maps::{MapError, lpm_trie::Key},
     sys::SyscallError,
 };
-use netwarden_common::{CidrKey, CidrKeyV4, PolicyKey};
+use netwarden_common::{CidrKey, CidrKeyV4, PolicyKey, maps as pinned};
 
 use super::{
     ArrayMap, KeyedMap, SyncedMaps, addresses::Addresses, endpoints::Endpoints, epoch::Epoch,
@@ -95,21 +95,24 @@ impl Recorder {
             contents: &mut contents,
         };
         let maps = SyncedMaps {
-            ipcache: IpCache::new(tables.keyed("IPCACHE", debug), BTreeMap::new()),
+            ipcache: IpCache::new(tables.keyed(pinned::IPCACHE.name, debug), BTreeMap::new()),
             policies: Policies::new(
-                tables.keyed("POLICY", policy_entry),
-                tables.keyed("CIDRS_V4", cidr_v4),
-                tables.keyed("CIDRS_V6", cidr_v6),
+                tables.keyed(pinned::POLICY.name, policy_entry),
+                tables.keyed(pinned::CIDRS_V4.name, cidr_v4),
+                tables.keyed(pinned::CIDRS_V6.name, cidr_v6),
             ),
-            endpoints: Endpoints::new(tables.keyed("ENDPOINTS", debug), BTreeMap::new()),
+            endpoints: Endpoints::new(tables.keyed(pinned::ENDPOINTS.name, debug), BTreeMap::new()),
             addresses: Addresses::new(
-                tables.keyed("ENDPOINT_ADDRESSES", debug),
-                tables.keyed("ENDPOINT_OF_ADDRESS", debug),
+                tables.keyed(pinned::ENDPOINT_ADDRESSES.name, debug),
+                tables.keyed(pinned::ENDPOINT_OF_ADDRESS.name, debug),
             ),
-            frontends: Frontends::new(tables.keyed("FRONTENDS", debug), BTreeMap::new()),
-            identities: Identities::new(tables.keyed("IDENTITIES", debug), BTreeMap::new()),
-            epoch: Epoch::new(Box::new(self.array("EPOCH"))),
-            settings: Box::new(self.array("SETTINGS")),
+            frontends: Frontends::new(tables.keyed(pinned::FRONTENDS.name, debug), BTreeMap::new()),
+            identities: Identities::new(
+                tables.keyed(pinned::IDENTITIES.name, debug),
+                BTreeMap::new(),
+            ),
+            epoch: Epoch::new(Box::new(self.array(pinned::EPOCH.name))),
+            settings: Box::new(self.array(pinned::SETTINGS.name)),
         };
         (maps, contents)
     }
