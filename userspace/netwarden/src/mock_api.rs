@@ -63,9 +63,17 @@ fn list_of(objects: &[Value], path: &str, selector: Option<&str>) -> Value {
         ["", "api", "v1", "namespaces", namespace, "pods"] => ("v1", "Pod", Some(*namespace)),
         ["", "api", "v1", "services"] => ("v1", "Service", None),
         ["", "api", "v1", "nodes"] => ("v1", "Node", None),
-        ["", "apis", "policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies"] => {
-            ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy", None)
-        }
+        [
+            "",
+            "apis",
+            "policy.networking.k8s.io",
+            "v1alpha2",
+            "clusternetworkpolicies",
+        ] => (
+            "policy.networking.k8s.io/v1alpha2",
+            "ClusterNetworkPolicy",
+            None,
+        ),
         ["", "apis", "networking.k8s.io", "v1", "networkpolicies"] => {
             ("networking.k8s.io/v1", "NetworkPolicy", None)
         }
