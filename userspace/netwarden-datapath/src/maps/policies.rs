@@ -11,7 +11,7 @@ use aya::{
 };
 use ipnet::IpNet;
 use netwarden_common::{
-    CIDR_KEY_POLICY_BITS, CidrClass, CidrKey, CidrKeyV4, PolicyEntry, PolicyKey,
+    CIDR_KEY_POLICY_BITS, CidrClass, CidrKey, CidrKeyV4, PeerId, PolicyEntry, PolicyKey,
 };
 use netwarden_policy::{
     CompiledPolicy, PolicyId, PolicyMatch,
@@ -67,35 +67,37 @@ impl Policies {
         }
         for (key, class) in cidrs_v4.iter().flatten() {
             let data = key.data();
-            let policy = installed
-                .entry(u32::from_be_bytes(data.policy))
-                .or_default();
-            let prefix_len = u8::try_from(key.prefix_len().saturating_sub(CIDR_KEY_POLICY_BITS))
-                .unwrap_or(u8::MAX);
-            if let Ok(net) = ipnet::Ipv4Net::new(data.addr.into(), prefix_len) {
-                policy
-                    .pinned
-                    .get_or_insert_default()
-                    .cidrs
-                    .insert(IpNet::V4(net), class.peer);
-            }
-            policy.cidrs_v4.push(key);
+            let net = |len| {
+                ipnet::Ipv4Net::new(data.addr.into(), len)
+                    .ok()
+                    .map(IpNet::V4)
+            };
+            adopt_cidr(
+                &mut installed,
+                data.policy,
+                key.prefix_len(),
+                net,
+                class.peer,
+            )
+            .cidrs_v4
+            .push(key);
         }
         for (key, class) in cidrs_v6.iter().flatten() {
             let data = key.data();
-            let policy = installed
-                .entry(u32::from_be_bytes(data.policy))
-                .or_default();
-            let prefix_len = u8::try_from(key.prefix_len().saturating_sub(CIDR_KEY_POLICY_BITS))
-                .unwrap_or(u8::MAX);
-            if let Ok(net) = ipnet::Ipv6Net::new(data.addr.into(), prefix_len) {
-                policy
-                    .pinned
-                    .get_or_insert_default()
-                    .cidrs
-                    .insert(IpNet::V6(net), class.peer);
-            }
-            policy.cidrs_v6.push(key);
+            let net = |len| {
+                ipnet::Ipv6Net::new(data.addr.into(), len)
+                    .ok()
+                    .map(IpNet::V6)
+            };
+            adopt_cidr(
+                &mut installed,
+                data.policy,
+                key.prefix_len(),
+                net,
+                class.peer,
+            )
+            .cidrs_v6
+            .push(key);
         }
         Self {
             entries: Box::new(entries),
@@ -309,4 +311,26 @@ fn insert_prefix<K: Pod>(
     trie.insert(&key, class)?;
     installed.push(key);
     Ok(())
+}
+
+/// Records a pinned CIDR trie entry (either family) under its policy: the block it holds, read
+/// back from the key's prefix length past the policy id, and the class it maps to.
+fn adopt_cidr(
+    installed: &mut BTreeMap<PolicyId, InstalledPolicy>,
+    policy: [u8; 4],
+    key_prefix_len: u32,
+    net: impl FnOnce(u8) -> Option<IpNet>,
+    class: PeerId,
+) -> &mut InstalledPolicy {
+    let policy = installed.entry(u32::from_be_bytes(policy)).or_default();
+    let prefix_len =
+        u8::try_from(key_prefix_len.saturating_sub(CIDR_KEY_POLICY_BITS)).unwrap_or(u8::MAX);
+    if let Some(net) = net(prefix_len) {
+        policy
+            .pinned
+            .get_or_insert_default()
+            .cidrs
+            .insert(net, class);
+    }
+    policy
 }
