@@ -59,11 +59,36 @@ pub mod direction {
     pub const INGRESS: u32 = 0;
     /// Traffic leaving the pod (checked on the host-side veth's TC ingress).
     pub const EGRESS: u32 = 1;
+}
 
-    /// The bit of `dir` in [`Endpoint::audit`](super::Endpoint::audit).
+/// The bits of [`Endpoint::flags`], one per [`direction`] each.
+///
+/// Every flag reads "as before ClusterNetworkPolicy" when clear, so a pinned endpoint of an
+/// older build (whose word was zero) keeps its meaning.
+pub mod endpoint_flags {
+    /// A new flow the direction's policy does not decide passes and is reported as audited
+    /// ([`counter::AUDITED_BY_POLICY`](super::counter::AUDITED_BY_POLICY)) instead of
+    /// dropped: only policies annotated `netwarden.dev/enforcement: audit` isolate the
+    /// direction, or the agent runs with `--audit`.
     #[must_use]
-    pub const fn audit_bit(dir: u32) -> u32 {
+    pub const fn audit(dir: u32) -> u32 {
         1 << dir
+    }
+
+    /// No NetworkPolicy isolates the direction, but a ClusterNetworkPolicy selects the pod, so
+    /// it has a policy id: what no rule decides is allowed
+    /// ([`counter::ALLOWED_NOT_ISOLATED`](super::counter::ALLOWED_NOT_ISOLATED)), not denied.
+    #[must_use]
+    pub const fn fallback_allow(dir: u32) -> u32 {
+        1 << (2 + dir)
+    }
+
+    /// A ClusterNetworkPolicy selects the pod in this direction: a new flow needs both policy
+    /// lookups (the identity's and the CIDR class's), because the rule that matches first may
+    /// sit in either. Clear, an identity entry that allows ends the decision at once.
+    #[must_use]
+    pub const fn tiered(dir: u32) -> u32 {
+        1 << (4 + dir)
     }
 }
 
@@ -77,12 +102,10 @@ pub struct Endpoint {
     pub egress_policy: u32,
     /// One of [`endpoint_state`]. A `u32`, not an enum, so the type has no invalid bit patterns.
     pub state: u32,
-    /// Directions in audit mode, one bit per [`direction`] (`1 << direction`): a new flow the
-    /// direction's policy does not allow passes and is reported as audited
-    /// ([`counter::AUDITED_BY_POLICY`]) instead of dropped. Set when only policies annotated
-    /// `netwarden.dev/enforcement: audit` isolate the direction, or under the agent's `--audit`.
-    /// (This was a zero reserved word, so a pinned endpoint of an older build reads "enforce".)
-    pub audit: u32,
+    /// [`endpoint_flags`], per direction: audit mode, the fallback of a direction no
+    /// NetworkPolicy isolates, whether a ClusterNetworkPolicy selects the pod. (This was a zero
+    /// reserved word, then the audit bits alone: each flag's clear state is the older meaning.)
+    pub flags: u32,
 }
 
 /// Key of the map of addresses each endpoint owns: a packet leaving a pod from any other
@@ -170,12 +193,82 @@ impl PolicyKey {
     }
 }
 
-/// Value of the policy map: what allowed the traffic, for attribution.
+/// What a rule that matches does, in a [`TierMatch`].
+pub mod rule_action {
+    /// No rule of this tier matches.
+    pub const NONE: u8 = 0;
+    /// A NetworkPolicy rule allows it.
+    pub const ALLOW: u8 = 1;
+    /// A ClusterNetworkPolicy `Accept`: allowed, no later rule of any tier is consulted.
+    pub const ACCEPT: u8 = 2;
+    /// A ClusterNetworkPolicy `Deny`: dropped, no later rule of any tier is consulted.
+    pub const DENY: u8 = 3;
+    /// A ClusterNetworkPolicy `Pass` (or a Baseline `Accept` that an audited NetworkPolicy
+    /// tier cannot let decide): the rest of the tier is skipped, the next one decides.
+    pub const PASS: u8 = 4;
+}
+
+/// The first rule of one tier that matches a peer, protocol and port: the compiler resolved
+/// the rules' order for this entry, so the datapath only compares two of these (one per
+/// lookup) by rank.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PolicyEntry {
-    /// The compiler's id of the rule that allowed this entry (see the agent's rule table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TierMatch {
+    /// The compiler's id of the rule (see the agent's rule table), 0 with [`rule_action::NONE`].
     pub rule: u32,
+    /// Its place in the tier's evaluation order for this endpoint and direction, from 0: of
+    /// two matches, the lower rank was matched first. Every NetworkPolicy rule has the same
+    /// rank (NetworkPolicy is a union).
+    pub rank: u16,
+    /// One of [`rule_action`].
+    pub action: u8,
+    /// Zero.
+    pub reserved: u8,
+}
+
+impl TierMatch {
+    /// No rule of the tier matches.
+    pub const NONE: Self = Self {
+        rule: 0,
+        rank: u16::MAX,
+        action: rule_action::NONE,
+        reserved: 0,
+    };
+
+    /// Of `self` and `other`, the one matched first (the lower rank; a match before none).
+    #[inline]
+    #[must_use]
+    pub const fn first(self, other: Self) -> Self {
+        if other.action != rule_action::NONE
+            && (self.action == rule_action::NONE || other.rank < self.rank)
+        {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// Value of the policy map: for one peer (identity or CIDR class), protocol and port block,
+/// the first matching rule of the Admin tier, and of the tier below it (NetworkPolicy when one
+/// isolates the direction, else Baseline).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyEntry {
+    /// The first Admin ClusterNetworkPolicy rule that matches, or [`TierMatch::NONE`].
+    pub admin: TierMatch,
+    /// The NetworkPolicy rule that allows it, or the first Baseline rule that matches, or
+    /// [`TierMatch::NONE`].
+    pub below: TierMatch,
+}
+
+impl Default for PolicyEntry {
+    fn default() -> Self {
+        Self {
+            admin: TierMatch::NONE,
+            below: TierMatch::NONE,
+        }
+    }
 }
 
 /// Prefix length of a [`CidrKey`] or [`CidrKeyV4`] that covers the policy id only: an entry
@@ -772,6 +865,13 @@ pub mod counter {
         /// `--audit`), and no rule allows it: enforcing would drop it.
         AUDITED_BY_POLICY = 22, Audit, "audited_by_policy",
             "a new flow a policy in audit mode would drop: passed and reported";
+        /// Passed: a ClusterNetworkPolicy `Accept` rule (Admin tier, or Baseline for a pod no
+        /// NetworkPolicy isolates) matched first.
+        ALLOWED_BY_CLUSTER_POLICY = 23, Allow, "allowed_by_cluster_policy",
+            "a new flow a ClusterNetworkPolicy Accept rule matched first";
+        /// Dropped: a ClusterNetworkPolicy `Deny` rule matched first.
+        DENIED_BY_CLUSTER_POLICY = 24, Deny, "denied_by_cluster_policy",
+            "a new flow a ClusterNetworkPolicy Deny rule matched first";
     }
 
     /// Number of reasons.

@@ -4,7 +4,7 @@
 //! IPCACHE   hash  IpKey { address (16 B, IPv4-mapped) }             -> identity
 //! CIDRS_V4  LPM   CidrKeyV4 { policy (32 bits), address (32 bits) }  -> CIDR class
 //! CIDRS_V6  LPM   CidrKey   { policy (32 bits), address (128 bits) } -> CIDR class
-//! POLICY    LPM   PolicyKey { policy (32), peer (32), protocol (8), port (16) } -> rule
+//! POLICY    LPM   PolicyKey { policy (32), peer (32), protocol (8), port (16) } -> PolicyEntry
 //! ```
 //!
 //! All LPM keys are big-endian and looked up fully specified (`CIDR_KEY_V4_FULL_BITS`,
@@ -26,10 +26,16 @@
 //! 1. `POLICY[(policy, IPCACHE[peer], protocol, port)]` (skipped for `IDENTITY_WORLD`);
 //! 2. `POLICY[(policy, CIDRS_Vx[(policy, peer)], protocol, port)]`.
 //!
-//! Any match allows (NetworkPolicy has no deny rules), and the first one found names the rule
-//! reported; within one `POLICY` lookup the trie returns the longest entry. The CIDR path
-//! applies to pod addresses too, so `ipBlock` semantics stay exact whatever identity an address
-//! has. See `netwarden_common::{PolicyKey, CidrKey, CidrKeyV4}` for the layouts.
+//! Within one `POLICY` lookup the trie returns the longest entry; the compiler gave every entry
+//! the decision of the rules covering all of it, so the longest one is the whole answer for its
+//! peer kind. An entry holds two [`netwarden_common::TierMatch`]es: the first Admin
+//! ClusterNetworkPolicy rule that matches, and the first match of the tier below (a
+//! NetworkPolicy allow, or a Baseline rule). The rule that matches first overall may come from
+//! either lookup, so `verdict::decide` takes the lower rank of the two, tier by tier. A
+//! direction no ClusterNetworkPolicy selects has no Admin or Baseline matches: there an identity
+//! entry that allows ends the decision, as before the tiers. The CIDR path applies to pod
+//! addresses too, so `ipBlock` and `networks` semantics stay exact whatever identity an address
+//! has. See `netwarden_common::{PolicyKey, CidrKey, CidrKeyV4, PolicyEntry}` for the layouts.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -97,12 +103,17 @@ pub(crate) fn cidr_class(policy: u32, addr: &[u8; 16]) -> Option<PeerId> {
     class.map(|class| class.peer)
 }
 
-/// The rule of the longest `POLICY` entry matching, if any.
+/// The longest `POLICY` entry matching, if any.
 #[inline(always)]
-pub(crate) fn policy_rule(policy: u32, peer: PeerId, protocol: u8, port: u16) -> Option<u32> {
+pub(crate) fn policy_entry(
+    policy: u32,
+    peer: PeerId,
+    protocol: u8,
+    port: u16,
+) -> Option<PolicyEntry> {
     let key = Key::new(
         POLICY_KEY_FULL_BITS,
         PolicyKey::new(policy, peer, protocol, port),
     );
-    POLICY.get(&key).map(|entry| entry.rule)
+    POLICY.get(&key).copied()
 }

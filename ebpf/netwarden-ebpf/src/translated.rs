@@ -243,7 +243,7 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
     let Decision { reason, rule } = decide(&endpoint, dir, judged, opening_port(judged, dir));
     if !is_allowed(reason) {
         conntrack::remove(key);
-        exit::drop_flow(judged, dir, reason, &attribution(policy, 0), NF_DROP);
+        exit::drop_flow(judged, dir, reason, &attribution(policy, rule), NF_DROP);
         return false;
     }
     if !may_open {

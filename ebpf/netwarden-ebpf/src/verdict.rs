@@ -60,18 +60,26 @@
 //!      itself through its own Service): allow, as over loopback.
 //!   a. D is ingress and the peer is the node: allow (kubelet probes keep working).
 //!   b. E not READY (pod object unknown, or locked down): deny.
-//!   c. D not isolated (policy id 0): allow.
-//!   d. `POLICY[(policy, identity(peer), protocol, port)]` matches: allow (not looked up for
-//!      WORLD, which no entry names: rules for every peer are `0.0.0.0/0` and `::/0` blocks).
-//!   e. `POLICY[(policy, CIDRS_Vx[(policy, peer)], protocol, port)]` matches: allow.
-//!   f. D audited (`Endpoint::audit`: only audit-mode policies isolate it, or `--audit`): pass,
-//!      counted and reported as audited.
-//!   g. deny.
+//!   c. D has no policy (id 0: no NetworkPolicy isolates it, no ClusterNetworkPolicy selects
+//!      the pod): allow.
+//!   d. `I = POLICY[(policy, identity(peer), protocol, port)]` (not looked up for WORLD, which
+//!      no entry names: rules for every peer are `0.0.0.0/0` and `::/0` blocks). When no
+//!      ClusterNetworkPolicy selects the pod in D (`endpoint_flags::tiered`) and I allows:
+//!      allow, the only lookup on the common path.
+//!   e. `C = POLICY[(policy, CIDRS_Vx[(policy, peer)], protocol, port)]`.
+//!   f. Admin tier: the lower-ranked of I's and C's Admin matches. Accept: allow; Deny: deny;
+//!      Pass or none: go on.
+//!   g. The tier below: the lower-ranked of their other matches. A NetworkPolicy allow or a
+//!      Baseline Accept: allow; a Baseline Deny: deny.
+//!   h. No NetworkPolicy isolates D (`endpoint_flags::fallback_allow`): allow.
+//!   i. D audited (`endpoint_flags::audit`: only audit-mode policies isolate it, or `--audit`):
+//!      pass, counted and reported as audited.
+//!   j. deny.
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 use netwarden_common::{
-    Endpoint, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, POLICY_NOT_ISOLATED, counter,
-    direction, endpoint_state, flow_flags,
+    Endpoint, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, POLICY_NOT_ISOLATED, TierMatch,
+    counter, direction, endpoint_flags, endpoint_state, flow_flags, rule_action,
 };
 
 use crate::{
@@ -253,7 +261,12 @@ fn decide_new_flow(
     let policy = policy_of(endpoint, dir);
     let Decision { reason, rule } = decide(endpoint, dir, flow, opening_port(flow, dir));
     if !is_allowed(reason) {
-        return exit::drop_flow(flow, dir, reason, &Attribution::policy(policy), DENY);
+        let attribution = Attribution {
+            policy,
+            rule,
+            frontend: 0,
+        };
+        return exit::drop_flow(flow, dir, reason, &attribution, DENY);
     }
     // Only a flow whose pod address the endpoint owns is tracked, whichever way it opened
     // (towards the pod, a broadcast, multicast or misrouted destination passes on its own):
@@ -335,8 +348,8 @@ pub(crate) fn is_allowed(reason: u32) -> bool {
     )
 }
 
-/// What [`decide`] found: the counter that names the reason, and for an allow by policy the
-/// rule that allowed it (0 otherwise).
+/// What [`decide`] found: the counter that names the reason, and the rule that decided (0 when
+/// none did: a default, or a fail-closed drop).
 pub(crate) struct Decision {
     pub(crate) reason: u32,
     pub(crate) rule: u32,
@@ -346,6 +359,14 @@ impl Decision {
     #[inline(always)]
     fn because(reason: u32) -> Self {
         Self { reason, rule: 0 }
+    }
+
+    #[inline(always)]
+    fn by_rule(reason: u32, matched: TierMatch) -> Self {
+        Self {
+            reason,
+            rule: matched.rule,
+        }
     }
 }
 
@@ -369,27 +390,53 @@ pub(crate) fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -
     if policy == POLICY_NOT_ISOLATED {
         return Decision::because(counter::ALLOWED_NOT_ISOLATED);
     }
+    let flags = endpoint.flags;
     // No entry names WORLD: selectors match pods, and rules for every peer are compiled as
     // 0.0.0.0/0 and ::/0 blocks. An address outside the IP cache is decided by its CIDR class alone.
-    if peer != IDENTITY_WORLD
-        && let Some(rule) = policy::policy_rule(policy, peer, flow.protocol, port)
+    let by_identity = if peer == IDENTITY_WORLD {
+        None
+    } else {
+        policy::policy_entry(policy, peer, flow.protocol, port)
+    };
+    if flags & endpoint_flags::tiered(dir) == 0
+        && let Some(entry) = by_identity
+        && entry.below.action == rule_action::ALLOW
     {
+        // No ClusterNetworkPolicy selects the pod: nothing can match before this allow.
         return Decision {
             reason: counter::ALLOWED_BY_POLICY,
-            rule,
+            rule: entry.below.rule,
         };
     }
-    if let Some(class) = policy::cidr_class(policy, &flow.peer_addr)
-        && let Some(rule) = policy::policy_rule(policy, class, flow.protocol, port)
-    {
-        return Decision {
-            reason: counter::ALLOWED_BY_POLICY,
-            rule,
-        };
+    let by_class = policy::cidr_class(policy, &flow.peer_addr)
+        .and_then(|class| policy::policy_entry(policy, class, flow.protocol, port));
+    let (identity, class) = (
+        by_identity.unwrap_or_default(),
+        by_class.unwrap_or_default(),
+    );
+    let admin = identity.admin.first(class.admin);
+    match admin.action {
+        rule_action::ACCEPT => return Decision::by_rule(counter::ALLOWED_BY_CLUSTER_POLICY, admin),
+        rule_action::DENY => return Decision::by_rule(counter::DENIED_BY_CLUSTER_POLICY, admin),
+        // Pass, or no Admin rule matches: the tier below decides.
+        _ => {}
     }
-    if endpoint.audit & direction::audit_bit(dir) != 0 {
+    let below = identity.below.first(class.below);
+    match below.action {
+        rule_action::ALLOW => return Decision::by_rule(counter::ALLOWED_BY_POLICY, below),
+        rule_action::ACCEPT => return Decision::by_rule(counter::ALLOWED_BY_CLUSTER_POLICY, below),
+        rule_action::DENY => return Decision::by_rule(counter::DENIED_BY_CLUSTER_POLICY, below),
+        _ => {}
+    }
+    if flags & endpoint_flags::fallback_allow(dir) != 0 {
+        // No NetworkPolicy isolates the direction; a ClusterNetworkPolicy selecting the pod
+        // did not decide.
+        return Decision::because(counter::ALLOWED_NOT_ISOLATED);
+    }
+    if flags & endpoint_flags::audit(dir) != 0 {
         // Only the policy's own verdict is audited: everything above that fails closed
-        // (unknown endpoints, spoofing, malformed frames) is enforced whatever the mode.
+        // (unknown endpoints, spoofing, malformed frames) is enforced whatever the mode, and so
+        // is a ClusterNetworkPolicy's Deny.
         return Decision::because(counter::AUDITED_BY_POLICY);
     }
     Decision::because(counter::DENIED_BY_POLICY)

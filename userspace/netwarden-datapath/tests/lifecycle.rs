@@ -134,7 +134,7 @@ fn pinned_content(root: &std::path::Path) -> (Vec<String>, usize) {
         .iter()
         .map(|item| {
             let (key, value) = item.expect("an entry");
-            format!("{}/{:?} -> {}", key.prefix_len(), key.data(), value.rule)
+            format!("{}/{:?} -> {:?}", key.prefix_len(), key.data(), value)
         })
         .collect();
     entries.sort();
@@ -384,8 +384,8 @@ fn a_pinned_policy_numbered_by_an_older_build_keeps_its_keys_and_gets_its_rules_
     // An older build numbered rules in the order it met them.
     let mut older = state.clone();
     for policy in older.policies.values_mut() {
-        for rule in policy.entries.values_mut() {
-            *rule = rule.wrapping_add(1);
+        for decided in policy.entries.values_mut() {
+            decided.below.rule = decided.below.rule.wrapping_add(1);
         }
     }
     let (mut first, _) = Datapath::open(root, &Capacity::default()).expect("datapath");

@@ -12,7 +12,8 @@ use std::{
 
 use netwarden_common::{IDENTITY_HOST, PeerId};
 use netwarden_model::{
-    Cluster, Enforcement, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef, Service, ServiceRef,
+    Cluster, ClusterNetworkPolicy, Enforcement, Namespace, NetworkPolicy, Node as ClusterNode, Pod,
+    PodRef, PolicyRef, Service, ServiceRef, Tier,
 };
 
 use crate::{
@@ -20,7 +21,7 @@ use crate::{
     identity::IdentityInfo,
     ids::{PolicyIds, RuleIds},
     pods::{AddressClaims, PodRecord, Pods, fingerprint},
-    rules::RuleCompiler,
+    rules::{DirectionPolicies, RuleCompiler},
     selectors::Selectors,
     state::{CompiledPolicy, DatapathState, Direction, LocalEndpoint, PolicyId},
 };
@@ -37,6 +38,10 @@ pub enum Change {
     Policy(PolicyRef, Option<NetworkPolicy>),
     /// A Service was created, updated or deleted.
     Service(ServiceRef, Option<Service>),
+    /// A ClusterNetworkPolicy was created, updated or deleted.
+    ClusterPolicy(String, Option<ClusterNetworkPolicy>),
+    /// A Node was created, updated or deleted (ClusterNetworkPolicy `nodes` peers).
+    Node(String, Option<ClusterNode>),
 }
 
 /// The node the compiler enforces for.
@@ -55,6 +60,8 @@ struct Pending {
     /// Local endpoints whose egress `ipBlock` rules with named ports depend on every pod's
     /// addresses and ports: they are rare, so any pod change recompiles them.
     on_every_pod_change: BTreeSet<PodRef>,
+    /// Local endpoints with ClusterNetworkPolicy `nodes` peers: any node change recompiles them.
+    on_every_node_change: BTreeSet<PodRef>,
 }
 
 /// The compiler. It keeps the datapath state for the cluster it was told about and updates it
@@ -198,9 +205,8 @@ impl Compiler {
             services,
             // The datapath judges the translated flow by its backend pod: it needs no backends.
             endpoint_slices: _,
-            // Not compiled yet (issue #15, part 2): only the reference evaluator reads them.
-            cluster_policies: _,
-            nodes: _,
+            cluster_policies,
+            nodes,
         } = cluster;
         let mut changes = Vec::new();
         diff(
@@ -233,6 +239,13 @@ impl Compiler {
             &mut changes,
             Change::Service,
         );
+        diff(&self.cluster.nodes, nodes, &mut changes, Change::Node);
+        diff(
+            &self.cluster.cluster_policies,
+            cluster_policies,
+            &mut changes,
+            Change::ClusterPolicy,
+        );
         self.update(changes)
     }
 
@@ -244,6 +257,8 @@ impl Compiler {
                 Change::Namespace(name, namespace) => self.change_namespace(&name, namespace),
                 Change::Policy(id, policy) => self.change_policy(&id, policy),
                 Change::Service(id, service) => self.change_service(&id, service),
+                Change::ClusterPolicy(name, policy) => self.change_cluster_policy(&name, policy),
+                Change::Node(name, node) => self.change_node(&name, node),
             }
         }
         for pod in std::mem::take(&mut self.pending.dirty) {
@@ -278,6 +293,40 @@ impl Compiler {
             &self.node.addresses,
             &mut self.state.service_frontends,
         );
+    }
+
+    fn change_cluster_policy(&mut self, name: &str, policy: Option<ClusterNetworkPolicy>) {
+        let old = match policy {
+            Some(policy) => self
+                .cluster
+                .cluster_policies
+                .insert(name.to_owned(), policy),
+            None => self.cluster.cluster_policies.remove(name),
+        };
+        let new = self.cluster.cluster_policies.get(name);
+        if old.as_ref() == new {
+            return;
+        }
+        for (pod, local) in &self.pods.local {
+            let selected = |policy: Option<&ClusterNetworkPolicy>| {
+                policy.is_some_and(|policy| policy.subject.selects(&self.cluster, local))
+            };
+            if selected(old.as_ref()) || selected(new) {
+                self.pending.dirty.insert(pod.clone());
+            }
+        }
+    }
+
+    fn change_node(&mut self, name: &str, node: Option<ClusterNode>) {
+        let old = match node {
+            Some(node) => self.cluster.nodes.insert(name.to_owned(), node),
+            None => self.cluster.nodes.remove(name),
+        };
+        if old.as_ref() != self.cluster.nodes.get(name) {
+            self.pending
+                .dirty
+                .extend(self.pending.on_every_node_change.iter().cloned());
+        }
     }
 
     fn change_pod(&mut self, id: PodRef, pod: Option<Pod>) {
@@ -342,6 +391,20 @@ impl Compiler {
         };
         if old.as_ref() == self.cluster.namespaces.get(name) {
             return;
+        }
+        if !self.cluster.cluster_policies.is_empty() {
+            // ClusterNetworkPolicy subjects select pods by their namespace's labels.
+            let namespace = PodRef {
+                namespace: name.to_owned(),
+                name: String::new(),
+            };
+            self.pending.dirty.extend(
+                self.pods
+                    .local
+                    .range(namespace..)
+                    .take_while(|(pod, _)| pod.namespace == name)
+                    .map(|(pod, _)| pod.clone()),
+            );
         }
         let labels = self.cluster.namespace_labels(name);
         let members: Vec<(PeerId, &IdentityInfo)> = self
@@ -441,6 +504,7 @@ impl Compiler {
         }
         self.selectors.forget_uses(id);
         self.pending.on_every_pod_change.remove(id);
+        self.pending.on_every_node_change.remove(id);
 
         let Some(pod) = Pods::enforceable(self.pods.local.get(id)).cloned() else {
             return;
@@ -471,7 +535,17 @@ impl Compiler {
             egress_isolated_by: Vec::new(),
             ingress_audit: false,
             egress_audit: false,
+            ingress_cluster_policies: Vec::new(),
+            egress_cluster_policies: Vec::new(),
         };
+        // By priority, then name (the map's order; a stable sort keeps it among equals).
+        let mut selecting_cluster: Vec<&ClusterNetworkPolicy> = self
+            .cluster
+            .cluster_policies
+            .values()
+            .filter(|policy| policy.subject.selects(&self.cluster, &pod))
+            .collect();
+        selecting_cluster.sort_by_key(|policy| policy.priority);
         let mut rules = RuleCompiler {
             cluster: &self.cluster,
             pods: &self.pods,
@@ -481,8 +555,18 @@ impl Compiler {
             rules: &mut self.state.rules,
             selectors_used: Vec::new(),
             reads_every_pod: false,
+            reads_nodes: false,
         };
         for direction in [Direction::Ingress, Direction::Egress] {
+            let ingress = direction == Direction::Ingress;
+            let in_tier = |tier: Tier| -> Vec<&ClusterNetworkPolicy> {
+                selecting_cluster
+                    .iter()
+                    .copied()
+                    .filter(|policy| policy.tier == tier && !policy.rules(ingress).is_empty())
+                    .collect()
+            };
+            let (admin, baseline) = (in_tier(Tier::Admin), in_tier(Tier::Baseline));
             let isolating: Vec<&NetworkPolicy> = selecting
                 .iter()
                 .filter(|policy| match direction {
@@ -490,7 +574,7 @@ impl Compiler {
                     Direction::Egress => policy.policy_types.egress,
                 })
                 .collect();
-            if isolating.is_empty() {
+            if isolating.is_empty() && admin.is_empty() && baseline.is_empty() {
                 continue;
             }
             // Audit-mode policies only add allows to what enforced ones allow, so they change
@@ -501,31 +585,52 @@ impl Compiler {
                 .copied()
                 .filter(|policy| policy.enforcement == Enforcement::Enforce)
                 .collect();
-            let audit = self.audit_everything || enforced.is_empty();
-            let isolating = if audit { isolating } else { enforced };
-            let compiled = rules.compile_direction(&pod, direction, &isolating);
+            let audit = !isolating.is_empty() && (self.audit_everything || enforced.is_empty());
+            let network = if audit { isolating } else { enforced };
+            let cluster_policies = admin
+                .iter()
+                .chain(&baseline)
+                .map(|policy| policy.name.clone())
+                .collect();
+            let policies = DirectionPolicies {
+                admin,
+                network,
+                baseline,
+                audited: audit,
+            };
+            let compiled = rules.compile_direction(&pod, direction, &policies);
             let policy = self.policy_ids.acquire(compiled, &mut self.state.policies);
-            let isolated_by = isolating.iter().map(|policy| policy.id.clone()).collect();
+            let isolated_by = policies
+                .network
+                .iter()
+                .map(|policy| policy.id.clone())
+                .collect();
             match direction {
                 Direction::Ingress => {
                     endpoint.ingress = Some(policy);
                     endpoint.ingress_isolated_by = isolated_by;
                     endpoint.ingress_audit = audit;
+                    endpoint.ingress_cluster_policies = cluster_policies;
                 }
                 Direction::Egress => {
                     endpoint.egress = Some(policy);
                     endpoint.egress_isolated_by = isolated_by;
                     endpoint.egress_audit = audit;
+                    endpoint.egress_cluster_policies = cluster_policies;
                 }
             }
         }
         let RuleCompiler {
             selectors_used,
             reads_every_pod,
+            reads_nodes,
             ..
         } = rules;
         if reads_every_pod {
             self.pending.on_every_pod_change.insert(id.clone());
+        }
+        if reads_nodes {
+            self.pending.on_every_node_change.insert(id.clone());
         }
         self.selectors.record_uses(id, selectors_used);
         self.state.endpoints.insert(id.clone(), endpoint);

@@ -29,5 +29,5 @@ pub use identity::IdentityInfo;
 pub use ports::port_prefixes;
 pub use state::{
     CompiledPolicy, DatapathState, Direction, LocalEndpoint, PolicyId, PolicyMatch, RuleId,
-    RuleOrigin,
+    RuleOrigin, RulePolicy,
 };

@@ -24,7 +24,7 @@ use std::{
 use netwarden_common::{
     CIDR_KEY_FULL_BITS, CIDR_KEY_V4_FULL_BITS, CidrKey, CidrKeyV4, Endpoint, EndpointAddress,
     FrontendKey, IDENTITY_HOST, IDENTITY_WORLD, POLICY_KEY_FULL_BITS, POLICY_NOT_ISOLATED, PeerId,
-    PolicyKey, counter, endpoint_state, ipv4_of_mapped,
+    PolicyEntry, PolicyKey, counter, endpoint_flags, endpoint_state, ipv4_of_mapped, rule_action,
 };
 use netwarden_model::PodRef;
 
@@ -54,6 +54,10 @@ pub enum Decision {
     Denied,
     /// Isolated in audit mode, and no rule allows it: passes (`AUDITED_BY_POLICY`).
     Audited,
+    /// A ClusterNetworkPolicy `Accept` rule matched first (`ALLOWED_BY_CLUSTER_POLICY`).
+    ClusterAccepted(RuleId),
+    /// A ClusterNetworkPolicy `Deny` rule matched first (`DENIED_BY_CLUSTER_POLICY`).
+    ClusterDenied(RuleId),
 }
 
 impl Decision {
@@ -67,6 +71,7 @@ impl Decision {
                 | Self::AllowedNotIsolated
                 | Self::Allowed(_)
                 | Self::Audited
+                | Self::ClusterAccepted(_)
         )
     }
 
@@ -81,6 +86,8 @@ impl Decision {
             Self::Allowed(_) => counter::ALLOWED_BY_POLICY,
             Self::Denied => counter::DENIED_BY_POLICY,
             Self::Audited => counter::AUDITED_BY_POLICY,
+            Self::ClusterAccepted(_) => counter::ALLOWED_BY_CLUSTER_POLICY,
+            Self::ClusterDenied(_) => counter::DENIED_BY_CLUSTER_POLICY,
         }
     }
 }
@@ -192,7 +199,7 @@ pub enum LookupError {
 pub struct Maps<'a> {
     state: &'a DatapathState,
     ipcache: HashMap<[u8; 16], PeerId>,
-    policy: LpmTrie<POLICY_KEY_BYTES, RuleId>,
+    policy: LpmTrie<POLICY_KEY_BYTES, PolicyEntry>,
     cidrs_v4: LpmTrie<CIDR_V4_KEY_BYTES, PeerId>,
     cidrs_v6: LpmTrie<CIDR_V6_KEY_BYTES, PeerId>,
     endpoints: BTreeMap<u32, Endpoint>,
@@ -228,9 +235,9 @@ impl<'a> Maps<'a> {
                     }
                 }
             }
-            for (entry, rule) in &compiled.entries {
+            for (entry, decided) in &compiled.entries {
                 let (prefix_len, key) = entry.key(*id);
-                policy.insert(prefix_len, policy_key_bytes(&key), *rule);
+                policy.insert(prefix_len, policy_key_bytes(&key), *decided);
             }
         }
         let frontends = if translation_hook {
@@ -356,7 +363,7 @@ impl<'a> Maps<'a> {
         }
     }
 
-    /// Steps 0 and a. to f. of `verdict.rs`: the first packet of a flow between the endpoint
+    /// Steps 0 and a. to j. of `verdict.rs`: the first packet of a flow between the endpoint
     /// at `pod_address` and `peer_address`, in `direction`, to destination `port`.
     #[must_use]
     pub fn decide(
@@ -391,37 +398,64 @@ impl<'a> Maps<'a> {
         if policy == POLICY_NOT_ISOLATED {
             return Decision::AllowedNotIsolated;
         }
-        // d. WORLD is never looked up: no entry names it.
-        if peer != IDENTITY_WORLD
-            && let Some(rule) = self.policy_rule(policy, peer, protocol, port)
-        {
-            return Decision::Allowed(rule);
-        }
-        // e. The CIDR class, from the trie of the peer's family.
-        if let Some(class) = self.cidr_class(policy, &peer_address)
-            && let Some(rule) = self.policy_rule(policy, class, protocol, port)
-        {
-            return Decision::Allowed(rule);
-        }
-        // f. Audit mode passes what the policy does not allow.
         let dir = match direction {
             Direction::Ingress => netwarden_common::direction::INGRESS,
             Direction::Egress => netwarden_common::direction::EGRESS,
         };
-        if endpoint.audit & netwarden_common::direction::audit_bit(dir) != 0 {
+        // d. WORLD is never looked up: no entry names it.
+        let by_identity = if peer == IDENTITY_WORLD {
+            None
+        } else {
+            self.policy_entry(policy, peer, protocol, port)
+        };
+        if endpoint.flags & endpoint_flags::tiered(dir) == 0
+            && let Some(entry) = by_identity
+            && entry.below.action == rule_action::ALLOW
+        {
+            return Decision::Allowed(entry.below.rule);
+        }
+        // e. The CIDR class, from the trie of the peer's family.
+        let by_class = self
+            .cidr_class(policy, &peer_address)
+            .and_then(|class| self.policy_entry(policy, class, protocol, port));
+        let (identity, class) = (
+            by_identity.unwrap_or_default(),
+            by_class.unwrap_or_default(),
+        );
+        // f. The Admin tier.
+        let admin = identity.admin.first(class.admin);
+        match admin.action {
+            rule_action::ACCEPT => return Decision::ClusterAccepted(admin.rule),
+            rule_action::DENY => return Decision::ClusterDenied(admin.rule),
+            _ => {}
+        }
+        // g. The tier below.
+        let below = identity.below.first(class.below);
+        match below.action {
+            rule_action::ALLOW => return Decision::Allowed(below.rule),
+            rule_action::ACCEPT => return Decision::ClusterAccepted(below.rule),
+            rule_action::DENY => return Decision::ClusterDenied(below.rule),
+            _ => {}
+        }
+        // h. No NetworkPolicy isolates the direction.
+        if endpoint.flags & endpoint_flags::fallback_allow(dir) != 0 {
+            return Decision::AllowedNotIsolated;
+        }
+        // i. Audit mode passes what the policy does not allow.
+        if endpoint.flags & endpoint_flags::audit(dir) != 0 {
             return Decision::Audited;
         }
         Decision::Denied
     }
 
-    /// The rule of the longest `POLICY` entry matching the full key, if any.
-    fn policy_rule(
+    /// The longest `POLICY` entry matching the full key, if any.
+    fn policy_entry(
         &self,
         policy: PolicyId,
         peer: PeerId,
         protocol: u8,
         port: u16,
-    ) -> Option<RuleId> {
+    ) -> Option<PolicyEntry> {
         let key = PolicyKey::new(policy, peer, protocol, port);
         self.policy
             .longest_match(POLICY_KEY_FULL_BITS, &policy_key_bytes(&key))

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use netwarden_common::{
     CIDR_KEY_POLICY_BITS, CidrKey, CidrKeyV4, Endpoint, EndpointAddress, FrontendKey, IpKey,
-    direction, endpoint_state,
+    direction, endpoint_flags, endpoint_state,
 };
 
 use crate::{
@@ -56,14 +56,41 @@ pub fn ready_endpoint(endpoint: &LocalEndpoint) -> Endpoint {
             .egress
             .unwrap_or(netwarden_common::POLICY_NOT_ISOLATED),
         state: endpoint_state::READY,
-        audit: [
-            (endpoint.ingress_audit, direction::INGRESS),
-            (endpoint.egress_audit, direction::EGRESS),
-        ]
-        .into_iter()
-        .filter(|(audited, _)| *audited)
-        .fold(0, |bits, (_, dir)| bits | direction::audit_bit(dir)),
+        flags: endpoint_flags(endpoint),
     }
+}
+
+/// [`Endpoint::flags`] of `endpoint`, direction by direction.
+fn endpoint_flags(endpoint: &LocalEndpoint) -> u32 {
+    let sides = [
+        (
+            direction::INGRESS,
+            endpoint.ingress,
+            endpoint.ingress_audit,
+            &endpoint.ingress_isolated_by,
+            &endpoint.ingress_cluster_policies,
+        ),
+        (
+            direction::EGRESS,
+            endpoint.egress,
+            endpoint.egress_audit,
+            &endpoint.egress_isolated_by,
+            &endpoint.egress_cluster_policies,
+        ),
+    ];
+    let mut flags = 0;
+    for (dir, policy, audit, isolated_by, cluster_policies) in sides {
+        if audit {
+            flags |= endpoint_flags::audit(dir);
+        }
+        if policy.is_some() && isolated_by.is_empty() {
+            flags |= endpoint_flags::fallback_allow(dir);
+        }
+        if !cluster_policies.is_empty() {
+            flags |= endpoint_flags::tiered(dir);
+        }
+    }
+    flags
 }
 
 /// The `ENDPOINTS` value of a pod whose policies did not fit the maps: locked down.

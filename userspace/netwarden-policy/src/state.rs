@@ -3,8 +3,11 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use ipnet::IpNet;
-use netwarden_common::{POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTOCOL_BITS, PeerId, PolicyKey};
-use netwarden_model::{PodRef, PolicyRef};
+use netwarden_common::{
+    POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTOCOL_BITS, PeerId, PolicyEntry, PolicyKey,
+    TierMatch,
+};
+use netwarden_model::{PodRef, PolicyRef, Tier};
 
 use crate::{
     frontends::{Frontend, FrontendId, FrontendInfo},
@@ -15,7 +18,7 @@ use crate::{
 /// endpoint can be switched from one policy to the next in a single map write.
 pub type PolicyId = u32;
 
-/// Id of one rule of one NetworkPolicy, for attribution.
+/// Id of one rule of one NetworkPolicy or ClusterNetworkPolicy, for attribution.
 pub type RuleId = u32;
 
 /// Direction from the pod's point of view.
@@ -106,38 +109,80 @@ impl PolicyMatch {
     }
 }
 
-/// Everything one endpoint's direction allows.
+/// Everything one endpoint's direction decides.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CompiledPolicy {
-    /// Allowed (peer, protocol, port) entries, with the rule that allowed each.
-    pub entries: BTreeMap<PolicyMatch, RuleId>,
-    /// Address prefixes of `ipBlock` rules, mapped to their CIDR class.
+    /// (peer, protocol, port) entries, with the first rule of each tier that matches all of
+    /// the entry (the longest entry a lookup finds is its whole answer).
+    pub entries: BTreeMap<PolicyMatch, PolicyEntry>,
+    /// Address prefixes of `ipBlock` and `networks` peers (and the every-peer block), mapped to
+    /// their CIDR class.
     pub cidrs: BTreeMap<IpNet, PeerId>,
 }
 
 /// A compiled policy's entries and prefixes without their rule ids.
-pub(crate) type PolicyShape = (Vec<PolicyMatch>, Vec<(IpNet, PeerId)>);
+pub(crate) type PolicyShape = (Vec<(PolicyMatch, PolicyEntry)>, Vec<(IpNet, PeerId)>);
 
 impl CompiledPolicy {
-    /// What the policy lets through, without the rule ids that only attribute it: two
-    /// policies of equal shape enforce the same, and one can take the other's place by
-    /// rewriting the values of its entries, never adding or removing a key.
+    /// What the policy decides, without the rule ids that only attribute it: two policies of
+    /// equal shape enforce the same, and one can take the other's place by rewriting the values
+    /// of its entries, never adding or removing a key.
     pub(crate) fn shape(&self) -> PolicyShape {
+        let unattributed = |matched: TierMatch| TierMatch { rule: 0, ..matched };
         (
-            self.entries.keys().copied().collect(),
+            self.entries
+                .iter()
+                .map(|(entry, decided)| {
+                    let decided = PolicyEntry {
+                        admin: unattributed(decided.admin),
+                        below: unattributed(decided.below),
+                    };
+                    (*entry, decided)
+                })
+                .collect(),
             self.cidrs
                 .iter()
                 .map(|(net, class)| (*net, *class))
                 .collect(),
         )
     }
+
+    /// Whether `other` decides the same (see [`CompiledPolicy::shape`]): it may differ in rule
+    /// ids only.
+    #[must_use]
+    pub fn same_shape(&self, other: &Self) -> bool {
+        self.shape() == other.shape()
+    }
+}
+
+/// The policy a rule belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RulePolicy {
+    /// A NetworkPolicy.
+    Network(PolicyRef),
+    /// A ClusterNetworkPolicy (cluster-scoped: a name) of this tier.
+    Cluster {
+        /// Its name.
+        name: String,
+        /// Its tier.
+        tier: Tier,
+    },
+}
+
+impl fmt::Display for RulePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Network(policy) => write!(f, "NetworkPolicy {policy}"),
+            Self::Cluster { name, tier } => write!(f, "ClusterNetworkPolicy {name} ({tier} tier)"),
+        }
+    }
 }
 
 /// Where a rule comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RuleOrigin {
-    /// The NetworkPolicy.
-    pub policy: PolicyRef,
+    /// The policy.
+    pub policy: RulePolicy,
     /// `ingress` or `egress`.
     pub direction: Direction,
     /// Index of the rule in that list.
@@ -153,11 +198,14 @@ impl RuleOrigin {
         use sha2::{Digest as _, Sha256};
         let mut hasher = Sha256::new();
         let direction = self.direction.to_string();
-        for field in [
-            self.policy.namespace.as_bytes(),
-            self.policy.name.as_bytes(),
-            direction.as_bytes(),
-        ] {
+        // A NetworkPolicy hashes its namespace and name as it always did (a restarted agent
+        // keeps its rule ids); a cluster-scoped name is hashed after the tier, which no
+        // namespace can spell ("Admin"/"Baseline" have capitals).
+        let (scope, name) = match &self.policy {
+            RulePolicy::Network(policy) => (policy.namespace.clone(), policy.name.as_str()),
+            RulePolicy::Cluster { name, tier } => (tier.to_string(), name.as_str()),
+        };
+        for field in [scope.as_bytes(), name.as_bytes(), direction.as_bytes()] {
             hasher.update((field.len() as u64).to_be_bytes());
             hasher.update(field);
         }
@@ -170,11 +218,7 @@ impl RuleOrigin {
 
 impl fmt::Display for RuleOrigin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "NetworkPolicy {} {}[{}]",
-            self.policy, self.direction, self.index
-        )
+        write!(f, "{} {}[{}]", self.policy, self.direction, self.index)
     }
 }
 
@@ -200,6 +244,11 @@ pub struct LocalEndpoint {
     pub ingress_audit: bool,
     /// The same for `egress`.
     pub egress_audit: bool,
+    /// The ClusterNetworkPolicies (Admin and Baseline) that select it and have ingress rules,
+    /// in evaluation order: a policy id even when no NetworkPolicy isolates it.
+    pub ingress_cluster_policies: Vec<String>,
+    /// The same for egress.
+    pub egress_cluster_policies: Vec<String>,
 }
 
 /// The content of every datapath map, as the compiler wants it.

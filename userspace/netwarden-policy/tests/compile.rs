@@ -387,7 +387,8 @@ spec: {podSelector: {matchLabels: {app: a}}, ingress: [{ports: [{port: 1}]}]}
             .policies
             .values()
             .flat_map(|policy| policy.entries.values())
-            .map(|id| (*id, state.rules[id].to_string()))
+            .map(|decided| decided.below.rule)
+            .map(|id| (id, state.rules[&id].to_string()))
             .collect();
         rules.sort();
         rules
@@ -449,8 +450,8 @@ fn a_pinned_policy_equal_but_for_rule_ids_keeps_its_id() {
     // As an older build, which numbered rules in the order it met them, left them.
     let renumbered = previous.policies.iter().map(|(id, policy)| {
         let mut policy = policy.clone();
-        for rule in policy.entries.values_mut() {
-            *rule = rule.wrapping_add(1) & 0xff;
+        for decided in policy.entries.values_mut() {
+            decided.below.rule = decided.below.rule.wrapping_add(1) & 0xff;
         }
         (*id + 10, policy)
     });

@@ -5,10 +5,9 @@
 //! runs 50,000).
 //!
 //! The generator also makes ClusterNetworkPolicies (both tiers, priorities with ties, every
-//! action, every peer kind, named ports) and Nodes. The compiler does not compile them yet
-//! (issue #15, part 2), so the clusters the differential tests hand it hold none until
-//! [`COMPILER_COMPILES_CLUSTER_POLICIES`] is turned on; meanwhile the tiers are checked by
-//! the evaluator's own properties (`cluster_policy_tiers_keep_their_promises`).
+//! action, every peer kind, named ports) and Nodes, which the compiler folds into the same
+//! entries; the evaluator's own properties check the tiers' promises on top
+//! (`cluster_policy_tiers_keep_their_promises`).
 
 use std::{
     collections::BTreeMap,
@@ -27,9 +26,9 @@ use netwarden_policy::{
 };
 use proptest::{collection::vec, prelude::*, sample::select};
 
-/// Whether the compiler compiles ClusterNetworkPolicies (issue #15, part 2). Until it does,
-/// the differential tests' clusters hold none: the compiler would ignore them and disagree.
-const COMPILER_COMPILES_CLUSTER_POLICIES: bool = false;
+/// Whether the differential tests' clusters hold ClusterNetworkPolicies (turned off only to
+/// tell a NetworkPolicy regression from a tier one).
+const COMPILER_COMPILES_CLUSTER_POLICIES: bool = true;
 
 const LOCAL: &str = "node-1";
 const NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));

@@ -70,6 +70,8 @@ fn state(pods: &[(&str, &[&str])]) -> DatapathState {
                 egress_isolated_by: Vec::new(),
                 ingress_audit: false,
                 egress_audit: false,
+                ingress_cluster_policies: Vec::new(),
+                egress_cluster_policies: Vec::new(),
             },
         );
     }

@@ -62,7 +62,7 @@ impl Policies {
                 .pinned
                 .get_or_insert_default()
                 .entries
-                .insert(entry, value.rule);
+                .insert(entry, value);
             policy.entries.push(key);
         }
         for (key, class) in cidrs_v4.iter().flatten() {
@@ -235,14 +235,12 @@ impl Policies {
             inserted
                 .map_err(|source| does_not_fit(PolicyMap::Cidrs, compiled.cidrs.len(), source))?;
         }
-        for (entry, rule) in &compiled.entries {
+        for (entry, decided) in &compiled.entries {
             let (prefix_len, data) = entry.key(id);
             let key = Key::new(prefix_len, data);
-            self.entries
-                .insert(&key, PolicyEntry { rule: *rule })
-                .map_err(|source| {
-                    does_not_fit(PolicyMap::Entries, compiled.entries.len(), source)
-                })?;
+            self.entries.insert(&key, *decided).map_err(|source| {
+                does_not_fit(PolicyMap::Entries, compiled.entries.len(), source)
+            })?;
             installed.entries.push(key);
         }
         Ok(())
@@ -259,7 +257,7 @@ impl Policies {
         compiled: &CompiledPolicy,
     ) -> Synced {
         let mut synced = Synced::default();
-        if pinned.entries.keys().ne(compiled.entries.keys()) || pinned.cidrs != compiled.cidrs {
+        if !pinned.same_shape(compiled) {
             synced.fail(ApplyError::PinnedIdReused { id });
             self.remove(id);
             if let Err(error) = self.install(id, compiled) {
@@ -268,15 +266,12 @@ impl Policies {
             synced.change();
             return synced;
         }
-        for (entry, rule) in &compiled.entries {
-            if pinned.entries.get(entry) == Some(rule) {
+        for (entry, decided) in &compiled.entries {
+            if pinned.entries.get(entry) == Some(decided) {
                 continue;
             }
             let (prefix_len, data) = entry.key(id);
-            match self
-                .entries
-                .insert(&Key::new(prefix_len, data), PolicyEntry { rule: *rule })
-            {
+            match self.entries.insert(&Key::new(prefix_len, data), *decided) {
                 Ok(()) => synced.change(),
                 // The entry still allows; only its attribution is stale.
                 Err(source) => synced.fail(ApplyError::RuleRewrite { id, source }),
