@@ -370,10 +370,28 @@ impl Decision {
     }
 }
 
-/// Steps a. to f. of the module comment (the lookups and their precedence: `policy.rs`). Not
-/// inlined, so its LPM keys have a stack frame of their own.
-#[inline(never)]
+/// Steps 0 and a. to j. of the module comment (the lookups and their precedence: `policy.rs`).
+#[inline(always)]
 pub(crate) fn decide(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision {
+    let packed = decide_packed(endpoint, dir, flow, port);
+    Decision {
+        reason: packed as u32,
+        rule: (packed >> 32) as u32,
+    }
+}
+
+/// [`decide`], its decision packed in one register (the rule in the high half): not inlined,
+/// so its LPM keys have a stack frame of their own, and a struct returned from a BPF function
+/// would go through the caller's stack, which the verifier refuses ("cannot return stack
+/// pointer to the caller").
+#[inline(never)]
+fn decide_packed(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> u64 {
+    let decision = decide_in_frame(endpoint, dir, flow, port);
+    u64::from(decision.rule) << 32 | u64::from(decision.reason)
+}
+
+#[inline(always)]
+fn decide_in_frame(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> Decision {
     if same_address(&flow.peer_addr, &flow.pod_addr) {
         // Only a flow decided after translation can be judged on the pod itself: a pod
         // reaching itself through its own Service (hairpin).

@@ -9,7 +9,9 @@
 use std::{io, path::Path};
 
 use aya::maps::MapInfo;
-use netwarden_common::{FlowKey, FlowKeyV4, FlowState, IpIdentity, IpKey, maps as pinned};
+use netwarden_common::{
+    FlowKey, FlowKeyV4, FlowState, IpIdentity, IpKey, PolicyEntry, PolicyKey, maps as pinned,
+};
 use tracing::warn;
 
 /// A pinned map's expected value size and entries (`None`: any capacity will do).
@@ -18,27 +20,32 @@ struct Layout {
     key_size: u32,
     value_size: u32,
     max_entries: Option<u32>,
+    /// Maps whose content refers to this one's and must be rebuilt along.
+    dependents: &'static [&'static str],
 }
 
-fn layouts() -> [Layout; 5] {
+fn layouts() -> [Layout; 6] {
     [
         Layout {
             name: crate::conntrack::TABLE_V4,
             key_size: size_of::<FlowKeyV4>() as u32,
             value_size: size_of::<FlowState>() as u32,
             max_entries: None,
+            dependents: &[],
         },
         Layout {
             name: crate::conntrack::TABLE_V6,
             key_size: size_of::<FlowKey>() as u32,
             value_size: size_of::<FlowState>() as u32,
             max_entries: None,
+            dependents: &[],
         },
         Layout {
             name: pinned::VERDICTS.name,
             key_size: size_of::<u32>() as u32,
             value_size: size_of::<u64>() as u32,
             max_entries: Some(pinned::VERDICTS.capacity),
+            dependents: &[],
         },
         // Settings the agent writes at start: a smaller array lacks the newer ones.
         Layout {
@@ -46,6 +53,7 @@ fn layouts() -> [Layout; 5] {
             key_size: size_of::<u32>() as u32,
             value_size: size_of::<u32>() as u32,
             max_entries: Some(pinned::SETTINGS.capacity),
+            dependents: &[],
         },
         // An LPM trie before it became an exact hash: its keys carried a prefix length.
         Layout {
@@ -53,6 +61,18 @@ fn layouts() -> [Layout; 5] {
             key_size: size_of::<IpKey>() as u32,
             value_size: size_of::<IpIdentity>() as u32,
             max_entries: None,
+            dependents: &[],
+        },
+        // A rule id per entry before ClusterNetworkPolicy tiers gave each entry two matches.
+        // The CIDR tries hold the policy ids of the entries dropped with it: rebuilt along,
+        // the new agent installs every policy again before its programs replace the old ones.
+        Layout {
+            name: pinned::POLICY.name,
+            // An LPM trie's key starts with its prefix length.
+            key_size: (size_of::<u32>() + size_of::<PolicyKey>()) as u32,
+            value_size: size_of::<PolicyEntry>() as u32,
+            max_entries: None,
+            dependents: &[pinned::CIDRS_V4.name, pinned::CIDRS_V6.name],
         },
     ]
 }
@@ -111,6 +131,16 @@ pub fn replace_outdated_pins(maps_dir: &Path) -> io::Result<Vec<String>> {
             );
             std::fs::remove_file(&path)?;
             replaced.push(layout.name.to_owned());
+            for dependent in layout.dependents {
+                if unpin(maps_dir, dependent)? {
+                    warn!(
+                        map = dependent,
+                        replaced = layout.name,
+                        "rebuilding a map that referred to a replaced one"
+                    );
+                    replaced.push((*dependent).to_owned());
+                }
+            }
         }
     }
     Ok(replaced)

@@ -128,3 +128,45 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
         "retired maps still pinned: {retired_pins_left:?}"
     );
 }
+
+#[test]
+fn a_policy_map_of_one_rule_per_entry_is_rebuilt_with_the_cidr_tries() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: loading eBPF programs needs root");
+        return;
+    }
+    let bpffs = tempfile::tempdir().expect("temp dir for bpffs");
+    let layout = PinLayout::new(bpffs.path());
+    netwarden_datapath::bpffs::prepare(bpffs.path(), &layout).expect("mount a private bpffs");
+    // The build before ClusterNetworkPolicy tiers: a 4-byte rule id per entry, keyed by
+    // `(prefix length, policy, peer, protocol, port)`; its IPv4 CIDR trie as today.
+    let key_size = (size_of::<u32>() + size_of::<netwarden_common::PolicyKey>()) as u32;
+    pin_map(
+        &layout.maps().join(pinned::POLICY.name),
+        BPF_MAP_TYPE_LPM_TRIE,
+        key_size,
+        4,
+        1024,
+    );
+    let cidrs_v4_key = (size_of::<u32>() + size_of::<netwarden_common::CidrKeyV4>()) as u32;
+    pin_map(
+        &layout.maps().join(pinned::CIDRS_V4.name),
+        BPF_MAP_TYPE_LPM_TRIE,
+        cidrs_v4_key,
+        size_of::<netwarden_common::CidrClass>() as u32,
+        7,
+    );
+    let replaced = netwarden_datapath::upgrade::replace_outdated_pins(&layout.maps())
+        .expect("replace the outdated pins");
+    let opened = Datapath::open(bpffs.path(), &Capacity::default())
+        .map(|_| ())
+        .map_err(|error| error.to_string());
+    let _ = nix::mount::umount2(bpffs.path(), nix::mount::MntFlags::MNT_DETACH);
+    assert_eq!(
+        replaced,
+        [pinned::POLICY.name, pinned::CIDRS_V4.name],
+        "the policy map and the trie that names its policies"
+    );
+    opened.expect("the datapath loads over the old pins");
+}
