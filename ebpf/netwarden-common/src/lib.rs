@@ -940,6 +940,27 @@ pub mod counter {
     pub const fn slot(direction: u32, reason: u32) -> u32 {
         direction * COUNT + reason
     }
+
+    /// Whether a packet decided for `reason` passes: the reasons of [`Kind::Allow`] and
+    /// [`Kind::Audit`]. A match the verifier can follow (the table holds strings); a test keeps
+    /// it equal to the table, so a new reason cannot be counted as allowed and dropped.
+    #[must_use]
+    pub const fn passes(reason: u32) -> bool {
+        matches!(
+            reason,
+            ALLOWED_TRACKED
+                | ALLOWED_NOT_ISOLATED
+                | ALLOWED_BY_POLICY
+                | ALLOWED_NODE
+                | ALLOWED_NETWORK_CONTROL
+                | ALLOWED_RELATED
+                | DEFERRED_TO_TRANSLATION
+                | ALLOWED_SELF
+                | ALLOWED_FRAGMENT
+                | AUDITED_BY_POLICY
+                | ALLOWED_BY_CLUSTER_POLICY
+        )
+    }
 }
 
 /// Index of the policy epoch in the one-element epoch array.
@@ -1167,6 +1188,22 @@ mod pod_impls {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_reasons_that_pass_are_the_tables_allows_and_audits() {
+        for reason in super::counter::TABLE {
+            let passes = matches!(
+                reason.kind,
+                super::counter::Kind::Allow | super::counter::Kind::Audit
+            );
+            assert_eq!(
+                super::counter::passes(reason.id),
+                passes,
+                "{}",
+                reason.label
+            );
+        }
+    }
+
     use core::mem::size_of;
 
     use super::{CidrKey, Endpoint, FlowKey, FlowState, PolicyKey};

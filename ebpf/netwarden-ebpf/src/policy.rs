@@ -84,6 +84,23 @@ pub(crate) fn peer_identity(addr: &[u8; 16]) -> PeerId {
 /// The CIDR class of `addr` in `policy`, from the trie of the address's family.
 #[inline(always)]
 pub(crate) fn cidr_class(policy: u32, addr: &[u8; 16]) -> Option<PeerId> {
+    let packed = cidr_class_packed(policy, addr);
+    (packed != NO_CLASS).then_some(packed as PeerId)
+}
+
+/// [`cidr_class`] when there is none: above every `u32`.
+const NO_CLASS: u64 = 1 << 32;
+
+/// [`cidr_class`] in one register ([`NO_CLASS`]: none): not inlined, so that its keys (up to
+/// 24 bytes) have a frame beside the decision's rather than inside it, where the hook after
+/// translation's deepest call chain would pass the 512 bytes of stack a program may use.
+#[inline(never)]
+fn cidr_class_packed(policy: u32, addr: &[u8; 16]) -> u64 {
+    cidr_class_in_frame(policy, addr).map_or(NO_CLASS, u64::from)
+}
+
+#[inline(always)]
+fn cidr_class_in_frame(policy: u32, addr: &[u8; 16]) -> Option<PeerId> {
     let class = match ipv4_of_mapped(addr) {
         Some(v4) => CIDRS_V4.get(Key::new(
             CIDR_KEY_V4_FULL_BITS,
@@ -103,17 +120,18 @@ pub(crate) fn cidr_class(policy: u32, addr: &[u8; 16]) -> Option<PeerId> {
     class.map(|class| class.peer)
 }
 
-/// The longest `POLICY` entry matching, if any.
+/// The longest `POLICY` entry matching, if any: the map's value, read in place (a copy would
+/// cost the decision's frame 16 bytes per lookup).
 #[inline(always)]
 pub(crate) fn policy_entry(
     policy: u32,
     peer: PeerId,
     protocol: u8,
     port: u16,
-) -> Option<PolicyEntry> {
+) -> Option<&'static PolicyEntry> {
     let key = Key::new(
         POLICY_KEY_FULL_BITS,
         PolicyKey::new(policy, peer, protocol, port),
     );
-    POLICY.get(&key).copied()
+    POLICY.get(&key)
 }

@@ -78,8 +78,8 @@
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 use netwarden_common::{
-    Endpoint, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, POLICY_NOT_ISOLATED, TierMatch,
-    counter, direction, endpoint_flags, endpoint_state, flow_flags, rule_action,
+    Endpoint, FlowKey, FlowState, IDENTITY_HOST, IDENTITY_WORLD, POLICY_NOT_ISOLATED, PolicyEntry,
+    TierMatch, counter, direction, endpoint_flags, endpoint_state, flow_flags, rule_action,
 };
 
 use crate::{
@@ -338,14 +338,7 @@ pub(crate) fn opening_port(flow: &FlowKey, origin: u32) -> u16 {
 /// Whether `reason` names an allowed flow.
 #[inline(always)]
 pub(crate) fn is_allowed(reason: u32) -> bool {
-    matches!(
-        reason,
-        counter::ALLOWED_BY_POLICY
-            | counter::ALLOWED_NODE
-            | counter::ALLOWED_NOT_ISOLATED
-            | counter::ALLOWED_SELF
-            | counter::AUDITED_BY_POLICY
-    )
+    counter::passes(reason)
 }
 
 /// What [`decide`] found: the counter that names the reason, and the rule that decided (0 when
@@ -428,18 +421,16 @@ fn decide_in_frame(endpoint: &Endpoint, dir: u32, flow: &FlowKey, port: u16) -> 
     }
     let by_class = policy::cidr_class(policy, &flow.peer_addr)
         .and_then(|class| policy::policy_entry(policy, class, flow.protocol, port));
-    let (identity, class) = (
-        by_identity.unwrap_or_default(),
-        by_class.unwrap_or_default(),
-    );
-    let admin = identity.admin.first(class.admin);
+    let admin_of = |entry: Option<&PolicyEntry>| entry.map_or(TierMatch::NONE, |entry| entry.admin);
+    let below_of = |entry: Option<&PolicyEntry>| entry.map_or(TierMatch::NONE, |entry| entry.below);
+    let admin = admin_of(by_identity).first(admin_of(by_class));
     match admin.action {
         rule_action::ACCEPT => return Decision::by_rule(counter::ALLOWED_BY_CLUSTER_POLICY, admin),
         rule_action::DENY => return Decision::by_rule(counter::DENIED_BY_CLUSTER_POLICY, admin),
         // Pass, or no Admin rule matches: the tier below decides.
         _ => {}
     }
-    let below = identity.below.first(class.below);
+    let below = below_of(by_identity).first(below_of(by_class));
     match below.action {
         rule_action::ALLOW => return Decision::by_rule(counter::ALLOWED_BY_POLICY, below),
         rule_action::ACCEPT => return Decision::by_rule(counter::ALLOWED_BY_CLUSTER_POLICY, below),

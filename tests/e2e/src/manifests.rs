@@ -119,13 +119,6 @@ impl ManifestWriter {
 
     /// Writes the policy a scenario's policy identity names (`namespace/name`: a
     /// `NetworkPolicy`; `name`: a `ClusterNetworkPolicy`).
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the runner writes ClusterNetworkPolicy objects through these once the datapath enforces them (issue #15)"
-        )
-    )]
     pub fn policy_by_identity(
         &self,
         identity: &str,
@@ -138,13 +131,6 @@ impl ManifestWriter {
     }
 
     /// Deletes what [`Self::policy_by_identity`] wrote.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the runner writes ClusterNetworkPolicy objects through these once the datapath enforces them (issue #15)"
-        )
-    )]
     pub fn delete_policy_by_identity(&self, identity: &str) -> Result<(), ManifestError> {
         match PolicyName::of(identity) {
             PolicyName::Namespaced { namespace, name } => self.delete_policy(namespace, name),

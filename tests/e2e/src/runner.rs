@@ -838,15 +838,13 @@ impl ScenarioRun<'_> {
             found.render(primary, target.v4, target.v6)
         })?;
         let identity = scenario::policy_identity(key);
-        let (namespace, name) = identity.split_once('/').expect("validated");
-        self.writer.policy(namespace, name, &rendered)?;
+        self.writer.policy_by_identity(identity, &rendered)?;
         self.policies.insert(identity.to_owned());
         Ok(())
     }
 
     fn delete_policy_file(&mut self, identity: &str) -> Result<(), StepError> {
-        let (namespace, name) = identity.split_once('/').expect("validated");
-        self.writer.delete_policy(namespace, name)?;
+        self.writer.delete_policy_by_identity(identity)?;
         self.policies.remove(identity);
         Ok(())
     }

@@ -67,6 +67,11 @@ impl Harness {
 
     /// A harness whose maps have `capacity`; `expect_clean` asserts the apply reported nothing.
     fn with_capacity(capacity: &Capacity, expect_clean: bool) -> Option<Self> {
+        Self::with_manifests(MANIFESTS, capacity, expect_clean)
+    }
+
+    /// A harness for the cluster of `manifests`, whose one local pod is the server.
+    fn with_manifests(manifests: &str, capacity: &Capacity, expect_clean: bool) -> Option<Self> {
         let bpffs = PrivateBpffs::new()?;
         let (mut datapath, _) = Datapath::open(bpffs.path(), capacity).unwrap_or_else(|error| {
             panic!(
@@ -77,7 +82,7 @@ impl Harness {
         datapath.detached();
 
         let mut compiler = Compiler::new("node-1");
-        let state = compiler.sync(common::cluster_from(MANIFESTS));
+        let state = compiler.sync(common::cluster_from(manifests));
         let network = common::loopback_node(&[IpAddr::V4(SERVER), IpAddr::V6(SERVER6)]);
         let report = datapath.apply(state, &network);
         let locked = report
@@ -961,4 +966,81 @@ fn a_tracked_flow_never_carries_a_source_the_pod_does_not_own() {
     if let Ok((verdict, _)) = datapath.test_run(false, &reply, other, 1) {
         assert_eq!(verdict, DENY, "the server's flow on ifindex {other}");
     }
+}
+
+/// The server's egress: an Admin Accept to the client on 8080 before a Deny of everything, and
+/// a Baseline Deny of port 9000 its own NetworkPolicy-free ingress falls to.
+const CLUSTER_POLICIES: &str = r"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: server-egress}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}
+  egress:
+  - name: client-8080
+    action: Accept
+    to: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: client}}}}]
+    protocols: [{tcp: {destinationPort: {number: 8080}}}]
+  - name: nothing-else
+    action: Deny
+    to: [{networks: ['0.0.0.0/0', '::/0']}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: baseline}
+spec:
+  tier: Baseline
+  priority: 5
+  subject: {namespaces: {}}
+  ingress:
+  - name: no-9000
+    action: Deny
+    from: [{namespaces: {}}]
+    protocols: [{tcp: {destinationPort: {number: 9000}}}]
+";
+
+#[test]
+fn cluster_network_policy_tiers_decide_new_flows_and_accepted_ones_are_tracked() {
+    let server_only = MANIFESTS
+        .split("---")
+        .filter(|document| !document.contains("NetworkPolicy"))
+        .collect::<Vec<_>>()
+        .join("---");
+    let manifests = format!("{server_only}---{CLUSTER_POLICIES}");
+    let Some(harness) = Harness::with_manifests(&manifests, &Capacity::default(), true) else {
+        return;
+    };
+    let to_client = |port| ethernet(0x0800, &ipv4(SERVER, CLIENT, 6, 0, &tcp(40000, port, true)));
+    assert_eq!(
+        harness.run(false, &to_client(8080)),
+        ALLOW,
+        "the Admin Accept"
+    );
+    assert_eq!(
+        harness.run(false, &to_client(8081)),
+        DENY,
+        "the Admin Deny after it"
+    );
+    let answer = ethernet(
+        0x0800,
+        &ipv4(CLIENT, SERVER, 6, 0, &tcp_with_flags(8080, 40000, 0x12)),
+    );
+    assert_eq!(
+        harness.run(true, &answer),
+        ALLOW,
+        "the accepted flow's reply"
+    );
+    let to_server = |port| ethernet(0x0800, &ipv4(CLIENT, SERVER, 6, 0, &tcp(40001, port, true)));
+    assert_eq!(
+        harness.run(true, &to_server(80)),
+        ALLOW,
+        "no tier decides: allowed"
+    );
+    assert_eq!(
+        harness.run(true, &to_server(9000)),
+        DENY,
+        "the Baseline Deny"
+    );
 }
