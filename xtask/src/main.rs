@@ -122,14 +122,9 @@ const BRIDGE_SCENARIOS: &str = "tests/scenarios/upstream";
 /// Where `cargo xtask test` (and `cargo xtask e2e-kind` without paths) finds its scenarios.
 const SCENARIOS: &str = "tests/scenarios";
 /// Scenario directories under [`SCENARIOS`] that `cargo xtask test` does not run yet, each with
-/// the reason it prints when it skips them. They still parse in the harness's unit tests
-/// (`scenario::tests::cluster_policy_scenarios_parse`), and `cargo xtask e2e DIR` runs them on
-/// request. Remove an entry when what it needs has landed.
-const NOT_YET_RUN: [(&str, &str); 1] = [(
-    "tests/scenarios/cluster-policy",
-    "the network-policy-api ClusterNetworkPolicy conformance suite (issue #15): the datapath \
-     does not enforce ClusterNetworkPolicy yet",
-)];
+/// the reason it prints when it skips them (`cargo xtask e2e DIR` still runs them on request).
+/// Empty: the ClusterNetworkPolicy conformance suite was the last, until the datapath enforced it.
+const NOT_YET_RUN: [(&str, &str); 0] = [];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -508,7 +503,11 @@ mod tests {
                     .any(|path| path == std::path::Path::new(skipped))
             );
         }
-        for expected in ["tests/scenarios/upstream", "tests/scenarios/semantics"] {
+        for expected in [
+            "tests/scenarios/upstream",
+            "tests/scenarios/semantics",
+            "tests/scenarios/cluster-policy",
+        ] {
             assert!(
                 paths
                     .iter()

@@ -40,6 +40,10 @@ use crate::{
     scenario::{self, ContainerPort, IpFamily, Labels, Protocol, RestartMode, Scenario, Step},
 };
 
+/// The ClusterNetworkPolicy CRD of the network-policy-api release the conformance suite in
+/// `tests/scenarios/cluster-policy` was ported from (`docs/cluster-network-policy.md`).
+pub const CLUSTER_NETWORK_POLICY_CRD: &str = "https://raw.githubusercontent.com/kubernetes-sigs/network-policy-api/refs/tags/v0.2.0/config/crd/experimental/policy.networking.k8s.io_clusternetworkpolicies.yaml";
+
 /// The server image of upstream's NetworkPolicy e2e.
 pub const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.53";
 /// The namespace of `deploy/`.
@@ -401,6 +405,11 @@ fn deploy_agent(shell: &Shell, kube: &Kube<'_>, args: &KindArgs) -> anyhow::Resu
             ))?;
         }
     }
+
+    // Before the agent, which would otherwise list ClusterNetworkPolicies as an absent kind
+    // until its next retry.
+    say("the ClusterNetworkPolicy CRD (network-policy-api's experimental channel: `nodes` peers)");
+    kube.run(&["apply", "-f", CLUSTER_NETWORK_POLICY_CRD])?;
 
     say("deploy/ with the image set to the one just loaded (a kustomize overlay)");
     let overlay = args.work_dir.join("overlay");
@@ -892,16 +901,30 @@ impl Driver for Cluster<'_> {
             .with_context(|| format!("no policy {policy}"))?;
         let object = self.fill_placeholders(object)?;
         // Checked here, so a typo fails before the API server sees it.
-        let _: NetworkPolicy = serde_yaml::from_value(object.clone())
-            .with_context(|| format!("{policy} is not a NetworkPolicy"))?;
+        match scenario::PolicyName::of(scenario::policy_identity(policy)) {
+            scenario::PolicyName::Namespaced { .. } => {
+                let _: NetworkPolicy = serde_yaml::from_value(object.clone())
+                    .with_context(|| format!("{policy} is not a NetworkPolicy"))?;
+            }
+            scenario::PolicyName::Cluster { .. } => {
+                let _: netwarden_model::cluster_policy::api::ClusterNetworkPolicy =
+                    serde_yaml::from_value(object.clone())
+                        .with_context(|| format!("{policy} is not a ClusterNetworkPolicy"))?;
+            }
+        }
         self.kube.apply(serde_yaml::to_string(&object)?)
     }
 
     async fn delete_policy(&mut self, policy: &str) -> anyhow::Result<()> {
-        let (namespace, name) = scenario::split_pod_key(scenario::policy_identity(policy))
-            .map_err(anyhow::Error::msg)?;
-        self.kube
-            .run(&["-n", namespace, "delete", "networkpolicy", name])?;
+        match scenario::PolicyName::of(scenario::policy_identity(policy)) {
+            scenario::PolicyName::Namespaced { namespace, name } => {
+                self.kube
+                    .run(&["-n", namespace, "delete", "networkpolicy", name])?;
+            }
+            scenario::PolicyName::Cluster { name } => {
+                self.kube.run(&["delete", "clusternetworkpolicy", name])?;
+            }
+        }
         Ok(())
     }
 

@@ -495,8 +495,8 @@ impl Compiler {
         }
     }
 
-    fn recompile_endpoint(&mut self, id: &PodRef) {
-        // Forget what the endpoint used before.
+    /// Forgets what local endpoint `id` used: its policies, selectors and dependencies.
+    fn forget_endpoint(&mut self, id: &PodRef) {
         if let Some(old) = self.state.endpoints.remove(id) {
             for policy in [old.ingress, old.egress].into_iter().flatten() {
                 self.policy_ids.release(policy, &mut self.state.policies);
@@ -505,6 +505,10 @@ impl Compiler {
         self.selectors.forget_uses(id);
         self.pending.on_every_pod_change.remove(id);
         self.pending.on_every_node_change.remove(id);
+    }
+
+    fn recompile_endpoint(&mut self, id: &PodRef) {
+        self.forget_endpoint(id);
 
         let Some(pod) = Pods::enforceable(self.pods.local.get(id)).cloned() else {
             return;
@@ -525,19 +529,7 @@ impl Compiler {
             .filter(|(_, policy)| policy.selects_pod(&id.namespace, &pod.labels))
             .map(|(_, policy)| policy.clone())
             .collect();
-        let mut endpoint = LocalEndpoint {
-            pod: id.clone(),
-            ips: pod.ips.clone(),
-            identity,
-            ingress: None,
-            egress: None,
-            ingress_isolated_by: Vec::new(),
-            egress_isolated_by: Vec::new(),
-            ingress_audit: false,
-            egress_audit: false,
-            ingress_cluster_policies: Vec::new(),
-            egress_cluster_policies: Vec::new(),
-        };
+        let mut endpoint = LocalEndpoint::unisolated(id.clone(), pod.ips.clone(), identity);
         // By priority, then name (the map's order; a stable sort keeps it among equals).
         let mut selecting_cluster: Vec<&ClusterNetworkPolicy> = self
             .cluster
@@ -558,46 +550,23 @@ impl Compiler {
             reads_nodes: false,
         };
         for direction in [Direction::Ingress, Direction::Egress] {
-            let ingress = direction == Direction::Ingress;
-            let in_tier = |tier: Tier| -> Vec<&ClusterNetworkPolicy> {
-                selecting_cluster
-                    .iter()
-                    .copied()
-                    .filter(|policy| policy.tier == tier && !policy.rules(ingress).is_empty())
-                    .collect()
-            };
-            let (admin, baseline) = (in_tier(Tier::Admin), in_tier(Tier::Baseline));
-            let isolating: Vec<&NetworkPolicy> = selecting
-                .iter()
-                .filter(|policy| match direction {
-                    Direction::Ingress => policy.policy_types.ingress,
-                    Direction::Egress => policy.policy_types.egress,
-                })
-                .collect();
-            if isolating.is_empty() && admin.is_empty() && baseline.is_empty() {
+            let Some(policies) = direction_policies(
+                &selecting,
+                &selecting_cluster,
+                direction,
+                self.audit_everything,
+            ) else {
                 continue;
-            }
-            // Audit-mode policies only add allows to what enforced ones allow, so they change
-            // nothing while an enforced policy isolates the direction: the direction is audited
-            // only when nothing enforced isolates it, and then by the audit-mode policies.
-            let enforced: Vec<&NetworkPolicy> = isolating
-                .iter()
-                .copied()
-                .filter(|policy| policy.enforcement == Enforcement::Enforce)
-                .collect();
-            let audit = !isolating.is_empty() && (self.audit_everything || enforced.is_empty());
-            let network = if audit { isolating } else { enforced };
-            let cluster_policies = admin
-                .iter()
-                .chain(&baseline)
-                .map(|policy| policy.name.clone())
-                .collect();
-            let policies = DirectionPolicies {
-                admin,
-                network,
-                baseline,
-                audited: audit,
             };
+            let (audit, cluster_policies) = (
+                policies.audited,
+                policies
+                    .admin
+                    .iter()
+                    .chain(&policies.baseline)
+                    .map(|policy| policy.name.clone())
+                    .collect(),
+            );
             let compiled = rules.compile_direction(&pod, direction, &policies);
             let policy = self.policy_ids.acquire(compiled, &mut self.state.policies);
             let isolated_by = policies
@@ -635,6 +604,51 @@ impl Compiler {
         self.selectors.record_uses(id, selectors_used);
         self.state.endpoints.insert(id.clone(), endpoint);
     }
+}
+
+/// The policies of every tier a local pod's `direction` is held to: `selecting`, the
+/// NetworkPolicies selecting it; `selecting_cluster`, the ClusterNetworkPolicies selecting it by
+/// priority then name. `None` when none applies (the direction has no policy id).
+fn direction_policies<'p>(
+    selecting: &'p [NetworkPolicy],
+    selecting_cluster: &[&'p ClusterNetworkPolicy],
+    direction: Direction,
+    audit_everything: bool,
+) -> Option<DirectionPolicies<'p>> {
+    let ingress = direction == Direction::Ingress;
+    let in_tier = |tier: Tier| -> Vec<&'p ClusterNetworkPolicy> {
+        selecting_cluster
+            .iter()
+            .copied()
+            .filter(|policy| policy.tier == tier && !policy.rules(ingress).is_empty())
+            .collect()
+    };
+    let (admin, baseline) = (in_tier(Tier::Admin), in_tier(Tier::Baseline));
+    let isolating: Vec<&NetworkPolicy> = selecting
+        .iter()
+        .filter(|policy| match direction {
+            Direction::Ingress => policy.policy_types.ingress,
+            Direction::Egress => policy.policy_types.egress,
+        })
+        .collect();
+    if isolating.is_empty() && admin.is_empty() && baseline.is_empty() {
+        return None;
+    }
+    // Audit-mode policies only add allows to what enforced ones allow, so they change nothing
+    // while an enforced policy isolates the direction: the direction is audited only when
+    // nothing enforced isolates it, and then by the audit-mode policies.
+    let enforced: Vec<&NetworkPolicy> = isolating
+        .iter()
+        .copied()
+        .filter(|policy| policy.enforcement == Enforcement::Enforce)
+        .collect();
+    let audited = !isolating.is_empty() && (audit_everything || enforced.is_empty());
+    Some(DirectionPolicies {
+        admin,
+        network: if audited { isolating } else { enforced },
+        baseline,
+        audited,
+    })
 }
 
 /// Appends a change for every key whose value differs between `old` and `new`.

@@ -251,6 +251,26 @@ pub struct LocalEndpoint {
     pub egress_cluster_policies: Vec<String>,
 }
 
+impl LocalEndpoint {
+    /// An endpoint no policy of any tier applies to yet.
+    #[must_use]
+    pub fn unisolated(pod: PodRef, ips: Vec<IpAddr>, identity: PeerId) -> Self {
+        Self {
+            pod,
+            ips,
+            identity,
+            ingress: None,
+            egress: None,
+            ingress_isolated_by: Vec::new(),
+            egress_isolated_by: Vec::new(),
+            ingress_audit: false,
+            egress_audit: false,
+            ingress_cluster_policies: Vec::new(),
+            egress_cluster_policies: Vec::new(),
+        }
+    }
+}
+
 /// The content of every datapath map, as the compiler wants it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DatapathState {
