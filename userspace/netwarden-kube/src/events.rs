@@ -1,4 +1,5 @@
-//! Kubernetes Events on NetworkPolicies the agent cannot enforce as written.
+//! Kubernetes Events on NetworkPolicies and ClusterNetworkPolicies the agent cannot enforce as
+//! written, or whose order it had to choose.
 //!
 //! Two things make a policy unenforceable on a node: a field the conversion rejects (the policy
 //! is then replaced by its last valid version, or locks its namespace down), and a compiled
@@ -21,7 +22,7 @@ use kube::{
     Client,
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
-use netwarden_model::{ModelError, PolicyRef};
+use netwarden_model::{Cluster, ModelError, PolicyRef, cluster_policy};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::KubeError;
@@ -41,6 +42,12 @@ pub enum Reason {
     InvalidField,
     /// The compiled policy does not fit the datapath's maps on this node.
     OverCapacity,
+    /// A ClusterNetworkPolicy part of which (a peer, a protocol) the agent cannot enforce: it
+    /// is enforced without it, failing closed.
+    NotEnforcedAsWritten,
+    /// Two ClusterNetworkPolicies of one tier share a priority: upstream leaves their order
+    /// undefined, netwarden evaluates them by name.
+    PriorityTie,
 }
 
 impl Reason {
@@ -50,6 +57,8 @@ impl Reason {
         match self {
             Self::InvalidField => "InvalidField",
             Self::OverCapacity => "OverCapacity",
+            Self::NotEnforcedAsWritten => "NotEnforcedAsWritten",
+            Self::PriorityTie => "PriorityTie",
         }
     }
 
@@ -58,14 +67,17 @@ impl Reason {
         match self {
             Self::InvalidField => "KeepLastValidVersion",
             Self::OverCapacity => "LockDownEndpoint",
+            Self::NotEnforcedAsWritten => "FailClosed",
+            Self::PriorityTie => "OrderByName",
         }
     }
 }
 
-/// A NetworkPolicy this node does not enforce as written.
+/// A policy this node does not enforce as written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unenforceable {
-    /// The policy.
+    /// The policy: a NetworkPolicy, or a ClusterNetworkPolicy (cluster-scoped: an empty
+    /// namespace).
     pub policy: PolicyRef,
     /// Why.
     pub reason: Reason,
@@ -90,18 +102,22 @@ impl Unenforceable {
             .collect()
     }
 
-    /// A NetworkPolicy that failed validation; `None` for other kinds.
+    /// A NetworkPolicy or ClusterNetworkPolicy that failed validation; `None` for other kinds.
     #[must_use]
     pub fn invalid(error: &ModelError) -> Option<Self> {
-        if error.kind != "NetworkPolicy" {
-            return None;
-        }
-        let (namespace, name) = error.object.split_once('/')?;
+        let policy = match error.kind {
+            "NetworkPolicy" => {
+                let (namespace, name) = error.object.split_once('/')?;
+                PolicyRef {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                }
+            }
+            cluster_policy::KIND => cluster_scoped(&error.object),
+            _ => return None,
+        };
         Some(Self {
-            policy: PolicyRef {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-            },
+            policy,
             reason: Reason::InvalidField,
             field: error.field.clone(),
             detail: format!(
@@ -110,6 +126,34 @@ impl Unenforceable {
                 error.problem
             ),
         })
+    }
+
+    /// What a ClusterNetworkPolicy enforces other than as written (`problems` of the model,
+    /// each naming its field), and every priority it shares with another of its tier.
+    #[must_use]
+    pub fn cluster_policies(cluster: &Cluster) -> Vec<Self> {
+        let mut found: Vec<Self> = cluster
+            .cluster_policies
+            .values()
+            .flat_map(|policy| &policy.problems)
+            .map(|problem| Self {
+                policy: cluster_scoped(&problem.object),
+                reason: Reason::NotEnforcedAsWritten,
+                field: problem.field.clone(),
+                detail: problem.problem.clone(),
+            })
+            .collect();
+        for tie in cluster_policy::priority_ties(cluster) {
+            for name in [&tie.first, &tie.second] {
+                found.push(Self {
+                    policy: cluster_scoped(name),
+                    reason: Reason::PriorityTie,
+                    field: "spec.priority".to_owned(),
+                    detail: tie.to_string(),
+                });
+            }
+        }
+        found
     }
 
     /// A policy whose rules for `pod`, in the direction of `field` (`spec.ingress` or
@@ -142,7 +186,15 @@ impl Unenforceable {
     }
 }
 
-/// Posts Events on unenforceable NetworkPolicies, at most one per policy and reason per window.
+/// The reference of ClusterNetworkPolicy `name` in an [`Unenforceable`].
+fn cluster_scoped(name: &str) -> PolicyRef {
+    PolicyRef {
+        namespace: String::new(),
+        name: name.to_owned(),
+    }
+}
+
+/// Posts Events on unenforceable policies, at most one per policy and reason per window.
 ///
 /// Dropping it stops the posting task (queued Events are lost: they are reminders, the log and
 /// the metrics have the same information).

@@ -443,10 +443,18 @@ impl KubeSource {
             .count()
     }
 
-    /// A reference to a cached NetworkPolicy (with its uid, so an Event attaches to this
-    /// incarnation of the object), or `None` if the cache does not hold it.
+    /// A reference to a cached NetworkPolicy, or ClusterNetworkPolicy for an empty namespace
+    /// (with its uid, so an Event attaches to this incarnation of the object), or `None` if the
+    /// cache does not hold it.
     #[must_use]
     pub fn policy_reference(&self, policy: &PolicyRef) -> Option<ObjectReference> {
+        if policy.namespace.is_empty() {
+            let key = ObjectRef::new(&policy.name);
+            return self
+                .cluster_policies
+                .get(&key)
+                .map(|object| object.object_ref(&()));
+        }
         let key = ObjectRef::new(&policy.name).within(&policy.namespace);
         self.policies.get(&key).map(|object| object.object_ref(&()))
     }

@@ -193,3 +193,82 @@ fn only_network_policies_make_events() {
     };
     assert_eq!(Unenforceable::invalid(&error), None);
 }
+
+#[test]
+fn cluster_network_policies_report_what_they_enforce_otherwise_and_their_priority_ties() {
+    let manifests = r"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: a}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {}}
+  egress:
+  - action: Accept
+    to: [{domainNames: ['*.example.com']}, {networks: ['10.0.0.0/8']}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: b}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {}}
+  ingress:
+  - action: Deny
+    from: [{namespaces: {}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: c}
+spec:
+  tier: Baseline
+  priority: 10
+  subject: {namespaces: {}}
+  ingress:
+  - action: Deny
+    from: [{namespaces: {}}]
+";
+    let (cluster, errors) = netwarden_model::cluster_of_stream("cluster-policies.yaml", manifests);
+    assert!(errors.is_empty(), "{errors:?}");
+    let problems = Unenforceable::cluster_policies(&cluster);
+    let summary: Vec<(String, &str, String)> = problems
+        .iter()
+        .map(|problem| {
+            (
+                problem.policy.to_string(),
+                problem.reason.as_str(),
+                problem.field.clone(),
+            )
+        })
+        .collect();
+    let cluster_scoped = |name: &str| {
+        PolicyRef {
+            namespace: String::new(),
+            name: name.into(),
+        }
+        .to_string()
+    };
+    assert_eq!(
+        summary,
+        [
+            (
+                cluster_scoped("a"),
+                "NotEnforcedAsWritten",
+                "spec.egress[0].to[0]".to_owned()
+            ),
+            (
+                cluster_scoped("a"),
+                "PriorityTie",
+                "spec.priority".to_owned()
+            ),
+            (
+                cluster_scoped("b"),
+                "PriorityTie",
+                "spec.priority".to_owned()
+            ),
+        ],
+        "the Baseline policy of the same priority ties with neither"
+    );
+}

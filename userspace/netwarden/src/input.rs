@@ -124,7 +124,9 @@ impl Input {
             Self::Kubernetes { source, events } => {
                 let (cluster, errors) = source.cluster();
                 // Posted at every apply; the rate limit keeps it to one per policy and window.
-                source.report(events, &Unenforceable::from_errors(&errors));
+                let mut problems = Unenforceable::from_errors(&errors);
+                problems.extend(Unenforceable::cluster_policies(&cluster));
+                source.report(events, &problems);
                 (cluster, errors.iter().map(ToString::to_string).collect())
             }
         }
