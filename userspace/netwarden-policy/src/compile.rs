@@ -276,6 +276,20 @@ impl Compiler {
             .chain(self.frontends.conflicts())
             .cloned()
             .collect();
+        // What a ClusterNetworkPolicy enforces other than as written, and the order netwarden
+        // chose where upstream leaves it undefined.
+        self.state.warnings.extend(
+            self.cluster
+                .cluster_policies
+                .values()
+                .flat_map(|policy| &policy.problems)
+                .map(ToString::to_string),
+        );
+        self.state.warnings.extend(
+            netwarden_model::cluster_policy::priority_ties(&self.cluster)
+                .iter()
+                .map(ToString::to_string),
+        );
     }
 
     fn change_service(&mut self, id: &ServiceRef, service: Option<Service>) {
