@@ -1,5 +1,6 @@
 //! `netwarden-bench datapath`: what the classifier itself costs per packet, measured by the
-//! kernel with `BPF_PROG_TEST_RUN` on a policy with 10,000 CIDR rules in force.
+//! kernel with `BPF_PROG_TEST_RUN` on a policy with 10,000 CIDR rules in force, beside 100
+//! Admin and 100 Baseline ClusterNetworkPolicies selecting the pods (`tiers.rs`).
 //!
 //! Two paths: a packet of a tracked flow (the conntrack fast path), and a packet the program
 //! must decide from scratch in the worst way — a peer that is no pod (identity lookup misses)
@@ -43,8 +44,9 @@ pub fn run() -> anyhow::Result<Costs> {
     let _ = std::fs::remove_dir(&bpffs);
     let costs = result?;
     println!(
-        "classifier cost per packet (BPF_PROG_TEST_RUN, {RULES} CIDR rules in force; median of {BATCHES} \
-         interleaved batches of {RUNS_PER_BATCH} runs; own = run - empty program run of the same batch)"
+        "classifier cost per packet (BPF_PROG_TEST_RUN, {RULES} CIDR rules and {} ClusterNetworkPolicies in force; median of {BATCHES} \
+         interleaved batches of {RUNS_PER_BATCH} runs; own = run - empty program run of the same batch)",
+        2 * crate::tiers::PER_TIER
     );
     println!(
         "  BPF_PROG_TEST_RUN alone (empty program):              {:>6.1} ns",
@@ -219,6 +221,7 @@ fn cluster() -> Cluster {
         egress: Vec::new(),
     };
     cluster.policies.insert(policy.id.clone(), policy);
+    crate::tiers::add(&mut cluster, "bench");
     cluster
 }
 

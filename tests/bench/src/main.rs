@@ -9,6 +9,7 @@ mod datapath;
 mod identity;
 mod manifests;
 mod targets;
+mod tiers;
 mod traffic;
 
 use std::{

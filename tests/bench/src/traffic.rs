@@ -15,7 +15,8 @@
 //! cross-CPU wake-ups.
 //!
 //! The policy isolates the server pod and allows the client pod on the measured ports after
-//! `rules - 1` single-address `ipBlock` rules on the same ports. iptables and nftables get the same
+//! `rules - 1` single-address `ipBlock` rules on the same ports, with 100 Admin and 100 Baseline
+//! ClusterNetworkPolicies selecting both pods in force (`tiers.rs`: none matches the traffic). iptables and nftables get the same
 //! rules, stateless and client last (a linear chain walked by every packet to the server, the
 //! way the quoted kube-router and older Calico figures were measured; the nftables set is one
 //! lookup whatever its size). netwarden is stateful: established packets take its conntrack.
@@ -1038,6 +1039,7 @@ fn cluster(rules: u32) -> Cluster {
         egress: Vec::new(),
     };
     cluster.policies.insert(policy.id.clone(), policy);
+    crate::tiers::add(&mut cluster, NAMESPACE);
     cluster
 }
 
