@@ -15,6 +15,7 @@ use indexmap::IndexMap;
 
 use crate::{
     mtls::{ExpectAgentLog, IdentityCheck, MtlsProbe},
+    observe::Observe,
     scenario::{
         ConnectionExpectation, ContainerPort, Delivery, Dial, Labels, Protocol, Quote, Resolve,
         RestartMode, Scenario, SpoofedSource, Step,
@@ -245,6 +246,15 @@ pub trait Driver {
         }
         .into())
     }
+    /// `observe`: what the agent's observe endpoint reports, checked against what the step
+    /// expects.
+    async fn observe_flows(
+        &mut self,
+        _at: At<'_>,
+        _observe: &Observe,
+    ) -> Result<Findings, Self::Error> {
+        Err(NotPlayable { op: "observe" }.into())
+    }
 }
 
 /// Why playing a scenario stopped.
@@ -355,7 +365,8 @@ async fn make_change<D: Driver>(driver: &mut D, step: &Step) -> Result<Option<Ch
         | Step::IcmpError { .. }
         | Step::MtlsProbe(_)
         | Step::IdentityCheck(_)
-        | Step::ExpectAgentLog(_) => return Ok(None),
+        | Step::ExpectAgentLog(_)
+        | Step::Observe(_) => return Ok(None),
     }
     Ok(Some(Change::Objects))
 }
@@ -404,6 +415,7 @@ async fn check<D: Driver>(driver: &mut D, at: At<'_>) -> Result<Findings, D::Err
         Step::MtlsProbe(probe) => driver.mtls_probe(at, probe).await,
         Step::IdentityCheck(check) => driver.identity_check(at, check).await,
         Step::ExpectAgentLog(expect) => driver.expect_agent_log(at, expect).await,
+        Step::Observe(observe) => driver.observe_flows(at, observe).await,
         Step::CreatePolicy { .. }
         | Step::UpdatePolicy { .. }
         | Step::DeletePolicy { .. }

@@ -550,6 +550,12 @@ impl Capabilities for KindCapabilities {
             Step::SendSpoofed { .. } | Step::IcmpError { .. } => {
                 unsupported("crafted packets are sent from the netns harness only")
             }
+            // A check of the view only: the scenario's world goes on the same without it.
+            Step::Observe(_) => Support::Skip(
+                "the observe step reads the netns harness's agent socket (on a cluster: \
+                 `netwarden observe --kubeconfig`)"
+                    .to_owned(),
+            ),
             Step::MtlsProbe(_) | Step::IdentityCheck(_) | Step::ExpectAgentLog(_) => unsupported(
                 "the test CA, the mTLS test proxy and the agent's log live in the netns harness",
             ),

@@ -12,6 +12,7 @@ mod manifests;
 mod mtls;
 mod netns;
 mod node;
+mod observe;
 mod placeholder;
 mod probe;
 mod report;
