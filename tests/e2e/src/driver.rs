@@ -14,6 +14,7 @@
 use indexmap::IndexMap;
 
 use crate::{
+    explain::Explain,
     mtls::{ExpectAgentLog, IdentityCheck, MtlsProbe},
     observe::Observe,
     scenario::{
@@ -255,6 +256,14 @@ pub trait Driver {
     ) -> Result<Findings, Self::Error> {
         Err(NotPlayable { op: "observe" }.into())
     }
+    /// `explain`: the agent's explanation of a flow, checked against what the step expects.
+    async fn explain_flow(
+        &mut self,
+        _at: At<'_>,
+        _explain: &Explain,
+    ) -> Result<Findings, Self::Error> {
+        Err(NotPlayable { op: "explain" }.into())
+    }
 }
 
 /// Why playing a scenario stopped.
@@ -366,7 +375,8 @@ async fn make_change<D: Driver>(driver: &mut D, step: &Step) -> Result<Option<Ch
         | Step::MtlsProbe(_)
         | Step::IdentityCheck(_)
         | Step::ExpectAgentLog(_)
-        | Step::Observe(_) => return Ok(None),
+        | Step::Observe(_)
+        | Step::Explain(_) => return Ok(None),
     }
     Ok(Some(Change::Objects))
 }
@@ -416,6 +426,7 @@ async fn check<D: Driver>(driver: &mut D, at: At<'_>) -> Result<Findings, D::Err
         Step::IdentityCheck(check) => driver.identity_check(at, check).await,
         Step::ExpectAgentLog(expect) => driver.expect_agent_log(at, expect).await,
         Step::Observe(observe) => driver.observe_flows(at, observe).await,
+        Step::Explain(explain) => driver.explain_flow(at, explain).await,
         Step::CreatePolicy { .. }
         | Step::UpdatePolicy { .. }
         | Step::DeletePolicy { .. }

@@ -551,9 +551,9 @@ impl Capabilities for KindCapabilities {
                 unsupported("crafted packets are sent from the netns harness only")
             }
             // A check of the view only: the scenario's world goes on the same without it.
-            Step::Observe(_) => Support::Skip(
-                "the observe step reads the netns harness's agent socket (on a cluster: \
-                 `netwarden observe --kubeconfig`)"
+            Step::Observe(_) | Step::Explain(_) => Support::Skip(
+                "the observe and explain steps ask the netns harness's agent on its socket (on \
+                 a cluster: `--kubeconfig`)"
                     .to_owned(),
             ),
             Step::MtlsProbe(_) | Step::IdentityCheck(_) | Step::ExpectAgentLog(_) => unsupported(

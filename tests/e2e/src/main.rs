@@ -6,6 +6,7 @@ mod cleanup;
 mod crafted;
 mod dns;
 mod driver;
+mod explain;
 mod kind;
 mod kube_proxy;
 mod manifests;

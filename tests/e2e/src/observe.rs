@@ -319,23 +319,20 @@ impl ObservedFlow {
 
 /// What `netwarden observe -o json` printed, read: its flows (a `{"lost":N}` line, which a
 /// command without `--follow` never prints, is skipped).
-pub fn parse_json_lines(text: &str) -> Result<Vec<ObservedFlow>, ObserveError> {
+pub fn parse_json_lines(text: &str) -> Result<Vec<ObservedFlow>, CliError> {
+    let unreadable = |line: &str, source| CliError::Unreadable {
+        command: "netwarden observe -o json".to_owned(),
+        text: line.to_owned(),
+        source,
+    };
     let mut flows = Vec::new();
     for line in text.lines().filter(|line| !line.trim().is_empty()) {
         let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|source| ObserveError::Unreadable {
-                line: line.to_owned(),
-                source,
-            })?;
+            serde_json::from_str(line).map_err(|source| unreadable(line, source))?;
         if value.get("lost").is_some() {
             continue;
         }
-        flows.push(
-            serde_json::from_value(value).map_err(|source| ObserveError::Unreadable {
-                line: line.to_owned(),
-                source,
-            })?,
-        );
+        flows.push(serde_json::from_value(value).map_err(|source| unreadable(line, source))?);
     }
     Ok(flows)
 }
@@ -447,21 +444,26 @@ fn addresses_of(flow: &FlowEnds, network: &Network<'_>) -> Vec<(IpFamily, IpAddr
         .collect()
 }
 
-/// Why `netwarden observe` could not be read.
+/// Why an operator command of `netwarden` could not be run or read.
 #[derive(Debug, thiserror::Error)]
-pub enum ObserveError {
+pub enum CliError {
     #[error("cannot run {}: {source}", binary.display())]
     Spawn {
         binary: PathBuf,
         source: std::io::Error,
     },
-    #[error("`netwarden observe` did not end within {}s", CLI_TIMEOUT.as_secs())]
-    Timeout,
-    #[error("`netwarden observe` failed ({status}): {stderr}")]
-    Failed { status: String, stderr: String },
-    #[error("unreadable line from `netwarden observe -o json` ({source}): {line}")]
+    #[error("`{command}` did not end within {}s", CLI_TIMEOUT.as_secs())]
+    Timeout { command: String },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("unreadable output of `{command}` ({source}): {text}")]
     Unreadable {
-        line: String,
+        command: String,
+        text: String,
         source: serde_json::Error,
     },
 }
@@ -479,18 +481,19 @@ pub fn now_unix_ms() -> u64 {
 /// How the CLI prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
-    Table,
+    /// For people: `observe`'s table, `explain`'s lines.
+    Text,
     Json,
 }
 
-/// `netwarden observe` against `socket` with `args`: its command line as an operator would
-/// type it (the binary by its name), then what it printed.
-pub async fn run_cli(
+/// `netwarden observe` against the agent's `socket` with `args`: its command line as an
+/// operator would type it, then what it printed.
+pub async fn run_observe(
     binary: &Path,
     socket: &Path,
     args: &[String],
     output: Output,
-) -> Result<(String, String), ObserveError> {
+) -> Result<(String, String), CliError> {
     let mut all = vec![
         "observe".to_owned(),
         "--agent".to_owned(),
@@ -500,27 +503,37 @@ pub async fn run_cli(
     if output == Output::Json {
         all.extend(["-o".to_owned(), "json".to_owned()]);
     }
-    let shown = format!("netwarden {}", all.join(" "));
+    run_netwarden(binary, &all).await
+}
+
+/// Runs `binary` (the agent's binary, whose subcommands are the operator's commands) with
+/// `args` and waits for it to end: the command line as an operator would type it (`netwarden`
+/// for the binary), and what it printed.
+pub async fn run_netwarden(binary: &Path, args: &[String]) -> Result<(String, String), CliError> {
+    let command = format!("netwarden {}", args.join(" "));
     let child = Command::new(binary)
-        .args(&all)
+        .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
     let finished = tokio::time::timeout(CLI_TIMEOUT, child)
         .await
-        .map_err(|_| ObserveError::Timeout)?
-        .map_err(|source| ObserveError::Spawn {
+        .map_err(|_| CliError::Timeout {
+            command: command.clone(),
+        })?
+        .map_err(|source| CliError::Spawn {
             binary: binary.to_owned(),
             source,
         })?;
     if !finished.status.success() {
-        return Err(ObserveError::Failed {
+        return Err(CliError::Failed {
+            command,
             status: finished.status.to_string(),
             stderr: String::from_utf8_lossy(&finished.stderr).trim().to_owned(),
         });
     }
     Ok((
-        shown,
+        command,
         String::from_utf8_lossy(&finished.stdout).into_owned(),
     ))
 }
@@ -826,7 +839,7 @@ mod tests {
         assert_eq!(flows[0].named_ends(), (Some("x/a"), Some("x/b")));
         assert!(matches!(
             parse_json_lines("{\"verdict\":\"deny\"}"),
-            Err(ObserveError::Unreadable { .. })
+            Err(CliError::Unreadable { .. })
         ));
     }
 }

@@ -29,12 +29,13 @@ use crate::{
         self, At, CannotRun, Capabilities, Change, Driver, Findings, NewPod, NotPlayable, Plan,
         Spoofed, Support,
     },
+    explain::Explain,
     kube_proxy::{KubeProxy, KubeProxyError, KubeProxyMode},
     manifests::{ManifestError, ManifestWriter},
     mtls::{ExpectAgentLog, IdentityCheck, MtlsError, MtlsProbe, MtlsState, PodView},
     netns::NetnsError,
     node::{Addresses, Endpoint, EndpointKind, Node, NodeError, ipv6_supported},
-    observe::{self, Network, Observe, ObserveError, ObservedVerdict},
+    observe::{self, CliError, Network, Observe, ObservedVerdict},
     placeholder::{self, PlaceholderError},
     probe::{self, Answerer, Client, DialError, Flow, Server},
     report::{self, ObservedGrid, Outcome, Verdict},
@@ -108,7 +109,7 @@ enum StepError {
     #[error("cannot mount bpffs on {}: {source}", path.display())]
     Mount { path: PathBuf, source: nix::Error },
     #[error(transparent)]
-    Observe(#[from] ObserveError),
+    Cli(#[from] CliError),
     #[error(transparent)]
     NotPlayable(#[from] NotPlayable),
 }
@@ -1157,7 +1158,10 @@ impl Capabilities for NetnsCapabilities {
 
     fn supports(&self, step: &Step) -> Support {
         match step {
-            Step::RestartAgent { .. } | Step::ExpectAgentLog(_) | Step::Observe(_)
+            Step::RestartAgent { .. }
+            | Step::ExpectAgentLog(_)
+            | Step::Observe(_)
+            | Step::Explain(_)
                 if !self.agent =>
             {
                 Support::Skip("no agent runs (--no-agent)".to_owned())
@@ -1415,6 +1419,10 @@ impl Driver for ScenarioRun<'_> {
     ) -> Result<Findings, StepError> {
         self.observe_and_check(at, observe).await
     }
+
+    async fn explain_flow(&mut self, at: At<'_>, explain: &Explain) -> Result<Findings, StepError> {
+        self.explain_and_check(at, explain).await
+    }
 }
 
 impl ScenarioRun<'_> {
@@ -1445,7 +1453,7 @@ impl ScenarioRun<'_> {
             addresses: &addresses,
         };
         let read = || async {
-            let (_, json) = observe::run_cli(
+            let (_, json) = observe::run_observe(
                 &config.binary,
                 &config.observe_socket,
                 &args,
@@ -1461,11 +1469,11 @@ impl ScenarioRun<'_> {
             tokio::time::sleep(RETRY_PAUSE).await;
             problems = read().await?;
         }
-        let (command, table) = observe::run_cli(
+        let (command, table) = observe::run_observe(
             &config.binary,
             &config.observe_socket,
             &args,
-            observe::Output::Table,
+            observe::Output::Text,
         )
         .await?;
         self.observed_until_unix_ms
@@ -1497,6 +1505,45 @@ impl ScenarioRun<'_> {
         ));
         findings.extend(problems.into_iter().map(|problem| format!("  {problem}")));
         Ok(findings)
+    }
+}
+
+impl ScenarioRun<'_> {
+    /// Asks the agent to explain the flow, as text to print (verbose runs) and as JSON to
+    /// check.
+    async fn explain_and_check(
+        &self,
+        At { number, step }: At<'_>,
+        explain: &Explain,
+    ) -> Result<Findings, StepError> {
+        let Some(config) = &self.agent_config else {
+            unreachable!("the capabilities leave it out without an agent")
+        };
+        let family = self.scenario.model.primary_family();
+        let host = |key: &str| {
+            self.addresses
+                .get(key)
+                .and_then(|addresses| addresses.get(family))
+        };
+        let mut args = vec![
+            "explain".to_owned(),
+            "--agent".to_owned(),
+            config.observe_socket.display().to_string(),
+        ];
+        args.extend(explain.args(&host));
+        let (command, text) = observe::run_netwarden(&config.binary, &args).await?;
+        let mut shown = format!("  $ {command}\n");
+        for line in text.lines() {
+            let _ = writeln!(shown, "  {line}");
+        }
+        self.progress.line(shown.trim_end());
+        args.extend(["-o".to_owned(), "json".to_owned()]);
+        let (command, json) = observe::run_netwarden(&config.binary, &args).await?;
+        Ok(explain
+            .mismatch(&json, &command)?
+            .map(|problem| format!("step {number} {step}: {problem}"))
+            .into_iter()
+            .collect())
     }
 }
 

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     dns,
+    explain::Explain,
     kube_proxy::KubeProxyMode,
     observe::{FlowEnds, Observe, ObserveFilter, ObservedVerdict, RawObserve},
     placeholder,
@@ -394,6 +395,8 @@ pub enum Step {
     ExpectAgentLog(crate::mtls::ExpectAgentLog),
     /// `netwarden observe` run against the agent, its output checked.
     Observe(Observe),
+    /// `netwarden explain --agent` asked about a flow, its verdict checked.
+    Explain(Explain),
     SendSpoofed {
         from: String,
         to: String,
@@ -463,6 +466,7 @@ impl Step {
             Self::IdentityCheck(_) => "identity_check",
             Self::ExpectAgentLog(_) => "expect_agent_log",
             Self::Observe(_) => "observe",
+            Self::Explain(_) => "explain",
         }
     }
 }
@@ -573,6 +577,7 @@ impl fmt::Display for Step {
             Self::IdentityCheck(check) => write!(f, "identity_check {check}"),
             Self::ExpectAgentLog(expect) => write!(f, "expect_agent_log {expect}"),
             Self::Observe(observe) => write!(f, "observe {observe}"),
+            Self::Explain(explain) => write!(f, "explain {explain}"),
         }
     }
 }
@@ -758,6 +763,7 @@ enum RawStep {
     IdentityCheck(crate::mtls::IdentityCheck),
     ExpectAgentLog(crate::mtls::ExpectAgentLog),
     Observe(RawObserve),
+    Explain(Explain),
     SendSpoofed {
         from: String,
         to: String,
@@ -1663,7 +1669,34 @@ impl<'a> Validator<'a> {
                 }
                 Step::Observe(observe)
             }
+            RawStep::Explain(explain) => {
+                self.explain(&explain).map_err(|e| ("explain", e))?;
+                Step::Explain(explain)
+            }
         })
+    }
+
+    /// An explain's ends exist, and it names a pod or host or a Service with that port.
+    fn explain(&self, explain: &Explain) -> Result<(), String> {
+        self.endpoint(&explain.from)?;
+        match (&explain.to, &explain.service) {
+            (Some(to), None) => {
+                self.endpoint(to)?;
+                if self.pod(&explain.from).is_err() && self.pod(to).is_err() {
+                    return Err("between two external hosts, no pod's policy applies".to_owned());
+                }
+                Ok(())
+            }
+            (None, Some(service)) => self.dial(&Dial {
+                from: explain.from.clone(),
+                service: service.clone(),
+                port: explain.port,
+                protocol: explain.protocol,
+                via: DialVia::ClusterIp,
+                expect: Reachability::Allowed,
+            }),
+            _ => Err("give `to` (a pod or external host) or `service`, not both".to_owned()),
+        }
     }
 
     /// Notes the blocked cells of a probe's grid that the agent sees: those with a pod at one
@@ -2560,6 +2593,42 @@ steps:
             observe.filter.args().join(" "),
             "--verdict audit --direction ingress --policy deny"
         );
+    }
+
+    #[test]
+    fn an_explain_step_names_existing_ends_and_one_destination() {
+        let explain =
+            with_steps("- { op: explain, from: x/a, to: x/b, port: 80, expect: denied }\n")
+                .unwrap();
+        assert_eq!(
+            explain.steps[0].to_string(),
+            "explain x/a -> x/b TCP/80 (expect denied)"
+        );
+        for (step, expected) in [
+            (
+                "{ op: explain, from: x/a, to: x/c, port: 80, expect: denied }",
+                "no pod or external host x/c",
+            ),
+            (
+                "{ op: explain, from: x/a, port: 80, expect: denied }",
+                "give `to`",
+            ),
+            (
+                "{ op: explain, from: x/a, to: x/b, service: x/s, port: 80, expect: denied }",
+                "give `to`",
+            ),
+            (
+                "{ op: explain, from: x/a, service: x/s, port: 80, expect: denied }",
+                "no service x/s",
+            ),
+            (
+                "{ op: explain, from: x/a, to: x/b, port: 80, expect: maybe }",
+                "unknown variant `maybe`",
+            ),
+        ] {
+            let error = with_steps(&format!("- {step}\n")).unwrap_err().to_string();
+            assert!(error.contains(expected), "{step}: {error}");
+        }
     }
 
     /// The demo's observe step expects every cell its grids block after the example policies.
