@@ -1,6 +1,7 @@
 //! The `explain` step: `netwarden explain --agent` asked about a flow on the state the running
-//! agent applied, its lines printed (verbose runs) and its verdict checked against what the
-//! scenario expects, which the probes check on the datapath: the explanation an operator gets
+//! agent applied, and `netwarden explain --manifests` on the manifests the agent reads, their
+//! lines printed (verbose runs) and their verdicts checked against what the scenario expects,
+//! which the probes check on the datapath: the explanation an operator gets, live or offline,
 //! must agree with what the kernel does.
 
 use std::{fmt, net::IpAddr};

@@ -1509,8 +1509,8 @@ impl ScenarioRun<'_> {
 }
 
 impl ScenarioRun<'_> {
-    /// Asks the agent to explain the flow, as text to print (verbose runs) and as JSON to
-    /// check.
+    /// Asks the agent to explain the flow, and the same command offline on the agent's
+    /// manifests, each as text to print (verbose runs) and as JSON to check.
     async fn explain_and_check(
         &self,
         At { number, step }: At<'_>,
@@ -1525,25 +1525,29 @@ impl ScenarioRun<'_> {
                 .get(key)
                 .and_then(|addresses| addresses.get(family))
         };
-        let mut args = vec![
-            "explain".to_owned(),
-            "--agent".to_owned(),
-            config.observe_socket.display().to_string(),
+        // Live on the agent's applied state, then offline on the very manifests it reads: one
+        // implementation, which must agree with the probes either way.
+        let sources = [
+            ("--agent", config.observe_socket.display().to_string()),
+            ("--manifests", config.manifests.display().to_string()),
         ];
-        args.extend(explain.args(&host));
-        let (command, text) = observe::run_netwarden(&config.binary, &args).await?;
-        let mut shown = format!("  $ {command}\n");
-        for line in text.lines() {
-            let _ = writeln!(shown, "  {line}");
+        let mut findings = Findings::new();
+        for (flag, source) in sources {
+            let mut args = vec!["explain".to_owned(), flag.to_owned(), source];
+            args.extend(explain.args(&host));
+            let (command, text) = observe::run_netwarden(&config.binary, &args).await?;
+            let mut shown = format!("  $ {command}\n");
+            for line in text.lines() {
+                let _ = writeln!(shown, "  {line}");
+            }
+            self.progress.line(shown.trim_end());
+            args.extend(["-o".to_owned(), "json".to_owned()]);
+            let (command, json) = observe::run_netwarden(&config.binary, &args).await?;
+            if let Some(problem) = explain.mismatch(&json, &command)? {
+                findings.push(format!("step {number} {step} ({flag}): {problem}"));
+            }
         }
-        self.progress.line(shown.trim_end());
-        args.extend(["-o".to_owned(), "json".to_owned()]);
-        let (command, json) = observe::run_netwarden(&config.binary, &args).await?;
-        Ok(explain
-            .mismatch(&json, &command)?
-            .map(|problem| format!("step {number} {step}: {problem}"))
-            .into_iter()
-            .collect())
+        Ok(findings)
     }
 }
 
