@@ -8,7 +8,7 @@ use std::{fmt, net::IpAddr};
 
 use serde::Deserialize;
 
-use crate::{observe::CliError, scenario::Protocol};
+use crate::{cli::CliError, scenario::Protocol};
 
 /// Whether the agent must say the flow is allowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -3,6 +3,7 @@
 
 mod agent;
 mod cleanup;
+mod cli;
 mod crafted;
 mod dns;
 mod driver;

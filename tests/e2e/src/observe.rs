@@ -12,21 +12,16 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::Duration,
+    path::Path,
 };
 
 use serde::Deserialize;
-use tokio::process::Command;
 
 use crate::{
+    cli::{CliError, Output, run_netwarden},
     node::Addresses,
     scenario::{IpFamily, Protocol},
 };
-
-/// How long one `netwarden observe` (without `--follow`, so it ends by itself) may take.
-const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A verdict as the observe endpoint names it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
@@ -444,30 +439,6 @@ fn addresses_of(flow: &FlowEnds, network: &Network<'_>) -> Vec<(IpFamily, IpAddr
         .collect()
 }
 
-/// Why an operator command of `netwarden` could not be run or read.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    #[error("cannot run {}: {source}", binary.display())]
-    Spawn {
-        binary: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("`{command}` did not end within {}s", CLI_TIMEOUT.as_secs())]
-    Timeout { command: String },
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: String,
-        stderr: String,
-    },
-    #[error("unreadable output of `{command}` ({source}): {text}")]
-    Unreadable {
-        command: String,
-        text: String,
-        source: serde_json::Error,
-    },
-}
-
 /// Now, in Unix milliseconds, the clock the agent stamps its records with (the same machine's).
 #[must_use]
 pub fn now_unix_ms() -> u64 {
@@ -476,14 +447,6 @@ pub fn now_unix_ms() -> u64 {
         .map_or(0, |elapsed| {
             u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
         })
-}
-
-/// How the CLI prints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Output {
-    /// For people: `observe`'s table, `explain`'s lines.
-    Text,
-    Json,
 }
 
 /// `netwarden observe` against the agent's `socket` with `args`: its command line as an
@@ -504,38 +467,6 @@ pub async fn run_observe(
         all.extend(["-o".to_owned(), "json".to_owned()]);
     }
     run_netwarden(binary, &all).await
-}
-
-/// Runs `binary` (the agent's binary, whose subcommands are the operator's commands) with
-/// `args` and waits for it to end: the command line as an operator would type it (`netwarden`
-/// for the binary), and what it printed.
-pub async fn run_netwarden(binary: &Path, args: &[String]) -> Result<(String, String), CliError> {
-    let command = format!("netwarden {}", args.join(" "));
-    let child = Command::new(binary)
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let finished = tokio::time::timeout(CLI_TIMEOUT, child)
-        .await
-        .map_err(|_| CliError::Timeout {
-            command: command.clone(),
-        })?
-        .map_err(|source| CliError::Spawn {
-            binary: binary.to_owned(),
-            source,
-        })?;
-    if !finished.status.success() {
-        return Err(CliError::Failed {
-            command,
-            status: finished.status.to_string(),
-            stderr: String::from_utf8_lossy(&finished.stderr).trim().to_owned(),
-        });
-    }
-    Ok((
-        command,
-        String::from_utf8_lossy(&finished.stdout).into_owned(),
-    ))
 }
 
 #[cfg(test)]

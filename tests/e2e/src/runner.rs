@@ -23,6 +23,7 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use crate::{
     agent::{Agent, AgentConfig, AgentError, StatusWatcher, Wanted, log_tail},
     cleanup::{self, NETNS_PREFIX, RUN_ROOT, Registration, Resource},
+    cli::{self, CliError},
     crafted::{self, QuotedPacket},
     dns::{self, Zone},
     driver::{
@@ -35,7 +36,7 @@ use crate::{
     mtls::{ExpectAgentLog, IdentityCheck, MtlsError, MtlsProbe, MtlsState, PodView},
     netns::NetnsError,
     node::{Addresses, Endpoint, EndpointKind, Node, NodeError, ipv6_supported},
-    observe::{self, CliError, Network, Observe, ObservedVerdict},
+    observe::{self, Network, Observe, ObservedVerdict},
     placeholder::{self, PlaceholderError},
     probe::{self, Answerer, Client, DialError, Flow, Server},
     report::{self, ObservedGrid, Outcome, Verdict},
@@ -1457,7 +1458,7 @@ impl ScenarioRun<'_> {
                 &config.binary,
                 &config.observe_socket,
                 &args,
-                observe::Output::Json,
+                cli::Output::Json,
             )
             .await?;
             let records = observe::parse_json_lines(&json)?;
@@ -1473,7 +1474,7 @@ impl ScenarioRun<'_> {
             &config.binary,
             &config.observe_socket,
             &args,
-            observe::Output::Text,
+            cli::Output::Text,
         )
         .await?;
         self.observed_until_unix_ms
@@ -1535,14 +1536,14 @@ impl ScenarioRun<'_> {
         for (flag, source) in sources {
             let mut args = vec!["explain".to_owned(), flag.to_owned(), source];
             args.extend(explain.args(&host));
-            let (command, text) = observe::run_netwarden(&config.binary, &args).await?;
+            let (command, text) = cli::run_netwarden(&config.binary, &args).await?;
             let mut shown = format!("  $ {command}\n");
             for line in text.lines() {
                 let _ = writeln!(shown, "  {line}");
             }
             self.progress.line(shown.trim_end());
             args.extend(["-o".to_owned(), "json".to_owned()]);
-            let (command, json) = observe::run_netwarden(&config.binary, &args).await?;
+            let (command, json) = cli::run_netwarden(&config.binary, &args).await?;
             if let Some(problem) = explain.mismatch(&json, &command)? {
                 findings.push(format!("step {number} {step} ({flag}): {problem}"));
             }
