@@ -83,6 +83,9 @@ pub struct AgentConfig {
     pub extra_args: Vec<String>,
     /// Where the agent serves the identity check (`--authz-socket`).
     pub authz_socket: PathBuf,
+    /// Where the agent serves its observe endpoint (`--observe-socket`): in the scenario's
+    /// directory, so that concurrent scenarios never read each other's flows.
+    pub observe_socket: PathBuf,
 }
 
 /// A running agent.
@@ -118,6 +121,8 @@ impl Agent {
             .arg(&config.status_file)
             .arg("--authz-socket")
             .arg(&config.authz_socket)
+            .arg("--observe-socket")
+            .arg(&config.observe_socket)
             .args(&config.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_error)?)

@@ -14,7 +14,9 @@
 use indexmap::IndexMap;
 
 use crate::{
+    explain::Explain,
     mtls::{ExpectAgentLog, IdentityCheck, MtlsProbe},
+    observe::Observe,
     scenario::{
         ConnectionExpectation, ContainerPort, Delivery, Dial, Labels, Protocol, Quote, Resolve,
         RestartMode, Scenario, SpoofedSource, Step,
@@ -245,6 +247,23 @@ pub trait Driver {
         }
         .into())
     }
+    /// `observe`: what the agent's observe endpoint reports, checked against what the step
+    /// expects.
+    async fn observe_flows(
+        &mut self,
+        _at: At<'_>,
+        _observe: &Observe,
+    ) -> Result<Findings, Self::Error> {
+        Err(NotPlayable { op: "observe" }.into())
+    }
+    /// `explain`: the agent's explanation of a flow, checked against what the step expects.
+    async fn explain_flow(
+        &mut self,
+        _at: At<'_>,
+        _explain: &Explain,
+    ) -> Result<Findings, Self::Error> {
+        Err(NotPlayable { op: "explain" }.into())
+    }
 }
 
 /// Why playing a scenario stopped.
@@ -355,7 +374,9 @@ async fn make_change<D: Driver>(driver: &mut D, step: &Step) -> Result<Option<Ch
         | Step::IcmpError { .. }
         | Step::MtlsProbe(_)
         | Step::IdentityCheck(_)
-        | Step::ExpectAgentLog(_) => return Ok(None),
+        | Step::ExpectAgentLog(_)
+        | Step::Observe(_)
+        | Step::Explain(_) => return Ok(None),
     }
     Ok(Some(Change::Objects))
 }
@@ -404,6 +425,8 @@ async fn check<D: Driver>(driver: &mut D, at: At<'_>) -> Result<Findings, D::Err
         Step::MtlsProbe(probe) => driver.mtls_probe(at, probe).await,
         Step::IdentityCheck(check) => driver.identity_check(at, check).await,
         Step::ExpectAgentLog(expect) => driver.expect_agent_log(at, expect).await,
+        Step::Observe(observe) => driver.observe_flows(at, observe).await,
+        Step::Explain(explain) => driver.explain_flow(at, explain).await,
         Step::CreatePolicy { .. }
         | Step::UpdatePolicy { .. }
         | Step::DeletePolicy { .. }

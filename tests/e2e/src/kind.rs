@@ -559,6 +559,12 @@ impl Capabilities for KindCapabilities {
             Step::SendSpoofed { .. } | Step::IcmpError { .. } => {
                 unsupported("crafted packets are sent from the netns harness only")
             }
+            // A check of the view only: the scenario's world goes on the same without it.
+            Step::Observe(_) | Step::Explain(_) => Support::Skip(
+                "the observe and explain steps ask the netns harness's agent on its socket (on \
+                 a cluster: `--kubeconfig`)"
+                    .to_owned(),
+            ),
             Step::MtlsProbe(_) | Step::IdentityCheck(_) | Step::ExpectAgentLog(_) => unsupported(
                 "the test CA, the mTLS test proxy and the agent's log live in the netns harness",
             ),

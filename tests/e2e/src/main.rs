@@ -3,15 +3,18 @@
 
 mod agent;
 mod cleanup;
+mod cli;
 mod crafted;
 mod dns;
 mod driver;
+mod explain;
 mod kind;
 mod kube_proxy;
 mod manifests;
 mod mtls;
 mod netns;
 mod node;
+mod observe;
 mod placeholder;
 mod probe;
 mod report;

@@ -23,17 +23,20 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use crate::{
     agent::{Agent, AgentConfig, AgentError, StatusWatcher, Wanted, log_tail},
     cleanup::{self, NETNS_PREFIX, RUN_ROOT, Registration, Resource},
+    cli::{self, CliError},
     crafted::{self, QuotedPacket},
     dns::{self, Zone},
     driver::{
         self, At, CannotRun, Capabilities, Change, Driver, Findings, NewPod, NotPlayable, Plan,
         Spoofed, Support,
     },
+    explain::Explain,
     kube_proxy::{KubeProxy, KubeProxyError, KubeProxyMode},
     manifests::{ManifestError, ManifestWriter},
     mtls::{ExpectAgentLog, IdentityCheck, MtlsError, MtlsProbe, MtlsState, PodView},
     netns::NetnsError,
     node::{Addresses, Endpoint, EndpointKind, Node, NodeError, ipv6_supported},
+    observe::{self, Network, Observe, ObservedVerdict},
     placeholder::{self, PlaceholderError},
     probe::{self, Answerer, Client, DialError, Flow, Server},
     report::{self, ObservedGrid, Outcome, Verdict},
@@ -106,6 +109,8 @@ enum StepError {
     },
     #[error("cannot mount bpffs on {}: {source}", path.display())]
     Mount { path: PathBuf, source: nix::Error },
+    #[error(transparent)]
+    Cli(#[from] CliError),
     #[error(transparent)]
     NotPlayable(#[from] NotPlayable),
 }
@@ -263,6 +268,8 @@ struct Workspace {
     log: PathBuf,
     /// Where the agent serves the identity check.
     authz_socket: PathBuf,
+    /// Where the agent serves its observe endpoint.
+    observe_socket: PathBuf,
     // Declared in removal order: the mount before the directory it sits in.
     _mount: Registration,
     _dir: Registration,
@@ -301,6 +308,7 @@ impl Workspace {
             status_file: root.join("status.json"),
             log: root.join("agent.log"),
             authz_socket: root.join("authz.sock"),
+            observe_socket: root.join("observe.sock"),
             _mount: mount,
             _dir: dir,
         })
@@ -360,6 +368,9 @@ struct ScenarioRun<'a> {
     services: Option<(ServiceRegistry, KubeProxy)>,
     /// What the pods serving DNS answer: the Services and published pods as they are now.
     zone: Zone,
+    /// When the previous `observe` step of each verdict read the agent's flows (Unix
+    /// milliseconds): the next one of that verdict judges the flows reported since.
+    observed_until_unix_ms: HashMap<ObservedVerdict, u64>,
 }
 
 async fn run_scenario(
@@ -401,6 +412,7 @@ async fn run_scenario(
         log: workspace.log.clone(),
         extra_args: scenario.agent_args.clone(),
         authz_socket: workspace.authz_socket.clone(),
+        observe_socket: workspace.observe_socket.clone(),
     });
     let mut run = ScenarioRun {
         scenario,
@@ -427,6 +439,7 @@ async fn run_scenario(
             )
         }),
         zone: Zone::default(),
+        observed_until_unix_ms: HashMap::new(),
     };
     let (findings, played) = driver::play(&mut run, scenario, plan).await;
     run.failures.extend(findings);
@@ -1144,7 +1157,12 @@ impl Capabilities for NetnsCapabilities {
 
     fn supports(&self, step: &Step) -> Support {
         match step {
-            Step::RestartAgent { .. } | Step::ExpectAgentLog(_) if !self.agent => {
+            Step::RestartAgent { .. }
+            | Step::ExpectAgentLog(_)
+            | Step::Observe(_)
+            | Step::Explain(_)
+                if !self.agent =>
+            {
                 Support::Skip("no agent runs (--no-agent)".to_owned())
             }
             _ => Support::Play,
@@ -1389,6 +1407,144 @@ impl Driver for ScenarioRun<'_> {
         match expect.find(&config.log).await {
             Ok(line) => self.progress.line(&format!("  found: {line}")),
             Err(problem) => findings.push(format!("step {number} {step}: {problem}")),
+        }
+        Ok(findings)
+    }
+
+    async fn observe_flows(
+        &mut self,
+        at: At<'_>,
+        observe: &Observe,
+    ) -> Result<Findings, StepError> {
+        self.observe_and_check(at, observe).await
+    }
+
+    async fn explain_flow(&mut self, at: At<'_>, explain: &Explain) -> Result<Findings, StepError> {
+        self.explain_and_check(at, explain).await
+    }
+}
+
+impl ScenarioRun<'_> {
+    /// Runs `netwarden observe` with the step's filters, as JSON lines to check (once more
+    /// after a short wait when something is missing: the agent reads the datapath's ring
+    /// asynchronously), then as the table an operator reads, which verbose runs print.
+    async fn observe_and_check(
+        &mut self,
+        At { number, step }: At<'_>,
+        observe: &Observe,
+    ) -> Result<Findings, StepError> {
+        let Some(config) = &self.agent_config else {
+            unreachable!("the capabilities leave it out without an agent")
+        };
+        let since = self
+            .observed_until_unix_ms
+            .get(&observe.filter.verdict)
+            .copied();
+        let mut args = observe.filter.args();
+        if let Some(since) = since {
+            // `--since` counts whole seconds; the check below cuts at the millisecond.
+            let seconds = observe::now_unix_ms().saturating_sub(since) / 1000 + 1;
+            args.extend(["--since".to_owned(), format!("{seconds}s")]);
+        }
+        let addresses = |key: &str| self.addresses.get(key).copied();
+        let network = Network {
+            families: &self.scenario.model.ip_families,
+            addresses: &addresses,
+        };
+        let read = || async {
+            let (_, json) = observe::run_observe(
+                &config.binary,
+                &config.observe_socket,
+                &args,
+                cli::Output::Json,
+            )
+            .await?;
+            let records = observe::parse_json_lines(&json)?;
+            Ok::<_, StepError>(observe::check(observe, &network, &records, since))
+        };
+        let mut problems = read().await?;
+        let retried = !problems.is_empty();
+        if retried {
+            tokio::time::sleep(RETRY_PAUSE).await;
+            problems = read().await?;
+        }
+        let (command, table) = observe::run_observe(
+            &config.binary,
+            &config.observe_socket,
+            &args,
+            cli::Output::Text,
+        )
+        .await?;
+        self.observed_until_unix_ms
+            .insert(observe.filter.verdict, observe::now_unix_ms());
+        let mut shown = format!("  $ {command}\n");
+        for line in table.lines() {
+            let _ = writeln!(shown, "  {line}");
+        }
+        let retry_note = if retried { " (read twice)" } else { "" };
+        if problems.is_empty() {
+            let _ = write!(
+                shown,
+                "  as expected{retry_note}: {} {} flow(s) reported, {} absent",
+                observe.expect.len(),
+                observe.filter.verdict,
+                observe.absent.len()
+            );
+        } else {
+            let _ = write!(shown, "  DIFFERS{retry_note}: see the findings");
+        }
+        self.progress.line(&shown);
+        let mut findings = Findings::new();
+        if problems.is_empty() {
+            return Ok(findings);
+        }
+        findings.push(format!(
+            "step {number} {step}{retry_note}: {} problem(s) with what `netwarden observe` reports",
+            problems.len()
+        ));
+        findings.extend(problems.into_iter().map(|problem| format!("  {problem}")));
+        Ok(findings)
+    }
+}
+
+impl ScenarioRun<'_> {
+    /// Asks the agent to explain the flow, and the same command offline on the agent's
+    /// manifests, each as text to print (verbose runs) and as JSON to check.
+    async fn explain_and_check(
+        &self,
+        At { number, step }: At<'_>,
+        explain: &Explain,
+    ) -> Result<Findings, StepError> {
+        let Some(config) = &self.agent_config else {
+            unreachable!("the capabilities leave it out without an agent")
+        };
+        let family = self.scenario.model.primary_family();
+        let host = |key: &str| {
+            self.addresses
+                .get(key)
+                .and_then(|addresses| addresses.get(family))
+        };
+        // Live on the agent's applied state, then offline on the very manifests it reads: one
+        // implementation, which must agree with the probes either way.
+        let sources = [
+            ("--agent", config.observe_socket.display().to_string()),
+            ("--manifests", config.manifests.display().to_string()),
+        ];
+        let mut findings = Findings::new();
+        for (flag, source) in sources {
+            let mut args = vec!["explain".to_owned(), flag.to_owned(), source];
+            args.extend(explain.args(&host));
+            let (command, text) = cli::run_netwarden(&config.binary, &args).await?;
+            let mut shown = format!("  $ {command}\n");
+            for line in text.lines() {
+                let _ = writeln!(shown, "  {line}");
+            }
+            self.progress.line(shown.trim_end());
+            args.extend(["-o".to_owned(), "json".to_owned()]);
+            let (command, json) = cli::run_netwarden(&config.binary, &args).await?;
+            if let Some(problem) = explain.mismatch(&json, &command)? {
+                findings.push(format!("step {number} {step} ({flag}): {problem}"));
+            }
         }
         Ok(findings)
     }

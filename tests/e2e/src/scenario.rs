@@ -11,12 +11,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use indexmap::IndexMap;
+use indexmap::{IndexMap, IndexSet};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     dns,
+    explain::Explain,
     kube_proxy::KubeProxyMode,
+    observe::{FlowEnds, Observe, ObserveFilter, ObservedVerdict, RawObserve},
     placeholder,
     services::{self, ServiceSpec, ServiceType},
 };
@@ -391,6 +393,10 @@ pub enum Step {
     MtlsProbe(crate::mtls::MtlsProbe),
     IdentityCheck(crate::mtls::IdentityCheck),
     ExpectAgentLog(crate::mtls::ExpectAgentLog),
+    /// `netwarden observe` run against the agent, its output checked.
+    Observe(Observe),
+    /// `netwarden explain --agent` asked about a flow, its verdict checked.
+    Explain(Explain),
     SendSpoofed {
         from: String,
         to: String,
@@ -459,11 +465,17 @@ impl Step {
             Self::MtlsProbe(_) => "mtls_probe",
             Self::IdentityCheck(_) => "identity_check",
             Self::ExpectAgentLog(_) => "expect_agent_log",
+            Self::Observe(_) => "observe",
+            Self::Explain(_) => "explain",
         }
     }
 }
 
 impl fmt::Display for Step {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one arm per op reads better than a function per op"
+    )]
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::CreatePolicy { policy }
@@ -564,6 +576,8 @@ impl fmt::Display for Step {
             Self::MtlsProbe(probe) => write!(f, "mtls_probe {probe}"),
             Self::IdentityCheck(check) => write!(f, "identity_check {check}"),
             Self::ExpectAgentLog(expect) => write!(f, "expect_agent_log {expect}"),
+            Self::Observe(observe) => write!(f, "observe {observe}"),
+            Self::Explain(explain) => write!(f, "explain {explain}"),
         }
     }
 }
@@ -748,6 +762,8 @@ enum RawStep {
     MtlsProbe(crate::mtls::MtlsProbe),
     IdentityCheck(crate::mtls::IdentityCheck),
     ExpectAgentLog(crate::mtls::ExpectAgentLog),
+    Observe(RawObserve),
+    Explain(Explain),
     SendSpoofed {
         from: String,
         to: String,
@@ -1289,6 +1305,10 @@ struct Validator<'a> {
     connections: BTreeSet<String>,
     services: &'a IndexMap<String, ServiceSpec>,
     existing_services: BTreeSet<String>,
+    /// The cells the probes expected blocked since the previous `observe` step of denies or
+    /// the agent's restart: what an `observe` step that lists no flows expects reported
+    /// denied.
+    blocked_since_observe: IndexSet<FlowEnds>,
 }
 
 impl<'a> Validator<'a> {
@@ -1315,6 +1335,7 @@ impl<'a> Validator<'a> {
             connections: BTreeSet::new(),
             services,
             existing_services: BTreeSet::new(),
+            blocked_since_observe: IndexSet::new(),
         }
     }
 
@@ -1495,7 +1516,11 @@ impl<'a> Validator<'a> {
                 self.deleted.insert(pod.clone());
                 Step::DeletePod { pod }
             }
-            RawStep::RestartAgent { mode } => Step::RestartAgent { mode },
+            RawStep::RestartAgent { mode } => {
+                // The new agent's ring starts empty: what the old one saw is gone.
+                self.blocked_since_observe.clear();
+                Step::RestartAgent { mode }
+            }
             RawStep::OpenConnection {
                 name,
                 from,
@@ -1587,6 +1612,7 @@ impl<'a> Validator<'a> {
                         "via: service needs `services: per_pod` in the model".to_owned(),
                     ));
                 }
+                self.remember_blocked(&grid, port, protocol);
                 Step::Probe {
                     port,
                     protocol,
@@ -1634,7 +1660,151 @@ impl<'a> Validator<'a> {
                 Step::IdentityCheck(check)
             }
             RawStep::ExpectAgentLog(expect) => Step::ExpectAgentLog(expect),
+            RawStep::Observe(raw) => {
+                let observe = self.observe(raw).map_err(|e| ("observe", e))?;
+                // A deny observe ends the window of denies, whatever it selected, as the time
+                // window of the records it reads ends with it.
+                if observe.filter.verdict == ObservedVerdict::Deny {
+                    self.blocked_since_observe.clear();
+                }
+                Step::Observe(observe)
+            }
+            RawStep::Explain(explain) => {
+                self.explain(&explain).map_err(|e| ("explain", e))?;
+                Step::Explain(explain)
+            }
         })
+    }
+
+    /// An explain's ends exist, and it names a pod or host or a Service with that port.
+    fn explain(&self, explain: &Explain) -> Result<(), String> {
+        self.endpoint(&explain.from)?;
+        match (&explain.to, &explain.service) {
+            (Some(to), None) => {
+                self.endpoint(to)?;
+                if self.pod(&explain.from).is_err() && self.pod(to).is_err() {
+                    return Err("between two external hosts, no pod's policy applies".to_owned());
+                }
+                Ok(())
+            }
+            (None, Some(service)) => self.dial(&Dial {
+                from: explain.from.clone(),
+                service: service.clone(),
+                port: explain.port,
+                protocol: explain.protocol,
+                via: DialVia::ClusterIp,
+                expect: Reachability::Allowed,
+            }),
+            _ => Err("give `to` (a pod or external host) or `service`, not both".to_owned()),
+        }
+    }
+
+    /// Notes the blocked cells of a probe's grid that the agent sees: those with a pod at one
+    /// end at least (a flow between two external hosts never crosses a pod's veth).
+    fn remember_blocked(&mut self, grid: &ExpectedGrid, port: u16, protocol: Protocol) {
+        for (row, client) in grid.endpoints.iter().enumerate() {
+            for (column, server) in grid.endpoints.iter().enumerate() {
+                let external = |key: &String| self.model.external_hosts.contains(key);
+                if row == column
+                    || grid.allowed[row][column]
+                    || (external(client) && external(server))
+                {
+                    continue;
+                }
+                self.blocked_since_observe.insert(FlowEnds {
+                    from: client.clone(),
+                    to: server.clone(),
+                    port,
+                    protocol,
+                });
+            }
+        }
+    }
+
+    /// What an `observe` step expects: its own flows, or the blocked cells since the previous
+    /// one that its filters select. The harness can judge a filter by namespace, pod, protocol
+    /// and port, not by direction or policy (only the agent knows which end dropped a flow and
+    /// why), and a grid says what is blocked, not what is audited or allowed: those steps list
+    /// their flows.
+    fn observe(&self, raw: RawObserve) -> Result<Observe, String> {
+        let (filter, listed, checks) = raw.split();
+        if let Some(namespace) = &filter.namespace
+            && !self.namespaces.contains(namespace)
+        {
+            return Err(format!("namespace {namespace} is not in the model"));
+        }
+        for flow in listed.iter().flatten().chain(&checks.absent) {
+            self.flow_ends(flow)?;
+        }
+        let expect = if let Some(flows) = &listed {
+            if let Some(unselected) = flows.iter().find(|flow| !filter.selects(flow)) {
+                return Err(format!(
+                    "the step's filters do not select {unselected}, which it expects"
+                ));
+            }
+            flows.clone()
+        } else {
+            self.blocked_cells_selected_by(&filter)?
+        };
+        if let Some(both) = checks.absent.iter().find(|flow| expect.contains(flow)) {
+            return Err(format!("{both} is both expected and absent"));
+        }
+        Ok(Observe {
+            filter,
+            expect,
+            listed: listed.is_some(),
+            absent: checks.absent,
+            expect_policy: checks.expect_policy,
+            expect_reason: checks.expect_reason,
+        })
+    }
+
+    /// The blocked cells since the previous observe of denies that `filter` selects, for a
+    /// step that lists no flows.
+    fn blocked_cells_selected_by(&self, filter: &ObserveFilter) -> Result<Vec<FlowEnds>, String> {
+        if filter.verdict != ObservedVerdict::Deny {
+            return Err(format!(
+                "verdict {}: list `flows` (a probe's grid says what is blocked, not what the \
+                 agent reports {})",
+                filter.verdict, filter.verdict
+            ));
+        }
+        if filter.direction.is_some() || filter.policy.is_some() {
+            return Err(
+                "with `direction` or `policy`, list `flows`: the harness cannot tell \
+                 which blocked cells the agent reports under them"
+                    .to_owned(),
+            );
+        }
+        let selected: Vec<FlowEnds> = self
+            .blocked_since_observe
+            .iter()
+            .filter(|flow| filter.selects(flow))
+            .cloned()
+            .collect();
+        if selected.is_empty() {
+            return Err(
+                "no probe since the previous observe (or agent restart) expected a \
+                 blocked flow that the filters select: list `flows`"
+                    .to_owned(),
+            );
+        }
+        Ok(selected)
+    }
+
+    /// A flow named by a step: both ends exist now, one at least is a pod, and they differ.
+    fn flow_ends(&self, flow: &FlowEnds) -> Result<(), String> {
+        self.endpoint(&flow.from)?;
+        self.endpoint(&flow.to)?;
+        if flow.from == flow.to {
+            return Err(format!("{flow}: a pod to itself is never judged"));
+        }
+        if self.pod(&flow.from).is_err() && self.pod(&flow.to).is_err() {
+            return Err(format!(
+                "{flow}: between two external hosts, no pod's veth sees it"
+            ));
+        }
+        Ok(())
     }
 
     /// A resolve's client is a pod, its name a DNS name, and its server a Service with port 53
@@ -2312,6 +2482,186 @@ steps:
             "",
         );
         assert!(unknown_pod.unwrap_err().to_string().contains("x/q"));
+    }
+
+    #[test]
+    fn observe_expects_the_cells_blocked_since_the_previous_observe_or_restart() {
+        let scenario = with_steps(
+            "- { op: probe, port: 80, expect: { grid: { x/a: '.X', x/b: '..' } } }\n\
+             - { op: probe, port: 81, protocol: UDP, expect: { grid: { x/a: '.X', x/b: 'X.' } } }\n\
+             - { op: probe, port: 80, expect: { grid: { x/a: '.X', x/b: '..' } } }\n\
+             - { op: observe, port: 80, expect_policy: x/deny }\n\
+             - { op: observe, verdict: audit, flows: [ { from: x/a, to: x/b, port: 80 } ] }\n\
+             - { op: probe, port: 80, expect: { grid: { x/a: '..', x/b: 'X.' } } }\n\
+             - { op: observe }\n\
+             - { op: probe, port: 80, expect: { grid: { x/a: '..', x/b: 'X.' } } }\n\
+             - { op: restart_agent, mode: graceful }\n\
+             - { op: probe, port: 80, expect: { grid: { x/a: '.X', x/b: '..' } } }\n\
+             - { op: observe, absent: [ { from: x/b, to: x/a, port: 80 } ] }\n",
+        )
+        .unwrap();
+        let observe = |index: usize| {
+            let Step::Observe(observe) = &scenario.steps[index] else {
+                panic!("step {index} is {}", scenario.steps[index])
+            };
+            observe
+        };
+        let expected = |index: usize| {
+            observe(index)
+                .expect
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        // Port 80 only, once however many probes blocked it; the UDP cells, not selected, went
+        // out of the window with it.
+        assert_eq!(expected(3), ["x/a -> x/b TCP/80"]);
+        assert!(!observe(3).listed);
+        assert_eq!(observe(3).expect_policy.as_deref(), Some("x/deny"));
+        assert!(observe(4).listed);
+        // An audit observe does not end the window of denies.
+        assert_eq!(expected(6), ["x/b -> x/a TCP/80"]);
+        // The restart emptied the agent's ring: only the probe after it counts.
+        assert_eq!(expected(10), ["x/a -> x/b TCP/80"]);
+        assert_eq!(
+            scenario.steps[10].to_string(),
+            "observe deny flows: 1 blocked in the probes since the previous observe, 1 absent"
+        );
+    }
+
+    #[test]
+    fn an_observe_step_that_checks_nothing_or_what_the_harness_cannot_judge_is_an_error() {
+        let blocked = "- { op: probe, port: 80, expect: { grid: { x/a: '.X', x/b: '..' } } }\n";
+        let problem = |step: &str| {
+            with_steps(&format!("{blocked}{step}"))
+                .unwrap_err()
+                .to_string()
+        };
+        for (step, expected) in [
+            (
+                "- { op: observe, port: 81 }",
+                "no probe since the previous observe",
+            ),
+            (
+                "- { op: observe, verdict: audit }",
+                "verdict audit: list `flows`",
+            ),
+            (
+                "- { op: observe, direction: ingress }",
+                "with `direction` or `policy`, list `flows`",
+            ),
+            (
+                "- { op: observe, policy: x/deny }",
+                "with `direction` or `policy`, list `flows`",
+            ),
+            (
+                "- { op: observe, namespace: q }",
+                "namespace q is not in the model",
+            ),
+            (
+                "- { op: observe, flows: [ { from: x/a, to: x/c, port: 80 } ] }",
+                "no pod or external host x/c",
+            ),
+            (
+                "- { op: observe, flows: [ { from: x/a, to: x/a, port: 80 } ] }",
+                "a pod to itself",
+            ),
+            (
+                "- { op: observe, port: 81, flows: [ { from: x/a, to: x/b, port: 80 } ] }",
+                "do not select x/a -> x/b TCP/80",
+            ),
+            (
+                "- { op: observe, absent: [ { from: x/a, to: x/b, port: 80 } ] }",
+                "both expected and absent",
+            ),
+            ("- { op: observe, colour: red }", "unknown field `colour`"),
+        ] {
+            let error = problem(step);
+            assert!(error.contains(expected), "{step}: {error}");
+            assert!(error.contains("step 2 (observe)"), "{step}: {error}");
+        }
+        // Listed flows need no probe, and may be audited flows.
+        let listed = with_steps(
+            "- { op: observe, verdict: audit, direction: ingress, policy: deny, flows: [ { from: x/a, to: x/b, port: 80 } ] }\n",
+        )
+        .unwrap();
+        let Step::Observe(observe) = &listed.steps[0] else {
+            panic!()
+        };
+        assert!(observe.listed);
+        assert_eq!(
+            observe.filter.args().join(" "),
+            "--verdict audit --direction ingress --policy deny"
+        );
+    }
+
+    #[test]
+    fn an_explain_step_names_existing_ends_and_one_destination() {
+        let explain =
+            with_steps("- { op: explain, from: x/a, to: x/b, port: 80, expect: denied }\n")
+                .unwrap();
+        assert_eq!(
+            explain.steps[0].to_string(),
+            "explain x/a -> x/b TCP/80 (expect denied)"
+        );
+        for (step, expected) in [
+            (
+                "{ op: explain, from: x/a, to: x/c, port: 80, expect: denied }",
+                "no pod or external host x/c",
+            ),
+            (
+                "{ op: explain, from: x/a, port: 80, expect: denied }",
+                "give `to`",
+            ),
+            (
+                "{ op: explain, from: x/a, to: x/b, service: x/s, port: 80, expect: denied }",
+                "give `to`",
+            ),
+            (
+                "{ op: explain, from: x/a, service: x/s, port: 80, expect: denied }",
+                "no service x/s",
+            ),
+            (
+                "{ op: explain, from: x/a, to: x/b, port: 80, expect: maybe }",
+                "unknown variant `maybe`",
+            ),
+        ] {
+            let error = with_steps(&format!("- {step}\n")).unwrap_err().to_string();
+            assert!(error.contains(expected), "{step}: {error}");
+        }
+    }
+
+    /// The demo's observe step expects every cell its grids block after the example policies.
+    #[test]
+    fn the_demo_observes_every_flow_the_example_policies_block() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/demo/three-tier.yaml");
+        let scenario = load(&path).unwrap_or_else(|error| panic!("{error}"));
+        let observe = scenario
+            .steps
+            .iter()
+            .find_map(|step| match step {
+                Step::Observe(observe) => Some(observe),
+                _ => None,
+            })
+            .expect("the demo has an observe step");
+        let blocked_after_policies: usize = scenario
+            .steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Probe { expect, .. } => Some(expect),
+                _ => None,
+            })
+            .skip(2)
+            .map(|grid| {
+                grid.allowed
+                    .iter()
+                    .flatten()
+                    .filter(|allowed| !**allowed)
+                    .count()
+            })
+            .sum();
+        assert!(blocked_after_policies > 0);
+        assert_eq!(observe.expect.len(), blocked_after_policies);
     }
 
     /// Every scenario of `tests/scenarios/cluster-policy` (the network-policy-api conformance
