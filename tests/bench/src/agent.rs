@@ -79,6 +79,7 @@ fn run(agent: &Path, cluster: &Cluster, work: &Path, netns: &str) -> anyhow::Res
         .arg(&bpffs)
         .arg("--status-file")
         .arg(work.join("status.json"))
+        .args(capacity_args(cluster))
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let fd = namespace.as_fd().try_clone_to_owned()?;
@@ -118,6 +119,21 @@ fn run(agent: &Path, cluster: &Cluster, work: &Path, netns: &str) -> anyhow::Res
         map_bytes: maps.iter().map(|map| map.bytes).sum(),
         maps,
     })
+}
+
+/// What an operator adds to the agent's command line for `cluster`: a larger IP cache once the
+/// cluster's addresses (pods' and nodes') would fill three quarters of the default one, a power
+/// of two with a quarter to spare. The map allocates per entry, so its size costs only its
+/// bucket array (16 bytes an entry).
+fn capacity_args(cluster: &Cluster) -> Vec<String> {
+    let addresses = cluster.pods.values().map(|pod| pod.ips.len()).sum::<usize>()
+        + cluster.nodes.values().map(|node| node.addresses.len()).sum::<usize>();
+    let default = netwarden_datapath::Capacity::default().ipcache as usize;
+    if addresses * 4 <= default * 3 {
+        return Vec::new();
+    }
+    let entries = (addresses + addresses / 4).next_power_of_two();
+    vec!["--ipcache-entries".to_owned(), entries.to_string()]
 }
 
 /// `VmRSS`, `VmHWM` and the maps of process `pid`. A map the process holds through several
