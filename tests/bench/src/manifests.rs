@@ -41,40 +41,48 @@ pub fn write(cluster: &Cluster, dir: &Path) -> io::Result<()> {
         scoped.push(&cluster_policy_object(policy));
     }
     fs::write(dir.join("cluster-scoped.yaml"), scoped.0)?;
-    for namespace in cluster.namespaces.values() {
-        let mut text = Documents::default();
-        let mut document = |value: Value| text.push(&value);
+    for namespace in cluster.namespaces.keys() {
+        write_namespace(cluster, namespace, dir)?;
+    }
+    Ok(())
+}
+
+/// Writes the objects of `namespace` to their file under `dir`, through a temporary file
+/// renamed in place, so that the agent never reads half of it.
+pub fn write_namespace(cluster: &Cluster, namespace: &str, dir: &Path) -> io::Result<()> {
+    let mut text = Documents::default();
+    let mut document = |value: Value| text.push(&value);
+    if let Some(namespace) = cluster.namespaces.get(namespace) {
         document(
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace.name, "labels": namespace.labels}}),
         );
-        let pods = in_namespace(&namespace.name, |namespace, name| PodRef { namespace, name });
-        for pod in cluster.pods.range(pods).map(|(_, pod)| pod) {
-            document(pod_object(pod));
-        }
-        let policies = in_namespace(&namespace.name, |namespace, name| PolicyRef {
-            namespace,
-            name,
-        });
-        for policy in cluster.policies.range(policies).map(|(_, policy)| policy) {
-            document(policy_object(policy));
-        }
-        for service in cluster
-            .services
-            .values()
-            .filter(|service| service.id.namespace == namespace.name)
-        {
-            document(service_object(service));
-        }
-        for slice in cluster
-            .endpoint_slices
-            .values()
-            .filter(|slice| slice.id.namespace == namespace.name)
-        {
-            document(endpoint_slice_object(slice));
-        }
-        fs::write(dir.join(format!("{}.yaml", namespace.name)), text.0)?;
     }
-    Ok(())
+    let pods = in_namespace(namespace, |namespace, name| PodRef { namespace, name });
+    for pod in cluster.pods.range(pods).map(|(_, pod)| pod) {
+        document(pod_object(pod));
+    }
+    let policies = in_namespace(namespace, |namespace, name| PolicyRef { namespace, name });
+    for policy in cluster.policies.range(policies).map(|(_, policy)| policy) {
+        document(policy_object(policy));
+    }
+    for service in cluster
+        .services
+        .values()
+        .filter(|service| service.id.namespace == namespace)
+    {
+        document(service_object(service));
+    }
+    for slice in cluster
+        .endpoint_slices
+        .values()
+        .filter(|slice| slice.id.namespace == namespace)
+    {
+        document(endpoint_slice_object(slice));
+    }
+    // Hidden: the agent reads `*.yaml`, `*.yml` and `*.json` only.
+    let partial = dir.join(format!(".{namespace}.partial"));
+    fs::write(&partial, text.0)?;
+    fs::rename(partial, dir.join(format!("{namespace}.yaml")))
 }
 
 fn pod_object(pod: &Pod) -> Value {
