@@ -12,7 +12,8 @@ use std::{
 
 use netwarden_common::{IDENTITY_HOST, PeerId};
 use netwarden_model::{
-    Cluster, Enforcement, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef, Service, ServiceRef,
+    Cluster, ClusterView, Enforcement, Namespace, NetworkPolicy, Pod, PodRef, PodsView, PolicyRef,
+    Service, ServiceRef,
 };
 
 use crate::{
@@ -191,17 +192,30 @@ impl Compiler {
     /// Brings the compiler to `cluster`, applying only the objects that differ from what it
     /// has. Takes the snapshot by value: changed objects move into the compiler uncopied.
     pub fn sync(&mut self, cluster: Cluster) -> &DatapathState {
-        let Cluster {
-            namespaces,
+        self.sync_view(ClusterView::from(cluster))
+    }
+
+    /// [`Compiler::sync`] on a view whose pods may be borrowed: only the pods that changed are
+    /// copied, each as the compiler takes it, so that not even the first sync, where every pod
+    /// is new, holds a second copy of the cluster's pods.
+    pub fn sync_view(&mut self, view: ClusterView<'_>) -> &DatapathState {
+        let ClusterView {
+            rest:
+                Cluster {
+                    namespaces,
+                    pods: _,
+                    policies,
+                    services,
+                    // The datapath judges the translated flow by its backend pod: it needs no
+                    // backends.
+                    endpoint_slices: _,
+                    // Not compiled yet (issue #15, part 2): only the reference evaluator reads
+                    // them.
+                    cluster_policies: _,
+                    nodes: _,
+                },
             pods,
-            policies,
-            services,
-            // The datapath judges the translated flow by its backend pod: it needs no backends.
-            endpoint_slices: _,
-            // Not compiled yet (issue #15, part 2): only the reference evaluator reads them.
-            cluster_policies: _,
-            nodes: _,
-        } = cluster;
+        } = view;
         let mut changes = Vec::new();
         diff(
             &self.cluster.namespaces,
@@ -210,30 +224,47 @@ impl Compiler {
             Change::Namespace,
         );
         for id in self.pods.records.keys() {
-            if !pods.contains_key(id) {
+            if !pods.contains(id) {
                 changes.push(Change::Pod(id.clone(), None));
             }
         }
-        for (id, pod) in pods {
-            if self.pods.records.get(&id).map(|record| record.fingerprint)
-                != Some(fingerprint(&pod))
-            {
-                changes.push(Change::Pod(id, Some(pod)));
-            }
-        }
+        let mut after_pods = Vec::new();
         diff(
             &self.cluster.policies,
             policies,
-            &mut changes,
+            &mut after_pods,
             Change::Policy,
         );
         diff(
             &self.cluster.services,
             services,
-            &mut changes,
+            &mut after_pods,
             Change::Service,
         );
-        self.update(changes)
+        let records = &self.pods.records;
+        let changed =
+            |id: &PodRef, pod: &Pod| records.get(id).map(|record| record.fingerprint) != Some(fingerprint(pod));
+        match pods {
+            PodsView::Owned(pods) => {
+                changes.extend(
+                    pods.into_iter()
+                        .filter(|(id, pod)| changed(id, pod))
+                        .map(|(id, pod)| Change::Pod(id, Some(pod))),
+                );
+                changes.extend(after_pods);
+                self.update(changes)
+            }
+            PodsView::Borrowed(pods) => {
+                let to_copy: Vec<(&PodRef, &Pod)> = pods
+                    .into_iter()
+                    .filter(|(id, pod)| changed(id, pod))
+                    .collect();
+                let copied = to_copy
+                    .into_iter()
+                    .map(|(id, pod)| Change::Pod(id.clone(), Some(pod.clone())));
+                self.update(changes.into_iter().chain(copied).chain(after_pods))
+            }
+        }
     }
 
     /// Applies `changes` and recompiles what they affect.
