@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use netwarden_common::{IDENTITY_HOST, PeerId};
@@ -418,7 +419,9 @@ impl Compiler {
     }
 
     fn identity_created(&mut self, identity: PeerId, info: &IdentityInfo) {
-        self.state.identities.insert(identity, info.clone());
+        // Shared with the allocator: one copy of each identity's labels and ports.
+        let shared = Arc::clone(&self.pods.identities.identities()[&identity]);
+        self.state.identities.insert(identity, shared);
         self.pods
             .identities_by_namespace
             .entry(info.namespace.clone())
