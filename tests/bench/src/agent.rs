@@ -110,8 +110,11 @@ fn run(
     let mut child = command.spawn().context("starting the agent")?;
     let stderr = child.stderr.take().context("agent stderr")?;
     let mut lines = BufReader::new(stderr).lines();
-    let mut applies = lines.by_ref().filter_map(Result::ok).filter(|line| line.contains(" applied"));
-    let applied = applies.next().is_some();
+    let mut apply_lines = lines
+        .by_ref()
+        .filter_map(Result::ok)
+        .filter(|line| line.contains(" applied"));
+    let applied = apply_lines.next().is_some();
     let first_apply = started.elapsed();
     let changed = Instant::now();
     let change_applied = applied
@@ -121,7 +124,7 @@ fn run(
             &manifests,
         )
         .is_ok()
-        && applies
+        && apply_lines
             .take(APPLIES_BEFORE_THE_CHANGE)
             .any(|line| line.contains("changed=true"));
     let change_apply = changed.elapsed();
@@ -129,7 +132,9 @@ fn run(
     let measured = if change_applied {
         read_memory(pid)
     } else if applied {
-        Err(anyhow::anyhow!("the agent did not apply the relabelled pod"))
+        Err(anyhow::anyhow!(
+            "the agent did not apply the relabelled pod"
+        ))
     } else {
         Err(anyhow::anyhow!("the agent exited before applying"))
     };
@@ -152,7 +157,9 @@ fn run(
 /// `cluster` with `relabelled` in place of its pod.
 fn changed_cluster(cluster: &Cluster, relabelled: &Pod) -> Cluster {
     let mut changed = cluster.clone();
-    changed.pods.insert(relabelled.id.clone(), relabelled.clone());
+    changed
+        .pods
+        .insert(relabelled.id.clone(), relabelled.clone());
     changed
 }
 
@@ -161,8 +168,16 @@ fn changed_cluster(cluster: &Cluster, relabelled: &Pod) -> Cluster {
 /// of two with a quarter to spare. The map allocates per entry, so its size costs only its
 /// bucket array (16 bytes an entry).
 fn capacity_args(cluster: &Cluster) -> Vec<String> {
-    let addresses = cluster.pods.values().map(|pod| pod.ips.len()).sum::<usize>()
-        + cluster.nodes.values().map(|node| node.addresses.len()).sum::<usize>();
+    let addresses = cluster
+        .pods
+        .values()
+        .map(|pod| pod.ips.len())
+        .sum::<usize>()
+        + cluster
+            .nodes
+            .values()
+            .map(|node| node.addresses.len())
+            .sum::<usize>();
     let default = netwarden_datapath::Capacity::default().ipcache as usize;
     if addresses * 4 <= default * 3 {
         return Vec::new();

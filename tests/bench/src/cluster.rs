@@ -531,7 +531,12 @@ fn udp(port: u16) -> ClusterPort {
     }
 }
 
-fn rule(name: &str, action: Action, peers: Vec<ClusterPeer>, ports: Vec<ClusterPort>) -> ClusterRule {
+fn rule(
+    name: &str,
+    action: Action,
+    peers: Vec<ClusterPeer>,
+    ports: Vec<ClusterPort>,
+) -> ClusterRule {
     ClusterRule {
         name: Some(name.to_owned()),
         action,

@@ -20,7 +20,6 @@ use crate::{
     targets::{self, Figures},
 };
 
-
 /// What one size measured.
 pub struct Row {
     /// The cluster.
@@ -130,21 +129,68 @@ pub fn measure(shape: Shape, agent: Option<&Path>, runs: usize) -> anyhow::Resul
     drop(copy);
     let kube_pods = kube_cache::measure(&cluster)?;
 
-    let entries = entries_per_endpoint(&baseline);
+    let mut row = Row {
+        shape,
+        full,
+        relabel,
+        policy,
+        peer,
+        entries: entries_per_endpoint(&baseline),
+        heap: Heap {
+            model_bytes,
+            compiler_bytes,
+            kube_pods,
+        },
+        memory: None,
+    };
+    print_compiler(&row, &baseline, peer_touches_only_ipcache);
+
+    let mut relabelled = cluster.pods[&shape.sample_pod()].clone();
+    relabelled.labels.insert("canary".into(), "true".into());
+    let memory = match agent {
+        Some(agent) if agent.exists() => Some(agent::measure(agent, &cluster, &relabelled)?),
+        Some(agent) => anyhow::bail!("no agent binary at {}", agent.display()),
+        None => {
+            println!("agent memory: not measured (no --agent binary)");
+            None
+        }
+    };
+    if let Some(memory) = &memory {
+        print_agent(memory);
+    }
+    row.memory = memory;
+    Ok(row)
+}
+
+/// The compiler's timings, the state it compiled and the heap of `row`.
+fn print_compiler(row: &Row, baseline: &DatapathState, peer_touches_only_ipcache: bool) {
+    let Row {
+        shape,
+        full,
+        relabel,
+        policy,
+        peer,
+        entries,
+        heap,
+        memory: _,
+    } = row;
     let label = format!(
         "full, {} pods / {} policies",
         thousands(shape.pods),
         thousands(shape.policies)
     );
     println!();
-    println!("{:<44} {:>10} {:>10}", "compile (median of runs)", "median", "p99");
+    println!(
+        "{:<44} {:>10} {:>10}",
+        "compile (median of runs)", "median", "p99"
+    );
     for (name, (median, p99)) in [
         (label.as_str(), full),
         ("incremental: one pod relabelled (new set)", relabel),
         ("incremental: one policy changed", policy),
         ("incremental: one peer pod added (known set)", peer),
     ] {
-        println!("{name:<44} {:>10} {:>10}", ms(median), ms(p99));
+        println!("{name:<44} {:>10} {:>10}", ms(*median), ms(*p99));
     }
     println!();
     println!(
@@ -160,46 +206,22 @@ pub fn measure(shape: Shape, agent: Option<&Path>, runs: usize) -> anyhow::Resul
     );
     println!(
         "adding a peer pod with a known label set changes only the IP cache: {}",
-        if peer_touches_only_ipcache { "yes" } else { "NO" }
+        if peer_touches_only_ipcache {
+            "yes"
+        } else {
+            "NO"
+        }
     );
     let pods = shape.pods as u64;
     println!(
         "heap: cluster model {:.1} MiB ({} B/pod), compiler with its state {:.1} MiB, kube source's trimmed pod cache {:.1} MiB ({} B/pod; {} B/pod untrimmed)",
-        mib(model_bytes),
-        model_bytes / pods.max(1),
-        mib(compiler_bytes),
-        mib(kube_pods.trimmed_bytes),
-        kube_pods.trimmed_bytes_per_pod(),
-        kube_pods.untrimmed_bytes_per_pod,
+        mib(heap.model_bytes),
+        heap.model_bytes / pods.max(1),
+        mib(heap.compiler_bytes),
+        mib(heap.kube_pods.trimmed_bytes),
+        heap.kube_pods.trimmed_bytes_per_pod(),
+        heap.kube_pods.untrimmed_bytes_per_pod,
     );
-
-    let mut relabelled = cluster.pods[&shape.sample_pod()].clone();
-    relabelled.labels.insert("canary".into(), "true".into());
-    let memory = match agent {
-        Some(agent) if agent.exists() => Some(agent::measure(agent, &cluster, &relabelled)?),
-        Some(agent) => anyhow::bail!("no agent binary at {}", agent.display()),
-        None => {
-            println!("agent memory: not measured (no --agent binary)");
-            None
-        }
-    };
-    if let Some(memory) = &memory {
-        print_agent(memory);
-    }
-    Ok(Row {
-        shape,
-        full,
-        relabel,
-        policy,
-        peer,
-        entries,
-        heap: Heap {
-            model_bytes,
-            compiler_bytes,
-            kube_pods,
-        },
-        memory,
-    })
 }
 
 fn print_agent(memory: &agent::Memory) {
@@ -283,9 +305,10 @@ pub fn run_scale(largest: Shape, agent: Option<&Path>) -> anyhow::Result<()> {
     );
     for row in &rows {
         let memory = |figure: fn(&agent::Memory) -> u64| {
-            row.memory
-                .as_ref()
-                .map_or_else(|| "n/a".to_owned(), |memory| format!("{:.1}", mib(figure(memory))))
+            row.memory.as_ref().map_or_else(
+                || "n/a".to_owned(),
+                |memory| format!("{:.1}", mib(figure(memory))),
+            )
         };
         println!(
             "{:>8} {:>6} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>10} {:>9} {:>7.1}M",
@@ -355,7 +378,11 @@ fn incremental_relabel(
     id: &PodRef,
 ) -> (Duration, Duration) {
     let original = cluster.pods[id].clone();
-    assert_ne!(original.node_name.as_deref(), Some(cluster::NODE), "a remote pod");
+    assert_ne!(
+        original.node_name.as_deref(),
+        Some(cluster::NODE),
+        "a remote pod"
+    );
     let mut relabelled = original.clone();
     relabelled.labels.insert("canary".into(), "true".into());
     let mut flip = false;

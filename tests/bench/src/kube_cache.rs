@@ -64,8 +64,19 @@ fn fill<'a>(
 }
 
 /// `pod` as `GET /api/v1/pods` returns a Deployment's running pod.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one literal API object, read top to bottom"
+)]
 fn api_object(pod: &Pod, index: usize) -> Value {
-    let uid = |salt: usize| format!("{:08x}-{:04x}-4000-8000-{:012x}", index, salt, index * 7 + salt);
+    let uid = |salt: usize| {
+        format!(
+            "{:08x}-{:04x}-4000-8000-{:012x}",
+            index,
+            salt,
+            index * 7 + salt
+        )
+    };
     let replica_set = format!("{}-7d9f8c6b5", pod.labels["app"]);
     let mut labels = serde_json::to_value(&pod.labels).expect("labels serialize");
     labels["pod-template-hash"] = json!("7d9f8c6b5");
@@ -74,11 +85,13 @@ fn api_object(pod: &Pod, index: usize) -> Value {
         .iter()
         .map(|port| json!({"name": port.name, "containerPort": port.port, "protocol": port.protocol.to_string()}))
         .collect();
-    let ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+    let ips: Vec<Value> = pod
+        .ips
+        .iter()
+        .map(|ip| json!({"ip": ip.to_string()}))
+        .collect();
     let time = "2026-01-01T00:00:00Z";
-    let condition = |kind: &str| {
-        json!({"type": kind, "status": "True", "lastProbeTime": null, "lastTransitionTime": time})
-    };
+    let condition = |kind: &str| json!({"type": kind, "status": "True", "lastProbeTime": null, "lastTransitionTime": time});
     json!({
         "apiVersion": "v1",
         "kind": "Pod",

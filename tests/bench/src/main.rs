@@ -266,10 +266,12 @@ pub fn mount_private_bpffs(dir: &std::path::Path) -> anyhow::Result<()> {
     .context("mounting a private bpffs")
 }
 
+#[must_use]
 pub fn ms(duration: Duration) -> String {
     format!("{:.3}", duration.as_secs_f64() * 1000.0)
 }
 
+#[must_use]
 #[expect(clippy::cast_precision_loss, reason = "memory sizes for display")]
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)

@@ -27,7 +27,10 @@ impl Documents {
 /// The first and last possible keys of namespace `name` in a map ordered by namespace, then
 /// name: each namespace's objects are a range, not a scan of the whole cluster (150,000 pods
 /// times 5,000 namespaces would be).
-fn in_namespace<K: Ord>(name: &str, key: impl Fn(String, String) -> K) -> std::ops::RangeInclusive<K> {
+fn in_namespace<K: Ord>(
+    name: &str,
+    key: impl Fn(String, String) -> K,
+) -> std::ops::RangeInclusive<K> {
     key(name.to_owned(), String::new())..=key(name.to_owned(), char::MAX.to_string())
 }
 
@@ -366,8 +369,16 @@ fn cluster_policy_object(policy: &ClusterNetworkPolicy) -> Value {
             pod_selector,
         } => json!({"pods": namespaced_pods(namespace_selector, pod_selector)}),
     };
-    let ingress: Vec<Value> = policy.ingress.iter().map(|rule| cluster_rule(rule, "from")).collect();
-    let egress: Vec<Value> = policy.egress.iter().map(|rule| cluster_rule(rule, "to")).collect();
+    let ingress: Vec<Value> = policy
+        .ingress
+        .iter()
+        .map(|rule| cluster_rule(rule, "from"))
+        .collect();
+    let egress: Vec<Value> = policy
+        .egress
+        .iter()
+        .map(|rule| cluster_rule(rule, "to"))
+        .collect();
     json!({
         "apiVersion": format!("{}/{}", netwarden_model::cluster_policy::GROUP, netwarden_model::cluster_policy::VERSION),
         "kind": netwarden_model::cluster_policy::KIND,

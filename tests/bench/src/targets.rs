@@ -265,6 +265,9 @@ mod tests {
             ..figures
         };
         let misses = missed(&over, &at_size(150_000));
-        assert_eq!(misses[0].to_string(), "full_ms = 1001.000 ms, target <= 1000.000 ms");
+        assert_eq!(
+            misses[0].to_string(),
+            "full_ms = 1001.000 ms, target <= 1000.000 ms"
+        );
     }
 }

@@ -659,11 +659,9 @@ impl PodsView<'_> {
     }
 
     /// Every pod, in order.
+    #[must_use]
     pub fn iter(&self) -> Box<dyn Iterator<Item = (&PodRef, &Pod)> + '_> {
-        match self {
-            Self::Owned(pods) => Box::new(pods.iter()),
-            Self::Borrowed(pods) => Box::new(pods.iter().map(|(id, pod)| (*id, *pod))),
-        }
+        self.into_iter()
     }
 
     /// How many.
@@ -679,6 +677,18 @@ impl PodsView<'_> {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl<'view> IntoIterator for &'view PodsView<'_> {
+    type Item = (&'view PodRef, &'view Pod);
+    type IntoIter = Box<dyn Iterator<Item = Self::Item> + 'view>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        match self {
+            PodsView::Owned(pods) => Box::new(pods.iter()),
+            PodsView::Borrowed(pods) => Box::new(pods.iter().map(|(id, pod)| (*id, *pod))),
+        }
     }
 }
 
@@ -722,6 +732,8 @@ impl ClusterView<'_> {
     /// Problems in the pods' `netwarden.dev/*` annotations, as
     /// [`Cluster::annotation_problems`].
     pub fn annotation_problems(&self) -> impl Iterator<Item = &ModelError> {
-        self.pods.iter().flat_map(|(_, pod)| pod.mtls.problems.iter())
+        self.pods
+            .iter()
+            .flat_map(|(_, pod)| pod.mtls.problems.iter())
     }
 }

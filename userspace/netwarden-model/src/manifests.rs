@@ -27,8 +27,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     cluster::{
-        Cluster, ClusterView, EndpointSlice, Namespace, NetworkPolicy, Node, Pod, PodRef,
-        PodsView, PolicyRef, Service,
+        Cluster, ClusterView, EndpointSlice, Namespace, NetworkPolicy, Node, Pod, PodRef, PodsView,
+        PolicyRef, Service,
     },
     cluster_policy::{self, ClusterNetworkPolicy, ClusterSubject},
     convert,

@@ -243,13 +243,14 @@ impl Compiler {
             Change::Service,
         );
         let records = &self.pods.records;
-        let changed =
-            |id: &PodRef, pod: &Pod| records.get(id).map(|record| record.fingerprint) != Some(fingerprint(pod));
+        let differs = |id: &PodRef, pod: &Pod| {
+            records.get(id).map(|record| record.fingerprint) != Some(fingerprint(pod))
+        };
         match pods {
             PodsView::Owned(pods) => {
                 changes.extend(
                     pods.into_iter()
-                        .filter(|(id, pod)| changed(id, pod))
+                        .filter(|(id, pod)| differs(id, pod))
                         .map(|(id, pod)| Change::Pod(id, Some(pod))),
                 );
                 changes.extend(after_pods);
@@ -258,7 +259,7 @@ impl Compiler {
             PodsView::Borrowed(pods) => {
                 let to_copy: Vec<(&PodRef, &Pod)> = pods
                     .into_iter()
-                    .filter(|(id, pod)| changed(id, pod))
+                    .filter(|(id, pod)| differs(id, pod))
                     .collect();
                 let copied = to_copy
                     .into_iter()
