@@ -243,8 +243,12 @@ impl Compiler {
             Change::Service,
         );
         let records = &self.pods.records;
+        // A pod the compiler does not know differs without hashing it (`change_pod` hashes
+        // every pod it takes: at the first sync, every pod, once).
         let differs = |id: &PodRef, pod: &Pod| {
-            records.get(id).map(|record| record.fingerprint) != Some(fingerprint(pod))
+            records
+                .get(id)
+                .is_none_or(|record| record.fingerprint != fingerprint(pod))
         };
         match pods {
             PodsView::Owned(pods) => {

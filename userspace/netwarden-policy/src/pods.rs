@@ -115,11 +115,7 @@ impl AddressClaims {
 
     /// Records whether `ip` is claimed twice, for [`AddressClaims::warnings`].
     pub(crate) fn check_duplicate(&mut self, ip: IpAddr) {
-        let claims = self.claims.get(&ip);
-        match claims
-            .map(|claims| claims.iter().collect::<Vec<_>>())
-            .as_deref()
-        {
+        match self.claims.get(&ip).map(Vec::as_slice) {
             Some([owner, second, ..]) => {
                 self.duplicates.insert(
                     ip,
