@@ -91,8 +91,19 @@ enum Task {
 #[derive(Subcommand)]
 enum BenchKind {
     /// Compile time (full and incremental), map entries and agent memory on a generated
-    /// 10,000-pod, 1,000-policy cluster.
-    Compile,
+    /// 10,000-pod, 1,000-policy cluster (200 ClusterNetworkPolicies); with `--pods`, a row for
+    /// each of 10,000, 50,000 and that many pods, each held to its size's targets.
+    Compile {
+        /// Pods of the largest cluster (scale mode), e.g. 150000.
+        #[arg(long)]
+        pods: Option<String>,
+        /// NetworkPolicies of the largest cluster [default: one per 10 pods].
+        #[arg(long, requires = "pods")]
+        policies: Option<String>,
+        /// Namespaces of the largest cluster [default: one per 30 pods].
+        #[arg(long, requires = "pods")]
+        namespaces: Option<String>,
+    },
     /// The classifier's cost per packet with 10,000 CIDR rules (`BPF_PROG_TEST_RUN`), then
     /// traffic between two pods: no program, netwarden with 10/1,000/10,000 rules, iptables
     /// and nftables.
@@ -147,8 +158,25 @@ fn main() -> anyhow::Result<()> {
             e2e_with("release", &paths, verbose, variant.as_deref())
         }
         Task::Bench {
-            bench: BenchKind::Compile,
-        } => bench(&["compile", "--agent", "target/release/netwarden"]),
+            bench:
+                BenchKind::Compile {
+                    pods,
+                    policies,
+                    namespaces,
+                },
+        } => {
+            let mut args = vec!["compile", "--agent", "target/release/netwarden"];
+            for (flag, value) in [
+                ("--pods", &pods),
+                ("--policies", &policies),
+                ("--namespaces", &namespaces),
+            ] {
+                if let Some(value) = value {
+                    args.extend([flag, value.as_str()]);
+                }
+            }
+            bench(&args)
+        }
         Task::Bench {
             bench:
                 BenchKind::Datapath {

@@ -1,5 +1,8 @@
 //! The agent's memory with the generated cluster: started on the manifests in a network
-//! namespace and a bpffs of its own, measured once it has applied them, then stopped.
+//! namespace and a bpffs of its own, then one pod is relabelled in its manifest, and the agent
+//! is measured once it has applied that change too, then stopped. The peak counts both
+//! applies: every change to a cluster is applied the same way, so the first apply alone would
+//! understate what the agent needs resident.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use netwarden_model::Cluster;
+use netwarden_model::{Cluster, Pod};
 use nix::{mount::MntFlags, sched::CloneFlags};
 
 use crate::cluster::NODE;
@@ -21,9 +24,11 @@ use crate::cluster::NODE;
 pub struct Memory {
     /// From start to the first "applied" log line.
     pub first_apply: Duration,
-    /// Resident set after the first apply.
+    /// From the relabelled pod's manifest written to its change applied.
+    pub change_apply: Duration,
+    /// Resident set after the change's apply.
     pub rss_bytes: u64,
-    /// Peak resident set (`VmHWM`).
+    /// Peak resident set (`VmHWM`) over the start, the first apply and the change's.
     pub peak_rss_bytes: u64,
     /// Kernel memory of its eBPF maps, as `memlock` in their fdinfo, each map once.
     pub map_bytes: u64,
@@ -44,18 +49,28 @@ pub struct MapMemory {
     pub bytes: u64,
 }
 
-/// Runs the agent on `cluster` and measures it.
-pub fn measure(agent: &Path, cluster: &Cluster) -> anyhow::Result<Memory> {
+/// Applies the agent may make, retries included, before the change must have been applied.
+const APPLIES_BEFORE_THE_CHANGE: usize = 100;
+
+/// Runs the agent on `cluster`, changes `relabelled` (a pod of `cluster` with new labels) in
+/// its manifest, and measures the agent.
+pub fn measure(agent: &Path, cluster: &Cluster, relabelled: &Pod) -> anyhow::Result<Memory> {
     let work = std::env::temp_dir().join(format!("netwarden-bench-{}", std::process::id()));
     let netns = format!("nwbench-{}", std::process::id());
-    let result = run(agent, cluster, &work, &netns);
+    let result = run(agent, cluster, relabelled, &work, &netns);
     let _ = nix::mount::umount2(&work.join("bpffs"), MntFlags::MNT_DETACH);
     let _ = Command::new("ip").args(["netns", "del", &netns]).status();
     let _ = fs::remove_dir_all(&work);
     result
 }
 
-fn run(agent: &Path, cluster: &Cluster, work: &Path, netns: &str) -> anyhow::Result<Memory> {
+fn run(
+    agent: &Path,
+    cluster: &Cluster,
+    relabelled: &Pod,
+    work: &Path,
+    netns: &str,
+) -> anyhow::Result<Memory> {
     let manifests = work.join("manifests");
     let bpffs = work.join("bpffs");
     fs::create_dir_all(&manifests)?;
@@ -79,6 +94,9 @@ fn run(agent: &Path, cluster: &Cluster, work: &Path, netns: &str) -> anyhow::Res
         .arg(&bpffs)
         .arg("--status-file")
         .arg(work.join("status.json"))
+        .args(capacity_args(cluster))
+        // Plain log lines, to read `changed=true` in.
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let fd = namespace.as_fd().try_clone_to_owned()?;
@@ -91,17 +109,32 @@ fn run(agent: &Path, cluster: &Cluster, work: &Path, netns: &str) -> anyhow::Res
     let started = Instant::now();
     let mut child = command.spawn().context("starting the agent")?;
     let stderr = child.stderr.take().context("agent stderr")?;
-    let mut applied = false;
-    for line in BufReader::new(stderr).lines() {
-        if line?.contains(" applied") {
-            applied = true;
-            break;
-        }
-    }
+    let mut lines = BufReader::new(stderr).lines();
+    let mut apply_lines = lines
+        .by_ref()
+        .filter_map(Result::ok)
+        .filter(|line| line.contains(" applied"));
+    let applied = apply_lines.next().is_some();
     let first_apply = started.elapsed();
+    let changed = Instant::now();
+    let change_applied = applied
+        && crate::manifests::write_namespace(
+            &changed_cluster(cluster, relabelled),
+            &relabelled.id.namespace,
+            &manifests,
+        )
+        .is_ok()
+        && apply_lines
+            .take(APPLIES_BEFORE_THE_CHANGE)
+            .any(|line| line.contains("changed=true"));
+    let change_apply = changed.elapsed();
     let pid = child.id();
-    let measured = if applied {
+    let measured = if change_applied {
         read_memory(pid)
+    } else if applied {
+        Err(anyhow::anyhow!(
+            "the agent did not apply the relabelled pod"
+        ))
     } else {
         Err(anyhow::anyhow!("the agent exited before applying"))
     };
@@ -113,11 +146,44 @@ fn run(agent: &Path, cluster: &Cluster, work: &Path, netns: &str) -> anyhow::Res
     let (rss_bytes, peak_rss_bytes, maps) = measured?;
     Ok(Memory {
         first_apply,
+        change_apply,
         rss_bytes,
         peak_rss_bytes,
         map_bytes: maps.iter().map(|map| map.bytes).sum(),
         maps,
     })
+}
+
+/// `cluster` with `relabelled` in place of its pod.
+fn changed_cluster(cluster: &Cluster, relabelled: &Pod) -> Cluster {
+    let mut changed = cluster.clone();
+    changed
+        .pods
+        .insert(relabelled.id.clone(), relabelled.clone());
+    changed
+}
+
+/// What an operator adds to the agent's command line for `cluster`: a larger IP cache once the
+/// cluster's addresses (pods' and nodes') would fill three quarters of the default one, a power
+/// of two with a quarter to spare. The map allocates per entry, so its size costs only its
+/// bucket array (16 bytes an entry).
+fn capacity_args(cluster: &Cluster) -> Vec<String> {
+    let addresses = cluster
+        .pods
+        .values()
+        .map(|pod| pod.ips.len())
+        .sum::<usize>()
+        + cluster
+            .nodes
+            .values()
+            .map(|node| node.addresses.len())
+            .sum::<usize>();
+    let default = netwarden_datapath::Capacity::default().ipcache as usize;
+    if addresses * 4 <= default * 3 {
+        return Vec::new();
+    }
+    let entries = (addresses + addresses / 4).next_power_of_two();
+    vec!["--ipcache-entries".to_owned(), entries.to_string()]
 }
 
 /// `VmRSS`, `VmHWM` and the maps of process `pid`. A map the process holds through several

@@ -1,12 +1,16 @@
-//! `netwarden-bench compile`: the compiler at cluster scale, and the agent's memory with it.
+//! `netwarden-bench`: the compile benchmark (the compiler at cluster scale and the agent's
+//! memory with it), the datapath's per-packet costs and the identity check's latency.
 //!
-//! Run through `cargo xtask bench compile` (root: the agent part loads its maps into the kernel
-//! inside a network namespace of its own and a private bpffs).
+//! Run through `cargo xtask bench compile|datapath|identity` (root: the agent part loads its
+//! maps into the kernel inside a network namespace of its own and a private bpffs).
 
 mod agent;
 mod cluster;
+mod compile;
 mod datapath;
+mod heap;
 mod identity;
+mod kube_cache;
 mod manifests;
 mod targets;
 mod tiers;
@@ -15,12 +19,12 @@ mod traffic;
 use std::{
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use clap::{Parser, Subcommand};
-use netwarden_model::{Cluster, PodRef, PolicyRef, PortRef};
-use netwarden_policy::{Change, Compiler, DatapathState};
+
+use crate::cluster::Shape;
 
 #[derive(Parser)]
 struct Cli {
@@ -30,11 +34,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Compile times, map entries and agent memory on a generated 10,000-pod cluster.
+    /// Compile times, map entries and agent memory on a generated 10,000-pod cluster; with
+    /// `--pods`, on clusters of 10,000, 50,000 and that many pods, a row each.
     Compile {
         /// The agent binary to measure memory with; skipped when absent.
         #[arg(long)]
         agent: Option<PathBuf>,
+        #[command(flatten)]
+        scale: ScaleOptions,
+    },
+    /// Write the generated cluster's manifests (what the compile benchmark's agent reads) to a
+    /// directory, for profiling the agent by hand.
+    Manifests {
+        /// The directory (created).
+        dir: PathBuf,
+        #[command(flatten)]
+        scale: ScaleOptions,
     },
     /// The classifier's own cost per packet (`BPF_PROG_TEST_RUN`) with 10,000 CIDR rules, then
     /// traffic between two pods against no program, iptables and nftables.
@@ -54,169 +69,61 @@ enum Bench {
     Identity,
 }
 
+/// The size of a scale run.
+#[derive(clap::Args)]
+struct ScaleOptions {
+    /// Pods of the largest cluster (scale mode); without it, the default 10,000-pod cluster.
+    #[arg(long)]
+    pods: Option<usize>,
+    /// NetworkPolicies of the largest cluster [default: one per 10 pods].
+    #[arg(long, requires = "pods")]
+    policies: Option<usize>,
+    /// Namespaces of the largest cluster [default: one per 30 pods].
+    #[arg(long, requires = "pods")]
+    namespaces: Option<usize>,
+}
+
+impl ScaleOptions {
+    /// The largest cluster asked for, if any.
+    fn largest(&self) -> anyhow::Result<Option<Shape>> {
+        let Some(pods) = self.pods else {
+            return Ok(None);
+        };
+        let shape = Shape {
+            namespaces: self.namespaces.unwrap_or(pods / 30).max(1),
+            pods,
+            policies: self.policies.unwrap_or(pods / 10),
+        };
+        anyhow::ensure!(
+            shape.pods >= shape.namespaces,
+            "--pods: at least one pod per namespace"
+        );
+        Ok(Some(shape))
+    }
+}
+
 const NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "measure, then print one report, top to bottom"
-)]
 fn main() -> anyhow::Result<()> {
-    let agent = match Cli::parse().bench {
-        Bench::Compile { agent } => agent,
+    match Cli::parse().bench {
+        Bench::Compile { agent, scale } => match scale.largest()? {
+            None => compile::run_default(agent.as_deref()),
+            Some(largest) => compile::run_scale(largest, agent.as_deref()),
+        },
+        Bench::Manifests { dir, scale } => {
+            let shape = scale.largest()?.unwrap_or(Shape::DEFAULT);
+            std::fs::create_dir_all(&dir)?;
+            manifests::write(&cluster::generate_shape(shape), &dir)?;
+            println!("{shape:?} written to {}", dir.display());
+            Ok(())
+        }
         Bench::Datapath {
             agent,
             seconds,
             repeats,
-        } => return datapath(agent.as_deref(), traffic::Plan { seconds, repeats }),
-        Bench::Identity => return identity::run(cluster::generate(), cluster::NODE, NODE_ADDRESS),
-    };
-    let cluster = cluster::generate();
-    println!(
-        "cluster: {} namespaces, {} pods ({} on {}), {} policies",
-        cluster.namespaces.len(),
-        cluster.pods.len(),
-        cluster
-            .pods
-            .values()
-            .filter(|pod| pod.node_name.as_deref() == Some(cluster::NODE))
-            .count(),
-        cluster::NODE,
-        cluster.policies.len()
-    );
-
-    // Copies are made and compilers dropped outside the timed part.
-    let mut copies: Vec<Cluster> = (0..7).map(|_| cluster.clone()).collect();
-    let mut compilers = Vec::new();
-    let full = measure(7, || {
-        let mut compiler = Compiler::new(cluster::NODE);
-        compiler.set_node_addresses(&[NODE_ADDRESS]);
-        compiler.sync(copies.pop().expect("one copy per run"));
-        compilers.push(compiler);
-    });
-    drop(compilers);
-    let mut compiler = Compiler::new(cluster::NODE);
-    compiler.set_node_addresses(&[NODE_ADDRESS]);
-    let baseline = compiler.sync(cluster.clone()).clone();
-
-    let relabel = incremental_relabel(&mut compiler, &cluster);
-    let policy = incremental_policy(&mut compiler, &cluster);
-    let (peer, peer_touches_only_ipcache) = incremental_peer(&mut compiler);
-
-    let entries = entries_per_endpoint(&baseline);
-    println!();
-    println!(
-        "{:<44} {:>10} {:>10}",
-        "compile (median of runs)", "median", "p99"
-    );
-    println!(
-        "{:<44} {:>10} {:>10}",
-        "full, 10,000 pods / 1,000 policies",
-        ms(full.0),
-        ms(full.1)
-    );
-    println!(
-        "{:<44} {:>10} {:>10}",
-        "incremental: one pod relabelled (new set)",
-        ms(relabel.0),
-        ms(relabel.1)
-    );
-    println!(
-        "{:<44} {:>10} {:>10}",
-        "incremental: one policy changed",
-        ms(policy.0),
-        ms(policy.1)
-    );
-    println!(
-        "{:<44} {:>10} {:>10}",
-        "incremental: one peer pod added (known set)",
-        ms(peer.0),
-        ms(peer.1)
-    );
-    println!();
-    println!(
-        "state: {} identities, {} IP cache entries, {} distinct compiled policies for {} endpoints",
-        baseline.identities.len(),
-        baseline.ipcache.len(),
-        baseline.policies.len(),
-        baseline.endpoints.len()
-    );
-    println!(
-        "map entries per endpoint (policy + CIDR, both directions): mean {:.0}, max {}",
-        entries.0, entries.1
-    );
-    println!(
-        "adding a peer pod with a known label set changes only the IP cache: {}",
-        if peer_touches_only_ipcache {
-            "yes"
-        } else {
-            "NO"
-        }
-    );
-
-    let memory = match agent {
-        Some(agent) if agent.exists() => Some(agent::measure(&agent, &cluster)?),
-        Some(agent) => anyhow::bail!("no agent binary at {}", agent.display()),
-        None => {
-            println!("agent memory: not measured (no --agent binary)");
-            None
-        }
-    };
-    if let Some(memory) = &memory {
-        println!(
-            "agent with the manifest source: apply {:.0} ms after start, RSS {:.1} MiB (peak {:.1} MiB), eBPF maps {:.1} MiB (memlock)",
-            memory.first_apply.as_secs_f64() * 1000.0,
-            mib(memory.rss_bytes),
-            mib(memory.peak_rss_bytes),
-            mib(memory.map_bytes)
-        );
-        println!();
-        println!(
-            "{:<16} {:>12} {:>8} {:>10}",
-            "eBPF map", "max_entries", "flags", "MiB"
-        );
-        for map in &memory.maps {
-            println!(
-                "{:<16} {:>12} {:>#8x} {:>10.2}",
-                map.name,
-                map.max_entries,
-                map.flags,
-                mib(map.bytes)
-            );
-        }
+        } => datapath(agent.as_deref(), traffic::Plan { seconds, repeats }),
+        Bench::Identity => identity::run(cluster::generate(), cluster::NODE, NODE_ADDRESS),
     }
-    println!(
-        "summary: full_ms={} incr_relabel_ms={} incr_policy_ms={} incr_peer_ms={} entries_per_endpoint={:.0} map_mib={} rss_mib={}",
-        ms(full.0),
-        ms(relabel.0),
-        ms(policy.0),
-        ms(peer.0),
-        entries.0,
-        memory.as_ref().map_or_else(
-            || "n/a".to_owned(),
-            |memory| format!("{:.1}", mib(memory.map_bytes))
-        ),
-        memory.as_ref().map_or_else(
-            || "n/a".to_owned(),
-            |memory| format!("{:.1}", mib(memory.peak_rss_bytes))
-        ),
-    );
-    let misses = targets::missed(
-        &targets::Figures {
-            full: full.0,
-            relabel: relabel.0,
-            peak_rss_bytes: memory.as_ref().map(|memory| memory.peak_rss_bytes),
-            map_bytes: memory.as_ref().map(|memory| memory.map_bytes),
-        },
-        &targets::TARGETS,
-    );
-    for miss in &misses {
-        println!("target missed: {miss}");
-    }
-    if !misses.is_empty() {
-        anyhow::bail!("{} of the compile benchmark's targets missed", misses.len());
-    }
-    println!("targets: all met");
-    Ok(())
 }
 
 /// The targets of issue #12: ratios are to no program (for the Service ones, to kube-proxy
@@ -360,111 +267,13 @@ pub fn mount_private_bpffs(dir: &std::path::Path) -> anyhow::Result<()> {
     .context("mounting a private bpffs")
 }
 
-/// Runs `work` `runs` times; returns the median and the 99th percentile.
-fn measure(runs: usize, mut work: impl FnMut()) -> (Duration, Duration) {
-    let mut samples: Vec<Duration> = (0..runs)
-        .map(|_| {
-            let started = Instant::now();
-            work();
-            started.elapsed()
-        })
-        .collect();
-    samples.sort();
-    let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
-    (samples[samples.len() / 2], p99)
-}
-
-/// A remote pod gets a label no pod has (a new identity), then loses it again.
-fn incremental_relabel(compiler: &mut Compiler, cluster: &Cluster) -> (Duration, Duration) {
-    let id = PodRef {
-        namespace: "ns-050".into(),
-        name: "app-5-3".into(),
-    };
-    let original = cluster.pods[&id].clone();
-    let mut relabelled = original.clone();
-    relabelled.labels.insert("canary".into(), "true".into());
-    let mut flip = false;
-    measure(400, || {
-        flip = !flip;
-        let pod = if flip {
-            relabelled.clone()
-        } else {
-            original.clone()
-        };
-        compiler.update([Change::Pod(id.clone(), Some(pod))]);
-    })
-}
-
-/// A policy selecting a local pod changes its port, then changes back.
-fn incremental_policy(compiler: &mut Compiler, cluster: &Cluster) -> (Duration, Duration) {
-    let id = PolicyRef {
-        namespace: "ns-000".into(),
-        name: "frontend-public".into(),
-    };
-    let original = cluster.policies[&id].clone();
-    let mut changed = original.clone();
-    changed.ingress[0].ports[0].port = Some(PortRef::Number(8443));
-    let mut flip = false;
-    measure(400, || {
-        flip = !flip;
-        let policy = if flip {
-            changed.clone()
-        } else {
-            original.clone()
-        };
-        compiler.update([Change::Policy(id.clone(), Some(policy))]);
-    })
-}
-
-/// A remote pod with a label set that already exists is added, then removed. Returns the
-/// timings and whether the add changed nothing but the IP cache.
-fn incremental_peer(compiler: &mut Compiler) -> ((Duration, Duration), bool) {
-    let mut pod = cluster::pod(51, 5, 0, 65_000);
-    pod.id.name = "app-5-extra".into();
-    debug_assert_eq!(pod.ips.len(), 1, "one address: one IP cache entry");
-    let id = pod.id.clone();
-    let baseline = compiler.state().clone();
-    let after = compiler
-        .update([Change::Pod(id.clone(), Some(pod.clone()))])
-        .clone();
-    let only_ipcache = after.policies == baseline.policies
-        && after.endpoints == baseline.endpoints
-        && after.identities == baseline.identities
-        && after.ipcache.len() == baseline.ipcache.len() + 1;
-    compiler.update([Change::Pod(id.clone(), None)]);
-    let mut present = false;
-    let timings = measure(400, || {
-        present = !present;
-        compiler.update([Change::Pod(id.clone(), present.then(|| pod.clone()))]);
-    });
-    (timings, only_ipcache)
-}
-
-/// Mean and maximum number of map entries (policy and CIDR, both directions) per endpoint.
-fn entries_per_endpoint(state: &DatapathState) -> (f64, usize) {
-    let counts: Vec<usize> = state
-        .endpoints
-        .values()
-        .map(|endpoint| {
-            [endpoint.ingress, endpoint.egress]
-                .into_iter()
-                .flatten()
-                .filter_map(|id| state.policies.get(&id))
-                .map(|policy| policy.entries.len() + policy.cidrs.len())
-                .sum()
-        })
-        .collect();
-    let total: usize = counts.iter().sum();
-    #[expect(clippy::cast_precision_loss, reason = "a few hundred endpoints")]
-    let mean = total as f64 / counts.len().max(1) as f64;
-    (mean, counts.into_iter().max().unwrap_or(0))
-}
-
-fn ms(duration: Duration) -> String {
+#[must_use]
+pub fn ms(duration: Duration) -> String {
     format!("{:.3}", duration.as_secs_f64() * 1000.0)
 }
 
+#[must_use]
 #[expect(clippy::cast_precision_loss, reason = "memory sizes for display")]
-fn mib(bytes: u64) -> f64 {
+pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }

@@ -1,58 +1,91 @@
-//! The generated cluster written as the API server would serve it, one file per namespace.
+//! The generated cluster written as the API server would serve it, one file per namespace and
+//! one for the cluster-scoped objects (Nodes, ClusterNetworkPolicies).
 
 use std::{fmt::Write as _, fs, io, path::Path};
 
 use netwarden_model::{
-    AddressType, Cluster, EndpointSlice, LabelSelector, NetworkPolicy, Peer, Pod, PortRef,
-    PortSpec, Requirement, Rule, Service, ServiceType,
+    Action, AddressType, Cluster, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule,
+    ClusterSubject, EndpointSlice, LabelSelector, NetworkPolicy, Node, Peer, Pod, PodRef,
+    PolicyRef, PortRef, PortSpec, Requirement, Rule, Service, ServiceType, Tier,
 };
 use serde_json::{Value, json};
 
+/// YAML documents, one after the other.
+#[derive(Default)]
+struct Documents(String);
+
+impl Documents {
+    fn push(&mut self, value: &Value) {
+        let _ = writeln!(
+            self.0,
+            "---\n{}",
+            serde_yaml::to_string(value).expect("JSON values serialize")
+        );
+    }
+}
+
+/// The first and last possible keys of namespace `name` in a map ordered by namespace, then
+/// name: each namespace's objects are a range, not a scan of the whole cluster (150,000 pods
+/// times 5,000 namespaces would be).
+fn in_namespace<K: Ord>(
+    name: &str,
+    key: impl Fn(String, String) -> K,
+) -> std::ops::RangeInclusive<K> {
+    key(name.to_owned(), String::new())..=key(name.to_owned(), char::MAX.to_string())
+}
+
 /// Writes every object of `cluster` under `dir`.
 pub fn write(cluster: &Cluster, dir: &Path) -> io::Result<()> {
-    for namespace in cluster.namespaces.values() {
-        let mut text = String::new();
-        let mut document = |value: Value| {
-            let _ = writeln!(
-                text,
-                "---\n{}",
-                serde_yaml::to_string(&value).expect("JSON values serialize")
-            );
-        };
+    let mut scoped = Documents::default();
+    for node in cluster.nodes.values() {
+        scoped.push(&node_object(node));
+    }
+    for policy in cluster.cluster_policies.values() {
+        scoped.push(&cluster_policy_object(policy));
+    }
+    fs::write(dir.join("cluster-scoped.yaml"), scoped.0)?;
+    for namespace in cluster.namespaces.keys() {
+        write_namespace(cluster, namespace, dir)?;
+    }
+    Ok(())
+}
+
+/// Writes the objects of `namespace` to their file under `dir`, through a temporary file
+/// renamed in place, so that the agent never reads half of it.
+pub fn write_namespace(cluster: &Cluster, namespace: &str, dir: &Path) -> io::Result<()> {
+    let mut text = Documents::default();
+    let mut document = |value: Value| text.push(&value);
+    if let Some(namespace) = cluster.namespaces.get(namespace) {
         document(
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace.name, "labels": namespace.labels}}),
         );
-        for pod in cluster
-            .pods
-            .values()
-            .filter(|pod| pod.id.namespace == namespace.name)
-        {
-            document(pod_object(pod));
-        }
-        for policy in cluster
-            .policies
-            .values()
-            .filter(|policy| policy.id.namespace == namespace.name)
-        {
-            document(policy_object(policy));
-        }
-        for service in cluster
-            .services
-            .values()
-            .filter(|service| service.id.namespace == namespace.name)
-        {
-            document(service_object(service));
-        }
-        for slice in cluster
-            .endpoint_slices
-            .values()
-            .filter(|slice| slice.id.namespace == namespace.name)
-        {
-            document(endpoint_slice_object(slice));
-        }
-        fs::write(dir.join(format!("{}.yaml", namespace.name)), text)?;
     }
-    Ok(())
+    let pods = in_namespace(namespace, |namespace, name| PodRef { namespace, name });
+    for pod in cluster.pods.range(pods).map(|(_, pod)| pod) {
+        document(pod_object(pod));
+    }
+    let policies = in_namespace(namespace, |namespace, name| PolicyRef { namespace, name });
+    for policy in cluster.policies.range(policies).map(|(_, policy)| policy) {
+        document(policy_object(policy));
+    }
+    for service in cluster
+        .services
+        .values()
+        .filter(|service| service.id.namespace == namespace)
+    {
+        document(service_object(service));
+    }
+    for slice in cluster
+        .endpoint_slices
+        .values()
+        .filter(|slice| slice.id.namespace == namespace)
+    {
+        document(endpoint_slice_object(slice));
+    }
+    // Hidden: the agent reads `*.yaml`, `*.yml` and `*.json` only.
+    let partial = dir.join(format!(".{namespace}.partial"));
+    fs::write(&partial, text.0)?;
+    fs::rename(partial, dir.join(format!("{namespace}.yaml")))
 }
 
 fn pod_object(pod: &Pod) -> Value {
@@ -247,4 +280,149 @@ fn endpoint_slice_object(slice: &EndpointSlice) -> Value {
         "endpoints": endpoints,
         "ports": ports,
     })
+}
+
+fn node_object(node: &Node) -> Value {
+    let addresses: Vec<Value> = node
+        .addresses
+        .iter()
+        .map(|address| json!({"type": "InternalIP", "address": address.to_string()}))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name, "labels": node.labels},
+        "status": {"addresses": addresses},
+    })
+}
+
+fn namespaced_pods(namespace_selector: &LabelSelector, pod_selector: &LabelSelector) -> Value {
+    json!({"namespaceSelector": selector(namespace_selector),
+           "podSelector": selector(pod_selector)})
+}
+
+fn cluster_peer(peer: &ClusterPeer) -> Value {
+    match peer {
+        ClusterPeer::Namespaces(namespaces) => json!({"namespaces": selector(namespaces)}),
+        ClusterPeer::Pods {
+            namespace_selector,
+            pod_selector,
+        } => json!({"pods": namespaced_pods(namespace_selector, pod_selector)}),
+        ClusterPeer::Networks(networks) => {
+            let networks: Vec<String> = networks.iter().map(ToString::to_string).collect();
+            json!({"networks": networks})
+        }
+        ClusterPeer::Nodes(nodes) => json!({"nodes": selector(nodes)}),
+        ClusterPeer::Everything => unreachable!("no API peer is everything"),
+    }
+}
+
+fn cluster_port(port: &ClusterPort) -> Value {
+    match port {
+        ClusterPort::Range {
+            protocol,
+            first,
+            last,
+        } => {
+            let destination = if first == last {
+                json!({"number": first})
+            } else {
+                json!({"range": {"start": first, "end": last}})
+            };
+            json!({protocol.to_string().to_lowercase(): {"destinationPort": destination}})
+        }
+        ClusterPort::Named(name) => json!({"destinationNamedPort": name}),
+    }
+}
+
+fn cluster_rule(rule: &ClusterRule, peers_field: &str) -> Value {
+    let mut object = serde_json::Map::new();
+    if let Some(name) = &rule.name {
+        object.insert("name".into(), json!(name));
+    }
+    object.insert(
+        "action".into(),
+        json!(match rule.action {
+            Action::Accept => "Accept",
+            Action::Deny => "Deny",
+            Action::Pass => "Pass",
+        }),
+    );
+    object.insert(
+        peers_field.into(),
+        rule.peers.iter().map(cluster_peer).collect(),
+    );
+    if !rule.ports.is_empty() {
+        object.insert(
+            "protocols".into(),
+            rule.ports.iter().map(cluster_port).collect(),
+        );
+    }
+    Value::Object(object)
+}
+
+fn cluster_policy_object(policy: &ClusterNetworkPolicy) -> Value {
+    let subject = match &policy.subject {
+        ClusterSubject::Namespaces(namespaces) => json!({"namespaces": selector(namespaces)}),
+        ClusterSubject::Pods {
+            namespace_selector,
+            pod_selector,
+        } => json!({"pods": namespaced_pods(namespace_selector, pod_selector)}),
+    };
+    let ingress: Vec<Value> = policy
+        .ingress
+        .iter()
+        .map(|rule| cluster_rule(rule, "from"))
+        .collect();
+    let egress: Vec<Value> = policy
+        .egress
+        .iter()
+        .map(|rule| cluster_rule(rule, "to"))
+        .collect();
+    json!({
+        "apiVersion": format!("{}/{}", netwarden_model::cluster_policy::GROUP, netwarden_model::cluster_policy::VERSION),
+        "kind": netwarden_model::cluster_policy::KIND,
+        "metadata": {"name": policy.name},
+        "spec": {
+            "tier": match policy.tier {
+                Tier::Admin => "Admin",
+                Tier::Baseline => "Baseline",
+            },
+            "priority": policy.priority,
+            "subject": subject,
+            "ingress": ingress,
+            "egress": egress,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use netwarden_model::ManifestDir;
+
+    use crate::cluster::{Shape, generate_shape};
+
+    /// What the agent reads from the manifests is the cluster the compile benchmark compiles:
+    /// its figures and the agent's memory are of one cluster.
+    #[test]
+    fn the_manifests_read_back_as_the_generated_cluster() {
+        let shape = Shape {
+            namespaces: 7,
+            pods: 130,
+            policies: 23,
+        };
+        let cluster = generate_shape(shape);
+        let dir = tempfile::tempdir().unwrap();
+        super::write(&cluster, dir.path()).unwrap();
+        let mut source = ManifestDir::new(dir.path());
+        source.refresh().unwrap();
+        let (read, errors) = source.cluster();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(read.namespaces, cluster.namespaces);
+        assert_eq!(read.pods, cluster.pods);
+        assert_eq!(read.policies, cluster.policies);
+        assert_eq!(read.nodes, cluster.nodes);
+        assert_eq!(read.cluster_policies.len(), 200);
+        assert_eq!(read.cluster_policies, cluster.cluster_policies);
+    }
 }

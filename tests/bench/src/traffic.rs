@@ -495,11 +495,13 @@ impl<'node> Bench<'node> {
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging)?;
         crate::manifests::write(cluster, &staging)?;
-        // A rename is one inotify event with the whole new content behind it.
-        fs::rename(
-            staging.join(format!("{NAMESPACE}.yaml")),
-            manifests.join(format!("{NAMESPACE}.yaml")),
-        )?;
+        // One file, so one rename, one inotify event with the whole new content behind it: the
+        // cluster-scoped objects (the ClusterNetworkPolicies) join the namespace's.
+        let file = format!("{NAMESPACE}.yaml");
+        let mut content = fs::read_to_string(staging.join("cluster-scoped.yaml"))?;
+        content.push_str(&fs::read_to_string(staging.join(&file))?);
+        fs::write(staging.join(&file), content)?;
+        fs::rename(staging.join(&file), manifests.join(&file))?;
         self.wait_applied(true)
     }
 

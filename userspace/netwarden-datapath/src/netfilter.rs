@@ -332,19 +332,28 @@ fn obj_pin(object: &OwnedFd, path: &Path) -> io::Result<()> {
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
 
-/// Just enough of a BTF reader to find where a structure's fields lie.
+/// Just enough of a BTF reader to find where a structure's fields lie. It reads the records
+/// where they lie in `data` and keeps only where each begins: the kernel's BTF has ~100,000
+/// types, and decoding them all into vectors took ~12 MiB at the agent's first apply, when its
+/// memory peaks anyway.
 struct Btf<'a> {
-    /// Types by id - 1 (id 0 is `void`).
-    types: Vec<BtfType>,
+    data: &'a [u8],
+    /// Where the record of each type begins in `data`, by id - 1 (id 0 is `void`).
+    type_offsets: Vec<u32>,
     strings: &'a [u8],
 }
 
+/// The fixed part of a type's record.
 struct BtfType {
     name: u32,
     kind: u32,
     /// The size (structures) or the referred type (typedefs, qualifiers).
     size_or_type: u32,
-    members: Vec<BtfMember>,
+    /// How many members (structures and unions), and where the first begins in `data`.
+    vlen: usize,
+    members_at: usize,
+    /// Member offsets hold a bitfield size in their top 8 bits.
+    bitfields: bool,
 }
 
 struct BtfMember {
@@ -361,14 +370,21 @@ const BTF_KIND_CONST: u32 = 10;
 const BTF_KIND_RESTRICT: u32 = 11;
 const BTF_KIND_TYPE_TAG: u32 = 18;
 
+/// A type's record begins with its name, its info word and its size or referred type.
+const TYPE_HEADER: usize = 12;
+/// A structure's member: name, type, offset.
+const MEMBER: usize = 12;
+
+/// The native-endian word at `at` in `data`.
+fn word(data: &[u8], at: usize) -> Option<u32> {
+    data.get(at..at + 4)
+        .map(|bytes| u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}
+
 impl<'a> Btf<'a> {
     fn parse(data: &'a [u8]) -> Result<Self, NetfilterError> {
         let bad = |what: &str| NetfilterError::Btf(format!("malformed: {what}"));
-        let word = |at: usize| -> Result<u32, NetfilterError> {
-            data.get(at..at + 4)
-                .map(|bytes| u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-                .ok_or_else(|| bad("truncated"))
-        };
+        let word = |at: usize| word(data, at).ok_or_else(|| bad("truncated"));
         if data.get(0..2) != Some(&0xeb9f_u16.to_ne_bytes()[..]) {
             return Err(bad("magic"));
         }
@@ -378,48 +394,64 @@ impl<'a> Btf<'a> {
         let strings = data
             .get(header_len + str_off..header_len + str_off + str_len)
             .ok_or_else(|| bad("string section"))?;
-        let mut types = Vec::new();
+        let mut type_offsets = Vec::new();
         let mut at = header_len + type_off;
         let end = at + type_len;
         while at < end {
-            let (name, info, size_or_type) = (word(at)?, word(at + 4)?, word(at + 8)?);
-            at += 12;
+            type_offsets.push(u32::try_from(at).map_err(|_| bad("too large"))?);
+            let info = word(at + 4)?;
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
-            let bitfields = info >> 31 != 0;
-            let mut members = Vec::new();
-            let extra = match kind {
-                1 | 14 | 17 => 4,
-                3 => 12,
-                BTF_KIND_STRUCT | BTF_KIND_UNION => {
-                    for index in 0..vlen {
-                        let member = at + index * 12;
-                        let offset = word(member + 8)?;
-                        members.push(BtfMember {
-                            name: word(member)?,
-                            type_id: word(member + 4)?,
-                            bit_offset: if bitfields {
-                                offset & 0x00ff_ffff
-                            } else {
-                                offset
-                            },
-                        });
-                    }
-                    12 * vlen
-                }
-                6 | 13 => 8 * vlen,
-                15 | 19 => 12 * vlen,
-                _ => 0,
-            };
-            at += extra;
-            types.push(BtfType {
-                name,
-                kind,
-                size_or_type,
-                members,
-            });
+            at += TYPE_HEADER
+                + match kind {
+                    1 | 14 | 17 => 4,
+                    3 => 12,
+                    BTF_KIND_STRUCT | BTF_KIND_UNION => MEMBER * vlen,
+                    6 | 13 => 8 * vlen,
+                    15 | 19 => 12 * vlen,
+                    _ => 0,
+                };
         }
-        Ok(Self { types, strings })
+        // The last type's members must lie within the data.
+        if at > data.len() {
+            return Err(bad("truncated"));
+        }
+        Ok(Self {
+            data,
+            type_offsets,
+            strings,
+        })
+    }
+
+    /// The fixed part of the record at `at`.
+    fn record(&self, at: usize) -> Option<BtfType> {
+        let info = word(self.data, at + 4)?;
+        Some(BtfType {
+            name: word(self.data, at)?,
+            kind: (info >> 24) & 0x1f,
+            size_or_type: word(self.data, at + 8)?,
+            vlen: (info & 0xffff) as usize,
+            members_at: at + TYPE_HEADER,
+            bitfields: info >> 31 != 0,
+        })
+    }
+
+    /// The members of structure or union `aggregate`.
+    fn members(&self, aggregate: &BtfType) -> impl Iterator<Item = BtfMember> + '_ {
+        let (first, bitfields) = (aggregate.members_at, aggregate.bitfields);
+        (0..aggregate.vlen).filter_map(move |index| {
+            let at = first + index * MEMBER;
+            let offset = word(self.data, at + 8)?;
+            Some(BtfMember {
+                name: word(self.data, at)?,
+                type_id: word(self.data, at + 4)?,
+                bit_offset: if bitfields {
+                    offset & 0x00ff_ffff
+                } else {
+                    offset
+                },
+            })
+        })
     }
 
     fn name(&self, offset: u32) -> &str {
@@ -432,14 +464,16 @@ impl<'a> Btf<'a> {
         std::str::from_utf8(&rest[..len]).unwrap_or_default()
     }
 
-    fn get(&self, id: u32) -> Option<&BtfType> {
-        self.types.get((id as usize).checked_sub(1)?)
+    fn get(&self, id: u32) -> Option<BtfType> {
+        let at = *self.type_offsets.get((id as usize).checked_sub(1)?)?;
+        self.record(at as usize)
     }
 
     /// The structure named `name`.
-    fn find_struct(&self, name: &str) -> Option<&BtfType> {
-        self.types
+    fn find_struct(&self, name: &str) -> Option<BtfType> {
+        self.type_offsets
             .iter()
+            .filter_map(|at| self.record(*at as usize))
             .find(|t| t.kind == BTF_KIND_STRUCT && self.name(t.name) == name)
     }
 
@@ -448,7 +482,7 @@ impl<'a> Btf<'a> {
     }
 
     /// The structure or union behind typedefs and qualifiers of type `id`.
-    fn aggregate(&self, mut id: u32) -> Option<&BtfType> {
+    fn aggregate(&self, mut id: u32) -> Option<BtfType> {
         loop {
             let t = self.get(id)?;
             match t.kind {
@@ -463,13 +497,13 @@ impl<'a> Btf<'a> {
     /// The byte offset of field `name` in `aggregate`, looking through anonymous members,
     /// and the field's type.
     fn field(&self, aggregate: &BtfType, name: &str) -> Option<(u32, u32)> {
-        for member in &aggregate.members {
+        for member in self.members(aggregate) {
             if self.name(member.name) == name {
                 return Some((member.bit_offset / 8, member.type_id));
             }
             if member.name == 0
                 && let Some(inner) = self.aggregate(member.type_id)
-                && let Some((offset, type_id)) = self.field(inner, name)
+                && let Some((offset, type_id)) = self.field(&inner, name)
             {
                 return Some((member.bit_offset / 8 + offset, type_id));
             }
@@ -482,7 +516,7 @@ impl<'a> Btf<'a> {
         let mut current = self.find_struct(structure)?;
         let mut offset = 0;
         for (index, name) in path.iter().enumerate() {
-            let (at, type_id) = self.field(current, name)?;
+            let (at, type_id) = self.field(&current, name)?;
             offset += at;
             if index + 1 < path.len() {
                 current = self.aggregate(type_id)?;

@@ -16,7 +16,7 @@
 //!   server accepted, or an event — which the agent reports in readiness, metrics and status;
 //! - trims what it caches ([`trim_pod`], [`trim_namespace`], [`trim_network_policy`],
 //!   [`trim_service`], [`trim_endpoint_slice`], [`trim_node`],
-//!   [`trim_cluster_network_policy`]): managed fields, annotations (but a pod's
+//!   [`trim_cluster_network_policy`]): managed fields, owner references, annotations (but the
 //!   `netwarden.dev/*` ones) and everything of a pod, a Service or an EndpointSlice the
 //!   compiler does not read.
 //!
@@ -753,36 +753,47 @@ where
     (store, task)
 }
 
+/// Keeps of an object's metadata what the conversion, the digest and the reflector read: name,
+/// namespace, uid, `resourceVersion`, labels, deletion timestamp and the `netwarden.dev/*`
+/// annotations (a pod's mTLS ones, a NetworkPolicy's enforcement mode). Managed fields, other
+/// annotations (kubectl's copy of the whole object among them), owner references, finalizers
+/// and timestamps are dropped: with 150,000 pods, owner references alone are tens of MiB.
 fn trim_metadata(metadata: &mut ObjectMeta) {
-    metadata.managed_fields = None;
-    metadata.annotations = None;
-}
-
-/// Keeps of a Namespace its name, labels and `resourceVersion` (and the rest of its metadata
-/// but managed fields and annotations).
-pub fn trim_namespace(namespace: &mut Namespace) {
-    trim_metadata(&mut namespace.metadata);
-    namespace.spec = None;
-    namespace.status = None;
-}
-
-/// The prefix of the pod annotations netwarden reads (mTLS exempt ports, allowed principals).
-const NETWARDEN_ANNOTATION_PREFIX: &str = "netwarden.dev/";
-
-/// Keeps of a Pod what [`convert::pod`] reads: metadata (without managed fields, and of the
-/// annotations only the `netwarden.dev/*` ones), containers' names and ports, node name, host
-/// network, service account, and of the status only the pod IPs and the phase.
-pub fn trim_pod(pod: &mut Pod) {
-    let ours: BTreeMap<String, String> = pod
-        .metadata
+    let ours: BTreeMap<String, String> = metadata
         .annotations
         .take()
         .unwrap_or_default()
         .into_iter()
         .filter(|(key, _)| key.starts_with(NETWARDEN_ANNOTATION_PREFIX))
         .collect();
+    *metadata = ObjectMeta {
+        name: metadata.name.take(),
+        namespace: metadata.namespace.take(),
+        uid: metadata.uid.take(),
+        resource_version: metadata.resource_version.take(),
+        labels: metadata.labels.take(),
+        deletion_timestamp: metadata.deletion_timestamp.take(),
+        annotations: (!ours.is_empty()).then_some(ours),
+        ..ObjectMeta::default()
+    };
+}
+
+/// Keeps of a Namespace its name, labels and `resourceVersion` ([`trim_metadata`]).
+pub fn trim_namespace(namespace: &mut Namespace) {
+    trim_metadata(&mut namespace.metadata);
+    namespace.spec = None;
+    namespace.status = None;
+}
+
+/// The prefix of the annotations netwarden reads (a pod's mTLS exempt ports and allowed
+/// principals, a NetworkPolicy's enforcement mode).
+const NETWARDEN_ANNOTATION_PREFIX: &str = "netwarden.dev/";
+
+/// Keeps of a Pod what [`convert::pod`] reads: metadata ([`trim_metadata`]), containers' names
+/// and ports, node name, host
+/// network, service account, and of the status only the pod IPs and the phase.
+pub fn trim_pod(pod: &mut Pod) {
     trim_metadata(&mut pod.metadata);
-    pod.metadata.annotations = (!ours.is_empty()).then_some(ours);
     pod.spec = pod.spec.take().map(|spec| PodSpec {
         containers: spec
             .containers
@@ -806,14 +817,14 @@ pub fn trim_pod(pod: &mut Pod) {
     });
 }
 
-/// Keeps of a NetworkPolicy its metadata without managed fields and annotations (kubectl's
-/// last-applied-configuration copy of the spec is there), and its spec.
+/// Keeps of a NetworkPolicy its metadata ([`trim_metadata`]: its `netwarden.dev/enforcement`
+/// annotation, not kubectl's last-applied-configuration copy of the spec) and its spec.
 pub fn trim_network_policy(policy: &mut NetworkPolicy) {
     trim_metadata(&mut policy.metadata);
 }
 
-/// Keeps of a Node what [`convert::node`] reads: its metadata without managed fields and
-/// annotations (its labels are what `nodes` peers select), and of its status the addresses.
+/// Keeps of a Node what [`convert::node`] reads: its metadata ([`trim_metadata`]; its labels
+/// are what `nodes` peers select), and of its status the addresses.
 /// Nodes' status changes often (conditions, images): trimmed, the cache stays small.
 pub fn trim_node(node: &mut Node) {
     trim_metadata(&mut node.metadata);
@@ -832,7 +843,7 @@ pub fn trim_node(node: &mut Node) {
     });
 }
 
-/// Keeps of a ClusterNetworkPolicy its metadata without managed fields and annotations, and
+/// Keeps of a ClusterNetworkPolicy its metadata ([`trim_metadata`]), and
 /// its spec (and fields the API does not have, which the conversion must see to fail closed);
 /// the status implementations write is dropped.
 pub fn trim_cluster_network_policy(policy: &mut ClusterNetworkPolicyObject) {
@@ -840,8 +851,7 @@ pub fn trim_cluster_network_policy(policy: &mut ClusterNetworkPolicyObject) {
     policy.0.status = None;
 }
 
-/// Keeps of a Service what [`convert::service`] reads: metadata without managed fields and
-/// annotations, its type, addresses, ports and selector, and of the status the load-balancer
+/// Keeps of a Service what [`convert::service`] reads: metadata ([`trim_metadata`]), its type, addresses, ports and selector, and of the status the load-balancer
 /// ingress addresses.
 pub fn trim_service(service: &mut Service) {
     trim_metadata(&mut service.metadata);
@@ -872,8 +882,8 @@ pub fn trim_service(service: &mut Service) {
     });
 }
 
-/// Keeps of an EndpointSlice what [`convert::endpoint_slice`] reads: metadata without managed
-/// fields and annotations (its labels name its Service), its address type and ports, and of
+/// Keeps of an EndpointSlice what [`convert::endpoint_slice`] reads: metadata
+/// ([`trim_metadata`]; its labels name its Service), its address type and ports, and of
 /// each endpoint its addresses, conditions, node and the pod it points to.
 pub fn trim_endpoint_slice(slice: &mut EndpointSlice) {
     trim_metadata(&mut slice.metadata);
@@ -895,11 +905,14 @@ pub fn trim_endpoint_slice(slice: &mut EndpointSlice) {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
+    use k8s_openapi::api::{
+        core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
+    };
 
     use super::{
-        ClusterNetworkPolicyObject, trim_cluster_network_policy, trim_endpoint_slice, trim_node,
-        trim_pod, trim_service,
+        ClusterNetworkPolicyObject, trim_cluster_network_policy, trim_endpoint_slice,
+        trim_network_policy, trim_node, trim_pod, trim_service,
     };
 
     #[test]
@@ -1054,10 +1067,41 @@ mod tests {
     }
 
     #[test]
+    fn trimmed_network_policies_keep_their_enforcement_mode() {
+        let mut policy: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "p", "namespace": "x", "resourceVersion": "5",
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                    "netwarden.dev/enforcement": "audit"
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            },
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
+        }))
+        .unwrap();
+        trim_network_policy(&mut policy);
+        assert_eq!(
+            serde_json::to_value(&policy.metadata).unwrap(),
+            serde_json::json!({"name": "p", "namespace": "x", "resourceVersion": "5",
+                               "annotations": {"netwarden.dev/enforcement": "audit"}})
+        );
+        assert_eq!(
+            netwarden_model::convert::network_policy(&policy)
+                .unwrap()
+                .enforcement,
+            netwarden_model::Enforcement::Audit
+        );
+    }
+
+    #[test]
     fn trimmed_pods_keep_exactly_what_the_compiler_reads() {
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {
                 "name": "a", "namespace": "x", "resourceVersion": "7", "labels": {"app": "a"},
+                "uid": "5f0c", "generateName": "a-", "creationTimestamp": "2026-01-01T00:00:00Z",
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "a-7d",
+                                     "uid": "9e1b", "controller": true, "blockOwnerDeletion": true}],
                 "annotations": {
                     "kubectl.kubernetes.io/last-applied-configuration": "{}",
                     "netwarden.dev/mtls-exempt-ports": "8080",
@@ -1093,6 +1137,7 @@ mod tests {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {
                     "name": "a", "namespace": "x", "resourceVersion": "7", "labels": {"app": "a"},
+                    "uid": "5f0c",
                     "annotations": {
                         "netwarden.dev/mtls-exempt-ports": "8080",
                         "netwarden.dev/allowed-principals": "spiffe://cluster.local/ns/x/sa/web"

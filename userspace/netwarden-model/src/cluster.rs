@@ -627,3 +627,113 @@ mod tests {
         assert!(!peer.selects_pod("x", "x", || labels(&[]), &labels(&[])));
     }
 }
+
+/// A cluster whose pods may be borrowed from the source that keeps them. A source that holds
+/// the model already (the manifest directory) lends its pods instead of copying them for every
+/// apply: the compiler copies only the pods that changed, and 10,000 pods are ~18 MiB.
+#[derive(Debug)]
+pub struct ClusterView<'a> {
+    /// Everything but the pods: its `pods` is empty.
+    pub rest: Cluster,
+    /// The pods.
+    pub pods: PodsView<'a>,
+}
+
+/// The pods of a [`ClusterView`], owned or borrowed, by namespace and name.
+#[derive(Debug)]
+pub enum PodsView<'a> {
+    /// Pods the view owns.
+    Owned(BTreeMap<PodRef, Pod>),
+    /// Pods a source keeps.
+    Borrowed(BTreeMap<&'a PodRef, &'a Pod>),
+}
+
+impl PodsView<'_> {
+    /// Whether pod `id` is there.
+    #[must_use]
+    pub fn contains(&self, id: &PodRef) -> bool {
+        match self {
+            Self::Owned(pods) => pods.contains_key(id),
+            Self::Borrowed(pods) => pods.contains_key(id),
+        }
+    }
+
+    /// Every pod, in order.
+    #[must_use]
+    pub fn iter(&self) -> Box<dyn Iterator<Item = (&PodRef, &Pod)> + '_> {
+        self.into_iter()
+    }
+
+    /// How many.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Owned(pods) => pods.len(),
+            Self::Borrowed(pods) => pods.len(),
+        }
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<'view> IntoIterator for &'view PodsView<'_> {
+    type Item = (&'view PodRef, &'view Pod);
+    type IntoIter = Box<dyn Iterator<Item = Self::Item> + 'view>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        match self {
+            PodsView::Owned(pods) => Box::new(pods.iter()),
+            PodsView::Borrowed(pods) => Box::new(pods.iter().map(|(id, pod)| (*id, *pod))),
+        }
+    }
+}
+
+impl From<Cluster> for ClusterView<'static> {
+    fn from(mut cluster: Cluster) -> Self {
+        let pods = std::mem::take(&mut cluster.pods);
+        Self {
+            rest: cluster,
+            pods: PodsView::Owned(pods),
+        }
+    }
+}
+
+impl ClusterView<'_> {
+    /// The whole cluster, borrowed pods copied.
+    #[must_use]
+    pub fn into_cluster(self) -> Cluster {
+        let Self { mut rest, pods } = self;
+        rest.pods = match pods {
+            PodsView::Owned(pods) => pods,
+            PodsView::Borrowed(pods) => pods
+                .into_iter()
+                .map(|(id, pod)| (id.clone(), pod.clone()))
+                .collect(),
+        };
+        rest
+    }
+
+    /// A copy of the whole cluster.
+    #[must_use]
+    pub fn to_cluster(&self) -> Cluster {
+        let mut cluster = self.rest.clone();
+        cluster.pods = self
+            .pods
+            .iter()
+            .map(|(id, pod)| (id.clone(), pod.clone()))
+            .collect();
+        cluster
+    }
+
+    /// Problems in the pods' `netwarden.dev/*` annotations, as
+    /// [`Cluster::annotation_problems`].
+    pub fn annotation_problems(&self) -> impl Iterator<Item = &ModelError> {
+        self.pods
+            .iter()
+            .flat_map(|(_, pod)| pod.mtls.problems.iter())
+    }
+}

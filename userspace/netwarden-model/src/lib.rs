@@ -11,11 +11,11 @@ pub mod manifests;
 pub mod selector;
 
 pub use cluster::{
-    ALLOWED_PRINCIPALS_ANNOTATION, AddressType, Cluster, ContainerPort, ENFORCEMENT_ANNOTATION,
-    EndpointPort, EndpointSlice, EndpointSliceRef, Enforcement, MTLS_EXEMPT_PORTS_ANNOTATION,
-    MTLS_LABEL, MTLS_STRICT, Namespace, NetworkPolicy, Node, Peer, Pod, PodMtls, PodRef, PolicyRef,
-    PolicyTypes, PortRef, PortSpec, Protocol, Rule, Service, ServiceEndpoint, ServicePort,
-    ServiceRef, ServiceType,
+    ALLOWED_PRINCIPALS_ANNOTATION, AddressType, Cluster, ClusterView, ContainerPort,
+    ENFORCEMENT_ANNOTATION, EndpointPort, EndpointSlice, EndpointSliceRef, Enforcement,
+    MTLS_EXEMPT_PORTS_ANNOTATION, MTLS_LABEL, MTLS_STRICT, Namespace, NetworkPolicy, Node, Peer,
+    Pod, PodMtls, PodRef, PodsView, PolicyRef, PolicyTypes, PortRef, PortSpec, Protocol, Rule,
+    Service, ServiceEndpoint, ServicePort, ServiceRef, ServiceType,
 };
 pub use cluster_policy::{
     Action, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, ClusterSubject,

@@ -27,7 +27,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     cluster::{
-        Cluster, EndpointSlice, Namespace, NetworkPolicy, Node, Pod, PodRef, PolicyRef, Service,
+        Cluster, ClusterView, EndpointSlice, Namespace, NetworkPolicy, Node, Pod, PodRef, PodsView,
+        PolicyRef, Service,
     },
     cluster_policy::{self, ClusterNetworkPolicy, ClusterSubject},
     convert,
@@ -233,7 +234,15 @@ impl ManifestDir {
 
     /// The cluster the directory describes, and every problem found on the way.
     pub fn cluster(&mut self) -> (Cluster, Vec<ManifestError>) {
+        let (view, errors) = self.cluster_view();
+        (view.into_cluster(), errors)
+    }
+
+    /// The cluster the directory describes, with its pods borrowed from what was read rather
+    /// than copied, and every problem found on the way.
+    pub fn cluster_view(&mut self) -> (ClusterView<'_>, Vec<ManifestError>) {
         let mut cluster = Cluster::default();
+        let mut pods = BTreeMap::new();
         let mut errors = Vec::new();
         let mut origin: HashMap<(&'static str, String), String> = HashMap::new();
         let mut seen_policies = Vec::new();
@@ -262,7 +271,7 @@ impl ManifestDir {
                     }
                     Parsed::Pod(_, pod) => match pod.as_ref() {
                         Ok(pod) => {
-                            cluster.pods.insert(pod.id.clone(), pod.clone());
+                            pods.insert(&pod.id, pod);
                         }
                         Err(source) => errors.push(invalid(source)),
                     },
@@ -326,7 +335,11 @@ impl ManifestDir {
             .retain(|id, _| seen_policies.contains(id));
         self.last_good_cluster_policies
             .retain(|name, _| seen_cluster_policies.contains(name));
-        (cluster, errors)
+        let view = ClusterView {
+            rest: cluster,
+            pods: PodsView::Borrowed(pods),
+        };
+        (view, errors)
     }
 }
 

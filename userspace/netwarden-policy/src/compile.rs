@@ -8,12 +8,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use netwarden_common::{IDENTITY_HOST, PeerId};
 use netwarden_model::{
-    Cluster, ClusterNetworkPolicy, Enforcement, Namespace, NetworkPolicy, Node as ClusterNode, Pod,
-    PodRef, PolicyRef, Service, ServiceRef, Tier,
+    Cluster, ClusterNetworkPolicy, ClusterView, Enforcement, Namespace, NetworkPolicy,
+    Node as ClusterNode, Pod, PodRef, PodsView, PolicyRef, Service, ServiceRef, Tier,
 };
 
 use crate::{
@@ -198,16 +199,28 @@ impl Compiler {
     /// Brings the compiler to `cluster`, applying only the objects that differ from what it
     /// has. Takes the snapshot by value: changed objects move into the compiler uncopied.
     pub fn sync(&mut self, cluster: Cluster) -> &DatapathState {
-        let Cluster {
-            namespaces,
+        self.sync_view(ClusterView::from(cluster))
+    }
+
+    /// [`Compiler::sync`] on a view whose pods may be borrowed: only the pods that changed are
+    /// copied, each as the compiler takes it, so that not even the first sync, where every pod
+    /// is new, holds a second copy of the cluster's pods.
+    pub fn sync_view(&mut self, view: ClusterView<'_>) -> &DatapathState {
+        let ClusterView {
+            rest:
+                Cluster {
+                    namespaces,
+                    pods: _,
+                    policies,
+                    services,
+                    // The datapath judges the translated flow by its backend pod: it needs no
+                    // backends.
+                    endpoint_slices: _,
+                    cluster_policies,
+                    nodes,
+                },
             pods,
-            policies,
-            services,
-            // The datapath judges the translated flow by its backend pod: it needs no backends.
-            endpoint_slices: _,
-            cluster_policies,
-            nodes,
-        } = cluster;
+        } = view;
         let mut changes = Vec::new();
         diff(
             &self.cluster.namespaces,
@@ -216,37 +229,60 @@ impl Compiler {
             Change::Namespace,
         );
         for id in self.pods.records.keys() {
-            if !pods.contains_key(id) {
+            if !pods.contains(id) {
                 changes.push(Change::Pod(id.clone(), None));
             }
         }
-        for (id, pod) in pods {
-            if self.pods.records.get(&id).map(|record| record.fingerprint)
-                != Some(fingerprint(&pod))
-            {
-                changes.push(Change::Pod(id, Some(pod)));
-            }
-        }
+        let mut after_pods = Vec::new();
         diff(
             &self.cluster.policies,
             policies,
-            &mut changes,
+            &mut after_pods,
             Change::Policy,
         );
         diff(
             &self.cluster.services,
             services,
-            &mut changes,
+            &mut after_pods,
             Change::Service,
         );
-        diff(&self.cluster.nodes, nodes, &mut changes, Change::Node);
+        // After the pods: which local pods a ClusterNetworkPolicy selects is read from them.
+        diff(&self.cluster.nodes, nodes, &mut after_pods, Change::Node);
         diff(
             &self.cluster.cluster_policies,
             cluster_policies,
-            &mut changes,
+            &mut after_pods,
             Change::ClusterPolicy,
         );
-        self.update(changes)
+        let records = &self.pods.records;
+        // A pod the compiler does not know differs without hashing it (`change_pod` hashes
+        // every pod it takes: at the first sync, every pod, once).
+        let differs = |id: &PodRef, pod: &Pod| {
+            records
+                .get(id)
+                .is_none_or(|record| record.fingerprint != fingerprint(pod))
+        };
+        match pods {
+            PodsView::Owned(pods) => {
+                changes.extend(
+                    pods.into_iter()
+                        .filter(|(id, pod)| differs(id, pod))
+                        .map(|(id, pod)| Change::Pod(id, Some(pod))),
+                );
+                changes.extend(after_pods);
+                self.update(changes)
+            }
+            PodsView::Borrowed(pods) => {
+                let to_copy: Vec<(&PodRef, &Pod)> = pods
+                    .into_iter()
+                    .filter(|(id, pod)| differs(id, pod))
+                    .collect();
+                let copied = to_copy
+                    .into_iter()
+                    .map(|(id, pod)| Change::Pod(id.clone(), Some(pod.clone())));
+                self.update(changes.into_iter().chain(copied).chain(after_pods))
+            }
+        }
     }
 
     /// Applies `changes` and recompiles what they affect.
@@ -464,7 +500,9 @@ impl Compiler {
     }
 
     fn identity_created(&mut self, identity: PeerId, info: &IdentityInfo) {
-        self.state.identities.insert(identity, info.clone());
+        // Shared with the allocator: one copy of each identity's labels and ports.
+        let shared = Arc::clone(&self.pods.identities.identities()[&identity]);
+        self.state.identities.insert(identity, shared);
         self.pods
             .identities_by_namespace
             .entry(info.namespace.clone())

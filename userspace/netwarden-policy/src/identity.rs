@@ -4,7 +4,10 @@
 //! peer pod: two pods with equal labels but different numbers for `http` must not share policy
 //! entries. Pods of one Deployment share all three, so identities stay few.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use netwarden_common::{FIRST_POD_IDENTITY, PeerId};
 use netwarden_model::{ContainerPort, Pod, selector::Labels};
@@ -90,10 +93,13 @@ pub fn resolve_named_port(
 /// label set may still be in the maps while the new one's addresses are written, and reuse would
 /// let them allow the wrong pods for that moment. A restarted agent starts above the numbers in
 /// use, so the space (2^31) does not run out.
+///
+/// Each identity's labels and ports are kept once, shared by both indexes (at 150,000 pods
+/// there are tens of thousands of identities).
 #[derive(Clone, Debug, Default)]
 pub struct IdentityAllocator {
-    by_info: rustc_hash::FxHashMap<IdentityInfo, (PeerId, usize)>,
-    info_of: BTreeMap<PeerId, IdentityInfo>,
+    by_info: rustc_hash::FxHashMap<Arc<IdentityInfo>, (PeerId, usize)>,
+    info_of: BTreeMap<PeerId, Arc<IdentityInfo>>,
     next: PeerId,
     preferred: HashMap<[u8; 32], PeerId>,
 }
@@ -123,8 +129,9 @@ impl IdentityAllocator {
             self.next += 1;
             self.next - 1
         });
-        self.by_info.insert(info.clone(), (id, 1));
-        self.info_of.insert(id, info.clone());
+        let info = Arc::new(info.clone());
+        self.by_info.insert(Arc::clone(&info), (id, 1));
+        self.info_of.insert(id, info);
         (id, true)
     }
 
@@ -143,13 +150,13 @@ impl IdentityAllocator {
 
     /// One pod fewer holds identity `id`. Returns it if no pod holds it any more.
     pub fn release_id(&mut self, id: PeerId) -> Option<PeerId> {
-        let info = self.info_of.get(&id)?.clone();
+        let info = Arc::clone(self.info_of.get(&id)?);
         self.release(&info)
     }
 
     /// Identities in use.
     #[must_use]
-    pub fn identities(&self) -> &BTreeMap<PeerId, IdentityInfo> {
+    pub fn identities(&self) -> &BTreeMap<PeerId, Arc<IdentityInfo>> {
         &self.info_of
     }
 }

@@ -71,21 +71,30 @@ pub(crate) fn fingerprint(pod: &Pod) -> u128 {
 
 /// Which pods claim each address. Two pods may claim one (the API server does not stop it):
 /// the first by namespace and name owns it, and the other is reported.
+///
+/// Nearly every address has one claimant: each is a sorted `Vec` of one, not a `BTreeSet`,
+/// whose first insert allocates a node for eleven (~600 bytes an address, 7 MiB at 10,000
+/// pods, against ~100).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct AddressClaims {
-    claims: BTreeMap<IpAddr, BTreeSet<PodRef>>,
+    claims: BTreeMap<IpAddr, Vec<PodRef>>,
     /// A warning for each address claimed twice.
     duplicates: BTreeMap<IpAddr, String>,
 }
 
 impl AddressClaims {
     pub(crate) fn claim(&mut self, ip: IpAddr, pod: &PodRef) {
-        self.claims.entry(ip).or_default().insert(pod.clone());
+        let claims = self.claims.entry(ip).or_default();
+        if let Err(at) = claims.binary_search(pod) {
+            claims.insert(at, pod.clone());
+        }
     }
 
     pub(crate) fn release(&mut self, ip: IpAddr, pod: &PodRef) {
         if let Some(claims) = self.claims.get_mut(&ip) {
-            claims.remove(pod);
+            if let Ok(at) = claims.binary_search(pod) {
+                claims.remove(at);
+            }
             if claims.is_empty() {
                 self.claims.remove(&ip);
             }
@@ -94,7 +103,7 @@ impl AddressClaims {
 
     /// The pod that owns `ip`: the first claimant by namespace and name.
     pub(crate) fn owner(&self, ip: IpAddr) -> Option<&PodRef> {
-        self.claims.get(&ip).and_then(BTreeSet::first)
+        self.claims.get(&ip).and_then(|claims| claims.first())
     }
 
     /// Every claimed address with its owner.
@@ -106,11 +115,7 @@ impl AddressClaims {
 
     /// Records whether `ip` is claimed twice, for [`AddressClaims::warnings`].
     pub(crate) fn check_duplicate(&mut self, ip: IpAddr) {
-        let claims = self.claims.get(&ip);
-        match claims
-            .map(|claims| claims.iter().collect::<Vec<_>>())
-            .as_deref()
-        {
+        match self.claims.get(&ip).map(Vec::as_slice) {
             Some([owner, second, ..]) => {
                 self.duplicates.insert(
                     ip,

@@ -1,6 +1,6 @@
 //! What the compiler produces: the content of the datapath maps, and the ids that name it.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use netwarden_common::{
@@ -282,8 +282,8 @@ pub struct DatapathState {
     pub policies: BTreeMap<PolicyId, CompiledPolicy>,
     /// The rules the policies' entries name.
     pub rules: BTreeMap<RuleId, RuleOrigin>,
-    /// Identities in use.
-    pub identities: BTreeMap<PeerId, IdentityInfo>,
+    /// Identities in use (shared with the compiler's allocator, not copied).
+    pub identities: BTreeMap<PeerId, Arc<IdentityInfo>>,
     /// Every Service address and port kube-proxy translates, with the Service it leads to.
     pub service_frontends: BTreeMap<Frontend, FrontendInfo>,
     /// Things the compiler could not express, naming the object.

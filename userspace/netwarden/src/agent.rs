@@ -151,13 +151,13 @@ fn apply(
         readiness,
     } = agent;
     let started = Instant::now();
-    let (cluster, input_errors) = input.cluster();
     let watches = input.watch_health();
-    let policies = cluster.policies.len();
+    let (cluster, input_errors) = input.cluster_view();
+    let policies = cluster.rest.policies.len();
     // The identity check decides on the same snapshot the compiler compiles.
     let identity_input = identity.prepare(&cluster);
     compiler.set_node_addresses(&network.addresses);
-    compiler.sync(cluster);
+    compiler.sync_view(cluster);
     let state = compiler.state();
     let mut errors = input_errors;
     // Before the apply: an endpoint that turns ready is already screened if it is strict.

@@ -17,7 +17,7 @@ use netwarden_identity::{
     CutRate, DecisionCounts, IdentityService, RefusedConnection, SharedSnapshot, Snapshot,
     SocketAccess, TrustDomain, server,
 };
-use netwarden_model::{Cluster, PodRef};
+use netwarden_model::{Cluster, ClusterView, PodRef};
 use netwarden_policy::DatapathState;
 use tracing::info;
 
@@ -138,19 +138,19 @@ impl IdentityWiring {
     /// mTLS-strict pods, the annotation problems and, only when the check is served, a copy of
     /// the whole snapshot for it (its threads read it while the next apply compiles). Without
     /// the check nobody would read that copy: it is not made (10,000 pods: ~10 MiB resident).
-    pub fn prepare(&self, cluster: &Cluster) -> IdentityInput {
+    pub fn prepare(&self, cluster: &ClusterView<'_>) -> IdentityInput {
         IdentityInput {
             strict: cluster
                 .pods
                 .iter()
-                .filter(|(_, pod)| cluster.is_mtls_strict(pod))
+                .filter(|(_, pod)| cluster.rest.is_mtls_strict(pod))
                 .map(|(id, pod)| (id.clone(), pod.mtls.exempt_ports.clone()))
                 .collect(),
             problems: cluster
                 .annotation_problems()
                 .map(ToString::to_string)
                 .collect(),
-            snapshot: self.counts.is_some().then(|| cluster.clone()),
+            snapshot: self.counts.is_some().then(|| cluster.to_cluster()),
         }
     }
 

@@ -8,7 +8,7 @@ use netwarden_kube::{
     KubeSource, WatchHealth,
     events::{self, PolicyEvents, Unenforceable},
 };
-use netwarden_model::{Cluster, ManifestDir};
+use netwarden_model::{Cluster, ClusterView, ManifestDir};
 use notify::Watcher as _;
 use tokio::sync::mpsc;
 use tracing::error;
@@ -128,6 +128,21 @@ impl Input {
                 problems.extend(Unenforceable::cluster_policies(&cluster));
                 source.report(events, &problems);
                 (cluster, errors.iter().map(ToString::to_string).collect())
+            }
+        }
+    }
+
+    /// [`Input::cluster`], with the pods borrowed from a source that keeps the model (the
+    /// manifest directory): what the agent compiles from.
+    pub fn cluster_view(&mut self) -> (ClusterView<'_>, Vec<String>) {
+        match self {
+            Self::Manifests { dir, .. } => {
+                let (view, errors) = dir.cluster_view();
+                (view, errors.iter().map(ToString::to_string).collect())
+            }
+            Self::Kubernetes { .. } => {
+                let (cluster, errors) = self.cluster();
+                (ClusterView::from(cluster), errors)
             }
         }
     }
