@@ -182,9 +182,6 @@ impl Compiler {
             }
         }
         self.collect_warnings();
-        // Pinned ids are offered to one compilation, the first after a restart: the datapath
-        // deletes those it did not claim, and an id once deleted is not used again.
-        self.policy_ids.forget_pinned();
         &self.state
     }
 
@@ -249,8 +246,14 @@ impl Compiler {
         for pod in std::mem::take(&mut self.pending.dirty) {
             self.recompile_endpoint(&pod);
         }
+        self.rule_ids.drop_unused(&mut self.state.rules);
         self.selectors.drop_unused();
         self.collect_warnings();
+        // Pinned ids are offered to one compilation, the first after a restart: the datapath
+        // deletes those it did not claim, and an id once deleted is not used again. (Forgotten
+        // here, after compiling, not when the node's addresses are set: the agent sets them
+        // before every sync, and the first sync must still find the pinned ids.)
+        self.policy_ids.forget_pinned();
         &self.state
     }
 
@@ -436,7 +439,9 @@ impl Compiler {
         // Forget what the endpoint used before.
         if let Some(old) = self.state.endpoints.remove(id) {
             for policy in [old.ingress, old.egress].into_iter().flatten() {
-                self.policy_ids.release(policy, &mut self.state.policies);
+                if let Some(removed) = self.policy_ids.release(policy, &mut self.state.policies) {
+                    self.rule_ids.let_go(&removed);
+                }
             }
         }
         self.selectors.forget_uses(id);
@@ -482,6 +487,7 @@ impl Compiler {
             selectors_used: Vec::new(),
             reads_every_pod: false,
         };
+        let mut new_policies = Vec::new();
         for direction in [Direction::Ingress, Direction::Egress] {
             let isolating: Vec<&NetworkPolicy> = selecting
                 .iter()
@@ -504,7 +510,10 @@ impl Compiler {
             let audit = self.audit_everything || enforced.is_empty();
             let isolating = if audit { isolating } else { enforced };
             let compiled = rules.compile_direction(&pod, direction, &isolating);
-            let policy = self.policy_ids.acquire(compiled, &mut self.state.policies);
+            let (policy, new) = self.policy_ids.acquire(compiled, &mut self.state.policies);
+            if new {
+                new_policies.push(policy);
+            }
             let isolated_by = isolating.iter().map(|policy| policy.id.clone()).collect();
             match direction {
                 Direction::Ingress => {
@@ -524,6 +533,9 @@ impl Compiler {
             reads_every_pod,
             ..
         } = rules;
+        for policy in new_policies {
+            self.rule_ids.hold(&self.state.policies[&policy]);
+        }
         if reads_every_pod {
             self.pending.on_every_pod_change.insert(id.clone());
         }
