@@ -3,6 +3,7 @@
 //! `setup` installs what is missing and is a quick no-op otherwise; every other task runs it
 //! first, so the README's two commands are all a newcomer needs.
 
+mod fuzz;
 mod image;
 mod page;
 mod setup;
@@ -52,6 +53,21 @@ enum Task {
         /// Which benchmark.
         #[command(subcommand)]
         bench: BenchKind,
+    },
+    /// Fuzz every target (manifest, compiler, identity, watch) or one, for `--time` seconds
+    /// each, with cargo-fuzz on nightly (installed when missing); prints executions, exec/s,
+    /// corpus size and failures per target, and fails when one failed an input.
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value = "60")]
+        time: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// cargo-fuzz's sanitizer: `none` is about twice as fast; `address` also catches
+        /// memory errors, which only unsafe code (here: dependencies') can make.
+        #[arg(long, default_value = "none")]
+        sanitizer: String,
     },
     /// Render the demo's connectivity pages (`netwarden matrix --html`, `netwarden diff
     /// --html`) and check them in headless chromium, with screenshots under target/.
@@ -206,6 +222,15 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             bench: BenchKind::Identity,
         } => bench(&["identity"]),
+        Task::Fuzz {
+            time,
+            target,
+            sanitizer,
+        } => fuzz::fuzz(&fuzz::Options {
+            seconds: time,
+            target,
+            sanitizer,
+        }),
         Task::Pages => {
             setup::ensure_packages(&["chromium"])?;
             run("cargo", &["build", "--package", "netwarden"])?;

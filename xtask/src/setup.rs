@@ -113,6 +113,22 @@ fn ensure_toolchain() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The nightly toolchain and cargo-fuzz, which is all `cargo xtask fuzz` needs.
+pub fn ensure_fuzzing() -> anyhow::Result<()> {
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        println!("setup: installing the nightly toolchain");
+        run(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
+    }
+    if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        println!("setup: installing cargo-fuzz (about a minute)");
+        run("cargo", &["install", "cargo-fuzz", "--locked"])?;
+    }
+    Ok(())
+}
+
 fn dpkg_installed(package: &str) -> bool {
     output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
         .is_ok_and(|status| status.contains("install ok installed"))

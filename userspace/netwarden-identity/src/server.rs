@@ -315,8 +315,9 @@ fn denied(reason: &str) -> CheckResponse {
     response
 }
 
-/// The source and destination socket addresses and the source principal of a request.
-fn connection_of(
+/// The source and destination socket addresses and the source principal of a request, or
+/// which attribute is missing or malformed.
+pub fn connection_of(
     request: &CheckRequest,
 ) -> Result<(SocketAddr, SocketAddr, Option<String>), IdentityError> {
     let attributes = request

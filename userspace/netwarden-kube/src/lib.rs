@@ -49,7 +49,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _};
 use k8s_openapi::{
     api::{
         core::v1::{
@@ -283,8 +283,7 @@ pub struct KubeSource {
     cluster_policies: Store<ClusterNetworkPolicyObject>,
     shared: Arc<Shared>,
     changes: watch::Receiver<u64>,
-    last_good_policies: HashMap<PolicyRef, ModelPolicy>,
-    last_good_cluster_policies: HashMap<String, ClusterNetworkPolicy>,
+    validator: Validator,
     tasks: Vec<JoinHandle<()>>,
     stale_after: Duration,
 }
@@ -357,8 +356,7 @@ impl KubeSource {
             cluster_policies,
             shared,
             changes,
-            last_good_policies: HashMap::new(),
-            last_good_cluster_policies: HashMap::new(),
+            validator: Validator::default(),
             tasks: vec![
                 namespace_task,
                 pod_task,
@@ -500,104 +498,19 @@ impl KubeSource {
         self.shared.restarts.load(Ordering::Relaxed)
     }
 
-    /// The cluster the caches hold, and every problem found: objects that failed validation and
-    /// the watchers' last errors.
-    ///
-    /// Invalid Namespaces, Pods, Services and EndpointSlices are left out (a pod without a valid
-    /// object has no identity, which fails closed; a Service without one is no frontend). An invalid NetworkPolicy is replaced by its last valid version, or,
-    /// if it never had one, by a policy isolating its whole namespace in both directions.
+    /// The cluster the caches hold, and every problem found: objects that failed validation
+    /// (see [`Validator::cluster`] for what is enforced instead) and the watchers' last errors.
     pub fn cluster(&mut self) -> (Cluster, Vec<KubeError>) {
-        let mut cluster = Cluster::default();
-        let mut errors = Vec::new();
-        for object in self.namespaces.state() {
-            match convert::namespace(&object) {
-                Ok(namespace) => {
-                    cluster.namespaces.insert(namespace.name.clone(), namespace);
-                }
-                Err(error) => errors.push(error.into()),
-            }
-        }
-        for object in self.pods.state() {
-            match convert::pod(&object) {
-                Ok(pod) => {
-                    cluster.pods.insert(pod.id.clone(), pod);
-                }
-                Err(error) => errors.push(error.into()),
-            }
-        }
-        for object in self.policies.state() {
-            let id = PolicyRef {
-                namespace: object.namespace().unwrap_or_else(|| "default".to_owned()),
-                name: object.name_any(),
-            };
-            match convert::network_policy(&object) {
-                Ok(policy) => {
-                    self.last_good_policies.insert(id.clone(), policy.clone());
-                    cluster.policies.insert(id, policy);
-                }
-                Err(error) => {
-                    let fallback = self
-                        .last_good_policies
-                        .get(&id)
-                        .cloned()
-                        .unwrap_or_else(|| ModelPolicy::lockdown(id.clone()));
-                    cluster.policies.insert(id, fallback);
-                    errors.push(error.into());
-                }
-            }
-        }
-        self.last_good_policies
-            .retain(|id, _| cluster.policies.contains_key(id));
-        for object in self.services.state() {
-            match convert::service(&object) {
-                Ok(service) => {
-                    cluster.services.insert(service.id.clone(), service);
-                }
-                Err(error) => errors.push(error.into()),
-            }
-        }
-        for object in self.endpoint_slices.state() {
-            match convert::endpoint_slice(&object) {
-                Ok(slice) => {
-                    cluster.endpoint_slices.insert(slice.id.clone(), slice);
-                }
-                Err(error) => errors.push(error.into()),
-            }
-        }
-        for object in self.nodes.state() {
-            match convert::node(&object) {
-                Ok(node) => {
-                    cluster.nodes.insert(node.name.clone(), node);
-                }
-                Err(error) => errors.push(error.into()),
-            }
-        }
-        for object in self.cluster_policies.state() {
-            let name = object.name_any();
-            match cluster_policy::convert(&object.0) {
-                Ok(policy) => {
-                    self.last_good_cluster_policies
-                        .insert(name.clone(), policy.clone());
-                    cluster.cluster_policies.insert(name, policy);
-                }
-                Err(error) => {
-                    let fallback = self
-                        .last_good_cluster_policies
-                        .get(&name)
-                        .cloned()
-                        .unwrap_or_else(|| {
-                            ClusterNetworkPolicy::lockdown(
-                                name.clone(),
-                                cluster_policy::subject_of(&object.0),
-                            )
-                        });
-                    cluster.cluster_policies.insert(name, fallback);
-                    errors.push(error.into());
-                }
-            }
-        }
-        self.last_good_cluster_policies
-            .retain(|name, _| cluster.cluster_policies.contains_key(name));
+        let objects = CachedObjects {
+            namespaces: self.namespaces.state(),
+            pods: self.pods.state(),
+            policies: self.policies.state(),
+            services: self.services.state(),
+            endpoint_slices: self.endpoint_slices.state(),
+            nodes: self.nodes.state(),
+            cluster_policies: self.cluster_policies.state(),
+        };
+        let (cluster, mut errors) = self.validator.cluster(&objects);
         let watch_errors = self.shared.errors.lock().expect("errors lock");
         errors.extend(watch_errors.iter().map(|(kind, message)| KubeError::Watch {
             kind,
@@ -632,6 +545,139 @@ impl KubeSource {
             let _ = write!(hex, "{byte:02x}");
         }
         hex
+    }
+}
+
+/// The objects of the seven caches, as [`Validator::cluster`] reads them.
+#[derive(Clone, Debug, Default)]
+pub struct CachedObjects {
+    /// Namespaces.
+    pub namespaces: Vec<Arc<Namespace>>,
+    /// Pods.
+    pub pods: Vec<Arc<Pod>>,
+    /// NetworkPolicies.
+    pub policies: Vec<Arc<NetworkPolicy>>,
+    /// Services.
+    pub services: Vec<Arc<Service>>,
+    /// EndpointSlices.
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    /// Nodes.
+    pub nodes: Vec<Arc<Node>>,
+    /// ClusterNetworkPolicies.
+    pub cluster_policies: Vec<Arc<ClusterNetworkPolicyObject>>,
+}
+
+/// Validates cached objects into the model with the source's rules for bad input, remembering
+/// each policy's last valid version from one call to the next (what [`KubeSource::cluster`]
+/// does with its caches).
+#[derive(Clone, Debug, Default)]
+pub struct Validator {
+    last_good_policies: HashMap<PolicyRef, ModelPolicy>,
+    last_good_cluster_policies: HashMap<String, ClusterNetworkPolicy>,
+}
+
+impl Validator {
+    /// The cluster `objects` describe, and the objects that failed validation.
+    ///
+    /// Invalid Namespaces, Pods, Services, EndpointSlices and Nodes are left out (a pod without
+    /// a valid object has no identity, which fails closed; a Service without one is no
+    /// frontend). An invalid NetworkPolicy is replaced by its last valid version, or, if it
+    /// never had one, by a policy isolating its whole namespace in both directions; an invalid
+    /// ClusterNetworkPolicy by its last valid version, or, if it never had one, by one denying
+    /// its subject everything before every other Admin policy.
+    pub fn cluster(&mut self, objects: &CachedObjects) -> (Cluster, Vec<KubeError>) {
+        let mut cluster = Cluster::default();
+        let mut errors = Vec::new();
+        for object in &objects.namespaces {
+            match convert::namespace(object) {
+                Ok(namespace) => {
+                    cluster.namespaces.insert(namespace.name.clone(), namespace);
+                }
+                Err(error) => errors.push(error.into()),
+            }
+        }
+        for object in &objects.pods {
+            match convert::pod(object) {
+                Ok(pod) => {
+                    cluster.pods.insert(pod.id.clone(), pod);
+                }
+                Err(error) => errors.push(error.into()),
+            }
+        }
+        for object in &objects.policies {
+            let id = PolicyRef {
+                namespace: object.namespace().unwrap_or_else(|| "default".to_owned()),
+                name: object.name_any(),
+            };
+            match convert::network_policy(object) {
+                Ok(policy) => {
+                    self.last_good_policies.insert(id.clone(), policy.clone());
+                    cluster.policies.insert(id, policy);
+                }
+                Err(error) => {
+                    let fallback = self
+                        .last_good_policies
+                        .get(&id)
+                        .cloned()
+                        .unwrap_or_else(|| ModelPolicy::lockdown(id.clone()));
+                    cluster.policies.insert(id, fallback);
+                    errors.push(error.into());
+                }
+            }
+        }
+        self.last_good_policies
+            .retain(|id, _| cluster.policies.contains_key(id));
+        for object in &objects.services {
+            match convert::service(object) {
+                Ok(service) => {
+                    cluster.services.insert(service.id.clone(), service);
+                }
+                Err(error) => errors.push(error.into()),
+            }
+        }
+        for object in &objects.endpoint_slices {
+            match convert::endpoint_slice(object) {
+                Ok(slice) => {
+                    cluster.endpoint_slices.insert(slice.id.clone(), slice);
+                }
+                Err(error) => errors.push(error.into()),
+            }
+        }
+        for object in &objects.nodes {
+            match convert::node(object) {
+                Ok(node) => {
+                    cluster.nodes.insert(node.name.clone(), node);
+                }
+                Err(error) => errors.push(error.into()),
+            }
+        }
+        for object in &objects.cluster_policies {
+            let name = object.name_any();
+            match cluster_policy::convert(&object.0) {
+                Ok(policy) => {
+                    self.last_good_cluster_policies
+                        .insert(name.clone(), policy.clone());
+                    cluster.cluster_policies.insert(name, policy);
+                }
+                Err(error) => {
+                    let fallback = self
+                        .last_good_cluster_policies
+                        .get(&name)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            ClusterNetworkPolicy::lockdown(
+                                name.clone(),
+                                cluster_policy::subject_of(&object.0),
+                            )
+                        });
+                    cluster.cluster_policies.insert(name, fallback);
+                    errors.push(error.into());
+                }
+            }
+        }
+        self.last_good_cluster_policies
+            .retain(|name, _| cluster.cluster_policies.contains_key(name));
+        (cluster, errors)
     }
 }
 
@@ -675,6 +721,52 @@ fn observed(client: Client, shared: &Arc<Shared>, paths: [String; KINDS.len()]) 
     Client::new(service, namespace)
 }
 
+/// What the source does with each event of a kind's watcher before the agent sees it: trims
+/// its object (`trim`), drops it if the cache cannot key it, and applies the rest to the cache
+/// behind `writer`. The stream goes on with the events that were applied, and the errors.
+///
+/// An object without `metadata.name` cannot be keyed (the reflector panics on it, which would
+/// kill the kind's watcher and leave its cache silently stale). The API server never sends
+/// one; if something else does, the object is dropped with a warning: it would not validate
+/// anyway, its name being required.
+pub fn cache_events<K, S>(
+    events: S,
+    trim: fn(&mut K),
+    writer: reflector::store::Writer<K>,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    events
+        .modify(trim)
+        .filter(|event| std::future::ready(has_a_key(event)))
+        .reflect(writer)
+}
+
+/// Whether the cache can key the event's object (it has a name), or the event has none.
+fn has_a_key<K: Resource<DynamicType = ()>>(
+    event: &Result<watcher::Event<K>, watcher::Error>,
+) -> bool {
+    let object = match event {
+        Ok(
+            watcher::Event::Apply(object)
+            | watcher::Event::Delete(object)
+            | watcher::Event::InitApply(object),
+        ) => object,
+        Ok(watcher::Event::Init | watcher::Event::InitDone) | Err(_) => return true,
+    };
+    if object.meta().name.is_some() {
+        return true;
+    }
+    tracing::warn!(
+        kind = %K::kind(&()),
+        namespace = object.meta().namespace.as_deref().unwrap_or_default(),
+        "ignored an object without metadata.name"
+    );
+    false
+}
+
 fn spawn_watcher<K>(
     api: Api<K>,
     index: usize,
@@ -695,10 +787,7 @@ where
     // Not `any_semantic()`: kube drops `resourceVersion=0` from paged lists anyway, and a
     // consistent list cannot go back in time after a relist.
     let config = watcher::Config::default();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(trim)
-        .reflect(writer);
+    let stream = cache_events(watcher(api, config).default_backoff(), trim, writer);
     let shared = Arc::clone(shared);
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -1157,5 +1246,66 @@ mod tests {
         let after = netwarden_model::convert::pod(&pod).unwrap();
         assert_eq!(after, before);
         assert!(after.mtls.exempt_ports.contains(&8080));
+    }
+
+    /// Found by the `watch` fuzz target: the trim dropped every annotation, so a policy in
+    /// audit mode was enforced when read from the API server.
+    #[test]
+    fn a_trimmed_network_policy_converts_as_before_the_trim() {
+        let mut policy: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "p", "namespace": "x", "resourceVersion": "4",
+                "annotations": {
+                    "netwarden.dev/enforcement": "audit",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}"
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            },
+            "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}]}
+        }))
+        .unwrap();
+        let before = netwarden_model::convert::network_policy(&policy).unwrap();
+        trim_network_policy(&mut policy);
+        assert_eq!(
+            serde_json::to_value(&policy.metadata).unwrap(),
+            serde_json::json!({
+                "name": "p", "namespace": "x", "resourceVersion": "4",
+                "annotations": {"netwarden.dev/enforcement": "audit"}
+            })
+        );
+        let after = netwarden_model::convert::network_policy(&policy).unwrap();
+        assert_eq!(after, before);
+        assert_eq!(after.enforcement, netwarden_model::Enforcement::Audit);
+    }
+
+    /// Found by the `watch` fuzz target: kube's reflector panics on an object without a name,
+    /// which killed the kind's watcher task and left its cache silently stale.
+    #[test]
+    fn objects_without_a_name_are_dropped_before_the_cache() {
+        use kube::runtime::{reflector, watcher};
+
+        let named: k8s_openapi::api::core::v1::Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
+        let nameless = k8s_openapi::api::core::v1::Namespace::default();
+        let events = vec![
+            Ok(watcher::Event::Apply(nameless.clone())),
+            Ok(watcher::Event::Apply(named)),
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(nameless.clone())),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Delete(nameless)),
+        ];
+        let (store, writer) = reflector::store();
+        let passed = futures::executor::block_on_stream(Box::pin(super::cache_events(
+            futures::stream::iter(events),
+            super::trim_namespace,
+            writer,
+        )))
+        .count();
+        assert_eq!(passed, 3, "the named object, Init and InitDone");
+        assert!(
+            store.is_empty(),
+            "the relist replaced the named object with none"
+        );
     }
 }

@@ -22,5 +22,5 @@ pub use cluster_policy::{
     PriorityTie, Tier,
 };
 pub use convert::ModelError;
-pub use manifests::{ManifestDir, ManifestError, cluster_of_stream};
+pub use manifests::{ManifestDir, ManifestError, cluster_of_bytes, cluster_of_stream};
 pub use selector::{LabelSelector, Requirement};

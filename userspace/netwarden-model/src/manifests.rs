@@ -367,7 +367,14 @@ fn cluster_policy_to_enforce(
 /// fixtures and one-off inputs: no file is written.
 #[must_use]
 pub fn cluster_of_stream(name: &str, text: &str) -> (Cluster, Vec<ManifestError>) {
-    let (objects, errors) = parse_file(name, text.as_bytes());
+    cluster_of_bytes(name, text.as_bytes())
+}
+
+/// [`cluster_of_stream`] on a file's bytes, as they are read from disk: bytes that are not
+/// UTF-8 are reported like any other file that does not parse.
+#[must_use]
+pub fn cluster_of_bytes(name: &str, bytes: &[u8]) -> (Cluster, Vec<ManifestError>) {
+    let (objects, errors) = parse_file(name, bytes);
     let mut dir = ManifestDir::new(PathBuf::new());
     dir.files.insert(
         name.to_owned(),

@@ -190,9 +190,6 @@ impl Compiler {
             }
         }
         self.collect_warnings();
-        // Pinned ids are offered to one compilation, the first after a restart: the datapath
-        // deletes those it did not claim, and an id once deleted is not used again.
-        self.policy_ids.forget_pinned();
         &self.state
     }
 
@@ -300,8 +297,14 @@ impl Compiler {
         for pod in std::mem::take(&mut self.pending.dirty) {
             self.recompile_endpoint(&pod);
         }
+        self.rule_ids.drop_unused(&mut self.state.rules);
         self.selectors.drop_unused();
         self.collect_warnings();
+        // Pinned ids are offered to one compilation, the first after a restart: the datapath
+        // deletes those it did not claim, and an id once deleted is not used again. (Forgotten
+        // here, after compiling, not when the node's addresses are set: the agent sets them
+        // before every sync, and the first sync must still find the pinned ids.)
+        self.policy_ids.forget_pinned();
         &self.state
     }
 
@@ -551,7 +554,9 @@ impl Compiler {
     fn forget_endpoint(&mut self, id: &PodRef) {
         if let Some(old) = self.state.endpoints.remove(id) {
             for policy in [old.ingress, old.egress].into_iter().flatten() {
-                self.policy_ids.release(policy, &mut self.state.policies);
+                if let Some(removed) = self.policy_ids.release(policy, &mut self.state.policies) {
+                    self.rule_ids.let_go(&removed);
+                }
             }
         }
         self.selectors.forget_uses(id);
@@ -601,6 +606,7 @@ impl Compiler {
             reads_every_pod: false,
             reads_nodes: false,
         };
+        let mut new_policies = Vec::new();
         for direction in [Direction::Ingress, Direction::Egress] {
             let Some(policies) = direction_policies(
                 &selecting,
@@ -620,7 +626,10 @@ impl Compiler {
                     .collect(),
             );
             let compiled = rules.compile_direction(&pod, direction, &policies);
-            let policy = self.policy_ids.acquire(compiled, &mut self.state.policies);
+            let (policy, new) = self.policy_ids.acquire(compiled, &mut self.state.policies);
+            if new {
+                new_policies.push(policy);
+            }
             let isolated_by = policies
                 .network
                 .iter()
@@ -647,6 +656,9 @@ impl Compiler {
             reads_nodes,
             ..
         } = rules;
+        for policy in new_policies {
+            self.rule_ids.hold(&self.state.policies[&policy]);
+        }
         if reads_every_pod {
             self.pending.on_every_pod_change.insert(id.clone());
         }

@@ -79,15 +79,15 @@ impl PolicyIds {
         self.pinned = PinnedPolicies::default();
     }
 
-    /// The id of `compiled`, adding it to `policies` when it is new.
+    /// The id of `compiled`, adding it to `policies` when it is new; and whether it is.
     pub(crate) fn acquire(
         &mut self,
         compiled: CompiledPolicy,
         policies: &mut BTreeMap<PolicyId, CompiledPolicy>,
-    ) -> PolicyId {
+    ) -> (PolicyId, bool) {
         if let Some(id) = self.by_content.get(&compiled) {
             *self.users.entry(*id).or_default() += 1;
-            return *id;
+            return (*id, false);
         }
         let id = self.pinned.take(&compiled).unwrap_or_else(|| {
             self.highest += 1;
@@ -96,32 +96,42 @@ impl PolicyIds {
         policies.insert(id, compiled.clone());
         self.by_content.insert(compiled, id);
         self.users.insert(id, 1);
-        id
+        (id, true)
     }
 
-    /// One user fewer of policy `id`; the last one removes it from `policies`.
+    /// One user fewer of policy `id`; the last one removes it from `policies`, and it is
+    /// returned.
     pub(crate) fn release(
         &mut self,
         id: PolicyId,
         policies: &mut BTreeMap<PolicyId, CompiledPolicy>,
-    ) {
-        let Some(users) = self.users.get_mut(&id) else {
-            return;
-        };
+    ) -> Option<CompiledPolicy> {
+        let users = self.users.get_mut(&id)?;
         *users -= 1;
-        if *users == 0 {
-            self.users.remove(&id);
-            if let Some(compiled) = policies.remove(&id) {
-                self.by_content.remove(&compiled);
-            }
+        if *users > 0 {
+            return None;
         }
+        self.users.remove(&id);
+        let compiled = policies.remove(&id)?;
+        self.by_content.remove(&compiled);
+        Some(compiled)
     }
 }
 
-/// Rule ids by origin.
+/// Rule ids by origin, with how many compiled policies name each.
+///
+/// The rule table holds exactly the rules some policy's entries name (attribution only ever
+/// looks up those): a rule is given its id when it is compiled, and forgotten at the end of
+/// the update once no policy names it (its policy was deleted, changed, or selects no local
+/// pod any more; or the rule allowed nothing). Otherwise the table would grow with every
+/// policy that ever existed, and differ from what a restarted agent compiles.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct RuleIds {
     by_origin: FxHashMap<RuleOrigin, RuleId>,
+    /// For each rule some policy names, how many policies do.
+    users: FxHashMap<RuleId, usize>,
+    /// Rules that may have no user left: given an id, or last named by a released policy.
+    maybe_unused: Vec<RuleId>,
 }
 
 impl RuleIds {
@@ -143,6 +153,48 @@ impl RuleIds {
         }
         self.by_origin.insert(origin.clone(), id);
         rules.insert(id, origin);
+        self.maybe_unused.push(id);
         id
     }
+
+    /// A new compiled policy names the rules of its entries.
+    pub(crate) fn hold(&mut self, policy: &CompiledPolicy) {
+        for id in rules_named(policy) {
+            *self.users.entry(id).or_default() += 1;
+        }
+    }
+
+    /// A removed compiled policy no longer names the rules of its entries.
+    pub(crate) fn let_go(&mut self, policy: &CompiledPolicy) {
+        for id in rules_named(policy) {
+            if let Some(users) = self.users.get_mut(&id) {
+                *users -= 1;
+                if *users == 0 {
+                    self.users.remove(&id);
+                    self.maybe_unused.push(id);
+                }
+            }
+        }
+    }
+
+    /// Removes from `rules` every rule no policy names.
+    pub(crate) fn drop_unused(&mut self, rules: &mut BTreeMap<RuleId, RuleOrigin>) {
+        for id in std::mem::take(&mut self.maybe_unused) {
+            if !self.users.contains_key(&id)
+                && let Some(origin) = rules.remove(&id)
+            {
+                self.by_origin.remove(&origin);
+            }
+        }
+    }
+}
+
+/// The rules a compiled policy's entries name, each once.
+fn rules_named(policy: &CompiledPolicy) -> BTreeSet<RuleId> {
+    policy
+        .entries
+        .values()
+        .flat_map(|decided| [decided.admin.rule, decided.below.rule])
+        .filter(|rule| *rule != 0)
+        .collect()
 }

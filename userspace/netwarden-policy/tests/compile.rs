@@ -442,6 +442,75 @@ spec: {podSelector: {matchLabels: {app: c}}, ingress: [{ports: [{port: 443}]}]}
     assert!(c > highest_pinned, "{c} > {highest_pinned}");
 }
 
+/// Found by the `compiler` fuzz target: the agent sets the node's addresses before every
+/// sync, and setting them forgot the pinned policies before the first sync could adopt them,
+/// so a restarted agent installed every policy a second time under a new id.
+#[test]
+fn a_restarted_agent_keeps_the_pinned_ids_though_it_sets_the_node_addresses_first() {
+    let node = [ip("172.18.0.2")];
+    let mut previous = Compiler::new(NODE);
+    previous.set_node_addresses(&node);
+    let pinned = previous.sync(cluster(&two_isolated_pods())).clone();
+
+    let mut restarted = Compiler::new(NODE);
+    restarted.resume(
+        pinned
+            .identities
+            .iter()
+            .map(|(id, info)| (info.digest(), *id))
+            .collect(),
+        pinned.policies.keys().copied().max().unwrap(),
+    );
+    restarted.adopt_pinned_policies(pinned.policies.clone());
+    restarted.set_node_addresses(&node);
+    let state = restarted.sync(cluster(&two_isolated_pods()));
+    assert_eq!(state.policies, pinned.policies, "same ids, same content");
+    assert_eq!(state.endpoints, pinned.endpoints);
+}
+
+/// Found by the `compiler` fuzz target: the rule table kept every rule ever compiled, so it
+/// grew with each policy that came and went, and differed from what a restarted agent holds.
+#[test]
+fn the_rule_table_holds_exactly_the_rules_that_policy_entries_name() {
+    let named = |state: &DatapathState| {
+        let mut named: Vec<String> = state
+            .policies
+            .values()
+            .flat_map(|policy| policy.entries.values())
+            .flat_map(|decided| [decided.admin.rule, decided.below.rule])
+            .filter(|id| *id != 0)
+            .map(|id| state.rules[&id].to_string())
+            .collect();
+        named.sort();
+        named.dedup();
+        named
+    };
+    let table = |state: &DatapathState| {
+        let mut table: Vec<String> = state.rules.values().map(ToString::to_string).collect();
+        table.sort();
+        table
+    };
+    // A rule that allows nothing (its peer selects no pod) is named by no entry.
+    let mut with_a_rule_allowing_nothing = two_isolated_pods();
+    with_a_rule_allowing_nothing.push_str(
+        "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: nobody, namespace: x}
+spec: {podSelector: {matchLabels: {app: a}}, ingress: [{from: [{podSelector: {matchLabels: {app: none}}}]}]}
+",
+    );
+    let mut compiler = Compiler::new(NODE);
+    compiler.set_node_addresses(&[ip("172.18.0.2")]);
+    let state = compiler.sync(cluster(&with_a_rule_allowing_nothing));
+    assert_eq!(table(state), named(state));
+    assert!(!table(state).iter().any(|rule| rule.contains("x/nobody")));
+
+    // A deleted policy's rules leave the table.
+    let state = compiler.sync(cluster(&pod("x", "a", "app: a", "10.0.0.1", "")));
+    assert_eq!(table(state), Vec::<String>::new());
+}
+
 #[test]
 fn a_pinned_policy_equal_but_for_rule_ids_keeps_its_id() {
     let previous = Compiler::new(NODE)
