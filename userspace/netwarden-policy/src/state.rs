@@ -169,6 +169,18 @@ pub enum RulePolicy {
     },
 }
 
+impl RulePolicy {
+    /// The policy's name as operators filter by it: `namespace/name` for a NetworkPolicy, the
+    /// name of a (cluster-scoped) ClusterNetworkPolicy.
+    #[must_use]
+    pub fn name(&self) -> String {
+        match self {
+            Self::Network(policy) => policy.to_string(),
+            Self::Cluster { name, .. } => name.clone(),
+        }
+    }
+}
+
 impl fmt::Display for RulePolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

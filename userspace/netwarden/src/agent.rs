@@ -399,7 +399,7 @@ fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &
         .map(|(id, origin)| {
             let names = RuleNames {
                 rule: origin.to_string(),
-                policy: origin.policy.to_string(),
+                policy: origin.policy.name(),
             };
             (*id, names)
         })

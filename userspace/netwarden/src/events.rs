@@ -42,7 +42,7 @@ pub struct Attribution {
 pub struct RuleNames {
     /// The rule, as "NetworkPolicy ns/name ingress[i]".
     pub rule: String,
-    /// Its policy, `namespace/name`.
+    /// Its policy: `namespace/name`, or a ClusterNetworkPolicy's name.
     pub policy: String,
 }
 
@@ -224,6 +224,23 @@ fn verdict_reason(
                 event.rule
             ),
         },
+        reason @ (counter::ALLOWED_BY_CLUSTER_POLICY | counter::DENIED_BY_CLUSTER_POLICY) => {
+            let verb = if reason == counter::ALLOWED_BY_CLUSTER_POLICY {
+                "accepted"
+            } else {
+                "denied"
+            };
+            match names.rules.get(&event.rule) {
+                Some(rule) => {
+                    policies.push(rule.policy.clone());
+                    format!("{verb} by {}", rule.rule)
+                }
+                None => format!(
+                    "{verb} by ClusterNetworkPolicy rule {} (no longer in the policy set)",
+                    event.rule
+                ),
+            }
+        }
         counter::ALLOWED_NOT_ISOLATED => format!(
             "allowed: no NetworkPolicy isolates this pod for {}",
             if ingress { "ingress" } else { "egress" }
