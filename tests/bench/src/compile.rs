@@ -47,7 +47,7 @@ pub struct Heap {
     pub model_bytes: u64,
     /// A compiler after a full compile: its copy of the cluster, indexes and state.
     pub compiler_bytes: u64,
-    /// The Kubernetes source's trimmed pod cache.
+    /// The Kubernetes source's pod cache.
     pub kube_pods: kube_cache::CacheMemory,
 }
 
@@ -214,13 +214,13 @@ fn print_compiler(row: &Row, baseline: &DatapathState, peer_touches_only_ipcache
     );
     let pods = shape.pods as u64;
     println!(
-        "heap: cluster model {:.1} MiB ({} B/pod), compiler with its state {:.1} MiB, kube source's trimmed pod cache {:.1} MiB ({} B/pod; {} B/pod untrimmed)",
+        "heap: cluster model {:.1} MiB ({} B/pod), compiler with its state {:.1} MiB, kube source's pod cache {:.1} MiB ({} B/pod; {} B/pod as whole API objects)",
         mib(heap.model_bytes),
         heap.model_bytes / pods.max(1),
         mib(heap.compiler_bytes),
-        mib(heap.kube_pods.trimmed_bytes),
-        heap.kube_pods.trimmed_bytes_per_pod(),
-        heap.kube_pods.untrimmed_bytes_per_pod,
+        mib(heap.kube_pods.cached_bytes),
+        heap.kube_pods.cached_bytes_per_pod(),
+        heap.kube_pods.whole_bytes_per_pod,
     );
 }
 
@@ -322,7 +322,7 @@ pub fn run_scale(largest: Shape, agent: Option<&Path>) -> anyhow::Result<()> {
             memory(|memory| memory.map_bytes),
             memory(|memory| memory.peak_rss_bytes),
             row.heap.model_bytes / row.shape.pods.max(1) as u64,
-            row.heap.kube_pods.trimmed_bytes_per_pod(),
+            row.heap.kube_pods.cached_bytes_per_pod(),
             mib(row.heap.compiler_bytes),
         );
     }

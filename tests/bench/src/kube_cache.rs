@@ -1,66 +1,64 @@
 //! What the Kubernetes source's pod cache costs per pod at a cluster's size: each generated pod
 //! is made the object an API server serves (managed fields, owner references, the full spec and
-//! status a kubelet reports), trimmed as the watcher trims it (`netwarden_kube::trim_pod`) and
-//! applied to a kube-rs reflector store, the cache the agent keeps. The heap it keeps is the
-//! cost; the same objects untrimmed, on a sample, show what trimming saves.
+//! status a kubelet reports) and applied to the source's own cache (`netwarden_kube::PodCache`,
+//! which converts it to the model as it arrives). The heap it keeps is the cost; the same
+//! objects kept whole in a kube-rs reflector store, on a sample, show what converting saves.
 
 use k8s_openapi::api::core::v1::Pod as ApiPod;
 use kube::runtime::{reflector, watcher};
+use netwarden_kube::PodCache;
 use netwarden_model::{Cluster, Pod};
 use serde_json::{Value, json};
 
 use crate::heap;
 
-/// Pods kept untrimmed to measure what trimming saves (all of them would take gigabytes at
+/// Pods kept whole to measure what converting saves (all of them would take gigabytes at
 /// 150,000 pods).
-const UNTRIMMED_SAMPLE: usize = 2_000;
+const WHOLE_SAMPLE: usize = 2_000;
 
 /// The pod cache's heap.
 pub struct CacheMemory {
     /// Pods cached.
     pub pods: usize,
-    /// Heap the trimmed cache keeps, in all.
-    pub trimmed_bytes: u64,
-    /// Heap per pod untrimmed (from a sample), for comparison.
-    pub untrimmed_bytes_per_pod: u64,
+    /// Heap the source's cache keeps, in all.
+    pub cached_bytes: u64,
+    /// Heap per pod kept whole in a reflector store (from a sample), for comparison.
+    pub whole_bytes_per_pod: u64,
 }
 
 impl CacheMemory {
-    /// Heap per trimmed pod.
+    /// Heap per pod in the source's cache.
     #[must_use]
-    pub fn trimmed_bytes_per_pod(&self) -> u64 {
-        self.trimmed_bytes / self.pods.max(1) as u64
+    pub fn cached_bytes_per_pod(&self) -> u64 {
+        self.cached_bytes / self.pods.max(1) as u64
     }
 }
 
-/// Builds the trimmed pod cache of `cluster` and measures it.
+/// Builds the pod cache of `cluster` and measures it.
 pub fn measure(cluster: &Cluster) -> anyhow::Result<CacheMemory> {
-    let (trimmed_bytes, store) = heap::kept_by(|| fill(cluster.pods.values(), true));
-    let pods = store?.state().len();
-    let sample = cluster.pods.values().take(UNTRIMMED_SAMPLE);
-    let (untrimmed_bytes, untrimmed) = heap::kept_by(|| fill(sample, false));
-    let sampled = untrimmed?.state().len();
+    let (cached_bytes, cache) = heap::kept_by(|| -> anyhow::Result<PodCache> {
+        let cache = PodCache::default();
+        for (index, pod) in cluster.pods.values().enumerate() {
+            let object: ApiPod = serde_json::from_value(api_object(pod, index))?;
+            cache.apply(&watcher::Event::Apply(object));
+        }
+        Ok(cache)
+    });
+    let pods = cache?.len();
+    let (whole_bytes, whole) = heap::kept_by(|| -> anyhow::Result<reflector::Store<ApiPod>> {
+        let (store, mut writer) = reflector::store();
+        for (index, pod) in cluster.pods.values().take(WHOLE_SAMPLE).enumerate() {
+            let object: ApiPod = serde_json::from_value(api_object(pod, index))?;
+            writer.apply_watcher_event(&watcher::Event::Apply(object));
+        }
+        Ok(store)
+    });
+    let sampled = whole?.state().len();
     Ok(CacheMemory {
         pods,
-        trimmed_bytes,
-        untrimmed_bytes_per_pod: untrimmed_bytes / sampled.max(1) as u64,
+        cached_bytes,
+        whole_bytes_per_pod: whole_bytes / sampled.max(1) as u64,
     })
-}
-
-/// A reflector store holding `pods` as the API serves them, trimmed or not.
-fn fill<'a>(
-    pods: impl Iterator<Item = &'a Pod>,
-    trim: bool,
-) -> anyhow::Result<reflector::Store<ApiPod>> {
-    let (store, mut writer) = reflector::store();
-    for (index, pod) in pods.enumerate() {
-        let mut object: ApiPod = serde_json::from_value(api_object(pod, index))?;
-        if trim {
-            netwarden_kube::trim_pod(&mut object);
-        }
-        writer.apply_watcher_event(&watcher::Event::Apply(object));
-    }
-    Ok(store)
 }
 
 /// `pod` as `GET /api/v1/pods` returns a Deployment's running pod.

@@ -27,7 +27,7 @@ use kube::{
 use netwarden_kube::{
     CachedObjects, ClusterNetworkPolicyObject, KubeError, Validator, cache_events,
     trim_cluster_network_policy, trim_endpoint_slice, trim_namespace, trim_network_policy,
-    trim_node, trim_pod, trim_service,
+    trim_node, trim_service,
 };
 use netwarden_model::{Cluster, ModelError, PolicyRef, cluster_policy, convert};
 use serde::de::DeserializeOwned;
@@ -70,9 +70,8 @@ impl Watched for Namespace {
 
 impl Watched for Pod {
     type Model = netwarden_model::Pod;
-    fn trim(&mut self) {
-        trim_pod(self);
-    }
+    /// Not trimmed: the source converts a pod as it arrives (`PodCache`) and keeps the model.
+    fn trim(&mut self) {}
     fn convert(&self) -> Result<Self::Model, ModelError> {
         convert::pod(self)
     }

@@ -2,7 +2,9 @@
 //! and ClusterNetworkPolicies watched cluster-wide, turned into the same validated [`Cluster`]
 //! the manifest-directory source yields.
 //!
-//! Seven kube-rs watchers (one per kind) feed seven reflector caches. Each watcher
+//! Seven kube-rs watchers (one per kind) feed seven caches: a [`PodCache`] of pods converted
+//! to the model as they arrive (pods are most of a cluster), reflector stores of trimmed
+//! objects for the other kinds. Each watcher
 //!
 //! - lists in pages of 500 (a consistent list, which API servers from 1.31 serve from their watch
 //!   cache), then watches from the list's `resourceVersion` with bookmarks, resuming from the
@@ -14,11 +16,10 @@
 //! - is [stale](KubeSource::watch_health) once it has failed for longer than a bound
 //!   ([`DEFAULT_STALE_AFTER`]) without a success in between — a list or watch request the API
 //!   server accepted, or an event — which the agent reports in readiness, metrics and status;
-//! - trims what it caches ([`trim_pod`], [`trim_namespace`], [`trim_network_policy`],
-//!   [`trim_service`], [`trim_endpoint_slice`], [`trim_node`],
-//!   [`trim_cluster_network_policy`]): managed fields, owner references, annotations (but the
-//!   `netwarden.dev/*` ones) and everything of a pod, a Service or an EndpointSlice the
-//!   compiler does not read.
+//! - trims what it caches ([`trim_namespace`], [`trim_network_policy`], [`trim_service`],
+//!   [`trim_endpoint_slice`], [`trim_node`], [`trim_cluster_network_policy`]): managed fields,
+//!   owner references, annotations (but the `netwarden.dev/*` ones) and everything of a Service
+//!   or an EndpointSlice the compiler does not read.
 //!
 //! ClusterNetworkPolicy is a CRD (`policy.networking.k8s.io/v1alpha2`, installed from the
 //! network-policy-api release: see `docs/cluster-network-policy.md`), read with netwarden's own
@@ -43,7 +44,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, PoisonError, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -53,9 +54,8 @@ use futures::{Stream, StreamExt as _};
 use k8s_openapi::{
     api::{
         core::v1::{
-            Container, LoadBalancerIngress, LoadBalancerStatus, Namespace, Node, NodeAddress,
-            NodeStatus, ObjectReference, Pod, PodSpec, PodStatus, Service, ServiceSpec,
-            ServiceStatus,
+            LoadBalancerIngress, LoadBalancerStatus, Namespace, Node, NodeAddress, NodeStatus,
+            ObjectReference, Pod, Service, ServiceSpec, ServiceStatus,
         },
         discovery::v1::{Endpoint, EndpointSlice},
         networking::v1::NetworkPolicy,
@@ -196,6 +196,82 @@ impl Resource for ClusterNetworkPolicyObject {
     }
 }
 
+/// The pods the source follows, each converted to the model as it arrives: a pod is kept as
+/// the ~2 KB the compiler reads, not as the `k8s-openapi` object (6.6 KB trimmed: its structs'
+/// inline size, most of it empty options), which at 150,000 pods was ~950 MiB.
+#[derive(Clone, Debug, Default)]
+pub struct PodCache {
+    entries: Arc<RwLock<PodEntries>>,
+}
+
+#[derive(Debug, Default)]
+struct PodEntries {
+    /// By namespace and name.
+    current: HashMap<(String, String), CachedPod>,
+    /// A relist being read: swapped in whole at its end, as a reflector store does, so a
+    /// relist never shows half of the cluster.
+    relist: HashMap<(String, String), CachedPod>,
+}
+
+/// A pod as converted, and the `resourceVersion` it was converted from (for the digest).
+#[derive(Debug)]
+struct CachedPod {
+    resource_version: String,
+    pod: Result<netwarden_model::Pod, ModelError>,
+}
+
+impl CachedPod {
+    fn of(object: &Pod) -> ((String, String), Self) {
+        let key = (object.namespace().unwrap_or_default(), object.name_any());
+        let cached = Self {
+            resource_version: object.resource_version().unwrap_or_default(),
+            pod: convert::pod(object),
+        };
+        (key, cached)
+    }
+}
+
+impl PodCache {
+    /// Applies one event of the pod watcher.
+    pub fn apply(&self, event: &watcher::Event<Pod>) {
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
+        match event {
+            watcher::Event::Apply(object) => {
+                let (key, cached) = CachedPod::of(object);
+                entries.current.insert(key, cached);
+            }
+            watcher::Event::Delete(object) => {
+                let key = (object.namespace().unwrap_or_default(), object.name_any());
+                entries.current.remove(&key);
+            }
+            watcher::Event::Init => entries.relist = HashMap::new(),
+            watcher::Event::InitApply(object) => {
+                let (key, cached) = CachedPod::of(object);
+                entries.relist.insert(key, cached);
+            }
+            watcher::Event::InitDone => {
+                entries.current = std::mem::take(&mut entries.relist);
+            }
+        }
+    }
+
+    /// Pods held, valid or not.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.read().current.len()
+    }
+
+    /// Whether it holds none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, PodEntries> {
+        self.entries.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// How long a kind's watcher may keep failing, with no success in between, before the source
 /// reports it stale: longer than a few of the watcher's backoffs (at most 30 s each), so one
 /// API server restart does not count.
@@ -275,7 +351,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct KubeSource {
     namespaces: Store<Namespace>,
-    pods: Store<Pod>,
+    pods: PodCache,
     policies: Store<NetworkPolicy>,
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
@@ -332,7 +408,17 @@ impl KubeSource {
         );
         let (namespaces, namespace_task) =
             spawn_watcher(Api::all(client.clone()), 0, trim_namespace, &shared);
-        let (pods, pod_task) = spawn_watcher(Api::all(client.clone()), 1, trim_pod, &shared);
+        let pods = PodCache::default();
+        let pod_task = {
+            let pods = pods.clone();
+            spawn_follower(
+                watch_events(Api::<Pod>::all(client.clone()))
+                    .filter(|event| std::future::ready(has_a_key(event))),
+                1,
+                move |event| pods.apply(event),
+                &shared,
+            )
+        };
         let (policies, policy_task) =
             spawn_watcher(Api::all(client.clone()), 2, trim_network_policy, &shared);
         let (services, service_task) =
@@ -503,14 +589,23 @@ impl KubeSource {
     pub fn cluster(&mut self) -> (Cluster, Vec<KubeError>) {
         let objects = CachedObjects {
             namespaces: self.namespaces.state(),
-            pods: self.pods.state(),
+            // Pods are converted as they arrive (`PodCache`): added below.
+            pods: Vec::new(),
             policies: self.policies.state(),
             services: self.services.state(),
             endpoint_slices: self.endpoint_slices.state(),
             nodes: self.nodes.state(),
             cluster_policies: self.cluster_policies.state(),
         };
-        let (cluster, mut errors) = self.validator.cluster(&objects);
+        let (mut cluster, mut errors) = self.validator.cluster(&objects);
+        for cached in self.pods.read().current.values() {
+            match &cached.pod {
+                Ok(pod) => {
+                    cluster.pods.insert(pod.id.clone(), pod.clone());
+                }
+                Err(error) => errors.push(error.clone().into()),
+            }
+        }
         let watch_errors = self.shared.errors.lock().expect("errors lock");
         errors.extend(watch_errors.iter().map(|(kind, message)| KubeError::Watch {
             kind,
@@ -526,7 +621,20 @@ impl KubeSource {
     pub fn digest(&self) -> String {
         let mut entries: Vec<(&str, String, String, String)> = Vec::new();
         push_entries(&mut entries, KINDS[0], &self.namespaces);
-        push_entries(&mut entries, KINDS[1], &self.pods);
+        entries.extend(
+            self.pods
+                .read()
+                .current
+                .iter()
+                .map(|((namespace, name), cached)| {
+                    (
+                        KINDS[1],
+                        namespace.clone(),
+                        name.clone(),
+                        cached.resource_version.clone(),
+                    )
+                }),
+        );
         push_entries(&mut entries, KINDS[2], &self.policies);
         push_entries(&mut entries, KINDS[3], &self.services);
         push_entries(&mut entries, KINDS[4], &self.endpoint_slices);
@@ -767,6 +875,7 @@ fn has_a_key<K: Resource<DynamicType = ()>>(
     false
 }
 
+/// Watches `api` into a reflector store, each object trimmed by `trim` first.
 fn spawn_watcher<K>(
     api: Api<K>,
     index: usize,
@@ -782,16 +891,54 @@ where
         + Sync
         + 'static,
 {
-    let kind = KINDS[index];
-    let (store, writer) = reflector::store();
+    let (store, mut writer) = reflector::store();
+    let events = watch_events(api)
+        .modify(trim)
+        .filter(|event| std::future::ready(has_a_key(event)));
+    let task = spawn_follower(
+        events,
+        index,
+        move |event| writer.apply_watcher_event(event),
+        shared,
+    );
+    (store, task)
+}
+
+/// The list-then-watch events of `api`, resumed with backoff after errors.
+fn watch_events<K>(api: Api<K>) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
+{
     // Not `any_semantic()`: kube drops `resourceVersion=0` from paged lists anyway, and a
     // consistent list cannot go back in time after a relist.
-    let config = watcher::Config::default();
-    let stream = cache_events(watcher(api, config).default_backoff(), trim, writer);
+    watcher(api, watcher::Config::default()).default_backoff()
+}
+
+/// Follows `events` of kind `index` into a cache (`keep` is given every event, the cache swaps
+/// in a relist at `InitDone`), and keeps the source's health and change count.
+fn spawn_follower<K, S>(
+    events: S,
+    index: usize,
+    mut keep: impl FnMut(&watcher::Event<K>) + Send + 'static,
+    shared: &Arc<Shared>,
+) -> JoinHandle<()>
+where
+    K: Send + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    let kind = KINDS[index];
     let shared = Arc::clone(shared);
-    let task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(events);
         while let Some(event) = stream.next().await {
+            if let Ok(event) = &event {
+                keep(event);
+            }
             match event {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {
                     shared.succeeded(index);
@@ -838,8 +985,7 @@ where
             }
             shared.bump();
         }
-    });
-    (store, task)
+    })
 }
 
 /// Keeps of an object's metadata what the conversion, the digest and the reflector read: name,
@@ -877,34 +1023,6 @@ pub fn trim_namespace(namespace: &mut Namespace) {
 /// The prefix of the annotations netwarden reads (a pod's mTLS exempt ports and allowed
 /// principals, a NetworkPolicy's enforcement mode).
 const NETWARDEN_ANNOTATION_PREFIX: &str = "netwarden.dev/";
-
-/// Keeps of a Pod what [`convert::pod`] reads: metadata ([`trim_metadata`]), containers' names
-/// and ports, node name, host
-/// network, service account, and of the status only the pod IPs and the phase.
-pub fn trim_pod(pod: &mut Pod) {
-    trim_metadata(&mut pod.metadata);
-    pod.spec = pod.spec.take().map(|spec| PodSpec {
-        containers: spec
-            .containers
-            .into_iter()
-            .map(|container| Container {
-                name: container.name,
-                ports: container.ports,
-                ..Container::default()
-            })
-            .collect(),
-        node_name: spec.node_name,
-        host_network: spec.host_network,
-        service_account_name: spec.service_account_name,
-        ..PodSpec::default()
-    });
-    pod.status = pod.status.take().map(|status| PodStatus {
-        phase: status.phase,
-        pod_ip: status.pod_ip,
-        pod_ips: status.pod_ips,
-        ..PodStatus::default()
-    });
-}
 
 /// Keeps of a NetworkPolicy its metadata ([`trim_metadata`]: its `netwarden.dev/enforcement`
 /// annotation, not kubectl's last-applied-configuration copy of the spec) and its spec.
@@ -1001,7 +1119,7 @@ mod tests {
 
     use super::{
         ClusterNetworkPolicyObject, trim_cluster_network_policy, trim_endpoint_slice,
-        trim_network_policy, trim_node, trim_pod, trim_service,
+        trim_network_policy, trim_node, trim_service,
     };
 
     #[test]
@@ -1183,69 +1301,52 @@ mod tests {
         );
     }
 
-    #[test]
-    fn trimmed_pods_keep_exactly_what_the_compiler_reads() {
-        let mut pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "a", "namespace": "x", "resourceVersion": "7", "labels": {"app": "a"},
-                "uid": "5f0c", "generateName": "a-", "creationTimestamp": "2026-01-01T00:00:00Z",
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "a-7d",
-                                     "uid": "9e1b", "controller": true, "blockOwnerDeletion": true}],
-                "annotations": {
-                    "kubectl.kubernetes.io/last-applied-configuration": "{}",
-                    "netwarden.dev/mtls-exempt-ports": "8080",
-                    "netwarden.dev/allowed-principals": "spiffe://cluster.local/ns/x/sa/web"
-                },
-                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
-            },
-            "spec": {
-                "nodeName": "node-1", "serviceAccountName": "sa", "hostNetwork": false,
-                "volumes": [{"name": "v", "emptyDir": {}}],
-                "initContainers": [{"name": "init", "image": "busybox"}],
-                "containers": [{
-                    "name": "c", "image": "nginx", "env": [{"name": "A", "value": "b"}],
-                    "ports": [{"name": "http", "containerPort": 8080}]
-                }]
-            },
-            "status": {
-                "phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}],
-                "hostIP": "192.168.0.1",
-                "conditions": [{"type": "Ready", "status": "True"}],
-                "containerStatuses": [{
-                    "name": "c", "image": "nginx", "imageID": "", "ready": true,
-                    "restartCount": 0
-                }]
-            }
+    fn api_pod(name: &str, version: &str, ip: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "x", "resourceVersion": version,
+                         "labels": {"app": name}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
         }))
-        .unwrap();
-        let before = netwarden_model::convert::pod(&pod).unwrap();
-        trim_pod(&mut pod);
-        assert_eq!(
-            serde_json::to_value(&pod).unwrap(),
-            serde_json::json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {
-                    "name": "a", "namespace": "x", "resourceVersion": "7", "labels": {"app": "a"},
-                    "uid": "5f0c",
-                    "annotations": {
-                        "netwarden.dev/mtls-exempt-ports": "8080",
-                        "netwarden.dev/allowed-principals": "spiffe://cluster.local/ns/x/sa/web"
-                    }
-                },
-                "spec": {
-                    "nodeName": "node-1", "serviceAccountName": "sa", "hostNetwork": false,
-                    "containers": [{
-                        "name": "c", "ports": [{"name": "http", "containerPort": 8080}]
-                    }]
-                },
-                "status": {
-                    "phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}]
-                }
-            })
-        );
-        let after = netwarden_model::convert::pod(&pod).unwrap();
-        assert_eq!(after, before);
-        assert!(after.mtls.exempt_ports.contains(&8080));
+        .unwrap()
+    }
+
+    #[test]
+    fn the_pod_cache_keeps_converted_pods_and_swaps_a_relist_in_whole() {
+        use kube::runtime::watcher::Event;
+
+        let cache = super::PodCache::default();
+        cache.apply(&Event::Apply(api_pod("a", "1", "10.0.0.1")));
+        cache.apply(&Event::Apply(api_pod("bad", "2", "not an address")));
+        assert_eq!(cache.len(), 2);
+        {
+            let entries = cache.read();
+            let a = &entries.current[&("x".to_owned(), "a".to_owned())];
+            assert_eq!(a.resource_version, "1");
+            assert_eq!(
+                a.pod.as_ref().unwrap(),
+                &netwarden_model::convert::pod(&api_pod("a", "1", "10.0.0.1")).unwrap()
+            );
+            assert!(
+                entries.current[&("x".to_owned(), "bad".to_owned())]
+                    .pod
+                    .is_err()
+            );
+        }
+        // A relist under way shows nothing of itself, then replaces everything at its end.
+        cache.apply(&Event::Init);
+        cache.apply(&Event::InitApply(api_pod("b", "3", "10.0.0.2")));
+        assert_eq!(cache.len(), 2);
+        cache.apply(&Event::InitDone);
+        let names: Vec<String> = cache
+            .read()
+            .current
+            .keys()
+            .map(|key| key.1.clone())
+            .collect();
+        assert_eq!(names, ["b"]);
+        cache.apply(&Event::Delete(api_pod("b", "4", "10.0.0.2")));
+        assert!(cache.is_empty());
     }
 
     /// Found by the `watch` fuzz target: the trim dropped every annotation, so a policy in
