@@ -1107,12 +1107,21 @@ fn no_unknown(ctx: &Ctx<'_>, field: &str, unknown: &api::Unknown) -> Result<(), 
     let Some(key) = unknown.keys().next() else {
         return Ok(());
     };
-    let path = if field.is_empty() {
-        key.clone()
-    } else {
-        format!("{field}.{key}")
-    };
-    Err(ctx.error(path, "unknown field"))
+    Err(ctx.error(field_path(field, key), "unknown field"))
+}
+
+/// `key` under `field`: `field.key`, or `field["key"]` when the key is not a plain name (it is
+/// empty, or holds dots, spaces, quotes...), so that every error names a field one can find.
+fn field_path(field: &str, key: &str) -> String {
+    let plain = !key.is_empty()
+        && key
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+    match (plain, field.is_empty()) {
+        (true, true) => key.to_owned(),
+        (true, false) => format!("{field}.{key}"),
+        (false, _) => format!("{field}[{key:?}]"),
+    }
 }
 
 #[cfg(test)]

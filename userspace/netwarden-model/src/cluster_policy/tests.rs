@@ -273,6 +273,26 @@ fn unknown_fields_outside_peers_and_protocols_make_the_object_invalid() {
     );
 }
 
+/// Found by the `watch` fuzz target: an unknown field with an empty name was reported under
+/// an empty field path (`ClusterNetworkPolicy p: : unknown field`).
+#[test]
+fn unknown_fields_that_are_not_plain_names_are_quoted() {
+    assert_eq!(
+        message(&with_rules("  '': 1")),
+        "ClusterNetworkPolicy p: spec[\"\"]: unknown field"
+    );
+    assert_eq!(
+        message(&format!("'': 1\n{}", with_rules(""))),
+        "ClusterNetworkPolicy p: [\"\"]: unknown field"
+    );
+    assert_eq!(
+        message(&with_rules(
+            "  egress: [{action: Deny, to: [{namespaces: {a.b: 1}}]}]"
+        )),
+        "ClusterNetworkPolicy p: spec.egress[0].to[0].namespaces[\"a.b\"]: unknown field"
+    );
+}
+
 #[test]
 fn unknown_peer_types_fail_closed_as_upstream_demands() {
     let policy = parse(&with_rules(
