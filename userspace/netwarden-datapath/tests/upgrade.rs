@@ -61,16 +61,25 @@ fn pin_map(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entri
     drop(owned);
 }
 
-#[test]
-fn maps_pinned_with_an_older_layout_are_replaced() {
+/// A private bpffs in a temporary directory, and its pin layout; `None` (the test skipped)
+/// without root.
+fn private_bpffs() -> Option<(tempfile::TempDir, PinLayout)> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: loading eBPF programs needs root");
-        return;
+        return None;
     }
     let bpffs = tempfile::tempdir().expect("temp dir for bpffs");
     let layout = PinLayout::new(bpffs.path());
     netwarden_datapath::bpffs::prepare(bpffs.path(), &layout).expect("mount a private bpffs");
+    Some((bpffs, layout))
+}
+
+#[test]
+fn maps_pinned_with_an_older_layout_are_replaced() {
+    let Some((bpffs, layout)) = private_bpffs() else {
+        return;
+    };
     // The layouts of the build before the mTLS screen: 8-byte flow state, 13 counters, and
     // one conntrack table for both IP families.
     pin_map(
@@ -131,14 +140,9 @@ fn maps_pinned_with_an_older_layout_are_replaced() {
 
 #[test]
 fn a_policy_map_of_one_rule_per_entry_is_rebuilt_with_the_cidr_tries() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: loading eBPF programs needs root");
+    let Some((bpffs, layout)) = private_bpffs() else {
         return;
-    }
-    let bpffs = tempfile::tempdir().expect("temp dir for bpffs");
-    let layout = PinLayout::new(bpffs.path());
-    netwarden_datapath::bpffs::prepare(bpffs.path(), &layout).expect("mount a private bpffs");
+    };
     // The build before ClusterNetworkPolicy tiers: a 4-byte rule id per entry, keyed by
     // `(prefix length, policy, peer, protocol, port)`; its IPv4 CIDR trie as today.
     let key_size = (size_of::<u32>() + size_of::<netwarden_common::PolicyKey>()) as u32;

@@ -58,22 +58,12 @@ fn state(pods: &[(&str, &[&str])]) -> DatapathState {
             namespace: "x".into(),
             name: (*name).into(),
         };
-        state.endpoints.insert(
-            pod.clone(),
-            LocalEndpoint {
-                pod,
-                ips: ips.iter().map(|text| ip(text)).collect(),
-                identity: 100,
-                ingress: Some(1),
-                egress: None,
-                ingress_isolated_by: Vec::new(),
-                egress_isolated_by: Vec::new(),
-                ingress_audit: false,
-                egress_audit: false,
-                ingress_cluster_policies: Vec::new(),
-                egress_cluster_policies: Vec::new(),
-            },
-        );
+        let ips = ips.iter().map(|text| ip(text)).collect();
+        let endpoint = LocalEndpoint {
+            ingress: Some(1),
+            ..LocalEndpoint::unisolated(pod.clone(), ips, 100)
+        };
+        state.endpoints.insert(pod, endpoint);
     }
     state
 }
