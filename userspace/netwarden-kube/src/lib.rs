@@ -16,9 +16,10 @@
 //!   server accepted, or an event — which the agent reports in readiness, metrics and status;
 //! - trims what it caches ([`trim_pod`], [`trim_namespace`], [`trim_network_policy`],
 //!   [`trim_service`], [`trim_endpoint_slice`], [`trim_node`],
-//!   [`trim_cluster_network_policy`]): managed fields, annotations (but a pod's
-//!   `netwarden.dev/*` ones) and everything of a pod, a Service or an EndpointSlice the
-//!   compiler does not read.
+//!   [`trim_cluster_network_policy`]): managed fields, annotations (but a pod's and a
+//!   NetworkPolicy's `netwarden.dev/*` ones) and everything of a pod, a Service or an
+//!   EndpointSlice the compiler does not read; objects without a name, which the cache
+//!   cannot key, are dropped ([`cache_events`]).
 //!
 //! ClusterNetworkPolicy is a CRD (`policy.networking.k8s.io/v1alpha2`, installed from the
 //! network-policy-api release: see `docs/cluster-network-policy.md`), read with netwarden's own
