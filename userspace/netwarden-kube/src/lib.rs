@@ -19,7 +19,9 @@
 //! - trims what it caches ([`trim_namespace`], [`trim_network_policy`], [`trim_service`],
 //!   [`trim_endpoint_slice`], [`trim_node`], [`trim_cluster_network_policy`]): managed fields,
 //!   owner references, annotations (but the `netwarden.dev/*` ones) and everything of a Service
-//!   or an EndpointSlice the compiler does not read.
+//!   or an EndpointSlice the compiler does not read; pods are converted as they arrive
+//!   (`PodCache`); objects without a name, which a cache cannot key, are dropped
+//!   ([`cache_events`]).
 //!
 //! ClusterNetworkPolicy is a CRD (`policy.networking.k8s.io/v1alpha2`, installed from the
 //! network-policy-api release: see `docs/cluster-network-policy.md`), read with netwarden's own

@@ -566,8 +566,17 @@ fn push_objects(value: serde_yaml::Value, objects: &mut Vec<Parsed>) -> Result<(
         "NetworkPolicy" => {
             let policy: networking::NetworkPolicy =
                 serde_path_to_error::deserialize(value).map_err(describe)?;
-            let (namespace, name) = split_key(&object_key(&policy.metadata));
-            let id = PolicyRef { namespace, name };
+            // From the metadata, not from `object_key` split at its first '/': a namespace
+            // holding a '/' (which the API server would reject) would move the policy, or its
+            // lockdown, to another namespace.
+            let id = PolicyRef {
+                namespace: policy
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".to_owned()),
+                name: policy.metadata.name.clone().unwrap_or_default(),
+            };
             objects.push(Parsed::NetworkPolicy(
                 id,
                 Box::new(convert::network_policy(&policy)),
@@ -790,5 +799,28 @@ mod tests {
             "the last good version stays enforced"
         );
         assert_eq!(errors.len(), 1);
+    }
+
+    /// Found by the `manifest` fuzz target: the policy's key was its `namespace/name` split at
+    /// the first '/', so a namespace with a '/' put the policy (or the lockdown of an invalid
+    /// one) under another namespace.
+    #[test]
+    fn a_policy_stays_in_its_namespace_whatever_its_name_holds() {
+        let (cluster, errors) = super::cluster_of_stream(
+            "np.yaml",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a/b}\nspec: {podSelector: {}}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: q, namespace: c/d}\nspec: {podSelector: {}, ingress: [{ports: [{port: 0}]}]}\n",
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let keys: Vec<String> = cluster.policies.keys().map(ToString::to_string).collect();
+        assert_eq!(keys, ["a/b/p", "c/d/q"]);
+        for (id, policy) in &cluster.policies {
+            assert_eq!(&policy.id, id);
+        }
+        assert_eq!(cluster.policies.keys().next().unwrap().namespace, "a/b");
+        assert_eq!(
+            cluster.policies.keys().nth(1).unwrap().namespace,
+            "c/d",
+            "the lockdown isolates the policy's own namespace"
+        );
     }
 }
