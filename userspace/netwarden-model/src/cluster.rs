@@ -1,7 +1,7 @@
 //! The validated cluster snapshot.
 
 use std::{
-    borrow::Borrow,
+    borrow::{Borrow, Cow},
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
@@ -553,15 +553,16 @@ impl Cluster {
     /// The labels of `namespace`; a namespace with no object has only its name label, as the
     /// API server would give it.
     #[must_use]
-    pub fn namespace_labels(&self, namespace: &str) -> Labels {
+    pub fn namespace_labels(&self, namespace: &str) -> Cow<'_, Labels> {
+        // Borrowed: selectors read namespace labels for every pod and policy they check.
         self.namespaces.get(namespace).map_or_else(
             || {
-                Labels::from([(
+                Cow::Owned(Labels::from([(
                     crate::convert::NAMESPACE_NAME_LABEL.to_owned(),
                     namespace.to_owned(),
-                )])
+                )]))
             },
-            |ns| ns.labels.clone(),
+            |ns| Cow::Borrowed(&ns.labels),
         )
     }
 }

@@ -11,20 +11,21 @@ use std::{
     sync::Arc,
 };
 
-use netwarden_common::{IDENTITY_HOST, PeerId};
+use netwarden_common::{IDENTITY_HOST, PeerId, PolicyEntry};
 use netwarden_model::{
     Cluster, ClusterNetworkPolicy, ClusterView, Enforcement, Namespace, NetworkPolicy,
     Node as ClusterNode, Pod, PodRef, PodsView, PolicyRef, Service, ServiceRef, Tier,
 };
+use rustc_hash::FxHashMap;
 
 use crate::{
     frontends::FrontendTable,
     identity::IdentityInfo,
     ids::{PolicyIds, RuleIds},
     pods::{AddressClaims, PodRecord, Pods, fingerprint},
-    rules::{DirectionPolicies, RuleCompiler},
-    selectors::Selectors,
-    state::{CompiledPolicy, DatapathState, Direction, LocalEndpoint, PolicyId},
+    rules::{DirectionPolicies, DirectionRules, RuleCompiler},
+    selectors::{IdentityChanges, Selectors},
+    state::{CompiledPolicy, DatapathState, Direction, LocalEndpoint, PolicyId, PolicyMatch},
 };
 
 /// One change to the cluster, as a source reports it: the object's new version, or `None` when
@@ -63,6 +64,9 @@ struct Pending {
     on_every_pod_change: BTreeSet<PodRef>,
     /// Local endpoints with ClusterNetworkPolicy `nodes` peers: any node change recompiles them.
     on_every_node_change: BTreeSet<PodRef>,
+    /// Local endpoints whose entries for some identities change, and nothing else: an identity
+    /// joined or left a selector peer's match set their policies use.
+    identity_changes: IdentityChanges,
 }
 
 /// The compiler. It keeps the datapath state for the cluster it was told about and updates it
@@ -90,6 +94,9 @@ pub struct Compiler {
     rule_ids: RuleIds,
     frontends: FrontendTable,
     pending: Pending,
+    /// What each local endpoint's entries for one identity are computed from, ingress then
+    /// egress.
+    direction_rules: FxHashMap<PodRef, [DirectionRules; 2]>,
     /// Every policy is in audit mode (the agent's `--audit`).
     audit_everything: bool,
     state: DatapathState,
@@ -112,6 +119,7 @@ impl Compiler {
             rule_ids: RuleIds::default(),
             frontends: FrontendTable::default(),
             pending: Pending::default(),
+            direction_rules: FxHashMap::default(),
             audit_everything: false,
             state: DatapathState::default(),
         }
@@ -284,6 +292,7 @@ impl Compiler {
 
     /// Applies `changes` and recompiles what they affect.
     pub fn update(&mut self, changes: impl IntoIterator<Item = Change>) -> &DatapathState {
+        let t0 = std::time::Instant::now();
         for change in changes {
             match change {
                 Change::Pod(id, pod) => self.change_pod(id, pod),
@@ -294,12 +303,35 @@ impl Compiler {
                 Change::Node(name, node) => self.change_node(&name, node),
             }
         }
-        for pod in std::mem::take(&mut self.pending.dirty) {
-            self.recompile_endpoint(&pod);
+        let t1 = std::time::Instant::now();
+        let dirty = std::mem::take(&mut self.pending.dirty);
+        for pod in &dirty {
+            self.recompile_endpoint(pod);
         }
+        let t2 = std::time::Instant::now();
+        let n = self.pending.identity_changes.len();
+        for (pod, identities) in std::mem::take(&mut self.pending.identity_changes) {
+            if !dirty.contains(&pod) {
+                self.update_identity_entries(&pod, &identities);
+            }
+        }
+        let t3 = std::time::Instant::now();
         self.rule_ids.drop_unused(&mut self.state.rules);
         self.selectors.drop_unused();
+        let t4 = std::time::Instant::now();
         self.collect_warnings();
+        if std::env::var_os("NW_TIME").is_some() {
+            eprintln!(
+                "changes {:?} dirty {} {:?} ids {} {:?} drop {:?} warn {:?}",
+                t1 - t0,
+                dirty.len(),
+                t2 - t1,
+                n,
+                t3 - t2,
+                t4 - t3,
+                t4.elapsed()
+            );
+        }
         // Pinned ids are offered to one compilation, the first after a restart: the datapath
         // deletes those it did not claim, and an id once deleted is not used again. (Forgotten
         // here, after compiling, not when the node's addresses are set: the agent sets them
@@ -468,8 +500,12 @@ impl Compiler {
             .flatten()
             .map(|id| (*id, self.pods.identity_info(*id)))
             .collect();
-        self.selectors
-            .namespace_relabelled(name, &labels, &members, &mut self.pending.dirty);
+        self.selectors.namespace_relabelled(
+            name,
+            &labels,
+            &members,
+            &mut self.pending.identity_changes,
+        );
     }
 
     fn change_policy(&mut self, id: &PolicyRef, policy: Option<NetworkPolicy>) {
@@ -512,8 +548,12 @@ impl Compiler {
             .or_default()
             .insert(identity);
         let namespace_labels = self.cluster.namespace_labels(&info.namespace);
-        self.selectors
-            .identity_created(identity, info, &namespace_labels, &mut self.pending.dirty);
+        self.selectors.identity_created(
+            identity,
+            info,
+            &namespace_labels,
+            &mut self.pending.identity_changes,
+        );
     }
 
     fn identity_retired(&mut self, identity: PeerId) {
@@ -526,7 +566,7 @@ impl Compiler {
             }
         }
         self.selectors
-            .identity_retired(identity, &mut self.pending.dirty);
+            .identity_retired(identity, &mut self.pending.identity_changes);
     }
 
     /// Sets the IP cache entry of `ip`: the node if it is a node address, else the identity of
@@ -560,6 +600,7 @@ impl Compiler {
             }
         }
         self.selectors.forget_uses(id);
+        self.direction_rules.remove(id);
         self.pending.on_every_pod_change.remove(id);
         self.pending.on_every_node_change.remove(id);
     }
@@ -595,18 +636,16 @@ impl Compiler {
             .filter(|policy| policy.subject.selects(&self.cluster, &pod))
             .collect();
         selecting_cluster.sort_by_key(|policy| policy.priority);
-        let mut rules = RuleCompiler {
-            cluster: &self.cluster,
-            pods: &self.pods,
-            addresses: &self.addresses,
-            selectors: &mut self.selectors,
-            rule_ids: &mut self.rule_ids,
-            rules: &mut self.state.rules,
-            selectors_used: Vec::new(),
-            reads_every_pod: false,
-            reads_nodes: false,
-        };
+        let mut rules = RuleCompiler::new(
+            &self.cluster,
+            &self.pods,
+            &self.addresses,
+            &mut self.selectors,
+            &mut self.rule_ids,
+            &mut self.state.rules,
+        );
         let mut new_policies = Vec::new();
+        let mut direction_rules = [DirectionRules::default(), DirectionRules::default()];
         for direction in [Direction::Ingress, Direction::Egress] {
             let Some(policies) = direction_policies(
                 &selecting,
@@ -625,7 +664,8 @@ impl Compiler {
                     .map(|policy| policy.name.clone())
                     .collect(),
             );
-            let compiled = rules.compile_direction(&pod, direction, &policies);
+            let (compiled, for_identities) = rules.compile_direction(&pod, direction, &policies);
+            direction_rules[usize::from(direction == Direction::Egress)] = for_identities;
             let (policy, new) = self.policy_ids.acquire(compiled, &mut self.state.policies);
             if new {
                 new_policies.push(policy);
@@ -666,7 +706,88 @@ impl Compiler {
             self.pending.on_every_node_change.insert(id.clone());
         }
         self.selectors.record_uses(id, selectors_used);
+        self.direction_rules.insert(id.clone(), direction_rules);
         self.state.endpoints.insert(id.clone(), endpoint);
+    }
+
+    /// Recomputes local endpoint `id`'s entries for `identities` alone, each direction moving
+    /// to the policy with its other entries and the new ones for them. Much cheaper than a
+    /// recompilation when an identity joins a selector every endpoint uses (a new label set and
+    /// a Baseline rule over every namespace, say), and what a recompilation would compile.
+    fn update_identity_entries(&mut self, id: &PodRef, identities: &BTreeSet<PeerId>) {
+        let Some(endpoint) = self.state.endpoints.get(id) else {
+            return;
+        };
+        let mut policies = [endpoint.ingress, endpoint.egress];
+        let Some(rules) = self.direction_rules.get(id) else {
+            return;
+        };
+        for (slot, rules) in policies.iter_mut().zip(rules) {
+            let Some(old) = *slot else {
+                continue;
+            };
+            let mut fresh = BTreeMap::new();
+            for identity in identities {
+                fresh.extend(rules.identity_entries(
+                    *identity,
+                    &self.pods,
+                    &self.selectors,
+                    &mut self.rule_ids,
+                    &mut self.state.rules,
+                ));
+            }
+            let compiled = &self.state.policies[&old];
+            let stale: Vec<_> = identities
+                .iter()
+                .flat_map(|identity| compiled.entries.range(identity_entries(*identity)))
+                .map(|(entry, _)| *entry)
+                .collect();
+            let unchanged = stale.len() == fresh.len()
+                && stale
+                    .iter()
+                    .all(|entry| fresh.get(entry) == compiled.entries.get(entry));
+            if unchanged {
+                continue;
+            }
+            let mut digest = self.policy_ids.digest(old);
+            let mut compiled = compiled.clone();
+            let mut removed_entries = Vec::with_capacity(stale.len());
+            for entry in &stale {
+                if let Some(decided) = compiled.entries.remove(entry) {
+                    digest.remove(entry, &decided);
+                    removed_entries.push(decided);
+                }
+            }
+            let added_entries: Vec<PolicyEntry> = fresh.values().copied().collect();
+            for (entry, decided) in &fresh {
+                digest.add(entry, decided);
+            }
+            compiled.entries.extend(fresh);
+            let (new, is_new) =
+                self.policy_ids
+                    .acquire_digested(compiled, digest, &mut self.state.policies);
+            let released = self.policy_ids.release(old, &mut self.state.policies);
+            match (is_new, released) {
+                // The usual case, the policy replaced by its new version: only the entries
+                // that changed change what the rules' counts are.
+                (true, Some(_)) => {
+                    self.rule_ids.hold_entries(&added_entries);
+                    self.rule_ids.let_go_entries(&removed_entries);
+                }
+                (is_new, released) => {
+                    if is_new {
+                        self.rule_ids.hold(&self.state.policies[&new]);
+                    }
+                    if let Some(released) = released {
+                        self.rule_ids.let_go(&released);
+                    }
+                }
+            }
+            *slot = Some(new);
+        }
+        if let Some(endpoint) = self.state.endpoints.get_mut(id) {
+            [endpoint.ingress, endpoint.egress] = policies;
+        }
     }
 }
 
@@ -713,6 +834,23 @@ fn direction_policies<'p>(
         baseline,
         audited,
     })
+}
+
+/// The keys of a compiled policy's entries for `identity`.
+fn identity_entries(identity: PeerId) -> std::ops::RangeInclusive<PolicyMatch> {
+    let first = PolicyMatch {
+        peer: identity,
+        protocol: None,
+        port: 0,
+        port_bits: 0,
+    };
+    let last = PolicyMatch {
+        peer: identity,
+        protocol: Some(u8::MAX),
+        port: u16::MAX,
+        port_bits: u8::MAX,
+    };
+    first..=last
 }
 
 /// Appends a change for every key whose value differs between `old` and `new`.

@@ -5,11 +5,17 @@
 //! next with one map write. Rule ids derive from where the rule comes from, so a restarted
 //! agent numbers rules as its predecessor did.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{Hash, Hasher as _},
+};
 
-use rustc_hash::FxHashMap;
+use netwarden_common::PolicyEntry;
+use rustc_hash::{FxHashMap, FxHasher};
 
-use crate::state::{CompiledPolicy, PolicyId, PolicyShape, RULE_ID_MASK, RuleId, RuleOrigin};
+use crate::state::{
+    CompiledPolicy, PolicyId, PolicyMatch, PolicyShape, RULE_ID_MASK, RuleId, RuleOrigin,
+};
 
 /// Policies a previous agent left in the maps, offered to the first compilation so that an
 /// unchanged policy keeps its id and its entries (see [`crate::Compiler::adopt_pinned_policies`]).
@@ -41,9 +47,14 @@ impl PinnedPolicies {
 }
 
 /// Compiled policies by content, with how many endpoint directions use each.
+///
+/// Content is found by its [`ContentDigest`], which a change of a few entries updates without
+/// reading the rest, and compared in full only on a digest match; the content itself is kept
+/// once, in the state's policies.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct PolicyIds {
-    by_content: FxHashMap<CompiledPolicy, PolicyId>,
+    by_digest: FxHashMap<ContentDigest, Vec<PolicyId>>,
+    digests: FxHashMap<PolicyId, ContentDigest>,
     users: FxHashMap<PolicyId, usize>,
     /// The highest id handed out or found pinned; the next new policy gets the one above.
     highest: PolicyId,
@@ -85,7 +96,21 @@ impl PolicyIds {
         compiled: CompiledPolicy,
         policies: &mut BTreeMap<PolicyId, CompiledPolicy>,
     ) -> (PolicyId, bool) {
-        if let Some(id) = self.by_content.get(&compiled) {
+        let digest = ContentDigest::of(&compiled);
+        self.acquire_digested(compiled, digest, policies)
+    }
+
+    /// [`PolicyIds::acquire`] for content whose digest the caller has (see
+    /// [`PolicyIds::digest`]).
+    pub(crate) fn acquire_digested(
+        &mut self,
+        compiled: CompiledPolicy,
+        digest: ContentDigest,
+        policies: &mut BTreeMap<PolicyId, CompiledPolicy>,
+    ) -> (PolicyId, bool) {
+        debug_assert_eq!(digest, ContentDigest::of(&compiled));
+        let same_digest = self.by_digest.entry(digest).or_default();
+        if let Some(id) = same_digest.iter().find(|id| policies[*id] == compiled) {
             *self.users.entry(*id).or_default() += 1;
             return (*id, false);
         }
@@ -93,10 +118,16 @@ impl PolicyIds {
             self.highest += 1;
             self.highest
         });
-        policies.insert(id, compiled.clone());
-        self.by_content.insert(compiled, id);
+        same_digest.push(id);
+        policies.insert(id, compiled);
+        self.digests.insert(id, digest);
         self.users.insert(id, 1);
         (id, true)
+    }
+
+    /// The digest of policy `id`'s content.
+    pub(crate) fn digest(&self, id: PolicyId) -> ContentDigest {
+        self.digests[&id]
     }
 
     /// One user fewer of policy `id`; the last one removes it from `policies`, and it is
@@ -112,13 +143,61 @@ impl PolicyIds {
             return None;
         }
         self.users.remove(&id);
-        let compiled = policies.remove(&id)?;
-        self.by_content.remove(&compiled);
-        Some(compiled)
+        if let Some(digest) = self.digests.remove(&id)
+            && let Some(ids) = self.by_digest.get_mut(&digest)
+        {
+            ids.retain(|other| *other != id);
+            if ids.is_empty() {
+                self.by_digest.remove(&digest);
+            }
+        }
+        policies.remove(&id)
     }
 }
 
-/// Rule ids by origin, with how many compiled policies name each.
+/// A digest of a compiled policy's content: the wrapping sum of its entries' and prefixes'
+/// hashes, so that adding or removing a few entries updates it in their time, not the policy's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct ContentDigest(u64);
+
+impl ContentDigest {
+    /// The digest of `policy`.
+    pub(crate) fn of(policy: &CompiledPolicy) -> Self {
+        let mut digest = Self::default();
+        for (entry, decided) in &policy.entries {
+            digest.add(entry, decided);
+        }
+        for prefix in &policy.cidrs {
+            digest.0 = digest.0.wrapping_add(spread(&prefix));
+        }
+        digest
+    }
+
+    /// Counts one more entry.
+    pub(crate) fn add(&mut self, entry: &PolicyMatch, decided: &PolicyEntry) {
+        self.0 = self.0.wrapping_add(spread(&(entry, decided)));
+    }
+
+    /// Counts one entry fewer.
+    pub(crate) fn remove(&mut self, entry: &PolicyMatch, decided: &PolicyEntry) {
+        self.0 = self.0.wrapping_sub(spread(&(entry, decided)));
+    }
+}
+
+/// A hash of `value` whose bits are all mixed: summed, `FxHash`'s weak low bits would collide.
+fn spread(value: &impl Hash) -> u64 {
+    let mut hasher = FxHasher::default();
+    value.hash(&mut hasher);
+    // The 64-bit finaliser of MurmurHash3.
+    let mut mixed = hasher.finish();
+    mixed ^= mixed >> 33;
+    mixed = mixed.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    mixed ^= mixed >> 33;
+    mixed = mixed.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    mixed ^ mixed >> 33
+}
+
+/// Rule ids by origin, with how many entries of compiled policies name each.
 ///
 /// The rule table holds exactly the rules some policy's entries name (attribution only ever
 /// looks up those): a rule is given its id when it is compiled, and forgotten at the end of
@@ -128,7 +207,8 @@ impl PolicyIds {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct RuleIds {
     by_origin: FxHashMap<RuleOrigin, RuleId>,
-    /// For each rule some policy names, how many policies do.
+    /// For each rule some policy names, how many entries of the policies do: counted by entry,
+    /// so that a policy that replaces another with a few entries changed counts only those.
     users: FxHashMap<RuleId, usize>,
     /// Rules that may have no user left: given an id, or last named by a released policy.
     maybe_unused: Vec<RuleId>,
@@ -159,14 +239,27 @@ impl RuleIds {
 
     /// A new compiled policy names the rules of its entries.
     pub(crate) fn hold(&mut self, policy: &CompiledPolicy) {
-        for id in rules_named(policy) {
-            *self.users.entry(id).or_default() += 1;
-        }
+        self.hold_entries(policy.entries.values());
     }
 
     /// A removed compiled policy no longer names the rules of its entries.
     pub(crate) fn let_go(&mut self, policy: &CompiledPolicy) {
-        for id in rules_named(policy) {
+        self.let_go_entries(policy.entries.values());
+    }
+
+    /// New policy entries name their rules.
+    pub(crate) fn hold_entries<'e>(&mut self, entries: impl IntoIterator<Item = &'e PolicyEntry>) {
+        for id in entries.into_iter().flat_map(rules_named) {
+            *self.users.entry(id).or_default() += 1;
+        }
+    }
+
+    /// Removed policy entries no longer name their rules.
+    pub(crate) fn let_go_entries<'e>(
+        &mut self,
+        entries: impl IntoIterator<Item = &'e PolicyEntry>,
+    ) {
+        for id in entries.into_iter().flat_map(rules_named) {
             if let Some(users) = self.users.get_mut(&id) {
                 *users -= 1;
                 if *users == 0 {
@@ -189,12 +282,9 @@ impl RuleIds {
     }
 }
 
-/// The rules a compiled policy's entries name, each once.
-fn rules_named(policy: &CompiledPolicy) -> BTreeSet<RuleId> {
-    policy
-        .entries
-        .values()
-        .flat_map(|decided| [decided.admin.rule, decided.below.rule])
+/// The rules a policy entry names: up to one a tier.
+fn rules_named(decided: &PolicyEntry) -> impl Iterator<Item = RuleId> {
+    [decided.admin.rule, decided.below.rule]
+        .into_iter()
         .filter(|rule| *rule != 0)
-        .collect()
 }

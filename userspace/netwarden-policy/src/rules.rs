@@ -7,8 +7,10 @@
 //! first rule that matches all of it (see `docs/design.md`, "ClusterNetworkPolicy tiers").
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -19,6 +21,7 @@ use netwarden_model::{
     Action, Cluster, ClusterNetworkPolicy, ClusterPeer, ClusterPort, ClusterRule, ContainerPort,
     NetworkPolicy, Peer, Pod, PortRef, PortSpec, Rule,
 };
+use rustc_hash::FxHashSet;
 
 use crate::{
     cidr::{self, Block},
@@ -26,7 +29,7 @@ use crate::{
     ids::RuleIds,
     pods::{AddressClaims, Pods},
     ports::port_prefixes,
-    selectors::{SelectorKey, Selectors, selector_key},
+    selectors::{SelectorId, SelectorKey, Selectors, selector_key},
     state::{CompiledPolicy, Direction, PolicyMatch, RuleId, RuleOrigin, RulePolicy},
 };
 
@@ -41,18 +44,118 @@ pub(crate) struct RuleCompiler<'a> {
     /// Every rule an id was given to (the state's rule table).
     pub(crate) rules: &'a mut BTreeMap<RuleId, RuleOrigin>,
     /// The selector peers the compiled entries came from: a change to their match sets
-    /// recompiles the endpoint.
-    pub(crate) selectors_used: Vec<SelectorKey>,
+    /// updates the endpoint.
+    pub(crate) selectors_used: Vec<SelectorId>,
     /// Whether an egress `ipBlock` rule with named ports was compiled: its entries depend on
     /// every pod's addresses and ports.
     pub(crate) reads_every_pod: bool,
     /// Whether a ClusterNetworkPolicy `nodes` peer was compiled: its entries depend on the
     /// nodes' labels and addresses.
     pub(crate) reads_nodes: bool,
+    /// The current direction's selector peers, in evaluation order.
+    direction_rules: Vec<SelectorRule>,
+    /// What the current direction already holds at an earlier rank (see [`Ranked::after_every_earlier_rule`]).
+    held: FxHashSet<(Slot, Holder, Vec<PortMatch>)>,
+}
+
+/// A peer of a rule, as far as shadowing goes: a selector peer's match set or a block.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Holder {
+    Selector(SelectorId),
+    Block(IpNet, Vec<IpNet>),
+}
+
+/// A selector peer of one rule of an endpoint direction, kept so that the direction's entries
+/// for one identity can be recomputed alone when it joins or leaves the peer's match set.
+#[derive(Clone, Debug)]
+pub(crate) struct SelectorRule {
+    selector: SelectorId,
+    origin: Arc<RuleOrigin>,
+    ranked: Ranked,
+    ports: RulePorts,
+}
+
+/// The port blocks a rule matches towards the pods of a selector peer.
+#[derive(Clone, Debug)]
+enum RulePorts {
+    /// The same towards every pod.
+    Same(Vec<PortMatch>),
+    /// A NetworkPolicy egress rule's ports, names resolved on each destination pod.
+    NamedOnPeer(Vec<PortSpec>),
+    /// A ClusterNetworkPolicy egress rule's `protocols`, names resolved on each destination pod.
+    ClusterNamedOnPeer(Vec<ClusterPort>),
+}
+
+impl RulePorts {
+    /// The port blocks towards the pods of identity `peer`.
+    fn towards(&self, peer: &IdentityInfo) -> Cow<'_, [PortMatch]> {
+        match self {
+            Self::Same(same) => Cow::Borrowed(same),
+            Self::NamedOnPeer(ports) => Cow::Owned(port_matches(ports, &peer.named_ports)),
+            Self::ClusterNamedOnPeer(ports) => {
+                Cow::Owned(cluster_port_matches(ports, &peer.named_ports))
+            }
+        }
+    }
+}
+
+/// An endpoint direction's selector peers in evaluation order: what its entries for one
+/// identity are computed from.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DirectionRules(Vec<SelectorRule>);
+
+impl DirectionRules {
+    /// The direction's entries for `identity` from the match sets as they are now.
+    pub(crate) fn identity_entries(
+        &self,
+        identity: PeerId,
+        pods: &Pods,
+        selectors: &Selectors,
+        rule_ids: &mut RuleIds,
+        rules: &mut BTreeMap<RuleId, RuleOrigin>,
+    ) -> BTreeMap<PolicyMatch, PolicyEntry> {
+        let mut candidates = Vec::new();
+        for rule in &self.0 {
+            // An identity no selector matches any more (retired) has no entries.
+            if !selectors.matches(rule.selector, identity) {
+                continue;
+            }
+            // Looked up again: the rule's id was forgotten if it had no entries until now.
+            let ranked = Ranked {
+                decision: TierMatch {
+                    rule: rule_ids.id(RuleOrigin::clone(&rule.origin), rules),
+                    ..rule.ranked.decision
+                },
+                ..rule.ranked
+            };
+            let towards = rule.ports.towards(pods.identity_info(identity));
+            push_candidates(&mut candidates, identity, &towards, ranked);
+        }
+        resolve(candidates)
+    }
+}
+
+fn push_candidates(
+    candidates: &mut Vec<Candidate>,
+    identity: PeerId,
+    ports: &[PortMatch],
+    ranked: Ranked,
+) {
+    // The datapath never looks WORLD up in the policy map.
+    debug_assert_ne!(identity, IDENTITY_WORLD);
+    for &(protocol, port, port_bits) in ports {
+        let entry = PolicyMatch {
+            peer: identity,
+            protocol,
+            port,
+            port_bits,
+        };
+        candidates.push((entry, ranked));
+    }
 }
 
 /// Which of an entry's two decisions a rule takes part in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Slot {
     /// The Admin tier.
     Admin,
@@ -66,6 +169,16 @@ enum Slot {
 struct Ranked {
     slot: Slot,
     decision: TierMatch,
+}
+
+impl Ranked {
+    /// Whether this rule comes after every rule met before it in its slot, so that a peer and
+    /// ports an earlier rule of the slot already holds add nothing: true of ClusterNetworkPolicy
+    /// rules (ranks that grow in the order they are met), not of NetworkPolicy's, which share a
+    /// rank and are told apart by rule id.
+    fn after_every_earlier_rule(self) -> bool {
+        self.slot == Slot::Admin || self.decision.rank > 0
+    }
 }
 
 /// One peer entry a rule matches, before the rules' order is resolved.
@@ -88,14 +201,41 @@ pub(crate) struct DirectionPolicies<'p> {
     pub(crate) audited: bool,
 }
 
-impl RuleCompiler<'_> {
-    /// The compiled policy of `pod`'s `direction`.
+impl<'a> RuleCompiler<'a> {
+    /// A compiler for one endpoint's directions.
+    pub(crate) fn new(
+        cluster: &'a Cluster,
+        pods: &'a Pods,
+        addresses: &'a AddressClaims,
+        selectors: &'a mut Selectors,
+        rule_ids: &'a mut RuleIds,
+        rules: &'a mut BTreeMap<RuleId, RuleOrigin>,
+    ) -> Self {
+        Self {
+            cluster,
+            pods,
+            addresses,
+            selectors,
+            rule_ids,
+            rules,
+            selectors_used: Vec::new(),
+            reads_every_pod: false,
+            reads_nodes: false,
+            direction_rules: Vec::new(),
+            held: FxHashSet::default(),
+        }
+    }
+
+    /// The compiled policy of `pod`'s `direction`, and what its entries for one identity are
+    /// computed from.
     pub(crate) fn compile_direction(
         &mut self,
         pod: &Pod,
         direction: Direction,
         policies: &DirectionPolicies<'_>,
-    ) -> CompiledPolicy {
+    ) -> (CompiledPolicy, DirectionRules) {
+        self.direction_rules.clear();
+        self.held.clear();
         let mut compiled = CompiledPolicy::default();
         // Collected unsorted and resolved in one pass: much cheaper than inserting thousands
         // of entries one by one.
@@ -155,7 +295,8 @@ impl RuleCompiler<'_> {
 
         add_cidr_classes(&mut compiled, &mut candidates, &blocks);
         compiled.entries = resolve(candidates);
-        compiled
+        let rules = DirectionRules(std::mem::take(&mut self.direction_rules));
+        (compiled, rules)
     }
 
     /// Adds the rules of one NetworkPolicy isolating the direction.
@@ -173,14 +314,12 @@ impl RuleCompiler<'_> {
             Direction::Egress => &policy.egress,
         };
         for (index, rule) in rules.iter().enumerate() {
-            let rule_id = self.rule_ids.id(
-                RuleOrigin {
-                    policy: RulePolicy::Network(policy.id.clone()),
-                    direction,
-                    index,
-                },
-                self.rules,
-            );
+            let origin = Arc::new(RuleOrigin {
+                policy: RulePolicy::Network(policy.id.clone()),
+                direction,
+                index,
+            });
+            let rule_id = self.rule_ids.id(RuleOrigin::clone(&origin), self.rules);
             let ranked = Ranked {
                 decision: TierMatch {
                     rule: rule_id,
@@ -209,12 +348,16 @@ impl RuleCompiler<'_> {
                     }
                     Peer::Pods { .. } => {
                         let key = selector_key(&policy.id.namespace, peer);
-                        let ports = |_: &mut Self, info: Option<&IdentityInfo>| {
-                            port_matches(&rule.ports, direction, pod, info)
+                        let ports = match direction {
+                            Direction::Egress if has_named_port(&rule.ports) => {
+                                RulePorts::NamedOnPeer(rule.ports.clone())
+                            }
+                            Direction::Egress => RulePorts::Same(port_matches(&rule.ports, &[])),
+                            Direction::Ingress => {
+                                RulePorts::Same(port_matches(&rule.ports, &pod.ports))
+                            }
                         };
-                        let per_peer =
-                            direction == Direction::Egress && has_named_port(&rule.ports);
-                        self.add_selector_peer(key, per_peer, ranked, candidates, ports);
+                        self.add_selector_peer(key, ports, &origin, ranked, candidates);
                     }
                 }
             }
@@ -244,17 +387,15 @@ impl RuleCompiler<'_> {
             .iter()
             .enumerate()
         {
-            let rule_id = self.rule_ids.id(
-                RuleOrigin {
-                    policy: RulePolicy::Cluster {
-                        name: policy.name.clone(),
-                        tier: policy.tier,
-                    },
-                    direction,
-                    index,
+            let origin = Arc::new(RuleOrigin {
+                policy: RulePolicy::Cluster {
+                    name: policy.name.clone(),
+                    tier: policy.tier,
                 },
-                self.rules,
-            );
+                direction,
+                index,
+            });
+            let rule_id = self.rule_ids.id(RuleOrigin::clone(&origin), self.rules);
             let action = match rule.action {
                 Action::Accept if audited => rule_action::PASS,
                 Action::Accept => rule_action::ACCEPT,
@@ -280,7 +421,7 @@ impl RuleCompiler<'_> {
                             namespace_selector: Some(namespaces.clone()),
                         };
                         self.add_cluster_selector_peer(
-                            &peer, rule, ranked, pod, direction, candidates,
+                            &peer, rule, &origin, ranked, pod, direction, candidates,
                         );
                     }
                     ClusterPeer::Pods {
@@ -292,7 +433,7 @@ impl RuleCompiler<'_> {
                             namespace_selector: Some(namespace_selector.clone()),
                         };
                         self.add_cluster_selector_peer(
-                            &peer, rule, ranked, pod, direction, candidates,
+                            &peer, rule, &origin, ranked, pod, direction, candidates,
                         );
                     }
                     ClusterPeer::Networks(networks) => {
@@ -333,10 +474,15 @@ impl RuleCompiler<'_> {
 
     /// A `namespaces` or `pods` peer of a ClusterNetworkPolicy rule, as the selector peer that
     /// selects the same pods.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one peer of one rule in its endpoint direction's context"
+    )]
     fn add_cluster_selector_peer(
         &mut self,
         peer: &Peer,
         rule: &ClusterRule,
+        origin: &Arc<RuleOrigin>,
         ranked: Ranked,
         pod: &Pod,
         direction: Direction,
@@ -344,15 +490,14 @@ impl RuleCompiler<'_> {
     ) {
         // A selector with a namespaceSelector means the same in every namespace.
         let key = selector_key("", peer);
-        let per_peer = direction == Direction::Egress && has_cluster_named_port(&rule.ports);
-        let ports = |_: &mut Self, info: Option<&IdentityInfo>| {
-            let destination = match direction {
-                Direction::Ingress => &pod.ports[..],
-                Direction::Egress => info.map_or(&[][..], |info| &info.named_ports[..]),
-            };
-            cluster_port_matches(&rule.ports, destination)
+        let ports = match direction {
+            Direction::Egress if has_cluster_named_port(&rule.ports) => {
+                RulePorts::ClusterNamedOnPeer(rule.ports.clone())
+            }
+            Direction::Egress => RulePorts::Same(cluster_port_matches(&rule.ports, &[])),
+            Direction::Ingress => RulePorts::Same(cluster_port_matches(&rule.ports, &pod.ports)),
         };
-        self.add_selector_peer(key, per_peer, ranked, candidates, ports);
+        self.add_selector_peer(key, ports, origin, ranked, candidates);
     }
 
     /// A block of a ClusterNetworkPolicy rule. A named port towards it is resolved on each pod
@@ -379,50 +524,50 @@ impl RuleCompiler<'_> {
             Direction::Egress => &[][..],
         };
         let ports = cluster_port_matches(&rule.ports, destination);
-        if !ports.is_empty() {
+        let holder = Holder::Block(block.cidr, block.except.clone());
+        if !ports.is_empty() && self.hold(holder, &ports, ranked) {
             blocks.push((block, ranked, ports));
         }
     }
 
     /// Adds a candidate for each identity a selector peer matches and each port block the
-    /// rule matches towards it. `per_peer`: the ports depend on the peer (egress named ports).
+    /// rule matches towards it.
     fn add_selector_peer(
         &mut self,
         key: SelectorKey,
-        per_peer: bool,
+        ports: RulePorts,
+        origin: &Arc<RuleOrigin>,
         ranked: Ranked,
         candidates: &mut Vec<Candidate>,
-        mut ports: impl FnMut(&mut Self, Option<&IdentityInfo>) -> Vec<PortMatch>,
     ) {
-        let matched: Vec<PeerId> = self
-            .selectors
-            .matching(&key, self.pods, self.cluster)
-            .iter()
-            .copied()
-            .collect();
-        self.selectors_used.push(key);
-        // Only egress named ports depend on the peer; resolve the rest once.
-        let shared = (!per_peer).then(|| ports(self, None));
-        for identity in matched {
-            // The datapath never looks WORLD up in the policy map.
-            debug_assert_ne!(identity, IDENTITY_WORLD);
-            let resolved;
-            let ports = if let Some(ports) = &shared {
-                ports
-            } else {
-                let info = self.pods.identity_info(identity).clone();
-                resolved = ports(self, Some(&info));
-                &resolved
-            };
-            for &(protocol, port, port_bits) in ports {
-                let entry = PolicyMatch {
-                    peer: identity,
-                    protocol,
-                    port,
-                    port_bits,
-                };
-                candidates.push((entry, ranked));
-            }
+        let selector = self.selectors.id_of(key, self.pods, self.cluster);
+        self.selectors_used.push(selector);
+        if let RulePorts::Same(same) = &ports
+            && !self.hold(Holder::Selector(selector), same, ranked)
+        {
+            return;
+        }
+        for identity in self.selectors.matching_ids(selector) {
+            let towards = ports.towards(self.pods.identity_info(identity));
+            push_candidates(candidates, identity, &towards, ranked);
+        }
+        self.direction_rules.push(SelectorRule {
+            selector,
+            origin: Arc::clone(origin),
+            ranked,
+            ports,
+        });
+    }
+
+    /// Records that the current direction holds `holder` on `ports` at `ranked`; false when an
+    /// earlier rule of its slot already does, so that this one adds nothing.
+    fn hold(&mut self, holder: Holder, ports: &[PortMatch], ranked: Ranked) -> bool {
+        let key = (ranked.slot, holder, ports.to_vec());
+        if ranked.after_every_earlier_rule() {
+            self.held.insert(key)
+        } else {
+            self.held.insert(key);
+            true
         }
     }
 
@@ -446,7 +591,12 @@ impl RuleCompiler<'_> {
                 }
             }
         }
-        port_matches(ports, direction, pod, None)
+        // An address that is no pod has no named ports.
+        let destination = match direction {
+            Direction::Ingress => &pod.ports[..],
+            Direction::Egress => &[][..],
+        };
+        port_matches(ports, destination)
     }
 
     /// Every pod address in `block` (outside its excepts), as a host block, with the pod's
@@ -655,15 +805,10 @@ fn named_port_matches(ports: &[PortSpec], destination: &[ContainerPort]) -> Vec<
         .collect()
 }
 
-/// The (protocol, port block) pairs a rule's `ports` allow towards a destination. Named ports
-/// resolve against the destination pod: the endpoint itself for ingress, the peer identity for
-/// egress (`None` for an ipBlock peer, where a name resolves to nothing).
-fn port_matches(
-    ports: &[PortSpec],
-    direction: Direction,
-    pod: &Pod,
-    peer: Option<&IdentityInfo>,
-) -> Vec<PortMatch> {
+/// The (protocol, port block) pairs a rule's `ports` allow towards a destination with
+/// container ports `destination`: the endpoint itself for ingress, the peer's for egress (none
+/// for an address that is no pod, where a name resolves to nothing).
+fn port_matches(ports: &[PortSpec], destination: &[ContainerPort]) -> Vec<PortMatch> {
     if ports.is_empty() {
         return vec![(None, 0, 0)];
     }
@@ -680,13 +825,10 @@ fn port_matches(
                         .map(|(port, bits)| (protocol, port, bits)),
                 );
             }
-            Some(PortRef::Name(name)) => {
-                let resolved = match direction {
-                    Direction::Ingress => resolve_named_port(&pod.ports, name, spec.protocol),
-                    Direction::Egress => peer.and_then(|info| info.named_port(name, spec.protocol)),
-                };
-                matches.extend(resolved.map(|port| (protocol, port, 16)));
-            }
+            Some(PortRef::Name(name)) => matches.extend(
+                resolve_named_port(destination, name, spec.protocol)
+                    .map(|port| (protocol, port, 16)),
+            ),
         }
     }
     matches

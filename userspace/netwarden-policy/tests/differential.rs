@@ -646,6 +646,173 @@ proptest! {
             prop_assert_eq!(used, state.policies.keys().copied().collect());
         }
     }
+
+    /// Pods and namespaces changing one at a time under fixed policies: the path where an
+    /// identity joins or leaves selectors and only its entries are recomputed. Every step must
+    /// agree with the evaluator, and with what a fresh compiler compiles from the same cluster.
+    #[test]
+    fn identity_changes_agree_with_the_reference_evaluator(
+        cluster in cluster(),
+        changes in vec(pod_change(), 1..=6),
+    ) {
+        let mut compiler = Compiler::new(LOCAL);
+        compiler.set_node_addresses(&[NODE_ADDRESS]);
+        let mut cluster = cluster;
+        compiler.sync(cluster.clone());
+        for (serial, change) in changes.iter().enumerate() {
+            change.apply(&mut cluster, serial);
+            let state = compiler.sync(cluster.clone());
+            assert_agrees(&cluster, state)?;
+            let mut fresh = Compiler::new(LOCAL);
+            fresh.set_node_addresses(&[NODE_ADDRESS]);
+            let expected = fresh.sync(cluster.clone());
+            prop_assert_eq!(policies_by_endpoint(state), policies_by_endpoint(expected));
+            prop_assert_eq!(&state.rules, &expected.rules);
+        }
+    }
+}
+
+/// An endpoint direction's compiled entries, peers named by what they are rather than by the
+/// numbers one compiler gave them (two compilers number identities in the order they meet them).
+type Entries = Vec<(PeerName, Option<u8>, u16, u8, netwarden_common::PolicyEntry)>;
+
+/// An endpoint direction's CIDR prefixes with their classes.
+type Prefixes = Vec<(ipnet::IpNet, u32)>;
+
+/// A policy entry's peer: an identity by its digest; a CIDR class or reserved identity by number.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum PeerName {
+    Identity([u8; 32]),
+    Number(u32),
+}
+
+/// Each endpoint direction's compiled entries and prefixes, whatever its policy id.
+fn policies_by_endpoint(
+    state: &DatapathState,
+) -> BTreeMap<(PodRef, bool), (Entries, Prefixes)> {
+    let name = |peer: u32| {
+        state
+            .identities
+            .get(&peer)
+            .map_or(PeerName::Number(peer), |info| {
+                PeerName::Identity(info.digest())
+            })
+    };
+    let mut policies = BTreeMap::new();
+    for (pod, endpoint) in &state.endpoints {
+        for (ingress, id) in [(true, endpoint.ingress), (false, endpoint.egress)] {
+            let Some(id) = id else { continue };
+            let policy = &state.policies[&id];
+            let mut entries: Entries = policy
+                .entries
+                .iter()
+                .map(|(entry, decided)| {
+                    (
+                        name(entry.peer),
+                        entry.protocol,
+                        entry.port,
+                        entry.port_bits,
+                        *decided,
+                    )
+                })
+                .collect();
+            entries.sort_unstable();
+            let cidrs = policy
+                .cidrs
+                .iter()
+                .map(|(prefix, class)| (*prefix, *class))
+                .collect();
+            policies.insert((pod.clone(), ingress), (entries, cidrs));
+        }
+    }
+    policies
+}
+
+/// One change to a cluster's pods or namespaces, the kind that creates, retires or moves label-set
+/// identities while the policies stay: a pod relabelled, added, removed or moved to another
+/// node, or a namespace relabelled.
+#[derive(Clone, Debug)]
+enum PodChange {
+    Relabel(prop::sample::Index, BTreeMap<String, String>),
+    Add(&'static str, BTreeMap<String, String>, bool),
+    Remove(prop::sample::Index),
+    Move(prop::sample::Index),
+    RelabelNamespace(&'static str, BTreeMap<String, String>),
+}
+
+fn pod_change() -> impl Strategy<Value = PodChange> {
+    prop_oneof![
+        3 => (any::<prop::sample::Index>(), labels())
+            .prop_map(|(pod, labels)| PodChange::Relabel(pod, labels)),
+        2 => (select(&NAMESPACES[..]), labels(), any::<bool>())
+            .prop_map(|(namespace, labels, local)| PodChange::Add(namespace, labels, local)),
+        1 => any::<prop::sample::Index>().prop_map(PodChange::Remove),
+        1 => any::<prop::sample::Index>().prop_map(PodChange::Move),
+        1 => (select(&NAMESPACES[..]), labels())
+            .prop_map(|(namespace, labels)| PodChange::RelabelNamespace(namespace, labels)),
+    ]
+}
+
+impl PodChange {
+    fn apply(&self, cluster: &mut Cluster, serial: usize) {
+        let ids: Vec<PodRef> = cluster.pods.keys().cloned().collect();
+        let pick = |index: &prop::sample::Index| (!ids.is_empty()).then(|| index.get(&ids).clone());
+        match self {
+            Self::Relabel(index, labels) => {
+                if let Some(id) = pick(index) {
+                    cluster
+                        .pods
+                        .get_mut(&id)
+                        .expect("picked")
+                        .labels
+                        .clone_from(labels);
+                }
+            }
+            Self::Add(namespace, labels, local) => {
+                let number = u8::try_from(100 + serial).expect("few changes");
+                let id = PodRef {
+                    namespace: (*namespace).to_owned(),
+                    name: format!("added{serial}"),
+                };
+                cluster.pods.insert(
+                    id.clone(),
+                    Pod {
+                        id,
+                        labels: labels.clone(),
+                        node_name: Some(if *local { LOCAL } else { "node-2" }.to_owned()),
+                        ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, number))],
+                        ports: Vec::new(),
+                        host_network: false,
+                        service_account: "default".into(),
+                        mtls: netwarden_model::PodMtls::default(),
+                    },
+                );
+            }
+            Self::Remove(index) => {
+                if let Some(id) = pick(index) {
+                    cluster.pods.remove(&id);
+                }
+            }
+            Self::Move(index) => {
+                if let Some(id) = pick(index) {
+                    let pod = cluster.pods.get_mut(&id).expect("picked");
+                    let elsewhere = pod.node_name.as_deref() == Some(LOCAL);
+                    pod.node_name = Some(if elsewhere { "node-2" } else { LOCAL }.to_owned());
+                }
+            }
+            Self::RelabelNamespace(name, labels) => {
+                let mut labels = labels.clone();
+                labels.insert("kubernetes.io/metadata.name".into(), (*name).to_owned());
+                cluster.namespaces.insert(
+                    (*name).to_owned(),
+                    Namespace {
+                        name: (*name).to_owned(),
+                        labels,
+                    },
+                );
+            }
+        }
+    }
 }
 
 /// Every flow between a pod and any address, both directions, with what the evaluator says of
