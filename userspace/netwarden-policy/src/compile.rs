@@ -292,7 +292,6 @@ impl Compiler {
 
     /// Applies `changes` and recompiles what they affect.
     pub fn update(&mut self, changes: impl IntoIterator<Item = Change>) -> &DatapathState {
-        let t0 = std::time::Instant::now();
         for change in changes {
             match change {
                 Change::Pod(id, pod) => self.change_pod(id, pod),
@@ -303,35 +302,18 @@ impl Compiler {
                 Change::Node(name, node) => self.change_node(&name, node),
             }
         }
-        let t1 = std::time::Instant::now();
         let dirty = std::mem::take(&mut self.pending.dirty);
         for pod in &dirty {
             self.recompile_endpoint(pod);
         }
-        let t2 = std::time::Instant::now();
-        let n = self.pending.identity_changes.len();
         for (pod, identities) in std::mem::take(&mut self.pending.identity_changes) {
             if !dirty.contains(&pod) {
                 self.update_identity_entries(&pod, &identities);
             }
         }
-        let t3 = std::time::Instant::now();
         self.rule_ids.drop_unused(&mut self.state.rules);
         self.selectors.drop_unused();
-        let t4 = std::time::Instant::now();
         self.collect_warnings();
-        if std::env::var_os("NW_TIME").is_some() {
-            eprintln!(
-                "changes {:?} dirty {} {:?} ids {} {:?} drop {:?} warn {:?}",
-                t1 - t0,
-                dirty.len(),
-                t2 - t1,
-                n,
-                t3 - t2,
-                t4 - t3,
-                t4.elapsed()
-            );
-        }
         // Pinned ids are offered to one compilation, the first after a restart: the datapath
         // deletes those it did not claim, and an id once deleted is not used again. (Forgotten
         // here, after compiling, not when the node's addresses are set: the agent sets them
@@ -392,6 +374,7 @@ impl Compiler {
         if old.as_ref() == new {
             return;
         }
+        self.selectors.forget_cluster_policy(name);
         for (pod, local) in &self.pods.local {
             let selected = |policy: Option<&ClusterNetworkPolicy>| {
                 policy.is_some_and(|policy| policy.subject.selects(&self.cluster, local))

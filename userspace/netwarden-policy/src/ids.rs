@@ -218,10 +218,10 @@ impl RuleIds {
     /// The id of the rule at `origin`, recording it in `rules` when it is new.
     pub(crate) fn id(
         &mut self,
-        origin: RuleOrigin,
+        origin: &RuleOrigin,
         rules: &mut BTreeMap<RuleId, RuleOrigin>,
     ) -> RuleId {
-        if let Some(id) = self.by_origin.get(&origin) {
+        if let Some(id) = self.by_origin.get(origin) {
             return *id;
         }
         // Derived from the origin, not from the order rules were met: a restarted agent numbers
@@ -232,7 +232,7 @@ impl RuleIds {
             id = (id % RULE_ID_MASK) + 1;
         }
         self.by_origin.insert(origin.clone(), id);
-        rules.insert(id, origin);
+        rules.insert(id, origin.clone());
         self.maybe_unused.push(id);
         id
     }

@@ -10,7 +10,6 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -70,7 +69,7 @@ enum Holder {
 #[derive(Clone, Debug)]
 pub(crate) struct SelectorRule {
     selector: SelectorId,
-    origin: Arc<RuleOrigin>,
+    origin: RuleOrigin,
     ranked: Ranked,
     ports: RulePorts,
 }
@@ -123,7 +122,7 @@ impl DirectionRules {
             // Looked up again: the rule's id was forgotten if it had no entries until now.
             let ranked = Ranked {
                 decision: TierMatch {
-                    rule: rule_ids.id(RuleOrigin::clone(&rule.origin), rules),
+                    rule: rule_ids.id(&rule.origin, rules),
                     ..rule.ranked.decision
                 },
                 ..rule.ranked
@@ -314,12 +313,12 @@ impl<'a> RuleCompiler<'a> {
             Direction::Egress => &policy.egress,
         };
         for (index, rule) in rules.iter().enumerate() {
-            let origin = Arc::new(RuleOrigin {
+            let origin = RuleOrigin {
                 policy: RulePolicy::Network(policy.id.clone()),
                 direction,
                 index,
-            });
-            let rule_id = self.rule_ids.id(RuleOrigin::clone(&origin), self.rules);
+            };
+            let rule_id = self.rule_ids.id(&origin, self.rules);
             let ranked = Ranked {
                 decision: TierMatch {
                     rule: rule_id,
@@ -348,6 +347,7 @@ impl<'a> RuleCompiler<'a> {
                     }
                     Peer::Pods { .. } => {
                         let key = selector_key(&policy.id.namespace, peer);
+                        let selector = self.selectors.id_of(key, self.pods, self.cluster);
                         let ports = match direction {
                             Direction::Egress if has_named_port(&rule.ports) => {
                                 RulePorts::NamedOnPeer(rule.ports.clone())
@@ -357,7 +357,7 @@ impl<'a> RuleCompiler<'a> {
                                 RulePorts::Same(port_matches(&rule.ports, &pod.ports))
                             }
                         };
-                        self.add_selector_peer(key, ports, &origin, ranked, candidates);
+                        self.add_selector_peer(selector, ports, &origin, ranked, candidates);
                     }
                 }
             }
@@ -387,15 +387,15 @@ impl<'a> RuleCompiler<'a> {
             .iter()
             .enumerate()
         {
-            let origin = Arc::new(RuleOrigin {
+            let origin = RuleOrigin {
                 policy: RulePolicy::Cluster {
                     name: policy.name.clone(),
                     tier: policy.tier,
                 },
                 direction,
                 index,
-            });
-            let rule_id = self.rule_ids.id(RuleOrigin::clone(&origin), self.rules);
+            };
+            let rule_id = self.rule_ids.id(&origin, self.rules);
             let action = match rule.action {
                 Action::Accept if audited => rule_action::PASS,
                 Action::Accept => rule_action::ACCEPT,
@@ -413,27 +413,18 @@ impl<'a> RuleCompiler<'a> {
             };
             // 25 rules a policy: the ranks run out past 2,600 policies selecting one pod.
             *rank = rank.saturating_add(1).min(u16::MAX - 1);
-            for peer in &rule.peers {
+            for (peer_index, peer) in rule.peers.iter().enumerate() {
                 match peer {
-                    ClusterPeer::Namespaces(namespaces) => {
-                        let peer = Peer::Pods {
-                            pod_selector: None,
-                            namespace_selector: Some(namespaces.clone()),
-                        };
-                        self.add_cluster_selector_peer(
-                            &peer, rule, &origin, ranked, pod, direction, candidates,
+                    ClusterPeer::Namespaces(_) | ClusterPeer::Pods { .. } => {
+                        let selector = self.selectors.cluster_peer_id(
+                            &policy.name,
+                            (direction, index, peer_index),
+                            || as_selector_peer(peer),
+                            self.pods,
+                            self.cluster,
                         );
-                    }
-                    ClusterPeer::Pods {
-                        namespace_selector,
-                        pod_selector,
-                    } => {
-                        let peer = Peer::Pods {
-                            pod_selector: Some(pod_selector.clone()),
-                            namespace_selector: Some(namespace_selector.clone()),
-                        };
                         self.add_cluster_selector_peer(
-                            &peer, rule, &origin, ranked, pod, direction, candidates,
+                            selector, rule, &origin, ranked, pod, direction, candidates,
                         );
                     }
                     ClusterPeer::Networks(networks) => {
@@ -480,16 +471,14 @@ impl<'a> RuleCompiler<'a> {
     )]
     fn add_cluster_selector_peer(
         &mut self,
-        peer: &Peer,
+        selector: SelectorId,
         rule: &ClusterRule,
-        origin: &Arc<RuleOrigin>,
+        origin: &RuleOrigin,
         ranked: Ranked,
         pod: &Pod,
         direction: Direction,
         candidates: &mut Vec<Candidate>,
     ) {
-        // A selector with a namespaceSelector means the same in every namespace.
-        let key = selector_key("", peer);
         let ports = match direction {
             Direction::Egress if has_cluster_named_port(&rule.ports) => {
                 RulePorts::ClusterNamedOnPeer(rule.ports.clone())
@@ -497,7 +486,7 @@ impl<'a> RuleCompiler<'a> {
             Direction::Egress => RulePorts::Same(cluster_port_matches(&rule.ports, &[])),
             Direction::Ingress => RulePorts::Same(cluster_port_matches(&rule.ports, &pod.ports)),
         };
-        self.add_selector_peer(key, ports, origin, ranked, candidates);
+        self.add_selector_peer(selector, ports, origin, ranked, candidates);
     }
 
     /// A block of a ClusterNetworkPolicy rule. A named port towards it is resolved on each pod
@@ -534,13 +523,12 @@ impl<'a> RuleCompiler<'a> {
     /// rule matches towards it.
     fn add_selector_peer(
         &mut self,
-        key: SelectorKey,
+        selector: SelectorId,
         ports: RulePorts,
-        origin: &Arc<RuleOrigin>,
+        origin: &RuleOrigin,
         ranked: Ranked,
         candidates: &mut Vec<Candidate>,
     ) {
-        let selector = self.selectors.id_of(key, self.pods, self.cluster);
         self.selectors_used.push(selector);
         if let RulePorts::Same(same) = &ports
             && !self.hold(Holder::Selector(selector), same, ranked)
@@ -553,7 +541,7 @@ impl<'a> RuleCompiler<'a> {
         }
         self.direction_rules.push(SelectorRule {
             selector,
-            origin: Arc::clone(origin),
+            origin: origin.clone(),
             ranked,
             ports,
         });
@@ -624,6 +612,27 @@ impl<'a> RuleCompiler<'a> {
     }
 }
 
+/// The selector peer (with its scope) that selects what a ClusterNetworkPolicy `namespaces` or
+/// `pods` peer selects.
+fn as_selector_peer(peer: &ClusterPeer) -> SelectorKey {
+    let peer = match peer {
+        ClusterPeer::Namespaces(namespaces) => Peer::Pods {
+            pod_selector: None,
+            namespace_selector: Some(namespaces.clone()),
+        },
+        ClusterPeer::Pods {
+            namespace_selector,
+            pod_selector,
+        } => Peer::Pods {
+            pod_selector: Some(pod_selector.clone()),
+            namespace_selector: Some(namespace_selector.clone()),
+        },
+        _ => unreachable!("only namespaces and pods peers are selectors"),
+    };
+    // A selector with a namespaceSelector means the same in every namespace.
+    selector_key("", &peer)
+}
+
 /// `0.0.0.0/0` and `::/0`.
 fn every_address() -> [Block; 2] {
     [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())].map(|cidr| Block {
@@ -692,51 +701,62 @@ fn earlier(a: TierMatch, b: TierMatch) -> TierMatch {
 /// rule of every candidate whose key covers it. A lookup returns the longest key holding a
 /// flow, and any candidate that matches part of that key's own part matches all of it (its key
 /// is that key or one of the ones it nests in), so that key's answer is the flow's.
-fn resolve(candidates: Vec<Candidate>) -> BTreeMap<PolicyMatch, PolicyEntry> {
-    let mut own: BTreeMap<PolicyMatch, PolicyEntry> = BTreeMap::new();
+fn resolve(mut candidates: Vec<Candidate>) -> BTreeMap<PolicyMatch, PolicyEntry> {
+    // Sorted, then folded and built in one pass: a map built from sorted keys is filled leaf by
+    // leaf, where thousands of inserts would each search it.
+    candidates.sort_unstable_by_key(|(entry, _)| *entry);
+    let mut folded: Vec<(PolicyMatch, PolicyEntry)> = Vec::with_capacity(candidates.len());
     for (entry, ranked) in candidates {
-        let decided = own.entry(entry).or_default();
+        let decided = match folded.last_mut() {
+            Some((last, decided)) if *last == entry => decided,
+            _ => {
+                folded.push((entry, PolicyEntry::default()));
+                &mut folded.last_mut().expect("just pushed").1
+            }
+        };
         match ranked.slot {
             Slot::Admin => decided.admin = earlier(decided.admin, ranked.decision),
             Slot::Below => decided.below = earlier(decided.below, ranked.decision),
         }
     }
-    own.iter()
-        .map(|(entry, decided)| {
-            let mut resolved = *decided;
-            for cover in covering(entry) {
-                if let Some(outer) = own.get(&cover) {
-                    resolved.admin = earlier(resolved.admin, outer.admin);
-                    resolved.below = earlier(resolved.below, outer.below);
+    // A key is covered only by keys of its own peer, which sort next to it: each peer's few
+    // keys are compared with each other, where looking up every shorter port block of every
+    // key in a map was most of the compile.
+    let mut resolved = Vec::with_capacity(folded.len());
+    for peer_keys in folded.chunk_by(|(a, _), (b, _)| a.peer == b.peer) {
+        for (entry, decided) in peer_keys {
+            let mut decided = *decided;
+            for (outer, outer_decided) in peer_keys {
+                if holds_all_of(outer, entry) {
+                    decided.admin = earlier(decided.admin, outer_decided.admin);
+                    decided.below = earlier(decided.below, outer_decided.below);
                 }
             }
-            (*entry, resolved)
-        })
-        .collect()
+            resolved.push((*entry, decided));
+        }
+    }
+    resolved.into_iter().collect()
 }
 
-/// The keys of the same peer that hold all of `entry`, other than itself.
-fn covering(entry: &PolicyMatch) -> impl Iterator<Item = PolicyMatch> + '_ {
-    let every_protocol = PolicyMatch {
-        protocol: None,
-        port: 0,
-        port_bits: 0,
-        ..*entry
+/// Whether `outer`, another key of the same peer, holds all of `entry`: every protocol, or
+/// the same protocol and a shorter port block that holds `entry`'s.
+fn holds_all_of(outer: &PolicyMatch, entry: &PolicyMatch) -> bool {
+    let Some(protocol) = entry.protocol else {
+        return false;
     };
-    let shorter_ports = entry.protocol.into_iter().flat_map(move |_| {
-        (0..entry.port_bits).map(move |bits| PolicyMatch {
-            port: if bits == 0 {
-                0
-            } else {
-                entry.port & (u16::MAX << (16 - u32::from(bits)))
-            },
-            port_bits: bits,
-            ..*entry
-        })
-    });
-    std::iter::once(every_protocol)
-        .filter(|_| entry.protocol.is_some())
-        .chain(shorter_ports)
+    match outer.protocol {
+        None => true,
+        Some(outer_protocol) => {
+            outer_protocol == protocol
+                && outer.port_bits < entry.port_bits
+                && entry.port & port_mask(outer.port_bits) == outer.port
+        }
+    }
+}
+
+/// The mask of a port block of `bits` leading bits.
+fn port_mask(bits: u8) -> u16 {
+    u16::MAX.checked_shl(16 - u32::from(bits)).unwrap_or(0)
 }
 
 fn has_cluster_named_port(ports: &[ClusterPort]) -> bool {

@@ -12,7 +12,7 @@ use netwarden_common::PeerId;
 use netwarden_model::{Cluster, Peer, PodRef, selector::Labels};
 use rustc_hash::FxHashMap;
 
-use crate::{identity::IdentityInfo, pods::Pods};
+use crate::{identity::IdentityInfo, pods::Pods, state::Direction};
 
 /// A selector peer, with the namespace it is read in: its policy's for a peer without a
 /// `namespaceSelector`, empty for one with (it means the same in every policy namespace).
@@ -53,7 +53,15 @@ pub(crate) struct Selectors {
     sets: FxHashMap<SelectorId, SelectorSet>,
     used_by: FxHashMap<PodRef, Vec<SelectorId>>,
     next_id: SelectorId,
+    /// The number of each ClusterNetworkPolicy peer's selector, by policy name and place
+    /// (direction, rule, peer): every endpoint a policy selects compiles all its rules, and
+    /// building and hashing the selector each time was most of that. Valid while the policy is
+    /// unchanged and its set exists (numbers are not reused).
+    cluster_peers: FxHashMap<String, FxHashMap<ClusterPeerPlace, SelectorId>>,
 }
+
+/// Where a peer sits in a ClusterNetworkPolicy: direction, rule index, peer index.
+pub(crate) type ClusterPeerPlace = (Direction, usize, usize);
 
 impl Selectors {
     /// The number of `key`, its match set computed when it is new and then maintained.
@@ -77,6 +85,37 @@ impl Selectors {
             },
         );
         id
+    }
+
+    /// The number of the selector of the ClusterNetworkPolicy `policy`'s peer at `place`;
+    /// `key` builds it when it is not known.
+    pub(crate) fn cluster_peer_id(
+        &mut self,
+        policy: &str,
+        place: ClusterPeerPlace,
+        key: impl FnOnce() -> SelectorKey,
+        pods: &Pods,
+        cluster: &Cluster,
+    ) -> SelectorId {
+        let known = self
+            .cluster_peers
+            .get(policy)
+            .and_then(|places| places.get(&place))
+            .filter(|id| self.sets.contains_key(id));
+        if let Some(id) = known {
+            return *id;
+        }
+        let id = self.id_of(key(), pods, cluster);
+        self.cluster_peers
+            .entry(policy.to_owned())
+            .or_default()
+            .insert(place, id);
+        id
+    }
+
+    /// Forgets the selector numbers of ClusterNetworkPolicy `policy`'s peers (it changed).
+    pub(crate) fn forget_cluster_policy(&mut self, policy: &str) {
+        self.cluster_peers.remove(policy);
     }
 
     /// The identities selector `id` matches.
@@ -163,7 +202,10 @@ impl Selectors {
     }
 
     /// Records that endpoint `pod` was compiled with the peers `ids`.
-    pub(crate) fn record_uses(&mut self, pod: &PodRef, ids: Vec<SelectorId>) {
+    pub(crate) fn record_uses(&mut self, pod: &PodRef, mut ids: Vec<SelectorId>) {
+        // Many rules share a peer (every Baseline policy's "other namespaces", say).
+        ids.sort_unstable();
+        ids.dedup();
         for id in &ids {
             if let Some(set) = self.sets.get_mut(id) {
                 set.users.insert(pod.clone());

@@ -687,9 +687,7 @@ enum PeerName {
 }
 
 /// Each endpoint direction's compiled entries and prefixes, whatever its policy id.
-fn policies_by_endpoint(
-    state: &DatapathState,
-) -> BTreeMap<(PodRef, bool), (Entries, Prefixes)> {
+fn policies_by_endpoint(state: &DatapathState) -> BTreeMap<(PodRef, bool), (Entries, Prefixes)> {
     let name = |peer: u32| {
         state
             .identities
