@@ -1,7 +1,8 @@
 //! `netwarden-bench`: the compile benchmark (the compiler at cluster scale and the agent's
-//! memory with it), the datapath's per-packet costs and the identity check's latency.
+//! memory with it), the datapath's per-packet costs, the identity check's latency, and traffic
+//! across the agent's restarts and upgrades.
 //!
-//! Run through `cargo xtask bench compile|datapath|identity` (root: the agent part loads its
+//! Run through `cargo xtask bench compile|datapath|identity|restart` (root: the agent part loads its
 //! maps into the kernel inside a network namespace of its own and a private bpffs).
 
 mod agent;
@@ -12,6 +13,7 @@ mod heap;
 mod identity;
 mod kube_cache;
 mod manifests;
+mod restart;
 mod targets;
 mod tiers;
 mod traffic;
@@ -67,6 +69,30 @@ enum Bench {
     },
     /// The identity check's latency (`Authorization/Check` over the Unix socket), p50/p99.
     Identity,
+    /// Traffic between two pods (iperf3, idle connections, a connect loop to an allowed port,
+    /// attempts on a forbidden one) while the agent is upgraded from `--old-agent`, then killed
+    /// (SIGKILL) and restarted; fails when a connection broke, an allowed one was refused or a
+    /// forbidden one accepted.
+    Restart {
+        /// This build's agent.
+        #[arg(long)]
+        agent: PathBuf,
+        /// An agent of an earlier build (other map layouts) to start with and upgrade from.
+        #[arg(long)]
+        old_agent: Option<PathBuf>,
+        /// SIGKILL and restart cycles.
+        #[arg(long, default_value_t = 5)]
+        cycles: usize,
+        /// Seconds of traffic after each agent has taken over.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Seconds the agent stays down after each SIGKILL.
+        #[arg(long, default_value_t = 1.0)]
+        down_seconds: f64,
+        /// Put in a fault the run must catch (it must then fail): to check the bench itself.
+        #[arg(long, value_enum)]
+        sabotage: Option<restart::Sabotage>,
+    },
 }
 
 /// The size of a scale run.
@@ -123,6 +149,21 @@ fn main() -> anyhow::Result<()> {
             repeats,
         } => datapath(agent.as_deref(), traffic::Plan { seconds, repeats }),
         Bench::Identity => identity::run(cluster::generate(), cluster::NODE, NODE_ADDRESS),
+        Bench::Restart {
+            agent,
+            old_agent,
+            cycles,
+            seconds,
+            down_seconds,
+            sabotage,
+        } => restart::run(&restart::Options {
+            agent,
+            old_agent,
+            cycles,
+            seconds,
+            down_seconds,
+            sabotage,
+        }),
     }
 }
 
