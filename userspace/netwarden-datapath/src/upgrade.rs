@@ -70,7 +70,7 @@ fn layouts() -> [Layout; 6] {
             key_size: (size_of::<u32>() + size_of::<PolicyKey>()) as u32,
             value_size: size_of::<PolicyEntry>() as u32,
             max_entries: None,
-            dependents: NAME_POLICY_IDS,
+            dependents: NAMING_POLICY_IDS,
         },
     ]
 }
@@ -84,7 +84,7 @@ fn layouts() -> [Layout; 6] {
 /// epoch bump, would be denied until the links are taken over (found by the restart bench,
 /// `cargo xtask bench restart`). Rebuilt, the old programs decide on old entries until
 /// then, and the new ones on new entries.
-const NAME_POLICY_IDS: &[&str] = &[
+pub const NAMING_POLICY_IDS: &[&str] = &[
     pinned::CIDRS_V4.name,
     pinned::CIDRS_V6.name,
     pinned::ENDPOINTS.name,
@@ -214,7 +214,7 @@ pub fn adopted_differences<'a>(
 mod tests {
     use netwarden_common::maps as pinned;
 
-    use super::{NAME_POLICY_IDS, RETIRED, layouts};
+    use super::{NAMING_POLICY_IDS, RETIRED, layouts};
 
     #[test]
     fn the_retired_cidrs_trie_rebuilds_the_policy_map_and_the_endpoints_and_nothing_else() {
@@ -236,13 +236,13 @@ mod tests {
             .into_iter()
             .find(|layout| layout.name == pinned::POLICY.name)
             .expect("POLICY's layout is checked");
-        assert_eq!(policy.dependents, NAME_POLICY_IDS);
+        assert_eq!(policy.dependents, NAMING_POLICY_IDS);
         for name in [
             pinned::CIDRS_V4.name,
             pinned::CIDRS_V6.name,
             pinned::ENDPOINTS.name,
         ] {
-            assert!(NAME_POLICY_IDS.contains(&name), "{name}");
+            assert!(NAMING_POLICY_IDS.contains(&name), "{name}");
         }
     }
 
