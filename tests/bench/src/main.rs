@@ -73,26 +73,7 @@ enum Bench {
     /// attempts on a forbidden one) while the agent is upgraded from `--old-agent`, then killed
     /// (SIGKILL) and restarted; fails when a connection broke, an allowed one was refused or a
     /// forbidden one accepted.
-    Restart {
-        /// This build's agent.
-        #[arg(long)]
-        agent: PathBuf,
-        /// An agent of an earlier build (other map layouts) to start with and upgrade from.
-        #[arg(long)]
-        old_agent: Option<PathBuf>,
-        /// SIGKILL and restart cycles.
-        #[arg(long, default_value_t = 5)]
-        cycles: usize,
-        /// Seconds of traffic after each agent has taken over.
-        #[arg(long, default_value_t = 3.0)]
-        seconds: f64,
-        /// Seconds the agent stays down after each SIGKILL.
-        #[arg(long, default_value_t = 1.0)]
-        down_seconds: f64,
-        /// Put in a fault the run must catch (it must then fail): to check the bench itself.
-        #[arg(long, value_enum)]
-        sabotage: Option<restart::Sabotage>,
-    },
+    Restart(restart::Options),
 }
 
 /// The size of a scale run.
@@ -149,21 +130,7 @@ fn main() -> anyhow::Result<()> {
             repeats,
         } => datapath(agent.as_deref(), traffic::Plan { seconds, repeats }),
         Bench::Identity => identity::run(cluster::generate(), cluster::NODE, NODE_ADDRESS),
-        Bench::Restart {
-            agent,
-            old_agent,
-            cycles,
-            seconds,
-            down_seconds,
-            sabotage,
-        } => restart::run(&restart::Options {
-            agent,
-            old_agent,
-            cycles,
-            seconds,
-            down_seconds,
-            sabotage,
-        }),
+        Bench::Restart(options) => restart::run(&options),
     }
 }
 

@@ -47,18 +47,25 @@ use crate::traffic::{
 };
 
 /// What to run.
+#[derive(clap::Args)]
 pub struct Options {
     /// This build's agent.
+    #[arg(long)]
     pub agent: PathBuf,
-    /// An agent of an earlier build, started first and upgraded from.
+    /// An agent of an earlier build (other map layouts) to start with and upgrade from.
+    #[arg(long)]
     pub old_agent: Option<PathBuf>,
     /// SIGKILL and restart cycles.
+    #[arg(long, default_value_t = 5)]
     pub cycles: usize,
-    /// Seconds of traffic after each phase's agent has taken over (and before the first event).
+    /// Seconds of traffic after each agent has taken over (and before the first event).
+    #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
     /// Seconds the agent stays down after each SIGKILL.
+    #[arg(long, default_value_t = 1.0)]
     pub down_seconds: f64,
-    /// A fault the bench must catch, to show that it can fail.
+    /// Put in a fault the run must catch (it must then fail): to check the bench itself.
+    #[arg(long, value_enum)]
     pub sabotage: Option<Sabotage>,
 }
 
@@ -163,11 +170,13 @@ fn run_on(node: &Node, options: &Options) -> anyhow::Result<Outcome> {
 
     let first = options.old_agent.as_deref().unwrap_or(&options.agent);
     let started = Instant::now();
+    // Each of these stops what it started when dropped, on the way out of an error too (the
+    // last started first), before the node's namespaces and bpffs go.
     let mut agent = start_agent(first, node)?;
     let to_ready = started.elapsed();
-    let mut iperf_server = traffic::start_iperf_server(node)?;
+    let _iperf_server = KillOnDrop(traffic::start_iperf_server(node)?);
     let mut servers = Servers::start(node, &ledger)?;
-    let traffic = Traffic::start(node, &ledger)?;
+    let mut traffic = start_traffic(node, &ledger)?;
     let iperf = Iperf::start(node)?;
     phases.push(Phase {
         name: if options.old_agent.is_some() {
@@ -213,13 +222,21 @@ fn run_on(node: &Node, options: &Options) -> anyhow::Result<Outcome> {
         Ok(())
     })();
     let iperf = iperf.stop();
-    traffic.stop();
-    servers.stop(node);
-    let _ = iperf_server.kill();
-    let _ = iperf_server.wait();
-    let _ = agent.stop(Signal::SIGTERM);
+    traffic.join();
+    servers.stop();
+    agent.stop(Signal::SIGTERM)?;
     result?;
     Ok((phases, ledger, iperf?))
+}
+
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Starts the next phase: traffic's figures go to its row from now on.
@@ -241,18 +258,29 @@ fn finish(phases: &mut [Phase], down: Duration, to_ready: Duration) {
     }
 }
 
-/// A running agent, its warnings passed on to stderr.
+/// A running agent, its warnings passed on to stderr; stopped with SIGTERM when dropped.
 struct RunningAgent {
     child: Child,
+    reaped: bool,
 }
 
 impl RunningAgent {
-    /// Signals the agent and reaps it.
+    /// Signals the agent and reaps it (once: its pid may be another process's afterwards).
     fn stop(&mut self, signal: Signal) -> anyhow::Result<()> {
+        if self.reaped {
+            return Ok(());
+        }
         let pid = Pid::from_raw(i32::try_from(self.child.id())?);
         nix::sys::signal::kill(pid, signal).with_context(|| format!("sending {signal}"))?;
         self.child.wait()?;
+        self.reaped = true;
         Ok(())
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        let _ = self.stop(Signal::SIGTERM);
     }
 }
 
@@ -272,7 +300,10 @@ fn start_agent(binary: &Path, node: &Node) -> anyhow::Result<RunningAgent> {
         }
     });
     match wait_enforcing(&node.status_file(), &mut child) {
-        Ok(()) => Ok(RunningAgent { child }),
+        Ok(()) => Ok(RunningAgent {
+            child,
+            reaped: false,
+        }),
         Err(error) => {
             let _ = child.kill();
             let _ = child.wait();
@@ -342,57 +373,98 @@ fn loop_port_denied() -> Cluster {
     cluster
 }
 
-/// The server pod's listeners: an echo server on the allowed [`LOOP_PORT`] (a thread per
-/// connection, for the idle connections and the loop at once) and one on [`DENIED_PORT`]
-/// counting what it accepts.
-struct Servers {
+/// Threads that run until told to stop.
+struct Workers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
+impl Workers {
+    fn new() -> Self {
+        Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        }
+    }
+
+    /// Tells every thread to stop; [`Workers::join`] then waits for them.
+    fn tell_to_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    fn join(&mut self) {
+        self.tell_to_stop();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+/// The server pod's listeners: an echo server on the allowed [`LOOP_PORT`] (a thread per
+/// connection, for the idle connections and the loop at once) and one on [`DENIED_PORT`]
+/// counting what it accepts.
+struct Servers {
+    workers: Workers,
+    /// The server pod's namespace, to wake the listeners from.
+    netns: PathBuf,
+}
+
 impl Servers {
     fn start(node: &Node, ledger: &Arc<Ledger>) -> anyhow::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let mut workers = Workers::new();
         let (ready, listening) = std::sync::mpsc::channel();
-        let mut threads = Vec::new();
         for port in [LOOP_PORT, DENIED_PORT] {
-            let stopping = Arc::clone(&stop);
+            let stopping = Arc::clone(&workers.stop);
             let ledger = Arc::clone(ledger);
             let ready = ready.clone();
-            threads.push(on_thread_in(&node.netns_path("srv"), false, move || {
-                let listener = bind_reusable(SocketAddr::from((SERVER, port)))?;
-                let _ = ready.send(());
-                for stream in listener.incoming() {
-                    if stopping.load(Ordering::Relaxed) {
-                        break;
+            workers
+                .threads
+                .push(on_thread_in(&node.netns_path("srv"), false, move || {
+                    let listener = bind_reusable(SocketAddr::from((SERVER, port)))?;
+                    let _ = ready.send(());
+                    for stream in listener.incoming() {
+                        if stopping.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let Ok(stream) = stream else { continue };
+                        if port == DENIED_PORT {
+                            ledger
+                                .row()
+                                .forbidden_accepted_by_server
+                                .fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        std::thread::spawn(move || echo(stream));
                     }
-                    let Ok(stream) = stream else { continue };
-                    if port == DENIED_PORT {
-                        ledger
-                            .row()
-                            .forbidden_accepted_by_server
-                            .fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    std::thread::spawn(move || echo(stream));
-                }
-                Ok(())
-            })?);
+                    Ok(())
+                })?);
         }
-        for _ in 0..threads.len() {
+        for _ in 0..workers.threads.len() {
             listening
                 .recv_timeout(Duration::from_secs(5))
                 .context("the server pod's listeners did not start")?;
         }
-        Ok(Self { stop, threads })
+        Ok(Self {
+            workers,
+            netns: node.netns_path("srv"),
+        })
     }
 
     /// Stops the listeners, waking each `accept` with a connection from the node (the loop's
     /// port is reachable from there; the forbidden one too, as the node is not policed).
-    fn stop(&mut self, node: &Node) {
-        self.stop.store(true, Ordering::Relaxed);
+    fn stop(&mut self) {
+        if self.workers.threads.is_empty() {
+            return;
+        }
+        self.workers.tell_to_stop();
         for port in [LOOP_PORT, DENIED_PORT] {
-            if let Ok(waker) = on_thread_in(&node.netns_path("srv"), false, move || {
+            if let Ok(waker) = on_thread_in(&self.netns, false, move || {
                 let _ = TcpStream::connect_timeout(
                     &SocketAddr::from((SERVER, port)),
                     Duration::from_millis(500),
@@ -402,9 +474,13 @@ impl Servers {
                 let _ = waker.join();
             }
         }
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+        self.workers.join();
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -419,50 +495,37 @@ fn echo(mut stream: TcpStream) {
     }
 }
 
-/// The client pod's connections: the idle ones, the allowed loop and the forbidden probes.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Traffic {
-    fn start(node: &Node, ledger: &Arc<Ledger>) -> anyhow::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let client = node.netns_path("cli");
-        let mut threads = Vec::new();
-        let (connected, idle_ready) = std::sync::mpsc::channel();
-        for index in 0..IDLE_CONNECTIONS {
-            let (stop, ledger, connected) =
-                (Arc::clone(&stop), Arc::clone(ledger), connected.clone());
-            threads.push(on_thread_in(&client, false, move || {
-                idle_connection(index, &stop, &ledger, &connected);
-                Ok(())
-            })?);
-        }
-        for _ in 0..IDLE_CONNECTIONS {
-            idle_ready
-                .recv_timeout(ALLOWED_TIMEOUT)
-                .context("an idle connection did not connect")??;
-        }
-        let (stopping, counted) = (Arc::clone(&stop), Arc::clone(ledger));
+/// Starts the client pod's connections: the idle ones (connected before it returns), the
+/// allowed loop and the forbidden probes.
+fn start_traffic(node: &Node, ledger: &Arc<Ledger>) -> anyhow::Result<Workers> {
+    let mut workers = Workers::new();
+    let stop = Arc::clone(&workers.stop);
+    let client = node.netns_path("cli");
+    let threads = &mut workers.threads;
+    let (connected, idle_ready) = std::sync::mpsc::channel();
+    for index in 0..IDLE_CONNECTIONS {
+        let (stop, ledger, connected) = (Arc::clone(&stop), Arc::clone(ledger), connected.clone());
         threads.push(on_thread_in(&client, false, move || {
-            allowed_loop(&stopping, &counted);
+            idle_connection(index, &stop, &ledger, &connected);
             Ok(())
         })?);
-        let (stopping, counted) = (Arc::clone(&stop), Arc::clone(ledger));
-        threads.push(on_thread_in(&client, false, move || {
-            forbidden_loop(&stopping, &counted);
-            Ok(())
-        })?);
-        Ok(Self { stop, threads })
     }
-
-    fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads {
-            let _ = thread.join();
-        }
+    for _ in 0..IDLE_CONNECTIONS {
+        idle_ready
+            .recv_timeout(ALLOWED_TIMEOUT)
+            .context("an idle connection did not connect")??;
     }
+    let (stopping, counted) = (Arc::clone(&stop), Arc::clone(ledger));
+    threads.push(on_thread_in(&client, false, move || {
+        allowed_loop(&stopping, &counted);
+        Ok(())
+    })?);
+    let (stopping, counted) = (Arc::clone(&stop), Arc::clone(ledger));
+    threads.push(on_thread_in(&client, false, move || {
+        forbidden_loop(&stopping, &counted);
+        Ok(())
+    })?);
+    Ok(workers)
 }
 
 /// One established connection exchanging a byte every [`IDLE_PERIOD`] until stopped; an
@@ -649,6 +712,16 @@ impl Iperf {
             intervals,
             broken,
         })
+    }
+}
+
+impl Drop for Iperf {
+    fn drop(&mut self) {
+        // Stopped already, or an error on the way: nothing is left running either way.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
