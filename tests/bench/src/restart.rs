@@ -18,7 +18,10 @@
 //! Meanwhile the agent goes through its phases: the first agent (the old build, with
 //! `--old-agent`) enforcing alone; the upgrade (SIGTERM, then this build started on the same
 //! pins, as a DaemonSet's rolling update does); then `cycles` times SIGKILL, the agent down
-//! for a while (the pinned programs enforce alone), and a restart. Each phase lasts until the
+//! for a while (the pinned programs enforce alone), and a restart; every second kill lands
+//! just after a change to the server's policy that decides none of the traffic (a rule more
+//! or less), 0 to 25 ms after the change is written (varying by cycle), so that some kills
+//! land while the agent reads or applies it. Each phase lasts until the
 //! new agent has applied and taken over, then `seconds` more; the waits are on the agent's
 //! status file, never on a fixed delay. A table gives each phase's figures, and the run fails
 //! when one of the goals is missed.
@@ -95,6 +98,15 @@ const ALLOWED_TIMEOUT: Duration = Duration::from_secs(3);
 const FORBIDDEN_TIMEOUT: Duration = Duration::from_millis(20);
 /// iperf3's reporting interval: stalls are measured in these steps.
 const IPERF_INTERVAL_SECONDS: f64 = 0.1;
+/// How long after writing a policy change the agent is killed, by cycle: spread so that some
+/// kills land before the agent has read the change and some during its apply.
+const KILL_AFTER_CHANGE: [Duration; 5] = [
+    Duration::from_millis(0),
+    Duration::from_millis(3),
+    Duration::from_millis(6),
+    Duration::from_millis(12),
+    Duration::from_millis(25),
+];
 /// How long an agent may take from its start to its first apply taking over the node.
 const READY_TIMEOUT: Duration = Duration::from_mins(1);
 
@@ -202,8 +214,22 @@ fn run_on(node: &Node, options: &Options) -> anyhow::Result<Outcome> {
             finish(&mut phases, down, restarted.elapsed());
             std::thread::sleep(seconds);
         }
+        let mut server_rules = 1;
         for cycle in 1..=options.cycles {
-            begin(&mut phases, &ledger, format!("SIGKILL + restart {cycle}"));
+            let mid_change = cycle % 2 == 0 && options.sabotage != Some(Sabotage::DenyLoopPort);
+            let name = if mid_change {
+                format!("SIGKILL mid-change, restart {cycle}")
+            } else {
+                format!("SIGKILL + restart {cycle}")
+            };
+            begin(&mut phases, &ledger, name);
+            if mid_change {
+                // The server's policy gains or loses a rule that decides none of the
+                // traffic: a new policy id, the endpoint switched to it, the old one deleted.
+                server_rules = 3 - server_rules;
+                traffic::write_manifests(node, &traffic::isolated_server(server_rules))?;
+                std::thread::sleep(KILL_AFTER_CHANGE[(cycle / 2) % KILL_AFTER_CHANGE.len()]);
+            }
             let killed = Instant::now();
             agent.stop(Signal::SIGKILL)?;
             if options.sabotage == Some(Sabotage::UnpinLinks) {
@@ -773,7 +799,7 @@ fn report(
         ))
     );
     println!(
-        "  {:<34} {:>7} {:>8} {:>9} {:>7} {:>7} {:>9} {:>8} {:>6} {:>9} {:>9} {:>9}",
+        "  {:<36} {:>7} {:>8} {:>9} {:>7} {:>7} {:>9} {:>8} {:>6} {:>9} {:>9} {:>9}",
         "phase",
         "down ms",
         "ready ms",
@@ -798,7 +824,7 @@ fn report(
         let (bytes, stall) = iperf.in_phase(phases, index);
         let accepted = load(&row.forbidden_accepted).max(load(&row.forbidden_accepted_by_server));
         println!(
-            "  {:<34} {:>7} {:>8} {:>9} {:>7} {:>7} {:>9} {:>8} {:>6} {:>9} {:>9.0} {:>9.0}",
+            "  {:<36} {:>7} {:>8} {:>9} {:>7} {:>7} {:>9} {:>8} {:>6} {:>9} {:>9.0} {:>9.0}",
             phase.name,
             millis(phase.down),
             millis(phase.to_ready),

@@ -1,6 +1,6 @@
 //! The short, CI-sized restart bench (`cargo xtask bench restart` runs the long one, with the
-//! upgrade from an earlier build): one SIGKILL and restart of the agent under traffic must
-//! break nothing and open nothing, and the same run with the links' pins removed after the
+//! upgrade from an earlier build): two SIGKILLs and restarts of the agent under traffic, the
+//! second just after a policy change, must break nothing and open nothing, and the same run with the links' pins removed after the
 //! kill (an agent that detaches when it dies) must fail, or the bench could not see it.
 //!
 //! Needs root and iperf3 (skipped with a message otherwise), and the agent built beside this
@@ -43,7 +43,7 @@ fn restart_bench(agent: &PathBuf, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_netwarden-bench"))
         .args(["restart", "--agent"])
         .arg(agent)
-        .args(["--cycles", "1", "--seconds", "2"])
+        .args(["--cycles", "2", "--seconds", "2"])
         .args(extra)
         .output()
         .expect("the bench runs")
