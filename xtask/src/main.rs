@@ -615,7 +615,42 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
 mod tests {
     use std::path::PathBuf;
 
-    use super::{NOT_YET_RUN, SERVICE_VARIANTS, e2e_command, e2e_kind_command};
+    use super::{
+        NOT_YET_RUN, SERVICE_VARIANTS, e2e_command, e2e_kind_command, restart_bench_command,
+    };
+
+    #[test]
+    fn the_restart_bench_runs_the_dev_builds_and_upgrades_from_the_old_agent_if_given() {
+        let args = |command: &std::process::Command| -> Vec<String> {
+            command
+                .get_args()
+                .map(|arg| arg.to_string_lossy().into_owned())
+                .collect()
+        };
+        let old = PathBuf::from("target/restart-bench/agent-f42777083e09/target/debug/netwarden");
+        let command = restart_bench_command("5", "3", Some(&old));
+        assert_eq!(command.get_program(), "target/debug/netwarden-bench");
+        assert_eq!(
+            args(&command),
+            [
+                "restart",
+                "--agent",
+                "target/debug/netwarden",
+                "--cycles",
+                "5",
+                "--seconds",
+                "3",
+                "--old-agent",
+                "target/restart-bench/agent-f42777083e09/target/debug/netwarden"
+            ]
+        );
+        assert!(!args(&restart_bench_command("1", "2", None)).contains(&"--old-agent".to_owned()));
+        assert!(
+            super::old_agent::REVISION.len() == 40
+                && super::old_agent::REVISION.starts_with("f427770"),
+            "a full hash: git archive takes it as it is"
+        );
+    }
 
     #[test]
     fn test_runs_every_scenario_directory_but_the_ones_not_yet_run() {
