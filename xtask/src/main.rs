@@ -5,6 +5,7 @@
 
 mod fuzz;
 mod image;
+mod old_agent;
 mod page;
 mod setup;
 
@@ -137,6 +138,26 @@ enum BenchKind {
     /// The identity check's latency (p50/p99 of `Authorization/Check` over the Unix socket)
     /// on the generated 10,000-pod cluster.
     Identity,
+    /// Traffic between two pods (an iperf3 stream, idle connections, a connect/request/close
+    /// loop to an allowed port, attempts on a forbidden one) while the agent is upgraded from
+    /// the build before the last map layout change, then killed (SIGKILL) and restarted; fails
+    /// when an established connection broke, an allowed one was refused or a forbidden one
+    /// accepted. Dev builds: the agent's speed is not what is measured.
+    Restart {
+        /// SIGKILL and restart cycles.
+        #[arg(long, default_value = "5")]
+        cycles: String,
+        /// Seconds of traffic after each agent has taken over.
+        #[arg(long, default_value = "3")]
+        seconds: String,
+        /// Skip the upgrade (and the build of the earlier agent).
+        #[arg(long)]
+        no_upgrade: bool,
+        /// A fault the run must catch and fail on (`unpin-links`, `deny-loop-port`): to
+        /// check the bench itself.
+        #[arg(long)]
+        sabotage: Option<String>,
+    },
 }
 
 /// The harness's `--variant`s: the scenarios run through Services, as on a real cluster.
@@ -222,6 +243,9 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             bench: BenchKind::Identity,
         } => bench(&["identity"]),
+        Task::Bench {
+            bench: restart @ BenchKind::Restart { .. },
+        } => bench_restart(&root, restart),
         Task::Fuzz {
             time,
             target,
@@ -274,6 +298,52 @@ fn bench(args: &[&str]) -> anyhow::Result<()> {
     run("target/release/netwarden-bench", args)
 }
 
+/// `cargo xtask bench restart`: builds the agent and the bench (dev), and the earlier agent
+/// unless `--no-upgrade`, then runs the bench.
+fn bench_restart(root: &Path, restart: BenchKind) -> anyhow::Result<()> {
+    let BenchKind::Restart {
+        cycles,
+        seconds,
+        no_upgrade,
+        sabotage,
+    } = restart
+    else {
+        bail!("not the restart bench");
+    };
+    setup::ensure()?;
+    setup::ensure_packages(setup::BENCH_PACKAGES)?;
+    build_dev("netwarden-bench")?;
+    let old_agent = if no_upgrade {
+        None
+    } else {
+        Some(old_agent::build(root)?)
+    };
+    let mut command = restart_bench_command(&cycles, &seconds, old_agent.as_deref());
+    if let Some(sabotage) = &sabotage {
+        command.args(["--sabotage", sabotage]);
+    }
+    run_command(&mut command)
+}
+
+/// The restart bench on the dev builds of the agent and the bench, upgrading from `old_agent`
+/// if given.
+fn restart_bench_command(cycles: &str, seconds: &str, old_agent: Option<&Path>) -> Command {
+    let mut command = Command::new("target/debug/netwarden-bench");
+    command.args([
+        "restart",
+        "--agent",
+        "target/debug/netwarden",
+        "--cycles",
+        cycles,
+        "--seconds",
+        seconds,
+    ]);
+    if let Some(old_agent) = old_agent {
+        command.arg("--old-agent").arg(old_agent);
+    }
+    command
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -304,6 +374,12 @@ pub fn run_command(command: &mut Command) -> anyhow::Result<()> {
 fn build_release(package: &str) -> anyhow::Result<()> {
     run("cargo", &["build", "--release", "--package", "netwarden"])?;
     run("cargo", &["build", "--release", "--package", package])
+}
+
+/// [`build_release`] in the dev profile.
+fn build_dev(package: &str) -> anyhow::Result<()> {
+    run("cargo", &["build", "--package", "netwarden"])?;
+    run("cargo", &["build", "--package", package])
 }
 
 fn e2e(paths: &[PathBuf], verbose: bool) -> anyhow::Result<()> {
@@ -539,7 +615,42 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
 mod tests {
     use std::path::PathBuf;
 
-    use super::{NOT_YET_RUN, SERVICE_VARIANTS, e2e_command, e2e_kind_command};
+    use super::{
+        NOT_YET_RUN, SERVICE_VARIANTS, e2e_command, e2e_kind_command, restart_bench_command,
+    };
+
+    #[test]
+    fn the_restart_bench_runs_the_dev_builds_and_upgrades_from_the_old_agent_if_given() {
+        let args = |command: &std::process::Command| -> Vec<String> {
+            command
+                .get_args()
+                .map(|arg| arg.to_string_lossy().into_owned())
+                .collect()
+        };
+        let old = PathBuf::from("target/restart-bench/agent-f42777083e09/target/debug/netwarden");
+        let command = restart_bench_command("5", "3", Some(&old));
+        assert_eq!(command.get_program(), "target/debug/netwarden-bench");
+        assert_eq!(
+            args(&command),
+            [
+                "restart",
+                "--agent",
+                "target/debug/netwarden",
+                "--cycles",
+                "5",
+                "--seconds",
+                "3",
+                "--old-agent",
+                "target/restart-bench/agent-f42777083e09/target/debug/netwarden"
+            ]
+        );
+        assert!(!args(&restart_bench_command("1", "2", None)).contains(&"--old-agent".to_owned()));
+        assert!(
+            super::old_agent::REVISION.len() == 40
+                && super::old_agent::REVISION.starts_with("f427770"),
+            "a full hash: git archive takes it as it is"
+        );
+    }
 
     #[test]
     fn test_runs_every_scenario_directory_but_the_ones_not_yet_run() {

@@ -1,7 +1,8 @@
 //! `netwarden-bench`: the compile benchmark (the compiler at cluster scale and the agent's
-//! memory with it), the datapath's per-packet costs and the identity check's latency.
+//! memory with it), the datapath's per-packet costs, the identity check's latency, and traffic
+//! across the agent's restarts and upgrades.
 //!
-//! Run through `cargo xtask bench compile|datapath|identity` (root: the agent part loads its
+//! Run through `cargo xtask bench compile|datapath|identity|restart` (root: the agent part loads its
 //! maps into the kernel inside a network namespace of its own and a private bpffs).
 
 mod agent;
@@ -12,6 +13,7 @@ mod heap;
 mod identity;
 mod kube_cache;
 mod manifests;
+mod restart;
 mod targets;
 mod tiers;
 mod traffic;
@@ -67,6 +69,11 @@ enum Bench {
     },
     /// The identity check's latency (`Authorization/Check` over the Unix socket), p50/p99.
     Identity,
+    /// Traffic between two pods (iperf3, idle connections, a connect loop to an allowed port,
+    /// attempts on a forbidden one) while the agent is upgraded from `--old-agent`, then killed
+    /// (SIGKILL) and restarted; fails when a connection broke, an allowed one was refused or a
+    /// forbidden one accepted.
+    Restart(restart::Options),
 }
 
 /// The size of a scale run.
@@ -123,6 +130,7 @@ fn main() -> anyhow::Result<()> {
             repeats,
         } => datapath(agent.as_deref(), traffic::Plan { seconds, repeats }),
         Bench::Identity => identity::run(cluster::generate(), cluster::NODE, NODE_ADDRESS),
+        Bench::Restart(options) => restart::run(&options),
     }
 }
 

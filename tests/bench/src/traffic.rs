@@ -49,11 +49,11 @@ use nix::{
     unistd::Pid,
 };
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
-const SERVER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
+pub(crate) const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+pub(crate) const SERVER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-const IPERF_PORT: u16 = 5201;
-const LOOP_PORT: u16 = 7000;
+pub(crate) const IPERF_PORT: u16 = 5201;
+pub(crate) const LOOP_PORT: u16 = 7000;
 const NAMESPACE: &str = "bench";
 /// The server pod's Service: a `ClusterIP` in the cluster's Service CIDR (`10.96.0.0/16`, as the
 /// e2e harness allocates them), routed nowhere, translated by kube-proxy's rules on the node.
@@ -66,7 +66,7 @@ const SERVICE_LOOP_PORT: u16 = 80;
 /// A third Service port whose backend port ([`DENIED_PORT`], where nothing listens) the
 /// client's egress policy does not allow: the probe that the Service's flows are decided.
 const SERVICE_DENIED_PORT: u16 = 81;
-const DENIED_PORT: u16 = 7001;
+pub(crate) const DENIED_PORT: u16 = 7001;
 
 /// How long and how often each figure is measured.
 #[derive(Clone, Copy, Debug)]
@@ -186,13 +186,13 @@ pub fn run(agent: &Path, plan: Plan) -> anyhow::Result<(PassResult, PassResult)>
 
 /// Network namespaces `<prefix>node`, `<prefix>cli`, `<prefix>srv`: two pods wired to the node
 /// by veths with host routes, like point-to-point CNIs do.
-struct Node {
+pub(crate) struct Node {
     prefix: String,
     work: PathBuf,
 }
 
 impl Node {
-    fn create() -> anyhow::Result<Self> {
+    pub(crate) fn create() -> anyhow::Result<Self> {
         remove_leftovers();
         let prefix = format!("nwtb{}", std::process::id());
         let work = std::env::temp_dir().join(format!("netwarden-traffic-{}", std::process::id()));
@@ -266,8 +266,24 @@ impl Node {
         format!("{}{suffix}", self.prefix)
     }
 
-    fn netns_path(&self, suffix: &str) -> PathBuf {
+    /// The namespace of `node`, `cli` or `srv`.
+    pub(crate) fn netns_path(&self, suffix: &str) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.netns(suffix)))
+    }
+
+    /// The node's working directory: the agent's manifests, bpffs and status file.
+    pub(crate) fn work(&self) -> &Path {
+        &self.work
+    }
+
+    /// The agent's status file.
+    pub(crate) fn status_file(&self) -> PathBuf {
+        self.work.join("status.json")
+    }
+
+    /// The agent's private bpffs, mounted by [`spawn_agent`].
+    pub(crate) fn bpffs(&self) -> PathBuf {
+        self.work.join("bpffs")
     }
 }
 
@@ -319,43 +335,19 @@ struct Observer {
 }
 
 /// A running agent and the lines of its log, as they come.
-struct Agent {
-    child: Child,
-    log: mpsc::Receiver<String>,
+pub(crate) struct Agent {
+    pub(crate) child: Child,
+    pub(crate) log: mpsc::Receiver<String>,
 }
 
 impl<'node> Bench<'node> {
     fn start(node: &'node Node, agent: &Path) -> anyhow::Result<Self> {
-        let mut iperf_server = in_netns(
-            Command::new("iperf3").args([
-                "--server",
-                "--forceflush",
-                "--port",
-                &IPERF_PORT.to_string(),
-            ]),
-            &node.netns_path("srv"),
-        )?
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting iperf3 (apt install iperf3, or run cargo xtask setup)")?;
-        // Ready once it says so; its first line is "Server listening on 5201 ...".
-        let stdout = iperf_server.stdout.take().context("iperf3 stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(line)) if line.contains("listening") => break,
-                Some(Ok(_)) => {}
-                _ => bail!("iperf3 --server exited before listening"),
-            }
-        }
-        std::thread::spawn(move || lines.for_each(drop));
         Ok(Self {
             node,
             agent_binary: agent.to_owned(),
             agent: None,
             observer: None,
-            iperf_server,
+            iperf_server: start_iperf_server(node)?,
         })
     }
 
@@ -490,18 +482,7 @@ impl<'node> Bench<'node> {
             self.agent = Some(self.spawn_agent()?);
             self.wait_applied(false)?;
         }
-        let manifests = self.node.work.join("manifests");
-        let staging = self.node.work.join("staging");
-        let _ = fs::remove_dir_all(&staging);
-        fs::create_dir_all(&staging)?;
-        crate::manifests::write(cluster, &staging)?;
-        // One file, so one rename, one inotify event with the whole new content behind it: the
-        // cluster-scoped objects (the ClusterNetworkPolicies) join the namespace's.
-        let file = format!("{NAMESPACE}.yaml");
-        let mut content = fs::read_to_string(staging.join("cluster-scoped.yaml"))?;
-        content.push_str(&fs::read_to_string(staging.join(&file))?);
-        fs::write(staging.join(&file), content)?;
-        fs::rename(staging.join(&file), manifests.join(&file))?;
+        write_manifests(self.node, cluster)?;
         self.wait_applied(true)
     }
 
@@ -536,37 +517,7 @@ impl<'node> Bench<'node> {
     }
 
     fn spawn_agent(&self) -> anyhow::Result<Agent> {
-        let bpffs = self.node.work.join("bpffs");
-        if !bpffs.exists() {
-            crate::mount_private_bpffs(&bpffs)?;
-        }
-        let mut command = in_netns(
-            Command::new(&self.agent_binary)
-                .args(["agent", "--node", crate::cluster::NODE, "--manifests"])
-                .arg(self.node.work.join("manifests"))
-                .arg("--bpffs")
-                .arg(&bpffs)
-                .arg("--status-file")
-                .arg(self.node.work.join("status.json"))
-                .arg("--log-json"),
-            &self.node.netns_path("node"),
-        )?;
-        let mut child = command
-            .env("NETWARDEN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting the agent")?;
-        let stderr = child.stderr.take().context("agent stderr")?;
-        let (sender, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Agent { child, log })
+        spawn_agent(&self.agent_binary, self.node)
     }
 
     /// Waits for the agent's next "applied" line (one that changed maps when `changed`).
@@ -770,6 +721,88 @@ impl<'node> Bench<'node> {
     }
 }
 
+/// Starts iperf3's server in the server pod and waits for it to listen.
+pub(crate) fn start_iperf_server(node: &Node) -> anyhow::Result<Child> {
+    let mut iperf_server = in_netns(
+        Command::new("iperf3").args([
+            "--server",
+            "--forceflush",
+            "--port",
+            &IPERF_PORT.to_string(),
+        ]),
+        &node.netns_path("srv"),
+    )?
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .context("starting iperf3 (apt install iperf3, or run cargo xtask setup)")?;
+    // Ready once it says so; its first line is "Server listening on 5201 ...".
+    let stdout = iperf_server.stdout.take().context("iperf3 stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("listening") => break,
+            Some(Ok(_)) => {}
+            _ => bail!("iperf3 --server exited before listening"),
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(iperf_server)
+}
+
+/// Starts `binary` as the node's agent (JSON log lines on its stderr, passed on as they come)
+/// on the node's manifests, private bpffs (mounted first if it is not) and status file.
+pub(crate) fn spawn_agent(binary: &Path, node: &Node) -> anyhow::Result<Agent> {
+    let bpffs = node.bpffs();
+    if !bpffs.exists() {
+        crate::mount_private_bpffs(&bpffs)?;
+    }
+    let mut command = in_netns(
+        Command::new(binary)
+            .args(["agent", "--node", crate::cluster::NODE, "--manifests"])
+            .arg(node.work.join("manifests"))
+            .arg("--bpffs")
+            .arg(&bpffs)
+            .arg("--status-file")
+            .arg(node.status_file())
+            .arg("--log-json"),
+        &node.netns_path("node"),
+    )?;
+    let mut child = command
+        .env("NETWARDEN_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting the agent {}", binary.display()))?;
+    let stderr = child.stderr.take().context("agent stderr")?;
+    let (sender, log) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Agent { child, log })
+}
+
+/// Writes `cluster` as the node's manifests: one file, so one rename, one inotify event with
+/// the whole new content behind it (the cluster-scoped objects, such as the
+/// ClusterNetworkPolicies, join the namespace's).
+pub(crate) fn write_manifests(node: &Node, cluster: &Cluster) -> anyhow::Result<()> {
+    let manifests = node.work.join("manifests");
+    let staging = node.work.join("staging");
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir_all(&staging)?;
+    crate::manifests::write(cluster, &staging)?;
+    let file = format!("{NAMESPACE}.yaml");
+    let mut content = fs::read_to_string(staging.join("cluster-scoped.yaml"))?;
+    content.push_str(&fs::read_to_string(staging.join(&file))?);
+    fs::write(staging.join(&file), content)?;
+    fs::rename(staging.join(&file), manifests.join(&file))?;
+    Ok(())
+}
+
 impl Drop for Bench<'_> {
     fn drop(&mut self) {
         self.stop_agent();
@@ -836,7 +869,7 @@ impl LoopServer {
     }
 }
 
-fn bind_reusable(address: SocketAddr) -> anyhow::Result<TcpListener> {
+pub(crate) fn bind_reusable(address: SocketAddr) -> anyhow::Result<TcpListener> {
     use nix::sys::socket::{
         AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
         sockopt,
@@ -861,7 +894,7 @@ fn bind_reusable(address: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Runs `work` on a new thread inside the network namespace at `netns`, on CPU 0 when
 /// `pinned`.
-fn on_thread_in<T: Send + 'static>(
+pub(crate) fn on_thread_in<T: Send + 'static>(
     netns: &Path,
     pinned: bool,
     work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
@@ -881,7 +914,7 @@ fn on_thread_in<T: Send + 'static>(
 }
 
 /// `program` to be started inside the network namespace at `netns`.
-fn in_netns(command: &mut Command, netns: &Path) -> anyhow::Result<Command> {
+pub(crate) fn in_netns(command: &mut Command, netns: &Path) -> anyhow::Result<Command> {
     let namespace =
         fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
     let mut prepared = Command::new(command.get_program());
@@ -967,9 +1000,18 @@ fn blocked_peers(rules: u32) -> impl Iterator<Item = Ipv4Addr> {
     (0..rules.saturating_sub(1)).map(move |index| Ipv4Addr::from(base + index))
 }
 
-/// The benchmark cluster: client and server pods on this node, the server isolated by one
-/// policy with `rules - 1` `ipBlock` rules and a last rule for the client pod.
+/// The benchmark cluster: [`isolated_server`] with 100 Admin and 100 Baseline
+/// ClusterNetworkPolicies selecting both pods in force (`tiers.rs`).
 fn cluster(rules: u32) -> Cluster {
+    let mut cluster = isolated_server(rules);
+    crate::tiers::add(&mut cluster, NAMESPACE);
+    cluster
+}
+
+/// Client and server pods on this node, the server isolated by one policy with `rules - 1`
+/// `ipBlock` rules and a last rule allowing the client pod on [`IPERF_PORT`] and [`LOOP_PORT`]
+/// (so not on [`DENIED_PORT`]).
+pub(crate) fn isolated_server(rules: u32) -> Cluster {
     let mut cluster = Cluster::default();
     cluster.namespaces.insert(
         NAMESPACE.into(),
@@ -1041,7 +1083,6 @@ fn cluster(rules: u32) -> Cluster {
         egress: Vec::new(),
     };
     cluster.policies.insert(policy.id.clone(), policy);
-    crate::tiers::add(&mut cluster, NAMESPACE);
     cluster
 }
 

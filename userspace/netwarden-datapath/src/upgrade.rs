@@ -64,27 +64,44 @@ fn layouts() -> [Layout; 6] {
             dependents: &[],
         },
         // A rule id per entry before ClusterNetworkPolicy tiers gave each entry two matches.
-        // The CIDR tries hold the policy ids of the entries dropped with it: rebuilt along,
-        // the new agent installs every policy again before its programs replace the old ones.
         Layout {
             name: pinned::POLICY.name,
             // An LPM trie's key starts with its prefix length.
             key_size: (size_of::<u32>() + size_of::<PolicyKey>()) as u32,
             value_size: size_of::<PolicyEntry>() as u32,
             max_entries: None,
-            dependents: &[pinned::CIDRS_V4.name, pinned::CIDRS_V6.name],
+            dependents: NAMING_POLICY_IDS,
         },
     ]
 }
 
+/// The maps whose entries name policies by id, rebuilt along with a replaced `POLICY` map: the
+/// CIDR tries, and `ENDPOINTS`. The previous agent's programs stay attached until the new
+/// agent's first apply has filled its maps, and they keep the maps they were loaded with, the
+/// old `POLICY` map among them; `ENDPOINTS` is read by both. Adopted, it would be switched to
+/// the new agent's policy ids while the old programs still look them up in their old `POLICY`
+/// map, where they are not: every new flow, and every tracked flow checked again after the
+/// epoch bump, would be denied until the links are taken over (found by the restart bench,
+/// `cargo xtask bench restart`). Rebuilt, the old programs decide on old entries until
+/// then, and the new ones on new entries.
+pub const NAMING_POLICY_IDS: &[&str] = &[
+    pinned::CIDRS_V4.name,
+    pinned::CIDRS_V6.name,
+    pinned::ENDPOINTS.name,
+];
+
 /// Maps earlier builds pinned that this one no longer has, each with the maps whose content
 /// refers to it and must be rebuilt along: `CONNTRACK`, one table for both IP families
 /// before IPv4 flows got a table of their own, and `CIDRS`, one trie for both families before
-/// IPv4 prefixes got one (the policy map is rebuilt with it, so the new agent installs every
-/// policy again, into both tries, before its programs replace the old ones).
+/// IPv4 prefixes got one (the policy map is rebuilt with it, with the maps that name its
+/// policies, so the new agent installs every policy again, into both tries, before its
+/// programs replace the old ones).
 const RETIRED: [(&str, &[&str]); pinned::RETIRED_NAMES.len()] = [
     (pinned::RETIRED_NAMES[0], &[]),
-    (pinned::RETIRED_NAMES[1], &[pinned::POLICY.name]),
+    (
+        pinned::RETIRED_NAMES[1],
+        &[pinned::POLICY.name, pinned::ENDPOINTS.name],
+    ),
 ];
 
 /// Unpins the maps under `maps_dir` whose layout is not this build's, so the loader creates
@@ -197,17 +214,36 @@ pub fn adopted_differences<'a>(
 mod tests {
     use netwarden_common::maps as pinned;
 
-    use super::{RETIRED, layouts};
+    use super::{NAMING_POLICY_IDS, RETIRED, layouts};
 
     #[test]
-    fn the_retired_cidrs_trie_rebuilds_the_policy_map_and_nothing_else_is_rebuilt() {
+    fn the_retired_cidrs_trie_rebuilds_the_policy_map_and_the_endpoints_and_nothing_else() {
         assert_eq!(
             RETIRED,
             [
                 ("CONNTRACK", &[][..]),
-                ("CIDRS", &[pinned::POLICY.name][..]),
+                ("CIDRS", &[pinned::POLICY.name, pinned::ENDPOINTS.name][..]),
             ]
         );
+    }
+
+    /// An `ENDPOINTS` entry names its policies by id: adopted over a rebuilt `POLICY` map, it
+    /// would point the previous agent's programs, still attached, at ids their `POLICY` map
+    /// does not have.
+    #[test]
+    fn a_rebuilt_policy_map_rebuilds_every_map_naming_its_ids() {
+        let policy = layouts()
+            .into_iter()
+            .find(|layout| layout.name == pinned::POLICY.name)
+            .expect("POLICY's layout is checked");
+        assert_eq!(policy.dependents, NAMING_POLICY_IDS);
+        for name in [
+            pinned::CIDRS_V4.name,
+            pinned::CIDRS_V6.name,
+            pinned::ENDPOINTS.name,
+        ] {
+            assert!(NAMING_POLICY_IDS.contains(&name), "{name}");
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@ mod netns;
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use netwarden_common::maps as pinned;
+use aya::maps::{HashMap, Map, MapData};
+use netwarden_common::{Endpoint, maps as pinned};
 use netwarden_datapath::{
     Capacity, Datapath, EndpointState, TranslationHook, Unenforced, faults::Faults,
 };
@@ -124,7 +125,7 @@ spec:
 
 /// Every `POLICY` entry (prefix length, key, rule) and every CIDR prefix, read through the pins.
 fn pinned_content(root: &std::path::Path) -> (Vec<String>, usize) {
-    use aya::maps::{LpmTrie, Map, MapData};
+    use aya::maps::LpmTrie;
     use netwarden_common::{CidrClass, CidrKey, CidrKeyV4, PolicyEntry, PolicyKey};
     let maps = netwarden_datapath::bpffs::PinLayout::new(root).maps();
     let open = |name: &str| MapData::from_pin(maps.join(name)).expect("a pinned map");
@@ -247,14 +248,24 @@ fn an_upgrade_that_rebuilds_the_policy_map_swaps_programs_in_only_once_it_is_fil
         let old = linked_programs(&root);
         assert_eq!(old.len(), 2, "both hooks pinned: {old:?}");
 
-        // The new build's layout differs: its loader creates the policy maps afresh (as when
-        // `CIDRS` was retired), while the old programs keep the maps they were loaded with.
+        // The new build's layout differs: its loader creates the policy maps afresh, and the
+        // maps that name their ids (as `upgrade.rs` does), while the old programs keep the
+        // maps they were loaded with. The endpoints as the old programs read them:
         let maps = netwarden_datapath::bpffs::PinLayout::new(&root).maps();
-        for name in [
-            pinned::POLICY.name,
-            pinned::CIDRS_V4.name,
-            pinned::CIDRS_V6.name,
-        ] {
+        let old_endpoints: HashMap<MapData, u32, Endpoint> = HashMap::try_from(Map::HashMap(
+            MapData::from_pin(maps.join(pinned::ENDPOINTS.name)).expect("pinned endpoints"),
+        ))
+        .expect("the endpoints map");
+        let endpoints_before: Vec<(u32, Endpoint)> = old_endpoints
+            .iter()
+            .map(|entry| entry.expect("an entry"))
+            .collect();
+        assert_eq!(endpoints_before.len(), 1, "{endpoints_before:?}");
+        for name in std::iter::once(pinned::POLICY.name).chain(
+            netwarden_datapath::upgrade::NAMING_POLICY_IDS
+                .iter()
+                .copied(),
+        ) {
             std::fs::remove_file(maps.join(name)).expect("unpin");
         }
         let (mut upgraded, inherited) =
@@ -264,7 +275,7 @@ fn an_upgrade_that_rebuilds_the_policy_map_swaps_programs_in_only_once_it_is_fil
             "the new policy map starts empty"
         );
         assert_eq!(linked_programs(&root), old, "opening swaps nothing");
-        // As the agent does: its compiler continues above the ids the endpoints still use.
+        // As the agent does: its compiler continues from what the maps still hold.
         let mut compiler = Compiler::new("node-1");
         compiler.resume(inherited.identities, inherited.highest_policy_id);
         compiler.adopt_pinned_policies(inherited.policies);
@@ -296,6 +307,17 @@ fn an_upgrade_that_rebuilds_the_policy_map_swaps_programs_in_only_once_it_is_fil
         }
         let (entries, _) = pinned_content(&root);
         assert!(!entries.is_empty(), "the new policy map is filled");
+        // Until the swap the old programs looked their endpoint's policy id up in their own
+        // policy map: had the new agent rewritten their entry with its ids, every new flow
+        // would have been denied meanwhile.
+        let endpoints_after: Vec<(u32, Endpoint)> = old_endpoints
+            .iter()
+            .map(|entry| entry.expect("an entry"))
+            .collect();
+        assert_eq!(
+            endpoints_after, endpoints_before,
+            "the old programs' endpoints are left as they were"
+        );
     });
 }
 

@@ -11,6 +11,7 @@ use netwarden_datapath::{Capacity, Datapath, bpffs::PinLayout};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
@@ -161,6 +162,14 @@ fn a_policy_map_of_one_rule_per_entry_is_rebuilt_with_the_cidr_tries() {
         size_of::<netwarden_common::CidrClass>() as u32,
         7,
     );
+    // The previous agent's endpoints, naming its policies by id (same layout as today's).
+    pin_map(
+        &layout.maps().join(pinned::ENDPOINTS.name),
+        BPF_MAP_TYPE_HASH,
+        size_of::<u32>() as u32,
+        size_of::<netwarden_common::Endpoint>() as u32,
+        16,
+    );
     let replaced = netwarden_datapath::upgrade::replace_outdated_pins(&layout.maps())
         .expect("replace the outdated pins");
     let opened = Datapath::open(bpffs.path(), &Capacity::default())
@@ -169,8 +178,12 @@ fn a_policy_map_of_one_rule_per_entry_is_rebuilt_with_the_cidr_tries() {
     let _ = nix::mount::umount2(bpffs.path(), nix::mount::MntFlags::MNT_DETACH);
     assert_eq!(
         replaced,
-        [pinned::POLICY.name, pinned::CIDRS_V4.name],
-        "the policy map and the trie that names its policies"
+        [
+            pinned::POLICY.name,
+            pinned::CIDRS_V4.name,
+            pinned::ENDPOINTS.name
+        ],
+        "the policy map, and the trie and endpoints that name its policies"
     );
     opened.expect("the datapath loads over the old pins");
 }
