@@ -229,30 +229,7 @@ impl Maps<'_> {
         }
         let key = ConntrackKey::of(&packet.flow);
         let tracked = tables.conntrack.get(&key).copied();
-        let opening = match packet.opening {
-            ParsedOpening::Opens => Opening::Opens,
-            ParsedOpening::Continues => Opening::Continues,
-            ParsedOpening::Neighbour => Opening::Neighbour,
-            ParsedOpening::IcmpError => {
-                // The quoted packet travelled the other way.
-                let quoted_direction = match direction {
-                    Direction::Egress => Direction::Ingress,
-                    Direction::Ingress => Direction::Egress,
-                };
-                let quoted = quoted_flow(
-                    frame,
-                    packet.flow.protocol,
-                    packet.l4_offset + 8,
-                    quoted_direction,
-                    ifindex,
-                );
-                Opening::IcmpError {
-                    quotes_tracked_flow: quoted.is_some_and(|quoted| {
-                        tables.conntrack.contains_key(&ConntrackKey::of(&quoted))
-                    }),
-                }
-            }
-        };
+        let opening = opening(tables, frame, &packet, direction, ifindex);
         let outcome: Outcome = self.verdict(&Packet {
             ifindex,
             direction,
@@ -297,6 +274,40 @@ impl Maps<'_> {
             reason: outcome.reason,
             conntrack: outcome.conntrack,
             fragment_time_left_ns: None,
+        }
+    }
+}
+
+/// What `packet` may do, with conntrack asked about the packet an ICMP error quotes.
+fn opening(
+    tables: &Tables,
+    frame: &[u8],
+    packet: &ParsedFlow,
+    direction: Direction,
+    ifindex: u32,
+) -> Opening {
+    match packet.opening {
+        ParsedOpening::Opens => Opening::Opens,
+        ParsedOpening::Continues => Opening::Continues,
+        ParsedOpening::Neighbour => Opening::Neighbour,
+        ParsedOpening::IcmpError => {
+            // The quoted packet travelled the other way.
+            let quoted_direction = match direction {
+                Direction::Egress => Direction::Ingress,
+                Direction::Ingress => Direction::Egress,
+            };
+            let quoted = quoted_flow(
+                frame,
+                packet.flow.protocol,
+                packet.l4_offset + 8,
+                quoted_direction,
+                ifindex,
+            );
+            Opening::IcmpError {
+                quotes_tracked_flow: quoted.is_some_and(|quoted| {
+                    tables.conntrack.contains_key(&ConntrackKey::of(&quoted))
+                }),
+            }
         }
     }
 }

@@ -378,7 +378,6 @@ fn nodes() -> impl Strategy<Value = Vec<Node>> {
 
 /// A cluster with NetworkPolicies and, when `with_cluster_policies`, up to four
 /// ClusterNetworkPolicies and the nodes.
-#[must_use]
 pub fn cluster_with(with_cluster_policies: bool) -> impl Strategy<Value = Cluster> {
     let cluster_policies = (0..4_usize).map(cluster_policy).collect::<Vec<_>>();
     let count = if with_cluster_policies {
@@ -406,7 +405,6 @@ pub fn cluster_with(with_cluster_policies: bool) -> impl Strategy<Value = Cluste
 }
 
 /// The clusters the differential tests give the compiler.
-#[must_use]
 pub fn cluster() -> impl Strategy<Value = Cluster> {
     cluster_with(COMPILER_COMPILES_CLUSTER_POLICIES)
 }
