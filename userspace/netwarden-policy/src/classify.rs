@@ -614,3 +614,186 @@ fn quoted_flow(
     };
     Some(header.orient(ifindex, direction, src_port, dst_port))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use netwarden_common::{FRAGMENT_LIFETIME_NS, counter};
+
+    use super::{Fragment, Parsed, ParsedOpening, Tables, parse};
+    use crate::{
+        Compiler, Direction,
+        lookup::{ConntrackChange, Maps, Verdict},
+    };
+
+    const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const PEER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+    const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+
+    fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+        let total = u16::try_from(20 + payload.len()).expect("a small packet");
+        frame.extend([0x45, 0]);
+        frame.extend(total.to_be_bytes());
+        frame.extend([0x42, 0x42, 0, 0, 64, protocol, 0, 0]);
+        frame.extend(src.octets());
+        frame.extend(dst.octets());
+        frame.extend(payload);
+        frame
+    }
+
+    fn udp(src_port: u16, dst_port: u16) -> Vec<u8> {
+        let mut datagram = src_port.to_be_bytes().to_vec();
+        datagram.extend(dst_port.to_be_bytes());
+        datagram.extend([0, 8, 0, 0]);
+        datagram
+    }
+
+    /// A pod on this node with no policy.
+    fn compiler() -> Compiler {
+        let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: pod, namespace: x}\nspec: {nodeName: node-1, containers: [{name: c}]}\nstatus: {podIPs: [{ip: 10.0.0.1}]}\n";
+        let (cluster, errors) = netwarden_model::cluster_of_stream("cluster.yaml", yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut compiler = Compiler::new("node-1");
+        compiler.sync(cluster);
+        compiler
+    }
+
+    /// The maps with the pod placed on ifindex 1.
+    fn placed(compiler: &Compiler) -> Maps<'_> {
+        let mut maps = Maps::new(compiler.state(), false);
+        let pod = compiler.state().endpoints.keys().next().expect("the pod");
+        maps.place_endpoint(1, &pod.clone()).expect("a local pod");
+        maps
+    }
+
+    #[test]
+    fn the_other_ip_versions_icmp_is_a_protocol_without_ports() {
+        let mut solicitation = vec![135, 0, 0, 0, 0, 0, 0, 0];
+        solicitation.extend([0; 16]);
+        let Parsed::Flow(flow) = parse(&ipv4(PEER, POD, 58, &solicitation), Direction::Ingress, 1)
+        else {
+            panic!("an IP packet");
+        };
+        assert_eq!(
+            (flow.opening, flow.flow.pod_port, flow.flow.peer_port),
+            (ParsedOpening::Opens, 0, 0)
+        );
+        let Parsed::Flow(echo) = parse(
+            &ipv4(PEER, POD, 1, &[8, 0, 0, 0, 0x12, 0x34, 0, 1]),
+            Direction::Ingress,
+            1,
+        ) else {
+            panic!("an IP packet");
+        };
+        assert_eq!(
+            (echo.opening, echo.flow.pod_port),
+            (ParsedOpening::Opens, 0x1234)
+        );
+    }
+
+    #[test]
+    fn an_error_quoting_a_tracked_flow_passes_and_its_flow_is_tracked_by_its_ports() {
+        let compiler = compiler();
+        let maps = placed(&compiler);
+        let mut tables = Tables::default();
+        let query = ipv4(POD, PEER, 17, &udp(5353, 53));
+        let opened = maps.classify(&mut tables, &query, Direction::Egress, 1, 0);
+        assert_eq!(
+            (opened.verdict, opened.reason, opened.conntrack),
+            (
+                Verdict::Pass,
+                counter::ALLOWED_NOT_ISOLATED,
+                ConntrackChange::Created
+            )
+        );
+        let unreachable = |src_port: u16| {
+            let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+            icmp.extend(&ipv4(POD, PEER, 17, &udp(src_port, 53))[14..]);
+            ipv4(ROUTER, POD, 1, &icmp)
+        };
+        let related = maps.classify(&mut tables, &unreachable(5353), Direction::Ingress, 1, 0);
+        assert_eq!(related.reason, counter::ALLOWED_RELATED);
+        let other = maps.classify(&mut tables, &unreachable(5354), Direction::Ingress, 1, 0);
+        assert_eq!(
+            other.reason,
+            counter::ALLOWED_NOT_ISOLATED,
+            "an ordinary packet"
+        );
+        tables.bump_epoch();
+        let answer = ipv4(PEER, POD, 17, &udp(53, 5353));
+        let renewed = maps.classify(&mut tables, &answer, Direction::Ingress, 1, 0);
+        assert_eq!(
+            (renewed.reason, renewed.conntrack),
+            (counter::ALLOWED_TRACKED, ConntrackChange::Renewed)
+        );
+    }
+
+    #[test]
+    fn later_fragments_follow_a_first_fragment_that_passed_for_its_lifetime() {
+        let compiler = compiler();
+        let maps = placed(&compiler);
+        let mut tables = Tables::default();
+        let mut first = ipv4(POD, PEER, 17, &udp(5353, 53));
+        first[14 + 6] = 0x20; // more fragments
+        let mut later = ipv4(POD, PEER, 17, &[0; 8]);
+        later[14 + 7] = 0x03; // offset 24
+        assert!(matches!(
+            parse(&later, Direction::Egress, 1),
+            Parsed::Flow(flow) if flow.fragment == Fragment::Later
+        ));
+        let unknown = maps.classify(&mut tables, &later, Direction::Egress, 1, 10);
+        assert_eq!(unknown.reason, counter::DENIED_FRAGMENT_UNKNOWN);
+        maps.classify(&mut tables, &first, Direction::Egress, 1, 10);
+        let follows = maps.classify(&mut tables, &later, Direction::Egress, 1, 20);
+        assert_eq!(follows.reason, counter::ALLOWED_FRAGMENT);
+        let expired = maps.classify(
+            &mut tables,
+            &later,
+            Direction::Egress,
+            1,
+            11 + FRAGMENT_LIFETIME_NS,
+        );
+        assert_eq!(
+            (expired.reason, expired.fragment_time_left_ns),
+            (counter::DENIED_FRAGMENT_UNKNOWN, Some(-1))
+        );
+        let towards_pod = maps.classify(&mut tables, &later, Direction::Ingress, 1, 20);
+        assert_eq!(
+            towards_pod.reason,
+            counter::DENIED_FRAGMENT_UNKNOWN,
+            "another direction's datagram"
+        );
+    }
+
+    #[test]
+    fn frames_that_are_no_ip_packets_are_told_apart_before_any_lookup() {
+        let ethernet = |ethertype: u16, payload: &[u8]| {
+            let mut frame = vec![0; 12];
+            frame.extend(ethertype.to_be_bytes());
+            frame.extend(payload);
+            frame
+        };
+        assert_eq!(
+            parse(&ethernet(0x0806, &[0; 28]), Direction::Egress, 1),
+            Parsed::Arp
+        );
+        assert_eq!(
+            parse(&ethernet(0x8100, &[0; 28]), Direction::Egress, 1),
+            Parsed::Tagged
+        );
+        assert_eq!(
+            parse(&ethernet(0x88cc, &[0; 28]), Direction::Egress, 1),
+            Parsed::OtherEthertype
+        );
+        assert_eq!(parse(&[0; 13], Direction::Egress, 1), Parsed::Malformed);
+        let mut cut = ipv4(POD, PEER, 6, &[0; 13]);
+        assert_eq!(parse(&cut, Direction::Egress, 1), Parsed::Malformed);
+        cut.push(0x02);
+        assert!(matches!(
+            parse(&cut, Direction::Egress, 1),
+            Parsed::Flow(flow) if flow.opening == ParsedOpening::Opens
+        ));
+    }
+}
