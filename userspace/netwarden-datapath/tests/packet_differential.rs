@@ -299,11 +299,9 @@ fn ip_packet(
         return packet;
     }
     let mut extensions = shape.extensions.clone();
-    if let Some((offset, more)) = shape.fragment
-        && !extensions.iter().any(|(kind, _)| *kind == 44)
-    {
+    // A fragment of IPv6 needs a fragment header; the chain may hold one already.
+    if shape.fragment.is_some() && !extensions.iter().any(|(kind, _)| *kind == 44) {
         extensions.push((44, 0));
-        let _ = (offset, more);
     }
     let mut chain = Vec::new();
     let mut next = protocol;
@@ -345,7 +343,9 @@ struct Frames {
 const TCP_FLAGS: [u8; 10] = [0x02, 0x12, 0x10, 0x11, 0x04, 0x14, 0x18, 0x00, 0xff, 0x03];
 
 impl Frames {
-    fn transport(&mut self, protocol: u8, v6: bool, src_port: u16, dst_port: u16) -> Vec<u8> {
+    /// A transport header of `protocol` with these ports (ICMP: the echo identifier), or a
+    /// random payload for a protocol without ports.
+    fn transport(&mut self, protocol: u8, src_port: u16, dst_port: u16) -> Vec<u8> {
         let rng = &mut self.rng;
         let mut l4 = Vec::new();
         match protocol {
@@ -366,6 +366,8 @@ impl Frames {
                 l4.extend([0, 12, 0, 0]);
                 l4.extend(rng.bytes_below(12));
             }
+            // Types by the protocol number, whatever the IP version: neighbour solicitations in
+            // IPv4 packets of protocol 58 are what showed the parser took them for ICMPv6.
             1 | 58 => {
                 let types: &[u8] = if protocol == 1 {
                     &[8, 0, 13, 14, 9, 10, 5, 3, 11, 12, 42]
@@ -374,7 +376,6 @@ impl Frames {
                         128, 129, 133, 134, 135, 136, 137, 130, 131, 132, 143, 1, 2, 3, 4, 200,
                     ]
                 };
-                let _ = v6;
                 l4.push(rng.pick(types));
                 l4.push(rng.byte() & 3);
                 l4.extend([0, 0]);
@@ -505,7 +506,7 @@ impl Frames {
 
     fn ip_frame(&mut self, flow: Sent) -> Vec<u8> {
         let v6 = flow.src.is_ipv6();
-        let l4 = self.transport(flow.protocol, v6, flow.src_port, flow.dst_port);
+        let l4 = self.transport(flow.protocol, flow.src_port, flow.dst_port);
         let shape = self.shape(v6);
         let packet = ip_packet(
             &mut self.rng,
