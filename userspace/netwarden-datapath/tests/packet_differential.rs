@@ -3,7 +3,8 @@
 //! ICMP errors quoting tracked and untracked flows) run through the real programs with
 //! `BPF_PROG_TEST_RUN` and through `netwarden_policy::lookup::Maps::classify`, over random
 //! compiled states (`netwarden_policy::test_support`) and the conntrack and fragment contents
-//! the earlier frames left. Both must give every frame the same verdict and counter reason.
+//! the earlier frames left. Both must give every frame the same verdict and counter reason, and
+//! hold the same conntrack and fragment entries after every state.
 //!
 //! Seeded: `NETWARDEN_PACKET_SEED` (default below) and `NETWARDEN_PACKET_CASES` frames (default
 //! 3,000; `cargo xtask test --thorough` runs 1,000,000). A failure prints the seed, the frame's
