@@ -34,7 +34,8 @@ enum Task {
     /// Unit tests, clippy on userspace and on the eBPF crate, and every e2e scenario (the
     /// upstream suite also through Services, with kube-proxy in iptables and nftables mode).
     Test {
-        /// Run proptest cases by the thousand more (slow).
+        /// Run proptest cases by the thousand more, and a million frames through the packet
+        /// differential test (slow).
         #[arg(long)]
         thorough: bool,
     },
@@ -549,6 +550,9 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
     unit.args(["test", "--workspace", "--exclude", "netwarden-ebpf"]);
     if thorough {
         unit.env("PROPTEST_CASES", "50000");
+        // Frames through the kernel's classifier and its model
+        // (`netwarden-datapath/tests/packet_differential.rs`).
+        unit.env("NETWARDEN_PACKET_CASES", "1000000");
     }
     step("unit and integration tests", &mut unit)?;
     // The tests above compiled every dependency in the dev profile: building the two binaries

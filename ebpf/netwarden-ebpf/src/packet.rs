@@ -122,17 +122,22 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Result<Parsed, Malformed> {
         return Ok(Parsed::Tagged);
     }
     let ethertype = u16::from_be(header_at(ctx, 0, ETH_HEADER_LEN)?.u16(12));
-    let header = match ethertype {
-        ETH_P_IPV4 => parse_ipv4(ctx, ETH_HEADER_LEN)?,
-        ETH_P_IPV6 => parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS)?,
+    // The ICMP of the packet's IP version. The other one is a protocol without ports like any
+    // other: an IPv4 packet of protocol 58 is no neighbour solicitation, and taken for one it
+    // passed both ways whatever the policy said.
+    let (header, icmp_protocol) = match ethertype {
+        ETH_P_IPV4 => (parse_ipv4(ctx, ETH_HEADER_LEN)?, IPPROTO_ICMP),
+        ETH_P_IPV6 => (
+            parse_ipv6(ctx, ETH_HEADER_LEN, IPV6_MAX_EXTENSION_HEADERS)?,
+            IPPROTO_ICMPV6,
+        ),
         ETH_P_ARP => return Ok(Parsed::Arp),
         ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ => return Ok(Parsed::Tagged),
         _ => return Ok(Parsed::OtherEthertype),
     };
     let header = header.bounded()?;
     let ifindex = ifindex(ctx);
-    if header.has_ports() && (header.protocol == IPPROTO_ICMP || header.protocol == IPPROTO_ICMPV6)
-    {
+    if header.has_ports() && header.protocol == icmp_protocol {
         // The type, code, checksum and four bytes more: no ICMP message is shorter.
         let icmp = header_at(ctx, header.l4_offset, 8)?;
         let icmp_type = icmp.u8(0);
@@ -279,8 +284,9 @@ pub fn quoted_flow(
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
             (u16::from_be(ports.u16(0)), u16::from_be(ports.u16(2)))
         }
-        // A quoted echo request (a ping to an unreachable host): keyed by its identifier.
-        IPPROTO_ICMP | IPPROTO_ICMPV6 if echo(header.protocol, ports.u8(0)) == Some(true) => {
+        // A quoted echo request (a ping to an unreachable host): keyed by its identifier. The
+        // quoted packet is of the error's IP version, so its ICMP is the error's.
+        protocol if protocol == icmp_protocol && echo(protocol, ports.u8(0)) == Some(true) => {
             let id = u16::from_be(ports.u16(4));
             (id, id)
         }

@@ -188,7 +188,7 @@ impl Sweeper {
 }
 
 /// A pinned conntrack table.
-fn open_table<K: aya::Pod>(
+pub(crate) fn open_table<K: aya::Pod>(
     maps: &Path,
     name: &'static str,
 ) -> Result<BpfHashMap<MapData, K, FlowState>, DatapathError> {

@@ -40,6 +40,8 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use netwarden_common::SETTING_ALLOW_EVENT_PERIOD;
 use netwarden_policy::DatapathState;
 
+#[cfg(feature = "test-support")]
+pub use crate::test_support::TrackedFlows;
 use crate::{apply::Enforcer, loader::Kernel, netlink::NodeNetwork};
 pub use crate::{
     attach::{TranslationHook, clsact_placement},

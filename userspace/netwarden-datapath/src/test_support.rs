@@ -3,9 +3,18 @@
 
 use std::time::Duration;
 
-use aya::programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions};
+use aya::{
+    maps::{HashMap as BpfHashMap, Map, MapData},
+    programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions},
+};
+use netwarden_common::{FlowKey, FlowKeyV4, FlowState, FragmentKey, FragmentState};
 
-use crate::{Datapath, attach::Hook};
+use crate::{
+    Datapath,
+    attach::Hook,
+    conntrack::{TABLE_V4, TABLE_V6, open_table},
+    error::DatapathError,
+};
 
 /// The program benchmarks run to measure `BPF_PROG_TEST_RUN` alone.
 const TEST_RUN_BASELINE: &str = "test_run_baseline";
@@ -61,11 +70,43 @@ impl Datapath {
         test_run(program, frame, 1, repeat)
     }
 
+    /// Every flow the programs track, read from the pinned conntrack tables (IPv4 flows with
+    /// their 4-byte keys). Flows removed under the walk are left out.
+    pub fn conntrack_entries(&self) -> Result<TrackedFlows, DatapathError> {
+        let maps = self.kernel.layout.maps();
+        let ipv4 = open_table::<FlowKeyV4>(&maps, TABLE_V4)?;
+        let ipv6 = open_table::<FlowKey>(&maps, TABLE_V6)?;
+        Ok(TrackedFlows {
+            ipv4: ipv4.iter().filter_map(Result::ok).collect(),
+            ipv6: ipv6.iter().filter_map(Result::ok).collect(),
+        })
+    }
+
+    /// The datagrams whose first fragment passed (`FRAGMENTS`), with until when their later
+    /// fragments pass.
+    pub fn fragment_entries(&self) -> Result<Vec<(FragmentKey, FragmentState)>, DatapathError> {
+        const NAME: &str = netwarden_common::maps::FRAGMENTS.name;
+        let data = MapData::from_pin(self.kernel.layout.maps().join(NAME))
+            .map_err(|source| DatapathError::Map { name: NAME, source })?;
+        let table: BpfHashMap<MapData, FragmentKey, FragmentState> =
+            BpfHashMap::try_from(Map::LruHashMap(data))
+                .map_err(|source| DatapathError::Map { name: NAME, source })?;
+        Ok(table.iter().filter_map(Result::ok).collect())
+    }
+
     /// Makes the next kernel calls of each kind fail (tests of the agent's retries).
     pub fn inject_faults(&mut self, faults: crate::faults::Faults) {
         self.enforcer.maps.endpoints.failing_writes = faults.endpoint_writes;
         self.kernel.faults = faults;
     }
+}
+
+/// What the conntrack tables hold ([`Datapath::conntrack_entries`]).
+pub struct TrackedFlows {
+    /// `CONNTRACK_V4`.
+    pub ipv4: Vec<(FlowKeyV4, FlowState)>,
+    /// `CONNTRACK_V6`.
+    pub ipv6: Vec<(FlowKey, FlowState)>,
 }
 
 /// One `BPF_PROG_TEST_RUN` of `program` on `frame` as if it arrived on interface `ifindex`:

@@ -1044,3 +1044,40 @@ fn cluster_network_policy_tiers_decide_new_flows_and_accepted_ones_are_tracked()
         "the Baseline Deny"
     );
 }
+
+#[test]
+fn an_ipv4_packet_of_protocol_58_is_no_neighbour_solicitation() {
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    // An ICMPv6 neighbour solicitation's first bytes, carried by IPv4: protocol 58 means
+    // nothing to IPv4, and this is an ordinary packet of a protocol without ports, which the
+    // server's rules (all with ports) do not allow from anybody. Taken for link plumbing, it
+    // passed towards any pod and out of any pod, whatever the policy.
+    let mut solicitation = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    solicitation.extend(SERVER6.octets());
+    let frame = |source| ethernet(0x0800, &ipv4(source, SERVER, 58, 0, &solicitation));
+    assert_eq!(harness.run(true, &frame(CLIENT)), DENY, "from the client");
+    assert_eq!(harness.run(true, &frame(STRANGER)), DENY, "from a stranger");
+    // And an ICMP echo request inside IPv6 is no ping either: it opens no echo flow that
+    // the pinged peer's replies could ride.
+    let outside6: Ipv6Addr = "2001:db8::1".parse().expect("an address");
+    let request = ethernet(
+        0x86dd,
+        &ipv6(SERVER6, outside6, 1, &[], &echo(true, false, 0x2222)),
+    );
+    assert_eq!(
+        harness.run(false, &request),
+        ALLOW,
+        "egress is not isolated"
+    );
+    let reply = ethernet(
+        0x86dd,
+        &ipv6(outside6, SERVER6, 1, &[], &echo(false, false, 0x2222)),
+    );
+    assert_eq!(
+        harness.run(true, &reply),
+        ALLOW,
+        "a packet of the flow the request opened (protocol 1, no ports) comes back"
+    );
+}

@@ -11,10 +11,11 @@
 //! feed one packet both to the kernel (`BPF_PROG_TEST_RUN`) and to [`Maps::verdict`].
 //!
 //! Left out, because they are not the policy lookup: frame parsing (ARP, neighbour discovery,
-//! VLAN tags, other ethertypes, malformed headers), fragments, ICMP errors quoting a tracked
-//! flow, the mTLS screen and flows decided after translation (`translated.rs`). [`Packet`]
-//! describes whole, untagged IP packets that are none of these, of pods that are not
-//! mTLS-strict.
+//! VLAN tags, other ethertypes, malformed headers), fragments and the conntrack table itself,
+//! which [`crate::classify`] models on top of [`Maps::verdict`] for whole frames; the mTLS
+//! screen and flows decided after translation (`translated.rs`). [`Packet`] describes an IP
+//! packet of a pod that is not mTLS-strict, as the parser hands it to the decision: its flow,
+//! what it may do to conntrack ([`Opening`]) and what conntrack holds for it.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -106,6 +107,26 @@ pub enum Conntrack {
     },
 }
 
+/// What a packet may do besides being decided, as the kernel's parser (`packet.rs`) tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opening {
+    /// It may open a tracked flow: a TCP SYN without ACK, an ICMP echo request, any packet of
+    /// UDP, SCTP and protocols without ports.
+    Opens,
+    /// It may not: a TCP segment of a connection under way (FIN and RST too: they only tell the
+    /// sweeper the connection is closing), an echo reply, any other ICMP message.
+    Continues,
+    /// An IPv6 neighbour solicitation or advertisement from an address that is not link-local:
+    /// link plumbing leaving the pod from an address it owns, and towards it.
+    Neighbour,
+    /// An ICMP error; `quotes_tracked_flow` when the packet it quotes belongs to a flow
+    /// conntrack holds for the endpoint (such an error passes).
+    IcmpError {
+        /// Whether the quoted packet's flow is tracked.
+        quotes_tracked_flow: bool,
+    },
+}
+
 /// One packet, as the programs see it on a pod's veth: its flow from the pod's side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Packet {
@@ -124,9 +145,9 @@ pub struct Packet {
     pub pod_port: u16,
     /// The peer's port (0 for protocols without ports).
     pub peer_port: u16,
-    /// Whether the packet may open a tracked flow: a TCP SYN without ACK, an ICMP echo
-    /// request, any packet of UDP, SCTP and protocols without ports.
-    pub opens_flow: bool,
+    /// What the packet may do: open a flow, continue one, or pass as link plumbing or as an
+    /// ICMP error about a tracked flow.
+    pub opening: Opening,
     /// What conntrack holds for its flow.
     pub conntrack: Conntrack,
 }
@@ -307,6 +328,14 @@ impl<'a> Maps<'a> {
         if packet.direction == Direction::Egress && !owns_pod_address {
             return Outcome::new(Drop, counter::DENIED_SPOOFED);
         }
+        // Link plumbing, and errors about tracked flows (path MTU discovery).
+        match packet.opening {
+            Opening::Neighbour => return Outcome::new(Pass, counter::ALLOWED_NETWORK_CONTROL),
+            Opening::IcmpError {
+                quotes_tracked_flow: true,
+            } => return Outcome::new(Pass, counter::ALLOWED_RELATED),
+            _ => {}
+        }
         // 4. A tracked flow of an older epoch: decided again for the direction that opened it,
         // on the port its opening packet went to.
         if let Conntrack::OlderEpoch { opened } = packet.conntrack {
@@ -347,8 +376,8 @@ impl<'a> Maps<'a> {
         if !decision.is_allowed() {
             return Outcome::new(Drop, decision.reason());
         }
-        let tracked =
-            packet.opens_flow && (packet.direction == Direction::Egress || owns_pod_address);
+        let tracked = packet.opening == Opening::Opens
+            && (packet.direction == Direction::Egress || owns_pod_address);
         Outcome {
             rule: match decision {
                 Decision::Allowed(rule) => Some(rule),
@@ -639,7 +668,8 @@ mod tests {
     };
 
     use super::{
-        Conntrack, ConntrackChange, Decision, LpmTrie, Maps, Outcome, Packet, Verdict, masked,
+        Conntrack, ConntrackChange, Decision, LpmTrie, Maps, Opening, Outcome, Packet, Verdict,
+        masked,
     };
     use crate::{
         Change, Compiler, DatapathState, Direction,
@@ -721,7 +751,7 @@ mod tests {
             protocol: TCP,
             pod_port,
             peer_port,
-            opens_flow: true,
+            opening: Opening::Opens,
             conntrack: Conntrack::Untracked,
         }
     }
@@ -807,7 +837,7 @@ mod tests {
         // port 80 to the client's ephemeral port, decided as the egress flow it belongs to.
         let mut reply = syn(CLIENT, Direction::Ingress, "10.0.0.2", "10.0.0.1", 40000);
         reply.peer_port = 80;
-        reply.opens_flow = false;
+        reply.opening = Opening::Continues;
         reply.conntrack = Conntrack::OlderEpoch {
             opened: Direction::Egress,
         };
