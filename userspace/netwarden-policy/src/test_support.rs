@@ -28,7 +28,8 @@ pub const NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
 pub const OTHER_NODE_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 18, 0, 3));
 const KEYS: [&str; 3] = ["app", "tier", "env"];
 const VALUES: [&str; 3] = ["a", "b", "c"];
-const NAMESPACES: [&str; 3] = ["ns0", "ns1", "ns2"];
+/// The generated clusters' namespaces.
+pub const NAMESPACES: [&str; 3] = ["ns0", "ns1", "ns2"];
 const PORT_NAMES: [&str; 4] = ["http", "dns", "sig", "nope"];
 /// The ports rules name, and flows go to.
 pub const PORTS: [u16; 9] = [53, 80, 81, 85, 5353, 8080, 8090, 9000, 9001];
@@ -41,7 +42,8 @@ pub const OUTSIDE: [IpAddr; 3] = [
     IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
 ];
 
-fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+/// Labels from a small alphabet of keys and values, so that selectors match often.
+pub fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
     proptest::collection::btree_map(select(&KEYS[..]), select(&VALUES[..]), 0..=2).prop_map(
         |labels| {
             labels

@@ -10,21 +10,25 @@
 //! entries; the evaluator's own properties check the tiers' promises on top
 //! (`cluster_policy_tiers_keep_their_promises`).
 
-use std::net::IpAddr;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use netwarden_model::{
     Action, Cluster, ClusterNetworkPolicy, ClusterPeer, ClusterRule, ClusterSubject, LabelSelector,
-    Pod, Tier,
+    Namespace, Pod, PodRef, Tier,
 };
 use netwarden_policy::{
     Compiler, DatapathState, Direction,
     evaluate::{self, Flow, SideVerdict},
     lookup::{Conntrack, Maps, Opening, Packet, Verdict},
     test_support::{
-        LOCAL, NODE_ADDRESS, OTHER_NODE_ADDRESS, OUTSIDE, PORTS, PROTOCOLS, cluster, cluster_with,
+        LOCAL, NAMESPACES, NODE_ADDRESS, OTHER_NODE_ADDRESS, OUTSIDE, PORTS, PROTOCOLS, cluster,
+        cluster_with, labels,
     },
 };
-use proptest::{collection::vec, prelude::*};
+use proptest::{collection::vec, prelude::*, sample::select};
 
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
