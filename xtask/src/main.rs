@@ -30,8 +30,9 @@ enum Task {
     Setup,
     /// Build the agent, the eBPF programs and the e2e harness (release).
     Build,
-    /// Unit tests, clippy on userspace and on the eBPF crate, and every e2e scenario (the
-    /// upstream suite also through Services, with kube-proxy in iptables and nftables mode).
+    /// Unit tests, clippy on userspace and on the eBPF crate, every e2e scenario (the upstream
+    /// suite also through Services, with kube-proxy in iptables and nftables mode) and a short
+    /// seeded churn soak.
     Test {
         /// Run proptest cases by the thousand more (slow).
         #[arg(long)]
@@ -47,6 +48,18 @@ enum Task {
         /// Run every scenario through per-pod Services with kube-proxy in this mode.
         #[arg(long, value_parser = SERVICE_VARIANTS)]
         variant: Option<String>,
+    },
+    /// Churn soak (run as root): the agent on a simulated node while pods, labels and policies
+    /// change and the agent is killed (SIGKILL) now and then, probes checked against the reference
+    /// evaluator; prints RSS, descriptors, map and conntrack entries and apply latency per
+    /// minute, and fails on any disagreement, leaked map entry, pin or descriptor.
+    Soak {
+        /// How long the churn goes on.
+        #[arg(long, default_value = "30")]
+        minutes: String,
+        /// Seeds the churn (same seed, same changes).
+        #[arg(long, default_value = "1")]
+        seed: String,
     },
     /// Benchmarks that print ratios and summaries (run as root).
     Bench {
@@ -172,6 +185,14 @@ fn main() -> anyhow::Result<()> {
             setup::ensure()?;
             build_release("netwarden-e2e")?;
             e2e_with("release", &paths, verbose, variant.as_deref())
+        }
+        Task::Soak { minutes, seed } => {
+            setup::ensure()?;
+            build_release("netwarden-e2e")?;
+            run_command(&mut soak_command(
+                "release",
+                &["--minutes", &minutes, "--seed", &seed],
+            ))
         }
         Task::Bench {
             bench:
@@ -335,6 +356,30 @@ fn e2e_command(profile: &str, paths: &[PathBuf], verbose: bool, variant: Option<
     }
     command.args(paths);
     command
+}
+
+/// The harness's churn soak with the agent and harness built with `profile`.
+fn soak_command(profile: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(format!("target/{profile}/netwarden-e2e"));
+    command
+        .arg("soak")
+        .arg("--agent")
+        .arg(format!("target/{profile}/netwarden"))
+        .args(args);
+    command
+}
+
+/// `cargo xtask test`'s soak: short and seeded, with restarts, so that a leak or a disagreement
+/// under churn fails CI; `cargo xtask soak` runs the long one.
+const CI_SOAK: [&str; 6] = ["--steps", "40", "--restart-every", "15", "--seed", "1"];
+
+/// Runs [`CI_SOAK`] with the debug builds `cargo xtask test` made.
+fn ci_soak() -> anyhow::Result<()> {
+    let started = Instant::now();
+    println!("==> soak {}", CI_SOAK.join(" "));
+    let result = run_command(&mut soak_command("debug", &CI_SOAK));
+    println!("<== soak: {:.1}s", started.elapsed().as_secs_f64());
+    result
 }
 
 /// `cargo xtask e2e-kind`: checks the tools, then runs `netwarden-e2e kind`, which prints and
@@ -528,6 +573,7 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
         "<== e2e --cni bridge: {:.1}s",
         bridge_started.elapsed().as_secs_f64()
     );
+    e2e_results.push(ci_soak());
     println!(
         "cargo xtask test: {:.0}s in all",
         started.elapsed().as_secs_f64()
@@ -539,7 +585,9 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
 mod tests {
     use std::path::PathBuf;
 
-    use super::{NOT_YET_RUN, SERVICE_VARIANTS, e2e_command, e2e_kind_command};
+    use super::{
+        CI_SOAK, NOT_YET_RUN, SERVICE_VARIANTS, e2e_command, e2e_kind_command, soak_command,
+    };
 
     #[test]
     fn test_runs_every_scenario_directory_but_the_ones_not_yet_run() {
@@ -599,6 +647,30 @@ mod tests {
         );
         let plain = e2e_command("release", &[], true, None);
         assert!(!plain.get_args().any(|arg| arg == "--variant"));
+    }
+
+    #[test]
+    fn soak_runs_the_harness_soak_with_the_agent_beside_it() {
+        let command = soak_command("debug", &CI_SOAK);
+        assert_eq!(command.get_program(), "target/debug/netwarden-e2e");
+        let args: Vec<_> = command
+            .get_args()
+            .map(|arg| arg.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "soak",
+                "--agent",
+                "target/debug/netwarden",
+                "--steps",
+                "40",
+                "--restart-every",
+                "15",
+                "--seed",
+                "1"
+            ]
+        );
     }
 
     #[test]
