@@ -62,21 +62,21 @@ pub fn link_ifindex(pin: &Path) -> Option<u32> {
     name.split_once('-')?.0.parse().ok()
 }
 
-/// The entries of every keyed map the agent pinned, by the map's pinned name.
-pub fn map_entries(bpffs: &Path) -> io::Result<BTreeMap<String, usize>> {
-    let mut counts = BTreeMap::new();
+/// The keys of every keyed map the agent pinned, by the map's pinned name.
+pub fn map_keys(bpffs: &Path) -> io::Result<BTreeMap<String, BTreeSet<Vec<u8>>>> {
+    let mut keys = BTreeMap::new();
     for entry in fs::read_dir(maps_dir(bpffs))? {
         let entry = entry?;
         let map = open_pinned(&entry.path())?;
         let info = map_info(&map)?;
         if KEYED_MAP_TYPES.contains(&info.map_type) {
-            counts.insert(
+            keys.insert(
                 entry.file_name().to_string_lossy().into_owned(),
-                count_keys(&map, &info)?,
+                read_keys(&map, &info)?,
             );
         }
     }
-    Ok(counts)
+    Ok(keys)
 }
 
 /// `union bpf_attr` for `BPF_OBJ_GET`.
@@ -166,9 +166,9 @@ fn fd_number(fd: &OwnedFd) -> u32 {
 }
 
 /// Walks the map's keys. A key deleted under the walk sends it back to the first key, so it
-/// stops at the first key seen twice: the count may then miss a few entries of a map that
-/// changes (conntrack), never count one twice.
-fn count_keys(map: &OwnedFd, info: &MapInfo) -> io::Result<usize> {
+/// stops at the first key seen twice: it may then miss a few keys of a map that changes
+/// (conntrack), never count one twice.
+fn read_keys(map: &OwnedFd, info: &MapInfo) -> io::Result<BTreeSet<Vec<u8>>> {
     let size = info.key_size as usize;
     let mut seen: HashSet<Vec<u8>> = HashSet::new();
     let mut current: Option<Vec<u8>> = None;
@@ -185,11 +185,13 @@ fn count_keys(map: &OwnedFd, info: &MapInfo) -> io::Result<usize> {
         // `key_size` writable bytes, both alive across the call.
         match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
             Ok(_) => {}
-            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(seen.len()),
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(seen.into_iter().collect());
+            }
             Err(error) => return Err(error),
         }
         if !seen.insert(next.clone()) || seen.len() > info.max_entries as usize {
-            return Ok(seen.len());
+            return Ok(seen.into_iter().collect());
         }
         current = Some(next);
     }
