@@ -952,7 +952,13 @@ impl Soak<'_> {
         let churned_for = churn_started.elapsed();
         self.restore().await?;
         self.check_connections("after the churn").await;
+        let (probes, disagreements) = (self.totals.probes, self.totals.disagreements);
         self.probe(u64::MAX, None).await?;
+        println!(
+            "after restoring the initial cluster: every pod pair probed once, {} probes, {} disagreements",
+            self.totals.probes - probes,
+            self.totals.disagreements - disagreements
+        );
         let end = self.settled_snapshot(&baseline).await?;
         self.report(&baseline, &end, churned_for);
         Ok(())
@@ -1281,7 +1287,7 @@ impl Soak<'_> {
     fn report(&mut self, baseline: &Snapshot, end: &Snapshot, churned_for: Duration) {
         let totals = &self.totals;
         println!(
-            "churn: {:.1} min, {} steps, {} restarts, {} probes ({} expected blocked, {} retried), {} disagreements, {} connection checks",
+            "in all: {:.1} min of churn, {} steps, {} restarts, {} probes ({} expected blocked, {} retried), {} disagreements, {} connection checks",
             churned_for.as_secs_f64() / 60.0,
             totals.steps,
             totals.restarts.saturating_sub(1),
