@@ -884,6 +884,11 @@ impl Soak<'_> {
                 .await?;
         }
         let baseline = self.snapshot()?;
+        // The figures count the churn's steps only, not the set-up and the first restart.
+        self.scrape_apply_latency().await;
+        self.minute = MinuteTally::default();
+        self.totals.apply.clear();
+        let _ = self.node.take_latencies();
         println!(
             "soak: seed {} {}, restart every {} steps, {} probes per step, families {}",
             self.args.seed,
