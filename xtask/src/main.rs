@@ -31,8 +31,9 @@ enum Task {
     Setup,
     /// Build the agent, the eBPF programs and the e2e harness (release).
     Build,
-    /// Unit tests, clippy on userspace and on the eBPF crate, and every e2e scenario (the
-    /// upstream suite also through Services, with kube-proxy in iptables and nftables mode).
+    /// Unit tests, clippy on userspace and on the eBPF crate, every e2e scenario (the upstream
+    /// suite also through Services, with kube-proxy in iptables and nftables mode) and a short
+    /// seeded churn soak.
     Test {
         /// Run proptest cases by the thousand more, and a million frames through the packet
         /// differential test (slow).
@@ -49,6 +50,18 @@ enum Task {
         /// Run every scenario through per-pod Services with kube-proxy in this mode.
         #[arg(long, value_parser = SERVICE_VARIANTS)]
         variant: Option<String>,
+    },
+    /// Churn soak (run as root): the agent on a simulated node while pods, labels and policies
+    /// change and the agent is killed (SIGKILL) now and then, probes checked against the reference
+    /// evaluator; prints RSS, descriptors, map and conntrack entries and apply latency per
+    /// minute, and fails on any disagreement, leaked map entry, pin or descriptor.
+    Soak {
+        /// How long the churn goes on.
+        #[arg(long, default_value = "30")]
+        minutes: String,
+        /// Seeds the churn (same seed, same changes).
+        #[arg(long, default_value = "1")]
+        seed: String,
     },
     /// Benchmarks that print ratios and summaries (run as root).
     Bench {
@@ -195,41 +208,15 @@ fn main() -> anyhow::Result<()> {
             build_release("netwarden-e2e")?;
             e2e_with("release", &paths, verbose, variant.as_deref())
         }
-        Task::Bench {
-            bench:
-                BenchKind::Compile {
-                    pods,
-                    policies,
-                    namespaces,
-                },
-        } => {
-            let mut args = vec!["compile", "--agent", "target/release/netwarden"];
-            for (flag, value) in [
-                ("--pods", &pods),
-                ("--policies", &policies),
-                ("--namespaces", &namespaces),
-            ] {
-                if let Some(value) = value {
-                    args.extend([flag, value.as_str()]);
-                }
-            }
-            bench(&args)
+        Task::Soak { minutes, seed } => {
+            setup::ensure()?;
+            build_release("netwarden-e2e")?;
+            run_command(&mut soak_command(
+                "release",
+                &["--minutes", &minutes, "--seed", &seed],
+            ))
         }
-        Task::Bench {
-            bench:
-                BenchKind::Datapath {
-                    classifier_only,
-                    seconds,
-                    repeats,
-                },
-        } => {
-            setup::ensure_packages(setup::BENCH_PACKAGES)?;
-            let mut args = vec!["datapath", "--seconds", &seconds, "--repeats", &repeats];
-            if !classifier_only {
-                args.extend(["--agent", "target/release/netwarden"]);
-            }
-            bench(&args)
-        }
+        Task::Bench { bench } => run_bench(&root, bench),
         Task::Image {
             tag,
             engine,
@@ -241,12 +228,6 @@ fn main() -> anyhow::Result<()> {
             tag,
             scenarios,
         } => e2e_kind(dry_run, keep, &tag, scenarios),
-        Task::Bench {
-            bench: BenchKind::Identity,
-        } => bench(&["identity"]),
-        Task::Bench {
-            bench: restart @ BenchKind::Restart { .. },
-        } => bench_restart(&root, restart),
         Task::Fuzz {
             time,
             target,
@@ -270,6 +251,43 @@ fn main() -> anyhow::Result<()> {
             )?;
             demo_diff()
         }
+    }
+}
+
+/// `cargo xtask bench KIND`.
+fn run_bench(root: &Path, kind: BenchKind) -> anyhow::Result<()> {
+    match kind {
+        BenchKind::Compile {
+            pods,
+            policies,
+            namespaces,
+        } => {
+            let mut args = vec!["compile", "--agent", "target/release/netwarden"];
+            for (flag, value) in [
+                ("--pods", &pods),
+                ("--policies", &policies),
+                ("--namespaces", &namespaces),
+            ] {
+                if let Some(value) = value {
+                    args.extend([flag, value.as_str()]);
+                }
+            }
+            bench(&args)
+        }
+        BenchKind::Datapath {
+            classifier_only,
+            seconds,
+            repeats,
+        } => {
+            setup::ensure_packages(setup::BENCH_PACKAGES)?;
+            let mut args = vec!["datapath", "--seconds", &seconds, "--repeats", &repeats];
+            if !classifier_only {
+                args.extend(["--agent", "target/release/netwarden"]);
+            }
+            bench(&args)
+        }
+        BenchKind::Identity => bench(&["identity"]),
+        restart @ BenchKind::Restart { .. } => bench_restart(root, restart),
     }
 }
 
@@ -414,6 +432,30 @@ fn e2e_command(profile: &str, paths: &[PathBuf], verbose: bool, variant: Option<
     command
 }
 
+/// The harness's churn soak with the agent and harness built with `profile`.
+fn soak_command(profile: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(format!("target/{profile}/netwarden-e2e"));
+    command
+        .arg("soak")
+        .arg("--agent")
+        .arg(format!("target/{profile}/netwarden"))
+        .args(args);
+    command
+}
+
+/// `cargo xtask test`'s soak: short and seeded, with restarts, so that a leak or a disagreement
+/// under churn fails CI; `cargo xtask soak` runs the long one.
+const CI_SOAK: [&str; 6] = ["--steps", "40", "--restart-every", "15", "--seed", "1"];
+
+/// Runs [`CI_SOAK`] with the debug builds `cargo xtask test` made.
+fn ci_soak() -> anyhow::Result<()> {
+    let started = Instant::now();
+    println!("==> soak {}", CI_SOAK.join(" "));
+    let result = run_command(&mut soak_command("debug", &CI_SOAK));
+    println!("<== soak: {:.1}s", started.elapsed().as_secs_f64());
+    result
+}
+
 /// `cargo xtask e2e-kind`: checks the tools, then runs `netwarden-e2e kind`, which prints and
 /// runs every step.
 fn e2e_kind(dry_run: bool, keep: bool, tag: &str, scenarios: Vec<PathBuf>) -> anyhow::Result<()> {
@@ -503,16 +545,17 @@ fn scenario_paths(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
-    let started = Instant::now();
-    setup::ensure()?;
-    let step = |name: &str, command: &mut Command| -> anyhow::Result<()> {
-        println!("==> {name}");
-        let step_started = Instant::now();
-        run_command(command)?;
-        println!("<== {name}: {:.1}s", step_started.elapsed().as_secs_f64());
-        Ok(())
-    };
+/// Runs one step of `cargo xtask test`, saying how long it took.
+fn step(name: &str, command: &mut Command) -> anyhow::Result<()> {
+    println!("==> {name}");
+    let step_started = Instant::now();
+    run_command(command)?;
+    println!("<== {name}: {:.1}s", step_started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// rustfmt and clippy, on userspace and on the eBPF crate.
+fn lints(root: &Path) -> anyhow::Result<()> {
     step(
         "rustfmt",
         Command::new("cargo").args(["fmt", "--all", "--", "--check"]),
@@ -546,6 +589,13 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
                 "warnings",
             ]),
     )?;
+    Ok(())
+}
+
+fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    setup::ensure()?;
+    lints(root)?;
     let mut unit = Command::new("cargo");
     unit.args(["test", "--workspace", "--exclude", "netwarden-ebpf"]);
     if thorough {
@@ -608,6 +658,7 @@ fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
         "<== e2e --cni bridge: {:.1}s",
         bridge_started.elapsed().as_secs_f64()
     );
+    e2e_results.push(ci_soak());
     println!(
         "cargo xtask test: {:.0}s in all",
         started.elapsed().as_secs_f64()
@@ -620,7 +671,8 @@ mod tests {
     use std::path::PathBuf;
 
     use super::{
-        NOT_YET_RUN, SERVICE_VARIANTS, e2e_command, e2e_kind_command, restart_bench_command,
+        CI_SOAK, NOT_YET_RUN, SERVICE_VARIANTS, e2e_command, e2e_kind_command,
+        restart_bench_command, soak_command,
     };
 
     #[test]
@@ -714,6 +766,30 @@ mod tests {
         );
         let plain = e2e_command("release", &[], true, None);
         assert!(!plain.get_args().any(|arg| arg == "--variant"));
+    }
+
+    #[test]
+    fn soak_runs_the_harness_soak_with_the_agent_beside_it() {
+        let command = soak_command("debug", &CI_SOAK);
+        assert_eq!(command.get_program(), "target/debug/netwarden-e2e");
+        let args: Vec<_> = command
+            .get_args()
+            .map(|arg| arg.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "soak",
+                "--agent",
+                "target/debug/netwarden",
+                "--steps",
+                "40",
+                "--restart-every",
+                "15",
+                "--seed",
+                "1"
+            ]
+        );
     }
 
     #[test]

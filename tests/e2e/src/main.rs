@@ -15,6 +15,7 @@ mod mtls;
 mod netns;
 mod node;
 mod observe;
+mod pins;
 mod placeholder;
 mod probe;
 mod report;
@@ -23,6 +24,7 @@ mod scenario;
 mod sctp;
 mod servers;
 mod services;
+mod soak;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -47,6 +49,9 @@ enum Command {
     Run(RunArgs),
     /// Run scenario files on a kind cluster with the agent's image (`cargo xtask e2e-kind`).
     Kind(kind::KindArgs),
+    /// Churn pods, labels and policies and restart the agent for a while, checking probes
+    /// against the reference evaluator and the agent for leaks (`cargo xtask soak`).
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -99,6 +104,20 @@ async fn main() -> ExitCode {
 async fn run() -> anyhow::Result<ExitCode> {
     let args = match Cli::parse().command {
         Command::Run(args) => args,
+        Command::Soak(args) => {
+            require_root()?;
+            let agent = agent_binary(args.agent.clone())?;
+            for removed in cleanup::remove_stale() {
+                eprintln!("removed leftover {removed} of an earlier run");
+            }
+            spawn_signal_handler()?;
+            let passed = soak::run(&args, agent).await?;
+            return Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
         // Sequential commands only: no runtime needed, and none of the netns machinery.
         Command::Kind(args) => {
             let passed = tokio::task::spawn_blocking(move || kind::run(&args)).await??;
@@ -109,25 +128,11 @@ async fn run() -> anyhow::Result<ExitCode> {
             });
         }
     };
-    if !nix::unistd::geteuid().is_root() {
-        bail!("netwarden-e2e creates network namespaces and mounts bpffs: run it as root");
-    }
+    require_root()?;
     let agent = if args.no_agent {
         None
     } else {
-        let agent = match args.agent {
-            Some(agent) => agent,
-            None => std::env::current_exe()
-                .context("cannot find this executable")?
-                .with_file_name("netwarden"),
-        };
-        if !agent.is_file() {
-            bail!(
-                "agent binary {} not found: build it, pass --agent PATH, or test the harness alone with --no-agent",
-                agent.display()
-            );
-        }
-        Some(agent)
+        Some(agent_binary(args.agent)?)
     };
     for removed in cleanup::remove_stale() {
         eprintln!("removed leftover {removed} of an earlier run");
@@ -160,6 +165,30 @@ async fn run() -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn require_root() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("netwarden-e2e creates network namespaces and mounts bpffs: run it as root");
+    }
+    Ok(())
+}
+
+/// The agent binary: `given`, or `netwarden` beside this executable.
+fn agent_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let agent = match given {
+        Some(agent) => agent,
+        None => std::env::current_exe()
+            .context("cannot find this executable")?
+            .with_file_name("netwarden"),
+    };
+    if !agent.is_file() {
+        bail!(
+            "agent binary {} not found: build it, pass --agent PATH, or test the harness alone with --no-agent",
+            agent.display()
+        );
+    }
+    Ok(agent)
 }
 
 /// On SIGINT or SIGTERM: stop the agents and remove every namespace, mount and directory of

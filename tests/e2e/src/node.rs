@@ -124,7 +124,10 @@ pub struct Node {
     families: Vec<IpFamily>,
     cni: Cni,
     netns: Netns,
+    /// Endpoints wired so far: names veths and namespaces.
     counter: u32,
+    /// Endpoints given fresh addresses so far: picks the next one.
+    fresh_addresses: u32,
 }
 
 impl Node {
@@ -178,6 +181,7 @@ impl Node {
             cni,
             netns,
             counter: 0,
+            fresh_addresses: 0,
         })
     }
 
@@ -201,29 +205,17 @@ impl Node {
     ) -> Result<Endpoint, NodeError> {
         self.counter += 1;
         let n = self.counter;
-        let host =
-            u8::try_from(n + ADDRESS_BASE).map_err(|_| NodeError::Exhausted(255 - ADDRESS_BASE))?;
-        let (role, host_interface, fresh) = match kind {
-            EndpointKind::Pod => (
-                "p",
-                format!("vp{n}"),
-                Addresses::pick(
-                    &self.families,
-                    Ipv4Addr::new(10, 244, 0, host),
-                    Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, u16::from(host)),
-                ),
-            ),
-            EndpointKind::External => (
-                "x",
-                format!("vx{n}"),
-                Addresses::pick(
-                    &self.families,
-                    Ipv4Addr::new(198, 18, host, 2),
-                    Ipv6Addr::new(0xfd00, 0x198, 0x18, u16::from(host), 0, 0, 0, 2),
-                ),
-            ),
+        let (role, host_interface) = match kind {
+            EndpointKind::Pod => ("p", format!("vp{n}")),
+            EndpointKind::External => ("x", format!("vx{n}")),
         };
-        let addresses = reuse.unwrap_or(fresh);
+        // Only fresh addresses count against the address space: a long run (the soak) wires
+        // many more endpoints than that over time, reusing the addresses of deleted ones.
+        let addresses = if let Some(reused) = reuse {
+            reused
+        } else {
+            self.fresh_addresses(kind)?
+        };
         let netns = Netns::create(&format!("{}{role}{n}", self.prefix)).await?;
         if addresses.v6.is_some() {
             // Set before eth0 appears so that its link-local address skips DAD too.
@@ -255,6 +247,25 @@ impl Node {
             netns,
             host_interface,
             addresses,
+        })
+    }
+
+    /// The next addresses never given out, for a pod or an external host.
+    fn fresh_addresses(&mut self, kind: EndpointKind) -> Result<Addresses, NodeError> {
+        self.fresh_addresses += 1;
+        let host = u8::try_from(self.fresh_addresses + ADDRESS_BASE)
+            .map_err(|_| NodeError::Exhausted(255 - ADDRESS_BASE))?;
+        Ok(match kind {
+            EndpointKind::Pod => Addresses::pick(
+                &self.families,
+                Ipv4Addr::new(10, 244, 0, host),
+                Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, u16::from(host)),
+            ),
+            EndpointKind::External => Addresses::pick(
+                &self.families,
+                Ipv4Addr::new(198, 18, host, 2),
+                Ipv6Addr::new(0xfd00, 0x198, 0x18, u16::from(host), 0, 0, 0, 2),
+            ),
         })
     }
 

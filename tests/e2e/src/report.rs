@@ -194,7 +194,7 @@ fn distribution_line(what: &str, samples: &[Duration]) -> String {
 }
 
 /// Nearest-rank percentile of sorted samples; zero when there are none.
-fn percentile(sorted: &[Duration], percent: usize) -> Duration {
+pub fn percentile(sorted: &[Duration], percent: usize) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }

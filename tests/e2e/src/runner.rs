@@ -77,7 +77,7 @@ pub enum RunError {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum StepError {
+pub enum StepError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]
@@ -236,7 +236,7 @@ async fn run_file(index: usize, path: &Path, options: &Options) -> Outcome {
 
 /// Prints progress of one scenario in verbose mode, tagged with its index.
 #[derive(Clone, Debug)]
-struct Progress {
+pub struct Progress {
     tag: String,
     verbose: bool,
     color: bool,
@@ -341,7 +341,8 @@ fn pod_views(live: &IndexMap<String, Live>) -> HashMap<String, PodView<'_>> {
         .collect()
 }
 
-struct ScenarioRun<'a> {
+/// One scenario (or soak) on its simulated node: what exists, and the agent.
+pub struct ScenarioRun<'a> {
     scenario: &'a Scenario,
     progress: Progress,
     writer: ManifestWriter,
@@ -390,20 +391,55 @@ async fn run_scenario(
         scenario.name,
         scenario.path.display()
     ));
-    let fail = |detail: String| Outcome {
+    let (workspace, mut run) = match prepare(index, scenario, options, progress).await {
+        Ok(prepared) => prepared,
+        Err(detail) => {
+            return Outcome {
+                elapsed: started.elapsed(),
+                ..Outcome::failed(scenario.name.clone(), detail)
+            };
+        }
+    };
+    let (findings, played) = driver::play(&mut run, scenario, plan).await;
+    run.failures.extend(findings);
+    if let Err(error) = played {
+        run.failures.push(format!("error: {error}"));
+    }
+    let verdict = if run.failures.is_empty() {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    };
+    let agent_log_tail = (verdict == Verdict::Fail && options.agent.is_some())
+        .then(|| log_tail(&workspace.log, LOG_TAIL_LINES));
+    let restart_latencies = std::mem::take(&mut run.restart_latencies);
+    let (latencies, failures) = run.teardown().await;
+    drop(workspace);
+    Outcome {
+        name: scenario.name.clone(),
+        verdict,
+        details: failures,
+        agent_log_tail,
+        latencies,
+        restart_latencies,
         elapsed: started.elapsed(),
-        ..Outcome::failed(scenario.name.clone(), detail)
-    };
-    let workspace = match Workspace::create(index) {
-        Ok(workspace) => workspace,
-        Err(error) => return fail(error.to_string()),
-    };
+    }
+}
+
+/// The scenario's workspace and node, and the run that drives them: nothing wired or started
+/// yet ([`Driver::set_up`] does that).
+async fn prepare<'a>(
+    index: usize,
+    scenario: &'a Scenario,
+    options: &Options,
+    progress: Progress,
+) -> Result<(Workspace, ScenarioRun<'a>), String> {
+    let workspace = Workspace::create(index).map_err(|error| error.to_string())?;
     let prefix = format!("{NETNS_PREFIX}{}-{index}-", std::process::id());
     let cni = options.cni.unwrap_or(scenario.model.cni);
-    let node = match Node::create(&prefix, &scenario.model.ip_families, cni).await {
-        Ok(node) => node,
-        Err(error) => return fail(format!("cannot create the node: {error}")),
-    };
+    let node = Node::create(&prefix, &scenario.model.ip_families, cni)
+        .await
+        .map_err(|error| format!("cannot create the node: {error}"))?;
     let agent_config = options.agent.as_ref().map(|binary| AgentConfig {
         binary: binary.clone(),
         manifests: workspace.manifests.clone(),
@@ -414,7 +450,7 @@ async fn run_scenario(
         authz_socket: workspace.authz_socket.clone(),
         observe_socket: workspace.observe_socket.clone(),
     });
-    let mut run = ScenarioRun {
+    let run = ScenarioRun {
         scenario,
         progress,
         writer: ManifestWriter::new(&workspace.manifests),
@@ -441,30 +477,7 @@ async fn run_scenario(
         zone: Zone::default(),
         observed_until_unix_ms: HashMap::new(),
     };
-    let (findings, played) = driver::play(&mut run, scenario, plan).await;
-    run.failures.extend(findings);
-    if let Err(error) = played {
-        run.failures.push(format!("error: {error}"));
-    }
-    let verdict = if run.failures.is_empty() {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    };
-    let agent_log_tail = (verdict == Verdict::Fail && options.agent.is_some())
-        .then(|| log_tail(&workspace.log, LOG_TAIL_LINES));
-    let restart_latencies = std::mem::take(&mut run.restart_latencies);
-    let (latencies, failures) = run.teardown().await;
-    drop(workspace);
-    Outcome {
-        name: scenario.name.clone(),
-        verdict,
-        details: failures,
-        agent_log_tail,
-        latencies,
-        restart_latencies,
-        elapsed: started.elapsed(),
-    }
+    Ok((workspace, run))
 }
 
 impl ScenarioRun<'_> {
@@ -1554,4 +1567,163 @@ impl ScenarioRun<'_> {
 struct Claim<'a> {
     source: &'a SpoofedSource,
     frame_tags: Option<u8>,
+}
+
+/// A simulated node with the agent, for a caller that makes its own changes and checks (the
+/// soak) rather than play a scenario's steps: the scenario gives the model and the policies the
+/// caller may write, [`SimulatedNode::driver`] makes the changes.
+pub struct SimulatedNode<'a> {
+    run: ScenarioRun<'a>,
+    // Dropped after the run, whose agent and namespaces use it.
+    workspace: Workspace,
+}
+
+impl<'a> SimulatedNode<'a> {
+    /// Builds the node, wires the model and starts `agent`, waiting for its first apply.
+    pub async fn start(
+        index: usize,
+        scenario: &'a Scenario,
+        agent: PathBuf,
+        verbose: bool,
+    ) -> Result<Self, String> {
+        let options = Options {
+            agent: Some(agent),
+            jobs: 1,
+            verbose,
+            through_services: None,
+            cni: None,
+        };
+        let progress = Progress {
+            tag: format!("[{index}]"),
+            verbose,
+            color: false,
+        };
+        let (workspace, run) = prepare(index, scenario, &options, progress).await?;
+        let mut node = Self { run, workspace };
+        if let Err(error) = node.run.set_up().await {
+            let failures = node.teardown().await;
+            return Err(format!("cannot set up: {error}; {}", failures.join("; ")));
+        }
+        Ok(node)
+    }
+
+    /// The scenario the node was built from.
+    #[must_use]
+    pub fn scenario(&self) -> &'a Scenario {
+        self.run.scenario
+    }
+
+    /// Makes changes the way scenario steps do.
+    pub fn driver(&mut self) -> &mut ScenarioRun<'a> {
+        &mut self.run
+    }
+
+    /// The running agent's pid.
+    #[must_use]
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.run.agent.as_ref().map(Agent::pid)
+    }
+
+    /// The private bpffs the agent pins in.
+    #[must_use]
+    pub fn bpffs(&self) -> &Path {
+        &self.workspace.bpffs
+    }
+
+    /// The manifest directory the agent reads.
+    #[must_use]
+    pub fn manifests(&self) -> &Path {
+        &self.workspace.manifests
+    }
+
+    /// The agent's log file.
+    #[must_use]
+    pub fn log(&self) -> &Path {
+        &self.workspace.log
+    }
+
+    /// The agent's status file as it is now.
+    #[must_use]
+    pub fn status(&self) -> Option<crate::agent::Status> {
+        self.run.watcher.as_ref()?.read()
+    }
+
+    /// The node's namespace, where the agent runs.
+    #[must_use]
+    pub fn node_netns(&self) -> &crate::netns::Netns {
+        self.run.node.netns()
+    }
+
+    /// The live pods' keys, in the order they were added.
+    pub fn pods(&self) -> impl Iterator<Item = &str> {
+        self.run
+            .live
+            .iter()
+            .filter(|(_, live)| live.pod.is_some())
+            .map(|(key, _)| key.as_str())
+    }
+
+    /// A live pod's addresses, or a deleted one's last addresses.
+    #[must_use]
+    pub fn addresses(&self, key: &str) -> Option<Addresses> {
+        self.run.addresses.get(key).copied()
+    }
+
+    /// One dial from pod `from` to pod `to`'s own address in `family`: whether the right
+    /// server answered within the attempt timeout.
+    pub async fn reaches(
+        &self,
+        (from, to): (&str, &str),
+        family: IpFamily,
+        port: u16,
+        protocol: Protocol,
+    ) -> bool {
+        let (Some(client), Some(server)) = (self.run.live.get(from), self.run.live.get(to)) else {
+            return false;
+        };
+        let (Some(source), Some(destination)) = (
+            client.endpoint.addresses.get(family),
+            server.endpoint.addresses.get(family),
+        ) else {
+            return false;
+        };
+        probe::dial(
+            Client {
+                netns: &client.endpoint.netns,
+                address: source,
+            },
+            Server {
+                address: SocketAddr::new(destination, port),
+                answerer: Answerer::Exactly(to),
+            },
+            protocol,
+        )
+        .await
+        .is_ok()
+    }
+
+    /// Whether the connection opened as `name` still exchanges lines.
+    pub async fn connection_alive(&self, name: &str) -> bool {
+        match self.run.flows.get(name) {
+            Some(flow) => flow.check().await,
+            None => false,
+        }
+    }
+
+    /// The change-to-applied latencies measured since the last call, and the restart-to-applied
+    /// ones.
+    pub fn take_latencies(&mut self) -> (Vec<Duration>, Vec<Duration>) {
+        (
+            std::mem::take(&mut self.run.latencies),
+            std::mem::take(&mut self.run.restart_latencies),
+        )
+    }
+
+    /// Stops the agent and removes everything; returns what went wrong doing so.
+    pub async fn teardown(self) -> Vec<String> {
+        let Self { run, workspace } = self;
+        let (_, failures) = run.teardown().await;
+        drop(workspace);
+        failures
+    }
 }
