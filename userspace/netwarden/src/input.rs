@@ -39,8 +39,15 @@ impl Input {
         let (sender, changes) = mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                // Our own reads show up as access events; only changes matter.
-                if event.is_ok_and(|event| !event.kind.is_access() && !event.kind.is_other()) {
+                let read_again = match &event {
+                    // An overflowed inotify queue or a watcher error may have lost changes: the
+                    // directory is read whole on every wake, so waking is enough.
+                    Err(_) => true,
+                    Ok(event) if event.need_rescan() => true,
+                    // Our own reads show up as access events; only changes matter.
+                    Ok(event) => !event.kind.is_access() && !event.kind.is_other(),
+                };
+                if read_again {
                     let _ = sender.send(());
                 }
             })
