@@ -134,17 +134,18 @@ impl DirectionRules {
     }
 }
 
+/// Adds a candidate for each port block towards `peer` (an identity or a CIDR class).
 fn push_candidates(
     candidates: &mut Vec<Candidate>,
-    identity: PeerId,
+    peer: PeerId,
     ports: &[PortMatch],
     ranked: Ranked,
 ) {
     // The datapath never looks WORLD up in the policy map.
-    debug_assert_ne!(identity, IDENTITY_WORLD);
+    debug_assert_ne!(peer, IDENTITY_WORLD);
     for &(protocol, port, port_bits) in ports {
         let entry = PolicyMatch {
-            peer: identity,
+            peer,
             protocol,
             port,
             port_bits,
@@ -670,15 +671,7 @@ fn add_cidr_classes(
         compiled.cidrs.insert(prefix, class);
         for &index in &holders {
             let (_, ranked, ports) = &blocks[index];
-            for &(protocol, port, port_bits) in ports {
-                let entry = PolicyMatch {
-                    peer: class,
-                    protocol,
-                    port,
-                    port_bits,
-                };
-                candidates.push((entry, *ranked));
-            }
+            push_candidates(candidates, class, ports, *ranked);
         }
         class_ids.insert(holders, class);
     }
