@@ -675,14 +675,16 @@ mod tests {
         restart_bench_command, soak_command,
     };
 
+    /// A command's arguments, as text.
+    fn args(command: &std::process::Command) -> Vec<String> {
+        command
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    }
+
     #[test]
     fn the_restart_bench_runs_the_dev_builds_and_upgrades_from_the_old_agent_if_given() {
-        let args = |command: &std::process::Command| -> Vec<String> {
-            command
-                .get_args()
-                .map(|arg| arg.to_string_lossy().into_owned())
-                .collect()
-        };
         let old = PathBuf::from("target/restart-bench/agent-f42777083e09/target/debug/netwarden");
         let command = restart_bench_command("5", "3", Some(&old));
         assert_eq!(command.get_program(), "target/debug/netwarden-bench");
@@ -749,10 +751,7 @@ mod tests {
             Some(SERVICE_VARIANTS[1]),
         );
         assert_eq!(command.get_program(), "target/debug/netwarden-e2e");
-        let args: Vec<_> = command
-            .get_args()
-            .map(|arg| arg.to_str().unwrap())
-            .collect();
+        let args = args(&command);
         assert_eq!(
             args,
             [
@@ -772,10 +771,7 @@ mod tests {
     fn soak_runs_the_harness_soak_with_the_agent_beside_it() {
         let command = soak_command("debug", &CI_SOAK);
         assert_eq!(command.get_program(), "target/debug/netwarden-e2e");
-        let args: Vec<_> = command
-            .get_args()
-            .map(|arg| arg.to_str().unwrap())
-            .collect();
+        let args = args(&command);
         assert_eq!(
             args,
             [
@@ -804,10 +800,7 @@ mod tests {
             )],
         );
         assert_eq!(command.get_program(), "cargo");
-        let args: Vec<_> = command
-            .get_args()
-            .map(|arg| arg.to_str().unwrap())
-            .collect();
+        let args = args(&command);
         assert_eq!(
             args,
             [

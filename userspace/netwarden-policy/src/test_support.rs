@@ -427,15 +427,8 @@ fn cluster_without_cluster_policies() -> impl Strategy<Value = Cluster> {
     (pods, namespaces, policies, 0..=4_usize).prop_map(
         |(pods, namespace_labels, policies, policy_count)| {
             let mut cluster = Cluster::default();
-            for (name, mut labels) in NAMESPACES.iter().zip(namespace_labels) {
-                labels.insert("kubernetes.io/metadata.name".into(), (*name).to_owned());
-                cluster.namespaces.insert(
-                    (*name).to_owned(),
-                    Namespace {
-                        name: (*name).to_owned(),
-                        labels,
-                    },
-                );
+            for (name, labels) in NAMESPACES.iter().zip(namespace_labels) {
+                set_namespace(&mut cluster, name, labels);
             }
             for (index, (namespace, labels, local, dual_stack, ports)) in
                 pods.into_iter().enumerate()
@@ -454,22 +447,14 @@ fn cluster_without_cluster_policies() -> impl Strategy<Value = Cluster> {
                         u16::from(number),
                     )));
                 }
-                let id = PodRef {
-                    namespace: namespace.to_owned(),
-                    name: format!("pod{index}"),
-                };
-                cluster.pods.insert(
-                    id.clone(),
-                    Pod {
-                        id,
-                        labels,
-                        node_name: Some(if local { LOCAL } else { "node-2" }.to_owned()),
-                        ips,
-                        ports,
-                        host_network: false,
-                        service_account: "default".into(),
-                        mtls: netwarden_model::PodMtls::default(),
-                    },
+                add_pod(
+                    &mut cluster,
+                    namespace,
+                    &format!("pod{index}"),
+                    labels,
+                    local,
+                    ips,
+                    ports,
                 );
             }
             for policy in policies.into_iter().take(policy_count) {
@@ -478,4 +463,45 @@ fn cluster_without_cluster_policies() -> impl Strategy<Value = Cluster> {
             cluster
         },
     )
+}
+
+/// Creates or relabels namespace `name`, with the name label the API server adds.
+pub fn set_namespace(cluster: &mut Cluster, name: &str, mut labels: BTreeMap<String, String>) {
+    labels.insert("kubernetes.io/metadata.name".into(), name.to_owned());
+    cluster.namespaces.insert(
+        name.to_owned(),
+        Namespace {
+            name: name.to_owned(),
+            labels,
+        },
+    );
+}
+
+/// Adds pod `namespace/name`, on the local node or on another.
+pub fn add_pod(
+    cluster: &mut Cluster,
+    namespace: &str,
+    name: &str,
+    labels: BTreeMap<String, String>,
+    local: bool,
+    ips: Vec<IpAddr>,
+    ports: Vec<ContainerPort>,
+) {
+    let id = PodRef {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    cluster.pods.insert(
+        id.clone(),
+        Pod {
+            id,
+            labels,
+            node_name: Some(if local { LOCAL } else { "node-2" }.to_owned()),
+            ips,
+            ports,
+            host_network: false,
+            service_account: "default".into(),
+            mtls: netwarden_model::PodMtls::default(),
+        },
+    );
 }

@@ -17,15 +17,15 @@ use std::{
 
 use netwarden_model::{
     Action, Cluster, ClusterNetworkPolicy, ClusterPeer, ClusterRule, ClusterSubject, LabelSelector,
-    Namespace, Pod, PodRef, Tier,
+    Pod, PodRef, Tier,
 };
 use netwarden_policy::{
     Compiler, DatapathState, Direction,
     evaluate::{self, Flow, SideVerdict},
     lookup::{Conntrack, Maps, Opening, Packet, Verdict},
     test_support::{
-        LOCAL, NAMESPACES, NODE_ADDRESS, OTHER_NODE_ADDRESS, OUTSIDE, PORTS, PROTOCOLS, cluster,
-        cluster_with, labels,
+        LOCAL, NAMESPACES, NODE_ADDRESS, OTHER_NODE_ADDRESS, OUTSIDE, PORTS, PROTOCOLS, add_pod,
+        cluster, cluster_with, labels, set_namespace,
     },
 };
 use proptest::{collection::vec, prelude::*, sample::select};
@@ -315,22 +315,14 @@ impl PodChange {
             }
             Self::Add(namespace, labels, local) => {
                 let number = u8::try_from(100 + serial).expect("few changes");
-                let id = PodRef {
-                    namespace: (*namespace).to_owned(),
-                    name: format!("added{serial}"),
-                };
-                cluster.pods.insert(
-                    id.clone(),
-                    Pod {
-                        id,
-                        labels: labels.clone(),
-                        node_name: Some(if *local { LOCAL } else { "node-2" }.to_owned()),
-                        ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, number))],
-                        ports: Vec::new(),
-                        host_network: false,
-                        service_account: "default".into(),
-                        mtls: netwarden_model::PodMtls::default(),
-                    },
+                add_pod(
+                    cluster,
+                    namespace,
+                    &format!("added{serial}"),
+                    labels.clone(),
+                    *local,
+                    vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, number))],
+                    Vec::new(),
                 );
             }
             Self::Remove(index) => {
@@ -345,17 +337,7 @@ impl PodChange {
                     pod.node_name = Some(if elsewhere { "node-2" } else { LOCAL }.to_owned());
                 }
             }
-            Self::RelabelNamespace(name, labels) => {
-                let mut labels = labels.clone();
-                labels.insert("kubernetes.io/metadata.name".into(), (*name).to_owned());
-                cluster.namespaces.insert(
-                    (*name).to_owned(),
-                    Namespace {
-                        name: (*name).to_owned(),
-                        labels,
-                    },
-                );
-            }
+            Self::RelabelNamespace(name, labels) => set_namespace(cluster, name, labels.clone()),
         }
     }
 }
