@@ -595,6 +595,9 @@ fn lints(root: &Path) -> anyhow::Result<()> {
 fn test(root: &Path, thorough: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     setup::ensure()?;
+    // The restart bench's short run (`tests/bench/tests/restart.rs`) drives iperf3: without it
+    // that test would skip on a fresh machine.
+    setup::ensure_packages(setup::BENCH_PACKAGES)?;
     lints(root)?;
     let mut unit = Command::new("cargo");
     unit.args(["test", "--workspace", "--exclude", "netwarden-ebpf"]);
