@@ -24,7 +24,10 @@ use netwarden_common::{
     FlowKey, FlowKeyV4, FlowState, Translation, clock_ticks, flow_activity, maps,
 };
 
-use crate::packet::{self, Opening};
+use crate::{
+    mtls,
+    packet::{self, Opening},
+};
 
 #[map]
 static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowState> =
@@ -92,6 +95,55 @@ pub(crate) fn judged_flow(flow: &FlowKey, tracked: &FlowState) -> Option<FlowKey
     judged.peer_addr = translation.peer_addr;
     judged.peer_port = translation.peer_port;
     Some(judged)
+}
+
+/// Whether a packet of `flow` going `dir` opens a new connection over `tracked`, the entry of
+/// an earlier one on the same addresses and ports that is closing: a bare SYN after a FIN or
+/// RST (a client reusing its port, as `tcp_tw_reuse` lets it). Such a packet is decided as a
+/// new flow, whose entry replaces the old one: otherwise the new connection would live on the
+/// old one's closing state, and its entry be swept ten idle seconds later, cutting a
+/// connection that is merely quiet; and a SYN the other way would pass as a reply of the old.
+/// When the new connection is the same flow as the old one in every way its decision depends
+/// on (same direction, same policy epoch, not translated, no mTLS screen now or then), the
+/// decision would be the same, and the entry is only made new again here.
+#[inline(always)]
+pub(crate) fn reopened(
+    tracked: *mut FlowState,
+    flow: &FlowKey,
+    dir: u32,
+    opening: Opening,
+    epoch: u32,
+) -> bool {
+    // SAFETY: the pointer comes from a successful lookup in this program run (RCU keeps the
+    // value alive until the program returns); plain word accesses, as on the fast path.
+    let tracked = unsafe { &mut *tracked };
+    if opening != Opening::Yes
+        || flow.protocol != packet::IPPROTO_TCP
+        || tracked.activity & flow_activity::CLOSING == 0
+    {
+        return false;
+    }
+    let same_decision = tracked.epoch == epoch
+        && tracked.origin == dir
+        && tracked.flags == 0
+        && tracked.activity & flow_activity::TRANSLATED == 0
+        && mtls::flags_for_new_flow(flow, dir) == 0;
+    if !same_decision {
+        return true;
+    }
+    tracked.activity = 0;
+    tracked.last_seen = now_ticks();
+    false
+}
+
+/// Whether translated flow `flow` was judged on the peer at `peer_addr`, `peer_port` (false
+/// when its record is gone).
+#[inline(always)]
+pub(crate) fn judged_on(flow: &FlowKey, peer_addr: &[u8; 16], peer_port: u16) -> bool {
+    // SAFETY: the value is read at once.
+    unsafe { TRANSLATIONS.get(flow) }.is_some_and(|translation| {
+        translation.peer_port == peer_port && translation.peer_addr == *peer_addr
+    })
 }
 
 /// Records what the agent's sweeper needs to expire the flow: when it was last active, whether

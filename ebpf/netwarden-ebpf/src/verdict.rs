@@ -134,7 +134,8 @@ fn enforce_flow(
     let epoch = settings::current_epoch();
     // One conntrack lookup serves the fast path and, when the entry is stale, step 4: the
     // entry's memory stays valid for the whole program run.
-    let tracked = conntrack::entry(&flow);
+    let tracked = conntrack::entry(&flow)
+        .filter(|&tracked| !conntrack::reopened(tracked, &flow, dir, opening, epoch));
     if let Some(tracked) = tracked {
         // SAFETY: the pointer comes from a successful lookup; the kernel frees a map value
         // only after every program that may hold it has returned (RCU), so it stays valid for

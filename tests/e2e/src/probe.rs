@@ -145,6 +145,41 @@ async fn dial_tcp(client: Client<'_>, server: Server<'_>) -> Result<(), DialErro
     }
 }
 
+/// One TCP attempt from `client`'s address and `port`, closed with a RST (`SO_LINGER` 0) so
+/// that no `TIME_WAIT` keeps the next attempt from the same addresses and ports.
+pub async fn dial_tcp_from_port(
+    client: Client<'_>,
+    server: Server<'_>,
+    port: u16,
+) -> Result<(), DialError> {
+    let attempt = async {
+        let socket =
+            client
+                .netns
+                .socket(Domain::for_address(server.address), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        // Linger 0: the close resets at once, without blocking the thread.
+        socket.set_linger(Some(Duration::ZERO))?;
+        socket.bind(&SocketAddr::new(client.address, port).into())?;
+        let stream = TcpSocket::from_std_stream(socket.into())
+            .connect(server.address)
+            .await?;
+        let (reader, mut writer) = stream.into_split();
+        let mut lines = BufReader::new(reader).lines();
+        let line = format!("probe {}", nonce());
+        writer.write_all(format!("{line}\n").as_bytes()).await?;
+        let answer = lines.next_line().await?.ok_or(DialError::Closed)?;
+        if answered(server, Protocol::Tcp, &line, &answer) {
+            Ok(())
+        } else {
+            Err(DialError::WrongAnswer(answer))
+        }
+    };
+    timeout(ATTEMPT_TIMEOUT, attempt)
+        .await
+        .unwrap_or(Err(DialError::Timeout))
+}
+
 async fn connect_udp(client: Client<'_>, server: Server<'_>) -> Result<UdpSocket, DialError> {
     let socket: Socket =
         client

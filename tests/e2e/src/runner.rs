@@ -719,15 +719,16 @@ impl ScenarioRun<'_> {
         let mut findings = Findings::new();
         let mut outcome = self.dial_once(dial).await;
         let wanted = dial.expect == Reachability::Allowed;
-        let retried = outcome.iter().any(|(_, reached)| *reached != wanted);
+        let meets = |answers: &DialAnswers| answers.wrong.is_empty() && answers.reached() == wanted;
+        let retried = outcome.iter().any(|(_, answers)| !meets(answers));
         if retried {
             tokio::time::sleep(RETRY_PAUSE).await;
             outcome = self.dial_once(dial).await;
         }
-        for (what, reached) in outcome {
-            let verdict = if reached { "allowed" } else { "blocked" };
+        for (what, answers) in outcome {
+            let verdict = answers.to_string();
             self.progress.line(&format!("  {what}: {verdict}"));
-            if reached != wanted {
+            if !meets(&answers) {
                 let retry_note = if retried { " (retried once)" } else { "" };
                 findings.push(format!(
                     "step {number} {step}{retry_note}: {what} was {verdict}"
@@ -737,23 +738,25 @@ impl ScenarioRun<'_> {
         findings
     }
 
-    /// One attempt per family: a description of what was dialled and whether it answered.
-    async fn dial_once(&self, dial: &Dial) -> Vec<(String, bool)> {
+    /// `dial.attempts` connections per family: a description of what was dialled and what
+    /// answered.
+    async fn dial_once(&self, dial: &Dial) -> Vec<(String, DialAnswers)> {
         let (registry, _) = self.services.as_ref().expect("validated: services exist");
         let service = registry
             .get(&dial.service)
             .expect("validated: the service exists");
         let (namespace, _) = dial.service.split_once('/').expect("validated");
-        let answerers: Vec<String> = self
-            .live
-            .iter()
-            .filter(|(_, live)| {
-                live.pod
-                    .as_ref()
-                    .is_some_and(|pod| pod.namespace == namespace)
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
+        let answerers: Vec<String> = dial.answered_only_by.clone().unwrap_or_else(|| {
+            self.live
+                .iter()
+                .filter(|(_, live)| {
+                    live.pod
+                        .as_ref()
+                        .is_some_and(|pod| pod.namespace == namespace)
+                })
+                .map(|(key, _)| key.clone())
+                .collect()
+        });
         let (client_netns, client_addresses) = if dial.from == NODE_CLIENT {
             (self.node.netns(), self.node.addresses())
         } else {
@@ -779,20 +782,27 @@ impl ScenarioRun<'_> {
             let Some(destination) = destination else {
                 continue;
             };
-            let reached = probe::dial(
-                Client {
-                    netns: client_netns,
-                    address: source,
-                },
-                Server {
-                    address: destination,
-                    answerer: Answerer::AnyOf(&answerers),
-                },
-                dial.protocol,
-            )
-            .await
-            .is_ok();
-            outcome.push((format!("{family} {destination}"), reached));
+            let client = Client {
+                netns: client_netns,
+                address: source,
+            };
+            let server = Server {
+                address: destination,
+                answerer: Answerer::AnyOf(&answerers),
+            };
+            let mut answers = DialAnswers::default();
+            for _ in 0..dial.attempts {
+                let attempt = match dial.source_port {
+                    Some(port) => probe::dial_tcp_from_port(client, server, port).await,
+                    None => probe::dial(client, server, dial.protocol).await,
+                };
+                match attempt {
+                    Ok(()) => answers.answered += 1,
+                    Err(DialError::WrongAnswer(answer)) => answers.wrong.push(answer),
+                    Err(_) => answers.blocked += 1,
+                }
+            }
+            outcome.push((format!("{family} {destination}"), answers));
         }
         outcome
     }
@@ -1725,5 +1735,45 @@ impl<'a> SimulatedNode<'a> {
         let (_, failures) = run.teardown().await;
         drop(workspace);
         failures
+    }
+}
+
+/// What the attempts of one `dial` in one family met.
+#[derive(Debug, Default)]
+struct DialAnswers {
+    /// Answered by a pod that may answer.
+    answered: u32,
+    /// Not answered in time, or refused.
+    blocked: u32,
+    /// Answers from a pod that may not answer (`answered_only_by`).
+    wrong: Vec<String>,
+}
+
+impl DialAnswers {
+    fn reached(&self) -> bool {
+        self.answered > 0
+    }
+}
+
+impl std::fmt::Display for DialAnswers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verdict = if self.reached() { "allowed" } else { "blocked" };
+        if self.answered + self.blocked + u32::try_from(self.wrong.len()).unwrap_or(u32::MAX) > 1 {
+            write!(
+                f,
+                "{verdict} ({} answered, {} blocked)",
+                self.answered, self.blocked
+            )?;
+        } else {
+            write!(f, "{verdict}")?;
+        }
+        if !self.wrong.is_empty() {
+            write!(
+                f,
+                ", answered by a pod that may not answer: {:?}",
+                self.wrong
+            )?;
+        }
+        Ok(())
     }
 }

@@ -200,6 +200,23 @@ pub struct Dial {
     #[serde(default)]
     pub via: DialVia,
     pub expect: Reachability,
+    /// TCP only: the client dials from this port, and closes each connection with a RST so
+    /// that the next attempt reuses the same addresses and ports at once (as a client with
+    /// `tcp_tw_reuse` does), in a new kernel connection that kube-proxy balances afresh.
+    #[serde(default)]
+    pub source_port: Option<u16>,
+    /// How many connections per family [default: 1]. With more than one, `allowed` means at
+    /// least one was answered, `blocked` that none was.
+    #[serde(default = "one_attempt")]
+    pub attempts: u32,
+    /// The pods that may answer [default: any pod of the Service's namespace]: an answer from
+    /// another is a failure whatever `expect` says.
+    #[serde(default)]
+    pub answered_only_by: Option<Vec<String>>,
+}
+
+fn one_attempt() -> u32 {
+    1
 }
 
 impl fmt::Display for Dial {
@@ -210,11 +227,21 @@ impl fmt::Display for Dial {
         };
         write!(
             f,
-            "{} -> {} {}/{} by {via} (expect {})",
-            self.from,
-            self.service,
-            self.protocol,
-            self.port,
+            "{} -> {} {}/{} by {via}",
+            self.from, self.service, self.protocol, self.port,
+        )?;
+        if let Some(port) = self.source_port {
+            write!(f, " from port {port}")?;
+        }
+        if self.attempts > 1 {
+            write!(f, ", {} attempts", self.attempts)?;
+        }
+        if let Some(pods) = &self.answered_only_by {
+            write!(f, ", answered only by {}", pods.join(" "))?;
+        }
+        write!(
+            f,
+            " (expect {})",
             format!("{:?}", self.expect).to_lowercase()
         )
     }
@@ -1694,6 +1721,9 @@ impl<'a> Validator<'a> {
                 protocol: explain.protocol,
                 via: DialVia::ClusterIp,
                 expect: Reachability::Allowed,
+                source_port: None,
+                attempts: 1,
+                answered_only_by: None,
             }),
             _ => Err("give `to` (a pod or external host) or `service`, not both".to_owned()),
         }
@@ -1822,6 +1852,9 @@ impl<'a> Validator<'a> {
             protocol: resolve.protocol,
             via: DialVia::ClusterIp,
             expect: Reachability::Allowed,
+            source_port: None,
+            attempts: 1,
+            answered_only_by: None,
         })
         .map_err(|problem| format!("server {}: {problem}", resolve.server))
     }
@@ -1830,6 +1863,15 @@ impl<'a> Validator<'a> {
     fn dial(&self, dial: &Dial) -> Result<(), String> {
         if dial.from != NODE_CLIENT {
             self.endpoint(&dial.from)?;
+        }
+        if dial.attempts == 0 {
+            return Err("attempts must be at least 1".to_owned());
+        }
+        if dial.source_port.is_some() && dial.protocol != Protocol::Tcp {
+            return Err("source_port is for TCP dials".to_owned());
+        }
+        for pod in dial.answered_only_by.iter().flatten() {
+            self.pod(pod)?;
         }
         if let Some(service) = self.services.get(&dial.service) {
             if !self.existing_services.contains(&dial.service) {

@@ -563,6 +563,101 @@ fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream()
 }
 
 #[test]
+fn a_connection_reusing_a_closed_ones_ports_is_tracked_as_new() {
+    use std::time::Duration;
+
+    use netwarden_datapath::conntrack::{Sweeper, Timeouts};
+
+    let Some(harness) = Harness::new() else {
+        return;
+    };
+    let mut sweeper = Sweeper::open(
+        harness.bpffs.path(),
+        Duration::from_secs(10),
+        Timeouts::default(),
+    )
+    .expect("the conntrack map is pinned under the harness's bpffs");
+    let mut expired_after = |later: Duration| {
+        sweeper
+            .sweep_after(later)
+            .expect("the conntrack clock reads")
+            .expired()
+    };
+    let client_to_server = |flags| {
+        ethernet(
+            0x0800,
+            &ipv4(CLIENT, SERVER, 6, 0, &tcp_with_flags(40000, 80, flags)),
+        )
+    };
+    let server_to_client = |flags| {
+        ethernet(
+            0x0800,
+            &ipv4(SERVER, CLIENT, 6, 0, &tcp_with_flags(80, 40000, flags)),
+        )
+    };
+    // A connection that closes, then another from the same client port (`tcp_tw_reuse`).
+    for connection in ["first", "second"] {
+        assert_eq!(
+            harness.run(true, &client_to_server(0x02)),
+            ALLOW,
+            "{connection} SYN"
+        );
+        assert_eq!(
+            harness.run(false, &server_to_client(0x12)),
+            ALLOW,
+            "{connection} SYN-ACK"
+        );
+        assert_eq!(harness.run(true, &client_to_server(0x10)), ALLOW);
+        if connection == "first" {
+            assert_eq!(harness.run(true, &client_to_server(0x11)), ALLOW, "FIN");
+        }
+    }
+    // The second connection is established, not the first one's closing: a quiet minute
+    // does not cut it (closing flows go after 10 s, established ones after 6 h).
+    assert_eq!(
+        expired_after(Duration::from_mins(1)),
+        0,
+        "the new connection was swept as the old one's closing flow"
+    );
+
+    // A flow the server opened, closed; a SYN the other way on its ports is a new
+    // connection into the server, which its ingress policy does not allow (only the client,
+    // on port 80): it must not pass as a reply of the old flow.
+    let stranger_syn = ethernet(
+        0x0800,
+        &ipv4(STRANGER, SERVER, 6, 0, &tcp_with_flags(7000, 5000, 0x02)),
+    );
+    let server_to_stranger = |flags| {
+        ethernet(
+            0x0800,
+            &ipv4(SERVER, STRANGER, 6, 0, &tcp_with_flags(5000, 7000, flags)),
+        )
+    };
+    assert_eq!(
+        harness.run(false, &server_to_stranger(0x02)),
+        ALLOW,
+        "egress is open"
+    );
+    assert_eq!(
+        harness.run(
+            true,
+            &ethernet(
+                0x0800,
+                &ipv4(STRANGER, SERVER, 6, 0, &tcp_with_flags(7000, 5000, 0x12)),
+            )
+        ),
+        ALLOW,
+        "the reply of a tracked flow"
+    );
+    assert_eq!(harness.run(false, &server_to_stranger(0x11)), ALLOW, "FIN");
+    assert_eq!(
+        harness.run(true, &stranger_syn),
+        DENY,
+        "a SYN into the server over a closed flow's entry"
+    );
+}
+
+#[test]
 fn new_allowed_flows_are_reported_with_their_rule_when_asked_and_denies_always() {
     use netwarden_common::{VerdictEvent, counter};
 

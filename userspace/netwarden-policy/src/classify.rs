@@ -55,7 +55,9 @@ const IPV6_MAX_EXTENSION_HEADERS: usize = 6;
 const ICMP_INFORMATIONAL_PORT: u16 = 0x100;
 const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
 const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
+const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 
 /// Which part of its datagram a packet is.
@@ -108,6 +110,8 @@ pub enum ParsedOpening {
     Opens,
     /// May not.
     Continues,
+    /// May not, and tells conntrack the connection is closing: a TCP FIN or RST.
+    Closes,
     /// A neighbour solicitation or advertisement from a non-link-local source.
     Neighbour,
     /// An ICMP error.
@@ -121,6 +125,8 @@ pub struct TrackedFlow {
     pub origin: Direction,
     /// The policy epoch it was last allowed under.
     pub epoch: u32,
+    /// A TCP FIN or RST of the flow passed (`flow_activity::CLOSING`).
+    pub closing: bool,
 }
 
 /// A conntrack key: IPv4 flows in a table of their own, keyed by 4-byte addresses.
@@ -228,8 +234,12 @@ impl Maps<'_> {
             };
         }
         let key = ConntrackKey::of(&packet.flow);
-        let tracked = tables.conntrack.get(&key).copied();
         let opening = opening(tables, frame, &packet, direction, ifindex);
+        let tracked = tables
+            .conntrack
+            .get(&key)
+            .copied()
+            .filter(|tracked| !reopened(tables, *tracked, &packet, direction, &key));
         let outcome: Outcome = self.verdict(&Packet {
             ifindex,
             direction,
@@ -248,14 +258,25 @@ impl Maps<'_> {
             },
         });
         match outcome.conntrack {
-            ConntrackChange::None => {}
+            ConntrackChange::None => {
+                // A FIN or RST that passed on its tracked flow marks it closing.
+                if outcome.verdict == Verdict::Pass
+                    && packet.opening == ParsedOpening::Closes
+                    && let Some(tracked) = tables.conntrack.get_mut(&key)
+                {
+                    tracked.closing = true;
+                }
+            }
             ConntrackChange::Created | ConntrackChange::Renewed => {
                 let origin = tracked.map_or(direction, |tracked| tracked.origin);
+                let closing = tracked.is_some_and(|tracked| tracked.closing)
+                    || packet.opening == ParsedOpening::Closes;
                 tables.conntrack.insert(
                     key,
                     TrackedFlow {
                         origin,
                         epoch: tables.epoch,
+                        closing,
                     },
                 );
             }
@@ -278,6 +299,35 @@ impl Maps<'_> {
     }
 }
 
+/// Whether `packet` opens a new TCP connection over `tracked`, a closing one on the same
+/// addresses and ports (`conntrack::reopened`): it is then decided as a new flow, unless it is
+/// the same flow in every way its decision depends on, whose entry is only made new again.
+fn reopened(
+    tables: &mut Tables,
+    tracked: TrackedFlow,
+    packet: &ParsedFlow,
+    direction: Direction,
+    key: &ConntrackKey,
+) -> bool {
+    if packet.opening != ParsedOpening::Opens
+        || packet.flow.protocol != IPPROTO_TCP
+        || !tracked.closing
+    {
+        return false;
+    }
+    if tracked.epoch != tables.epoch || tracked.origin != direction {
+        return true;
+    }
+    tables.conntrack.insert(
+        *key,
+        TrackedFlow {
+            closing: false,
+            ..tracked
+        },
+    );
+    false
+}
+
 /// What `packet` may do, with conntrack asked about the packet an ICMP error quotes.
 fn opening(
     tables: &Tables,
@@ -288,7 +338,7 @@ fn opening(
 ) -> Opening {
     match packet.opening {
         ParsedOpening::Opens => Opening::Opens,
-        ParsedOpening::Continues => Opening::Continues,
+        ParsedOpening::Continues | ParsedOpening::Closes => Opening::Continues,
         ParsedOpening::Neighbour => Opening::Neighbour,
         ParsedOpening::IcmpError => {
             // The quoted packet travelled the other way.
@@ -564,6 +614,8 @@ fn parse_transport(
             // FIN and RST continue a connection too: they only tell the sweeper it is closing.
             let opening = if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
                 ParsedOpening::Opens
+            } else if flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
+                ParsedOpening::Closes
             } else {
                 ParsedOpening::Continues
             };
