@@ -233,11 +233,15 @@ impl Compiler {
             &mut changes,
             Change::Namespace,
         );
-        for id in self.pods.records.keys() {
-            if !pods.contains(id) {
-                changes.push(Change::Pod(id.clone(), None));
-            }
-        }
+        let mut removed: Vec<&PodRef> = self
+            .pods
+            .records
+            .keys()
+            .filter(|id| !pods.contains(id))
+            .collect();
+        // In order, as a sync always applied them (the records are hashed).
+        removed.sort_unstable();
+        changes.extend(removed.into_iter().map(|id| Change::Pod(id.clone(), None)));
         let mut after_pods = Vec::new();
         diff(
             &self.cluster.policies,
@@ -400,12 +404,16 @@ impl Compiler {
 
     fn change_pod(&mut self, id: PodRef, pod: Option<Pod>) {
         let new_fingerprint = pod.as_ref().map(fingerprint);
-        if self.pods.records.get(&id).map(|record| record.fingerprint) == new_fingerprint {
+        let old_record = self.pods.records.remove(&id);
+        if old_record.as_ref().map(|record| record.fingerprint) == new_fingerprint {
+            if let Some(record) = old_record {
+                self.pods.records.insert(id, record);
+            }
             return;
         }
         let old_local = self.pods.local.remove(&id).is_some();
         let mut touched_ips = Vec::new();
-        if let Some(old) = self.pods.records.remove(&id) {
+        if let Some(old) = old_record {
             if let Some(identity) = old.identity
                 && let Some(retired) = self.pods.identities.release_id(identity)
             {
@@ -424,9 +432,9 @@ impl Compiler {
                 ips: Vec::new(),
             };
             if Pods::enforceable(Some(&pod)).is_some() {
-                let info = IdentityInfo::of(&pod);
-                let (identity, is_new) = self.pods.identities.acquire(&info);
+                let (identity, is_new) = self.pods.identities.acquire_of(&pod);
                 if is_new {
+                    let info = Arc::clone(self.pods.identity_info_shared(identity));
                     self.identity_created(identity, &info);
                 }
                 record.identity = Some(identity);
