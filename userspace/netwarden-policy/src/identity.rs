@@ -13,6 +13,8 @@ use netwarden_common::{FIRST_POD_IDENTITY, PeerId};
 use netwarden_model::{ContainerPort, Pod, selector::Labels};
 
 /// What every pod of an identity has in common.
+///
+/// Its `Hash` must stay the derived one: [`PodIdentity`] hashes a pod's fields the same way.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdentityInfo {
     /// The pods' namespace.
@@ -27,19 +29,23 @@ impl IdentityInfo {
     /// The identity a pod has.
     #[must_use]
     pub fn of(pod: &Pod) -> Self {
-        let mut named_ports: Vec<ContainerPort> = pod
-            .ports
-            .iter()
-            .filter(|port| port.name.is_some())
-            .cloned()
-            .collect();
-        named_ports.sort();
-        named_ports.dedup();
         Self {
             namespace: pod.id.namespace.clone(),
             labels: pod.labels.clone(),
-            named_ports,
+            named_ports: Self::named_ports_of(pod).into_iter().cloned().collect(),
         }
+    }
+
+    /// The named container ports of `pod`, sorted and without duplicates.
+    fn named_ports_of(pod: &Pod) -> Vec<&ContainerPort> {
+        let mut named_ports: Vec<&ContainerPort> = pod
+            .ports
+            .iter()
+            .filter(|port| port.name.is_some())
+            .collect();
+        named_ports.sort();
+        named_ports.dedup();
+        named_ports
     }
 
     /// A stable digest of the identity, under which the datapath remembers its number across
@@ -98,7 +104,7 @@ pub fn resolve_named_port(
 /// there are tens of thousands of identities).
 #[derive(Clone, Debug, Default)]
 pub struct IdentityAllocator {
-    by_info: rustc_hash::FxHashMap<Arc<IdentityInfo>, (PeerId, usize)>,
+    by_info: hashbrown::HashMap<Arc<IdentityInfo>, (PeerId, usize), rustc_hash::FxBuildHasher>,
     info_of: BTreeMap<PeerId, Arc<IdentityInfo>>,
     next: PeerId,
     preferred: HashMap<[u8; 32], PeerId>,
@@ -120,9 +126,10 @@ impl IdentityAllocator {
             return (*id, false);
         }
         self.next = self.next.max(FIRST_POD_IDENTITY);
-        let preferred = self
-            .preferred
-            .remove(&info.digest())
+        // A digest is a SHA-256: computed only when a previous agent left numbers.
+        let preferred = (!self.preferred.is_empty())
+            .then(|| self.preferred.remove(&info.digest()))
+            .flatten()
             .filter(|id| !self.info_of.contains_key(id));
         let id = preferred.unwrap_or_else(|| {
             // `prefer` put `next` above every number a previous agent used.
@@ -133,6 +140,21 @@ impl IdentityAllocator {
         self.by_info.insert(Arc::clone(&info), (id, 1));
         self.info_of.insert(id, info);
         (id, true)
+    }
+
+    /// [`IdentityAllocator::acquire`] for the identity of `pod`, built only when it is new: at
+    /// a full compile every pod is acquired, and building each one's copied its labels.
+    pub fn acquire_of(&mut self, pod: &Pod) -> (PeerId, bool) {
+        let key = PodIdentity {
+            namespace: &pod.id.namespace,
+            labels: &pod.labels,
+            named_ports: IdentityInfo::named_ports_of(pod),
+        };
+        if let Some((id, holders)) = self.by_info.get_mut(&key) {
+            *holders += 1;
+            return (*id, false);
+        }
+        self.acquire(&IdentityInfo::of(pod))
     }
 
     /// One pod fewer holds `info`. Returns the identity if no pod holds it any more.
@@ -158,5 +180,81 @@ impl IdentityAllocator {
     #[must_use]
     pub fn identities(&self) -> &BTreeMap<PeerId, Arc<IdentityInfo>> {
         &self.info_of
+    }
+}
+
+/// A pod's identity, borrowed from the pod: looked up without building an [`IdentityInfo`].
+#[derive(Hash)]
+struct PodIdentity<'p> {
+    // The fields of `IdentityInfo`, in its order, hashing as its fields do (a reference hashes
+    // as what it points to; a `Vec` as its elements).
+    namespace: &'p str,
+    labels: &'p Labels,
+    named_ports: Vec<&'p ContainerPort>,
+}
+
+impl hashbrown::Equivalent<Arc<IdentityInfo>> for PodIdentity<'_> {
+    fn equivalent(&self, info: &Arc<IdentityInfo>) -> bool {
+        self.namespace == info.namespace
+            && *self.labels == info.labels
+            && self.named_ports.iter().copied().eq(&info.named_ports)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher as _;
+
+    use netwarden_model::{PodRef, Protocol};
+
+    use super::*;
+
+    fn port(name: Option<&str>, port: u16) -> ContainerPort {
+        ContainerPort {
+            name: name.map(str::to_owned),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    /// A pod is looked up by its borrowed fields: they must hash as the identity built from it,
+    /// or every pod would get an identity of its own.
+    #[test]
+    fn a_pod_hashes_and_compares_as_its_identity() {
+        let pod = Pod {
+            id: PodRef {
+                namespace: "shop".into(),
+                name: "web-1".into(),
+            },
+            labels: [("app".to_owned(), "web".to_owned())].into(),
+            ports: vec![
+                port(Some("metrics"), 9090),
+                port(None, 7000),
+                port(Some("http"), 8080),
+                port(Some("http"), 8080),
+            ],
+            node_name: None,
+            ips: Vec::new(),
+            host_network: false,
+            service_account: "default".into(),
+            mtls: netwarden_model::PodMtls::default(),
+        };
+        let key = PodIdentity {
+            namespace: &pod.id.namespace,
+            labels: &pod.labels,
+            named_ports: IdentityInfo::named_ports_of(&pod),
+        };
+        let info = Arc::new(IdentityInfo::of(&pod));
+        let hasher = rustc_hash::FxBuildHasher;
+        assert_eq!(hasher.hash_one(&key), hasher.hash_one(&info));
+        assert!(hashbrown::Equivalent::equivalent(&key, &info));
+
+        let mut allocator = IdentityAllocator::default();
+        let (id, new) = allocator.acquire(&info);
+        assert!(new);
+        assert_eq!(allocator.acquire_of(&pod), (id, false));
+        let mut other = pod.clone();
+        other.labels.insert("version".into(), "v2".into());
+        assert_ne!(allocator.acquire_of(&other).0, id);
     }
 }

@@ -33,6 +33,11 @@ impl PinnedPolicies {
     /// Takes the pinned id for `compiled`, preferring one of equal content: each pinned id is
     /// given to one compiled policy at most.
     fn take(&mut self, compiled: &CompiledPolicy) -> Option<PolicyId> {
+        // Nothing pinned (every compilation but a restarted agent's first): no shape to
+        // compute, which copies the whole content.
+        if self.content.is_empty() {
+            return None;
+        }
         let id = match self.exact.get(compiled) {
             Some(id) => *id,
             None => *self.by_shape.get(&compiled.shape())?.first()?,
@@ -97,21 +102,23 @@ impl PolicyIds {
         policies: &mut BTreeMap<PolicyId, CompiledPolicy>,
     ) -> (PolicyId, bool) {
         let digest = ContentDigest::of(&compiled);
-        self.acquire_digested(compiled, digest, policies)
+        self.acquire_digested(compiled, digest, 1, policies)
     }
 
-    /// [`PolicyIds::acquire`] for content whose digest the caller has (see
-    /// [`PolicyIds::digest`]).
+    /// [`PolicyIds::acquire`] for `users` endpoint directions at once, of content whose digest
+    /// the caller has (see [`PolicyIds::digest`]).
     pub(crate) fn acquire_digested(
         &mut self,
         compiled: CompiledPolicy,
         digest: ContentDigest,
+        users: usize,
         policies: &mut BTreeMap<PolicyId, CompiledPolicy>,
     ) -> (PolicyId, bool) {
         debug_assert_eq!(digest, ContentDigest::of(&compiled));
+        debug_assert!(users > 0, "acquired for someone");
         let same_digest = self.by_digest.entry(digest).or_default();
         if let Some(id) = same_digest.iter().find(|id| policies[*id] == compiled) {
-            *self.users.entry(*id).or_default() += 1;
+            *self.users.entry(*id).or_default() += users;
             return (*id, false);
         }
         let id = self.pinned.take(&compiled).unwrap_or_else(|| {
@@ -121,13 +128,18 @@ impl PolicyIds {
         same_digest.push(id);
         policies.insert(id, compiled);
         self.digests.insert(id, digest);
-        self.users.insert(id, 1);
+        self.users.insert(id, users);
         (id, true)
     }
 
     /// The digest of policy `id`'s content.
     pub(crate) fn digest(&self, id: PolicyId) -> ContentDigest {
         self.digests[&id]
+    }
+
+    /// How many endpoint directions use policy `id`.
+    pub(crate) fn users(&self, id: PolicyId) -> usize {
+        self.users.get(&id).copied().unwrap_or(0)
     }
 
     /// One user fewer of policy `id`; the last one removes it from `policies`, and it is
@@ -137,8 +149,19 @@ impl PolicyIds {
         id: PolicyId,
         policies: &mut BTreeMap<PolicyId, CompiledPolicy>,
     ) -> Option<CompiledPolicy> {
+        self.release_users(id, 1, policies)
+    }
+
+    /// [`PolicyIds::release`] for `count` users at once.
+    pub(crate) fn release_users(
+        &mut self,
+        id: PolicyId,
+        count: usize,
+        policies: &mut BTreeMap<PolicyId, CompiledPolicy>,
+    ) -> Option<CompiledPolicy> {
         let users = self.users.get_mut(&id)?;
-        *users -= 1;
+        debug_assert!(*users >= count, "released by its users only");
+        *users = users.saturating_sub(count);
         if *users > 0 {
             return None;
         }

@@ -536,9 +536,19 @@ impl<'a> RuleCompiler<'a> {
         {
             return;
         }
-        for identity in self.selectors.matching_ids(selector) {
-            let towards = ports.towards(self.pods.identity_info(identity));
-            push_candidates(candidates, identity, &towards, ranked);
+        if let RulePorts::Same(same) = &ports {
+            // In key order, so that this peer's candidates are one sorted run (`resolve` sorts
+            // runs by merging them); and no identity looked up, whose ports do not matter.
+            let mut same = same.clone();
+            same.sort_unstable();
+            for identity in self.selectors.matching_ids(selector) {
+                push_candidates(candidates, identity, &same, ranked);
+            }
+        } else {
+            for identity in self.selectors.matching_ids(selector) {
+                let towards = ports.towards(self.pods.identity_info(identity));
+                push_candidates(candidates, identity, &towards, ranked);
+            }
         }
         self.direction_rules.push(SelectorRule {
             selector,
@@ -696,8 +706,10 @@ fn earlier(a: TierMatch, b: TierMatch) -> TierMatch {
 /// is that key or one of the ones it nests in), so that key's answer is the flow's.
 fn resolve(mut candidates: Vec<Candidate>) -> BTreeMap<PolicyMatch, PolicyEntry> {
     // Sorted, then folded and built in one pass: a map built from sorted keys is filled leaf by
-    // leaf, where thousands of inserts would each search it.
-    candidates.sort_unstable_by_key(|(entry, _)| *entry);
+    // leaf, where thousands of inserts would each search it. Each selector peer's candidates
+    // come as a sorted run (by identity, then port), which the stable sort merges rather than
+    // sorting them again; the order among equal keys does not matter to the fold.
+    candidates.sort_by_key(|(entry, _)| *entry);
     let mut folded: Vec<(PolicyMatch, PolicyEntry)> = Vec::with_capacity(candidates.len());
     for (entry, ranked) in candidates {
         let decided = match folded.last_mut() {
