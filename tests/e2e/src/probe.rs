@@ -99,7 +99,7 @@ pub async fn dial(
 ) -> Result<(), DialError> {
     let attempt = async {
         match protocol {
-            Protocol::Tcp => dial_tcp(client, server).await,
+            Protocol::Tcp => dial_tcp(client, server, None).await,
             Protocol::Udp => dial_udp(client, server).await,
             Protocol::Sctp => dial_sctp(client, server).await,
         }
@@ -122,10 +122,18 @@ fn answered(server: Server<'_>, protocol: Protocol, line: &str, answer: &str) ->
 async fn connect_tcp(
     client: Client<'_>,
     server: Server<'_>,
+    source_port: Option<u16>,
 ) -> Result<(Lines<BufReader<OwnedReadHalf>>, OwnedWriteHalf), DialError> {
     let socket = client
         .netns
         .socket(Domain::for_address(server.address), Type::STREAM, None)?;
+    if let Some(port) = source_port {
+        socket.set_reuse_address(true)?;
+        // Linger 0: the close resets at once (no `TIME_WAIT` keeps the next attempt from the
+        // same addresses and ports), without blocking the thread.
+        socket.set_linger(Some(Duration::ZERO))?;
+        socket.bind(&SocketAddr::new(client.address, port).into())?;
+    }
     let stream = TcpSocket::from_std_stream(socket.into())
         .connect(server.address)
         .await?;
@@ -133,8 +141,12 @@ async fn connect_tcp(
     Ok((BufReader::new(reader).lines(), writer))
 }
 
-async fn dial_tcp(client: Client<'_>, server: Server<'_>) -> Result<(), DialError> {
-    let (mut lines, mut writer) = connect_tcp(client, server).await?;
+async fn dial_tcp(
+    client: Client<'_>,
+    server: Server<'_>,
+    source_port: Option<u16>,
+) -> Result<(), DialError> {
+    let (mut lines, mut writer) = connect_tcp(client, server, source_port).await?;
     let line = format!("probe {}", nonce());
     writer.write_all(format!("{line}\n").as_bytes()).await?;
     let answer = lines.next_line().await?.ok_or(DialError::Closed)?;
@@ -145,37 +157,14 @@ async fn dial_tcp(client: Client<'_>, server: Server<'_>) -> Result<(), DialErro
     }
 }
 
-/// One TCP attempt from `client`'s address and `port`, closed with a RST (`SO_LINGER` 0) so
-/// that no `TIME_WAIT` keeps the next attempt from the same addresses and ports.
+/// One TCP attempt from `client`'s address and `port`, closed with a RST so that the next
+/// attempt may reuse the same addresses and ports at once.
 pub async fn dial_tcp_from_port(
     client: Client<'_>,
     server: Server<'_>,
     port: u16,
 ) -> Result<(), DialError> {
-    let attempt = async {
-        let socket =
-            client
-                .netns
-                .socket(Domain::for_address(server.address), Type::STREAM, None)?;
-        socket.set_reuse_address(true)?;
-        // Linger 0: the close resets at once, without blocking the thread.
-        socket.set_linger(Some(Duration::ZERO))?;
-        socket.bind(&SocketAddr::new(client.address, port).into())?;
-        let stream = TcpSocket::from_std_stream(socket.into())
-            .connect(server.address)
-            .await?;
-        let (reader, mut writer) = stream.into_split();
-        let mut lines = BufReader::new(reader).lines();
-        let line = format!("probe {}", nonce());
-        writer.write_all(format!("{line}\n").as_bytes()).await?;
-        let answer = lines.next_line().await?.ok_or(DialError::Closed)?;
-        if answered(server, Protocol::Tcp, &line, &answer) {
-            Ok(())
-        } else {
-            Err(DialError::WrongAnswer(answer))
-        }
-    };
-    timeout(ATTEMPT_TIMEOUT, attempt)
+    timeout(ATTEMPT_TIMEOUT, dial_tcp(client, server, Some(port)))
         .await
         .unwrap_or(Err(DialError::Timeout))
 }
@@ -304,7 +293,7 @@ impl Flow {
     ) -> Result<Self, DialError> {
         let (mut socket, local) = match protocol {
             Protocol::Tcp => {
-                let (lines, writer) = timeout(ATTEMPT_TIMEOUT, connect_tcp(client, server))
+                let (lines, writer) = timeout(ATTEMPT_TIMEOUT, connect_tcp(client, server, None))
                     .await
                     .unwrap_or(Err(DialError::Timeout))?;
                 let local = writer.local_addr()?;

@@ -109,6 +109,18 @@ impl Harness {
         })
     }
 
+    /// The conntrack sweeper on the harness's table, with the default timeouts; tests tell it
+    /// how far into the future to look rather than wait.
+    fn sweeper(&self) -> netwarden_datapath::conntrack::Sweeper {
+        use netwarden_datapath::conntrack::{Sweeper, Timeouts};
+        Sweeper::open(
+            self.bpffs.path(),
+            std::time::Duration::from_secs(10),
+            Timeouts::default(),
+        )
+        .expect("the conntrack map is pinned under the harness's bpffs")
+    }
+
     /// The verdict of the program towards the pod (`true`) or from it (`false`) on `frame`.
     fn run(&self, towards_pod: bool, frame: &[u8]) -> i32 {
         let datapath = self.datapath.as_ref().expect("present until drop");
@@ -469,6 +481,14 @@ fn tcp_with_flags(source: u16, destination: u16, flags: u8) -> Vec<u8> {
     segment
 }
 
+/// A framed IPv4 TCP segment between two (address, port) ends with `flags`.
+fn tcp_frame(from: (Ipv4Addr, u16), to: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    ethernet(
+        0x0800,
+        &ipv4(from.0, to.0, 6, 0, &tcp_with_flags(from.1, to.1, flags)),
+    )
+}
+
 fn udp(source: u16, destination: u16) -> Vec<u8> {
     let mut datagram = Vec::new();
     datagram.extend(source.to_be_bytes());
@@ -481,32 +501,15 @@ fn udp(source: u16, destination: u16) -> Vec<u8> {
 fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream() {
     use std::time::Duration;
 
-    use netwarden_datapath::conntrack::{Sweeper, Timeouts};
-
     let Some(harness) = Harness::new() else {
         return;
     };
-    let mut sweeper = Sweeper::open(
-        harness.bpffs.path(),
-        Duration::from_secs(10),
-        Timeouts::default(),
-    )
-    .expect("the conntrack map is pinned under the harness's bpffs");
+    let mut sweeper = harness.sweeper();
     let outside = Ipv4Addr::new(192, 0, 2, 1);
 
     // An answered TCP connection into the server, and a UDP flow out of it nobody answers.
-    let client_to_server = |flags| {
-        ethernet(
-            0x0800,
-            &ipv4(CLIENT, SERVER, 6, 0, &tcp_with_flags(40000, 80, flags)),
-        )
-    };
-    let server_to_client = |flags| {
-        ethernet(
-            0x0800,
-            &ipv4(SERVER, CLIENT, 6, 0, &tcp_with_flags(80, 40000, flags)),
-        )
-    };
+    let client_to_server = |flags| tcp_frame((CLIENT, 40000), (SERVER, 80), flags);
+    let server_to_client = |flags| tcp_frame((SERVER, 80), (CLIENT, 40000), flags);
     assert_eq!(harness.run(true, &client_to_server(0x02)), ALLOW, "SYN");
     assert_eq!(
         harness.run(false, &server_to_client(0x12)),
@@ -566,35 +569,18 @@ fn idle_flows_expire_by_state_and_a_swept_connection_is_not_revived_mid_stream()
 fn a_connection_reusing_a_closed_ones_ports_is_tracked_as_new() {
     use std::time::Duration;
 
-    use netwarden_datapath::conntrack::{Sweeper, Timeouts};
-
     let Some(harness) = Harness::new() else {
         return;
     };
-    let mut sweeper = Sweeper::open(
-        harness.bpffs.path(),
-        Duration::from_secs(10),
-        Timeouts::default(),
-    )
-    .expect("the conntrack map is pinned under the harness's bpffs");
+    let mut sweeper = harness.sweeper();
     let mut expired_after = |later: Duration| {
         sweeper
             .sweep_after(later)
             .expect("the conntrack clock reads")
             .expired()
     };
-    let client_to_server = |flags| {
-        ethernet(
-            0x0800,
-            &ipv4(CLIENT, SERVER, 6, 0, &tcp_with_flags(40000, 80, flags)),
-        )
-    };
-    let server_to_client = |flags| {
-        ethernet(
-            0x0800,
-            &ipv4(SERVER, CLIENT, 6, 0, &tcp_with_flags(80, 40000, flags)),
-        )
-    };
+    let client_to_server = |flags| tcp_frame((CLIENT, 40000), (SERVER, 80), flags);
+    let server_to_client = |flags| tcp_frame((SERVER, 80), (CLIENT, 40000), flags);
     // A connection that closes, then another from the same client port (`tcp_tw_reuse`).
     for connection in ["first", "second"] {
         assert_eq!(
@@ -623,35 +609,21 @@ fn a_connection_reusing_a_closed_ones_ports_is_tracked_as_new() {
     // A flow the server opened, closed; a SYN the other way on its ports is a new
     // connection into the server, which its ingress policy does not allow (only the client,
     // on port 80): it must not pass as a reply of the old flow.
-    let stranger_syn = ethernet(
-        0x0800,
-        &ipv4(STRANGER, SERVER, 6, 0, &tcp_with_flags(7000, 5000, 0x02)),
-    );
-    let server_to_stranger = |flags| {
-        ethernet(
-            0x0800,
-            &ipv4(SERVER, STRANGER, 6, 0, &tcp_with_flags(5000, 7000, flags)),
-        )
-    };
+    let stranger_to_server = |flags| tcp_frame((STRANGER, 7000), (SERVER, 5000), flags);
+    let server_to_stranger = |flags| tcp_frame((SERVER, 5000), (STRANGER, 7000), flags);
     assert_eq!(
         harness.run(false, &server_to_stranger(0x02)),
         ALLOW,
         "egress is open"
     );
     assert_eq!(
-        harness.run(
-            true,
-            &ethernet(
-                0x0800,
-                &ipv4(STRANGER, SERVER, 6, 0, &tcp_with_flags(7000, 5000, 0x12)),
-            )
-        ),
+        harness.run(true, &stranger_to_server(0x12)),
         ALLOW,
         "the reply of a tracked flow"
     );
     assert_eq!(harness.run(false, &server_to_stranger(0x11)), ALLOW, "FIN");
     assert_eq!(
-        harness.run(true, &stranger_syn),
+        harness.run(true, &stranger_to_server(0x02)),
         DENY,
         "a SYN into the server over a closed flow's entry"
     );
