@@ -136,14 +136,36 @@ pub(crate) fn reopened(
     false
 }
 
-/// Whether translated flow `flow` was judged on the peer at `peer_addr`, `peer_port` (false
-/// when its record is gone).
+/// Whether a packet that may open a flow (its kernel connection is new) passes on `tracked`,
+/// the current entry of translated flow `flow`, now to be judged as `judged` going `dir`. It
+/// does when the entry was judged on the same peer: a retransmitted SYN, a UDP flow's next
+/// datagram, or a new connection over a closed one on the same addresses and ports whose
+/// decision cannot differ (same peer and direction, no mTLS screen then or now), whose entry
+/// is then made new again. Otherwise it is decided afresh: kube-proxy balances each kernel
+/// connection anew, so a client reusing its port may reach another backend.
 #[inline(always)]
-pub(crate) fn judged_on(flow: &FlowKey, peer_addr: &[u8; 16], peer_port: u16) -> bool {
+pub(crate) fn continues_translated(
+    tracked: &mut FlowState,
+    flow: &FlowKey,
+    judged: &FlowKey,
+    dir: u32,
+) -> bool {
     // SAFETY: the value is read at once.
-    unsafe { TRANSLATIONS.get(flow) }.is_some_and(|translation| {
-        translation.peer_port == peer_port && translation.peer_addr == *peer_addr
-    })
+    let same_peer = unsafe { TRANSLATIONS.get(flow) }.is_some_and(|translation| {
+        translation.peer_port == judged.peer_port && translation.peer_addr == judged.peer_addr
+    });
+    if !same_peer {
+        return false;
+    }
+    if flow.protocol != packet::IPPROTO_TCP || tracked.activity & flow_activity::CLOSING == 0 {
+        return true;
+    }
+    if tracked.origin != dir || tracked.flags != 0 || mtls::flags_for_new_flow(flow, dir) != 0 {
+        return false;
+    }
+    tracked.activity = flow_activity::TRANSLATED;
+    tracked.last_seen = now_ticks();
+    true
 }
 
 /// Records what the agent's sweeper needs to expire the flow: when it was last active, whether

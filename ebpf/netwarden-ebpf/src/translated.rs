@@ -218,11 +218,13 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
     let judged = &tuples.judged;
     let epoch = settings::current_epoch();
     if let Some(tracked) = conntrack::entry(key) {
-        // SAFETY: the pointer comes from a successful lookup and is read at once.
-        let (tracked_epoch, activity) = unsafe { ((*tracked).epoch, (*tracked).activity) };
-        if tracked_epoch == epoch
-            && activity & flow_activity::TRANSLATED != 0
-            && !(may_open && opens_another_flow(key, judged, activity))
+        // SAFETY: the pointer comes from a successful lookup; the kernel frees a map value only
+        // after every program that may hold it has returned (RCU). Plain word accesses, as on
+        // the classifiers' fast path.
+        let tracked = unsafe { &mut *tracked };
+        if tracked.epoch == epoch
+            && tracked.activity & flow_activity::TRANSLATED != 0
+            && (!may_open || conntrack::continues_translated(tracked, key, judged, dir))
         {
             return true;
         }
@@ -279,17 +281,6 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
     conntrack::insert(key, &scratch.state);
     exit::pass_new_flow(judged, dir, reason, &attribution(policy, rule), NF_ACCEPT);
     true
-}
-
-/// Whether a packet that may open a flow (the kernel connection is new) opens another one
-/// than the flow tracked under `key` with `activity`: the client reused its address and port
-/// after the tracked TCP connection closed, or the node translated it to another peer than
-/// the one the tracked flow was judged on (kube-proxy picks a backend per connection). Such a
-/// flow is decided on its own peer and tracked afresh, not passed on the old one's decision.
-#[inline(always)]
-fn opens_another_flow(key: &FlowKey, judged: &FlowKey, activity: u32) -> bool {
-    (key.protocol == IPPROTO_TCP && activity & flow_activity::CLOSING != 0)
-        || !conntrack::judged_on(key, &judged.peer_addr, judged.peer_port)
 }
 
 /// A packet conntrack does not follow: nothing translated it, but `from_container` may have
