@@ -12,7 +12,8 @@
 //! opens nothing.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    borrow::Cow,
+    collections::{BTreeMap, HashMap, HashSet, hash_map::Entry},
     fmt::Write as _,
     fs, io,
     os::unix::fs::MetadataExt as _,
@@ -95,16 +96,17 @@ enum Parsed {
 }
 
 impl Parsed {
-    /// The object's kind and its key, for the duplicate check.
-    fn kind_and_key(&self) -> (&'static str, String) {
+    /// The object's kind and its key, for the duplicate check: borrowed where the object holds
+    /// it, since every apply checks every object (150,000 pods' keys copied at each apply).
+    fn kind_and_key(&self) -> (&'static str, Cow<'_, str>) {
         match self {
-            Self::Namespace(key, _) => ("Namespace", key.clone()),
-            Self::Pod(key, _) => ("Pod", key.clone()),
-            Self::NetworkPolicy(id, _) => ("NetworkPolicy", id.to_string()),
-            Self::Service(key, _) => ("Service", key.clone()),
-            Self::EndpointSlice(key, _) => ("EndpointSlice", key.clone()),
-            Self::Node(key, _) => ("Node", key.clone()),
-            Self::ClusterNetworkPolicy(key, _) => (cluster_policy::KIND, key.clone()),
+            Self::Namespace(key, _) => ("Namespace", Cow::Borrowed(key)),
+            Self::Pod(key, _) => ("Pod", Cow::Borrowed(key)),
+            Self::NetworkPolicy(id, _) => ("NetworkPolicy", Cow::Owned(id.to_string())),
+            Self::Service(key, _) => ("Service", Cow::Borrowed(key)),
+            Self::EndpointSlice(key, _) => ("EndpointSlice", Cow::Borrowed(key)),
+            Self::Node(key, _) => ("Node", Cow::Borrowed(key)),
+            Self::ClusterNetworkPolicy(key, _) => (cluster_policy::KIND, Cow::Borrowed(key)),
         }
     }
 }
@@ -244,23 +246,18 @@ impl ManifestDir {
         let mut cluster = Cluster::default();
         let mut pods = BTreeMap::new();
         let mut errors = Vec::new();
-        let mut origin: HashMap<(&'static str, String), String> = HashMap::new();
-        let mut seen_policies = Vec::new();
-        let mut seen_cluster_policies = Vec::new();
+        // Which file each object came from, borrowed from what was read: the check runs over
+        // every object at every apply.
+        let mut origin: HashMap<(&'static str, Cow<'_, str>), &str> = HashMap::new();
+        let mut seen_policies = HashSet::new();
+        let mut seen_cluster_policies = HashSet::new();
         for (name, file) in &self.files {
             errors.extend(file.errors.iter().map(clone_error));
             for object in &file.objects {
-                let (kind, key) = object.kind_and_key();
-                if let Some(first) = origin.get(&(kind, key.clone())) {
-                    errors.push(ManifestError::Duplicate {
-                        kind,
-                        object: key,
-                        first: first.clone(),
-                        second: name.clone(),
-                    });
+                if let Some(duplicate) = duplicate_of(&mut origin, object, name) {
+                    errors.push(duplicate);
                     continue;
                 }
-                origin.insert((kind, key), name.clone());
                 let invalid = |source: &convert::ModelError| ManifestError::Invalid {
                     file: name.clone(),
                     source: source.clone(),
@@ -297,7 +294,7 @@ impl ManifestDir {
                         Err(source) => errors.push(invalid(source)),
                     },
                     Parsed::ClusterNetworkPolicy(policy_name, policy) => {
-                        seen_cluster_policies.push(policy_name.clone());
+                        seen_cluster_policies.insert(policy_name.as_str());
                         let enforced = cluster_policy_to_enforce(
                             &mut self.last_good_cluster_policies,
                             policy_name,
@@ -311,10 +308,14 @@ impl ManifestDir {
                         }
                     }
                     Parsed::NetworkPolicy(id, policy) => {
-                        seen_policies.push(id.clone());
+                        seen_policies.insert(id);
                         match policy.as_ref() {
                             Ok(valid) => {
-                                self.last_good_policies.insert(id.clone(), valid.clone());
+                                // Replaced only when it changed: a copy of every policy made
+                                // at every apply only to drop the previous one churns the heap.
+                                if self.last_good_policies.get(id) != Some(valid) {
+                                    self.last_good_policies.insert(id.clone(), valid.clone());
+                                }
                                 cluster.policies.insert(id.clone(), valid.clone());
                             }
                             Err(source) => {
@@ -334,12 +335,33 @@ impl ManifestDir {
         self.last_good_policies
             .retain(|id, _| seen_policies.contains(id));
         self.last_good_cluster_policies
-            .retain(|name, _| seen_cluster_policies.contains(name));
+            .retain(|name, _| seen_cluster_policies.contains(name.as_str()));
         let view = ClusterView {
             rest: cluster,
             pods: PodsView::Borrowed(pods),
         };
         (view, errors)
+    }
+}
+
+/// Records that `object` comes from `file`, or the error naming the file that held it first.
+fn duplicate_of<'a>(
+    origin: &mut HashMap<(&'static str, Cow<'a, str>), &'a str>,
+    object: &'a Parsed,
+    file: &'a str,
+) -> Option<ManifestError> {
+    let (kind, key) = object.kind_and_key();
+    match origin.entry((kind, key)) {
+        Entry::Occupied(first) => Some(ManifestError::Duplicate {
+            kind,
+            object: first.key().1.clone().into_owned(),
+            first: (*first.get()).to_owned(),
+            second: file.to_owned(),
+        }),
+        Entry::Vacant(vacant) => {
+            vacant.insert(file);
+            None
+        }
     }
 }
 

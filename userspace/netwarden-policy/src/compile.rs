@@ -159,6 +159,12 @@ impl Compiler {
         self.addresses.owners()
     }
 
+    /// The pod that owns `ip` (the first claimant by namespace and name).
+    #[must_use]
+    pub fn pod_address_owner(&self, ip: IpAddr) -> Option<&PodRef> {
+        self.addresses.owner(ip)
+    }
+
     /// The cluster snapshot compiled last (what `netwarden explain --agent` is answered on).
     #[must_use]
     pub fn cluster(&self) -> &Cluster {

@@ -19,6 +19,7 @@ use netwarden_datapath::{
     netlink::{Netlink, NodeNetwork},
 };
 use netwarden_kube::events::Unenforceable;
+use netwarden_model::PodRef;
 use netwarden_policy::{Compiler, DatapathState};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
@@ -386,13 +387,21 @@ fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &
             (endpoint.ifindex, names)
         })
         .collect();
-    let pods = compiler
-        .pod_addresses()
-        .map(|(ip, pod)| (ip, pod.to_string()))
-        .collect();
     let mut shared = attribution
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Every pod address is edited in place rather than collected anew: a second map of every
+    // address and its pod's name (150,000 of them) was built at each apply while the first was
+    // still held, at the apply's peak. The event reader waits for the walk, a few milliseconds.
+    let mut pods = std::mem::take(&mut shared.pods);
+    pods.retain(|ip, name| {
+        compiler
+            .pod_address_owner(*ip)
+            .is_some_and(|owner| names_pod(name, owner))
+    });
+    for (ip, owner) in compiler.pod_addresses() {
+        pods.entry(ip).or_insert_with(|| owner.to_string());
+    }
     let rules = state
         .rules
         .iter()
@@ -415,6 +424,11 @@ fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &
         rules,
         services,
     };
+}
+
+/// Whether `name`, as the attribution writes it (`namespace/name`), is `pod`'s.
+fn names_pod(name: &str, pod: &PodRef) -> bool {
+    name.split_once('/') == Some((pod.namespace.as_str(), pod.name.as_str()))
 }
 
 /// Hands memory freed by an apply (the previous snapshot, compile scratch) back to the kernel:
