@@ -178,7 +178,8 @@ pub fn pod(ns: usize, app: usize, replica: usize, index: usize, nodes: usize) ->
                     "v2"
                 },
             ),
-        ]),
+        ])
+        .into(),
         node_name: Some(format!("node-{}", index % nodes)),
         ips,
         ports: vec![
@@ -197,7 +198,8 @@ pub fn pod(ns: usize, app: usize, replica: usize, index: usize, nodes: usize) ->
                 port: 53,
                 protocol: Protocol::Udp,
             },
-        ],
+        ]
+        .into(),
         host_network: false,
         service_account: format!("app-{app}"),
         mtls: netwarden_model::PodMtls::default(),

@@ -146,7 +146,7 @@ pub fn measure(shape: Shape, agent: Option<&Path>, runs: usize) -> anyhow::Resul
     print_compiler(&row, &baseline, peer_touches_only_ipcache);
 
     let mut relabelled = cluster.pods[&shape.sample_pod()].clone();
-    relabelled.labels.insert("canary".into(), "true".into());
+    std::sync::Arc::make_mut(&mut relabelled.labels).insert("canary".into(), "true".into());
     let memory = match agent {
         Some(agent) if agent.exists() => Some(agent::measure(agent, &cluster, &relabelled)?),
         Some(agent) => anyhow::bail!("no agent binary at {}", agent.display()),
@@ -384,7 +384,7 @@ fn incremental_relabel(
         "a remote pod"
     );
     let mut relabelled = original.clone();
-    relabelled.labels.insert("canary".into(), "true".into());
+    std::sync::Arc::make_mut(&mut relabelled.labels).insert("canary".into(), "true".into());
     let mut flip = false;
     time(400, || {
         flip = !flip;

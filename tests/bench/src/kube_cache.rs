@@ -76,7 +76,7 @@ fn api_object(pod: &Pod, index: usize) -> Value {
         )
     };
     let replica_set = format!("{}-7d9f8c6b5", pod.labels["app"]);
-    let mut labels = serde_json::to_value(&pod.labels).expect("labels serialize");
+    let mut labels = serde_json::to_value(&*pod.labels).expect("labels serialize");
     labels["pod-template-hash"] = json!("7d9f8c6b5");
     let ports: Vec<Value> = pod
         .ports

@@ -102,7 +102,7 @@ fn pod_object(pod: &Pod) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": pod.id.name, "namespace": pod.id.namespace, "labels": pod.labels},
+        "metadata": {"name": pod.id.name, "namespace": pod.id.namespace, "labels": *pod.labels},
         "spec": {"nodeName": pod.node_name, "serviceAccountName": pod.service_account,
                  "containers": [{"name": "app", "image": "registry.example/app:1", "ports": ports}]},
         "status": {"phase": "Running", "podIP": pod.ips[0].to_string(), "podIPs": ips},

@@ -742,10 +742,10 @@ fn pod(input: &mut Unstructured<'_>, id: &PodRef) -> Result<Pod> {
     }
     Ok(Pod {
         id: id.clone(),
-        labels: labels(input)?,
+        labels: labels(input)?.into(),
         node_name,
         ips,
-        ports,
+        ports: ports.into(),
         host_network: input.ratio(1, 8)?,
         service_account: "default".to_owned(),
         mtls: PodMtls::default(),

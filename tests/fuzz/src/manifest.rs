@@ -109,7 +109,7 @@ fn assert_model_promises(cluster: &Cluster) {
     }
     for (id, pod) in &cluster.pods {
         assert_eq!(&pod.id, id, "a pod under another key");
-        for port in &pod.ports {
+        for port in pod.ports.iter() {
             assert_ne!(port.port, 0, "pod {id} has container port 0");
         }
     }

@@ -73,7 +73,7 @@ use kube::{
     },
 };
 use netwarden_model::{
-    Cluster, ClusterNetworkPolicy, ModelError, PolicyRef,
+    Cluster, ClusterNetworkPolicy, ContainerPort, Interner, ModelError, PolicyRef,
     cluster::NetworkPolicy as ModelPolicy,
     cluster_policy::{self, api},
     convert,
@@ -213,6 +213,28 @@ struct PodEntries {
     /// A relist being read: swapped in whole at its end, as a reflector store does, so a
     /// relist never shows half of the cluster.
     relist: HashMap<(String, String), CachedPod>,
+    /// The pods' label sets and port lists, one copy of each (a workload's replicas share
+    /// theirs).
+    labels: Interner<netwarden_model::selector::Labels>,
+    ports: Interner<[ContainerPort]>,
+}
+
+impl PodEntries {
+    /// `object` converted, sharing its labels and ports with the pods that have equal ones.
+    fn convert(&mut self, object: &Pod) -> ((String, String), CachedPod) {
+        let (key, mut cached) = CachedPod::of(object);
+        if let Ok(pod) = cached.pod.as_mut() {
+            pod.labels = self.labels.intern(Arc::clone(&pod.labels));
+            pod.ports = self.ports.intern(Arc::clone(&pod.ports));
+        }
+        (key, cached)
+    }
+
+    /// A pod was deleted or replaced: the copies only it held may go.
+    fn released(&mut self) {
+        self.labels.released();
+        self.ports.released();
+    }
 }
 
 /// A pod as converted, and the `resourceVersion` it was converted from (for the digest).
@@ -239,20 +261,26 @@ impl PodCache {
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
         match event {
             watcher::Event::Apply(object) => {
-                let (key, cached) = CachedPod::of(object);
-                entries.current.insert(key, cached);
+                let (key, cached) = entries.convert(object);
+                if entries.current.insert(key, cached).is_some() {
+                    entries.released();
+                }
             }
             watcher::Event::Delete(object) => {
                 let key = (object.namespace().unwrap_or_default(), object.name_any());
-                entries.current.remove(&key);
+                if entries.current.remove(&key).is_some() {
+                    entries.released();
+                }
             }
             watcher::Event::Init => entries.relist = HashMap::new(),
             watcher::Event::InitApply(object) => {
-                let (key, cached) = CachedPod::of(object);
+                let (key, cached) = entries.convert(object);
                 entries.relist.insert(key, cached);
             }
             watcher::Event::InitDone => {
                 entries.current = std::mem::take(&mut entries.relist);
+                entries.labels.forget_unused();
+                entries.ports.forget_unused();
             }
         }
     }

@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -114,14 +115,15 @@ pub struct ContainerPort {
 pub struct Pod {
     /// Namespace and name.
     pub id: PodRef,
-    /// Its labels.
-    pub labels: Labels,
+    /// Its labels, one copy shared by the pods that carry the same ones (a workload's
+    /// replicas; see [`Interner`](crate::Interner)).
+    pub labels: Arc<Labels>,
     /// The node it runs on, once scheduled.
     pub node_name: Option<String>,
     /// Every IP of the pod (`status.podIPs`, or `status.podIP`). Empty until it has one.
     pub ips: Vec<IpAddr>,
-    /// Container ports of all its containers.
-    pub ports: Vec<ContainerPort>,
+    /// Container ports of all its containers, shared like the labels.
+    pub ports: Arc<[ContainerPort]>,
     /// Host-network pods share the node's addresses: policy neither selects them nor can tell
     /// them apart from the node.
     pub host_network: bool,

@@ -168,6 +168,7 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ModelError> {
     if terminated {
         ips.clear();
     }
+    ips.shrink_to_fit();
 
     let mut ports = Vec::new();
     for (c, container) in spec
@@ -192,10 +193,10 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ModelError> {
     let mtls = pod_mtls(&ctx, &labels, object.metadata.annotations.as_ref());
     Ok(Pod {
         id: PodRef { namespace, name },
-        labels,
+        labels: labels.into(),
         node_name: spec.and_then(|spec| spec.node_name.clone()),
         ips,
-        ports,
+        ports: ports.into(),
         host_network: spec.and_then(|spec| spec.host_network).unwrap_or(false),
         service_account: spec
             .and_then(|spec| spec.service_account_name.clone())

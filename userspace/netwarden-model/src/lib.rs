@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod cluster_policy;
 pub mod convert;
+mod intern;
 pub mod manifests;
 pub mod selector;
 
@@ -22,5 +23,6 @@ pub use cluster_policy::{
     PriorityTie, Tier,
 };
 pub use convert::ModelError;
+pub use intern::Interner;
 pub use manifests::{ManifestDir, ManifestError, cluster_of_bytes, cluster_of_stream};
 pub use selector::{LabelSelector, Requirement};

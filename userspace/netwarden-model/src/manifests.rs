@@ -18,6 +18,7 @@ use std::{
     fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -28,11 +29,13 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     cluster::{
-        Cluster, ClusterView, EndpointSlice, Namespace, NetworkPolicy, Node, Pod, PodRef, PodsView,
-        PolicyRef, Service,
+        Cluster, ClusterView, ContainerPort, EndpointSlice, Namespace, NetworkPolicy, Node, Pod,
+        PodRef, PodsView, PolicyRef, Service,
     },
     cluster_policy::{self, ClusterNetworkPolicy, ClusterSubject},
     convert,
+    intern::Interner,
+    selector::Labels,
 };
 
 /// A file or object of the directory that could not be used.
@@ -133,6 +136,9 @@ pub struct ManifestDir {
     files: BTreeMap<String, ManifestFile>,
     last_good_policies: HashMap<PolicyRef, NetworkPolicy>,
     last_good_cluster_policies: HashMap<String, ClusterNetworkPolicy>,
+    /// The pods' label sets and port lists, one copy of each.
+    labels: Interner<Labels>,
+    ports: Interner<[ContainerPort]>,
 }
 
 impl ManifestDir {
@@ -144,6 +150,8 @@ impl ManifestDir {
             files: BTreeMap::new(),
             last_good_policies: HashMap::new(),
             last_good_cluster_policies: HashMap::new(),
+            labels: Interner::default(),
+            ports: Interner::default(),
         }
     }
 
@@ -184,7 +192,8 @@ impl ManifestDir {
                 }
                 continue;
             }
-            let (objects, errors) = parse_file(&name, &bytes);
+            let (mut objects, errors) = parse_file(&name, &bytes);
+            self.share(&mut objects);
             let objects = if objects.is_empty() && !errors.is_empty() {
                 // Keep what the file held when it last parsed.
                 self.files
@@ -205,7 +214,24 @@ impl ManifestDir {
             );
             changed = true;
         }
+        if changed {
+            self.labels.forget_unused();
+            self.ports.forget_unused();
+        }
         Ok(changed)
+    }
+
+    /// Makes the pods of `objects` share their labels and ports with equal ones already read.
+    fn share(&mut self, objects: &mut Vec<Parsed>) {
+        objects.shrink_to_fit();
+        for object in objects {
+            if let Parsed::Pod(_, pod) = object
+                && let Ok(pod) = pod.as_mut()
+            {
+                pod.labels = self.labels.intern(Arc::clone(&pod.labels));
+                pod.ports = self.ports.intern(Arc::clone(&pod.ports));
+            }
+        }
     }
 
     /// Digest of the directory content as last read: two reads of the same files give the same

@@ -19,8 +19,8 @@ use netwarden_model::{ContainerPort, Pod, selector::Labels};
 pub struct IdentityInfo {
     /// The pods' namespace.
     pub namespace: String,
-    /// The pods' labels.
-    pub labels: Labels,
+    /// The pods' labels, shared with the pods.
+    pub labels: Arc<Labels>,
     /// The pods' named container ports, sorted.
     pub named_ports: Vec<ContainerPort>,
 }
@@ -59,7 +59,7 @@ impl IdentityInfo {
             hasher.update(bytes);
         };
         field(self.namespace.as_bytes());
-        for (key, value) in &self.labels {
+        for (key, value) in self.labels.iter() {
             field(key.as_bytes());
             field(value.as_bytes());
         }
@@ -196,7 +196,7 @@ struct PodIdentity<'p> {
 impl hashbrown::Equivalent<Arc<IdentityInfo>> for PodIdentity<'_> {
     fn equivalent(&self, info: &Arc<IdentityInfo>) -> bool {
         self.namespace == info.namespace
-            && *self.labels == info.labels
+            && self.labels == &*info.labels
             && self.named_ports.iter().copied().eq(&info.named_ports)
     }
 }
@@ -226,13 +226,13 @@ mod tests {
                 namespace: "shop".into(),
                 name: "web-1".into(),
             },
-            labels: [("app".to_owned(), "web".to_owned())].into(),
-            ports: vec![
+            labels: Arc::new([("app".to_owned(), "web".to_owned())].into()),
+            ports: Arc::new([
                 port(Some("metrics"), 9090),
                 port(None, 7000),
                 port(Some("http"), 8080),
                 port(Some("http"), 8080),
-            ],
+            ]),
             node_name: None,
             ips: Vec::new(),
             host_network: false,
@@ -254,7 +254,7 @@ mod tests {
         assert!(new);
         assert_eq!(allocator.acquire_of(&pod), (id, false));
         let mut other = pod.clone();
-        other.labels.insert("version".into(), "v2".into());
+        Arc::make_mut(&mut other.labels).insert("version".into(), "v2".into());
         assert_ne!(allocator.acquire_of(&other).0, id);
     }
 }

@@ -495,10 +495,10 @@ pub fn add_pod(
         id.clone(),
         Pod {
             id,
-            labels,
+            labels: labels.into(),
             node_name: Some(if local { LOCAL } else { "node-2" }.to_owned()),
             ips,
-            ports,
+            ports: ports.into(),
             host_network: false,
             service_account: "default".into(),
             mtls: netwarden_model::PodMtls::default(),

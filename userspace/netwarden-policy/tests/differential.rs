@@ -307,12 +307,8 @@ impl PodChange {
         match self {
             Self::Relabel(index, labels) => {
                 if let Some(id) = pick(index) {
-                    cluster
-                        .pods
-                        .get_mut(&id)
-                        .expect("picked")
-                        .labels
-                        .clone_from(labels);
+                    cluster.pods.get_mut(&id).expect("picked").labels =
+                        std::sync::Arc::new(labels.clone());
                 }
             }
             Self::Add(namespace, labels, local) => {

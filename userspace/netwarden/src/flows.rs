@@ -165,7 +165,7 @@ impl Universe {
                 if endpoint.address(cluster).is_some() {
                     pods.insert(endpoint);
                 }
-                for port in &pod.ports {
+                for port in pod.ports.iter() {
                     named_ports.insert((port.protocol, port.port, port.port));
                 }
             }
