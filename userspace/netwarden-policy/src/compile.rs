@@ -17,6 +17,7 @@ use netwarden_model::{
     Node as ClusterNode, Pod, PodRef, PodsView, PolicyRef, Service, ServiceRef, Tier,
 };
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 use crate::{
     frontends::FrontendTable,
@@ -435,7 +436,7 @@ impl Compiler {
             let mut record = PodRecord {
                 fingerprint,
                 identity: None,
-                ips: Vec::new(),
+                ips: SmallVec::new(),
             };
             if Pods::enforceable(Some(&pod)).is_some() {
                 let (identity, is_new) = self.pods.identities.acquire_of(&pod);
@@ -444,7 +445,7 @@ impl Compiler {
                     self.identity_created(identity, &info);
                 }
                 record.identity = Some(identity);
-                record.ips.clone_from(&pod.ips);
+                record.ips = SmallVec::from_slice(&pod.ips);
                 for ip in &pod.ips {
                     self.addresses.claim(*ip, &id);
                     touched_ips.push(*ip);
