@@ -462,7 +462,7 @@ pub fn generate_shape(shape: Shape) -> Cluster {
             cluster.pods.insert(pod.id.clone(), pod);
         }
         for policy in policies(ns, shape.namespaces, shape.policies_in(ns)) {
-            cluster.policies.insert(policy.id.clone(), policy);
+            cluster.policies.insert(policy.id.clone(), policy.into());
         }
     }
     for node in 0..nodes {

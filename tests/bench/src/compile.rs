@@ -405,7 +405,7 @@ fn incremental_policy(compiler: &mut Compiler, cluster: &Cluster) -> (Duration, 
     };
     let original = cluster.policies[&id].clone();
     let mut changed = original.clone();
-    changed.ingress[0].ports[0].port = Some(PortRef::Number(8443));
+    std::sync::Arc::make_mut(&mut changed).ingress[0].ports[0].port = Some(PortRef::Number(8443));
     let mut flip = false;
     time(400, || {
         flip = !flip;

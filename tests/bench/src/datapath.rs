@@ -220,7 +220,7 @@ fn cluster() -> Cluster {
         ingress,
         egress: Vec::new(),
     };
-    cluster.policies.insert(policy.id.clone(), policy);
+    cluster.policies.insert(policy.id.clone(), policy.into());
     crate::tiers::add(&mut cluster, "bench");
     cluster
 }

@@ -391,7 +391,7 @@ fn unpin_links(node: &Node) -> anyhow::Result<()> {
 fn loop_port_denied() -> Cluster {
     let mut cluster = traffic::isolated_server(1);
     for policy in cluster.policies.values_mut() {
-        for rule in &mut policy.ingress {
+        for rule in &mut Arc::make_mut(policy).ingress {
             rule.ports
                 .retain(|port| port.port != Some(PortRef::Number(LOOP_PORT)));
         }

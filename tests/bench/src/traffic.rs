@@ -1082,7 +1082,7 @@ pub(crate) fn isolated_server(rules: u32) -> Cluster {
         ingress,
         egress: Vec::new(),
     };
-    cluster.policies.insert(policy.id.clone(), policy);
+    cluster.policies.insert(policy.id.clone(), policy.into());
     cluster
 }
 
@@ -1388,7 +1388,7 @@ fn service_cluster() -> Cluster {
                 .collect(),
         }],
     };
-    cluster.policies.insert(policy.id.clone(), policy);
+    cluster.policies.insert(policy.id.clone(), policy.into());
     let id = ServiceRef {
         namespace: NAMESPACE.into(),
         name: SERVICE.into(),

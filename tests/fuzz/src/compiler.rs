@@ -611,7 +611,7 @@ fn change(input: &mut Unstructured<'_>) -> Result<Change> {
             let policy = if delete {
                 None
             } else {
-                Some(policy(input, &id)?)
+                Some(policy(input, &id)?.into())
             };
             Change::Policy(id, policy)
         }
@@ -651,7 +651,7 @@ fn cluster(input: &mut Unstructured<'_>) -> Result<Cluster> {
             name: (*input.choose(&POLICY_NAMES)?).to_owned(),
         };
         let policy = policy(input, &id)?;
-        cluster.policies.insert(id, policy);
+        cluster.policies.insert(id, policy.into());
     }
     for _ in 0..input.int_in_range(0..=2)? {
         let id = ServiceRef {

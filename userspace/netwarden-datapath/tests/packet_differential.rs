@@ -976,7 +976,7 @@ fn random_cluster(rng: &mut Rng) -> Cluster {
     // Audit mode, which the compiler's generator leaves out (its evaluator has no say in it).
     for policy in cluster.policies.values_mut() {
         if rng.chance(20) {
-            policy.enforcement = Enforcement::Audit;
+            std::sync::Arc::make_mut(policy).enforcement = Enforcement::Audit;
         }
     }
     cluster

@@ -750,7 +750,7 @@ impl Validator {
             match convert::network_policy(object) {
                 Ok(policy) => {
                     self.last_good_policies.insert(id.clone(), policy.clone());
-                    cluster.policies.insert(id, policy);
+                    cluster.policies.insert(id, policy.into());
                 }
                 Err(error) => {
                     let fallback = self
@@ -758,7 +758,7 @@ impl Validator {
                         .get(&id)
                         .cloned()
                         .unwrap_or_else(|| ModelPolicy::lockdown(id.clone()));
-                    cluster.policies.insert(id, fallback);
+                    cluster.policies.insert(id, fallback.into());
                     errors.push(error.into());
                 }
             }

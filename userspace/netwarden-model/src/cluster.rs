@@ -498,8 +498,9 @@ pub struct Cluster {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Pods by namespace and name.
     pub pods: BTreeMap<PodRef, Pod>,
-    /// NetworkPolicies by namespace and name.
-    pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
+    /// NetworkPolicies by namespace and name, each shared by the source that read it, the
+    /// compiler and every snapshot taken for an apply.
+    pub policies: BTreeMap<PolicyRef, Arc<NetworkPolicy>>,
     /// Services by namespace and name.
     pub services: BTreeMap<ServiceRef, Service>,
     /// EndpointSlices by namespace and name.

@@ -92,7 +92,10 @@ enum Parsed {
     // pods' entries.
     Namespace(String, Box<Result<Namespace, convert::ModelError>>),
     Pod(String, Box<Result<Pod, convert::ModelError>>),
-    NetworkPolicy(PolicyRef, Box<Result<NetworkPolicy, convert::ModelError>>),
+    NetworkPolicy(
+        PolicyRef,
+        Box<Result<Arc<NetworkPolicy>, convert::ModelError>>,
+    ),
     Service(String, Box<Result<Service, convert::ModelError>>),
     EndpointSlice(String, Box<Result<EndpointSlice, convert::ModelError>>),
     Node(String, Box<Result<Node, convert::ModelError>>),
@@ -139,7 +142,7 @@ struct ManifestFile {
 pub struct ManifestDir {
     root: PathBuf,
     files: BTreeMap<String, ManifestFile>,
-    last_good_policies: HashMap<PolicyRef, NetworkPolicy>,
+    last_good_policies: HashMap<PolicyRef, Arc<NetworkPolicy>>,
     last_good_cluster_policies: HashMap<String, ClusterNetworkPolicy>,
     /// The pods' label sets and port lists, one copy of each.
     labels: Interner<Labels>,
@@ -342,19 +345,19 @@ impl ManifestDir {
                         seen_policies.insert(id);
                         match policy.as_ref() {
                             Ok(valid) => {
-                                // Replaced only when it changed: a copy of every policy made
-                                // at every apply only to drop the previous one churns the heap.
+                                // Replaced only when it changed, so an unchanged policy's key is
+                                // not copied at every apply.
                                 if self.last_good_policies.get(id) != Some(valid) {
-                                    self.last_good_policies.insert(id.clone(), valid.clone());
+                                    self.last_good_policies
+                                        .insert(id.clone(), Arc::clone(valid));
                                 }
-                                cluster.policies.insert(id.clone(), valid.clone());
+                                cluster.policies.insert(id.clone(), Arc::clone(valid));
                             }
                             Err(source) => {
-                                let fallback = self
-                                    .last_good_policies
-                                    .get(id)
-                                    .cloned()
-                                    .unwrap_or_else(|| NetworkPolicy::lockdown(id.clone()));
+                                let fallback =
+                                    self.last_good_policies.get(id).cloned().unwrap_or_else(|| {
+                                        Arc::new(NetworkPolicy::lockdown(id.clone()))
+                                    });
                                 cluster.policies.insert(id.clone(), fallback);
                                 errors.push(invalid(source));
                             }
@@ -668,7 +671,7 @@ fn push_objects(value: serde_yaml::Value, objects: &mut Vec<Parsed>) -> Result<(
             };
             objects.push(Parsed::NetworkPolicy(
                 id,
-                Box::new(convert::network_policy(&policy)),
+                Box::new(convert::network_policy(&policy).map(Arc::new)),
             ));
         }
         "Service" => {

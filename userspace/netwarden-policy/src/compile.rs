@@ -38,7 +38,7 @@ pub enum Change {
     /// A namespace was created, updated or deleted.
     Namespace(String, Option<Namespace>),
     /// A NetworkPolicy was created, updated or deleted.
-    Policy(PolicyRef, Option<NetworkPolicy>),
+    Policy(PolicyRef, Option<Arc<NetworkPolicy>>),
     /// A Service was created, updated or deleted.
     Service(ServiceRef, Option<Service>),
     /// A ClusterNetworkPolicy was created, updated or deleted.
@@ -507,7 +507,7 @@ impl Compiler {
         );
     }
 
-    fn change_policy(&mut self, id: &PolicyRef, policy: Option<NetworkPolicy>) {
+    fn change_policy(&mut self, id: &PolicyRef, policy: Option<Arc<NetworkPolicy>>) {
         let old = match policy {
             Some(policy) => self.cluster.policies.insert(id.clone(), policy),
             None => self.cluster.policies.remove(id),
@@ -526,7 +526,7 @@ impl Compiler {
             .range(namespace..)
             .take_while(|(pod, _)| pod.namespace == id.namespace)
         {
-            let selected = |policy: &Option<NetworkPolicy>| {
+            let selected = |policy: &Option<Arc<NetworkPolicy>>| {
                 policy
                     .as_ref()
                     .is_some_and(|policy| policy.selects_pod(&pod.namespace, &local.labels))
@@ -613,7 +613,7 @@ impl Compiler {
         let Some(identity) = self.pods.identity_of(id) else {
             return;
         };
-        let selecting: Vec<NetworkPolicy> = self
+        let selecting: Vec<Arc<NetworkPolicy>> = self
             .cluster
             .policies
             .range(
@@ -866,7 +866,7 @@ struct PolicyMove {
 /// NetworkPolicies selecting it; `selecting_cluster`, the ClusterNetworkPolicies selecting it by
 /// priority then name. `None` when none applies (the direction has no policy id).
 fn direction_policies<'p>(
-    selecting: &'p [NetworkPolicy],
+    selecting: &'p [Arc<NetworkPolicy>],
     selecting_cluster: &[&'p ClusterNetworkPolicy],
     direction: Direction,
     audit_everything: bool,
@@ -882,6 +882,7 @@ fn direction_policies<'p>(
     let (admin, baseline) = (in_tier(Tier::Admin), in_tier(Tier::Baseline));
     let isolating: Vec<&NetworkPolicy> = selecting
         .iter()
+        .map(AsRef::as_ref)
         .filter(|policy| match direction {
             Direction::Ingress => policy.policy_types.ingress,
             Direction::Egress => policy.policy_types.egress,

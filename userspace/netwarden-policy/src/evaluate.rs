@@ -515,6 +515,7 @@ fn network_policy_side(
     let mut isolating: Vec<&NetworkPolicy> = cluster
         .policies
         .values()
+        .map(AsRef::as_ref)
         .filter(|policy| policy.selects_pod(&pod.id.namespace, &pod.labels))
         .filter(|policy| match direction {
             Direction::Ingress => policy.policy_types.ingress,

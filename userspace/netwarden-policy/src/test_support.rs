@@ -458,7 +458,7 @@ fn cluster_without_cluster_policies() -> impl Strategy<Value = Cluster> {
                 );
             }
             for policy in policies.into_iter().take(policy_count) {
-                cluster.policies.insert(policy.id.clone(), policy);
+                cluster.policies.insert(policy.id.clone(), policy.into());
             }
             cluster
         },
