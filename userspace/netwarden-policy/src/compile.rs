@@ -156,13 +156,13 @@ impl Compiler {
     }
 
     /// Every pod address with the pod that owns it (the first claimant by namespace and name).
-    pub fn pod_addresses(&self) -> impl Iterator<Item = (IpAddr, &PodRef)> {
+    pub fn pod_addresses(&self) -> impl Iterator<Item = (IpAddr, &Arc<PodRef>)> {
         self.addresses.owners()
     }
 
     /// The pod that owns `ip` (the first claimant by namespace and name).
     #[must_use]
-    pub fn pod_address_owner(&self, ip: IpAddr) -> Option<&PodRef> {
+    pub fn pod_address_owner(&self, ip: IpAddr) -> Option<&Arc<PodRef>> {
         self.addresses.owner(ip)
     }
 
@@ -244,6 +244,7 @@ impl Compiler {
             .pods
             .records
             .keys()
+            .map(AsRef::as_ref)
             .filter(|id| !pods.contains(id))
             .collect();
         // In order, as a sync always applied them (the records are hashed).
@@ -411,13 +412,18 @@ impl Compiler {
 
     fn change_pod(&mut self, id: PodRef, pod: Option<Pod>) {
         let new_fingerprint = pod.as_ref().map(fingerprint);
-        let old_record = self.pods.records.remove(&id);
-        if old_record.as_ref().map(|record| record.fingerprint) == new_fingerprint {
-            if let Some(record) = old_record {
+        let old = self.pods.records.remove_entry(&id);
+        if old.as_ref().map(|(_, record)| record.fingerprint) == new_fingerprint {
+            if let Some((id, record)) = old {
                 self.pods.records.insert(id, record);
             }
             return;
         }
+        // The record's key, which the addresses the pod claims share.
+        let (shared_id, old_record) = match old {
+            Some((shared_id, record)) => (shared_id, Some(record)),
+            None => (Arc::new(id.clone()), None),
+        };
         let old_local = self.pods.local.remove(&id).is_some();
         let mut touched_ips = Vec::new();
         if let Some(old) = old_record {
@@ -447,11 +453,11 @@ impl Compiler {
                 record.identity = Some(identity);
                 record.ips = SmallVec::from_slice(&pod.ips);
                 for ip in &pod.ips {
-                    self.addresses.claim(*ip, &id);
+                    self.addresses.claim(*ip, &shared_id);
                     touched_ips.push(*ip);
                 }
             }
-            self.pods.records.insert(id.clone(), record);
+            self.pods.records.insert(shared_id, record);
             if pod.node_name.as_deref() == Some(self.node.name.as_str()) {
                 new_local = true;
                 self.pods.local.insert(id.clone(), pod);

@@ -19,7 +19,8 @@ use crate::identity::{IdentityAllocator, IdentityInfo};
 pub(crate) struct Pods {
     /// Every pod, by what the compiler keeps of it; hashed, not ordered: each pod is looked up
     /// several times at a full compile, and a lookup in a tree of 150,000 compares ~40 names.
-    pub(crate) records: FxHashMap<PodRef, PodRecord>,
+    /// The key is shared with the addresses the pod claims and the names the agent reports.
+    pub(crate) records: FxHashMap<Arc<PodRef>, PodRecord>,
     /// The pods of this node, whole: their policies are compiled from them.
     pub(crate) local: BTreeMap<PodRef, Pod>,
     pub(crate) identities: IdentityAllocator,
@@ -79,26 +80,27 @@ pub(crate) fn fingerprint(pod: &Pod) -> u128 {
 /// the first by namespace and name owns it, and the other is reported.
 ///
 /// Nearly every address has one claimant: the sorted claimants are kept inline when there is
-/// one. A `BTreeSet`'s first insert allocates a node for eleven (~600 bytes an address, 7 MiB
-/// at 10,000 pods), and a `Vec`'s room for four (30 MiB at 150,000 pods).
+/// one, each the pod's record key. A `BTreeSet`'s first insert allocates a node for eleven
+/// (~600 bytes an address, 7 MiB at 10,000 pods), a `Vec`'s room for four (30 MiB at 150,000
+/// pods), and a copy of the name its own two strings.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct AddressClaims {
-    claims: BTreeMap<IpAddr, SmallVec<[PodRef; 1]>>,
+    claims: BTreeMap<IpAddr, SmallVec<[Arc<PodRef>; 1]>>,
     /// A warning for each address claimed twice.
     duplicates: BTreeMap<IpAddr, String>,
 }
 
 impl AddressClaims {
-    pub(crate) fn claim(&mut self, ip: IpAddr, pod: &PodRef) {
+    pub(crate) fn claim(&mut self, ip: IpAddr, pod: &Arc<PodRef>) {
         let claims = self.claims.entry(ip).or_default();
-        if let Err(at) = claims.binary_search(pod) {
-            claims.insert(at, pod.clone());
+        if let Err(at) = claims.binary_search_by(|claimant| (**claimant).cmp(pod)) {
+            claims.insert(at, Arc::clone(pod));
         }
     }
 
     pub(crate) fn release(&mut self, ip: IpAddr, pod: &PodRef) {
         if let Some(claims) = self.claims.get_mut(&ip) {
-            if let Ok(at) = claims.binary_search(pod) {
+            if let Ok(at) = claims.binary_search_by(|claimant| (**claimant).cmp(pod)) {
                 claims.remove(at);
             }
             if claims.is_empty() {
@@ -108,12 +110,12 @@ impl AddressClaims {
     }
 
     /// The pod that owns `ip`: the first claimant by namespace and name.
-    pub(crate) fn owner(&self, ip: IpAddr) -> Option<&PodRef> {
+    pub(crate) fn owner(&self, ip: IpAddr) -> Option<&Arc<PodRef>> {
         self.claims.get(&ip).and_then(|claims| claims.first())
     }
 
     /// Every claimed address with its owner.
-    pub(crate) fn owners(&self) -> impl Iterator<Item = (IpAddr, &PodRef)> {
+    pub(crate) fn owners(&self) -> impl Iterator<Item = (IpAddr, &Arc<PodRef>)> {
         self.claims
             .iter()
             .filter_map(|(ip, claims)| claims.first().map(|owner| (*ip, owner)))

@@ -19,7 +19,6 @@ use netwarden_datapath::{
     netlink::{Netlink, NodeNetwork},
 };
 use netwarden_kube::events::Unenforceable;
-use netwarden_model::PodRef;
 use netwarden_policy::{Compiler, DatapathState};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
@@ -397,10 +396,10 @@ fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &
     pods.retain(|ip, name| {
         compiler
             .pod_address_owner(*ip)
-            .is_some_and(|owner| names_pod(name, owner))
+            .is_some_and(|owner| Arc::ptr_eq(name, owner))
     });
     for (ip, owner) in compiler.pod_addresses() {
-        pods.entry(ip).or_insert_with(|| owner.to_string());
+        pods.entry(ip).or_insert_with(|| Arc::clone(owner));
     }
     let rules = state
         .rules
@@ -424,11 +423,6 @@ fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &
         rules,
         services,
     };
-}
-
-/// Whether `name`, as the attribution writes it (`namespace/name`), is `pod`'s.
-fn names_pod(name: &str, pod: &PodRef) -> bool {
-    name.split_once('/') == Some((pod.namespace.as_str(), pod.name.as_str()))
 }
 
 /// Hands memory freed by an apply (the previous snapshot, compile scratch) back to the kernel:

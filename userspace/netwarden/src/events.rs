@@ -13,7 +13,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use netwarden_common::{VerdictEvent, counter, direction};
-use netwarden_model::PolicyRef;
+use netwarden_model::{PodRef, PolicyRef};
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
@@ -27,8 +27,8 @@ use crate::observe::{
 pub struct Attribution {
     /// Local endpoints by the ifindex of their veth.
     pub endpoints: HashMap<u32, EndpointNames>,
-    /// Pods by address, cluster-wide.
-    pub pods: HashMap<IpAddr, String>,
+    /// Pods by address, cluster-wide: the compiler's own names, shared.
+    pub pods: HashMap<IpAddr, Arc<PodRef>>,
     /// Rules by the compiler's id.
     pub rules: HashMap<u32, RuleNames>,
     /// Service frontends by the compiler's id, as "Service ns/name port http (cluster IP)
@@ -143,7 +143,7 @@ fn record(event: &VerdictEvent, names: &Attribution, node: &str, time_unix_ms: u
             Direction::Egress
         },
         pod: endpoint.and_then(|endpoint| endpoint.pod.clone()),
-        peer_pod: names.pods.get(&peer_address.ip()).cloned(),
+        peer_pod: names.pods.get(&peer_address.ip()).map(ToString::to_string),
         service,
         protocol: protocol_name(event.protocol),
         source,
