@@ -180,7 +180,7 @@ pub fn pod(ns: usize, app: usize, replica: usize, index: usize, nodes: usize) ->
             ),
         ])
         .into(),
-        node_name: Some(format!("node-{}", index % nodes)),
+        node_name: Some(format!("node-{}", index % nodes).into()),
         ips,
         ports: vec![
             ContainerPort {
@@ -201,8 +201,8 @@ pub fn pod(ns: usize, app: usize, replica: usize, index: usize, nodes: usize) ->
         ]
         .into(),
         host_network: false,
-        service_account: format!("app-{app}"),
-        mtls: netwarden_model::PodMtls::default(),
+        service_account: format!("app-{app}").into(),
+        mtls: netwarden_model::PodMtls::default().into(),
     }
 }
 
@@ -453,7 +453,7 @@ pub fn generate_shape(shape: Shape) -> Cluster {
             name.clone(),
             Namespace {
                 name,
-                labels: namespace_labels,
+                labels: namespace_labels.into(),
             },
         );
         for nth in 0..shape.pods_in(ns) {

@@ -172,7 +172,7 @@ fn cluster() -> Cluster {
             ports: Vec::new().into(),
             host_network: false,
             service_account: "default".into(),
-            mtls: netwarden_model::PodMtls::default(),
+            mtls: netwarden_model::PodMtls::default().into(),
         };
         cluster.pods.insert(pod.id.clone(), pod);
     }

@@ -57,7 +57,7 @@ pub fn write_namespace(cluster: &Cluster, namespace: &str, dir: &Path) -> io::Re
     let mut document = |value: Value| text.push(&value);
     if let Some(namespace) = cluster.namespaces.get(namespace) {
         document(
-            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace.name, "labels": namespace.labels}}),
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace.name, "labels": *namespace.labels}}),
         );
     }
     let pods = in_namespace(namespace, |namespace, name| PodRef { namespace, name });

@@ -1017,11 +1017,13 @@ pub(crate) fn isolated_server(rules: u32) -> Cluster {
         NAMESPACE.into(),
         Namespace {
             name: NAMESPACE.into(),
-            labels: [(
-                "kubernetes.io/metadata.name".to_owned(),
-                NAMESPACE.to_owned(),
-            )]
-            .into(),
+            labels: Arc::new(
+                [(
+                    "kubernetes.io/metadata.name".to_owned(),
+                    NAMESPACE.to_owned(),
+                )]
+                .into(),
+            ),
         },
     );
     for (name, ip) in [("client", CLIENT), ("server", SERVER)] {
@@ -1036,7 +1038,7 @@ pub(crate) fn isolated_server(rules: u32) -> Cluster {
             ports: Vec::new().into(),
             host_network: false,
             service_account: "default".into(),
-            mtls: netwarden_model::PodMtls::default(),
+            mtls: netwarden_model::PodMtls::default().into(),
         };
         cluster.pods.insert(pod.id.clone(), pod);
     }

@@ -680,7 +680,7 @@ fn namespace(input: &mut Unstructured<'_>, name: &str) -> Result<Namespace> {
     labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned());
     Ok(Namespace {
         name: name.to_owned(),
-        labels,
+        labels: labels.into(),
     })
 }
 
@@ -743,12 +743,12 @@ fn pod(input: &mut Unstructured<'_>, id: &PodRef) -> Result<Pod> {
     Ok(Pod {
         id: id.clone(),
         labels: labels(input)?.into(),
-        node_name,
+        node_name: node_name.map(Into::into),
         ips,
         ports: ports.into(),
         host_network: input.ratio(1, 8)?,
-        service_account: "default".to_owned(),
-        mtls: PodMtls::default(),
+        service_account: "default".to_owned().into(),
+        mtls: PodMtls::default().into(),
     })
 }
 

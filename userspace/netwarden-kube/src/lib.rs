@@ -73,7 +73,7 @@ use kube::{
     },
 };
 use netwarden_model::{
-    Cluster, ClusterNetworkPolicy, ContainerPort, Interner, ModelError, PolicyRef,
+    Cluster, ClusterNetworkPolicy, ModelError, PodInterner, PolicyRef,
     cluster::NetworkPolicy as ModelPolicy,
     cluster_policy::{self, api},
     convert,
@@ -213,10 +213,9 @@ struct PodEntries {
     /// A relist being read: swapped in whole at its end, as a reflector store does, so a
     /// relist never shows half of the cluster.
     relist: HashMap<(String, String), CachedPod>,
-    /// The pods' label sets and port lists, one copy of each (a workload's replicas share
-    /// theirs).
-    labels: Interner<netwarden_model::selector::Labels>,
-    ports: Interner<[ContainerPort]>,
+    /// What the pods have in common, one copy of each (a workload's replicas share their
+    /// labels, ports and service account, a node's pods its name).
+    shared: PodInterner,
 }
 
 impl PodEntries {
@@ -224,16 +223,14 @@ impl PodEntries {
     fn convert(&mut self, object: &Pod) -> ((String, String), CachedPod) {
         let (key, mut cached) = CachedPod::of(object);
         if let Ok(pod) = cached.pod.as_mut() {
-            pod.labels = self.labels.intern(Arc::clone(&pod.labels));
-            pod.ports = self.ports.intern(Arc::clone(&pod.ports));
+            self.shared.share(pod);
         }
         (key, cached)
     }
 
     /// A pod was deleted or replaced: the copies only it held may go.
     fn released(&mut self) {
-        self.labels.released();
-        self.ports.released();
+        self.shared.released();
     }
 }
 
@@ -279,8 +276,7 @@ impl PodCache {
             }
             watcher::Event::InitDone => {
                 entries.current = std::mem::take(&mut entries.relist);
-                entries.labels.forget_unused();
-                entries.ports.forget_unused();
+                entries.shared.forget_unused();
             }
         }
     }

@@ -51,8 +51,8 @@ impl fmt::Display for PolicyRef {
 pub struct Namespace {
     /// The namespace's name.
     pub name: String,
-    /// Its labels.
-    pub labels: Labels,
+    /// Its labels, shared by the source, each apply's snapshot and the compiler.
+    pub labels: Arc<Labels>,
 }
 
 /// L4 protocols a NetworkPolicy port can name.
@@ -118,8 +118,8 @@ pub struct Pod {
     /// Its labels, one copy shared by the pods that carry the same ones (a workload's
     /// replicas; see [`Interner`](crate::Interner)).
     pub labels: Arc<Labels>,
-    /// The node it runs on, once scheduled.
-    pub node_name: Option<String>,
+    /// The node it runs on, once scheduled (shared with the node's other pods).
+    pub node_name: Option<Arc<str>>,
     /// Every IP of the pod (`status.podIPs`, or `status.podIP`). Empty until it has one.
     pub ips: Vec<IpAddr>,
     /// Container ports of all its containers, shared like the labels.
@@ -127,10 +127,11 @@ pub struct Pod {
     /// Host-network pods share the node's addresses: policy neither selects them nor can tell
     /// them apart from the node.
     pub host_network: bool,
-    /// `spec.serviceAccountName`, `default` when unset.
-    pub service_account: String,
-    /// What the pod's `netwarden.dev/*` label and annotations ask of mutual TLS.
-    pub mtls: PodMtls,
+    /// `spec.serviceAccountName`, `default` when unset (shared like the labels).
+    pub service_account: Arc<str>,
+    /// What the pod's `netwarden.dev/*` label and annotations ask of mutual TLS (shared: nearly
+    /// every pod asks nothing).
+    pub mtls: Arc<PodMtls>,
 }
 
 /// The label that makes a pod, or every pod of a namespace, mTLS-strict.
@@ -565,7 +566,7 @@ impl Cluster {
                     namespace.to_owned(),
                 )]))
             },
-            |ns| Cow::Borrowed(&ns.labels),
+            |ns| Cow::Borrowed(&*ns.labels),
         )
     }
 }

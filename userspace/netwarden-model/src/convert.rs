@@ -3,7 +3,7 @@
 //! Validation follows the API server's: an object it would reject is rejected here with the
 //! object and the field named, so the caller can keep enforcing the last good version.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use k8s_openapi::{
@@ -98,7 +98,10 @@ pub fn namespace(object: &core::Namespace) -> Result<Namespace, ModelError> {
     let mut labels = object.metadata.labels.clone().unwrap_or_default();
     // The API server sets this label on every namespace and does not let it be changed.
     labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.clone());
-    Ok(Namespace { name, labels })
+    Ok(Namespace {
+        name,
+        labels: labels.into(),
+    })
 }
 
 /// Validates a Node: its name, labels and the IP addresses of `status.addresses`.
@@ -194,14 +197,17 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ModelError> {
     Ok(Pod {
         id: PodRef { namespace, name },
         labels: labels.into(),
-        node_name: spec.and_then(|spec| spec.node_name.clone()),
+        node_name: spec
+            .and_then(|spec| spec.node_name.as_deref())
+            .map(Arc::from),
         ips,
         ports: ports.into(),
         host_network: spec.and_then(|spec| spec.host_network).unwrap_or(false),
-        service_account: spec
-            .and_then(|spec| spec.service_account_name.clone())
-            .unwrap_or_else(|| "default".to_owned()),
-        mtls,
+        service_account: Arc::from(
+            spec.and_then(|spec| spec.service_account_name.as_deref())
+                .unwrap_or("default"),
+        ),
+        mtls: mtls.into(),
     })
 }
 
@@ -826,7 +832,7 @@ mod tests {
             )
         );
         assert!(parsed.mtls.problems.is_empty());
-        assert_eq!(parsed.service_account, "api");
+        assert_eq!(parsed.service_account, "api".into());
     }
 
     #[test]
@@ -837,7 +843,7 @@ mod tests {
         .unwrap();
         assert!(!parsed.mtls.strict_label);
         assert_eq!(parsed.mtls.allowed_principals, None);
-        assert_eq!(parsed.service_account, "default");
+        assert_eq!(parsed.service_account, "default".into());
     }
 
     #[test]

@@ -6,6 +6,52 @@
 
 use std::{collections::HashSet, hash::Hash, sync::Arc};
 
+use crate::{ContainerPort, Pod, PodMtls, selector::Labels};
+
+/// What pods have in common, one copy of each: labels, ports, mTLS settings, service account
+/// and node.
+#[derive(Debug, Default)]
+pub struct PodInterner {
+    labels: Interner<Labels>,
+    ports: Interner<[ContainerPort]>,
+    mtls: Interner<PodMtls>,
+    service_accounts: Interner<str>,
+    nodes: Interner<str>,
+}
+
+impl PodInterner {
+    /// Makes `pod` share what it has in common with the pods seen before.
+    pub fn share(&mut self, pod: &mut Pod) {
+        pod.labels = self.labels.intern(Arc::clone(&pod.labels));
+        pod.ports = self.ports.intern(Arc::clone(&pod.ports));
+        pod.mtls = self.mtls.intern(Arc::clone(&pod.mtls));
+        pod.service_account = self
+            .service_accounts
+            .intern(Arc::clone(&pod.service_account));
+        if let Some(node) = pod.node_name.as_mut() {
+            *node = self.nodes.intern(Arc::clone(node));
+        }
+    }
+
+    /// A pod was deleted or replaced; see [`Interner::released`].
+    pub fn released(&mut self) {
+        self.labels.released();
+        self.ports.released();
+        self.mtls.released();
+        self.service_accounts.released();
+        self.nodes.released();
+    }
+
+    /// Drops the copies no pod holds any more.
+    pub fn forget_unused(&mut self) {
+        self.labels.forget_unused();
+        self.ports.forget_unused();
+        self.mtls.forget_unused();
+        self.service_accounts.forget_unused();
+        self.nodes.forget_unused();
+    }
+}
+
 /// The distinct values handed out, each shared by every holder of an equal one.
 #[derive(Debug)]
 pub struct Interner<T: ?Sized> {

@@ -23,6 +23,6 @@ pub use cluster_policy::{
     PriorityTie, Tier,
 };
 pub use convert::ModelError;
-pub use intern::Interner;
+pub use intern::{Interner, PodInterner};
 pub use manifests::{ManifestDir, ManifestError, cluster_of_bytes, cluster_of_stream};
 pub use selector::{LabelSelector, Requirement};

@@ -32,13 +32,12 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     cluster::{
-        Cluster, ClusterView, ContainerPort, EndpointSlice, Namespace, NetworkPolicy, Node, Pod,
-        PodRef, PodsView, PolicyRef, Service,
+        Cluster, ClusterView, EndpointSlice, Namespace, NetworkPolicy, Node, Pod, PodRef, PodsView,
+        PolicyRef, Service,
     },
     cluster_policy::{self, ClusterNetworkPolicy, ClusterSubject},
     convert,
-    intern::Interner,
-    selector::Labels,
+    intern::PodInterner,
 };
 
 /// A file or object of the directory that could not be used.
@@ -144,9 +143,8 @@ pub struct ManifestDir {
     files: BTreeMap<String, ManifestFile>,
     last_good_policies: HashMap<PolicyRef, Arc<NetworkPolicy>>,
     last_good_cluster_policies: HashMap<String, ClusterNetworkPolicy>,
-    /// The pods' label sets and port lists, one copy of each.
-    labels: Interner<Labels>,
-    ports: Interner<[ContainerPort]>,
+    /// What the pods have in common, one copy of each.
+    shared: PodInterner,
 }
 
 impl ManifestDir {
@@ -158,8 +156,7 @@ impl ManifestDir {
             files: BTreeMap::new(),
             last_good_policies: HashMap::new(),
             last_good_cluster_policies: HashMap::new(),
-            labels: Interner::default(),
-            ports: Interner::default(),
+            shared: PodInterner::default(),
         }
     }
 
@@ -223,21 +220,19 @@ impl ManifestDir {
             changed = true;
         }
         if changed {
-            self.labels.forget_unused();
-            self.ports.forget_unused();
+            self.shared.forget_unused();
         }
         Ok(changed)
     }
 
-    /// Makes the pods of `objects` share their labels and ports with equal ones already read.
+    /// Makes the pods of `objects` share what they have in common with the pods already read.
     fn share(&mut self, objects: &mut Vec<Parsed>) {
         objects.shrink_to_fit();
         for object in objects {
             if let Parsed::Pod(_, pod) = object
                 && let Ok(pod) = pod.as_mut()
             {
-                pod.labels = self.labels.intern(Arc::clone(&pod.labels));
-                pod.ports = self.ports.intern(Arc::clone(&pod.ports));
+                self.shared.share(pod);
             }
         }
     }

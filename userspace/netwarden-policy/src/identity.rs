@@ -237,7 +237,7 @@ mod tests {
             ips: Vec::new(),
             host_network: false,
             service_account: "default".into(),
-            mtls: netwarden_model::PodMtls::default(),
+            mtls: netwarden_model::PodMtls::default().into(),
         };
         let key = PodIdentity {
             namespace: &pod.id.namespace,

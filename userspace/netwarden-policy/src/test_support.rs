@@ -472,7 +472,7 @@ pub fn set_namespace(cluster: &mut Cluster, name: &str, mut labels: BTreeMap<Str
         name.to_owned(),
         Namespace {
             name: name.to_owned(),
-            labels,
+            labels: labels.into(),
         },
     );
 }
@@ -496,12 +496,12 @@ pub fn add_pod(
         Pod {
             id,
             labels: labels.into(),
-            node_name: Some(if local { LOCAL } else { "node-2" }.to_owned()),
+            node_name: Some(if local { LOCAL } else { "node-2" }.to_owned().into()),
             ips,
             ports: ports.into(),
             host_network: false,
             service_account: "default".into(),
-            mtls: netwarden_model::PodMtls::default(),
+            mtls: netwarden_model::PodMtls::default().into(),
         },
     );
 }

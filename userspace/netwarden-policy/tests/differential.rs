@@ -332,7 +332,8 @@ impl PodChange {
                 if let Some(id) = pick(index) {
                     let pod = cluster.pods.get_mut(&id).expect("picked");
                     let elsewhere = pod.node_name.as_deref() == Some(LOCAL);
-                    pod.node_name = Some(if elsewhere { "node-2" } else { LOCAL }.to_owned());
+                    pod.node_name =
+                        Some(if elsewhere { "node-2" } else { LOCAL }.to_owned().into());
                 }
             }
             Self::RelabelNamespace(name, labels) => set_namespace(cluster, name, labels.clone()),
