@@ -90,7 +90,7 @@ impl<T: ?Sized + Eq + Hash> Interner<T> {
     /// release O(1), amortized, and at most half of what is kept is garbage.
     pub fn released(&mut self) {
         self.released += 1;
-        if self.released > self.shared.len() {
+        if self.released >= self.shared.len() {
             self.forget_unused();
         }
     }

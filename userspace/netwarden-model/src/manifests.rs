@@ -273,7 +273,7 @@ impl ManifestDir {
     /// than copied, and every problem found on the way.
     pub fn cluster_view(&mut self) -> (ClusterView<'_>, Vec<ManifestError>) {
         let mut cluster = Cluster::default();
-        let mut pods = BTreeMap::new();
+        let mut pods = Vec::new();
         let mut errors = Vec::new();
         let mut first_seen = FirstSeen::new(&self.files);
         let mut seen_policies = HashSet::new();
@@ -298,7 +298,7 @@ impl ManifestDir {
                     },
                     Parsed::Pod(_, pod) => match pod.as_ref() {
                         Ok(pod) => {
-                            pods.insert(&pod.id, pod);
+                            pods.push((&pod.id, pod));
                         }
                         Err(source) => errors.push(invalid(source)),
                     },
@@ -365,6 +365,16 @@ impl ManifestDir {
             .retain(|id, _| seen_policies.contains(id));
         self.last_good_cluster_policies
             .retain(|name, _| seen_cluster_policies.contains(name.as_str()));
+        // Stable: of two pods with one name (keys the duplicate check tells apart, such as an
+        // unset namespace and `default`), the one read last is kept, as a map would.
+        pods.sort_by(|(a, _), (b, _)| a.cmp(b));
+        pods.dedup_by(|(later_id, later), (id, kept)| {
+            let same = later_id == id;
+            if same {
+                *kept = *later;
+            }
+            same
+        });
         let view = ClusterView {
             rest: cluster,
             pods: PodsView::Borrowed(pods),
@@ -707,7 +717,7 @@ fn push_objects(value: serde_yaml::Value, objects: &mut Vec<Parsed>) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use std::fs;
+    use std::{fs, sync::Arc};
 
     use super::ManifestDir;
 
@@ -735,6 +745,56 @@ mod tests {
         fs::remove_file(dir.path().join("app.yaml")).unwrap();
         assert!(source.refresh().unwrap());
         assert!(source.cluster().0.pods.is_empty());
+    }
+
+    #[test]
+    fn pods_share_what_they_have_in_common_and_a_repeated_pod_is_reported() {
+        let pod = |name: &str, app: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {app}}}}}\nspec: {{nodeName: n1, serviceAccountName: web, containers: [{{name: c, ports: [{{name: http, containerPort: 80}}]}}]}}\nstatus: {{podIP: 10.0.0.{}}}\n",
+                name.len()
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a.yaml"), pod("a", "web")).unwrap();
+        fs::write(
+            dir.path().join("b.yaml"),
+            format!("{}---\n{}", pod("bb", "web"), pod("a", "other")),
+        )
+        .unwrap();
+        let mut source = ManifestDir::new(dir.path());
+        source.refresh().unwrap();
+        let (view, errors) = source.cluster_view();
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), 1, "{messages:?}");
+        assert!(
+            messages[0].contains("a.yaml") && messages[0].contains("b.yaml"),
+            "{messages:?}"
+        );
+        let pods: Vec<_> = view.pods.iter().map(|(_, pod)| pod).collect();
+        assert_eq!(pods.len(), 2);
+        let (a, bb) = (pods[0], pods[1]);
+        assert_eq!(
+            a.labels["app"], "web",
+            "the first copy of a repeated pod is used"
+        );
+        assert!(Arc::ptr_eq(&a.labels, &bb.labels));
+        assert!(Arc::ptr_eq(&a.ports, &bb.ports));
+        assert!(Arc::ptr_eq(&a.mtls, &bb.mtls));
+        assert!(Arc::ptr_eq(&a.service_account, &bb.service_account));
+        assert!(Arc::ptr_eq(
+            a.node_name.as_ref().unwrap(),
+            bb.node_name.as_ref().unwrap()
+        ));
+
+        fs::write(dir.path().join("b.yaml"), pod("bb", "api")).unwrap();
+        source.refresh().unwrap();
+        let (view, errors) = source.cluster_view();
+        assert!(errors.is_empty(), "{errors:?}");
+        let pods: Vec<_> = view.pods.iter().map(|(_, pod)| pod).collect();
+        assert_eq!(pods[1].labels["app"], "api");
+        assert!(!Arc::ptr_eq(&pods[0].labels, &pods[1].labels));
+        assert!(Arc::ptr_eq(&pods[0].ports, &pods[1].ports));
     }
 
     #[test]

@@ -395,11 +395,11 @@ fn refresh_attribution(compiler: &Compiler, report: &ApplyReport, attribution: &
     let mut pods = std::mem::take(&mut shared.pods);
     pods.retain(|ip, name| {
         compiler
-            .pod_address_owner(*ip)
+            .pod_address_owner(ip)
             .is_some_and(|owner| Arc::ptr_eq(name, owner))
     });
     for (ip, owner) in compiler.pod_addresses() {
-        pods.entry(ip).or_insert_with(|| Arc::clone(owner));
+        pods.insert_if_absent(ip, owner);
     }
     let rules = state
         .rules
