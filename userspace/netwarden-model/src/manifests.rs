@@ -365,16 +365,7 @@ impl ManifestDir {
             .retain(|id, _| seen_policies.contains(id));
         self.last_good_cluster_policies
             .retain(|name, _| seen_cluster_policies.contains(name.as_str()));
-        // Stable: of two pods with one name (keys the duplicate check tells apart, such as an
-        // unset namespace and `default`), the one read last is kept, as a map would.
-        pods.sort_by(|(a, _), (b, _)| a.cmp(b));
-        pods.dedup_by(|(later_id, later), (id, kept)| {
-            let same = later_id == id;
-            if same {
-                *kept = *later;
-            }
-            same
-        });
+        sort_keeping_the_last_of_each(&mut pods);
         let view = ClusterView {
             rest: cluster,
             pods: PodsView::Borrowed(pods),
@@ -384,6 +375,20 @@ impl ManifestDir {
 }
 
 /// Records that `object` comes from `file`, or the error naming the file that held it first.
+/// Sorts `pods` by namespace and name, and of two pods with one name (keys the duplicate check
+/// tells apart, such as an unset namespace and `default`) keeps the one read last, as a map
+/// would: the sort is stable.
+fn sort_keeping_the_last_of_each(pods: &mut Vec<(&PodRef, &Pod)>) {
+    pods.sort_by_key(|&(id, _)| id);
+    pods.dedup_by(|(later_id, later), (id, kept)| {
+        let same = later_id == id;
+        if same {
+            *kept = *later;
+        }
+        same
+    });
+}
+
 /// The first object read of each kind and key, kept as its place (file, object) in what was
 /// read: the check runs over every object at every apply, and a map from each key to its file
 /// took 64 bytes an object (21 MiB at 150,000 pods, twice that while it grew).

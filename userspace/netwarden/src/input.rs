@@ -18,7 +18,7 @@ pub enum Input {
     /// A directory of manifests, followed with inotify.
     Manifests {
         /// What was read.
-        dir: ManifestDir,
+        dir: Box<ManifestDir>,
         /// Keeps the inotify watch alive.
         _watcher: notify::RecommendedWatcher,
         /// Fires on every change to the directory.
@@ -56,7 +56,7 @@ impl Input {
             .watch(dir, notify::RecursiveMode::NonRecursive)
             .with_context(|| format!("watching {}", dir.display()))?;
         Ok(Self::Manifests {
-            dir: ManifestDir::new(dir),
+            dir: Box::new(ManifestDir::new(dir)),
             _watcher: watcher,
             changes,
         })
