@@ -219,7 +219,8 @@ struct PodEntries {
 }
 
 impl PodEntries {
-    /// `object` converted, sharing its labels and ports with the pods that have equal ones.
+    /// `object` converted, sharing what it has in common (labels, ports, mTLS settings, service
+    /// account, node) with the pods already cached.
     fn convert(&mut self, object: &Pod) -> ((String, String), CachedPod) {
         let (key, mut cached) = CachedPod::of(object);
         if let Ok(pod) = cached.pod.as_mut() {
