@@ -707,7 +707,7 @@ pub struct CachedObjects {
 /// does with its caches).
 #[derive(Clone, Debug, Default)]
 pub struct Validator {
-    last_good_policies: HashMap<PolicyRef, ModelPolicy>,
+    last_good_policies: HashMap<PolicyRef, Arc<ModelPolicy>>,
     last_good_cluster_policies: HashMap<String, ClusterNetworkPolicy>,
 }
 
@@ -746,16 +746,18 @@ impl Validator {
             };
             match convert::network_policy(object) {
                 Ok(policy) => {
-                    self.last_good_policies.insert(id.clone(), policy.clone());
-                    cluster.policies.insert(id, policy.into());
+                    let policy = Arc::new(policy);
+                    self.last_good_policies
+                        .insert(id.clone(), Arc::clone(&policy));
+                    cluster.policies.insert(id, policy);
                 }
                 Err(error) => {
                     let fallback = self
                         .last_good_policies
                         .get(&id)
                         .cloned()
-                        .unwrap_or_else(|| ModelPolicy::lockdown(id.clone()));
-                    cluster.policies.insert(id, fallback.into());
+                        .unwrap_or_else(|| Arc::new(ModelPolicy::lockdown(id.clone())));
+                    cluster.policies.insert(id, fallback);
                     errors.push(error.into());
                 }
             }
