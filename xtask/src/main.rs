@@ -83,6 +83,9 @@ enum Task {
         /// memory errors, which only unsafe code (here: dependencies') can make.
         #[arg(long, default_value = "none")]
         sanitizer: String,
+        /// Fuzzing processes per target (libFuzzer's fork mode when more than one).
+        #[arg(long, default_value = "1")]
+        workers: u32,
     },
     /// Render the demo's connectivity pages (`netwarden matrix --html`, `netwarden diff
     /// --html`) and check them in headless chromium, with screenshots under target/.
@@ -232,10 +235,12 @@ fn main() -> anyhow::Result<()> {
             time,
             target,
             sanitizer,
+            workers,
         } => fuzz::fuzz(&fuzz::Options {
             seconds: time,
             target,
             sanitizer,
+            workers,
         }),
         Task::Pages => {
             setup::ensure_packages(&["chromium"])?;

@@ -11,7 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    fmt::Write as _,
+    fmt::{self, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -143,23 +143,24 @@ fn run(scenario: Scenario) {
         &cluster,
         &node_addresses,
         audit_everything,
-        "initial sync",
+        &"initial sync",
     );
-    for (index, step) in steps.into_iter().enumerate() {
-        let described = format!("step {index}: {step:?}");
+    for (index, step) in steps.iter().enumerate() {
+        // Formatted only when a check fails: a step's `Debug` costs as much as checking it.
+        let described = AfterStep { index, step };
         match step {
             Step::Update(changes) => {
-                for change in &changes {
+                for change in changes {
                     apply(&mut cluster, change.clone());
                 }
-                compiler.update(changes);
+                compiler.update(changes.clone());
             }
             Step::Sync(next) => {
-                cluster = next;
+                cluster.clone_from(next);
                 compiler.sync(cluster.clone());
             }
             Step::NodeAddresses(addresses) => {
-                node_addresses = addresses;
+                node_addresses.clone_from(addresses);
                 compiler.set_node_addresses(&node_addresses);
             }
             Step::Restart => {
@@ -181,6 +182,18 @@ fn run(scenario: Scenario) {
             audit_everything,
             &described,
         );
+    }
+}
+
+/// The step a failed check names: `step N: <the step>`.
+struct AfterStep<'a> {
+    index: usize,
+    step: &'a Step,
+}
+
+impl fmt::Display for AfterStep<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "step {}: {:?}", self.index, self.step)
     }
 }
 
@@ -214,7 +227,7 @@ fn restarted(
 }
 
 /// Panics unless the rule table holds exactly the rules some policy entry names.
-fn assert_rule_table_is_what_entries_name(state: &DatapathState, after: &str) {
+fn assert_rule_table_is_what_entries_name(state: &DatapathState, after: &dyn fmt::Display) {
     let named: BTreeSet<u32> = state
         .policies
         .values()
@@ -258,13 +271,13 @@ pub fn assert_equals_full_recompile(
     cluster: &Cluster,
     node_addresses: &[IpAddr],
     audit_everything: bool,
-    after: &str,
+    after: &dyn fmt::Display,
 ) {
     let mut fresh = Compiler::new(NODE).auditing_everything(audit_everything);
     fresh.set_node_addresses(node_addresses);
     fresh.sync(cluster.clone());
     assert_consistent(compiler.state(), after);
-    assert_consistent(fresh.state(), "a full recompile");
+    assert_consistent(fresh.state(), &"a full recompile");
     let incremental = Canonical::of(compiler.state());
     let full = Canonical::of(fresh.state());
     assert!(
@@ -325,7 +338,7 @@ fn difference(incremental: &Canonical, full: &Canonical) -> String {
 
 /// Panics unless every id `state` names exists and everything it holds is used: what the
 /// datapath needs to install it without dangling entries or leaks.
-pub fn assert_consistent(state: &DatapathState, after: &str) {
+pub fn assert_consistent(state: &DatapathState, after: &dyn fmt::Display) {
     let used_policies: BTreeSet<PolicyId> = state
         .endpoints
         .values()

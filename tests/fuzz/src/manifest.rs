@@ -40,7 +40,7 @@ pub fn check(data: &[u8]) {
         .unwrap_or_default();
     compiler.set_node_addresses(&node_addresses);
     compiler.sync(cluster.clone());
-    assert_consistent(compiler.state(), "compiling the manifest's cluster");
+    assert_consistent(compiler.state(), &"compiling the manifest's cluster");
 
     let mut addresses: Vec<IpAddr> = cluster
         .pods
