@@ -184,7 +184,6 @@ fn run_target(target: &str, options: &Options) -> anyhow::Result<(Outcome, Vec<P
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let before = failures_in(&artifacts)?;
-    let corpus_before = fs::read_dir(&corpus)?.count();
     let log_path = logs.join(format!("{target}.log"));
     let log =
         fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
@@ -223,7 +222,7 @@ fn run_target(target: &str, options: &Options) -> anyhow::Result<(Outcome, Vec<P
         .status()
         .with_context(|| format!("starting {command:?}"))?;
     let output = fs::read_to_string(&log_path).unwrap_or_default();
-    let mut outcome = parse_outcome(&output);
+    let outcome = parse_outcome(&output);
     let failures: Vec<PathBuf> = failures_in(&artifacts)?
         .difference(&before)
         .cloned()
@@ -246,10 +245,6 @@ fn run_target(target: &str, options: &Options) -> anyhow::Result<(Outcome, Vec<P
         bail!("fuzzing {target} failed without a failing input: {status}");
     }
     let corpus_size = fs::read_dir(&corpus)?.count();
-    if options.workers > 1 {
-        // Fork mode prints no count of new inputs: its workers' merges land in the corpus.
-        outcome.new_inputs = corpus_size.saturating_sub(corpus_before) as u64;
-    }
     Ok((outcome, failures, corpus_size))
 }
 
@@ -276,10 +271,13 @@ fn failures_in(artifacts: &Path) -> anyhow::Result<BTreeSet<PathBuf>> {
 
 /// What libFuzzer's final statistics (`-print_final_stats=1`) say, or its closing `Done N runs`
 /// line when they are missing, or in fork mode (which prints neither) its last progress line,
-/// `#N: cov: ... exec/s: R ...`.
+/// `#N: cov: ... corp: C exec/s: R ...`, against the corpus it started from, `INFO: -fork=J: S
+/// seed inputs, ...`: libFuzzer's own count, which another fuzzer writing to the same corpus
+/// directory does not inflate.
 fn parse_outcome(output: &str) -> Outcome {
     let mut outcome = Outcome::default();
     let mut forked = None;
+    let mut seed_inputs = None;
     let stat = |line: &str, name: &str| -> Option<u64> {
         line.strip_prefix(name)?
             .trim_start_matches(':')
@@ -302,28 +300,55 @@ fn parse_outcome(output: &str) -> Outcome {
                 .and_then(|runs| runs.parse().ok())
         {
             outcome.executions = runs;
-        } else if let Some((runs, rate)) = fork_progress(line) {
-            forked = Some((runs, rate));
+        } else if let Some(progress) = fork_progress(line) {
+            forked = Some(progress);
+        } else if let Some(seeds) = fork_seed_inputs(line) {
+            seed_inputs = Some(seeds);
         }
     }
     if outcome.executions == 0
-        && let Some((runs, rate)) = forked
+        && let Some(progress) = forked
     {
-        outcome.executions = runs;
-        outcome.executions_per_second = rate;
+        outcome.executions = progress.executions;
+        outcome.executions_per_second = progress.executions_per_second;
+        outcome.new_inputs = seed_inputs.map_or(0, |seeds| progress.corpus.saturating_sub(seeds));
     }
     outcome
 }
 
-/// The executions and exec/s of a fork-mode progress line, `#7239: cov: 7855 ft: 46051
-/// corp: 1908 exec/s: 253 oom/timeout/crash: 0/0/0 time: 19s job: 6 dft_time: 0`.
-fn fork_progress(line: &str) -> Option<(u64, u64)> {
+/// A fork-mode progress line's figures.
+#[derive(Clone, Copy)]
+struct ForkProgress {
+    executions: u64,
+    executions_per_second: u64,
+    /// Inputs in the corpus libFuzzer keeps, seeds included.
+    corpus: u64,
+}
+
+/// The figures of a fork-mode progress line, `#7239: cov: 7855 ft: 46051 corp: 1908 exec/s:
+/// 253 oom/timeout/crash: 0/0/0 time: 19s job: 6 dft_time: 0`.
+fn fork_progress(line: &str) -> Option<ForkProgress> {
     let (runs, rest) = line.strip_prefix('#')?.split_once(": ")?;
-    let runs = runs.parse().ok()?;
-    let mut words = rest.split_whitespace();
-    words.find(|word| *word == "exec/s:")?;
-    let rate = words.next()?.parse().ok()?;
-    Some((runs, rate))
+    let executions = runs.parse().ok()?;
+    let value_after = |name: &str| -> Option<u64> {
+        let mut words = rest.split_whitespace();
+        words.find(|word| *word == name)?;
+        words.next()?.parse().ok()
+    };
+    Some(ForkProgress {
+        executions,
+        executions_per_second: value_after("exec/s:")?,
+        corpus: value_after("corp:")?,
+    })
+}
+
+/// The size of the corpus fork mode starts from, `INFO: -fork=2: 1828 seed inputs, starting to
+/// fuzz in /tmp/...`.
+fn fork_seed_inputs(line: &str) -> Option<u64> {
+    let rest = line.strip_prefix("INFO: -fork=")?;
+    let (_, rest) = rest.split_once(": ")?;
+    let (seeds, _) = rest.split_once(" seed inputs")?;
+    seeds.parse().ok()
 }
 
 #[cfg(test)]
@@ -353,6 +378,7 @@ stat::peak_rss_mb:              312
     #[test]
     fn in_fork_mode_the_last_progress_line_gives_the_executions() {
         let output = "INFO: -fork=2: fuzzing in separate process(s)
+INFO: -fork=2: 1828 seed inputs, starting to fuzz in /tmp/libFuzzerTemp.FuzzWithFork7.dir
 #599: cov: 7824 ft: 45782 corp: 1828 exec/s: 299 oom/timeout/crash: 0/0/0 time: 6s job: 1 dft_time: 0
 #7239: cov: 7855 ft: 46051 corp: 1908 exec/s: 253 oom/timeout/crash: 0/0/0 time: 19s job: 6 dft_time: 0
 INFO: fuzzed for 20 seconds, wrapping up soon
@@ -361,6 +387,7 @@ INFO: exiting: 0 time: 20s
         let outcome = parse_outcome(output);
         assert_eq!(outcome.executions, 7239);
         assert_eq!(outcome.executions_per_second, 253);
+        assert_eq!(outcome.new_inputs, 1908 - 1828);
         // A single process's progress lines (`#N<TAB>NEW ...`) are not fork mode's.
         assert_eq!(
             parse_outcome("#4312\tNEW    cov: 7859 ft: 46359 corp: 1918/1173Kb exec/s: 1078\n")
