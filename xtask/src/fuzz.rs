@@ -91,15 +91,16 @@ pub fn fuzz(options: &Options) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut failed = Vec::new();
     for target in &chosen {
-        let started = Instant::now();
-        let (outcome, failures, corpus) = run_target(target, options)?;
-        // Longer than asked when libFuzzer finishes a long input, or, in fork mode, its
-        // first merge of the corpus.
-        let seconds = started.elapsed().as_secs();
-        if !failures.is_empty() {
-            failed.push((target.clone(), failures.clone()));
-        }
+        let TargetRun {
+            outcome,
+            failures,
+            corpus,
+            seconds,
+        } = run_target(target, options)?;
         rows.push((target.clone(), outcome, failures.len(), corpus, seconds));
+        if !failures.is_empty() {
+            failed.push((target.clone(), failures));
+        }
     }
 
     println!(
@@ -173,9 +174,20 @@ fn cargo_fuzz(subcommand: &str, sanitizer: &str, traced: bool) -> Command {
     command
 }
 
-/// Fuzzes `target` for the configured time: what it did, the inputs it failed on, and the
-/// size of its working corpus afterwards.
-fn run_target(target: &str, options: &Options) -> anyhow::Result<(Outcome, Vec<PathBuf>, usize)> {
+/// One target's run, as the summary reports it.
+struct TargetRun {
+    outcome: Outcome,
+    /// The inputs it failed on.
+    failures: Vec<PathBuf>,
+    /// The size of its working corpus afterwards.
+    corpus: usize,
+    /// How long libFuzzer ran: longer than asked when it finishes a long input, or, in fork
+    /// mode, its first merge of the corpus.
+    seconds: u64,
+}
+
+/// Fuzzes `target` for the configured time.
+fn run_target(target: &str, options: &Options) -> anyhow::Result<TargetRun> {
     let fuzz = Path::new(FUZZ_DIR);
     let corpus = fuzz.join("corpus").join(target);
     let artifacts = fuzz.join("artifacts").join(target);
@@ -221,6 +233,7 @@ fn run_target(target: &str, options: &Options) -> anyhow::Result<(Outcome, Vec<P
     let status = command
         .status()
         .with_context(|| format!("starting {command:?}"))?;
+    let seconds = started.elapsed().as_secs();
     let output = fs::read_to_string(&log_path).unwrap_or_default();
     let outcome = parse_outcome(&output);
     let failures: Vec<PathBuf> = failures_in(&artifacts)?
@@ -228,9 +241,8 @@ fn run_target(target: &str, options: &Options) -> anyhow::Result<(Outcome, Vec<P
         .cloned()
         .collect();
     println!(
-        "<== {target}: {} executions in {:.0} s, {}",
+        "<== {target}: {} executions in {seconds} s, {}",
         outcome.executions,
-        started.elapsed().as_secs_f64(),
         if failures.is_empty() {
             "no failure".to_owned()
         } else {
@@ -244,8 +256,12 @@ fn run_target(target: &str, options: &Options) -> anyhow::Result<(Outcome, Vec<P
         }
         bail!("fuzzing {target} failed without a failing input: {status}");
     }
-    let corpus_size = fs::read_dir(&corpus)?.count();
-    Ok((outcome, failures, corpus_size))
+    Ok(TargetRun {
+        outcome,
+        failures,
+        corpus: fs::read_dir(&corpus)?.count(),
+        seconds,
+    })
 }
 
 /// The inputs libFuzzer saved in `artifacts` because they failed.
