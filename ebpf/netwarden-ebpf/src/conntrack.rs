@@ -137,23 +137,27 @@ pub(crate) fn reopened(
 }
 
 /// Whether a packet that may open a flow (its kernel connection is new) passes on `tracked`,
-/// the current entry of translated flow `flow`, now to be judged as `judged` going `dir`. It
-/// does when the entry was judged on the same peer: a retransmitted SYN, a UDP flow's next
-/// datagram, or a new connection over a closed one on the same addresses and ports whose
-/// decision cannot differ (same peer and direction, no mTLS screen then or now), whose entry
-/// is then made new again. Otherwise it is decided afresh: kube-proxy balances each kernel
-/// connection anew, so a client reusing its port may reach another backend.
+/// the current entry of `flow`, now to be judged as `judged` going `dir` (`translated`: on
+/// another peer than the key's, recorded in `TRANSLATIONS`). It does when the entry was judged
+/// on the same peer: a retransmitted SYN, a UDP flow's next datagram, or a new connection over
+/// a closed one on the same addresses and ports whose decision cannot differ (same peer and
+/// direction, no mTLS screen then or now), whose entry is then made new again. Otherwise it is
+/// decided afresh: kube-proxy balances each kernel connection anew, so a client reusing its
+/// port may reach another backend.
 #[inline(always)]
-pub(crate) fn continues_translated(
+pub(crate) fn continues_judged(
     tracked: &mut FlowState,
     flow: &FlowKey,
     judged: &FlowKey,
     dir: u32,
+    translated: bool,
 ) -> bool {
+    // Untranslated, the key is the peer (the caller checked the entry is not translated).
     // SAFETY: the value is read at once.
-    let same_peer = unsafe { TRANSLATIONS.get(flow) }.is_some_and(|translation| {
-        translation.peer_port == judged.peer_port && translation.peer_addr == judged.peer_addr
-    });
+    let same_peer = !translated
+        || unsafe { TRANSLATIONS.get(flow) }.is_some_and(|translation| {
+            translation.peer_port == judged.peer_port && translation.peer_addr == judged.peer_addr
+        });
     if !same_peer {
         return false;
     }
@@ -163,7 +167,11 @@ pub(crate) fn continues_translated(
     if tracked.origin != dir || tracked.flags != 0 || mtls::flags_for_new_flow(flow, dir) != 0 {
         return false;
     }
-    tracked.activity = flow_activity::TRANSLATED;
+    tracked.activity = if translated {
+        flow_activity::TRANSLATED
+    } else {
+        0
+    };
     tracked.last_seen = now_ticks();
     true
 }

@@ -23,7 +23,10 @@
 //! 4. A flow allowed on its kernel connection's first packets is tracked under the keys the
 //!    pods' programs will look up (the frontend, the masqueraded address), marked translated,
 //!    with the peer it was judged on in `TRANSLATIONS`: its next packets take the fast path,
-//!    and after a policy change it is decided again on that same peer. A denied one drops.
+//!    and after a policy change it is decided again on that same peer. Where the key already
+//!    names that peer (the backend's side of a flow whose client nothing masqueraded, a flow
+//!    conntrack does not follow) it is tracked as any flow, with no translation to record.
+//!    A denied one drops.
 //!
 //! Kernel structures are read with `bpf_probe_read_kernel` at offsets the agent takes from the
 //! kernel's BTF (`KERNEL_LAYOUT`): programs are built once for every kernel.
@@ -140,8 +143,10 @@ pub fn hook(ctx: *const NfContext) -> i32 {
         return unreadable();
     };
     let translated = status & (IPS_SRC_NAT | IPS_DST_NAT) != 0;
-    if ctinfo != IP_CT_NEW && !translated {
-        // An answered connection nothing translated: its pods' programs decided it.
+    if !translated && (ctinfo != IP_CT_NEW || !settings::frontends_installed()) {
+        // Nothing translated it: its pods' programs decided it, unless it is the first
+        // packet of a flow `from_container` left undecided for a frontend, which it does only
+        // while one is installed.
         return NF_ACCEPT;
     }
     let Some(tuples) = TUPLES.get_ptr_mut(0) else {
@@ -184,8 +189,8 @@ fn decide_seen(
     let sent_to = tuple_endpoint(&tuples.original, family, protocol, false);
     let frontend = frontend_of(&sent_to.addr, protocol, sent_to.port);
     let client = tuple_endpoint(&tuples.original, family, protocol, true);
-    if let Some(ifindex) = endpoint_of(&client.addr)
-        && (frontend != 0 || destination_translated)
+    if (frontend != 0 || destination_translated)
+        && let Some(ifindex) = endpoint_of(&client.addr)
     {
         tuples.key = flow_key(ifindex, protocol, &client, &sent_to);
         let backend = tuple_endpoint(&tuples.reply, family, protocol, true);
@@ -216,6 +221,10 @@ fn decide_seen(
 fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
     let key = &tuples.key;
     let judged = &tuples.judged;
+    // Judged on the peer its endpoint sees (a backend reached by a client nothing
+    // masqueraded, a flow conntrack does not follow): tracked like any flow, with no
+    // translation to record, one insert fewer on a connection's first packet.
+    let translated = key.peer_port != judged.peer_port || key.peer_addr != judged.peer_addr;
     let epoch = settings::current_epoch();
     if let Some(tracked) = conntrack::entry(key) {
         // SAFETY: the pointer comes from a successful lookup; the kernel frees a map value only
@@ -223,8 +232,8 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
         // the classifiers' fast path.
         let tracked = unsafe { &mut *tracked };
         if tracked.epoch == epoch
-            && tracked.activity & flow_activity::TRANSLATED != 0
-            && (!may_open || conntrack::continues_translated(tracked, key, judged, dir))
+            && (tracked.activity & flow_activity::TRANSLATED != 0) == translated
+            && (!may_open || conntrack::continues_judged(tracked, key, judged, dir, translated))
         {
             return true;
         }
@@ -261,19 +270,25 @@ fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
     // SAFETY: per-CPU slot of a successful lookup; only this CPU uses it, for this packet
     // (the same slot `tuples` points to: only fields `tuples` is not read through change).
     let scratch = unsafe { &mut *scratch };
-    scratch.translation = Translation {
-        peer_addr: judged.peer_addr,
-        peer_port: judged.peer_port,
-        padding: 0,
-        frontend,
-    };
-    // The translation first: a packet that finds the flow finds what it was judged on.
-    conntrack::record_translation(key, &scratch.translation);
+    if translated {
+        scratch.translation = Translation {
+            peer_addr: judged.peer_addr,
+            peer_port: judged.peer_port,
+            padding: 0,
+            frontend,
+        };
+        // The translation first: a packet that finds the flow finds what it was judged on.
+        conntrack::record_translation(key, &scratch.translation);
+    }
     scratch.state = FlowState {
         origin: dir,
         epoch,
         flags: mtls::flags_for_new_flow(key, dir),
-        activity: flow_activity::TRANSLATED,
+        activity: if translated {
+            flow_activity::TRANSLATED
+        } else {
+            0
+        },
         last_seen: conntrack::now_ticks(),
         client_seq: 0,
         hello_end: 0,
