@@ -18,8 +18,8 @@ use crate::{
     mtls::{ExpectAgentLog, IdentityCheck, MtlsProbe},
     observe::Observe,
     scenario::{
-        ConnectionExpectation, ContainerPort, Delivery, Dial, Labels, Protocol, Quote, Resolve,
-        RestartMode, Scenario, SpoofedSource, Step,
+        ConnectionExpectation, ContainerPort, Delivery, Dial, Labels, ProbeVia, Protocol, Quote,
+        Resolve, RestartMode, Scenario, SpoofedSource, Step,
     },
 };
 
@@ -187,6 +187,7 @@ pub trait Driver {
         _ends: (&str, &str),
         _port: u16,
         _protocol: Protocol,
+        _via: ProbeVia,
     ) -> Result<(), Self::Error> {
         Err(NotPlayable {
             op: "open_connection",
@@ -391,9 +392,10 @@ async fn check<D: Driver>(driver: &mut D, at: At<'_>) -> Result<Findings, D::Err
             to,
             port,
             protocol,
+            via,
         } => {
             driver
-                .open_connection(name, (from, to), *port, *protocol)
+                .open_connection(name, (from, to), *port, *protocol, *via)
                 .await?;
             Ok(Findings::new())
         }

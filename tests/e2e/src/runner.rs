@@ -981,14 +981,17 @@ impl ScenarioRun<'_> {
         to: &str,
         port: u16,
         protocol: Protocol,
+        via: ProbeVia,
     ) -> Result<Flow, DialError> {
         let family = self.scenario.model.primary_family();
         let client = &self.live[from].endpoint;
-        let server = &self.live[to].endpoint;
-        let (Some(source), Some(destination)) =
-            (client.addresses.get(family), server.addresses.get(family))
-        else {
-            unreachable!("every endpoint has an address in the primary family")
+        let (Some(source), Some(destination)) = (
+            client.addresses.get(family),
+            self.probe_destination(to, &self.live[to], family, via),
+        ) else {
+            unreachable!(
+                "every endpoint, and every pod's per-pod Service, has an address in the primary family"
+            )
         };
         Flow::open(
             Client {
@@ -1335,9 +1338,10 @@ impl Driver for ScenarioRun<'_> {
         (from, to): (&str, &str),
         port: u16,
         protocol: Protocol,
+        via: ProbeVia,
     ) -> Result<(), StepError> {
         let flow = self
-            .open_flow(from, to, port, protocol)
+            .open_flow(from, to, port, protocol, via)
             .await
             .map_err(|source| StepError::Open {
                 name: name.to_owned(),

@@ -398,6 +398,8 @@ pub enum Step {
         to: String,
         port: u16,
         protocol: Protocol,
+        /// To the server pod's own address, or through its per-pod Service.
+        via: ProbeVia,
     },
     CheckConnection {
         name: String,
@@ -541,10 +543,15 @@ impl fmt::Display for Step {
                 to,
                 port,
                 protocol,
+                via,
             } => {
                 write!(
                     f,
-                    "open_connection {name}: {from} -> {to} {protocol}/{port}"
+                    "open_connection {name}: {from} -> {to} {protocol}/{port}{}",
+                    match via {
+                        ProbeVia::Pod => "",
+                        ProbeVia::Service => " via service",
+                    }
                 )
             }
             Self::CheckConnection { name, expect } => {
@@ -633,13 +640,14 @@ impl Scenario {
     }
 
     /// The scenario run through Services, as a real cluster runs upstream's suite: per-pod
-    /// Services, kube-proxy in `mode`, every probe dialling Services. The name says so.
+    /// Services, kube-proxy in `mode`, every probe and long-lived connection dialling Services.
+    /// The name says so.
     #[must_use]
     pub fn through_services(mut self, mode: KubeProxyMode) -> Self {
         self.model.per_pod_services = true;
         self.model.kube_proxy = mode;
         for step in &mut self.steps {
-            if let Step::Probe { via, .. } = step {
+            if let Step::Probe { via, .. } | Step::OpenConnection { via, .. } = step {
                 *via = ProbeVia::Service;
             }
         }
@@ -765,6 +773,8 @@ enum RawStep {
         port: u16,
         #[serde(default)]
         protocol: Protocol,
+        #[serde(default)]
+        via: ProbeVia,
     },
     CheckConnection {
         name: String,
@@ -1554,10 +1564,17 @@ impl<'a> Validator<'a> {
                 to,
                 port,
                 protocol,
+                via,
             } => {
                 let op = "open_connection";
                 self.endpoint(&from).map_err(|e| (op, e))?;
                 self.endpoint(&to).map_err(|e| (op, e))?;
+                if via == ProbeVia::Service && !self.model.per_pod_services {
+                    return Err((
+                        op,
+                        "via: service needs `services: per_pod` in the model".to_owned(),
+                    ));
+                }
                 if protocol == Protocol::Sctp {
                     return Err((
                         op,
@@ -1574,6 +1591,7 @@ impl<'a> Validator<'a> {
                     to,
                     port,
                     protocol,
+                    via,
                 }
             }
             RawStep::SendSpoofed {
@@ -2217,15 +2235,21 @@ steps:
     fn via_service_needs_per_pod_services_and_variants_turn_it_on() {
         let probe =
             "- { op: probe, port: 80, via: service, expect: { grid: { x/a: '..', x/b: '..' } } }\n";
-        assert!(
-            with_steps(probe)
-                .unwrap_err()
-                .to_string()
-                .contains("services: per_pod")
-        );
-        let plain =
-            with_steps("- { op: probe, port: 80, expect: { grid: { x/a: '..', x/b: '..' } } }\n")
-                .unwrap();
+        let connection =
+            "- { op: open_connection, name: c, from: x/a, to: x/b, port: 80, via: service }\n";
+        for steps in [probe, connection] {
+            assert!(
+                with_steps(steps)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("services: per_pod"),
+                "{steps}"
+            );
+        }
+        let plain = with_steps(
+            "- { op: probe, port: 80, expect: { grid: { x/a: '..', x/b: '..' } } }\n- { op: open_connection, name: c, from: x/a, to: x/b, port: 80 }\n",
+        )
+        .unwrap();
         let through = plain.through_services(KubeProxyMode::Nftables);
         assert!(
             through.name.ends_with(" [service-nftables]"),
@@ -2237,6 +2261,13 @@ steps:
         assert!(matches!(
             through.steps[0],
             Step::Probe {
+                via: ProbeVia::Service,
+                ..
+            }
+        ));
+        assert!(matches!(
+            through.steps[1],
+            Step::OpenConnection {
                 via: ProbeVia::Service,
                 ..
             }

@@ -40,7 +40,8 @@ use crate::{
     report::percentile,
     runner::{SimulatedNode, StepError},
     scenario::{
-        self, Cni, ContainerPort, IpFamily, Labels, Model, PodSpec, Protocol, RestartMode, Scenario,
+        self, Cni, ContainerPort, IpFamily, Labels, Model, PodSpec, ProbeVia, Protocol,
+        RestartMode, Scenario,
     },
 };
 
@@ -898,7 +899,7 @@ impl Soak<'_> {
         for (name, from, to, port, protocol) in CONNECTIONS {
             self.node
                 .driver()
-                .open_connection(name, (from, to), port, protocol)
+                .open_connection(name, (from, to), port, protocol, ProbeVia::Pod)
                 .await?;
         }
         let baseline = self.snapshot()?;
