@@ -1061,6 +1061,10 @@ pub mod maps {
     pub const KERNEL_LAYOUT: PinnedMap = map("KERNEL_LAYOUT", 1);
     /// Per-CPU scratch space of the hook after translation (the stack is too small for it).
     pub const TUPLES: PinnedMap = map("TUPLES", 1);
+    /// Per-CPU slots of translated kernel connections the hook after translation let through
+    /// (a tag of their `nf_conn` and the epoch). Never pinned: each load of the programs starts
+    /// with an empty cache of its own.
+    pub const JUDGED_CONNECTIONS: PinnedMap = map("JUDGED_CONNECTIONS", 4096);
 
     /// Every shared map.
     pub const ALL: [PinnedMap; 22] = [
@@ -1088,6 +1092,10 @@ pub mod maps {
         TUPLES,
     ];
 
+    /// Maps each load of the programs keeps to itself, never pinned: caches, which a new
+    /// load starts empty, so nothing in them outlives the programs that wrote it.
+    pub const UNPINNED: [PinnedMap; 1] = [JUDGED_CONNECTIONS];
+
     /// Names of maps earlier versions pinned and this one no longer has (the agent removes
     /// their pins on upgrade): never to be reused for another map.
     pub const RETIRED_NAMES: [&str; 2] = ["CONNTRACK", "CIDRS"];
@@ -1113,6 +1121,18 @@ pub mod maps {
                 retired += 1;
             }
             row += 1;
+        }
+        let mut unpinned = 0;
+        while unpinned < UNPINNED.len() {
+            let mut row = 0;
+            while row < ALL.len() {
+                assert!(
+                    !same(UNPINNED[unpinned].name, ALL[row].name),
+                    "an unpinned map takes a shared map's name"
+                );
+                row += 1;
+            }
+            unpinned += 1;
         }
     };
 }

@@ -27,6 +27,13 @@
 //!    names that peer (the backend's side of a flow whose client nothing masqueraded, a flow
 //!    conntrack does not follow) it is tracked as any flow, with no translation to record.
 //!    A denied one drops.
+//! 5. A translated connection this hook let through is remembered, per CPU, with the policy
+//!    epoch it was judged under (`JUDGED_CONNECTIONS`). Its later packets in the original
+//!    direction pass on that alone while the epoch is current, without copying the tuples and
+//!    repeating steps 2 to 4 (which would find the flow tracked and pass it). Sound because an
+//!    `nf_conn` is reused only for a new kernel connection, whose first packet (new or related,
+//!    never established) this hook judges in full, after the entry was written: allowed, it was
+//!    allowed under an epoch at least as recent; denied, it never becomes established.
 //!
 //! Kernel structures are read with `bpf_probe_read_kernel` at offsets the agent takes from the
 //! kernel's BTF (`KERNEL_LAYOUT`): programs are built once for every kernel.
@@ -56,9 +63,10 @@ use crate::{
 const NF_DROP: i32 = 0;
 const NF_ACCEPT: i32 = 1;
 
-/// `enum ip_conntrack_info`: a packet of a connection's first direction that has not been
-/// answered yet; values from `IP_CT_IS_REPLY` (3) on are replies; `IP_CT_UNTRACKED` (7) is
-/// a packet conntrack was told to leave alone.
+/// `enum ip_conntrack_info`: a packet of a connection's first direction once it was answered
+/// (`IP_CT_ESTABLISHED`) or before (`IP_CT_NEW`); values from `IP_CT_IS_REPLY` (3) on are
+/// replies; `IP_CT_UNTRACKED` (7) is a packet conntrack was told to leave alone.
+const IP_CT_ESTABLISHED: u64 = 0;
 const IP_CT_NEW: u64 = 2;
 const IP_CT_IS_REPLY: u64 = 3;
 const IP_CT_UNTRACKED: u64 = 7;
@@ -99,6 +107,36 @@ pub struct Tuples {
     /// The conntrack state and translation written for an allowed flow.
     state: FlowState,
     translation: Translation,
+}
+
+/// Step 5 of the module comment: slots of translated kernel connections this hook let through,
+/// per CPU (a connection's packets in one direction are mostly handled on one CPU), each one
+/// word, so a run interrupted by another on the same CPU never reads half of another's write:
+/// a tag of the `nf_conn`'s address in the high half, the policy epoch in the low. A slot is
+/// overwritten by the next connection that hashes to it, whose first packets are then judged
+/// in full again. Not pinned: a new load starts with empty slots (`maps::UNPINNED`).
+#[map]
+static JUDGED_CONNECTIONS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(maps::JUDGED_CONNECTIONS.capacity, 0);
+pinned_as!(JUDGED_CONNECTIONS);
+
+/// The slot of kernel connection `conn` in [`JUDGED_CONNECTIONS`] and what it holds when the
+/// connection was judged under `epoch`. Fibonacci hashing: the slot from the product's upper
+/// bits below the tag's, the tag from its top 32, both mixing every bit of the address.
+#[inline(always)]
+fn judged_slot(conn: u64, epoch: u32) -> (u32, u64) {
+    const SLOT_BITS: u32 = maps::JUDGED_CONNECTIONS.capacity.trailing_zeros();
+    const _: () = assert!(maps::JUDGED_CONNECTIONS.capacity.is_power_of_two());
+    let mixed = conn.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "SLOT_BITS bits of the product, and its top half"
+    )]
+    let (slot, tag) = (
+        ((mixed >> (32 - SLOT_BITS)) as u32) & (maps::JUDGED_CONNECTIONS.capacity - 1),
+        (mixed >> 32) as u32,
+    );
+    (slot, u64::from(tag) << 32 | u64::from(epoch))
 }
 
 /// Per-CPU room for [`Tuples`]: a BPF program has 512 bytes of stack for all its frames
@@ -149,6 +187,14 @@ pub fn hook(ctx: *const NfContext) -> i32 {
         // while one is installed.
         return NF_ACCEPT;
     }
+    let epoch = settings::current_epoch();
+    let (slot, judged) = judged_slot(conn, epoch);
+    if translated
+        && ctinfo == IP_CT_ESTABLISHED
+        && JUDGED_CONNECTIONS.get(slot).copied() == Some(judged)
+    {
+        return NF_ACCEPT;
+    }
     let Some(tuples) = TUPLES.get_ptr_mut(0) else {
         return unreadable();
     };
@@ -164,12 +210,21 @@ pub fn hook(ctx: *const NfContext) -> i32 {
     if !copied {
         return unreadable();
     }
-    decide_seen(
+    let verdict = decide_seen(
         tuples,
         status & IPS_DST_NAT != 0,
         translated,
         ctinfo == IP_CT_NEW,
-    )
+    );
+    if verdict == NF_ACCEPT
+        && translated
+        && let Some(entry) = JUDGED_CONNECTIONS.get_ptr_mut(slot)
+    {
+        // The epoch read before deciding: had it changed meanwhile, the slot is merely stale.
+        // SAFETY: per-CPU slot of a successful lookup, written in one word.
+        unsafe { core::ptr::write_volatile(entry, judged) };
+    }
+    verdict
 }
 
 /// Steps 2 to 4 of the module comment for a connection with `tuples`. Not inlined: each step

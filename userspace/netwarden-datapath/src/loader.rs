@@ -298,9 +298,13 @@ mod tests {
             .map(String::as_str)
             .filter(|name| !is_section(name))
             .collect();
-        let named: BTreeSet<&str> = pinned::ALL.iter().map(|map| map.name).collect();
+        let named: BTreeSet<&str> = pinned::ALL
+            .iter()
+            .chain(&pinned::UNPINNED)
+            .map(|map| map.name)
+            .collect();
         assert_eq!(declared, named);
-        for map in pinned::ALL {
+        for map in pinned::ALL.iter().chain(&pinned::UNPINNED) {
             assert_eq!(
                 object.maps[map.name].max_entries(),
                 map.capacity,

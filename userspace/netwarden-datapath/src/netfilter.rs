@@ -25,7 +25,7 @@ use aya::{
     Ebpf,
     maps::{Map, MapData},
 };
-use netwarden_common::{KernelLayout, conntrack_tuple};
+use netwarden_common::{KernelLayout, conntrack_tuple, maps as pinned};
 
 /// The program's name in the eBPF object.
 const PROGRAM: &str = "after_translation";
@@ -139,8 +139,8 @@ pub fn kernel_layout(btf_path: &Path) -> Result<KernelLayout, NetfilterError> {
 }
 
 /// Loads `after_translation` from `object`: the maps it shares with the classifiers are
-/// taken from their pins in `maps_dir`, its data sections (`.rodata`...) from `loaded`, where
-/// aya created them for the classifiers.
+/// taken from their pins in `maps_dir`, its data sections (`.rodata`...) and unpinned caches
+/// (`maps::UNPINNED`) from `loaded`, where aya created them for the classifiers.
 pub fn load(object: &[u8], maps_dir: &Path, loaded: &Ebpf) -> Result<OwnedFd, NetfilterError> {
     let mut obj = aya_obj::Object::parse(object)
         .map_err(|error| NetfilterError::Object(error.to_string()))?;
@@ -151,6 +151,16 @@ pub fn load(object: &[u8], maps_dir: &Path, loaded: &Ebpf) -> Result<OwnedFd, Ne
             let Some(Map::Array(data)) = loaded.map(name) else {
                 return Err(NetfilterError::Object(format!(
                     "data section {name} was not loaded"
+                )));
+            };
+            fds.insert(name.clone(), data.fd().as_fd().as_raw_fd());
+            continue;
+        }
+        if pinned::UNPINNED.iter().any(|map| map.name == name) {
+            // A cache of this load's, not pinned: the one aya created for the classifiers.
+            let Some(Map::PerCpuArray(data)) = loaded.map(name) else {
+                return Err(NetfilterError::Object(format!(
+                    "map {name} was not loaded as a per-CPU array"
                 )));
             };
             fds.insert(name.clone(), data.fd().as_fd().as_raw_fd());
