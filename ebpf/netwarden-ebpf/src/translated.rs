@@ -121,8 +121,9 @@ static JUDGED_CONNECTIONS: PerCpuArray<u64> =
 pinned_as!(JUDGED_CONNECTIONS);
 
 /// The slot of kernel connection `conn` in [`JUDGED_CONNECTIONS`] and what it holds when the
-/// connection was judged under `epoch`. Fibonacci hashing: the slot from the product's upper
-/// bits below the tag's, the tag from its top 32, both mixing every bit of the address.
+/// connection was judged under `epoch`. Fibonacci hashing: the slot from the bits just below
+/// the product's top half (they mix the address's low 32 bits, which tell slab objects apart),
+/// the tag from its top half (which mixes every bit).
 #[inline(always)]
 fn judged_slot(conn: u64, epoch: u32) -> (u32, u64) {
     const SLOT_BITS: u32 = maps::JUDGED_CONNECTIONS.capacity.trailing_zeros();
@@ -188,10 +189,10 @@ pub fn hook(ctx: *const NfContext) -> i32 {
         return NF_ACCEPT;
     }
     let epoch = settings::current_epoch();
-    let (slot, judged) = judged_slot(conn, epoch);
+    let (slot, remembered) = judged_slot(conn, epoch);
     if translated
         && ctinfo == IP_CT_ESTABLISHED
-        && JUDGED_CONNECTIONS.get(slot).copied() == Some(judged)
+        && JUDGED_CONNECTIONS.get(slot).copied() == Some(remembered)
     {
         return NF_ACCEPT;
     }
@@ -222,7 +223,7 @@ pub fn hook(ctx: *const NfContext) -> i32 {
     {
         // The epoch read before deciding: had it changed meanwhile, the slot is merely stale.
         // SAFETY: per-CPU slot of a successful lookup, written in one word.
-        unsafe { core::ptr::write_volatile(entry, judged) };
+        unsafe { core::ptr::write_volatile(entry, remembered) };
     }
     verdict
 }
