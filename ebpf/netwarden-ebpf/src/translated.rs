@@ -216,12 +216,13 @@ pub fn hook(ctx: *const NfContext) -> i32 {
         status & IPS_DST_NAT != 0,
         translated,
         ctinfo == IP_CT_NEW,
+        epoch,
     );
     if verdict == NF_ACCEPT
         && translated
         && let Some(entry) = JUDGED_CONNECTIONS.get_ptr_mut(slot)
     {
-        // The epoch read before deciding: had it changed meanwhile, the slot is merely stale.
+        // Remembered under the epoch it was decided under.
         // SAFETY: per-CPU slot of a successful lookup, written in one word.
         unsafe { core::ptr::write_volatile(entry, remembered) };
     }
@@ -236,6 +237,7 @@ fn decide_seen(
     destination_translated: bool,
     translated: bool,
     may_open: bool,
+    epoch: u32,
 ) -> i32 {
     let protocol = tuples.original[conntrack_tuple::PROTOCOL];
     let family = u16::from_ne_bytes([
@@ -251,7 +253,7 @@ fn decide_seen(
         tuples.key = flow_key(ifindex, protocol, &client, &sent_to);
         let backend = tuple_endpoint(&tuples.reply, family, protocol, true);
         tuples.judged = flow_key(ifindex, protocol, &client, &backend);
-        if !judge(tuples, direction::EGRESS, frontend, may_open) {
+        if !judge(tuples, direction::EGRESS, frontend, may_open, epoch) {
             return NF_DROP;
         }
     }
@@ -263,7 +265,7 @@ fn decide_seen(
         let client_as_seen = tuple_endpoint(&tuples.reply, family, protocol, false);
         tuples.key = flow_key(ifindex, protocol, &backend, &client_as_seen);
         tuples.judged = flow_key(ifindex, protocol, &backend, &client);
-        if !judge(tuples, direction::INGRESS, frontend, may_open) {
+        if !judge(tuples, direction::INGRESS, frontend, may_open, epoch) {
             return NF_DROP;
         }
     }
@@ -272,16 +274,15 @@ fn decide_seen(
 
 /// Decides the flow `tuples.key` (as its endpoint's program sees it) in `dir` as
 /// `tuples.judged` (the same flow with the peer it is judged on); tracks it when allowed and
-/// `may_open`. Whether it is allowed. Not inlined (see above).
+/// `may_open`, under policy `epoch`. Whether it is allowed. Not inlined (see above).
 #[inline(never)]
-fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool) -> bool {
+fn judge(tuples: &Tuples, dir: u32, frontend: u32, may_open: bool, epoch: u32) -> bool {
     let key = &tuples.key;
     let judged = &tuples.judged;
     // Judged on the peer its endpoint sees (a backend reached by a client nothing
     // masqueraded, a flow conntrack does not follow): tracked like any flow, with no
     // translation to record, one insert fewer on a connection's first packet.
     let translated = key.peer_port != judged.peer_port || key.peer_addr != judged.peer_addr;
-    let epoch = settings::current_epoch();
     if let Some(tracked) = conntrack::entry(key) {
         // SAFETY: the pointer comes from a successful lookup; the kernel frees a map value only
         // after every program that may hold it has returned (RCU). Plain word accesses, as on
@@ -440,7 +441,13 @@ fn untracked(skb: u64, layout: &KernelLayout) -> i32 {
     let tuples = unsafe { &mut *tuples };
     tuples.key = flow_key(ifindex, protocol, &client, &frontend_endpoint);
     tuples.judged = tuples.key;
-    if judge(tuples, direction::EGRESS, frontend, may_open) {
+    if judge(
+        tuples,
+        direction::EGRESS,
+        frontend,
+        may_open,
+        settings::current_epoch(),
+    ) {
         NF_ACCEPT
     } else {
         NF_DROP
