@@ -13,6 +13,7 @@ mod heap;
 mod identity;
 mod kube_cache;
 mod manifests;
+mod program_stats;
 mod restart;
 mod targets;
 mod tiers;

@@ -12,7 +12,10 @@
 //! baseline runs beside it (for netwarden behind the Service: of kube-proxy alone, so the
 //! ratio is netwarden's own cost on a translated flow). A second pass pins
 //! client and server to one CPU: on 2-vCPU machines unpinned request/response latency is mostly
-//! cross-CPU wake-ups.
+//! cross-CPU wake-ups. Last, the connection loop runs once more for netwarden at 10,000 rules
+//! and behind the Service with the kernel's per-program statistics on, and the time each
+//! program takes per run and per connection is printed (`program_stats.rs`): where the
+//! connection rate's cost goes, measured in the same run as the ratios.
 //!
 //! The policy isolates the server pod and allows the client pod on the measured ports after
 //! `rules - 1` single-address `ipBlock` rules on the same ports, with 100 Admin and 100 Baseline
@@ -177,6 +180,7 @@ pub fn run(agent: &Path, plan: Plan) -> anyhow::Result<(PassResult, PassResult)>
         let mut bench = Bench::start(&node, agent)?;
         let unpinned = bench.pass(plan, false)?;
         let pinned = bench.pass(plan, true)?;
+        bench.program_costs(plan.seconds)?;
         bench.stop_agent();
         Ok((unpinned, pinned))
     })();
@@ -648,8 +652,19 @@ impl<'node> Bench<'node> {
             })
     }
 
-    /// Connect, send a byte, read a byte, close, as often as possible for `seconds`.
+    /// Connect, send a byte, read a byte, close, as often as possible for `seconds`: the rate.
     fn connection_loop(&self, seconds: f64, pinned: bool, target: Target) -> anyhow::Result<f64> {
+        let (connections, elapsed) = self.connections(seconds, pinned, target)?;
+        Ok(f64::from(connections) / elapsed.as_secs_f64())
+    }
+
+    /// The connection loop's connections, and how long it took them.
+    fn connections(
+        &self,
+        seconds: f64,
+        pinned: bool,
+        target: Target,
+    ) -> anyhow::Result<(u32, Duration)> {
         let server = LoopServer::start(&self.node.netns_path("srv"), pinned, false)?;
         let duration = Duration::from_secs_f64(seconds);
         let client = on_thread_in(&self.node.netns_path("cli"), pinned, move || {
@@ -664,13 +679,59 @@ impl<'node> Bench<'node> {
                 stream.read_exact(&mut byte)?;
                 connections += 1;
             }
-            Ok(f64::from(connections) / started.elapsed().as_secs_f64())
+            Ok((connections, started.elapsed()))
         })?;
-        let rate = client
+        let counted = client
             .join()
             .map_err(|_| anyhow::anyhow!("client panicked"))?;
         server.stop(&self.node.netns_path("cli"));
-        rate
+        counted
+    }
+
+    /// Where a connection's cost goes: the connection loop once more for netwarden at 10,000
+    /// rules and behind the Service, with the kernel's per-program statistics on, printed per
+    /// program (`program_stats.rs`). Unpinned, like the targets' pass.
+    fn program_costs(&mut self, seconds: f64) -> anyhow::Result<()> {
+        println!();
+        println!(
+            "cost in traffic: the connection loop again ({seconds:.1} s, unpinned) with the kernel's per-program statistics on (BPF_ENABLE_STATS); every run also pays the statistics' own two clock reads, so per-run times are an upper bound and the rates below are not the ratios' runs"
+        );
+        println!(
+            "  {:<30} {:<16} {:>10} {:>9} {:>9}",
+            "configuration", "program", "runs/conn", "ns/run", "us/conn"
+        );
+        for filter in [
+            Filter::Netwarden(10_000),
+            Filter::Service { netwarden: true },
+        ] {
+            self.configure(filter)?;
+            let window = crate::program_stats::Window::open()?;
+            let (connections, elapsed) = self.connections(seconds, false, filter.target())?;
+            let costs = window.close();
+            let per_connection = |time: Duration| micros(time) / f64::from(connections.max(1));
+            let mut total = Duration::ZERO;
+            for cost in &costs {
+                total += cost.time;
+                println!(
+                    "  {:<30} {:<16} {:>10.1} {:>9.0} {:>9.2}",
+                    filter.to_string(),
+                    cost.name,
+                    cost.runs_per(connections),
+                    cost.per_run().as_secs_f64() * 1e9,
+                    per_connection(cost.time),
+                );
+            }
+            println!(
+                "  {:<30} {:<16} {:>10} {:>9} {:>9.2}   ({:.0} conn/s)",
+                filter.to_string(),
+                "all",
+                "",
+                "",
+                per_connection(total),
+                f64::from(connections) / elapsed.as_secs_f64(),
+            );
+        }
+        self.configure(Filter::None)
     }
 
     /// One connection, one byte each way, for `seconds`: the latency of each exchange.
