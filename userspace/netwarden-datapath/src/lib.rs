@@ -41,7 +41,7 @@ use netwarden_common::SETTING_ALLOW_EVENT_PERIOD;
 use netwarden_policy::DatapathState;
 
 #[cfg(feature = "test-support")]
-pub use crate::test_support::TrackedFlows;
+pub use crate::test_support::{TrackedFlows, VerifiedInstructionsError};
 use crate::{apply::Enforcer, loader::Kernel, netlink::NodeNetwork};
 pub use crate::{
     attach::{TranslationHook, clsact_placement},

@@ -28,7 +28,7 @@ use aya::{
 use netwarden_common::{KernelLayout, conntrack_tuple, maps as pinned};
 
 /// The program's name in the eBPF object.
-const PROGRAM: &str = "after_translation";
+pub const PROGRAM: &str = "after_translation";
 
 /// Netfilter's hook priorities for the program: after source NAT (`NF_IP_PRI_NAT_SRC`, 100,
 /// where kube-proxy masquerades), before conntrack confirms the connection (`INT_MAX`). Two,
@@ -45,6 +45,10 @@ const HOOKS: [(u32, &str); 2] = [(1, "local-in"), (4, "post-routing")];
 /// `bpf(2)` commands and constants (`include/uapi/linux/bpf.h`).
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// Where `struct bpf_prog_info` holds `verified_insns` (Linux >= 5.16), and its size up to it.
+const PROG_INFO_VERIFIED_INSNS: usize = 216;
+const PROG_INFO_SIZE: u32 = 224;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_NETFILTER: u32 = 32;
 const BPF_NETFILTER: u32 = 45;
@@ -313,6 +317,21 @@ fn prog_load(
             log: format!("\n{tail}"),
         })
     })
+}
+
+/// How many instructions the verifier processed to load `program` (`verified_insns` of its
+/// `bpf_prog_info`; 0 on kernels before 5.16, which do not report it). aya reads this field
+/// only for programs it loaded itself, and it did not load this one.
+pub fn verified_instructions(program: &OwnedFd) -> io::Result<u32> {
+    let mut info = [0_u8; PROG_INFO_SIZE as usize];
+    // struct { bpf_fd, info_len, info }
+    let mut attr = [0_u8; 16];
+    let program = u32::try_from(program.as_raw_fd()).unwrap_or(u32::MAX);
+    put(&mut attr, 0, &program.to_ne_bytes());
+    put(&mut attr, 4, &PROG_INFO_SIZE.to_ne_bytes());
+    put(&mut attr, 8, &(info.as_mut_ptr() as u64).to_ne_bytes());
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(word(&info, PROG_INFO_VERIFIED_INSNS).unwrap_or(0))
 }
 
 /// `BPF_LINK_CREATE` of a netfilter link.

@@ -14,7 +14,25 @@ use crate::{
     attach::Hook,
     conntrack::{TABLE_V4, TABLE_V6, open_table},
     error::DatapathError,
+    loader::PROGRAMS,
+    netfilter,
 };
+
+/// Why [`Datapath::verified_instructions`] could not read a program's verifier figure.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifiedInstructionsError {
+    /// A classifier is not loaded, or its `bpf_prog_info` could not be read.
+    #[error("program {name}: {source}")]
+    Classifier {
+        /// The classifier.
+        name: &'static str,
+        /// Why.
+        source: ProgramError,
+    },
+    /// The hook after translation could not be loaded, or its `bpf_prog_info` read.
+    #[error("hook after translation: {0}")]
+    Hook(#[from] netfilter::NetfilterError),
+}
 
 /// The program benchmarks run to measure `BPF_PROG_TEST_RUN` alone.
 const TEST_RUN_BASELINE: &str = "test_run_baseline";
@@ -68,6 +86,36 @@ impl Datapath {
             program.load()?;
         }
         test_run(program, frame, 1, repeat)
+    }
+
+    /// How many instructions the verifier processed to load each program on this kernel, which
+    /// refuses a program past 1,000,000: the two classifiers as loaded, and the hook after
+    /// translation loaded once more for the count (and dropped: nothing is attached).
+    pub fn verified_instructions(
+        &self,
+    ) -> Result<Vec<(&'static str, u32)>, VerifiedInstructionsError> {
+        let mut counts = Vec::new();
+        for hook in [Hook::FromContainer, Hook::ToContainer] {
+            let name = hook.program();
+            let info = self
+                .kernel
+                .ebpf
+                .program(name)
+                .ok_or(ProgramError::NotLoaded)
+                .and_then(aya::programs::Program::info)
+                .map_err(|source| VerifiedInstructionsError::Classifier { name, source })?;
+            counts.push((name, info.verified_instruction_count().unwrap_or(0)));
+        }
+        let hook = netfilter::load(PROGRAMS, &self.kernel.layout.maps(), &self.kernel.ebpf)?;
+        let count = netfilter::verified_instructions(&hook).map_err(|source| {
+            netfilter::NetfilterError::Syscall {
+                what: "reading the hook's bpf_prog_info".into(),
+                source,
+                log: String::new(),
+            }
+        })?;
+        counts.push((netfilter::PROGRAM, count));
+        Ok(counts)
     }
 
     /// Every flow the programs track, read from the pinned conntrack tables (IPv4 flows with

@@ -1,5 +1,6 @@
 //! The hook after translation loads into the real kernel and attaches to a network
-//! namespace's netfilter, and a second agent takes it over without a gap.
+//! namespace's netfilter, and a second agent takes it over without a gap; every program, the
+//! hook and the classifiers, loads with the verifier's budget to spare.
 
 #[expect(
     dead_code,
@@ -57,4 +58,35 @@ fn the_hook_attaches_to_postrouting_and_local_in_and_a_new_agent_replaces_it() {
         second.attach_translation_hook().expect("re-attaches");
         assert_eq!(pinned(&links).len(), 4);
     });
+}
+
+/// The share of the verifier's budget (1,000,000 instructions processed per program) a
+/// program may use on this kernel. Another kernel's verifier prunes differently; the headroom
+/// is what keeps it from refusing a program that loads here, and this test says when it runs
+/// out.
+const VERIFIER_BUDGET_USED_AT_MOST: u32 = 700_000;
+
+#[test]
+fn every_program_leaves_the_verifier_headroom() {
+    let Some(bpffs) = PrivateBpffs::new() else {
+        return;
+    };
+    let (datapath, _) = Datapath::open(bpffs.path(), &Capacity::default()).expect("datapath");
+    let counts = datapath
+        .verified_instructions()
+        .unwrap_or_else(|error| panic!("the programs' verifier figures: {error}"));
+    let names: Vec<&str> = counts.iter().map(|(name, _)| *name).collect();
+    assert_eq!(
+        names,
+        ["from_container", "to_container", "after_translation"]
+    );
+    for (name, count) in counts {
+        eprintln!("{name}: {count} instructions verified");
+        assert!(count > 0, "{name}: this kernel reported no verifier figure");
+        assert!(
+            count <= VERIFIER_BUDGET_USED_AT_MOST,
+            "{name}: the verifier processed {count} instructions, over \
+             {VERIFIER_BUDGET_USED_AT_MOST} of the 1,000,000 a program may take"
+        );
+    }
 }
