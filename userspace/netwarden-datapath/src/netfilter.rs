@@ -302,21 +302,30 @@ fn prog_load(
     attempt(&mut Vec::new()).or_else(|source| {
         let mut log = vec![0_u8; 1 << 26];
         let retried = attempt(&mut log);
-        let written = log
-            .iter()
-            .rposition(|byte| *byte != 0)
-            .map_or(0, |last| last + 1);
-        // The end of the log says why; the kernel keeps the log's end when it overflows.
-        let tail = String::from_utf8_lossy(&log[written.saturating_sub(2048)..written]);
+        let written = verifier_log(&log);
         if let Ok(path) = std::env::var("NETWARDEN_VERIFIER_LOG") {
-            let _ = fs::write(path, &log[..written]);
+            let _ = fs::write(path, written);
         }
+        // The end of the log says why; the kernel keeps the log's end when it overflows.
+        let tail = String::from_utf8_lossy(&written[written.len().saturating_sub(2048)..]);
         retried.map_err(|_| NetfilterError::Syscall {
             what: format!("loading {PROGRAM}"),
             source,
             log: format!("\n{tail}"),
         })
     })
+}
+
+/// The verifier's log in `buffer`: the string the kernel wrote, up to its terminating NUL.
+/// What follows the NUL is not the log: at log level 1 the verifier winds its log back to the
+/// branch point each time a path proves safe, so the bytes of longer, abandoned paths stay
+/// after the end (the last non-zero byte of the buffer can lie far past the error).
+fn verifier_log(buffer: &[u8]) -> &[u8] {
+    let end = buffer
+        .iter()
+        .position(|byte| *byte == 0)
+        .unwrap_or(buffer.len());
+    &buffer[..end]
 }
 
 /// How many instructions the verifier processed to load `program` (`verified_insns` of its
@@ -559,7 +568,24 @@ impl<'a> Btf<'a> {
 mod tests {
     use std::path::Path;
 
-    use super::kernel_layout;
+    use super::{kernel_layout, verifier_log};
+
+    /// As a failed load left it on this kernel: the error, then the NUL, then the stale
+    /// bytes of a path the verifier wound back.
+    #[test]
+    fn the_verifier_log_ends_at_its_nul_not_at_stale_bytes_after_it() {
+        let mut buffer =
+            b"combined stack size of 5 calls is 544. Too large\nprocessed 120412 insns\n\0"
+                .to_vec();
+        buffer.extend_from_slice(b"  -8) = r1 ; R1=0 R10=fp0\nfrom 1440 to 2358: safe\n");
+        buffer.resize(buffer.len() + 64, 0);
+        assert_eq!(
+            verifier_log(&buffer),
+            b"combined stack size of 5 calls is 544. Too large\nprocessed 120412 insns\n"
+        );
+        assert_eq!(verifier_log(b"no terminator"), b"no terminator");
+        assert_eq!(verifier_log(&[0; 8]), b"");
+    }
 
     /// The layout of the running kernel, where it publishes its BTF.
     #[test]
