@@ -46,8 +46,9 @@ const HOOKS: [(u32, &str); 2] = [(1, "local-in"), (4, "post-routing")];
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-/// Where `struct bpf_prog_info` holds `verified_insns` (Linux >= 5.16), and its size up to it.
+/// Where `struct bpf_prog_info` holds `verified_insns` (Linux >= 5.16).
 const PROG_INFO_VERIFIED_INSNS: usize = 216;
+/// How much of `struct bpf_prog_info` is read: up to and past `verified_insns`.
 const PROG_INFO_SIZE: u32 = 224;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_NETFILTER: u32 = 32;
