@@ -45,11 +45,6 @@ const HOOKS: [(u32, &str); 2] = [(1, "local-in"), (4, "post-routing")];
 /// `bpf(2)` commands and constants (`include/uapi/linux/bpf.h`).
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-/// Where `struct bpf_prog_info` holds `verified_insns` (Linux >= 5.16).
-const PROG_INFO_VERIFIED_INSNS: usize = 216;
-/// How much of `struct bpf_prog_info` is read: up to and past `verified_insns`.
-const PROG_INFO_SIZE: u32 = 224;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_NETFILTER: u32 = 32;
 const BPF_NETFILTER: u32 = 45;
@@ -329,19 +324,15 @@ fn verifier_log(buffer: &[u8]) -> &[u8] {
     &buffer[..end]
 }
 
-/// How many instructions the verifier processed to load `program` (`verified_insns` of its
-/// `bpf_prog_info`; 0 on kernels before 5.16, which do not report it). aya reads this field
+/// How many instructions the verifier processed to load `program`, as the kernel shows it in
+/// the descriptor's fdinfo (`verified_insns:`, Linux >= 5.16; `None` before). aya reads this
 /// only for programs it loaded itself, and it did not load this one.
-pub fn verified_instructions(program: &OwnedFd) -> io::Result<u32> {
-    let mut info = [0_u8; PROG_INFO_SIZE as usize];
-    // struct { bpf_fd, info_len, info }
-    let mut attr = [0_u8; 16];
-    let program = u32::try_from(program.as_raw_fd()).unwrap_or(u32::MAX);
-    put(&mut attr, 0, &program.to_ne_bytes());
-    put(&mut attr, 4, &PROG_INFO_SIZE.to_ne_bytes());
-    put(&mut attr, 8, &(info.as_mut_ptr() as u64).to_ne_bytes());
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(word(&info, PROG_INFO_VERIFIED_INSNS).unwrap_or(0))
+pub fn verified_instructions(program: &OwnedFd) -> io::Result<Option<u32>> {
+    let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", program.as_raw_fd()))?;
+    Ok(fdinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("verified_insns:"))
+        .and_then(|count| count.trim().parse().ok()))
 }
 
 /// `BPF_LINK_CREATE` of a netfilter link.

@@ -29,7 +29,7 @@ pub enum VerifiedInstructionsError {
         /// Why.
         source: ProgramError,
     },
-    /// The hook after translation could not be loaded, or its `bpf_prog_info` read.
+    /// The hook after translation could not be loaded, or its fdinfo read.
     #[error("hook after translation: {0}")]
     Hook(#[from] netfilter::NetfilterError),
 }
@@ -109,12 +109,12 @@ impl Datapath {
         let hook = netfilter::load(PROGRAMS, &self.kernel.layout.maps(), &self.kernel.ebpf)?;
         let count = netfilter::verified_instructions(&hook).map_err(|source| {
             netfilter::NetfilterError::Syscall {
-                what: "reading the hook's bpf_prog_info".into(),
+                what: "reading the hook's fdinfo".into(),
                 source,
                 log: String::new(),
             }
         })?;
-        counts.push((netfilter::PROGRAM, count));
+        counts.push((netfilter::PROGRAM, count.unwrap_or(0)));
         Ok(counts)
     }
 
