@@ -198,8 +198,8 @@ pub(crate) struct Node {
 impl Node {
     pub(crate) fn create() -> anyhow::Result<Self> {
         remove_leftovers();
-        let prefix = format!("nwtb{}", std::process::id());
-        let work = std::env::temp_dir().join(format!("netwarden-traffic-{}", std::process::id()));
+        let prefix = format!("{NETNS_PREFIX}{}", std::process::id());
+        let work = std::env::temp_dir().join(format!("{WORK_PREFIX}{}", std::process::id()));
         let node = Self { prefix, work };
         fs::create_dir_all(node.work.join("manifests"))?;
         for suffix in ["node", "cli", "srv"] {
@@ -304,19 +304,34 @@ impl Drop for Node {
     }
 }
 
-/// Removes the namespaces of earlier runs that were killed before they could clean up.
+/// A run's namespaces and work directory are named by these prefixes and the run's pid.
+const NETNS_PREFIX: &str = "nwtb";
+const WORK_PREFIX: &str = "netwarden-traffic-";
+
+/// Removes what earlier runs that were killed before they could clean up left behind: their
+/// namespaces, and their work directories with the private bpffs mounted in each (whose pins
+/// would keep that run's maps in the kernel).
 fn remove_leftovers() {
-    let Ok(entries) = fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("nwtb") else {
-            continue;
-        };
+    let dead = |rest: &str| {
         let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
+        !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists()
+    };
+    for entry in fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.strip_prefix(NETNS_PREFIX).is_some_and(dead) {
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+    for entry in fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.strip_prefix(WORK_PREFIX).is_some_and(dead) {
+            let work = entry.path();
+            let _ = nix::mount::umount2(&work.join("bpffs"), nix::mount::MntFlags::MNT_DETACH);
+            let _ = fs::remove_dir_all(&work);
         }
     }
 }
