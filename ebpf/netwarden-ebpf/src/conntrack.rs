@@ -49,9 +49,15 @@ pinned_as!(TRANSLATIONS);
 #[inline(always)]
 pub(crate) fn entry(flow: &FlowKey) -> Option<*mut FlowState> {
     match flow.ipv4() {
-        Some(key) => CONNTRACK_V4.get_ptr_mut(key),
+        Some(key) => entry_v4(&key),
         None => CONNTRACK_V6.get_ptr_mut(flow),
     }
+}
+
+/// The conntrack entry of the IPv4 flow `key`.
+#[inline(always)]
+pub(crate) fn entry_v4(key: &FlowKeyV4) -> Option<*mut FlowState> {
+    CONNTRACK_V4.get_ptr_mut(key)
 }
 
 /// Tracks `flow` in `state`, replacing what was tracked under its key. A full table evicts

@@ -28,19 +28,21 @@ pub(crate) fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Malform
 /// at a time. The fields are then read with [`Header`]'s unaligned loads.
 #[inline(always)]
 pub(super) fn header_at(ctx: &TcContext, offset: usize, len: usize) -> Result<Header, Malformed> {
-    let (start, end) = frame_bounds(ctx);
-    let at = start + offset;
-    if at + len <= end {
-        return Ok(Header(at));
+    if let Some(header) = linear_header_at(ctx, offset, len) {
+        return Ok(header);
     }
     let wanted = u32::try_from(offset + len).map_err(|_| Malformed)?;
     ctx.pull_data(wanted).map_err(|_| Malformed)?;
+    linear_header_at(ctx, offset, len).ok_or(Malformed)
+}
+
+/// [`header_at`] without the pull: `None` when the bytes are not all in the frame's linear
+/// part.
+#[inline(always)]
+pub(super) fn linear_header_at(ctx: &TcContext, offset: usize, len: usize) -> Option<Header> {
     let (start, end) = frame_bounds(ctx);
     let at = start + offset;
-    if at + len <= end {
-        return Ok(Header(at));
-    }
-    Err(Malformed)
+    (at + len <= end).then_some(Header(at))
 }
 
 /// `data` and `data_end` of the frame, read afresh. Volatile reads: LLVM would otherwise
