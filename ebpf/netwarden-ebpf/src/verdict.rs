@@ -151,7 +151,9 @@ fn passes_tracked_plain(ctx: &TcContext, dir: u32) -> bool {
         return false;
     }
     conntrack::note_activity(tracked, dir, opening);
-    exit::pass(counter::ALLOWED_TRACKED, dir, ALLOW) == ALLOW
+    // Counted like any verdict; the caller returns `ALLOW`, the verdict counted here.
+    exit::pass(counter::ALLOWED_TRACKED, dir, ALLOW);
+    true
 }
 
 /// Steps 2 to 5 of the module comment for a packet of `flow` (whole, or a first fragment);
