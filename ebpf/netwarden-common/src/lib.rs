@@ -368,16 +368,12 @@ impl FlowKey {
     pub fn ipv4(&self) -> Option<FlowKeyV4> {
         let pod = ipv4_of_mapped(&self.pod_addr)?;
         let peer = ipv4_of_mapped(&self.peer_addr)?;
-        Some(FlowKeyV4 {
-            ifindex: self.ifindex,
-            protocol: self.protocol,
-            padding_byte: 0,
-            padding_half: 0,
-            pod_port: self.pod_port,
-            peer_port: self.peer_port,
-            pod_addr: pod,
-            peer_addr: peer,
-        })
+        Some(FlowKeyV4::new(
+            self.ifindex,
+            self.protocol,
+            (pod, self.pod_port),
+            (peer, self.peer_port),
+        ))
     }
 }
 
@@ -430,6 +426,27 @@ pub struct FlowKeyV4 {
 }
 
 impl FlowKeyV4 {
+    /// The `protocol` flow on endpoint `ifindex` between the pod's address and port (`pod`)
+    /// and its peer's (`peer`), padding zeroed.
+    #[must_use]
+    pub const fn new(
+        ifindex: u32,
+        protocol: u8,
+        pod: ([u8; 4], u16),
+        peer: ([u8; 4], u16),
+    ) -> Self {
+        Self {
+            ifindex,
+            protocol,
+            padding_byte: 0,
+            padding_half: 0,
+            pod_port: pod.1,
+            peer_port: peer.1,
+            pod_addr: pod.0,
+            peer_addr: peer.0,
+        }
+    }
+
     /// The same flow as a [`FlowKey`], with IPv4-mapped addresses.
     #[must_use]
     pub fn flow(&self) -> FlowKey {

@@ -295,22 +295,8 @@ pub fn plain_ipv4_flow(ctx: &TcContext, dir: u32) -> Option<(FlowKeyV4, Opening)
         frame.u32(IP + 16).to_ne_bytes(),
     );
     let (src_port, dst_port) = (u16::from_be(frame.u16(L4)), u16::from_be(frame.u16(L4 + 2)));
-    let ((pod_addr, pod_port), (peer_addr, peer_port)) = if dir == direction::EGRESS {
-        ((src, src_port), (dst, dst_port))
-    } else {
-        ((dst, dst_port), (src, src_port))
-    };
-    let flow = FlowKeyV4 {
-        ifindex: ifindex(ctx),
-        protocol,
-        padding_byte: 0,
-        padding_half: 0,
-        pod_port,
-        peer_port,
-        pod_addr,
-        peer_addr,
-    };
-    Some((flow, opening))
+    let (pod, peer) = pod_and_peer(dir, (src, src_port), (dst, dst_port));
+    Some((FlowKeyV4::new(ifindex(ctx), protocol, pod, peer), opening))
 }
 
 /// The flow of the packet an ICMP error quotes, starting at `offset`, as the endpoint at
@@ -358,28 +344,31 @@ pub fn quoted_flow(
 /// The flow of a packet going in `dir`, from the pod's side.
 #[inline(always)]
 fn orient(ifindex: u32, dir: u32, header: &IpHeader, src_port: u16, dst_port: u16) -> FlowKey {
+    let ((pod_addr, pod_port), (peer_addr, peer_port)) = pod_and_peer(
+        dir,
+        (octets(header.src), src_port),
+        (octets(header.dst), dst_port),
+    );
+    FlowKey {
+        ifindex,
+        protocol: header.protocol,
+        padding_byte: 0,
+        padding_half: 0,
+        pod_port,
+        peer_port,
+        pod_addr,
+        peer_addr,
+    }
+}
+
+/// The pod's and its peer's (address, port) for a packet from `source` to `destination` going
+/// `dir`: the pod is the source of what leaves it.
+#[inline(always)]
+fn pod_and_peer<A>(dir: u32, source: (A, u16), destination: (A, u16)) -> ((A, u16), (A, u16)) {
     if dir == direction::EGRESS {
-        FlowKey {
-            ifindex,
-            protocol: header.protocol,
-            padding_byte: 0,
-            padding_half: 0,
-            pod_port: src_port,
-            peer_port: dst_port,
-            pod_addr: octets(header.src),
-            peer_addr: octets(header.dst),
-        }
+        (source, destination)
     } else {
-        FlowKey {
-            ifindex,
-            protocol: header.protocol,
-            padding_byte: 0,
-            padding_half: 0,
-            pod_port: dst_port,
-            peer_port: src_port,
-            pod_addr: octets(header.dst),
-            peer_addr: octets(header.src),
-        }
+        (destination, source)
     }
 }
 
