@@ -1078,10 +1078,10 @@ pub mod maps {
     pub const KERNEL_LAYOUT: PinnedMap = map("KERNEL_LAYOUT", 1);
     /// Per-CPU scratch space of the hook after translation (the stack is too small for it).
     pub const TUPLES: PinnedMap = map("TUPLES", 1);
-    /// Per-CPU slots of translated kernel connections the hook after translation let through
-    /// (a tag of their `nf_conn` and the epoch). Never pinned: each load of the programs starts
-    /// with an empty cache of its own.
-    pub const JUDGED_CONNECTIONS: PinnedMap = map("JUDGED_CONNECTIONS", 4096);
+    /// Slots of translated kernel connections the hook after translation let through (a tag
+    /// of their `nf_conn` and the epoch), shared by all CPUs. Never pinned: each load of the
+    /// programs starts with an empty cache of its own.
+    pub const JUDGED_CONNECTIONS: PinnedMap = map("JUDGED_CONNECTIONS", 16_384);
 
     /// Every shared map.
     pub const ALL: [PinnedMap; 22] = [

@@ -27,8 +27,8 @@
 //!    names that peer (the backend's side of a flow whose client nothing masqueraded, a flow
 //!    conntrack does not follow) it is tracked as any flow, with no translation to record.
 //!    A denied one drops.
-//! 5. A translated connection this hook let through is remembered, per CPU, with the policy
-//!    epoch it was judged under (`JUDGED_CONNECTIONS`). Its later packets in the original
+//! 5. A translated connection this hook let through is remembered with the policy epoch it
+//!    was judged under (`JUDGED_CONNECTIONS`). Its later packets in the original
 //!    direction pass on that alone while the epoch is current, without copying the tuples and
 //!    repeating steps 2 to 4 (which would find the flow tracked and pass it). Sound because an
 //!    `nf_conn` is reused only for a new kernel connection, whose first packet (new or related,
@@ -110,14 +110,16 @@ pub struct Tuples {
 }
 
 /// Step 5 of the module comment: slots of translated kernel connections this hook let through,
-/// per CPU (a connection's packets in one direction are mostly handled on one CPU), each one
-/// word, so a run interrupted by another on the same CPU never reads half of another's write:
-/// a tag of the `nf_conn`'s address in the high half, the policy epoch in the low. A slot is
-/// overwritten by the next connection that hashes to it, whose first packets are then judged
-/// in full again. Not pinned: a new load starts with empty slots (`maps::UNPINNED`).
+/// shared by all CPUs (a connection's packets in one direction are not all handled on one: a
+/// per-CPU cache missed about once per connection in `cargo xtask bench datapath`'s Service
+/// row), each one aligned word, which every CPU loads and stores whole, so no run reads half of
+/// another's write: a tag of the `nf_conn`'s address in the high half, the policy epoch in the
+/// low. A slot is overwritten by the next connection that hashes to it, whose first packets are
+/// then judged in full again. Not pinned: a new load starts with empty slots
+/// (`maps::UNPINNED`).
 #[map]
-static JUDGED_CONNECTIONS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(maps::JUDGED_CONNECTIONS.capacity, 0);
+static JUDGED_CONNECTIONS: Array<u64> =
+    Array::with_max_entries(maps::JUDGED_CONNECTIONS.capacity, 0);
 pinned_as!(JUDGED_CONNECTIONS);
 
 /// The slot of kernel connection `conn` in [`JUDGED_CONNECTIONS`] and what it holds when the
@@ -223,7 +225,8 @@ pub fn hook(ctx: *const NfContext) -> i32 {
         && let Some(entry) = JUDGED_CONNECTIONS.get_ptr_mut(slot)
     {
         // Remembered under the epoch it was decided under.
-        // SAFETY: per-CPU slot of a successful lookup, written in one word.
+        // SAFETY: a slot of a successful lookup (array values live as long as the map), written
+        // in one aligned store, so a run on another CPU reads the old word or the new one.
         unsafe { core::ptr::write_volatile(entry, remembered) };
     }
     verdict

@@ -158,9 +158,9 @@ pub fn load(object: &[u8], maps_dir: &Path, loaded: &Ebpf) -> Result<OwnedFd, Ne
         }
         if pinned::UNPINNED.iter().any(|map| map.name == name) {
             // A cache of this load's, not pinned: the one aya created for the classifiers.
-            let Some(Map::PerCpuArray(data)) = loaded.map(name) else {
+            let Some(Map::Array(data)) = loaded.map(name) else {
                 return Err(NetfilterError::Object(format!(
-                    "map {name} was not loaded as a per-CPU array"
+                    "map {name} was not loaded as an array"
                 )));
             };
             fds.insert(name.clone(), data.fd().as_fd().as_raw_fd());
