@@ -357,6 +357,27 @@ pub struct FlowKey {
 const IPV4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 
 impl FlowKey {
+    /// The `protocol` flow on endpoint `ifindex` between the pod's address and port (`pod`)
+    /// and its peer's (`peer`), addresses IPv4-mapped for IPv4, padding zeroed.
+    #[must_use]
+    pub const fn new(
+        ifindex: u32,
+        protocol: u8,
+        pod: ([u8; 16], u16),
+        peer: ([u8; 16], u16),
+    ) -> Self {
+        Self {
+            ifindex,
+            protocol,
+            padding_byte: 0,
+            padding_half: 0,
+            pod_port: pod.1,
+            peer_port: peer.1,
+            pod_addr: pod.0,
+            peer_addr: peer.0,
+        }
+    }
+
     /// The flow's key in `CONNTRACK_V4` when both addresses are IPv4 (IPv4-mapped), else
     /// `None`: the flow lives in `CONNTRACK_V6` under this key.
     #[must_use]
@@ -456,16 +477,12 @@ impl FlowKeyV4 {
             addr[12..].copy_from_slice(&v4);
             addr
         };
-        FlowKey {
-            ifindex: self.ifindex,
-            protocol: self.protocol,
-            padding_byte: 0,
-            padding_half: 0,
-            pod_port: self.pod_port,
-            peer_port: self.peer_port,
-            pod_addr: mapped(self.pod_addr),
-            peer_addr: mapped(self.peer_addr),
-        }
+        FlowKey::new(
+            self.ifindex,
+            self.protocol,
+            (mapped(self.pod_addr), self.pod_port),
+            (mapped(self.peer_addr), self.peer_port),
+        )
     }
 }
 

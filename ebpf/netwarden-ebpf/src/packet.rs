@@ -344,21 +344,12 @@ pub fn quoted_flow(
 /// The flow of a packet going in `dir`, from the pod's side.
 #[inline(always)]
 fn orient(ifindex: u32, dir: u32, header: &IpHeader, src_port: u16, dst_port: u16) -> FlowKey {
-    let ((pod_addr, pod_port), (peer_addr, peer_port)) = pod_and_peer(
+    let (pod, peer) = pod_and_peer(
         dir,
         (octets(header.src), src_port),
         (octets(header.dst), dst_port),
     );
-    FlowKey {
-        ifindex,
-        protocol: header.protocol,
-        padding_byte: 0,
-        padding_half: 0,
-        pod_port,
-        peer_port,
-        pod_addr,
-        peer_addr,
-    }
+    FlowKey::new(ifindex, header.protocol, pod, peer)
 }
 
 /// The pod's and its peer's (address, port) for a packet from `source` to `destination` going

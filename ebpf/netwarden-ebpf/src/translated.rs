@@ -470,16 +470,12 @@ fn unreadable() -> i32 {
 /// The flow an endpoint's program sees for a packet between `pod` and `peer`.
 #[inline(always)]
 fn flow_key(ifindex: u32, protocol: u8, pod: &AddressPort, peer: &AddressPort) -> FlowKey {
-    FlowKey {
+    FlowKey::new(
         ifindex,
         protocol,
-        padding_byte: 0,
-        padding_half: 0,
-        pod_port: pod.port,
-        peer_port: peer.port,
-        pod_addr: pod.addr,
-        peer_addr: peer.addr,
-    }
+        (pod.addr, pod.port),
+        (peer.addr, peer.port),
+    )
 }
 
 /// The source (`source`) or destination of a conntrack tuple, IPv4-mapped for IPv4; ports

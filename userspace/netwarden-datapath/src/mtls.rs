@@ -168,14 +168,10 @@ impl FlowCutter {
 
 /// The conntrack key of the TCP flow between `pod` (behind `ifindex`) and `peer`.
 fn flow_key(ifindex: u32, pod: SocketAddr, peer: SocketAddr) -> FlowKey {
-    FlowKey {
+    FlowKey::new(
         ifindex,
-        protocol: 6,
-        padding_byte: 0,
-        padding_half: 0,
-        pod_port: pod.port(),
-        peer_port: peer.port(),
-        pod_addr: mapped(pod.ip()),
-        peer_addr: mapped(peer.ip()),
-    }
+        6,
+        (mapped(pod.ip()), pod.port()),
+        (mapped(peer.ip()), peer.port()),
+    )
 }

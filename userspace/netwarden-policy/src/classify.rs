@@ -413,20 +413,11 @@ impl IpHeader {
 
     /// The flow of this packet with these ports, from the pod's side for `direction`.
     fn orient(&self, ifindex: u32, direction: Direction, src_port: u16, dst_port: u16) -> FlowKey {
-        let (pod_port, peer_port, pod_addr, peer_addr) = match direction {
-            Direction::Egress => (src_port, dst_port, self.src, self.dst),
-            Direction::Ingress => (dst_port, src_port, self.dst, self.src),
+        let (pod, peer) = match direction {
+            Direction::Egress => ((self.src, src_port), (self.dst, dst_port)),
+            Direction::Ingress => ((self.dst, dst_port), (self.src, src_port)),
         };
-        FlowKey {
-            ifindex,
-            protocol: self.protocol,
-            padding_byte: 0,
-            padding_half: 0,
-            pod_port,
-            peer_port,
-            pod_addr,
-            peer_addr,
-        }
+        FlowKey::new(ifindex, self.protocol, pod, peer)
     }
 }
 
