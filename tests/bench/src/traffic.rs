@@ -1203,10 +1203,10 @@ fn neighbour_baseline(
     std::array::from_fn(|figure| runs.iter().map(|f| f[figure]).sum::<f64>() / count)
 }
 
-/// The median over `filter`'s runs of each figure's ratio to [`neighbour_baseline`] of its
-/// [`Filter::baseline`].
-fn paired_ratios(samples: &[(usize, Filter, Sample)], filter: Filter) -> [f64; 4] {
-    let ratios: Vec<[f64; 4]> = samples
+/// Each of `filter`'s runs' figures as ratios to [`neighbour_baseline`] of its
+/// [`Filter::baseline`], one array a round.
+fn round_ratios(samples: &[(usize, Filter, Sample)], filter: Filter) -> Vec<[f64; 4]> {
+    samples
         .iter()
         .enumerate()
         .filter(|(_, (_, f, _))| *f == filter)
@@ -1215,8 +1215,23 @@ fn paired_ratios(samples: &[(usize, Filter, Sample)], filter: Filter) -> [f64; 4
             let figures = figures(sample);
             std::array::from_fn(|figure| figures[figure] / baseline[figure])
         })
-        .collect();
+        .collect()
+}
+
+/// The median over rounds of each of [`round_ratios`].
+fn paired_ratios(samples: &[(usize, Filter, Sample)], filter: Filter) -> [f64; 4] {
+    let ratios = round_ratios(samples, filter);
     std::array::from_fn(|figure| median(ratios.iter().map(|r| r[figure]).collect()))
+}
+
+/// The lowest and highest of one figure's per-round ratios (`figure` indexes [`figures`]).
+fn ratio_range(samples: &[(usize, Filter, Sample)], filter: Filter, figure: usize) -> (f64, f64) {
+    round_ratios(samples, filter)
+        .iter()
+        .map(|ratios| ratios[figure])
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), ratio| {
+            (low.min(ratio), high.max(ratio))
+        })
 }
 
 /// Prints a pass's table: each configuration's median figures, and the median over rounds of
@@ -1299,6 +1314,7 @@ fn print_pass(
     println!(
         "  ClusterIP rows: the client dials {CLUSTER_IP}:{SERVICE_IPERF_PORT} (iperf3) and {CLUSTER_IP}:{SERVICE_LOOP_PORT} (loop), translated by kube-proxy's iptables rules to the server pod; * ratios against the ClusterIP runs with no program beside it (kube-proxy alone), the others against no program"
     );
+    print_round_ranges(samples);
     let take = |filter| {
         ratios
             .get(&filter)
@@ -1322,6 +1338,32 @@ fn print_pass(
         nftables: take(Filter::Nftables(10_000))?,
         service: take(Filter::Service { netwarden: true })?,
     })
+}
+
+/// Prints how far single rounds' ratios stray for the rows with targets: the targets are medians
+/// of a handful of rounds, and the spread says how near a target a median can be told apart
+/// from it on this machine.
+fn print_round_ranges(samples: &[(usize, Filter, Sample)]) {
+    let ranges: Vec<String> = [
+        Filter::Netwarden(10_000),
+        Filter::Service { netwarden: true },
+    ]
+    .into_iter()
+    .map(|filter| {
+        let (tput, conn) = (
+            ratio_range(samples, filter, 0),
+            ratio_range(samples, filter, 1),
+        );
+        format!(
+            "{filter}: tput {:.2}x-{:.2}x, conn/s {:.2}x-{:.2}x",
+            tput.0, tput.1, conn.0, conn.1
+        )
+    })
+    .collect();
+    println!(
+        "  single rounds' ratios (the medians above are of these): {}",
+        ranges.join("; ")
+    );
 }
 
 /// The node's `filter` and `nat` tables as kube-proxy in iptables mode writes them for the one
@@ -1522,4 +1564,64 @@ fn service_cluster() -> Cluster {
     };
     cluster.endpoint_slices.insert(slice.id.clone(), slice);
     cluster
+}
+
+#[cfg(test)]
+#[expect(
+    clippy::float_cmp,
+    reason = "each expected ratio is one correctly rounded quotient of the figures given"
+)]
+mod tests {
+    use super::*;
+
+    fn run(
+        filter: Filter,
+        throughput_bps: f64,
+        connections_per_second: f64,
+    ) -> (usize, Filter, Sample) {
+        let sample = Sample {
+            throughput_bps,
+            connections_per_second,
+            rr_p50: Duration::from_micros(50),
+            rr_p99: Duration::from_micros(90),
+        };
+        (0, filter, sample)
+    }
+
+    #[test]
+    fn each_run_is_paired_with_the_baseline_runs_beside_it() {
+        let measured = Filter::Netwarden(10_000);
+        let samples = [
+            run(Filter::None, 10.0, 100.0),
+            run(measured, 9.0, 90.0),
+            run(Filter::None, 10.0, 100.0),
+            // Against the mean of its neighbours (10 and 14), not of the whole pass.
+            run(measured, 12.0, 96.0),
+            run(Filter::None, 14.0, 140.0),
+            run(measured, 14.0, 133.0),
+            run(Filter::None, 14.0, 140.0),
+        ];
+        let ratios = round_ratios(&samples, measured);
+        let throughput: Vec<f64> = ratios.iter().map(|ratio| ratio[0]).collect();
+        assert_eq!(throughput, [0.9, 1.0, 1.0]);
+        let connections: Vec<f64> = ratios.iter().map(|ratio| ratio[1]).collect();
+        assert_eq!(connections, [0.9, 0.8, 0.95]);
+        assert_eq!(paired_ratios(&samples, measured)[1], 0.9);
+        assert_eq!(ratio_range(&samples, measured, 1), (0.8, 0.95));
+    }
+
+    #[test]
+    fn the_service_row_is_paired_with_kube_proxy_alone_not_with_no_program() {
+        let measured = Filter::Service { netwarden: true };
+        let alone = Filter::Service { netwarden: false };
+        let samples = [
+            run(Filter::None, 20.0, 200.0),
+            run(alone, 10.0, 100.0),
+            run(measured, 9.0, 85.0),
+            run(alone, 10.0, 100.0),
+            run(Filter::None, 20.0, 200.0),
+        ];
+        let ratios = paired_ratios(&samples, measured);
+        assert_eq!((ratios[0], ratios[1]), (0.9, 0.85));
+    }
 }
