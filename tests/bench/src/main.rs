@@ -144,7 +144,7 @@ const TARGET_NEW_FLOW_NS: f64 = 300.0;
 /// The Service row's connection rate, which the issue asks to report, not to meet
 /// [`TARGET_CONNECTIONS`]: a connection through a Service is judged after kube-proxy's NAT by a
 /// third program, on its first packet twice (the client's egress and the backend's ingress,
-/// three inserts). Five full runs since the hook's judged connections were shared by all CPUs
+/// three inserts). Six full runs since the hook's judged connections were shared by all CPUs
 /// measured 0.85x-0.90x of kube-proxy alone, and with that hook judging nothing the row still
 /// measured 0.91x-0.92x (docs/design.md, "Where a connection's cost goes"). The bound is the
 /// lowest of those medians: what the design reaches, with no margin under it.
