@@ -1058,10 +1058,20 @@ pub mod maps {
     pub const ENDPOINT_OF_ADDRESS: PinnedMap = map("ENDPOINT_OF_ADDRESS", 16384);
     /// Address -> identity of every pod in the cluster and of the node (`IpKey` -> `IpIdentity`).
     pub const IPCACHE: PinnedMap = map("IPCACHE", 65536);
-    /// What each policy allows (`PolicyKey` LPM -> `PolicyEntry`).
+    /// What each policy allows (`PolicyKey` LPM -> `PolicyEntry`): the entries that leave part
+    /// of the key out, and exact ones [`POLICY_EXACT`] had no room for.
     pub const POLICY: PinnedMap = map("POLICY", 262_144);
-    /// IPv4 `ipBlock` prefixes of each policy (`CidrKeyV4` LPM -> `CidrClass`).
+    /// What each policy allows on one protocol and port (`PolicyKey` -> `PolicyEntry`): the
+    /// entries of `POLICY` that leave nothing out, looked up first, with one hash where the trie
+    /// walks a node per bit that tells its keys apart. A quarter of `POLICY`'s size by default:
+    /// a hash map's buckets cost memory used or not.
+    pub const POLICY_EXACT: PinnedMap = map("POLICY_EXACT", POLICY.capacity / 4);
+    /// IPv4 `ipBlock` prefixes of each policy (`CidrKeyV4` LPM -> `CidrClass`): all but the
+    /// single addresses [`CIDRS_V4_EXACT`] has room for.
     pub const CIDRS_V4: PinnedMap = map("CIDRS_V4", 65536);
+    /// The single addresses (`/32` blocks) of `CIDRS_V4` (`CidrKeyV4` -> `CidrClass`), looked
+    /// up first, as `POLICY_EXACT` is before `POLICY`; a quarter of its size.
+    pub const CIDRS_V4_EXACT: PinnedMap = map("CIDRS_V4_EXACT", CIDRS_V4.capacity / 4);
     /// IPv6 `ipBlock` prefixes of each policy (`CidrKey` LPM -> `CidrClass`).
     pub const CIDRS_V6: PinnedMap = map("CIDRS_V6", 65536);
     /// The agent's record of which label set got which identity (SHA-256 -> identity).
@@ -1101,13 +1111,15 @@ pub mod maps {
     pub const JUDGED_CONNECTIONS: PinnedMap = map("JUDGED_CONNECTIONS", 16_384);
 
     /// Every shared map.
-    pub const ALL: [PinnedMap; 22] = [
+    pub const ALL: [PinnedMap; 24] = [
         ENDPOINTS,
         ENDPOINT_ADDRESSES,
         ENDPOINT_OF_ADDRESS,
         IPCACHE,
         POLICY,
+        POLICY_EXACT,
         CIDRS_V4,
+        CIDRS_V4_EXACT,
         CIDRS_V6,
         IDENTITIES,
         CONNTRACK_V4,
@@ -1321,7 +1333,9 @@ mod tests {
                 "ENDPOINT_OF_ADDRESS",
                 "IPCACHE",
                 "POLICY",
+                "POLICY_EXACT",
                 "CIDRS_V4",
+                "CIDRS_V4_EXACT",
                 "CIDRS_V6",
                 "IDENTITIES",
                 "CONNTRACK_V4",

@@ -5,6 +5,8 @@
 //! CIDRS_V4  LPM   CidrKeyV4 { policy (32 bits), address (32 bits) }  -> CIDR class
 //! CIDRS_V6  LPM   CidrKey   { policy (32 bits), address (128 bits) } -> CIDR class
 //! POLICY    LPM   PolicyKey { policy (32), peer (32), protocol (8), port (16) } -> PolicyEntry
+//! POLICY_EXACT   hash  PolicyKey (all of it)                       -> PolicyEntry
+//! CIDRS_V4_EXACT hash  CidrKeyV4 (all of it)                       -> CIDR class
 //! ```
 //!
 //! All LPM keys are big-endian and looked up fully specified (`CIDR_KEY_V4_FULL_BITS`,
@@ -20,6 +22,13 @@
 //! - `POLICY` never wildcards the policy id or the peer; an entry may stop after the peer
 //!   (every protocol and port), after the protocol (every port), or inside the port (an aligned
 //!   port range, which is how `endPort` ranges are stored).
+//! - `POLICY_EXACT` holds the entries that stop nowhere (one protocol and port, what most rules
+//!   compile to), which the agent writes there rather than into `POLICY` while it has room;
+//!   `CIDRS_V4_EXACT` likewise holds `CIDRS_V4`'s single addresses (`/32` blocks). No key is
+//!   longer than such an entry's, so when the hash holds the key looked up it is the longest
+//!   match; when it does not, the longest match is the trie's, which holds every other entry. A
+//!   lookup that hits pays one hash instead of a walk down the trie, a node for each bit that
+//!   tells its keys apart.
 //!
 //! Precedence, in the order `verdict::decide` asks:
 //!
@@ -57,8 +66,18 @@ static POLICY: LpmTrie<PolicyKey, PolicyEntry> = LpmTrie::pinned(maps::POLICY.ca
 pinned_as!(POLICY);
 
 #[map]
+static POLICY_EXACT: HashMap<PolicyKey, PolicyEntry> =
+    HashMap::pinned(maps::POLICY_EXACT.capacity, BPF_F_NO_PREALLOC);
+pinned_as!(POLICY_EXACT);
+
+#[map]
 static CIDRS_V4: LpmTrie<CidrKeyV4, CidrClass> = LpmTrie::pinned(maps::CIDRS_V4.capacity, 0);
 pinned_as!(CIDRS_V4);
+
+#[map]
+static CIDRS_V4_EXACT: HashMap<CidrKeyV4, CidrClass> =
+    HashMap::pinned(maps::CIDRS_V4_EXACT.capacity, BPF_F_NO_PREALLOC);
+pinned_as!(CIDRS_V4_EXACT);
 
 #[map]
 static CIDRS_V6: LpmTrie<CidrKey, CidrClass> = LpmTrie::pinned(maps::CIDRS_V6.capacity, 0);
@@ -102,13 +121,23 @@ fn cidr_class_packed(policy: u32, addr: &[u8; 16]) -> u64 {
 #[inline(always)]
 fn cidr_class_in_frame(policy: u32, addr: &[u8; 16]) -> Option<PeerId> {
     let class = match ipv4_of_mapped(addr) {
-        Some(v4) => CIDRS_V4.get(Key::new(
-            CIDR_KEY_V4_FULL_BITS,
-            CidrKeyV4 {
-                policy: policy.to_be_bytes(),
-                addr: v4,
-            },
-        )),
+        Some(v4) => {
+            let key = Key::new(
+                CIDR_KEY_V4_FULL_BITS,
+                CidrKeyV4 {
+                    policy: policy.to_be_bytes(),
+                    addr: v4,
+                },
+            );
+            #[expect(
+                clippy::needless_borrows_for_generic_args,
+                reason = "borrowed, the trie's key is the hash's: no second copy on the stack"
+            )]
+            // SAFETY: as in `policy_entry`: an element of a map that is not preallocated,
+            // whole until this run returns.
+            let exact = unsafe { CIDRS_V4_EXACT.get(&key.data) };
+            exact.or_else(|| CIDRS_V4.get(&key))
+        }
         None => CIDRS_V6.get(Key::new(
             CIDR_KEY_FULL_BITS,
             CidrKey {
@@ -120,8 +149,9 @@ fn cidr_class_in_frame(policy: u32, addr: &[u8; 16]) -> Option<PeerId> {
     class.map(|class| class.peer)
 }
 
-/// The longest `POLICY` entry matching, if any: the map's value, read in place (a copy would
-/// cost the decision's frame 16 bytes per lookup).
+/// The longest entry matching, if any: the exact one from `POLICY_EXACT`, else the longest
+/// in `POLICY`. The map's value, read in place (a copy would cost the decision's frame 16
+/// bytes per lookup).
 #[inline(always)]
 pub(crate) fn policy_entry(
     policy: u32,
@@ -133,5 +163,17 @@ pub(crate) fn policy_entry(
         POLICY_KEY_FULL_BITS,
         PolicyKey::new(policy, peer, protocol, port),
     );
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value the key would be copied into a frame of its own, past the 512 bytes \
+                  of stack the hook after translation may use; borrowed, the trie's key is it"
+    )]
+    // SAFETY: the map is not preallocated, so the kernel writes an update into a new element
+    // and frees the old one, like a deleted one, only after every program that may hold it
+    // has returned (RCU): the value read in place is whole for this run.
+    let exact = unsafe { POLICY_EXACT.get(&key.data) };
+    if let Some(exact) = exact {
+        return Some(exact);
+    }
     POLICY.get(&key)
 }

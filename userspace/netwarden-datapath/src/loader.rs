@@ -21,8 +21,14 @@ use crate::{
     conntrack,
     error::DatapathError,
     maps::{
-        SyncedMaps, addresses::Addresses, endpoints::Endpoints, epoch::Epoch, frontends::Frontends,
-        identities::Identities, ipcache::IpCache, policies::Policies,
+        SyncedMaps,
+        addresses::Addresses,
+        endpoints::Endpoints,
+        epoch::Epoch,
+        frontends::Frontends,
+        identities::Identities,
+        ipcache::IpCache,
+        policies::{ExactWritten, Policies, PolicyTables},
     },
     upgrade,
 };
@@ -60,7 +66,28 @@ const _: () = {
     assert!(pinned::CIDRS_V4.capacity == pinned::CIDRS_V6.capacity);
     assert!(pinned::CONNTRACK_V4.capacity == pinned::CONNTRACK_V6.capacity);
     assert!(pinned::CONNTRACK_V4.capacity == pinned::TRANSLATIONS.capacity);
+    assert!(pinned::POLICY_EXACT.capacity == pinned::POLICY.capacity / 4);
+    assert!(pinned::CIDRS_V4_EXACT.capacity == pinned::CIDRS_V4.capacity / 4);
 };
+
+impl Capacity {
+    /// Entries of `POLICY_EXACT`, the hash that takes `POLICY`'s exact entries while it has
+    /// room: a quarter of `policy`, as the programs declare it. Its buckets cost memory whether
+    /// used or not, and an entry it has no room for goes to the trie. 0 (a policy map of under
+    /// four entries): unused, every entry goes to the trie.
+    #[must_use]
+    pub fn exact_policy(&self) -> u32 {
+        self.policy / 4
+    }
+
+    /// Entries of `CIDRS_V4_EXACT`, the hash that takes `CIDRS_V4`'s single addresses (`/32`
+    /// blocks) while it has room: a quarter of `cidrs`, as [`Self::exact_policy`] is of
+    /// `policy`.
+    #[must_use]
+    pub fn exact_cidrs_v4(&self) -> u32 {
+        self.cidrs / 4
+    }
+}
 
 impl Default for Capacity {
     fn default() -> Self {
@@ -126,6 +153,12 @@ pub(crate) fn open(bpffs: &Path, capacity: &Capacity) -> Result<Opened, Datapath
         (pinned::ENDPOINTS.name, capacity.endpoints),
         (pinned::IPCACHE.name, capacity.ipcache),
         (pinned::POLICY.name, capacity.policy),
+        // The kernel makes no map of no entries.
+        (pinned::POLICY_EXACT.name, capacity.exact_policy().max(1)),
+        (
+            pinned::CIDRS_V4_EXACT.name,
+            capacity.exact_cidrs_v4().max(1),
+        ),
         (pinned::CIDRS_V4.name, capacity.cidrs),
         (pinned::CIDRS_V6.name, capacity.cidrs),
         (conntrack::TABLE_V4, capacity.conntrack),
@@ -158,9 +191,17 @@ pub(crate) fn open(bpffs: &Path, capacity: &Capacity) -> Result<Opened, Datapath
     let maps = SyncedMaps {
         ipcache: IpCache::adopt(take_map(&mut ebpf, pinned::IPCACHE.name)?),
         policies: Policies::adopt(
-            take_map(&mut ebpf, pinned::POLICY.name)?,
-            take_map(&mut ebpf, pinned::CIDRS_V4.name)?,
-            take_map(&mut ebpf, pinned::CIDRS_V6.name)?,
+            PolicyTables {
+                entries_exact: take_map(&mut ebpf, pinned::POLICY_EXACT.name)?,
+                entries: take_map(&mut ebpf, pinned::POLICY.name)?,
+                cidrs_v4_exact: take_map(&mut ebpf, pinned::CIDRS_V4_EXACT.name)?,
+                cidrs_v4: take_map(&mut ebpf, pinned::CIDRS_V4.name)?,
+                cidrs_v6: take_map(&mut ebpf, pinned::CIDRS_V6.name)?,
+            },
+            ExactWritten {
+                entries: capacity.exact_policy() > 0,
+                cidrs_v4: capacity.exact_cidrs_v4() > 0,
+            },
         ),
         endpoints: Endpoints::adopt(take_map(&mut ebpf, pinned::ENDPOINTS.name)?),
         addresses: Addresses::adopt(
@@ -324,7 +365,9 @@ mod tests {
             pinned::ENDPOINT_OF_ADDRESS,
             pinned::IPCACHE,
             pinned::POLICY,
+            pinned::POLICY_EXACT,
             pinned::CIDRS_V4,
+            pinned::CIDRS_V4_EXACT,
             pinned::CIDRS_V6,
             pinned::IDENTITIES,
             pinned::FRONTENDS,
@@ -347,6 +390,8 @@ mod tests {
         assert_eq!(capacity.endpoints, pinned::ENDPOINTS.capacity);
         assert_eq!(capacity.ipcache, pinned::IPCACHE.capacity);
         assert_eq!(capacity.policy, pinned::POLICY.capacity);
+        assert_eq!(capacity.exact_policy(), pinned::POLICY_EXACT.capacity);
+        assert_eq!(capacity.exact_cidrs_v4(), pinned::CIDRS_V4_EXACT.capacity);
         assert_eq!(capacity.cidrs, pinned::CIDRS_V6.capacity);
         assert_eq!(capacity.conntrack, pinned::CONNTRACK_V6.capacity);
         assert_eq!(capacity.conntrack, pinned::TRANSLATIONS.capacity);

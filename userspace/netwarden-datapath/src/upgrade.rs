@@ -76,16 +76,19 @@ fn layouts() -> [Layout; 6] {
 }
 
 /// The maps whose entries name policies by id, rebuilt along with a replaced `POLICY` map: the
-/// CIDR tries, and `ENDPOINTS`. The previous agent's programs stay attached until the new
-/// agent's first apply has filled its maps, and they keep the maps they were loaded with, the
-/// old `POLICY` map among them; `ENDPOINTS` is read by both. Adopted, it would be switched to
+/// hash of its exact entries, the CIDR tries and the hash of single IPv4 addresses, and
+/// `ENDPOINTS`. The previous agent's programs
+/// stay attached until the new agent's first apply has filled its maps, and they keep the maps
+/// they were loaded with, the old `POLICY` map among them; `ENDPOINTS` is read by both. Adopted, it would be switched to
 /// the new agent's policy ids while the old programs still look them up in their old `POLICY`
 /// map, where they are not: every new flow, and every tracked flow checked again after the
 /// epoch bump, would be denied until the links are taken over (found by the restart bench,
 /// `cargo xtask bench restart`). Rebuilt, the old programs decide on old entries until
 /// then, and the new ones on new entries.
 pub const NAMING_POLICY_IDS: &[&str] = &[
+    pinned::POLICY_EXACT.name,
     pinned::CIDRS_V4.name,
+    pinned::CIDRS_V4_EXACT.name,
     pinned::CIDRS_V6.name,
     pinned::ENDPOINTS.name,
 ];
@@ -104,8 +107,21 @@ const RETIRED: [(&str, &[&str]); pinned::RETIRED_NAMES.len()] = [
     ),
 ];
 
+/// Maps this build added, each beside the pinned map whose presence without it means the pins
+/// are an earlier build's: `POLICY_EXACT` and `CIDRS_V4_EXACT`, the hashes that take the exact
+/// entries of `POLICY` and `CIDRS_V4`. The earlier build's programs, attached until the new ones
+/// replace them, read only the tries; over adopted ones, the new agent's policies would have
+/// their exact entries in hashes those programs never ask, and be denied there. So `POLICY` is rebuilt, with the
+/// maps naming its ids ([`NAMING_POLICY_IDS`]): the old programs keep the old maps, and the new
+/// agent writes every policy into new ones.
+const INTRODUCED: [(&str, &str); 2] = [
+    (pinned::POLICY_EXACT.name, pinned::POLICY.name),
+    (pinned::CIDRS_V4_EXACT.name, pinned::POLICY.name),
+];
+
 /// Unpins the maps under `maps_dir` whose layout is not this build's, so the loader creates
-/// them afresh, and the maps this build no longer has (the programs still attached keep
+/// them afresh, the maps an earlier build pinned without one this build added
+/// ([`INTRODUCED`]), and the maps this build no longer has (the programs still attached keep
 /// theirs until the new ones replace them). Returns what it replaced or removed.
 pub fn replace_outdated_pins(maps_dir: &Path) -> io::Result<Vec<String>> {
     let mut replaced = Vec::new();
@@ -125,6 +141,20 @@ pub fn replace_outdated_pins(maps_dir: &Path) -> io::Result<Vec<String>> {
                     retired, "rebuilding a map that referred to a retired one"
                 );
                 replaced.push((*dependent).to_owned());
+            }
+        }
+    }
+    for (introduced, beside) in INTRODUCED {
+        if maps_dir.join(introduced).exists() || !maps_dir.join(beside).exists() {
+            continue;
+        }
+        for map in std::iter::once(&beside).chain(NAMING_POLICY_IDS) {
+            if unpin(maps_dir, map)? {
+                warn!(
+                    map,
+                    introduced, "rebuilding a map an earlier build pinned without this one"
+                );
+                replaced.push((*map).to_owned());
             }
         }
     }
@@ -214,7 +244,51 @@ pub fn adopted_differences<'a>(
 mod tests {
     use netwarden_common::maps as pinned;
 
-    use super::{NAMING_POLICY_IDS, RETIRED, layouts};
+    use super::{INTRODUCED, NAMING_POLICY_IDS, RETIRED, layouts, replace_outdated_pins};
+
+    /// Pins of a build before the hashes of exact entries: its `POLICY` and every map naming
+    /// policy ids go, the rest stays; pins that already have them stay whole.
+    #[test]
+    fn pins_without_the_hashes_of_exact_entries_rebuild_the_policy_maps_only() {
+        let dir = std::env::temp_dir().join(format!("netwarden-upgrade-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        let pin = |name: &str| std::fs::write(dir.join(name), b"").expect("a stand-in pin");
+        let pinned_now = |name: &str| dir.join(name).exists();
+        for map in pinned::ALL {
+            pin(map.name);
+        }
+        let introduced = [pinned::POLICY_EXACT.name, pinned::CIDRS_V4_EXACT.name];
+        for name in introduced {
+            std::fs::remove_file(dir.join(name)).expect("unpinned");
+        }
+        let replaced = replace_outdated_pins(&dir).expect("the pins are read");
+        assert_eq!(INTRODUCED.map(|(introduced, _)| introduced), introduced);
+        let rebuilt = [
+            pinned::POLICY.name,
+            pinned::CIDRS_V4.name,
+            pinned::CIDRS_V6.name,
+            pinned::ENDPOINTS.name,
+        ];
+        assert_eq!(replaced, rebuilt);
+        for map in pinned::ALL {
+            assert_eq!(
+                pinned_now(map.name),
+                !rebuilt.contains(&map.name) && !introduced.contains(&map.name),
+                "{}",
+                map.name
+            );
+        }
+
+        // Once the new build pinned its maps, nothing is rebuilt on the next start.
+        for map in pinned::ALL {
+            pin(map.name);
+        }
+        assert_eq!(
+            replace_outdated_pins(&dir).expect("the pins are read"),
+            Vec::<String>::new()
+        );
+        std::fs::remove_dir_all(&dir).expect("removed");
+    }
 
     #[test]
     fn the_retired_cidrs_trie_rebuilds_the_policy_map_and_the_endpoints_and_nothing_else() {
@@ -238,7 +312,9 @@ mod tests {
             .expect("POLICY's layout is checked");
         assert_eq!(policy.dependents, NAMING_POLICY_IDS);
         for name in [
+            pinned::POLICY_EXACT.name,
             pinned::CIDRS_V4.name,
+            pinned::CIDRS_V4_EXACT.name,
             pinned::CIDRS_V6.name,
             pinned::ENDPOINTS.name,
         ] {

@@ -40,14 +40,16 @@ pub(crate) fn map_usage(maps: &SyncedMaps, capacity: &Capacity) -> Vec<MapUsage>
             capacity: capacity.ipcache,
         },
         MapUsage {
+            // With the hash that takes its exact entries.
             map: pinned::POLICY.name,
             entries: Some(entries),
-            capacity: capacity.policy,
+            capacity: capacity.policy + capacity.exact_policy(),
         },
         MapUsage {
+            // With the hash that takes its single addresses.
             map: pinned::CIDRS_V4.name,
             entries: Some(cidrs_v4),
-            capacity: capacity.cidrs,
+            capacity: capacity.cidrs + capacity.exact_cidrs_v4(),
         },
         MapUsage {
             map: pinned::CIDRS_V6.name,

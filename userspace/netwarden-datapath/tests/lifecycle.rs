@@ -125,8 +125,10 @@ spec:
 
 /// Every `POLICY` entry (prefix length, key, rule) and every CIDR prefix, read through the pins.
 fn pinned_content(root: &std::path::Path) -> (Vec<String>, usize) {
-    use aya::maps::LpmTrie;
-    use netwarden_common::{CidrClass, CidrKey, CidrKeyV4, PolicyEntry, PolicyKey};
+    use aya::maps::{HashMap as BpfHashMap, LpmTrie};
+    use netwarden_common::{
+        CidrClass, CidrKey, CidrKeyV4, POLICY_KEY_FULL_BITS, PolicyEntry, PolicyKey,
+    };
     let maps = netwarden_datapath::bpffs::PinLayout::new(root).maps();
     let open = |name: &str| MapData::from_pin(maps.join(name)).expect("a pinned map");
     let policy: LpmTrie<MapData, PolicyKey, PolicyEntry> =
@@ -138,12 +140,23 @@ fn pinned_content(root: &std::path::Path) -> (Vec<String>, usize) {
             format!("{}/{:?} -> {:?}", key.prefix_len(), key.data(), value)
         })
         .collect();
+    // The exact entries, in the hash beside the trie, read as the trie would show them.
+    let exact: BpfHashMap<MapData, PolicyKey, PolicyEntry> =
+        BpfHashMap::try_from(Map::HashMap(open(pinned::POLICY_EXACT.name)))
+            .expect("the exact policy hash");
+    entries.extend(exact.iter().map(|item| {
+        let (key, value) = item.expect("an entry");
+        format!("{POLICY_KEY_FULL_BITS}/{key:?} -> {value:?}")
+    }));
     entries.sort();
     let v4: LpmTrie<MapData, CidrKeyV4, CidrClass> =
         LpmTrie::try_from(Map::LpmTrie(open(pinned::CIDRS_V4.name))).expect("the v4 trie");
     let v6: LpmTrie<MapData, CidrKey, CidrClass> =
         LpmTrie::try_from(Map::LpmTrie(open(pinned::CIDRS_V6.name))).expect("the v6 trie");
-    let cidrs = v4.keys().count() + v6.keys().count();
+    let v4_exact: BpfHashMap<MapData, CidrKeyV4, CidrClass> =
+        BpfHashMap::try_from(Map::HashMap(open(pinned::CIDRS_V4_EXACT.name)))
+            .expect("the hash of single IPv4 addresses");
+    let cidrs = v4.keys().count() + v4_exact.keys().count() + v6.keys().count();
     (entries, cidrs)
 }
 
@@ -167,8 +180,9 @@ fn a_restart_at_60_percent_of_the_policy_map_keeps_every_id_and_writes_nothing()
         .map(|policy| policy.entries.len())
         .sum();
     let capacity = Capacity {
-        // The entries fill 60% of the policy map: installing them twice would not fit.
-        policy: u32::try_from(entries * 10 / 6).expect("a small map"),
+        // The entries fill 60% of the policy maps (the trie, and the hash of exact entries a
+        // quarter of its size): installing them twice would not fit.
+        policy: u32::try_from(entries * 4 / 3).expect("a small map"),
         ..Capacity::default()
     };
     assert!(
