@@ -410,6 +410,32 @@ fn icmp_errors_about_tracked_flows_pass_and_others_do_not() {
     );
 }
 
+/// The server's two entries (TCP 80 and SCTP 9000 from the client) with room for one in the
+/// hash of exact entries: the other goes to the trie, and the programs find both.
+#[test]
+fn exact_entries_the_hash_has_no_room_for_are_found_in_the_trie() {
+    let capacity = Capacity {
+        policy: 4,
+        ..Capacity::default()
+    };
+    assert_eq!(capacity.exact_policy(), 1);
+    let Some(harness) = Harness::with_capacity(&capacity, true) else {
+        return;
+    };
+    let syn = |from, port| ethernet(0x0800, &ipv4(from, SERVER, 6, 0, &tcp(40000, port, true)));
+    let init = |port| {
+        ethernet(
+            0x0800,
+            &ipv4(CLIENT, SERVER, 132, 0, &sctp_init(5000, port)),
+        )
+    };
+    assert_eq!(harness.run(true, &syn(CLIENT, 80)), ALLOW, "TCP to 80");
+    assert_eq!(harness.run(true, &init(9000)), ALLOW, "SCTP to 9000");
+    assert_eq!(harness.run(true, &syn(CLIENT, 81)), DENY, "TCP to 81");
+    assert_eq!(harness.run(true, &init(9001)), DENY, "SCTP to 9001");
+    assert_eq!(harness.run(true, &syn(STRANGER, 80)), DENY, "no client");
+}
+
 #[test]
 fn an_endpoint_whose_policy_does_not_fit_the_maps_is_locked_down() {
     // The server's ingress policy needs more entries than this policy map holds.
