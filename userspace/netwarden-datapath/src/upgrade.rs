@@ -77,11 +77,11 @@ fn layouts() -> [Layout; 6] {
 
 /// The maps whose entries name policies by id, rebuilt along with a replaced `POLICY` map: the
 /// hash of its exact entries, the CIDR tries and the hash of single IPv4 addresses, and
-/// `ENDPOINTS`. The previous agent's programs
-/// stay attached until the new agent's first apply has filled its maps, and they keep the maps
-/// they were loaded with, the old `POLICY` map among them; `ENDPOINTS` is read by both. Adopted, it would be switched to
-/// the new agent's policy ids while the old programs still look them up in their old `POLICY`
-/// map, where they are not: every new flow, and every tracked flow checked again after the
+/// `ENDPOINTS`. The previous agent's programs stay attached until the new agent's first apply
+/// has filled its maps, and they keep the maps they were loaded with, the old `POLICY` map
+/// among them; `ENDPOINTS` is read by both. Adopted, it would be switched to the new agent's
+/// policy ids while the old programs still look them up in their old `POLICY` map, where they
+/// are not: every new flow, and every tracked flow checked again after the
 /// epoch bump, would be denied until the links are taken over (found by the restart bench,
 /// `cargo xtask bench restart`). Rebuilt, the old programs decide on old entries until
 /// then, and the new ones on new entries.
@@ -111,9 +111,9 @@ const RETIRED: [(&str, &[&str]); pinned::RETIRED_NAMES.len()] = [
 /// are an earlier build's: `POLICY_EXACT` and `CIDRS_V4_EXACT`, the hashes that take the exact
 /// entries of `POLICY` and `CIDRS_V4`. The earlier build's programs, attached until the new ones
 /// replace them, read only the tries; over adopted ones, the new agent's policies would have
-/// their exact entries in hashes those programs never ask, and be denied there. So `POLICY` is rebuilt, with the
-/// maps naming its ids ([`NAMING_POLICY_IDS`]): the old programs keep the old maps, and the new
-/// agent writes every policy into new ones.
+/// their exact entries in hashes those programs never ask, and be denied there. So `POLICY` is
+/// rebuilt, with the maps naming its ids ([`NAMING_POLICY_IDS`]): the old programs keep the old
+/// maps, and the new agent writes every policy into new ones.
 const INTRODUCED: [(&str, &str); 2] = [
     (pinned::POLICY_EXACT.name, pinned::POLICY.name),
     (pinned::CIDRS_V4_EXACT.name, pinned::POLICY.name),
